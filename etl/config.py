@@ -1,0 +1,263 @@
+"""Reads the environment (and .env) once into a frozen Settings object; nothing else reads os.environ."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from etl.errors import ConfigError
+
+
+class Secret(str):
+    """A string that never shows itself in repr() or logs; use .reveal() where the value is needed."""
+
+    def __repr__(self) -> str:
+        return "Secret('***')" if self else "Secret('')"
+
+    def reveal(self) -> str:
+        return str.__str__(self)
+
+
+def mask_url_password(url: str) -> str:
+    """postgresql://user:pw@host/db -> postgresql://user:***@host/db (for messages and logs)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable URL>"
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)
+    return urlunsplit(parts._replace(netloc=netloc[0].split(":", 1)[0] + ":***@" + netloc[1]))
+
+
+def _str(raw: str) -> str:
+    return raw.strip()
+
+
+def _bool(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("expected true or false")
+
+
+def _list(raw: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in raw.split(",") if item.strip())
+
+
+def _positive_int(raw: str) -> int:
+    value = int(raw.strip())
+    if value <= 0:
+        raise ValueError("must be a positive whole number")
+    return value
+
+
+def _non_negative_int(raw: str) -> int:
+    value = int(raw.strip())
+    if value < 0:
+        raise ValueError("must be zero or more")
+    return value
+
+
+def _positive_float(raw: str) -> float:
+    value = float(raw.strip())
+    if not value > 0:
+        raise ValueError("must be a positive number")
+    return value
+
+
+def _non_negative_float(raw: str) -> float:
+    value = float(raw.strip())
+    if not value >= 0:
+        raise ValueError("must be zero or more")
+    return value
+
+
+def _threshold(raw: str) -> float:
+    value = float(raw.strip())
+    if not 0 <= value < 1:
+        raise ValueError("must be between 0 and 1")
+    return value
+
+
+def _log_format(raw: str) -> str:
+    value = raw.strip().lower()
+    if value not in ("text", "json"):
+        raise ValueError("expected text or json")
+    return value
+
+
+def _log_level(raw: str) -> str:
+    value = raw.strip().upper()
+    if value not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ValueError("expected DEBUG, INFO, WARNING or ERROR")
+    return value
+
+
+def _s3_prefix(raw: str) -> str:
+    value = raw.strip().lstrip("/")
+    if value and not value.endswith("/"):
+        value += "/"
+    if ".." in value.split("/") or any(ord(c) < 32 for c in value):
+        raise ValueError("must not contain '..' segments or control characters")
+    return value
+
+
+def _http_base(raw: str) -> str:
+    value = raw.strip().rstrip("/")
+    if urlsplit(value).scheme not in ("http", "https") or not urlsplit(value).netloc:
+        raise ValueError("expected an http(s) URL")
+    return value
+
+
+def _setting(env: str, parse: Callable[[str], Any], default: Any, doc: str, secret: bool = False) -> Any:
+    return field(default=default, metadata={"env": env, "parse": parse, "doc": doc, "secret": secret})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting of the archiver; each field names its environment variable in its metadata."""
+
+    # Storage: PostgreSQL and the object store.
+    database_url: Secret = _setting(
+        "DATABASE_URL", _str, Secret(""), "PostgreSQL URL; unset = embedded PostgreSQL under ETL_DATA_DIR/postgres", secret=True
+    )
+    data_dir: Path = _setting("ETL_DATA_DIR", lambda raw: Path(raw.strip()), Path("data"), "where embedded data lives")
+    s3_bucket: str = _setting("S3_BUCKET", _str, "", "bucket for images; unset = local store under ETL_DATA_DIR/objects")
+    s3_prefix: str = _setting("S3_PREFIX", _s3_prefix, "", "key prefix inside the bucket (a trailing / is added)")
+    aws_region: str = _setting("AWS_REGION", _str, "", "region of the bucket (boto3's default chain when unset)")
+
+    # Which sources a bare run uses.
+    sources: tuple[str, ...] = _setting("ETL_SOURCES", _list, ("mock",), "comma list of sources for a bare `python etl.py`")
+
+    # Platform credentials and modes.
+    youtube_api_key: Secret = _setting("YOUTUBE_API_KEY", _str, Secret(""), "YouTube Data API v3 key", secret=True)
+    youtube_channel_ids: tuple[str, ...] = _setting("YOUTUBE_CHANNEL_IDS", _list, (), "channels whose uploads to archive")
+    youtube_query: str = _setting("YOUTUBE_QUERY", _str, "", "search.list query (costs 100 units a page)")
+    youtube_api_base: str = _setting("YOUTUBE_API_BASE", _http_base, "", "API endpoint override (proxies, mirrors, tests)")
+    youtube_daily_quota: int = _setting("YOUTUBE_DAILY_QUOTA", _positive_int, 10000, "quota units this archiver may spend a day")
+    twitter_bearer_token: Secret = _setting("TWITTER_BEARER_TOKEN", _str, Secret(""), "X API v2 app bearer token", secret=True)
+    twitter_query: str = _setting("TWITTER_QUERY", _str, "", "recent search query")
+    twitter_usernames: tuple[str, ...] = _setting("TWITTER_USERNAMES", _list, (), "user timelines to archive")
+    twitter_api_base: str = _setting("TWITTER_API_BASE", _http_base, "https://api.x.com", "API base URL")
+    twitter_max_wait: float = _setting("TWITTER_MAX_WAIT", _non_negative_float, 900.0, "longest wait (s) for a rate-limit reset")
+    instagram_access_token: Secret = _setting(
+        "INSTAGRAM_ACCESS_TOKEN", _str, Secret(""), "Instagram Graph API user access token", secret=True
+    )
+    instagram_user_id: str = _setting("INSTAGRAM_USER_ID", _str, "", "Instagram Business/Creator account id")
+    instagram_hashtags: tuple[str, ...] = _setting("INSTAGRAM_HASHTAGS", _list, (), "hashtags (without #) to archive")
+    instagram_api_base: str = _setting("INSTAGRAM_API_BASE", _http_base, "https://graph.facebook.com/v21.0", "Graph API base URL")
+
+    # Mock source.
+    mock_seed: int = _setting("MOCK_SEED", _non_negative_int, 42, "seed of the mock source")
+    mock_posts: int = _setting("MOCK_POSTS", _non_negative_int, 40, "how many posts the mock source offers")
+
+    # Images: limits, timeouts, concurrency.
+    max_image_bytes: int = _setting("ETL_MAX_IMAGE_BYTES", _positive_int, 20 * 1024 * 1024, "largest image accepted")
+    connect_timeout: float = _setting("ETL_CONNECT_TIMEOUT", _positive_float, 5.0, "seconds to connect")
+    read_timeout: float = _setting("ETL_READ_TIMEOUT", _positive_float, 20.0, "seconds between bytes")
+    http_retries: int = _setting("ETL_HTTP_RETRIES", _positive_int, 4, "attempts per request (429, 5xx, connection errors)")
+    retry_max_wait: float = _setting("ETL_RETRY_MAX_WAIT", _non_negative_float, 30.0, "longest wait between attempts (s)")
+    concurrency: int = _setting("ETL_CONCURRENCY", _positive_int, 16, "images downloaded and stored at once")
+    max_redirects: int = _setting("ETL_MAX_REDIRECTS", _non_negative_int, 5, "redirects followed per image")
+    allow_private_hosts: bool = _setting(
+        "ETL_ALLOW_PRIVATE_HOSTS", _bool, False, "allow image/API hosts on loopback, private or link-local addresses"
+    )
+    image_max_attempts: int = _setting("ETL_IMAGE_MAX_ATTEMPTS", _positive_int, 8, "runs that retry a failed image")
+
+    # Loading, enrichment, runs.
+    batch_size: int = _setting("ETL_BATCH_SIZE", _positive_int, 500, "posts per database batch")
+    sentiment_threshold: float = _setting(
+        "SENTIMENT_THRESHOLD", _threshold, 0.05, "polarity >= t is positive, <= -t negative, else neutral"
+    )
+    overlap_minutes: int = _setting("ETL_OVERLAP_MINUTES", _non_negative_int, 60, "incremental runs re-read this much before the watermark")
+    log_format: str = _setting("ETL_LOG_FORMAT", _log_format, "text", "text or json (one object a line)")
+    log_level: str = _setting("ETL_LOG_LEVEL", _log_level, "INFO", "DEBUG, INFO, WARNING or ERROR")
+    log_file: str = _setting("ETL_LOG_FILE", _str, "", "also append logs to this file")
+    metrics_path: str = _setting("ETL_METRICS_PATH", _str, "", "Prometheus textfile written after each run")
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self))
+        return f"Settings({shown})"
+
+    @property
+    def embedded_db(self) -> bool:
+        return not self.database_url
+
+    @property
+    def objects_dir(self) -> Path:
+        return self.data_dir / "objects"
+
+    def secrets(self) -> list[str]:
+        """Every secret value set, and the password inside DATABASE_URL, for log redaction."""
+        values = [getattr(self, f.name).reveal() for f in fields(self) if f.metadata["secret"]]
+        if self.database_url:
+            try:
+                password = urlsplit(self.database_url.reveal()).password
+            except ValueError:
+                password = None
+            if password:
+                values.append(password)
+        return [value for value in values if value]
+
+    def require(self, *names: str) -> None:
+        """Raise ConfigError naming the first of these settings (field names) that is empty."""
+        for name in names:
+            if not getattr(self, name):
+                raise ConfigError(f"{env_name(name)} is not set")
+
+
+def env_name(field_name: str) -> str:
+    return next(f.metadata["env"] for f in fields(Settings) if f.name == field_name)
+
+
+def setting_docs() -> list[tuple[str, str, bool]]:
+    """(environment variable, doc, secret) for every setting, in declaration order."""
+    return [(f.metadata["env"], f.metadata["doc"], f.metadata["secret"]) for f in fields(Settings)]
+
+
+# Variables read by boto3 itself, documented in .env.example but not held in Settings.
+BOTO3_VARIABLES = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
+
+_NAME_OK = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def load_settings(env: Mapping[str, str] | None = None, dotenv_path: str | Path | None = ".env") -> Settings:
+    """Build Settings from `env` (default: os.environ over the values in .env)."""
+    if env is None:
+        env = dict(os.environ)
+        if dotenv_path and Path(dotenv_path).is_file():
+            from dotenv import dotenv_values
+
+            file_values = {k: v for k, v in dotenv_values(dotenv_path).items() if v is not None}
+            env = {**file_values, **env}
+            # boto3 reads its own variables from the process environment.
+            for name in BOTO3_VARIABLES + ("AWS_REGION", "AWS_DEFAULT_REGION"):
+                if name in file_values and name not in os.environ:
+                    os.environ[name] = file_values[name]
+    values: dict[str, Any] = {}
+    for f in fields(Settings):
+        name = f.metadata["env"]
+        raw = env.get(name)
+        if raw is None or raw.strip() == "":
+            continue
+        try:
+            value = f.metadata["parse"](raw)
+        except (ValueError, TypeError) as exc:
+            shown = "***" if f.metadata["secret"] else repr(raw)
+            raise ConfigError(f"{name}={shown} is invalid: {exc}") from None
+        values[f.name] = Secret(value) if f.metadata["secret"] else value
+    settings = Settings(**values)
+    for source in settings.sources:
+        if not _NAME_OK.match(source):
+            raise ConfigError(f"ETL_SOURCES has an invalid source name {source!r}")
+    if settings.database_url and not settings.database_url.reveal().startswith(("postgres://", "postgresql://")):
+        raise ConfigError(f"DATABASE_URL must start with postgresql:// (got {mask_url_password(settings.database_url.reveal())})")
+    return settings

@@ -1,0 +1,339 @@
+"""PostgreSQL: the connection (embedded or DATABASE_URL), migrations, batched upserts, run ledger and state."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import socket
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import psycopg2
+import psycopg2.extensions
+import psycopg2.extras
+
+from etl.config import Settings, mask_url_password
+from etl.errors import ConfigError, LoadError, LockedError
+from etl.records import Media, Post, clean_json, clean_text
+
+log = logging.getLogger(__name__)
+SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
+_MIGRATION_RE = re.compile(r"^(\d+)_[\w-]+\.sql$")
+_MIGRATION_LOCK = 72_616_001  # advisory lock key: one migrator at a time
+
+
+def _adapt_json(value: Any) -> psycopg2.extras.Json:
+    return psycopg2.extras.Json(value, dumps=lambda v: json.dumps(v, ensure_ascii=False, default=str))
+
+
+@dataclass
+class UpsertCounts:
+    """What a batch upsert did."""
+
+    inserted: int = 0
+    updated: int = 0
+    unchanged: int = 0
+
+
+class Database:
+    """One PostgreSQL database: a connection for the run's writes, and helpers that take a cursor."""
+
+    def __init__(self, dsn: str, *, display: str, server: Any = None):
+        self.dsn = dsn
+        self.display = display  # where the data is, for people; never holds a password
+        self._server = server  # keeps an embedded server alive as long as we are
+        self._conn: psycopg2.extensions.connection | None = None
+
+    # -- connecting ------------------------------------------------------------------------------
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Database:
+        """Connect to DATABASE_URL, or start the embedded PostgreSQL under ETL_DATA_DIR/postgres."""
+        if settings.embedded_db:
+            return cls.embedded(settings.data_dir / "postgres")
+        url = settings.database_url.reveal()
+        db = cls(url, display=mask_url_password(url))
+        db.check()
+        return db
+
+    @classmethod
+    def embedded(cls, pgdata: Path) -> Database:
+        try:
+            import pgserver
+        except ImportError:  # pragma: no cover - a broken install
+            raise ConfigError("DATABASE_URL is not set and the embedded PostgreSQL (pgserver) is not installed") from None
+        pgdata = Path(pgdata).resolve()
+        pgdata.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            server = pgserver.get_server(pgdata, cleanup_mode="stop")
+        except Exception as exc:
+            raise ConfigError(f"DATABASE_URL is not set and the embedded PostgreSQL at {pgdata} did not start: {exc}") from None
+        db = cls(server.get_uri(), display=f"embedded PostgreSQL, data in {pgdata}", server=server)
+        db.check()
+        return db
+
+    def check(self) -> None:
+        """Fail early, naming DATABASE_URL (never its password), when the server cannot be reached."""
+        try:
+            self.connection()
+        except psycopg2.OperationalError as exc:
+            reason = clean_text(str(exc)).strip().splitlines()[0] if str(exc).strip() else "connection failed"
+            password = psycopg2.extensions.parse_dsn(self.dsn).get("password") if "://" in self.dsn else None
+            if password:
+                reason = reason.replace(password, "***")
+            raise ConfigError(f"DATABASE_URL: cannot connect to {self.display}: {reason}") from None
+
+    def connection(self) -> psycopg2.extensions.connection:
+        if self._conn is None or self._conn.closed:
+            self._conn = self.connect()
+        return self._conn
+
+    def connect(self) -> psycopg2.extensions.connection:
+        """A new connection (for locks and for threads that need their own)."""
+        conn = psycopg2.connect(self.dsn, connect_timeout=10, application_name="social-archiver")
+        conn.set_client_encoding("UTF8")
+        return conn
+
+    @contextmanager
+    def transaction(self) -> Iterator[psycopg2.extensions.cursor]:
+        """A cursor whose work commits together at the end of the block, or not at all."""
+        conn = self.connection()
+        try:
+            with conn.cursor() as cur:
+                yield cur
+            conn.commit()
+        except BaseException:
+            if not conn.closed:
+                conn.rollback()
+            raise
+
+    def close(self) -> None:
+        if self._conn is not None and not self._conn.closed:
+            self._conn.close()
+        self._conn = None
+
+    # -- migrations ------------------------------------------------------------------------------
+
+    def migrate(self, sql_dir: Path = SQL_DIR) -> list[str]:
+        """Apply sql/NNN_name.sql files not yet recorded in schema_migrations, in order; return their names."""
+        files = sorted(
+            (int(m.group(1)), path) for path in sql_dir.iterdir() if (m := _MIGRATION_RE.match(path.name))
+        )
+        applied: list[str] = []
+        with self.transaction() as cur:
+            cur.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+            cur.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                " version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
+            )
+            cur.execute("SELECT version FROM schema_migrations")
+            done = {row[0] for row in cur.fetchall()}
+            for version, path in files:
+                if version in done:
+                    continue
+                log.info("applying migration %s", path.name)
+                cur.execute(path.read_text(encoding="utf-8"))
+                cur.execute("INSERT INTO schema_migrations (version, name) VALUES (%s, %s)", (version, path.name))
+                applied.append(path.name)
+        return applied
+
+    # -- locks -----------------------------------------------------------------------------------
+
+    def lock_sources(self, names: Sequence[str]) -> psycopg2.extensions.connection:
+        """Take a session advisory lock per source on a connection of its own; LockedError if one is held.
+
+        The locks live as long as the returned connection (closing it, or the process dying, frees them).
+        """
+        conn = self.connect()
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            for name in names:
+                cur.execute("SELECT pg_try_advisory_lock(hashtext('social-archiver:source'), hashtext(%s))", (name,))
+                if not cur.fetchone()[0]:
+                    holder = self.running_run_for(cur, name)
+                    conn.close()
+                    raise LockedError(f"source {name!r} is being archived by another run{holder}; nothing done")
+        return conn
+
+    @staticmethod
+    def running_run_for(cur: psycopg2.extensions.cursor, name: str) -> str:
+        cur.execute(
+            "SELECT id, host, pid, started_at FROM etl_runs WHERE status = 'running' AND %s = ANY(sources)"
+            " ORDER BY started_at DESC LIMIT 1",
+            (name,),
+        )
+        row = cur.fetchone()
+        if not row:
+            return ""
+        return f" (run {row[0]} on {row[1]}, pid {row[2]}, started {row[3]:%Y-%m-%d %H:%M:%S %Z})"
+
+    # -- the run ledger --------------------------------------------------------------------------
+
+    def start_run(self, mode: str, sources: Sequence[str], arguments: dict[str, Any]) -> int:
+        with self.transaction() as cur:
+            cur.execute(
+                "INSERT INTO etl_runs (mode, sources, arguments, host, pid) VALUES (%s, %s, %s, %s, %s) RETURNING id",
+                (mode, list(sources), _adapt_json(clean_json(arguments)), socket.gethostname(), os.getpid()),
+            )
+            return cur.fetchone()[0]
+
+    def finish_run(self, run_id: int, status: str, stats: dict[str, Any]) -> None:
+        columns = (
+            "posts_fetched", "posts_inserted", "posts_updated", "posts_unchanged", "posts_rejected",
+            "images_stored", "images_failed", "images_skipped", "quota_used",
+        )  # fmt: skip
+        errors = [clean_text(e) for e in stats.get("errors", [])][:50]
+        with self.transaction() as cur:
+            cur.execute(
+                "UPDATE etl_runs SET finished_at = now(), status = %s, "
+                + ", ".join(f"{c} = %s" for c in columns)
+                + ", sentiment = %s, per_source = %s, errors = %s, error_summary = %s WHERE id = %s",
+                (
+                    status,
+                    *(int(stats.get(c, 0)) for c in columns),
+                    _adapt_json(stats.get("sentiment", {})),
+                    _adapt_json(clean_json(stats.get("per_source", {}))),
+                    _adapt_json(errors),
+                    (f"{len(stats.get('errors', []))} error(s); first: {errors[0]}" if errors else None),
+                    run_id,
+                ),
+            )
+
+    # -- incremental state -----------------------------------------------------------------------
+
+    def get_state(self, source: str, config_key: str) -> tuple[datetime | None, dict[str, Any]]:
+        with self.transaction() as cur:
+            cur.execute("SELECT watermark, cursor FROM etl_state WHERE source = %s AND config_key = %s", (source, config_key))
+            row = cur.fetchone()
+        return (row[0], dict(row[1] or {})) if row else (None, {})
+
+    def save_state(self, source: str, config_key: str, watermark: datetime | None, cursor: dict[str, Any]) -> None:
+        """Move the watermark forward (never back) and replace the cursor."""
+        with self.transaction() as cur:
+            cur.execute(
+                "INSERT INTO etl_state AS s (source, config_key, watermark, cursor) VALUES (%s, %s, %s, %s)"
+                " ON CONFLICT (source, config_key) DO UPDATE SET"
+                " watermark = GREATEST(s.watermark, EXCLUDED.watermark),"
+                " cursor = CASE WHEN EXCLUDED.cursor = '{}'::jsonb THEN s.cursor ELSE EXCLUDED.cursor END,"
+                " updated_at = now()",
+                (source, config_key, watermark, _adapt_json(clean_json(cursor))),
+            )
+
+
+# -- the loader: batched upserts, each taking the transaction's cursor ------------------------------
+
+_POST_COLUMNS = (
+    "platform", "post_id", "author_username", "caption", "sentiment", "sentiment_polarity",
+    "sentiment_subjectivity", "sentiment_version", "image_s3_url", "like_count", "comment_count",
+    "permalink", "hashtags", "raw", "created_at",
+)  # fmt: skip
+# What a rerun may change. raw is refreshed with them but alone does not count as a change
+# (APIs put expiring URLs and request ids in it).
+_POST_MUTABLE = (
+    "author_username", "caption", "sentiment", "sentiment_polarity", "sentiment_subjectivity",
+    "sentiment_version", "like_count", "comment_count", "permalink", "hashtags",
+)  # fmt: skip
+
+UPSERT_POSTS_SQL = (
+    f"INSERT INTO social_posts AS p ({', '.join(_POST_COLUMNS)}) VALUES %s"
+    " ON CONFLICT (platform, post_id) DO UPDATE SET "
+    + ", ".join(f"{c} = EXCLUDED.{c}" for c in _POST_MUTABLE)
+    + ", raw = EXCLUDED.raw, image_s3_url = COALESCE(EXCLUDED.image_s3_url, p.image_s3_url), updated_at = now()"
+    + f" WHERE ({', '.join('p.' + c for c in _POST_MUTABLE)}, p.image_s3_url)"
+    + f" IS DISTINCT FROM ({', '.join('EXCLUDED.' + c for c in _POST_MUTABLE)},"
+    + " COALESCE(EXCLUDED.image_s3_url, p.image_s3_url))"
+    + " RETURNING (xmax = 0) AS inserted"
+)
+
+
+def _post_row(post: Post, first_image_url: str | None, sentiment_version: str | None) -> tuple[Any, ...]:
+    s = post.sentiment
+    return (
+        post.platform,
+        clean_text(post.post_id),
+        clean_text(post.author_username),
+        clean_text(post.caption),
+        s.label if s else None,
+        s.polarity if s else None,
+        s.subjectivity if s else None,
+        sentiment_version if s else None,
+        first_image_url,
+        post.like_count,
+        post.comment_count,
+        clean_text(post.permalink),
+        [clean_text(t) for t in post.hashtags],
+        _adapt_json(clean_json(post.raw)) if post.raw is not None else None,
+        post.created_at,
+    )
+
+
+def upsert_posts(
+    cur: psycopg2.extensions.cursor,
+    posts: Sequence[Post],
+    *,
+    first_image_urls: dict[tuple[str, str], str] | None = None,
+    sentiment_version: str | None = None,
+) -> UpsertCounts:
+    """Insert or update a batch in one statement; the last of duplicate (platform, post_id) wins."""
+    latest: dict[tuple[str, str], Post] = {}
+    for post in posts:
+        latest.pop((post.platform, post.post_id), None)
+        latest[(post.platform, post.post_id)] = post
+    if not latest:
+        return UpsertCounts()
+    urls = first_image_urls or {}
+    rows = [_post_row(p, urls.get(k), sentiment_version) for k, p in latest.items()]
+    try:
+        results = psycopg2.extras.execute_values(cur, UPSERT_POSTS_SQL, rows, page_size=len(rows), fetch=True)
+    except psycopg2.DataError as exc:
+        raise LoadError(f"the database refused a batch of {len(rows)} posts: {exc}") from exc
+    inserted = sum(1 for (was_insert,) in results if was_insert)
+    updated = len(results) - inserted
+    return UpsertCounts(inserted=inserted, updated=updated, unchanged=len(rows) - inserted - updated)
+
+
+UPSERT_MEDIA_SQL = (
+    "INSERT INTO post_media AS m (platform, post_id, position, source_url, storage_key, storage_url, sha256,"
+    " bytes, content_type, width, height, status, permanent, attempts, last_error, stored_at) VALUES %s"
+    " ON CONFLICT (platform, post_id, position) DO UPDATE SET"
+    " source_url = EXCLUDED.source_url, storage_key = EXCLUDED.storage_key, storage_url = EXCLUDED.storage_url,"
+    " sha256 = EXCLUDED.sha256, bytes = EXCLUDED.bytes, content_type = EXCLUDED.content_type,"
+    " width = EXCLUDED.width, height = EXCLUDED.height, status = EXCLUDED.status,"
+    " permanent = EXCLUDED.permanent, attempts = m.attempts + 1, last_error = EXCLUDED.last_error,"
+    " stored_at = EXCLUDED.stored_at, updated_at = now()"
+    " WHERE m.status <> 'stored'"  # an archived image is never downgraded
+)
+_MEDIA_TEMPLATE = "(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, 1, %s, CASE WHEN %s THEN now() END)"
+
+
+def upsert_media(cur: psycopg2.extensions.cursor, media: Sequence[Media]) -> None:
+    """Record what became of each image; skipped images (already stored) are not written."""
+    rows = {}
+    for m in media:
+        if m.status in ("stored", "failed"):
+            rows[(m.platform, m.post_id, m.position)] = (
+                m.platform, clean_text(m.post_id), m.position, clean_text(m.source_url), m.key, m.url, m.sha256,
+                m.bytes, m.content_type, m.width, m.height, m.status, m.permanent,
+                clean_text(m.error)[:2000] if m.error else None, m.status == "stored",
+            )  # fmt: skip
+    if rows:
+        psycopg2.extras.execute_values(cur, UPSERT_MEDIA_SQL, list(rows.values()), template=_MEDIA_TEMPLATE, page_size=1000)
+
+
+def stored_media(cur: psycopg2.extensions.cursor, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str, int], tuple[str, str]]:
+    """(platform, post_id, position) -> (storage_key, storage_url) for the images of these posts already stored."""
+    if not keys:
+        return {}
+    cur.execute(
+        "SELECT m.platform, m.post_id, m.position, m.storage_key, m.storage_url FROM post_media m"
+        " JOIN (SELECT * FROM unnest(%s::text[], %s::text[]) AS k(platform, post_id)) k"
+        " USING (platform, post_id) WHERE m.status = 'stored'",
+        ([k[0] for k in keys], [clean_text(k[1]) for k in keys]),
+    )
+    return {(r[0], r[1], r[2]): (r[3], r[4]) for r in cur.fetchall()}

@@ -1,0 +1,60 @@
+"""The error tree and the exit codes the command line turns a run's outcome into."""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    """What cron reads from the process: see DESIGN.md."""
+
+    OK = 0
+    PARTIAL = 1  # the run finished, some items failed (recorded, retried next run)
+    CONFIG = 2  # bad configuration or usage; the message names the setting
+    LOCKED = 75  # another run holds the lock (EX_TEMPFAIL); nothing done
+
+
+class ETLError(Exception):
+    """Base of every error the package raises on purpose."""
+
+    exit_code = ExitCode.PARTIAL
+
+
+class ConfigError(ETLError):
+    """A setting is missing or malformed, or a service named by a setting cannot be used."""
+
+    exit_code = ExitCode.CONFIG
+
+
+class UsageError(ConfigError):
+    """The command line itself is wrong."""
+
+
+class LockedError(ETLError):
+    """Another run holds the lock for a source."""
+
+    exit_code = ExitCode.LOCKED
+
+
+class SourceError(ETLError):
+    """A source cannot go on for this run (quota, rate limit, token); what it yielded is kept."""
+
+
+class RecordError(ETLError):
+    """One input record is unusable; it is reported and skipped, the rest still load."""
+
+
+class MediaError(ETLError):
+    """One image could not be archived."""
+
+    def __init__(self, message: str, *, permanent: bool = False):
+        super().__init__(message)
+        self.permanent = permanent  # 404/410, not an image, over the cap: retrying will not help
+
+
+class StoreError(ETLError):
+    """The object store refused or failed a write."""
+
+
+class LoadError(ETLError):
+    """The database refused a batch."""

@@ -1,0 +1,156 @@
+"""One HTTP session factory and one retry policy (tenacity) for every source and the image downloader."""
+
+from __future__ import annotations
+
+import email.utils
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import requests
+import tenacity
+from requests.adapters import HTTPAdapter
+
+from etl import __version__
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+USER_AGENT = f"social-archiver/{__version__} (+https://github.com/social-archiver)"
+
+# Failures worth another attempt: the network, or the server said "later".
+TRANSIENT_EXCEPTIONS = (
+    requests.ConnectionError,
+    requests.Timeout,
+    requests.exceptions.ChunkedEncodingError,
+    requests.exceptions.ContentDecodingError,
+)
+
+
+class Retriable(Exception):
+    """Raised inside a retried call to ask for another attempt, optionally after `retry_after` seconds."""
+
+    def __init__(self, message: str, *, retry_after: float | None = None, response: requests.Response | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
+        self.response = response
+
+
+class WaitTooLong(Exception):
+    """The server asked us to wait longer than the policy allows; the caller decides what to do."""
+
+    def __init__(self, wait: float, response: requests.Response | None):
+        super().__init__(f"asked to wait {wait:.0f}s")
+        self.wait = wait
+        self.response = response
+
+
+def is_retriable_status(status: int) -> bool:
+    return status == 429 or 500 <= status <= 599
+
+
+def retry_after_seconds(response: requests.Response, *, now: float | None = None) -> float | None:
+    """Seconds the server asked us to wait: Retry-After (seconds or HTTP date), else x-rate-limit-reset (epoch)."""
+    now = time.time() if now is None else now
+    value = response.headers.get("Retry-After")
+    if value:
+        value = value.strip()
+        if value.isdigit():
+            return float(value)
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            when = None
+        if when is not None:
+            return max(0.0, when.timestamp() - now)
+    reset = response.headers.get("x-rate-limit-reset")
+    if reset and reset.strip().isdigit() and response.status_code == 429:
+        return max(0.0, float(reset) - now)
+    return None
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often and how long to retry: jittered exponential backoff, Retry-After honoured up to max_wait."""
+
+    attempts: int = 4
+    max_wait: float = 30.0
+    base: float = 0.5
+    sleep: Callable[[float], None] = field(default=time.sleep, compare=False)
+
+    @classmethod
+    def from_settings(cls, settings: Any, **overrides: Any) -> RetryPolicy:
+        values = {"attempts": settings.http_retries, "max_wait": settings.retry_max_wait, **overrides}
+        return cls(**values)
+
+    def _wait(self, state: tenacity.RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome else None
+        asked = getattr(exc, "retry_after", None)
+        if asked is not None:
+            if asked > self.max_wait:
+                raise WaitTooLong(asked, getattr(exc, "response", None))
+            return asked
+        backoff = tenacity.wait_random_exponential(multiplier=self.base, max=max(self.max_wait, 0.001))
+        return backoff(state)
+
+    def call(self, fn: Callable[[], T], *, describe: str = "request") -> T:
+        """Run fn, retrying on Retriable and transient network errors; the last error is re-raised."""
+
+        def before_sleep(state: tenacity.RetryCallState) -> None:
+            exc = state.outcome.exception() if state.outcome else None
+            log.info(
+                "retrying %s in %.1fs (attempt %d of %d): %s",
+                describe,
+                state.upcoming_sleep,
+                state.attempt_number,
+                self.attempts,
+                exc,
+            )
+
+        retrying = tenacity.Retrying(
+            stop=tenacity.stop_after_attempt(self.attempts),
+            wait=self._wait,
+            retry=tenacity.retry_if_exception_type((Retriable, *TRANSIENT_EXCEPTIONS)),
+            sleep=self.sleep,
+            before_sleep=before_sleep,
+            reraise=True,
+        )
+        return retrying(fn)
+
+
+def send(
+    session: requests.Session, method: str, url: str, *, policy: RetryPolicy, describe: str | None = None, **kwargs: Any
+) -> requests.Response:
+    """Send a request, retrying 429/5xx and connection errors. Returns the final response, whatever its status.
+
+    A server that asks for a longer wait than the policy allows gets its response returned at once.
+    """
+
+    def attempt() -> requests.Response:
+        response = session.request(method, url, **kwargs)
+        if is_retriable_status(response.status_code):
+            asked = retry_after_seconds(response)
+            response.close()
+            raise Retriable(f"HTTP {response.status_code}", retry_after=asked, response=response)
+        return response
+
+    try:
+        return policy.call(attempt, describe=describe or f"{method} {url.split('?')[0]}")
+    except Retriable as exc:
+        assert exc.response is not None
+        return exc.response
+    except WaitTooLong as exc:
+        if exc.response is None:
+            raise
+        return exc.response
+
+
+def make_session(pool_size: int = 10, *, user_agent: str = USER_AGENT) -> requests.Session:
+    """A pooled session; retries are the policy's job, so urllib3's own are off."""
+    session = requests.Session()
+    adapter = HTTPAdapter(pool_connections=4, pool_maxsize=max(pool_size, 4), max_retries=0)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    session.headers["User-Agent"] = user_agent
+    return session

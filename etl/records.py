@@ -1,0 +1,251 @@
+"""The records stages hand each other: Post (normalized, what every source yields) and Media (one image)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from etl.errors import RecordError
+
+# Bounds that make a value absurd rather than merely unusual.
+MIN_CREATED_AT = datetime(2000, 1, 1, tzinfo=timezone.utc)
+FUTURE_SLACK = timedelta(days=1)
+MAX_COUNT = 10**12
+MAX_CAPTION_CHARS = 100_000
+MAX_POST_ID_CHARS = 1_000
+MAX_IMAGES = 20
+PLATFORM_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+HASHTAG_RE = re.compile(r"(?<![\w&])#(\w{1,100})", re.UNICODE)
+_SURROGATES = re.compile(r"[\ud800-\udfff]")
+
+
+@dataclass(frozen=True)
+class Sentiment:
+    """A caption's score: TextBlob polarity [-1, 1], subjectivity [0, 1], and the label they give."""
+
+    polarity: float
+    subjectivity: float
+    label: str  # positive | neutral | negative
+
+
+@dataclass(frozen=True)
+class Post:
+    """One normalized public post. created_at is always timezone-aware UTC."""
+
+    platform: str
+    post_id: str
+    created_at: datetime
+    author_username: str | None = None
+    caption: str | None = None
+    like_count: int | None = None
+    comment_count: int | None = None
+    permalink: str | None = None
+    image_urls: tuple[str, ...] = ()
+    hashtags: tuple[str, ...] = ()
+    raw: Any = None
+    sentiment: Sentiment | None = None
+
+
+@dataclass
+class Media:
+    """One image of a post and what became of it: stored, failed or skipped (already stored)."""
+
+    platform: str
+    post_id: str
+    position: int
+    source_url: str
+    status: str = "pending"
+    key: str | None = None
+    url: str | None = None
+    sha256: str | None = None
+    bytes: int | None = None
+    content_type: str | None = None
+    width: int | None = None
+    height: int | None = None
+    error: str | None = None
+    permanent: bool = False  # a failure that retrying will not heal
+    created_at: datetime | None = field(default=None, repr=False)
+
+
+def clean_text(value: Any) -> str | None:
+    """Text PostgreSQL accepts: no NUL bytes, no lone surrogates. None stays None."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        value = str(value)
+    if "\x00" in value:
+        value = value.replace("\x00", "")
+    if _SURROGATES.search(value):
+        value = _SURROGATES.sub("\ufffd", value)
+    return value
+
+
+def clean_json(value: Any) -> Any:
+    """A JSON value with every string cleaned (JSONB refuses \\u0000 and lone surrogates)."""
+    if isinstance(value, str):
+        return clean_text(value)
+    if isinstance(value, Mapping):
+        return {clean_text(str(k)): clean_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [clean_json(v) for v in value]
+    if isinstance(value, float) and value != value:  # NaN is not JSON
+        return None
+    return value
+
+
+def extract_hashtags(text: str | None) -> tuple[str, ...]:
+    """Hashtags in order of first appearance, lower-cased, without '#'."""
+    if not text:
+        return ()
+    seen: dict[str, None] = {}
+    for tag in HASHTAG_RE.findall(text):
+        seen.setdefault(tag.lower(), None)
+    return tuple(seen)
+
+
+def parse_datetime(value: Any, *, now: datetime | None = None) -> datetime:
+    """ISO 8601 (or a datetime) -> aware UTC datetime; naive means UTC. Refuses absurd dates."""
+    if isinstance(value, datetime):
+        parsed = value
+    elif isinstance(value, str) and value.strip():
+        text = value.strip()
+        if text.endswith(("Z", "z")):
+            text = text[:-1] + "+00:00"
+        try:
+            parsed = datetime.fromisoformat(text)
+        except ValueError:
+            raise RecordError(f"created_at {value!r} is not an ISO 8601 date") from None
+    else:
+        raise RecordError(f"created_at {value!r} is not an ISO 8601 date")
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=timezone.utc)
+    parsed = parsed.astimezone(timezone.utc)
+    now = now or datetime.now(timezone.utc)
+    if parsed < MIN_CREATED_AT:
+        raise RecordError(f"created_at {value!r} is before 2000")
+    if parsed > now + FUTURE_SLACK:
+        raise RecordError(f"created_at {value!r} is in the future")
+    return parsed
+
+
+def _count(name: str, value: Any) -> int | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool):
+        raise RecordError(f"{name} {value!r} is not a whole number")
+    if isinstance(value, str):
+        value = value.strip()
+        if not value.lstrip("-").isdigit():
+            raise RecordError(f"{name} {value!r} is not a whole number")
+        value = int(value)
+    elif isinstance(value, float):
+        if not value.is_integer():
+            raise RecordError(f"{name} {value!r} is not a whole number")
+        value = int(value)
+    elif not isinstance(value, int):
+        raise RecordError(f"{name} {value!r} is not a whole number")
+    if value < 0 or value > MAX_COUNT:
+        raise RecordError(f"{name} {value} is out of range (0 to {MAX_COUNT})")
+    return value
+
+
+def _optional_str(name: str, value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, (dict, list, bool)):
+        raise RecordError(f"{name} must be text, got {type(value).__name__}")
+    return clean_text(value)
+
+
+def _image_urls(data: Mapping[str, Any]) -> tuple[str, ...]:
+    urls = data.get("image_urls")
+    if urls is None:
+        single = data.get("image_url")
+        urls = [single] if single else []
+    if isinstance(urls, str):
+        urls = [urls]
+    if not isinstance(urls, (list, tuple)):
+        raise RecordError("image_urls must be a list of URLs")
+    cleaned = []
+    for url in urls:
+        if not isinstance(url, str) or not url.strip():
+            raise RecordError(f"image_urls has a value that is not a URL: {url!r}")
+        cleaned.append(clean_text(url.strip()))
+    if len(cleaned) > MAX_IMAGES:
+        raise RecordError(f"{len(cleaned)} images is more than the {MAX_IMAGES} a post may have")
+    return tuple(cleaned)
+
+
+def post_from_dict(data: Any, *, now: datetime | None = None) -> Post:
+    """Validate one normalized record (the jsonl format, DESIGN.md) into a Post; RecordError names the problem."""
+    if not isinstance(data, Mapping):
+        raise RecordError(f"expected a JSON object, got {type(data).__name__}")
+    platform = data.get("platform")
+    if not isinstance(platform, str) or not platform.strip():
+        raise RecordError("missing platform")
+    platform = platform.strip().lower()
+    if not PLATFORM_RE.match(platform):
+        raise RecordError(f"platform {platform[:40]!r} must be lower-case letters, digits, '_' or '-' (at most 32)")
+    post_id = data.get("post_id")
+    if isinstance(post_id, bool) or not isinstance(post_id, (str, int)) or str(post_id).strip() == "":
+        raise RecordError("missing post_id")
+    post_id = clean_text(str(post_id).strip())
+    if len(post_id) > MAX_POST_ID_CHARS:
+        raise RecordError(f"post_id is {len(post_id)} characters long (at most {MAX_POST_ID_CHARS})")
+    if "created_at" not in data or data["created_at"] in (None, ""):
+        raise RecordError("missing created_at")
+    caption = _optional_str("caption", data.get("caption"))
+    if caption is not None and len(caption) > MAX_CAPTION_CHARS:
+        raise RecordError(f"caption is {len(caption)} characters long (at most {MAX_CAPTION_CHARS})")
+    hashtags = data.get("hashtags")
+    if hashtags is None:
+        tags = extract_hashtags(caption)
+    elif isinstance(hashtags, (list, tuple)) and all(isinstance(t, str) for t in hashtags):
+        tags = tuple(dict.fromkeys(clean_text(t.lstrip("#").strip().lower()) for t in hashtags if t.strip("# ")))
+    else:
+        raise RecordError("hashtags must be a list of strings")
+    return Post(
+        platform=platform,
+        post_id=post_id,
+        created_at=parse_datetime(data["created_at"], now=now),
+        author_username=_optional_str("author_username", data.get("author_username")),
+        caption=caption,
+        like_count=_count("like_count", data.get("like_count")),
+        comment_count=_count("comment_count", data.get("comment_count")),
+        permalink=_optional_str("permalink", data.get("permalink")),
+        image_urls=_image_urls(data),
+        hashtags=tags,
+        raw=clean_json(data.get("raw")),
+    )
+
+
+def post_to_dict(post: Post) -> dict[str, Any]:
+    """The jsonl form of a post (the inverse of post_from_dict)."""
+    return {
+        "platform": post.platform,
+        "post_id": post.post_id,
+        "author_username": post.author_username,
+        "caption": post.caption,
+        "created_at": post.created_at.isoformat(),
+        "like_count": post.like_count,
+        "comment_count": post.comment_count,
+        "permalink": post.permalink,
+        "image_urls": list(post.image_urls),
+        "hashtags": list(post.hashtags),
+        "raw": post.raw,
+    }
+
+
+def chunked(items: Iterable[Any], size: int) -> Iterable[list[Any]]:
+    """Lists of at most `size` items, streaming."""
+    batch: list[Any] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

@@ -1,0 +1,94 @@
+"""The small base class every source derives from, and the window an incremental run or backfill asks for."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, ClassVar
+
+import requests
+
+from etl.config import Settings
+from etl.http import RetryPolicy, make_session
+from etl.records import Post
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FetchWindow:
+    """What to fetch: posts created in [since, until), after the saved cursor, at most `limit` of them.
+
+    `cursor` is what the source left in `Source.cursor` at the end of the last complete incremental run
+    (for example Twitter's since_id); it is empty on a first run and on backfills.
+    """
+
+    since: datetime | None = None
+    until: datetime | None = None
+    cursor: Mapping[str, Any] = field(default_factory=dict)
+    limit: int | None = None
+
+    def admits(self, created_at: datetime) -> bool:
+        return (self.since is None or created_at >= self.since) and (self.until is None or created_at < self.until)
+
+
+class Source:
+    """A platform client: yields normalized Posts, knows nothing of S3, SQL or sentiment.
+
+    Subclasses set `name`, list the settings they cannot work without in `required` (Settings field
+    names), and implement `fetch`. A bad item is reported with `reject` and skipped; a condition that ends
+    the source for this run (quota, rate limit past the allowed wait, a revoked token) raises SourceError,
+    and everything yielded before it is still loaded.
+    """
+
+    name: ClassVar[str] = ""
+    required: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, settings: Settings, *, session: requests.Session | None = None, db: Any = None, **options: Any):
+        self.settings = settings
+        self.options = options
+        self.db = db  # etl.db.Database, for sources that cache lookups (Instagram hashtag ids); may be None
+        self._session = session
+        self.policy = RetryPolicy.from_settings(settings)
+        self.rejects: list[str] = []
+        self.cursor: dict[str, Any] = {}  # saved by the pipeline once every post up to it is loaded
+        self.quota_used = 0
+        self.trusted_hosts: set[str] = set()  # host:port the source itself serves (the mock's image server)
+
+    @classmethod
+    def check_settings(cls, settings: Settings) -> None:
+        """Raise ConfigError naming the first missing setting this source needs."""
+        settings.require(*cls.required)
+
+    @property
+    def session(self) -> requests.Session:
+        if self._session is None:
+            self._session = make_session()
+        return self._session
+
+    def config_key(self) -> str:
+        """Names the configuration whose watermark this is, so a changed query starts a fresh history."""
+        return ""
+
+    def fetch(self, window: FetchWindow) -> Iterator[Post]:
+        raise NotImplementedError
+
+    def reject(self, where: str, reason: str) -> None:
+        message = f"{self.name}: {where}: {reason}"
+        log.warning("skipped %s", message)
+        self.rejects.append(message)
+
+    def open(self) -> None:
+        """Acquire what fetch needs (the mock starts its image server here)."""
+
+    def close(self) -> None:
+        """Release it; called once the run no longer needs the source (after its images are fetched)."""
+
+    def __enter__(self) -> Source:
+        self.open()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

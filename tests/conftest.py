@@ -1,0 +1,86 @@
+"""Shared fixtures: a real PostgreSQL for the whole session, a clean schema per test, settings, HTTP server."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg2
+import pytest
+
+from etl.config import Settings, load_settings
+from etl.db import Database
+from tests.support import HTTPServerFixture
+
+ROOT = Path(__file__).resolve().parent.parent
+TABLES = ("post_media", "social_posts", "etl_runs", "etl_state")
+
+
+@pytest.fixture(scope="session")
+def pg_dsn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """TEST_DATABASE_URL if set, else an embedded PostgreSQL started once for the session."""
+    url = os.environ.get("TEST_DATABASE_URL")
+    if url:
+        yield url
+        return
+    import pgserver
+
+    server = pgserver.get_server(tmp_path_factory.mktemp("pg"), cleanup_mode="delete")
+    try:
+        yield server.get_uri()
+    finally:
+        server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def migrated(pg_dsn: str) -> str:
+    db = Database(pg_dsn, display="test database")
+    db.migrate()
+    db.close()
+    return pg_dsn
+
+
+@pytest.fixture
+def db(migrated: str) -> Iterator[Database]:
+    """A migrated database with every table emptied before the test."""
+    database = Database(migrated, display="test database")
+    with database.transaction() as cur:
+        cur.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public' AND tablename <> 'schema_migrations'")
+        tables = [row[0] for row in cur.fetchall()]
+        cur.execute("TRUNCATE " + ", ".join(f'"{t}"' for t in tables) + " RESTART IDENTITY CASCADE")
+    yield database
+    database.close()
+
+
+@pytest.fixture
+def make_settings(tmp_path: Path):
+    """Settings from a dict of environment variables (nothing read from the real environment or .env)."""
+
+    def build(**env: str) -> Settings:
+        base = {"ETL_DATA_DIR": str(tmp_path / "data")}
+        base.update(env)
+        return load_settings(base, dotenv_path=None)
+
+    return build
+
+
+@pytest.fixture
+def http_server() -> Iterator[HTTPServerFixture]:
+    server = HTTPServerFixture()
+    yield server
+    server.close()
+
+
+def query(dsn: str, sql: str, params: tuple = ()) -> list[tuple]:
+    with psycopg2.connect(dsn) as conn, conn.cursor() as cur:
+        cur.execute(sql, params)
+        rows = cur.fetchall()
+    conn.close()
+    return rows
+
+
+@pytest.fixture
+def python() -> str:
+    return sys.executable
