@@ -84,3 +84,29 @@ def query(dsn: str, sql: str, params: tuple = ()) -> list[tuple]:
 @pytest.fixture
 def python() -> str:
     return sys.executable
+
+
+@pytest.fixture
+def run_etl(migrated: str, tmp_path: Path):
+    """Run the real `python etl.py ARGS` in a subprocess against the test database; returns CompletedProcess.
+
+    The working directory is a temporary folder (so no .env of the developer's is read); ETL_DATA_DIR is
+    tmp_path/data, so the local object store is tmp_path/data/objects unless S3_BUCKET is given.
+    """
+    import subprocess
+
+    def run(*args: str, env: dict[str, str] | None = None, input: str | None = None, timeout: float = 180):
+        full = {
+            "PATH": os.environ.get("PATH", ""),
+            "HOME": os.environ.get("HOME", str(tmp_path)),
+            "DATABASE_URL": migrated,
+            "ETL_DATA_DIR": str(tmp_path / "data"),
+            "PYTHONPATH": str(ROOT),
+        }
+        full.update(env or {})
+        return subprocess.run(
+            [sys.executable, str(ROOT / "etl.py"), *args],
+            env=full, cwd=tmp_path, input=input, capture_output=True, text=True, timeout=timeout,
+        )  # fmt: skip
+
+    return run

@@ -1,0 +1,1 @@
+"""twitter source (being written)."""

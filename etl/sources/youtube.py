@@ -1,0 +1,1 @@
+"""youtube source (being written)."""
