@@ -154,6 +154,9 @@ class Settings:
     instagram_user_id: str = _setting("INSTAGRAM_USER_ID", _str, "", "Instagram Business/Creator account id")
     instagram_hashtags: tuple[str, ...] = _setting("INSTAGRAM_HASHTAGS", _list, (), "hashtags (without #) to archive")
     instagram_api_base: str = _setting("INSTAGRAM_API_BASE", _http_base, "https://graph.facebook.com/v21.0", "Graph API base URL")
+    instagram_own_media: bool = _setting(
+        "INSTAGRAM_OWN_MEDIA", _bool, True, "archive the account's own media (false: only INSTAGRAM_HASHTAGS)"
+    )
 
     # Mock source.
     mock_seed: int = _setting("MOCK_SEED", _non_negative_int, 42, "seed of the mock source")
@@ -171,6 +174,9 @@ class Settings:
         "ETL_ALLOW_PRIVATE_HOSTS", _bool, False, "allow image/API hosts on loopback, private or link-local addresses"
     )
     image_max_attempts: int = _setting("ETL_IMAGE_MAX_ATTEMPTS", _positive_int, 8, "runs that retry a failed image")
+    image_retry_backoff_minutes: float = _setting(
+        "ETL_IMAGE_RETRY_BACKOFF_MINUTES", _non_negative_float, 30.0, "wait before retrying a failed image; doubles each attempt"
+    )
 
     # Loading, enrichment, runs.
     batch_size: int = _setting("ETL_BATCH_SIZE", _positive_int, 500, "posts per database batch")

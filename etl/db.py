@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import re
-import socket
 import os
+import socket
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -65,7 +66,9 @@ class Database:
     @classmethod
     def embedded(cls, pgdata: Path) -> Database:
         try:
-            import pgserver
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # platformdirs warns about XDG_RUNTIME_DIR under cron
+                import pgserver
         except ImportError:  # pragma: no cover - a broken install
             raise ConfigError("DATABASE_URL is not set and the embedded PostgreSQL (pgserver) is not installed") from None
         pgdata = Path(pgdata).resolve()
@@ -337,3 +340,15 @@ def stored_media(cur: psycopg2.extensions.cursor, keys: Sequence[tuple[str, str]
         ([k[0] for k in keys], [clean_text(k[1]) for k in keys]),
     )
     return {(r[0], r[1], r[2]): (r[3], r[4]) for r in cur.fetchall()}
+
+
+def set_first_image_urls(cur: psycopg2.extensions.cursor, media: Sequence[Media]) -> None:
+    """Point social_posts.image_s3_url at first images stored after the post was loaded (retries)."""
+    rows = [(m.platform, m.post_id, m.url) for m in media if m.position == 0 and m.url]
+    if rows:
+        psycopg2.extras.execute_values(
+            cur,
+            "UPDATE social_posts p SET image_s3_url = v.url, updated_at = now() FROM (VALUES %s) AS v(platform, post_id, url)"
+            " WHERE p.platform = v.platform AND p.post_id = v.post_id AND p.image_s3_url IS DISTINCT FROM v.url",
+            rows,
+        )

@@ -44,6 +44,7 @@ class Source:
     """
 
     name: ClassVar[str] = ""
+    incremental: ClassVar[bool] = True  # False: no watermark (an import reads all it is given)
     required: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, settings: Settings, *, session: requests.Session | None = None, db: Any = None, **options: Any):

@@ -19,6 +19,7 @@ class JsonlSource(Source):
     """Posts in the normalized format (DESIGN.md); a bad line is reported with its number and skipped."""
 
     name = "jsonl"
+    incremental = False
 
     def __init__(self, settings: Any, *, input: str | None = None, stdin: IO[str] | None = None, **kwargs: Any):
         super().__init__(settings, **kwargs)

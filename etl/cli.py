@@ -1,0 +1,169 @@
+"""The command line: parses arguments, runs a command, prints its summary, returns the exit code."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from typing import IO
+
+from etl import __version__
+from etl.config import Settings, load_settings
+from etl.errors import ETLError, ExitCode, UsageError
+from etl.logs import RedactingFilter, setup_logging
+from etl.pipeline import RunRequest, RunStats, Runner
+
+log = logging.getLogger("etl")
+COMMANDS = ("run", "backfill", "reenrich", "status", "migrate")
+
+
+def parse_date(value: str) -> datetime:
+    """YYYY-MM-DD or an ISO 8601 date-time; naive means UTC."""
+    try:
+        text = value.strip().replace("Z", "+00:00")
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a date (YYYY-MM-DD or ISO 8601)") from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="etl.py", description="Archive public social media posts: images to object storage, metadata to PostgreSQL."
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--log-format", choices=("text", "json"), help="log lines as text or JSON (ETL_LOG_FORMAT)")
+    parser.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="ETL_LOG_LEVEL")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = sub.add_parser("run", help="incremental run of the configured sources (the default)")
+    run.add_argument("--source", action="append", dest="sources", metavar="NAME", help="a source to run (repeatable)")
+    run.add_argument("--limit", type=int, metavar="N", help="at most N posts per source")
+    run.add_argument("--dry-run", action="store_true", help="fetch and score only; write nothing")
+    run.add_argument("--input", metavar="FILE", help="for the jsonl source: a file, or - for standard input")
+
+    backfill = sub.add_parser("backfill", help="archive a date range of one source")
+    backfill.add_argument("--source", required=True, dest="sources", action="append", metavar="NAME")
+    backfill.add_argument("--since", required=True, type=parse_date, metavar="DATE")
+    backfill.add_argument("--until", type=parse_date, metavar="DATE", help="exclusive; default now")
+    backfill.add_argument("--chunk-days", type=float, default=1.0, metavar="D", help="days per chunk (default 1)")
+    backfill.add_argument("--limit", type=int, metavar="N")
+    backfill.add_argument("--input", metavar="FILE")
+
+    reenrich = sub.add_parser("reenrich", help="re-score stored posts with the current enricher (no fetching)")
+    reenrich.add_argument("--platform", metavar="NAME")
+    reenrich.add_argument("--since", type=parse_date, metavar="DATE")
+
+    status = sub.add_parser("status", help="last runs, totals, failures, watermarks")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument("--runs", type=int, default=10, metavar="N", help="how many runs to list")
+
+    sub.add_parser("migrate", help="apply the sql/ migrations")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, *, env: dict[str, str] | None = None, stdout: IO[str] | None = None) -> int:
+    """Run the command line; returns the exit code. `env` replaces the environment (tests)."""
+    out = stdout or sys.stdout
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if not any(a in COMMANDS for a in args_list if not a.startswith("-")) and "-h" not in args_list and "--help" not in args_list:
+        args_list = ["run", *args_list] if not _has_global_only(args_list) else [*args_list, "run"]
+    parser = build_parser()
+    args = parser.parse_args(args_list)
+    try:
+        settings = load_settings(env, dotenv_path=".env" if env is None else None)
+    except ETLError as exc:
+        setup_logging("INFO", "text")
+        print(f"error: {exc}", file=sys.stderr)
+        return int(exc.exit_code)
+    setup_logging(
+        args.log_level or settings.log_level, args.log_format or settings.log_format, settings.secrets(), settings.log_file
+    )
+    redact = RedactingFilter(settings.secrets()).redact
+    try:
+        return _dispatch(args, settings, out)
+    except ETLError as exc:
+        log.error("%s", exc)
+        print(f"error: {redact(str(exc))}", file=sys.stderr)
+        return int(exc.exit_code)
+    except KeyboardInterrupt:
+        log.error("interrupted")
+        return 130
+    except Exception:
+        # A bug or an unforeseen outage: logged with its traceback (secrets redacted), the run is recorded.
+        log.exception("the run stopped on an unexpected error")
+        return int(ExitCode.PARTIAL)
+
+
+def _has_global_only(args: list[str]) -> bool:
+    return bool(args) and all(a.startswith("--log") or a in ("text", "json", "DEBUG", "INFO", "WARNING", "ERROR") for a in args)
+
+
+def _dispatch(args: argparse.Namespace, settings: Settings, out: IO[str]) -> int:
+    command = args.command or "run"
+    if command == "run":
+        sources = args.sources or list(settings.sources)
+        if args.limit is not None and args.limit < 0:
+            raise UsageError("--limit must be zero or more")
+        request = RunRequest(
+            mode="run",
+            sources=sources,
+            limit=args.limit,
+            dry_run=args.dry_run,
+            source_options=_source_options(args),
+            arguments=_recorded(args),
+        )
+        if "jsonl" in sources and not args.input:
+            raise UsageError("the jsonl source needs --input FILE (or - for standard input)")
+        runner = Runner(settings)
+        stats = runner.execute(request)
+        _print_run_summary(out, stats, runner, settings, dry_run=args.dry_run)
+        return int(stats.exit_code)
+    if command == "migrate":
+        runner = Runner(settings)
+        from etl.db import Database
+
+        db = Database.from_settings(settings)
+        applied = db.migrate()
+        print(f"{len(applied)} migration(s) applied{': ' + ', '.join(applied) if applied else ''} ({db.display})", file=out)
+        return int(ExitCode.OK)
+    raise UsageError(f"command {command!r} is not available yet")
+
+
+def _source_options(args: argparse.Namespace) -> dict[str, dict[str, object]]:
+    options: dict[str, dict[str, object]] = {}
+    if getattr(args, "input", None):
+        options["jsonl"] = {"input": args.input}
+    return options
+
+
+def _recorded(args: argparse.Namespace) -> dict[str, object]:
+    return {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in vars(args).items() if v is not None}
+
+
+def _print_run_summary(out: IO[str], stats: RunStats, runner: Runner, settings: Settings, *, dry_run: bool) -> None:
+    log.info("summary: %s", stats.summary_line())
+    s = stats.sentiment
+    lines = [
+        "",
+        ("Dry run (nothing written): " if dry_run else "Archive run: ") + f"{stats.status} in {stats.seconds:.1f}s",
+        f"  posts    fetched {stats.fetched}, inserted {stats.inserted}, updated {stats.updated}, "
+        f"unchanged {stats.unchanged}, rejected {stats.rejected}",
+    ]
+    if not dry_run:
+        lines.append(
+            f"  images   stored {stats.images_stored}, already archived {stats.images_skipped}, failed {stats.images_failed}"
+            + (f" (of which {stats.images_retried} retried from earlier runs)" if stats.images_retried else "")
+        )
+    lines.append(f"  sentiment positive {s['positive']}, neutral {s['neutral']}, negative {s['negative']}")
+    if stats.quota_used:
+        lines.append(f"  API quota units used {stats.quota_used}")
+    if not dry_run and runner.db is not None and runner.store is not None:
+        lines.append(f"  database {runner.db.display}")
+        lines.append(f"  images   {runner.store.describe()}")
+    if stats.errors:
+        lines.append(f"  {len(stats.errors)} problem(s), first ones:")
+        lines.extend(f"    - {e}" for e in stats.errors[:10])
+    print("\n".join(lines), file=out)

@@ -1,0 +1,386 @@
+"""The run: sources -> sentiment -> images (concurrently) -> one transaction per batch, and the run ledger."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from etl import db as dbm
+from etl.config import Settings
+from etl.db import Database
+from etl.enrich import SentimentEnricher
+from etl.errors import ETLError, ExitCode, MediaError, SourceError, StoreError
+from etl.media import Downloader
+from etl.records import Media, Post, chunked
+from etl.sources import FetchWindow, Source, source_class
+from etl.store import ObjectStore, object_key, store_from_settings
+
+log = logging.getLogger(__name__)
+MAX_ERRORS_KEPT = 200
+
+
+@dataclass
+class RunStats:
+    """Counts of one run, per stage; what the summary line, etl_runs and the metrics file report."""
+
+    fetched: int = 0
+    inserted: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    rejected: int = 0
+    images_stored: int = 0
+    images_failed: int = 0
+    images_skipped: int = 0
+    images_retried: int = 0
+    quota_used: int = 0
+    sentiment: Counter = field(default_factory=Counter)
+    errors: list[str] = field(default_factory=list)
+    per_source: dict[str, dict[str, Any]] = field(default_factory=dict)
+    source_failures: int = 0
+    started: float = field(default_factory=time.monotonic)
+    seconds: float = 0.0
+
+    def error(self, message: str) -> None:
+        if len(self.errors) < MAX_ERRORS_KEPT:
+            self.errors.append(message)
+
+    @property
+    def exit_code(self) -> ExitCode:
+        failed = self.rejected or self.images_failed or self.source_failures
+        return ExitCode.PARTIAL if failed else ExitCode.OK
+
+    @property
+    def status(self) -> str:
+        return "ok" if self.exit_code == ExitCode.OK else "partial"
+
+    def ledger(self) -> dict[str, Any]:
+        return {
+            "posts_fetched": self.fetched,
+            "posts_inserted": self.inserted,
+            "posts_updated": self.updated,
+            "posts_unchanged": self.unchanged,
+            "posts_rejected": self.rejected,
+            "images_stored": self.images_stored,
+            "images_failed": self.images_failed,
+            "images_skipped": self.images_skipped,
+            "quota_used": self.quota_used,
+            "sentiment": dict(self.sentiment),
+            "per_source": self.per_source,
+            "errors": self.errors,
+        }
+
+    def summary_line(self) -> str:
+        s = self.sentiment
+        return (
+            f"posts fetched={self.fetched} inserted={self.inserted} updated={self.updated} "
+            f"unchanged={self.unchanged} rejected={self.rejected} | images stored={self.images_stored} "
+            f"skipped={self.images_skipped} failed={self.images_failed} | sentiment positive={s['positive']} "
+            f"neutral={s['neutral']} negative={s['negative']} | {self.seconds:.1f}s"
+        )
+
+
+@dataclass
+class _Batch:
+    posts: list[Post]
+    futures: dict[tuple[str, str, int], Future]  # images being archived
+    known: dict[tuple[str, str, int], tuple[str, str]]  # images already stored: key, url
+
+
+class Archiver:
+    """Takes a stream of posts to the archive: scores, archives images, loads rows, in bounded memory."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        db: Database | None,
+        store: ObjectStore | None,
+        *,
+        downloader: Downloader | None = None,
+        enricher: SentimentEnricher | None = None,
+    ):
+        self.settings = settings
+        self.db = db
+        self.store = store
+        self.downloader = downloader or Downloader(settings)
+        self.enricher = enricher or SentimentEnricher(settings.sentiment_threshold)
+
+    # -- images ----------------------------------------------------------------------------------
+
+    def archive_image(self, platform: str, post_id: str, created_at: datetime, position: int, url: str) -> Media:
+        """Download, verify and store one image; never raises (a failure is a Media with status failed)."""
+        media = Media(platform, post_id, position, url)
+        try:
+            fetched = self.downloader.fetch(url)
+            key = object_key(self.settings.s3_prefix, platform, created_at, post_id, position, fetched.content_type)
+            assert self.store is not None
+            self.store.put(key, fetched.body, fetched.content_type, fetched.sha256)
+        except MediaError as exc:
+            media.status, media.error, media.permanent = "failed", str(exc), exc.permanent
+        except StoreError as exc:
+            media.status, media.error = "failed", str(exc)
+        except Exception as exc:  # one image must never stop the run
+            log.exception("unexpected error archiving %s/%s image %d", platform, post_id, position)
+            media.status, media.error = "failed", f"{type(exc).__name__}: {exc}"
+        else:
+            media.status = "stored"
+            media.key, media.url = key, self.store.url(key)
+            media.sha256, media.bytes, media.content_type = fetched.sha256, len(fetched.body), fetched.content_type
+            media.width, media.height = fetched.width, fetched.height
+        if media.status == "failed":
+            log.warning("image failed: %s/%s #%d %s: %s", platform, post_id, position, url[:200], media.error)
+        return media
+
+    # -- the stream ------------------------------------------------------------------------------
+
+    def archive(self, posts: Iterable[Post], stats: RunStats, *, source: str) -> datetime | None:
+        """Archive every post; returns the newest created_at loaded (the next watermark)."""
+        newest: datetime | None = None
+        with ThreadPoolExecutor(self.settings.concurrency, thread_name_prefix="images") as pool:
+            previous: _Batch | None = None
+            try:
+                for posts_batch in chunked(posts, self.settings.batch_size):
+                    current = self._start(posts_batch, pool, stats)
+                    if previous is not None:
+                        newest = _later(newest, self._finish(previous, stats, source))
+                    previous = current
+            finally:
+                # Whatever ended the stream (a SourceError, SIGTERM), what was fetched is still loaded.
+                if previous is not None:
+                    newest = _later(newest, self._finish(previous, stats, source))
+        return newest
+
+    def _start(self, posts: list[Post], pool: ThreadPoolExecutor, stats: RunStats) -> _Batch:
+        scored = [self.enricher.enrich(p) for p in posts]
+        stats.fetched += len(scored)
+        with self.db.transaction() as cur:
+            known = dbm.stored_media(cur, list({(p.platform, p.post_id) for p in scored}))
+        futures: dict[tuple[str, str, int], Future] = {}
+        for post in scored:
+            for position, url in enumerate(post.image_urls):
+                key = (post.platform, post.post_id, position)
+                if key not in known and key not in futures:
+                    futures[key] = pool.submit(self.archive_image, post.platform, post.post_id, post.created_at, position, url)
+        return _Batch(scored, futures, known)
+
+    def _finish(self, batch: _Batch, stats: RunStats, source: str) -> datetime | None:
+        media = [f.result() for f in batch.futures.values()]
+        first_urls: dict[tuple[str, str], str] = {}
+        for (platform, post_id, position), (_, url) in batch.known.items():
+            if position == 0:
+                first_urls[(platform, post_id)] = url
+        for m in media:
+            if m.status == "stored" and m.position == 0:
+                first_urls[(m.platform, m.post_id)] = m.url
+        with self.db.transaction() as cur:
+            counts = dbm.upsert_posts(
+                cur, batch.posts, first_image_urls=first_urls, sentiment_version=self.enricher.version
+            )
+            dbm.upsert_media(cur, media)
+        # Counted only once committed.
+        stats.inserted += counts.inserted
+        stats.updated += counts.updated
+        stats.unchanged += counts.unchanged
+        skipped = sum(1 for p in batch.posts for n in range(len(p.image_urls)) if (p.platform, p.post_id, n) in batch.known)
+        stats.images_skipped += skipped
+        for m in media:
+            if m.status == "stored":
+                stats.images_stored += 1
+            else:
+                stats.images_failed += 1
+                stats.error(f"{source}: {m.platform}/{m.post_id} image {m.position}: {m.error}")
+        for post in batch.posts:
+            stats.sentiment[post.sentiment.label if post.sentiment else "neutral"] += 1
+        return max((p.created_at for p in batch.posts), default=None)
+
+    # -- failed images from earlier runs ---------------------------------------------------------
+
+    def retry_failed_images(self, stats: RunStats) -> None:
+        """Retry images still marked failed (not permanent, under the attempt cap, past their backoff)."""
+        backoff = self.settings.image_retry_backoff_minutes
+        last_id = 0
+        with ThreadPoolExecutor(self.settings.concurrency, thread_name_prefix="retry") as pool:
+            while True:
+                with self.db.transaction() as cur:
+                    cur.execute(
+                        "SELECT m.id, m.platform, m.post_id, m.position, m.source_url, p.created_at FROM post_media m"
+                        " JOIN social_posts p USING (platform, post_id)"
+                        " WHERE m.status = 'failed' AND NOT m.permanent AND m.attempts < %s AND m.id > %s"
+                        " AND m.updated_at <= now() - %s * LEAST(power(2, m.attempts - 1), 48) * interval '1 minute'"
+                        " ORDER BY m.id LIMIT %s",
+                        (self.settings.image_max_attempts, last_id, backoff, self.settings.batch_size),
+                    )
+                    rows = cur.fetchall()
+                if not rows:
+                    return
+                last_id = rows[-1][0]
+                media = list(pool.map(lambda r: self.archive_image(r[1], r[2], r[5], r[3], r[4]), rows))
+                with self.db.transaction() as cur:
+                    dbm.upsert_media(cur, media)
+                    dbm.set_first_image_urls(cur, [m for m in media if m.status == "stored" and m.position == 0])
+                stats.images_retried += len(media)
+                for m in media:
+                    if m.status == "stored":
+                        stats.images_stored += 1
+                    else:
+                        stats.images_failed += 1
+                        stats.error(f"retry: {m.platform}/{m.post_id} image {m.position}: {m.error}")
+
+
+def _later(a: datetime | None, b: datetime | None) -> datetime | None:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return max(a, b)
+
+
+# -- the run as a whole -----------------------------------------------------------------------------
+
+
+@dataclass
+class RunRequest:
+    """What the command line asked for."""
+
+    mode: str = "run"  # run | backfill
+    sources: Sequence[str] = ()
+    limit: int | None = None
+    dry_run: bool = False
+    since: datetime | None = None  # backfill range
+    until: datetime | None = None
+    source_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # e.g. {"jsonl": {"input": "-"}}
+    arguments: dict[str, Any] = field(default_factory=dict)  # recorded in etl_runs
+
+
+def build_sources(settings: Settings, request: RunRequest) -> list[Source]:
+    """Instantiate the requested sources after checking every one's settings (ConfigError before any work)."""
+    classes = [source_class(name) for name in request.sources]
+    for cls in classes:
+        cls.check_settings(settings)
+    return [cls(settings, **request.source_options.get(cls.name, {})) for cls in classes]
+
+
+class Runner:
+    """One run of the archiver: locks, ledger, sources in turn, watermarks, failed-image retries."""
+
+    def __init__(self, settings: Settings, *, db: Database | None = None, store: ObjectStore | None = None):
+        self.settings = settings
+        self.db = db
+        self.store = store
+
+    def open_services(self) -> None:
+        """Object store and database, each checked before any work (ConfigError names the setting)."""
+        if self.store is None:
+            self.store = store_from_settings(self.settings)
+        self.store.check()
+        if self.db is None:
+            self.db = Database.from_settings(self.settings)
+        self.db.migrate()
+
+    def execute(self, request: RunRequest) -> RunStats:
+        sources = build_sources(self.settings, request)
+        stats = RunStats()
+        if request.dry_run:
+            self._dry_run(sources, request, stats)
+            return stats
+        self.open_services()
+        assert self.db is not None
+        lock = self.db.lock_sources([s.name for s in sources])
+        try:
+            run_id = self.db.start_run(request.mode, [s.name for s in sources], request.arguments)
+            log.info("run %d started: %s of %s", run_id, request.mode, ", ".join(s.name for s in sources))
+            status = "failed"
+            try:
+                archiver = Archiver(self.settings, self.db, self.store)
+                if request.mode == "run":
+                    archiver.retry_failed_images(stats)
+                for source in sources:
+                    self._run_source(archiver, source, request, stats)
+                status = stats.status
+            except KeyboardInterrupt:
+                status = "interrupted"
+                stats.error("interrupted")
+                raise
+            finally:
+                stats.seconds = time.monotonic() - stats.started
+                self.db.finish_run(run_id, status, stats.ledger())
+        finally:
+            lock.close()
+        return stats
+
+    def _window(self, source: Source, request: RunRequest) -> tuple[FetchWindow, str, bool]:
+        key = source.config_key()
+        if request.mode == "backfill" or not source.incremental:
+            return FetchWindow(since=request.since, until=request.until, limit=request.limit), key, False
+        assert self.db is not None
+        watermark, cursor = self.db.get_state(source.name, key)
+        since = watermark - timedelta(minutes=self.settings.overlap_minutes) if watermark else None
+        return FetchWindow(since=since, cursor=cursor, limit=request.limit), key, True
+
+    def _run_source(self, archiver: Archiver, source: Source, request: RunRequest, stats: RunStats) -> None:
+        assert self.db is not None
+        before = (stats.fetched, stats.inserted, stats.updated, stats.images_stored, stats.images_failed)
+        window, key, incremental = self._window(source, request)
+        source.db = self.db
+        completed = False
+        newest = None
+        with ExitStack() as stack:
+            stack.enter_context(source)
+            archiver.downloader.guard.trusted = set(source.trusted_hosts)
+            try:
+                newest = archiver.archive(_limited(source.fetch(window), request.limit), stats, source=source.name)
+                completed = True
+            except SourceError as exc:
+                stats.source_failures += 1
+                stats.error(f"{source.name}: {exc}")
+                log.error("source %s stopped: %s", source.name, exc)
+        for message in source.rejects:
+            stats.error(message)
+        stats.rejected += len(source.rejects)
+        stats.quota_used += source.quota_used
+        if completed and incremental:
+            # Only now is every post up to `newest` loaded; the watermark never moves back (db.save_state).
+            self.db.save_state(source.name, key, newest, source.cursor)
+        stats.per_source[source.name] = {
+            "fetched": stats.fetched - before[0],
+            "inserted": stats.inserted - before[1],
+            "updated": stats.updated - before[2],
+            "images_stored": stats.images_stored - before[3],
+            "images_failed": stats.images_failed - before[4],
+            "rejected": len(source.rejects),
+            "quota_used": source.quota_used,
+            "completed": completed,
+        }
+
+    def _dry_run(self, sources: list[Source], request: RunRequest, stats: RunStats) -> None:
+        """Fetch and score only: no database, no object store, no image downloads."""
+        enricher = SentimentEnricher(self.settings.sentiment_threshold)
+        for source in sources:
+            window = FetchWindow(since=request.since, until=request.until, limit=request.limit)
+            with source:
+                try:
+                    for post in _limited(source.fetch(window), request.limit):
+                        stats.fetched += 1
+                        stats.sentiment[enricher.enrich(post).sentiment.label] += 1
+                except SourceError as exc:
+                    stats.source_failures += 1
+                    stats.error(f"{source.name}: {exc}")
+            stats.rejected += len(source.rejects)
+            stats.errors.extend(source.rejects)
+        stats.seconds = time.monotonic() - stats.started
+
+
+def _limited(posts: Iterable[Post], limit: int | None) -> Iterator[Post]:
+    for n, post in enumerate(posts):
+        if limit is not None and n >= limit:
+            return
+        yield post
+
+
+__all__ = ["Archiver", "ETLError", "RunRequest", "RunStats", "Runner"]
