@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import signal
 import sys
+import threading
+import time
 from collections.abc import Sequence
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import IO
 
 from etl import __version__
 from etl.config import Settings, load_settings
+from etl.enrich import SentimentEnricher
 from etl.errors import ETLError, ExitCode, UsageError
 from etl.logs import RedactingFilter, setup_logging
-from etl.pipeline import RunRequest, RunStats, Runner
+from etl.pipeline import Runner, RunRequest, RunStats
+from etl.reenrich import reenrich
+from etl.status import collect_status, format_status
 
 log = logging.getLogger("etl")
 COMMANDS = ("run", "backfill", "reenrich", "status", "migrate")
@@ -97,12 +104,31 @@ def main(argv: Sequence[str] | None = None, *, env: dict[str, str] | None = None
         return int(ExitCode.PARTIAL)
 
 
+def _on_sigterm(stop: threading.Event) -> None:
+    """SIGTERM (cron, a container stopping): stop fetching, load what is in flight, record the run interrupted.
+
+    A second SIGTERM stops at once (the database keeps only committed batches; the next run completes the rest).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        log.warning("SIGTERM received: finishing the batches in flight, then stopping")
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def _has_global_only(args: list[str]) -> bool:
     return bool(args) and all(a.startswith("--log") or a in ("text", "json", "DEBUG", "INFO", "WARNING", "ERROR") for a in args)
 
 
 def _dispatch(args: argparse.Namespace, settings: Settings, out: IO[str]) -> int:
     command = args.command or "run"
+    stop = threading.Event()
+    _on_sigterm(stop)
     if command == "run":
         sources = args.sources or list(settings.sources)
         if args.limit is not None and args.limit < 0:
@@ -117,19 +143,102 @@ def _dispatch(args: argparse.Namespace, settings: Settings, out: IO[str]) -> int
         )
         if "jsonl" in sources and not args.input:
             raise UsageError("the jsonl source needs --input FILE (or - for standard input)")
-        runner = Runner(settings)
+        runner = Runner(settings, stop=stop)
         stats = runner.execute(request)
         _print_run_summary(out, stats, runner, settings, dry_run=args.dry_run)
         return int(stats.exit_code)
+    if command == "backfill":
+        if args.until is not None and args.until <= args.since:
+            raise UsageError("--until must be after --since")
+        if args.chunk_days <= 0:
+            raise UsageError("--chunk-days must be positive")
+        request = RunRequest(
+            mode="backfill",
+            sources=args.sources,
+            limit=args.limit,
+            since=args.since,
+            until=args.until,
+            chunk=timedelta(days=args.chunk_days),
+            source_options=_source_options(args),
+            arguments=_recorded(args),
+        )
+        bar = ProgressBar(sys.stderr) if sys.stderr.isatty() else None
+        runner = Runner(settings, stop=stop, progress=bar)
+        stats = runner.execute(request)
+        if bar:
+            bar.close()
+        _print_run_summary(out, stats, runner, settings, dry_run=False)
+        return int(stats.exit_code)
+    if command == "reenrich":
+        return _reenrich(args, settings, out, stop)
+    runner = Runner(settings)
+    runner.open_services(store=False)
+    assert runner.db is not None
     if command == "migrate":
-        runner = Runner(settings)
-        from etl.db import Database
-
-        db = Database.from_settings(settings)
-        applied = db.migrate()
-        print(f"{len(applied)} migration(s) applied{': ' + ', '.join(applied) if applied else ''} ({db.display})", file=out)
+        applied = runner.db.migrate()
+        print(f"{len(applied)} migration(s) applied{': ' + ', '.join(applied) if applied else ''} ({runner.db.display})", file=out)
         return int(ExitCode.OK)
-    raise UsageError(f"command {command!r} is not available yet")
+    if command == "status":
+        report = collect_status(runner.db, runs=args.runs)
+        if args.json:
+            print(json.dumps(report, default=_json_default, indent=2, ensure_ascii=False), file=out)
+        else:
+            print(format_status(report), file=out)
+        return int(ExitCode.OK)
+    raise UsageError(f"unknown command {command!r}")
+
+
+def _reenrich(args: argparse.Namespace, settings: Settings, out: IO[str], stop: threading.Event) -> int:
+    runner = Runner(settings)
+    runner.open_services(store=False)
+    db = runner.db
+    assert db is not None
+    enricher = SentimentEnricher(settings.sentiment_threshold)
+    stats = RunStats()
+    scope = [args.platform or "*"]
+    run_id = db.start_run("reenrich", scope, _recorded(args))
+    status = "failed"
+    try:
+        reenrich(db, enricher, stats, platform=args.platform, since=args.since, should_stop=stop.is_set)
+        status = stats.status
+    finally:
+        stats.seconds = time.monotonic() - stats.started
+        db.finish_run(run_id, status, stats.ledger())
+    log.info("summary: re-enriched %d posts, %d changed, %d unchanged in %.1fs", stats.fetched, stats.updated, stats.unchanged, stats.seconds)
+    print(
+        f"\nRe-enrichment ({enricher.version}): {status} in {stats.seconds:.1f}s\n"
+        f"  posts    scored {stats.fetched}, changed {stats.updated}, unchanged {stats.unchanged}\n"
+        f"  sentiment positive {stats.sentiment['positive']}, neutral {stats.sentiment['neutral']}, "
+        f"negative {stats.sentiment['negative']}",
+        file=out,
+    )
+    return int(stats.exit_code)
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return str(value)
+
+
+class ProgressBar:
+    """A one-line progress bar on a terminal (never under cron: only used when stderr is a TTY)."""
+
+    def __init__(self, stream: IO[str], width: int = 30):
+        self.stream = stream
+        self.width = width
+
+    def __call__(self, done: int, total: int, stats: RunStats) -> None:
+        filled = int(self.width * done / total) if total else self.width
+        self.stream.write(
+            f"\r[{'#' * filled}{'.' * (self.width - filled)}] {done}/{total} chunks, {stats.fetched} posts, "
+            f"{stats.images_stored} images"
+        )
+        self.stream.flush()
+
+    def close(self) -> None:
+        self.stream.write("\n")
+        self.stream.flush()
 
 
 def _source_options(args: argparse.Namespace) -> dict[str, dict[str, object]]:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import os
+import re
 import socket
 import warnings
 from collections.abc import Iterator, Sequence
@@ -206,6 +206,41 @@ class Database:
                     (f"{len(stats.get('errors', []))} error(s); first: {errors[0]}" if errors else None),
                     run_id,
                 ),
+            )
+
+    def abandon_dead_runs(self, sources: Sequence[str]) -> int:
+        """Runs still marked running for these sources died (we hold their locks now): mark them abandoned."""
+        with self.transaction() as cur:
+            cur.execute(
+                "UPDATE etl_runs SET status = 'abandoned', finished_at = now(),"
+                " error_summary = COALESCE(error_summary, 'the process ended without finishing the run')"
+                " WHERE status = 'running' AND sources && %s::text[]",
+                (list(sources),),
+            )
+            return cur.rowcount
+
+    # -- backfill progress -----------------------------------------------------------------------
+
+    def finished_chunks(
+        self, source: str, config_key: str, since: datetime, until: datetime
+    ) -> set[tuple[datetime, datetime]]:
+        with self.transaction() as cur:
+            cur.execute(
+                "SELECT chunk_start, chunk_end FROM etl_backfill_chunks"
+                " WHERE source = %s AND config_key = %s AND chunk_start >= %s AND chunk_end <= %s",
+                (source, config_key, since, until),
+            )
+            return {(row[0], row[1]) for row in cur.fetchall()}
+
+    def finish_chunk(
+        self, source: str, config_key: str, start: datetime, end: datetime, posts: int, run_id: int | None
+    ) -> None:
+        with self.transaction() as cur:
+            cur.execute(
+                "INSERT INTO etl_backfill_chunks (source, config_key, chunk_start, chunk_end, posts, run_id)"
+                " VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (source, config_key, chunk_start, chunk_end)"
+                " DO UPDATE SET posts = EXCLUDED.posts, run_id = EXCLUDED.run_id, finished_at = now()",
+                (source, config_key, start, end, posts, run_id),
             )
 
     # -- incremental state -----------------------------------------------------------------------

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import re
-from importlib.metadata import version
 from dataclasses import replace
 from functools import lru_cache
+from importlib.metadata import version
 
 import textblob
 

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import logging
+import os
+import threading
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import ExitStack
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
 from etl import db as dbm
@@ -44,6 +46,7 @@ class RunStats:
     errors: list[str] = field(default_factory=list)
     per_source: dict[str, dict[str, Any]] = field(default_factory=dict)
     source_failures: int = 0
+    interrupted: bool = False
     started: float = field(default_factory=time.monotonic)
     seconds: float = 0.0
 
@@ -51,13 +54,22 @@ class RunStats:
         if len(self.errors) < MAX_ERRORS_KEPT:
             self.errors.append(message)
 
+    def snapshot(self) -> dict[str, int]:
+        return {
+            "fetched": self.fetched, "inserted": self.inserted, "updated": self.updated, "unchanged": self.unchanged,
+            "images_stored": self.images_stored, "images_skipped": self.images_skipped,
+            "images_failed": self.images_failed,
+        }  # fmt: skip
+
     @property
     def exit_code(self) -> ExitCode:
-        failed = self.rejected or self.images_failed or self.source_failures
+        failed = self.rejected or self.images_failed or self.source_failures or self.interrupted
         return ExitCode.PARTIAL if failed else ExitCode.OK
 
     @property
     def status(self) -> str:
+        if self.interrupted:
+            return "interrupted"
         return "ok" if self.exit_code == ExitCode.OK else "partial"
 
     def ledger(self) -> dict[str, Any]:
@@ -244,6 +256,10 @@ def _later(a: datetime | None, b: datetime | None) -> datetime | None:
 # -- the run as a whole -----------------------------------------------------------------------------
 
 
+class Interrupted(ETLError):
+    """SIGTERM (or Ctrl-C) asked the run to stop; what was in flight was loaded first."""
+
+
 @dataclass
 class RunRequest:
     """What the command line asked for."""
@@ -252,8 +268,9 @@ class RunRequest:
     sources: Sequence[str] = ()
     limit: int | None = None
     dry_run: bool = False
-    since: datetime | None = None  # backfill range
+    since: datetime | None = None  # backfill range [since, until)
     until: datetime | None = None
+    chunk: timedelta = timedelta(days=1)
     source_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # e.g. {"jsonl": {"input": "-"}}
     arguments: dict[str, Any] = field(default_factory=dict)  # recorded in etl_runs
 
@@ -266,19 +283,45 @@ def build_sources(settings: Settings, request: RunRequest) -> list[Source]:
     return [cls(settings, **request.source_options.get(cls.name, {})) for cls in classes]
 
 
+def backfill_chunks(since: datetime, until: datetime, chunk: timedelta) -> list[tuple[datetime, datetime]]:
+    """[since, until) cut into consecutive chunks, oldest first; the last may be shorter."""
+    chunks = []
+    start = since
+    while start < until:
+        end = min(start + chunk, until)
+        chunks.append((start, end))
+        start = end
+    return chunks
+
+
+Progress = Callable[[int, int, RunStats], None]  # (chunks done, chunks in all, stats so far)
+
+
 class Runner:
     """One run of the archiver: locks, ledger, sources in turn, watermarks, failed-image retries."""
 
-    def __init__(self, settings: Settings, *, db: Database | None = None, store: ObjectStore | None = None):
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        db: Database | None = None,
+        store: ObjectStore | None = None,
+        stop: threading.Event | None = None,
+        progress: Progress | None = None,
+    ):
         self.settings = settings
         self.db = db
         self.store = store
+        self.stop = stop or threading.Event()  # set by the SIGTERM handler
+        self.progress = progress
+        self.run_id: int | None = None
 
-    def open_services(self) -> None:
+    def open_services(self, *, store: bool = True) -> None:
         """Object store and database, each checked before any work (ConfigError names the setting)."""
-        if self.store is None:
-            self.store = store_from_settings(self.settings)
-        self.store.check()
+        if store:
+            if self.store is None:
+                self.store = store_from_settings(self.settings)
+            self.store.check()
         if self.db is None:
             self.db = Database.from_settings(self.settings)
         self.db.migrate()
@@ -291,68 +334,129 @@ class Runner:
             return stats
         self.open_services()
         assert self.db is not None
-        lock = self.db.lock_sources([s.name for s in sources])
+        names = [s.name for s in sources]
+        lock = self.db.lock_sources(names)
         try:
-            run_id = self.db.start_run(request.mode, [s.name for s in sources], request.arguments)
-            log.info("run %d started: %s of %s", run_id, request.mode, ", ".join(s.name for s in sources))
+            # We hold every lock of these sources: a run still marked running for one of them is dead.
+            self.db.abandon_dead_runs(names)
+            self.run_id = self.db.start_run(request.mode, names, request.arguments)
+            log.info("run %d started: %s of %s", self.run_id, request.mode, ", ".join(names))
             status = "failed"
             try:
                 archiver = Archiver(self.settings, self.db, self.store)
                 if request.mode == "run":
                     archiver.retry_failed_images(stats)
                 for source in sources:
-                    self._run_source(archiver, source, request, stats)
+                    self._check_stop()
+                    if request.mode == "backfill":
+                        self._backfill_source(archiver, source, request, stats)
+                    else:
+                        self._run_source(archiver, source, request, stats)
                 status = stats.status
-            except KeyboardInterrupt:
+            except (Interrupted, KeyboardInterrupt):
                 status = "interrupted"
-                stats.error("interrupted")
-                raise
+                stats.interrupted = True
+                stats.error("interrupted: the run was asked to stop; the rest is archived by the next run")
             finally:
                 stats.seconds = time.monotonic() - stats.started
-                self.db.finish_run(run_id, status, stats.ledger())
+                self.db.finish_run(self.run_id, status, stats.ledger())
+                if self.settings.metrics_path:
+                    write_metrics(self.settings.metrics_path, request.mode, status, stats)
         finally:
             lock.close()
         return stats
 
+    def _check_stop(self) -> None:
+        if self.stop.is_set():
+            raise Interrupted("stop requested")
+
+    def _stoppable(self, posts: Iterable[Post]) -> Iterator[Post]:
+        """Ends the stream when a stop is requested; the batches already fetched are still loaded."""
+        for post in posts:
+            yield post
+            if self.stop.is_set():
+                return
+
     def _window(self, source: Source, request: RunRequest) -> tuple[FetchWindow, str, bool]:
         key = source.config_key()
-        if request.mode == "backfill" or not source.incremental:
+        if not source.incremental:
             return FetchWindow(since=request.since, until=request.until, limit=request.limit), key, False
         assert self.db is not None
         watermark, cursor = self.db.get_state(source.name, key)
         since = watermark - timedelta(minutes=self.settings.overlap_minutes) if watermark else None
         return FetchWindow(since=since, cursor=cursor, limit=request.limit), key, True
 
+    def _archive_window(
+        self, archiver: Archiver, source: Source, window: FetchWindow, stats: RunStats
+    ) -> tuple[bool, datetime | None]:
+        """Archive what the source yields for a window; (completed, newest created_at loaded)."""
+        archiver.downloader.guard.trusted = set(source.trusted_hosts)
+        try:
+            posts = self._stoppable(_limited(source.fetch(window), window.limit))
+            newest = archiver.archive(posts, stats, source=source.name)
+        except SourceError as exc:
+            stats.source_failures += 1
+            stats.error(f"{source.name}: {exc}")
+            log.error("source %s stopped: %s", source.name, exc)
+            return False, None
+        self._check_stop()
+        return True, newest
+
     def _run_source(self, archiver: Archiver, source: Source, request: RunRequest, stats: RunStats) -> None:
         assert self.db is not None
-        before = (stats.fetched, stats.inserted, stats.updated, stats.images_stored, stats.images_failed)
+        before = stats.snapshot()
         window, key, incremental = self._window(source, request)
         source.db = self.db
         completed = False
-        newest = None
-        with ExitStack() as stack:
-            stack.enter_context(source)
-            archiver.downloader.guard.trusted = set(source.trusted_hosts)
-            try:
-                newest = archiver.archive(_limited(source.fetch(window), request.limit), stats, source=source.name)
-                completed = True
-            except SourceError as exc:
-                stats.source_failures += 1
-                stats.error(f"{source.name}: {exc}")
-                log.error("source %s stopped: %s", source.name, exc)
+        try:
+            with source:
+                completed, newest = self._archive_window(archiver, source, window, stats)
+            if completed and incremental:
+                # Only now is every post up to `newest` loaded; the watermark never moves back (db.save_state).
+                self.db.save_state(source.name, key, newest, source.cursor)
+        finally:
+            self._account(source, stats, before, completed)
+
+    def _backfill_source(self, archiver: Archiver, source: Source, request: RunRequest, stats: RunStats) -> None:
+        """Walk [since, until) in chunks, oldest first, skipping chunks an earlier backfill finished.
+
+        The incremental watermark is never touched: a backfill fills the past, the cron run owns the present.
+        """
+        assert self.db is not None and request.since is not None
+        until = request.until or datetime.now(timezone.utc)
+        key = source.config_key()
+        chunks = backfill_chunks(request.since, until, request.chunk)
+        done = self.db.finished_chunks(source.name, key, request.since, until)
+        before = stats.snapshot()
+        source.db = self.db
+        completed = True
+        try:
+            with source:
+                for n, (start, end) in enumerate(chunks, start=1):
+                    if (start, end) in done:
+                        log.info("backfill %s: chunk %s..%s already done", source.name, start, end)
+                    else:
+                        fetched = stats.fetched
+                        window = FetchWindow(since=start, until=end, limit=request.limit)
+                        chunk_completed, _ = self._archive_window(archiver, source, window, stats)
+                        if not chunk_completed:
+                            completed = False
+                            break  # quota or rate limit: the next backfill resumes from this chunk
+                        self.db.finish_chunk(source.name, key, start, end, stats.fetched - fetched, self.run_id)
+                    if self.progress:
+                        self.progress(n, len(chunks), stats)
+        finally:
+            self._account(source, stats, before, completed)
+
+    @staticmethod
+    def _account(source: Source, stats: RunStats, before: dict[str, int], completed: bool) -> None:
         for message in source.rejects:
             stats.error(message)
         stats.rejected += len(source.rejects)
         stats.quota_used += source.quota_used
-        if completed and incremental:
-            # Only now is every post up to `newest` loaded; the watermark never moves back (db.save_state).
-            self.db.save_state(source.name, key, newest, source.cursor)
+        after = stats.snapshot()
         stats.per_source[source.name] = {
-            "fetched": stats.fetched - before[0],
-            "inserted": stats.inserted - before[1],
-            "updated": stats.updated - before[2],
-            "images_stored": stats.images_stored - before[3],
-            "images_failed": stats.images_failed - before[4],
+            **{k: after[k] - before[k] for k in after},
             "rejected": len(source.rejects),
             "quota_used": source.quota_used,
             "completed": completed,
@@ -383,4 +487,42 @@ def _limited(posts: Iterable[Post], limit: int | None) -> Iterator[Post]:
         yield post
 
 
-__all__ = ["Archiver", "ETLError", "RunRequest", "RunStats", "Runner"]
+def write_metrics(path: str, mode: str, status: str, stats: RunStats) -> None:
+    """A Prometheus textfile-collector file (node_exporter --collector.textfile.directory), written atomically."""
+    lines = []
+
+    def metric(name: str, kind: str, help_text: str, samples: list[tuple[dict[str, str], float]]) -> None:
+        lines.append(f"# HELP social_archiver_{name} {help_text}")
+        lines.append(f"# TYPE social_archiver_{name} {kind}")
+        for labels, value in samples:
+            shown = ",".join(f'{k}="{_label(v)}"' for k, v in labels.items())
+            lines.append(f"social_archiver_{name}{{{shown}}} {value:g}" if shown else f"social_archiver_{name} {value:g}")
+
+    metric("last_run_timestamp_seconds", "gauge", "When the last run finished (unix time).", [({"mode": mode}, time.time())])
+    metric("last_run_duration_seconds", "gauge", "How long the last run took.", [({"mode": mode}, stats.seconds)])
+    metric(
+        "last_run_status", "gauge", "1 for the last run's status, 0 for the others.",
+        [({"mode": mode, "status": st}, 1.0 if st == status else 0.0) for st in ("ok", "partial", "interrupted", "failed")],
+    )  # fmt: skip
+    metric("last_run_exit_code", "gauge", "The exit code of the last run.", [({"mode": mode}, float(stats.exit_code))])
+    posts, images = [], []
+    for source, counts in sorted(stats.per_source.items()):
+        for result in ("fetched", "inserted", "updated", "unchanged", "rejected"):
+            posts.append(({"source": source, "result": result}, float(counts.get(result, 0))))
+        for result in ("stored", "skipped", "failed"):
+            images.append(({"source": source, "result": result}, float(counts.get(f"images_{result}", 0))))
+    metric("last_run_posts", "gauge", "Posts of the last run per source and result.", posts)
+    metric("last_run_images", "gauge", "Images of the last run per source and result.", images)
+    metric("last_run_quota_units", "gauge", "API quota units the last run used.", [({"mode": mode}, float(stats.quota_used))])
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    os.replace(tmp, target)
+
+
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+__all__ = ["Archiver", "Interrupted", "RunRequest", "RunStats", "Runner", "backfill_chunks", "write_metrics"]

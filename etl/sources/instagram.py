@@ -1,1 +1,506 @@
-"""instagram source (being written)."""
+"""Instagram Graph API source: a Business/Creator account's own media and the recent media of hashtags."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from collections.abc import Iterator, Mapping
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import requests
+
+from etl.errors import ConfigError, RecordError, SourceError
+from etl.http import Retriable, WaitTooLong, is_retriable_status, retry_after_seconds
+from etl.records import MAX_IMAGES, Post, post_from_dict
+from etl.sources import register
+from etl.sources.base import FetchWindow, Source
+
+log = logging.getLogger(__name__)
+
+PAGE_SIZE = 50  # recent_media allows at most 50 a page; /media takes the same
+# children{...} is a field expansion: a carousel's images come inline, in order, in one call.
+OWN_MEDIA_FIELDS = (
+    "id,caption,media_type,media_url,thumbnail_url,permalink,timestamp,like_count,comments_count,username,"
+    "children{media_url,media_type,thumbnail_url}"
+)
+# recent_media refuses `username` (hashtag posts have no author here) and documents no thumbnail_url, so
+# only documented fields are asked: an unknown field fails the whole request with error #100.
+HASHTAG_MEDIA_FIELDS = (
+    "id,caption,media_type,media_url,permalink,timestamp,like_count,comments_count,children{media_url,media_type}"
+)
+
+# Graph API throttling: 4 app, 17 user, 32 page, 613 "calls within one hour", 80002 Instagram Business Use Case.
+RATE_LIMIT_CODES = frozenset({4, 17, 32, 613, 80002})
+TOKEN_CODES = frozenset({190, 102})  # expired, revoked or invalid token / session
+HASHTAG_LIMIT = 30  # unique hashtags an account may query in a rolling window ...
+HASHTAG_WINDOW_DAYS = 7  # ... of this many days, counted from each hashtag's first query
+HASHTAG_RE = re.compile(r"^\w{1,100}$", re.UNICODE)  # hashtag search takes no emoji, spaces or punctuation
+_OFFSET_RE = re.compile(r"([+-]\d{2})(\d{2})$")
+_TOKEN_PARAM_RE = re.compile(r"(access_token=)[^&\s'\"]+")
+
+
+def graph_timestamp(value: Any) -> Any:
+    """Instagram writes '2017-08-31T18:10:00+0000'; Python 3.10's fromisoformat wants '+00:00'."""
+    if isinstance(value, str):
+        return value
+    return value
+
+
+def image_urls(item: Mapping[str, Any]) -> list[str]:
+    """A media item's images in order: every carousel child, a video's thumbnail (media_url is the video)."""
+    if item.get("media_type") == "CAROUSEL_ALBUM":
+        children = item.get("children")
+        data = children.get("data") if isinstance(children, Mapping) else None
+        if isinstance(data, list) and data:
+            return [url for child in data if isinstance(child, Mapping) and (url := _image_of(child))]
+    url = _image_of(item)
+    return [url] if url else []
+
+
+def _image_of(media: Mapping[str, Any]) -> str | None:
+    url = media.get("thumbnail_url") if media.get("media_type") == "VIDEO" else media.get("media_url")
+    return url.strip() if isinstance(url, str) and url.strip() else None
+
+
+def to_post(item: Any) -> Post:
+    """One IG Media object -> Post; RecordError names what is missing or wrong."""
+    if not isinstance(item, Mapping):
+        raise RecordError(f"expected a media object, got {type(item).__name__}")
+    media_id = item.get("id")
+    if isinstance(media_id, bool) or not isinstance(media_id, (str, int)) or not str(media_id).strip():
+        raise RecordError("missing id")
+    if not item.get("timestamp"):
+        raise RecordError("missing timestamp")
+    urls = image_urls(item)
+    if len(urls) > MAX_IMAGES:
+        log.warning("instagram media %s has %d images; keeping the first %d", media_id, len(urls), MAX_IMAGES)
+    # media_url values are signed CDN links that expire within days: the pipeline downloads them in the same
+    # run, and raw keeps them only as a record of what the API said.
+    return post_from_dict(
+        {
+            "platform": "instagram",
+            "post_id": str(media_id).strip(),
+            "author_username": item.get("username"),
+            "caption": item.get("caption"),
+            "created_at": graph_timestamp(item.get("timestamp")),
+            "like_count": item.get("like_count"),  # omitted when the owner hides like counts
+            "comment_count": item.get("comments_count"),
+            "permalink": item.get("permalink"),
+            "image_urls": urls[:MAX_IMAGES],
+            "raw": dict(item),
+        }
+    )
+
+
+def normalize_hashtag(value: str) -> str:
+    """'#Coffee ' -> 'coffee' (Instagram hashtags are case-insensitive)."""
+    return value.strip().lstrip("#").strip().lower()
+
+
+class GraphError(Exception):
+    """An error object from the Graph API that ends one stream (one hashtag, or the own media) but not the source."""
+
+
+class _StreamError(Exception):
+    """This stream cannot go on (an API error, a repeating cursor); the other streams still run."""
+
+
+class GraphAPI:
+    """The Graph API over HTTP: the token as access_token, error objects, throttling codes, cursor pagination."""
+
+    def __init__(self, base: str, token: str, session: requests.Session, source: Source):
+        self.base = base.rstrip("/")
+        self.token = token
+        self.session = session
+        self.source = source  # for its retry policy, settings and quota counter
+        settings = source.settings
+        self.timeout = (settings.connect_timeout, settings.read_timeout)
+
+    def scrub(self, text: str) -> str:
+        """The text without the token: Graph URLs (paging.next too) carry it as a query parameter."""
+        if self.token:
+            text = text.replace(self.token, "***")
+        return _TOKEN_PARAM_RE.sub(r"\1***", text)
+
+    def get(self, path: str, params: Mapping[str, Any]) -> dict[str, Any]:
+        """GET one Graph object or page; retries throttling and 5xx through the policy.
+
+        Raises SourceError when the whole source must stop (throttled past the retries, token refused, API
+        unreachable) and GraphError for any other error object.
+        """
+        url = f"{self.base}/{path.lstrip('/')}"
+        describe = f"GET {urlsplit(url).path}"
+        query = {**params, "access_token": self.token}
+        policy = self.source.policy
+
+        def attempt() -> requests.Response:
+            try:
+                response = self.session.get(url, params=query, timeout=self.timeout)
+            except requests.RequestException as exc:
+                # requests names the full URL, token included, and the retry log prints the exception.
+                raise _scrubbed(exc, self.scrub) from None
+            self.source.quota_used += 1
+            error = _error_object(response)
+            throttled = error is not None and error.get("code") in RATE_LIMIT_CODES
+            if throttled or is_retriable_status(response.status_code):
+                response.close()
+                raise Retriable(
+                    _describe_status(response, error), retry_after=_regain_seconds(response), response=response
+                )
+            return response
+
+        try:
+            response = policy.call(attempt, describe=describe)
+        except Retriable as exc:  # still throttled or failing after every attempt
+            assert exc.response is not None
+            raise self._stopped(exc.response, describe, f"after {policy.attempts} attempts") from None
+        except WaitTooLong as exc:
+            if exc.response is None:
+                raise
+            raise self._stopped(
+                exc.response, describe, f"asks to wait {exc.wait:.0f}s, more than ETL_RETRY_MAX_WAIT allows"
+            ) from None
+        except requests.RequestException as exc:
+            raise SourceError(f"instagram: cannot reach the Graph API ({describe}): {self.scrub(str(exc))}") from None
+
+        error = _error_object(response)
+        if error is not None or response.status_code >= 400:
+            error = error or {}
+            if error.get("code") in TOKEN_CODES:
+                raise SourceError(
+                    f"instagram: the Graph API refused INSTAGRAM_ACCESS_TOKEN ({self._explain(response, error)}); "
+                    "renew INSTAGRAM_ACCESS_TOKEN (a long-lived token lasts 60 days) and run again"
+                )
+            raise GraphError(f"{describe}: {self._explain(response, error)}")
+        try:
+            body = response.json()
+        except ValueError:
+            raise GraphError(f"{describe}: HTTP {response.status_code} with a body that is not JSON") from None
+        if not isinstance(body, dict):
+            raise GraphError(f"{describe}: expected a JSON object, got {type(body).__name__}")
+        return body
+
+    def pages(self, path: str, params: Mapping[str, Any], *, cursor_may_repeat: bool = False) -> Iterator[list[Any]]:
+        """The `data` of each page of an edge, following paging.cursors.after while paging.next says there is more.
+
+        The next request is rebuilt from the `after` cursor rather than fetched from paging.next, so the token
+        only ever goes to INSTAGRAM_API_BASE. A cursor that repeats is refused; recent_media is the documented
+        exception (its `after` is the same on every page), where a page that brings nothing new ends the list.
+        """
+        seen_cursors: set[str] = set()
+        seen_ids: set[str] = set()
+        query = dict(params)
+        number = 0
+        while True:
+            number += 1
+            try:
+                body = self.get(path, query)
+            except GraphError as exc:
+                raise _StreamError(str(exc)) from None
+            data = body.get("data")
+            if not isinstance(data, list):
+                raise _StreamError(f"page {number} of {path} has no data list")
+            ids = {str(item.get("id")) for item in data if isinstance(item, Mapping) and item.get("id")}
+            if number > 1 and cursor_may_repeat and not ids - seen_ids:
+                log.info("instagram: %s page %d brings no new media; end of the list", path, number)
+                return
+            seen_ids |= ids
+            yield data
+            after = _next_cursor(body.get("paging"))
+            if after is None:
+                return
+            if after in seen_cursors and not cursor_may_repeat:
+                raise _StreamError(f"the paging cursor of {path} repeated on page {number}; refusing to loop")
+            seen_cursors.add(after)
+            query["after"] = after
+
+    def _explain(self, response: requests.Response, error: Mapping[str, Any]) -> str:
+        code, subcode = error.get("code"), error.get("error_subcode")
+        parts = [f"HTTP {response.status_code}"]
+        if code is not None:
+            parts.append(f"code {code}" + (f"/{subcode}" if subcode is not None else ""))
+        if error.get("type"):
+            parts.append(str(error["type"]))
+        text = ", ".join(parts)
+        if error.get("message"):
+            text += f": {error['message']}"
+        if error.get("fbtrace_id"):
+            text += f" (fbtrace_id {error['fbtrace_id']})"
+        return self.scrub(text)
+
+    def _stopped(self, response: requests.Response, describe: str, why: str) -> SourceError:
+        error = _error_object(response) or {}
+        if error.get("code") in RATE_LIMIT_CODES or response.status_code == 429:
+            what = "rate limited by the Graph API"
+        else:
+            what = "the Graph API keeps failing"
+        return SourceError(
+            f"instagram: {what} on {describe} ({self._explain(response, error)}) {why}; "
+            "stopping this source for this run, the posts fetched so far are kept"
+        )
+
+
+def _scrubbed(exc: requests.RequestException, scrub: Any) -> requests.RequestException:
+    try:
+        return type(exc)(scrub(str(exc)))
+    except Exception:  # an exception class with another constructor
+        return requests.ConnectionError(scrub(str(exc)))
+
+
+def _error_object(response: requests.Response) -> dict[str, Any] | None:
+    """The Graph error object ({"error": {"message", "type", "code", "error_subcode", "fbtrace_id"}}), if any."""
+    if response.status_code < 400 and '"error"' not in response.text[:200]:
+        return None
+    try:
+        body = response.json()
+    except ValueError:
+        return None
+    error = body.get("error") if isinstance(body, dict) else None
+    return error if isinstance(error, dict) else None
+
+
+def _describe_status(response: requests.Response, error: Mapping[str, Any] | None) -> str:
+    if error is not None and error.get("code") is not None:
+        return f"HTTP {response.status_code}, Graph API code {error.get('code')}"
+    return f"HTTP {response.status_code}"
+
+
+def _regain_seconds(response: requests.Response) -> float | None:
+    """How long Meta says to wait: Retry-After, else the longest estimated_time_to_regain_access (minutes)."""
+    asked = retry_after_seconds(response)
+    if asked is not None:
+        return asked
+    # X-Business-Use-Case-Usage: {"<business id>": [{"type": "instagram", "call_count": 100, ...,
+    # "estimated_time_to_regain_access": 19}]}; a throttled account gets minutes, not seconds, to wait.
+    raw = response.headers.get("X-Business-Use-Case-Usage")
+    if not raw:
+        return None
+    try:
+        usage = json.loads(raw)
+    except ValueError:
+        return None
+    minutes = [
+        entry.get("estimated_time_to_regain_access")
+        for entries in (usage.values() if isinstance(usage, dict) else [])
+        if isinstance(entries, list)
+        for entry in entries
+        if isinstance(entry, dict)
+    ]
+    longest = max((m for m in minutes if isinstance(m, (int, float)) and not isinstance(m, bool)), default=0)
+    return float(longest) * 60 if longest > 0 else None
+
+
+def _next_cursor(paging: Any) -> str | None:
+    """The `after` cursor when paging.next says there is another page (the last page has no next)."""
+    if not isinstance(paging, Mapping) or not paging.get("next"):
+        return None
+    cursors = paging.get("cursors")
+    after = cursors.get("after") if isinstance(cursors, Mapping) else None
+    if not after and isinstance(paging.get("next"), str):
+        after = (parse_qs(urlsplit(paging["next"]).query).get("after") or [None])[0]
+    return str(after) if after else None
+
+
+class HashtagBudget:
+    """The 30 unique hashtags an account may query per rolling 7 days, kept in instagram_hashtags when there is a database.
+
+    Without a database nothing is remembered between runs: every hashtag is searched again, and only this
+    run's hashtags are counted.
+    """
+
+    def __init__(self, db: Any, user_id: str):
+        self.db = db
+        self.user_id = user_id
+        self._run: dict[str, str | None] = {}  # hashtag -> id, for hashtags this run has queried
+
+    def known(self, hashtag: str) -> tuple[str, bool] | None:
+        """(hashtag id, still inside its 7-day window) if the id is cached, else None."""
+        if hashtag in self._run and self._run[hashtag]:
+            return self._run[hashtag], True
+        if self.db is None:
+            return None
+        with self.db.transaction() as cur:
+            cur.execute(
+                "SELECT hashtag_id, first_searched_at > now() - %s * interval '1 day' FROM instagram_hashtags"
+                " WHERE user_id = %s AND hashtag = %s",
+                (HASHTAG_WINDOW_DAYS, self.user_id, hashtag),
+            )
+            row = cur.fetchone()
+        return (row[0], bool(row[1])) if row else None
+
+    def in_window(self) -> int:
+        """How many unique hashtags count against the account's limit right now."""
+        if self.db is None:
+            return len(self._run)
+        with self.db.transaction() as cur:
+            cur.execute(
+                "SELECT hashtag FROM instagram_hashtags WHERE user_id = %s"
+                " AND first_searched_at > now() - %s * interval '1 day'",
+                (self.user_id, HASHTAG_WINDOW_DAYS),
+            )
+            stored = {row[0] for row in cur.fetchall()}
+        return len(stored | set(self._run))
+
+    def spend(self, hashtag: str, hashtag_id: str | None) -> None:
+        """Count a query of this hashtag (None: searched, but no id came back)."""
+        self._run[hashtag] = hashtag_id
+        if self.db is None or hashtag_id is None:
+            return
+        # A query inside the window neither counts again nor restarts the clock; one after it starts a new one.
+        with self.db.transaction() as cur:
+            cur.execute(
+                "INSERT INTO instagram_hashtags AS h (user_id, hashtag, hashtag_id) VALUES (%s, %s, %s)"
+                " ON CONFLICT (user_id, hashtag) DO UPDATE SET hashtag_id = EXCLUDED.hashtag_id,"
+                " first_searched_at = CASE WHEN h.first_searched_at > now() - %s * interval '1 day'"
+                " THEN h.first_searched_at ELSE now() END, last_queried_at = now()",
+                (self.user_id, hashtag, hashtag_id, HASHTAG_WINDOW_DAYS),
+            )
+
+
+@register
+class InstagramSource(Source):
+    """A Business/Creator account's own media and the last 24 hours of media under INSTAGRAM_HASHTAGS."""
+
+    name = "instagram"
+    required = ("instagram_access_token", "instagram_user_id")
+
+    def __init__(self, settings: Any, **kwargs: Any):
+        super().__init__(settings, **kwargs)
+        self.user_id = settings.instagram_user_id.strip()
+        self.hashtags = tuple(dict.fromkeys(normalize_hashtag(t) for t in settings.instagram_hashtags if t.strip("# ")))
+        self._api: GraphAPI | None = None
+        self.budget = HashtagBudget(self.db, self.user_id)
+
+    @classmethod
+    def check_settings(cls, settings: Any) -> None:
+        settings.require(*cls.required)
+        if not settings.instagram_user_id.strip().isdigit():
+            raise ConfigError(
+                "INSTAGRAM_USER_ID must be the numeric id of the Instagram Business/Creator account, not its @username"
+            )
+        if not settings.instagram_own_media and not settings.instagram_hashtags:
+            raise ConfigError("INSTAGRAM_OWN_MEDIA=false leaves nothing to archive: set INSTAGRAM_HASHTAGS")
+
+    @property
+    def api(self) -> GraphAPI:
+        if self._api is None:
+            token = self.settings.instagram_access_token
+            token = token.reveal() if hasattr(token, "reveal") else str(token)
+            self._api = GraphAPI(self.settings.instagram_api_base, token, self.session, self)
+        return self._api
+
+    def config_key(self) -> str:
+        own = self.settings.instagram_own_media
+        described = json.dumps({"user": self.user_id, "hashtags": sorted(self.hashtags), "own": own}, sort_keys=True)
+        return hashlib.sha256(described.encode()).hexdigest()[:12]
+
+    # -- the streams: (label, pages, newest first?) ------------------------------------------------
+
+    def _streams(self, page_size: int) -> Iterator[tuple[str, Iterator[list[Any]], bool]]:
+        if self.settings.instagram_own_media:
+            params = {"fields": OWN_MEDIA_FIELDS, "limit": page_size}
+            yield "own media", self.api.pages(f"{self.user_id}/media", params), True
+        for hashtag in self.hashtags:
+            hashtag_id = self._hashtag_id(hashtag)
+            if hashtag_id is None:
+                continue
+            params = {"user_id": self.user_id, "fields": HASHTAG_MEDIA_FIELDS, "limit": page_size}
+            # recent_media is "not always in chronological order": a page is only known to be past the
+            # watermark when all of it is.
+            yield f"#{hashtag}", self.api.pages(f"{hashtag_id}/recent_media", params, cursor_may_repeat=True), False
+
+    def _hashtag_id(self, hashtag: str) -> str | None:
+        """The hashtag's id, from the cache or ig_hashtag_search; None (and a reject) when it cannot be queried."""
+        where = f"hashtag #{hashtag}"
+        if not HASHTAG_RE.match(hashtag):
+            self.reject(where, "hashtag search takes letters, digits and _ only (no spaces, punctuation or emoji)")
+            return None
+        cached = self.budget.known(hashtag)
+        if cached is not None and cached[1]:
+            self.budget.spend(hashtag, cached[0])  # inside its window: free, and the clock does not restart
+            return cached[0]
+        used = self.budget.in_window()
+        if used >= HASHTAG_LIMIT:
+            self.reject(
+                where,
+                f"refused: {used} unique hashtags were already queried for account {self.user_id} in the last "
+                f"{HASHTAG_WINDOW_DAYS} days and the Graph API allows {HASHTAG_LIMIT}; #{hashtag} waits until "
+                "one of them is older than that",
+            )
+            return None
+        if cached is not None:  # ids are static and global: no search needed, but a new window starts
+            self.budget.spend(hashtag, cached[0])
+            return cached[0]
+        try:
+            body = self.api.get("ig_hashtag_search", {"user_id": self.user_id, "q": hashtag})
+        except GraphError as exc:
+            self.budget.spend(hashtag, None)
+            self.reject(where, f"ig_hashtag_search failed: {exc}")
+            return None
+        data = body.get("data")
+        found = data[0].get("id") if isinstance(data, list) and data and isinstance(data[0], Mapping) else None
+        if not found:
+            self.budget.spend(hashtag, None)
+            self.reject(where, "ig_hashtag_search found no such hashtag (or it is one Instagram will not serve)")
+            return None
+        self.budget.spend(hashtag, str(found))
+        log.info("instagram: #%s is hashtag id %s", hashtag, found)
+        return str(found)
+
+    # -- fetch -------------------------------------------------------------------------------------
+
+    def fetch(self, window: FetchWindow) -> Iterator[Post]:
+        problems: list[str] = []
+        seen: set[str] = set()
+        count = 0
+        page_size = PAGE_SIZE if window.limit is None else max(1, min(PAGE_SIZE, window.limit))
+        for label, pages, newest_first in self._streams(page_size):
+            fetched = 0
+            try:
+                for number, page in enumerate(pages, start=1):
+                    past_watermark = 0
+                    valid = 0
+                    for item in page:
+                        try:
+                            post = to_post(item)
+                        except RecordError as exc:
+                            media_id = item.get("id") if isinstance(item, Mapping) else None
+                            self.reject(
+                                f"{label} page {number}" + (f", media {media_id}" if media_id else ""), str(exc)
+                            )
+                            continue
+                        valid += 1
+                        if window.since is not None and post.created_at < window.since:
+                            past_watermark += 1
+                            continue
+                        if not window.admits(post.created_at) or post.post_id in seen:
+                            continue
+                        seen.add(post.post_id)
+                        fetched += 1
+                        count += 1
+                        yield post
+                        if window.limit is not None and count >= window.limit:
+                            self._finish(problems)
+                            return
+                    # Own media come newest first: one post older than the watermark ends the list.
+                    if past_watermark and (newest_first or past_watermark == valid):
+                        break
+            except _StreamError as exc:
+                message = f"{label}: {self.api.scrub(str(exc))}"
+                log.warning("instagram: %s", message)
+                problems.append(message)
+            finally:
+                pages.close()
+            log.info("instagram: %s: %d posts", label, fetched)
+        self._finish(problems)
+
+    @staticmethod
+    def _finish(problems: list[str]) -> None:
+        if problems:
+            raise SourceError("instagram: " + "; ".join(problems))
+
+
+__all__ = ["GraphAPI", "HashtagBudget", "InstagramSource", "graph_timestamp", "image_urls", "to_post"]
