@@ -496,7 +496,8 @@ def write_metrics(path: str, mode: str, status: str, stats: RunStats) -> None:
         lines.append(f"# TYPE social_archiver_{name} {kind}")
         for labels, value in samples:
             shown = ",".join(f'{k}="{_label(v)}"' for k, v in labels.items())
-            lines.append(f"social_archiver_{name}{{{shown}}} {value:g}" if shown else f"social_archiver_{name} {value:g}")
+            number = str(int(value)) if float(value).is_integer() else repr(float(value))
+            lines.append(f"social_archiver_{name}{{{shown}}} {number}" if shown else f"social_archiver_{name} {number}")
 
     metric("last_run_timestamp_seconds", "gauge", "When the last run finished (unix time).", [({"mode": mode}, time.time())])
     metric("last_run_duration_seconds", "gauge", "How long the last run took.", [({"mode": mode}, stats.seconds)])

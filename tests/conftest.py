@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +20,7 @@ TABLES = ("post_media", "social_posts", "etl_runs", "etl_state")
 
 
 @pytest.fixture(scope="session")
-def pg_dsn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def pg_dsn() -> Iterator[str]:
     """TEST_DATABASE_URL if set, else an embedded PostgreSQL started once for the session."""
     url = os.environ.get("TEST_DATABASE_URL")
     if url:
@@ -27,7 +28,9 @@ def pg_dsn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         return
     import pgserver
 
-    server = pgserver.get_server(tmp_path_factory.mktemp("pg"), cleanup_mode="delete")
+    # Not under pytest's tmp dir: run as root, pgserver starts postgres as its own user, which cannot
+    # enter pytest's 0700 folders. mkdtemp under the system temp dir is reachable.
+    server = pgserver.get_server(tempfile.mkdtemp(prefix="archiver-test-pg-"), cleanup_mode="delete")
     try:
         yield server.get_uri()
     finally:
@@ -87,10 +90,10 @@ def python() -> str:
 
 
 @pytest.fixture
-def run_etl(migrated: str, tmp_path: Path):
+def run_etl(db: Database, tmp_path: Path):
     """Run the real `python etl.py ARGS` in a subprocess against the test database; returns CompletedProcess.
 
-    The working directory is a temporary folder (so no .env of the developer's is read); ETL_DATA_DIR is
+    The database is the `db` fixture's (emptied for the test). The working directory is a temporary folder (so no .env of the developer's is read); ETL_DATA_DIR is
     tmp_path/data, so the local object store is tmp_path/data/objects unless S3_BUCKET is given.
     """
     import subprocess
@@ -99,7 +102,7 @@ def run_etl(migrated: str, tmp_path: Path):
         full = {
             "PATH": os.environ.get("PATH", ""),
             "HOME": os.environ.get("HOME", str(tmp_path)),
-            "DATABASE_URL": migrated,
+            "DATABASE_URL": db.dsn,
             "ETL_DATA_DIR": str(tmp_path / "data"),
             "PYTHONPATH": str(ROOT),
         }

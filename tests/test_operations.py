@@ -1,0 +1,263 @@
+"""Operations: locks, watermarks, backfill resume, re-enrichment, failed-image healing, logs, metrics, status."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from etl import sources as registry
+from etl.errors import SourceError
+from etl.pipeline import Runner, RunRequest, backfill_chunks
+from etl.records import Post
+from etl.sources.base import FetchWindow, Source
+from etl.status import collect_status, format_status
+from etl.store import LocalStore
+from tests.conftest import query
+from tests.support import Reply, png_bytes
+
+T0 = datetime(2026, 10, 1, tzinfo=timezone.utc)
+
+
+class ListSource(Source):
+    """A source over an in-memory list of posts; can fail at a chosen chunk start, and records its windows."""
+
+    name = "listsrc"
+    posts: list[Post] = []
+    fail_when_since: datetime | None = None
+    windows: list[FetchWindow] = []
+
+    def fetch(self, window: FetchWindow) -> Iterator[Post]:
+        type(self).windows.append(window)
+        if self.fail_when_since is not None and window.since == self.fail_when_since:
+            raise SourceError("quota exhausted (injected)")
+        for post in sorted(self.posts, key=lambda p: p.created_at, reverse=True):
+            if window.admits(post.created_at):
+                yield post
+        self.cursor = {"seen": len(self.posts)}
+
+
+@pytest.fixture
+def listsrc() -> Iterator[type[ListSource]]:
+    registry.REGISTRY["listsrc"] = ListSource
+    ListSource.posts, ListSource.fail_when_since, ListSource.windows = [], None, []
+    yield ListSource
+    registry.REGISTRY.pop("listsrc", None)
+
+
+def make_post(i: int, when: datetime, images: tuple[str, ...] = (), caption: str = "a day") -> Post:
+    return Post(platform="listsrc", post_id=f"p{i}", created_at=when, caption=caption, like_count=i, image_urls=images)
+
+
+def runner(make_settings, db, tmp_path: Path, **env: str) -> Runner:
+    settings = make_settings(ETL_ALLOW_PRIVATE_HOSTS="true", ETL_RETRY_MAX_WAIT="0.01", ETL_HTTP_RETRIES="2", **env)
+    return Runner(settings, db=db, store=LocalStore(tmp_path / "objects"))
+
+
+def test_backfill_chunks_cover_the_range_without_gaps():
+    chunks = backfill_chunks(T0, T0 + timedelta(days=2, hours=12), timedelta(days=1))
+    assert chunks == [
+        (T0, T0 + timedelta(days=1)),
+        (T0 + timedelta(days=1), T0 + timedelta(days=2)),
+        (T0 + timedelta(days=2), T0 + timedelta(days=2, hours=12)),
+    ]
+
+
+def test_backfill_resumes_after_an_interruption_and_leaves_the_watermark(listsrc, make_settings, db, tmp_path):
+    listsrc.posts = [make_post(i, T0 + timedelta(hours=12 + 24 * i)) for i in range(5)]
+    listsrc.fail_when_since = T0 + timedelta(days=3)
+    request = RunRequest(mode="backfill", sources=["listsrc"], since=T0, until=T0 + timedelta(days=5))
+
+    first = runner(make_settings, db, tmp_path).execute(request)
+    assert first.exit_code == 1 and first.source_failures == 1
+    assert query(db.dsn, "SELECT post_id FROM social_posts ORDER BY post_id") == [("p0",), ("p1",), ("p2",)]
+    done = query(db.dsn, "SELECT chunk_start FROM etl_backfill_chunks ORDER BY 1")
+    assert [row[0] for row in done] == [T0, T0 + timedelta(days=1), T0 + timedelta(days=2)]
+
+    listsrc.fail_when_since, listsrc.windows = None, []
+    second = runner(make_settings, db, tmp_path).execute(request)
+    assert second.exit_code == 0
+    # Only the two chunks left were fetched again.
+    assert [w.since for w in listsrc.windows] == [T0 + timedelta(days=3), T0 + timedelta(days=4)]
+    assert query(db.dsn, "SELECT count(*) FROM social_posts") == [(5,)]
+    assert query(db.dsn, "SELECT count(*) FROM etl_state") == [(0,)]  # a backfill never moves the watermark
+
+
+def test_watermark_never_moves_backwards_and_runs_resume_with_overlap(listsrc, make_settings, db, tmp_path):
+    listsrc.posts = [make_post(1, T0 + timedelta(days=3))]
+    assert runner(make_settings, db, tmp_path).execute(RunRequest(sources=["listsrc"])).exit_code == 0
+    db.save_state("listsrc", "", T0, {"seen": 0})  # an older watermark, as a late writer would try
+    assert query(db.dsn, "SELECT watermark FROM etl_state") == [(T0 + timedelta(days=3),)]
+
+    listsrc.windows = []
+    runner(make_settings, db, tmp_path, ETL_OVERLAP_MINUTES="90").execute(RunRequest(sources=["listsrc"]))
+    assert listsrc.windows[0].since == T0 + timedelta(days=3) - timedelta(minutes=90)
+    assert listsrc.windows[0].cursor == {"seen": 0}
+
+
+def test_a_failed_source_does_not_advance_its_watermark(listsrc, make_settings, db, tmp_path):
+    listsrc.posts = [make_post(1, T0)]
+    runner(make_settings, db, tmp_path).execute(RunRequest(sources=["listsrc"]))
+    listsrc.posts = [make_post(2, T0 + timedelta(days=5))]
+    listsrc.fail_when_since = T0 - timedelta(minutes=60)  # the next incremental window
+    stats = runner(make_settings, db, tmp_path).execute(RunRequest(sources=["listsrc"]))
+    assert stats.exit_code == 1
+    assert query(db.dsn, "SELECT watermark FROM etl_state") == [(T0,)]
+
+
+def test_reenrich_rewrites_only_rows_whose_result_changed(db):
+    from etl.enrich import SentimentEnricher
+    from etl.pipeline import RunStats
+    from etl.reenrich import reenrich
+
+    captions = ["I love this, wonderful!", "first day at the new office", "The bus is here", "a long day", "Terrible"]
+    old = SentimentEnricher(0.05)
+    rows = []
+    for i, caption in enumerate(captions):
+        s = old.score(caption)
+        rows.append((f"r{i}", caption, s.label, s.polarity, s.subjectivity, old.version))
+    with db.transaction() as cur:
+        cur.executemany(
+            "INSERT INTO social_posts (platform, post_id, caption, sentiment, sentiment_polarity,"
+            " sentiment_subjectivity, sentiment_version, created_at) VALUES ('x', %s, %s, %s, %s, %s, %s, now())",
+            rows,
+        )
+    before = dict(query(db.dsn, "SELECT post_id, xmin::text FROM social_posts"))
+    new = SentimentEnricher(0.3)  # 0.19 and -0.05 become neutral; the others keep their labels
+    expected_changed = {f"r{i}" for i, c in enumerate(captions) if new.score(c).label != old.score(c).label}
+    assert expected_changed == {"r1", "r3"}
+
+    stats = RunStats()
+    reenrich(db, new, stats, batch_size=2)
+    after = dict(query(db.dsn, "SELECT post_id, xmin::text FROM social_posts"))
+    rewritten = {pid for pid in after if after[pid] != before[pid]}
+    assert rewritten == expected_changed
+    assert stats.fetched == 5 and stats.updated == len(expected_changed)
+    versions = dict(query(db.dsn, "SELECT post_id, sentiment_version FROM social_posts"))
+    assert all(versions[p] == new.version for p in expected_changed)
+    # A second pass with the same enricher rewrites nothing.
+    again = RunStats()
+    reenrich(db, new, again)
+    assert again.updated == 0
+
+
+def test_failed_images_are_healed_by_a_later_run_and_permanent_ones_left(listsrc, make_settings, db, tmp_path, http_server):
+    http_server.routes["/flaky.png"] = Reply(status=503, body=b"down", content_type="text/plain")
+    http_server.routes["/gone.png"] = Reply(status=404, body=b"gone", content_type="text/plain")
+    listsrc.posts = [make_post(1, T0, images=(http_server.url("/flaky.png"), http_server.url("/gone.png")))]
+    env = {"ETL_IMAGE_RETRY_BACKOFF_MINUTES": "0"}
+
+    first = runner(make_settings, db, tmp_path, **env).execute(RunRequest(sources=["listsrc"]))
+    assert first.exit_code == 1 and first.images_failed == 2
+    assert query(db.dsn, "SELECT post_id, image_s3_url FROM social_posts") == [("p1", None)]
+    assert query(db.dsn, "SELECT position, status, permanent, attempts FROM post_media ORDER BY position") == [
+        (0, "failed", False, 1),
+        (1, "failed", True, 1),
+    ]
+
+    http_server.routes["/flaky.png"] = Reply(body=png_bytes())
+    gone_hits = http_server.hits.get("/gone.png", 0)
+    listsrc.posts = []  # the post is not fetched again: the retry comes from post_media alone
+    second = runner(make_settings, db, tmp_path, **env).execute(RunRequest(sources=["listsrc"]))
+    assert second.images_retried == 1 and second.images_stored == 1
+    assert query(db.dsn, "SELECT position, status, attempts FROM post_media ORDER BY position") == [
+        (0, "stored", 2),
+        (1, "failed", 1),
+    ]
+    assert http_server.hits.get("/gone.png", 0) == gone_hits  # permanent failures are not retried
+    (url,) = query(db.dsn, "SELECT image_s3_url FROM social_posts")[0]
+    assert url and url.endswith("/0.png")
+
+
+def test_retry_backoff_waits_between_runs(listsrc, make_settings, db, tmp_path, http_server):
+    http_server.routes["/flaky.png"] = Reply(status=503, body=b"down", content_type="text/plain")
+    listsrc.posts = [make_post(1, T0, images=(http_server.url("/flaky.png"),))]
+    runner(make_settings, db, tmp_path).execute(RunRequest(sources=["listsrc"]))
+    hits = http_server.hits["/flaky.png"]
+    listsrc.posts = []
+    stats = runner(make_settings, db, tmp_path).execute(RunRequest(sources=["listsrc"]))  # 30 min backoff
+    assert stats.images_retried == 0 and http_server.hits["/flaky.png"] == hits
+
+
+def test_an_overlapping_run_exits_75_naming_the_holder(db, run_etl):
+    db.migrate()
+    run_id = db.start_run("run", ["mock"], {})
+    lock = db.lock_sources(["mock"])
+    try:
+        result = run_etl("run", "--source", "mock")
+    finally:
+        lock.close()
+    assert result.returncode == 75, result.stderr
+    assert "being archived by another run" in result.stderr and f"run {run_id}" in result.stderr
+    assert query(db.dsn, "SELECT count(*) FROM social_posts") == [(0,)]
+
+
+def test_json_logs_parse_and_carry_no_secrets(run_etl, tmp_path):
+    secrets = {
+        "YOUTUBE_API_KEY": "AIzaSy-very-secret-key-123",
+        "TWITTER_BEARER_TOKEN": "AAAA-bearer-secret-456",
+        "INSTAGRAM_ACCESS_TOKEN": "IGQV-token-secret-789",
+        "AWS_SECRET_ACCESS_KEY": "aws-secret-abcdef",
+    }
+    metrics = tmp_path / "metrics" / "archiver.prom"
+    result = run_etl(
+        "--log-format", "json", "--log-level", "DEBUG", "run", "--source", "mock",
+        env={**secrets, "MOCK_POSTS": "5", "ETL_METRICS_PATH": str(metrics)},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    entries = [json.loads(line) for line in result.stderr.splitlines() if line.strip()]
+    assert entries and all({"ts", "level", "logger", "message"} <= e.keys() for e in entries)
+    assert any(e["message"].startswith("summary: posts fetched=5") for e in entries)
+    for secret in secrets.values():
+        assert secret not in result.stdout and secret not in result.stderr
+
+
+def test_metrics_file_is_well_formed(run_etl, tmp_path):
+    metrics = tmp_path / "archiver.prom"
+    result = run_etl("run", "--source", "mock", env={"MOCK_POSTS": "6", "ETL_METRICS_PATH": str(metrics)})
+    assert result.returncode == 0, result.stderr
+    text = metrics.read_text()
+    sample = re.compile(r'^social_archiver_[a-z_]+(\{([a-z_]+="[^"]*",?)*\})? -?[0-9.e+]+$')
+    declared = set()
+    for line in text.splitlines():
+        if line.startswith("# TYPE "):
+            declared.add(line.split()[2])
+        elif not line.startswith("# HELP "):
+            assert sample.match(line), line
+            assert line.split("{")[0].split(" ")[0] in declared
+    assert 'social_archiver_last_run_status{mode="run",status="ok"} 1' in text
+    assert 'social_archiver_last_run_posts{source="mock",result="fetched"} 6' in text
+
+
+def test_status_reports_runs_live_and_abandoned(db, listsrc, make_settings, tmp_path):
+    listsrc.posts = [make_post(1, T0)]
+    runner(make_settings, db, tmp_path).execute(RunRequest(sources=["listsrc"]))
+    dead = db.start_run("run", ["ghost"], {})
+    live = db.start_run("run", ["listsrc"], {})
+    lock = db.lock_sources(["listsrc"])
+    try:
+        report = collect_status(db)
+    finally:
+        lock.close()
+    states = {r["id"]: r["live"] for r in report["in_progress"]}
+    assert states == {dead: False, live: True}
+    assert report["platforms"]["listsrc"]["posts"] == 1
+    assert report["watermarks"][0]["source"] == "listsrc"
+    text = format_status(report)
+    assert "IN PROGRESS" in text and "abandoned" in text
+    # The next run of that source finds the dead run and marks it abandoned.
+    runner(make_settings, db, tmp_path).execute(RunRequest(sources=["listsrc"]))
+    assert query(db.dsn, "SELECT status FROM etl_runs WHERE id = %s", (live,)) == [("abandoned",)]
+
+
+def test_status_command_json(run_etl):
+    assert run_etl("run", "--source", "mock", env={"MOCK_POSTS": "3"}).returncode == 0
+    result = run_etl("status", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["runs"][0]["fetched"] == 3 and report["runs"][0]["status"] == "ok"
+    assert report["platforms"]["mock"]["posts"] == 3
