@@ -7,13 +7,14 @@ import logging
 import os
 import re
 import socket
+import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg2
 import psycopg2.extensions
@@ -27,6 +28,8 @@ log = logging.getLogger(__name__)
 SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
 _MIGRATION_RE = re.compile(r"^(\d+)_[\w-]+\.sql$")
 _MIGRATION_LOCK = 72_616_001  # advisory lock key: one migrator at a time
+RECONNECT_DELAYS = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0)  # about 30 s for a restarting server to come back
+T = TypeVar("T")
 
 
 def _adapt_json(value: Any) -> psycopg2.extras.Json:
@@ -116,9 +119,28 @@ class Database:
                 conn.rollback()
             raise
 
+    def run(self, fn: Callable[[psycopg2.extensions.cursor], T], *, what: str) -> T:
+        """Run fn in one transaction; when the connection is lost (a server restart, a network cut), reconnect
+        and run it again. fn must be idempotent (every write here is an upsert). LoadError when the server
+        stays away: the caller stops, and what fn would have written is done by the next run."""
+        for delay in (0.0, *RECONNECT_DELAYS):
+            if delay:
+                time.sleep(delay)
+            try:
+                with self.transaction() as cur:
+                    return fn(cur)
+            except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
+                reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                log.warning("database connection lost during %s (%s); reconnecting", what, reason)
+                self.close()
+        raise LoadError(f"lost the database connection during {what} and could not reconnect ({self.display})")
+
     def close(self) -> None:
         if self._conn is not None and not self._conn.closed:
-            self._conn.close()
+            try:
+                self._conn.close()
+            except psycopg2.Error:
+                pass
         self._conn = None
 
     # -- migrations ------------------------------------------------------------------------------
@@ -179,12 +201,14 @@ class Database:
     # -- the run ledger --------------------------------------------------------------------------
 
     def start_run(self, mode: str, sources: Sequence[str], arguments: dict[str, Any]) -> int:
-        with self.transaction() as cur:
+        def insert(cur: psycopg2.extensions.cursor) -> int:
             cur.execute(
                 "INSERT INTO etl_runs (mode, sources, arguments, host, pid) VALUES (%s, %s, %s, %s, %s) RETURNING id",
                 (mode, list(sources), _adapt_json(clean_json(arguments)), socket.gethostname(), os.getpid()),
             )
             return cur.fetchone()[0]
+
+        return self.run(insert, what="recording the run")
 
     def finish_run(self, run_id: int, status: str, stats: dict[str, Any]) -> None:
         columns = (
@@ -192,8 +216,8 @@ class Database:
             "images_stored", "images_failed", "images_skipped", "quota_used",
         )  # fmt: skip
         errors = [clean_text(e) for e in stats.get("errors", [])][:50]
-        with self.transaction() as cur:
-            cur.execute(
+        self.run(
+            lambda cur: cur.execute(
                 "UPDATE etl_runs SET finished_at = now(), status = %s, "
                 + ", ".join(f"{c} = %s" for c in columns)
                 + ", sentiment = %s, per_source = %s, errors = %s, error_summary = %s WHERE id = %s",
@@ -206,7 +230,9 @@ class Database:
                     (f"{len(stats.get('errors', []))} error(s); first: {errors[0]}" if errors else None),
                     run_id,
                 ),
-            )
+            ),
+            what="finishing the run record",
+        )
 
     def abandon_dead_runs(self, sources: Sequence[str]) -> int:
         """Runs still marked running for these sources died (we hold their locks now): mark them abandoned."""
@@ -235,33 +261,39 @@ class Database:
     def finish_chunk(
         self, source: str, config_key: str, start: datetime, end: datetime, posts: int, run_id: int | None
     ) -> None:
-        with self.transaction() as cur:
-            cur.execute(
+        self.run(
+            lambda cur: cur.execute(
                 "INSERT INTO etl_backfill_chunks (source, config_key, chunk_start, chunk_end, posts, run_id)"
                 " VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (source, config_key, chunk_start, chunk_end)"
                 " DO UPDATE SET posts = EXCLUDED.posts, run_id = EXCLUDED.run_id, finished_at = now()",
                 (source, config_key, start, end, posts, run_id),
-            )
+            ),
+            what="recording backfill progress",
+        )
 
     # -- incremental state -----------------------------------------------------------------------
 
     def get_state(self, source: str, config_key: str) -> tuple[datetime | None, dict[str, Any]]:
-        with self.transaction() as cur:
+        def read(cur: psycopg2.extensions.cursor) -> Any:
             cur.execute("SELECT watermark, cursor FROM etl_state WHERE source = %s AND config_key = %s", (source, config_key))
-            row = cur.fetchone()
+            return cur.fetchone()
+
+        row = self.run(read, what="reading the watermark")
         return (row[0], dict(row[1] or {})) if row else (None, {})
 
     def save_state(self, source: str, config_key: str, watermark: datetime | None, cursor: dict[str, Any]) -> None:
         """Move the watermark forward (never back) and replace the cursor."""
-        with self.transaction() as cur:
-            cur.execute(
+        self.run(
+            lambda cur: cur.execute(
                 "INSERT INTO etl_state AS s (source, config_key, watermark, cursor) VALUES (%s, %s, %s, %s)"
                 " ON CONFLICT (source, config_key) DO UPDATE SET"
                 " watermark = GREATEST(s.watermark, EXCLUDED.watermark),"
                 " cursor = CASE WHEN EXCLUDED.cursor = '{}'::jsonb THEN s.cursor ELSE EXCLUDED.cursor END,"
                 " updated_at = now()",
                 (source, config_key, watermark, _adapt_json(clean_json(cursor))),
-            )
+            ),
+            what="saving the watermark",
+        )
 
 
 # -- the loader: batched upserts, each taking the transaction's cursor ------------------------------

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -171,8 +172,8 @@ class Archiver:
     def _start(self, posts: list[Post], pool: ThreadPoolExecutor, stats: RunStats) -> _Batch:
         scored = [self.enricher.enrich(p) for p in posts]
         stats.fetched += len(scored)
-        with self.db.transaction() as cur:
-            known = dbm.stored_media(cur, list({(p.platform, p.post_id) for p in scored}))
+        keys = list({(p.platform, p.post_id) for p in scored})
+        known = self.db.run(lambda cur: dbm.stored_media(cur, keys), what="looking up stored images")
         futures: dict[tuple[str, str, int], Future] = {}
         for post in scored:
             for position, url in enumerate(post.image_urls):
@@ -190,11 +191,12 @@ class Archiver:
         for m in media:
             if m.status == "stored" and m.position == 0:
                 first_urls[(m.platform, m.post_id)] = m.url
-        with self.db.transaction() as cur:
-            counts = dbm.upsert_posts(
-                cur, batch.posts, first_image_urls=first_urls, sentiment_version=self.enricher.version
-            )
+        def load(cur: Any) -> dbm.UpsertCounts:
+            counts = dbm.upsert_posts(cur, batch.posts, first_image_urls=first_urls, sentiment_version=self.enricher.version)
             dbm.upsert_media(cur, media)
+            return counts
+
+        counts = self.db.run(load, what=f"loading a batch of {len(batch.posts)} posts")
         # Counted only once committed.
         stats.inserted += counts.inserted
         stats.updated += counts.updated
@@ -215,27 +217,12 @@ class Archiver:
 
     def retry_failed_images(self, stats: RunStats) -> None:
         """Retry images still marked failed (not permanent, under the attempt cap, past their backoff)."""
-        backoff = self.settings.image_retry_backoff_minutes
         last_id = 0
         with ThreadPoolExecutor(self.settings.concurrency, thread_name_prefix="retry") as pool:
-            while True:
-                with self.db.transaction() as cur:
-                    cur.execute(
-                        "SELECT m.id, m.platform, m.post_id, m.position, m.source_url, p.created_at FROM post_media m"
-                        " JOIN social_posts p USING (platform, post_id)"
-                        " WHERE m.status = 'failed' AND NOT m.permanent AND m.attempts < %s AND m.id > %s"
-                        " AND m.updated_at <= now() - %s * LEAST(power(2, m.attempts - 1), 48) * interval '1 minute'"
-                        " ORDER BY m.id LIMIT %s",
-                        (self.settings.image_max_attempts, last_id, backoff, self.settings.batch_size),
-                    )
-                    rows = cur.fetchall()
-                if not rows:
-                    return
+            while rows := self.db.run(partial(self._failed_images, after=last_id), what="finding failed images"):
                 last_id = rows[-1][0]
                 media = list(pool.map(lambda r: self.archive_image(r[1], r[2], r[5], r[3], r[4]), rows))
-                with self.db.transaction() as cur:
-                    dbm.upsert_media(cur, media)
-                    dbm.set_first_image_urls(cur, [m for m in media if m.status == "stored" and m.position == 0])
+                self.db.run(partial(_record_retries, media), what="recording retried images")
                 stats.images_retried += len(media)
                 for m in media:
                     if m.status == "stored":
@@ -243,6 +230,23 @@ class Archiver:
                     else:
                         stats.images_failed += 1
                         stats.error(f"retry: {m.platform}/{m.post_id} image {m.position}: {m.error}")
+
+    def _failed_images(self, cur: Any, *, after: int) -> list[tuple]:
+        # Backoff between runs: the base wait doubles with each attempt, up to 48 times the base.
+        cur.execute(
+            "SELECT m.id, m.platform, m.post_id, m.position, m.source_url, p.created_at FROM post_media m"
+            " JOIN social_posts p USING (platform, post_id)"
+            " WHERE m.status = 'failed' AND NOT m.permanent AND m.attempts < %s AND m.id > %s"
+            " AND m.updated_at <= now() - %s * LEAST(power(2, m.attempts - 1), 48) * interval '1 minute'"
+            " ORDER BY m.id LIMIT %s",
+            (self.settings.image_max_attempts, after, self.settings.image_retry_backoff_minutes, self.settings.batch_size),
+        )
+        return cur.fetchall()
+
+
+def _record_retries(media: list[Media], cur: Any) -> None:
+    dbm.upsert_media(cur, media)
+    dbm.set_first_image_urls(cur, [m for m in media if m.status == "stored" and m.position == 0])
 
 
 def _later(a: datetime | None, b: datetime | None) -> datetime | None:
