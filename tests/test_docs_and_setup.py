@@ -1,0 +1,47 @@
+"""The documented set-up matches the code: every setting documented, cron wrapper passes exit codes on."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from dataclasses import fields
+from pathlib import Path
+
+from etl.config import Settings
+from tests.conftest import ROOT
+
+
+def test_every_setting_is_in_env_example_and_readme():
+    env_example = (ROOT / ".env.example").read_text()
+    readme = (ROOT / "README.md").read_text()
+    for f in fields(Settings):
+        name = f.metadata["env"]
+        assert f"# {name}=" in env_example, f"{name} missing from .env.example (run scripts/gen_env_example.py)"
+        assert f"`{name}`" in readme, f"{name} missing from README's settings table"
+
+
+def test_readme_starts_with_the_two_commands():
+    head = "\n".join((ROOT / "README.md").read_text().splitlines()[:40])
+    assert "make run" in head and "make test" in head
+
+
+def test_crontab_runs_every_six_hours_through_the_wrapper():
+    lines = [ln for ln in (ROOT / "crontab.example").read_text().splitlines() if ln and not ln.startswith("#")]
+    schedule = [ln for ln in lines if "cron_run.sh" in ln]
+    assert len(schedule) == 1
+    minute, hour, *_ = schedule[0].split()
+    assert minute.isdigit() and hour == "*/6"
+    assert "flock -n" in schedule[0]
+
+
+def test_cron_wrapper_logs_and_passes_the_exit_code_on(tmp_path: Path):
+    fake = tmp_path / "fake-python"
+    fake.write_text("#!/bin/sh\necho \"args: $*\"\nexit 75\n")
+    fake.chmod(0o755)
+    log = tmp_path / "etl.log"
+    env = {**os.environ, "ETL_PYTHON": str(fake), "ETL_CRON_LOG": str(log)}
+    result = subprocess.run([str(ROOT / "scripts" / "cron_run.sh"), "run"], env=env, capture_output=True, text=True)
+    assert result.returncode == 75
+    text = log.read_text()
+    assert "args: etl.py run" in text and "exit 75" in text
+    assert result.stdout == "" and result.stderr == ""
