@@ -19,9 +19,9 @@ from etl import db as dbm
 from etl.config import Settings
 from etl.db import Database
 from etl.enrich import SentimentEnricher
-from etl.errors import ETLError, ExitCode, MediaError, SourceError, StoreError
+from etl.errors import ConfigError, ETLError, ExitCode, LoadError, MediaError, SourceError, StoreError
 from etl.media import Downloader
-from etl.records import Media, Post, chunked
+from etl.records import Media, Post
 from etl.sources import FetchWindow, Source, source_class
 from etl.store import ObjectStore, object_key, store_from_settings
 
@@ -153,20 +153,29 @@ class Archiver:
     # -- the stream ------------------------------------------------------------------------------
 
     def archive(self, posts: Iterable[Post], stats: RunStats, *, source: str) -> datetime | None:
-        """Archive every post; returns the newest created_at loaded (the next watermark)."""
+        """Archive every post; returns the newest created_at loaded (the next watermark).
+
+        Batch N is loaded while batch N+1's images download. When the stream fails (a SourceError, a bug in
+        a source), every post it yielded is still loaded before the error goes on; when loading itself
+        fails (LoadError: the database is gone), nothing more can be done and the error goes on at once.
+        """
         newest: datetime | None = None
         with ThreadPoolExecutor(self.settings.concurrency, thread_name_prefix="images") as pool:
-            previous: _Batch | None = None
+            pending: _Batch | None = None
             try:
-                for posts_batch in chunked(posts, self.settings.batch_size):
+                for posts_batch in _batches(posts, self.settings.batch_size):
                     current = self._start(posts_batch, pool, stats)
-                    if previous is not None:
-                        newest = _later(newest, self._finish(previous, stats, source))
-                    previous = current
-            finally:
-                # Whatever ended the stream (a SourceError, SIGTERM), what was fetched is still loaded.
-                if previous is not None:
-                    newest = _later(newest, self._finish(previous, stats, source))
+                    finishing, pending = pending, current
+                    if finishing is not None:
+                        newest = _later(newest, self._finish(finishing, stats, source))
+            except (LoadError, KeyboardInterrupt):
+                raise
+            except BaseException:
+                if pending is not None:
+                    self._finish(pending, stats, source)
+                raise
+            if pending is not None:
+                newest = _later(newest, self._finish(pending, stats, source))
         return newest
 
     def _start(self, posts: list[Post], pool: ThreadPoolExecutor, stats: RunStats) -> _Batch:
@@ -247,6 +256,23 @@ class Archiver:
 def _record_retries(media: list[Media], cur: Any) -> None:
     dbm.upsert_media(cur, media)
     dbm.set_first_image_urls(cur, [m for m in media if m.status == "stored" and m.position == 0])
+
+
+def _batches(posts: Iterable[Post], size: int) -> Iterator[list[Post]]:
+    """Lists of at most `size` posts; if the stream raises, the posts it gave before come first, then the error."""
+    batch: list[Post] = []
+    try:
+        for post in posts:
+            batch.append(post)
+            if len(batch) >= size:
+                yield batch
+                batch = []
+    except Exception:
+        if batch:
+            yield batch
+        raise
+    if batch:
+        yield batch
 
 
 def _later(a: datetime | None, b: datetime | None) -> datetime | None:
@@ -402,6 +428,13 @@ class Runner:
             stats.source_failures += 1
             stats.error(f"{source.name}: {exc}")
             log.error("source %s stopped: %s", source.name, exc)
+            return False, None
+        except (LoadError, ConfigError):
+            raise
+        except Exception as exc:  # a bug in a source ends that source, not the run
+            stats.source_failures += 1
+            stats.error(f"{source.name}: failed unexpectedly: {type(exc).__name__}: {exc}")
+            log.exception("source %s failed unexpectedly", source.name)
             return False, None
         self._check_stop()
         return True, newest

@@ -261,3 +261,29 @@ def test_status_command_json(run_etl):
     report = json.loads(result.stdout)
     assert report["runs"][0]["fetched"] == 3 and report["runs"][0]["status"] == "ok"
     assert report["platforms"]["mock"]["posts"] == 3
+
+
+class BreakingSource(ListSource):
+    """Yields its posts, then fails in the middle of a batch."""
+
+    name = "breaking"
+    error: Exception = SourceError("rate limit reached (injected)")
+
+    def fetch(self, window: FetchWindow) -> Iterator[Post]:
+        yield from self.posts
+        raise self.error
+
+
+@pytest.mark.parametrize("error", [SourceError("quota exceeded (injected)"), KeyError("a bug in the source")])
+def test_posts_fetched_before_a_source_fails_are_still_loaded(error, make_settings, db, tmp_path):
+    registry.REGISTRY["breaking"] = BreakingSource
+    try:
+        BreakingSource.posts = [make_post(i, T0 + timedelta(minutes=i)) for i in range(7)]  # less than one batch
+        BreakingSource.error = error
+        stats = runner(make_settings, db, tmp_path, ETL_BATCH_SIZE="5").execute(RunRequest(sources=["breaking"]))
+    finally:
+        registry.REGISTRY.pop("breaking", None)
+    assert stats.exit_code == 1 and stats.source_failures == 1
+    assert query(db.dsn, "SELECT count(*) FROM social_posts") == [(7,)]
+    assert query(db.dsn, "SELECT count(*) FROM etl_state") == [(0,)]  # an unfinished source keeps its watermark
+    assert query(db.dsn, "SELECT status FROM etl_runs") == [("partial",)]
