@@ -1,0 +1,479 @@
+"""The twitter source against recorded X API v2 pages served by `responses` (no network)."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import time
+from datetime import datetime, timezone
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+import responses
+
+from etl.errors import ConfigError, SourceError
+from etl.sources import source_class
+from etl.sources.base import FetchWindow
+from etl.sources.twitter import TwitterSource, snowflake_time
+from tests.platform_twitter import USER_ID, contract_posts, fixture
+
+API = "https://api.x.com"
+SEARCH = f"{API}/2/tweets/search/recent"
+LOOKUP = f"{API}/2/users/by/username/harbourlights"
+TIMELINE = f"{API}/2/users/{USER_ID}/tweets"
+TOKEN = "AAAAAAAAAAAAAAAAAAAAAsecret%2Btoken%3Dvalue"
+NOW = datetime(2026, 3, 11, 6, 0, tzinfo=timezone.utc)  # a few hours after the fixtures' newest post
+
+PAGE1_IDS = ["2031441254151097417", "2031415450792887183"]
+PAGE2_IDS = ["2031389634851768473", "2031342297936822349"]  # the third tweet on page 2 has no created_at
+TIMELINE_IDS = ["2031439945528246360", "2031101351949242372", "2030552854426550284"]
+
+
+@pytest.fixture
+def rsps():
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
+        yield mock
+
+
+@pytest.fixture
+def sleeps() -> list[float]:
+    return []
+
+
+@pytest.fixture
+def build(make_settings, sleeps):
+    """A TwitterSource on the default API base, its clock fixed at NOW and its retry sleeps recorded."""
+
+    def make(**env: str) -> TwitterSource:
+        env.setdefault("TWITTER_BEARER_TOKEN", TOKEN)
+        settings = make_settings(**env)
+        TwitterSource.check_settings(settings)
+        source = TwitterSource(settings, now=lambda: NOW)
+        source.policy = dataclasses.replace(source.policy, sleep=sleeps.append)
+        return source
+
+    return make
+
+
+def params_of(call) -> dict[str, str]:
+    return {k: v[0] for k, v in parse_qs(urlsplit(call.request.url).query).items()}
+
+
+def serve(rsps, url: str, *bodies, status: int = 200, headers: dict[str, str] | None = None) -> None:
+    for body in bodies:
+        rsps.add(
+            responses.GET, url, json=fixture(body) if isinstance(body, str) else body, status=status, headers=headers
+        )
+
+
+def by_id(posts):
+    return {p.post_id: p for p in posts}
+
+
+# -- search -------------------------------------------------------------------------------------------
+
+
+def test_search_follows_next_token_over_two_pages(build, rsps):
+    serve(rsps, SEARCH, "search_page1.json", "search_page2.json")
+    source = build(TWITTER_QUERY="#sunset has:images -is:retweet")
+
+    posts = list(source.fetch(FetchWindow()))
+
+    assert [p.post_id for p in posts] == PAGE1_IDS + PAGE2_IDS
+    assert len(rsps.calls) == 2
+    first, second = (params_of(c) for c in rsps.calls)
+    assert first["query"] == "#sunset has:images -is:retweet"
+    assert first["expansions"] == "attachments.media_keys,author_id"
+    assert first["media.fields"] == "url,preview_image_url,type"
+    assert first["tweet.fields"] == "created_at,public_metrics,entities"
+    assert first["user.fields"] == "username"
+    assert first["max_results"] == "100"
+    assert "next_token" not in first and "since_id" not in first and "start_time" not in first
+    assert second["next_token"] == "b26v89c19zqg8o3fpzbkk8x5wfd5gyn9yw7h4ivlfr3nx"
+    assert rsps.calls[0].request.headers["Authorization"] == f"Bearer {TOKEN}"
+
+
+def test_post_fields_come_from_the_tweet_and_its_includes(build, rsps):
+    serve(rsps, SEARCH, "search_page1.json", "search_page2.json")
+    post = by_id(build(TWITTER_QUERY="#sunset").fetch(FetchWindow()))["2031441254151097417"]
+
+    assert post.platform == "twitter"
+    assert post.author_username == "lena_shoots"
+    assert post.caption.startswith("Golden hour over the harbour tonight 🌅")
+    assert post.created_at == datetime(2026, 3, 10, 18, 45, 12, tzinfo=timezone.utc)
+    assert (post.like_count, post.comment_count) == (128, 7)
+    assert post.permalink == "https://x.com/lena_shoots/status/2031441254151097417"
+    assert post.hashtags == ("sunset", "photography")
+    # Provenance: the tweet as X sent it, with its author and media attached.
+    assert post.raw["id"] == post.post_id
+    assert post.raw["author"]["username"] == "lena_shoots"
+    assert [m["media_key"] for m in post.raw["media"]] == ["3_2031441249821024256"]
+
+
+def test_hashtags_fall_back_to_the_text_without_entities(build, rsps):
+    serve(rsps, SEARCH, "search_page1.json", "search_page2.json")
+    gif_post = by_id(build(TWITTER_QUERY="#sunset").fetch(FetchWindow()))["2031389634851768473"]
+    assert gif_post.hashtags == ("sunset", "mood")
+
+
+def test_photos_use_url_and_videos_and_gifs_their_preview(build, rsps):
+    serve(rsps, SEARCH, "search_page1.json", "search_page2.json")
+    posts = by_id(build(TWITTER_QUERY="#sunset").fetch(FetchWindow()))
+
+    assert posts["2031441254151097417"].image_urls == ("https://pbs.twimg.com/media/GlzQ8aWXAAAbC1x.jpg",)
+    assert posts["2031415450792887183"].image_urls == (
+        "https://pbs.twimg.com/ext_tw_video_thumb/2031415301562040320/pu/img/Qk3x9LmZ2bYtW0aP.jpg",
+    )
+    assert posts["2031389634851768473"].image_urls == ("https://pbs.twimg.com/tweet_video_thumb/GlzE1fVWQAAmS7d.jpg",)
+
+
+def test_more_than_four_media_are_capped_in_attachment_order(build, rsps):
+    serve(rsps, SEARCH, "search_page1.json", "search_page2.json")
+    post = by_id(build(TWITTER_QUERY="#sunset").fetch(FetchWindow()))["2031342297936822349"]
+
+    # includes.media lists them shuffled; attachments.media_keys gives the order.
+    assert post.image_urls == tuple(f"https://pbs.twimg.com/media/GlyA{n}cove0{n}.jpg" for n in (1, 2, 3, 4))
+
+
+def test_a_malformed_tweet_is_rejected_and_the_rest_load(build, rsps):
+    serve(rsps, SEARCH, "search_page1.json", "search_page2.json")
+    source = build(TWITTER_QUERY="#sunset")
+
+    posts = list(source.fetch(FetchWindow()))
+
+    assert "2031301533496246277" not in by_id(posts)
+    assert len(posts) == 4
+    assert len(source.rejects) == 1
+    assert "2031301533496246277" in source.rejects[0] and "missing created_at" in source.rejects[0]
+
+
+def test_a_tweet_without_an_id_is_rejected(build, rsps):
+    page = fixture("search_page1.json")
+    del page["data"][0]["id"]
+    del page["meta"]["next_token"]
+    serve(rsps, SEARCH, page)
+    source = build(TWITTER_QUERY="#sunset")
+
+    posts = list(source.fetch(FetchWindow()))
+
+    assert [p.post_id for p in posts] == ["2031415450792887183"]
+    assert source.rejects and "missing id" in source.rejects[0]
+
+
+def test_an_empty_search_yields_nothing_and_keeps_the_cursor(build, rsps):
+    serve(rsps, SEARCH, "search_empty.json")
+    source = build(TWITTER_QUERY="#sunset")
+    cursor = {"since_id": {"search": "2031301533496246277"}}
+
+    assert list(source.fetch(FetchWindow(cursor=cursor))) == []
+    assert source.cursor == cursor
+
+
+# -- user timelines -----------------------------------------------------------------------------------
+
+
+def test_username_is_resolved_once_then_its_timeline_paged(build, rsps):
+    serve(rsps, LOOKUP, "user_by_username.json")
+    serve(rsps, TIMELINE, "user_tweets_page1.json", "user_tweets_page2.json")
+    source = build(TWITTER_USERNAMES="@harbourlights")
+
+    posts = list(source.fetch(FetchWindow()))
+
+    assert [p.post_id for p in posts] == TIMELINE_IDS
+    urls = [c.request.url.split("?")[0] for c in rsps.calls]
+    assert urls == [LOOKUP, TIMELINE, TIMELINE]
+    first, second = params_of(rsps.calls[1]), params_of(rsps.calls[2])
+    assert first["expansions"] == "attachments.media_keys,author_id" and first["max_results"] == "100"
+    assert "pagination_token" not in first
+    assert second["pagination_token"] == "7140dibdnow9c7btw3w29grvxfcgvpb9n9coehpk7xz5i"
+    assert "next_token" not in second
+    assert {p.author_username for p in posts} == {"harbourlights"}
+    assert posts[0].image_urls == (
+        "https://pbs.twimg.com/media/GlzPier01aa.jpg",
+        "https://pbs.twimg.com/media/GlzPier02bb.png",
+    )
+    assert posts[1].image_urls == ()  # a text-only post still loads
+
+    # A second fetch by the same source does not look the user up again.
+    serve(rsps, TIMELINE, "search_empty.json")
+    list(source.fetch(FetchWindow()))
+    assert [c.request.url.split("?")[0] for c in rsps.calls].count(LOOKUP) == 1
+
+
+def test_an_unknown_username_is_rejected_and_the_others_still_load(build, rsps):
+    serve(rsps, f"{API}/2/users/by/username/nosuchuser_42", "user_not_found.json")
+    serve(rsps, LOOKUP, "user_by_username.json")
+    serve(rsps, TIMELINE, "user_tweets_page1.json", "user_tweets_page2.json")
+    source = build(TWITTER_USERNAMES="nosuchuser_42,harbourlights")
+
+    posts = list(source.fetch(FetchWindow()))
+
+    assert [p.post_id for p in posts] == TIMELINE_IDS
+    assert len(source.rejects) == 1 and "Could not find user with username: [nosuchuser_42]" in source.rejects[0]
+
+
+def test_a_post_found_by_search_and_timeline_is_yielded_once(build, rsps):
+    page = fixture("search_page1.json")
+    page["data"].append(copy.deepcopy(fixture("user_tweets_page1.json")["data"][0]))
+    page["includes"]["users"].append(fixture("user_by_username.json")["data"])
+    del page["meta"]["next_token"]
+    serve(rsps, SEARCH, page)
+    serve(rsps, LOOKUP, "user_by_username.json")
+    serve(rsps, TIMELINE, "user_tweets_page1.json", "user_tweets_page2.json")
+
+    posts = list(build(TWITTER_QUERY="#sunset", TWITTER_USERNAMES="harbourlights").fetch(FetchWindow()))
+
+    ids = [p.post_id for p in posts]
+    assert len(ids) == len(set(ids)) == 5
+    assert ids.count("2031439945528246360") == 1
+
+
+# -- incremental runs, backfills, limits --------------------------------------------------------------
+
+
+def test_since_id_from_the_cursor_is_sent_and_the_new_cursor_set(build, rsps):
+    serve(rsps, SEARCH, "search_page1.json", "search_page2.json")
+    serve(rsps, LOOKUP, "user_by_username.json")
+    serve(rsps, TIMELINE, "user_tweets_page1.json", "user_tweets_page2.json")
+    source = build(TWITTER_QUERY="#sunset", TWITTER_USERNAMES="harbourlights")
+    old = {"search": "2031101351949242372", "user:harbourlights": "2029512243409846593"}
+    window = FetchWindow(since=datetime(2026, 3, 10, 23, 0, tzinfo=timezone.utc), cursor={"since_id": old})
+
+    posts = list(source.fetch(window))
+
+    searches = [params_of(c) for c in rsps.calls if c.request.url.startswith(SEARCH)]
+    timelines = [params_of(c) for c in rsps.calls if c.request.url.startswith(TIMELINE)]
+    assert [p["since_id"] for p in searches] == [old["search"]] * 2
+    assert [p["since_id"] for p in timelines] == [old["user:harbourlights"]] * 2
+    # X refuses since_id with start_time/end_time; the cursor, not window.since, bounds the read.
+    assert not any("start_time" in p or "end_time" in p for p in searches + timelines)
+    assert len(posts) == 7
+    assert source.cursor == {"since_id": {"search": PAGE1_IDS[0], "user:harbourlights": TIMELINE_IDS[0]}}
+
+
+def test_the_cursor_never_moves_back(build, rsps):
+    serve(rsps, SEARCH, "search_page1.json", "search_page2.json")
+    source = build(TWITTER_QUERY="#sunset")
+    ahead = "2031441254151097999"  # newer than anything in the pages (X returned older ones: clock skew, edits)
+
+    list(source.fetch(FetchWindow(cursor={"since_id": {"search": ahead, "user:gone": "42"}})))
+
+    assert source.cursor == {"since_id": {"search": ahead, "user:gone": "42"}}
+
+
+def test_a_search_since_id_older_than_seven_days_is_dropped(build, rsps):
+    serve(rsps, SEARCH, "search_page1.json", "search_page2.json")
+    stale = "1399516038558646273"  # minted 2021-06-01
+    assert snowflake_time(stale) == datetime(2021, 6, 1, tzinfo=timezone.utc)
+    source = build(TWITTER_QUERY="#sunset")
+
+    posts = list(source.fetch(FetchWindow(cursor={"since_id": {"search": stale}})))
+
+    assert "since_id" not in params_of(rsps.calls[0])  # X would answer 400 "must be a tweet id created after"
+    assert len(posts) == 4
+    assert source.cursor == {"since_id": {"search": PAGE1_IDS[0]}}
+
+
+def test_a_backfill_uses_start_and_end_time_and_leaves_the_cursor(build, rsps):
+    serve(rsps, SEARCH, "search_page1.json", "search_page2.json")
+    serve(rsps, LOOKUP, "user_by_username.json")
+    serve(rsps, TIMELINE, "user_tweets_page1.json", "user_tweets_page2.json")
+    source = build(TWITTER_QUERY="#sunset", TWITTER_USERNAMES="harbourlights")
+    window = FetchWindow(
+        since=datetime(2026, 3, 9, 0, 0, tzinfo=timezone.utc), until=datetime(2026, 3, 10, 16, 0, tzinfo=timezone.utc)
+    )
+
+    posts = list(source.fetch(window))
+
+    reads = [c for c in rsps.calls if not c.request.url.startswith(LOOKUP)]
+    assert len(reads) == 4
+    for call in reads:
+        assert params_of(call)["start_time"] == "2026-03-09T00:00:00Z"
+        assert params_of(call)["end_time"] == "2026-03-10T16:00:00Z"
+        assert "since_id" not in params_of(call)
+    # The served pages ignore the window, so the source's own check keeps only posts inside it.
+    assert sorted(p.post_id for p in posts) == sorted(["2031389634851768473", "2031342297936822349", TIMELINE_IDS[1]])
+    assert source.cursor == {}
+
+
+def test_a_backfill_older_than_seven_days_starts_the_search_at_its_reach(build, rsps):
+    serve(rsps, SEARCH, "search_empty.json")
+    source = build(TWITTER_QUERY="#sunset")
+
+    list(source.fetch(FetchWindow(since=datetime(2026, 1, 1, tzinfo=timezone.utc))))
+
+    sent = params_of(rsps.calls[0])
+    assert "2026-03-04T06:00:00Z" < sent["start_time"] < "2026-03-04T07:00:00Z"  # NOW - 7 days (+ slack)
+    assert "end_time" not in sent
+
+
+def test_the_limit_stops_early_and_keeps_the_cursor(build, rsps):
+    serve(rsps, SEARCH, "search_page1.json", "search_page2.json")
+    source = build(TWITTER_QUERY="#sunset")
+    cursor = {"since_id": {"search": "2031101351949242372"}}
+
+    posts = list(source.fetch(FetchWindow(cursor=cursor, limit=3)))
+
+    assert [p.post_id for p in posts] == PAGE1_IDS + PAGE2_IDS[:1]
+    assert params_of(rsps.calls[0])["max_results"] == "10"  # recent search's smallest page
+    assert source.cursor == cursor  # the posts between the old since_id and these were not all read
+
+
+# -- rate limits and errors ---------------------------------------------------------------------------
+
+
+def test_429_within_max_wait_waits_for_the_reset_then_goes_on(build, rsps, sleeps):
+    reset = int(time.time()) + 30
+    serve(rsps, SEARCH, "search_page1.json")
+    serve(
+        rsps,
+        SEARCH,
+        "error_429.json",
+        status=429,
+        headers={"x-rate-limit-remaining": "0", "x-rate-limit-reset": str(reset)},
+    )
+    serve(rsps, SEARCH, "search_page2.json")
+    source = build(TWITTER_QUERY="#sunset", TWITTER_MAX_WAIT="60")
+
+    posts = list(source.fetch(FetchWindow()))
+
+    assert [p.post_id for p in posts] == PAGE1_IDS + PAGE2_IDS
+    assert len(sleeps) == 1 and 25 <= sleeps[0] <= 31
+    assert params_of(rsps.calls[2])["next_token"] == params_of(rsps.calls[1])["next_token"]  # the same page again
+
+
+def test_429_beyond_max_wait_stops_the_source_and_keeps_earlier_posts(build, rsps, sleeps):
+    reset = int(time.time()) + 3600
+    serve(rsps, SEARCH, "search_page1.json")
+    serve(
+        rsps,
+        SEARCH,
+        "error_429.json",
+        status=429,
+        headers={"x-rate-limit-remaining": "0", "x-rate-limit-reset": str(reset)},
+    )
+    source = build(TWITTER_QUERY="#sunset", TWITTER_MAX_WAIT="900")
+    cursor = {"since_id": {"search": "2031101351949242372"}}
+    posts = []
+
+    with pytest.raises(SourceError) as caught:
+        for post in source.fetch(FetchWindow(cursor=cursor)):
+            posts.append(post)
+
+    assert [p.post_id for p in posts] == PAGE1_IDS
+    assert sleeps == []
+    message = str(caught.value)
+    assert "rate limit" in message and "TWITTER_MAX_WAIT=900s" in message
+    assert source.cursor == cursor
+
+
+def test_a_usage_cap_429_is_not_waited_for(build, rsps, sleeps):
+    reset = int(time.time()) + 20
+    serve(rsps, SEARCH, "error_429_usage_capped.json", status=429, headers={"x-rate-limit-reset": str(reset)})
+    source = build(TWITTER_QUERY="#sunset")
+
+    with pytest.raises(SourceError, match="usage cap reached.*Monthly product cap"):
+        list(source.fetch(FetchWindow()))
+    assert sleeps == [] and len(rsps.calls) == 1
+
+
+def test_5xx_is_retried_with_backoff(build, rsps, sleeps):
+    serve(rsps, SEARCH, {"title": "Service Unavailable", "detail": "Service Unavailable"}, status=503)
+    serve(rsps, SEARCH, "search_page1.json", "search_page2.json")
+
+    posts = list(build(TWITTER_QUERY="#sunset").fetch(FetchWindow()))
+
+    assert len(posts) == 4 and len(sleeps) == 1
+
+
+def test_401_names_the_token_setting_and_never_shows_the_token(build, rsps, caplog):
+    serve(rsps, SEARCH, "error_401.json", status=401)
+    source = build(TWITTER_QUERY="#sunset")
+
+    with caplog.at_level(logging.DEBUG), pytest.raises(SourceError) as caught:
+        list(source.fetch(FetchWindow()))
+
+    message = str(caught.value)
+    assert "401" in message and "TWITTER_BEARER_TOKEN" in message
+    assert TOKEN not in message and TOKEN not in caplog.text
+
+
+def test_403_client_not_enrolled_explains_the_access_level(build, rsps):
+    serve(rsps, SEARCH, "error_403_client_not_enrolled.json", status=403)
+
+    with pytest.raises(SourceError) as caught:
+        list(build(TWITTER_QUERY="#sunset").fetch(FetchWindow()))
+
+    message = str(caught.value)
+    assert "client-not-enrolled" in message and "Free tier cannot read" in message
+    assert "attached to a Project" in message  # X's own detail is passed on
+
+
+def test_other_4xx_carry_the_api_title_and_detail(build, rsps):
+    serve(rsps, SEARCH, "error_400_invalid_query.json", status=400)
+
+    with pytest.raises(SourceError) as caught:
+        list(build(TWITTER_QUERY="#sunset ((has:images").fetch(FetchWindow()))
+
+    message = str(caught.value)
+    assert "HTTP 400" in message and "Invalid Request" in message and "Unmatched parenthesis" in message
+
+
+def test_a_repeated_next_token_is_refused(build, rsps):
+    # Without the guard the third request would end the search quietly (and a real API could loop forever).
+    serve(rsps, SEARCH, "search_page1.json", "search_page1.json", "search_empty.json")
+    posts = []
+
+    with pytest.raises(SourceError, match="same next_token twice"):
+        for post in build(TWITTER_QUERY="#sunset").fetch(FetchWindow()):
+            posts.append(post)
+    assert len(rsps.calls) == 2
+    assert [p.post_id for p in posts] == PAGE1_IDS  # the second copy of the page is nothing new
+
+
+def test_the_token_never_reaches_a_log_line(build, rsps, caplog):
+    headers = {"x-rate-limit-limit": "450", "x-rate-limit-remaining": "449", "x-rate-limit-reset": "1773212400"}
+    serve(rsps, SEARCH, "search_page1.json", "search_page2.json", headers=headers)
+    serve(rsps, LOOKUP, "user_by_username.json", headers=headers)
+    serve(rsps, TIMELINE, "user_tweets_page1.json", "user_tweets_page2.json", headers=headers)
+    source = build(TWITTER_QUERY="#sunset", TWITTER_USERNAMES="harbourlights")
+
+    with caplog.at_level(logging.DEBUG):
+        list(source.fetch(FetchWindow()))
+
+    assert "449 of 450 requests left" in caplog.text  # the rate-limit headers are logged at debug
+    assert TOKEN not in caplog.text and TOKEN not in repr(source.settings)
+
+
+# -- settings, registry, contract ---------------------------------------------------------------------
+
+
+def test_check_settings_names_the_missing_setting(make_settings):
+    with pytest.raises(ConfigError, match="TWITTER_BEARER_TOKEN"):
+        TwitterSource.check_settings(make_settings(TWITTER_QUERY="#sunset"))
+    with pytest.raises(ConfigError, match="TWITTER_QUERY.*TWITTER_USERNAMES"):
+        TwitterSource.check_settings(make_settings(TWITTER_BEARER_TOKEN=TOKEN))
+    with pytest.raises(ConfigError, match="TWITTER_USERNAMES"):
+        TwitterSource.check_settings(make_settings(TWITTER_BEARER_TOKEN=TOKEN, TWITTER_USERNAMES="ok_name,not a name"))
+    TwitterSource.check_settings(make_settings(TWITTER_BEARER_TOKEN=TOKEN, TWITTER_USERNAMES="@harbourlights"))
+
+
+def test_config_key_follows_the_query_and_usernames(make_settings):
+    def key(**env: str) -> str:
+        return TwitterSource(make_settings(TWITTER_BEARER_TOKEN=TOKEN, **env)).config_key()
+
+    base = key(TWITTER_QUERY="#sunset", TWITTER_USERNAMES="a,b")
+    assert base == key(TWITTER_QUERY="#sunset", TWITTER_USERNAMES="@B, a")
+    assert base != key(TWITTER_QUERY="#sunrise", TWITTER_USERNAMES="a,b")
+    assert base != key(TWITTER_QUERY="#sunset", TWITTER_USERNAMES="a")
+    assert len(base) == 12
+
+
+def test_the_source_is_registered():
+    assert source_class("twitter") is TwitterSource
+
+
+def test_contract_posts_are_served_over_loopback(tmp_path):
+    posts = contract_posts(tmp_path)
+    assert [p.post_id for p in posts] == PAGE1_IDS + PAGE2_IDS + TIMELINE_IDS
