@@ -6,7 +6,8 @@ import hashlib
 import json
 import logging
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from datetime import datetime, timedelta, timezone
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -37,6 +38,7 @@ RATE_LIMIT_CODES = frozenset({4, 17, 32, 613, 80002})
 TOKEN_CODES = frozenset({190, 102})  # expired, revoked or invalid token / session
 HASHTAG_LIMIT = 30  # unique hashtags an account may query in a rolling window ...
 HASHTAG_WINDOW_DAYS = 7  # ... of this many days, counted from each hashtag's first query
+HASHTAG_REACH = timedelta(hours=24)  # recent_media only returns media published in the last 24 hours
 HASHTAG_RE = re.compile(r"^\w{1,100}$", re.UNICODE)  # hashtag search takes no emoji, spaces or punctuation
 _OFFSET_RE = re.compile(r"([+-]\d{2})(\d{2})$")
 _TOKEN_PARAM_RE = re.compile(r"(access_token=)[^&\s'\"]+")
@@ -45,7 +47,7 @@ _TOKEN_PARAM_RE = re.compile(r"(access_token=)[^&\s'\"]+")
 def graph_timestamp(value: Any) -> Any:
     """Instagram writes '2017-08-31T18:10:00+0000'; Python 3.10's fromisoformat wants '+00:00'."""
     if isinstance(value, str):
-        return value
+        return _OFFSET_RE.sub(r"\1:\2", value.strip())
     return value
 
 
@@ -164,14 +166,14 @@ class GraphAPI:
                 exc.response, describe, f"asks to wait {exc.wait:.0f}s, more than ETL_RETRY_MAX_WAIT allows"
             ) from None
         except requests.RequestException as exc:
-            raise SourceError(f"instagram: cannot reach the Graph API ({describe}): {self.scrub(str(exc))}") from None
+            raise SourceError(f"cannot reach the Graph API ({describe}): {self.scrub(str(exc))}") from None
 
         error = _error_object(response)
         if error is not None or response.status_code >= 400:
             error = error or {}
             if error.get("code") in TOKEN_CODES:
                 raise SourceError(
-                    f"instagram: the Graph API refused INSTAGRAM_ACCESS_TOKEN ({self._explain(response, error)}); "
+                    f"the Graph API refused INSTAGRAM_ACCESS_TOKEN ({self._explain(response, error)}); "
                     "renew INSTAGRAM_ACCESS_TOKEN (a long-lived token lasts 60 days) and run again"
                 )
             raise GraphError(f"{describe}: {self._explain(response, error)}")
@@ -238,7 +240,7 @@ class GraphAPI:
         else:
             what = "the Graph API keeps failing"
         return SourceError(
-            f"instagram: {what} on {describe} ({self._explain(response, error)}) {why}; "
+            f"{what} on {describe} ({self._explain(response, error)}) {why}; "
             "stopping this source for this run, the posts fetched so far are kept"
         )
 
@@ -318,8 +320,6 @@ class HashtagBudget:
 
     def known(self, hashtag: str) -> tuple[str, bool] | None:
         """(hashtag id, still inside its 7-day window) if the id is cached, else None."""
-        if hashtag in self._run and self._run[hashtag]:
-            return self._run[hashtag], True
         if self.db is None:
             return None
         with self.db.transaction() as cur:
@@ -367,8 +367,9 @@ class InstagramSource(Source):
     name = "instagram"
     required = ("instagram_access_token", "instagram_user_id")
 
-    def __init__(self, settings: Any, **kwargs: Any):
+    def __init__(self, settings: Any, *, now: Callable[[], datetime] | None = None, **kwargs: Any):
         super().__init__(settings, **kwargs)
+        self.now = now or (lambda: datetime.now(timezone.utc))
         self.user_id = settings.instagram_user_id.strip()
         self.hashtags = tuple(dict.fromkeys(normalize_hashtag(t) for t in settings.instagram_hashtags if t.strip("# ")))
         self._api: GraphAPI | None = None
@@ -387,8 +388,7 @@ class InstagramSource(Source):
     @property
     def api(self) -> GraphAPI:
         if self._api is None:
-            token = self.settings.instagram_access_token
-            token = token.reveal() if hasattr(token, "reveal") else str(token)
+            token = self.settings.instagram_access_token.reveal()
             self._api = GraphAPI(self.settings.instagram_api_base, token, self.session, self)
         return self._api
 
@@ -399,10 +399,16 @@ class InstagramSource(Source):
 
     # -- the streams: (label, pages, newest first?) ------------------------------------------------
 
-    def _streams(self, page_size: int) -> Iterator[tuple[str, Iterator[list[Any]], bool]]:
+    def _streams(self, window: FetchWindow, page_size: int) -> Iterator[tuple[str, Iterator[list[Any]], bool]]:
         if self.settings.instagram_own_media:
             params = {"fields": OWN_MEDIA_FIELDS, "limit": page_size}
             yield "own media", self.api.pages(f"{self.user_id}/media", params), True
+        if self.hashtags and window.until is not None and window.until <= self.now() - HASHTAG_REACH:
+            # A backfill chunk older than a day: recent_media cannot hold any of it, so spend no hashtag on it.
+            log.info(
+                "instagram: hashtags skipped, recent_media reaches back 24 hours only (window ends %s)", window.until
+            )
+            return
         for hashtag in self.hashtags:
             hashtag_id = self._hashtag_id(hashtag)
             if hashtag_id is None:
@@ -457,7 +463,8 @@ class InstagramSource(Source):
         seen: set[str] = set()
         count = 0
         page_size = PAGE_SIZE if window.limit is None else max(1, min(PAGE_SIZE, window.limit))
-        for label, pages, newest_first in self._streams(page_size):
+        self.budget.db = self.db  # the pipeline hands the source its database after building it
+        for label, pages, newest_first in self._streams(window, page_size):
             fetched = 0
             try:
                 for number, page in enumerate(pages, start=1):
@@ -485,7 +492,8 @@ class InstagramSource(Source):
                         if window.limit is not None and count >= window.limit:
                             self._finish(problems)
                             return
-                    # Own media come newest first: one post older than the watermark ends the list.
+                    # Own media come newest first: a post older than the watermark ends the list after this page
+                    # (so one post out of place on it loses nothing).
                     if past_watermark and (newest_first or past_watermark == valid):
                         break
             except _StreamError as exc:
@@ -500,7 +508,7 @@ class InstagramSource(Source):
     @staticmethod
     def _finish(problems: list[str]) -> None:
         if problems:
-            raise SourceError("instagram: " + "; ".join(problems))
+            raise SourceError("; ".join(problems))  # the pipeline names the source
 
 
 __all__ = ["GraphAPI", "HashtagBudget", "InstagramSource", "graph_timestamp", "image_urls", "to_post"]
