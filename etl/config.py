@@ -171,7 +171,7 @@ class Settings:
     concurrency: int = _setting("ETL_CONCURRENCY", _positive_int, 16, "images downloaded and stored at once")
     max_redirects: int = _setting("ETL_MAX_REDIRECTS", _non_negative_int, 5, "redirects followed per image")
     allow_private_hosts: bool = _setting(
-        "ETL_ALLOW_PRIVATE_HOSTS", _bool, False, "allow image/API hosts on loopback, private or link-local addresses"
+        "ETL_ALLOW_PRIVATE_HOSTS", _bool, False, "allow image hosts on loopback, private or link-local addresses (the API bases are trusted settings)"
     )
     image_max_attempts: int = _setting("ETL_IMAGE_MAX_ATTEMPTS", _positive_int, 8, "runs that retry a failed image")
     image_retry_backoff_minutes: float = _setting(

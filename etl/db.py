@@ -351,14 +351,16 @@ def upsert_posts(
     sentiment_version: str | None = None,
 ) -> UpsertCounts:
     """Insert or update a batch in one statement; the last of duplicate (platform, post_id) wins."""
+    # Keyed on the id as stored (cleaned), so two ids that clean to the same text are one row too.
     latest: dict[tuple[str, str], Post] = {}
     for post in posts:
-        latest.pop((post.platform, post.post_id), None)
-        latest[(post.platform, post.post_id)] = post
+        key = (post.platform, clean_text(post.post_id))
+        latest.pop(key, None)
+        latest[key] = post
     if not latest:
         return UpsertCounts()
     urls = first_image_urls or {}
-    rows = [_post_row(p, urls.get(k), sentiment_version) for k, p in latest.items()]
+    rows = [_post_row(p, urls.get(k) or urls.get((p.platform, p.post_id)), sentiment_version) for k, p in latest.items()]
     try:
         results = psycopg2.extras.execute_values(cur, UPSERT_POSTS_SQL, rows, page_size=len(rows), fetch=True)
     except psycopg2.DataError as exc:
@@ -387,7 +389,7 @@ def upsert_media(cur: psycopg2.extensions.cursor, media: Sequence[Media]) -> Non
     rows = {}
     for m in media:
         if m.status in ("stored", "failed"):
-            rows[(m.platform, m.post_id, m.position)] = (
+            rows[(m.platform, clean_text(m.post_id), m.position)] = (
                 m.platform, clean_text(m.post_id), m.position, clean_text(m.source_url), m.key, m.url, m.sha256,
                 m.bytes, m.content_type, m.width, m.height, m.status, m.permanent,
                 clean_text(m.error)[:2000] if m.error else None, m.status == "stored",
