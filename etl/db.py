@@ -398,17 +398,26 @@ def upsert_media(cur: psycopg2.extensions.cursor, media: Sequence[Media]) -> Non
         psycopg2.extras.execute_values(cur, UPSERT_MEDIA_SQL, list(rows.values()), template=_MEDIA_TEMPLATE, page_size=1000)
 
 
-def stored_media(cur: psycopg2.extensions.cursor, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str, int], tuple[str, str]]:
-    """(platform, post_id, position) -> (storage_key, storage_url) for the images of these posts already stored."""
+def known_media(
+    cur: psycopg2.extensions.cursor, keys: Sequence[tuple[str, str]]
+) -> tuple[dict[tuple[str, str, int], tuple[str, str]], dict[tuple[str, str, int], str]]:
+    """For the images of these posts: those already stored -> (storage_key, storage_url), and those that
+    failed permanently -> the source_url that failed. Both are keyed (platform, post_id, position)."""
     if not keys:
-        return {}
+        return {}, {}
     cur.execute(
-        "SELECT m.platform, m.post_id, m.position, m.storage_key, m.storage_url FROM post_media m"
-        " JOIN (SELECT * FROM unnest(%s::text[], %s::text[]) AS k(platform, post_id)) k"
-        " USING (platform, post_id) WHERE m.status = 'stored'",
+        "SELECT m.platform, m.post_id, m.position, m.status, m.storage_key, m.storage_url, m.source_url"
+        " FROM post_media m JOIN (SELECT * FROM unnest(%s::text[], %s::text[]) AS k(platform, post_id)) k"
+        " USING (platform, post_id) WHERE m.status = 'stored' OR m.permanent",
         ([k[0] for k in keys], [clean_text(k[1]) for k in keys]),
     )
-    return {(r[0], r[1], r[2]): (r[3], r[4]) for r in cur.fetchall()}
+    stored, hopeless = {}, {}
+    for platform, post_id, position, status, key, url, source_url in cur.fetchall():
+        if status == "stored":
+            stored[(platform, post_id, position)] = (key, url)
+        else:
+            hopeless[(platform, post_id, position)] = source_url
+    return stored, hopeless
 
 
 def set_first_image_urls(cur: psycopg2.extensions.cursor, media: Sequence[Media]) -> None:

@@ -36,8 +36,9 @@ class SentimentEnricher:
         if not cleaned:
             return Sentiment(0.0, 0.0, "neutral")
         result = textblob.TextBlob(cleaned).sentiment
-        polarity, subjectivity = float(result.polarity), float(result.subjectivity)
-        return Sentiment(round(polarity, 6), round(subjectivity, 6), self.label(polarity))
+        # Labelled from the stored (rounded) polarity, so a row never disagrees with its own label.
+        polarity, subjectivity = round(float(result.polarity), 6), round(float(result.subjectivity), 6)
+        return Sentiment(polarity, subjectivity, self.label(polarity))
 
     def score(self, text: str | None) -> Sentiment:
         if not text or not text.strip():

@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import requests
 import tenacity
@@ -146,10 +147,29 @@ def send(
         return exc.response
 
 
+class PinnedHostAdapter(HTTPAdapter):
+    """An adapter for requests sent to a vetted IP address with the real name in the Host header.
+
+    The image downloader connects to the address its URL guard checked (no second DNS lookup an attacker
+    could answer differently) and names the host in `Host`; for https this adapter also gives that name to
+    TLS, as SNI and for the certificate check, and keeps one connection pool per name.
+    """
+
+    def build_connection_pool_key_attributes(self, request: Any, verify: Any, cert: Any = None) -> tuple[dict, dict]:
+        host_params, pool_kwargs = super().build_connection_pool_key_attributes(request, verify, cert)
+        host = request.headers.get("Host")
+        if host and host_params.get("scheme") == "https":
+            name = urlsplit(f"//{host}").hostname
+            if name and name != host_params.get("host"):
+                pool_kwargs["server_hostname"] = name
+        return host_params, pool_kwargs
+
+
 def make_session(pool_size: int = 10, *, user_agent: str = USER_AGENT) -> requests.Session:
     """A pooled session; retries are the policy's job, so urllib3's own are off."""
     session = requests.Session()
-    adapter = HTTPAdapter(pool_connections=4, pool_maxsize=max(pool_size, 4), max_retries=0)
+    # pool_connections is how many hosts keep a pool; images come from many (and pinned ones by address).
+    adapter = PinnedHostAdapter(pool_connections=max(pool_size, 4), pool_maxsize=max(pool_size, 4), max_retries=0)
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     session.headers["User-Agent"] = user_agent

@@ -182,11 +182,13 @@ class Archiver:
         scored = [self.enricher.enrich(p) for p in posts]
         stats.fetched += len(scored)
         keys = list({(p.platform, p.post_id) for p in scored})
-        known = self.db.run(lambda cur: dbm.stored_media(cur, keys), what="looking up stored images")
+        known, hopeless = self.db.run(lambda cur: dbm.known_media(cur, keys), what="looking up stored images")
         futures: dict[tuple[str, str, int], Future] = {}
         for post in scored:
             for position, url in enumerate(post.image_urls):
                 key = (post.platform, post.post_id, position)
+                if hopeless.get(key) == url:
+                    continue  # failed for good at this URL (404, not an image...): not fetched again
                 if key not in known and key not in futures:
                     futures[key] = pool.submit(self.archive_image, post.platform, post.post_id, post.created_at, position, url)
         return _Batch(scored, futures, known)
@@ -489,12 +491,12 @@ class Runner:
     def _account(source: Source, stats: RunStats, before: dict[str, int], completed: bool) -> None:
         for message in source.rejects:
             stats.error(message)
-        stats.rejected += len(source.rejects)
+        stats.rejected += source.rejected
         stats.quota_used += source.quota_used
         after = stats.snapshot()
         stats.per_source[source.name] = {
             **{k: after[k] - before[k] for k in after},
-            "rejected": len(source.rejects),
+            "rejected": source.rejected,
             "quota_used": source.quota_used,
             "completed": completed,
         }
@@ -512,7 +514,7 @@ class Runner:
                 except SourceError as exc:
                     stats.source_failures += 1
                     stats.error(f"{source.name}: {exc}")
-            stats.rejected += len(source.rejects)
+            stats.rejected += source.rejected
             stats.errors.extend(source.rejects)
         stats.seconds = time.monotonic() - stats.started
 

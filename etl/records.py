@@ -20,6 +20,7 @@ MAX_IMAGES = 20
 PLATFORM_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 HASHTAG_RE = re.compile(r"(?<![\w&])#(\w{1,100})", re.UNICODE)
 _SURROGATES = re.compile(r"[\ud800-\udfff]")
+_TAG_EDGES = re.compile(r"^[\s#]+|\s+$")  # '#travel ' and ' # travel' are both 'travel'
 
 
 @dataclass(frozen=True)
@@ -117,17 +118,20 @@ def parse_datetime(value: Any, *, now: datetime | None = None) -> datetime:
         try:
             parsed = datetime.fromisoformat(text)
         except ValueError:
-            raise RecordError(f"created_at {value!r} is not an ISO 8601 date") from None
+            raise RecordError(f"created_at {value!r:.100} is not an ISO 8601 date") from None
     else:
-        raise RecordError(f"created_at {value!r} is not an ISO 8601 date")
+        raise RecordError(f"created_at {value!r:.100} is not an ISO 8601 date")
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=timezone.utc)
-    parsed = parsed.astimezone(timezone.utc)
+    try:
+        parsed = parsed.astimezone(timezone.utc)
+    except OverflowError:  # year 1 or 9999 shifted by its offset out of datetime's range
+        raise RecordError(f"created_at {value!r:.100} is out of range") from None
     now = now or datetime.now(timezone.utc)
     if parsed < MIN_CREATED_AT:
-        raise RecordError(f"created_at {value!r} is before 2000")
+        raise RecordError(f"created_at {value!r:.100} is before 2000")
     if parsed > now + FUTURE_SLACK:
-        raise RecordError(f"created_at {value!r} is in the future")
+        raise RecordError(f"created_at {value!r:.100} is in the future")
     return parsed
 
 
@@ -137,10 +141,11 @@ def _count(name: str, value: Any) -> int | None:
     if isinstance(value, bool):
         raise RecordError(f"{name} {value!r} is not a whole number")
     if isinstance(value, str):
-        value = value.strip()
-        if not value.lstrip("-").isdigit():
-            raise RecordError(f"{name} {value!r} is not a whole number")
-        value = int(value)
+        text = value.strip()
+        # ASCII digits only: int() would take '١٢' or '1_000', and str.isdigit() accepts '²', which int() refuses.
+        if not re.fullmatch(r"-?[0-9]{1,30}", text):
+            raise RecordError(f"{name} {text[:40]!r} is not a whole number")
+        value = int(text)
     elif isinstance(value, float):
         if not value.is_integer():
             raise RecordError(f"{name} {value!r} is not a whole number")
@@ -171,9 +176,10 @@ def _image_urls(data: Mapping[str, Any]) -> tuple[str, ...]:
         raise RecordError("image_urls must be a list of URLs")
     cleaned = []
     for url in urls:
-        if not isinstance(url, str) or not url.strip():
-            raise RecordError(f"image_urls has a value that is not a URL: {url!r}")
-        cleaned.append(clean_text(url.strip()))
+        text = clean_text(url).strip() if isinstance(url, str) else ""
+        if not text:
+            raise RecordError(f"image_urls has a value that is not a URL: {url!r:.200}")
+        cleaned.append(text)
     if len(cleaned) > MAX_IMAGES:
         raise RecordError(f"{len(cleaned)} images is more than the {MAX_IMAGES} a post may have")
     return tuple(cleaned)
@@ -181,6 +187,13 @@ def _image_urls(data: Mapping[str, Any]) -> tuple[str, ...]:
 
 def post_from_dict(data: Any, *, now: datetime | None = None) -> Post:
     """Validate one normalized record (the jsonl format, DESIGN.md) into a Post; RecordError names the problem."""
+    try:
+        return _post_from_dict(data, now)
+    except RecursionError:
+        raise RecordError("the record is nested too deeply") from None
+
+
+def _post_from_dict(data: Any, now: datetime | None) -> Post:
     if not isinstance(data, Mapping):
         raise RecordError(f"expected a JSON object, got {type(data).__name__}")
     platform = data.get("platform")
@@ -190,9 +203,14 @@ def post_from_dict(data: Any, *, now: datetime | None = None) -> Post:
     if not PLATFORM_RE.match(platform):
         raise RecordError(f"platform {platform[:40]!r} must be lower-case letters, digits, '_' or '-' (at most 32)")
     post_id = data.get("post_id")
-    if isinstance(post_id, bool) or not isinstance(post_id, (str, int)) or str(post_id).strip() == "":
+    if post_id is None or (isinstance(post_id, str) and not post_id.strip()):
         raise RecordError("missing post_id")
-    post_id = clean_text(str(post_id).strip())
+    if isinstance(post_id, bool) or not isinstance(post_id, (str, int)):
+        raise RecordError(f"post_id must be text or a whole number, got {type(post_id).__name__}")
+    post_id = str(post_id).strip()
+    if clean_text(post_id) != post_id:
+        # Cleaning would change the key itself, and two different ids could then become one.
+        raise RecordError("post_id contains a NUL byte or a lone surrogate")
     if len(post_id) > MAX_POST_ID_CHARS:
         raise RecordError(f"post_id is {len(post_id)} characters long (at most {MAX_POST_ID_CHARS})")
     if "created_at" not in data or data["created_at"] in (None, ""):
@@ -204,7 +222,8 @@ def post_from_dict(data: Any, *, now: datetime | None = None) -> Post:
     if hashtags is None:
         tags = extract_hashtags(caption)
     elif isinstance(hashtags, (list, tuple)) and all(isinstance(t, str) for t in hashtags):
-        tags = tuple(dict.fromkeys(clean_text(t.lstrip("#").strip().lower()) for t in hashtags if t.strip("# ")))
+        normalized = (_TAG_EDGES.sub("", clean_text(t).lower()) for t in hashtags)
+        tags = tuple(dict.fromkeys(t for t in normalized if t))
     else:
         raise RecordError("hashtags must be a list of strings")
     return Post(

@@ -32,6 +32,8 @@ def safe_segment(value: str) -> str:
     '%' itself is %25: 'a/b' and 'a_b' stay distinct, '..' becomes %2E%2E). A result longer than 180
     characters is cut and given '~' plus a SHA-256 of the whole id; '~' never appears otherwise.
     """
+    if not value:
+        raise ValueError("an empty key segment")  # 'a//0.png' would share a directory with other posts
     out = []
     for ch in value:
         if _SAFE.match(ch):
@@ -84,7 +86,10 @@ class LocalStore:
             raise ConfigError(f"ETL_DATA_DIR: cannot create the object store at {self.root}: {exc}") from None
 
     def path(self, key: str) -> Path:
-        path = (self.root / key).resolve()
+        try:
+            path = (self.root / key).resolve()
+        except (OSError, ValueError) as exc:  # a NUL byte, a symlink loop
+            raise StoreError(f"key {key!r} is not a usable path: {exc}") from None
         if self.root not in path.parents:
             raise StoreError(f"key {key!r} leads outside the store")
         return path
@@ -150,6 +155,15 @@ class S3Store:
     def put(self, key: str, body: bytes, content_type: str, sha256: str) -> bool:
         from botocore.exceptions import BotoCoreError, ClientError
 
+        try:
+            # One HEAD spares a PUT when an earlier run stored the object but died before recording it.
+            head = self.client.head_object(Bucket=self.bucket, Key=key)
+            if head.get("Metadata", {}).get("sha256") == sha256 and head.get("ContentLength") == len(body):
+                return False
+        except ClientError:
+            pass  # 404, or 403 without s3:ListBucket: not known to be there, so write it
+        except BotoCoreError as exc:
+            raise StoreError(f"S3 HEAD {key} failed: {exc}") from exc
         try:
             # No ACL: objects stay private to the bucket owner.
             self.client.put_object(

@@ -61,7 +61,7 @@ class HTTPServerFixture:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
         self.thread.start()
 
     @property
@@ -111,3 +111,170 @@ class HTTPServerFixture:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+# -- added for the core and reliability tests ------------------------------------------------------
+
+import datetime as _dt  # noqa: E402
+import json as _json  # noqa: E402
+import re as _re  # noqa: E402
+import socket as _socket  # noqa: E402
+import socketserver as _socketserver  # noqa: E402
+from pathlib import Path as _Path  # noqa: E402
+
+
+def record(**overrides: object) -> dict:
+    """A valid normalized record (the jsonl format); keyword arguments replace or add fields (None removes one)."""
+    base: dict = {
+        "platform": "jsonl",
+        "post_id": "p1",
+        "author_username": "ana",
+        "caption": "What a lovely day #sun",
+        "created_at": "2024-03-01T12:00:00Z",
+        "like_count": 3,
+        "comment_count": 1,
+        "permalink": "https://example.com/p/p1",
+        "image_urls": [],
+    }
+    base.update(overrides)
+    return {k: v for k, v in base.items() if v is not None}
+
+
+def write_jsonl(path: _Path, lines: list) -> _Path:
+    """Write records (dicts, serialized as UTF-8, lone surrogates as \\u escapes the way JSON carries them) and
+    raw lines (str or bytes, written as given), one per line."""
+    out = bytearray()
+    for line in lines:
+        if isinstance(line, dict):
+            line = _re.sub("[\ud800-\udfff]", lambda m: f"\\u{ord(m.group()):04x}", _json.dumps(line, ensure_ascii=False))
+        out += (line.encode("utf-8", "surrogatepass") if isinstance(line, str) else line) + b"\n"
+    path.write_bytes(bytes(out))
+    return path
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (connections to it are refused)."""
+    with _socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class FakeResolver:
+    """A getaddrinfo stand-in: host -> list of addresses (or a list of such lists, one per call); records calls."""
+
+    def __init__(self, answers: dict[str, list[str] | list[list[str]]]):
+        self.answers = answers
+        self.calls: list[str] = []
+
+    def __call__(self, host: str, port: int, *args: object, **kwargs: object) -> list:
+        self.calls.append(host)
+        answer = self.answers.get(host)
+        if answer is None:
+            raise _socket.gaierror(_socket.EAI_NONAME, "Name or service not known")
+        if answer and isinstance(answer[0], list):  # one answer per call, the last repeated
+            answer = answer[min(self.calls.count(host), len(answer)) - 1]
+        return [
+            (_socket.AF_INET6 if ":" in a else _socket.AF_INET, _socket.SOCK_STREAM, 6, "", (a, port)) for a in answer
+        ]
+
+
+class RawServer:
+    """A loopback TCP server for faults an HTTP library will not produce: each connection, after the request
+    head is read, is handed to the next script (a function of the socket); the last script repeats."""
+
+    def __init__(self, *scripts: Callable[[_socket.socket], None]):
+        self.scripts = list(scripts)
+        self.connections = 0
+        outer = self
+
+        class Handler(_socketserver.BaseRequestHandler):
+            def handle(self) -> None:
+                with outer._lock:
+                    outer.connections += 1
+                    script = outer.scripts[min(outer.connections, len(outer.scripts)) - 1]
+                head = b""
+                self.request.settimeout(5)
+                while b"\r\n\r\n" not in head:
+                    data = self.request.recv(65536)
+                    if not data:
+                        return
+                    head += data
+                try:
+                    script(self.request)
+                except OSError:
+                    pass
+
+        self._lock = threading.Lock()
+        self.server = _socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
+        self.thread.start()
+
+    def url(self, path: str = "/img.png") -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}{path}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def reset(sock: _socket.socket) -> None:
+    """Abort the connection with a TCP RST."""
+    import struct
+
+    sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def respond(body: bytes, *, content_type: str = "image/png", chunked: bool = False, trickle: float = 0.0) -> Callable:
+    """A script that answers 200 with `body`: whole, chunked, or one byte every `trickle` seconds."""
+
+    def script(sock: _socket.socket) -> None:
+        head = f"HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\nConnection: close\r\n"
+        if chunked:
+            sock.sendall((head + "Transfer-Encoding: chunked\r\n\r\n").encode())
+            for i in range(0, len(body), 7):
+                piece = body[i : i + 7]
+                sock.sendall(f"{len(piece):x}\r\n".encode() + piece + b"\r\n")
+            sock.sendall(b"0\r\n\r\n")
+        else:
+            sock.sendall((head + f"Content-Length: {len(body)}\r\n\r\n").encode())
+            if trickle:
+                for byte in body:
+                    sock.sendall(bytes([byte]))
+                    time.sleep(trickle)
+            else:
+                sock.sendall(body)
+        sock.close()
+
+    return script
+
+
+def self_signed_cert(directory: _Path, hostname: str) -> tuple[_Path, _Path]:
+    """A certificate for `hostname` only (and its key), to serve https under a name that is not the address."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
+    now = _dt.datetime.now(_dt.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - _dt.timedelta(days=1))
+        .not_valid_after(now + _dt.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(hostname)]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return cert_path, key_path

@@ -287,3 +287,16 @@ def test_posts_fetched_before_a_source_fails_are_still_loaded(error, make_settin
     assert query(db.dsn, "SELECT count(*) FROM social_posts") == [(7,)]
     assert query(db.dsn, "SELECT count(*) FROM etl_state") == [(0,)]  # an unfinished source keeps its watermark
     assert query(db.dsn, "SELECT status FROM etl_runs") == [("partial",)]
+
+
+def test_a_permanent_failure_is_not_fetched_again_when_its_post_comes_back(listsrc, make_settings, db, tmp_path, http_server):
+    http_server.routes["/gone.png"] = Reply(status=410, body=b"gone", content_type="text/plain")
+    listsrc.posts = [make_post(1, T0, images=(http_server.url("/gone.png"),))]
+    runner(make_settings, db, tmp_path).execute(RunRequest(sources=["listsrc"]))
+    hits = http_server.hits["/gone.png"]
+    db.save_state("listsrc", "", T0 - timedelta(days=1), {})  # the post falls inside the next window again
+    with db.transaction() as cur:
+        cur.execute("UPDATE etl_state SET watermark = %s", (T0 - timedelta(days=1),))
+    stats = runner(make_settings, db, tmp_path).execute(RunRequest(sources=["listsrc"]))
+    assert stats.fetched == 1 and http_server.hits["/gone.png"] == hits
+    assert query(db.dsn, "SELECT attempts, permanent FROM post_media") == [(1, True)]

@@ -15,6 +15,7 @@ from etl.http import RetryPolicy, make_session
 from etl.records import Post
 
 log = logging.getLogger(__name__)
+MAX_REJECTS_KEPT = 200
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,8 @@ class Source:
         self.db = db  # etl.db.Database, for sources that cache lookups (Instagram hashtag ids); may be None
         self._session = session
         self.policy = RetryPolicy.from_settings(settings)
-        self.rejects: list[str] = []
+        self.rejects: list[str] = []  # the first MAX_REJECTS_KEPT messages
+        self.rejected = 0  # every bad item, however many
         self.cursor: dict[str, Any] = {}  # saved by the pipeline once every post up to it is loaded
         self.quota_used = 0
         self.trusted_hosts: set[str] = set()  # host:port the source itself serves (the mock's image server)
@@ -79,7 +81,9 @@ class Source:
     def reject(self, where: str, reason: str) -> None:
         message = f"{self.name}: {where}: {reason}"
         log.warning("skipped %s", message)
-        self.rejects.append(message)
+        self.rejected += 1
+        if len(self.rejects) < MAX_REJECTS_KEPT:  # a file of a million bad lines must not fill memory
+            self.rejects.append(message)
 
     def open(self) -> None:
         """Acquire what fetch needs (the mock starts its image server here)."""

@@ -13,6 +13,52 @@ from etl.records import Post, post_from_dict
 from etl.sources import register
 from etl.sources.base import FetchWindow, Source
 
+# A line longer than this is refused (and skipped without being held in memory): far above any real post.
+MAX_LINE_BYTES = 16 * 1024 * 1024
+
+
+def _bounded_lines(stream: IO[Any], limit: int) -> Iterator[bytes | str | None]:
+    """The stream's lines (bytes or str, as it gives them); None for a line longer than `limit`, skipped unread."""
+    while True:
+        line = stream.readline(limit + 1)
+        if not line:
+            return
+        newline = b"\n" if isinstance(line, bytes) else "\n"
+        if len(line) <= limit or line.endswith(newline):
+            yield line
+            continue
+        while True:
+            rest = stream.readline(1 << 20)
+            if not rest or rest.endswith(newline):
+                break
+        yield None
+
+
+def _decode(line: bytes | str) -> str:
+    if isinstance(line, str):
+        if any("\udc80" <= ch <= "\udcff" for ch in line):  # bytes a surrogateescape'd text stream could not decode
+            raise RecordError("the line is not valid UTF-8")
+        return line
+    try:
+        return line.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecordError(
+            f"the line is not valid UTF-8 (byte 0x{line[exc.start]:02x} at column {exc.start + 1})"
+        ) from None
+
+
+def _parse(text: str) -> Any:
+    text = text.rstrip("\r\n")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        ended = ", the line ends too soon (truncated?)" if exc.pos >= len(text.rstrip()) else ""
+        raise RecordError(f"not valid JSON ({exc.msg} at column {exc.pos + 1}{ended})") from None
+    except ValueError as exc:  # an integer of more than 4,300 digits
+        raise RecordError(f"not valid JSON ({str(exc).split(':')[0]})") from None
+    except RecursionError:
+        raise RecordError("not valid JSON (nested too deeply)") from None
+
 
 @register
 class JsonlSource(Source):
@@ -21,10 +67,10 @@ class JsonlSource(Source):
     name = "jsonl"
     incremental = False
 
-    def __init__(self, settings: Any, *, input: str | None = None, stdin: IO[str] | None = None, **kwargs: Any):
+    def __init__(self, settings: Any, *, input: str | None = None, stdin: IO[Any] | None = None, **kwargs: Any):
         super().__init__(settings, **kwargs)
         self.input = input
-        self.stdin = stdin
+        self.stdin = stdin  # a binary or text stream read instead of standard input (tests)
 
     @classmethod
     def check_settings(cls, settings: Any) -> None:
@@ -33,37 +79,40 @@ class JsonlSource(Source):
     def config_key(self) -> str:
         return "-" if self.input in (None, "-") else str(Path(self.input).resolve())
 
-    def _lines(self) -> Iterator[tuple[int, str]]:
+    def _lines(self) -> Iterator[tuple[int, bytes | str | None]]:
         if self.input is None:
             raise ConfigError("the jsonl source needs --input FILE (or - for standard input)")
+        # Bytes, decoded line by line: a line of invalid UTF-8 is rejected alone, not the whole input.
         if self.input == "-":
-            stream = self.stdin or sys.stdin
-            yield from enumerate(stream, start=1)
+            stream = self.stdin if self.stdin is not None else sys.stdin.buffer
+            yield from enumerate(_bounded_lines(stream, MAX_LINE_BYTES), start=1)
             return
         path = Path(self.input)
         if not path.is_file():
             raise ConfigError(f"--input {self.input}: no such file")
-        # errors="surrogateescape": a line with invalid UTF-8 is rejected alone, not the whole file.
-        with path.open("r", encoding="utf-8", errors="surrogateescape", newline="") as stream:
-            yield from enumerate(stream, start=1)
+        with path.open("rb") as stream:
+            yield from enumerate(_bounded_lines(stream, MAX_LINE_BYTES), start=1)
 
     def fetch(self, window: FetchWindow) -> Iterator[Post]:
         where = "stdin" if self.input in (None, "-") else self.input
         for number, line in self._lines():
-            if not line.strip():
-                continue
             data: Any = None
             try:
-                if any("\udc80" <= ch <= "\udcff" for ch in line):  # surrogateescape'd bytes
-                    raise RecordError("the line is not valid UTF-8")
-                try:
-                    data = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise RecordError(f"not valid JSON ({exc.msg} at column {exc.colno})") from None
+                if line is None:
+                    raise RecordError(f"the line is longer than {MAX_LINE_BYTES} bytes")
+                text = _decode(line)
+                if number == 1:
+                    text = text.lstrip("\ufeff")  # a byte order mark some editors write
+                if not text.strip():
+                    continue
+                data = _parse(text)
                 post = post_from_dict(data)
             except RecordError as exc:
                 post_id = data.get("post_id") if isinstance(data, dict) else None
-                self.reject(f"{where} line {number}" + (f" (post_id {post_id!r})" if post_id else ""), str(exc))
+                shown = (
+                    f" (post_id {str(post_id)[:100]!r})" if isinstance(post_id, (str, int)) and post_id != "" else ""
+                )
+                self.reject(f"{where} line {number}{shown}", str(exc))
                 continue
             if window.admits(post.created_at):
                 yield post

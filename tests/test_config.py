@@ -1,0 +1,113 @@
+"""Settings: every malformed or missing setting is a ConfigError naming it; secrets never show."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from etl.config import Secret, load_settings
+from etl.errors import ConfigError, ExitCode
+
+
+def test_defaults_without_environment(make_settings):
+    settings = make_settings()
+    assert settings.sources == ("mock",)
+    assert settings.embedded_db
+    assert settings.s3_bucket == ""
+    assert settings.objects_dir == settings.data_dir / "objects"
+    assert settings.allow_private_hosts is False
+
+
+def test_values_are_parsed(make_settings):
+    settings = make_settings(
+        ETL_SOURCES=" mock, jsonl ,,",
+        ETL_MAX_IMAGE_BYTES="1024",
+        ETL_READ_TIMEOUT="0.5",
+        ETL_ALLOW_PRIVATE_HOSTS="Yes",
+        S3_PREFIX="/archive",
+        SENTIMENT_THRESHOLD="0.1",
+    )
+    assert settings.sources == ("mock", "jsonl")
+    assert settings.max_image_bytes == 1024
+    assert settings.read_timeout == 0.5
+    assert settings.allow_private_hosts is True
+    assert settings.s3_prefix == "archive/"
+    assert settings.sentiment_threshold == 0.1
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("ETL_MAX_IMAGE_BYTES", "lots"),
+        ("ETL_MAX_IMAGE_BYTES", "0"),
+        ("ETL_READ_TIMEOUT", "-1"),
+        ("ETL_CONCURRENCY", "1.5"),
+        ("ETL_ALLOW_PRIVATE_HOSTS", "perhaps"),
+        ("SENTIMENT_THRESHOLD", "1.5"),
+        ("ETL_LOG_FORMAT", "xml"),
+        ("S3_PREFIX", "a/../b"),
+        ("YOUTUBE_API_BASE", "ftp://example.com"),
+        ("ETL_SOURCES", "mock,../evil"),
+        ("DATABASE_URL", "mysql://user:hunter22@db/archive"),
+    ],
+)
+def test_malformed_setting_is_a_config_error_naming_it(make_settings, name, value):
+    with pytest.raises(ConfigError) as info:
+        make_settings(**{name: value})
+    assert name in str(info.value)
+    assert info.value.exit_code == ExitCode.CONFIG
+
+
+def test_missing_required_setting_is_named(make_settings):
+    settings = make_settings()
+    with pytest.raises(ConfigError, match="YOUTUBE_API_KEY is not set"):
+        settings.require("youtube_api_key")
+    make_settings(YOUTUBE_API_KEY="k").require("youtube_api_key")  # set: no error
+
+
+def test_secrets_never_in_repr(make_settings):
+    settings = make_settings(
+        DATABASE_URL="postgresql://archiver:pg-pass-5150@db.internal/archive",
+        YOUTUBE_API_KEY="yt-key-7f3a9c",
+        TWITTER_BEARER_TOKEN="tw-bearer-c0ffee",
+        INSTAGRAM_ACCESS_TOKEN="ig-token-beef42",
+    )
+    shown = repr(settings) + str(settings)
+    for secret in ("pg-pass-5150", "yt-key-7f3a9c", "tw-bearer-c0ffee", "ig-token-beef42"):
+        assert secret not in shown
+    assert settings.youtube_api_key.reveal() == "yt-key-7f3a9c"
+    assert isinstance(settings.youtube_api_key, Secret)
+    assert set(settings.secrets()) >= {"pg-pass-5150", "yt-key-7f3a9c", "tw-bearer-c0ffee", "ig-token-beef42"}
+
+
+def test_malformed_secret_value_is_not_echoed(make_settings):
+    with pytest.raises(ConfigError) as info:
+        make_settings(DATABASE_URL="mysql://user:hunter22@db/archive")
+    assert "hunter22" not in str(info.value)
+
+
+def test_empty_values_mean_default(make_settings):
+    assert make_settings(ETL_MAX_IMAGE_BYTES="  ", ETL_SOURCES="").max_image_bytes == 20 * 1024 * 1024
+
+
+def test_settings_are_frozen(make_settings):
+    settings = make_settings()
+    with pytest.raises(AttributeError):
+        settings.s3_bucket = "other"  # type: ignore[misc]
+
+
+def test_dotenv_is_read_under_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    env_file = tmp_path / ".env"
+    env_file.write_text("ETL_CONCURRENCY=3\nS3_PREFIX=from-file\n")
+    monkeypatch.setenv("S3_PREFIX", "from-env")
+    monkeypatch.delenv("ETL_CONCURRENCY", raising=False)
+    settings = load_settings(dotenv_path=env_file)
+    assert settings.concurrency == 3
+    assert settings.s3_prefix == "from-env/"
+
+
+def test_cli_exits_2_naming_the_bad_setting(run_etl):
+    result = run_etl("run", "--dry-run", env={"ETL_MAX_IMAGE_BYTES": "huge"})
+    assert result.returncode == ExitCode.CONFIG
+    assert "ETL_MAX_IMAGE_BYTES" in result.stderr

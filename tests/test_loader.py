@@ -1,0 +1,201 @@
+"""The loader on the real PostgreSQL: upsert counts, last-wins duplicates, kept archive dates, cleaned text, media rows."""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import datetime, timezone
+
+import pytest
+
+from etl import db as dbm
+from etl.enrich import SentimentEnricher
+from etl.records import Media, Post
+
+WHEN = datetime(2024, 5, 1, 8, 0, tzinfo=timezone.utc)
+ENRICHER = SentimentEnricher()
+
+
+def post(post_id: str = "1", **changes: object) -> Post:
+    base = Post("mock", post_id, WHEN, author_username="ana", caption="Lovely morning", like_count=1, comment_count=0)
+    return ENRICHER.enrich(dataclasses.replace(base, **changes))
+
+
+def upsert(db, posts, **kwargs) -> dbm.UpsertCounts:
+    with db.transaction() as cur:
+        return dbm.upsert_posts(cur, posts, sentiment_version=ENRICHER.version, **kwargs)
+
+
+def rows(db, sql: str, params: tuple = ()) -> list[tuple]:
+    with db.transaction() as cur:
+        cur.execute(sql, params)
+        return cur.fetchall()
+
+
+def test_insert_update_unchanged_counts(db):
+    counts = upsert(db, [post("1"), post("2"), post("3")])
+    assert (counts.inserted, counts.updated, counts.unchanged) == (3, 0, 0)
+    counts = upsert(db, [post("1"), post("2", like_count=50), post("3", caption="Awful rainy morning"), post("4")])
+    assert (counts.inserted, counts.updated, counts.unchanged) == (1, 2, 1)
+    assert rows(db, "SELECT post_id, like_count, sentiment FROM social_posts ORDER BY post_id") == [
+        ("1", 1, "positive"),
+        ("2", 50, "positive"),
+        ("3", 1, "negative"),
+        ("4", 1, "positive"),
+    ]
+
+
+def test_rerun_keeps_archived_at_and_updates_counts(db):
+    upsert(db, [post("1")])
+    [(archived, updated)] = rows(db, "SELECT archived_at, updated_at FROM social_posts")
+    counts = upsert(db, [post("1", like_count=99, comment_count=7)])
+    assert counts.updated == 1
+    [(archived_again, updated_again, likes, comments)] = rows(
+        db, "SELECT archived_at, updated_at, like_count, comment_count FROM social_posts"
+    )
+    assert archived_again == archived
+    assert updated_again > updated
+    assert (likes, comments) == (99, 7)
+
+
+def test_unchanged_rerun_writes_nothing(db):
+    upsert(db, [post("1")])
+    [(updated,)] = rows(db, "SELECT updated_at FROM social_posts")
+    assert upsert(db, [post("1")]).unchanged == 1
+    assert rows(db, "SELECT updated_at FROM social_posts") == [(updated,)]
+
+
+def test_duplicates_in_one_batch_collapse_last_wins(db):
+    counts = upsert(db, [post("1", like_count=1), post("2"), post("1", like_count=2), post("1", like_count=3)])
+    assert (counts.inserted, counts.updated, counts.unchanged) == (2, 0, 0)
+    assert rows(db, "SELECT post_id, like_count FROM social_posts ORDER BY post_id") == [("1", 3), ("2", 1)]
+
+
+def test_same_post_id_on_two_platforms_is_two_rows(db):
+    upsert(db, [post("1"), dataclasses.replace(post("1"), platform="twitter")])
+    assert rows(db, "SELECT platform FROM social_posts ORDER BY platform") == [("mock",), ("twitter",)]
+
+
+@pytest.mark.badinput("NUL bytes and lone surrogates reaching the loader are cleaned, not refused by PostgreSQL")
+def test_nul_bytes_and_lone_surrogates_are_cleaned(db):
+    dirty = post(
+        "1",
+        caption="nul\x00here \ud83d alone",
+        author_username="a\x00na",
+        permalink="https://e.com/\udfff",
+        hashtags=("ok", "t\x00ag"),
+        raw={"k\x00": "v\ud800", "list": ["\x00", 1.5]},
+    )
+    assert upsert(db, [dirty]).inserted == 1
+    [(caption, author, permalink, hashtags, raw)] = rows(
+        db, "SELECT caption, author_username, permalink, hashtags, raw FROM social_posts"
+    )
+    assert caption == "nulhere \ufffd alone"
+    assert author == "ana"
+    assert permalink == "https://e.com/\ufffd"
+    assert hashtags == ["ok", "tag"]
+    assert raw == {"k": "v\ufffd", "list": ["", 1.5]}
+
+
+def test_every_kind_of_unicode_is_stored_exactly(db):
+    caption = "emoji 😀👩‍👩‍👧🏳️‍🌈 RTL שלום مرحبا combining é ñ CJK 漢字かなカナ 한국어 zero-width \u200b\u200d"
+    upsert(db, [post("ü-1", caption=caption, author_username="léa_photo", hashtags=("日本", "café"))])
+    assert rows(db, "SELECT post_id, caption, author_username, hashtags FROM social_posts") == [
+        ("ü-1", caption, "léa_photo", ["日本", "café"])
+    ]
+
+
+def test_first_image_url_is_set_and_kept(db):
+    upsert(db, [post("1")], first_image_urls={("mock", "1"): "s3://b/mock/1/0.png"})
+    upsert(db, [post("1", like_count=5)])  # a rerun that stored no image keeps the URL
+    assert rows(db, "SELECT image_s3_url, like_count FROM social_posts") == [("s3://b/mock/1/0.png", 5)]
+
+
+def test_raw_alone_does_not_count_as_a_change(db):
+    upsert(db, [post("1", raw={"etag": "a"})])
+    assert upsert(db, [post("1", raw={"etag": "b"})]).unchanged == 1
+
+
+def test_a_large_batch_is_one_statement(db):
+    counts = upsert(db, [post(str(n), like_count=n) for n in range(1500)])
+    assert counts.inserted == 1500
+    assert rows(db, "SELECT count(*), sum(like_count) FROM social_posts") == [(1500, sum(range(1500)))]
+
+
+def test_ids_equal_after_cleaning_collapse_in_one_batch(db):
+    """A source that builds Posts itself can hand the loader ids that differ only by a NUL byte."""
+    counts = upsert(db, [post("a\x00"), post("a", like_count=9)])
+    assert counts.inserted == 1
+    assert rows(db, "SELECT post_id, like_count FROM social_posts") == [("a", 9)]
+
+
+# -- post_media -----------------------------------------------------------------------------------------
+
+
+def stored(post_id: str = "1", position: int = 0, key: str = "mock/2024/05/01/1/0.png") -> Media:
+    return Media(
+        "mock", post_id, position, f"https://cdn.example.com/{post_id}/{position}.png", status="stored",
+        key=key, url=f"file:///objects/{key}", sha256="ab" * 32, bytes=1234, content_type="image/png",
+        width=8, height=6,
+    )  # fmt: skip
+
+
+def failed(post_id: str = "1", position: int = 0, error: str = "HTTP 503", permanent: bool = False) -> Media:
+    return Media(
+        "mock", post_id, position, f"https://cdn.example.com/{post_id}/{position}.png", status="failed",
+        error=error, permanent=permanent,
+    )  # fmt: skip
+
+
+def media_rows(db) -> list[tuple]:
+    return rows(
+        db,
+        "SELECT post_id, position, status, attempts, last_error, permanent, storage_key, sha256, stored_at IS NOT NULL"
+        " FROM post_media ORDER BY post_id, position",
+    )
+
+
+def write_media(db, media: list[Media]) -> None:
+    with db.transaction() as cur:
+        dbm.upsert_media(cur, media)
+
+
+def test_failed_image_is_marked_failed_with_error_and_attempts(db):
+    upsert(db, [post("1")])
+    write_media(db, [failed(error="timed out after 4 attempts: ReadTimeout")])
+    assert media_rows(db) == [
+        ("1", 0, "failed", 1, "timed out after 4 attempts: ReadTimeout", False, None, None, False)
+    ]
+    write_media(db, [failed(error="HTTP 404", permanent=True)])
+    assert media_rows(db) == [("1", 0, "failed", 2, "HTTP 404", True, None, None, False)]
+
+
+def test_failed_then_stored(db):
+    upsert(db, [post("1")])
+    write_media(db, [failed()])
+    write_media(db, [stored()])
+    assert media_rows(db) == [("1", 0, "stored", 2, None, False, "mock/2024/05/01/1/0.png", "ab" * 32, True)]
+
+
+def test_stored_image_is_never_downgraded(db):
+    upsert(db, [post("1")])
+    write_media(db, [stored()])
+    write_media(db, [failed(error="HTTP 500")])
+    write_media(db, [stored(key="mock/elsewhere/0.png")])
+    assert media_rows(db) == [("1", 0, "stored", 1, None, False, "mock/2024/05/01/1/0.png", "ab" * 32, True)]
+
+
+def test_skipped_and_pending_media_are_not_written(db):
+    upsert(db, [post("1")])
+    write_media(db, [Media("mock", "1", 0, "https://e.com/0.png", status="skipped"), Media("mock", "1", 1, "u")])
+    assert media_rows(db) == []
+
+
+def test_known_media_lists_stored_and_permanently_failed_images_of_the_asked_posts(db):
+    upsert(db, [post("1"), post("2")])
+    gone = Media("mock", "1", 2, "https://e.com/gone.png", status="failed", error="HTTP 404", permanent=True)
+    write_media(db, [stored("1", 0), failed("1", 1), gone, stored("2", 0, key="k2")])
+    with db.transaction() as cur:
+        known, hopeless = dbm.known_media(cur, [("mock", "1"), ("mock", "9")])
+        assert dbm.known_media(cur, []) == ({}, {})
+    assert known == {("mock", "1", 0): ("mock/2024/05/01/1/0.png", "file:///objects/mock/2024/05/01/1/0.png")}
+    assert hopeless == {("mock", "1", 2): "https://e.com/gone.png"}

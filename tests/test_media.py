@@ -1,0 +1,272 @@
+"""The URL guard (schemes, private addresses, DNS names resolving there), connection pinning, image sniffing."""
+
+from __future__ import annotations
+
+import io
+import ssl
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from etl.errors import MediaError
+from etl.http import RetryPolicy, make_session
+from etl.media import Downloader, URLGuard, is_public_address, sniff_image
+from tests.support import FakeResolver, Reply, jpeg_bytes, png_bytes, self_signed_cert
+
+PNG = png_bytes(12, 10)
+
+
+@pytest.fixture(autouse=True)
+def no_proxy_from_the_environment(monkeypatch: pytest.MonkeyPatch):
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+PUBLIC = FakeResolver({"cdn.example.com": ["93.184.216.34", "2606:2800:220:1::1"]})
+
+
+# -- the guard ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["file:///etc/passwd", "ftp://example.com/a.png", "gopher://x/", "data:image/png;base64,AAAA", "javascript:alert(1)",
+     "//example.com/a.png", "example.com/a.png", "s3://bucket/key.png"],
+)  # fmt: skip
+@pytest.mark.badinput("an image URL with a scheme other than http/https is refused")
+def test_other_schemes_are_refused(url):
+    with pytest.raises(MediaError, match="refused URL scheme") as info:
+        URLGuard(allow_private=True, resolve=PUBLIC).check(url)
+    assert info.value.permanent
+
+
+@pytest.mark.parametrize("url", ["http://", "http:///a.png", "http://[::1/a.png", "http://example.com:99999/a.png"])
+@pytest.mark.badinput("a malformed image URL is refused")
+def test_malformed_urls_are_refused(url):
+    with pytest.raises(MediaError) as info:
+        URLGuard(resolve=PUBLIC).check(url)
+    assert info.value.permanent
+
+
+@pytest.mark.parametrize(
+    "address",
+    ["127.0.0.1", "127.5.5.5", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254", "100.64.0.1", "0.0.0.0",
+     "224.0.0.1", "239.255.255.250", "255.255.255.255", "::1", "fe80::1", "fc00::1", "ff02::1", "::ffff:127.0.0.1",
+     "::ffff:169.254.169.254", "2002:7f00:1::", "64:ff9b::a9fe:a9fe", "2001:db8::1"],
+)  # fmt: skip
+@pytest.mark.badinput("an image URL on a loopback, private, link-local, multicast or reserved address is refused")
+def test_non_public_literals_are_refused(address):
+    host = f"[{address}]" if ":" in address else address
+    with pytest.raises(MediaError, match="non-public address") as info:
+        URLGuard().check(f"http://{host}/a.png")
+    assert not info.value.permanent  # the configuration's refusal: ETL_ALLOW_PRIVATE_HOSTS may change it
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1", "10.0.0.5", "169.254.169.254", "::1", "fd00::5", "224.0.0.251"])
+@pytest.mark.badinput("an image URL whose DNS name resolves to a non-public address is refused")
+def test_names_resolving_to_non_public_addresses_are_refused(address):
+    resolver = FakeResolver({"images.evil.example": ["93.184.216.34", address]})  # one bad answer is enough
+    with pytest.raises(MediaError, match=r"refused host 'images.evil.example': it resolves to the non-public"):
+        URLGuard(resolve=resolver).check("https://images.evil.example/a.png")
+    assert resolver.calls == ["images.evil.example"]
+
+
+@pytest.mark.parametrize("url", ["http://2130706433/a.png", "http://0x7f.1/a.png", "http://localhost/a.png"])
+def test_numeric_and_local_names_are_resolved_then_refused(url):
+    with pytest.raises(MediaError, match="non-public address 127.0.0.1"):
+        URLGuard().check(url)
+
+
+def test_public_hosts_pass_and_their_addresses_are_returned():
+    guard = URLGuard(resolve=PUBLIC)
+    assert guard.check("https://cdn.example.com/a.jpg?sig=1") == ["93.184.216.34", "2606:2800:220:1::1"]
+    assert guard.check("http://93.184.216.34:8080/a.jpg") == ["93.184.216.34"]
+    assert PUBLIC.calls.count("cdn.example.com") >= 1
+
+
+def test_unresolvable_host_is_a_transient_failure():
+    with pytest.raises(MediaError, match="cannot resolve host 'nowhere.invalid'") as info:
+        URLGuard(resolve=FakeResolver({})).check("http://nowhere.invalid/a.png")
+    assert not info.value.permanent
+
+
+def test_allow_private_hosts_allows_them(make_settings):
+    guard = Downloader(make_settings(ETL_ALLOW_PRIVATE_HOSTS="true")).guard
+    assert guard.check("http://10.0.0.5/a.png") == ["10.0.0.5"]
+    assert guard.check("http://[::1]:8080/a.png") == ["::1"]
+    assert Downloader(make_settings()).guard.allow_private is False
+
+
+def test_trusted_host_port_is_allowed_and_nothing_else():
+    guard = URLGuard(trusted={"127.0.0.1:8123"})
+    assert guard.check("http://127.0.0.1:8123/img/1/0.png") == ["127.0.0.1"]
+    with pytest.raises(MediaError):
+        guard.check("http://127.0.0.1:8124/img/1/0.png")
+
+
+def test_is_public_address():
+    import ipaddress
+
+    assert is_public_address(ipaddress.ip_address("8.8.8.8"))
+    assert is_public_address(ipaddress.ip_address("2606:4700::1111"))
+    assert is_public_address(ipaddress.ip_address("64:ff9b::808:808"))  # NAT64 of 8.8.8.8
+    assert not is_public_address(ipaddress.ip_address("64:ff9b::7f00:1"))  # NAT64 of 127.0.0.1
+
+
+# -- pinning: the connection goes to the address the guard vetted ------------------------------------------
+
+
+@pytest.mark.fault("image host name answers DNS differently on the second lookup (DNS rebinding)")
+def test_connection_goes_to_the_vetted_address(make_settings, http_server):
+    """The name resolves once, in the guard; a second lookup (which would now say 127.0.0.2, where nothing
+    listens) never happens, and the system resolver, which does not know the name, is never asked."""
+    port = http_server.server.server_address[1]
+    resolver = FakeResolver({"images.test": [["127.0.0.1"], ["127.0.0.2"]]})
+
+    class OnlyFirstAnswerIsPublic(URLGuard):
+        def check(self, url):
+            addresses = super().check(url)
+            assert addresses == ["127.0.0.1"], "a rebinding answer reached the connection"
+            return addresses
+
+    http_server.routes["/a.png"] = Reply(body=PNG)
+    guard = OnlyFirstAnswerIsPublic(allow_private=True, resolve=resolver)
+    downloader = Downloader(make_settings(), guard=guard, policy=RetryPolicy(attempts=1))
+    fetched = downloader.fetch(f"http://images.test:{port}/a.png")
+    assert fetched.body == PNG
+    assert fetched.final_url == f"http://images.test:{port}/a.png"
+    assert resolver.calls == ["images.test"]
+    [(_, path, headers)] = http_server.requests
+    assert path == "/a.png"
+    assert headers["Host"] == f"images.test:{port}"
+
+
+def test_each_redirect_hop_is_resolved_and_pinned(make_settings, http_server):
+    port = http_server.server.server_address[1]
+    resolver = FakeResolver({"a.test": ["127.0.0.1"], "b.test": ["127.0.0.1"]})
+    http_server.routes["/start"] = Reply(
+        302, b"", headers={"Location": f"http://b.test:{port}/a.png"}, content_type=None
+    )
+    http_server.routes["/a.png"] = Reply(body=PNG)
+    downloader = Downloader(make_settings(), guard=URLGuard(allow_private=True, resolve=resolver))
+    assert downloader.fetch(f"http://a.test:{port}/start").body == PNG
+    assert resolver.calls == ["a.test", "b.test"]
+    assert [h["Host"] for _, _, h in http_server.requests] == [f"a.test:{port}", f"b.test:{port}"]
+
+
+def test_an_unreachable_address_falls_back_to_the_next(make_settings, http_server):
+    """The server listens on 127.0.0.1 only, so 127.0.0.2 refuses: like an IPv6 answer on a host without IPv6."""
+    port = http_server.server.server_address[1]
+    http_server.routes["/a.png"] = Reply(body=PNG)
+    resolver = FakeResolver({"dual.test": ["127.0.0.2", "127.0.0.1"]})
+    settings = make_settings(ETL_CONNECT_TIMEOUT="0.5")
+    downloader = Downloader(
+        settings, guard=URLGuard(allow_private=True, resolve=resolver), policy=RetryPolicy(attempts=1)
+    )
+    assert downloader.fetch(f"http://dual.test:{port}/a.png").body == PNG
+    assert http_server.hits["/a.png"] == 1
+
+
+def test_behind_a_proxy_the_proxy_resolves_the_name(make_settings, http_server, monkeypatch):
+    """With HTTP_PROXY set the request goes to the proxy by name (it cannot be pinned); the guard still checks."""
+    monkeypatch.setenv("HTTP_PROXY", http_server.base)
+    monkeypatch.setenv("NO_PROXY", "")
+    http_server.routes["http://images.test/a.png"] = Reply(body=PNG)
+    resolver = FakeResolver({"images.test": ["127.0.0.1"]})
+    downloader = Downloader(make_settings(), guard=URLGuard(allow_private=True, resolve=resolver))
+    assert downloader.fetch("http://images.test/a.png").body == PNG
+    assert [path for _, path, _ in http_server.requests] == ["http://images.test/a.png"]
+    assert resolver.calls == ["images.test"]
+    with pytest.raises(MediaError, match="non-public"):
+        Downloader(make_settings(), guard=URLGuard(resolve=resolver)).fetch("http://images.test/a.png")
+
+
+@pytest.fixture
+def https_server(tmp_path: Path):
+    """An https server whose certificate names images.test only; records the SNI it was sent."""
+    cert, key = self_signed_cert(tmp_path, "images.test")
+    seen_sni: list[str | None] = []
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    context.sni_callback = lambda sock, name, ctx: seen_sni.append(name)
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):  # noqa: N802
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(PNG)))
+            self.end_headers()
+            self.wfile.write(PNG)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    yield server.server_address[1], cert, seen_sni
+    server.shutdown()
+    server.server_close()
+
+
+def test_https_pinned_to_the_address_keeps_sni_and_certificate_check(make_settings, https_server):
+    port, cert, seen_sni = https_server
+    session = make_session()
+    session.verify = str(cert)
+    session.trust_env = False  # else REQUESTS_CA_BUNDLE from the environment overrides session.verify
+    guard = URLGuard(
+        allow_private=True, resolve=FakeResolver({"images.test": ["127.0.0.1"], "other.test": ["127.0.0.1"]})
+    )
+    downloader = Downloader(make_settings(), session=session, guard=guard, policy=RetryPolicy(attempts=1))
+    assert downloader.fetch(f"https://images.test:{port}/a.png").body == PNG
+    assert seen_sni == ["images.test"]
+    # The same address under a name the certificate does not carry fails verification.
+    with pytest.raises(MediaError, match="SSLError"):
+        downloader.fetch(f"https://other.test:{port}/a.png")
+
+
+# -- sniffing ---------------------------------------------------------------------------------------------
+
+
+def image_bytes(fmt: str, size=(10, 8)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, (1, 2, 3)).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("fmt", "ctype"), [("PNG", "image/png"), ("JPEG", "image/jpeg"), ("GIF", "image/gif"), ("WEBP", "image/webp")]
+)
+def test_sniff_supported_formats(fmt, ctype):
+    assert sniff_image(image_bytes(fmt)) == (ctype, 10, 8)
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b"", "not a valid image"),
+        (b"<html><body>hi</body></html>", "HTML"),
+        (b"\xef\xbb\xbf  <!DOCTYPE html>", "HTML"),
+        (b'<?xml version="1.0"?><svg/>', "HTML/XML"),
+        (b"<svg xmlns='http://www.w3.org/2000/svg'/>", "HTML/XML"),
+        (png_bytes(40, 30, (0, 0, 0))[:40], "not a valid image"),
+        (jpeg_bytes()[: len(jpeg_bytes()) // 2], "not a valid image"),
+        (image_bytes("BMP"), "unsupported image format BMP"),
+    ],
+)
+@pytest.mark.badinput("bytes that are not a whole image of a supported format are refused")
+def test_sniff_refuses_what_is_not_an_image(body, message):
+    with pytest.raises(MediaError, match=message) as info:
+        sniff_image(body)
+    assert info.value.permanent
+
+
+def test_sniff_refuses_decompression_bombs():
+    buf = io.BytesIO()
+    Image.new("1", (12_000, 12_000)).save(buf, format="PNG")  # 144 megapixels in a few kilobytes
+    with pytest.raises(MediaError, match="too large|decompression bomb"):
+        sniff_image(buf.getvalue())

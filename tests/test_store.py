@@ -1,0 +1,201 @@
+"""Object keys (hostile post_ids included), the local store, and S3Store against moto in-process."""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import boto3
+import pytest
+from moto import mock_aws
+
+from etl.errors import ConfigError, StoreError
+from etl.store import KEY_FORMAT, LocalStore, S3Store, object_key, safe_segment, store_from_settings
+from tests.support import png_bytes
+
+WHEN = datetime(2024, 3, 9, 23, 30, tzinfo=timezone(timedelta(hours=-5)))  # 2024-03-10 04:30 UTC
+HOSTILE_IDS = [
+    "..",
+    ".",
+    "../../etc/passwd",
+    "/",
+    "/abs",
+    "a/b",
+    "a\\b",
+    "C:\\Windows",
+    "a\x00b",
+    "line\nbreak",
+    "tab\there",
+    "\x1b[31mred",
+    "%2F",
+    "~",
+    "a b",
+    "😀",
+    "x" * 5000,
+    "é" * 400,
+]
+
+
+@pytest.mark.parametrize("post_id", ["1234567890", "dQw4w9WgXcQ", "abc_DEF-9", "17841400000000000_1"])
+def test_ordinary_ids_are_kept_as_they_are(post_id):
+    assert safe_segment(post_id) == post_id
+
+
+@pytest.mark.parametrize("post_id", HOSTILE_IDS)
+def test_hostile_ids_become_one_safe_segment(post_id):
+    segment = safe_segment(post_id)
+    assert segment and len(segment) <= 180
+    assert set(segment) <= set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-%~")
+    assert segment not in (".", "..")
+
+
+def test_hostile_ids_never_collide():
+    segments = [safe_segment(i) for i in HOSTILE_IDS + ["a_b", "a%2Fb", "x" * 4999, "x" * 5001]]
+    assert len(set(segments)) == len(segments)
+    assert safe_segment("a/b") == "a%2Fb" != safe_segment("a_b")
+    assert safe_segment("a%2Fb") == "a%252Fb"
+
+
+def test_long_ids_are_cut_and_hashed():
+    long_id = "y" * 1000
+    segment = safe_segment(long_id)
+    assert len(segment) == 180
+    assert segment.endswith("~" + hashlib.sha256(long_id.encode()).hexdigest()[:40])
+    assert safe_segment("y" * 180) == "y" * 180  # exactly at the limit: kept whole
+
+
+def test_empty_segment_is_refused():
+    with pytest.raises(ValueError):
+        safe_segment("")
+
+
+def test_object_key_follows_the_contract():
+    key = object_key("archive/", "twitter", WHEN, "1767", 2, "image/jpeg")
+    assert key == "archive/twitter/2024/03/10/1767/2.jpg"  # the date is created_at in UTC
+    assert KEY_FORMAT.startswith("{prefix}{platform}/")
+    assert object_key("", "mock", WHEN, "a/b", 0, "image/png") == "mock/2024/03/10/a%2Fb/0.png"
+    assert object_key("", "mock", WHEN, "x", 0, "image/webp").endswith("/0.webp")
+    assert object_key("", "mock", WHEN, "x", 0, "image/gif").endswith("/0.gif")
+
+
+def test_object_key_refuses_unknown_content_types():
+    with pytest.raises(ValueError, match="text/html"):
+        object_key("", "mock", WHEN, "1", 0, "text/html")
+
+
+# -- the local store ----------------------------------------------------------------------------------
+
+
+def test_local_put_is_atomic_and_skips_same_content(tmp_path: Path):
+    store = LocalStore(tmp_path / "objects")
+    store.check()
+    body = png_bytes()
+    sha = hashlib.sha256(body).hexdigest()
+    key = object_key("", "mock", WHEN, "p1", 0, "image/png")
+    assert store.put(key, body, "image/png", sha) is True
+    path = tmp_path / "objects" / key
+    assert path.read_bytes() == body
+    mtime = path.stat().st_mtime_ns
+    assert store.put(key, body, "image/png", sha) is False  # same content: not written again
+    assert path.stat().st_mtime_ns == mtime
+    other = png_bytes(color=(1, 2, 3))
+    assert store.put(key, other, "image/png", hashlib.sha256(other).hexdigest()) is True
+    assert path.read_bytes() == other
+    assert not list(path.parent.glob(".part-*"))
+    assert store.url(key) == path.resolve().as_uri()
+
+
+@pytest.mark.parametrize("post_id", HOSTILE_IDS)
+def test_hostile_ids_stay_inside_the_root(tmp_path: Path, post_id):
+    root = tmp_path / "objects"
+    store = LocalStore(root)
+    key = object_key("", "mock", WHEN, post_id, 0, "image/png")
+    body = png_bytes()
+    store.put(key, body, "image/png", hashlib.sha256(body).hexdigest())
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert len(written) == 1
+    assert root.resolve() in written[0].resolve().parents
+    assert written[0].parent.parent == root / "mock" / "2024" / "03" / "10"  # the id is one directory level
+
+
+@pytest.mark.parametrize("key", ["../outside.png", "/etc/passwd", "a/../../outside.png", "nul\x00.png"])
+def test_local_store_refuses_keys_leading_outside(tmp_path: Path, key):
+    store = LocalStore(tmp_path / "objects")
+    with pytest.raises(StoreError):
+        store.put(key, b"x", "image/png", "0" * 64)
+    assert not (tmp_path / "outside.png").exists()
+
+
+def test_local_store_check_names_the_setting(tmp_path: Path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(ConfigError, match="ETL_DATA_DIR"):
+        LocalStore(blocker / "objects").check()
+
+
+# -- S3 through moto, in-process ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def aws(monkeypatch: pytest.MonkeyPatch):
+    for name in ("AWS_ENDPOINT_URL", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    with mock_aws():
+        yield boto3.client("s3", region_name="us-east-1")
+
+
+def count_puts(client) -> list[str]:
+    keys: list[str] = []
+    client.meta.events.register("before-parameter-build.s3.PutObject", lambda params, **kw: keys.append(params["Key"]))
+    return keys
+
+
+def test_s3_put_with_content_type_checksum_metadata_and_no_acl(aws, make_settings):
+    aws.create_bucket(Bucket="archive")
+    store = S3Store(make_settings(S3_BUCKET="archive", AWS_REGION="us-east-1"))
+    store.check()
+    body = png_bytes()
+    sha = hashlib.sha256(body).hexdigest()
+    key = object_key("p/", "mock", WHEN, "a/b", 1, "image/png")
+    assert store.put(key, body, "image/png", sha) is True
+    head = aws.head_object(Bucket="archive", Key=key)
+    assert head["ContentType"] == "image/png"
+    assert head["Metadata"] == {"sha256": sha}
+    assert aws.get_object(Bucket="archive", Key=key)["Body"].read() == body
+    grants = aws.get_object_acl(Bucket="archive", Key=key)["Grants"]
+    assert [g["Permission"] for g in grants] == ["FULL_CONTROL"]  # the owner only: no public-read
+    assert "URI" not in grants[0]["Grantee"]
+    assert store.url(key) == f"s3://archive/{key}"
+
+
+def test_s3_same_content_is_not_uploaded_again(aws, make_settings):
+    aws.create_bucket(Bucket="archive")
+    store = S3Store(make_settings(S3_BUCKET="archive", AWS_REGION="us-east-1"))
+    puts = count_puts(store.client)
+    body = png_bytes()
+    sha = hashlib.sha256(body).hexdigest()
+    assert store.put("k/0.png", body, "image/png", sha) is True
+    assert store.put("k/0.png", body, "image/png", sha) is False
+    other = png_bytes(color=(9, 9, 9))
+    assert store.put("k/0.png", other, "image/png", hashlib.sha256(other).hexdigest()) is True
+    assert puts == ["k/0.png", "k/0.png"]
+
+
+def test_s3_missing_bucket_is_a_config_error_naming_s3_bucket(aws, make_settings):
+    store = S3Store(make_settings(S3_BUCKET="no-such-bucket", AWS_REGION="us-east-1"))
+    with pytest.raises(ConfigError, match="S3_BUCKET 'no-such-bucket' does not exist"):
+        store.check()
+
+
+def test_s3_put_into_a_vanished_bucket_is_a_store_error(aws, make_settings):
+    store = S3Store(make_settings(S3_BUCKET="gone", AWS_REGION="us-east-1"))
+    with pytest.raises(StoreError, match="S3 PUT k/0.png failed"):
+        store.put("k/0.png", b"x", "image/png", "0" * 64)
+
+
+def test_store_from_settings(aws, make_settings, tmp_path: Path):
+    assert isinstance(store_from_settings(make_settings()), LocalStore)
+    assert isinstance(store_from_settings(make_settings(S3_BUCKET="archive", AWS_REGION="us-east-1")), S3Store)
