@@ -74,16 +74,36 @@ class ObjectStore(Protocol):
 
 
 class LocalStore:
-    """Files under a root directory; written to a temporary file then renamed, so never half-written."""
+    """Files under a root directory; written to a temporary file then renamed, so never half-written.
+
+    Temporary files live in ROOT/.incoming (never a key: keys start with a platform name) and carry the
+    writer's pid, so `check` can remove those a killed run left behind without touching a live run's.
+    """
+
+    INCOMING = ".incoming"
 
     def __init__(self, root: Path):
         self.root = Path(root).resolve()
+        self.incoming = self.root / self.INCOMING
 
     def check(self) -> None:
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
+            self.incoming.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ConfigError(f"ETL_DATA_DIR: cannot create the object store at {self.root}: {exc}") from None
+        self.sweep()
+
+    def sweep(self) -> int:
+        """Delete temporary files of writers that no longer run (a SIGKILL mid-write); return how many."""
+        removed = 0
+        for tmp in self.incoming.glob("*.part"):
+            pid = tmp.name.split("-", 1)[0]
+            if pid.isdigit() and not _alive(int(pid)):
+                tmp.unlink(missing_ok=True)
+                removed += 1
+        if removed:
+            log.info("removed %d partial file(s) left by an interrupted run", removed)
+        return removed
 
     def path(self, key: str) -> Path:
         try:
@@ -100,7 +120,8 @@ class LocalStore:
             if path.is_file() and path.stat().st_size == len(body) and _file_sha256(path) == sha256:
                 return False
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".part-")
+            self.incoming.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.incoming, prefix=f"{os.getpid()}-", suffix=".part")
             try:
                 with os.fdopen(fd, "wb") as f:
                     f.write(body)
@@ -117,6 +138,16 @@ class LocalStore:
 
     def describe(self) -> str:
         return f"local object store {self.root}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
 
 
 def _file_sha256(path: Path) -> str:
