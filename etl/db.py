@@ -27,6 +27,15 @@ from etl.records import Media, Post, clean_json, clean_text
 log = logging.getLogger(__name__)
 SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
 _MIGRATION_RE = re.compile(r"^(\d+)_[\w-]+\.sql$")
+_RUN_COUNTS = (
+    "posts_fetched", "posts_inserted", "posts_updated", "posts_unchanged", "posts_rejected",
+    "images_stored", "images_failed", "images_skipped", "quota_used",
+)  # fmt: skip
+FINISH_RUN_SQL = (
+    "UPDATE etl_runs SET finished_at = now(), status = %s, "
+    + ", ".join(f"{c} = %s" for c in _RUN_COUNTS)
+    + ", sentiment = %s, per_source = %s, errors = %s, error_summary = %s WHERE id = %s"
+)
 _MIGRATION_LOCK = 72_616_001  # advisory lock key: one migrator at a time
 RECONNECT_DELAYS = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0)  # about 30 s for a restarting server to come back
 T = TypeVar("T")
@@ -211,28 +220,18 @@ class Database:
         return self.run(insert, what="recording the run")
 
     def finish_run(self, run_id: int, status: str, stats: dict[str, Any]) -> None:
-        columns = (
-            "posts_fetched", "posts_inserted", "posts_updated", "posts_unchanged", "posts_rejected",
-            "images_stored", "images_failed", "images_skipped", "quota_used",
-        )  # fmt: skip
         errors = [clean_text(e) for e in stats.get("errors", [])][:50]
-        self.run(
-            lambda cur: cur.execute(
-                "UPDATE etl_runs SET finished_at = now(), status = %s, "
-                + ", ".join(f"{c} = %s" for c in columns)
-                + ", sentiment = %s, per_source = %s, errors = %s, error_summary = %s WHERE id = %s",
-                (
-                    status,
-                    *(int(stats.get(c, 0)) for c in columns),
-                    _adapt_json(stats.get("sentiment", {})),
-                    _adapt_json(clean_json(stats.get("per_source", {}))),
-                    _adapt_json(errors),
-                    (f"{len(stats.get('errors', []))} error(s); first: {errors[0]}" if errors else None),
-                    run_id,
-                ),
-            ),
-            what="finishing the run record",
+        summary = f"{len(stats.get('errors', []))} error(s); first: {errors[0]}" if errors else None
+        values = (
+            status,
+            *(int(stats.get(c, 0)) for c in _RUN_COUNTS),
+            _adapt_json(stats.get("sentiment", {})),
+            _adapt_json(clean_json(stats.get("per_source", {}))),
+            _adapt_json(errors),
+            summary,
+            run_id,
         )
+        self.run(lambda cur: cur.execute(FINISH_RUN_SQL, values), what="finishing the run record")
 
     def abandon_dead_runs(self, sources: Sequence[str]) -> int:
         """Runs still marked running for these sources died (we hold their locks now): mark them abandoned."""

@@ -142,6 +142,7 @@ class Archiver:
             log.exception("unexpected error archiving %s/%s image %d", platform, post_id, position)
             media.status, media.error = "failed", f"{type(exc).__name__}: {exc}"
         else:
+            log.debug("stored %s (%d bytes, %s) as %s", url[:200], len(fetched.body), fetched.content_type, key)
             media.status = "stored"
             media.key, media.url = key, self.store.url(key)
             media.sha256, media.bytes, media.content_type = fetched.sha256, len(fetched.body), fetched.content_type
@@ -208,6 +209,10 @@ class Archiver:
             return counts
 
         counts = self.db.run(load, what=f"loading a batch of {len(batch.posts)} posts")
+        log.debug(
+            "loaded %d posts (%d new, %d updated, %d unchanged) and %d image rows",
+            len(batch.posts), counts.inserted, counts.updated, counts.unchanged, len(media),
+        )  # fmt: skip
         # Counted only once committed.
         stats.inserted += counts.inserted
         stats.updated += counts.updated

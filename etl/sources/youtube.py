@@ -9,6 +9,7 @@ import json
 import logging
 import re
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from itertools import islice
 from typing import Any
@@ -128,6 +129,15 @@ def _video_id(item: Mapping[str, Any]) -> str | None:
             ((item.get("snippet") or {}).get("resourceId") or {}).get("videoId")
         )
     return value if isinstance(value, str) and value else None
+
+
+@dataclass(frozen=True)
+class _PageMark:
+    """One page of a playlist as seen: the token that fetched it, its oldest video, the next page's token."""
+
+    token: str | None
+    oldest: datetime | None
+    next_token: str | None
 
 
 class YouTubeError(SourceError):
@@ -267,10 +277,10 @@ class YouTubeAPI:
                 text += " (check YOUTUBE_API_KEY)"
         return YouTubeError(text, status=status, reason=reason)
 
-    def pages(self, method: str, **params: Any) -> Iterator[dict[str, Any]]:
-        """Every page of a list call, following nextPageToken; a token seen before ends the paging."""
+    def pages(self, method: str, *, start: str | None = None, **params: Any) -> Iterator[dict[str, Any]]:
+        """Every page of a list call from page token `start`, following nextPageToken; a repeated token ends it."""
         seen: set[str] = set()
-        token: str | None = None
+        token = start
         while True:
             page = self.call(method, **params, **({"pageToken": token} if token else {}))
             yield page
@@ -286,10 +296,14 @@ class YouTubeAPI:
         page = self.call("channels.list", part="contentDetails", maxResults=PAGE_SIZE, **params)
         return [item for item in page.get("items") or [] if isinstance(item, dict)]
 
-    def playlist_items(self, playlist_id: str) -> Iterator[dict[str, Any]]:
-        """Pages of a playlist; the uploads playlist comes newest first."""
+    def playlist_items(self, playlist_id: str, *, start: str | None = None) -> Iterator[dict[str, Any]]:
+        """Pages of a playlist from page token `start`; the uploads playlist comes newest first."""
         return self.pages(
-            "playlistItems.list", part="snippet,contentDetails", playlistId=playlist_id, maxResults=PAGE_SIZE
+            "playlistItems.list",
+            start=start,
+            part="snippet,contentDetails",
+            playlistId=playlist_id,
+            maxResults=PAGE_SIZE,
         )
 
     def search(self, query: str, *, since: datetime | None, until: datetime | None) -> Iterator[dict[str, Any]]:
@@ -332,6 +346,9 @@ class YouTubeSource(Source):
         super().__init__(settings, **kwargs)
         self._http = http
         self._api: YouTubeAPI | None = None
+        # Kept for the source's lifetime, so the chunks of a backfill (one fetch each) do not pay again:
+        self._uploads: list[tuple[str, str]] | None = None  # (channel, uploads playlist), resolved once
+        self._page_index: dict[str, list[_PageMark]] = {}  # per playlist, the pages seen, from the top
         self.quota_used_earlier = 0  # by earlier runs of today's quota day, read from etl_runs
 
     @classmethod
@@ -409,7 +426,7 @@ class YouTubeSource(Source):
         seen: set[str] = set()
         for channel, playlist in self._uploads_playlists():
             try:
-                for vid, item in self._listing(self.api.playlist_items(playlist), window):
+                for vid, item in self._listing(self._playlist_pages(playlist, window), window):
                     if vid not in seen:
                         seen.add(vid)
                         yield vid, item
@@ -425,8 +442,13 @@ class YouTubeSource(Source):
                     seen.add(vid)
                     yield vid, item
 
-    def _uploads_playlists(self) -> Iterator[tuple[str, str]]:
+    def _uploads_playlists(self) -> list[tuple[str, str]]:
         """(channel, uploads playlist id) for each configured channel, in order; one channels.list per 50 ids."""
+        if self._uploads is None:
+            self._uploads = list(self._resolve_channels())
+        return self._uploads
+
+    def _resolve_channels(self) -> Iterator[tuple[str, str]]:
         configured = list(dict.fromkeys(self.settings.youtube_channel_ids))
         uploads: dict[str, str] = {}
         ids = [c for c in configured if not c.startswith("@")]
@@ -446,6 +468,39 @@ class YouTubeSource(Source):
             else:
                 # channels.list answers an unknown id with an empty list, not an error.
                 self.reject(f"channel {channel}", "not found (check YOUTUBE_CHANNEL_IDS)")
+
+    def _playlist_pages(self, playlist: str, window: FetchWindow) -> Iterator[dict[str, Any]]:
+        """The playlist's pages for this window; a backfill chunk starts near its `until` instead of at the top.
+
+        The uploads playlist is newest first and a backfill walks its chunks oldest first, so without this
+        every chunk would page down from the newest upload again. Page tokens are offsets, so the tokens
+        (and the oldest date) of the pages seen earlier in this run say where a chunk's videos begin.
+        """
+        index = self._page_index.setdefault(playlist, [])
+        position, start = 0, None
+        if window.until is not None and index:
+            first = next(
+                (n for n, mark in enumerate(index) if mark.oldest is not None and mark.oldest < window.until), None
+            )
+            if first is None:  # every page seen is newer than the chunk: go on after the last one
+                if index[-1].next_token is None:
+                    return
+                position, start = len(index), index[-1].next_token
+            else:
+                # One page early: a video deleted meanwhile moves later items up across a page boundary.
+                position = max(first - 1, 0)
+                start = index[position].token
+        token = start
+        for page in self.api.playlist_items(playlist, start=start):
+            dates = [d for d in (_published(i) for i in page.get("items") or [] if isinstance(i, dict)) if d]
+            mark = _PageMark(token, min(dates) if dates else None, page.get("nextPageToken") or None)
+            if position < len(index):
+                index[position] = mark
+            else:
+                index.append(mark)
+            position += 1
+            token = mark.next_token
+            yield page
 
     def _listing(self, pages: Iterator[dict[str, Any]], window: FetchWindow) -> Iterator[tuple[str, dict[str, Any]]]:
         """Items of newest-first pages that fall in the window, stopping after the page that reaches window.since."""
