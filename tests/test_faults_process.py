@@ -176,7 +176,9 @@ def test_sigkill_at_random_moments_then_rerun_completes(db, tmp_path, http_serve
 
 @pytest.mark.fault("two runs of the same source at once: one archives, the other exits 75; no duplicates")
 def test_two_runs_at_once_on_the_same_source(db, tmp_path, http_server):
-    posts = write_posts(tmp_path / "in.jsonl", http_server, 40, delay=0.05)
+    # The first run takes some 6 s (60 images at 0.4 s, 4 at a time): long enough for the second to start
+    # inside it even on a loaded machine.
+    posts = write_posts(tmp_path / "in.jsonl", http_server, 60, delay=0.4)
     env = base_env(tmp_path, db.dsn)
     first = start_etl(tmp_path, env, "run", "--source", "jsonl", "--input", str(posts))
     wait_for_rows(db.dsn, "etl_runs", 1)
@@ -186,7 +188,7 @@ def test_two_runs_at_once_on_the_same_source(db, tmp_path, http_server):
     assert first.returncode == 0, err1
     assert second.returncode == 75, err2
     assert "another run" in err2
-    assert_archive_exact(db.dsn, tmp_path / "data" / "objects", 40)
+    assert_archive_exact(db.dsn, tmp_path / "data" / "objects", 60)
 
 
 @pytest.mark.fault("two runs of different sources at once: both finish, no deadlock")
