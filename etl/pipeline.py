@@ -21,7 +21,7 @@ from etl.db import Database
 from etl.enrich import SentimentEnricher
 from etl.errors import ConfigError, ETLError, ExitCode, LoadError, MediaError, SourceError, StoreError
 from etl.media import Downloader
-from etl.records import Media, Post
+from etl.records import Media, Post, chunked
 from etl.sources import FetchWindow, Source, source_class
 from etl.store import ObjectStore, object_key, store_from_settings
 
@@ -54,6 +54,14 @@ class RunStats:
     def error(self, message: str) -> None:
         if len(self.errors) < MAX_ERRORS_KEPT:
             self.errors.append(message)
+
+    def count_images(self, media: Iterable[Media], where: str) -> None:
+        for m in media:
+            if m.status == "stored":
+                self.images_stored += 1
+            else:
+                self.images_failed += 1
+                self.error(f"{where}: {m.platform}/{m.post_id} image {m.position}: {m.error}")
 
     def snapshot(self) -> dict[str, int]:
         return {
@@ -164,7 +172,7 @@ class Archiver:
         with ThreadPoolExecutor(self.settings.concurrency, thread_name_prefix="images") as pool:
             pending: _Batch | None = None
             try:
-                for posts_batch in _batches(posts, self.settings.batch_size):
+                for posts_batch in chunked(posts, self.settings.batch_size):
                     current = self._start(posts_batch, pool, stats)
                     finishing, pending = pending, current
                     if finishing is not None:
@@ -219,12 +227,7 @@ class Archiver:
         stats.unchanged += counts.unchanged
         skipped = sum(1 for p in batch.posts for n in range(len(p.image_urls)) if (p.platform, p.post_id, n) in batch.known)
         stats.images_skipped += skipped
-        for m in media:
-            if m.status == "stored":
-                stats.images_stored += 1
-            else:
-                stats.images_failed += 1
-                stats.error(f"{source}: {m.platform}/{m.post_id} image {m.position}: {m.error}")
+        stats.count_images(media, source)
         for post in batch.posts:
             stats.sentiment[post.sentiment.label if post.sentiment else "neutral"] += 1
         return max((p.created_at for p in batch.posts), default=None)
@@ -240,12 +243,7 @@ class Archiver:
                 media = list(pool.map(lambda r: self.archive_image(r[1], r[2], r[5], r[3], r[4]), rows))
                 self.db.run(partial(_record_retries, media), what="recording retried images")
                 stats.images_retried += len(media)
-                for m in media:
-                    if m.status == "stored":
-                        stats.images_stored += 1
-                    else:
-                        stats.images_failed += 1
-                        stats.error(f"retry: {m.platform}/{m.post_id} image {m.position}: {m.error}")
+                stats.count_images(media, "retry")
 
     def _failed_images(self, cur: Any, *, after: int) -> list[tuple]:
         # Backoff between runs: the base wait doubles with each attempt, up to 48 times the base.
@@ -263,23 +261,6 @@ class Archiver:
 def _record_retries(media: list[Media], cur: Any) -> None:
     dbm.upsert_media(cur, media)
     dbm.set_first_image_urls(cur, [m for m in media if m.status == "stored" and m.position == 0])
-
-
-def _batches(posts: Iterable[Post], size: int) -> Iterator[list[Post]]:
-    """Lists of at most `size` posts; if the stream raises, the posts it gave before come first, then the error."""
-    batch: list[Post] = []
-    try:
-        for post in posts:
-            batch.append(post)
-            if len(batch) >= size:
-                yield batch
-                batch = []
-    except Exception:
-        if batch:
-            yield batch
-        raise
-    if batch:
-        yield batch
 
 
 def _later(a: datetime | None, b: datetime | None) -> datetime | None:

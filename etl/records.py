@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -258,13 +258,19 @@ def post_to_dict(post: Post) -> dict[str, Any]:
     }
 
 
-def chunked(items: Iterable[Any], size: int) -> Iterable[list[Any]]:
-    """Lists of at most `size` items, streaming."""
+def chunked(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    """Lists of at most `size` items, streaming. If the stream raises, the items it gave before the error
+    come out first (a source that fails mid-batch still has what it yielded loaded), then the error."""
     batch: list[Any] = []
-    for item in items:
-        batch.append(item)
-        if len(batch) >= size:
+    try:
+        for item in items:
+            batch.append(item)
+            if len(batch) >= size:
+                yield batch
+                batch = []
+    except Exception:
+        if batch:
             yield batch
-            batch = []
+        raise
     if batch:
         yield batch

@@ -181,3 +181,15 @@ def test_round_trip_through_post_to_dict():
 def test_chunked_streams_in_bounded_lists():
     assert list(chunked(iter(range(7)), 3)) == [[0, 1, 2], [3, 4, 5], [6]]
     assert list(chunked([], 3)) == []
+
+
+def test_chunked_gives_what_came_before_an_error_then_the_error():
+    def stream():
+        yield from range(5)
+        raise RuntimeError("source broke")
+
+    batches = chunked(stream(), 3)
+    assert next(batches) == [0, 1, 2]
+    assert next(batches) == [3, 4]
+    with pytest.raises(RuntimeError, match="source broke"):
+        next(batches)
