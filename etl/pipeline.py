@@ -190,8 +190,10 @@ class Archiver:
     def _start(self, posts: list[Post], pool: ThreadPoolExecutor, stats: RunStats) -> _Batch:
         scored = [self.enricher.enrich(p) for p in posts]
         stats.fetched += len(scored)
-        keys = list({(p.platform, p.post_id) for p in scored})
-        known, hopeless = self.db.run(lambda cur: dbm.known_media(cur, keys), what="looking up stored images")
+        keys = list({(p.platform, p.post_id) for p in scored if p.image_urls})
+        known, hopeless = (
+            self.db.run(lambda cur: dbm.known_media(cur, keys), what="looking up stored images") if keys else ({}, {})
+        )
         futures: dict[tuple[str, str, int], Future] = {}
         for post in scored:
             for position, url in enumerate(post.image_urls):

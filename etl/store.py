@@ -164,6 +164,7 @@ class S3Store:
     def __init__(self, settings: Settings, client: object | None = None):
         self.bucket = settings.s3_bucket
         self.client = client or make_s3_client(settings)
+        self.conditional = True  # If-None-Match on PUT; off for a store that answers 501 to it
 
     def check(self) -> None:
         """Fail before any work, naming S3_BUCKET, when the bucket is missing or not ours to use."""
@@ -184,25 +185,35 @@ class S3Store:
             raise ConfigError(f"S3_BUCKET {self.bucket!r} cannot be reached: {exc}") from None
 
     def put(self, key: str, body: bytes, content_type: str, sha256: str) -> bool:
+        """One conditional PUT (If-None-Match: *): the normal case costs a single request, and an object an
+        earlier run stored but did not record (it died before committing) is neither rewritten nor versioned
+        again. Only when the key exists is it read back (HEAD) to compare checksums."""
         from botocore.exceptions import BotoCoreError, ClientError
 
+        # No ACL: objects stay private to the bucket owner.
+        args = {"Bucket": self.bucket, "Key": key, "Body": body, "ContentType": content_type, "Metadata": {"sha256": sha256}}
         try:
-            # One HEAD spares a PUT when an earlier run stored the object but died before recording it.
-            head = self.client.head_object(Bucket=self.bucket, Key=key)
-            if head.get("Metadata", {}).get("sha256") == sha256 and head.get("ContentLength") == len(body):
-                return False
-        except ClientError:
-            pass  # 404, or 403 without s3:ListBucket: not known to be there, so write it
-        except BotoCoreError as exc:
-            raise StoreError(f"S3 HEAD {key} failed: {exc}") from exc
-        try:
-            # No ACL: objects stay private to the bucket owner.
-            self.client.put_object(
-                Bucket=self.bucket, Key=key, Body=body, ContentType=content_type, Metadata={"sha256": sha256}
-            )
+            if self.conditional:
+                try:
+                    self.client.put_object(**args, IfNoneMatch="*")
+                    return True
+                except ClientError as exc:
+                    code = str(exc.response.get("Error", {}).get("Code", ""))
+                    if code in ("NotImplemented", "501"):
+                        log.info("the S3 endpoint does not support conditional writes; writing unconditionally")
+                        self.conditional = False
+                    elif code not in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
+                        raise
+                    elif self._holds(key, body, sha256):
+                        return False
+            self.client.put_object(**args)
         except (ClientError, BotoCoreError) as exc:
             raise StoreError(f"S3 PUT {key} failed: {exc}") from exc
         return True
+
+    def _holds(self, key: str, body: bytes, sha256: str) -> bool:
+        head = self.client.head_object(Bucket=self.bucket, Key=key)
+        return head.get("Metadata", {}).get("sha256") == sha256 and head.get("ContentLength") == len(body)
 
     def url(self, key: str) -> str:
         return f"s3://{self.bucket}/{key}"

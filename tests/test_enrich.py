@@ -65,3 +65,13 @@ def test_enrich_returns_a_scored_copy():
     assert post.sentiment is None
     assert scored.sentiment is not None and scored.sentiment.label == "positive"
     assert scored.post_id == post.post_id and scored.caption == post.caption
+
+
+def test_scores_are_those_of_textblobs_own_analyzer():
+    from textblob import TextBlob
+
+    enricher = SentimentEnricher(0.05)
+    for caption in ["I love this amazing sunset", "terrible awful day, hate it", "first day at the new office", "meh"]:
+        ours = enricher.score(caption)
+        theirs = TextBlob(caption).sentiment
+        assert (ours.polarity, ours.subjectivity) == (round(theirs.polarity, 6), round(theirs.subjectivity, 6))

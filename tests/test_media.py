@@ -270,3 +270,15 @@ def test_sniff_refuses_decompression_bombs():
     Image.new("1", (12_000, 12_000)).save(buf, format="PNG")  # 144 megapixels in a few kilobytes
     with pytest.raises(MediaError, match="too large|decompression bomb"):
         sniff_image(buf.getvalue())
+
+
+@pytest.mark.parametrize("keep", [0.3, 0.6, 0.9])
+@pytest.mark.badinput("a JPEG cut short (no Content-Length to tell) is refused by the decode check")
+def test_a_truncated_jpeg_is_not_an_image(keep):
+    buf = io.BytesIO()
+    noise = Image.effect_noise((320, 240), 60).convert("RGB")  # detailed, so the cut lands inside scan data
+    noise.save(buf, format="JPEG", quality=90)
+    body = buf.getvalue()
+    assert sniff_image(body)[0] == "image/jpeg"
+    with pytest.raises(MediaError):
+        sniff_image(body[: int(len(body) * keep)])

@@ -148,12 +148,6 @@ def aws(monkeypatch: pytest.MonkeyPatch):
         yield boto3.client("s3", region_name="us-east-1")
 
 
-def count_puts(client) -> list[str]:
-    keys: list[str] = []
-    client.meta.events.register("before-parameter-build.s3.PutObject", lambda params, **kw: keys.append(params["Key"]))
-    return keys
-
-
 def test_s3_put_with_content_type_checksum_metadata_and_no_acl(aws, make_settings):
     aws.create_bucket(Bucket="archive")
     store = S3Store(make_settings(S3_BUCKET="archive", AWS_REGION="us-east-1"))
@@ -174,15 +168,36 @@ def test_s3_put_with_content_type_checksum_metadata_and_no_acl(aws, make_setting
 
 def test_s3_same_content_is_not_uploaded_again(aws, make_settings):
     aws.create_bucket(Bucket="archive")
+    aws.put_bucket_versioning(Bucket="archive", VersioningConfiguration={"Status": "Enabled"})
     store = S3Store(make_settings(S3_BUCKET="archive", AWS_REGION="us-east-1"))
-    puts = count_puts(store.client)
+
+    def versions() -> int:
+        return len(aws.list_object_versions(Bucket="archive", Prefix="k/0.png").get("Versions", []))
+
     body = png_bytes()
     sha = hashlib.sha256(body).hexdigest()
-    assert store.put("k/0.png", body, "image/png", sha) is True
-    assert store.put("k/0.png", body, "image/png", sha) is False
+    assert store.put("k/0.png", body, "image/png", sha) is True and versions() == 1
+    assert store.put("k/0.png", body, "image/png", sha) is False and versions() == 1  # refused by If-None-Match
     other = png_bytes(color=(9, 9, 9))
-    assert store.put("k/0.png", other, "image/png", hashlib.sha256(other).hexdigest()) is True
-    assert puts == ["k/0.png", "k/0.png"]
+    assert store.put("k/0.png", other, "image/png", hashlib.sha256(other).hexdigest()) is True and versions() == 2
+    assert aws.get_object(Bucket="archive", Key="k/0.png")["Body"].read() == other
+
+
+def test_s3_store_without_conditional_writes_falls_back_to_plain_puts(aws, make_settings):
+    aws.create_bucket(Bucket="archive")
+    store = S3Store(make_settings(S3_BUCKET="archive", AWS_REGION="us-east-1"))
+
+    def refuse_conditions(params, **kwargs):
+        if "IfNoneMatch" in params:
+            from botocore.exceptions import ClientError
+
+            raise ClientError({"Error": {"Code": "NotImplemented", "Message": "no"}}, "PutObject")
+
+    store.client.meta.events.register("provide-client-params.s3.PutObject", refuse_conditions)
+    body = png_bytes()
+    assert store.put("k/0.png", body, "image/png", hashlib.sha256(body).hexdigest()) is True
+    assert store.conditional is False
+    assert aws.get_object(Bucket="archive", Key="k/0.png")["Body"].read() == body
 
 
 def test_s3_missing_bucket_is_a_config_error_naming_s3_bucket(aws, make_settings):

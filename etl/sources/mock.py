@@ -46,6 +46,7 @@ def _image(post_id: str, n: int, ext: str) -> bytes:
 
 class _ImageHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # else each small response waits ~40 ms for a delayed ACK
 
     def log_message(self, *args: object) -> None:
         pass
