@@ -9,6 +9,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from functools import partial
@@ -27,6 +28,39 @@ from etl.store import ObjectStore, object_key, store_from_settings
 
 log = logging.getLogger(__name__)
 MAX_ERRORS_KEPT = 200
+
+
+class StageClock:
+    """Seconds spent per stage. Image workers add theirs from many threads at once, so their stages sum to
+    more than the wall time: they show where the work went, not how long the run took."""
+
+    def __init__(self) -> None:
+        self.seconds: Counter = Counter()
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            elapsed = time.perf_counter() - start
+            with self._lock:
+                self.seconds[stage] += elapsed
+
+    def timed(self, items: Iterable[Any], stage: str) -> Iterator[Any]:
+        """The items of `items`, the time spent producing them counted to `stage`."""
+        iterator = iter(items)
+        while True:
+            with self(stage):
+                try:
+                    item = next(iterator)
+                except StopIteration:
+                    return
+            yield item
+
+    def line(self) -> str:
+        return " ".join(f"{stage}={seconds:.2f}s" for stage, seconds in self.seconds.items())
 
 
 @dataclass
@@ -48,6 +82,7 @@ class RunStats:
     per_source: dict[str, dict[str, Any]] = field(default_factory=dict)
     source_failures: int = 0
     interrupted: bool = False
+    stages: StageClock = field(default_factory=StageClock)
     started: float = field(default_factory=time.monotonic)
     seconds: float = 0.0
 
@@ -104,6 +139,7 @@ class RunStats:
             f"unchanged={self.unchanged} rejected={self.rejected} | images stored={self.images_stored} "
             f"skipped={self.images_skipped} failed={self.images_failed} | sentiment positive={s['positive']} "
             f"neutral={s['neutral']} negative={s['negative']} | {self.seconds:.1f}s"
+            + (f" | stages {self.stages.line()}" if self.stages.seconds else "")
         )
 
 
@@ -131,6 +167,7 @@ class Archiver:
         self.store = store
         self.downloader = downloader or Downloader(settings)
         self.enricher = enricher or SentimentEnricher(settings.sentiment_threshold)
+        self.clock = StageClock()  # shared with the image workers; RunStats.stages points here
 
     # -- images ----------------------------------------------------------------------------------
 
@@ -138,10 +175,12 @@ class Archiver:
         """Download, verify and store one image; never raises (a failure is a Media with status failed)."""
         media = Media(platform, post_id, position, url)
         try:
-            fetched = self.downloader.fetch(url)
+            with self.clock("download"):
+                fetched = self.downloader.fetch(url)
             key = object_key(self.settings.s3_prefix, platform, created_at, post_id, position, fetched.content_type)
             assert self.store is not None
-            self.store.put(key, fetched.body, fetched.content_type, fetched.sha256)
+            with self.clock("store"):
+                self.store.put(key, fetched.body, fetched.content_type, fetched.sha256)
         except MediaError as exc:
             media.status, media.error, media.permanent = "failed", str(exc), exc.permanent
         except StoreError as exc:
@@ -169,10 +208,11 @@ class Archiver:
         fails (LoadError: the database is gone), nothing more can be done and the error goes on at once.
         """
         newest: datetime | None = None
+        stats.stages = self.clock
         with ThreadPoolExecutor(self.settings.concurrency, thread_name_prefix="images") as pool:
             pending: _Batch | None = None
             try:
-                for posts_batch in chunked(posts, self.settings.batch_size):
+                for posts_batch in chunked(self.clock.timed(posts, "fetch"), self.settings.batch_size):
                     current = self._start(posts_batch, pool, stats)
                     finishing, pending = pending, current
                     if finishing is not None:
@@ -188,12 +228,14 @@ class Archiver:
         return newest
 
     def _start(self, posts: list[Post], pool: ThreadPoolExecutor, stats: RunStats) -> _Batch:
-        scored = [self.enricher.enrich(p) for p in posts]
+        with self.clock("enrich"):
+            scored = [self.enricher.enrich(p) for p in posts]
         stats.fetched += len(scored)
         keys = list({(p.platform, p.post_id) for p in scored if p.image_urls})
-        known, hopeless = (
-            self.db.run(lambda cur: dbm.known_media(cur, keys), what="looking up stored images") if keys else ({}, {})
-        )
+        with self.clock("lookup"):
+            known, hopeless = (
+                self.db.run(lambda cur: dbm.known_media(cur, keys), what="looking up stored images") if keys else ({}, {})
+            )
         futures: dict[tuple[str, str, int], Future] = {}
         for post in scored:
             for position, url in enumerate(post.image_urls):
@@ -205,7 +247,8 @@ class Archiver:
         return _Batch(scored, futures, known)
 
     def _finish(self, batch: _Batch, stats: RunStats, source: str) -> datetime | None:
-        media = [f.result() for f in batch.futures.values()]
+        with self.clock("wait_images"):
+            media = [f.result() for f in batch.futures.values()]
         first_urls: dict[tuple[str, str], str] = {}
         for (platform, post_id, position), (_, url) in batch.known.items():
             if position == 0:
@@ -218,7 +261,8 @@ class Archiver:
             dbm.upsert_media(cur, media)
             return counts
 
-        counts = self.db.run(load, what=f"loading a batch of {len(batch.posts)} posts")
+        with self.clock("load"):
+            counts = self.db.run(load, what=f"loading a batch of {len(batch.posts)} posts")
         log.debug(
             "loaded %d posts (%d new, %d updated, %d unchanged) and %d image rows",
             len(batch.posts), counts.inserted, counts.updated, counts.unchanged, len(media),

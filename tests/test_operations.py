@@ -300,3 +300,12 @@ def test_a_permanent_failure_is_not_fetched_again_when_its_post_comes_back(lists
     stats = runner(make_settings, db, tmp_path).execute(RunRequest(sources=["listsrc"]))
     assert stats.fetched == 1 and http_server.hits["/gone.png"] == hits
     assert query(db.dsn, "SELECT attempts, permanent FROM post_media") == [(1, True)]
+
+
+def test_the_summary_names_the_time_of_each_stage(listsrc, make_settings, db, tmp_path, http_server):
+    http_server.routes["/a.png"] = Reply(body=png_bytes())
+    listsrc.posts = [make_post(1, T0, images=(http_server.url("/a.png"),)), make_post(2, T0)]
+    stats = runner(make_settings, db, tmp_path).execute(RunRequest(sources=["listsrc"]))
+    assert {"fetch", "enrich", "lookup", "wait_images", "load", "download", "store"} <= set(stats.stages.seconds)
+    assert all(seconds >= 0 for seconds in stats.stages.seconds.values())
+    assert re.search(r"\| stages fetch=\d+\.\d\ds .*download=\d+\.\d\ds", stats.summary_line())
