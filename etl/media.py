@@ -8,6 +8,7 @@ import ipaddress
 import logging
 import socket
 import time
+import urllib.request
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -200,6 +201,9 @@ class Downloader:
         self.timeout = (settings.connect_timeout, settings.read_timeout)
         self.max_redirects = settings.max_redirects
         self.session = session or make_session(settings.concurrency + 4)
+        if not urllib.request.getproxies():
+            # No proxy in the environment: spare requests (and _proxied) a scan of it on every image.
+            self.session.trust_env = False
         self.policy = policy or RetryPolicy.from_settings(settings)
         self.guard = guard or URLGuard(allow_private=settings.allow_private_hosts)
         # Time for one attempt's body; generous enough for the largest image at a slow link's pace.
