@@ -24,6 +24,7 @@ from etl.status import collect_status, format_status
 
 log = logging.getLogger("etl")
 COMMANDS = ("run", "backfill", "reenrich", "status", "migrate")
+GLOBAL_OPTIONS = ("--log-format", "--log-level")  # options taking a value, placed before the command
 
 
 def parse_date(value: str) -> datetime:
@@ -74,9 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None, *, env: dict[str, str] | None = None, stdout: IO[str] | None = None) -> int:
     """Run the command line; returns the exit code. `env` replaces the environment (tests)."""
     out = stdout or sys.stdout
-    args_list = list(sys.argv[1:] if argv is None else argv)
-    if not any(a in COMMANDS for a in args_list if not a.startswith("-")) and "-h" not in args_list and "--help" not in args_list:
-        args_list = ["run", *args_list] if not _has_global_only(args_list) else [*args_list, "run"]
+    args_list = with_default_command(list(sys.argv[1:] if argv is None else argv))
     parser = build_parser()
     args = parser.parse_args(args_list)
     try:
@@ -121,8 +120,14 @@ def _on_sigterm(stop: threading.Event) -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
-def _has_global_only(args: list[str]) -> bool:
-    return bool(args) and all(a.startswith("--log") or a in ("text", "json", "DEBUG", "INFO", "WARNING", "ERROR") for a in args)
+def with_default_command(args: list[str]) -> list[str]:
+    """`etl.py [global options] [run options]` means `etl.py [global options] run [run options]`."""
+    if any(a in COMMANDS for a in args) or any(a in ("-h", "--help", "--version") for a in args):
+        return args
+    i = 0
+    while i < len(args) and args[i].split("=", 1)[0] in GLOBAL_OPTIONS:
+        i += 1 if "=" in args[i] else 2
+    return [*args[:i], "run", *args[i:]]
 
 
 def _dispatch(args: argparse.Namespace, settings: Settings, out: IO[str]) -> int:
