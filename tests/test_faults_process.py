@@ -62,6 +62,15 @@ def start_etl(tmp_path: Path, env: dict[str, str], *args: str) -> subprocess.Pop
     )  # fmt: skip
 
 
+def import_to_completion(tmp_path: Path, env: dict[str, str], posts: Path) -> None:
+    """One more, undisturbed import of the same file; it must finish with exit 0."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "etl.py"), "run", "--source", "jsonl", "--input", str(posts)],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+
+
 def wait_for_rows(dsn: str, table: str, at_least: int, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -146,11 +155,7 @@ def test_sigterm_finishes_in_flight_work_and_records_interrupted(db, tmp_path, h
     assert 10 <= loaded < 80
     # Every loaded post has its image row, stored: nothing in between.
     assert query(db.dsn, "SELECT count(*), count(*) FILTER (WHERE status = 'stored') FROM post_media") == [(loaded, loaded)]
-    rerun = subprocess.run(
-        [sys.executable, str(ROOT / "etl.py"), "run", "--source", "jsonl", "--input", str(posts)],
-        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert rerun.returncode == 0, rerun.stderr
+    import_to_completion(tmp_path, env, posts)
     assert_archive_exact(db.dsn, tmp_path / "data" / "objects", 80)
 
 
@@ -164,11 +169,7 @@ def test_sigkill_at_random_moments_then_rerun_completes(db, tmp_path, http_serve
         time.sleep(rng.uniform(0.8, 2.5))
         proc.kill()
         proc.communicate(timeout=30)
-    final = subprocess.run(
-        [sys.executable, str(ROOT / "etl.py"), "run", "--source", "jsonl", "--input", str(posts)],
-        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=180,
-    )  # fmt: skip
-    assert final.returncode == 0, final.stderr
+    import_to_completion(tmp_path, env, posts)
     assert_archive_exact(db.dsn, tmp_path / "data" / "objects", 80)
     statuses = [r[0] for r in query(db.dsn, "SELECT status FROM etl_runs ORDER BY id")]
     assert statuses[-1] == "ok" and set(statuses[:-1]) <= {"abandoned", "ok"}
