@@ -16,7 +16,6 @@ from urllib.parse import SplitResult, urljoin, urlsplit, urlunsplit
 
 import requests
 import urllib3
-from PIL import Image
 
 from etl.config import Settings
 from etl.errors import MediaError
@@ -128,6 +127,8 @@ class URLGuard:
 
 def sniff_image(body: bytes) -> tuple[str, int, int]:
     """(content type, width, height) of a complete image; MediaError when the bytes are not one."""
+    from PIL import Image  # here, not at the top: a run without images to fetch never needs Pillow
+
     if body[:512].lstrip(b"\xef\xbb\xbf \t\r\n").lower().startswith(_MARKUP):
         raise MediaError("not an image: the body is HTML/XML", permanent=True)
     try:
