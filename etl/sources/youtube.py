@@ -14,8 +14,6 @@ from datetime import datetime, timedelta, timezone
 from itertools import islice
 from typing import Any
 
-import httplib2
-
 from etl.config import Settings
 from etl.errors import ConfigError, RecordError, SourceError
 from etl.http import Retriable, RetryPolicy, WaitTooLong
@@ -42,8 +40,9 @@ KEY_REASONS = frozenset({"keyInvalid", "keyExpired", "API_KEY_INVALID", "API_KEY
 _KEY_IN_TEXT = re.compile(r"([?&]key=)[^&#\s\"'>]+")
 _HTML_TAG = re.compile(r"<[^>]+>")
 
-# What httplib2 raises when the network fails (socket errors are OSError: refused, reset, timed out).
-NETWORK_ERRORS = (OSError, http.client.HTTPException, httplib2.HttpLib2Error)
+# What the transport raises when the network fails (socket errors are OSError: refused, reset, timed out);
+# httplib2's own HttpLib2Error is added in `call`, which imports it, like googleapiclient, only when used.
+NETWORK_ERRORS = (OSError, http.client.HTTPException)
 
 _QUOTA_TODAY_SQL = (
     "SELECT COALESCE(SUM((per_source -> %s ->> 'quota_used')::numeric), 0) FROM etl_runs"
@@ -200,6 +199,7 @@ class YouTubeAPI:
     @property
     def service(self) -> Any:
         if self._service is None:
+            import httplib2
             from googleapiclient.discovery import build
 
             base = self.settings.youtube_api_base
@@ -221,6 +221,7 @@ class YouTubeAPI:
     def call(self, method: str, **params: Any) -> dict[str, Any]:
         """One API call (e.g. "videos.list"), retried on 5xx, 429, rate limits and connection errors."""
         from googleapiclient.errors import HttpError
+        from httplib2 import HttpLib2Error
 
         resource, verb = method.split(".")
         cost = COSTS[method]
@@ -241,7 +242,7 @@ class YouTubeAPI:
                     last[:] = [error]
                     raise Retriable(str(error), retry_after=_retry_after(exc)) from None
                 raise error from None
-            except NETWORK_ERRORS as exc:  # the network: worth another attempt
+            except (*NETWORK_ERRORS, HttpLib2Error) as exc:  # the network: worth another attempt
                 reason = scrub(str(exc) or type(exc).__name__, self._key)
                 last[:] = [YouTubeError(f"youtube {method}: cannot reach the API: {reason}")]
                 raise Retriable(str(last[0])) from None
