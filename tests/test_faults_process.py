@@ -117,18 +117,23 @@ def test_database_server_restart_mid_run(tmp_path, http_server):
 
     pgdata = Path(tempfile.mkdtemp(prefix="archiver-restart-pg-"))
     server = pgserver.get_server(pgdata, cleanup_mode="delete")
+    user = {"user": "pgserver"} if os.geteuid() == 0 else {}
     try:
         dsn = server.get_uri()
         posts = write_posts(tmp_path / "in.jsonl", http_server, 60, delay=0.05)
         proc = start_etl(tmp_path, base_env(tmp_path, dsn), "run", "--source", "jsonl", "--input", str(posts))
         wait_for_rows(dsn, "social_posts", 10)
-        user = {"user": "pgserver"} if os.geteuid() == 0 else {}
         _commands.pg_ctl(["-w", "-m", "fast", "restart"], pgdata=pgdata, timeout=60, **user)
         out, err = proc.communicate(timeout=180)
         assert proc.returncode == 0, err
         assert_archive_exact(dsn, tmp_path / "data" / "objects", 60)
         assert query(dsn, "SELECT status FROM etl_runs") == [("ok",)]
     finally:
+        # pgserver knows the first postmaster's pid only: the restarted one is stopped here, by its data dir.
+        subprocess.run(
+            [str(_commands.POSTGRES_BIN_PATH / "pg_ctl"), "-D", str(pgdata), "-w", "-m", "immediate", "stop"],
+            capture_output=True, timeout=60, **user,
+        )  # fmt: skip
         server.cleanup()
 
 
