@@ -134,45 +134,30 @@ def _dispatch(args: argparse.Namespace, settings: Settings, out: IO[str]) -> int
     command = args.command or "run"
     stop = threading.Event()
     _on_sigterm(stop)
-    if command == "run":
-        sources = args.sources or list(settings.sources)
+    if command in ("run", "backfill"):
         if args.limit is not None and args.limit < 0:
             raise UsageError("--limit must be zero or more")
         request = RunRequest(
-            mode="run",
-            sources=sources,
+            mode=command,
+            sources=args.sources or list(settings.sources),
             limit=args.limit,
-            dry_run=args.dry_run,
             source_options=_source_options(args),
             arguments=_recorded(args),
         )
-        if "jsonl" in sources and not args.input:
-            raise UsageError("the jsonl source needs --input FILE (or - for standard input)")
-        runner = Runner(settings, stop=stop)
-        stats = runner.execute(request)
-        _print_run_summary(out, stats, runner, settings, dry_run=args.dry_run)
-        return int(stats.exit_code)
-    if command == "backfill":
-        if args.until is not None and args.until <= args.since:
-            raise UsageError("--until must be after --since")
-        if args.chunk_days <= 0:
-            raise UsageError("--chunk-days must be positive")
-        request = RunRequest(
-            mode="backfill",
-            sources=args.sources,
-            limit=args.limit,
-            since=args.since,
-            until=args.until,
-            chunk=timedelta(days=args.chunk_days),
-            source_options=_source_options(args),
-            arguments=_recorded(args),
-        )
-        bar = ProgressBar(sys.stderr) if sys.stderr.isatty() else None
+        if command == "run":
+            request.dry_run = args.dry_run
+        else:
+            if args.until is not None and args.until <= args.since:
+                raise UsageError("--until must be after --since")
+            if args.chunk_days <= 0:
+                raise UsageError("--chunk-days must be positive")
+            request.since, request.until, request.chunk = args.since, args.until, timedelta(days=args.chunk_days)
+        bar = ProgressBar(sys.stderr) if command == "backfill" and sys.stderr.isatty() else None
         runner = Runner(settings, stop=stop, progress=bar)
         stats = runner.execute(request)
         if bar:
             bar.close()
-        _print_run_summary(out, stats, runner, settings, dry_run=False)
+        _print_run_summary(out, stats, runner, settings, dry_run=request.dry_run)
         return int(stats.exit_code)
     if command == "reenrich":
         return _reenrich(args, settings, out, stop)

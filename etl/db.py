@@ -125,7 +125,10 @@ class Database:
             conn.commit()
         except BaseException:
             if not conn.closed:
-                conn.rollback()
+                try:
+                    conn.rollback()
+                except psycopg2.Error:  # the connection broke: the error that broke it is the one to raise
+                    pass
             raise
 
     def run(self, fn: Callable[[psycopg2.extensions.cursor], T], *, what: str) -> T:
@@ -221,7 +224,7 @@ class Database:
 
     def finish_run(self, run_id: int, status: str, stats: dict[str, Any]) -> None:
         errors = [clean_text(e) for e in stats.get("errors", [])][:50]
-        summary = f"{len(stats.get('errors', []))} error(s); first: {errors[0]}" if errors else None
+        summary = f"{stats.get('error_count', len(errors))} error(s); first: {errors[0]}" if errors else None
         values = (
             status,
             *(int(stats.get(c, 0)) for c in _RUN_COUNTS),
@@ -235,7 +238,8 @@ class Database:
 
     def abandon_dead_runs(self, sources: Sequence[str]) -> int:
         """Runs still marked running for these sources died (we hold their locks now): mark them abandoned."""
-        with self.transaction() as cur:
+
+        def update(cur: psycopg2.extensions.cursor) -> int:
             cur.execute(
                 "UPDATE etl_runs SET status = 'abandoned', finished_at = now(),"
                 " error_summary = COALESCE(error_summary, 'the process ended without finishing the run')"
@@ -244,18 +248,22 @@ class Database:
             )
             return cur.rowcount
 
+        return self.run(update, what="closing the records of dead runs")
+
     # -- backfill progress -----------------------------------------------------------------------
 
     def finished_chunks(
         self, source: str, config_key: str, since: datetime, until: datetime
     ) -> set[tuple[datetime, datetime]]:
-        with self.transaction() as cur:
+        def read(cur: psycopg2.extensions.cursor) -> set[tuple[datetime, datetime]]:
             cur.execute(
                 "SELECT chunk_start, chunk_end FROM etl_backfill_chunks"
                 " WHERE source = %s AND config_key = %s AND chunk_start >= %s AND chunk_end <= %s",
                 (source, config_key, since, until),
             )
             return {(row[0], row[1]) for row in cur.fetchall()}
+
+        return self.run(read, what="reading backfill progress")
 
     def finish_chunk(
         self, source: str, config_key: str, start: datetime, end: datetime, posts: int, run_id: int | None

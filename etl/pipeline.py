@@ -78,7 +78,8 @@ class RunStats:
     images_retried: int = 0
     quota_used: int = 0
     sentiment: Counter = field(default_factory=Counter)
-    errors: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)  # the first MAX_ERRORS_KEPT of them
+    error_count: int = 0
     per_source: dict[str, dict[str, Any]] = field(default_factory=dict)
     source_failures: int = 0
     interrupted: bool = False
@@ -87,8 +88,16 @@ class RunStats:
     seconds: float = 0.0
 
     def error(self, message: str) -> None:
+        self.error_count += 1
         if len(self.errors) < MAX_ERRORS_KEPT:
             self.errors.append(message)
+
+    def take_rejects(self, source: Source) -> None:
+        """Count a source's bad items; its kept messages become errors (it keeps the first 200 only)."""
+        for message in source.rejects:
+            self.error(message)
+        self.error_count += source.rejected - len(source.rejects)
+        self.rejected += source.rejected
 
     def count_images(self, media: Iterable[Media], where: str) -> None:
         for m in media:
@@ -130,6 +139,7 @@ class RunStats:
             "sentiment": dict(self.sentiment),
             "per_source": self.per_source,
             "errors": self.errors,
+            "error_count": self.error_count,
         }
 
     def summary_line(self) -> str:
@@ -521,9 +531,7 @@ class Runner:
 
     @staticmethod
     def _account(source: Source, stats: RunStats, before: dict[str, int], completed: bool) -> None:
-        for message in source.rejects:
-            stats.error(message)
-        stats.rejected += source.rejected
+        stats.take_rejects(source)
         stats.quota_used += source.quota_used
         after = stats.snapshot()
         stats.per_source[source.name] = {
@@ -546,8 +554,7 @@ class Runner:
                 except SourceError as exc:
                     stats.source_failures += 1
                     stats.error(f"{source.name}: {exc}")
-            stats.rejected += source.rejected
-            stats.errors.extend(source.rejects)
+            stats.take_rejects(source)
         stats.seconds = time.monotonic() - stats.started
 
 

@@ -50,3 +50,20 @@ def test_dry_run_writes_nothing(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "Dry run (nothing written)" in result.stdout and "fetched 7" in result.stdout
     assert not (tmp_path / "d").exists()  # no database started, no object stored
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["backfill", "--source", "jsonl", "--since", "2026-01-01"], "--input"),
+        (["run", "--source", "jsonl", "--input", "no-such.jsonl"], "no such file"),
+        (["backfill", "--source", "mock", "--since", "2026-02-01", "--until", "2026-01-01"], "--until"),
+    ],
+)
+def test_bad_arguments_exit_2_before_any_work(tmp_path, args, message):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "etl.py"), *args],
+        capture_output=True, text=True, cwd=tmp_path, env={"PATH": "", "ETL_DATA_DIR": str(tmp_path / "d")},
+    )  # fmt: skip
+    assert result.returncode == 2 and message in result.stderr
+    assert not (tmp_path / "d").exists()  # no database was started

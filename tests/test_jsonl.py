@@ -91,11 +91,11 @@ def test_window_filters_by_created_at(make_settings, tmp_path):
     assert [p.post_id for p in posts] == ["new"]
 
 
-def test_missing_file_and_missing_input_are_config_errors(make_settings, tmp_path):
+def test_missing_file_and_missing_input_are_config_errors_when_the_source_is_built(make_settings, tmp_path):
     with pytest.raises(ConfigError, match="no such file"):
-        list(JsonlSource(make_settings(), input=str(tmp_path / "nope.jsonl")).fetch(FetchWindow()))
+        JsonlSource(make_settings(), input=str(tmp_path / "nope.jsonl"))
     with pytest.raises(ConfigError, match="--input"):
-        list(JsonlSource(make_settings()).fetch(FetchWindow()))
+        JsonlSource(make_settings())
 
 
 def test_very_long_line_is_refused_without_holding_it(make_settings, monkeypatch):

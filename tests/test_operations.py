@@ -309,3 +309,14 @@ def test_the_summary_names_the_time_of_each_stage(listsrc, make_settings, db, tm
     assert {"fetch", "enrich", "lookup", "wait_images", "load", "download", "store"} <= set(stats.stages.seconds)
     assert all(seconds >= 0 for seconds in stats.stages.seconds.values())
     assert re.search(r"\| stages fetch=\d+\.\d\ds .*download=\d+\.\d\ds", stats.summary_line())
+
+
+def test_a_flood_of_bad_lines_is_counted_whole_and_kept_bounded(make_settings, db, tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text("not json\n" * 450 + json.dumps({"platform": "x", "post_id": "ok", "created_at": "2026-01-01"}) + "\n")
+    request = RunRequest(sources=["jsonl"], source_options={"jsonl": {"input": str(path)}})
+    stats = runner(make_settings, db, tmp_path).execute(request)
+    assert stats.rejected == 450 and stats.error_count == 450 and len(stats.errors) == 200
+    assert query(db.dsn, "SELECT count(*) FROM social_posts") == [(1,)]
+    (summary,) = query(db.dsn, "SELECT error_summary FROM etl_runs")[0]
+    assert summary.startswith("450 error(s); first: jsonl: ") and "line 1" in summary

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from etl.errors import ConfigError, RecordError
+from etl.errors import RecordError, UsageError
 from etl.records import Post, post_from_dict
 from etl.sources import register
 from etl.sources.base import FetchWindow, Source
@@ -69,6 +69,11 @@ class JsonlSource(Source):
 
     def __init__(self, settings: Any, *, input: str | None = None, stdin: IO[Any] | None = None, **kwargs: Any):
         super().__init__(settings, **kwargs)
+        # Checked here, when the run builds its sources, so that a bad --input stops it before any work.
+        if input is None:
+            raise UsageError("the jsonl source needs --input FILE (or - for standard input)")
+        if input != "-" and not Path(input).is_file():
+            raise UsageError(f"--input {input}: no such file")
         self.input = input
         self.stdin = stdin  # a binary or text stream read instead of standard input (tests)
 
@@ -77,24 +82,19 @@ class JsonlSource(Source):
         """The input comes from the command line (--input), checked when the source is built."""
 
     def config_key(self) -> str:
-        return "-" if self.input in (None, "-") else str(Path(self.input).resolve())
+        return "-" if self.input == "-" else str(Path(self.input).resolve())
 
     def _lines(self) -> Iterator[tuple[int, bytes | str | None]]:
-        if self.input is None:
-            raise ConfigError("the jsonl source needs --input FILE (or - for standard input)")
         # Bytes, decoded line by line: a line of invalid UTF-8 is rejected alone, not the whole input.
         if self.input == "-":
             stream = self.stdin if self.stdin is not None else sys.stdin.buffer
             yield from enumerate(_bounded_lines(stream, MAX_LINE_BYTES), start=1)
             return
-        path = Path(self.input)
-        if not path.is_file():
-            raise ConfigError(f"--input {self.input}: no such file")
-        with path.open("rb") as stream:
+        with Path(self.input).open("rb") as stream:
             yield from enumerate(_bounded_lines(stream, MAX_LINE_BYTES), start=1)
 
     def fetch(self, window: FetchWindow) -> Iterator[Post]:
-        where = "stdin" if self.input in (None, "-") else self.input
+        where = "stdin" if self.input == "-" else self.input
         for number, line in self._lines():
             data: Any = None
             try:
