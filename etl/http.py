@@ -18,7 +18,7 @@ from etl import __version__
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-USER_AGENT = f"social-archiver/{__version__} (+https://github.com/social-archiver)"
+USER_AGENT = f"social-archiver/{__version__}"
 
 # Failures worth another attempt: the network, or the server said "later".
 TRANSIENT_EXCEPTIONS = (
@@ -118,33 +118,6 @@ class RetryPolicy:
             reraise=True,
         )
         return retrying(fn)
-
-
-def send(
-    session: requests.Session, method: str, url: str, *, policy: RetryPolicy, describe: str | None = None, **kwargs: Any
-) -> requests.Response:
-    """Send a request, retrying 429/5xx and connection errors. Returns the final response, whatever its status.
-
-    A server that asks for a longer wait than the policy allows gets its response returned at once.
-    """
-
-    def attempt() -> requests.Response:
-        response = session.request(method, url, **kwargs)
-        if is_retriable_status(response.status_code):
-            asked = retry_after_seconds(response)
-            response.close()
-            raise Retriable(f"HTTP {response.status_code}", retry_after=asked, response=response)
-        return response
-
-    try:
-        return policy.call(attempt, describe=describe or f"{method} {url.split('?')[0]}")
-    except Retriable as exc:
-        assert exc.response is not None
-        return exc.response
-    except WaitTooLong as exc:
-        if exc.response is None:
-            raise
-        return exc.response
 
 
 class PinnedHostAdapter(HTTPAdapter):

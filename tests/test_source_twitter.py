@@ -477,3 +477,22 @@ def test_the_source_is_registered():
 def test_contract_posts_are_served_over_loopback(tmp_path):
     posts = contract_posts(tmp_path)
     assert [p.post_id for p in posts] == PAGE1_IDS + PAGE2_IDS + TIMELINE_IDS
+
+
+@pytest.mark.badinput("a tweet with an absurd count or date is refused by the shared record validator")
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"public_metrics": {"like_count": -3, "reply_count": 0}}, "like_count -3 is out of range"),
+        ({"created_at": "1999-12-31T23:59:59.000Z"}, "before 2000"),
+        ({"text": "x" * 100_001}, "caption is 100001 characters long"),
+    ],
+)
+def test_tweets_go_through_the_shared_validator(change, message):
+    from etl.errors import RecordError
+    from etl.sources.twitter import tweet_to_post
+
+    good = {"id": "1767000000000000000", "text": "hello", "created_at": "2026-03-10T12:00:00.000Z"}
+    assert tweet_to_post(good, {}, {}).post_id == "1767000000000000000"  # the tweet is fine without the change
+    with pytest.raises(RecordError, match=message):
+        tweet_to_post({**good, **change}, {}, {})

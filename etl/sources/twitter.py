@@ -15,7 +15,7 @@ import requests
 from etl.config import Settings
 from etl.errors import ConfigError, RecordError, SourceError
 from etl.http import Retriable, RetryPolicy, WaitTooLong, is_retriable_status, retry_after_seconds
-from etl.records import Post, clean_json, clean_text, extract_hashtags, parse_datetime
+from etl.records import Post, clean_text, extract_hashtags, post_from_dict
 from etl.sources import register
 from etl.sources.base import FetchWindow, Source
 
@@ -60,10 +60,6 @@ def snowflake_time(tweet_id: str) -> datetime | None:
 
 def _username(value: str) -> str:
     return value.strip().lstrip("@")
-
-
-def _count(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
 def _problem(response: requests.Response) -> dict[str, Any]:
@@ -235,7 +231,6 @@ def tweet_to_post(
         raise RecordError("missing id" if post_id in (None, "") else f"id {post_id!r} is not a tweet id")
     if not tweet.get("created_at"):
         raise RecordError("missing created_at")
-    created_at = parse_datetime(tweet["created_at"])
     author = users_by_id.get(str(tweet.get("author_id")))
     author_name = author.get("username") if isinstance(author, Mapping) else None
     author_name = author_name if isinstance(author_name, str) and author_name else username
@@ -256,18 +251,21 @@ def tweet_to_post(
     permalink = (
         f"https://x.com/{author_name}/status/{post_id}" if author_name else f"https://x.com/i/web/status/{post_id}"
     )
-    return Post(
-        platform="twitter",
-        post_id=post_id,
-        created_at=created_at,
-        author_username=clean_text(author_name),
-        caption=clean_text(text),
-        like_count=_count(metrics.get("like_count")),
-        comment_count=_count(metrics.get("reply_count")),
-        permalink=permalink,
-        image_urls=tuple(urls[:MAX_IMAGES]),
-        hashtags=hashtags,
-        raw=clean_json({**tweet, "author": author, "media": media}),
+    # The shared validator, as for every source: dates, counts, text and sizes checked one way.
+    return post_from_dict(
+        {
+            "platform": "twitter",
+            "post_id": post_id,
+            "created_at": tweet["created_at"],
+            "author_username": author_name,
+            "caption": text,
+            "like_count": metrics.get("like_count"),
+            "comment_count": metrics.get("reply_count"),
+            "permalink": permalink,
+            "image_urls": urls[:MAX_IMAGES],
+            "hashtags": list(hashtags),
+            "raw": {**tweet, "author": author, "media": media},
+        }
     )
 
 
