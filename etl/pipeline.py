@@ -21,6 +21,7 @@ from etl.config import Settings
 from etl.db import Database
 from etl.enrich import SentimentEnricher
 from etl.errors import ConfigError, ETLError, ExitCode, LoadError, MediaError, SourceError, StoreError
+from etl.logs import RedactingFilter
 from etl.media import Downloader
 from etl.records import Media, Post, chunked
 from etl.sources import FetchWindow, Source, source_class
@@ -125,7 +126,8 @@ class RunStats:
             return "interrupted"
         return "ok" if self.exit_code == ExitCode.OK else "partial"
 
-    def ledger(self) -> dict[str, Any]:
+    def ledger(self, redact: Callable[[str], str] = str) -> dict[str, Any]:
+        """What etl_runs records; `redact` is applied to every error message (secrets never reach the table)."""
         return {
             "posts_fetched": self.fetched,
             "posts_inserted": self.inserted,
@@ -138,7 +140,7 @@ class RunStats:
             "quota_used": self.quota_used,
             "sentiment": dict(self.sentiment),
             "per_source": self.per_source,
-            "errors": self.errors,
+            "errors": [redact(e) for e in self.errors],
             "error_count": self.error_count,
         }
 
@@ -433,7 +435,7 @@ class Runner:
                 stats.error("interrupted: the run was asked to stop; the rest is archived by the next run")
             finally:
                 stats.seconds = time.monotonic() - stats.started
-                self.db.finish_run(self.run_id, status, stats.ledger())
+                self.db.finish_run(self.run_id, status, stats.ledger(RedactingFilter(self.settings.secrets()).redact))
                 if self.settings.metrics_path:
                     write_metrics(self.settings.metrics_path, request.mode, status, stats)
         finally:

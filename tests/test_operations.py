@@ -320,3 +320,23 @@ def test_a_flood_of_bad_lines_is_counted_whole_and_kept_bounded(make_settings, d
     assert query(db.dsn, "SELECT count(*) FROM social_posts") == [(1,)]
     (summary,) = query(db.dsn, "SELECT error_summary FROM etl_runs")[0]
     assert summary.startswith("450 error(s); first: jsonl: ") and "line 1" in summary
+
+
+def test_a_secret_in_a_source_error_never_reaches_the_ledger(make_settings, db, tmp_path):
+    token = "AAAA-leaky-bearer-31337"
+
+    class LeakySource(ListSource):
+        name = "leaky"
+
+        def fetch(self, window: FetchWindow) -> Iterator[Post]:
+            raise SourceError(f"GET https://api.example/2/tweets?token={token} failed")
+            yield  # a generator
+
+    registry.REGISTRY["leaky"] = LeakySource
+    try:
+        stats = runner(make_settings, db, tmp_path, TWITTER_BEARER_TOKEN=token).execute(RunRequest(sources=["leaky"]))
+    finally:
+        registry.REGISTRY.pop("leaky", None)
+    assert stats.source_failures == 1
+    ledger = json.dumps(query(db.dsn, "SELECT errors, error_summary FROM etl_runs"))
+    assert token not in ledger and "token=***" in ledger
