@@ -67,11 +67,53 @@ def test_enrich_returns_a_scored_copy():
     assert scored.post_id == post.post_id and scored.caption == post.caption
 
 
+CAPTIONS = [
+    "I love this amazing sunset",
+    "terrible awful day, hate it",
+    "first day at the new office",
+    "meh",
+    "Not good. Not good at all!!!",
+    "never happy, never sad",
+    "It was terribly, horribly, incredibly boring",  # "-ly" adverbs made from adjectives (textblob.en)
+    "a very very nice and really wonderful trip :-)",
+    "so-so :( but the coffee was OK",
+    "WOW!!! Best. Concert. Ever.",
+    "The hotel was not bad, the food was not great either.",
+    "Éclairs à Paris, c'est magnifique",
+    "Happily ever after?",
+    "simply the worst, literally unbelievable",
+]
+
+
 def test_scores_are_those_of_textblobs_own_analyzer():
+    """The analyzer is loaded without importing textblob (etl.enrich.english_sentiment): its scores must be
+    exactly TextBlob's, on hand-picked captions and on the mock source's."""
     from textblob import TextBlob
 
+    from etl.config import load_settings
+    from etl.sources.mock import MockSource
+
+    mock = MockSource(load_settings({"MOCK_POSTS": "200"}, dotenv_path=None))
+    try:
+        captions = CAPTIONS + [p.caption for p in mock.posts() if p.caption]
+    finally:
+        mock.close()
     enricher = SentimentEnricher(0.05)
-    for caption in ["I love this amazing sunset", "terrible awful day, hate it", "first day at the new office", "meh"]:
+    for caption in captions:
         ours = enricher.score(caption)
-        theirs = TextBlob(caption).sentiment
-        assert (ours.polarity, ours.subjectivity) == (round(theirs.polarity, 6), round(theirs.subjectivity, 6))
+        theirs = TextBlob(enricher.cleaned(caption)).sentiment
+        assert (ours.polarity, ours.subjectivity) == (round(theirs.polarity, 6), round(theirs.subjectivity, 6)), caption
+    assert len({enricher.score(c).label for c in captions}) == 3
+
+
+def test_scoring_does_not_import_textblob_or_nltk():
+    """`import textblob` imports nltk (0.15 s of every run's start-up); the archiver only needs the lexicon."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from etl.enrich import SentimentEnricher; s = SentimentEnricher().score('a lovely day');"
+        "assert s.label == 'positive', s; print(sorted(m for m in sys.modules if m.split('.')[0] in ('nltk', 'textblob')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
