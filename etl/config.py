@@ -133,6 +133,9 @@ class Settings:
     s3_bucket: str = _setting("S3_BUCKET", _str, "", "bucket for images; unset = local store under ETL_DATA_DIR/objects")
     s3_prefix: str = _setting("S3_PREFIX", _s3_prefix, "", "key prefix inside the bucket (a trailing / is added)")
     aws_region: str = _setting("AWS_REGION", _str, "", "region of the bucket (boto3's default chain when unset)")
+    s3_direct_put: bool = _setting(
+        "S3_DIRECT_PUT", _bool, True, "sign image PUTs here and send them over a plain pool (a third of boto3's CPU); false = boto3 put_object for all"
+    )
 
     # Which sources a bare run uses.
     sources: tuple[str, ...] = _setting("ETL_SOURCES", _list, ("mock",), "comma list of sources for a bare `python etl.py`")

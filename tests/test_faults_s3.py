@@ -69,7 +69,9 @@ class FaultProxy:
                 for name, value in response.getheaders():
                     if name.lower() not in ("connection", "transfer-encoding", "content-length", "server", "date"):
                         self.send_header(name, value)
-                self.send_header("Content-Length", str(len(data)))
+                # A HEAD has no body, but its Content-Length is the object's: pass moto's on.
+                length = response.getheader("Content-Length") if self.command == "HEAD" else None
+                self.send_header("Content-Length", length or str(len(data)))
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(data)

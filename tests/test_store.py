@@ -138,6 +138,10 @@ def test_local_store_check_names_the_setting(tmp_path: Path):
 # -- S3 through moto, in-process ----------------------------------------------------------------------
 
 
+# moto's in-process mock intercepts boto3 only; the direct PUT path (urllib3) is tested over HTTP in test_s3_direct.
+BOTO3_ONLY = {"AWS_REGION": "us-east-1", "S3_DIRECT_PUT": "false"}
+
+
 @pytest.fixture
 def aws(monkeypatch: pytest.MonkeyPatch):
     for name in ("AWS_ENDPOINT_URL", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
@@ -150,7 +154,7 @@ def aws(monkeypatch: pytest.MonkeyPatch):
 
 def test_s3_put_with_content_type_checksum_metadata_and_no_acl(aws, make_settings):
     aws.create_bucket(Bucket="archive")
-    store = S3Store(make_settings(S3_BUCKET="archive", AWS_REGION="us-east-1"))
+    store = S3Store(make_settings(S3_BUCKET="archive", **BOTO3_ONLY))
     store.check()
     body = png_bytes()
     sha = hashlib.sha256(body).hexdigest()
@@ -169,7 +173,7 @@ def test_s3_put_with_content_type_checksum_metadata_and_no_acl(aws, make_setting
 def test_s3_same_content_is_not_uploaded_again(aws, make_settings):
     aws.create_bucket(Bucket="archive")
     aws.put_bucket_versioning(Bucket="archive", VersioningConfiguration={"Status": "Enabled"})
-    store = S3Store(make_settings(S3_BUCKET="archive", AWS_REGION="us-east-1"))
+    store = S3Store(make_settings(S3_BUCKET="archive", **BOTO3_ONLY))
 
     def versions() -> int:
         return len(aws.list_object_versions(Bucket="archive", Prefix="k/0.png").get("Versions", []))
@@ -185,7 +189,7 @@ def test_s3_same_content_is_not_uploaded_again(aws, make_settings):
 
 def test_s3_store_without_conditional_writes_falls_back_to_plain_puts(aws, make_settings):
     aws.create_bucket(Bucket="archive")
-    store = S3Store(make_settings(S3_BUCKET="archive", AWS_REGION="us-east-1"))
+    store = S3Store(make_settings(S3_BUCKET="archive", **BOTO3_ONLY))
 
     def refuse_conditions(params, **kwargs):
         if "IfNoneMatch" in params:
@@ -201,13 +205,13 @@ def test_s3_store_without_conditional_writes_falls_back_to_plain_puts(aws, make_
 
 
 def test_s3_missing_bucket_is_a_config_error_naming_s3_bucket(aws, make_settings):
-    store = S3Store(make_settings(S3_BUCKET="no-such-bucket", AWS_REGION="us-east-1"))
+    store = S3Store(make_settings(S3_BUCKET="no-such-bucket", **BOTO3_ONLY))
     with pytest.raises(ConfigError, match="S3_BUCKET 'no-such-bucket' does not exist"):
         store.check()
 
 
 def test_s3_put_into_a_vanished_bucket_is_a_store_error(aws, make_settings):
-    store = S3Store(make_settings(S3_BUCKET="gone", AWS_REGION="us-east-1"))
+    store = S3Store(make_settings(S3_BUCKET="gone", **BOTO3_ONLY))
     with pytest.raises(StoreError, match="S3 PUT k/0.png failed"):
         store.put("k/0.png", b"x", "image/png", "0" * 64)
 

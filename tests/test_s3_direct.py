@@ -1,0 +1,194 @@
+"""The direct S3 PUT path (S3_DIRECT_PUT): learned from boto3's first PUT, signed here, checked by a real endpoint.
+
+moto's server runs over real HTTP behind the fault proxy of test_faults_s3; with moto's IAM checks switched on,
+every request must carry a valid SigV4 signature for an access key moto issued, so a URL, a header or a key
+encoded differently from what was signed is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import datetime, timezone
+
+import boto3
+import pytest
+from botocore.credentials import Credentials
+
+from etl.store import DirectPut, S3Store, object_key
+from tests.support import jpeg_bytes, png_bytes
+from tests.test_faults_s3 import BUCKET, moto_s3  # noqa: F401  (moto_s3 is a fixture)
+
+WHEN = datetime(2026, 10, 3, 12, 0, tzinfo=timezone.utc)
+HOSTILE_IDS = ["plain", "a/b", "x y", "%2F", "~tilde", "é😀", "semi;colon&amp=1", "plus+sign"]
+
+
+@pytest.fixture
+def endpoint(moto_s3, monkeypatch):  # noqa: F811
+    """(proxy, admin client, make_store): stores reach moto through the proxy with an IAM user's key."""
+    proxy, client = moto_s3
+    moto_url = client.meta.endpoint_url
+    iam = boto3.client(
+        "iam", endpoint_url=moto_url, region_name="us-east-1", aws_access_key_id="testing", aws_secret_access_key="testing"
+    )
+    iam.create_user(UserName="archiver")
+    policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}
+    iam.put_user_policy(UserName="archiver", PolicyName="s3", PolicyDocument=json.dumps(policy))
+    key = iam.create_access_key(UserName="archiver")["AccessKey"]
+    from moto import settings as moto_settings
+
+    monkeypatch.setattr(moto_settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)  # from now on, every request is checked
+    admin = boto3.client(
+        "s3", endpoint_url=moto_url, region_name="us-east-1",
+        aws_access_key_id=key["AccessKeyId"], aws_secret_access_key=key["SecretAccessKey"],
+    )  # fmt: skip
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", key["AccessKeyId"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key["SecretAccessKey"])
+
+    def make_store(make_settings, **env: str) -> tuple[S3Store, list[str]]:
+        """A store and the list of URLs boto3 itself sent PUTs to (the rest went the direct way)."""
+        store = S3Store(make_settings(S3_BUCKET=BUCKET, AWS_REGION="us-east-1", ETL_HTTP_RETRIES="3", **env))
+        by_boto3: list[str] = []
+        store.client.meta.events.register("before-send.s3.PutObject", lambda request, **kw: by_boto3.append(request.url))
+        store.check()
+        return store, by_boto3
+
+    return proxy, admin, make_store
+
+
+def put_all(store: S3Store, ids: list[str], prefix: str = "arch ive/é/") -> dict[str, bytes]:
+    bodies = {}
+    for n, post_id in enumerate(ids):
+        body = png_bytes(color=(n, 2 * n, 3 * n)) if n % 2 else jpeg_bytes(color=(n, 50, 90))
+        ctype = "image/png" if n % 2 else "image/jpeg"
+        key = object_key(prefix, "mock", WHEN, post_id, n, ctype)
+        assert store.put(key, body, ctype, hashlib.sha256(body).hexdigest()) is True
+        bodies[key] = body
+    return bodies
+
+
+def assert_stored(admin, bodies: dict[str, bytes]) -> None:
+    for key, body in bodies.items():
+        obj = admin.get_object(Bucket=BUCKET, Key=key)
+        assert obj["Body"].read() == body, key
+        assert obj["ContentType"] == ("image/png" if key.endswith(".png") else "image/jpeg")
+        assert obj["Metadata"] == {"sha256": hashlib.sha256(body).hexdigest()}
+
+
+def test_after_boto3s_first_put_the_rest_are_signed_here_and_accepted(endpoint, make_settings):
+    proxy, admin, make_store = endpoint
+    store, by_boto3 = make_store(make_settings)
+    bodies = put_all(store, HOSTILE_IDS)
+    assert len(by_boto3) == 1  # boto3 sent the first; it taught the direct path the URL and the region
+    assert store.direct is not None and store.direct.region == "us-east-1"
+    assert proxy.forwarded["PUT"] == len(HOSTILE_IDS)  # one request per object, none refused
+    assert_stored(admin, bodies)
+    grants = admin.get_object_acl(Bucket=BUCKET, Key=next(iter(bodies)))["Grants"]
+    assert [g["Permission"] for g in grants] == ["FULL_CONTROL"]  # private, as boto3's PUTs
+
+
+def test_the_endpoint_really_checks_the_signature(endpoint, make_settings):
+    """What makes the test above mean something: a direct PUT signed with the wrong secret is refused."""
+    _, admin, make_store = endpoint
+    store, _ = make_store(make_settings)
+    put_all(store, ["one"])
+    assert store.direct is not None
+    access_key = store.direct.credentials.get_frozen_credentials().access_key  # a key moto knows, the wrong secret
+    wrong = DirectPut(store.direct.base, "us-east-1", Credentials(access_key, "wrong"), pool_size=2, timeout=(2, 5))
+    body = png_bytes()
+    assert wrong.put("mock/x/0.png", body, "image/png", hashlib.sha256(body).hexdigest()) == 403
+    with pytest.raises(Exception, match="NoSuchKey|Not Found|404"):
+        admin.head_object(Bucket=BUCKET, Key="mock/x/0.png")
+
+
+@pytest.mark.fault("S3 SlowDown, a 500 and a dropped connection on direct PUTs: boto3 retries those objects")
+def test_answers_the_direct_path_does_not_handle_go_to_boto3(endpoint, make_settings):
+    proxy, admin, make_store = endpoint
+    store, by_boto3 = make_store(make_settings, ETL_RETRY_MAX_WAIT="0.1")
+    proxy.plan = lambda method, path, n: (
+        (503, "SlowDown", b"") if method == "PUT" and n == 2 else
+        (500, "InternalError", b"") if method == "PUT" and n == 4 else
+        "drop" if method == "PUT" and n == 6 else None
+    )  # fmt: skip
+    bodies = put_all(store, [f"p{i}" for i in range(8)])
+    assert_stored(admin, bodies)
+    assert len(by_boto3) == 4  # the first, and one for each object the direct path could not store
+    assert store.direct is not None  # still in use: those were passing troubles
+
+
+@pytest.mark.parametrize("status", [301, 400, 403])
+def test_a_refusal_hands_every_later_put_to_boto3(endpoint, make_settings, status):
+    proxy, admin, make_store = endpoint
+    store, by_boto3 = make_store(make_settings)
+    proxy.plan = lambda method, path, n: (status, "Refused", b"") if method == "PUT" and n == 2 else None
+    bodies = put_all(store, [f"r{i}" for i in range(5)])
+    assert_stored(admin, bodies)
+    assert store.direct is None and len(by_boto3) == 5  # the first, the refused one again, and the rest
+
+
+def test_an_existing_key_costs_a_head_and_is_replaced_only_when_different(endpoint, make_settings):
+    proxy, admin, make_store = endpoint
+    admin.put_bucket_versioning(Bucket=BUCKET, VersioningConfiguration={"Status": "Enabled"})
+    store, by_boto3 = make_store(make_settings)
+    put_all(store, ["learn"])
+    body = png_bytes()
+    sha = hashlib.sha256(body).hexdigest()
+    assert store.put("k/0.png", body, "image/png", sha) is True
+    heads = proxy.counts.get("HEAD", 0)
+    assert store.put("k/0.png", body, "image/png", sha) is False  # 412 from If-None-Match, then one HEAD
+    assert proxy.counts["HEAD"] == heads + 1
+    other = png_bytes(color=(1, 2, 3))
+    assert store.put("k/0.png", other, "image/png", hashlib.sha256(other).hexdigest()) is True
+    versions = admin.list_object_versions(Bucket=BUCKET, Prefix="k/0.png")["Versions"]
+    assert len(versions) == 2 and admin.get_object(Bucket=BUCKET, Key="k/0.png")["Body"].read() == other
+    assert len(by_boto3) == 2  # the first PUT, and the replacement (an unconditional PUT is boto3's)
+
+
+def test_s3_direct_put_false_leaves_every_put_to_boto3(endpoint, make_settings):
+    _, admin, make_store = endpoint
+    store, by_boto3 = make_store(make_settings, S3_DIRECT_PUT="false")
+    bodies = put_all(store, ["a", "b", "c"])
+    assert store.direct is None and len(by_boto3) == 3
+    assert_stored(admin, bodies)
+
+
+AUTH = "AWS4-HMAC-SHA256 Credential=AKID/20261121/eu-west-1/s3/aws4_request, SignedHeaders=host, Signature=ab"
+
+
+@pytest.mark.parametrize(
+    ("url", "authorization", "why"),
+    [
+        ("https://b.s3.eu-west-1.amazonaws.com/k/0.png", "AWS AKID:c2lnbmF0dXJl", "signature version 2"),
+        ("https://b.s3.eu-west-1.amazonaws.com/k/0.png", None, "unsigned"),
+        ("https://b.s3.eu-west-1.amazonaws.com/k/0.png?x-id=PutObject", AUTH, "a query string"),
+        ("https://b.s3.eu-west-1.amazonaws.com/other/0.png", AUTH, "not the key's URL"),
+        (None, AUTH, "no request seen"),
+    ],
+)
+def test_no_direct_path_from_a_request_it_cannot_reproduce(make_settings, monkeypatch, url, authorization, why):
+    monkeypatch.delenv("HTTPS_PROXY", raising=False)
+    monkeypatch.delenv("https_proxy", raising=False)
+    credentials = Credentials("AKID", "secret")
+    assert DirectPut.learned(url, authorization, "k/0.png", credentials, make_settings()) is None, why
+
+
+def test_the_direct_path_learns_virtual_hosted_urls_and_the_region(make_settings, monkeypatch):
+    for name in ("HTTPS_PROXY", "https_proxy", "NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    url = "https://b.s3.eu-west-1.amazonaws.com/arch%20ive/k/0.png"
+    direct = DirectPut.learned(url, AUTH.encode(), "arch ive/k/0.png", Credentials("AKID", "s"), make_settings())
+    assert direct is not None
+    assert (direct.base, direct.region) == ("https://b.s3.eu-west-1.amazonaws.com", "eu-west-1")
+
+
+def test_no_direct_path_behind_a_proxy(make_settings, monkeypatch):
+    url = "https://b.s3.eu-west-1.amazonaws.com/k/0.png"
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.internal:3128")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    assert DirectPut.learned(url, AUTH, "k/0.png", Credentials("AKID", "s"), make_settings()) is None
+    monkeypatch.setenv("NO_PROXY", ".amazonaws.com")  # the proxy does not apply to this endpoint
+    assert DirectPut.learned(url, AUTH, "k/0.png", Credentials("AKID", "s"), make_settings()) is not None
