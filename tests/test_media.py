@@ -13,7 +13,7 @@ from PIL import Image
 
 from etl.errors import MediaError
 from etl.http import RetryPolicy, make_session
-from etl.media import Downloader, URLGuard, is_public_address, sniff_image
+from etl.media import Downloader, NotAnImage, URLGuard, check_png, is_public_address, sniff_image
 from tests.support import FakeResolver, Reply, jpeg_bytes, png_bytes, self_signed_cert
 
 PNG = png_bytes(12, 10)
@@ -282,3 +282,61 @@ def test_a_truncated_jpeg_is_not_an_image(keep):
     assert sniff_image(body)[0] == "image/jpeg"
     with pytest.raises(MediaError):
         sniff_image(body[: int(len(body) * keep)])
+
+
+def _png(mode: str, size=(33, 21), **save: object) -> bytes:
+    buf = io.BytesIO()
+    Image.effect_noise(size, 80).convert(mode).save(buf, format="PNG", **save)
+    return buf.getvalue()
+
+
+def _chunks(body: bytes) -> list[tuple[int, bytes]]:
+    """(offset, type) of each chunk of a PNG."""
+    out, pos = [], 8
+    while pos < len(body):
+        length = int.from_bytes(body[pos : pos + 4], "big")
+        out.append((pos, body[pos + 4 : pos + 8]))
+        pos += 12 + length
+    return out
+
+
+@pytest.mark.parametrize(
+    ("mode", "save"),
+    [("RGB", {}), ("RGBA", {}), ("L", {}), ("P", {}), ("1", {}), ("I;16", {}), ("RGB", {"interlace": 1})],
+)
+def test_png_check_accepts_whole_pngs_of_every_kind(mode, save):
+    """PNGs are checked by their own checksums, not decoded (etl.media.check_png): whatever Pillow writes passes."""
+    body = _png(mode, **save)
+    assert sniff_image(body) == ("image/png", 33, 21)
+
+
+@pytest.mark.badinput("a PNG cut short anywhere, or with any byte altered, is refused by its checksums")
+def test_png_check_refuses_every_cut_and_every_altered_byte():
+    body = _png("RGB", size=(24, 16))
+    check_png(body)
+    for cut in range(len(body)):  # every length short of the whole
+        with pytest.raises(NotAnImage):
+            check_png(body[:cut])
+    for where in range(len(body)):  # every byte, signature and CRCs included
+        altered = bytearray(body)
+        altered[where] ^= 0x10
+        with pytest.raises(NotAnImage):
+            check_png(bytes(altered))
+
+
+def test_png_check_refuses_image_data_that_does_not_inflate_to_its_end():
+    """Chunks whose CRCs hold (recomputed, as a faulty encoder would) around a zlib stream cut short."""
+    import zlib
+
+    body = _png("RGB", size=(64, 48))
+    (pos, kind), = [(p, k) for p, k in _chunks(body) if k == b"IDAT"]
+    length = int.from_bytes(body[pos : pos + 4], "big")
+    data = body[pos + 8 : pos + 8 + length][: length // 2]
+    idat = len(data).to_bytes(4, "big") + b"IDAT" + data + zlib.crc32(data, zlib.crc32(b"IDAT")).to_bytes(4, "big")
+    broken = body[:pos] + idat + body[pos + 12 + length :]
+    with pytest.raises(NotAnImage, match="zlib stream"):
+        check_png(broken)
+    garbage = b"\x78\x9c" + bytes(range(200))  # a zlib header, then no valid deflate data
+    idat = len(garbage).to_bytes(4, "big") + b"IDAT" + garbage + zlib.crc32(garbage, zlib.crc32(b"IDAT")).to_bytes(4, "big")
+    with pytest.raises(NotAnImage, match="does not inflate"):
+        check_png(body[:pos] + idat + body[pos + 12 + length :])
