@@ -22,7 +22,7 @@ import psycopg2.extras
 
 from etl.config import Settings, mask_url_password
 from etl.errors import ConfigError, LoadError, LockedError
-from etl.records import Media, Post, clean_json, clean_text
+from etl.records import Media, Post, Sentiment, clean_json, clean_text
 
 log = logging.getLogger(__name__)
 SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
@@ -425,6 +425,25 @@ def known_media(
         else:
             hopeless[(platform, post_id, position)] = source_url
     return stored, hopeless
+
+
+def stored_sentiments(
+    cur: psycopg2.extensions.cursor, keys: Sequence[tuple[str, str]], version: str
+) -> dict[tuple[str, str], tuple[str, Sentiment]]:
+    """For these posts, the caption and score of those already scored by enricher `version`, keyed
+    (platform, post_id): a caption seen again unchanged need not be scored again."""
+    if not keys:
+        return {}
+    cur.execute(
+        "SELECT p.platform, p.post_id, p.caption, p.sentiment, p.sentiment_polarity, p.sentiment_subjectivity"
+        " FROM social_posts p JOIN (SELECT * FROM unnest(%s::text[], %s::text[]) AS k(platform, post_id)) k"
+        " USING (platform, post_id) WHERE p.sentiment_version = %s AND p.caption IS NOT NULL",
+        ([k[0] for k in keys], [clean_text(k[1]) for k in keys], version),
+    )
+    return {
+        (platform, post_id): (caption, Sentiment(polarity, subjectivity, label))
+        for platform, post_id, caption, label, polarity, subjectivity in cur.fetchall()
+    }
 
 
 def set_first_image_urls(cur: psycopg2.extensions.cursor, media: Sequence[Media]) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from etl.records import Post, Sentiment
+from etl.records import Post, Sentiment, clean_text
 
 # URLs and @mentions carry no sentiment and confuse the lexicon; '#' is dropped so #love counts as love.
 _NOISE = re.compile(r"https?://\S+|www\.\S+|@\w+")
@@ -98,5 +98,11 @@ class SentimentEnricher:
             return Sentiment(0.0, 0.0, "neutral")
         return self._score(text)
 
-    def enrich(self, post: Post) -> Post:
-        return replace(post, sentiment=self.score(post.caption))
+    def enrich(self, post: Post, stored: tuple[str, Sentiment] | None = None) -> Post:
+        """The post with its caption's score. The caption is scored as it is stored (clean_text), so a run and
+        a reenrich of the stored row agree; `stored` is (caption, score) of the post's row when this enricher
+        version scored it, reused when the caption is the same."""
+        caption = clean_text(post.caption)
+        if stored is not None and caption and stored[0] == caption:
+            return replace(post, sentiment=stored[1])
+        return replace(post, sentiment=self.score(caption))

@@ -23,7 +23,7 @@ from etl.enrich import SentimentEnricher
 from etl.errors import ConfigError, ETLError, ExitCode, LoadError, MediaError, SourceError, StoreError
 from etl.logs import RedactingFilter
 from etl.media import Downloader
-from etl.records import Media, Post, chunked
+from etl.records import Media, Post, chunked, clean_text
 from etl.sources import FetchWindow, Source, source_class
 from etl.store import ObjectStore, object_key, store_from_settings
 
@@ -240,14 +240,20 @@ class Archiver:
         return newest
 
     def _start(self, posts: list[Post], pool: ThreadPoolExecutor, stats: RunStats) -> _Batch:
-        with self.clock("enrich"):
-            scored = [self.enricher.enrich(p) for p in posts]
-        stats.fetched += len(scored)
-        keys = list({(p.platform, p.post_id) for p in scored if p.image_urls})
+        image_keys = list({(p.platform, p.post_id) for p in posts if p.image_urls})
+        captioned = list({(p.platform, p.post_id) for p in posts if p.caption})
+
+        def lookup(cur: Any) -> tuple[dict, dict, dict]:
+            known, hopeless = dbm.known_media(cur, image_keys) if image_keys else ({}, {})
+            scores = dbm.stored_sentiments(cur, captioned, self.enricher.version) if captioned else {}
+            return known, hopeless, scores
+
         with self.clock("lookup"):
-            known, hopeless = (
-                self.db.run(lambda cur: dbm.known_media(cur, keys), what="looking up stored images") if keys else ({}, {})
-            )
+            known, hopeless, scores = self.db.run(lookup, what="looking up stored images and scores")
+        with self.clock("enrich"):
+            # A caption already scored by this enricher (a rerun, an overlap window) keeps its score.
+            scored = [self.enricher.enrich(p, scores.get((p.platform, clean_text(p.post_id)))) for p in posts]
+        stats.fetched += len(scored)
         futures: dict[tuple[str, str, int], Future] = {}
         for post in scored:
             for position, url in enumerate(post.image_urls):

@@ -7,7 +7,7 @@ from datetime import datetime, timezone
 import pytest
 
 from etl.enrich import SentimentEnricher
-from etl.records import Post
+from etl.records import Post, Sentiment
 
 
 @pytest.mark.parametrize(
@@ -117,3 +117,15 @@ def test_scoring_does_not_import_textblob_or_nltk():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_enrich_reuses_a_stored_score_only_for_the_same_caption():
+    enricher = SentimentEnricher(0.05)
+    post = Post("mock", "1", datetime(2024, 1, 1, tzinfo=timezone.utc), caption="What a great day")
+    stored = Sentiment(-0.5, 0.5, "negative")  # not what scoring gives: shows which way it went
+    assert enricher.enrich(post, ("What a great day", stored)).sentiment == stored
+    assert enricher.enrich(post, ("What a dull day", stored)).sentiment.label == "positive"
+    assert enricher.enrich(post, None).sentiment.label == "positive"
+    nul = Post("mock", "2", datetime(2024, 1, 1, tzinfo=timezone.utc), caption="great\x00 day")
+    assert enricher.enrich(nul, ("great day", stored)).sentiment == stored  # compared as stored (no NUL)
+    assert enricher.enrich(nul).sentiment == enricher.score("great day")  # and scored as stored

@@ -340,3 +340,36 @@ def test_a_secret_in_a_source_error_never_reaches_the_ledger(make_settings, db, 
     assert stats.source_failures == 1
     ledger = json.dumps(query(db.dsn, "SELECT errors, error_summary FROM etl_runs"))
     assert token not in ledger and "token=***" in ledger
+
+
+def test_a_caption_seen_again_unchanged_keeps_its_score_without_scoring(listsrc, make_settings, db, tmp_path, monkeypatch):
+    """Reruns and overlap windows bring back posts already scored: their captions are not scored again, unless
+    the caption or the enricher (model, threshold) changed."""
+    from etl.enrich import SentimentEnricher
+
+    scored: list[str] = []
+    original = SentimentEnricher._score_text
+
+    def counting(self: SentimentEnricher, text: str):
+        scored.append(text)
+        return original(self, text)
+
+    monkeypatch.setattr(SentimentEnricher, "_score_text", counting)
+    listsrc.posts = [make_post(i, T0 + timedelta(hours=i), caption=f"a lovely sunny day, walk number {i}") for i in range(5)]
+
+    def run(**env: str) -> list[str]:
+        scored.clear()
+        request = RunRequest(sources=["listsrc"])
+        assert runner(make_settings, db, tmp_path, ETL_OVERLAP_MINUTES="100000", **env).execute(request).exit_code == 0
+        return sorted(scored)
+
+    assert len(run()) == 5
+    assert run() == []  # nothing changed: nothing scored, every row unchanged
+    assert query(db.dsn, "SELECT count(*) FROM social_posts WHERE sentiment = 'positive'") == [(5,)]
+
+    listsrc.posts[2] = make_post(2, T0 + timedelta(hours=2), caption="a terrible, awful day")
+    assert run() == ["a terrible, awful day"]
+    assert query(db.dsn, "SELECT sentiment FROM social_posts WHERE post_id = 'p2'") == [("negative",)]
+
+    assert len(run(SENTIMENT_THRESHOLD="0.5")) == 5  # another enricher version: every caption scored again
+    assert query(db.dsn, "SELECT DISTINCT sentiment_version LIKE %s FROM social_posts", ('%:t=0.5',)) == [(True,)]
