@@ -143,7 +143,7 @@ def sniff_image(body: bytes) -> tuple[str, int, int]:
                 if width * height > MAX_PIXELS:
                     raise MediaError(f"image of {width}x{height} pixels is too large", permanent=True)
                 if fmt == "PNG":
-                    check_png(body)  # the file's own checksums: a tenth of the cost of decoding it
+                    check_png(body)  # the file's own checksums: under half the cost of decoding it
                 else:
                     if fmt == "JPEG":
                         # Decode at 1/8 scale (JPEG's DCT scaling): every byte of the stream is still read, so
@@ -167,9 +167,9 @@ def check_png(body: bytes) -> None:
     """NotAnImage unless the PNG is whole: every chunk's CRC-32 holds, the image data (IDAT) inflates to the
     end of its zlib stream, and IEND closes the file.
 
-    A truncated or altered file fails a checksum or ends early; the pixels are inflated (and thrown away) but
-    not unfiltered into an image, which is what makes a full decode ten times as costly. The pixel count has
-    been checked against MAX_PIXELS before, from the header.
+    A truncated or altered file fails a checksum or ends early. The pixels are inflated (and thrown away) but
+    not unfiltered into an image: 0.45 ms instead of Pillow's 1.03 ms for the benchmark's 200x150 PNGs. The
+    pixel count has been checked against MAX_PIXELS before, from the header.
     """
     if not body.startswith(_PNG_SIGNATURE):
         raise NotAnImage("not a valid image: no PNG signature")

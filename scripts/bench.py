@@ -15,7 +15,8 @@ Services, all on 127.0.0.1 (PostgreSQL on a Unix socket only) and all stopped at
 
 What is measured, on the same services: the real `etl.py run --source jsonl --input FILE` as a subprocess
 (wall time, peak RSS from wait4, CPU); the S3 endpoint's own ceiling (16 threads of bare boto3 put_object of
-the same images); a serial baseline doing what a naive archiver does, per post (download, upload, TextBlob,
+the same images), measured before ours and again after it, once the endpoint is warmed up (--warm-up), the
+ratio being taken against the mean of the two; a serial baseline doing what a naive archiver does, per post (download, upload, TextBlob,
 new connection, insert, commit) into a database of its own; a rerun with nothing new. With py-spy installed
 (requirements-dev), a profiled run of the same workload gives the time per stage and the top functions (see
 scripts/profile_summary.py). Figures are printed, each target marked met or missed; nothing asserts.
