@@ -23,7 +23,7 @@ from etl.enrich import SentimentEnricher
 from etl.errors import ConfigError, ETLError, ExitCode, LoadError, MediaError, SourceError, StoreError
 from etl.logs import RedactingFilter
 from etl.media import Downloader
-from etl.records import Media, Post, chunked, clean_text
+from etl.records import Media, Post, chunked
 from etl.sources import FetchWindow, Source, source_class
 from etl.store import ObjectStore, object_key, store_from_settings
 
@@ -252,7 +252,7 @@ class Archiver:
             known, hopeless, scores = self.db.run(lookup, what="looking up stored images and scores")
         with self.clock("enrich"):
             # A caption already scored by this enricher (a rerun, an overlap window) keeps its score.
-            scored = [self.enricher.enrich(p, scores.get((p.platform, clean_text(p.post_id)))) for p in posts]
+            scored = [self.enricher.enrich(p, scores.get((p.platform, p.post_id))) for p in posts]
         stats.fetched += len(scored)
         futures: dict[tuple[str, str, int], Future] = {}
         for post in scored:

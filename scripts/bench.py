@@ -795,6 +795,14 @@ def stage_lines(table: Table, run: EtlRun) -> None:
 # -- the sections ---------------------------------------------------------------------------------
 
 
+def profile_reports(table: Table, profiled: dict[str, EtlRun], top: int) -> None:
+    """The py-spy report of each profiled run (mode: wall or gil), after the table's figures."""
+    for mode, run in profiled.items():
+        if run.profile is not None:
+            table.text("")
+            table.lines.extend(run.profile.report(mode, top=top))
+
+
 def images_section(bench: Bench, stack: ExitStack) -> Table:
     args = bench.args
     bench.start_image_services(stack)
@@ -963,11 +971,7 @@ def images_section(bench: Bench, stack: ExitStack) -> Table:
         for name, share in rerun.profile.main_stages():
             if share >= 0.005:
                 table.text(f"    {name:<46} {share * 100:5.1f} %  ~{share * rerun.profile.wall:6.2f} s")
-    if profiled:
-        for mode, run in profiled.items():
-            if run.profile is not None:
-                table.text("")
-                table.lines.extend(run.profile.report(mode, top=args.top))
+    profile_reports(table, profiled, args.top)
     return table
 
 
@@ -1031,10 +1035,7 @@ def metadata_section(bench: Bench) -> Table:
     )
     table.rule()
     stage_lines(table, first)
-    for mode, run in profiled.items():
-        if run.profile is not None:
-            table.text("")
-            table.lines.extend(run.profile.report(mode, top=args.top))
+    profile_reports(table, profiled, args.top)
     return table
 
 

@@ -279,3 +279,15 @@ def self_signed_cert(directory: _Path, hostname: str) -> tuple[_Path, _Path]:
         key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     )
     return cert_path, key_path
+
+
+def assert_refused_cleanly(result: object, dsn: str, secret: str, *needles: str) -> None:
+    """A run refused by a platform for its credentials: exit 1, a message naming what to fix (`needles`),
+    no traceback, the secret never shown, and no post loaded."""
+    from tests.conftest import query
+
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    assert all(needle in output for needle in needles), output
+    assert "Traceback" not in output and secret not in output
+    assert query(dsn, "SELECT count(*) FROM social_posts")[0][0] == 0

@@ -323,16 +323,16 @@ def test_the_limit_stops_early_and_keeps_the_cursor(build, rsps):
 # -- rate limits and errors ---------------------------------------------------------------------------
 
 
+def serve_429(rsps, *, seconds_to_reset: int) -> None:
+    """The next search call is rate limited until `seconds_to_reset` from now (x-rate-limit-reset, epoch)."""
+    reset = int(time.time()) + seconds_to_reset
+    headers = {"x-rate-limit-remaining": "0", "x-rate-limit-reset": str(reset)}
+    serve(rsps, SEARCH, "error_429.json", status=429, headers=headers)
+
+
 def test_429_within_max_wait_waits_for_the_reset_then_goes_on(build, rsps, sleeps):
-    reset = int(time.time()) + 30
     serve(rsps, SEARCH, "search_page1.json")
-    serve(
-        rsps,
-        SEARCH,
-        "error_429.json",
-        status=429,
-        headers={"x-rate-limit-remaining": "0", "x-rate-limit-reset": str(reset)},
-    )
+    serve_429(rsps, seconds_to_reset=30)
     serve(rsps, SEARCH, "search_page2.json")
     source = build(TWITTER_QUERY="#sunset", TWITTER_MAX_WAIT="60")
 
@@ -344,15 +344,8 @@ def test_429_within_max_wait_waits_for_the_reset_then_goes_on(build, rsps, sleep
 
 
 def test_429_beyond_max_wait_stops_the_source_and_keeps_earlier_posts(build, rsps, sleeps):
-    reset = int(time.time()) + 3600
     serve(rsps, SEARCH, "search_page1.json")
-    serve(
-        rsps,
-        SEARCH,
-        "error_429.json",
-        status=429,
-        headers={"x-rate-limit-remaining": "0", "x-rate-limit-reset": str(reset)},
-    )
+    serve_429(rsps, seconds_to_reset=3600)
     source = build(TWITTER_QUERY="#sunset", TWITTER_MAX_WAIT="900")
     cursor = {"since_id": {"search": "2031101351949242372"}}
     posts = []
