@@ -45,3 +45,42 @@ def test_cron_wrapper_logs_and_passes_the_exit_code_on(tmp_path: Path):
     text = log.read_text()
     assert "args: etl.py run" in text and "exit 75" in text
     assert result.stdout == "" and result.stderr == ""
+
+
+def _junit(tmp_path: Path, cases: str) -> Path:
+    report = tmp_path / "report.xml"
+    report.write_text(f'<?xml version="1.0"?><testsuites><testsuite name="pytest">{cases}</testsuite></testsuites>')
+    return report
+
+
+def test_reliability_section_is_rendered_from_the_junit_report(tmp_path: Path):
+    from scripts.reliability_readme import main
+
+    case = '<testcase classname="tests.test_a" name="t{n}" file="tests/test_a.py">{body}</testcase>'
+    prop = '<properties><property name="{kind}" value="{text}"/></properties>'
+    report = _junit(tmp_path, "".join([
+        case.format(n=1, body=prop.format(kind="fault", text="disk full")),
+        case.format(n=2, body=prop.format(kind="fault", text="disk full")),
+        case.format(n=3, body=prop.format(kind="badinput", text="a NUL byte")),
+        case.format(n=4, body=""),
+        case.format(n=5, body='<skipped message="x"/>'),
+    ]))  # fmt: skip
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n<!-- reliability:start -->\nold\n<!-- reliability:end -->\ntail\n")
+    assert main([str(report), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert "**Faults injected: 2 cases in 1 kinds; survived: 2.**" in text
+    assert "- disk full (2/2 cases ok; `tests/test_a.py`)" in text
+    assert "**Bad inputs tried: 1 cases in 1 kinds" in text and "green run of 4 tests" in text
+    assert "old" not in text and text.endswith("tail\n")
+    assert main([str(report), "--readme", str(readme), "--check"]) == 0
+
+
+def test_reliability_section_refuses_a_report_with_a_failure(tmp_path: Path):
+    from scripts.reliability_readme import main
+
+    report = _junit(tmp_path, '<testcase classname="a" name="t" file="a.py"><failure message="boom"/></testcase>')
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- reliability:start -->\nold\n<!-- reliability:end -->\n")
+    assert main([str(report), "--readme", str(readme)]) == 2
+    assert "old" in readme.read_text()
