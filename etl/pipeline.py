@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections import Counter
@@ -13,7 +12,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 from etl import db as dbm
@@ -23,6 +21,7 @@ from etl.enrich import SentimentEnricher
 from etl.errors import ConfigError, ETLError, ExitCode, LoadError, MediaError, SourceError, StoreError
 from etl.logs import RedactingFilter
 from etl.media import Downloader
+from etl.metrics import write_run_metrics
 from etl.records import Media, Post, chunked
 from etl.sources import FetchWindow, Source, source_class
 from etl.store import ObjectStore, object_key, store_from_settings
@@ -443,7 +442,7 @@ class Runner:
                 stats.seconds = time.monotonic() - stats.started
                 self.db.finish_run(self.run_id, status, stats.ledger(RedactingFilter(self.settings.secrets()).redact))
                 if self.settings.metrics_path:
-                    write_metrics(self.settings.metrics_path, request.mode, status, stats)
+                    write_run_metrics(self.settings.metrics_path, request.mode, status, stats)
         finally:
             lock.close()
         return stats
@@ -573,43 +572,4 @@ def _limited(posts: Iterable[Post], limit: int | None) -> Iterator[Post]:
         yield post
 
 
-def write_metrics(path: str, mode: str, status: str, stats: RunStats) -> None:
-    """A Prometheus textfile-collector file (node_exporter --collector.textfile.directory), written atomically."""
-    lines = []
-
-    def metric(name: str, kind: str, help_text: str, samples: list[tuple[dict[str, str], float]]) -> None:
-        lines.append(f"# HELP social_archiver_{name} {help_text}")
-        lines.append(f"# TYPE social_archiver_{name} {kind}")
-        for labels, value in samples:
-            shown = ",".join(f'{k}="{_label(v)}"' for k, v in labels.items())
-            number = str(int(value)) if float(value).is_integer() else repr(float(value))
-            lines.append(f"social_archiver_{name}{{{shown}}} {number}" if shown else f"social_archiver_{name} {number}")
-
-    metric("last_run_timestamp_seconds", "gauge", "When the last run finished (unix time).", [({"mode": mode}, time.time())])
-    metric("last_run_duration_seconds", "gauge", "How long the last run took.", [({"mode": mode}, stats.seconds)])
-    metric(
-        "last_run_status", "gauge", "1 for the last run's status, 0 for the others.",
-        [({"mode": mode, "status": st}, 1.0 if st == status else 0.0) for st in ("ok", "partial", "interrupted", "failed")],
-    )  # fmt: skip
-    metric("last_run_exit_code", "gauge", "The exit code of the last run.", [({"mode": mode}, float(stats.exit_code))])
-    posts, images = [], []
-    for source, counts in sorted(stats.per_source.items()):
-        for result in ("fetched", "inserted", "updated", "unchanged", "rejected"):
-            posts.append(({"source": source, "result": result}, float(counts.get(result, 0))))
-        for result in ("stored", "skipped", "failed"):
-            images.append(({"source": source, "result": result}, float(counts.get(f"images_{result}", 0))))
-    metric("last_run_posts", "gauge", "Posts of the last run per source and result.", posts)
-    metric("last_run_images", "gauge", "Images of the last run per source and result.", images)
-    metric("last_run_quota_units", "gauge", "API quota units the last run used.", [({"mode": mode}, float(stats.quota_used))])
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    os.replace(tmp, target)
-
-
-def _label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-__all__ = ["Archiver", "Interrupted", "RunRequest", "RunStats", "Runner", "backfill_chunks", "write_metrics"]
+__all__ = ["Archiver", "Interrupted", "RunRequest", "RunStats", "Runner", "backfill_chunks"]

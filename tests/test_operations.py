@@ -229,8 +229,15 @@ def test_metrics_file_is_well_formed(run_etl, tmp_path):
         elif not line.startswith("# HELP "):
             assert sample.match(line), line
             assert line.split("{")[0].split(" ")[0] in declared
-    assert 'social_archiver_last_run_status{mode="run",status="ok"} 1' in text
-    assert 'social_archiver_last_run_posts{source="mock",result="fetched"} 6' in text
+    samples = {}
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            series, value = line.rsplit(" ", 1)
+            name, _, labels = series.partition("{")
+            samples[(name, frozenset(re.findall(r'([a-z_]+)="([^"]*)"', labels)))] = float(value)
+    assert samples[("social_archiver_last_run_status", frozenset({("mode", "run"), ("status", "ok")}))] == 1
+    assert samples[("social_archiver_last_run_status", frozenset({("mode", "run"), ("status", "failed")}))] == 0
+    assert samples[("social_archiver_last_run_posts", frozenset({("source", "mock"), ("result", "fetched")}))] == 6
 
 
 def test_status_reports_runs_live_and_abandoned(db, listsrc, make_settings, tmp_path):
