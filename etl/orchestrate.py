@@ -39,6 +39,23 @@ class Outcome:
                 "counts": dict(self.counts)}  # fmt: skip
 
 
+def default_shards() -> int:
+    """ETL_SHARDS from the environment, for the DAG's param (1 when it cannot be read at parse time)."""
+    try:
+        return settings_from_environment().shards
+    except Exception:  # the DAG file must import even where the settings are broken; prepare will say why
+        return 1
+
+
+def parse_date(text: str) -> datetime:
+    """YYYY-MM-DD or ISO 8601; naive means UTC; ConfigError naming the value otherwise."""
+    try:
+        parsed = datetime.fromisoformat(str(text).strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise ConfigError(f"{text!r} is not a date (YYYY-MM-DD or ISO 8601)") from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+
+
 def settings_from_environment() -> Settings:
     """The workers' settings: their environment and a .env in the working directory, as for cron."""
     return load_settings(None, dotenv_path=".env")

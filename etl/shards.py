@@ -1,0 +1,72 @@
+"""Shards: the work of a run cut into N disjoint parts by a stable hash of each stream, for several workers."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from etl.errors import UsageError
+
+if TYPE_CHECKING:
+    from etl.sources.base import Source
+
+_SHARD = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
+MAX_SHARDS = 1024  # as many as an Airflow mapped task takes by default
+
+
+def bucket(name: str, count: int) -> int:
+    """0..count-1 for a unit's name; the same on every host and in every run (sha256, not Python's hash)."""
+    return int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:8], "big") % count
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Shard `index` of `count` (1-based), as written on the command line: K/N."""
+
+    index: int
+    count: int
+
+    @classmethod
+    def parse(cls, text: str) -> Shard:
+        match = _SHARD.match(str(text))
+        if not match:
+            raise UsageError(f"--shard {text!r} is not K/N (for example 2/4)")
+        index, count = int(match.group(1)), int(match.group(2))
+        if not 1 <= count <= MAX_SHARDS:
+            raise UsageError(f"--shard {text!r}: N must be between 1 and {MAX_SHARDS}")
+        if not 1 <= index <= count:
+            raise UsageError(f"--shard {text!r}: K must be between 1 and N ({count})")
+        return cls(index, count)
+
+    def owns(self, unit: str) -> bool:
+        return bucket(unit, self.count) == self.index - 1
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One unit of work: a stream of a source (a channel, a user, a hashtag, a query) or a stream-less source."""
+
+    source: str
+    stream: str = ""
+
+    @property
+    def name(self) -> str:
+        return f"{self.source}:{self.stream}" if self.stream else self.source
+
+
+def units_of(source: Source) -> list[Unit]:
+    return [Unit(source.name, stream) for stream in source.streams()] or [Unit(source.name)]
+
+
+def plan_shards(sources: Sequence[Source], count: int) -> list[tuple[Shard, list[Unit]]]:
+    """Every unit of every source in exactly one of `count` shards."""
+    if not 1 <= count <= MAX_SHARDS:
+        raise UsageError(f"--shards must be between 1 and {MAX_SHARDS}")
+    shards = [Shard(k, count) for k in range(1, count + 1)]
+    return [(shard, [u for source in sources for u in units_of(source) if shard.owns(u.name)]) for shard in shards]
