@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -35,6 +36,11 @@ class FetchWindow:
         return (self.since is None or created_at >= self.since) and (self.until is None or created_at < self.until)
 
 
+def query_stream(query: str) -> str:
+    """The stream id of a search query: changing the query starts another stream with state of its own."""
+    return "query:" + hashlib.sha256(query.strip().encode("utf-8")).hexdigest()[:12]
+
+
 class Source:
     """A platform client: yields normalized Posts, knows nothing of S3, SQL or sentiment.
 
@@ -59,6 +65,7 @@ class Source:
         self.cursor: dict[str, Any] = {}  # saved by the pipeline once every post up to it is loaded
         self.quota_used = 0
         self.trusted_hosts: set[str] = set()  # host:port the source itself serves (the mock's image server)
+        self.only_stream: str | None = None  # set by `restrict`: this instance reads that one stream only
 
     @classmethod
     def check_settings(cls, settings: Settings) -> None:
@@ -72,8 +79,24 @@ class Source:
         return self._session
 
     def config_key(self) -> str:
-        """Names the configuration whose watermark this is, so a changed query starts a fresh history."""
+        """Names the configuration whose watermark this is, so a changed query starts a fresh history.
+
+        With streams, state is kept per stream (`stream_key`); this key names the whole configuration's state
+        of before, which a stream without state of its own adopts once (an upgraded archive refetches nothing).
+        """
         return ""
+
+    def streams(self) -> list[str]:
+        """The streams this source reads, each with its own state, lock and shard: a channel, a user, a
+        hashtag, a query. [] for a source that is one unit (mock, jsonl)."""
+        return []
+
+    def restrict(self, stream: str) -> None:
+        """From now on read `stream` only (one of `streams()`)."""
+        self.only_stream = stream
+
+    def reads(self, stream: str) -> bool:
+        return self.only_stream is None or self.only_stream == stream
 
     def fetch(self, window: FetchWindow) -> Iterator[Post]:
         raise NotImplementedError

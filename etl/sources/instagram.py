@@ -399,17 +399,21 @@ class InstagramSource(Source):
 
     # -- the streams: (label, pages, newest first?) ------------------------------------------------
 
+    def streams(self) -> list[str]:
+        return (["own"] if self.settings.instagram_own_media else []) + [f"hashtag:{h}" for h in self.hashtags]
+
     def _streams(self, window: FetchWindow, page_size: int) -> Iterator[tuple[str, Iterator[list[Any]], bool]]:
-        if self.settings.instagram_own_media:
+        hashtags = [h for h in self.hashtags if self.reads(f"hashtag:{h}")]
+        if self.settings.instagram_own_media and self.reads("own"):
             params = {"fields": OWN_MEDIA_FIELDS, "limit": page_size}
             yield "own media", self.api.pages(f"{self.user_id}/media", params), True
-        if self.hashtags and window.until is not None and window.until <= self.now() - HASHTAG_REACH:
+        if hashtags and window.until is not None and window.until <= self.now() - HASHTAG_REACH:
             # A backfill chunk older than a day: recent_media cannot hold any of it, so spend no hashtag on it.
             log.info(
                 "instagram: hashtags skipped, recent_media reaches back 24 hours only (window ends %s)", window.until
             )
             return
-        for hashtag in self.hashtags:
+        for hashtag in hashtags:
             hashtag_id = self._hashtag_id(hashtag)
             if hashtag_id is None:
                 continue

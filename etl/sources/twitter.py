@@ -17,7 +17,7 @@ from etl.errors import ConfigError, RecordError, SourceError
 from etl.http import Retriable, RetryPolicy, WaitTooLong, is_retriable_status, retry_after_seconds
 from etl.records import Post, clean_text, extract_hashtags, post_from_dict
 from etl.sources import register
-from etl.sources.base import FetchWindow, Source
+from etl.sources.base import FetchWindow, Source, query_stream
 
 log = logging.getLogger(__name__)
 
@@ -310,7 +310,17 @@ class TwitterSource(Source):
         streams: list[tuple[str, str | None]] = [("search", None)] if self.settings.twitter_query else []
         for name in dict.fromkeys(_username(u) for u in self.settings.twitter_usernames):
             streams.append((f"user:{name.lower()}", name))
-        return streams
+        return [(key, name) for key, name in streams if self.reads(self._stream_id(key))]
+
+    def _stream_id(self, key: str) -> str:
+        # A changed query is another stream (its own state from scratch); the cursor key stays "search".
+        return query_stream(self.settings.twitter_query) if key == "search" else key
+
+    def streams(self) -> list[str]:
+        keys = (["search"] if self.settings.twitter_query else []) + [
+            f"user:{name.lower()}" for name in dict.fromkeys(_username(u) for u in self.settings.twitter_usernames)
+        ]
+        return [self._stream_id(key) for key in keys]
 
     def fetch(self, window: FetchWindow) -> Iterator[Post]:
         api = TwitterAPI(self.session, self.settings, self.policy)

@@ -19,7 +19,7 @@ from etl.errors import ConfigError, RecordError, SourceError
 from etl.http import Retriable, RetryPolicy, WaitTooLong
 from etl.records import Post, extract_hashtags, parse_datetime, post_from_dict
 from etl.sources import register
-from etl.sources.base import FetchWindow, Source
+from etl.sources.base import FetchWindow, Source, query_stream
 
 log = logging.getLogger(__name__)
 
@@ -368,6 +368,14 @@ class YouTubeSource(Source):
         )
         return "cfg-" + hashlib.sha256(spec.encode("utf-8")).hexdigest()[:16]
 
+    def streams(self) -> list[str]:
+        channels = [f"channel:{c}" for c in dict.fromkeys(self.settings.youtube_channel_ids)]
+        return channels + ([query_stream(self.settings.youtube_query)] if self.settings.youtube_query else [])
+
+    def _query(self) -> str:
+        query = self.settings.youtube_query
+        return query if query and self.reads(query_stream(query)) else ""
+
     @property
     def api(self) -> YouTubeAPI:
         if self._api is None:
@@ -436,8 +444,8 @@ class YouTubeSource(Source):
                     raise
                 # A channel without public uploads has no uploads playlist to list: nothing to archive.
                 log.warning("youtube: channel %s has no public uploads (%s)", channel, exc)
-        if self.settings.youtube_query:
-            pages = self.api.search(self.settings.youtube_query, since=window.since, until=window.until)
+        if self._query():
+            pages = self.api.search(self._query(), since=window.since, until=window.until)
             for vid, item in self._listing(pages, window):
                 if vid not in seen:
                     seen.add(vid)
@@ -450,7 +458,7 @@ class YouTubeSource(Source):
         return self._uploads
 
     def _resolve_channels(self) -> Iterator[tuple[str, str]]:
-        configured = list(dict.fromkeys(self.settings.youtube_channel_ids))
+        configured = [c for c in dict.fromkeys(self.settings.youtube_channel_ids) if self.reads(f"channel:{c}")]
         uploads: dict[str, str] = {}
         ids = [c for c in configured if not c.startswith("@")]
         for start in range(0, len(ids), PAGE_SIZE):
