@@ -400,11 +400,11 @@ class InstagramSource(Source):
     # -- the streams: (label, pages, newest first?) ------------------------------------------------
 
     def streams(self) -> list[str]:
-        return (["own"] if self.settings.instagram_own_media else []) + [f"hashtag:{h}" for h in self.hashtags]
+        return ([f"own:{self.user_id}"] if self.settings.instagram_own_media else []) + [f"hashtag:{h}" for h in self.hashtags]
 
     def _streams(self, window: FetchWindow, page_size: int) -> Iterator[tuple[str, Iterator[list[Any]], bool]]:
         hashtags = [h for h in self.hashtags if self.reads(f"hashtag:{h}")]
-        if self.settings.instagram_own_media and self.reads("own"):
+        if self.settings.instagram_own_media and self.reads(f"own:{self.user_id}"):
             params = {"fields": OWN_MEDIA_FIELDS, "limit": page_size}
             yield "own media", self.api.pages(f"{self.user_id}/media", params), True
         if hashtags and window.until is not None and window.until <= self.now() - HASHTAG_REACH:
