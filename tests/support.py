@@ -291,3 +291,35 @@ def assert_refused_cleanly(result: object, dsn: str, secret: str, *needles: str)
     assert all(needle in output for needle in needles), output
     assert "Traceback" not in output and secret not in output
     assert query(dsn, "SELECT count(*) FROM social_posts")[0][0] == 0
+
+
+def photo_like(seed: int, size: tuple[int, int] = (1600, 1200)) -> Image.Image:
+    """A synthetic photograph: a lit gradient sky and ground, blurred shapes at random places, sensor noise.
+
+    Distinct seeds give unrelated scenes; the same seed the same scene (for resized or cropped copies)."""
+    import random
+
+    from PIL import ImageDraw, ImageFilter
+
+    rng = random.Random(seed)
+    w, h = size
+    angle = rng.uniform(0, 360)
+    base = Image.linear_gradient("L").rotate(angle, resample=Image.Resampling.BILINEAR).resize(size)
+    tint = [rng.randint(40, 220) for _ in range(3)]
+    channels = [Image.eval(base, lambda v, t=t: int(v * 0.6 + t * 0.4)) for t in tint]
+    image = Image.merge("RGB", channels)
+    draw = ImageDraw.Draw(image)
+    for _ in range(rng.randint(6, 14)):
+        x0, y0 = rng.randint(-w // 4, w), rng.randint(-h // 4, h)
+        x1, y1 = x0 + rng.randint(w // 12, w // 2), y0 + rng.randint(h // 12, h // 2)
+        color = tuple(rng.randint(0, 255) for _ in range(3))
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)((x0, y0, x1, y1), fill=color)
+    image = image.filter(ImageFilter.GaussianBlur(w / 200))
+    noise = Image.effect_noise(size, 18).convert("RGB")
+    return Image.blend(image, noise, 0.12)
+
+
+def encode(image: Image.Image, fmt: str = "JPEG", **options: object) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **options)
+    return buf.getvalue()
