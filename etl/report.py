@@ -56,13 +56,23 @@ def collect(
     db: Database, scope: Scope, *, max_distance: int, min_count: int, top: int = 10, runs: int = 10
 ) -> dict[str, Any]:
     """Every aggregate of the report, read in one transaction (one consistent snapshot)."""
-    as_of = min(scope.until, datetime.now(timezone.utc)) if scope.until else datetime.now(timezone.utc)
 
     def read(cur: Any) -> dict[str, Any]:
         cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
         a = scope.args
+        totals = _rows(cur, "SELECT * FROM report_totals(%s, %s, %s)", a)[0]
+        # Rising hashtags as of the end of the period: --until, else the newest post in scope (an archive that
+        # stopped growing still shows what was rising at its end), else now.
+        now = datetime.now(timezone.utc)
+        if scope.until:
+            as_of = min(scope.until, now)
+        elif totals["last_post"]:
+            as_of = totals["last_post"] + timedelta(microseconds=1)  # the window ends just after the newest post
+        else:
+            as_of = now
         return {
-            "totals": _rows(cur, "SELECT * FROM report_totals(%s, %s, %s)", a)[0],
+            "as_of": as_of,
+            "totals": totals,
             "per_day": _rows(cur, "SELECT * FROM report_posts_per_day(%s, %s, %s)", a),
             "sentiment": _rows(cur, "SELECT * FROM report_sentiment_per_day(%s, %s, %s)", a),
             "voice": _rows(cur, "SELECT * FROM report_share_of_voice(%s, %s, %s)", a),
@@ -75,7 +85,7 @@ def collect(
         }
 
     data = db.run(read, what="reading the report's aggregates")
-    data.update(scope=scope, as_of=as_of, max_distance=max_distance, min_count=min_count)
+    data.update(scope=scope, max_distance=max_distance, min_count=min_count)
     return data
 
 
@@ -323,10 +333,10 @@ def render(data: dict[str, Any], store: ObjectStore | None) -> str:
 {size_mb:,.1f} MB of images</div>
 <section><div class="cards">{card_html}</div></section>
 <section><h2>Activity</h2><div class="grid">{charts_top}</div></section>
-<section><h2>Share of voice</h2>{chart_share_of_voice(data["voice"])}{voice}</section>
+<section><h2>Share of voice</h2><div class="grid">{chart_share_of_voice(data["voice"])}<div>{voice}</div></div></section>
 <section><h2>Hashtags</h2><div class="grid">{charts_tags}</div>
 <h3>Top hashtags</h3>{hashtags}
-<h3>Rising hashtags</h3><p class="muted">z = (x − mean) / max(sd, √mean, 1) of the last 24 h against the 28 days
+<h3>Rising hashtags</h3><p class="muted">as of {_fmt(data['as_of'])} UTC: z = (x − mean) / max(sd, √mean, 1) of the last 24 h against the 28 days
 before, in 24-hour windows; growth = (x + 1) / (mean + 1); at least {data['min_count']} posts in the window.</p>{rising}</section>
 <section><h2>Top posts by engagement</h2><p class="muted">engagement = likes + comments</p>{top_posts}</section>
 <section><h2>Images seen in the most posts</h2><p class="muted">groups of identical bytes (sha256), with the posts
