@@ -170,3 +170,21 @@ def test_similar_refuses_bad_references_by_name(db, run_etl):
     assert missing.returncode == 2 and "alpha:nope" in missing.stderr and "no such post" in missing.stderr
     high = run_etl("similar", "--post", "alpha:x", env={"ETL_SIMILAR_MAX_DISTANCE": "9"})
     assert high.returncode == 2 and "ETL_SIMILAR_MAX_DISTANCE" in high.stderr
+
+
+def test_cron_wrapper_runs_the_fingerprint_stage_after_a_run_and_keeps_its_exit_code(tmp_path):
+    import os
+    import subprocess
+
+    from tests.conftest import ROOT
+
+    fake = tmp_path / "fake-python"
+    fake.write_text('#!/bin/sh\necho "args: $*"\n[ "$2" = fingerprint ] && exit 0\nexit 1\n')
+    fake.chmod(0o755)
+    log = tmp_path / "etl.log"
+    env = {**os.environ, "ETL_PYTHON": str(fake), "ETL_CRON_LOG": str(log)}
+    assert subprocess.run([str(ROOT / "scripts" / "cron_run.sh")], env=env).returncode == 1
+    assert "args: etl.py fingerprint" in log.read_text()
+    log.unlink()
+    subprocess.run([str(ROOT / "scripts" / "cron_run.sh"), "status"], env=env)
+    assert "fingerprint" not in log.read_text()  # only after runs and backfills
