@@ -37,7 +37,7 @@ SELECT platform, post_id, 0, 'https://img.example/' || post_id,
        platform || '/k/' || post_id || '/0.jpg', 's3://b/' || post_id,
        CASE WHEN id %% 50 = 0 THEN md5((id %% 5000)::text) ELSE md5(id::text) END, 30000, 'image/jpeg', 'stored',
        CASE WHEN id %% 50 = 0 THEN hashtextextended((id %% 5000)::text, 0)
-            WHEN id %% 100 = 1 THEN hashtextextended((id - 1)::text, 0) # (1::bigint << (id %% 60)) # (1::bigint << 61)
+            WHEN id %% 100 = 1 THEN hashtextextended((id - 1)::text, 0) # (1::bigint << (id %% 60)::int) # (1::bigint << 61)
             ELSE hashtextextended(id::text, 0) END,
        'dhash', 1
 FROM social_posts;
