@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
 from typing import IO
 
-from etl import __version__
+from etl import __version__, cli_insights
 from etl.config import Settings, load_settings
 from etl.enrich import SentimentEnricher
 from etl.errors import ETLError, ExitCode, UsageError
@@ -23,7 +23,7 @@ from etl.reenrich import reenrich
 from etl.status import collect_status, format_status
 
 log = logging.getLogger("etl")
-COMMANDS = ("run", "backfill", "reenrich", "status", "migrate")
+COMMANDS = ("run", "backfill", "reenrich", "status", "migrate", "fingerprint", "similar", "trends", "report")
 GLOBAL_OPTIONS = ("--log-format", "--log-level")  # options taking a value, placed before the command
 
 
@@ -69,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--runs", type=int, default=10, metavar="N", help="how many runs to list")
 
     sub.add_parser("migrate", help="apply the sql/ migrations")
+    cli_insights.add_parsers(sub, parse_date)
     return parser
 
 
@@ -161,6 +162,8 @@ def _dispatch(args: argparse.Namespace, settings: Settings, out: IO[str]) -> int
         return int(stats.exit_code)
     if command == "reenrich":
         return _reenrich(args, settings, out, stop)
+    if command in cli_insights.COMMANDS:
+        return cli_insights.dispatch(command, args, settings, out, stop)
     runner = Runner(settings)
     runner.open_services(store=False)
     assert runner.db is not None

@@ -87,6 +87,13 @@ def _threshold(raw: str) -> float:
     return value
 
 
+def _hamming(raw: str) -> int:
+    value = int(raw.strip())
+    if not 0 <= value <= 7:
+        raise ValueError("must be a whole number from 0 to 7 (the band index finds every match up to 7)")
+    return value
+
+
 def _log_format(raw: str) -> str:
     value = raw.strip().lower()
     if value not in ("text", "json"):
@@ -190,6 +197,11 @@ class Settings:
     log_format: str = _setting("ETL_LOG_FORMAT", _log_format, "text", "text or json (one object a line)")
     log_level: str = _setting("ETL_LOG_LEVEL", _log_level, "INFO", "DEBUG, INFO, WARNING or ERROR")
     log_file: str = _setting("ETL_LOG_FILE", _str, "", "also append logs to this file")
+    # Insights (issue 14): near-duplicate images, rising hashtags.
+    similar_max_distance: int = _setting(
+        "ETL_SIMILAR_MAX_DISTANCE", _hamming, 5, "Hamming distance (0-7) of 64-bit image hashes that counts as the same picture"
+    )
+    trends_min_count: int = _setting("ETL_TRENDS_MIN_COUNT", _positive_int, 5, "posts a hashtag needs in the window to rank in trends")
     metrics_path: str = _setting("ETL_METRICS_PATH", _str, "", "Prometheus textfile written after each run")
 
     def __repr__(self) -> str:

@@ -11,6 +11,9 @@ PY="${ETL_PYTHON:-.venv/bin/python}"
   echo "=== $(date -u +%Y-%m-%dT%H:%M:%SZ) start: etl.py $*"
   "$PY" etl.py "$@"
   code=$?
+  # Perceptual hashes are a stage after loading (README, "Image fingerprints"): new images get theirs here.
+  case "${1:-run}" in run | backfill | -*) fingerprint=yes ;; *) fingerprint=no ;; esac
+  if [ "$code" -le 1 ] && [ "$fingerprint" = yes ]; then "$PY" etl.py fingerprint || true; fi
   echo "=== $(date -u +%Y-%m-%dT%H:%M:%SZ) exit $code"
 } >>"$LOG_FILE" 2>&1
 exit "${code:-1}"
