@@ -180,6 +180,9 @@ class Settings:
     retry_max_wait: float = _setting("ETL_RETRY_MAX_WAIT", _non_negative_float, 30.0, "longest wait between attempts (s)")
     concurrency: int = _setting("ETL_CONCURRENCY", _positive_int, 32, "images downloaded and stored at once")
     max_redirects: int = _setting("ETL_MAX_REDIRECTS", _non_negative_int, 5, "redirects followed per image")
+    decode_memory_mb: int = _setting(
+        "ETL_DECODE_MEMORY_MB", _positive_int, 256, "memory (MB) image checks may hold at once; larger decodes wait their turn"
+    )
     allow_private_hosts: bool = _setting(
         "ETL_ALLOW_PRIVATE_HOSTS", _bool, False, "allow image hosts on loopback, private or link-local addresses (the API bases are trusted settings)"
     )

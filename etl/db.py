@@ -80,13 +80,15 @@ class Database:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # platformdirs warns about XDG_RUNTIME_DIR under cron
-                import pgserver
+                import pgserver  # noqa: F401 - installed? (etl.embedded uses it)
+
+                from etl.embedded import start_server
         except ImportError:  # pragma: no cover - a broken install
             raise ConfigError("DATABASE_URL is not set and the embedded PostgreSQL (pgserver) is not installed") from None
         pgdata = Path(pgdata).resolve()
         pgdata.parent.mkdir(parents=True, exist_ok=True)
         try:
-            server = pgserver.get_server(pgdata, cleanup_mode="stop")
+            server = start_server(pgdata)  # stale handles dropped; folders above opened only as needed
         except Exception as exc:
             raise ConfigError(f"DATABASE_URL is not set and the embedded PostgreSQL at {pgdata} did not start: {exc}") from None
         db = cls(server.get_uri(), display=f"embedded PostgreSQL, data in {pgdata}", server=server)

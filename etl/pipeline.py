@@ -20,7 +20,7 @@ from etl.db import Database
 from etl.enrich import SentimentEnricher
 from etl.errors import ConfigError, ETLError, ExitCode, LoadError, MediaError, SourceError, StoreError
 from etl.logs import RedactingFilter
-from etl.media import Downloader
+from etl.media import Downloader, without_userinfo
 from etl.metrics import write_run_metrics
 from etl.records import Media, Post, chunked
 from etl.sources import FetchWindow, Source, source_class
@@ -184,7 +184,7 @@ class Archiver:
 
     def archive_image(self, platform: str, post_id: str, created_at: datetime, position: int, url: str) -> Media:
         """Download, verify and store one image; never raises (a failure is a Media with status failed)."""
-        media = Media(platform, post_id, position, url)
+        media = Media(platform, post_id, position, without_userinfo(url))  # never stored or logged with credentials
         try:
             with self.clock("download"):
                 fetched = self.downloader.fetch(url)
@@ -200,13 +200,13 @@ class Archiver:
             log.exception("unexpected error archiving %s/%s image %d", platform, post_id, position)
             media.status, media.error = "failed", f"{type(exc).__name__}: {exc}"
         else:
-            log.debug("stored %s (%d bytes, %s) as %s", url[:200], len(fetched.body), fetched.content_type, key)
+            log.debug("stored %s (%d bytes, %s) as %s", media.source_url[:200], len(fetched.body), fetched.content_type, key)
             media.status = "stored"
             media.key, media.url = key, self.store.url(key)
             media.sha256, media.bytes, media.content_type = fetched.sha256, len(fetched.body), fetched.content_type
             media.width, media.height = fetched.width, fetched.height
         if media.status == "failed":
-            log.warning("image failed: %s/%s #%d %s: %s", platform, post_id, position, url[:200], media.error)
+            log.warning("image failed: %s/%s #%d %s: %s", platform, post_id, position, media.source_url[:200], media.error)
         return media
 
     # -- the stream ------------------------------------------------------------------------------
@@ -257,7 +257,7 @@ class Archiver:
         for post in scored:
             for position, url in enumerate(post.image_urls):
                 key = (post.platform, post.post_id, position)
-                if hopeless.get(key) == url:
+                if hopeless.get(key) == without_userinfo(url):
                     continue  # failed for good at this URL (404, not an image...): not fetched again
                 if key not in known and key not in futures:
                     futures[key] = pool.submit(self.archive_image, post.platform, post.post_id, post.created_at, position, url)

@@ -426,3 +426,37 @@ def chromium(html_file: _Path, *, screenshot: _Path | None = None, probe: bool =
     finally:
         proxy.close()
     return result.stdout, page_requests(proxy.requests)
+# -- image bombs: tiny files that declare huge images -----------------------------------------------------
+
+
+def webp_declaring(width: int, height: int, color: tuple[int, int, int] = (9, 99, 199)) -> bytes:
+    """A lossless WebP of a few dozen bytes whose header declares width x height pixels, and which decodes.
+
+    A one-colour lossless image is coded with single-symbol Huffman codes, zero bits a pixel, so the same
+    bitstream decodes at any size: the header's 14-bit width and height fields are all that change.
+    """
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), color).save(buf, format="WEBP", lossless=True)
+    body = bytearray(buf.getvalue())
+    assert body[12:16] == b"VP8L" and body[20] == 0x2F
+    bits = int.from_bytes(body[21:25], "little") & ~((1 << 28) - 1)
+    body[21:25] = (bits | (width - 1) | ((height - 1) << 14)).to_bytes(4, "little")
+    return bytes(body)
+
+
+# Runs a script (argv[1]) as __main__ and writes its peak resident memory to stderr as `peak-rss-kb N`.
+PEAK_RSS_WRAPPER = """\
+import resource, runpy, sys
+sys.argv = sys.argv[1:]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+finally:
+    sys.stderr.write(f"peak-rss-kb {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}\\n")
+"""
+
+
+def peak_rss_mb(stderr: str) -> float:
+    """The peak RSS (MB) reported by PEAK_RSS_WRAPPER."""
+    found = _re.findall(r"peak-rss-kb (\d+)", stderr)
+    assert found, stderr[-2000:]
+    return int(found[-1]) / 1024
