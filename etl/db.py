@@ -289,17 +289,38 @@ class Database:
         return (row[0], dict(row[1] or {})) if row else (None, {})
 
     def save_state(self, source: str, config_key: str, watermark: datetime | None, cursor: dict[str, Any]) -> None:
-        """Move the watermark forward (never back) and replace the cursor."""
+        """Move the watermark forward (never back), replace the cursor, clear the resume point (window complete)."""
         self.run(
             lambda cur: cur.execute(
                 "INSERT INTO etl_state AS s (source, config_key, watermark, cursor) VALUES (%s, %s, %s, %s)"
                 " ON CONFLICT (source, config_key) DO UPDATE SET"
                 " watermark = GREATEST(s.watermark, EXCLUDED.watermark),"
                 " cursor = CASE WHEN EXCLUDED.cursor = '{}'::jsonb THEN s.cursor ELSE EXCLUDED.cursor END,"
-                " updated_at = now()",
+                " resume = NULL, updated_at = now()",
                 (source, config_key, watermark, _adapt_json(clean_json(cursor))),
             ),
             what="saving the watermark",
+        )
+
+    def get_resume(self, source: str, config_key: str) -> dict[str, Any] | None:
+        """The resume point a run cut short left (etl/resume.py), or None."""
+
+        def read(cur: psycopg2.extensions.cursor) -> Any:
+            cur.execute("SELECT resume FROM etl_state WHERE source = %s AND config_key = %s", (source, config_key))
+            return cur.fetchone()
+
+        row = self.run(read, what="reading the resume point")
+        return row[0] if row else None
+
+    def save_resume(self, source: str, config_key: str, resume: dict[str, Any]) -> None:
+        """Record where a cut run stopped; the watermark and cursor stay as they were."""
+        self.run(
+            lambda cur: cur.execute(
+                "INSERT INTO etl_state AS s (source, config_key, resume) VALUES (%s, %s, %s)"
+                " ON CONFLICT (source, config_key) DO UPDATE SET resume = EXCLUDED.resume, updated_at = now()",
+                (source, config_key, _adapt_json(resume)),
+            ),
+            what="saving the resume point",
         )
 
 

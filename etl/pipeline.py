@@ -10,7 +10,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from functools import partial
 from pathlib import Path
@@ -24,6 +24,7 @@ from etl.errors import ConfigError, ETLError, ExitCode, LoadError, MediaError, S
 from etl.logs import RedactingFilter
 from etl.media import Downloader
 from etl.records import Media, Post, chunked
+from etl.resume import ResumePoint, ResumeTracker
 from etl.sources import FetchWindow, Source, source_class
 from etl.store import ObjectStore, object_key, store_from_settings
 
@@ -469,12 +470,15 @@ class Runner:
         return FetchWindow(since=since, cursor=cursor, limit=request.limit), key, True
 
     def _archive_window(
-        self, archiver: Archiver, source: Source, window: FetchWindow, stats: RunStats
+        self, archiver: Archiver, source: Source, window: FetchWindow, stats: RunStats, tracker: ResumeTracker | None = None
     ) -> tuple[bool, datetime | None]:
-        """Archive what the source yields for a window; (completed, newest created_at loaded)."""
+        """Archive what the source yields for a window; (completed, newest created_at loaded).
+
+        `tracker` skips what a cut run loaded and applies the limit; by default only the window's limit."""
         archiver.downloader.guard.trusted = set(source.trusted_hosts)
+        tracker = tracker or ResumeTracker(source, None, window.limit)
         try:
-            posts = self._stoppable(_limited(source.fetch(window), window.limit))
+            posts = self._stoppable(tracker(source.fetch(window)))
             newest = archiver.archive(posts, stats, source=source.name)
         except SourceError as exc:
             stats.source_failures += 1
@@ -495,16 +499,39 @@ class Runner:
         assert self.db is not None
         before = stats.snapshot()
         window, key, incremental = self._window(source, request)
+        resume = ResumePoint.from_json(self.db.get_resume(source.name, key)) if incremental else None
+        if resume is not None:
+            log.info("%s: an earlier run was cut short; filling the gap below what it loaded first", source.name)
+            window = replace(window, limit=None)  # posts skipped as loaded must not use up the source's own limit
+        tracker = ResumeTracker(source, resume, request.limit)
         source.db = self.db
         completed = False
         try:
             with source:
-                completed, newest = self._archive_window(archiver, source, window, stats)
-            if completed and incremental:
-                # Only now is every post up to `newest` loaded; the watermark never moves back (db.save_state).
-                self.db.save_state(source.name, key, newest, source.cursor)
+                completed, _ = self._archive_window(archiver, source, window, stats, tracker)
+            completed = completed and not tracker.limited
+        except Interrupted:
+            if incremental:
+                self._save_cut(source, key, tracker, "stopped")
+            raise
         finally:
             self._account(source, stats, before, completed)
+        if not incremental:
+            return
+        if completed:
+            # Only now is every post of the window loaded; the watermark never moves back (db.save_state).
+            self.db.save_state(source.name, key, tracker.watermark(), source.cursor)
+        else:
+            self._save_cut(source, key, tracker, "cut short by --limit" if tracker.limited else "stopped early")
+
+    def _save_cut(self, source: Source, key: str, tracker: ResumeTracker, why: str) -> None:
+        """A window not read to its end: the watermark stays, the resume point records what was loaded."""
+        assert self.db is not None
+        self.db.save_resume(source.name, key, tracker.cut_point().to_json())
+        log.info(
+            "%s: run %s after %d post(s); the watermark stays, the next run goes on below them",
+            source.name, why, tracker.passed,
+        )  # fmt: skip
 
     def _backfill_source(self, archiver: Archiver, source: Source, request: RunRequest, stats: RunStats) -> None:
         """Walk [since, until) in chunks, oldest first, skipping chunks an earlier backfill finished.
@@ -527,8 +554,9 @@ class Runner:
                     else:
                         fetched = stats.fetched
                         window = FetchWindow(since=start, until=end, limit=request.limit)
-                        chunk_completed, _ = self._archive_window(archiver, source, window, stats)
-                        if not chunk_completed:
+                        tracker = ResumeTracker(source, None, request.limit)
+                        chunk_completed, _ = self._archive_window(archiver, source, window, stats, tracker)
+                        if not chunk_completed or tracker.limited:
                             completed = False
                             break  # quota or rate limit: the next backfill resumes from this chunk
                         self.db.finish_chunk(source.name, key, start, end, stats.fetched - fetched, self.run_id)
