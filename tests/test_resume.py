@@ -87,3 +87,4 @@ def test_streams_of_unknown_order_are_never_skipped():
     list(first(feed))
     second = ResumeTracker(Unordered(), first.cut_point(), None)
     assert [p.post_id for p in second(feed)] == ["h0", "h1", "h2"]
+
