@@ -10,10 +10,11 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from typing import IO
 
 from etl import __version__
+from etl.backfill_limits import checked_chunk
 from etl.config import Settings, load_settings
 from etl.enrich import SentimentEnricher
 from etl.errors import ETLError, ExitCode, UsageError
@@ -56,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     backfill.add_argument("--source", required=True, dest="sources", action="append", metavar="NAME")
     backfill.add_argument("--since", required=True, type=parse_date, metavar="DATE")
     backfill.add_argument("--until", type=parse_date, metavar="DATE", help="exclusive; default now")
-    backfill.add_argument("--chunk-days", type=float, default=1.0, metavar="D", help="days per chunk (default 1)")
+    backfill.add_argument("--chunk-days", type=float, default=1.0, metavar="D", help="days per chunk (default 1; at least a minute, at most 10,000 chunks)")
     backfill.add_argument("--limit", type=int, metavar="N")
     backfill.add_argument("--input", metavar="FILE")
 
@@ -149,9 +150,8 @@ def _dispatch(args: argparse.Namespace, settings: Settings, out: IO[str]) -> int
         else:
             if args.until is not None and args.until <= args.since:
                 raise UsageError("--until must be after --since")
-            if args.chunk_days <= 0:
-                raise UsageError("--chunk-days must be positive")
-            request.since, request.until, request.chunk = args.since, args.until, timedelta(days=args.chunk_days)
+            chunk = checked_chunk(args.since, args.until or datetime.now(timezone.utc), args.chunk_days)
+            request.since, request.until, request.chunk = args.since, args.until, chunk
         bar = ProgressBar(sys.stderr) if command == "backfill" and sys.stderr.isatty() else None
         runner = Runner(settings, stop=stop, progress=bar)
         stats = runner.execute(request)
