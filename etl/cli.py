@@ -22,6 +22,7 @@ from etl.logs import RedactingFilter, setup_logging
 from etl.pipeline import Runner, RunRequest, RunStats
 from etl.reenrich import reenrich
 from etl.status import collect_status, format_status
+from etl.stopping import exit_now, leave_if_stalled
 
 log = logging.getLogger("etl")
 COMMANDS = ("run", "backfill", "reenrich", "status", "migrate")
@@ -105,17 +106,21 @@ def main(argv: Sequence[str] | None = None, *, env: dict[str, str] | None = None
 
 
 def _on_sigterm(stop: threading.Event) -> None:
-    """SIGTERM (cron, a container stopping): stop fetching, load what is in flight, record the run interrupted.
+    """SIGTERM (cron, a container stopping): stop fetching and starting downloads, give the downloads in flight
+    ETL_STOP_GRACE seconds, load every post fetched (unfinished images recorded failed), record the run
+    interrupted, exit 1.
 
-    A second SIGTERM stops at once (the database keeps only committed batches; the next run completes the rest).
+    A second SIGTERM stops at once with exit 1 (the database keeps only committed batches; the next run marks
+    this one abandoned and completes the rest).
     """
     if threading.current_thread() is not threading.main_thread():
         return
 
     def handler(signum: int, frame: object) -> None:
         if stop.is_set():
-            raise KeyboardInterrupt
-        log.warning("SIGTERM received: finishing the batches in flight, then stopping")
+            log.error("second SIGTERM: stopping at once; the next run completes what this one did not")
+            exit_now(int(ExitCode.PARTIAL))
+        log.warning("SIGTERM received: no new downloads, loading what was fetched, then stopping")
         stop.set()
 
     signal.signal(signal.SIGTERM, handler)
@@ -158,6 +163,8 @@ def _dispatch(args: argparse.Namespace, settings: Settings, out: IO[str]) -> int
         if bar:
             bar.close()
         _print_run_summary(out, stats, runner, settings, dry_run=request.dry_run)
+        if stop.is_set():
+            leave_if_stalled(int(stats.exit_code))
         return int(stats.exit_code)
     if command == "reenrich":
         return _reenrich(args, settings, out, stop)

@@ -174,6 +174,13 @@ class _Batch:
         )
 
 
+def _not_loaded(exc: LoadError, batch: _Batch, source: str) -> LoadError:
+    return LoadError(
+        f"{exc}. Not loaded: {batch.describe(source)} and any batch after it; the watermark did not move, so the "
+        "next run fetches them again"
+    )
+
+
 def _by_post(media: Iterable[Media]) -> dict[tuple[str, str], list[Media]]:
     grouped: dict[tuple[str, str], list[Media]] = {}
     for m in media:
@@ -252,7 +259,7 @@ class Archiver:
             pending: _Batch | None = None
             try:
                 for posts_batch in chunked(self.clock.timed(posts, "fetch"), self.settings.batch_size):
-                    current = self._start(posts_batch, pool, stats)
+                    current = self._start(posts_batch, pool, stats, source)
                     finishing, pending = pending, current
                     if finishing is not None:
                         newest = _later(newest, self._finish(finishing, stats, source))
@@ -300,7 +307,7 @@ class Archiver:
         log.warning("image not finished before the stop: %s/%s #%d %s", platform, post_id, position, url[:200])
         return media
 
-    def _start(self, posts: list[Post], pool: ThreadPoolExecutor, stats: RunStats) -> _Batch:
+    def _start(self, posts: list[Post], pool: ThreadPoolExecutor, stats: RunStats, source: str = "") -> _Batch:
         image_keys = list({(p.platform, p.post_id) for p in posts if p.image_urls})
         captioned = list({(p.platform, p.post_id) for p in posts if p.caption})
 
@@ -310,7 +317,10 @@ class Archiver:
             return known, hopeless, scores
 
         with self.clock("lookup"):
-            known, hopeless, scores = self.db.run(lookup, what="looking up stored images and scores")
+            try:
+                known, hopeless, scores = self.db.run(lookup, what="looking up stored images and scores")
+            except LoadError as exc:
+                raise _not_loaded(exc, _Batch(posts, {}, {}, number=self._batches + 1), source) from None
         with self.clock("enrich"):
             # A caption already scored by this enricher (a rerun, an overlap window) keeps its score. A caption
             # over the cap is cut first (and flagged), so the score is the stored caption's.
@@ -345,10 +355,7 @@ class Archiver:
             except dbm.DataRefused:
                 raise
             except LoadError as exc:
-                raise LoadError(
-                    f"{exc}. Not loaded: {batch.describe(source)}; the watermark did not move, so the next run "
-                    "fetches it again"
-                ) from None
+                raise _not_loaded(exc, batch, source) from None
         log.debug(
             "loaded %d posts (%d new, %d updated, %d unchanged) and %d image rows",
             len(loaded), counts.inserted, counts.updated, counts.unchanged, len(media),
