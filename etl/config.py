@@ -193,6 +193,14 @@ class Settings:
 
     # Loading, enrichment, runs.
     batch_size: int = _setting("ETL_BATCH_SIZE", _positive_int, 500, "posts per database batch")
+    db_reconnect_seconds: float = _setting(
+        "ETL_DB_RECONNECT_SECONDS", _non_negative_float, 15.0,
+        "longest total wait (s) for a lost database to come back; past it the run stops, naming the batch not loaded",
+    )  # fmt: skip
+    stop_grace: float = _setting(
+        "ETL_STOP_GRACE", _non_negative_float, 5.0,
+        "on SIGTERM, seconds the downloads in flight may take to finish (the rest are marked failed, retried next run)",
+    )  # fmt: skip
     sentiment_threshold: float = _setting(
         "SENTIMENT_THRESHOLD", _threshold, 0.05, "polarity >= t is positive, <= -t negative, else neutral"
     )

@@ -460,3 +460,76 @@ def peak_rss_mb(stderr: str) -> float:
     found = _re.findall(r"peak-rss-kb (\d+)", stderr)
     assert found, stderr[-2000:]
     return int(found[-1]) / 1024
+class DatabaseProxy:
+    """A TCP proxy in front of the test PostgreSQL (TCP or a unix socket), so a test can cut the database away
+    from a running process (`cut()`: every connection closed, new ones refused) and bring it back (`restore()`)."""
+
+    def __init__(self, dsn: str):
+        import psycopg2.extensions
+
+        params = psycopg2.extensions.parse_dsn(dsn)
+        host, port = params.get("host") or "localhost", int(params.get("port") or 5432)
+        self._target = (_socket.AF_UNIX, f"{host}/.s.PGSQL.{port}") if host.startswith("/") else (_socket.AF_INET, (host, port))
+        self.port = free_port()
+        from urllib.parse import quote
+
+        user, password = quote(params.get("user") or "postgres"), quote(params.get("password") or "")
+        self.dsn = f"postgresql://{user}{':' + password if password else ''}@127.0.0.1:{self.port}/{params.get('dbname') or 'postgres'}"
+        self._conns: list[_socket.socket] = []
+        self._listener: _socket.socket | None = None
+        self._lock = threading.Lock()
+        self.restore()
+
+    def restore(self) -> None:
+        listener = _socket.socket()
+        listener.setsockopt(_socket.SOL_SOCKET, _socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(16)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def _accept(self, listener: _socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            upstream = _socket.socket(self._target[0])
+            upstream.connect(self._target[1])
+            with self._lock:
+                self._conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: _socket.socket, dst: _socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(_socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def cut(self) -> None:
+        if self._listener is not None:
+            try:
+                self._listener.shutdown(_socket.SHUT_RDWR)  # wakes the accepting thread; close alone does not
+            except OSError:
+                pass
+            self._listener.close()
+            self._listener = None
+        with self._lock:
+            conns, self._conns = self._conns, []
+        for s in conns:
+            try:
+                s.shutdown(_socket.SHUT_RDWR)
+                s.close()
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.cut()
