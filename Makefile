@@ -8,7 +8,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: run test bench lint status clean reliability
+.PHONY: run test bench lint status clean reliability chromium
 
 $(PY):
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "Python 3.10 or newer is needed (found " + sys.version.split()[0] + ")")'
@@ -24,19 +24,25 @@ $(VENV)/.dev: requirements.txt requirements-dev.txt | $(PY)
 	@touch $@ $(VENV)/.runtime
 
 run: $(VENV)/.runtime
-	$(PY) etl.py run
+	$(PY) etl.py run; code=$$?; $(PY) etl.py fingerprint >/dev/null && $(PY) etl.py report; exit $$code
 
 status: $(VENV)/.runtime
 	$(PY) etl.py status
 
-test: $(VENV)/.dev
+test: $(VENV)/.dev chromium
 	$(PY) -m pytest --junitxml=.test-report.xml
 
 reliability: $(VENV)/.dev  # README's Reliability section from the last green `make test`
 	$(PY) scripts/reliability_readme.py .test-report.xml
 
+# The report's browser tests need Chromium from the distribution: installed when missing and we are root (CI).
+chromium:
+	@if [ ! -x /usr/bin/chromium ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; fi
+
 bench: $(VENV)/.dev
 	$(PY) scripts/bench.py $(ARGS)
+	$(PY) scripts/bench_insights.py $(INSIGHTS_ARGS)
 
 lint: $(VENV)/.dev
 	$(PY) -m ruff check etl tests scripts etl.py

@@ -10,10 +10,11 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from typing import IO
 
-from etl import __version__
+from etl import __version__, cli_insights
+from etl.backfill_limits import checked_chunk
 from etl.config import Settings, load_settings
 from etl.enrich import SentimentEnricher
 from etl.errors import ETLError, ExitCode, UsageError
@@ -21,9 +22,10 @@ from etl.logs import RedactingFilter, setup_logging
 from etl.pipeline import Runner, RunRequest, RunStats
 from etl.reenrich import reenrich
 from etl.status import collect_status, format_status
+from etl.stopping import exit_now, leave_if_stalled
 
 log = logging.getLogger("etl")
-COMMANDS = ("run", "backfill", "reenrich", "status", "migrate")
+COMMANDS = ("run", "backfill", "reenrich", "status", "migrate", "fingerprint", "similar", "trends", "report")
 GLOBAL_OPTIONS = ("--log-format", "--log-level")  # options taking a value, placed before the command
 
 
@@ -56,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     backfill.add_argument("--source", required=True, dest="sources", action="append", metavar="NAME")
     backfill.add_argument("--since", required=True, type=parse_date, metavar="DATE")
     backfill.add_argument("--until", type=parse_date, metavar="DATE", help="exclusive; default now")
-    backfill.add_argument("--chunk-days", type=float, default=1.0, metavar="D", help="days per chunk (default 1)")
+    backfill.add_argument("--chunk-days", type=float, default=1.0, metavar="D", help="days per chunk (default 1; at least a minute, at most 10,000 chunks)")
     backfill.add_argument("--limit", type=int, metavar="N")
     backfill.add_argument("--input", metavar="FILE")
 
@@ -69,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--runs", type=int, default=10, metavar="N", help="how many runs to list")
 
     sub.add_parser("migrate", help="apply the sql/ migrations")
+    cli_insights.add_parsers(sub, parse_date)
     return parser
 
 
@@ -104,17 +107,21 @@ def main(argv: Sequence[str] | None = None, *, env: dict[str, str] | None = None
 
 
 def _on_sigterm(stop: threading.Event) -> None:
-    """SIGTERM (cron, a container stopping): stop fetching, load what is in flight, record the run interrupted.
+    """SIGTERM (cron, a container stopping): stop fetching and starting downloads, give the downloads in flight
+    ETL_STOP_GRACE seconds, load every post fetched (unfinished images recorded failed), record the run
+    interrupted, exit 1.
 
-    A second SIGTERM stops at once (the database keeps only committed batches; the next run completes the rest).
+    A second SIGTERM stops at once with exit 1 (the database keeps only committed batches; the next run marks
+    this one abandoned and completes the rest).
     """
     if threading.current_thread() is not threading.main_thread():
         return
 
     def handler(signum: int, frame: object) -> None:
         if stop.is_set():
-            raise KeyboardInterrupt
-        log.warning("SIGTERM received: finishing the batches in flight, then stopping")
+            log.error("second SIGTERM: stopping at once; the next run completes what this one did not")
+            exit_now(int(ExitCode.PARTIAL))
+        log.warning("SIGTERM received: no new downloads, loading what was fetched, then stopping")
         stop.set()
 
     signal.signal(signal.SIGTERM, handler)
@@ -149,18 +156,21 @@ def _dispatch(args: argparse.Namespace, settings: Settings, out: IO[str]) -> int
         else:
             if args.until is not None and args.until <= args.since:
                 raise UsageError("--until must be after --since")
-            if args.chunk_days <= 0:
-                raise UsageError("--chunk-days must be positive")
-            request.since, request.until, request.chunk = args.since, args.until, timedelta(days=args.chunk_days)
+            chunk = checked_chunk(args.since, args.until or datetime.now(timezone.utc), args.chunk_days)
+            request.since, request.until, request.chunk = args.since, args.until, chunk
         bar = ProgressBar(sys.stderr) if command == "backfill" and sys.stderr.isatty() else None
         runner = Runner(settings, stop=stop, progress=bar)
         stats = runner.execute(request)
         if bar:
             bar.close()
         _print_run_summary(out, stats, runner, settings, dry_run=request.dry_run)
+        if stop.is_set():
+            leave_if_stalled(int(stats.exit_code))
         return int(stats.exit_code)
     if command == "reenrich":
         return _reenrich(args, settings, out, stop)
+    if command in cli_insights.COMMANDS:
+        return cli_insights.dispatch(command, args, settings, out, stop)
     runner = Runner(settings)
     runner.open_services(store=False)
     assert runner.db is not None

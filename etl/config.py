@@ -87,6 +87,13 @@ def _threshold(raw: str) -> float:
     return value
 
 
+def _hamming(raw: str) -> int:
+    value = int(raw.strip())
+    if not 0 <= value <= 7:
+        raise ValueError("must be a whole number from 0 to 7 (the band index finds every match up to 7)")
+    return value
+
+
 def _log_format(raw: str) -> str:
     value = raw.strip().lower()
     if value not in ("text", "json"):
@@ -173,6 +180,9 @@ class Settings:
     retry_max_wait: float = _setting("ETL_RETRY_MAX_WAIT", _non_negative_float, 30.0, "longest wait between attempts (s)")
     concurrency: int = _setting("ETL_CONCURRENCY", _positive_int, 32, "images downloaded and stored at once")
     max_redirects: int = _setting("ETL_MAX_REDIRECTS", _non_negative_int, 5, "redirects followed per image")
+    decode_memory_mb: int = _setting(
+        "ETL_DECODE_MEMORY_MB", _positive_int, 256, "memory (MB) image checks may hold at once; larger decodes wait their turn"
+    )
     allow_private_hosts: bool = _setting(
         "ETL_ALLOW_PRIVATE_HOSTS", _bool, False, "allow image hosts on loopback, private or link-local addresses (the API bases are trusted settings)"
     )
@@ -183,6 +193,14 @@ class Settings:
 
     # Loading, enrichment, runs.
     batch_size: int = _setting("ETL_BATCH_SIZE", _positive_int, 500, "posts per database batch")
+    db_reconnect_seconds: float = _setting(
+        "ETL_DB_RECONNECT_SECONDS", _non_negative_float, 15.0,
+        "longest total wait (s) for a lost database to come back; past it the run stops, naming the batch not loaded",
+    )  # fmt: skip
+    stop_grace: float = _setting(
+        "ETL_STOP_GRACE", _non_negative_float, 5.0,
+        "on SIGTERM, seconds the downloads in flight may take to finish (the rest are marked failed, retried next run)",
+    )  # fmt: skip
     sentiment_threshold: float = _setting(
         "SENTIMENT_THRESHOLD", _threshold, 0.05, "polarity >= t is positive, <= -t negative, else neutral"
     )
@@ -190,6 +208,11 @@ class Settings:
     log_format: str = _setting("ETL_LOG_FORMAT", _log_format, "text", "text or json (one object a line)")
     log_level: str = _setting("ETL_LOG_LEVEL", _log_level, "INFO", "DEBUG, INFO, WARNING or ERROR")
     log_file: str = _setting("ETL_LOG_FILE", _str, "", "also append logs to this file")
+    # Insights (issue 14): near-duplicate images, rising hashtags.
+    similar_max_distance: int = _setting(
+        "ETL_SIMILAR_MAX_DISTANCE", _hamming, 5, "Hamming distance (0-7) of 64-bit image hashes that counts as the same picture"
+    )
+    trends_min_count: int = _setting("ETL_TRENDS_MIN_COUNT", _positive_int, 5, "posts a hashtag needs in the window to rank in trends")
     metrics_path: str = _setting("ETL_METRICS_PATH", _str, "", "Prometheus textfile written after each run")
 
     def __repr__(self) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import socket
@@ -37,12 +38,51 @@ FINISH_RUN_SQL = (
     + ", sentiment = %s, per_source = %s, errors = %s, error_summary = %s WHERE id = %s"
 )
 _MIGRATION_LOCK = 72_616_001  # advisory lock key: one migrator at a time
-RECONNECT_DELAYS = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0)  # about 30 s for a restarting server to come back
+RECONNECT_DELAYS = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0)  # waits between reconnects, cut short by ETL_DB_RECONNECT_SECONDS
 T = TypeVar("T")
 
 
 def _adapt_json(value: Any) -> psycopg2.extras.Json:
     return psycopg2.extras.Json(value, dumps=lambda v: json.dumps(v, ensure_ascii=False, default=str))
+
+
+class DataRefused(LoadError):
+    """The server refused what was written (a value it cannot store, a limit, a constraint): the data's fault,
+    not the connection's. Loading it again will not help; the rows without it may be loaded."""
+
+    def __init__(self, what: str, reason: str):
+        super().__init__(f"the database refused {what}: {reason}")
+        self.reason = reason
+
+
+# SQLSTATE classes of a lost or unusable connection: 08 connection exception, 57P01-57P03 the server
+# shutting down or starting. An error without a SQLSTATE came from the client library (the socket closed).
+_CONNECTION_STATES = ("57P01", "57P02", "57P03")
+# What the data is to blame for: 22 data exception, 23 integrity constraint, 54 program limit exceeded
+# (an index row too large), 2200x/22P0x bad JSON and the like.
+_DATA_CLASSES = ("22", "23", "54")
+
+
+def connection_lost(exc: psycopg2.Error) -> bool:
+    code = getattr(exc, "pgcode", None)
+    if not code:
+        return isinstance(exc, (psycopg2.OperationalError, psycopg2.InterfaceError))
+    return code.startswith("08") or code in _CONNECTION_STATES
+
+
+def refused_data(exc: psycopg2.Error) -> bool:
+    code = getattr(exc, "pgcode", None) or ""
+    return isinstance(exc, (psycopg2.DataError, psycopg2.IntegrityError)) or code[:2] in _DATA_CLASSES
+
+
+def server_reason(exc: psycopg2.Error) -> str:
+    """The server's message and detail on one line (the client's first line when the server said nothing)."""
+    diag = getattr(exc, "diag", None)
+    primary = getattr(diag, "message_primary", None) if diag is not None else None
+    if primary:
+        detail = getattr(diag, "message_detail", None)
+        return clean_text(f"{primary} ({detail})" if detail else primary)[:500]
+    return clean_text((str(exc).strip().splitlines() or [type(exc).__name__])[0])[:500]
 
 
 @dataclass
@@ -57,11 +97,14 @@ class UpsertCounts:
 class Database:
     """One PostgreSQL database: a connection for the run's writes, and helpers that take a cursor."""
 
-    def __init__(self, dsn: str, *, display: str, server: Any = None):
+    def __init__(self, dsn: str, *, display: str, server: Any = None, reconnect_seconds: float = 15.0):
         self.dsn = dsn
         self.display = display  # where the data is, for people; never holds a password
         self._server = server  # keeps an embedded server alive as long as we are
         self._conn: psycopg2.extensions.connection | None = None
+        self.reconnect_seconds = reconnect_seconds  # the longest wait for a lost server (ETL_DB_RECONNECT_SECONDS)
+        self._gave_up = False  # the server stayed away past that: later calls try once only
+        self._connect_timeout = 10
 
     # -- connecting ------------------------------------------------------------------------------
 
@@ -69,10 +112,12 @@ class Database:
     def from_settings(cls, settings: Settings) -> Database:
         """Connect to DATABASE_URL, or start the embedded PostgreSQL under ETL_DATA_DIR/postgres."""
         if settings.embedded_db:
-            return cls.embedded(settings.data_dir / "postgres")
-        url = settings.database_url.reveal()
-        db = cls(url, display=mask_url_password(url))
-        db.check()
+            db = cls.embedded(settings.data_dir / "postgres")
+        else:
+            url = settings.database_url.reveal()
+            db = cls(url, display=mask_url_password(url))
+            db.check()
+        db.reconnect_seconds = settings.db_reconnect_seconds
         return db
 
     @classmethod
@@ -80,13 +125,15 @@ class Database:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # platformdirs warns about XDG_RUNTIME_DIR under cron
-                import pgserver
+                import pgserver  # noqa: F401 - installed? (etl.embedded uses it)
+
+                from etl.embedded import start_server
         except ImportError:  # pragma: no cover - a broken install
             raise ConfigError("DATABASE_URL is not set and the embedded PostgreSQL (pgserver) is not installed") from None
         pgdata = Path(pgdata).resolve()
         pgdata.parent.mkdir(parents=True, exist_ok=True)
         try:
-            server = pgserver.get_server(pgdata, cleanup_mode="stop")
+            server = start_server(pgdata)  # stale handles dropped; folders above opened only as needed
         except Exception as exc:
             raise ConfigError(f"DATABASE_URL is not set and the embedded PostgreSQL at {pgdata} did not start: {exc}") from None
         db = cls(server.get_uri(), display=f"embedded PostgreSQL, data in {pgdata}", server=server)
@@ -111,7 +158,7 @@ class Database:
 
     def connect(self) -> psycopg2.extensions.connection:
         """A new connection (for locks and for threads that need their own)."""
-        conn = psycopg2.connect(self.dsn, connect_timeout=10, application_name="social-archiver")
+        conn = psycopg2.connect(self.dsn, connect_timeout=self._connect_timeout, application_name="social-archiver")
         conn.set_client_encoding("UTF8")
         return conn
 
@@ -133,19 +180,39 @@ class Database:
 
     def run(self, fn: Callable[[psycopg2.extensions.cursor], T], *, what: str) -> T:
         """Run fn in one transaction; when the connection is lost (a server restart, a network cut), reconnect
-        and run it again. fn must be idempotent (every write here is an upsert). LoadError when the server
-        stays away: the caller stops, and what fn would have written is done by the next run."""
-        for delay in (0.0, *RECONNECT_DELAYS):
-            if delay:
-                time.sleep(delay)
+        and run it again. fn must be idempotent (every write here is an upsert).
+
+        The reconnect wait is bounded by ETL_DB_RECONNECT_SECONDS: past it, LoadError (the caller stops, and
+        what fn would have written is done by the next run); after that, later calls try once without waiting.
+        A row the server refuses (bad data, a value over a limit) is DataRefused at once: never a lost connection.
+        """
+        started = time.monotonic()
+        delays = iter(RECONNECT_DELAYS)
+        while True:
             try:
                 with self.transaction() as cur:
-                    return fn(cur)
-            except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
-                reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-                log.warning("database connection lost during %s (%s); reconnecting", what, reason)
+                    result = fn(cur)
+                self._gave_up = False
+                self._connect_timeout = 10
+                return result
+            except psycopg2.Error as exc:
+                if not connection_lost(exc):
+                    if refused_data(exc):
+                        raise DataRefused(what, server_reason(exc)) from exc
+                    raise
+                reason = server_reason(exc)
                 self.close()
-        raise LoadError(f"lost the database connection during {what} and could not reconnect ({self.display})")
+                remaining = started + self.reconnect_seconds - time.monotonic()
+                if self._gave_up or remaining <= 0:
+                    self._gave_up = True
+                    raise LoadError(
+                        f"lost the database connection during {what} and could not reconnect within "
+                        f"{self.reconnect_seconds:g}s (ETL_DB_RECONNECT_SECONDS) ({self.display}): {reason}"
+                    ) from None
+                log.warning("database connection lost during %s (%s); reconnecting", what, reason)
+                time.sleep(min(next(delays, RECONNECT_DELAYS[-1]), remaining))
+                # A connection attempt must not outlast the budget either (libpq's minimum is 2 s).
+                self._connect_timeout = max(2, min(10, math.ceil(started + self.reconnect_seconds - time.monotonic())))
 
     def close(self) -> None:
         if self._conn is not None and not self._conn.closed:
@@ -289,17 +356,38 @@ class Database:
         return (row[0], dict(row[1] or {})) if row else (None, {})
 
     def save_state(self, source: str, config_key: str, watermark: datetime | None, cursor: dict[str, Any]) -> None:
-        """Move the watermark forward (never back) and replace the cursor."""
+        """Move the watermark forward (never back), replace the cursor, clear the resume point (window complete)."""
         self.run(
             lambda cur: cur.execute(
                 "INSERT INTO etl_state AS s (source, config_key, watermark, cursor) VALUES (%s, %s, %s, %s)"
                 " ON CONFLICT (source, config_key) DO UPDATE SET"
                 " watermark = GREATEST(s.watermark, EXCLUDED.watermark),"
                 " cursor = CASE WHEN EXCLUDED.cursor = '{}'::jsonb THEN s.cursor ELSE EXCLUDED.cursor END,"
-                " updated_at = now()",
+                " resume = NULL, updated_at = now()",
                 (source, config_key, watermark, _adapt_json(clean_json(cursor))),
             ),
             what="saving the watermark",
+        )
+
+    def get_resume(self, source: str, config_key: str) -> dict[str, Any] | None:
+        """The resume point a run cut short left (etl/resume.py), or None."""
+
+        def read(cur: psycopg2.extensions.cursor) -> Any:
+            cur.execute("SELECT resume FROM etl_state WHERE source = %s AND config_key = %s", (source, config_key))
+            return cur.fetchone()
+
+        row = self.run(read, what="reading the resume point")
+        return row[0] if row else None
+
+    def save_resume(self, source: str, config_key: str, resume: dict[str, Any]) -> None:
+        """Record where a cut run stopped; the watermark and cursor stay as they were."""
+        self.run(
+            lambda cur: cur.execute(
+                "INSERT INTO etl_state AS s (source, config_key, resume) VALUES (%s, %s, %s)"
+                " ON CONFLICT (source, config_key) DO UPDATE SET resume = EXCLUDED.resume, updated_at = now()",
+                (source, config_key, _adapt_json(resume)),
+            ),
+            what="saving the resume point",
         )
 
 
@@ -308,13 +396,13 @@ class Database:
 _POST_COLUMNS = (
     "platform", "post_id", "author_username", "caption", "sentiment", "sentiment_polarity",
     "sentiment_subjectivity", "sentiment_version", "image_s3_url", "like_count", "comment_count",
-    "permalink", "hashtags", "raw", "created_at",
+    "permalink", "hashtags", "raw", "created_at", "caption_truncated",
 )  # fmt: skip
 # What a rerun may change. raw is refreshed with them but alone does not count as a change
 # (APIs put expiring URLs and request ids in it).
 _POST_MUTABLE = (
     "author_username", "caption", "sentiment", "sentiment_polarity", "sentiment_subjectivity",
-    "sentiment_version", "like_count", "comment_count", "permalink", "hashtags",
+    "sentiment_version", "like_count", "comment_count", "permalink", "hashtags", "caption_truncated",
 )  # fmt: skip
 
 UPSERT_POSTS_SQL = (
@@ -347,6 +435,7 @@ def _post_row(post: Post, first_image_url: str | None, sentiment_version: str | 
         [clean_text(t) for t in post.hashtags],
         _adapt_json(clean_json(post.raw)) if post.raw is not None else None,
         post.created_at,
+        post.caption_truncated,
     )
 
 
@@ -368,10 +457,8 @@ def upsert_posts(
         return UpsertCounts()
     urls = first_image_urls or {}
     rows = [_post_row(p, urls.get(k) or urls.get((p.platform, p.post_id)), sentiment_version) for k, p in latest.items()]
-    try:
-        results = psycopg2.extras.execute_values(cur, UPSERT_POSTS_SQL, rows, page_size=len(rows), fetch=True)
-    except psycopg2.DataError as exc:
-        raise LoadError(f"the database refused a batch of {len(rows)} posts: {exc}") from exc
+    # A row the database refuses raises psycopg2's error; Database.run turns it into DataRefused.
+    results = psycopg2.extras.execute_values(cur, UPSERT_POSTS_SQL, rows, page_size=len(rows), fetch=True)
     inserted = sum(1 for (was_insert,) in results if was_insert)
     updated = len(results) - inserted
     return UpsertCounts(inserted=inserted, updated=updated, unchanged=len(rows) - inserted - updated)

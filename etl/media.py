@@ -6,12 +6,14 @@ import hashlib
 import io
 import ipaddress
 import logging
+import re
 import socket
+import threading
 import time
 import urllib.request
-import warnings
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from urllib.parse import SplitResult, urljoin, urlsplit, urlunsplit
 
@@ -33,7 +35,13 @@ CHUNK_BYTES = 64 * 1024
 MAX_ADDRESSES = 4  # of a host's vetted addresses, tried in turn when one cannot be reached
 # NAT64's well-known prefix carries an IPv4 address in its last 32 bits (RFC 6052).
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
-_MARKUP = (b"<!doctype", b"<html", b"<?xml", b"<head", b"<body", b"<svg")
+_MARKUP = (b"<!doctype", b"<html", b"<?xml", b"<head", b"<body", b"<svg", b"<!--")
+_SVG = re.compile(rb"<svg[\s>/]", re.IGNORECASE)
+_OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
+# Bytes per pixel a full decode holds at its peak (measured with Pillow 13): WebP goes through libwebp's RGBA
+# buffer, a bytes copy and the image (about 16); a GIF frame is one byte a pixel plus Pillow's working copy.
+_DECODE_BYTES_PER_PIXEL = {"WEBP": 16, "GIF": 2}
+DEFAULT_DECODE_MEMORY = 256 * 1024 * 1024
 
 Resolver = Callable[..., list]
 
@@ -55,6 +63,18 @@ class NotAnImage(MediaError):
 
     def __init__(self, message: str):
         super().__init__(message, permanent=True)
+
+
+def without_userinfo(url: str) -> str:
+    """The URL with any `user:password@` removed from its authority (for storing and logging)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+    authority = rest[:end]
+    if "@" not in authority:
+        return url
+    return f"{scheme}://{authority.rpartition('@')[2]}{rest[end:]}"
 
 
 def is_public_address(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
@@ -90,12 +110,16 @@ class URLGuard:
             parts = urlsplit(url)
             port = parts.port
         except ValueError:
-            raise MediaError(f"malformed URL {url[:200]!r}", permanent=True) from None
+            raise MediaError(f"malformed URL {without_userinfo(url)[:200]!r}", permanent=True) from None
+        if "@" in parts.netloc:
+            # user:password@host would be sent (as Basic auth) to whoever serves the image: refused before
+            # any request, and for good (the URL will not change by itself).
+            raise MediaError("refused URL with credentials (user-info) in it: nothing was sent", permanent=True)
         if parts.scheme not in ("http", "https"):
             raise MediaError(f"refused URL scheme {parts.scheme or '(none)'!r}: only http and https", permanent=True)
         host = parts.hostname
         if not host:
-            raise MediaError(f"URL has no host: {url[:200]!r}", permanent=True)
+            raise MediaError(f"URL has no host: {without_userinfo(url)[:200]!r}", permanent=True)
         port = port or (443 if parts.scheme == "https" else 80)
         addresses = self._addresses(host, port)
         if self.allow_private or f"{host}:{port}" in self.trusted:
@@ -126,37 +150,164 @@ class URLGuard:
         return addresses
 
 
-def sniff_image(body: bytes) -> tuple[str, int, int]:
-    """(content type, width, height) of a complete image; MediaError when the bytes are not one."""
+class DecodeBudget:
+    """Memory (bytes) that image decodes may hold at once, shared by the download threads.
+
+    A decode reserves what it will need before it starts and waits while the others hold too much; one
+    that needs more than the whole budget waits until it can run alone. So however many images are checked
+    at once, their decodes stay within the budget (or within the single largest decode).
+    """
+
+    def __init__(self, total: int = DEFAULT_DECODE_MEMORY):
+        self.total = total
+        self._used = 0
+        self._free = threading.Condition()
+
+    @contextmanager
+    def reserve(self, need: int) -> Iterator[None]:
+        need = max(0, min(need, self.total))
+        with self._free:
+            while self._used + need > self.total:
+                self._free.wait()
+            self._used += need
+        try:
+            yield
+        finally:
+            with self._free:
+                self._used -= need
+                self._free.notify_all()
+
+    @property
+    def used(self) -> int:
+        return self._used
+
+
+_DEFAULT_BUDGET = DecodeBudget()
+_pillow_ready = threading.Lock()
+_pillow_configured = False
+
+
+def _pillow() -> object:
+    """PIL.Image, with Pillow's own pixel limit set to ours (once).
+
+    Pillow warns above 89.5 Mpx (DecompressionBombWarning) and refuses above twice that. Warnings are
+    per-process state: catching them from worker threads races, so the same image got different verdicts.
+    With Pillow's limit at MAX_PIXELS, nothing under our cap ever warns, and our own check below decides.
+    """
+    global _pillow_configured
     from PIL import Image  # here, not at the top: a run without images to fetch never needs Pillow
 
-    if body[:512].lstrip(b"\xef\xbb\xbf \t\r\n").lower().startswith(_MARKUP):
+    if not _pillow_configured:
+        with _pillow_ready:
+            if not _pillow_configured:
+                Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+                _pillow_configured = True
+    return Image
+
+
+def _reason(exc: BaseException) -> str:
+    """An exception's message fit for people: no object reprs (`<_io.BytesIO object at 0x...>`), never empty."""
+    text = _OBJECT_REPR.sub("the data", str(exc)).strip()
+    return text or type(exc).__name__
+
+
+def decode_bytes(fmt: str, mode: str, width: int, height: int, *, progressive: bool = False) -> int:
+    """Memory a full decode of this image holds at its peak, in bytes (an estimate on the safe side)."""
+    bands = max(1, len(mode)) if mode not in ("1", "P", "L") else 1
+    if fmt == "JPEG":
+        # Decoded at 1/8 scale (see sniff_image), but a progressive JPEG keeps every DCT coefficient of the
+        # whole image (two bytes per sample) in memory, whatever the scale.
+        scaled = -(-width // 8) * -(-height // 8) * bands
+        return scaled + (width * height * bands * 2 if progressive else 0)
+    return width * height * _DECODE_BYTES_PER_PIXEL.get(fmt, 4 * bands)
+
+
+def sniff_image(body: bytes, budget: DecodeBudget | None = None) -> tuple[str, int, int]:
+    """(content type, width, height) of a complete image; MediaError when the bytes are not one.
+
+    Memory stays bounded whatever the image declares: the pixel count is checked from the header before
+    anything is decoded; PNGs are checked by their checksums without building the image; JPEGs are decoded
+    at 1/8 scale; a WebP whose decode would not fit in the budget is checked by its structure instead; every
+    decode first reserves its memory from `budget`, so concurrent checks cannot add up past it.
+    """
+    Image = _pillow()  # noqa: N806 - the module, named as Pillow's users expect
+    budget = budget or _DEFAULT_BUDGET
+    head = body[:1024].lstrip(b"\xef\xbb\xbf \t\r\n")
+    if head.lower().startswith(_MARKUP):
+        if _SVG.search(body[:8192]):
+            raise MediaError("not an image: the body is HTML/XML markup (an SVG drawing: SVG is not accepted)", permanent=True)
         raise MediaError("not an image: the body is HTML/XML", permanent=True)
+    width = height = 0
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(body)) as img:
-                fmt = img.format
-                width, height = img.size
-                if fmt not in FORMATS:
-                    raise MediaError(f"unsupported image format {fmt}", permanent=True)
-                if width * height > MAX_PIXELS:
-                    raise MediaError(f"image of {width}x{height} pixels is too large", permanent=True)
-                if fmt == "PNG":
-                    check_png(body)  # the file's own checksums: under half the cost of decoding it
+        with Image.open(io.BytesIO(body)) as img:
+            fmt = img.format
+            width, height = img.size
+            if fmt not in FORMATS:
+                raise MediaError(f"unsupported image format {fmt}", permanent=True)
+            if width * height > MAX_PIXELS:
+                raise MediaError(f"image of {width}x{height} pixels is too large", permanent=True)
+            if fmt == "PNG":
+                check_png(body)  # the file's own checksums: under half the cost of decoding it
+            else:
+                progressive = bool(img.info.get("progressive") or img.info.get("progression"))
+                need = decode_bytes(fmt, img.mode, width, height, progressive=progressive)
+                if fmt == "WEBP" and need > budget.total:
+                    check_webp(body, width, height)  # Pillow cannot decode a WebP at reduced size
                 else:
                     if fmt == "JPEG":
                         # Decode at 1/8 scale (JPEG's DCT scaling): every byte of the stream is still read, so
                         # a truncated file still fails, at a fraction of the cost of a full-size decode.
                         img.draft(img.mode, (max(1, width // 8), max(1, height // 8)))
-                    img.load()  # a truncated or corrupt image fails here
+                    with budget.reserve(need):
+                        img.load()  # a truncated or corrupt image fails here
     except MediaError:
         raise
+    except MemoryError:
+        # Resource exhaustion says nothing about the image: a later run, with memory to spare, checks it again.
+        size = f"{width}x{height} " if width else ""
+        raise MediaError(f"out of memory while checking the {size}image; left for the next run") from None
+    except Image.UnidentifiedImageError:
+        raise NotAnImage("not a valid image: not a recognised image format") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise MediaError("image refused as a decompression bomb", permanent=True) from None
     except Exception as exc:  # Pillow raises many kinds for corrupt data
-        raise NotAnImage(f"not a valid image: {exc}") from None
+        raise NotAnImage(f"not a valid image: {_reason(exc)}") from None
     return FORMATS[fmt], width, height
+
+
+def check_webp(body: bytes, width: int, height: int) -> None:
+    """NotAnImage unless the WebP container is whole and its bitstream header agrees with the declared size.
+
+    Used where a full decode would not fit in the decode budget (Pillow has no reduced-size WebP decode): the
+    RIFF length must match the body, every chunk must lie inside it, and the VP8/VP8L/VP8X header must be
+    sound. A body cut short fails; damage inside the compressed pixels of such a large image is not seen.
+    """
+    if len(body) < 20 or body[:4] != b"RIFF" or body[8:12] != b"WEBP":
+        raise NotAnImage("not a valid image: no WebP RIFF header")
+    declared = int.from_bytes(body[4:8], "little") + 8
+    if declared != len(body):
+        raise NotAnImage(f"not a valid image: the WebP declares {declared} bytes but has {len(body)}")
+    pos, kinds = 12, []
+    while pos < len(body):
+        if pos + 8 > len(body):
+            raise NotAnImage(f"not a valid image: WebP cut short at byte {pos}")
+        kind, size = body[pos : pos + 4], int.from_bytes(body[pos + 4 : pos + 8], "little")
+        data = body[pos + 8 : pos + 8 + size]
+        if len(data) != size:
+            raise NotAnImage(f"not a valid image: the WebP's {kind!r} chunk is cut short")
+        kinds.append(kind)
+        if kind == b"VP8L" and (size < 5 or data[0] != 0x2F or _vp8l_size(data) != (width, height)):
+            raise NotAnImage("not a valid image: the WebP's lossless header is damaged")
+        if kind == b"VP8 " and (size < 10 or data[3:6] != b"\x9d\x01\x2a"):
+            raise NotAnImage("not a valid image: the WebP's lossy header is damaged")
+        pos += 8 + size + (size & 1)  # chunks are padded to an even length
+    if not {b"VP8 ", b"VP8L", b"ANMF"} & set(kinds):
+        raise NotAnImage("not a valid image: the WebP holds no image data")
+
+
+def _vp8l_size(data: bytes) -> tuple[int, int]:
+    bits = int.from_bytes(data[1:5], "little")
+    return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
 
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -254,6 +405,7 @@ class Downloader:
             # No proxy in the environment: spare requests (and _proxied) a scan of it on every image.
             self.session.trust_env = False
         self.policy = policy or RetryPolicy.from_settings(settings)
+        self.budget = DecodeBudget(settings.decode_memory_mb * 1024 * 1024)
         self.guard = guard or URLGuard(allow_private=settings.allow_private_hosts)
         # Time for one attempt's body; generous enough for the largest image at a slow link's pace.
         self.total_timeout = total_timeout or settings.connect_timeout + 10 * settings.read_timeout
@@ -262,7 +414,7 @@ class Downloader:
         """Download and verify one image; MediaError (with .permanent) when it cannot be had."""
         attempts = self.policy.attempts
         try:
-            return self.policy.call(lambda: self._attempt(url), describe=f"image {url[:120]}")
+            return self.policy.call(lambda: self._attempt(url), describe=f"image {without_userinfo(url)[:120]}")
         except Retriable as exc:
             raise MediaError(f"gave up after {attempts} attempts: {exc}") from None
         except WaitTooLong as exc:
@@ -336,7 +488,7 @@ class Downloader:
         if expected is not None and len(body) != expected and not response.headers.get("Content-Encoding"):
             raise Retriable(f"truncated body: {len(body)} of {expected} bytes")
         try:
-            content_type, width, height = sniff_image(body)
+            content_type, width, height = sniff_image(body, self.budget)
         except NotAnImage as exc:
             chunked = "chunked" in response.headers.get("Transfer-Encoding", "").lower()
             if expected is None and not chunked:

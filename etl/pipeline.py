@@ -7,9 +7,9 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from functools import partial
 from typing import Any
@@ -20,9 +20,10 @@ from etl.db import Database
 from etl.enrich import SentimentEnricher
 from etl.errors import ConfigError, ETLError, ExitCode, LoadError, MediaError, SourceError, StoreError
 from etl.logs import RedactingFilter
-from etl.media import Downloader
+from etl.media import Downloader, without_userinfo
 from etl.metrics import write_run_metrics
-from etl.records import Media, Post, chunked
+from etl.records import Media, Post, cap_caption, chunked
+from etl.resume import ResumePoint, ResumeTracker
 from etl.sources import FetchWindow, Source, source_class
 from etl.store import ObjectStore, object_key, store_from_settings
 
@@ -159,6 +160,31 @@ class _Batch:
     posts: list[Post]
     futures: dict[tuple[str, str, int], Future]  # images being archived
     known: dict[tuple[str, str, int], tuple[str, str]]  # images already stored: key, url
+    urls: dict[tuple[str, str, int], str] = field(default_factory=dict)  # of the images being archived
+    number: int = 0  # the batch's place in the run of its source, for messages
+
+    def describe(self, source: str) -> str:
+        first, last = self.posts[0], self.posts[-1]
+        oldest = min(p.created_at for p in self.posts)
+        newest = max(p.created_at for p in self.posts)
+        return (
+            f"batch {self.number} of {source} ({len(self.posts)} posts, {first.platform}/{first.post_id[:60]} .. "
+            f"{last.post_id[:60]}, created {oldest:%Y-%m-%d %H:%M} to {newest:%Y-%m-%d %H:%M} UTC)"
+        )
+
+
+def _not_loaded(exc: LoadError, batch: _Batch, source: str) -> LoadError:
+    return LoadError(
+        f"{exc}. Not loaded: {batch.describe(source)} and any batch after it; the watermark did not move, so the "
+        "next run fetches them again"
+    )
+
+
+def _by_post(media: Iterable[Media]) -> dict[tuple[str, str], list[Media]]:
+    grouped: dict[tuple[str, str], list[Media]] = {}
+    for m in media:
+        grouped.setdefault((m.platform, m.post_id), []).append(m)
+    return grouped
 
 
 class Archiver:
@@ -172,6 +198,7 @@ class Archiver:
         *,
         downloader: Downloader | None = None,
         enricher: SentimentEnricher | None = None,
+        stop: threading.Event | None = None,
     ):
         self.settings = settings
         self.db = db
@@ -179,12 +206,18 @@ class Archiver:
         self.downloader = downloader or Downloader(settings)
         self.enricher = enricher or SentimentEnricher(settings.sentiment_threshold)
         self.clock = StageClock()  # shared with the image workers; RunStats.stages points here
+        self.stop = stop or threading.Event()  # SIGTERM: no new downloads, a short grace for those in flight
+        self._grace_ends: float | None = None
+        self._batches = 0
 
     # -- images ----------------------------------------------------------------------------------
 
     def archive_image(self, platform: str, post_id: str, created_at: datetime, position: int, url: str) -> Media:
         """Download, verify and store one image; never raises (a failure is a Media with status failed)."""
-        media = Media(platform, post_id, position, url)
+        media = Media(platform, post_id, position, without_userinfo(url))  # never stored or logged with credentials
+        if self.stop.is_set():
+            media.status, media.error = "failed", "not downloaded: the run was stopped (SIGTERM); retried by the next run"
+            return media
         try:
             with self.clock("download"):
                 fetched = self.downloader.fetch(url)
@@ -200,13 +233,13 @@ class Archiver:
             log.exception("unexpected error archiving %s/%s image %d", platform, post_id, position)
             media.status, media.error = "failed", f"{type(exc).__name__}: {exc}"
         else:
-            log.debug("stored %s (%d bytes, %s) as %s", url[:200], len(fetched.body), fetched.content_type, key)
+            log.debug("stored %s (%d bytes, %s) as %s", media.source_url[:200], len(fetched.body), fetched.content_type, key)
             media.status = "stored"
             media.key, media.url = key, self.store.url(key)
             media.sha256, media.bytes, media.content_type = fetched.sha256, len(fetched.body), fetched.content_type
             media.width, media.height = fetched.width, fetched.height
         if media.status == "failed":
-            log.warning("image failed: %s/%s #%d %s: %s", platform, post_id, position, url[:200], media.error)
+            log.warning("image failed: %s/%s #%d %s: %s", platform, post_id, position, media.source_url[:200], media.error)
         return media
 
     # -- the stream ------------------------------------------------------------------------------
@@ -220,11 +253,12 @@ class Archiver:
         """
         newest: datetime | None = None
         stats.stages = self.clock
-        with ThreadPoolExecutor(self.settings.concurrency, thread_name_prefix="images") as pool:
+        pool = ThreadPoolExecutor(self.settings.concurrency, thread_name_prefix="images")
+        try:
             pending: _Batch | None = None
             try:
                 for posts_batch in chunked(self.clock.timed(posts, "fetch"), self.settings.batch_size):
-                    current = self._start(posts_batch, pool, stats)
+                    current = self._start(posts_batch, pool, stats, source)
                     finishing, pending = pending, current
                     if finishing is not None:
                         newest = _later(newest, self._finish(finishing, stats, source))
@@ -236,9 +270,43 @@ class Archiver:
                 raise
             if pending is not None:
                 newest = _later(newest, self._finish(pending, stats, source))
+        finally:
+            # After a stop, a download stalled past the grace is left behind (its image is recorded failed).
+            pool.shutdown(wait=not self.stop.is_set(), cancel_futures=True)
         return newest
 
-    def _start(self, posts: list[Post], pool: ThreadPoolExecutor, stats: RunStats) -> _Batch:
+    def _results(self, futures: dict[Any, Future], unfinished: Callable[[Any], Media]) -> dict[Any, Media]:
+        """The Media of every future; once a stop is requested, those not done within ETL_STOP_GRACE seconds
+        of it are cancelled or left behind and become unfinished(key), a failure the next run retries."""
+        waiting = set(futures.values())
+        while waiting:
+            if self.stop.is_set() and self._grace_ends is None:
+                self._grace_ends = time.monotonic() + self.settings.stop_grace
+                log.warning("stopping: waiting up to %gs for the image downloads in flight", self.settings.stop_grace)
+            timeout = 0.25 if self._grace_ends is None else min(0.25, self._grace_ends - time.monotonic())
+            if timeout <= 0:
+                break
+            _, waiting = wait(waiting, timeout=timeout)
+        results = {}
+        for key, future in futures.items():
+            if future.done() and not future.cancelled():
+                results[key] = future.result()
+            else:
+                future.cancel()
+                results[key] = unfinished(key)
+        return results
+
+    def _unfinished(self, platform: str, post_id: str, position: int, url: str) -> Media:
+        media = Media(platform, post_id, position, url)
+        media.status = "failed"
+        media.error = (
+            f"the run was stopped (SIGTERM) before this download finished (ETL_STOP_GRACE="
+            f"{self.settings.stop_grace:g}s); retried by the next run"
+        )
+        log.warning("image not finished before the stop: %s/%s #%d %s", platform, post_id, position, url[:200])
+        return media
+
+    def _start(self, posts: list[Post], pool: ThreadPoolExecutor, stats: RunStats, source: str = "") -> _Batch:
         image_keys = list({(p.platform, p.post_id) for p in posts if p.image_urls})
         captioned = list({(p.platform, p.post_id) for p in posts if p.caption})
 
@@ -248,24 +316,31 @@ class Archiver:
             return known, hopeless, scores
 
         with self.clock("lookup"):
-            known, hopeless, scores = self.db.run(lookup, what="looking up stored images and scores")
+            try:
+                known, hopeless, scores = self.db.run(lookup, what="looking up stored images and scores")
+            except LoadError as exc:
+                raise _not_loaded(exc, _Batch(posts, {}, {}, number=self._batches + 1), source) from None
         with self.clock("enrich"):
-            # A caption already scored by this enricher (a rerun, an overlap window) keeps its score.
-            scored = [self.enricher.enrich(p, scores.get((p.platform, p.post_id))) for p in posts]
+            # A caption already scored by this enricher (a rerun, an overlap window) keeps its score. A caption
+            # over the cap is cut first (and flagged), so the score is the stored caption's.
+            scored = [self.enricher.enrich(cap_caption(p), scores.get((p.platform, p.post_id))) for p in posts]
         stats.fetched += len(scored)
         futures: dict[tuple[str, str, int], Future] = {}
+        urls: dict[tuple[str, str, int], str] = {}
         for post in scored:
             for position, url in enumerate(post.image_urls):
                 key = (post.platform, post.post_id, position)
-                if hopeless.get(key) == url:
+                if hopeless.get(key) == without_userinfo(url):
                     continue  # failed for good at this URL (404, not an image...): not fetched again
                 if key not in known and key not in futures:
                     futures[key] = pool.submit(self.archive_image, post.platform, post.post_id, post.created_at, position, url)
-        return _Batch(scored, futures, known)
+                    urls[key] = url
+        self._batches += 1
+        return _Batch(scored, futures, known, urls, self._batches)
 
     def _finish(self, batch: _Batch, stats: RunStats, source: str) -> datetime | None:
         with self.clock("wait_images"):
-            media = [f.result() for f in batch.futures.values()]
+            media = list(self._results(batch.futures, lambda k: self._unfinished(*k, batch.urls[k])).values())
         first_urls: dict[tuple[str, str], str] = {}
         for (platform, post_id, position), (_, url) in batch.known.items():
             if position == 0:
@@ -273,40 +348,80 @@ class Archiver:
         for m in media:
             if m.status == "stored" and m.position == 0:
                 first_urls[(m.platform, m.post_id)] = m.url
-        def load(cur: Any) -> dbm.UpsertCounts:
-            counts = dbm.upsert_posts(cur, batch.posts, first_image_urls=first_urls, sentiment_version=self.enricher.version)
-            dbm.upsert_media(cur, media)
-            return counts
-
         with self.clock("load"):
-            counts = self.db.run(load, what=f"loading a batch of {len(batch.posts)} posts")
+            try:
+                counts, loaded, media = self._load(batch.posts, _by_post(media), first_urls, stats, source)
+            except dbm.DataRefused:
+                raise
+            except LoadError as exc:
+                raise _not_loaded(exc, batch, source) from None
         log.debug(
             "loaded %d posts (%d new, %d updated, %d unchanged) and %d image rows",
-            len(batch.posts), counts.inserted, counts.updated, counts.unchanged, len(media),
+            len(loaded), counts.inserted, counts.updated, counts.unchanged, len(media),
         )  # fmt: skip
         # Counted only once committed.
         stats.inserted += counts.inserted
         stats.updated += counts.updated
         stats.unchanged += counts.unchanged
-        skipped = sum(1 for p in batch.posts for n in range(len(p.image_urls)) if (p.platform, p.post_id, n) in batch.known)
+        skipped = sum(1 for p in loaded for n in range(len(p.image_urls)) if (p.platform, p.post_id, n) in batch.known)
         stats.images_skipped += skipped
         stats.count_images(media, source)
-        for post in batch.posts:
+        for post in loaded:
             stats.sentiment[post.sentiment.label if post.sentiment else "neutral"] += 1
-        return max((p.created_at for p in batch.posts), default=None)
+        return max((p.created_at for p in loaded), default=None)
+
+    def _load(
+        self, posts: list[Post], media: dict[tuple[str, str], list[Media]], first_urls: dict, stats: RunStats, source: str
+    ) -> tuple[dbm.UpsertCounts, list[Post], list[Media]]:
+        """Load posts with their image rows in one transaction. When the database refuses a row (DataRefused),
+        halve the batch until the row is alone: it is reported with its line or post id and the database's
+        reason, and every other row loads. Returns (counts, posts loaded, image rows loaded)."""
+        rows = [m for p in posts for m in media.pop((p.platform, p.post_id), [])]
+
+        def load(cur: Any) -> dbm.UpsertCounts:
+            counts = dbm.upsert_posts(cur, posts, first_image_urls=first_urls, sentiment_version=self.enricher.version)
+            dbm.upsert_media(cur, rows)
+            return counts
+
+        try:
+            return self.db.run(load, what=f"{len(posts)} post(s) of {source}"), posts, rows
+        except dbm.DataRefused as exc:
+            if len(posts) == 1:
+                post = posts[0]
+                where = f"{post.origin} (post {post.platform}/{post.post_id[:100]})" if post.origin else (
+                    f"post {post.platform}/{post.post_id[:100]}"
+                )  # fmt: skip
+                stats.rejected += 1
+                stats.error(f"{source}: {where}: refused by the database: {exc.reason}")
+                log.warning("%s: %s refused by the database: %s", source, where, exc.reason)
+                return dbm.UpsertCounts(), [], []
+        half = len(posts) // 2
+        grouped = _by_post(rows)
+        counts_a, loaded_a, rows_a = self._load(posts[:half], grouped, first_urls, stats, source)
+        counts_b, loaded_b, rows_b = self._load(posts[half:], grouped, first_urls, stats, source)
+        counts = dbm.UpsertCounts(
+            counts_a.inserted + counts_b.inserted, counts_a.updated + counts_b.updated, counts_a.unchanged + counts_b.unchanged
+        )
+        return counts, loaded_a + loaded_b, rows_a + rows_b
 
     # -- failed images from earlier runs ---------------------------------------------------------
 
     def retry_failed_images(self, stats: RunStats) -> None:
         """Retry images still marked failed (not permanent, under the attempt cap, past their backoff)."""
         last_id = 0
-        with ThreadPoolExecutor(self.settings.concurrency, thread_name_prefix="retry") as pool:
-            while rows := self.db.run(partial(self._failed_images, after=last_id), what="finding failed images"):
+        pool = ThreadPoolExecutor(self.settings.concurrency, thread_name_prefix="retry")
+        try:
+            while not self.stop.is_set() and (
+                rows := self.db.run(partial(self._failed_images, after=last_id), what="finding failed images")
+            ):
                 last_id = rows[-1][0]
-                media = list(pool.map(lambda r: self.archive_image(r[1], r[2], r[5], r[3], r[4]), rows))
+                futures = {r: pool.submit(self.archive_image, r[1], r[2], r[5], r[3], r[4]) for r in rows}
+                media = list(self._results(futures, lambda r: self._unfinished(r[1], r[2], r[3], r[4])).values())
                 self.db.run(partial(_record_retries, media), what="recording retried images")
                 stats.images_retried += len(media)
                 stats.count_images(media, "retry")
+        finally:
+            pool.shutdown(wait=not self.stop.is_set(), cancel_futures=True)
 
     def _failed_images(self, cur: Any, *, after: int) -> list[tuple]:
         # Backoff between runs: the base wait doubles with each attempt, up to 48 times the base.
@@ -424,7 +539,7 @@ class Runner:
             log.info("run %d started: %s of %s", self.run_id, request.mode, ", ".join(names))
             status = "failed"
             try:
-                archiver = Archiver(self.settings, self.db, self.store)
+                archiver = Archiver(self.settings, self.db, self.store, stop=self.stop)
                 if request.mode == "run":
                     archiver.retry_failed_images(stats)
                 for source in sources:
@@ -438,9 +553,18 @@ class Runner:
                 status = "interrupted"
                 stats.interrupted = True
                 stats.error("interrupted: the run was asked to stop; the rest is archived by the next run")
+            except LoadError as exc:
+                stats.error(str(exc))
+                raise
             finally:
                 stats.seconds = time.monotonic() - stats.started
-                self.db.finish_run(self.run_id, status, stats.ledger(RedactingFilter(self.settings.secrets()).redact))
+                try:
+                    self.db.finish_run(self.run_id, status, stats.ledger(RedactingFilter(self.settings.secrets()).redact))
+                except LoadError as exc:
+                    if status != "failed":
+                        raise
+                    # The database is gone: the error that stopped the run is the one to report, not this one.
+                    log.error("could not record the end of run %s either: %s", self.run_id, exc)
                 if self.settings.metrics_path:
                     write_run_metrics(self.settings.metrics_path, request.mode, status, stats)
         finally:
@@ -468,12 +592,15 @@ class Runner:
         return FetchWindow(since=since, cursor=cursor, limit=request.limit), key, True
 
     def _archive_window(
-        self, archiver: Archiver, source: Source, window: FetchWindow, stats: RunStats
+        self, archiver: Archiver, source: Source, window: FetchWindow, stats: RunStats, tracker: ResumeTracker | None = None
     ) -> tuple[bool, datetime | None]:
-        """Archive what the source yields for a window; (completed, newest created_at loaded)."""
+        """Archive what the source yields for a window; (completed, newest created_at loaded).
+
+        `tracker` skips what a cut run loaded and applies the limit; by default only the window's limit."""
         archiver.downloader.guard.trusted = set(source.trusted_hosts)
+        tracker = tracker or ResumeTracker(source, None, window.limit)
         try:
-            posts = self._stoppable(_limited(source.fetch(window), window.limit))
+            posts = self._stoppable(tracker(source.fetch(window)))
             newest = archiver.archive(posts, stats, source=source.name)
         except SourceError as exc:
             stats.source_failures += 1
@@ -494,16 +621,39 @@ class Runner:
         assert self.db is not None
         before = stats.snapshot()
         window, key, incremental = self._window(source, request)
+        resume = ResumePoint.from_json(self.db.get_resume(source.name, key)) if incremental else None
+        if resume is not None:
+            log.info("%s: an earlier run was cut short; filling the gap below what it loaded first", source.name)
+            window = replace(window, limit=None)  # posts skipped as loaded must not use up the source's own limit
+        tracker = ResumeTracker(source, resume, request.limit)
         source.db = self.db
         completed = False
         try:
             with source:
-                completed, newest = self._archive_window(archiver, source, window, stats)
-            if completed and incremental:
-                # Only now is every post up to `newest` loaded; the watermark never moves back (db.save_state).
-                self.db.save_state(source.name, key, newest, source.cursor)
+                completed, _ = self._archive_window(archiver, source, window, stats, tracker)
+            completed = completed and not tracker.limited
+        except Interrupted:
+            if incremental:
+                self._save_cut(source, key, tracker, "stopped")
+            raise
         finally:
             self._account(source, stats, before, completed)
+        if not incremental:
+            return
+        if completed:
+            # Only now is every post of the window loaded; the watermark never moves back (db.save_state).
+            self.db.save_state(source.name, key, tracker.watermark(), source.cursor)
+        else:
+            self._save_cut(source, key, tracker, "cut short by --limit" if tracker.limited else "stopped early")
+
+    def _save_cut(self, source: Source, key: str, tracker: ResumeTracker, why: str) -> None:
+        """A window not read to its end: the watermark stays, the resume point records what was loaded."""
+        assert self.db is not None
+        self.db.save_resume(source.name, key, tracker.cut_point().to_json())
+        log.info(
+            "%s: run %s after %d post(s); the watermark stays, the next run goes on below them",
+            source.name, why, tracker.passed,
+        )  # fmt: skip
 
     def _backfill_source(self, archiver: Archiver, source: Source, request: RunRequest, stats: RunStats) -> None:
         """Walk [since, until) in chunks, oldest first, skipping chunks an earlier backfill finished.
@@ -526,8 +676,9 @@ class Runner:
                     else:
                         fetched = stats.fetched
                         window = FetchWindow(since=start, until=end, limit=request.limit)
-                        chunk_completed, _ = self._archive_window(archiver, source, window, stats)
-                        if not chunk_completed:
+                        tracker = ResumeTracker(source, None, request.limit)
+                        chunk_completed, _ = self._archive_window(archiver, source, window, stats, tracker)
+                        if not chunk_completed or tracker.limited:
                             completed = False
                             break  # quota or rate limit: the next backfill resumes from this chunk
                         self.db.finish_chunk(source.name, key, start, end, stats.fetched - fetched, self.run_id)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -14,8 +15,10 @@ from etl.errors import RecordError
 MIN_CREATED_AT = datetime(2000, 1, 1, tzinfo=timezone.utc)
 FUTURE_SLACK = timedelta(days=1)
 MAX_COUNT = 10**12
-MAX_CAPTION_CHARS = 100_000
+MAX_CAPTION_CHARS = 100_000  # a longer caption is cut here and flagged (Post.caption_truncated)
 MAX_POST_ID_CHARS = 1_000
+# PostgreSQL's btree index on (platform, post_id) takes entries of at most about 2,700 bytes.
+MAX_POST_ID_BYTES = 2_000
 MAX_IMAGES = 20
 PLATFORM_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 HASHTAG_RE = re.compile(r"(?<![\w&])#(\w{1,100})", re.UNICODE)
@@ -48,6 +51,8 @@ class Post:
     hashtags: tuple[str, ...] = ()
     raw: Any = None
     sentiment: Sentiment | None = None
+    caption_truncated: bool = False  # the caption was longer than MAX_CAPTION_CHARS and is cut there
+    origin: str = ""  # where the source read it, for messages (e.g. "in.jsonl line 300")
 
 
 @dataclass
@@ -92,9 +97,30 @@ def clean_json(value: Any) -> Any:
         return {clean_text(str(k)): clean_json(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [clean_json(v) for v in value]
-    if isinstance(value, float) and value != value:  # NaN is not JSON
+    if isinstance(value, float) and not math.isfinite(value):  # NaN and Infinity are not JSON for PostgreSQL
         return None
     return value
+
+
+def non_finite_path(value: Any, path: str = "raw") -> str | None:
+    """Where in a JSON value a NaN or Infinity sits (e.g. "raw.stats[2]"), or None: PostgreSQL refuses them."""
+    stack = [(value, path)]
+    while stack:
+        item, where = stack.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            return f"{where} = {item!r}"
+        if isinstance(item, Mapping):
+            stack.extend((v, f"{where}.{str(k)[:40]}") for k, v in item.items())
+        elif isinstance(item, (list, tuple)):
+            stack.extend((v, f"{where}[{n}]") for n, v in enumerate(item))
+    return None
+
+
+def cap_caption(post: Post) -> Post:
+    """The post with its caption cut at MAX_CAPTION_CHARS and flagged, when it is longer."""
+    if post.caption is None or len(post.caption) <= MAX_CAPTION_CHARS:
+        return post
+    return replace(post, caption=post.caption[:MAX_CAPTION_CHARS], caption_truncated=True)
 
 
 def extract_hashtags(text: str | None) -> tuple[str, ...]:
@@ -213,11 +239,21 @@ def _post_from_dict(data: Any, now: datetime | None) -> Post:
         raise RecordError("post_id contains a NUL byte or a lone surrogate")
     if len(post_id) > MAX_POST_ID_CHARS:
         raise RecordError(f"post_id is {len(post_id)} characters long (at most {MAX_POST_ID_CHARS})")
+    size = len(post_id.encode("utf-8"))
+    if size > MAX_POST_ID_BYTES:
+        raise RecordError(
+            f"post_id is {size:,} bytes in UTF-8 (at most {MAX_POST_ID_BYTES:,}: the database's index on it "
+            "takes about 2,700 bytes an entry)"
+        )
     if "created_at" not in data or data["created_at"] in (None, ""):
         raise RecordError("missing created_at")
     caption = _optional_str("caption", data.get("caption"))
-    if caption is not None and len(caption) > MAX_CAPTION_CHARS:
-        raise RecordError(f"caption is {len(caption)} characters long (at most {MAX_CAPTION_CHARS})")
+    truncated = caption is not None and len(caption) > MAX_CAPTION_CHARS
+    if truncated:
+        caption = caption[:MAX_CAPTION_CHARS]  # the post is kept; the row says the caption was cut
+    bad_number = non_finite_path(data.get("raw"))
+    if bad_number:
+        raise RecordError(f"{bad_number}: NaN and Infinity are not JSON numbers (PostgreSQL refuses them)")
     hashtags = data.get("hashtags")
     if hashtags is None:
         tags = extract_hashtags(caption)
@@ -238,6 +274,7 @@ def _post_from_dict(data: Any, now: datetime | None) -> Post:
         image_urls=_image_urls(data),
         hashtags=tags,
         raw=clean_json(data.get("raw")),
+        caption_truncated=truncated,
     )
 
 

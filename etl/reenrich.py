@@ -19,6 +19,7 @@ _UPDATE_SQL = (
     " sentiment_subjectivity = v.subjectivity, sentiment_version = v.version, updated_at = now()"
     " FROM (VALUES %s) AS v(id, label, polarity, subjectivity, version) WHERE p.id = v.id"
 )
+_STAMP_SQL = "UPDATE social_posts SET sentiment_version = %s WHERE id = ANY(%s)"
 
 
 def reenrich(
@@ -31,7 +32,8 @@ def reenrich(
     batch_size: int = 5000,
     should_stop: Callable[[], bool] = lambda: False,
 ) -> None:
-    """Score every stored post not yet scored by this enricher version; rewrite only those whose result changed.
+    """Score every stored post not yet scored by this enricher version; rewrite those whose result changed and
+    stamp the others with the version (so that no later reenrich reads them again).
 
     Rows are read through a server-side cursor on a connection of their own (memory stays flat for millions
     of rows) and the changes are written and committed a batch at a time on the main connection, so an
@@ -49,15 +51,21 @@ def reenrich(
                 {"platform": platform, "since": since, "version": enricher.version},
             )
             while rows := scan.fetchmany(batch_size):
-                changes = []
+                changes, same = [], []
                 for row_id, caption, label, polarity, subjectivity in rows:
                     s = enricher.score(caption)
                     stats.sentiment[s.label] += 1
                     if (label, polarity, subjectivity) != (s.label, s.polarity, s.subjectivity):
                         changes.append((row_id, s.label, s.polarity, s.subjectivity, enricher.version))
-                if changes:
-                    with db.transaction() as cur:
+                    else:
+                        same.append(row_id)
+                with db.transaction() as cur:
+                    if changes:
                         psycopg2.extras.execute_values(cur, _UPDATE_SQL, changes, page_size=len(changes))
+                    if same:
+                        # Scored by this version too, with the same result: stamped (not read again by the next
+                        # reenrich, and its score reused by runs), updated_at left alone (the data did not change).
+                        cur.execute(_STAMP_SQL, (enricher.version, same))
                 stats.fetched += len(rows)
                 stats.updated += len(changes)
                 stats.unchanged += len(rows) - len(changes)

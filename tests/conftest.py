@@ -94,11 +94,15 @@ def run_etl(db: Database, tmp_path: Path):
     """Run the real `python etl.py ARGS` in a subprocess against the test database; returns CompletedProcess.
 
     The database is the `db` fixture's (emptied for the test). The working directory is a temporary folder (so no .env of the developer's is read); ETL_DATA_DIR is
-    tmp_path/data, so the local object store is tmp_path/data/objects unless S3_BUCKET is given.
+    tmp_path/data, so the local object store is tmp_path/data/objects unless S3_BUCKET is given. `wrapper`: a script
+    (and its arguments) that runs etl.py, given as its first argument.
     """
     import subprocess
 
-    def run(*args: str, env: dict[str, str] | None = None, input: str | None = None, timeout: float = 180):
+    def run(
+        *args: str, env: dict[str, str] | None = None, input: str | None = None, timeout: float = 180,
+        wrapper: tuple[str, ...] = (),
+    ):  # fmt: skip
         full = {
             "PATH": os.environ.get("PATH", ""),
             "HOME": os.environ.get("HOME", str(tmp_path)),
@@ -108,7 +112,7 @@ def run_etl(db: Database, tmp_path: Path):
         }
         full.update(env or {})
         return subprocess.run(
-            [sys.executable, str(ROOT / "etl.py"), *args],
+            [sys.executable, *wrapper, str(ROOT / "etl.py"), *args],
             env=full, cwd=tmp_path, input=input, capture_output=True, text=True, timeout=timeout,
         )  # fmt: skip
 

@@ -291,3 +291,245 @@ def assert_refused_cleanly(result: object, dsn: str, secret: str, *needles: str)
     assert all(needle in output for needle in needles), output
     assert "Traceback" not in output and secret not in output
     assert query(dsn, "SELECT count(*) FROM social_posts")[0][0] == 0
+
+
+def photo_like(seed: int, size: tuple[int, int] = (1600, 1200)) -> Image.Image:
+    """A synthetic photograph: a lit gradient sky and ground, blurred shapes at random places, sensor noise.
+
+    Distinct seeds give unrelated scenes; the same seed the same scene (for resized or cropped copies)."""
+    import random
+
+    from PIL import ImageDraw, ImageFilter
+
+    rng = random.Random(seed)
+    w, h = size
+    angle = rng.uniform(0, 360)
+    base = Image.linear_gradient("L").rotate(angle, resample=Image.Resampling.BILINEAR).resize(size)
+    tint = [rng.randint(40, 220) for _ in range(3)]
+    channels = [Image.eval(base, lambda v, t=t: int(v * 0.6 + t * 0.4)) for t in tint]
+    image = Image.merge("RGB", channels)
+    draw = ImageDraw.Draw(image)
+    for _ in range(rng.randint(6, 14)):
+        x0, y0 = rng.randint(-w // 4, w), rng.randint(-h // 4, h)
+        x1, y1 = x0 + rng.randint(w // 12, w // 2), y0 + rng.randint(h // 12, h // 2)
+        color = tuple(rng.randint(0, 255) for _ in range(3))
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)((x0, y0, x1, y1), fill=color)
+    image = image.filter(ImageFilter.GaussianBlur(w / 200))
+    noise = Image.effect_noise(size, 18).convert("RGB")
+    return Image.blend(image, noise, 0.12)
+
+
+def encode(image: Image.Image, fmt: str = "JPEG", **options: object) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **options)
+    return buf.getvalue()
+
+
+CHROMIUM = "/usr/bin/chromium"
+_PROBE = """<pre id="layout-probe"></pre><script>
+addEventListener('load', () => {
+  const out = [...document.querySelectorAll('figure.chart')].map(f => {
+    const svg = f.querySelector('svg'); const r = svg ? svg.getBoundingClientRect() : {width: 0, height: 0};
+    const s = svg ? getComputedStyle(svg) : null;
+    return {chart: f.dataset.chart, width: r.width, height: r.height, shapes: svg ? svg.querySelectorAll('path').length : 0,
+            shown: !!s && s.display !== 'none' && s.visibility !== 'hidden' && +s.opacity > 0};
+  });
+  const imgs = [...document.images].map(i => ({w: i.naturalWidth, h: i.naturalHeight, complete: i.complete}));
+  document.getElementById('layout-probe').textContent = JSON.stringify({charts: out, images: imgs});
+});
+</script>"""
+
+
+class RecordingProxy:
+    """An HTTP proxy that answers nothing and records every request line it is sent (GET http://..., CONNECT
+    host:443): Chromium pointed at it through --proxy-server cannot reach any network without it showing here."""
+
+    def __init__(self) -> None:
+        self.requests: list[str] = []
+
+        def record_line(sock: _socket.socket) -> None:
+            sock.sendall(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+
+        outer = self
+
+        class Server(RawServer):
+            pass
+
+        self.raw = Server(record_line)
+        handler = self.raw.server.RequestHandlerClass
+        original = handler.handle
+
+        def handle(h: object) -> None:
+            peek = h.request.recv(65536, _socket.MSG_PEEK)
+            if peek:
+                outer.requests.append(peek.split(b"\r\n", 1)[0].decode("latin-1"))
+            original(h)
+
+        handler.handle = handle
+        self.address = f"127.0.0.1:{self.raw.server.server_address[1]}"
+
+    def close(self) -> None:
+        self.raw.close()
+
+
+# Chromium's own background calls (clock sync, component updates, sign-in), made whatever the page holds and
+# despite --disable-background-networking. Only these exact hosts are ignored: a font from fonts.googleapis.com
+# or anything else a page asks for still counts.
+CHROMIUM_OWN_HOSTS = ("clients2.google.com", "update.googleapis.com", "accounts.google.com")
+
+
+def page_requests(requests: list[str]) -> list[str]:
+    """The recorded requests that did not come from Chromium's own services."""
+    own = []
+    for line in requests:
+        target = line.split(" ")[1] if " " in line else line
+        host = target.split("://", 1)[-1].split("/", 1)[0].split(":", 1)[0]
+        if host not in CHROMIUM_OWN_HOSTS:
+            own.append(line)
+    return own
+
+
+def chromium(html_file: _Path, *, screenshot: _Path | None = None, probe: bool = True, timeout: float = 90) -> tuple[str, list[str]]:
+    """Open `html_file` in headless Chromium with every network request sent to a RecordingProxy.
+
+    Returns (the DOM after load, the requests that tried to leave the machine). With `probe`, a copy of the file
+    gets a script measuring each chart's laid-out size (read back from the DOM); the file itself is not changed.
+    With `screenshot`, the unmodified file is also rendered to that PNG."""
+    import subprocess
+    import tempfile
+
+    proxy = RecordingProxy()
+    try:
+        with tempfile.TemporaryDirectory(prefix="chromium-") as tmp:
+            target = html_file
+            if probe:
+                target = _Path(tmp) / "probed.html"
+                target.write_text(html_file.read_text(encoding="utf-8").replace("</body>", _PROBE + "</body>"), encoding="utf-8")
+            flags = [
+                CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                f"--proxy-server=http://{proxy.address}", "--proxy-bypass-list=<-loopback>",
+                "--hide-scrollbars", "--window-size=1280,4200", "--virtual-time-budget=5000",
+            ]  # fmt: skip
+            result = subprocess.run(
+                [*flags, f"--user-data-dir={tmp}/profile", "--dump-dom", target.resolve().as_uri()],
+                capture_output=True, text=True, timeout=timeout,
+            )  # fmt: skip
+            if result.returncode != 0:
+                raise AssertionError(f"chromium failed ({result.returncode}): {result.stderr[-2000:]}")
+            if screenshot is not None:
+                screenshot.parent.mkdir(parents=True, exist_ok=True)
+                subprocess.run(
+                    [*flags, f"--user-data-dir={tmp}/profile2", f"--screenshot={screenshot}", html_file.resolve().as_uri()],
+                    capture_output=True, text=True, timeout=timeout, check=True,
+                )  # fmt: skip
+    finally:
+        proxy.close()
+    return result.stdout, page_requests(proxy.requests)
+# -- image bombs: tiny files that declare huge images -----------------------------------------------------
+
+
+def webp_declaring(width: int, height: int, color: tuple[int, int, int] = (9, 99, 199)) -> bytes:
+    """A lossless WebP of a few dozen bytes whose header declares width x height pixels, and which decodes.
+
+    A one-colour lossless image is coded with single-symbol Huffman codes, zero bits a pixel, so the same
+    bitstream decodes at any size: the header's 14-bit width and height fields are all that change.
+    """
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), color).save(buf, format="WEBP", lossless=True)
+    body = bytearray(buf.getvalue())
+    assert body[12:16] == b"VP8L" and body[20] == 0x2F
+    bits = int.from_bytes(body[21:25], "little") & ~((1 << 28) - 1)
+    body[21:25] = (bits | (width - 1) | ((height - 1) << 14)).to_bytes(4, "little")
+    return bytes(body)
+
+
+# Runs a script (argv[1]) as __main__ and writes its peak resident memory to stderr as `peak-rss-kb N`.
+PEAK_RSS_WRAPPER = """\
+import resource, runpy, sys
+sys.argv = sys.argv[1:]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+finally:
+    sys.stderr.write(f"peak-rss-kb {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}\\n")
+"""
+
+
+def peak_rss_mb(stderr: str) -> float:
+    """The peak RSS (MB) reported by PEAK_RSS_WRAPPER."""
+    found = _re.findall(r"peak-rss-kb (\d+)", stderr)
+    assert found, stderr[-2000:]
+    return int(found[-1]) / 1024
+class DatabaseProxy:
+    """A TCP proxy in front of the test PostgreSQL (TCP or a unix socket), so a test can cut the database away
+    from a running process (`cut()`: every connection closed, new ones refused) and bring it back (`restore()`)."""
+
+    def __init__(self, dsn: str):
+        import psycopg2.extensions
+
+        params = psycopg2.extensions.parse_dsn(dsn)
+        host, port = params.get("host") or "localhost", int(params.get("port") or 5432)
+        self._target = (_socket.AF_UNIX, f"{host}/.s.PGSQL.{port}") if host.startswith("/") else (_socket.AF_INET, (host, port))
+        self.port = free_port()
+        from urllib.parse import quote
+
+        user, password = quote(params.get("user") or "postgres"), quote(params.get("password") or "")
+        self.dsn = f"postgresql://{user}{':' + password if password else ''}@127.0.0.1:{self.port}/{params.get('dbname') or 'postgres'}"
+        self._conns: list[_socket.socket] = []
+        self._listener: _socket.socket | None = None
+        self._lock = threading.Lock()
+        self.restore()
+
+    def restore(self) -> None:
+        listener = _socket.socket()
+        listener.setsockopt(_socket.SOL_SOCKET, _socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(16)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def _accept(self, listener: _socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            upstream = _socket.socket(self._target[0])
+            upstream.connect(self._target[1])
+            with self._lock:
+                self._conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: _socket.socket, dst: _socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(_socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def cut(self) -> None:
+        if self._listener is not None:
+            try:
+                self._listener.shutdown(_socket.SHUT_RDWR)  # wakes the accepting thread; close alone does not
+            except OSError:
+                pass
+            self._listener.close()
+            self._listener = None
+        with self._lock:
+            conns, self._conns = self._conns, []
+        for s in conns:
+            try:
+                s.shutdown(_socket.SHUT_RDWR)
+                s.close()
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.cut()

@@ -67,9 +67,9 @@ BAD_LINES = [
     ("created_at before 2000", record(post_id="bad", created_at="1970-01-01T00:00:00Z"), "before 2000"),
     ("unparseable created_at", record(post_id="bad", created_at="31/12/2024"), "not an ISO 8601 date"),
     (
-        "a caption of 200,000 characters",
-        record(post_id="bad", caption="long " * 40_000),
-        "caption is 200000 characters",
+        "Infinity in raw (JSON for Python, not for PostgreSQL)",
+        '{"platform": "jsonl", "post_id": "bad", "created_at": "2024-03-01T12:00:00Z", "raw": {"v": [Infinity]}}',
+        "raw.v[0] = inf",
     ),
     ("a NUL byte in the post_id", record(post_id="bad\x00id"), "NUL byte"),
     ("a lone surrogate in the post_id", record(post_id="bad\ud800"), "lone surrogate"),

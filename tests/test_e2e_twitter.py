@@ -226,7 +226,10 @@ def test_twitter_rate_limit_past_max_wait_keeps_what_was_fetched(run_etl, db, ht
     ids = [row[0] for row in query(db.dsn, "SELECT post_id FROM social_posts WHERE platform = 'twitter'")]
     assert sorted(ids) == sorted(SEARCH_IDS[:2])  # the first page is kept
     assert query(db.dsn, "SELECT count(*) FROM post_media WHERE platform = 'twitter' AND status = 'stored'")[0][0] == 2
-    assert query(db.dsn, "SELECT count(*) FROM etl_state WHERE source = 'twitter'")[0][0] == 0  # no cursor saved
+    # No cursor and no watermark saved; the resume point records the posts kept.
+    assert query(db.dsn, "SELECT watermark, cursor, resume IS NOT NULL FROM etl_state WHERE source = 'twitter'") == [
+        (None, {}, True)
+    ]
 
 
 def test_twitter_bad_token_is_a_clear_message_without_the_token(run_etl, db, http_server):

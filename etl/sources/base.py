@@ -66,6 +66,7 @@ class Source:
         self.quota_used = 0
         self.trusted_hosts: set[str] = set()  # host:port the source itself serves (the mock's image server)
         self.only_stream: str | None = None  # set by `restrict`: this instance reads that one stream only
+        self.stream: str | None = ""  # the stream being read (see stream_of); None: one of unknown order
 
     @classmethod
     def check_settings(cls, settings: Settings) -> None:
@@ -100,6 +101,11 @@ class Source:
 
     def fetch(self, window: FetchWindow) -> Iterator[Post]:
         raise NotImplementedError
+
+    def stream_of(self, post: Post) -> str | None:
+        """The stream (channel, user, hashtag, query) a just-yielded post came from, read newest first; None
+        for a stream of unknown order. A run cut short keeps a resume point per stream (etl/resume.py)."""
+        return self.stream
 
     def reject(self, where: str, reason: str) -> None:
         message = f"{self.name}: {where}: {reason}"

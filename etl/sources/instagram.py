@@ -470,6 +470,7 @@ class InstagramSource(Source):
         self.budget.db = self.db  # the pipeline hands the source its database after building it
         for label, pages, newest_first in self._streams(window, page_size):
             fetched = 0
+            self.stream = label if newest_first else None  # hashtag listings come in no known order
             try:
                 for number, page in enumerate(pages, start=1):
                     past_watermark = 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import IO, Any
 
@@ -115,4 +116,4 @@ class JsonlSource(Source):
                 self.reject(f"{where} line {number}{shown}", str(exc))
                 continue
             if window.admits(post.created_at):
-                yield post
+                yield replace(post, origin=f"{where} line {number}")

@@ -343,6 +343,7 @@ class TwitterSource(Source):
             bounds = self._bounds(key, saved.get(key), window)
             if bounds is None:
                 continue
+            self.stream = key  # newest first within a stream
             newest, complete = yield from self._read(
                 api, key, path, {**params, **bounds}, token_param, window, username, seen, budget
             )

@@ -351,6 +351,7 @@ class YouTubeSource(Source):
         self._uploads: list[tuple[str, str]] | None = None  # (channel, uploads playlist), resolved once
         self._page_index: dict[str, list[_PageMark]] = {}  # per playlist, the pages seen, from the top
         self.quota_used_earlier = 0  # by earlier runs of today's quota day, read from etl_runs
+        self._stream_of_video: dict[str, str] = {}  # video id -> channel or "search" (candidates are read ahead)
 
     @classmethod
     def check_settings(cls, settings: Settings) -> None:
@@ -430,6 +431,9 @@ class YouTubeSource(Source):
                 yielded += 1
         log.info("youtube: %d video(s), %d quota unit(s) used", yielded, self.quota_used)
 
+    def stream_of(self, post: Post) -> str | None:
+        return self._stream_of_video.get(post.post_id)
+
     def _candidates(self, window: FetchWindow) -> Iterator[tuple[str, dict[str, Any]]]:
         """(video id, playlist item or search result) in the window, each video once, newest first per listing."""
         seen: set[str] = set()
@@ -438,6 +442,7 @@ class YouTubeSource(Source):
                 for vid, item in self._listing(self._playlist_pages(playlist, window), window):
                     if vid not in seen:
                         seen.add(vid)
+                        self._stream_of_video[vid] = f"channel:{channel}"
                         yield vid, item
             except YouTubeError as exc:
                 if exc.reason != "playlistNotFound":
@@ -449,6 +454,7 @@ class YouTubeSource(Source):
             for vid, item in self._listing(pages, window):
                 if vid not in seen:
                     seen.add(vid)
+                    self._stream_of_video[vid] = "search"
                     yield vid, item
 
     def _uploads_playlists(self) -> list[tuple[str, str]]:

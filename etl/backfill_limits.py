@@ -1,0 +1,29 @@
+"""The bounds of one backfill: a chunk of at least a minute, at most 10,000 chunks (checked before any work)."""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime, timedelta
+
+from etl.errors import UsageError
+
+MIN_CHUNK = timedelta(minutes=1)
+MAX_CHUNKS = 10_000
+
+
+def checked_chunk(since: datetime, until: datetime, chunk_days: float) -> timedelta:
+    """The chunk of --chunk-days D for a backfill of [since, until); UsageError (exit 2) for an absurd one."""
+    if not math.isfinite(chunk_days) or chunk_days <= 0:
+        raise UsageError(f"--chunk-days must be a positive number of days (got {chunk_days!r})")
+    if chunk_days * 86_400 < MIN_CHUNK.total_seconds():
+        raise UsageError(f"--chunk-days {chunk_days:g} is shorter than the smallest chunk, one minute ({1 / 1440:.6f} days)")
+    chunk = timedelta(days=chunk_days)
+    chunks = math.ceil((until - since) / chunk)
+    if chunks > MAX_CHUNKS:
+        # The smallest chunk that fits, rounded up to 6 decimals so that it really does.
+        fits = math.ceil((until - since) / timedelta(days=1) / MAX_CHUNKS * 1e6) / 1e6
+        raise UsageError(
+            f"--chunk-days {chunk_days:g} cuts {since:%Y-%m-%d}..{until:%Y-%m-%d} into {chunks:,} chunks, more than "
+            f"the {MAX_CHUNKS:,} one backfill may have; use --chunk-days {fits:g} or more"
+        )
+    return chunk

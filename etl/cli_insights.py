@@ -1,0 +1,110 @@
+"""The commands that turn the archive into answers: fingerprint, similar, trends, report (issue 14)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import threading
+from collections.abc import Callable
+from datetime import datetime
+from typing import IO, Any
+
+from etl.config import Settings
+from etl.errors import ExitCode, UsageError
+
+COMMANDS = ("fingerprint", "similar", "trends", "report")
+
+
+def add_parsers(sub: Any, parse_date: Callable[[str], datetime]) -> None:
+    from etl.trends import parse_duration
+
+    def duration(value: str) -> Any:
+        try:
+            return parse_duration(value)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    fingerprint = sub.add_parser("fingerprint", help="perceptual hashes for stored images that have none (resumable)")
+    fingerprint.add_argument("--workers", type=int, default=4, metavar="N", help="objects read and hashed at once (default 4)")
+
+    similar = sub.add_parser("similar", help="where a post's images were seen again (exact, then near duplicates)")
+    similar.add_argument("--post", required=True, metavar="PLATFORM:POST_ID")
+    similar.add_argument("--json", action="store_true", help="machine-readable output")
+
+    trends = sub.add_parser("trends", help="rising hashtags: the last window against its trailing baseline")
+    trends.add_argument("--window", type=duration, default=duration("24h"), metavar="DURATION", help="default 24h")
+    trends.add_argument("--baseline", type=duration, default=duration("28d"), metavar="DURATION", help="default 28d")
+    trends.add_argument("--platform", metavar="NAME")
+    trends.add_argument("--limit", type=int, default=25, metavar="N", help="hashtags listed (default 25)")
+    trends.add_argument("--json", action="store_true", help="machine-readable output")
+
+    report = sub.add_parser("report", help="one self-contained HTML report of the archive")
+    report.add_argument("--since", type=parse_date, metavar="DATE")
+    report.add_argument("--until", type=parse_date, metavar="DATE", help="exclusive")
+    report.add_argument("--platform", metavar="NAME")
+    report.add_argument("--out", metavar="FILE.html", help="default ETL_DATA_DIR/report.html")
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if hasattr(value, "total_seconds"):
+        return value.total_seconds()
+    return str(value)
+
+
+def dispatch(command: str, args: argparse.Namespace, settings: Settings, out: IO[str], stop: threading.Event) -> int:
+    from etl.pipeline import Runner
+
+    runner = Runner(settings)
+    runner.open_services(store=command in ("fingerprint", "report"))
+    db = runner.db
+    assert db is not None
+    if command == "fingerprint":
+        from etl.fingerprint import ALGORITHM, VERSION, fingerprint_stored
+
+        if args.workers < 1:
+            raise UsageError("--workers must be at least 1")
+        stats = fingerprint_stored(db, runner.store, batch_size=settings.batch_size, workers=args.workers, should_stop=stop.is_set)
+        print(
+            f"Fingerprints ({ALGORITHM} v{VERSION}): {stats.hashed} image(s) hashed, {stats.failed} failed, in {stats.seconds:.1f}s",
+            file=out,
+        )
+        for error in stats.errors or []:
+            print(f"  - {error}", file=out)
+        return int(ExitCode.PARTIAL if stats.failed else ExitCode.OK)
+    if command == "similar":
+        from etl.similar import find_similar, format_similar, parse_post_ref
+
+        platform, post_id = parse_post_ref(args.post)
+        result = find_similar(db, platform, post_id, settings.similar_max_distance)
+        text = json.dumps(result, default=_json_default, indent=2, ensure_ascii=False) if args.json else format_similar(result)
+        print(text, file=out)
+        return int(ExitCode.OK)
+    if command == "trends":
+        from etl.trends import collect_trends, format_trends
+
+        if args.window > args.baseline:
+            raise UsageError("--baseline must be at least as long as --window")
+        report = collect_trends(db, args.window, args.baseline, args.platform, settings.trends_min_count, args.limit)
+        text = json.dumps(report, default=_json_default, indent=2, ensure_ascii=False) if args.json else format_trends(report)
+        print(text, file=out)
+        return int(ExitCode.OK)
+    from etl.report import Scope, write_report
+
+    if args.since and args.until and args.until <= args.since:
+        raise UsageError("--until must be after --since")
+    path = args.out or str(settings.data_dir / "report.html")
+    data = write_report(
+        db, runner.store, Scope(args.since, args.until, args.platform), path,
+        max_distance=settings.similar_max_distance, min_count=settings.trends_min_count,
+    )  # fmt: skip
+    t = data["totals"]
+    from pathlib import Path
+
+    print(
+        f"Report: {Path(path).resolve()} ({data['bytes'] / 1024:,.0f} KB; {t['posts']} posts, {t['images_stored']} images;"
+        f" SQL {data['timings']['sql']:.2f}s, rendering {data['timings']['render']:.2f}s)",
+        file=out,
+    )
+    return int(ExitCode.OK)

@@ -1,0 +1,135 @@
+"""Resume points: where an incremental run cut short (--limit, SIGTERM, quota, rate limit) stopped, per stream.
+
+A cut run does not move the watermark. It records, for every stream it read (a channel, a user, a hashtag,
+a query), the oldest post it loaded: a stream is read newest first, so every post of that stream in the
+window and newer than that one is loaded. The next run reads the same window again, skips those posts
+without counting them against --limit, and loads the gap below them. Only a run that reads its whole window
+moves the watermark (to the newest post any of these runs loaded) and clears the resume point.
+
+Streams whose order is unknown (Source.stream_of returns None, e.g. Instagram's hashtag listings) are never
+skipped: they are read again in full, which costs requests but loses nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from etl.records import Post
+
+MAX_BOUNDARY_IDS = 1000  # post ids kept at a stream's oldest timestamp (ties of created_at)
+
+
+@dataclass
+class StreamMark:
+    """The oldest post loaded of one stream: its created_at, and the ids loaded at exactly that time."""
+
+    oldest: datetime
+    ids: set[str] = field(default_factory=set)
+
+    def covers(self, post: Post) -> bool:
+        """True when a cut run already loaded this post (newer than the mark, or one of the ids at it)."""
+        return post.created_at > self.oldest or (post.created_at == self.oldest and post.post_id in self.ids)
+
+    def add(self, post: Post) -> None:
+        if post.created_at < self.oldest:
+            self.oldest, self.ids = post.created_at, {post.post_id}
+        elif post.created_at == self.oldest and len(self.ids) < MAX_BOUNDARY_IDS:
+            self.ids.add(post.post_id)
+
+
+@dataclass
+class ResumePoint:
+    """What cut runs of one (source, configuration) loaded: the newest post, and a mark per stream."""
+
+    newest: datetime | None = None
+    streams: dict[str, StreamMark] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any] | None) -> ResumePoint | None:
+        if not data:
+            return None
+        newest = data.get("newest")
+        point = cls(newest=datetime.fromisoformat(newest) if newest else None)
+        for name, mark in (data.get("streams") or {}).items():
+            point.streams[name] = StreamMark(datetime.fromisoformat(mark["oldest"]), set(mark.get("ids") or ()))
+        return point
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "newest": self.newest.isoformat() if self.newest else None,
+            "streams": {
+                name: {"oldest": mark.oldest.isoformat(), "ids": sorted(mark.ids)} for name, mark in self.streams.items()
+            },
+        }
+
+
+class ResumeTracker:
+    """Wraps a source's posts: skips what a cut run loaded, applies --limit, remembers what passed through.
+
+    Every post it yields is loaded by the pipeline before the state is saved (chunked() hands on the posts
+    of a failing stream first), so what it remembers is what was loaded.
+    """
+
+    def __init__(self, source: Any, resume: ResumePoint | None, limit: int | None):
+        self.source = source
+        self.resume = resume
+        self.limit = limit
+        self.passed = 0  # posts yielded (to be loaded)
+        self.skipped = 0  # posts a cut run had loaded already
+        self.limited = False  # the limit was reached: the window was not read to its end
+        self.newest: datetime | None = None
+        self.streams: dict[str, StreamMark] = {}
+
+    def __call__(self, posts: Iterable[Post]) -> Iterator[Post]:
+        if self.limit is not None and self.limit <= 0:
+            self.limited = True
+            return
+        for post in posts:
+            stream = self.source.stream_of(post)
+            done = self.resume.streams.get(stream) if self.resume is not None and stream is not None else None
+            if done is not None and done.covers(post):
+                self.skipped += 1
+                continue
+            self._remember(stream, post)
+            self.passed += 1
+            yield post
+            if self.limit is not None and self.passed >= self.limit:
+                self.limited = True
+                return
+
+    def _remember(self, stream: str | None, post: Post) -> None:
+        if self.newest is None or post.created_at > self.newest:
+            self.newest = post.created_at
+        if stream is None:
+            return
+        mark = self.streams.get(stream)
+        if mark is None:
+            self.streams[stream] = StreamMark(post.created_at, {post.post_id})
+        else:
+            mark.add(post)
+
+    def cut_point(self) -> ResumePoint:
+        """The resume point after this run stopped early: the earlier one extended by what this run loaded."""
+        point = ResumePoint(newest=self.resume.newest if self.resume else None)
+        if self.resume is not None:
+            point.streams = {name: StreamMark(m.oldest, set(m.ids)) for name, m in self.resume.streams.items()}
+        if self.newest is not None and (point.newest is None or self.newest > point.newest):
+            point.newest = self.newest
+        for name, mark in self.streams.items():
+            earlier = point.streams.get(name)
+            if earlier is None:
+                point.streams[name] = mark
+            elif mark.oldest < earlier.oldest:
+                # Read newest first below the earlier mark: everything between the two is loaded now.
+                point.streams[name] = mark
+            elif mark.oldest == earlier.oldest:
+                earlier.ids |= mark.ids
+        return point
+
+    def watermark(self) -> datetime | None:
+        """The newest post loaded by this run and the cut runs before it (the watermark once complete)."""
+        candidates = [t for t in (self.newest, self.resume.newest if self.resume else None) if t is not None]
+        return max(candidates, default=None)

@@ -1,0 +1,191 @@
+"""`etl.py report`: its numbers against independent SQL on known data, and the file in a real headless Chromium."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, query
+from tests.support import CHROMIUM, Reply, chromium, encode, photo_like, record, write_jsonl
+
+ARTIFACTS = ROOT / "tests" / "artifacts"
+
+
+class Tables(HTMLParser):
+    """data-table -> {data-key: {data-col: text}}, and data-metric -> text."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tables: dict[str, dict[str, dict[str, str]]] = {}
+        self.metrics: dict[str, str] = {}
+        self.charts: list[str] = []
+        self._table = self._row = self._col = self._metric = None
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if "data-table" in a:
+            self._table = a["data-table"]
+            self.tables.setdefault(self._table, {})
+        if tag == "tr" and "data-key" in a and self._table:
+            self._row = a["data-key"]
+            self.tables[self._table][self._row] = {}
+        if tag == "td" and "data-col" in a and self._row is not None:
+            self._col = a["data-col"]
+            self.tables[self._table][self._row][self._col] = ""
+        if "data-metric" in a:
+            self._metric = a["data-metric"]
+            self.metrics[self._metric] = ""
+        if "data-chart" in a:
+            self.charts.append(a["data-chart"])
+
+    def handle_endtag(self, tag):
+        if tag == "td":
+            self._col = None
+        if tag == "tr":
+            self._row = None
+        if tag == "table":
+            self._table = None
+        if tag == "b":
+            self._metric = None
+
+    def handle_data(self, data):
+        if self._col is not None:
+            self.tables[self._table][self._row][self._col] += data
+        if self._metric is not None:
+            self.metrics[self._metric] += data
+
+
+def _num(text: str) -> float:
+    return float(text.replace(",", "").rstrip("%"))
+
+
+@pytest.fixture
+def archive(db, run_etl, http_server, tmp_path):
+    """Known posts: two platforms, four days, one image shared by three posts, a near copy, a 404."""
+    a = encode(photo_like(1), quality=85)
+    http_server.routes["/a.jpg"] = Reply(body=a, content_type="image/jpeg")
+    http_server.routes["/a2.jpg"] = Reply(body=encode(photo_like(1).resize((300, 225)), quality=55), content_type="image/jpeg")
+    http_server.routes["/b.png"] = Reply(body=encode(photo_like(2, (320, 240)), "PNG"), content_type="image/png")
+    http_server.routes["/gone.jpg"] = Reply(status=404, body=b"no")
+    posts = []
+    captions = ["What a lovely happy day #sun #beach", "Terrible awful delay #travel", "Meeting at noon #work #sun"]
+    for n in range(24):
+        urls = [http_server.url("/a.jpg")] if n in (1, 7, 13) else [http_server.url("/b.png")] if n == 2 else []
+        urls += [http_server.url("/a2.jpg")] if n == 5 else []
+        urls += [http_server.url("/gone.jpg")] if n == 9 else []
+        posts.append(
+            record(
+                platform="alpha" if n % 3 else "beta", post_id=f"p{n}", author_username=f"user{n % 5}",
+                caption=captions[n % 3], created_at=f"2024-03-0{1 + n % 4}T{n % 20:02d}:00:00Z",
+                like_count=n * 7 % 50, comment_count=n % 6, image_urls=urls, hashtags=None,
+            )
+        )  # fmt: skip
+    path = write_jsonl(tmp_path / "posts.jsonl", posts)
+    env = {"ETL_ALLOW_PRIVATE_HOSTS": "true", "ETL_HTTP_RETRIES": "1"}
+    assert run_etl("run", "--source", "jsonl", "--input", str(path), env=env).returncode == 1  # the 404
+    assert run_etl("fingerprint").returncode == 0
+    return tmp_path
+
+
+def test_report_numbers_equal_independent_sql(db, run_etl, archive):
+    out = archive / "report.html"
+    result = run_etl("report", "--since", "2024-03-02", "--until", "2024-03-04", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert str(out) in result.stdout
+    page = Tables()
+    page.feed(out.read_text(encoding="utf-8"))
+    scope = "created_at >= '2024-03-02' AND created_at < '2024-03-04'"
+    (posts, authors, likes), = query(db.dsn, f"SELECT count(*), count(DISTINCT (platform, author_username)), sum(like_count) FROM social_posts WHERE {scope}")
+    assert (_num(page.metrics["posts"]), _num(page.metrics["authors"]), _num(page.metrics["likes"])) == (posts, authors, likes)
+    (stored, failed), = query(
+        db.dsn,
+        "SELECT count(*) FILTER (WHERE m.status = 'stored'), count(*) FILTER (WHERE m.status = 'failed') FROM post_media m"
+        f" WHERE (m.platform, m.post_id) IN (SELECT platform, post_id FROM social_posts WHERE {scope})",
+    )
+    assert (_num(page.metrics["images_stored"]), _num(page.metrics["images_failed"])) == (stored, failed)
+
+    voice = query(db.dsn, f"SELECT platform, count(*), sum(like_count + comment_count) FROM social_posts WHERE {scope} GROUP BY 1")
+    total = sum(v[1] for v in voice)
+    for platform, count, engagement in voice:
+        row = page.tables["share_of_voice"][platform]
+        assert _num(row["posts"]) == count and _num(row["engagement"]) == engagement
+        assert row["post_share"] == f"{100 * count / total:.1f}%"
+
+    tags = query(
+        db.dsn,
+        f"SELECT tag, count(*) FROM social_posts, unnest(hashtags) tag WHERE {scope} GROUP BY tag ORDER BY 2 DESC, 1",
+    )
+    assert {k: _num(v["posts"]) for k, v in page.tables["top_hashtags"].items()} == {t: c for t, c in tags}
+
+    top = query(db.dsn, f"SELECT platform || ':' || post_id, like_count + comment_count FROM social_posts WHERE {scope} ORDER BY 2 DESC, created_at DESC LIMIT 10")
+    assert [(k, _num(v["engagement"])) for k, v in page.tables["top_posts"].items()] == [(k, e) for k, e in top]
+
+    # the image posted three times (two of them in scope here: p1 on 03-02, p13 on 03-02; p7 on 03-04 is out)
+    groups = query(
+        db.dsn,
+        "SELECT m.sha256, count(*) FROM post_media m JOIN social_posts p USING (platform, post_id)"
+        f" WHERE m.status = 'stored' AND p.{scope} GROUP BY 1 HAVING count(*) > 1",
+    )
+    assert {k[:16]: _num(v["posts"]) for k, v in page.tables["image_spread"].items()} == {s[:16]: c for s, c in groups}
+    failed_rows = page.tables.get("failed_images", {})
+    assert sum(_num(v["images"]) for v in failed_rows.values()) == failed
+    assert all("<img" not in v for v in failed_rows)
+    assert len(page.tables["runs"]) == query(db.dsn, "SELECT count(*) FROM etl_runs")[0][0]
+    assert page.charts == ["posts_per_day", "sentiment_share", "share_of_voice", "top_hashtags", "rising_hashtags"]
+
+
+def test_report_near_duplicates_of_top_groups_and_thumbnails(db, run_etl, archive):
+    out = archive / "all.html"
+    assert run_etl("report", "--out", str(out)).returncode == 0
+    text = out.read_text(encoding="utf-8")
+    page = Tables()
+    page.feed(text)
+    (group,) = page.tables["image_spread"].values()
+    assert _num(group["posts"]) == 3 and _num(group["near_posts"]) == 1  # p1, p7, p13 and the resized copy in p5
+    assert group["platforms"] == "1"  # all three on alpha (n % 3 == 1)
+    assert text.count('src="data:image/jpeg;base64,') >= 4  # thumbnails of top posts with images and of the group
+    assert not re.search(r'(src|href)="(?!data:|#)', text) and "@import" not in text and "url(http" not in text
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: `make test` installs it (apt-get install chromium) when run as root")
+    return CHROMIUM
+
+
+def test_report_renders_in_chromium_every_chart_visible_nothing_fetched(db, run_etl, archive, browser):
+    out = archive / "report.html"
+    assert run_etl("report", "--out", str(out)).returncode == 0
+    shot = ARTIFACTS / "report.png"
+    dom, requests = chromium(out, screenshot=shot)
+    assert requests == []
+    probe = json.loads(re.search(r'<pre id="layout-probe">(.*?)</pre>', dom, re.S).group(1))
+    charts = {c["chart"]: c for c in probe["charts"]}
+    assert set(charts) == {"posts_per_day", "sentiment_share", "share_of_voice", "top_hashtags", "rising_hashtags"}
+    for chart in charts.values():
+        assert chart["shown"] and chart["width"] > 300 and chart["height"] > 80 and chart["shapes"] > 10, chart
+    assert probe["images"] and all(i["complete"] and i["w"] > 0 for i in probe["images"])  # thumbnails decoded
+    shutil.copy(out, ARTIFACTS / "report.html")
+    assert shot.stat().st_size > 20_000
+
+
+def test_the_network_check_catches_a_page_that_fetches(tmp_path, browser):
+    page = tmp_path / "leaky.html"
+    page.write_text(
+        '<html><head><link rel="stylesheet" href="https://fonts.googleapis.com/css?family=Inter"></head>'
+        '<body><img src="http://cdn.example.com/x.png"></body></html>'
+    )
+    _, requests = chromium(page, probe=False)
+    assert any("cdn.example.com" in r for r in requests) and any("fonts.googleapis.com" in r for r in requests)
+
+
+@pytest.mark.badinput("report: --until before --since")
+def test_report_refuses_an_empty_period(db, run_etl):
+    bad = run_etl("report", "--since", "2024-03-05", "--until", "2024-03-01")
+    assert bad.returncode == 2 and "--until must be after --since" in bad.stderr
