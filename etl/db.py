@@ -250,25 +250,35 @@ class Database:
     # -- locks -----------------------------------------------------------------------------------
 
     def lock_sources(self, names: Sequence[str]) -> psycopg2.extensions.connection:
-        """Take a session advisory lock per source on a connection of its own; LockedError if one is held.
+        """Take a session advisory lock per name on a connection of its own; LockedError if one is held.
 
         The locks live as long as the returned connection (closing it, or the process dying, frees them).
         """
+        conn, locked = self.lock_units(names)
+        if locked:
+            with conn.cursor() as cur:
+                holder = self.running_run_for(cur, locked[0])
+            conn.close()
+            raise LockedError(f"source {locked[0]!r} is being archived by another run{holder}; nothing done")
+        return conn
+
+    def lock_units(self, names: Sequence[str]) -> tuple[psycopg2.extensions.connection, list[str]]:
+        """Try a session advisory lock per unit (a stream, or a stream-less source); (connection, the names
+        another run holds). The locks taken live as long as the connection."""
         conn = self.connect()
         conn.autocommit = True
+        locked: list[str] = []
         with conn.cursor() as cur:
             for name in names:
                 cur.execute("SELECT pg_try_advisory_lock(hashtext('social-archiver:source'), hashtext(%s))", (name,))
                 if not cur.fetchone()[0]:
-                    holder = self.running_run_for(cur, name)
-                    conn.close()
-                    raise LockedError(f"source {name!r} is being archived by another run{holder}; nothing done")
-        return conn
+                    locked.append(name)
+        return conn, locked
 
     @staticmethod
     def running_run_for(cur: psycopg2.extensions.cursor, name: str) -> str:
         cur.execute(
-            "SELECT id, host, pid, started_at FROM etl_runs WHERE status = 'running' AND %s = ANY(sources)"
+            "SELECT id, host, pid, started_at FROM etl_runs WHERE status = 'running' AND %s = ANY(COALESCE(units, sources))"
             " ORDER BY started_at DESC LIMIT 1",
             (name,),
         )
@@ -279,12 +289,18 @@ class Database:
 
     # -- the run ledger --------------------------------------------------------------------------
 
-    def start_run(self, mode: str, sources: Sequence[str], arguments: dict[str, Any]) -> int:
+    def start_run(
+        self, mode: str, sources: Sequence[str], arguments: dict[str, Any], units: Sequence[str] | None = None
+    ) -> int:
+        """Record a run; `units` are the locks it holds (streams or stream-less sources), default its sources."""
+
         def insert(cur: psycopg2.extensions.cursor) -> int:
             cur.execute(
-                "INSERT INTO etl_runs (mode, sources, arguments, host, pid) VALUES (%s, %s, %s, %s, %s) RETURNING id",
-                (mode, list(sources), _adapt_json(clean_json(arguments)), socket.gethostname(), os.getpid()),
-            )
+                "INSERT INTO etl_runs (mode, sources, units, arguments, host, pid) VALUES (%s, %s, %s, %s, %s, %s)"
+                " RETURNING id",
+                (mode, list(sources), list(sources if units is None else units), _adapt_json(clean_json(arguments)),
+                 socket.gethostname(), os.getpid()),
+            )  # fmt: skip
             return cur.fetchone()[0]
 
         return self.run(insert, what="recording the run")
@@ -303,15 +319,16 @@ class Database:
         )
         self.run(lambda cur: cur.execute(FINISH_RUN_SQL, values), what="finishing the run record")
 
-    def abandon_dead_runs(self, sources: Sequence[str]) -> int:
-        """Runs still marked running for these sources died (we hold their locks now): mark them abandoned."""
+    def abandon_dead_runs(self, units: Sequence[str]) -> int:
+        """Runs still marked running that hold one of these units died (a live run holds all of its units'
+        locks, and we hold these now): mark them abandoned."""
 
         def update(cur: psycopg2.extensions.cursor) -> int:
             cur.execute(
                 "UPDATE etl_runs SET status = 'abandoned', finished_at = now(),"
                 " error_summary = COALESCE(error_summary, 'the process ended without finishing the run')"
-                " WHERE status = 'running' AND sources && %s::text[]",
-                (list(sources),),
+                " WHERE status = 'running' AND COALESCE(units, sources) && %s::text[]",
+                (list(units),),
             )
             return cur.rowcount
 

@@ -78,8 +78,7 @@ def plan(shards: int, settings: Settings | None = None) -> list[dict[str, Any]]:
     settings = settings or settings_from_environment()
     sources = build_sources(settings, RunRequest(sources=list(settings.sources)))
     return [
-        {"shard": str(shard), "units": [unit.name for unit in units]}
-        for shard, units in plan_shards(sources, shards)
+        {"shard": str(shard), "units": [unit.name for unit in units]} for shard, units in plan_shards(sources, shards)
     ]
 
 
@@ -101,7 +100,9 @@ def _execute(settings: Settings, request: RunRequest, orchestrator: Mapping[str,
     return Outcome(PARTIAL, runner.run_id, stats.status, f"{stats.summary_line()} | {problems}", counts)
 
 
-def archive_shard(shard: str, orchestrator: Mapping[str, Any] | None = None, settings: Settings | None = None) -> Outcome:
+def archive_shard(
+    shard: str, orchestrator: Mapping[str, Any] | None = None, settings: Settings | None = None
+) -> Outcome:
     """Shard K/N of an incremental run of the configured sources (its failed-image part is a separate task)."""
     settings = settings or settings_from_environment()
     request = RunRequest(mode="run", sources=list(settings.sources), shard=Shard.parse(shard), retry_images=False,

@@ -18,12 +18,23 @@ from etl import db as dbm
 from etl.config import Settings
 from etl.db import Database
 from etl.enrich import SentimentEnricher
-from etl.errors import ConfigError, ETLError, ExitCode, LoadError, MediaError, SourceError, StoreError
+from etl.errors import (
+    ConfigError,
+    ETLError,
+    ExitCode,
+    LoadError,
+    LockedError,
+    MediaError,
+    SourceError,
+    StoreError,
+    UsageError,
+)
 from etl.logs import RedactingFilter
 from etl.media import Downloader, without_userinfo
 from etl.metrics import write_run_metrics
 from etl.records import Media, Post, cap_caption, chunked
 from etl.resume import ResumePoint, ResumeTracker
+from etl.shards import Shard, Unit, units_of
 from etl.sources import FetchWindow, Source, source_class
 from etl.store import ObjectStore, object_key, store_from_settings
 
@@ -84,6 +95,7 @@ class RunStats:
     per_source: dict[str, dict[str, Any]] = field(default_factory=dict)
     source_failures: int = 0
     interrupted: bool = False
+    locked_streams: list[str] = field(default_factory=list)  # units another run held: skipped, not failed
     stages: StageClock = field(default_factory=StageClock)
     started: float = field(default_factory=time.monotonic)
     seconds: float = 0.0
@@ -216,7 +228,10 @@ class Archiver:
         """Download, verify and store one image; never raises (a failure is a Media with status failed)."""
         media = Media(platform, post_id, position, without_userinfo(url))  # never stored or logged with credentials
         if self.stop.is_set():
-            media.status, media.error = "failed", "not downloaded: the run was stopped (SIGTERM); retried by the next run"
+            media.status, media.error = (
+                "failed",
+                "not downloaded: the run was stopped (SIGTERM); retried by the next run",
+            )
             return media
         try:
             with self.clock("download"):
@@ -233,13 +248,17 @@ class Archiver:
             log.exception("unexpected error archiving %s/%s image %d", platform, post_id, position)
             media.status, media.error = "failed", f"{type(exc).__name__}: {exc}"
         else:
-            log.debug("stored %s (%d bytes, %s) as %s", media.source_url[:200], len(fetched.body), fetched.content_type, key)
+            log.debug(
+                "stored %s (%d bytes, %s) as %s", media.source_url[:200], len(fetched.body), fetched.content_type, key
+            )
             media.status = "stored"
             media.key, media.url = key, self.store.url(key)
             media.sha256, media.bytes, media.content_type = fetched.sha256, len(fetched.body), fetched.content_type
             media.width, media.height = fetched.width, fetched.height
         if media.status == "failed":
-            log.warning("image failed: %s/%s #%d %s: %s", platform, post_id, position, media.source_url[:200], media.error)
+            log.warning(
+                "image failed: %s/%s #%d %s: %s", platform, post_id, position, media.source_url[:200], media.error
+            )
         return media
 
     # -- the stream ------------------------------------------------------------------------------
@@ -333,7 +352,9 @@ class Archiver:
                 if hopeless.get(key) == without_userinfo(url):
                     continue  # failed for good at this URL (404, not an image...): not fetched again
                 if key not in known and key not in futures:
-                    futures[key] = pool.submit(self.archive_image, post.platform, post.post_id, post.created_at, position, url)
+                    futures[key] = pool.submit(
+                        self.archive_image, post.platform, post.post_id, post.created_at, position, url
+                    )
                     urls[key] = url
         self._batches += 1
         return _Batch(scored, futures, known, urls, self._batches)
@@ -371,7 +392,12 @@ class Archiver:
         return max((p.created_at for p in loaded), default=None)
 
     def _load(
-        self, posts: list[Post], media: dict[tuple[str, str], list[Media]], first_urls: dict, stats: RunStats, source: str
+        self,
+        posts: list[Post],
+        media: dict[tuple[str, str], list[Media]],
+        first_urls: dict,
+        stats: RunStats,
+        source: str,
     ) -> tuple[dbm.UpsertCounts, list[Post], list[Media]]:
         """Load posts with their image rows in one transaction. When the database refuses a row (DataRefused),
         halve the batch until the row is alone: it is reported with its line or post id and the database's
@@ -400,19 +426,24 @@ class Archiver:
         counts_a, loaded_a, rows_a = self._load(posts[:half], grouped, first_urls, stats, source)
         counts_b, loaded_b, rows_b = self._load(posts[half:], grouped, first_urls, stats, source)
         counts = dbm.UpsertCounts(
-            counts_a.inserted + counts_b.inserted, counts_a.updated + counts_b.updated, counts_a.unchanged + counts_b.unchanged
+            counts_a.inserted + counts_b.inserted,
+            counts_a.updated + counts_b.updated,
+            counts_a.unchanged + counts_b.unchanged,
         )
         return counts, loaded_a + loaded_b, rows_a + rows_b
 
     # -- failed images from earlier runs ---------------------------------------------------------
 
-    def retry_failed_images(self, stats: RunStats) -> None:
-        """Retry images still marked failed (not permanent, under the attempt cap, past their backoff)."""
+    def retry_failed_images(self, stats: RunStats, part: Shard | None = None) -> None:
+        """Retry images still marked failed (not permanent, under the attempt cap, past their backoff); with
+        `part` K/N only those whose id is K-1 modulo N, so that N workers never take the same image."""
         last_id = 0
         pool = ThreadPoolExecutor(self.settings.concurrency, thread_name_prefix="retry")
         try:
             while not self.stop.is_set() and (
-                rows := self.db.run(partial(self._failed_images, after=last_id), what="finding failed images")
+                rows := self.db.run(
+                    partial(self._failed_images, after=last_id, part=part), what="finding failed images"
+                )
             ):
                 last_id = rows[-1][0]
                 futures = {r: pool.submit(self.archive_image, r[1], r[2], r[5], r[3], r[4]) for r in rows}
@@ -423,16 +454,18 @@ class Archiver:
         finally:
             pool.shutdown(wait=not self.stop.is_set(), cancel_futures=True)
 
-    def _failed_images(self, cur: Any, *, after: int) -> list[tuple]:
+    def _failed_images(self, cur: Any, *, after: int, part: Shard | None = None) -> list[tuple]:
         # Backoff between runs: the base wait doubles with each attempt, up to 48 times the base.
+        index, count = (part.index, part.count) if part else (1, 1)
         cur.execute(
             "SELECT m.id, m.platform, m.post_id, m.position, m.source_url, p.created_at FROM post_media m"
             " JOIN social_posts p USING (platform, post_id)"
             " WHERE m.status = 'failed' AND NOT m.permanent AND m.attempts < %s AND m.id > %s"
             " AND m.updated_at <= now() - %s * LEAST(power(2, m.attempts - 1), 48) * interval '1 minute'"
-            " ORDER BY m.id LIMIT %s",
-            (self.settings.image_max_attempts, after, self.settings.image_retry_backoff_minutes, self.settings.batch_size),
-        )
+            " AND m.id %% %s = %s ORDER BY m.id LIMIT %s",
+            (self.settings.image_max_attempts, after, self.settings.image_retry_backoff_minutes, count, index - 1,
+             self.settings.batch_size),
+        )  # fmt: skip
         return cur.fetchall()
 
 
@@ -469,6 +502,9 @@ class RunRequest:
     chunk: timedelta = timedelta(days=1)
     source_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # e.g. {"jsonl": {"input": "-"}}
     arguments: dict[str, Any] = field(default_factory=dict)  # recorded in etl_runs
+    shard: Shard | None = None  # only the units (streams) of shard K/N, and part K/N of the failed images
+    chunk_index: int | None = None  # a backfill: only this chunk (0-based), for one worker of many
+    retry_images: bool = True  # a run retries failed images of earlier runs first
 
 
 def build_sources(settings: Settings, request: RunRequest) -> list[Source]:
@@ -477,6 +513,11 @@ def build_sources(settings: Settings, request: RunRequest) -> list[Source]:
     for cls in classes:
         cls.check_settings(settings)
     return [cls(settings, **request.source_options.get(cls.name, {})) for cls in classes]
+
+
+def state_key(source: Source, unit: Unit) -> str:
+    """The etl_state / etl_backfill_chunks key of a unit: per stream, or the source's configuration key."""
+    return f"stream:{unit.stream}" if unit.stream else source.config_key()
 
 
 def backfill_chunks(since: datetime, until: datetime, chunk: timedelta) -> list[tuple[datetime, datetime]]:
@@ -530,24 +571,39 @@ class Runner:
             return stats
         self.open_services()
         assert self.db is not None
-        names = [s.name for s in sources]
-        lock = self.db.lock_sources(names)
+        units = [(s, u) for s in sources for u in units_of(s) if request.shard is None or request.shard.owns(u.name)]
+        lock, locked = self.db.lock_units([u.name for _, u in units])
         try:
-            # We hold every lock of these sources: a run still marked running for one of them is dead.
-            self.db.abandon_dead_runs(names)
-            self.run_id = self.db.start_run(request.mode, names, request.arguments)
-            log.info("run %d started: %s of %s", self.run_id, request.mode, ", ".join(names))
+            if locked and len(locked) == len(units):
+                holder = self.db.run(
+                    lambda cur: self.db.running_run_for(cur, locked[0]), what="finding the lock holder"
+                )
+                raise LockedError(f"{', '.join(locked)}: being archived by another run{holder}; nothing done")
+            active = [(s, u) for s, u in units if u.name not in locked]
+            stats.locked_streams = locked
+            for name in locked:
+                log.warning("%s is being archived by another run: skipped (that run archives it)", name)
+            held = [u.name for _, u in active]
+            # We hold the locks of these units: a run still marked running that held one of them is dead.
+            self.db.abandon_dead_runs(held)
+            names = list(dict.fromkeys(s.name for s, _ in active))
+            arguments = {**request.arguments, **({"locked": locked} if locked else {})}
+            self.run_id = self.db.start_run(request.mode, names, arguments, units=held)
+            log.info("run %d started: %s of %s", self.run_id, request.mode, ", ".join(names) or "failed images only")
             status = "failed"
             try:
                 archiver = Archiver(self.settings, self.db, self.store, stop=self.stop)
-                if request.mode == "run":
-                    archiver.retry_failed_images(stats)
+                if request.mode == "run" and request.retry_images:
+                    archiver.retry_failed_images(stats, part=request.shard)
                 for source in sources:
+                    mine = [u for s, u in active if s is source]
+                    if not mine:
+                        continue
                     self._check_stop()
                     if request.mode == "backfill":
-                        self._backfill_source(archiver, source, request, stats)
+                        self._backfill_source(archiver, source, mine, request, stats)
                     else:
-                        self._run_source(archiver, source, request, stats)
+                        self._run_source(archiver, source, mine, request, stats)
                 status = stats.status
             except (Interrupted, KeyboardInterrupt):
                 status = "interrupted"
@@ -559,7 +615,9 @@ class Runner:
             finally:
                 stats.seconds = time.monotonic() - stats.started
                 try:
-                    self.db.finish_run(self.run_id, status, stats.ledger(RedactingFilter(self.settings.secrets()).redact))
+                    self.db.finish_run(
+                        self.run_id, status, stats.ledger(RedactingFilter(self.settings.secrets()).redact)
+                    )
                 except LoadError as exc:
                     if status != "failed":
                         raise
@@ -582,17 +640,24 @@ class Runner:
             if self.stop.is_set():
                 return
 
-    def _window(self, source: Source, request: RunRequest) -> tuple[FetchWindow, str, bool]:
-        key = source.config_key()
+    def _window(self, source: Source, unit: Unit, request: RunRequest) -> tuple[FetchWindow, bool]:
         if not source.incremental:
-            return FetchWindow(since=request.since, until=request.until, limit=request.limit), key, False
+            return FetchWindow(since=request.since, until=request.until, limit=request.limit), False
         assert self.db is not None
-        watermark, cursor = self.db.get_state(source.name, key)
+        watermark, cursor = self.db.get_state(source.name, state_key(source, unit))
+        if unit.stream and watermark is None and not cursor:
+            # A stream with no state of its own adopts its source's state of before (kept per configuration).
+            watermark, cursor = self.db.get_state(source.name, source.config_key())
         since = watermark - timedelta(minutes=self.settings.overlap_minutes) if watermark else None
-        return FetchWindow(since=since, cursor=cursor, limit=request.limit), key, True
+        return FetchWindow(since=since, cursor=cursor, limit=request.limit), True
 
     def _archive_window(
-        self, archiver: Archiver, source: Source, window: FetchWindow, stats: RunStats, tracker: ResumeTracker | None = None
+        self,
+        archiver: Archiver,
+        source: Source,
+        window: FetchWindow,
+        stats: RunStats,
+        tracker: ResumeTracker | None = None,
     ) -> tuple[bool, datetime | None]:
         """Archive what the source yields for a window; (completed, newest created_at loaded).
 
@@ -617,34 +682,55 @@ class Runner:
         self._check_stop()
         return True, newest
 
-    def _run_source(self, archiver: Archiver, source: Source, request: RunRequest, stats: RunStats) -> None:
-        assert self.db is not None
+    def _run_source(
+        self, archiver: Archiver, source: Source, units: list[Unit], request: RunRequest, stats: RunStats
+    ) -> None:
+        """Each of the source's streams (units) with its own window, state and resume point; --limit per source."""
         before = stats.snapshot()
-        window, key, incremental = self._window(source, request)
-        resume = ResumePoint.from_json(self.db.get_resume(source.name, key)) if incremental else None
-        if resume is not None:
-            log.info("%s: an earlier run was cut short; filling the gap below what it loaded first", source.name)
-            window = replace(window, limit=None)  # posts skipped as loaded must not use up the source's own limit
-        tracker = ResumeTracker(source, resume, request.limit)
         source.db = self.db
-        completed = False
+        completed = True
+        passed = 0  # posts this source yielded so far (the limit is the source's, shared by its streams)
         try:
             with source:
-                completed, _ = self._archive_window(archiver, source, window, stats, tracker)
+                for unit in units:
+                    self._check_stop()
+                    left = None if request.limit is None else request.limit - passed
+                    if left is not None and left <= 0:
+                        completed = False  # cut by the limit before this stream: its state stays as it is
+                        continue
+                    if unit.stream:
+                        source.restrict(unit.stream)
+                    done, n = self._run_unit(archiver, source, unit, replace(request, limit=left), stats)
+                    completed, passed = completed and done, passed + n
+        finally:
+            self._account(source, stats, before, completed)
+
+    def _run_unit(
+        self, archiver: Archiver, source: Source, unit: Unit, request: RunRequest, stats: RunStats
+    ) -> tuple[bool, int]:
+        """One stream's window; (read to its end, posts yielded). The watermark moves only when complete."""
+        assert self.db is not None
+        key = state_key(source, unit)
+        window, incremental = self._window(source, unit, request)
+        resume = ResumePoint.from_json(self.db.get_resume(source.name, key)) if incremental else None
+        if resume is not None:
+            log.info("%s: an earlier run was cut short; filling the gap below what it loaded first", unit.name)
+            window = replace(window, limit=None)  # posts skipped as loaded must not use up the source's own limit
+        tracker = ResumeTracker(source, resume, request.limit)
+        source.cursor = {}
+        try:
+            completed, _ = self._archive_window(archiver, source, window, stats, tracker)
             completed = completed and not tracker.limited
         except Interrupted:
             if incremental:
                 self._save_cut(source, key, tracker, "stopped")
             raise
-        finally:
-            self._account(source, stats, before, completed)
-        if not incremental:
-            return
-        if completed:
+        if incremental and completed:
             # Only now is every post of the window loaded; the watermark never moves back (db.save_state).
             self.db.save_state(source.name, key, tracker.watermark(), source.cursor)
-        else:
+        elif incremental:
             self._save_cut(source, key, tracker, "cut short by --limit" if tracker.limited else "stopped early")
+        return completed, tracker.passed
 
     def _save_cut(self, source: Source, key: str, tracker: ResumeTracker, why: str) -> None:
         """A window not read to its end: the watermark stays, the resume point records what was loaded."""
@@ -655,37 +741,58 @@ class Runner:
             source.name, why, tracker.passed,
         )  # fmt: skip
 
-    def _backfill_source(self, archiver: Archiver, source: Source, request: RunRequest, stats: RunStats) -> None:
-        """Walk [since, until) in chunks, oldest first, skipping chunks an earlier backfill finished.
+    def _backfill_source(
+        self, archiver: Archiver, source: Source, units: list[Unit], request: RunRequest, stats: RunStats
+    ) -> None:
+        """Walk [since, until) in chunks, oldest first, each stream of the source in turn, skipping what an
+        earlier backfill finished; with `chunk_index`, that one chunk only (one worker of many).
 
         The incremental watermark is never touched: a backfill fills the past, the cron run owns the present.
         """
         assert self.db is not None and request.since is not None
         until = request.until or datetime.now(timezone.utc)
-        key = source.config_key()
         chunks = backfill_chunks(request.since, until, request.chunk)
-        done = self.db.finished_chunks(source.name, key, request.since, until)
+        picked = list(enumerate(chunks, start=1))
+        if request.chunk_index is not None:
+            if not 0 <= request.chunk_index < len(chunks):
+                raise UsageError(
+                    f"--chunk-index {request.chunk_index}: this backfill has chunks 0 to {len(chunks) - 1}"
+                )
+            picked = [picked[request.chunk_index]]
+        done = {unit.name: self._finished_chunks(source, unit, request.since, until) for unit in units}
         before = stats.snapshot()
         source.db = self.db
         completed = True
         try:
             with source:
-                for n, (start, end) in enumerate(chunks, start=1):
-                    if (start, end) in done:
-                        log.info("backfill %s: chunk %s..%s already done", source.name, start, end)
-                    else:
+                for n, (start, end) in picked:
+                    for unit in units:
+                        if (start, end) in done[unit.name]:
+                            log.info("backfill %s: chunk %s..%s already done", unit.name, start, end)
+                            continue
+                        if unit.stream:
+                            source.restrict(unit.stream)
                         fetched = stats.fetched
                         window = FetchWindow(since=start, until=end, limit=request.limit)
                         tracker = ResumeTracker(source, None, request.limit)
                         chunk_completed, _ = self._archive_window(archiver, source, window, stats, tracker)
                         if not chunk_completed or tracker.limited:
                             completed = False
-                            break  # quota or rate limit: the next backfill resumes from this chunk
-                        self.db.finish_chunk(source.name, key, start, end, stats.fetched - fetched, self.run_id)
+                            return  # quota or rate limit: the next backfill resumes from this chunk
+                        self.db.finish_chunk(
+                            source.name, state_key(source, unit), start, end, stats.fetched - fetched, self.run_id
+                        )
                     if self.progress:
                         self.progress(n, len(chunks), stats)
         finally:
             self._account(source, stats, before, completed)
+
+    def _finished_chunks(self, source: Source, unit: Unit, since: datetime, until: datetime) -> set:
+        assert self.db is not None
+        done = self.db.finished_chunks(source.name, state_key(source, unit), since, until)
+        if unit.stream:  # chunks a backfill finished before state was kept per stream
+            done |= self.db.finished_chunks(source.name, source.config_key(), since, until)
+        return done
 
     @staticmethod
     def _account(source: Source, stats: RunStats, before: dict[str, int], completed: bool) -> None:

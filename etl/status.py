@@ -8,7 +8,7 @@ from typing import Any
 
 from etl.db import Database
 
-# A run is live while its connection holds the source's advisory lock (db.lock_sources); pg_locks shows
+# A run is live while its connection holds its units' advisory locks (db.lock_units); pg_locks shows
 # the two int4 keys as unsigned oids.
 _LOCK_HELD_SQL = (
     "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 2"
@@ -33,7 +33,9 @@ def collect_status(db: Database, runs: int = 10) -> dict[str, Any]:
         )  # fmt: skip
         last_runs = [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
         in_progress = []
-        cur.execute("SELECT id, sources, host, pid, started_at FROM etl_runs WHERE status = 'running' ORDER BY id")
+        cur.execute(
+            "SELECT id, COALESCE(units, sources), host, pid, started_at FROM etl_runs WHERE status = 'running' ORDER BY id"
+        )
         for run_id, sources, host, pid, started in cur.fetchall():
             live = False
             for source in sources:
