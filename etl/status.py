@@ -6,7 +6,9 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
+from etl.config import Settings
 from etl.db import Database
+from etl.errors import ConfigError
 
 # A run is live while its connection holds the source's advisory lock (db.lock_sources); pg_locks shows
 # the two int4 keys as unsigned oids.
@@ -15,6 +17,31 @@ _LOCK_HELD_SQL = (
     " AND classid::bigint = (hashtext('social-archiver:source')::bigint & 4294967295)"
     " AND objid::bigint = (hashtext(%s)::bigint & 4294967295))"
 )
+
+
+def open_archive(settings: Settings) -> Database:
+    """The archive's database, to read: never created here. An embedded data directory without a database,
+    or a database without the archive's tables, is a ConfigError naming the setting (a mistyped ETL_DATA_DIR
+    must not show an empty archive). An existing archive is migrated, as every command does."""
+    if settings.embedded_db:
+        pgdata = (settings.data_dir / "postgres").resolve()
+        if not (pgdata / "PG_VERSION").is_file():
+            raise ConfigError(
+                f"ETL_DATA_DIR={str(settings.data_dir)!r}: there is no archive there (no embedded database in {pgdata});"
+                " check ETL_DATA_DIR, or set DATABASE_URL"
+            )
+    db = Database.from_settings(settings)
+
+    def exists(cur: Any) -> bool:
+        cur.execute("SELECT to_regclass('schema_migrations') IS NOT NULL AND to_regclass('etl_runs') IS NOT NULL")
+        return bool(cur.fetchone()[0])
+
+    if not db.run(exists, what="looking for the archive"):
+        db.close()
+        setting = f"ETL_DATA_DIR={str(settings.data_dir)!r}" if settings.embedded_db else "DATABASE_URL"
+        raise ConfigError(f"{setting}: there is no archive in {db.display} (no etl_runs table); a run creates one")
+    db.migrate()
+    return db
 
 
 def collect_status(db: Database, runs: int = 10) -> dict[str, Any]:
@@ -48,7 +75,14 @@ def collect_status(db: Database, runs: int = 10) -> dict[str, Any]:
             " count(*) FILTER (WHERE p.sentiment = 'negative') FROM social_posts p GROUP BY p.platform ORDER BY 1"
         )
         platforms = {
-            row[0]: {"posts": row[1], "oldest": row[2], "newest": row[3], "positive": row[4], "neutral": row[5], "negative": row[6]}
+            row[0]: {
+                "posts": row[1],
+                "oldest": row[2],
+                "newest": row[3],
+                "positive": row[4],
+                "neutral": row[5],
+                "negative": row[6],
+            }
             for row in cur.fetchall()
         }
         cur.execute(
@@ -66,7 +100,9 @@ def collect_status(db: Database, runs: int = 10) -> dict[str, Any]:
             {"platform": r[0], "error": r[1], "permanent": r[2], "images": r[3], "max_attempts": r[4]}
             for r in cur.fetchall()
         ]
-        cur.execute("SELECT source, config_key, watermark, cursor, updated_at FROM etl_state ORDER BY source, config_key")
+        cur.execute(
+            "SELECT source, config_key, watermark, cursor, updated_at FROM etl_state ORDER BY source, config_key"
+        )
         watermarks = [
             {"source": r[0], "config_key": r[1], "watermark": r[2], "cursor": r[3], "updated_at": r[4]}
             for r in cur.fetchall()
@@ -116,10 +152,37 @@ def format_status(report: dict[str, Any]) -> str:
     out += ["", "Last runs:"]
     out.append(
         table(
-            ["run", "mode", "sources", "started (UTC)", "secs", "status", "fetched", "new", "upd", "rej", "img ok", "img skip", "img fail"],
             [
-                [r["id"], r["mode"], r["sources"], r["started_at"], r["seconds"], r["status"], r["fetched"], r["inserted"],
-                 r["updated"], r["rejected"], r["images_stored"], r["images_skipped"], r["images_failed"]]
+                "run",
+                "mode",
+                "sources",
+                "started (UTC)",
+                "secs",
+                "status",
+                "fetched",
+                "new",
+                "upd",
+                "rej",
+                "img ok",
+                "img skip",
+                "img fail",
+            ],
+            [
+                [
+                    r["id"],
+                    r["mode"],
+                    r["sources"],
+                    r["started_at"],
+                    r["seconds"],
+                    r["status"],
+                    r["fetched"],
+                    r["inserted"],
+                    r["updated"],
+                    r["rejected"],
+                    r["images_stored"],
+                    r["images_skipped"],
+                    r["images_failed"],
+                ]
                 for r in report["runs"]
             ],
         )  # fmt: skip
@@ -129,9 +192,18 @@ def format_status(report: dict[str, Any]) -> str:
         table(
             ["platform", "posts", "oldest", "newest", "pos", "neu", "neg", "images", "failed", "MB"],
             [
-                [name, p.get("posts", 0), p.get("oldest"), p.get("newest"), p.get("positive", 0), p.get("neutral", 0),
-                 p.get("negative", 0), p.get("images_stored", 0), p.get("images_failed", 0),
-                 round(p.get("bytes_stored", 0) / 1e6, 1)]
+                [
+                    name,
+                    p.get("posts", 0),
+                    p.get("oldest"),
+                    p.get("newest"),
+                    p.get("positive", 0),
+                    p.get("neutral", 0),
+                    p.get("negative", 0),
+                    p.get("images_stored", 0),
+                    p.get("images_failed", 0),
+                    round(p.get("bytes_stored", 0) / 1e6, 1),
+                ]
                 for name, p in report["platforms"].items()
             ],
         )  # fmt: skip
@@ -141,7 +213,10 @@ def format_status(report: dict[str, Any]) -> str:
         out.append(
             table(
                 ["platform", "images", "retried", "permanent", "error"],
-                [[f["platform"], f["images"], f["max_attempts"], "yes" if f["permanent"] else "no", f["error"]] for f in report["failed_images"]],
+                [
+                    [f["platform"], f["images"], f["max_attempts"], "yes" if f["permanent"] else "no", f["error"]]
+                    for f in report["failed_images"]
+                ],
             )
         )
     else:
@@ -150,7 +225,10 @@ def format_status(report: dict[str, Any]) -> str:
     out.append(
         table(
             ["source", "config", "watermark", "cursor", "updated"],
-            [[w["source"], w["config_key"], w["watermark"], w["cursor"] or "-", w["updated_at"]] for w in report["watermarks"]],
+            [
+                [w["source"], w["config_key"], w["watermark"], w["cursor"] or "-", w["updated_at"]]
+                for w in report["watermarks"]
+            ],
         )
     )
     return "\n".join(out)
