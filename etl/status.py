@@ -75,14 +75,7 @@ def collect_status(db: Database, runs: int = 10) -> dict[str, Any]:
             " count(*) FILTER (WHERE p.sentiment = 'negative') FROM social_posts p GROUP BY p.platform ORDER BY 1"
         )
         platforms = {
-            row[0]: {
-                "posts": row[1],
-                "oldest": row[2],
-                "newest": row[3],
-                "positive": row[4],
-                "neutral": row[5],
-                "negative": row[6],
-            }
+            row[0]: {"posts": row[1], "oldest": row[2], "newest": row[3], "positive": row[4], "neutral": row[5], "negative": row[6]}
             for row in cur.fetchall()
         }
         cur.execute(
@@ -100,9 +93,7 @@ def collect_status(db: Database, runs: int = 10) -> dict[str, Any]:
             {"platform": r[0], "error": r[1], "permanent": r[2], "images": r[3], "max_attempts": r[4]}
             for r in cur.fetchall()
         ]
-        cur.execute(
-            "SELECT source, config_key, watermark, cursor, updated_at FROM etl_state ORDER BY source, config_key"
-        )
+        cur.execute("SELECT source, config_key, watermark, cursor, updated_at FROM etl_state ORDER BY source, config_key")
         watermarks = [
             {"source": r[0], "config_key": r[1], "watermark": r[2], "cursor": r[3], "updated_at": r[4]}
             for r in cur.fetchall()
@@ -152,37 +143,10 @@ def format_status(report: dict[str, Any]) -> str:
     out += ["", "Last runs:"]
     out.append(
         table(
+            ["run", "mode", "sources", "started (UTC)", "secs", "status", "fetched", "new", "upd", "rej", "img ok", "img skip", "img fail"],
             [
-                "run",
-                "mode",
-                "sources",
-                "started (UTC)",
-                "secs",
-                "status",
-                "fetched",
-                "new",
-                "upd",
-                "rej",
-                "img ok",
-                "img skip",
-                "img fail",
-            ],
-            [
-                [
-                    r["id"],
-                    r["mode"],
-                    r["sources"],
-                    r["started_at"],
-                    r["seconds"],
-                    r["status"],
-                    r["fetched"],
-                    r["inserted"],
-                    r["updated"],
-                    r["rejected"],
-                    r["images_stored"],
-                    r["images_skipped"],
-                    r["images_failed"],
-                ]
+                [r["id"], r["mode"], r["sources"], r["started_at"], r["seconds"], r["status"], r["fetched"], r["inserted"],
+                 r["updated"], r["rejected"], r["images_stored"], r["images_skipped"], r["images_failed"]]
                 for r in report["runs"]
             ],
         )  # fmt: skip
@@ -192,18 +156,9 @@ def format_status(report: dict[str, Any]) -> str:
         table(
             ["platform", "posts", "oldest", "newest", "pos", "neu", "neg", "images", "failed", "MB"],
             [
-                [
-                    name,
-                    p.get("posts", 0),
-                    p.get("oldest"),
-                    p.get("newest"),
-                    p.get("positive", 0),
-                    p.get("neutral", 0),
-                    p.get("negative", 0),
-                    p.get("images_stored", 0),
-                    p.get("images_failed", 0),
-                    round(p.get("bytes_stored", 0) / 1e6, 1),
-                ]
+                [name, p.get("posts", 0), p.get("oldest"), p.get("newest"), p.get("positive", 0), p.get("neutral", 0),
+                 p.get("negative", 0), p.get("images_stored", 0), p.get("images_failed", 0),
+                 round(p.get("bytes_stored", 0) / 1e6, 1)]
                 for name, p in report["platforms"].items()
             ],
         )  # fmt: skip
@@ -213,10 +168,7 @@ def format_status(report: dict[str, Any]) -> str:
         out.append(
             table(
                 ["platform", "images", "retried", "permanent", "error"],
-                [
-                    [f["platform"], f["images"], f["max_attempts"], "yes" if f["permanent"] else "no", f["error"]]
-                    for f in report["failed_images"]
-                ],
+                [[f["platform"], f["images"], f["max_attempts"], "yes" if f["permanent"] else "no", f["error"]] for f in report["failed_images"]],
             )
         )
     else:
@@ -225,10 +177,7 @@ def format_status(report: dict[str, Any]) -> str:
     out.append(
         table(
             ["source", "config", "watermark", "cursor", "updated"],
-            [
-                [w["source"], w["config_key"], w["watermark"], w["cursor"] or "-", w["updated_at"]]
-                for w in report["watermarks"]
-            ],
+            [[w["source"], w["config_key"], w["watermark"], w["cursor"] or "-", w["updated_at"]] for w in report["watermarks"]],
         )
     )
     return "\n".join(out)
