@@ -40,19 +40,24 @@ SPOOL_IN_MEMORY = 1 << 20  # larger objects are spooled to a temporary file: mem
 MAX_WORKERS = 16  # copies at once (each holds one spool and two connections)
 LOCK_NAME = "copy-store"  # its advisory lock and its etl_runs.sources
 
-# Stored images outside `target`, counted per store. The range test (rather than <>) lets PostgreSQL answer
-# from post_media_store_idx: when every image is in place, nothing matches and no row is read.
+# The lowest store name and the highest (NULL first) of the stored images: two probes of
+# post_media_store_idx, whatever the table's size. When both are the target, every image is in place.
+_BOUNDS_SQL = (
+    "SELECT (SELECT media_store(storage_url) FROM post_media WHERE status = 'stored'"
+    " ORDER BY media_store(storage_url) LIMIT 1),"
+    " (SELECT media_store(storage_url) FROM post_media WHERE status = 'stored'"
+    " ORDER BY media_store(storage_url) DESC NULLS FIRST LIMIT 1)"
+)
+# Stored images outside `target`, counted per store (only when the bounds say there are some).
 _ELSEWHERE_SQL = (
-    "SELECT media_store(storage_url), count(*) FROM post_media WHERE status = 'stored'"
-    " AND (media_store(storage_url) < %s OR media_store(storage_url) > %s OR media_store(storage_url) IS NULL)"
-    " GROUP BY 1 ORDER BY 2 DESC, 1"
+    "SELECT media_store(storage_url), count(*) FROM post_media"
+    " WHERE status = 'stored' AND media_store(storage_url) IS DISTINCT FROM %s GROUP BY 1 ORDER BY 2 DESC, 1"
 )
 _PAGE_SQL = (
     "SELECT m.id, m.platform, m.post_id, m.position, m.storage_key, m.storage_url, m.sha256, m.bytes,"
     " m.content_type, p.created_at, media_store(m.storage_url) FROM post_media m"
     " JOIN social_posts p USING (platform, post_id)"
-    " WHERE m.status = 'stored' AND m.id > %s"
-    " AND (media_store(m.storage_url) < %s OR media_store(m.storage_url) > %s OR media_store(m.storage_url) IS NULL)"
+    " WHERE m.status = 'stored' AND m.id > %s AND media_store(m.storage_url) IS DISTINCT FROM %s"
     " ORDER BY m.id LIMIT %s"
 )
 
@@ -78,7 +83,10 @@ def images_elsewhere(db: Database, target: str) -> dict[str | None, int]:
     """Stored images that live outside `target`, counted per store."""
 
     def count(cur: Any) -> dict[str | None, int]:
-        cur.execute(_ELSEWHERE_SQL, (target, target))
+        cur.execute(_BOUNDS_SQL)
+        if cur.fetchone() == (target, target):
+            return {}
+        cur.execute(_ELSEWHERE_SQL, (target,))
         return {name: n for name, n in cur.fetchall()}
 
     return db.run(count, what="counting images in other object stores")
@@ -394,7 +402,7 @@ class StoreCopier:
             yield page
 
     def _page(self, cur: Any, *, target: str, after: int) -> list[_Row]:
-        cur.execute(_PAGE_SQL, (after, target, target, self.settings.batch_size))
+        cur.execute(_PAGE_SQL, (after, target, self.settings.batch_size))
         return [_Row(*row) for row in cur.fetchall()]
 
     def _copy_all(self, target: LocalSide | S3Side, result: CopyResult) -> None:

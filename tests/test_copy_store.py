@@ -18,6 +18,7 @@ import boto3
 import pytest
 from moto.server import ThreadedMotoServer
 
+from etl import copystore
 from etl.errors import ExitCode
 from tests.conftest import ROOT, query
 
@@ -248,21 +249,39 @@ def test_copy_store_killed_mid_way_resumes(db, run_etl, moto_endpoint, tmp_path)
 
 
 def test_the_store_check_reads_an_index_not_the_table(db):
-    """With every image in place, a run's check is an index probe (post_media_store_idx)."""
+    """With every image in place, a run's check is two probes of post_media_store_idx, not a scan."""
     with db.transaction() as cur:
         cur.execute("SET LOCAL enable_seqscan = off")  # the planner's choice on a tiny table is not the point
-        cur.execute(
-            "EXPLAIN SELECT media_store(storage_url), count(*) FROM post_media WHERE status = 'stored'"
-            " AND (media_store(storage_url) < 'local' OR media_store(storage_url) > 'local'"
-            " OR media_store(storage_url) IS NULL) GROUP BY 1"
-        )
+        cur.execute("EXPLAIN " + copystore._BOUNDS_SQL)
         plan = "\n".join(r[0] for r in cur.fetchall())
-    assert "post_media_store_idx" in plan
+    assert plan.count("post_media_store_idx") == 2 and "Seq Scan" not in plan
     with db.transaction() as cur:
-        cur.execute(
-            "SELECT media_store('s3://bucket/a/b.png'), media_store('file:///x/y.png'), media_store('https://x/y')"
-        )
+        cur.execute("SELECT media_store('s3://bucket/a/b.png'), media_store('file:///x/y.png'), media_store('https://x/y')")
         assert cur.fetchone() == ("s3://bucket", "local", None)
+
+
+def test_images_elsewhere_counts_every_other_store(db):
+    stores = {"s3://target/k": 3, "file:///old/data/objects/k": 2, "s3://other/k": 1, "https://cdn.example/k": 1}
+    with db.transaction() as cur:
+        cur.execute("INSERT INTO social_posts (platform, post_id, created_at) VALUES ('p', '1', now())")
+        position = 0
+        for url, n in stores.items():
+            for _ in range(n):
+                cur.execute(
+                    "INSERT INTO post_media (platform, post_id, position, source_url, storage_url, status)"
+                    " VALUES ('p', '1', %s, 'http://src', %s, 'stored')",
+                    (position, f"{url}{position}"),
+                )
+                position += 1
+        cur.execute(
+            "INSERT INTO post_media (platform, post_id, position, source_url, status) VALUES ('p', '1', 99, 'x', 'failed')"
+        )
+    assert copystore.images_elsewhere(db, "s3://target") == {"local": 2, "s3://other": 1, None: 1}
+    assert copystore.images_elsewhere(db, "local") == {"s3://target": 3, "s3://other": 1, None: 1}
+    with db.transaction() as cur:
+        cur.execute("DELETE FROM post_media WHERE storage_url NOT LIKE 's3://target/%%'")
+    assert copystore.images_elsewhere(db, "s3://target") == {}
+    assert copystore.images_elsewhere(db, "local") == {"s3://target": 3}
 
 
 # -- status never creates an archive (issue 10, item 14) ------------------------------------------------
