@@ -31,6 +31,7 @@ import psycopg2.extras
 from etl.config import Settings
 from etl.db import Database
 from etl.errors import ConfigError, ETLError, ExitCode, LockedError
+from etl.logs import RedactingFilter
 from etl.store import LocalStore, ObjectStore, S3Store, make_s3_client, object_key
 
 log = logging.getLogger(__name__)
@@ -287,10 +288,10 @@ class CopyResult:
             return "interrupted"
         return "ok" if self.exit_code == ExitCode.OK else "partial"
 
-    def ledger(self) -> dict[str, Any]:
+    def ledger(self, redact: Callable[[str], str] = str) -> dict[str, Any]:
         return {
             "images_stored": self.copied, "images_skipped": self.present, "images_failed": self.failed,
-            "errors": self.errors[:50], "error_count": len(self.errors),
+            "errors": [redact(e) for e in self.errors[:50]], "error_count": len(self.errors),
             "per_source": {"copy-store": {"target": self.target, "corrupt": self.corrupt,
                                           "remaining": sum(self.remaining.values())}},
         }  # fmt: skip
@@ -382,7 +383,7 @@ class StoreCopier:
                 status = result.status
             finally:
                 result.seconds = time.monotonic() - started
-                self.db.finish_run(run_id, status, result.ledger())
+                self.db.finish_run(run_id, status, result.ledger(RedactingFilter(self.settings.secrets()).redact))
         finally:
             lock.close()
         log.info(
@@ -512,15 +513,11 @@ def _record(cur: Any, *, done: list[tuple[_Row, str, str]]) -> None:
         )
 
 
-def copy_store(
-    settings: Settings,
-    arguments: dict[str, Any],
-    stop: threading.Event | None = None,
-    open_db: Callable[[Settings], Database] = Database.from_settings,
-) -> CopyResult:
-    """The copy-store command: the configured store, the database (migrated), then the copy."""
-    copier_db = open_db(settings)
-    copier_db.migrate()
+def copy_store(settings: Settings, arguments: dict[str, Any], stop: threading.Event | None = None) -> CopyResult:
+    """The copy-store command: the archive's database (never created here), the configured store, the copy."""
+    from etl.status import open_archive
+
+    copier_db = open_archive(settings)
     try:
         copier = StoreCopier(settings, copier_db, stop)
         return copier.execute(arguments)

@@ -73,7 +73,9 @@ def object_versions(bucket: str) -> dict[str, int]:
 
 
 def media(dsn: str) -> list[tuple]:
-    return query(dsn, "SELECT id, storage_key, storage_url, sha256, platform, post_id, position FROM post_media ORDER BY id")
+    return query(
+        dsn, "SELECT id, storage_key, storage_url, sha256, platform, post_id, position FROM post_media ORDER BY id"
+    )
 
 
 def assert_all_in_bucket(dsn: str, client, bucket: str) -> None:
@@ -92,7 +94,9 @@ def assert_all_in_bucket(dsn: str, client, bucket: str) -> None:
     assert firsts and all(a == b for a, b in firsts)
 
 
-@pytest.mark.fault("archive switched from the local store to S3: runs refuse (exit 2) until copy-store moved every image")
+@pytest.mark.fault(
+    "archive switched from the local store to S3: runs refuse (exit 2) until copy-store moved every image"
+)
 def test_local_archive_switched_to_s3(db, run_etl, moto_endpoint, tmp_path):
     first = run_etl("run", "--source", "mock")
     assert first.returncode == ExitCode.OK, first.stdout + first.stderr
@@ -149,7 +153,9 @@ def test_local_archive_switched_to_s3(db, run_etl, moto_endpoint, tmp_path):
     run = run_etl("run", "--source", "mock", env=env)
     assert run.returncode == ExitCode.OK, run.stdout + run.stderr
     assert "images   stored 0, already archived" in run.stdout
-    whole = run_etl("backfill", "--source", "mock", "--since", "2026-01-01", "--until", "2026-11-02", "--chunk-days", "400", env=env)
+    whole = run_etl(
+        "backfill", "--source", "mock", "--since", "2026-01-01", "--until", "2026-11-02", "--chunk-days", "400", env=env
+    )
     assert whole.returncode == ExitCode.OK, whole.stdout + whole.stderr
     assert f"images   stored 0, already archived {total}, failed 0" in whole.stdout
     assert object_versions("archive") == versions
@@ -245,7 +251,10 @@ def test_copy_store_killed_mid_way_resumes(db, run_etl, moto_endpoint, tmp_path)
     # What the killed copy had written but not recorded is found in place (verified), not written again.
     assert f"copied {total - in_bucket}, already there {in_bucket - moved}, failed 0" in resumed.stdout
     assert_all_in_bucket(db.dsn, client, "archive")
-    assert query(db.dsn, "SELECT status FROM etl_runs WHERE mode = 'copy-store' ORDER BY id") == [("abandoned",), ("ok",)]
+    assert query(db.dsn, "SELECT status FROM etl_runs WHERE mode = 'copy-store' ORDER BY id") == [
+        ("abandoned",),
+        ("ok",),
+    ]
 
 
 def test_the_store_check_reads_an_index_not_the_table(db):
@@ -256,7 +265,9 @@ def test_the_store_check_reads_an_index_not_the_table(db):
         plan = "\n".join(r[0] for r in cur.fetchall())
     assert plan.count("post_media_store_idx") == 2 and "Seq Scan" not in plan
     with db.transaction() as cur:
-        cur.execute("SELECT media_store('s3://bucket/a/b.png'), media_store('file:///x/y.png'), media_store('https://x/y')")
+        cur.execute(
+            "SELECT media_store('s3://bucket/a/b.png'), media_store('file:///x/y.png'), media_store('https://x/y')"
+        )
         assert cur.fetchone() == ("s3://bucket", "local", None)
 
 
@@ -288,7 +299,12 @@ def test_images_elsewhere_counts_every_other_store(db):
 
 
 def run_status(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
-    full = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", str(tmp_path)), "PYTHONPATH": str(ROOT), **env}
+    full = {
+        "PATH": os.environ.get("PATH", ""),
+        "HOME": os.environ.get("HOME", str(tmp_path)),
+        "PYTHONPATH": str(ROOT),
+        **env,
+    }
     return subprocess.run(
         [sys.executable, str(ROOT / "etl.py"), "status", *args], env=full, cwd=tmp_path,
         capture_output=True, text=True, timeout=120,
