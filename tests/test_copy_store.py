@@ -216,8 +216,30 @@ def test_a_source_bucket_that_is_gone_is_reported_per_image(db, run_etl, moto_en
     assert all(r[2].startswith("s3://gone/") for r in media(db.dsn))
 
 
-@pytest.mark.fault("copy-store SIGKILLed mid-way: the next copy-store resumes, verifies what was already copied")
-def test_copy_store_killed_mid_way_resumes(db, run_etl, moto_endpoint, tmp_path):
+def copy_store_until(db, tmp_path: Path, env: dict[str, str], moved_at_least: int, sig: int) -> tuple[int, str]:
+    """Start `etl.py copy-store`; once `moved_at_least` rows point into S3, send `sig`. (returncode, stdout)."""
+    full = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", str(tmp_path)), "DATABASE_URL": db.dsn,
+            "ETL_DATA_DIR": str(tmp_path / "data"), "PYTHONPATH": str(ROOT), **env}  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "etl.py"), "copy-store"], env=full, cwd=tmp_path,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        if moved_to_s3(db.dsn) >= moved_at_least:
+            proc.send_signal(sig)
+            break
+        time.sleep(0.005)
+    out, _ = proc.communicate(timeout=60)
+    return proc.returncode, out
+
+
+def moved_to_s3(dsn: str) -> int:
+    return query(dsn, "SELECT count(*) FROM post_media WHERE left(storage_url, 5) = 's3://'")[0][0]
+
+
+@pytest.mark.fault("copy-store stopped by SIGTERM, then SIGKILLed mid-way: the next copy-store resumes and verifies")
+def test_copy_store_stopped_and_killed_mid_way_resumes(db, run_etl, moto_endpoint, tmp_path):
     env_local = {"MOCK_POSTS": "80"}
     assert run_etl("run", "--source", "mock", env=env_local).returncode == ExitCode.OK
     total = len(media(db.dsn))
@@ -225,24 +247,18 @@ def test_copy_store_killed_mid_way_resumes(db, run_etl, moto_endpoint, tmp_path)
     client.create_bucket(Bucket="archive")
     env = s3_env(moto_endpoint, "archive", ETL_BATCH_SIZE="4", ETL_CONCURRENCY="1", **env_local)
 
-    full = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", str(tmp_path)), "DATABASE_URL": db.dsn,
-            "ETL_DATA_DIR": str(tmp_path / "data"), "PYTHONPATH": str(ROOT), **env}  # fmt: skip
-    proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "etl.py"), "copy-store"], env=full, cwd=tmp_path,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )  # fmt: skip
-    deadline = time.monotonic() + 60
-    moved = 0
-    while time.monotonic() < deadline and proc.poll() is None:
-        moved = query(db.dsn, "SELECT count(*) FROM post_media WHERE left(storage_url, 5) = 's3://'")[0][0]
-        if moved >= 8:
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.005)
-    proc.communicate(timeout=30)
-    assert proc.returncode == -signal.SIGKILL, "copy-store finished before it could be killed"
-    moved = query(db.dsn, "SELECT count(*) FROM post_media WHERE left(storage_url, 5) = 's3://'")[0][0]
-    assert 0 < moved < total
+    # SIGTERM: the page in flight is finished and recorded, then it stops (exit 1, interrupted).
+    code, out = copy_store_until(db, tmp_path, env, 4, signal.SIGTERM)
+    assert code == ExitCode.PARTIAL and "interrupted" in out, out
+    stopped_at = moved_to_s3(db.dsn)
+    assert 0 < stopped_at < total
+    assert len(bucket_objects(client, "archive")) == stopped_at  # nothing written that is not recorded
+
+    # SIGKILL: copies may be written but not recorded.
+    code, _ = copy_store_until(db, tmp_path, env, stopped_at + 8, signal.SIGKILL)
+    assert code == -signal.SIGKILL, "copy-store finished before it could be killed"
+    moved = moved_to_s3(db.dsn)
+    assert stopped_at < moved < total
     in_bucket = len(bucket_objects(client, "archive"))
     assert in_bucket >= moved
 
@@ -251,10 +267,21 @@ def test_copy_store_killed_mid_way_resumes(db, run_etl, moto_endpoint, tmp_path)
     # What the killed copy had written but not recorded is found in place (verified), not written again.
     assert f"copied {total - in_bucket}, already there {in_bucket - moved}, failed 0" in resumed.stdout
     assert_all_in_bucket(db.dsn, client, "archive")
-    assert query(db.dsn, "SELECT status FROM etl_runs WHERE mode = 'copy-store' ORDER BY id") == [
-        ("abandoned",),
-        ("ok",),
-    ]
+    statuses = query(db.dsn, "SELECT status FROM etl_runs WHERE mode = 'copy-store' ORDER BY id")
+    assert statuses == [("interrupted",), ("abandoned",), ("ok",)]
+
+
+@pytest.mark.badinput("copy-store with a mistyped ETL_DATA_DIR: exit 2 naming the path, no database created")
+def test_copy_store_with_a_mistyped_data_dir_creates_nothing(tmp_path):
+    typo = tmp_path / "dta"
+    full = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", str(tmp_path)), "PYTHONPATH": str(ROOT),
+            "ETL_DATA_DIR": str(typo)}  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "etl.py"), "copy-store"], env=full, cwd=tmp_path, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert result.returncode == ExitCode.CONFIG, result.stdout + result.stderr
+    assert "there is no archive there" in result.stderr and not typo.exists()
 
 
 def test_the_store_check_reads_an_index_not_the_table(db):
