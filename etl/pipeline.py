@@ -16,6 +16,7 @@ from typing import Any
 
 from etl import db as dbm
 from etl.config import Settings
+from etl.copystore import refuse_if_elsewhere
 from etl.db import Database
 from etl.enrich import SentimentEnricher
 from etl.errors import ConfigError, ETLError, ExitCode, LoadError, MediaError, SourceError, StoreError
@@ -530,6 +531,7 @@ class Runner:
             return stats
         self.open_services()
         assert self.db is not None
+        refuse_if_elsewhere(self.db, self.store, self.settings)  # images in another store: copy-store first
         names = [s.name for s in sources]
         lock = self.db.lock_sources(names)
         try:
