@@ -16,16 +16,17 @@ from typing import IO
 from etl import __version__, cli_insights
 from etl.backfill_limits import checked_chunk
 from etl.config import Settings, load_settings
+from etl.copystore import copy_store
 from etl.enrich import SentimentEnricher
 from etl.errors import ETLError, ExitCode, UsageError
 from etl.logs import RedactingFilter, setup_logging
 from etl.pipeline import Runner, RunRequest, RunStats
 from etl.reenrich import reenrich
-from etl.status import collect_status, format_status
+from etl.status import collect_status, format_status, open_archive
 from etl.stopping import exit_now, leave_if_stalled
 
 log = logging.getLogger("etl")
-COMMANDS = ("run", "backfill", "reenrich", "status", "migrate", "fingerprint", "similar", "trends", "report")
+COMMANDS = ("run", "backfill", "reenrich", "status", "migrate", "copy-store", "fingerprint", "similar", "trends", "report")
 GLOBAL_OPTIONS = ("--log-format", "--log-level")  # options taking a value, placed before the command
 
 
@@ -37,6 +38,16 @@ def parse_date(value: str) -> datetime:
     except ValueError:
         raise argparse.ArgumentTypeError(f"{value!r} is not a date (YYYY-MM-DD or ISO 8601)") from None
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+
+
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"{value!r} must be a positive whole number")
+    return number
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,7 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser("status", help="last runs, totals, failures, watermarks")
     status.add_argument("--json", action="store_true", help="machine-readable output")
-    status.add_argument("--runs", type=int, default=10, metavar="N", help="how many runs to list")
+    status.add_argument("--runs", type=_positive_int, default=10, metavar="N", help="how many runs to list")
+
+    sub.add_parser(
+        "copy-store", help="copy images archived in another object store into the configured one (verified, resumable)"
+    )
 
     sub.add_parser("migrate", help="apply the sql/ migrations")
     cli_insights.add_parsers(sub, parse_date)
@@ -171,19 +186,24 @@ def _dispatch(args: argparse.Namespace, settings: Settings, out: IO[str]) -> int
         return _reenrich(args, settings, out, stop)
     if command in cli_insights.COMMANDS:
         return cli_insights.dispatch(command, args, settings, out, stop)
+    if command == "copy-store":
+        result = copy_store(settings, _recorded(args), stop)
+        print(result.format(settings), file=out)
+        return int(result.exit_code)
+    if command == "status":
+        db = open_archive(settings)  # never creates one
+        report = collect_status(db, runs=args.runs)
+        if args.json:
+            print(json.dumps(report, default=_json_default, indent=2, ensure_ascii=False), file=out)
+        else:
+            print(format_status(report), file=out)
+        return int(ExitCode.OK)
     runner = Runner(settings)
     runner.open_services(store=False)
     assert runner.db is not None
     if command == "migrate":
         applied = runner.db.migrate()
         print(f"{len(applied)} migration(s) applied{': ' + ', '.join(applied) if applied else ''} ({runner.db.display})", file=out)
-        return int(ExitCode.OK)
-    if command == "status":
-        report = collect_status(runner.db, runs=args.runs)
-        if args.json:
-            print(json.dumps(report, default=_json_default, indent=2, ensure_ascii=False), file=out)
-        else:
-            print(format_status(report), file=out)
         return int(ExitCode.OK)
     raise UsageError(f"unknown command {command!r}")
 

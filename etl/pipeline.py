@@ -16,6 +16,7 @@ from typing import Any
 
 from etl import db as dbm
 from etl.config import Settings
+from etl.copystore import refuse_if_elsewhere
 from etl.db import Database
 from etl.enrich import SentimentEnricher
 from etl.errors import (
@@ -571,6 +572,7 @@ class Runner:
             return stats
         self.open_services()
         assert self.db is not None
+        refuse_if_elsewhere(self.db, self.store, self.settings)  # images in another store: copy-store first
         units = [(s, u) for s in sources for u in units_of(s) if request.shard is None or request.shard.owns(u.name)]
         lock, locked = self.db.lock_units([u.name for _, u in units])
         try:

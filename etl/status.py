@@ -6,7 +6,9 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
+from etl.config import Settings
 from etl.db import Database
+from etl.errors import ConfigError
 
 # A run is live while its connection holds its units' advisory locks (db.lock_units); pg_locks shows
 # the two int4 keys as unsigned oids.
@@ -15,6 +17,31 @@ _LOCK_HELD_SQL = (
     " AND classid::bigint = (hashtext('social-archiver:source')::bigint & 4294967295)"
     " AND objid::bigint = (hashtext(%s)::bigint & 4294967295))"
 )
+
+
+def open_archive(settings: Settings) -> Database:
+    """The archive's database, to read: never created here. An embedded data directory without a database,
+    or a database without the archive's tables, is a ConfigError naming the setting (a mistyped ETL_DATA_DIR
+    must not show an empty archive). An existing archive is migrated, as every command does."""
+    if settings.embedded_db:
+        pgdata = (settings.data_dir / "postgres").resolve()
+        if not (pgdata / "PG_VERSION").is_file():
+            raise ConfigError(
+                f"ETL_DATA_DIR={str(settings.data_dir)!r}: there is no archive there (no embedded database in {pgdata});"
+                " check ETL_DATA_DIR, or set DATABASE_URL"
+            )
+    db = Database.from_settings(settings)
+
+    def exists(cur: Any) -> bool:
+        cur.execute("SELECT to_regclass('schema_migrations') IS NOT NULL AND to_regclass('etl_runs') IS NOT NULL")
+        return bool(cur.fetchone()[0])
+
+    if not db.run(exists, what="looking for the archive"):
+        db.close()
+        setting = f"ETL_DATA_DIR={str(settings.data_dir)!r}" if settings.embedded_db else "DATABASE_URL"
+        raise ConfigError(f"{setting}: there is no archive in {db.display} (no etl_runs table); a run creates one")
+    db.migrate()
+    return db
 
 
 def collect_status(db: Database, runs: int = 10) -> dict[str, Any]:
