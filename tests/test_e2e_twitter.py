@@ -10,9 +10,12 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
+from etl.sources.base import query_stream
 from tests.conftest import query
 from tests.platform_twitter import FIXTURES, USER_ID
 from tests.support import HTTPServerFixture, Reply, assert_refused_cleanly, jpeg_bytes, png_bytes
+
+QUERY = "#sunset has:images -is:retweet"
 
 pytestmark = pytest.mark.e2e
 
@@ -100,7 +103,7 @@ def twitter_env(server: HTTPServerFixture, **extra: str) -> dict[str, str]:
     return {
         "ETL_SOURCES": "twitter",
         "TWITTER_BEARER_TOKEN": TOKEN,
-        "TWITTER_QUERY": "#sunset has:images -is:retweet",
+        "TWITTER_QUERY": QUERY,
         "TWITTER_USERNAMES": "harbourlights",
         "TWITTER_API_BASE": server.base,
         "ETL_ALLOW_PRIVATE_HOSTS": "true",
@@ -170,8 +173,11 @@ def test_twitter_run_archives_posts_and_images(run_etl, db, http_server, tmp_pat
     assert len(images) == 10 and not any("Authorization" in headers for _, _, headers in images)
     assert http_server.hits.get("/media/GlyA5cove05.jpg") is None  # the fifth photo is over the cap
 
-    (cursor,) = query(db.dsn, "SELECT cursor FROM etl_state WHERE source = 'twitter'")[0]
-    assert cursor == {"since_id": {"search": SEARCH_IDS[0], "user:harbourlights": TIMELINE_IDS[0]}}
+    # State is kept per stream: the search and the timeline each have their own row and since_id.
+    assert stream_cursors(db.dsn) == {
+        "search": {"since_id": {"search": SEARCH_IDS[0]}},
+        "user:harbourlights": {"since_id": {"user:harbourlights": TIMELINE_IDS[0]}},
+    }
 
 
 def test_twitter_rerun_sends_since_id_and_changes_nothing(run_etl, db, http_server, tmp_path):
@@ -201,8 +207,11 @@ def test_twitter_rerun_sends_since_id_and_changes_nothing(run_etl, db, http_serv
     assert query(db.dsn, "SELECT count(*) FROM post_media WHERE platform = 'twitter'")[0][0] == 10
     assert len(http_server.requests) == len(api)  # no image downloaded again
     assert stored_objects(tmp_path) == EXPECTED_OBJECTS
-    (cursor,) = query(db.dsn, "SELECT cursor FROM etl_state WHERE source = 'twitter'")[0]
-    assert cursor == {"since_id": {"search": SEARCH_IDS[0], "user:harbourlights": TIMELINE_IDS[0]}}
+    # State is kept per stream: the search and the timeline each have their own row and since_id.
+    assert stream_cursors(db.dsn) == {
+        "search": {"since_id": {"search": SEARCH_IDS[0]}},
+        "user:harbourlights": {"since_id": {"user:harbourlights": TIMELINE_IDS[0]}},
+    }
 
 
 def test_twitter_rate_limit_past_max_wait_keeps_what_was_fetched(run_etl, db, http_server, tmp_path):
@@ -224,12 +233,17 @@ def test_twitter_rate_limit_past_max_wait_keeps_what_was_fetched(run_etl, db, ht
     assert "TWITTER_MAX_WAIT=120s" in output and "Traceback" not in output
     assert TOKEN not in output
     ids = [row[0] for row in query(db.dsn, "SELECT post_id FROM social_posts WHERE platform = 'twitter'")]
-    assert sorted(ids) == sorted(SEARCH_IDS[:2])  # the first page is kept
-    assert query(db.dsn, "SELECT count(*) FROM post_media WHERE platform = 'twitter' AND status = 'stored'")[0][0] == 2
-    # No cursor and no watermark saved; the resume point records the posts kept.
-    assert query(db.dsn, "SELECT watermark, cursor, resume IS NOT NULL FROM etl_state WHERE source = 'twitter'") == [
-        (None, {}, True)
-    ]
+    # The search's first page is kept; the rate limit of the search does not hold back the user timeline.
+    assert sorted(ids) == sorted(set(SEARCH_IDS[:2]) | set(TIMELINE_IDS))
+    # The search stream: no cursor and no watermark saved; the resume point records the posts kept.
+    search_key = "stream:" + query_stream(QUERY)
+    assert query(
+        db.dsn, "SELECT watermark, cursor, resume IS NOT NULL FROM etl_state WHERE source = 'twitter' AND config_key = %s",
+        (search_key,),
+    ) == [(None, {}, True)]  # fmt: skip
+    assert stream_cursors(db.dsn) == {
+        "search": {}, "user:harbourlights": {"since_id": {"user:harbourlights": TIMELINE_IDS[0]}}
+    }  # fmt: skip
 
 
 def test_twitter_bad_token_is_a_clear_message_without_the_token(run_etl, db, http_server):
@@ -250,3 +264,10 @@ def test_twitter_malformed_tweet_is_reported_and_the_rest_archived(run_etl, db, 
     assert "2031301533496246277" in output and "missing created_at" in output
     ids = [row[0] for row in query(db.dsn, "SELECT post_id FROM social_posts WHERE platform = 'twitter'")]
     assert sorted(ids) == sorted(SEARCH_IDS)
+
+
+def stream_cursors(dsn: str) -> dict[str, dict]:
+    """The cursor of each twitter stream's state row, by the stream's cursor key (search or user:NAME)."""
+    rows = query(dsn, "SELECT config_key, cursor FROM etl_state WHERE source = 'twitter'")
+    assert all(key.startswith("stream:") for key, _ in rows), rows  # one row per stream, none per configuration
+    return {("search" if key.startswith("stream:query:") else key.removeprefix("stream:")): c for key, c in rows}
