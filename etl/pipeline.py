@@ -77,6 +77,9 @@ class RunStats:
     images_failed: int = 0
     images_skipped: int = 0
     images_retried: int = 0
+    deleted_at_source: int = 0  # held posts the platform said are gone, marked or forgotten
+    forgotten_skipped: int = 0  # posts with a tombstone (etl.py forget), not archived again
+    engagement_snapshots: int = 0
     quota_used: int = 0
     sentiment: Counter = field(default_factory=Counter)
     errors: list[str] = field(default_factory=list)  # the first MAX_ERRORS_KEPT of them
@@ -178,13 +181,16 @@ class Archiver:
         self.db = db
         self.store = store
         self.downloader = downloader or Downloader(settings)
-        self.enricher = enricher or SentimentEnricher(settings.sentiment_threshold)
+        self.enricher = enricher or SentimentEnricher(settings.sentiment_threshold, detect_language=settings.detect_language)
         self.clock = StageClock()  # shared with the image workers; RunStats.stages points here
 
     # -- images ----------------------------------------------------------------------------------
 
-    def archive_image(self, platform: str, post_id: str, created_at: datetime, position: int, url: str) -> Media:
-        """Download, verify and store one image; never raises (a failure is a Media with status failed)."""
+    def archive_image(
+        self, platform: str, post_id: str, created_at: datetime, position: int, url: str, *, replace: bool = False
+    ) -> Media:
+        """Download, verify and store one image; never raises (a failure is a Media with status failed).
+        `replace`: the stored object failed a fixity check (etl.py verify), so it is overwritten unconditionally."""
         media = Media(platform, post_id, position, url)
         try:
             with self.clock("download"):
@@ -192,7 +198,10 @@ class Archiver:
             key = object_key(self.settings.s3_prefix, platform, created_at, post_id, position, fetched.content_type)
             assert self.store is not None
             with self.clock("store"):
-                self.store.put(key, fetched.body, fetched.content_type, fetched.sha256)
+                if replace:
+                    self.store.put(key, fetched.body, fetched.content_type, fetched.sha256, replace=True)
+                else:
+                    self.store.put(key, fetched.body, fetched.content_type, fetched.sha256)
         except MediaError as exc:
             media.status, media.error, media.permanent = "failed", str(exc), exc.permanent
         except StoreError as exc:
@@ -243,13 +252,18 @@ class Archiver:
         image_keys = list({(p.platform, p.post_id) for p in posts if p.image_urls})
         captioned = list({(p.platform, p.post_id) for p in posts if p.caption})
 
-        def lookup(cur: Any) -> tuple[dict, dict, dict]:
+        def lookup(cur: Any) -> tuple[dict, dict, dict, set]:
             known, hopeless = dbm.known_media(cur, image_keys) if image_keys else ({}, {})
             scores = dbm.stored_sentiments(cur, captioned, self.enricher.version) if captioned else {}
-            return known, hopeless, scores
+            tombstones = dbm.forgotten(cur, list({(p.platform, p.post_id) for p in posts}))
+            return known, hopeless, scores, tombstones
 
         with self.clock("lookup"):
-            known, hopeless, scores = self.db.run(lookup, what="looking up stored images and scores")
+            known, hopeless, scores, tombstones = self.db.run(lookup, what="looking up stored images and scores")
+        if tombstones:  # forgotten on request: never archived again (etl/forget.py)
+            kept = [p for p in posts if (p.platform, p.post_id) not in tombstones]
+            stats.forgotten_skipped += len(posts) - len(kept)
+            posts = kept
         with self.clock("enrich"):
             # A caption already scored by this enricher (a rerun, an overlap window) keeps its score.
             scored = [self.enricher.enrich(p, scores.get((p.platform, p.post_id))) for p in posts]
@@ -277,6 +291,7 @@ class Archiver:
         def load(cur: Any) -> dbm.UpsertCounts:
             counts = dbm.upsert_posts(cur, batch.posts, first_image_urls=first_urls, sentiment_version=self.enricher.version)
             dbm.upsert_media(cur, media)
+            counts.snapshots = dbm.record_engagement(cur, batch.posts)
             return counts
 
         with self.clock("load"):
@@ -289,11 +304,12 @@ class Archiver:
         stats.inserted += counts.inserted
         stats.updated += counts.updated
         stats.unchanged += counts.unchanged
+        stats.engagement_snapshots += counts.snapshots
         skipped = sum(1 for p in batch.posts for n in range(len(p.image_urls)) if (p.platform, p.post_id, n) in batch.known)
         stats.images_skipped += skipped
         stats.count_images(media, source)
         for post in batch.posts:
-            stats.sentiment[post.sentiment.label if post.sentiment else "neutral"] += 1
+            stats.sentiment[post.sentiment.label if post.sentiment else "unscored"] += 1
         return max((p.created_at for p in batch.posts), default=None)
 
     # -- failed images from earlier runs ---------------------------------------------------------
@@ -304,18 +320,20 @@ class Archiver:
         with ThreadPoolExecutor(self.settings.concurrency, thread_name_prefix="retry") as pool:
             while rows := self.db.run(partial(self._failed_images, after=last_id), what="finding failed images"):
                 last_id = rows[-1][0]
-                media = list(pool.map(lambda r: self.archive_image(r[1], r[2], r[5], r[3], r[4]), rows))
+                media = list(pool.map(lambda r: self.archive_image(r[1], r[2], r[5], r[3], r[4], replace=r[6]), rows))
                 self.db.run(partial(_record_retries, media), what="recording retried images")
                 stats.images_retried += len(media)
                 stats.count_images(media, "retry")
 
     def _failed_images(self, cur: Any, *, after: int) -> list[tuple]:
-        # Backoff between runs: the base wait doubles with each attempt, up to 48 times the base.
+        # Backoff between runs: the base wait doubles with each attempt, up to 48 times the base. An object that
+        # failed a fixity check (etl.py verify) is refetched by the next run, and overwritten.
         cur.execute(
-            "SELECT m.id, m.platform, m.post_id, m.position, m.source_url, p.created_at FROM post_media m"
-            " JOIN social_posts p USING (platform, post_id)"
+            "SELECT m.id, m.platform, m.post_id, m.position, m.source_url, p.created_at, m.fixity IS NOT NULL"
+            " FROM post_media m JOIN social_posts p USING (platform, post_id)"
             " WHERE m.status = 'failed' AND NOT m.permanent AND m.attempts < %s AND m.id > %s"
-            " AND m.updated_at <= now() - %s * LEAST(power(2, m.attempts - 1), 48) * interval '1 minute'"
+            " AND (m.fixity IS NOT NULL AND m.attempts = 0"
+            " OR m.updated_at <= now() - %s * LEAST(power(2, m.attempts - 1), 48) * interval '1 minute')"
             " ORDER BY m.id LIMIT %s",
             (self.settings.image_max_attempts, after, self.settings.image_retry_backoff_minutes, self.settings.batch_size),
         )
@@ -504,6 +522,7 @@ class Runner:
                 # Only now is every post up to `newest` loaded; the watermark never moves back (db.save_state).
                 self.db.save_state(source.name, key, newest, source.cursor)
         finally:
+            self._apply_gone(source, stats)
             self._account(source, stats, before, completed)
 
     def _backfill_source(self, archiver: Archiver, source: Source, request: RunRequest, stats: RunStats) -> None:
@@ -535,7 +554,21 @@ class Runner:
                     if self.progress:
                         self.progress(n, len(chunks), stats)
         finally:
+            self._apply_gone(source, stats)
             self._account(source, stats, before, completed)
+
+    def _apply_gone(self, source: Source, stats: RunStats) -> None:
+        """Posts the platform said are gone: marked or forgotten (ETL_DELETED_AT_SOURCE), those we hold only."""
+        if not source.gone or self.db is None:
+            return
+        from etl.forget import apply_gone
+
+        try:
+            stats.deleted_at_source += apply_gone(self.db, self.store, self.settings, source.gone)
+        except (StoreError, ETLError) as exc:
+            stats.error(f"{source.name}: applying deletions at source: {exc}")
+            stats.source_failures += 1
+        source.gone = []
 
     @staticmethod
     def _account(source: Source, stats: RunStats, before: dict[str, int], completed: bool) -> None:
@@ -551,14 +584,15 @@ class Runner:
 
     def _dry_run(self, sources: list[Source], request: RunRequest, stats: RunStats) -> None:
         """Fetch and score only: no database, no object store, no image downloads."""
-        enricher = SentimentEnricher(self.settings.sentiment_threshold)
+        enricher = SentimentEnricher(self.settings.sentiment_threshold, detect_language=self.settings.detect_language)
         for source in sources:
             window = FetchWindow(since=request.since, until=request.until, limit=request.limit)
             with source:
                 try:
                     for post in _limited(source.fetch(window), request.limit):
                         stats.fetched += 1
-                        stats.sentiment[enricher.enrich(post).sentiment.label] += 1
+                        scored = enricher.enrich(post)
+                        stats.sentiment[scored.sentiment.label if scored.sentiment else "unscored"] += 1
                 except SourceError as exc:
                     stats.source_failures += 1
                     stats.error(f"{source.name}: {exc}")
