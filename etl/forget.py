@@ -18,7 +18,6 @@ from datetime import datetime
 from typing import Any
 
 import psycopg2.extras
-from psycopg2 import sql
 
 from etl.config import Settings
 from etl.db import Database
@@ -28,8 +27,13 @@ from etl.store import ObjectStore
 from etl.store_ops import delete_object, iter_keys, post_prefix
 
 log = logging.getLogger(__name__)
-TOMBSTONES = "forgotten_posts"
 BATCH = 500
+TOMBSTONE_SQL = (
+    "INSERT INTO forgotten_posts (platform, post_id, reason) VALUES %s ON CONFLICT (platform, post_id)"
+    " DO UPDATE SET reason = COALESCE(EXCLUDED.reason, forgotten_posts.reason)"
+)
+# sql/008's forget_post_rows: every table with platform and post_id columns, social_posts last.
+DELETE_ROWS_SQL = "SELECT table_name, deleted FROM forget_post_rows(%s::text[], %s::text[])"
 
 
 def parse_target(value: str, what: str) -> tuple[str, str]:
@@ -71,18 +75,6 @@ def find_posts(db: Database, *, post: tuple[str, str] | None = None, author: tup
     return db.run(read, what="finding the posts to forget")
 
 
-def _post_tables(cur: Any) -> list[str]:
-    """Every table of ours with platform and post_id columns (other modules' tables too), social_posts last."""
-    cur.execute(
-        "SELECT c.table_name FROM information_schema.columns c JOIN information_schema.tables t"
-        " ON t.table_schema = c.table_schema AND t.table_name = c.table_name AND t.table_type = 'BASE TABLE'"
-        " WHERE c.table_schema = current_schema() AND c.column_name IN ('platform', 'post_id')"
-        " GROUP BY c.table_name HAVING count(*) = 2"
-    )
-    tables = sorted(row[0] for row in cur.fetchall() if row[0] != TOMBSTONES)
-    return sorted(tables, key=lambda t: t == "social_posts")
-
-
 def forget_posts(
     db: Database, store: ObjectStore | None, settings: Settings, posts: list, reason: str | None
 ) -> ForgetResult:
@@ -94,12 +86,7 @@ def forget_posts(
         keys = [(p[0], clean_text(p[1])) for p in batch]
 
         def tombstone(cur: Any, keys: list = keys) -> int:
-            psycopg2.extras.execute_values(
-                cur,
-                f"INSERT INTO {TOMBSTONES} (platform, post_id, reason) VALUES %s ON CONFLICT (platform, post_id)"
-                " DO UPDATE SET reason = COALESCE(EXCLUDED.reason, forgotten_posts.reason)",
-                [(k[0], k[1], reason) for k in keys],
-            )
+            psycopg2.extras.execute_values(cur, TOMBSTONE_SQL, [(k[0], k[1], reason) for k in keys])
             cur.execute(
                 "SELECT m.storage_key FROM post_media m JOIN unnest(%s::text[], %s::text[]) AS k(platform, post_id)"
                 " USING (platform, post_id) WHERE m.storage_key IS NOT NULL",
@@ -119,15 +106,8 @@ def forget_posts(
                     result.objects += 1
 
         def delete_rows(cur: Any, keys: list = keys) -> dict[str, int]:
-            counts = {}
-            for table in _post_tables(cur):
-                cur.execute(
-                    sql.SQL("DELETE FROM {} t USING unnest(%s::text[], %s::text[]) AS k(platform, post_id)"
-                            " WHERE t.platform = k.platform AND t.post_id = k.post_id").format(sql.Identifier(table)),
-                    ([k[0] for k in keys], [k[1] for k in keys]),
-                )  # fmt: skip
-                counts[table] = cur.rowcount
-            return counts
+            cur.execute(DELETE_ROWS_SQL, ([k[0] for k in keys], [k[1] for k in keys]))
+            return {table: n for table, n in cur.fetchall()}
 
         for table, n in db.run(delete_rows, what="deleting forgotten posts").items():
             result.rows[table] = result.rows.get(table, 0) + n

@@ -110,6 +110,16 @@ _SCOPE_SQL = (
     " AND (%(since)s::timestamptz IS NULL OR p.created_at >= %(since)s)"
 )
 
+COUNT_SQL = "SELECT count(*)" + _SCOPE_SQL
+_SCAN = (
+    "SELECT m.id, m.storage_key, m.sha256, m.bytes, m.platform, m.post_id, m.position"
+    + _SCOPE_SQL
+    + " AND (%(resume)s::timestamptz IS NULL OR m.verified_at IS NULL OR m.verified_at < %(resume)s)"
+    " ORDER BY m.verified_at NULLS FIRST, m.id"
+)
+SCAN_SQL = _SCAN
+SCAN_SAMPLE_SQL = _SCAN + " LIMIT %(limit)s"
+
 
 class Verifier:
     """One verify run over a database and a store."""
@@ -152,7 +162,7 @@ class Verifier:
         if scope.sample is not None and scope.sample < 1:
 
             def count(cur: Any) -> int:
-                cur.execute("SELECT count(*)" + _SCOPE_SQL, params)
+                cur.execute(COUNT_SQL, params)
                 return cur.fetchone()[0]
 
             limit = math.ceil(scope.sample * self.db.run(count, what="counting stored images"))
@@ -162,13 +172,10 @@ class Verifier:
                 self.settings.concurrency, thread_name_prefix="verify"
             ) as pool:
                 scan.itersize = BATCH
-                scan.execute(
-                    "SELECT m.id, m.storage_key, m.sha256, m.bytes, m.platform, m.post_id, m.position"
-                    + _SCOPE_SQL
-                    + " AND (%(resume)s::timestamptz IS NULL OR m.verified_at IS NULL OR m.verified_at < %(resume)s)"
-                    " ORDER BY m.verified_at NULLS FIRST, m.id" + (" LIMIT %(limit)s" if limit is not None else ""),
-                    {**params, "limit": limit},
-                )
+                if limit is None:
+                    scan.execute(SCAN_SQL, params)
+                else:
+                    scan.execute(SCAN_SAMPLE_SQL, {**params, "limit": limit})
                 while rows := scan.fetchmany(BATCH):
                     results = list(pool.map(self._check, rows))
                     self._record(rows, results, stats)

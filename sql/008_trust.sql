@@ -86,3 +86,32 @@ LANGUAGE sql STABLE AS $$
               - COALESCE(b.like_count, 0) - COALESCE(b.comment_count, 0)) DESC, p.platform, p.post_id
     LIMIT p_limit
 $$;
+
+-- Deletes the rows of these posts from every table with platform and post_id columns (other modules' tables
+-- too), social_posts last, and returns how many each lost. Tombstones stay. Used by etl.py forget.
+CREATE FUNCTION forget_post_rows(p_platforms TEXT[], p_post_ids TEXT[])
+RETURNS TABLE (table_name TEXT, deleted BIGINT)
+LANGUAGE plpgsql AS $$
+DECLARE
+    t TEXT;
+    n BIGINT;
+BEGIN
+    FOR t IN
+        SELECT c.table_name::text FROM information_schema.columns c
+        JOIN information_schema.tables tb ON tb.table_schema = c.table_schema AND tb.table_name = c.table_name
+             AND tb.table_type = 'BASE TABLE'
+        WHERE c.table_schema = current_schema() AND c.column_name IN ('platform', 'post_id')
+          AND c.table_name <> 'forgotten_posts'
+        GROUP BY c.table_name HAVING count(*) = 2
+        ORDER BY c.table_name = 'social_posts', c.table_name
+    LOOP
+        EXECUTE format('DELETE FROM %I x USING unnest($1, $2) AS k(platform, post_id)'
+                       ' WHERE x.platform = k.platform AND x.post_id = k.post_id', t)
+            USING p_platforms, p_post_ids;
+        GET DIAGNOSTICS n = ROW_COUNT;
+        table_name := t;
+        deleted := n;
+        RETURN NEXT;
+    END LOOP;
+END
+$$;
