@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from datetime import datetime, timezone
 from typing import IO
 
-from etl import __version__, cli_insights
+from etl import __version__, cli_insights, cli_trust
 from etl.backfill_limits import checked_chunk
 from etl.config import Settings, load_settings
 from etl.copystore import copy_store
@@ -26,7 +26,10 @@ from etl.status import collect_status, format_status, open_archive
 from etl.stopping import exit_now, leave_if_stalled
 
 log = logging.getLogger("etl")
-COMMANDS = ("run", "backfill", "reenrich", "status", "migrate", "copy-store", "fingerprint", "similar", "trends", "report")
+COMMANDS = (
+    "run", "backfill", "reenrich", "status", "migrate", "copy-store", "fingerprint", "similar", "trends", "report",
+    "verify", "forget",
+)
 GLOBAL_OPTIONS = ("--log-format", "--log-level")  # options taking a value, placed before the command
 
 
@@ -87,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("migrate", help="apply the sql/ migrations")
     cli_insights.add_parsers(sub, parse_date)
+    cli_trust.add_parsers(sub, parse_date)
     return parser
 
 
@@ -198,6 +202,10 @@ def _dispatch(args: argparse.Namespace, settings: Settings, out: IO[str]) -> int
         else:
             print(format_status(report), file=out)
         return int(ExitCode.OK)
+    if command == "verify":
+        return cli_trust.verify_command(args, settings, out, stop)
+    if command == "forget":
+        return cli_trust.forget_command(args, settings, out)
     runner = Runner(settings)
     runner.open_services(store=False)
     assert runner.db is not None
@@ -213,7 +221,7 @@ def _reenrich(args: argparse.Namespace, settings: Settings, out: IO[str], stop: 
     runner.open_services(store=False)
     db = runner.db
     assert db is not None
-    enricher = SentimentEnricher(settings.sentiment_threshold)
+    enricher = SentimentEnricher(settings.sentiment_threshold, detect_language=settings.detect_language)
     stats = RunStats()
     scope = [args.platform or "*"]
     run_id = db.start_run("reenrich", scope, _recorded(args))
@@ -229,7 +237,7 @@ def _reenrich(args: argparse.Namespace, settings: Settings, out: IO[str], stop: 
         f"\nRe-enrichment ({enricher.version}): {status} in {stats.seconds:.1f}s\n"
         f"  posts    scored {stats.fetched}, changed {stats.updated}, unchanged {stats.unchanged}\n"
         f"  sentiment positive {stats.sentiment['positive']}, neutral {stats.sentiment['neutral']}, "
-        f"negative {stats.sentiment['negative']}",
+        f"negative {stats.sentiment['negative']}, not scored {stats.sentiment['unscored']} (not English)",
         file=out,
     )
     return int(stats.exit_code)
@@ -286,7 +294,15 @@ def _print_run_summary(out: IO[str], stats: RunStats, runner: Runner, settings: 
             f"  images   stored {stats.images_stored}, already archived {stats.images_skipped}, failed {stats.images_failed}"
             + (f" (of which {stats.images_retried} retried from earlier runs)" if stats.images_retried else "")
         )
-    lines.append(f"  sentiment positive {s['positive']}, neutral {s['neutral']}, negative {s['negative']}")
+    lines.append(
+        f"  sentiment positive {s['positive']}, neutral {s['neutral']}, negative {s['negative']}"
+        + (f", not scored {s['unscored']} (not English)" if s["unscored"] else "")
+    )
+    if stats.deleted_at_source or stats.forgotten_skipped:
+        lines.append(
+            f"  deletions {stats.deleted_at_source} post(s) gone at source ({settings.deleted_at_source}), "
+            f"{stats.forgotten_skipped} forgotten post(s) not archived again"
+        )
     if stats.quota_used:
         lines.append(f"  API quota units used {stats.quota_used}")
     if not dry_run and runner.db is not None and runner.store is not None:

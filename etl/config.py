@@ -117,6 +117,13 @@ def _s3_prefix(raw: str) -> str:
     return value
 
 
+def _deleted_policy(raw: str) -> str:
+    value = raw.strip().lower()
+    if value not in ("mark", "forget"):
+        raise ValueError("expected mark or forget")
+    return value
+
+
 def _http_base(raw: str) -> str:
     value = raw.strip().rstrip("/")
     if urlsplit(value).scheme not in ("http", "https") or not urlsplit(value).netloc:
@@ -214,6 +221,15 @@ class Settings:
     )
     trends_min_count: int = _setting("ETL_TRENDS_MIN_COUNT", _positive_int, 5, "posts a hashtag needs in the window to rank in trends")
     metrics_path: str = _setting("ETL_METRICS_PATH", _str, "", "Prometheus textfile written after each run")
+
+    # Trust over years: language, deletions (README: Language, Deletions).
+    detect_language: bool = _setting(
+        "ETL_DETECT_LANGUAGE", _bool, True, "guess a caption's language when the platform gives none (py3langid)"
+    )
+    deleted_at_source: str = _setting(
+        "ETL_DELETED_AT_SOURCE", _deleted_policy, "mark",
+        "when a platform says a post we hold is gone: mark (keep it, set deleted_at_source) or forget (remove it)",
+    )  # fmt: skip
 
     def __repr__(self) -> str:
         shown = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self))

@@ -93,6 +93,7 @@ def collect_status(db: Database, runs: int = 10) -> dict[str, Any]:
             {"platform": r[0], "error": r[1], "permanent": r[2], "images": r[3], "max_attempts": r[4]}
             for r in cur.fetchall()
         ]
+        trust = _trust(cur)
         cur.execute("SELECT source, config_key, watermark, cursor, updated_at FROM etl_state ORDER BY source, config_key")
         watermarks = [
             {"source": r[0], "config_key": r[1], "watermark": r[2], "cursor": r[3], "updated_at": r[4]}
@@ -105,7 +106,32 @@ def collect_status(db: Database, runs: int = 10) -> dict[str, Any]:
         "platforms": platforms,
         "failed_images": failures,
         "watermarks": watermarks,
+        **trust,
     }
+
+
+def _trust(cur: Any) -> dict[str, Any]:
+    """The last fixity check, posts not scored and why, deletions (sql/008)."""
+    cur.execute(
+        "SELECT id, status, started_at, finished_at, per_source -> 'verify', sources FROM etl_runs"
+        " WHERE mode = 'verify' ORDER BY id DESC LIMIT 1"
+    )
+    row = cur.fetchone()
+    last_verify = (
+        {"id": row[0], "status": row[1], "started_at": row[2], "finished_at": row[3], "counts": row[4] or {}, "scope": row[5]}
+        if row
+        else None
+    )
+    cur.execute(
+        "SELECT platform, sentiment_skipped, count(*) FROM social_posts WHERE sentiment IS NULL"
+        " GROUP BY 1, 2 ORDER BY 3 DESC, 1, 2 LIMIT 20"
+    )
+    unscored = [{"platform": r[0], "reason": r[1] or "not scored yet", "posts": r[2]} for r in cur.fetchall()]
+    cur.execute("SELECT count(*) FROM social_posts WHERE deleted_at_source IS NOT NULL")
+    deleted = cur.fetchone()[0]
+    cur.execute("SELECT count(*) FROM forgotten_posts")
+    forgotten = cur.fetchone()[0]
+    return {"last_verify": last_verify, "unscored": unscored, "deleted_at_source": deleted, "forgotten": forgotten}
 
 
 def _cell(value: Any) -> str:
@@ -173,6 +199,25 @@ def format_status(report: dict[str, Any]) -> str:
         )
     else:
         out.append("none")
+    out += ["", "Last fixity check (etl.py verify):"]
+    v = report.get("last_verify")
+    if v:
+        c = v["counts"]
+        out.append(
+            f"run {v['id']} ({_cell(v['scope'])}) {v['status']} at {_cell(v['finished_at'] or v['started_at'])}: "
+            f"checked {c.get('checked', 0)}, ok {c.get('ok', 0)}, missing {c.get('missing', 0)}, "
+            f"changed {c.get('changed', 0)}, unreadable {c.get('unreadable', 0)}, "
+            f"unexpected {c.get('unexpected', 0) if c.get('listed') else 'not looked for'}"
+        )
+    else:
+        out.append("never run")
+    out += ["", "Posts without a sentiment label:"]
+    if report.get("unscored"):
+        out.append(table(["platform", "posts", "why"], [[u["platform"], u["posts"], u["reason"]] for u in report["unscored"]]))
+    else:
+        out.append("none")
+    out += ["", f"Deletions: {report.get('deleted_at_source', 0)} post(s) marked deleted at source, "
+            f"{report.get('forgotten', 0)} tombstone(s)"]  # fmt: skip
     out += ["", "Watermarks:"]
     out.append(
         table(

@@ -118,12 +118,12 @@ def test_reenrich_rewrites_only_rows_whose_result_changed(db):
     old = SentimentEnricher(0.05)
     rows = []
     for i, caption in enumerate(captions):
-        s = old.score(caption)
-        rows.append((f"r{i}", caption, s.label, s.polarity, s.subjectivity, old.version))
+        s, language, source, _ = old.decide_caption(caption)
+        rows.append((f"r{i}", caption, s.label, s.polarity, s.subjectivity, old.version, language, source))
     with db.transaction() as cur:
         cur.executemany(
-            "INSERT INTO social_posts (platform, post_id, caption, sentiment, sentiment_polarity,"
-            " sentiment_subjectivity, sentiment_version, created_at) VALUES ('x', %s, %s, %s, %s, %s, %s, now())",
+            "INSERT INTO social_posts (platform, post_id, caption, sentiment, sentiment_polarity, sentiment_subjectivity,"
+            " sentiment_version, language, language_source, created_at) VALUES ('x', %s, %s, %s, %s, %s, %s, %s, %s, now())",
             rows,
         )
     before = dict(query(db.dsn, "SELECT post_id, updated_at FROM social_posts"))

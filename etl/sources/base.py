@@ -60,6 +60,7 @@ class Source:
         self.quota_used = 0
         self.trusted_hosts: set[str] = set()  # host:port the source itself serves (the mock's image server)
         self.stream: str | None = ""  # the stream being read (see stream_of); None: one of unknown order
+        self.gone: list[tuple[str, str, str]] = []  # (platform, post_id, why): the platform says these are gone
 
     @classmethod
     def check_settings(cls, settings: Settings) -> None:
@@ -90,6 +91,12 @@ class Source:
         self.rejected += 1
         if len(self.rejects) < MAX_REJECTS_KEPT:  # a file of a million bad lines must not fill memory
             self.rejects.append(message)
+
+    def report_gone(self, post_id: str, why: str, platform: str | None = None) -> None:
+        """The platform says this post is gone (deleted, made private): the run applies ETL_DELETED_AT_SOURCE
+        to it once the source is done, if the archive holds it (etl.forget.apply_gone)."""
+        if len(self.gone) < 100_000:  # a bound on memory; the rest are reported by a later run
+            self.gone.append((platform or self.name, str(post_id), why))
 
     def open(self) -> None:
         """Acquire what fetch needs (the mock starts its image server here)."""

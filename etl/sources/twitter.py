@@ -29,7 +29,7 @@ TIMELINE_PATH = "/2/users/{id}/tweets"
 TWEET_PARAMS = {
     "expansions": "attachments.media_keys,author_id",
     "media.fields": "url,preview_image_url,type",
-    "tweet.fields": "created_at,public_metrics,entities",
+    "tweet.fields": "created_at,public_metrics,entities,lang",
     "user.fields": "username",
 }
 PAGE_SIZE = 100  # the most either endpoint returns per page
@@ -265,6 +265,8 @@ def tweet_to_post(
             "image_urls": urls[:MAX_IMAGES],
             "hashtags": list(hashtags),
             "raw": {**tweet, "author": author, "media": media},
+            # X's BCP 47 guess ("und" and the q* codes when it cannot tell: left unknown).
+            "lang": tweet.get("lang") if isinstance(tweet.get("lang"), str) else None,
         }
     )
 

@@ -539,6 +539,7 @@ class YouTubeSource(Source):
             if video is None:
                 # Private and deleted videos stay in playlists ("Private video") but videos.list omits them.
                 log.info("youtube: video %s is private or deleted; skipped", vid)
+                self.report_gone(vid, "private or deleted on YouTube")
                 continue
             post = self._to_post(vid, video, listing)
             if post is not None and window.admits(post.created_at):
@@ -565,6 +566,8 @@ class YouTubeSource(Source):
             "image_urls": [thumbnail] if thumbnail else [],
             "hashtags": list(extract_hashtags(caption)),
             "raw": {**video, "listing": listing},  # the videos.list item, with the item that listed it
+            # The language of title and description when the channel set it, else the audio's.
+            "lang": next((v for v in (snippet.get("defaultLanguage"), snippet.get("defaultAudioLanguage")) if isinstance(v, str) and v), None),
         }
         try:
             return post_from_dict(record)
