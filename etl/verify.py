@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +24,7 @@ import psycopg2.extras
 from etl.config import Settings
 from etl.db import Database
 from etl.errors import ExitCode, StoreError
+from etl.metrics import STATUSES, Textfile
 from etl.store import ObjectStore
 from etl.store_ops import is_archive_key, iter_keys, key_date, read_back
 
@@ -282,28 +282,18 @@ def write_verify_metrics(path: str, stats: VerifyStats) -> Path:
     node_exporter's textfile collector reads every *.prom file of the folder."""
     base = Path(path)
     target = base.with_name(f"{base.stem}_verify{base.suffix or '.prom'}")
-    lines = []
-
-    def metric(name: str, help_text: str, samples: list[tuple[str, float]]) -> None:
-        lines.append(f"# HELP social_archiver_verify_{name} {help_text}")
-        lines.append(f"# TYPE social_archiver_verify_{name} gauge")
-        for labels, value in samples:
-            number = str(int(value)) if float(value).is_integer() else repr(float(value))
-            lines.append(f"social_archiver_verify_{name}{labels} {number}")
-
-    metric("last_timestamp_seconds", "When the last fixity check finished (unix time).", [("", time.time())])
-    metric("last_duration_seconds", "How long the last fixity check took.", [("", stats.seconds)])
-    metric(
-        "last_status", "1 for the last fixity check's status, 0 for the others.",
-        [(f'{{status="{s}"}}', 1.0 if s == stats.status else 0.0) for s in ("ok", "partial", "interrupted", "failed")],
+    out = Textfile()
+    out.gauge("verify_last_timestamp_seconds", "When the last fixity check finished (unix time).", [({}, time.time())])
+    out.gauge("verify_last_duration_seconds", "How long the last fixity check took.", [({}, stats.seconds)])
+    out.gauge(
+        "verify_last_status", "1 for the last fixity check's status, 0 for the others.",
+        [({"status": s}, 1.0 if s == stats.status else 0.0) for s in STATUSES], ["status"],
     )  # fmt: skip
-    metric(
-        "last_objects", "Objects of the last fixity check per result.",
-        [(f'{{result="{r}"}}', float(getattr(stats, r))) for r in ("ok", "missing", "changed", "unreadable", "unexpected")],
+    out.gauge(
+        "verify_last_objects", "Objects of the last fixity check per result.",
+        [({"result": r}, float(getattr(stats, r))) for r in ("ok", "missing", "changed", "unreadable", "unexpected")],
+        ["result"],
     )  # fmt: skip
-    metric("last_bytes_read", "Bytes read back by the last fixity check.", [("", float(stats.bytes_read))])
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    os.replace(tmp, target)
+    out.gauge("verify_last_bytes_read", "Bytes read back by the last fixity check.", [({}, float(stats.bytes_read))])
+    out.write(target)
     return target
