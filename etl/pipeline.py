@@ -23,6 +23,7 @@ from etl.enrich import SentimentEnricher
 from etl.errors import ConfigError, ETLError, ExitCode, LoadError, MediaError, SourceError, StoreError
 from etl.logs import RedactingFilter
 from etl.media import Downloader
+from etl.progress import LiveCounts
 from etl.records import Media, Post, chunked
 from etl.sources import FetchWindow, Source, source_class
 from etl.store import ObjectStore, object_key, store_from_settings
@@ -60,8 +61,14 @@ class StageClock:
                     return
             yield item
 
+    WORKER_STAGES = ("download", "store")
+
     def line(self) -> str:
-        return " ".join(f"{stage}={seconds:.2f}s" for stage, seconds in self.seconds.items())
+        """`stages fetch=…s load=…s | worker-seconds download=…s store=…s`: the second group is summed over the
+        image workers (it can exceed the wall time), so it is labelled apart from the main thread's stages."""
+        main = " ".join(f"{s}={t:.2f}s" for s, t in self.seconds.items() if s not in self.WORKER_STAGES)
+        workers = " ".join(f"{s}={t:.2f}s" for s, t in self.seconds.items() if s in self.WORKER_STAGES)
+        return f"stages {main}" + (f" | worker-seconds (summed over image workers) {workers}" if workers else "")
 
 
 @dataclass
@@ -151,7 +158,7 @@ class RunStats:
             f"unchanged={self.unchanged} rejected={self.rejected} | images stored={self.images_stored} "
             f"skipped={self.images_skipped} failed={self.images_failed} | sentiment positive={s['positive']} "
             f"neutral={s['neutral']} negative={s['negative']} | {self.seconds:.1f}s"
-            + (f" | stages {self.stages.line()}" if self.stages.seconds else "")
+            + (f" | {self.stages.line()}" if self.stages.seconds else "")
         )
 
 
@@ -180,12 +187,14 @@ class Archiver:
         self.downloader = downloader or Downloader(settings)
         self.enricher = enricher or SentimentEnricher(settings.sentiment_threshold)
         self.clock = StageClock()  # shared with the image workers; RunStats.stages points here
+        self.live = LiveCounts()  # what is under way, for the progress display
 
     # -- images ----------------------------------------------------------------------------------
 
     def archive_image(self, platform: str, post_id: str, created_at: datetime, position: int, url: str) -> Media:
         """Download, verify and store one image; never raises (a failure is a Media with status failed)."""
         media = Media(platform, post_id, position, url)
+        self.live.image_started()
         try:
             with self.clock("download"):
                 fetched = self.downloader.fetch(url)
@@ -206,6 +215,7 @@ class Archiver:
             media.key, media.url = key, self.store.url(key)
             media.sha256, media.bytes, media.content_type = fetched.sha256, len(fetched.body), fetched.content_type
             media.width, media.height = fetched.width, fetched.height
+        self.live.image_done(media.status == "stored")
         if media.status == "failed":
             log.warning("image failed: %s/%s #%d %s: %s", platform, post_id, position, url[:200], media.error)
         return media
@@ -224,7 +234,8 @@ class Archiver:
         with ThreadPoolExecutor(self.settings.concurrency, thread_name_prefix="images") as pool:
             pending: _Batch | None = None
             try:
-                for posts_batch in chunked(self.clock.timed(posts, "fetch"), self.settings.batch_size):
+                fetching = self.live.counting(self.clock.timed(posts, "fetch"))
+                for posts_batch in chunked(fetching, self.settings.batch_size):
                     current = self._start(posts_batch, pool, stats)
                     finishing, pending = pending, current
                     if finishing is not None:
@@ -396,6 +407,7 @@ class Runner:
         self.store = store
         self.stop = stop or threading.Event()  # set by the SIGTERM handler
         self.progress = progress
+        self.live = LiveCounts()  # read by the progress display while the run goes on
         self.run_id: int | None = None
 
     def open_services(self, *, store: bool = True) -> None:
@@ -426,6 +438,7 @@ class Runner:
             status = "failed"
             try:
                 archiver = Archiver(self.settings, self.db, self.store)
+                archiver.live = self.live
                 if request.mode == "run":
                     archiver.retry_failed_images(stats)
                 for source in sources:
@@ -515,6 +528,7 @@ class Runner:
         until = request.until or datetime.now(timezone.utc)
         key = source.config_key()
         chunks = backfill_chunks(request.since, until, request.chunk)
+        self.live.chunks_total += len(chunks)
         done = self.db.finished_chunks(source.name, key, request.since, until)
         before = stats.snapshot()
         source.db = self.db
@@ -532,6 +546,7 @@ class Runner:
                             completed = False
                             break  # quota or rate limit: the next backfill resumes from this chunk
                         self.db.finish_chunk(source.name, key, start, end, stats.fetched - fetched, self.run_id)
+                    self.live.chunks_done += 1
                     if self.progress:
                         self.progress(n, len(chunks), stats)
         finally:

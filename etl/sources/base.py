@@ -78,6 +78,11 @@ class Source:
     def fetch(self, window: FetchWindow) -> Iterator[Post]:
         raise NotImplementedError
 
+    def probe(self) -> str | None:
+        """For `etl.py check`: one cheap authenticated call; returns what it cost, in words, or None when the
+        platform has no such call (or needs no credentials). Raises SourceError when the platform refuses."""
+        return None
+
     def reject(self, where: str, reason: str) -> None:
         message = f"{self.name}: {where}: {reason}"
         log.warning("skipped %s", message)
