@@ -88,7 +88,7 @@ def test_malformed_secret_value_is_not_echoed(make_settings):
 
 
 def test_empty_values_mean_default(make_settings):
-    assert make_settings(ETL_MAX_IMAGE_BYTES="  ", ETL_SOURCES="").max_image_bytes == 20 * 1024 * 1024
+    assert make_settings(ETL_MAX_IMAGE_BYTES="  ").max_image_bytes == 20 * 1024 * 1024
 
 
 def test_settings_are_frozen(make_settings):
