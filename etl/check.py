@@ -177,9 +177,9 @@ def _check_s3(settings: Settings, create_bucket: bool) -> list[Check]:
         read = client.get_object(Bucket=bucket, Key=key)["Body"].read()
         client.delete_object(Bucket=bucket, Key=key)
         if read != body:
-            checks.append(Check("store", "test object", FAIL, "read back different bytes than written", "check the endpoint (AWS_ENDPOINT_URL)"))
+            checks.append(Check("store", "test-object", FAIL, "read back different bytes than written", "check the endpoint (AWS_ENDPOINT_URL)"))
         else:
-            checks.append(Check("store", "test object", OK, "written, read back and deleted"))
+            checks.append(Check("store", "test-object", OK, "written, read back and deleted"))
     except ClientError as exc:
         code = str(exc.response.get("Error", {}).get("Code", "")) or "error"
         operation = getattr(exc, "operation_name", "") or "request"
@@ -194,7 +194,7 @@ def _check_s3(settings: Settings, create_bucket: bool) -> list[Check]:
     local = settings.objects_dir
     if local.is_dir() and any(p.is_dir() and p.name != ".incoming" for p in local.iterdir()):
         checks.append(
-            Check("store", "local images", WARN, f"{local} holds images archived before S3_BUCKET was set",
+            Check("store", "local-images", WARN, f"{local} holds images archived before S3_BUCKET was set",
                   "run `python etl.py copy-store` to copy them into the bucket")
         )  # fmt: skip
     return checks
