@@ -52,10 +52,11 @@ def path_problem(path: str) -> str | None:
     return None
 
 
-def path_errors(settings: Settings) -> list[ConfigError]:
-    """ETL_LOG_FILE and ETL_METRICS_PATH, checked before any work (a bad one would end in a traceback)."""
+def path_errors(settings: Settings, names: tuple[str, ...] = ("log_file", "metrics_path")) -> list[ConfigError]:
+    """ETL_LOG_FILE and ETL_METRICS_PATH (Settings field names), checked before any work (a bad one would
+    end in a traceback after the work)."""
     errors = []
-    for field_name in ("log_file", "metrics_path"):
+    for field_name in names:
         value = getattr(settings, field_name)
         problem = path_problem(value) if value else None
         if problem:

@@ -162,13 +162,14 @@ def main(argv: Sequence[str] | None = None, *, env: dict[str, str] | None = None
     try:
         environment = merged_environment(".env") if env is None else dict(env)
         settings = load_settings(environment, dotenv_path=None)
-        unwritable = [e for e in path_errors(settings) if command in ("run", "backfill") or "ETL_METRICS_PATH" not in str(e)]
+        writes = ("log_file", "metrics_path") if command in ("run", "backfill") else ("log_file",)
+        unwritable = path_errors(settings, writes)
         if unwritable and command != "check":  # `check` reports them in its table
             raise unwritable[0]
     except ETLError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return int(exc.exit_code)
-    log_file = settings.log_file if command != "check" or not path_errors(settings) else ""
+    log_file = "" if command == "check" and unwritable else settings.log_file
     setup_logging(args.log_level or settings.log_level, args.log_format or settings.log_format, settings.secrets(), log_file)
     if command != "check":
         for name, meant in misspelled_settings(environment):

@@ -456,7 +456,10 @@ class Runner:
                 stats.seconds = time.monotonic() - stats.started
                 self.db.finish_run(self.run_id, status, stats.ledger(RedactingFilter(self.settings.secrets()).redact))
                 if self.settings.metrics_path:
-                    write_metrics(self.settings.metrics_path, request.mode, status, stats)
+                    try:
+                        write_metrics(self.settings.metrics_path, request.mode, status, stats)
+                    except OSError as exc:  # checked at start; a full disk must still not hide the summary
+                        log.error("ETL_METRICS_PATH=%s could not be written: %s", self.settings.metrics_path, exc)
         finally:
             lock.close()
         return stats
@@ -571,7 +574,7 @@ class Runner:
             window = FetchWindow(since=request.since, until=request.until, limit=request.limit)
             with source:
                 try:
-                    for post in _limited(source.fetch(window), request.limit):
+                    for post in self.live.counting(_limited(source.fetch(window), request.limit)):
                         stats.fetched += 1
                         stats.sentiment[enricher.enrich(post).sentiment.label] += 1
                 except SourceError as exc:
