@@ -84,7 +84,7 @@ class ProgressReporter:
 
             self._bar = tqdm(
                 total=None, desc=self.title, unit=" posts", file=self.stream, dynamic_ncols=True, leave=False,
-                bar_format="{desc}: {n_fmt} posts fetched [{elapsed}, {rate_fmt}] {postfix}",
+                bar_format="{desc}: {n_fmt} posts fetched [{elapsed}, {rate_fmt}]{postfix}",
             )  # fmt: skip
             if self._handler is not None:
                 self._handler.pause = lambda: tqdm.external_write_mode(file=self.stream)

@@ -169,7 +169,7 @@ def test_progress_on_a_terminal_never_shares_a_line_with_a_log_line(db, tmp_path
         env=pty_env(db, tmp_path), cwd=tmp_path, feed=feed, delay=0.12,
     )  # fmt: skip
     assert code == ExitCode.PARTIAL, output
-    assert re.search(r"Run of jsonl: \d+ posts fetched \[", output), output  # the live display was drawn
+    assert re.search(r"Run of jsonl: \d+ posts fetched \[[^]]+\], images \d+ stored, \d+ in flight, \d+ failed", output), output  # the live display was drawn
     assert "in flight" in output
     starts = [m.start() for m in LOG_LINE.finditer(output)]
     assert len(starts) >= 6
@@ -206,3 +206,17 @@ def test_without_a_terminal_progress_is_a_log_line_every_few_seconds(db, tmp_pat
     assert len(progress) >= 3, err
     assert re.search(r"\d+ posts fetched \([\d,]+/s\), images 0 stored, 0 in flight, 0 failed, \d+s elapsed", progress[-1])
     assert "\r" not in err  # no bar under cron
+
+
+def test_a_backfill_on_a_terminal_keeps_log_lines_whole(run_etl, db, tmp_path):
+    # The second backfill logs "chunk … already done" for each chunk while its progress is on screen
+    # (the old bar and those lines ran into each other on one line).
+    args = ["backfill", "--source", "mock", "--since", "2026-01-01", "--until", "2026-01-08"]
+    assert run_etl(*args, env={"MOCK_POSTS": "5"}).returncode == 0
+    code, output = run_in_pty([sys.executable, str(ROOT / "etl.py"), *args], env=pty_env(db, tmp_path, MOCK_POSTS="5"), cwd=tmp_path)
+    assert code == 0, output
+    done = [m.start() for m in re.finditer(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO +etl.pipeline: backfill mock: chunk", output)]
+    assert len(done) == 7, output
+    for start in done:
+        assert output[start - 1] in "\n\r", repr(output[max(0, start - 80) : start + 40])
+    assert "Backfill of mock, 2026-01-01 00:00 to 2026-01-08 00:00: ok" in output
