@@ -315,9 +315,10 @@ def read_dotenv(path: Path) -> dict[str, str]:
 
 # Prefixes of our settings (and of the platforms coming next); an unknown variable with one of them is
 # probably a misspelling.
-SETTING_PREFIXES = ("ETL_", "S3_", "AWS_", "YOUTUBE_", "TWITTER_", "INSTAGRAM_", "BLUESKY_", "MASTODON_", "REDDIT_", "MOCK_", "SENTIMENT_")
-# Read by other tools (boto3, the AWS CLI, our test suite, the next platforms) under those prefixes.
-_OTHER_KNOWN = BOTO3_VARIABLES + ("AWS_DEFAULT_REGION", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_CA_BUNDLE")
+# AWS_ is left out: boto3 and the AWS CLI read dozens of AWS_ variables (AWS_ENDPOINT_URL_S3 is not a typo).
+SETTING_PREFIXES = ("ETL_", "S3_", "DATABASE_", "YOUTUBE_", "TWITTER_", "INSTAGRAM_", "BLUESKY_", "MASTODON_", "REDDIT_", "MOCK_", "SENTIMENT_")
+# Read under those prefixes by our own scripts (scripts/cron_run.sh), not by Settings.
+_OTHER_KNOWN = ("ETL_PYTHON", "ETL_CRON_LOG")
 
 
 def misspelled_settings(env: Mapping[str, str]) -> list[tuple[str, str]]:
