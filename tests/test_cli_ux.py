@@ -18,7 +18,7 @@ from etl.cli import build_parser, commands_of
 from etl.errors import ExitCode
 from etl.sources import REGISTRY
 from tests.conftest import ROOT, query
-from tests.support import record, run_in_pty, write_jsonl
+from tests.support import Reply, record, run_in_pty, write_jsonl
 
 LOG_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (?:INFO|WARNING|ERROR)")
 
@@ -220,3 +220,27 @@ def test_a_backfill_on_a_terminal_keeps_log_lines_whole(run_etl, db, tmp_path):
     for start in done:
         assert output[start - 1] in "\n\r", repr(output[max(0, start - 80) : start + 40])
     assert "Backfill of mock, 2026-01-01 00:00 to 2026-01-08 00:00: ok" in output
+
+
+def test_status_words_attempts_as_tries_and_shows_unchanged(run_etl, tmp_path, http_server):
+    http_server.routes["/gone.png"] = Reply(status=404, body=b"gone", content_type="text/plain")
+    path = write_jsonl(tmp_path / "in.jsonl", [record(post_id="a", image_urls=[http_server.url("/gone.png")]), record(post_id="b")])
+    env = {"ETL_ALLOW_PRIVATE_HOSTS": "true"}
+    assert run_etl("run", "--source", "jsonl", "--input", str(path), env=env).returncode == ExitCode.PARTIAL
+    assert run_etl("run", "--source", "jsonl", "--input", str(path), env=env).returncode == ExitCode.OK  # 404: not fetched again
+    status = run_etl("status")
+    assert status.returncode == 0, status.stderr
+    runs = status.stdout.split("Last runs:")[1].split("Archive per platform:")[0].splitlines()
+    header = runs[1].split()
+    assert "unchanged" in header
+    second = runs[3].split()  # newest first
+    assert second[0] == "2" and second[header.index("unchanged")] == "2"  # "started (UTC)" and its date: two words each
+    failed = status.stdout.split("Failed images by reason:")[1]
+    assert "attempts" in failed and "tried once" in failed and "retried" not in failed
+
+
+def test_make_run_says_what_it_installs(tmp_path):
+    result = subprocess.run(["make", "-n", "run", f"VENV={tmp_path / 'venv'}"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "installing the runtime dependencies of requirements.txt" in result.stdout
+    assert "creating the virtual environment" in result.stdout
