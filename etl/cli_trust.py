@@ -26,13 +26,22 @@ def _fraction(value: str) -> float:
     return number
 
 
-def add_parsers(sub: Any, parse_date: Any) -> None:
-    verify = sub.add_parser("verify", help="fixity: read stored objects back and compare them with their sha256")
+def add_parsers(command: Any, parse_date: Any) -> None:
+    """verify and forget, through the CLI's `command(name, help, *examples)`."""
+    verify = command(
+        "verify", "fixity: read stored objects back and compare them with their sha256",
+        "python etl.py verify", "python etl.py verify --sample 0.05     # a twentieth, least recently checked first",
+    )  # fmt: skip
     verify.add_argument("--sample", type=_fraction, metavar="F", help="check this fraction, least recently checked first")
-    verify.add_argument("--platform", metavar="NAME")
+    verify.add_argument("--platform", metavar="NAME", help="only this platform (default: all)")
     verify.add_argument("--since", type=parse_date, metavar="DATE", help="only posts created since DATE")
 
-    forget = sub.add_parser("forget", help="remove posts, their images and rows, and keep a tombstone")
+    forget = command(
+        "forget", "remove posts, their images and rows, and keep a tombstone",
+        "python etl.py forget --post twitter:1849 --reason 'author request'",
+        "python etl.py forget --author mastodon:alice@example.social          # lists what would go",
+        "python etl.py forget --author mastodon:alice@example.social --yes",
+    )  # fmt: skip
     target = forget.add_mutually_exclusive_group(required=True)
     target.add_argument("--post", metavar="PLATFORM:POST_ID", help="one post (removed at once)")
     target.add_argument("--author", metavar="PLATFORM:USERNAME", help="every post of an author (lists them unless --yes)")

@@ -152,7 +152,9 @@ class Settings:
     )
 
     # Which sources a bare run uses.
-    sources: tuple[str, ...] = _setting("ETL_SOURCES", _list, ("mock",), "comma list of sources for a bare `python etl.py`")
+    sources: tuple[str, ...] = _setting(
+        "ETL_SOURCES", _list, (), "comma list of sources for a bare `python etl.py`; unset = mock, on the embedded set-up only"
+    )
 
     # Platform credentials and modes.
     youtube_api_key: Secret = _setting("YOUTUBE_API_KEY", _str, Secret(""), "YouTube Data API v3 key", secret=True)
@@ -221,6 +223,9 @@ class Settings:
     )
     trends_min_count: int = _setting("ETL_TRENDS_MIN_COUNT", _positive_int, 5, "posts a hashtag needs in the window to rank in trends")
     metrics_path: str = _setting("ETL_METRICS_PATH", _str, "", "Prometheus textfile written after each run")
+    progress_seconds: float = _setting(
+        "ETL_PROGRESS_SECONDS", _non_negative_float, 30.0, "without a terminal (cron): a progress log line this often (s); 0 = none"
+    )
 
     # Trust over years: language, deletions (README: Language, Deletions).
     detect_language: bool = _setting(
@@ -280,20 +285,14 @@ _NAME_OK = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 def load_settings(env: Mapping[str, str] | None = None, dotenv_path: str | Path | None = ".env") -> Settings:
     """Build Settings from `env` (default: os.environ over the values in .env)."""
     if env is None:
-        env = dict(os.environ)
-        if dotenv_path and Path(dotenv_path).is_file():
-            from dotenv import dotenv_values
-
-            file_values = {k: v for k, v in dotenv_values(dotenv_path).items() if v is not None}
-            env = {**file_values, **env}
-            # boto3 reads its own variables from the process environment.
-            for name in BOTO3_VARIABLES + ("AWS_REGION", "AWS_DEFAULT_REGION"):
-                if name in file_values and name not in os.environ:
-                    os.environ[name] = file_values[name]
+        env = merged_environment(dotenv_path)
     values: dict[str, Any] = {}
     for f in fields(Settings):
         name = f.metadata["env"]
         raw = env.get(name)
+        if name == "ETL_SOURCES" and raw is not None and not _list(raw):
+            # Set but empty: a cron job with a mistyped list must not fall back to the mock source.
+            raise ConfigError("ETL_SOURCES is set but empty: name the sources (for example ETL_SOURCES=youtube,twitter)")
         if raw is None or raw.strip() == "":
             continue
         try:
@@ -302,6 +301,8 @@ def load_settings(env: Mapping[str, str] | None = None, dotenv_path: str | Path 
             shown = "***" if f.metadata["secret"] else repr(raw)
             raise ConfigError(f"{name}={shown} is invalid: {exc}") from None
         values[f.name] = Secret(value) if f.metadata["secret"] else value
+    if "sources" not in values and not values.get("database_url"):
+        values["sources"] = ("mock",)  # the embedded default set-up (no DATABASE_URL) runs the mock source
     settings = Settings(**values)
     for source in settings.sources:
         if not _NAME_OK.match(source):
@@ -309,3 +310,66 @@ def load_settings(env: Mapping[str, str] | None = None, dotenv_path: str | Path 
     if settings.database_url and not settings.database_url.reveal().startswith(("postgres://", "postgresql://")):
         raise ConfigError(f"DATABASE_URL must start with postgresql:// (got {mask_url_password(settings.database_url.reveal())})")
     return settings
+
+
+def merged_environment(dotenv_path: str | Path | None = ".env") -> dict[str, str]:
+    """os.environ over the values in .env; boto3's own variables from .env are put into os.environ for it."""
+    env = dict(os.environ)
+    if dotenv_path and Path(dotenv_path).is_file():
+        file_values = read_dotenv(Path(dotenv_path))
+        env = {**file_values, **env}
+        # boto3 reads its own variables from the process environment.
+        for name in BOTO3_VARIABLES + ("AWS_REGION", "AWS_DEFAULT_REGION"):
+            if name in file_values and name not in os.environ:
+                os.environ[name] = file_values[name]
+    return env
+
+
+def read_dotenv(path: Path) -> dict[str, str]:
+    """The values of a .env file; a line python-dotenv cannot parse is a warning naming the file and line."""
+    import logging
+
+    from dotenv import dotenv_values
+
+    dotenv_log = logging.getLogger("dotenv.main")
+    unparsed: list[str] = []
+
+    class _Collect(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            unparsed.append(record.getMessage())
+            return False  # said once, below, with the file's name
+
+    collect = _Collect()
+    dotenv_log.addFilter(collect)
+    try:
+        values = {k: v for k, v in dotenv_values(path).items() if v is not None}
+    finally:
+        dotenv_log.removeFilter(collect)
+    for message in unparsed:
+        line = re.search(r"line (\d+)", message)
+        where = f"{path}, line {line.group(1)}" if line else str(path)
+        logging.getLogger(__name__).warning("%s: cannot parse this line (ignored); expected NAME=value", where)
+    return values
+
+
+# Prefixes of our settings (and of the platforms coming next); an unknown variable with one of them is
+# probably a misspelling.
+# AWS_ is left out: boto3 and the AWS CLI read dozens of AWS_ variables (AWS_ENDPOINT_URL_S3 is not a typo).
+SETTING_PREFIXES = ("ETL_", "S3_", "DATABASE_", "YOUTUBE_", "TWITTER_", "INSTAGRAM_", "BLUESKY_", "MASTODON_", "REDDIT_", "MOCK_", "SENTIMENT_")
+# Read under those prefixes by our own scripts (scripts/cron_run.sh), not by Settings.
+_OTHER_KNOWN = ("ETL_PYTHON", "ETL_CRON_LOG")
+
+
+def misspelled_settings(env: Mapping[str, str]) -> list[tuple[str, str]]:
+    """(variable, the setting it probably means) for each unknown variable with our prefixes close to a known one."""
+    import difflib
+
+    known = [f.metadata["env"] for f in fields(Settings)] + ["DATABASE_URL", *_OTHER_KNOWN]
+    found = []
+    for name in sorted(env):
+        if name in known or not name.upper().startswith(SETTING_PREFIXES):
+            continue
+        close = difflib.get_close_matches(name.upper(), known, n=1, cutoff=0.8)
+        if close:
+            found.append((name, close[0]))
+    return found

@@ -23,6 +23,7 @@ from etl.errors import ConfigError, ETLError, ExitCode, LoadError, MediaError, S
 from etl.logs import RedactingFilter
 from etl.media import Downloader, without_userinfo
 from etl.metrics import write_run_metrics
+from etl.progress import LiveCounts
 from etl.records import Media, Post, cap_caption, chunked
 from etl.resume import ResumePoint, ResumeTracker
 from etl.sources import FetchWindow, Source, source_class
@@ -61,8 +62,14 @@ class StageClock:
                     return
             yield item
 
+    WORKER_STAGES = ("download", "store")
+
     def line(self) -> str:
-        return " ".join(f"{stage}={seconds:.2f}s" for stage, seconds in self.seconds.items())
+        """`stages fetch=…s load=…s | worker-seconds download=…s store=…s`: the second group is summed over the
+        image workers (it can exceed the wall time), so it is labelled apart from the main thread's stages."""
+        main = " ".join(f"{s}={t:.2f}s" for s, t in self.seconds.items() if s not in self.WORKER_STAGES)
+        workers = " ".join(f"{s}={t:.2f}s" for s, t in self.seconds.items() if s in self.WORKER_STAGES)
+        return f"stages {main}" + (f" | worker-seconds (summed over image workers) {workers}" if workers else "")
 
 
 @dataclass
@@ -155,7 +162,7 @@ class RunStats:
             f"unchanged={self.unchanged} rejected={self.rejected} | images stored={self.images_stored} "
             f"skipped={self.images_skipped} failed={self.images_failed} | sentiment positive={s['positive']} "
             f"neutral={s['neutral']} negative={s['negative']} | {self.seconds:.1f}s"
-            + (f" | stages {self.stages.line()}" if self.stages.seconds else "")
+            + (f" | {self.stages.line()}" if self.stages.seconds else "")
         )
 
 
@@ -213,6 +220,7 @@ class Archiver:
         self.stop = stop or threading.Event()  # SIGTERM: no new downloads, a short grace for those in flight
         self._grace_ends: float | None = None
         self._batches = 0
+        self.live = LiveCounts()  # what is under way, for the progress display
 
     # -- images ----------------------------------------------------------------------------------
 
@@ -225,6 +233,7 @@ class Archiver:
         if self.stop.is_set():
             media.status, media.error = "failed", "not downloaded: the run was stopped (SIGTERM); retried by the next run"
             return media
+        self.live.image_started()
         try:
             with self.clock("download"):
                 fetched = self.downloader.fetch(url)
@@ -248,6 +257,7 @@ class Archiver:
             media.key, media.url = key, self.store.url(key)
             media.sha256, media.bytes, media.content_type = fetched.sha256, len(fetched.body), fetched.content_type
             media.width, media.height = fetched.width, fetched.height
+        self.live.image_done(media.status == "stored")
         if media.status == "failed":
             log.warning("image failed: %s/%s #%d %s: %s", platform, post_id, position, media.source_url[:200], media.error)
         return media
@@ -267,7 +277,8 @@ class Archiver:
         try:
             pending: _Batch | None = None
             try:
-                for posts_batch in chunked(self.clock.timed(posts, "fetch"), self.settings.batch_size):
+                fetching = self.live.counting(self.clock.timed(posts, "fetch"))
+                for posts_batch in chunked(fetching, self.settings.batch_size):
                     current = self._start(posts_batch, pool, stats, source)
                     finishing, pending = pending, current
                     if finishing is not None:
@@ -532,6 +543,7 @@ class Runner:
         self.store = store
         self.stop = stop or threading.Event()  # set by the SIGTERM handler
         self.progress = progress
+        self.live = LiveCounts()  # read by the progress display while the run goes on
         self.run_id: int | None = None
 
     def open_services(self, *, store: bool = True) -> None:
@@ -563,6 +575,7 @@ class Runner:
             status = "failed"
             try:
                 archiver = Archiver(self.settings, self.db, self.store, stop=self.stop)
+                archiver.live = self.live
                 if request.mode == "run":
                     archiver.retry_failed_images(stats)
                 for source in sources:
@@ -589,7 +602,10 @@ class Runner:
                     # The database is gone: the error that stopped the run is the one to report, not this one.
                     log.error("could not record the end of run %s either: %s", self.run_id, exc)
                 if self.settings.metrics_path:
-                    write_run_metrics(self.settings.metrics_path, request.mode, status, stats)
+                    try:
+                        write_run_metrics(self.settings.metrics_path, request.mode, status, stats)
+                    except OSError as exc:  # checked at start; a full disk must still not hide the summary
+                        log.error("ETL_METRICS_PATH=%s could not be written: %s", self.settings.metrics_path, exc)
         finally:
             lock.close()
         return stats
@@ -688,6 +704,7 @@ class Runner:
         until = request.until or datetime.now(timezone.utc)
         key = source.config_key()
         chunks = backfill_chunks(request.since, until, request.chunk)
+        self.live.chunks_total += len(chunks)
         done = self.db.finished_chunks(source.name, key, request.since, until)
         before = stats.snapshot()
         source.db = self.db
@@ -706,6 +723,7 @@ class Runner:
                             completed = False
                             break  # quota or rate limit: the next backfill resumes from this chunk
                         self.db.finish_chunk(source.name, key, start, end, stats.fetched - fetched, self.run_id)
+                    self.live.chunks_done += 1
                     if self.progress:
                         self.progress(n, len(chunks), stats)
         finally:
@@ -744,7 +762,7 @@ class Runner:
             window = FetchWindow(since=request.since, until=request.until, limit=request.limit)
             with source:
                 try:
-                    for post in _limited(source.fetch(window), request.limit):
+                    for post in self.live.counting(_limited(source.fetch(window), request.limit)):
                         stats.fetched += 1
                         scored = enricher.enrich(post)
                         stats.sentiment[scored.sentiment.label if scored.sentiment else "unscored"] += 1

@@ -49,13 +49,13 @@ def collect_status(db: Database, runs: int = 10) -> dict[str, Any]:
         cur.execute(
             "SELECT id, mode, sources, status, started_at, finished_at,"
             " EXTRACT(EPOCH FROM (COALESCE(finished_at, now()) - started_at))::float8, posts_fetched, posts_inserted,"
-            " posts_updated, posts_rejected, images_stored, images_skipped, images_failed, quota_used, host, pid,"
+            " posts_updated, posts_unchanged, posts_rejected, images_stored, images_skipped, images_failed, quota_used, host, pid,"
             " error_summary FROM etl_runs ORDER BY id DESC LIMIT %s",
             (runs,),
         )
         names = (
             "id", "mode", "sources", "status", "started_at", "finished_at", "seconds", "fetched", "inserted",
-            "updated", "rejected", "images_stored", "images_skipped", "images_failed", "quota_used", "host", "pid",
+            "updated", "unchanged", "rejected", "images_stored", "images_skipped", "images_failed", "quota_used", "host", "pid",
             "error_summary",
         )  # fmt: skip
         last_runs = [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
@@ -155,6 +155,13 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
+def _tried(attempts: int | None) -> str:
+    """How often the most-tried image of a group was tried: the first try counts (one try is not a retry)."""
+    if not attempts:
+        return "not yet tried"
+    return "tried once" if attempts == 1 else f"tried up to {attempts} times"
+
+
 def format_status(report: dict[str, Any]) -> str:
     out = [f"Database: {report['database']}", ""]
     if report["in_progress"]:
@@ -169,10 +176,11 @@ def format_status(report: dict[str, Any]) -> str:
     out += ["", "Last runs:"]
     out.append(
         table(
-            ["run", "mode", "sources", "started (UTC)", "secs", "status", "fetched", "new", "upd", "rej", "img ok", "img skip", "img fail"],
+            ["run", "mode", "sources", "started (UTC)", "secs", "status", "fetched", "new", "updated", "unchanged", "rejected",
+             "img stored", "img already", "img failed"],
             [
                 [r["id"], r["mode"], r["sources"], r["started_at"], r["seconds"], r["status"], r["fetched"], r["inserted"],
-                 r["updated"], r["rejected"], r["images_stored"], r["images_skipped"], r["images_failed"]]
+                 r["updated"], r["unchanged"], r["rejected"], r["images_stored"], r["images_skipped"], r["images_failed"]]
                 for r in report["runs"]
             ],
         )  # fmt: skip
@@ -193,8 +201,9 @@ def format_status(report: dict[str, Any]) -> str:
     if report["failed_images"]:
         out.append(
             table(
-                ["platform", "images", "retried", "permanent", "error"],
-                [[f["platform"], f["images"], f["max_attempts"], "yes" if f["permanent"] else "no", f["error"]] for f in report["failed_images"]],
+                ["platform", "images", "attempts", "permanent", "error"],
+                [[f["platform"], f["images"], _tried(f["max_attempts"]), "yes" if f["permanent"] else "no", f["error"]]
+                 for f in report["failed_images"]],
             )
         )
     else:

@@ -533,3 +533,47 @@ class DatabaseProxy:
 
     def close(self) -> None:
         self.cut()
+def run_in_pty(
+    args: list[str], *, env: dict[str, str], cwd: _Path | str, feed: list[bytes] = (), delay: float = 0.0, timeout: float = 120
+) -> tuple[int, str]:
+    """Run a process with stdout and stderr on a pseudo-terminal (200 columns), feeding `feed` to its stdin one
+    item every `delay` seconds; (exit code, everything it wrote to the terminal, with \\r\\n made \\n)."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import subprocess
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 200, 0, 0))
+    proc = subprocess.Popen(args, env=env, cwd=cwd, stdin=subprocess.PIPE, stdout=slave, stderr=slave)
+    os.close(slave)
+    chunks: list[bytes] = []
+
+    def read() -> None:
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: the terminal's last writer is gone
+                return
+            if not data:
+                return
+            chunks.append(data)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        assert proc.stdin is not None
+        for item in feed:
+            proc.stdin.write(item)
+            proc.stdin.flush()
+            time.sleep(delay)
+        proc.stdin.close()
+        proc.wait(timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        reader.join(10)
+        os.close(master)
+    return proc.returncode, b"".join(chunks).decode("utf-8", "replace").replace("\r\n", "\n")

@@ -317,7 +317,7 @@ def test_the_summary_names_the_time_of_each_stage(listsrc, make_settings, db, tm
     stats = runner(make_settings, db, tmp_path).execute(RunRequest(sources=["listsrc"]))
     assert {"fetch", "enrich", "lookup", "wait_images", "load", "download", "store"} <= set(stats.stages.seconds)
     assert all(seconds >= 0 for seconds in stats.stages.seconds.values())
-    assert re.search(r"\| stages fetch=\d+\.\d\ds .*download=\d+\.\d\ds", stats.summary_line())
+    assert re.search(r"\| stages fetch=\d+\.\d\ds .*\| worker-seconds \(summed over image workers\) download=\d+\.\d\ds", stats.summary_line())
 
 
 def test_a_flood_of_bad_lines_is_counted_whole_and_kept_bounded(make_settings, db, tmp_path):

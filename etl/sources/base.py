@@ -85,6 +85,11 @@ class Source:
         for a stream of unknown order. A run cut short keeps a resume point per stream (etl/resume.py)."""
         return self.stream
 
+    def probe(self) -> str | None:
+        """For `etl.py check`: one cheap authenticated call; returns what it cost, in words, or None when the
+        platform has no such call (or needs no credentials). Raises SourceError when the platform refuses."""
+        return None
+
     def reject(self, where: str, reason: str) -> None:
         message = f"{self.name}: {where}: {reason}"
         log.warning("skipped %s", message)

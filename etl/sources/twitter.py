@@ -302,6 +302,12 @@ class TwitterSource(Source):
                     f"TWITTER_USERNAMES has {name!r}, which is not an X username (1-15 letters, digits or _)"
                 )
 
+    def probe(self) -> str | None:
+        # An app-only token cannot call /2/users/me; a username lookup is the cheapest authenticated call.
+        name = _username(self.settings.twitter_usernames[0]) if self.settings.twitter_usernames else "X"
+        TwitterAPI(self.session, self.settings, self.policy).user_by_username(name)
+        return f"GET /2/users/by/username/{name}: 1 user lookup (no post reads billed)"
+
     def config_key(self) -> str:
         usernames = sorted({_username(u).lower() for u in self.settings.twitter_usernames})
         ident = json.dumps({"query": self.settings.twitter_query, "usernames": usernames}, sort_keys=True)

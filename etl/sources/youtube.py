@@ -362,6 +362,12 @@ class YouTubeSource(Source):
                 "or YOUTUBE_QUERY (a search query), or both; neither is set"
             )
 
+    def probe(self) -> str | None:
+        # channels.list of one id: 1 quota unit, whether or not the channel exists; a bad key is refused.
+        channel = (self.settings.youtube_channel_ids or ("UC_x5XG1OV2P6uZZ5FSM9Ttw",))[0]
+        self.api.call("channels.list", part="id", id=channel, maxResults=1)
+        return f"channels.list: {COSTS['channels.list']} quota unit of YOUTUBE_DAILY_QUOTA"
+
     def config_key(self) -> str:
         spec = json.dumps(
             {"channels": sorted(set(self.settings.youtube_channel_ids)), "query": self.settings.youtube_query},
