@@ -86,7 +86,7 @@ def test_search_follows_next_token_over_two_pages(build, rsps):
     assert first["query"] == "#sunset has:images -is:retweet"
     assert first["expansions"] == "attachments.media_keys,author_id"
     assert first["media.fields"] == "url,preview_image_url,type"
-    assert first["tweet.fields"] == "created_at,public_metrics,entities"
+    assert first["tweet.fields"] == "created_at,public_metrics,entities,note_tweet"
     assert first["user.fields"] == "username"
     assert first["max_results"] == "100"
     assert "next_token" not in first and "since_id" not in first and "start_time" not in first
