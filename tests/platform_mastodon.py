@@ -56,6 +56,8 @@ class FakeMastodon(FixtureAPI):
             return self.reply(self.json("lookup.json")) if params.get("acct") in ("ana", "ana@mastodon.example") else self.error("error_404.json", 404)
         if parts.path == STATUSES:
             statuses = self.json("account_statuses.json")
+            if "max_id" in params:
+                statuses = [s for s in statuses if int(s["id"]) < int(params["max_id"])]
         else:
             max_id = params.get("max_id")
             if max_id is None or int(max_id) > 113920000000000003:
@@ -66,7 +68,7 @@ class FakeMastodon(FixtureAPI):
                 statuses = []
         if "since_id" in params:
             statuses = [s for s in statuses if int(s["id"]) > int(params["since_id"])]
-        last = statuses[-1]["id"] if statuses and parts.path == TAG else None
+        last = statuses[-1]["id"] if statuses else None
         return self.reply(statuses, headers=self.headers(last, parts.path))
 
 
