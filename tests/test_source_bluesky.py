@@ -12,7 +12,16 @@ from etl.sources.base import FetchWindow
 from etl.sources.bluesky import BlueskySource, item_to_post
 from tests.conftest import query
 from tests.platform_bluesky import (
-    CREATE, FEED, FEED_URIS, FIXTURES, PASSWORD, REFRESH, SEARCH, SEARCH_URIS, FakeBluesky, bluesky_env,
+    CREATE,
+    FEED,
+    FEED_URIS,
+    FIXTURES,
+    PASSWORD,
+    REFRESH,
+    SEARCH,
+    SEARCH_URIS,
+    FakeBluesky,
+    bluesky_env,
 )  # fmt: skip
 from tests.support import Reply, stored_objects
 

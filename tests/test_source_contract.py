@@ -12,7 +12,14 @@ import pytest
 from etl.config import load_settings
 from etl.records import PLATFORM_RE, Post
 from etl.sources import REGISTRY, FetchWindow, source_class
-from tests import platform_bluesky, platform_instagram, platform_mastodon, platform_reddit, platform_twitter, platform_youtube
+from tests import (
+    platform_bluesky,
+    platform_instagram,
+    platform_mastodon,
+    platform_reddit,
+    platform_twitter,
+    platform_youtube,
+)
 
 
 def mock_posts(tmp_path: Path) -> list[Post]:
