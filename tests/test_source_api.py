@@ -144,3 +144,11 @@ def test_request_retries_5xx_then_a_clear_stream_error(http_server):
     http_server.routes["/y"] = Reply(body=b"<html>oops</html>", content_type="text/html")
     with pytest.raises(StreamError, match="not a JSON object"):
         source.get_json(http_server.url("/y"), what="GET /y")
+
+
+def test_a_stream_with_nothing_new_inside_the_window_keeps_the_windows_start():
+    since = T0 - timedelta(hours=1)
+    a = ListStream("a", [(50, 1, "old")])  # at = T0 - 5h: before the window
+    source = ListSource([a])
+    assert run(source, since=since) == []
+    assert source.cursor == {"streams": {"a": {"floor": since.isoformat()}}}

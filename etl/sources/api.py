@@ -190,6 +190,7 @@ class StreamOutcome:
     complete: bool
     newest: Any = None
     posts: int = 0
+    since: datetime | None = None  # the lower bound the read used when it had no saved place
 
 
 class APISource(Source):
@@ -352,7 +353,10 @@ class APISource(Source):
                 continue
             if outcome.complete and incremental:
                 newest = outcome.newest if outcome.newest is not None else stream.decode((state or {}).get("after"))
-                states[stream.key] = {"after": stream.encode(newest)} if newest is not None else {"floor": None}
+                if newest is not None:
+                    states[stream.key] = {"after": stream.encode(newest)}
+                else:  # nothing in order was read: keep the lower bound this read used
+                    states[stream.key] = {"floor": outcome.since.isoformat() if outcome.since else None}
                 self.cursor = {"streams": dict(states)}
 
     def _read_stream(
@@ -394,11 +398,11 @@ class APISource(Source):
                 budget[0] -= 1
                 if budget[0] <= 0:
                     log.info("%s: %s: stopped at the limit after %d posts", self.name, stream.label, posts)
-                    return StreamOutcome(False, newest, posts)
+                    return StreamOutcome(False, newest, posts, since)
         if ended == "listing" and stream.warn_when_short and (after is not None or since is not None):
             log.warning("%s: %s: %s", self.name, stream.label, stream.warn_when_short)
         log.info("%s: %s: %d posts (read to the %s)", self.name, stream.label, posts, ended)
-        return StreamOutcome(True, newest, posts)
+        return StreamOutcome(True, newest, posts, since)
 
 
 def _parse_floor(value: Any) -> datetime | None:
