@@ -177,6 +177,29 @@ class Settings:
         "INSTAGRAM_OWN_MEDIA", _bool, True, "archive the account's own media (false: only INSTAGRAM_HASHTAGS)"
     )
 
+    bluesky_actors: tuple[str, ...] = _setting("BLUESKY_ACTORS", _list, (), "Bluesky handles or DIDs whose author feeds to archive")
+    bluesky_query: str = _setting("BLUESKY_QUERY", _str, "", "Bluesky post search (searchPosts, needs BLUESKY_HANDLE and BLUESKY_APP_PASSWORD)")
+    bluesky_handle: str = _setting("BLUESKY_HANDLE", _str, "", "Bluesky account handle for the session (search only)")
+    bluesky_app_password: Secret = _setting(
+        "BLUESKY_APP_PASSWORD", _str, Secret(""), "Bluesky app password (Settings > App passwords)", secret=True
+    )
+    bluesky_api_base: str = _setting("BLUESKY_API_BASE", _http_base, "https://public.api.bsky.app", "Bluesky AppView for public reads")
+    bluesky_pds_base: str = _setting("BLUESKY_PDS_BASE", _http_base, "https://bsky.social", "Bluesky PDS for the session and search")
+    mastodon_instance: str = _setting("MASTODON_INSTANCE", _http_base, "", "Mastodon instance base URL, e.g. https://mastodon.social")
+    mastodon_hashtags: tuple[str, ...] = _setting("MASTODON_HASHTAGS", _list, (), "hashtag timelines (without #) to archive")
+    mastodon_accounts: tuple[str, ...] = _setting("MASTODON_ACCOUNTS", _list, (), "accounts (@user@host) whose statuses to archive")
+    mastodon_access_token: Secret = _setting(
+        "MASTODON_ACCESS_TOKEN", _str, Secret(""), "optional Mastodon access token (instances that refuse public timelines)", secret=True
+    )
+    reddit_client_id: str = _setting("REDDIT_CLIENT_ID", _str, "", "Reddit app client id (approved API access)")
+    reddit_client_secret: Secret = _setting("REDDIT_CLIENT_SECRET", _str, Secret(""), "Reddit app client secret", secret=True)
+    reddit_user_agent: str = _setting(
+        "REDDIT_USER_AGENT", _str, "", "descriptive User-Agent Reddit requires, e.g. 'linux:org.example.archiver:1.0 (by /u/you)'"
+    )
+    reddit_subreddits: tuple[str, ...] = _setting("REDDIT_SUBREDDITS", _list, (), "subreddits (without r/) whose /new listing to archive")
+    reddit_api_base: str = _setting("REDDIT_API_BASE", _http_base, "https://oauth.reddit.com", "Reddit OAuth API base URL")
+    reddit_auth_base: str = _setting("REDDIT_AUTH_BASE", _http_base, "https://www.reddit.com", "Reddit token endpoint base URL")
+
     # Mock source.
     mock_seed: int = _setting("MOCK_SEED", _non_negative_int, 42, "seed of the mock source")
     mock_posts: int = _setting("MOCK_POSTS", _non_negative_int, 40, "how many posts the mock source offers")
