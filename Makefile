@@ -12,18 +12,26 @@ PY     := $(VENV)/bin/python
 
 $(PY):
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "Python 3.10 or newer is needed (found " + sys.version.split()[0] + ")")'
+	@echo "make: creating the virtual environment $(VENV) (first time only)"
 	$(PYTHON) -m venv $(VENV)
+	@echo "make: upgrading pip inside $(VENV)"
 	$(PY) -m pip install --quiet --upgrade pip
 
 $(VENV)/.runtime: requirements.txt | $(PY)
+	@echo "make: installing the runtime dependencies of requirements.txt into $(VENV) (about a minute the first time):"
+	@grep -Eo '^[A-Za-z0-9_.-]+' requirements.txt | tr '\n' ' ' | sed 's/^/make:   /'; echo
 	$(PY) -m pip install --quiet -r requirements.txt
+	@echo "make: dependencies installed"
 	@touch $@
 
 $(VENV)/.dev: requirements.txt requirements-dev.txt | $(PY)
+	@echo "make: installing the runtime and test dependencies (requirements-dev.txt) into $(VENV) (a minute or two the first time)"
 	$(PY) -m pip install --quiet -r requirements-dev.txt
+	@echo "make: dependencies installed"
 	@touch $@ $(VENV)/.runtime
 
 run: $(VENV)/.runtime
+	@echo "make: running the archiver (python etl.py run), then its fingerprints and report"
 	$(PY) etl.py run; code=$$?; $(PY) etl.py fingerprint >/dev/null && $(PY) etl.py report; exit $$code
 
 status: $(VENV)/.runtime

@@ -13,21 +13,41 @@ from collections.abc import Sequence
 from datetime import datetime, timezone
 from typing import IO
 
-from etl import __version__, cli_insights
+from etl import __version__, cli_insights, cli_trust
 from etl.backfill_limits import checked_chunk
-from etl.config import Settings, load_settings
+from etl.check import path_errors
+from etl.config import Settings, load_settings, merged_environment, misspelled_settings
 from etl.copystore import copy_store
 from etl.enrich import SentimentEnricher
-from etl.errors import ETLError, ExitCode, UsageError
+from etl.errors import ConfigError, ETLError, ExitCode, UsageError
 from etl.logs import RedactingFilter, setup_logging
 from etl.pipeline import Runner, RunRequest, RunStats
+from etl.progress import ProgressReporter
 from etl.reenrich import reenrich
+from etl.sources import REGISTRY
 from etl.status import collect_status, format_status, open_archive
 from etl.stopping import exit_now, leave_if_stalled
 
 log = logging.getLogger("etl")
-COMMANDS = ("run", "backfill", "reenrich", "status", "migrate", "copy-store", "fingerprint", "similar", "trends", "report")
-GLOBAL_OPTIONS = ("--log-format", "--log-level")  # options taking a value, placed before the command
+COMMANDS = (
+    "run", "backfill", "reenrich", "status", "migrate", "check", "copy-store", "fingerprint", "similar", "trends",
+    "report", "verify", "forget",
+)
+GLOBAL_OPTIONS = ("--log-format", "--log-level")  # options taking a value, before or after the command
+EXIT_CODES = """exit codes:
+  0   all archived (or: the command succeeded)
+  1   the run finished but some items failed; they are recorded and retried by the next run
+  2   bad configuration or usage; the message names the setting or option
+  75  another run holds the lock; nothing was done"""
+
+
+def _epilog(*examples: str, sources: bool = False) -> str:
+    parts = []
+    if sources:
+        parts.append("sources: " + ", ".join(sorted(REGISTRY)) + " (ETL_SOURCES is the default set of a bare run)")
+    parts.append(EXIT_CODES)
+    parts.append("examples:\n" + "\n".join(f"  {e}" for e in examples))
+    return "\n\n".join(parts)
 
 
 def parse_date(value: str) -> datetime:
@@ -51,65 +71,140 @@ def _positive_int(value: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    formatter = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(
-        prog="etl.py", description="Archive public social media posts: images to object storage, metadata to PostgreSQL."
+        prog="etl.py",
+        description="Archive public social media posts: images to object storage, metadata to PostgreSQL.\n"
+        "Without a command: `run` (an incremental run of the sources in ETL_SOURCES).",
+        formatter_class=formatter,
+        epilog=_epilog(
+            "python etl.py                          # what cron runs: every configured source",
+            "python etl.py check                    # is the configuration right, end to end?",
+            "python etl.py backfill --source youtube --since 2026-01-01",
+            "python etl.py COMMAND --help           # the options of one command",
+            sources=True,
+        ),
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument("--log-format", choices=("text", "json"), help="log lines as text or JSON (ETL_LOG_FORMAT)")
-    parser.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="ETL_LOG_LEVEL")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    # Global options are accepted before or after the command; after it, SUPPRESS keeps an absent one from
+    # overwriting the value given before it.
+    common = argparse.ArgumentParser(add_help=False)
+    for target, default in ((parser, None), (common, argparse.SUPPRESS)):
+        target.add_argument(
+            "--log-format", choices=("text", "json"), default=default, help="log lines as text or JSON (default: ETL_LOG_FORMAT)"
+        )
+        target.add_argument(
+            "--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"), default=default, help="default: ETL_LOG_LEVEL"
+        )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
 
-    run = sub.add_parser("run", help="incremental run of the configured sources (the default)")
-    run.add_argument("--source", action="append", dest="sources", metavar="NAME", help="a source to run (repeatable)")
+    def command(name: str, help_text: str, *examples: str, sources: bool = False) -> argparse.ArgumentParser:
+        return sub.add_parser(
+            name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".", parents=[common],
+            formatter_class=formatter, epilog=_epilog(*examples, sources=sources),
+        )  # fmt: skip
+
+    run = command(
+        "run", "incremental run of the configured sources (the default command)",
+        "python etl.py run                                   # every source in ETL_SOURCES",
+        "python etl.py run --source youtube --limit 50",
+        "kcat -C -t posts -e | python etl.py run --source jsonl --input -",
+        sources=True,
+    )  # fmt: skip
+    run.add_argument("--source", action="append", dest="sources", metavar="NAME", help="a source to run (repeatable; default: ETL_SOURCES)")
     run.add_argument("--limit", type=int, metavar="N", help="at most N posts per source")
     run.add_argument("--dry-run", action="store_true", help="fetch and score only; write nothing")
     run.add_argument("--input", metavar="FILE", help="for the jsonl source: a file, or - for standard input")
 
-    backfill = sub.add_parser("backfill", help="archive a date range of one source")
-    backfill.add_argument("--source", required=True, dest="sources", action="append", metavar="NAME")
-    backfill.add_argument("--since", required=True, type=parse_date, metavar="DATE")
-    backfill.add_argument("--until", type=parse_date, metavar="DATE", help="exclusive; default now")
-    backfill.add_argument("--chunk-days", type=float, default=1.0, metavar="D", help="days per chunk (default 1; at least a minute, at most 10,000 chunks)")
-    backfill.add_argument("--limit", type=int, metavar="N")
-    backfill.add_argument("--input", metavar="FILE")
+    backfill = command(
+        "backfill", "archive a date range of one source, in chunks, oldest first (resumable)",
+        "python etl.py backfill --source youtube --since 2026-01-01 --until 2026-02-01",
+        "python etl.py backfill --source twitter --since 2026-03-01 --chunk-days 0.25",
+        "python etl.py backfill --source jsonl --since 2025-01-01 --input old-posts.jsonl",
+        sources=True,
+    )  # fmt: skip
+    backfill.add_argument("--source", required=True, dest="sources", action="append", metavar="NAME", help="the source to backfill (repeatable)")
+    backfill.add_argument("--since", required=True, type=parse_date, metavar="DATE", help="first day (YYYY-MM-DD or ISO 8601; naive = UTC)")
+    backfill.add_argument("--until", type=parse_date, metavar="DATE", help="end of the range, exclusive (default: now)")
+    backfill.add_argument("--chunk-days", type=float, default=1.0, metavar="D", help="days per chunk (default 1; at least a minute, at most 10,000 chunks); finished chunks are skipped by a rerun")
+    backfill.add_argument("--limit", type=int, metavar="N", help="at most N posts per chunk")
+    backfill.add_argument("--input", metavar="FILE", help="for the jsonl source: a file, or - for standard input")
 
-    reenrich = sub.add_parser("reenrich", help="re-score stored posts with the current enricher (no fetching)")
-    reenrich.add_argument("--platform", metavar="NAME")
-    reenrich.add_argument("--since", type=parse_date, metavar="DATE")
+    reenrich = command(
+        "reenrich", "re-score stored posts with the current sentiment settings (no fetching)",
+        "python etl.py reenrich",
+        "python etl.py reenrich --platform twitter --since 2026-01-01",
+    )  # fmt: skip
+    reenrich.add_argument("--platform", metavar="NAME", help="only posts of this platform (default: all)")
+    reenrich.add_argument("--since", type=parse_date, metavar="DATE", help="only posts created on or after DATE")
 
-    status = sub.add_parser("status", help="last runs, totals, failures, watermarks")
+    status = command(
+        "status", "last runs, totals, failures, watermarks",
+        "python etl.py status", "python etl.py status --runs 30", "python etl.py status --json | jq '.runs[0]'",
+    )  # fmt: skip
     status.add_argument("--json", action="store_true", help="machine-readable output")
-    status.add_argument("--runs", type=_positive_int, default=10, metavar="N", help="how many runs to list")
+    status.add_argument("--runs", type=_positive_int, default=10, metavar="N", help="how many runs to list (default 10)")
 
-    sub.add_parser(
-        "copy-store", help="copy images archived in another object store into the configured one (verified, resumable)"
-    )
+    command("migrate", "apply the sql/ migrations (run does it too)", "python etl.py migrate")
 
-    sub.add_parser("migrate", help="apply the sql/ migrations")
-    cli_insights.add_parsers(sub, parse_date)
+    check = command(
+        "check", "check the whole configuration end to end: database, object store, sources, paths, spelling",
+        "python etl.py check", "S3_BUCKET=my-archive python etl.py check --create-bucket",
+    )  # fmt: skip
+    check.add_argument("--create-bucket", action="store_true", help="create S3_BUCKET when it does not exist")
+
+    command(
+        "copy-store", "copy images archived in another object store into the configured one (verified, resumable)",
+        "python etl.py copy-store                  # after setting S3_BUCKET on an archive kept in the local store",
+    )  # fmt: skip
+    cli_insights.add_parsers(command, parse_date)
+    cli_trust.add_parsers(command, parse_date)
     return parser
+
+
+def commands_of(parser: argparse.ArgumentParser) -> tuple[str, ...]:
+    """The command names the parser knows (every subparser block registers itself)."""
+    for action in parser._subparsers._group_actions if parser._subparsers else ():
+        if isinstance(action, argparse._SubParsersAction):
+            return tuple(action.choices)
+    return COMMANDS
 
 
 def main(argv: Sequence[str] | None = None, *, env: dict[str, str] | None = None, stdout: IO[str] | None = None) -> int:
     """Run the command line; returns the exit code. `env` replaces the environment (tests)."""
     out = stdout or sys.stdout
-    args_list = with_default_command(list(sys.argv[1:] if argv is None else argv))
     parser = build_parser()
-    args = parser.parse_args(args_list)
     try:
-        settings = load_settings(env, dotenv_path=".env" if env is None else None)
-    except ETLError as exc:
-        setup_logging("INFO", "text")
+        args_list = with_default_command(list(sys.argv[1:] if argv is None else argv), commands_of(parser))
+    except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return int(exc.exit_code)
-    setup_logging(
-        args.log_level or settings.log_level, args.log_format or settings.log_format, settings.secrets(), settings.log_file
-    )
+    args = parser.parse_args(args_list)
+    command = args.command or "run"
+    setup_logging("INFO", "text")  # until the settings are read (a bad .env line is reported on stderr)
+    try:
+        environment = merged_environment(".env") if env is None else dict(env)
+        settings = load_settings(environment, dotenv_path=None)
+        writes = ("log_file", "metrics_path") if command in ("run", "backfill") else ("log_file",)
+        unwritable = path_errors(settings, writes)
+        if unwritable and command != "check":  # `check` reports them in its table
+            raise unwritable[0]
+    except ETLError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return int(exc.exit_code)
+    log_file = "" if command == "check" and unwritable else settings.log_file
+    setup_logging(args.log_level or settings.log_level, args.log_format or settings.log_format, settings.secrets(), log_file)
+    if command != "check":
+        for name, meant in misspelled_settings(environment):
+            log.warning("%s is not a setting of ours (ignored); did you mean %s?", name, meant)
     redact = RedactingFilter(settings.secrets()).redact
     try:
+        if command == "check":
+            return _check(args, settings, environment, out)
         return _dispatch(args, settings, out)
     except ETLError as exc:
-        log.error("%s", exc)
+        # On a terminal the `error:` line is enough; the log file (and a non-terminal stderr) keep the log line.
+        log.error("%s", exc, extra={"console": False} if sys.stderr.isatty() else {})
         print(f"error: {redact(str(exc))}", file=sys.stderr)
         return int(exc.exit_code)
     except KeyboardInterrupt:
@@ -142,13 +237,24 @@ def _on_sigterm(stop: threading.Event) -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
-def with_default_command(args: list[str]) -> list[str]:
-    """`etl.py [global options] [run options]` means `etl.py [global options] run [run options]`."""
-    if any(a in COMMANDS for a in args) or any(a in ("-h", "--help", "--version") for a in args):
-        return args
+def with_default_command(args: list[str], commands: Sequence[str] = COMMANDS) -> list[str]:
+    """`etl.py [global options] [run options]` means `etl.py [global options] run [run options]`.
+
+    A word where the command goes that is not one is a UsageError listing the commands.
+    """
     i = 0
     while i < len(args) and args[i].split("=", 1)[0] in GLOBAL_OPTIONS:
         i += 1 if "=" in args[i] else 2
+    if i >= len(args):
+        return [*args, "run"]
+    word = args[i]
+    if word in commands or word in ("-h", "--help", "--version"):
+        return args
+    if not word.startswith("-"):
+        raise UsageError(
+            f"{word!r} is not a command. Commands: {', '.join(commands)} (without one: run). "
+            "See `python etl.py --help`."
+        )
     return [*args[:i], "run", *args[i:]]
 
 
@@ -159,6 +265,11 @@ def _dispatch(args: argparse.Namespace, settings: Settings, out: IO[str]) -> int
     if command in ("run", "backfill"):
         if args.limit is not None and args.limit < 0:
             raise UsageError("--limit must be zero or more")
+        if not args.sources and not settings.sources:
+            raise ConfigError(
+                "ETL_SOURCES is not set: with DATABASE_URL set, a bare run does not fall back to the mock source; "
+                "set ETL_SOURCES (for example ETL_SOURCES=youtube,twitter) or pass --source NAME"
+            )
         request = RunRequest(
             mode=command,
             sources=args.sources or list(settings.sources),
@@ -173,12 +284,12 @@ def _dispatch(args: argparse.Namespace, settings: Settings, out: IO[str]) -> int
                 raise UsageError("--until must be after --since")
             chunk = checked_chunk(args.since, args.until or datetime.now(timezone.utc), args.chunk_days)
             request.since, request.until, request.chunk = args.since, args.until, chunk
-        bar = ProgressBar(sys.stderr) if command == "backfill" and sys.stderr.isatty() else None
-        runner = Runner(settings, stop=stop, progress=bar)
-        stats = runner.execute(request)
-        if bar:
-            bar.close()
-        _print_run_summary(out, stats, runner, settings, dry_run=request.dry_run)
+        runner = Runner(settings, stop=stop)
+        title = _title(request)
+        tty = sys.stderr.isatty()
+        with ProgressReporter(runner.live, title=title, tty=tty, interval=settings.progress_seconds, stream=sys.stderr):
+            stats = runner.execute(request)
+        _print_run_summary(out, stats, runner, settings, title=title)
         if stop.is_set():
             leave_if_stalled(int(stats.exit_code))
         return int(stats.exit_code)
@@ -198,6 +309,10 @@ def _dispatch(args: argparse.Namespace, settings: Settings, out: IO[str]) -> int
         else:
             print(format_status(report), file=out)
         return int(ExitCode.OK)
+    if command == "verify":
+        return cli_trust.verify_command(args, settings, out, stop)
+    if command == "forget":
+        return cli_trust.forget_command(args, settings, out)
     runner = Runner(settings)
     runner.open_services(store=False)
     assert runner.db is not None
@@ -213,7 +328,7 @@ def _reenrich(args: argparse.Namespace, settings: Settings, out: IO[str], stop: 
     runner.open_services(store=False)
     db = runner.db
     assert db is not None
-    enricher = SentimentEnricher(settings.sentiment_threshold)
+    enricher = SentimentEnricher(settings.sentiment_threshold, detect_language=settings.detect_language)
     stats = RunStats()
     scope = [args.platform or "*"]
     run_id = db.start_run("reenrich", scope, _recorded(args))
@@ -229,7 +344,7 @@ def _reenrich(args: argparse.Namespace, settings: Settings, out: IO[str], stop: 
         f"\nRe-enrichment ({enricher.version}): {status} in {stats.seconds:.1f}s\n"
         f"  posts    scored {stats.fetched}, changed {stats.updated}, unchanged {stats.unchanged}\n"
         f"  sentiment positive {stats.sentiment['positive']}, neutral {stats.sentiment['neutral']}, "
-        f"negative {stats.sentiment['negative']}",
+        f"negative {stats.sentiment['negative']}, not scored {stats.sentiment['unscored']} (not English)",
         file=out,
     )
     return int(stats.exit_code)
@@ -239,26 +354,6 @@ def _json_default(value: object) -> object:
     if isinstance(value, datetime):
         return value.isoformat()
     return str(value)
-
-
-class ProgressBar:
-    """A one-line progress bar on a terminal (never under cron: only used when stderr is a TTY)."""
-
-    def __init__(self, stream: IO[str], width: int = 30):
-        self.stream = stream
-        self.width = width
-
-    def __call__(self, done: int, total: int, stats: RunStats) -> None:
-        filled = int(self.width * done / total) if total else self.width
-        self.stream.write(
-            f"\r[{'#' * filled}{'.' * (self.width - filled)}] {done}/{total} chunks, {stats.fetched} posts, "
-            f"{stats.images_stored} images"
-        )
-        self.stream.flush()
-
-    def close(self) -> None:
-        self.stream.write("\n")
-        self.stream.flush()
 
 
 def _source_options(args: argparse.Namespace) -> dict[str, dict[str, object]]:
@@ -272,12 +367,32 @@ def _recorded(args: argparse.Namespace) -> dict[str, object]:
     return {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in vars(args).items() if v is not None}
 
 
-def _print_run_summary(out: IO[str], stats: RunStats, runner: Runner, settings: Settings, *, dry_run: bool) -> None:
+def _title(request: RunRequest) -> str:
+    """What ran, for the summary and the progress display: `Run of mock`, `Backfill of youtube, 2026-01-01 to now`."""
+    names = ", ".join(request.sources)
+    if request.dry_run:
+        return f"Dry run (nothing written) of {names}"
+    if request.mode == "backfill" and request.since is not None:
+        until = f"{request.until:%Y-%m-%d %H:%M}" if request.until else "now"
+        return f"Backfill of {names}, {request.since:%Y-%m-%d %H:%M} to {until}"
+    return f"Run of {names}"
+
+
+def _check(args: argparse.Namespace, settings: Settings, environment: dict[str, str], out: IO[str]) -> int:
+    from etl.check import exit_code, format_checks, run_checks
+
+    checks = run_checks(settings, environment, create_bucket=args.create_bucket)
+    print(RedactingFilter(settings.secrets()).redact(format_checks(checks)), file=out)
+    return exit_code(checks)
+
+
+def _print_run_summary(out: IO[str], stats: RunStats, runner: Runner, settings: Settings, *, title: str) -> None:
     log.info("summary: %s", stats.summary_line())
+    dry_run = title.startswith("Dry run")
     s = stats.sentiment
     lines = [
         "",
-        ("Dry run (nothing written): " if dry_run else "Archive run: ") + f"{stats.status} in {stats.seconds:.1f}s",
+        f"{title}: {stats.status} in {stats.seconds:.1f}s",
         f"  posts    fetched {stats.fetched}, inserted {stats.inserted}, updated {stats.updated}, "
         f"unchanged {stats.unchanged}, rejected {stats.rejected}",
     ]
@@ -286,13 +401,25 @@ def _print_run_summary(out: IO[str], stats: RunStats, runner: Runner, settings: 
             f"  images   stored {stats.images_stored}, already archived {stats.images_skipped}, failed {stats.images_failed}"
             + (f" (of which {stats.images_retried} retried from earlier runs)" if stats.images_retried else "")
         )
-    lines.append(f"  sentiment positive {s['positive']}, neutral {s['neutral']}, negative {s['negative']}")
+    lines.append(
+        f"  sentiment positive {s['positive']}, neutral {s['neutral']}, negative {s['negative']}"
+        + (f", not scored {s['unscored']} (not English)" if s["unscored"] else "")
+    )
+    if stats.deleted_at_source or stats.forgotten_skipped:
+        lines.append(
+            f"  deletions {stats.deleted_at_source} post(s) gone at source ({settings.deleted_at_source}), "
+            f"{stats.forgotten_skipped} forgotten post(s) not archived again"
+        )
     if stats.quota_used:
         lines.append(f"  API quota units used {stats.quota_used}")
     if not dry_run and runner.db is not None and runner.store is not None:
         lines.append(f"  database {runner.db.display}")
         lines.append(f"  images   {runner.store.describe()}")
-    if stats.errors:
-        lines.append(f"  {len(stats.errors)} problem(s), first ones:")
-        lines.extend(f"    - {e}" for e in stats.errors[:10])
+    if stats.error_count:
+        # One count everywhere: the ledger's error_count. Every problem is a WARNING/ERROR log line.
+        where = settings.log_file or "stderr"
+        kept = f"; the first 50 are in etl_runs.errors of run {runner.run_id}" if runner.run_id else ""
+        shown = min(10, len(stats.errors))
+        lines.append(f"  problems {stats.error_count} (the first {shown} below; every one is logged in {where}{kept})")
+        lines.extend(f"    - {e}" for e in stats.errors[:shown])
     print("\n".join(lines), file=out)

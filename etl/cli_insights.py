@@ -15,7 +15,8 @@ from etl.errors import ExitCode, UsageError
 COMMANDS = ("fingerprint", "similar", "trends", "report")
 
 
-def add_parsers(sub: Any, parse_date: Callable[[str], datetime]) -> None:
+def add_parsers(command: Callable[..., Any], parse_date: Callable[[str], datetime]) -> None:
+    """The insight commands, through the CLI's `command(name, help, *examples)` (help with examples and exit codes)."""
     from etl.trends import parse_duration
 
     def duration(value: str) -> Any:
@@ -24,24 +25,35 @@ def add_parsers(sub: Any, parse_date: Callable[[str], datetime]) -> None:
         except ValueError as exc:
             raise argparse.ArgumentTypeError(str(exc)) from None
 
-    fingerprint = sub.add_parser("fingerprint", help="perceptual hashes for stored images that have none (resumable)")
+    fingerprint = command(
+        "fingerprint", "perceptual hashes for stored images that have none (resumable)", "python etl.py fingerprint"
+    )
     fingerprint.add_argument("--workers", type=int, default=4, metavar="N", help="objects read and hashed at once (default 4)")
 
-    similar = sub.add_parser("similar", help="where a post's images were seen again (exact, then near duplicates)")
-    similar.add_argument("--post", required=True, metavar="PLATFORM:POST_ID")
+    similar = command(
+        "similar", "where a post's images were seen again (exact, then near duplicates)",
+        "python etl.py similar --post youtube:dQw4w9WgXcQ", "python etl.py similar --post twitter:1849 --json",
+    )  # fmt: skip
+    similar.add_argument("--post", required=True, metavar="PLATFORM:POST_ID", help="the post whose images to look for")
     similar.add_argument("--json", action="store_true", help="machine-readable output")
 
-    trends = sub.add_parser("trends", help="rising hashtags: the last window against its trailing baseline")
+    trends = command(
+        "trends", "rising hashtags: the last window against its trailing baseline",
+        "python etl.py trends", "python etl.py trends --window 6h --baseline 7d --platform mastodon --json",
+    )  # fmt: skip
     trends.add_argument("--window", type=duration, default=duration("24h"), metavar="DURATION", help="default 24h")
     trends.add_argument("--baseline", type=duration, default=duration("28d"), metavar="DURATION", help="default 28d")
-    trends.add_argument("--platform", metavar="NAME")
+    trends.add_argument("--platform", metavar="NAME", help="only this platform (default: all)")
     trends.add_argument("--limit", type=int, default=25, metavar="N", help="hashtags listed (default 25)")
     trends.add_argument("--json", action="store_true", help="machine-readable output")
 
-    report = sub.add_parser("report", help="one self-contained HTML report of the archive")
-    report.add_argument("--since", type=parse_date, metavar="DATE")
+    report = command(
+        "report", "one self-contained HTML report of the archive",
+        "python etl.py report", "python etl.py report --since 2026-11-01 --platform bluesky --out november.html",
+    )  # fmt: skip
+    report.add_argument("--since", type=parse_date, metavar="DATE", help="only posts created on or after DATE")
     report.add_argument("--until", type=parse_date, metavar="DATE", help="exclusive")
-    report.add_argument("--platform", metavar="NAME")
+    report.add_argument("--platform", metavar="NAME", help="only this platform (default: all)")
     report.add_argument("--out", metavar="FILE.html", help="default ETL_DATA_DIR/report.html")
 
 

@@ -117,6 +117,13 @@ def _s3_prefix(raw: str) -> str:
     return value
 
 
+def _deleted_policy(raw: str) -> str:
+    value = raw.strip().lower()
+    if value not in ("mark", "forget"):
+        raise ValueError("expected mark or forget")
+    return value
+
+
 def _http_base(raw: str) -> str:
     value = raw.strip().rstrip("/")
     if urlsplit(value).scheme not in ("http", "https") or not urlsplit(value).netloc:
@@ -145,7 +152,9 @@ class Settings:
     )
 
     # Which sources a bare run uses.
-    sources: tuple[str, ...] = _setting("ETL_SOURCES", _list, ("mock",), "comma list of sources for a bare `python etl.py`")
+    sources: tuple[str, ...] = _setting(
+        "ETL_SOURCES", _list, (), "comma list of sources for a bare `python etl.py`; unset = mock, on the embedded set-up only"
+    )
 
     # Platform credentials and modes.
     youtube_api_key: Secret = _setting("YOUTUBE_API_KEY", _str, Secret(""), "YouTube Data API v3 key", secret=True)
@@ -167,6 +176,29 @@ class Settings:
     instagram_own_media: bool = _setting(
         "INSTAGRAM_OWN_MEDIA", _bool, True, "archive the account's own media (false: only INSTAGRAM_HASHTAGS)"
     )
+
+    bluesky_actors: tuple[str, ...] = _setting("BLUESKY_ACTORS", _list, (), "Bluesky handles or DIDs whose author feeds to archive")
+    bluesky_query: str = _setting("BLUESKY_QUERY", _str, "", "Bluesky post search (searchPosts, needs BLUESKY_HANDLE and BLUESKY_APP_PASSWORD)")
+    bluesky_handle: str = _setting("BLUESKY_HANDLE", _str, "", "Bluesky account handle for the session (search only)")
+    bluesky_app_password: Secret = _setting(
+        "BLUESKY_APP_PASSWORD", _str, Secret(""), "Bluesky app password (Settings > App passwords)", secret=True
+    )
+    bluesky_api_base: str = _setting("BLUESKY_API_BASE", _http_base, "https://public.api.bsky.app", "Bluesky AppView for public reads")
+    bluesky_pds_base: str = _setting("BLUESKY_PDS_BASE", _http_base, "https://bsky.social", "Bluesky PDS for the session and search")
+    mastodon_instance: str = _setting("MASTODON_INSTANCE", _http_base, "", "Mastodon instance base URL, e.g. https://mastodon.social")
+    mastodon_hashtags: tuple[str, ...] = _setting("MASTODON_HASHTAGS", _list, (), "hashtag timelines (without #) to archive")
+    mastodon_accounts: tuple[str, ...] = _setting("MASTODON_ACCOUNTS", _list, (), "accounts (@user@host) whose statuses to archive")
+    mastodon_access_token: Secret = _setting(
+        "MASTODON_ACCESS_TOKEN", _str, Secret(""), "optional Mastodon access token (instances that refuse public timelines)", secret=True
+    )
+    reddit_client_id: str = _setting("REDDIT_CLIENT_ID", _str, "", "Reddit app client id (approved API access)")
+    reddit_client_secret: Secret = _setting("REDDIT_CLIENT_SECRET", _str, Secret(""), "Reddit app client secret", secret=True)
+    reddit_user_agent: str = _setting(
+        "REDDIT_USER_AGENT", _str, "", "descriptive User-Agent Reddit requires, e.g. 'linux:org.example.archiver:1.0 (by /u/you)'"
+    )
+    reddit_subreddits: tuple[str, ...] = _setting("REDDIT_SUBREDDITS", _list, (), "subreddits (without r/) whose /new listing to archive")
+    reddit_api_base: str = _setting("REDDIT_API_BASE", _http_base, "https://oauth.reddit.com", "Reddit OAuth API base URL")
+    reddit_auth_base: str = _setting("REDDIT_AUTH_BASE", _http_base, "https://www.reddit.com", "Reddit token endpoint base URL")
 
     # Mock source.
     mock_seed: int = _setting("MOCK_SEED", _non_negative_int, 42, "seed of the mock source")
@@ -214,6 +246,18 @@ class Settings:
     )
     trends_min_count: int = _setting("ETL_TRENDS_MIN_COUNT", _positive_int, 5, "posts a hashtag needs in the window to rank in trends")
     metrics_path: str = _setting("ETL_METRICS_PATH", _str, "", "Prometheus textfile written after each run")
+    progress_seconds: float = _setting(
+        "ETL_PROGRESS_SECONDS", _non_negative_float, 30.0, "without a terminal (cron): a progress log line this often (s); 0 = none"
+    )
+
+    # Trust over years: language, deletions (README: Language, Deletions).
+    detect_language: bool = _setting(
+        "ETL_DETECT_LANGUAGE", _bool, True, "guess a caption's language when the platform gives none (py3langid)"
+    )
+    deleted_at_source: str = _setting(
+        "ETL_DELETED_AT_SOURCE", _deleted_policy, "mark",
+        "when a platform says a post we hold is gone: mark (keep it, set deleted_at_source) or forget (remove it)",
+    )  # fmt: skip
 
     def __repr__(self) -> str:
         shown = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self))
@@ -264,20 +308,14 @@ _NAME_OK = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 def load_settings(env: Mapping[str, str] | None = None, dotenv_path: str | Path | None = ".env") -> Settings:
     """Build Settings from `env` (default: os.environ over the values in .env)."""
     if env is None:
-        env = dict(os.environ)
-        if dotenv_path and Path(dotenv_path).is_file():
-            from dotenv import dotenv_values
-
-            file_values = {k: v for k, v in dotenv_values(dotenv_path).items() if v is not None}
-            env = {**file_values, **env}
-            # boto3 reads its own variables from the process environment.
-            for name in BOTO3_VARIABLES + ("AWS_REGION", "AWS_DEFAULT_REGION"):
-                if name in file_values and name not in os.environ:
-                    os.environ[name] = file_values[name]
+        env = merged_environment(dotenv_path)
     values: dict[str, Any] = {}
     for f in fields(Settings):
         name = f.metadata["env"]
         raw = env.get(name)
+        if name == "ETL_SOURCES" and raw is not None and not _list(raw):
+            # Set but empty: a cron job with a mistyped list must not fall back to the mock source.
+            raise ConfigError("ETL_SOURCES is set but empty: name the sources (for example ETL_SOURCES=youtube,twitter)")
         if raw is None or raw.strip() == "":
             continue
         try:
@@ -286,6 +324,8 @@ def load_settings(env: Mapping[str, str] | None = None, dotenv_path: str | Path 
             shown = "***" if f.metadata["secret"] else repr(raw)
             raise ConfigError(f"{name}={shown} is invalid: {exc}") from None
         values[f.name] = Secret(value) if f.metadata["secret"] else value
+    if "sources" not in values and not values.get("database_url"):
+        values["sources"] = ("mock",)  # the embedded default set-up (no DATABASE_URL) runs the mock source
     settings = Settings(**values)
     for source in settings.sources:
         if not _NAME_OK.match(source):
@@ -293,3 +333,66 @@ def load_settings(env: Mapping[str, str] | None = None, dotenv_path: str | Path 
     if settings.database_url and not settings.database_url.reveal().startswith(("postgres://", "postgresql://")):
         raise ConfigError(f"DATABASE_URL must start with postgresql:// (got {mask_url_password(settings.database_url.reveal())})")
     return settings
+
+
+def merged_environment(dotenv_path: str | Path | None = ".env") -> dict[str, str]:
+    """os.environ over the values in .env; boto3's own variables from .env are put into os.environ for it."""
+    env = dict(os.environ)
+    if dotenv_path and Path(dotenv_path).is_file():
+        file_values = read_dotenv(Path(dotenv_path))
+        env = {**file_values, **env}
+        # boto3 reads its own variables from the process environment.
+        for name in BOTO3_VARIABLES + ("AWS_REGION", "AWS_DEFAULT_REGION"):
+            if name in file_values and name not in os.environ:
+                os.environ[name] = file_values[name]
+    return env
+
+
+def read_dotenv(path: Path) -> dict[str, str]:
+    """The values of a .env file; a line python-dotenv cannot parse is a warning naming the file and line."""
+    import logging
+
+    from dotenv import dotenv_values
+
+    dotenv_log = logging.getLogger("dotenv.main")
+    unparsed: list[str] = []
+
+    class _Collect(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            unparsed.append(record.getMessage())
+            return False  # said once, below, with the file's name
+
+    collect = _Collect()
+    dotenv_log.addFilter(collect)
+    try:
+        values = {k: v for k, v in dotenv_values(path).items() if v is not None}
+    finally:
+        dotenv_log.removeFilter(collect)
+    for message in unparsed:
+        line = re.search(r"line (\d+)", message)
+        where = f"{path}, line {line.group(1)}" if line else str(path)
+        logging.getLogger(__name__).warning("%s: cannot parse this line (ignored); expected NAME=value", where)
+    return values
+
+
+# Prefixes of our settings (and of the platforms coming next); an unknown variable with one of them is
+# probably a misspelling.
+# AWS_ is left out: boto3 and the AWS CLI read dozens of AWS_ variables (AWS_ENDPOINT_URL_S3 is not a typo).
+SETTING_PREFIXES = ("ETL_", "S3_", "DATABASE_", "YOUTUBE_", "TWITTER_", "INSTAGRAM_", "BLUESKY_", "MASTODON_", "REDDIT_", "MOCK_", "SENTIMENT_")
+# Read under those prefixes by our own scripts (scripts/cron_run.sh), not by Settings.
+_OTHER_KNOWN = ("ETL_PYTHON", "ETL_CRON_LOG")
+
+
+def misspelled_settings(env: Mapping[str, str]) -> list[tuple[str, str]]:
+    """(variable, the setting it probably means) for each unknown variable with our prefixes close to a known one."""
+    import difflib
+
+    known = [f.metadata["env"] for f in fields(Settings)] + ["DATABASE_URL", *_OTHER_KNOWN]
+    found = []
+    for name in sorted(env):
+        if name in known or not name.upper().startswith(SETTING_PREFIXES):
+            continue
+        close = difflib.get_close_matches(name.upper(), known, n=1, cutoff=0.8)
+        if close:
+            found.append((name, close[0]))
+    return found

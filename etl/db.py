@@ -92,6 +92,7 @@ class UpsertCounts:
     inserted: int = 0
     updated: int = 0
     unchanged: int = 0
+    snapshots: int = 0  # engagement snapshots written (record_engagement)
 
 
 class Database:
@@ -413,13 +414,15 @@ class Database:
 _POST_COLUMNS = (
     "platform", "post_id", "author_username", "caption", "sentiment", "sentiment_polarity",
     "sentiment_subjectivity", "sentiment_version", "image_s3_url", "like_count", "comment_count",
-    "permalink", "hashtags", "raw", "created_at", "caption_truncated",
+    "permalink", "hashtags", "raw", "created_at", "caption_truncated", "language", "language_source",
+    "sentiment_skipped",
 )  # fmt: skip
 # What a rerun may change. raw is refreshed with them but alone does not count as a change
 # (APIs put expiring URLs and request ids in it).
 _POST_MUTABLE = (
     "author_username", "caption", "sentiment", "sentiment_polarity", "sentiment_subjectivity",
-    "sentiment_version", "like_count", "comment_count", "permalink", "hashtags", "caption_truncated",
+    "sentiment_version", "like_count", "comment_count", "permalink", "hashtags", "caption_truncated", "language",
+    "language_source", "sentiment_skipped",
 )  # fmt: skip
 
 UPSERT_POSTS_SQL = (
@@ -444,7 +447,7 @@ def _post_row(post: Post, first_image_url: str | None, sentiment_version: str | 
         s.label if s else None,
         s.polarity if s else None,
         s.subjectivity if s else None,
-        sentiment_version if s else None,
+        sentiment_version if s or post.sentiment_skipped else None,
         first_image_url,
         post.like_count,
         post.comment_count,
@@ -453,6 +456,9 @@ def _post_row(post: Post, first_image_url: str | None, sentiment_version: str | 
         _adapt_json(clean_json(post.raw)) if post.raw is not None else None,
         post.created_at,
         post.caption_truncated,
+        post.language,
+        post.language_source,
+        post.sentiment_skipped,
     )
 
 
@@ -489,7 +495,8 @@ UPSERT_MEDIA_SQL = (
     " sha256 = EXCLUDED.sha256, bytes = EXCLUDED.bytes, content_type = EXCLUDED.content_type,"
     " width = EXCLUDED.width, height = EXCLUDED.height, status = EXCLUDED.status,"
     " permanent = EXCLUDED.permanent, attempts = m.attempts + 1, last_error = EXCLUDED.last_error,"
-    " stored_at = EXCLUDED.stored_at, updated_at = now()"
+    " stored_at = EXCLUDED.stored_at, updated_at = now(),"
+    " fixity = CASE WHEN EXCLUDED.status = 'stored' THEN NULL ELSE m.fixity END"  # a repaired image: not yet checked
     " WHERE m.status <> 'stored'"  # an archived image is never downgraded
 )
 _MEDIA_TEMPLATE = "(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, 1, %s, CASE WHEN %s THEN now() END)"
@@ -533,21 +540,65 @@ def known_media(
 
 def stored_sentiments(
     cur: psycopg2.extensions.cursor, keys: Sequence[tuple[str, str]], version: str
-) -> dict[tuple[str, str], tuple[str, Sentiment]]:
-    """For these posts, the caption and score of those already scored by enricher `version`, keyed
-    (platform, post_id): a caption seen again unchanged need not be scored again."""
+) -> dict[tuple[str, str], tuple[str, Sentiment | None, str | None, str | None, str | None]]:
+    """For these posts, the caption, score and language of those already decided by enricher `version` (a
+    score, or none for a language TextBlob cannot score), keyed (platform, post_id): a caption seen again
+    unchanged need not be scored (nor its language detected) again."""
     if not keys:
         return {}
     cur.execute(
-        "SELECT p.platform, p.post_id, p.caption, p.sentiment, p.sentiment_polarity, p.sentiment_subjectivity"
+        "SELECT p.platform, p.post_id, p.caption, p.sentiment, p.sentiment_polarity, p.sentiment_subjectivity,"
+        " p.language, p.language_source, p.sentiment_skipped"
         " FROM social_posts p JOIN (SELECT * FROM unnest(%s::text[], %s::text[]) AS k(platform, post_id)) k"
         " USING (platform, post_id) WHERE p.sentiment_version = %s AND p.caption IS NOT NULL",
         ([k[0] for k in keys], [clean_text(k[1]) for k in keys], version),
     )
     return {
-        (platform, post_id): (caption, Sentiment(polarity, subjectivity, label))
-        for platform, post_id, caption, label, polarity, subjectivity in cur.fetchall()
+        (platform, post_id): (
+            caption, Sentiment(polarity, subjectivity, label) if label else None, language, source, skipped
+        )
+        for platform, post_id, caption, label, polarity, subjectivity, language, source, skipped in cur.fetchall()
     }
+
+
+def record_engagement(cur: psycopg2.extensions.cursor, posts: Sequence[Post]) -> int:
+    """Snapshot the counts of these posts where they differ from the post's latest snapshot (or it has none):
+    one statement per batch, unchanged counts write nothing. Returns how many snapshots were written."""
+    latest: dict[tuple[str, str], Post] = {}
+    for post in posts:
+        if post.like_count is not None or post.comment_count is not None:
+            latest[(post.platform, clean_text(post.post_id))] = post
+    if not latest:
+        return 0
+    cur.execute(
+        "INSERT INTO post_engagement (platform, post_id, like_count, comment_count)"
+        " SELECT v.platform, v.post_id, v.likes, v.comments"
+        " FROM unnest(%s::text[], %s::text[], %s::bigint[], %s::bigint[]) AS v(platform, post_id, likes, comments)"
+        " JOIN social_posts p ON p.platform = v.platform AND p.post_id = v.post_id"
+        " LEFT JOIN LATERAL (SELECT e.like_count, e.comment_count FROM post_engagement e"
+        "  WHERE e.platform = v.platform AND e.post_id = v.post_id ORDER BY e.observed_at DESC LIMIT 1) prev ON true"
+        " WHERE (prev.like_count, prev.comment_count) IS DISTINCT FROM (v.likes, v.comments)"
+        " ON CONFLICT DO NOTHING",
+        (
+            [k[0] for k in latest],
+            [k[1] for k in latest],
+            [p.like_count for p in latest.values()],
+            [p.comment_count for p in latest.values()],
+        ),
+    )
+    return cur.rowcount
+
+
+def forgotten(cur: psycopg2.extensions.cursor, keys: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:
+    """Which of these (platform, post_id) have a tombstone (etl.py forget): never to be archived again."""
+    if not keys:
+        return set()
+    cur.execute(
+        "SELECT f.platform, f.post_id FROM forgotten_posts f"
+        " JOIN (SELECT * FROM unnest(%s::text[], %s::text[]) AS k(platform, post_id)) k USING (platform, post_id)",
+        ([k[0] for k in keys], [clean_text(k[1]) for k in keys]),
+    )
+    return {(row[0], row[1]) for row in cur.fetchall()}
 
 
 def set_first_image_urls(cur: psycopg2.extensions.cursor, media: Sequence[Media]) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from etl.language import LanguageDetector, english_or_unknown
 from etl.records import Post, Sentiment, clean_text
 
 # URLs and @mentions carry no sentiment and confuse the lexicon; '#' is dropped so #love counts as love.
@@ -63,10 +64,13 @@ def english_sentiment() -> Callable[[str], Any]:
 class SentimentEnricher:
     """Scores captions: polarity >= threshold is positive, <= -threshold negative, else neutral."""
 
-    def __init__(self, threshold: float = 0.05):
+    def __init__(self, threshold: float = 0.05, *, detect_language: bool = True):
         self.threshold = threshold
-        # Recorded on every scored row, so a later model or threshold change can find what to re-score.
-        self.version = f"textblob-{version('textblob')}:pattern:t={threshold:g}"
+        self.detector = LanguageDetector() if detect_language else None
+        # Recorded on every row it decided (scored or not), so a later model, language rule or threshold
+        # change can find what to re-score.
+        detector = self.detector.version() if self.detector else "none"
+        self.version = f"textblob-{version('textblob')}:pattern:en-only:{detector}:t={threshold:g}"
         self._score = lru_cache(maxsize=4096)(self._score_text)
 
     def label(self, polarity: float) -> str:
@@ -98,11 +102,39 @@ class SentimentEnricher:
             return Sentiment(0.0, 0.0, "neutral")
         return self._score(text)
 
-    def enrich(self, post: Post, stored: tuple[str, Sentiment] | None = None) -> Post:
-        """The post with its caption's score. The caption is scored as it is stored (clean_text), so a run and
-        a reenrich of the stored row agree; `stored` is (caption, score) of the post's row when this enricher
-        version scored it, reused when the caption is the same."""
+    def decide_caption(
+        self, caption: str | None, platform_language: str | None = None
+    ) -> tuple[Sentiment | None, str | None, str | None, str | None]:
+        """(score, language, language source, why not scored) of a caption as stored. The language is the
+        platform's when it gave one, else detected, else unknown; TextBlob's lexicon is English, so a caption
+        known to be in another language gets no label (not "neutral"). Unknown languages are scored."""
+        if platform_language:
+            language, source = platform_language, "platform"
+        else:
+            detected = self.detector.detect(caption) if self.detector else None
+            language, source = (detected, "detected") if detected else (None, None)
+        if not english_or_unknown(language):
+            return None, language, source, f"language {language.split('-', 1)[0]}"
+        return self.score(caption), language, source, None
+
+    def decide(self, post: Post, caption: str | None) -> Post:
+        platform_language = post.language if post.language_source == "platform" else None
+        sentiment, language, source, skipped = self.decide_caption(caption, platform_language)
+        return replace(post, sentiment=sentiment, language=language, language_source=source, sentiment_skipped=skipped)
+
+    def enrich(self, post: Post, stored: tuple[Any, ...] | None = None) -> Post:
+        """The post with its caption's language and score. The caption is scored as it is stored (clean_text), so
+        a run and a reenrich of the stored row agree; `stored` is (caption, score[, language, language_source,
+        sentiment_skipped]) of the post's row when this enricher version decided it, reused when the caption is
+        the same (and the platform does not now give another language)."""
         caption = clean_text(post.caption)
         if stored is not None and caption and stored[0] == caption:
-            return replace(post, sentiment=stored[1])
-        return replace(post, sentiment=self.score(caption))
+            language, source, skipped = (tuple(stored[2:5]) + (None, None, None))[:3]
+            platform_changed = post.language_source == "platform" and post.language != language
+            if not platform_changed:
+                if len(stored) < 3:  # a score alone: the caller did not keep the language
+                    return replace(post, sentiment=stored[1])
+                return replace(
+                    post, sentiment=stored[1], language=language, language_source=source, sentiment_skipped=skipped
+                )
+        return self.decide(post, caption)

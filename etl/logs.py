@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, nullcontext
 from datetime import datetime, timezone
 
 REDACTED = "***"
@@ -57,6 +58,26 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False, default=str)
 
 
+class ConsoleHandler(logging.StreamHandler):
+    """The stderr handler. A live progress display sets `pause` so that a log line is written with the bar
+    cleared and redrawn after it (never on the same line); a record logged with extra={"console": False}
+    is left to the other handlers (the CLI prints that error itself on a terminal)."""
+
+    def __init__(self, stream=None):
+        super().__init__(stream)
+        self.pause: Callable[[], AbstractContextManager[object]] | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if getattr(record, "console", True) is False:
+            return
+        with self.pause() if self.pause else nullcontext():
+            super().emit(record)
+
+
+def console_handler() -> ConsoleHandler | None:
+    return next((h for h in logging.getLogger().handlers if isinstance(h, ConsoleHandler)), None)
+
+
 def setup_logging(level: str, fmt: str, secrets: Iterable[str] = (), log_file: str = "", stream=None) -> None:
     root = logging.getLogger()
     for handler in list(root.handlers):
@@ -66,7 +87,7 @@ def setup_logging(level: str, fmt: str, secrets: Iterable[str] = (), log_file: s
     formatter: logging.Formatter = (
         JsonFormatter() if fmt == "json" else logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
     )
-    handlers: list[logging.Handler] = [logging.StreamHandler(stream or sys.stderr)]
+    handlers: list[logging.Handler] = [ConsoleHandler(stream or sys.stderr)]
     if log_file:
         handlers.append(logging.FileHandler(log_file, encoding="utf-8"))
     for handler in handlers:

@@ -33,6 +33,7 @@ from etl.errors import (
 from etl.logs import RedactingFilter
 from etl.media import Downloader, without_userinfo
 from etl.metrics import write_run_metrics
+from etl.progress import LiveCounts
 from etl.records import Media, Post, cap_caption, chunked
 from etl.resume import ResumePoint, ResumeTracker
 from etl.shards import Shard, Unit, units_of
@@ -72,8 +73,14 @@ class StageClock:
                     return
             yield item
 
+    WORKER_STAGES = ("download", "store")
+
     def line(self) -> str:
-        return " ".join(f"{stage}={seconds:.2f}s" for stage, seconds in self.seconds.items())
+        """`stages fetch=…s load=…s | worker-seconds download=…s store=…s`: the second group is summed over the
+        image workers (it can exceed the wall time), so it is labelled apart from the main thread's stages."""
+        main = " ".join(f"{s}={t:.2f}s" for s, t in self.seconds.items() if s not in self.WORKER_STAGES)
+        workers = " ".join(f"{s}={t:.2f}s" for s, t in self.seconds.items() if s in self.WORKER_STAGES)
+        return f"stages {main}" + (f" | worker-seconds (summed over image workers) {workers}" if workers else "")
 
 
 @dataclass
@@ -89,6 +96,9 @@ class RunStats:
     images_failed: int = 0
     images_skipped: int = 0
     images_retried: int = 0
+    deleted_at_source: int = 0  # held posts the platform said are gone, marked or forgotten
+    forgotten_skipped: int = 0  # posts with a tombstone (etl.py forget), not archived again
+    engagement_snapshots: int = 0
     quota_used: int = 0
     sentiment: Counter = field(default_factory=Counter)
     errors: list[str] = field(default_factory=list)  # the first MAX_ERRORS_KEPT of them
@@ -164,7 +174,7 @@ class RunStats:
             f"unchanged={self.unchanged} rejected={self.rejected} | images stored={self.images_stored} "
             f"skipped={self.images_skipped} failed={self.images_failed} | sentiment positive={s['positive']} "
             f"neutral={s['neutral']} negative={s['negative']} | {self.seconds:.1f}s"
-            + (f" | stages {self.stages.line()}" if self.stages.seconds else "")
+            + (f" | {self.stages.line()}" if self.stages.seconds else "")
         )
 
 
@@ -217,16 +227,20 @@ class Archiver:
         self.db = db
         self.store = store
         self.downloader = downloader or Downloader(settings)
-        self.enricher = enricher or SentimentEnricher(settings.sentiment_threshold)
+        self.enricher = enricher or SentimentEnricher(settings.sentiment_threshold, detect_language=settings.detect_language)
         self.clock = StageClock()  # shared with the image workers; RunStats.stages points here
         self.stop = stop or threading.Event()  # SIGTERM: no new downloads, a short grace for those in flight
         self._grace_ends: float | None = None
         self._batches = 0
+        self.live = LiveCounts()  # what is under way, for the progress display
 
     # -- images ----------------------------------------------------------------------------------
 
-    def archive_image(self, platform: str, post_id: str, created_at: datetime, position: int, url: str) -> Media:
-        """Download, verify and store one image; never raises (a failure is a Media with status failed)."""
+    def archive_image(
+        self, platform: str, post_id: str, created_at: datetime, position: int, url: str, *, replace: bool = False
+    ) -> Media:
+        """Download, verify and store one image; never raises (a failure is a Media with status failed).
+        `replace`: the stored object failed a fixity check (etl.py verify), so it is overwritten unconditionally."""
         media = Media(platform, post_id, position, without_userinfo(url))  # never stored or logged with credentials
         if self.stop.is_set():
             media.status, media.error = (
@@ -234,13 +248,17 @@ class Archiver:
                 "not downloaded: the run was stopped (SIGTERM); retried by the next run",
             )
             return media
+        self.live.image_started()
         try:
             with self.clock("download"):
                 fetched = self.downloader.fetch(url)
             key = object_key(self.settings.s3_prefix, platform, created_at, post_id, position, fetched.content_type)
             assert self.store is not None
             with self.clock("store"):
-                self.store.put(key, fetched.body, fetched.content_type, fetched.sha256)
+                if replace:
+                    self.store.put(key, fetched.body, fetched.content_type, fetched.sha256, replace=True)
+                else:
+                    self.store.put(key, fetched.body, fetched.content_type, fetched.sha256)
         except MediaError as exc:
             media.status, media.error, media.permanent = "failed", str(exc), exc.permanent
         except StoreError as exc:
@@ -256,6 +274,7 @@ class Archiver:
             media.key, media.url = key, self.store.url(key)
             media.sha256, media.bytes, media.content_type = fetched.sha256, len(fetched.body), fetched.content_type
             media.width, media.height = fetched.width, fetched.height
+        self.live.image_done(media.status == "stored")
         if media.status == "failed":
             log.warning(
                 "image failed: %s/%s #%d %s: %s", platform, post_id, position, media.source_url[:200], media.error
@@ -277,7 +296,8 @@ class Archiver:
         try:
             pending: _Batch | None = None
             try:
-                for posts_batch in chunked(self.clock.timed(posts, "fetch"), self.settings.batch_size):
+                fetching = self.live.counting(self.clock.timed(posts, "fetch"))
+                for posts_batch in chunked(fetching, self.settings.batch_size):
                     current = self._start(posts_batch, pool, stats, source)
                     finishing, pending = pending, current
                     if finishing is not None:
@@ -330,16 +350,21 @@ class Archiver:
         image_keys = list({(p.platform, p.post_id) for p in posts if p.image_urls})
         captioned = list({(p.platform, p.post_id) for p in posts if p.caption})
 
-        def lookup(cur: Any) -> tuple[dict, dict, dict]:
+        def lookup(cur: Any) -> tuple[dict, dict, dict, set]:
             known, hopeless = dbm.known_media(cur, image_keys) if image_keys else ({}, {})
             scores = dbm.stored_sentiments(cur, captioned, self.enricher.version) if captioned else {}
-            return known, hopeless, scores
+            tombstones = dbm.forgotten(cur, list({(p.platform, p.post_id) for p in posts}))
+            return known, hopeless, scores, tombstones
 
         with self.clock("lookup"):
             try:
-                known, hopeless, scores = self.db.run(lookup, what="looking up stored images and scores")
+                known, hopeless, scores, tombstones = self.db.run(lookup, what="looking up stored images and scores")
             except LoadError as exc:
                 raise _not_loaded(exc, _Batch(posts, {}, {}, number=self._batches + 1), source) from None
+        if tombstones:  # forgotten on request: never archived again (etl/forget.py)
+            kept = [p for p in posts if (p.platform, p.post_id) not in tombstones]
+            stats.forgotten_skipped += len(posts) - len(kept)
+            posts = kept
         with self.clock("enrich"):
             # A caption already scored by this enricher (a rerun, an overlap window) keeps its score. A caption
             # over the cap is cut first (and flagged), so the score is the stored caption's.
@@ -385,11 +410,12 @@ class Archiver:
         stats.inserted += counts.inserted
         stats.updated += counts.updated
         stats.unchanged += counts.unchanged
+        stats.engagement_snapshots += counts.snapshots
         skipped = sum(1 for p in loaded for n in range(len(p.image_urls)) if (p.platform, p.post_id, n) in batch.known)
         stats.images_skipped += skipped
         stats.count_images(media, source)
         for post in loaded:
-            stats.sentiment[post.sentiment.label if post.sentiment else "neutral"] += 1
+            stats.sentiment[post.sentiment.label if post.sentiment else "unscored"] += 1
         return max((p.created_at for p in loaded), default=None)
 
     def _load(
@@ -408,6 +434,7 @@ class Archiver:
         def load(cur: Any) -> dbm.UpsertCounts:
             counts = dbm.upsert_posts(cur, posts, first_image_urls=first_urls, sentiment_version=self.enricher.version)
             dbm.upsert_media(cur, rows)
+            counts.snapshots = dbm.record_engagement(cur, posts)
             return counts
 
         try:
@@ -427,10 +454,9 @@ class Archiver:
         counts_a, loaded_a, rows_a = self._load(posts[:half], grouped, first_urls, stats, source)
         counts_b, loaded_b, rows_b = self._load(posts[half:], grouped, first_urls, stats, source)
         counts = dbm.UpsertCounts(
-            counts_a.inserted + counts_b.inserted,
-            counts_a.updated + counts_b.updated,
-            counts_a.unchanged + counts_b.unchanged,
-        )
+            counts_a.inserted + counts_b.inserted, counts_a.updated + counts_b.updated,
+            counts_a.unchanged + counts_b.unchanged, counts_a.snapshots + counts_b.snapshots,
+        )  # fmt: skip
         return counts, loaded_a + loaded_b, rows_a + rows_b
 
     # -- failed images from earlier runs ---------------------------------------------------------
@@ -447,7 +473,9 @@ class Archiver:
                 )
             ):
                 last_id = rows[-1][0]
-                futures = {r: pool.submit(self.archive_image, r[1], r[2], r[5], r[3], r[4]) for r in rows}
+                futures = {
+                    r: pool.submit(self.archive_image, r[1], r[2], r[5], r[3], r[4], replace=r[6]) for r in rows
+                }
                 media = list(self._results(futures, lambda r: self._unfinished(r[1], r[2], r[3], r[4])).values())
                 self.db.run(partial(_record_retries, media), what="recording retried images")
                 stats.images_retried += len(media)
@@ -456,13 +484,15 @@ class Archiver:
             pool.shutdown(wait=not self.stop.is_set(), cancel_futures=True)
 
     def _failed_images(self, cur: Any, *, after: int, part: Shard | None = None) -> list[tuple]:
-        # Backoff between runs: the base wait doubles with each attempt, up to 48 times the base.
+        # Backoff between runs: the base wait doubles with each attempt, up to 48 times the base. An object that
+        # failed a fixity check (etl.py verify) is refetched by the next run, and overwritten.
         index, count = (part.index, part.count) if part else (1, 1)
         cur.execute(
-            "SELECT m.id, m.platform, m.post_id, m.position, m.source_url, p.created_at FROM post_media m"
-            " JOIN social_posts p USING (platform, post_id)"
+            "SELECT m.id, m.platform, m.post_id, m.position, m.source_url, p.created_at, m.fixity IS NOT NULL"
+            " FROM post_media m JOIN social_posts p USING (platform, post_id)"
             " WHERE m.status = 'failed' AND NOT m.permanent AND m.attempts < %s AND m.id > %s"
-            " AND m.updated_at <= now() - %s * LEAST(power(2, m.attempts - 1), 48) * interval '1 minute'"
+            " AND (m.fixity IS NOT NULL AND m.attempts = 0"
+            " OR m.updated_at <= now() - %s * LEAST(power(2, m.attempts - 1), 48) * interval '1 minute')"
             " AND m.id %% %s = %s ORDER BY m.id LIMIT %s",
             (self.settings.image_max_attempts, after, self.settings.image_retry_backoff_minutes, count, index - 1,
              self.settings.batch_size),
@@ -552,6 +582,7 @@ class Runner:
         self.store = store
         self.stop = stop or threading.Event()  # set by the SIGTERM handler
         self.progress = progress
+        self.live = LiveCounts()  # read by the progress display while the run goes on
         self.run_id: int | None = None
 
     def open_services(self, *, store: bool = True) -> None:
@@ -595,6 +626,7 @@ class Runner:
             status = "failed"
             try:
                 archiver = Archiver(self.settings, self.db, self.store, stop=self.stop)
+                archiver.live = self.live
                 if request.mode == "run" and request.retry_images:
                     archiver.retry_failed_images(stats, part=request.shard)
                 for source in sources:
@@ -626,7 +658,10 @@ class Runner:
                     # The database is gone: the error that stopped the run is the one to report, not this one.
                     log.error("could not record the end of run %s either: %s", self.run_id, exc)
                 if self.settings.metrics_path:
-                    write_run_metrics(self.settings.metrics_path, request.mode, status, stats)
+                    try:
+                        write_run_metrics(self.settings.metrics_path, request.mode, status, stats)
+                    except OSError as exc:  # checked at start; a full disk must still not hide the summary
+                        log.error("ETL_METRICS_PATH=%s could not be written: %s", self.settings.metrics_path, exc)
         finally:
             lock.close()
         return stats
@@ -705,6 +740,7 @@ class Runner:
                     done, n = self._run_unit(archiver, source, unit, replace(request, limit=left), stats)
                     completed, passed = completed and done, passed + n
         finally:
+            self._apply_gone(source, stats)
             self._account(source, stats, before, completed)
 
     def _run_unit(
@@ -761,6 +797,7 @@ class Runner:
                     f"--chunk-index {request.chunk_index}: this backfill has chunks 0 to {len(chunks) - 1}"
                 )
             picked = [picked[request.chunk_index]]
+        self.live.chunks_total += len(picked)
         done = {unit.name: self._finished_chunks(source, unit, request.since, until) for unit in units}
         before = stats.snapshot()
         source.db = self.db
@@ -784,9 +821,11 @@ class Runner:
                         self.db.finish_chunk(
                             source.name, state_key(source, unit), start, end, stats.fetched - fetched, self.run_id
                         )
+                    self.live.chunks_done += 1
                     if self.progress:
                         self.progress(n, len(chunks), stats)
         finally:
+            self._apply_gone(source, stats)
             self._account(source, stats, before, completed)
 
     def _finished_chunks(self, source: Source, unit: Unit, since: datetime, until: datetime) -> set:
@@ -795,6 +834,19 @@ class Runner:
         if unit.stream:  # chunks a backfill finished before state was kept per stream
             done |= self.db.finished_chunks(source.name, source.config_key(), since, until)
         return done
+
+    def _apply_gone(self, source: Source, stats: RunStats) -> None:
+        """Posts the platform said are gone: marked or forgotten (ETL_DELETED_AT_SOURCE), those we hold only."""
+        if not source.gone or self.db is None:
+            return
+        from etl.forget import apply_gone
+
+        try:
+            stats.deleted_at_source += apply_gone(self.db, self.store, self.settings, source.gone)
+        except (StoreError, ETLError) as exc:
+            stats.error(f"{source.name}: applying deletions at source: {exc}")
+            stats.source_failures += 1
+        source.gone = []
 
     @staticmethod
     def _account(source: Source, stats: RunStats, before: dict[str, int], completed: bool) -> None:
@@ -810,14 +862,15 @@ class Runner:
 
     def _dry_run(self, sources: list[Source], request: RunRequest, stats: RunStats) -> None:
         """Fetch and score only: no database, no object store, no image downloads."""
-        enricher = SentimentEnricher(self.settings.sentiment_threshold)
+        enricher = SentimentEnricher(self.settings.sentiment_threshold, detect_language=self.settings.detect_language)
         for source in sources:
             window = FetchWindow(since=request.since, until=request.until, limit=request.limit)
             with source:
                 try:
-                    for post in _limited(source.fetch(window), request.limit):
+                    for post in self.live.counting(_limited(source.fetch(window), request.limit)):
                         stats.fetched += 1
-                        stats.sentiment[enricher.enrich(post).sentiment.label] += 1
+                        scored = enricher.enrich(post)
+                        stats.sentiment[scored.sentiment.label if scored.sentiment else "unscored"] += 1
                 except SourceError as exc:
                     stats.source_failures += 1
                     stats.error(f"{source.name}: {exc}")

@@ -21,6 +21,10 @@ MAX_POST_ID_CHARS = 1_000
 MAX_POST_ID_BYTES = 2_000
 MAX_IMAGES = 20
 PLATFORM_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+LANGUAGE_RE = re.compile(r"^[a-z]{2,3}(-[a-z0-9]{1,8})*$")
+# Codes platforms give when they could not tell: X's und, zxx and q* (qme: media links only, qht: hashtags
+# only...), ISO 639's mul and mis.
+UNKNOWN_LANGUAGES = frozenset({"und", "zxx", "mul", "mis"})
 HASHTAG_RE = re.compile(r"(?<![\w&])#(\w{1,100})", re.UNICODE)
 _SURROGATES = re.compile(r"[\ud800-\udfff]")
 _TAG_EDGES = re.compile(r"^[\s#]+|\s+$")  # '#travel ' and ' # travel' are both 'travel'
@@ -53,6 +57,9 @@ class Post:
     sentiment: Sentiment | None = None
     caption_truncated: bool = False  # the caption was longer than MAX_CAPTION_CHARS and is cut there
     origin: str = ""  # where the source read it, for messages (e.g. "in.jsonl line 300")
+    language: str | None = None  # BCP 47 tag, lower-case ("en", "pt-br"); None unknown
+    language_source: str | None = None  # "platform" (the platform said so) or "detected"
+    sentiment_skipped: str | None = None  # why no sentiment label: e.g. "language fr" (TextBlob is English-only)
 
 
 @dataclass
@@ -191,6 +198,22 @@ def _optional_str(name: str, value: Any) -> str | None:
     return clean_text(value)
 
 
+def normalize_language(value: Any) -> str | None:
+    """A platform's language code as a lower-case BCP 47 tag ('en', 'pt-br'); None for 'undetermined' codes.
+    RecordError for something that is not a language tag at all."""
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise RecordError(f"lang {value!r:.40} is not a language tag")
+    tag = value.strip().replace("_", "-").lower()
+    if not LANGUAGE_RE.match(tag) or len(tag) > 35:
+        raise RecordError(f"lang {value[:40]!r} is not a language tag")
+    primary = tag.split("-", 1)[0]
+    if primary in UNKNOWN_LANGUAGES or (len(primary) == 3 and primary.startswith("q")):
+        return None
+    return tag
+
+
 def _image_urls(data: Mapping[str, Any]) -> tuple[str, ...]:
     urls = data.get("image_urls")
     if urls is None:
@@ -275,6 +298,8 @@ def _post_from_dict(data: Any, now: datetime | None) -> Post:
         hashtags=tags,
         raw=clean_json(data.get("raw")),
         caption_truncated=truncated,
+        language=(language := normalize_language(data.get("lang"))),
+        language_source="platform" if language else None,
     )
 
 
@@ -292,6 +317,7 @@ def post_to_dict(post: Post) -> dict[str, Any]:
         "image_urls": list(post.image_urls),
         "hashtags": list(post.hashtags),
         "raw": post.raw,
+        **({"lang": post.language} if post.language_source == "platform" else {}),
     }
 
 

@@ -49,13 +49,13 @@ def collect_status(db: Database, runs: int = 10) -> dict[str, Any]:
         cur.execute(
             "SELECT id, mode, sources, status, started_at, finished_at,"
             " EXTRACT(EPOCH FROM (COALESCE(finished_at, now()) - started_at))::float8, posts_fetched, posts_inserted,"
-            " posts_updated, posts_rejected, images_stored, images_skipped, images_failed, quota_used, host, pid,"
+            " posts_updated, posts_unchanged, posts_rejected, images_stored, images_skipped, images_failed, quota_used, host, pid,"
             " error_summary FROM etl_runs ORDER BY id DESC LIMIT %s",
             (runs,),
         )
         names = (
             "id", "mode", "sources", "status", "started_at", "finished_at", "seconds", "fetched", "inserted",
-            "updated", "rejected", "images_stored", "images_skipped", "images_failed", "quota_used", "host", "pid",
+            "updated", "unchanged", "rejected", "images_stored", "images_skipped", "images_failed", "quota_used", "host", "pid",
             "error_summary",
         )  # fmt: skip
         last_runs = [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
@@ -95,6 +95,7 @@ def collect_status(db: Database, runs: int = 10) -> dict[str, Any]:
             {"platform": r[0], "error": r[1], "permanent": r[2], "images": r[3], "max_attempts": r[4]}
             for r in cur.fetchall()
         ]
+        trust = _trust(cur)
         cur.execute("SELECT source, config_key, watermark, cursor, updated_at FROM etl_state ORDER BY source, config_key")
         watermarks = [
             {"source": r[0], "config_key": r[1], "watermark": r[2], "cursor": r[3], "updated_at": r[4]}
@@ -107,7 +108,32 @@ def collect_status(db: Database, runs: int = 10) -> dict[str, Any]:
         "platforms": platforms,
         "failed_images": failures,
         "watermarks": watermarks,
+        **trust,
     }
+
+
+def _trust(cur: Any) -> dict[str, Any]:
+    """The last fixity check, posts not scored and why, deletions (sql/008)."""
+    cur.execute(
+        "SELECT id, status, started_at, finished_at, per_source -> 'verify', sources FROM etl_runs"
+        " WHERE mode = 'verify' ORDER BY id DESC LIMIT 1"
+    )
+    row = cur.fetchone()
+    last_verify = (
+        {"id": row[0], "status": row[1], "started_at": row[2], "finished_at": row[3], "counts": row[4] or {}, "scope": row[5]}
+        if row
+        else None
+    )
+    cur.execute(
+        "SELECT platform, sentiment_skipped, count(*) FROM social_posts WHERE sentiment IS NULL"
+        " GROUP BY 1, 2 ORDER BY 3 DESC, 1, 2 LIMIT 20"
+    )
+    unscored = [{"platform": r[0], "reason": r[1] or "not scored yet", "posts": r[2]} for r in cur.fetchall()]
+    cur.execute("SELECT count(*) FROM social_posts WHERE deleted_at_source IS NOT NULL")
+    deleted = cur.fetchone()[0]
+    cur.execute("SELECT count(*) FROM forgotten_posts")
+    forgotten = cur.fetchone()[0]
+    return {"last_verify": last_verify, "unscored": unscored, "deleted_at_source": deleted, "forgotten": forgotten}
 
 
 def _cell(value: Any) -> str:
@@ -131,6 +157,13 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
+def _tried(attempts: int | None) -> str:
+    """How often the most-tried image of a group was tried: the first try counts (one try is not a retry)."""
+    if not attempts:
+        return "not yet tried"
+    return "tried once" if attempts == 1 else f"tried up to {attempts} times"
+
+
 def format_status(report: dict[str, Any]) -> str:
     out = [f"Database: {report['database']}", ""]
     if report["in_progress"]:
@@ -145,10 +178,11 @@ def format_status(report: dict[str, Any]) -> str:
     out += ["", "Last runs:"]
     out.append(
         table(
-            ["run", "mode", "sources", "started (UTC)", "secs", "status", "fetched", "new", "upd", "rej", "img ok", "img skip", "img fail"],
+            ["run", "mode", "sources", "started (UTC)", "secs", "status", "fetched", "new", "updated", "unchanged", "rejected",
+             "img stored", "img already", "img failed"],
             [
                 [r["id"], r["mode"], r["sources"], r["started_at"], r["seconds"], r["status"], r["fetched"], r["inserted"],
-                 r["updated"], r["rejected"], r["images_stored"], r["images_skipped"], r["images_failed"]]
+                 r["updated"], r["unchanged"], r["rejected"], r["images_stored"], r["images_skipped"], r["images_failed"]]
                 for r in report["runs"]
             ],
         )  # fmt: skip
@@ -169,12 +203,32 @@ def format_status(report: dict[str, Any]) -> str:
     if report["failed_images"]:
         out.append(
             table(
-                ["platform", "images", "retried", "permanent", "error"],
-                [[f["platform"], f["images"], f["max_attempts"], "yes" if f["permanent"] else "no", f["error"]] for f in report["failed_images"]],
+                ["platform", "images", "attempts", "permanent", "error"],
+                [[f["platform"], f["images"], _tried(f["max_attempts"]), "yes" if f["permanent"] else "no", f["error"]]
+                 for f in report["failed_images"]],
             )
         )
     else:
         out.append("none")
+    out += ["", "Last fixity check (etl.py verify):"]
+    v = report.get("last_verify")
+    if v:
+        c = v["counts"]
+        out.append(
+            f"run {v['id']} ({_cell(v['scope'])}) {v['status']} at {_cell(v['finished_at'] or v['started_at'])}: "
+            f"checked {c.get('checked', 0)}, ok {c.get('ok', 0)}, missing {c.get('missing', 0)}, "
+            f"changed {c.get('changed', 0)}, unreadable {c.get('unreadable', 0)}, "
+            f"unexpected {c.get('unexpected', 0) if c.get('listed') else 'not looked for'}"
+        )
+    else:
+        out.append("never run")
+    out += ["", "Posts without a sentiment label:"]
+    if report.get("unscored"):
+        out.append(table(["platform", "posts", "why"], [[u["platform"], u["posts"], u["reason"]] for u in report["unscored"]]))
+    else:
+        out.append("none")
+    out += ["", f"Deletions: {report.get('deleted_at_source', 0)} post(s) marked deleted at source, "
+            f"{report.get('forgotten', 0)} tombstone(s)"]  # fmt: skip
     out += ["", "Watermarks:"]
     out.append(
         table(

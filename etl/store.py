@@ -69,7 +69,7 @@ class ObjectStore(Protocol):
 
     def check(self) -> None: ...
 
-    def put(self, key: str, body: bytes, content_type: str, sha256: str) -> bool: ...
+    def put(self, key: str, body: bytes, content_type: str, sha256: str, *, replace: bool = False) -> bool: ...
 
     def url(self, key: str) -> str: ...
 
@@ -117,7 +117,8 @@ class LocalStore:
             raise StoreError(f"key {key!r} leads outside the store")
         return path
 
-    def put(self, key: str, body: bytes, content_type: str, sha256: str) -> bool:
+    def put(self, key: str, body: bytes, content_type: str, sha256: str, *, replace: bool = False) -> bool:
+        # `replace` needs nothing more here: the file's own bytes are compared, not a recorded checksum.
         path = self.path(key)
         try:
             if path.is_file() and path.stat().st_size == len(body) and _file_sha256(path) == sha256:
@@ -201,7 +202,7 @@ class S3Store:
         except BotoCoreError as exc:
             raise ConfigError(f"S3_BUCKET {self.bucket!r} cannot be reached: {exc}") from None
 
-    def put(self, key: str, body: bytes, content_type: str, sha256: str) -> bool:
+    def put(self, key: str, body: bytes, content_type: str, sha256: str, *, replace: bool = False) -> bool:
         """One conditional PUT (If-None-Match: *): the normal case costs a single request, and an object an
         earlier run stored but did not record (it died before committing) is neither rewritten nor versioned
         again. Only when the key exists is it read back (HEAD) to compare checksums.
@@ -210,6 +211,11 @@ class S3Store:
         connection) goes to boto3 for this object, with boto3's retries and error parsing."""
         from botocore.exceptions import BotoCoreError, ClientError
 
+        if replace:  # the stored object failed a fixity check: its metadata cannot be trusted, overwrite it
+            try:
+                return self._boto3_put(key, body, content_type, sha256, conditional=False)
+            except (ClientError, BotoCoreError) as exc:
+                raise StoreError(f"S3 PUT {key} failed: {exc}") from exc
         direct = self.direct
         conditional = self.conditional
         try:

@@ -76,6 +76,18 @@ def http_server() -> Iterator[HTTPServerFixture]:
     server.close()
 
 
+@pytest.fixture
+def moto_endpoint() -> Iterator[str]:
+    """A moto S3 server on loopback (boto3 reaches it through AWS_ENDPOINT_URL)."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
 def query(dsn: str, sql: str, params: tuple = ()) -> list[tuple]:
     with psycopg2.connect(dsn) as conn, conn.cursor() as cur:
         cur.execute(sql, params)

@@ -44,6 +44,7 @@ class HTTPServerFixture:
         self.routes: dict[str, Reply | list[Reply] | Callable[[BaseHTTPRequestHandler], Reply]] = {}
         self.hits: dict[str, int] = {}
         self.requests: list[tuple[str, str, dict[str, str]]] = []
+        self.posted: list[tuple[str, bytes]] = []  # (path, body) of every POST
         self._lock = threading.Lock()
         outer = self
 
@@ -59,6 +60,13 @@ class HTTPServerFixture:
 
             def do_HEAD(self) -> None:  # noqa: N802
                 outer._serve(self, head=True)
+
+            def do_POST(self) -> None:  # noqa: N802
+                length = int(self.headers.get("Content-Length") or 0)
+                self.body = self.rfile.read(length) if length else b""  # for the route; kept in `posted` too
+                with outer._lock:
+                    outer.posted.append((self.path, self.body))
+                outer._serve(self)
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
@@ -533,3 +541,101 @@ class DatabaseProxy:
 
     def close(self) -> None:
         self.cut()
+def run_in_pty(
+    args: list[str], *, env: dict[str, str], cwd: _Path | str, feed: list[bytes] = (), delay: float = 0.0, timeout: float = 120
+) -> tuple[int, str]:
+    """Run a process with stdout and stderr on a pseudo-terminal (200 columns), feeding `feed` to its stdin one
+    item every `delay` seconds; (exit code, everything it wrote to the terminal, with \\r\\n made \\n)."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import subprocess
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 200, 0, 0))
+    proc = subprocess.Popen(args, env=env, cwd=cwd, stdin=subprocess.PIPE, stdout=slave, stderr=slave)
+    os.close(slave)
+    chunks: list[bytes] = []
+
+    def read() -> None:
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: the terminal's last writer is gone
+                return
+            if not data:
+                return
+            chunks.append(data)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        assert proc.stdin is not None
+        for item in feed:
+            proc.stdin.write(item)
+            proc.stdin.flush()
+            time.sleep(delay)
+        proc.stdin.close()
+        proc.wait(timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        reader.join(10)
+        os.close(master)
+    return proc.returncode, b"".join(chunks).decode("utf-8", "replace").replace("\r\n", "\n")
+# -- fake platform APIs served from recorded fixtures (bluesky, mastodon, reddit) ---------------------------
+
+
+class FixtureAPI:
+    """A fake API on an HTTPServerFixture: fixture files with the platform's media hosts pointed at the server,
+    and every media URL found in them served as a small JPEG (a distinct one per path)."""
+
+    def __init__(self, server: HTTPServerFixture, folder: _Path, media_hosts: tuple[str, ...]):
+        self.server, self.folder, self.media_hosts = server, folder, media_hosts
+        self.overrides: dict[str, list[Reply]] = {}  # path -> replies served (in order) before the normal answers
+        self.images: dict[str, bytes] = {}
+        for path in sorted(folder.glob("*.json")):
+            for url in _re.findall(r'https?://[^"\s]+', self.text(path.name)):
+                if url.startswith(server.base + "/") and not url.startswith(server.base + "/api/"):
+                    image_path = url[len(server.base) :].split("?")[0]
+                    if image_path not in self.images and _re.search(r"\.(jpe?g|png|mp4)$|@jpeg$", image_path):
+                        self.images[image_path] = jpeg_bytes(10 + len(self.images), 10)
+                        server.routes[image_path] = Reply(body=self.images[image_path], content_type="image/jpeg")
+
+    def text(self, name: str) -> str:
+        text = (self.folder / name).read_text(encoding="utf-8")
+        for host in self.media_hosts:
+            text = text.replace(host, self.server.base)
+        return text
+
+    def json(self, name: str) -> object:
+        return _json.loads(self.text(name))
+
+    def reply(self, body: object, status: int = 200, headers: dict[str, str] | None = None) -> Reply:
+        data = body if isinstance(body, bytes) else _json.dumps(body).encode()
+        return Reply(status=status, body=data, content_type="application/json; charset=utf-8", headers=headers or {})
+
+    def error(self, name: str, status: int, headers: dict[str, str] | None = None) -> Reply:
+        return self.reply((self.folder / name).read_bytes(), status, headers)
+
+    def overridden(self, path: str) -> Reply | None:
+        queue = self.overrides.get(path)
+        return queue.pop(0) if queue else None
+
+    def api_calls(self, prefix: str) -> list[tuple[str, dict[str, str], dict[str, str]]]:
+        """(path, query parameters, headers) of every request under `prefix`, in order."""
+        from urllib.parse import parse_qs, urlsplit
+
+        calls = []
+        for _, path, headers in self.server.requests:
+            parts = urlsplit(path)
+            if parts.path.startswith(prefix):
+                calls.append((parts.path, {k: v[0] for k, v in parse_qs(parts.query).items()}, headers))
+        return calls
+
+
+def stored_objects(root: _Path) -> set[str]:
+    """Keys of the local object store under `root` (ETL_DATA_DIR/objects)."""
+    return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")}

@@ -88,7 +88,7 @@ def test_malformed_secret_value_is_not_echoed(make_settings):
 
 
 def test_empty_values_mean_default(make_settings):
-    assert make_settings(ETL_MAX_IMAGE_BYTES="  ", ETL_SOURCES="").max_image_bytes == 20 * 1024 * 1024
+    assert make_settings(ETL_MAX_IMAGE_BYTES="  ").max_image_bytes == 20 * 1024 * 1024
 
 
 def test_settings_are_frozen(make_settings):
@@ -111,3 +111,27 @@ def test_cli_exits_2_naming_the_bad_setting(run_etl):
     result = run_etl("run", "--dry-run", env={"ETL_MAX_IMAGE_BYTES": "huge"})
     assert result.returncode == ExitCode.CONFIG
     assert "ETL_MAX_IMAGE_BYTES" in result.stderr
+
+
+def test_misspellings_of_our_settings_and_nothing_else():
+    from etl.config import misspelled_settings
+
+    env = {name: "x" for name in ("S3_BUKET", "ETL_SOURCE", "DATABASE_URI", "YOUTUBE_CHANNEL_ID", "S3_BUCKET", "ETL_PYTHON",
+                                  "ETL_CRON_LOG", "AWS_ENDPOINT_URL_S3", "PATH", "ETL_SOMETHING_ELSE_ENTIRELY")}  # fmt: skip
+    assert misspelled_settings(env) == [
+        ("DATABASE_URI", "DATABASE_URL"), ("ETL_SOURCE", "ETL_SOURCES"), ("S3_BUKET", "S3_BUCKET"),
+        ("YOUTUBE_CHANNEL_ID", "YOUTUBE_CHANNEL_IDS"),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("env", "sources"),
+    [({}, ("mock",)), ({"DATABASE_URL": "postgresql://h/db"}, ()), ({"DATABASE_URL": "postgresql://h/db", "ETL_SOURCES": "jsonl"}, ("jsonl",))],
+)
+def test_the_mock_default_is_for_the_embedded_set_up_only(make_settings, env, sources):
+    assert make_settings(**env).sources == sources
+
+
+def test_set_but_empty_etl_sources_is_refused(make_settings):
+    with pytest.raises(ConfigError, match="ETL_SOURCES"):
+        make_settings(ETL_SOURCES=" , ")

@@ -7,7 +7,6 @@ import hashlib
 
 import boto3
 import pytest
-from moto.server import ThreadedMotoServer
 
 from etl.errors import ExitCode
 from tests.conftest import query
@@ -16,15 +15,6 @@ from tests.support import Reply, jpeg_bytes, png_bytes, record, write_jsonl
 pytestmark = pytest.mark.e2e
 BUCKET = "e2e-archive"
 ACCOUNT = "123456789012"  # moto's default account
-
-
-@pytest.fixture
-def moto_endpoint():
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
 
 
 def s3_client(endpoint: str):

@@ -139,7 +139,7 @@ def test_database_server_restart_mid_run(tmp_path, http_server):
 
 @pytest.mark.fault("PostgreSQL unreachable at start: exit 2 naming DATABASE_URL, password never shown")
 def test_unreachable_database_exits_2_without_the_password(run_etl):
-    result = run_etl("run", env={"DATABASE_URL": "postgresql://archiver:hunter2-secret@127.0.0.1:9/archive"})
+    result = run_etl("run", "--source", "mock", env={"DATABASE_URL": "postgresql://archiver:hunter2-secret@127.0.0.1:9/archive"})
     assert result.returncode == 2
     assert "DATABASE_URL" in result.stderr
     assert "hunter2-secret" not in result.stderr + result.stdout

@@ -118,12 +118,12 @@ def test_reenrich_rewrites_only_rows_whose_result_changed(db):
     old = SentimentEnricher(0.05)
     rows = []
     for i, caption in enumerate(captions):
-        s = old.score(caption)
-        rows.append((f"r{i}", caption, s.label, s.polarity, s.subjectivity, old.version))
+        s, language, source, _ = old.decide_caption(caption)
+        rows.append((f"r{i}", caption, s.label, s.polarity, s.subjectivity, old.version, language, source))
     with db.transaction() as cur:
         cur.executemany(
-            "INSERT INTO social_posts (platform, post_id, caption, sentiment, sentiment_polarity,"
-            " sentiment_subjectivity, sentiment_version, created_at) VALUES ('x', %s, %s, %s, %s, %s, %s, now())",
+            "INSERT INTO social_posts (platform, post_id, caption, sentiment, sentiment_polarity, sentiment_subjectivity,"
+            " sentiment_version, language, language_source, created_at) VALUES ('x', %s, %s, %s, %s, %s, %s, %s, %s, now())",
             rows,
         )
     before = dict(query(db.dsn, "SELECT post_id, updated_at FROM social_posts"))
@@ -317,7 +317,7 @@ def test_the_summary_names_the_time_of_each_stage(listsrc, make_settings, db, tm
     stats = runner(make_settings, db, tmp_path).execute(RunRequest(sources=["listsrc"]))
     assert {"fetch", "enrich", "lookup", "wait_images", "load", "download", "store"} <= set(stats.stages.seconds)
     assert all(seconds >= 0 for seconds in stats.stages.seconds.values())
-    assert re.search(r"\| stages fetch=\d+\.\d\ds .*download=\d+\.\d\ds", stats.summary_line())
+    assert re.search(r"\| stages fetch=\d+\.\d\ds .*\| worker-seconds \(summed over image workers\) download=\d+\.\d\ds", stats.summary_line())
 
 
 def test_a_flood_of_bad_lines_is_counted_whole_and_kept_bounded(make_settings, db, tmp_path):

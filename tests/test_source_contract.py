@@ -12,7 +12,14 @@ import pytest
 from etl.config import load_settings
 from etl.records import PLATFORM_RE, Post
 from etl.sources import REGISTRY, FetchWindow, source_class
-from tests import platform_instagram, platform_twitter, platform_youtube
+from tests import (
+    platform_bluesky,
+    platform_instagram,
+    platform_mastodon,
+    platform_reddit,
+    platform_twitter,
+    platform_youtube,
+)
 
 
 def mock_posts(tmp_path: Path) -> list[Post]:
@@ -38,6 +45,9 @@ FETCHERS = {
     "youtube": platform_youtube.contract_posts,
     "twitter": platform_twitter.contract_posts,
     "instagram": platform_instagram.contract_posts,
+    "bluesky": platform_bluesky.contract_posts,
+    "mastodon": platform_mastodon.contract_posts,
+    "reddit": platform_reddit.contract_posts,
 }
 
 

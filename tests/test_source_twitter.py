@@ -86,7 +86,7 @@ def test_search_follows_next_token_over_two_pages(build, rsps):
     assert first["query"] == "#sunset has:images -is:retweet"
     assert first["expansions"] == "attachments.media_keys,author_id"
     assert first["media.fields"] == "url,preview_image_url,type"
-    assert first["tweet.fields"] == "created_at,public_metrics,entities"
+    assert first["tweet.fields"] == "created_at,public_metrics,entities,lang,note_tweet"
     assert first["user.fields"] == "username"
     assert first["max_results"] == "100"
     assert "next_token" not in first and "since_id" not in first and "start_time" not in first
@@ -488,3 +488,28 @@ def test_tweets_go_through_the_shared_validator(change, message):
     assert tweet_to_post(good, {}, {}).post_id == "1767000000000000000"  # the tweet is fine without the change
     with pytest.raises(RecordError, match=message):
         tweet_to_post({**good, **change}, {}, {})
+
+
+def test_text_is_stored_as_the_author_wrote_it():
+    from etl.sources.twitter import tweet_to_post
+
+    tweet = {"id": "2031441254151097417", "created_at": "2026-03-10T08:00:00.000Z",
+             "text": "Fish &amp; chips &lt;3 &gt;_&lt; and a literal &amp;lt; #sunset"}  # fmt: skip
+    post = tweet_to_post(tweet, {}, {})
+    assert post.caption == "Fish & chips <3 >_< and a literal &lt; #sunset"
+
+
+def test_a_long_post_is_taken_whole_from_note_tweet():
+    from etl.sources.twitter import tweet_to_post
+
+    whole = "A long walk along the pier &amp; the harbour. " * 8 + "#sunset #longread"
+    tweet = {
+        "id": "2031441254151097418", "created_at": "2026-03-10T08:00:00.000Z",
+        "text": whole[:270] + "… https://t.co/abc", "entities": {"hashtags": []},
+        "note_tweet": {"text": whole, "entities": {"hashtags": [
+            {"start": len(whole) - 17, "end": len(whole) - 10, "tag": "sunset"},
+            {"start": len(whole) - 9, "end": len(whole), "tag": "longread"}]}},
+    }  # fmt: skip
+    post = tweet_to_post(tweet, {}, {})
+    assert post.caption == whole.replace("&amp;", "&") and len(post.caption) > 280
+    assert post.hashtags == ("sunset", "longread")

@@ -21,6 +21,6 @@ def source_class(name: str) -> type[Source]:
 
 
 # Importing the modules registers them.
-from etl.sources import instagram, jsonl, mock, twitter, youtube  # noqa: E402,F401
+from etl.sources import bluesky, instagram, jsonl, mastodon, mock, reddit, twitter, youtube  # noqa: E402,F401
 
 __all__ = ["REGISTRY", "FetchWindow", "Source", "register", "source_class"]

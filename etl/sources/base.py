@@ -67,6 +67,7 @@ class Source:
         self.trusted_hosts: set[str] = set()  # host:port the source itself serves (the mock's image server)
         self.only_stream: str | None = None  # set by `restrict`: this instance reads that one stream only
         self.stream: str | None = ""  # the stream being read (see stream_of); None: one of unknown order
+        self.gone: list[tuple[str, str, str]] = []  # (platform, post_id, why): the platform says these are gone
 
     @classmethod
     def check_settings(cls, settings: Settings) -> None:
@@ -107,12 +108,23 @@ class Source:
         for a stream of unknown order. A run cut short keeps a resume point per stream (etl/resume.py)."""
         return self.stream
 
+    def probe(self) -> str | None:
+        """For `etl.py check`: one cheap authenticated call; returns what it cost, in words, or None when the
+        platform has no such call (or needs no credentials). Raises SourceError when the platform refuses."""
+        return None
+
     def reject(self, where: str, reason: str) -> None:
         message = f"{self.name}: {where}: {reason}"
         log.warning("skipped %s", message)
         self.rejected += 1
         if len(self.rejects) < MAX_REJECTS_KEPT:  # a file of a million bad lines must not fill memory
             self.rejects.append(message)
+
+    def report_gone(self, post_id: str, why: str, platform: str | None = None) -> None:
+        """The platform says this post is gone (deleted, made private): the run applies ETL_DELETED_AT_SOURCE
+        to it once the source is done, if the archive holds it (etl.forget.apply_gone)."""
+        if len(self.gone) < 100_000:  # a bound on memory; the rest are reported by a later run
+            self.gone.append((platform or self.name, str(post_id), why))
 
     def open(self) -> None:
         """Acquire what fetch needs (the mock starts its image server here)."""

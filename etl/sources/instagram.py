@@ -392,6 +392,11 @@ class InstagramSource(Source):
             self._api = GraphAPI(self.settings.instagram_api_base, token, self.session, self)
         return self._api
 
+    def probe(self) -> str | None:
+        # The account itself: one Graph call against the app's hourly rate limit, no hashtag-search budget.
+        self.api.get(self.user_id, {"fields": "id,username"})
+        return "GET /{INSTAGRAM_USER_ID}?fields=id,username: 1 call of the app's hourly rate limit"
+
     def config_key(self) -> str:
         own = self.settings.instagram_own_media
         described = json.dumps({"user": self.user_id, "hashtags": sorted(self.hashtags), "own": own}, sort_keys=True)

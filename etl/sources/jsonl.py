@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from etl.errors import RecordError, UsageError
-from etl.records import Post, post_from_dict
+from etl.records import PLATFORM_RE, Post, post_from_dict
 from etl.sources import register
 from etl.sources.base import FetchWindow, Source
 
@@ -61,6 +61,16 @@ def _parse(text: str) -> Any:
         raise RecordError("not valid JSON (nested too deeply)") from None
 
 
+def _gone_key(data: dict[str, Any]) -> tuple[str, str]:
+    """(post_id, platform) of a deletion marker line; RecordError when either is missing."""
+    platform, post_id = data.get("platform"), data.get("post_id")
+    if not isinstance(platform, str) or not PLATFORM_RE.match(platform.strip().lower()):
+        raise RecordError("a deletion marker needs a valid platform")
+    if isinstance(post_id, bool) or not isinstance(post_id, (str, int)) or not str(post_id).strip():
+        raise RecordError("a deletion marker needs a post_id")
+    return str(post_id).strip(), platform.strip().lower()
+
+
 @register
 class JsonlSource(Source):
     """Posts in the normalized format (DESIGN.md); a bad line is reported with its number and skipped."""
@@ -107,6 +117,11 @@ class JsonlSource(Source):
                 if not text.strip():
                     continue
                 data = _parse(text)
+                if isinstance(data, dict) and data.get("deleted") is True:
+                    # {"platform", "post_id", "deleted": true}: the platform says this post is gone.
+                    gone_id, gone_platform = _gone_key(data)
+                    self.report_gone(gone_id, "marked deleted in the input", platform=gone_platform)
+                    continue
                 post = post_from_dict(data)
             except RecordError as exc:
                 post_id = data.get("post_id") if isinstance(data, dict) else None

@@ -29,7 +29,8 @@ TIMELINE_PATH = "/2/users/{id}/tweets"
 TWEET_PARAMS = {
     "expansions": "attachments.media_keys,author_id",
     "media.fields": "url,preview_image_url,type",
-    "tweet.fields": "created_at,public_metrics,entities",
+    # note_tweet: a post longer than 280 characters comes whole only there (`text` is cut short).
+    "tweet.fields": "created_at,public_metrics,entities,lang,note_tweet",
     "user.fields": "username",
 }
 PAGE_SIZE = 100  # the most either endpoint returns per page
@@ -56,6 +57,16 @@ def snowflake_time(tweet_id: str) -> datetime | None:
     if not tweet_id.isdigit():
         return None
     return datetime.fromtimestamp(((int(tweet_id) >> 22) + TWEPOCH_MS) / 1000, tz=timezone.utc)
+
+
+# X escapes exactly these three in `text` (and note_tweet.text); the archive keeps what the author wrote.
+_ESCAPED = re.compile(r"&(amp|lt|gt);")
+_UNESCAPED = {"amp": "&", "lt": "<", "gt": ">"}
+
+
+def unescape_text(text: str) -> str:
+    """`&amp;`, `&lt;` and `&gt;` back to `&`, `<`, `>` in one pass (so `&amp;lt;` stays the author's `&lt;`)."""
+    return _ESCAPED.sub(lambda m: _UNESCAPED[m.group(1)], text)
 
 
 def _username(value: str) -> str:
@@ -238,8 +249,10 @@ def tweet_to_post(
     keys = attachments.get("media_keys") if isinstance(attachments, Mapping) else None
     media = [media_by_key[k] for k in keys or () if isinstance(k, str) and k in media_by_key]
     urls = [url for url in map(_image_url, media) if url]
-    text = tweet.get("text") if isinstance(tweet.get("text"), str) else None
-    entities = tweet.get("entities")
+    note = tweet.get("note_tweet") if isinstance(tweet.get("note_tweet"), Mapping) else None
+    whole = note if note is not None and isinstance(note.get("text"), str) else tweet
+    text = unescape_text(whole["text"]) if isinstance(whole.get("text"), str) else None
+    entities = whole.get("entities")
     tags = entities.get("hashtags") if isinstance(entities, Mapping) else None
     if isinstance(tags, list) and tags:
         names = (t.get("tag") for t in tags if isinstance(t, Mapping) and isinstance(t.get("tag"), str))
@@ -265,6 +278,8 @@ def tweet_to_post(
             "image_urls": urls[:MAX_IMAGES],
             "hashtags": list(hashtags),
             "raw": {**tweet, "author": author, "media": media},
+            # X's BCP 47 guess ("und" and the q* codes when it cannot tell: left unknown).
+            "lang": tweet.get("lang") if isinstance(tweet.get("lang"), str) else None,
         }
     )
 
@@ -299,6 +314,12 @@ class TwitterSource(Source):
                 raise ConfigError(
                     f"TWITTER_USERNAMES has {name!r}, which is not an X username (1-15 letters, digits or _)"
                 )
+
+    def probe(self) -> str | None:
+        # An app-only token cannot call /2/users/me; a username lookup is the cheapest authenticated call.
+        name = _username(self.settings.twitter_usernames[0]) if self.settings.twitter_usernames else "X"
+        TwitterAPI(self.session, self.settings, self.policy).user_by_username(name)
+        return f"GET /2/users/by/username/{name}: 1 user lookup (no post reads billed)"
 
     def config_key(self) -> str:
         usernames = sorted({_username(u).lower() for u in self.settings.twitter_usernames})

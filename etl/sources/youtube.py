@@ -362,6 +362,12 @@ class YouTubeSource(Source):
                 "or YOUTUBE_QUERY (a search query), or both; neither is set"
             )
 
+    def probe(self) -> str | None:
+        # channels.list of one id: 1 quota unit, whether or not the channel exists; a bad key is refused.
+        channel = (self.settings.youtube_channel_ids or ("UC_x5XG1OV2P6uZZ5FSM9Ttw",))[0]
+        self.api.call("channels.list", part="id", id=channel, maxResults=1)
+        return f"channels.list: {COSTS['channels.list']} quota unit of YOUTUBE_DAILY_QUOTA"
+
     def config_key(self) -> str:
         spec = json.dumps(
             {"channels": sorted(set(self.settings.youtube_channel_ids)), "query": self.settings.youtube_query},
@@ -547,6 +553,7 @@ class YouTubeSource(Source):
             if video is None:
                 # Private and deleted videos stay in playlists ("Private video") but videos.list omits them.
                 log.info("youtube: video %s is private or deleted; skipped", vid)
+                self.report_gone(vid, "private or deleted on YouTube")
                 continue
             post = self._to_post(vid, video, listing)
             if post is not None and window.admits(post.created_at):
@@ -573,6 +580,8 @@ class YouTubeSource(Source):
             "image_urls": [thumbnail] if thumbnail else [],
             "hashtags": list(extract_hashtags(caption)),
             "raw": {**video, "listing": listing},  # the videos.list item, with the item that listed it
+            # The language of title and description when the channel set it, else the audio's.
+            "lang": next((v for v in (snippet.get("defaultLanguage"), snippet.get("defaultAudioLanguage")) if isinstance(v, str) and v), None),
         }
         try:
             return post_from_dict(record)

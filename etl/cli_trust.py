@@ -1,0 +1,125 @@
+"""The `verify` and `forget` commands: their arguments, their run, their summary."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import threading
+from typing import IO, Any
+
+from etl.config import Settings
+from etl.errors import ExitCode, UsageError
+from etl.forget import find_posts, forget_posts, parse_target
+from etl.logs import RedactingFilter
+from etl.verify import Scope, Verifier, VerifyStats, write_verify_metrics
+
+log = logging.getLogger("etl")
+
+
+def _fraction(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+    if not 0 < number <= 1:
+        raise argparse.ArgumentTypeError("--sample must be a fraction above 0 and at most 1 (e.g. 0.1)")
+    return number
+
+
+def add_parsers(command: Any, parse_date: Any) -> None:
+    """verify and forget, through the CLI's `command(name, help, *examples)`."""
+    verify = command(
+        "verify", "fixity: read stored objects back and compare them with their sha256",
+        "python etl.py verify", "python etl.py verify --sample 0.05     # a twentieth, least recently checked first",
+    )  # fmt: skip
+    verify.add_argument("--sample", type=_fraction, metavar="F", help="check this fraction, least recently checked first")
+    verify.add_argument("--platform", metavar="NAME", help="only this platform (default: all)")
+    verify.add_argument("--since", type=parse_date, metavar="DATE", help="only posts created since DATE")
+
+    forget = command(
+        "forget", "remove posts, their images and rows, and keep a tombstone",
+        "python etl.py forget --post twitter:1849 --reason 'author request'",
+        "python etl.py forget --author mastodon:alice@example.social          # lists what would go",
+        "python etl.py forget --author mastodon:alice@example.social --yes",
+    )  # fmt: skip
+    target = forget.add_mutually_exclusive_group(required=True)
+    target.add_argument("--post", metavar="PLATFORM:POST_ID", help="one post (removed at once)")
+    target.add_argument("--author", metavar="PLATFORM:USERNAME", help="every post of an author (lists them unless --yes)")
+    forget.add_argument("--reason", metavar="TEXT", help="recorded in the tombstone (no content of the post)")
+    forget.add_argument("--yes", action="store_true", help="execute (needed with --author)")
+
+
+def _runner(settings: Settings) -> Any:
+    from etl.pipeline import Runner
+
+    runner = Runner(settings)
+    runner.open_services()
+    assert runner.db is not None and runner.store is not None
+    return runner
+
+
+def verify_command(args: argparse.Namespace, settings: Settings, out: IO[str], stop: threading.Event) -> int:
+    scope = Scope(platform=args.platform, since=args.since, sample=args.sample)
+    runner = _runner(settings)
+    db = runner.db
+    run_id = db.start_run("verify", [args.platform or "*"], {"scope": scope.arguments()})
+    stats = VerifyStats()
+    status = "failed"
+    try:
+        stats = Verifier(settings, db, runner.store, should_stop=stop.is_set).run(scope)
+        status = stats.status
+    finally:
+        ledger = stats.ledger()
+        redact = RedactingFilter(settings.secrets()).redact
+        ledger["errors"] = [redact(e) for e in ledger["errors"]]
+        db.finish_run(run_id, status, ledger)
+        if settings.metrics_path:
+            write_verify_metrics(settings.metrics_path, stats)
+    log.info(
+        "summary: verify checked=%d ok=%d missing=%d changed=%d unreadable=%d unexpected=%d in %.1fs",
+        stats.checked, stats.ok, stats.missing, stats.changed, stats.unreadable, stats.unexpected, stats.seconds,
+    )  # fmt: skip
+    lines = [
+        "",
+        f"Fixity check: {status} in {stats.seconds:.1f}s ({runner.store.describe()})",
+        f"  objects  checked {stats.checked}, ok {stats.ok}, missing {stats.missing}, changed {stats.changed}, "
+        f"unreadable {stats.unreadable}; {stats.bytes_read / 1e6:.1f} MB read",
+        "  unexpected objects "
+        + (str(stats.unexpected) if stats.listed else "not looked for (a sampled check, or the listing failed)"),
+    ]
+    if stats.resumed_from:
+        lines.append(f"  continued the check interrupted at {stats.resumed_from:%Y-%m-%d %H:%M:%S %Z}")
+    if stats.missing or stats.changed:
+        lines.append("  missing and changed images are marked failed and refetched by the next run")
+    if stats.problems:
+        lines.append(f"  {len(stats.problems)} problem(s), first ones:")
+        lines.extend(f"    - {p}" for p in stats.problems[:10])
+    print("\n".join(lines), file=out)
+    return int(stats.exit_code)
+
+
+def forget_command(args: argparse.Namespace, settings: Settings, out: IO[str]) -> int:
+    post = parse_target(args.post, "--post") if args.post else None
+    author = parse_target(args.author, "--author") if args.author else None
+    if author is not None and author[1].startswith("@"):
+        author = (author[0], author[1][1:])
+    runner = _runner(settings)
+    posts = find_posts(runner.db, post=post, author=author)
+    if author is not None and not posts:
+        raise UsageError(f"no archived post by {author[0]}:{author[1]}")
+    if author is not None and not args.yes:
+        print(f"\nWould forget {len(posts)} post(s) by {author[0]}:{author[1]} (run again with --yes to do it):", file=out)
+        for platform, post_id, created_at in posts[:200]:
+            print(f"  {platform}:{post_id}  {created_at:%Y-%m-%d %H:%M}", file=out)
+        if len(posts) > 200:
+            print(f"  ... and {len(posts) - 200} more", file=out)
+        return int(ExitCode.OK)
+    result = forget_posts(runner.db, runner.store, settings, posts, args.reason)
+    held = sum(1 for p in posts if p[2] is not None)
+    rows = ", ".join(f"{table} {n}" for table, n in sorted(result.rows.items()) if n) or "none"
+    print(
+        f"\nForgot {len(posts)} post(s) ({held} archived): {result.objects} object(s) deleted, rows deleted: {rows}; "
+        f"tombstone(s) recorded: {result.tombstones} (never archived again)",
+        file=out,
+    )
+    return int(ExitCode.OK)

@@ -1,0 +1,439 @@
+"""The API-source layer: one request() with a per-platform verdict hook, paginators that refuse a repeated
+cursor, and streams read newest first by one base loop (dedup, rejects, window, stop, limit, per-stream state)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, ClassVar
+
+import requests
+
+from etl.errors import RecordError, SourceError
+from etl.http import Retriable, WaitTooLong, is_retriable_status, retry_after_seconds
+from etl.records import Post, clean_text
+from etl.sources.base import FetchWindow, Source
+
+log = logging.getLogger(__name__)
+
+
+# -- what a platform says about one response ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A platform's reading of one response: ok, retry (after N s), rate limited until an epoch time, or fatal."""
+
+    kind: str  # "ok" | "retry" | "wait" | "fatal"
+    retry_after: float | None = None  # retry: seconds the server asked for (None: the policy's backoff)
+    until: float | None = None  # wait: epoch seconds when the limit resets
+    message: str = ""  # fatal: what to tell the user
+    whole_source: bool = False  # fatal: no other stream can do better (credentials refused)
+    code: str = ""  # a platform's name for the condition (e.g. "expired"), for hooks that can heal it
+
+
+OK = Verdict("ok")
+
+
+def retry(after: float | None = None) -> Verdict:
+    return Verdict("retry", retry_after=after)
+
+
+def rate_limited(until: float) -> Verdict:
+    return Verdict("wait", until=until)
+
+
+def fatal(message: str, *, whole_source: bool = False, code: str = "") -> Verdict:
+    return Verdict("fatal", message=message, whole_source=whole_source, code=code)
+
+
+class StreamError(SourceError):
+    """Ends one stream for this run; its saved position stays where it was. `whole_source` ends the others too."""
+
+    def __init__(self, message: str, *, whole_source: bool = False, code: str = ""):
+        super().__init__(message)
+        self.whole_source = whole_source
+        self.code = code
+
+
+class RepeatedCursor(StreamError):
+    """The API handed back a cursor it had already given: following it would loop forever."""
+
+
+# -- paginators -----------------------------------------------------------------------------------------------
+
+
+class Paginator:
+    """Turns one page into the next request: a dict of parameters to merge, a full URL, or None at the end.
+
+    Every kind refuses a cursor it has already followed (RepeatedCursor): the stream stops, not complete.
+    """
+
+    kind = "cursor"
+
+    def __init__(self) -> None:
+        self._seen: set[str] = set()
+
+    def next(self, response: requests.Response, body: Any) -> dict[str, str] | str | None:
+        token = self.token(response, body)
+        if token in (None, ""):
+            return None
+        token = str(token)
+        if token in self._seen:
+            raise RepeatedCursor(f"the API returned the same {self.kind} twice ({token[:80]}); stopping rather than looping")
+        self._seen.add(token)
+        return self.request(token)
+
+    def token(self, response: requests.Response, body: Any) -> Any:
+        raise NotImplementedError
+
+    def request(self, token: str) -> dict[str, str] | str:
+        raise NotImplementedError
+
+
+class CursorPaginator(Paginator):
+    """A next-token or cursor in the body (dotted path, e.g. `data.after`), sent back as `param`."""
+
+    def __init__(self, path: str = "cursor", param: str = "cursor"):
+        super().__init__()
+        self.path, self.param, self.kind = path.split("."), param, param
+
+    def token(self, response: requests.Response, body: Any) -> Any:
+        for part in self.path:
+            body = body.get(part) if isinstance(body, Mapping) else None
+        return body if isinstance(body, (str, int)) else None
+
+    def request(self, token: str) -> dict[str, str]:
+        return {self.param: token}
+
+
+class LinkHeaderPaginator(Paginator):
+    """RFC 8288 `Link: <url>; rel="next"` (Mastodon, GitHub): the next page is that URL as given."""
+
+    kind = "Link next URL"
+
+    def __init__(self, rel: str = "next"):
+        super().__init__()
+        self.rel = rel
+
+    def token(self, response: requests.Response, body: Any) -> Any:
+        return (response.links.get(self.rel) or {}).get("url")
+
+    def request(self, token: str) -> str:
+        return token
+
+
+class MaxIdPaginator(Paginator):
+    """Older pages by `max_id` = the smallest id on this page (for lists with numeric ids and no Link header)."""
+
+    kind = "max_id"
+
+    def __init__(self, ids: Callable[[Any], list[Any]], param: str = "max_id"):
+        super().__init__()
+        self.ids, self.param = ids, param
+
+    def token(self, response: requests.Response, body: Any) -> Any:
+        numbers = [int(i) for i in self.ids(body) if str(i).isdigit()]
+        return str(min(numbers)) if numbers else None
+
+    def request(self, token: str) -> dict[str, str]:
+        return {self.param: token}
+
+
+# -- streams ------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One item of a newest-first listing and its place in the listing's own order.
+
+    `order` is comparable within the stream (indexedAt, a status id, a Reddit id); None means the item is
+    not in order (a pinned post) and neither stops the stream nor moves its state. `at` is the server's time
+    for that place, used to stop at the window's start; never a time the author's client wrote.
+    """
+
+    item: Any
+    order: Any = None
+    at: datetime | None = None
+    label: str = ""  # how to name the item in a message (its id)
+
+
+class Stream:
+    """One listing a source reads: an actor's feed, a hashtag, an account, a subreddit, a query.
+
+    `key` names its state in the source's cursor; `entries(after, window)` yields Entry newest first,
+    following pages itself (through the source's `pages`); `after` is the saved position (or None).
+    """
+
+    warn_when_short: ClassVar[str] = ""  # warn if the listing ends before the saved position (Reddit's reach)
+
+    def __init__(self, key: str, label: str):
+        self.key, self.label = key, label
+
+    def entries(self, after: Any, window: FetchWindow) -> Iterator[Entry]:
+        raise NotImplementedError
+
+    def encode(self, order: Any) -> Any:
+        """A position as JSON for the cursor."""
+        return order
+
+    def decode(self, value: Any) -> Any:
+        """A saved position back; None if it is unusable (the stream then starts as new)."""
+        return value
+
+
+@dataclass
+class StreamOutcome:
+    complete: bool
+    newest: Any = None
+    posts: int = 0
+    since: datetime | None = None  # the lower bound the read used when it had no saved place
+
+
+class APISource(Source):
+    """A source over an HTTP API, read as streams. A platform supplies `streams()`, `to_post()` and `classify()`."""
+
+    api_name: ClassVar[str] = "API"  # in messages: "Bluesky API refused ..."
+
+    # -- requests ----------------------------------------------------------------------------------------
+
+    @property
+    def timeout(self) -> tuple[float, float]:
+        return (self.settings.connect_timeout, self.settings.read_timeout)
+
+    def classify(self, response: requests.Response) -> Verdict:
+        """The platform's hook: sort a response. The default: 2xx ok, 429/5xx retried, other 4xx fatal."""
+        if response.ok:
+            return OK
+        if is_retriable_status(response.status_code):
+            return retry(retry_after_seconds(response))
+        return fatal(f"HTTP {response.status_code}: {self.error_text(response)}")
+
+    def error_text(self, response: requests.Response) -> str:
+        """The error body as one short line (platforms override for their error shapes)."""
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        parts: list[str] = []
+        if isinstance(body, Mapping):
+            for name in ("error", "message", "error_description", "detail"):
+                value = body.get(name)
+                if isinstance(value, (str, int)) and str(value) not in parts:
+                    parts.append(str(value))
+        if not parts:
+            parts.append(" ".join(response.text.split())[:200] or response.reason or "no details")
+        return clean_text(": ".join(parts)) or ""
+
+    def note_rate_limit(self, what: str, response: requests.Response) -> None:
+        """The platform's hook for its rate-limit headers (logged at debug)."""
+
+    def request(self, method: str, url: str, *, what: str, **kwargs: Any) -> requests.Response:
+        """One call, retried by the policy as `classify` says; the response when ok, else StreamError."""
+        verdicts: list[Verdict] = []
+
+        def attempt() -> requests.Response:
+            response = self.session.request(method, url, timeout=self.timeout, **kwargs)
+            self.note_rate_limit(what, response)
+            verdict = self.classify(response)
+            verdicts.append(verdict)
+            if verdict.kind == "retry":
+                raise Retriable(f"HTTP {response.status_code}", retry_after=verdict.retry_after, response=response)
+            if verdict.kind == "wait":
+                wait = max(0.0, (verdict.until or 0) - time.time())
+                raise Retriable(f"rate limited (HTTP {response.status_code})", retry_after=wait, response=response)
+            return response
+
+        try:
+            response = self.policy.call(attempt, describe=f"{self.api_name} {what}")
+        except WaitTooLong as exc:
+            at = datetime.fromtimestamp(time.time() + exc.wait, tz=timezone.utc).strftime("%H:%M:%S UTC")
+            raise StreamError(
+                f"{self.api_name} rate limit reached on {what}: it resets at {at} (in {exc.wait:.0f}s), longer than "
+                f"the {self.policy.max_wait:.0f}s this run may wait; stopping this stream (what was fetched is kept)"
+            ) from None
+        except Retriable as exc:
+            status = exc.response.status_code if exc.response is not None else "?"
+            text = self.error_text(exc.response) if exc.response is not None else str(exc)
+            raise StreamError(
+                f"{self.api_name} {what} still failing after {self.policy.attempts} attempts (HTTP {status}: {text})"
+            ) from None
+        except requests.RequestException as exc:
+            raise StreamError(f"{self.api_name} {what} could not be reached: {type(exc).__name__}: {exc}") from None
+        verdict = verdicts[-1]
+        if verdict.kind == "fatal":
+            raise StreamError(
+                f"{self.api_name} refused {what}: {verdict.message}", whole_source=verdict.whole_source, code=verdict.code
+            )
+        return response
+
+    def get_json(self, url: str, *, what: str, params: Mapping[str, Any] | None = None, **kwargs: Any) -> tuple[requests.Response, dict]:
+        """A GET whose answer must be a JSON object; a malformed page is a StreamError naming the request."""
+        response = self.request("GET", url, what=what, params=params, **kwargs)
+        return response, self.json_object(response, what)
+
+    def json_object(self, response: requests.Response, what: str) -> dict:
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            raise StreamError(f"{self.api_name} {what} answered HTTP {response.status_code} with a body that is not a JSON object")
+        return body
+
+    def pages(
+        self,
+        url: str,
+        params: Mapping[str, Any],
+        paginator: Paginator,
+        *,
+        what: str,
+        get: Callable[..., tuple[requests.Response, dict]] | None = None,
+        **kwargs: Any,
+    ) -> Iterator[dict]:
+        """Every page of a listing, the next request built by `paginator` (params to merge, or a full URL).
+
+        `get` replaces `get_json` for a platform whose calls need more (Bluesky's session refresh)."""
+        current: dict[str, Any] | None = dict(params)
+        get = get or self.get_json
+        while True:
+            response, body = get(url, what=what, params=current, **kwargs)
+            yield body
+            following = paginator.next(response, body)
+            if following is None:
+                return
+            if isinstance(following, str):
+                url, current = following, None  # a Link URL carries every parameter itself
+            else:
+                current = {**(current or {}), **following}
+
+    # -- streams -----------------------------------------------------------------------------------------
+
+    def stream_objects(self) -> list[Stream]:
+        """The platform's streams as objects (an actor's feed, a hashtag, a subreddit, a query)."""
+        raise NotImplementedError
+
+    def streams(self) -> list[str]:
+        return [stream.key for stream in self.stream_objects()]
+
+    def to_post(self, item: Any, stream: Stream) -> Post | None:
+        """The platform's JSON -> Post (RecordError names what is wrong); None for an item that is no post."""
+        raise NotImplementedError
+
+    def fetch(self, window: FetchWindow) -> Iterator[Post]:
+        """Read every stream newest first; a stream that fails is reported and the others go on.
+
+        State is kept per stream in `self.cursor["streams"][key]`: {"after": newest position read}. A stream read
+        to its saved position (or to the window's start, or to the end of its listing) moves it; one cut short by
+        the limit or an error keeps its old one. A backfill (a window with an end) never moves any.
+        """
+        saved = window.cursor.get("streams") if isinstance(window.cursor, Mapping) else None
+        saved = {str(k): v for k, v in saved.items() if isinstance(v, Mapping)} if isinstance(saved, Mapping) else {}
+        states: dict[str, Any] = dict(saved)
+        self.cursor = {"streams": dict(states)} if states else {}
+        incremental = window.until is None
+        seen: set[str] = set()  # a post found by two streams (a repost, a hashtag and an account) is yielded once
+        budget = [window.limit]
+        streams = [s for s in self.stream_objects() if self.reads(s.key)]
+        for n, stream in enumerate(streams):
+            if budget[0] is not None and budget[0] <= 0:
+                break
+            state = saved.get(stream.key) if incremental else None
+            try:
+                outcome = yield from self._read_stream(stream, state or {}, window, seen, budget)
+            except StreamError as exc:
+                rest = [s.label for s in streams[n + 1 :]] if exc.whole_source else []
+                note = f"; not read either: {', '.join(rest)}" if rest else ""
+                self.reject(stream.label, f"{exc}; the posts read before it are kept, and it resumes from its saved place{note}")
+                if incremental and state is None:
+                    # Remember where this never-finished stream must read back to, whatever the watermark becomes.
+                    states[stream.key] = {"floor": window.since.isoformat() if window.since else None}
+                    self.cursor = {"streams": dict(states)}
+                if exc.whole_source:
+                    break
+                continue
+            if outcome.complete and incremental:
+                newest = outcome.newest if outcome.newest is not None else stream.decode((state or {}).get("after"))
+                if newest is not None:
+                    states[stream.key] = {"after": stream.encode(newest)}
+                else:  # nothing in order was read: keep the lower bound this read used
+                    states[stream.key] = {"floor": outcome.since.isoformat() if outcome.since else None}
+                self.cursor = {"streams": dict(states)}
+
+    def _read_stream(
+        self, stream: Stream, state: Mapping[str, Any], window: FetchWindow, seen: set[str], budget: list[int | None]
+    ) -> Iterator[Post]:
+        after = stream.decode(state.get("after")) if state.get("after") is not None else None
+        since = window.since
+        if after is not None:
+            since = None  # the saved position is the lower bound, not the run's watermark
+        elif "floor" in state:
+            since = _parse_floor(state.get("floor"))
+        newest: Any = None
+        posts = 0
+        ended = "listing"
+        for entry in stream.entries(after, window):
+            if entry.order is not None:
+                if after is not None and entry.order <= after:
+                    ended = "saved place"
+                    break
+                if since is not None and entry.at is not None and entry.at < since:
+                    ended = "window start"
+                    break
+                if newest is None or entry.order > newest:
+                    newest = entry.order
+            try:
+                post = self.to_post(entry.item, stream)
+            except RecordError as exc:
+                self.reject(f"{stream.label} item {entry.label}".rstrip(), str(exc))
+                continue
+            if post is None or post.post_id in seen:
+                continue
+            # A backfill chunk takes the posts created inside it; an incremental read takes all down to its bound.
+            if window.until is not None and not window.admits(post.created_at):
+                continue
+            seen.add(post.post_id)
+            posts += 1
+            yield post
+            if budget[0] is not None:
+                budget[0] -= 1
+                if budget[0] <= 0:
+                    log.info("%s: %s: stopped at the limit after %d posts", self.name, stream.label, posts)
+                    return StreamOutcome(False, newest, posts, since)
+        if ended == "listing" and stream.warn_when_short and (after is not None or since is not None):
+            log.warning("%s: %s: %s", self.name, stream.label, stream.warn_when_short)
+        log.info("%s: %s: %d posts (read to the %s)", self.name, stream.label, posts, ended)
+        return StreamOutcome(True, newest, posts, since)
+
+
+def _parse_floor(value: Any) -> datetime | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+def parse_time(value: Any) -> datetime | None:
+    """An ISO 8601 time from an API as aware UTC, or None if it is not one."""
+    if not isinstance(value, str) or not value.strip():
+        return None
+    text = value.strip()
+    if text[-1:] in ("Z", "z"):
+        text = text[:-1] + "+00:00"
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    return (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).astimezone(timezone.utc)
+
+
+__all__ = [
+    "OK", "APISource", "CursorPaginator", "Entry", "LinkHeaderPaginator", "MaxIdPaginator", "Paginator",
+    "RepeatedCursor", "Stream", "StreamError", "Verdict", "fatal", "parse_time", "rate_limited", "retry",
+]  # fmt: skip

@@ -1,0 +1,286 @@
+"""Mastodon (any instance): hashtag timelines and accounts' statuses, the HTML content turned into plain text."""
+
+from __future__ import annotations
+
+import html
+import logging
+import re
+from collections.abc import Iterator, Mapping
+from datetime import datetime, timezone
+from html.parser import HTMLParser
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+import requests
+
+from etl.errors import ConfigError, RecordError
+from etl.records import Post, post_from_dict
+from etl.sources import register
+from etl.sources.api import (
+    OK,
+    APISource,
+    Entry,
+    LinkHeaderPaginator,
+    MaxIdPaginator,
+    Paginator,
+    Stream,
+    StreamError,
+    Verdict,
+    fatal,
+    parse_time,
+    rate_limited,
+    retry,
+)
+from etl.sources.base import FetchWindow
+
+log = logging.getLogger(__name__)
+
+TAG_TIMELINE = "/api/v1/timelines/tag/{tag}"
+LOOKUP = "/api/v1/accounts/lookup"
+STATUSES = "/api/v1/accounts/{id}/statuses"
+PAGE_SIZE = 40  # the most Mastodon returns per page
+ACCOUNT_RE = re.compile(r"^@?[A-Za-z0-9_]+(@[A-Za-z0-9.-]+\.[A-Za-z]{2,})?$")
+TAG_RE = re.compile(r"^\w+$")
+# Mastodon ids since 2.0 are snowflakes: milliseconds since the epoch shifted 16 bits, then a sequence.
+SNOWFLAKE_FLOOR = 1 << 40
+
+
+def _account(value: str) -> str:
+    return value.strip().lstrip("@")
+
+
+class _Text(HTMLParser):
+    """Status HTML -> plain text: paragraphs become blank lines, <br> a line break, entities unescaped.
+
+    Mastodon splits a long link into invisible and ellipsis spans (hidden by CSS); their text together is the
+    whole URL, so every span's text is kept."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.parts: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "br":
+            self.parts.append("\n")
+        elif tag == "p" and self.parts:
+            self.parts.append("\n\n")
+
+    def handle_data(self, data: str) -> None:
+        self.parts.append(data)
+
+
+def html_to_text(markup: str) -> str:
+    """Mastodon's `content` HTML as the plain text a reader sees (link texts whole, entities unescaped)."""
+    parser = _Text()
+    parser.feed(markup)
+    parser.close()
+    return "".join(parser.parts).strip()
+
+
+def status_time(status_id: Any) -> datetime | None:
+    """When a snowflake status id was minted (the instance's clock), or None for an older sequential id."""
+    text = str(status_id)
+    if not text.isdigit() or int(text) < SNOWFLAKE_FLOOR:
+        return None
+    return datetime.fromtimestamp((int(text) >> 16) / 1000, tz=timezone.utc)
+
+
+class Listing(Stream):
+    """A newest-first list of statuses (a hashtag timeline, an account's statuses), ordered by status id."""
+
+    def __init__(self, source: MastodonSource, key: str, label: str):
+        super().__init__(key, label)
+        self.source = source
+
+    def path(self) -> str | None:
+        raise NotImplementedError
+
+    def entries(self, after: Any, window: FetchWindow) -> Iterator[Entry]:
+        path = self.path()
+        if path is None:
+            return
+        params: dict[str, Any] = {"limit": PAGE_SIZE}
+        if after is not None:
+            params["since_id"] = str(after)  # newest first down to the saved id, paged by the Link header
+        if window.until is not None:
+            params["max_id"] = str(int(window.until.timestamp() * 1000) << 16)  # a backfill starts at its end
+        paginator: Paginator = LinkHeaderPaginator()
+        fallback = MaxIdPaginator(lambda body: [s.get("id") for s in body if isinstance(s, Mapping)])
+        url = self.source.base + path
+        what = f"{self.label} ({path})"
+        while True:
+            response, statuses = self.source.get_list(url, what=what, params=params)
+            for status in statuses:
+                sid = status.get("id") if isinstance(status, Mapping) else None
+                order = int(sid) if isinstance(sid, str) and sid.isdigit() else None
+                at = status_time(sid) or (parse_time(status.get("created_at")) if isinstance(status, Mapping) else None)
+                yield Entry(status, order=order, at=at, label=str(sid or ""))
+            # Some proxies strip the Link header: then page by max_id, the smallest id on the page.
+            following = paginator.next(response, statuses) if response.links else fallback.next(response, statuses)
+            if following is None or not statuses:
+                return
+            if isinstance(following, str):
+                url, params = following, {}
+            else:
+                params = {**params, **following}
+
+    def encode(self, order: Any) -> Any:
+        return str(order)
+
+    def decode(self, value: Any) -> Any:
+        return int(value) if str(value).isdigit() else None
+
+
+class Hashtag(Listing):
+    def __init__(self, source: MastodonSource, tag: str):
+        super().__init__(source, f"tag:{tag.lower()}", f"Mastodon #{tag}")
+        self.tag = tag
+
+    def path(self) -> str:
+        return TAG_TIMELINE.format(tag=quote(self.tag, safe=""))
+
+
+class Account(Listing):
+    def __init__(self, source: MastodonSource, acct: str):
+        super().__init__(source, f"account:{acct.lower()}", f"Mastodon @{acct}")
+        self.acct = acct
+
+    def path(self) -> str | None:
+        account_id = self.source.lookup(self.acct)
+        return STATUSES.format(id=account_id) if account_id else None
+
+
+def _images(status: Mapping[str, Any]) -> list[str]:
+    urls = []
+    for media in status.get("media_attachments") or []:
+        if not isinstance(media, Mapping):
+            continue
+        kind = media.get("type")
+        url = media.get("url") if kind == "image" else media.get("preview_url") if kind in ("gifv", "video") else None
+        if isinstance(url, str) and url.strip():
+            urls.append(url.strip())
+    return list(dict.fromkeys(urls))
+
+
+def status_to_post(status: Any, instance_host: str) -> Post:
+    """A Status entity -> Post; a reblog is the original status (post_id = its global `uri`)."""
+    if not isinstance(status, Mapping):
+        raise RecordError(f"expected a status object, got {type(status).__name__}")
+    original = status.get("reblog") if isinstance(status.get("reblog"), Mapping) else status
+    uri = original.get("uri")
+    if not isinstance(uri, str) or not uri.strip():
+        raise RecordError("missing uri")
+    account = original.get("account") if isinstance(original.get("account"), Mapping) else {}
+    acct = account.get("acct") if isinstance(account.get("acct"), str) else None
+    if acct and "@" not in acct:  # a local account: name it with its server, as remote ones are
+        acct = f"{acct}@{urlsplit(str(account.get('url') or '')).hostname or instance_host}"
+    content = original.get("content") if isinstance(original.get("content"), str) else ""
+    text = html_to_text(content)
+    spoiler = original.get("spoiler_text") if isinstance(original.get("spoiler_text"), str) else ""
+    caption = "\n\n".join(part for part in (html.unescape(spoiler).strip(), text) if part) or None
+    tags = [t["name"] for t in original.get("tags") or [] if isinstance(t, Mapping) and isinstance(t.get("name"), str)]
+    return post_from_dict(
+        {
+            "platform": "mastodon",
+            "post_id": uri.strip(),
+            "created_at": original.get("created_at"),
+            "author_username": acct,
+            "caption": caption,
+            "like_count": original.get("favourites_count"),
+            "comment_count": original.get("replies_count"),
+            "permalink": original.get("url") or uri,
+            "image_urls": _images(original),
+            "hashtags": tags,
+            "raw": dict(status),
+        }
+    )
+
+
+@register
+class MastodonSource(APISource):
+    """Statuses from one Mastodon instance: MASTODON_HASHTAGS timelines and MASTODON_ACCOUNTS' statuses."""
+
+    name = "mastodon"
+    api_name = "Mastodon API"
+    required = ("mastodon_instance",)
+
+    def __init__(self, settings: Any, **kwargs: Any):
+        super().__init__(settings, **kwargs)
+        self.base = settings.mastodon_instance.rstrip("/")
+        token = settings.mastodon_access_token.reveal().strip()
+        # On each request, never on the session: the session may be shared with the image downloader.
+        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._ids: dict[str, str | None] = {}
+
+    @classmethod
+    def check_settings(cls, settings: Any) -> None:
+        settings.require(*cls.required)
+        if not settings.mastodon_hashtags and not settings.mastodon_accounts:
+            raise ConfigError("the mastodon source needs MASTODON_HASHTAGS or MASTODON_ACCOUNTS, or both")
+        for tag in settings.mastodon_hashtags:
+            if not TAG_RE.match(tag.strip().lstrip("#")):
+                raise ConfigError(f"MASTODON_HASHTAGS has {tag!r}, which is not a hashtag (letters, digits, _)")
+        for acct in settings.mastodon_accounts:
+            if not ACCOUNT_RE.match(acct.strip()):
+                raise ConfigError(f"MASTODON_ACCOUNTS has {acct!r}, which is not an account (@user@host or user)")
+
+    def stream_objects(self) -> list[Stream]:
+        tags = dict.fromkeys(t.strip().lstrip("#") for t in self.settings.mastodon_hashtags)
+        accounts = dict.fromkeys(_account(a) for a in self.settings.mastodon_accounts)
+        return [*(Hashtag(self, t) for t in tags), *(Account(self, a) for a in accounts)]
+
+    def to_post(self, item: Any, stream: Stream) -> Post | None:
+        return status_to_post(item, urlsplit(self.base).hostname or "")
+
+    def get_list(self, url: str, *, what: str, params: Any) -> tuple[requests.Response, list]:
+        response = self.request("GET", url, what=what, params=params or None, headers=self._headers)
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        if not isinstance(body, list):
+            raise StreamError(f"Mastodon API {what} answered a page that is not a list of statuses")
+        return response, body
+
+    def lookup(self, acct: str) -> str | None:
+        """The instance's id for an account, looked up once; an unknown account is reported and skipped."""
+        if acct not in self._ids:
+            try:
+                _, body = self.get_json(self.base + LOOKUP, what=f"accounts/lookup {acct}", params={"acct": acct},
+                                        headers=self._headers)  # fmt: skip
+            except StreamError as exc:
+                if exc.code != "not_found":
+                    raise
+                self.reject(f"MASTODON_ACCOUNTS @{acct}", f"no such account on {self.base}")
+                self._ids[acct] = None
+                return None
+            account_id = body.get("id")
+            self._ids[acct] = str(account_id) if isinstance(account_id, (str, int)) and str(account_id) else None
+            if self._ids[acct] is None:
+                raise StreamError(f"Mastodon API accounts/lookup {acct} answered without an account id")
+        return self._ids[acct]
+
+    def classify(self, response: requests.Response) -> Verdict:
+        status = response.status_code
+        if response.ok:
+            return OK
+        if status == 429:
+            reset = parse_time(response.headers.get("X-RateLimit-Reset"))
+            return rate_limited(reset.timestamp()) if reset else retry(None)
+        if status >= 500:
+            return retry(None)
+        text = self.error_text(response)
+        if status == 401 and self._headers:
+            return fatal(f"HTTP 401 {text}: check MASTODON_ACCESS_TOKEN (revoked, or from another instance)", whole_source=True)
+        if status in (401, 403, 422):
+            return fatal(f"HTTP {status} {text}: this instance may require MASTODON_ACCESS_TOKEN for public timelines")
+        return fatal(f"HTTP {status} {text}", code="not_found" if status == 404 else "")
+
+    def note_rate_limit(self, what: str, response: requests.Response) -> None:
+        headers = response.headers
+        if "X-RateLimit-Remaining" in headers:
+            log.debug(
+                "Mastodon API %s: HTTP %s, %s of %s requests left, resets at %s",
+                what, response.status_code, headers.get("X-RateLimit-Remaining"),
+                headers.get("X-RateLimit-Limit", "?"), headers.get("X-RateLimit-Reset", "?"),
+            )  # fmt: skip

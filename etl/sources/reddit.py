@@ -1,0 +1,249 @@
+"""Reddit (app-only OAuth): subreddits' /new listings, galleries in their order, previews for the rest."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Iterator, Mapping
+from datetime import datetime, timezone
+from typing import Any
+from urllib.parse import urlsplit
+
+import requests
+
+from etl.errors import ConfigError, RecordError
+from etl.records import Post, post_from_dict
+from etl.sources import register
+from etl.sources.api import (
+    OK,
+    APISource,
+    CursorPaginator,
+    Entry,
+    Stream,
+    StreamError,
+    Verdict,
+    fatal,
+    rate_limited,
+    retry,
+)
+from etl.sources.base import FetchWindow
+
+log = logging.getLogger(__name__)
+
+TOKEN_PATH = "/api/v1/access_token"
+NEW_PATH = "/r/{name}/new"
+PAGE_SIZE = 100  # the most a listing returns per page
+SUBREDDIT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_]{1,20}$")
+ID_RE = re.compile(r"^[0-9a-z]{1,13}$")
+IMAGE_HOSTS = ("i.redd.it", "i.imgur.com")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".webp")
+TOKEN_MARGIN = 60.0  # seconds before expiry at which the token is renewed
+
+
+class Subreddit(Stream):
+    """A subreddit's /new listing, newest first; ids (base 36) give the order, created_utc the server's time."""
+
+    warn_when_short = (
+        "the listing ended before the last run's newest post: Reddit lists only about the newest 1,000 posts, "
+        "so posts in between may be lost; run more often for this subreddit"
+    )
+
+    def __init__(self, source: RedditSource, name: str):
+        super().__init__(f"r:{name.lower()}", f"Reddit r/{name}")
+        self.source, self.subreddit = source, name
+
+    def entries(self, after: Any, window: FetchWindow) -> Iterator[Entry]:
+        url = self.source.settings.reddit_api_base + NEW_PATH.format(name=self.subreddit)
+        # raw_json=1: text and URLs as written, not HTML-escaped (&amp; in every preview URL otherwise).
+        params = {"limit": PAGE_SIZE, "raw_json": 1}
+        what = f"r/{self.subreddit}/new"
+        for page in self.source.pages(url, params, CursorPaginator("data.after", "after"), what=what,
+                                      get=self.source.authed_get):  # fmt: skip
+            data = page.get("data") if isinstance(page.get("data"), Mapping) else None
+            children = data.get("children") if data else None
+            if not isinstance(children, list):
+                raise StreamError(f"Reddit API {what} answered a page that is not a Listing")
+            for child in children:
+                post = child.get("data") if isinstance(child, Mapping) and isinstance(child.get("data"), Mapping) else {}
+                pid = post.get("id")
+                order = int(pid, 36) if isinstance(pid, str) and ID_RE.match(pid) else None
+                created = post.get("created_utc")
+                at = datetime.fromtimestamp(created, tz=timezone.utc) if isinstance(created, (int, float)) else None
+                yield Entry(child, order=order, at=at, label=str(pid or ""))
+
+    def encode(self, order: Any) -> Any:
+        digits = "0123456789abcdefghijklmnopqrstuvwxyz"
+        text = ""
+        while True:
+            order, rest = divmod(order, 36)
+            text = digits[rest] + text
+            if not order:
+                return text
+
+    def decode(self, value: Any) -> Any:
+        return int(value, 36) if isinstance(value, str) and ID_RE.match(value) else None
+
+
+def _images(post: Mapping[str, Any]) -> list[str]:
+    """A gallery in its order, a direct image, else the preview's source image."""
+    gallery = post.get("gallery_data")
+    metadata = post.get("media_metadata") if isinstance(post.get("media_metadata"), Mapping) else {}
+    if isinstance(gallery, Mapping) and isinstance(gallery.get("items"), list):
+        urls = []
+        for item in gallery["items"]:
+            meta = metadata.get(item.get("media_id")) if isinstance(item, Mapping) else None
+            if not isinstance(meta, Mapping) or meta.get("status") not in (None, "valid"):
+                continue  # an image that failed processing or was removed
+            source = meta.get("s") if isinstance(meta.get("s"), Mapping) else {}
+            url = source.get("u") or source.get("gif")
+            if isinstance(url, str) and url:
+                urls.append(url)
+        return urls
+    url = post.get("url_overridden_by_dest") or post.get("url")
+    if isinstance(url, str) and (
+        post.get("post_hint") == "image"
+        or (urlsplit(url).hostname in IMAGE_HOSTS and urlsplit(url).path.lower().endswith(IMAGE_SUFFIXES))
+    ):
+        return [url]
+    preview = post.get("preview") if isinstance(post.get("preview"), Mapping) else {}
+    images = preview.get("images") if isinstance(preview.get("images"), list) else []
+    first = images[0] if images and isinstance(images[0], Mapping) else {}
+    source = first.get("source") if isinstance(first.get("source"), Mapping) else {}
+    url = source.get("url")
+    return [url] if isinstance(url, str) and url else []
+
+
+def thing_to_post(thing: Any) -> Post:
+    """A t3 thing of a listing -> Post (post_id = the id without t3_)."""
+    if not isinstance(thing, Mapping) or thing.get("kind") != "t3" or not isinstance(thing.get("data"), Mapping):
+        raise RecordError("expected a t3 (link) thing")
+    post = thing["data"]
+    pid = post.get("id")
+    if not isinstance(pid, str) or not ID_RE.match(pid):
+        raise RecordError("missing id" if not pid else f"id {pid!r:.40} is not a Reddit id")
+    created = post.get("created_utc")
+    if not isinstance(created, (int, float)) or isinstance(created, bool):
+        raise RecordError("missing created_utc")
+    title = post.get("title") if isinstance(post.get("title"), str) else ""
+    body = post.get("selftext") if isinstance(post.get("selftext"), str) else ""
+    score = post.get("score")
+    permalink = post.get("permalink")
+    return post_from_dict(
+        {
+            "platform": "reddit",
+            "post_id": pid,
+            "created_at": datetime.fromtimestamp(created, tz=timezone.utc),
+            "author_username": post.get("author") if isinstance(post.get("author"), str) else None,
+            "caption": "\n\n".join(part for part in (title, body) if part) or None,
+            # A score can go below zero; like_count cannot (the score itself stays in raw).
+            "like_count": max(0, score) if isinstance(score, int) and not isinstance(score, bool) else None,
+            "comment_count": post.get("num_comments"),
+            "permalink": f"https://www.reddit.com{permalink}" if isinstance(permalink, str) else None,
+            "image_urls": list(dict.fromkeys(_images(post))),
+            "raw": dict(post),
+        }
+    )
+
+
+@register
+class RedditSource(APISource):
+    """Posts of REDDIT_SUBREDDITS' /new listings, with app-only OAuth (client_credentials)."""
+
+    name = "reddit"
+    api_name = "Reddit API"
+    required = ("reddit_client_id", "reddit_client_secret", "reddit_user_agent", "reddit_subreddits")
+
+    def __init__(self, settings: Any, **kwargs: Any):
+        super().__init__(settings, **kwargs)
+        self._token: str | None = None
+        self._expires = 0.0
+
+    @classmethod
+    def check_settings(cls, settings: Any) -> None:
+        settings.require(*cls.required)
+        for name in settings.reddit_subreddits:
+            if not SUBREDDIT_RE.match(name.strip().removeprefix("r/")):
+                raise ConfigError(f"REDDIT_SUBREDDITS has {name!r}, which is not a subreddit name")
+
+    def stream_objects(self) -> list[Stream]:
+        names = dict.fromkeys(n.strip().removeprefix("r/") for n in self.settings.reddit_subreddits)
+        return [Subreddit(self, n) for n in names]
+
+    def to_post(self, item: Any, stream: Stream) -> Post | None:
+        return thing_to_post(item)
+
+    def _headers(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+        # Reddit throttles or blocks generic agents; its rules ask for "<platform>:<app id>:<version> (by /u/name)".
+        return {"User-Agent": self.settings.reddit_user_agent, **(extra or {})}
+
+    def authed_get(self, url: str, *, what: str, params: Any = None) -> tuple[requests.Response, dict]:
+        """A GET with the app's bearer token; a token refused with 401 is renewed once and the call repeated."""
+        for attempt in (1, 2):
+            if self._token is None or time.time() > self._expires - TOKEN_MARGIN:
+                self._fetch_token()
+            try:
+                return self.get_json(url, what=what, params=params,
+                                     headers=self._headers({"Authorization": f"Bearer {self._token}"}))  # fmt: skip
+            except StreamError as exc:
+                if exc.code != "expired" or attempt == 2:
+                    raise
+                self._token = None
+        raise AssertionError("unreachable")
+
+    def _fetch_token(self) -> None:
+        settings = self.settings
+        try:
+            response = self.request(
+                "POST", settings.reddit_auth_base + TOKEN_PATH, what="access_token",
+                data={"grant_type": "client_credentials"},
+                auth=(settings.reddit_client_id, settings.reddit_client_secret.reveal()),
+                headers=self._headers(),
+            )  # fmt: skip
+        except StreamError as exc:
+            raise StreamError(
+                f"Reddit refused the app credentials ({exc}): check REDDIT_CLIENT_ID and REDDIT_CLIENT_SECRET "
+                "(and that the app's API access was approved)",
+                whole_source=True,
+            ) from None
+        body = self.json_object(response, "access_token")
+        token = body.get("access_token")
+        if not isinstance(token, str) or not token:
+            reason = body.get("error") or "no access_token in the answer"
+            raise StreamError(
+                f"Reddit gave no token for REDDIT_CLIENT_ID ({reason}); check REDDIT_CLIENT_ID and REDDIT_CLIENT_SECRET",
+                whole_source=True,
+            )
+        self._token = token
+        expires = body.get("expires_in")
+        self._expires = time.time() + (float(expires) if isinstance(expires, (int, float)) else 3600.0)
+
+    def classify(self, response: requests.Response) -> Verdict:
+        status = response.status_code
+        if response.ok:
+            return OK
+        if status == 429:
+            reset = response.headers.get("X-Ratelimit-Reset", "").strip()
+            try:
+                return rate_limited(time.time() + float(reset))  # seconds until the window resets
+            except ValueError:
+                return retry(None)
+        if status >= 500:
+            return retry(None)
+        text = self.error_text(response)
+        if status == 401 and urlsplit(response.url).path != TOKEN_PATH:
+            return fatal(f"HTTP 401 {text} (the token expired or was revoked)", code="expired")
+        if status == 403:
+            return fatal(f"HTTP 403 {text}: the subreddit is private or quarantined, or the app may not read it")
+        if status == 404:
+            return fatal(f"HTTP 404 {text}: no such subreddit (check REDDIT_SUBREDDITS)")
+        return fatal(f"HTTP {status} {text}")
+
+    def note_rate_limit(self, what: str, response: requests.Response) -> None:
+        headers = response.headers
+        if "X-Ratelimit-Remaining" in headers:
+            log.debug(
+                "Reddit API %s: HTTP %s, %s requests left, %s used, window resets in %ss",
+                what, response.status_code, headers.get("X-Ratelimit-Remaining"),
+                headers.get("X-Ratelimit-Used", "?"), headers.get("X-Ratelimit-Reset", "?"),
+            )  # fmt: skip

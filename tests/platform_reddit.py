@@ -1,0 +1,82 @@
+"""A fake Reddit (token endpoint and OAuth API) served from tests/fixtures/reddit, for the tests."""
+
+from __future__ import annotations
+
+import base64
+import time
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+from etl.config import load_settings
+from etl.records import Post
+from etl.sources.base import FetchWindow
+from etl.sources.reddit import RedditSource
+from tests.support import FixtureAPI, HTTPServerFixture, Reply
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "reddit"
+CLIENT_ID = "p-jcoLKBynTLew"
+SECRET = "gko_LXELoV07ZBNUXrvWZfzE3aI"
+AGENT = "linux:org.example.archiver:1.0 (by /u/archiver_test)"
+TOKEN_PATH = "/api/v1/access_token"
+NEW = "/r/analog/new"
+IDS = ["1j8g4k2", "1j8f0aa", "1j8dzz9", "1j8c111"]
+
+
+class FakeReddit(FixtureAPI):
+    """The token endpoint (Basic auth, client_credentials) and r/analog/new in two pages; raw_json required."""
+
+    def __init__(self, server: HTTPServerFixture):
+        super().__init__(server, FIXTURES, ("https://preview.redd.it", "https://i.redd.it", "https://external-preview.redd.it"))
+        self.tokens_issued = 0
+        for path in (TOKEN_PATH, NEW):
+            server.routes[path] = self.route
+
+    def route(self, handler) -> Reply:
+        parts = urlsplit(handler.path)
+        params = {k: v[0] for k, v in parse_qs(parts.query).items()}
+        override = self.overridden(parts.path)
+        if override is not None:
+            return override
+        if parts.path == TOKEN_PATH:
+            basic = base64.b64encode(f"{CLIENT_ID}:{SECRET}".encode()).decode()
+            form = parse_qs(handler.body.decode())
+            if handler.headers.get("Authorization") != f"Basic {basic}" or form.get("grant_type") != ["client_credentials"]:
+                return self.error("error_401.json", 401)
+            self.tokens_issued += 1
+            return self.reply(self.json("token.json"))
+        token = self.json("token.json")["access_token"]
+        if handler.headers.get("Authorization") != f"Bearer {token}":
+            return self.error("error_401.json", 401)
+        if handler.headers.get("User-Agent") != AGENT or params.get("raw_json") != "1":
+            return self.error("error_403.json", 403)
+        page = self.json("new_page2.json" if params.get("after") == "t3_1j8dzz9" else "new_page1.json")
+        headers = {"X-Ratelimit-Used": "1", "X-Ratelimit-Remaining": "99.0", "X-Ratelimit-Reset": str(600 - int(time.time()) % 600)}
+        return self.reply(page, headers=headers)
+
+
+def reddit_env(server: HTTPServerFixture, tmp_path: Path, **extra: str) -> dict[str, str]:
+    return {
+        "ETL_DATA_DIR": str(tmp_path / "data"),
+        "REDDIT_CLIENT_ID": CLIENT_ID,
+        "REDDIT_CLIENT_SECRET": SECRET,
+        "REDDIT_USER_AGENT": AGENT,
+        "REDDIT_SUBREDDITS": "analog",
+        "REDDIT_API_BASE": server.base,
+        "REDDIT_AUTH_BASE": server.base,
+        "ETL_ALLOW_PRIVATE_HOSTS": "true",
+        "ETL_RETRY_MAX_WAIT": "0.05",
+        **extra,
+    }
+
+
+def contract_posts(tmp_path: Path) -> list[Post]:
+    """Everything the reddit source yields from its fixtures (one subreddit, two pages), on loopback."""
+    server = HTTPServerFixture()
+    try:
+        FakeReddit(server)
+        settings = load_settings(reddit_env(server, tmp_path), dotenv_path=None)
+        RedditSource.check_settings(settings)
+        with RedditSource(settings) as source:
+            return list(source.fetch(FetchWindow()))
+    finally:
+        server.close()

@@ -1,0 +1,158 @@
+"""Bluesky: author feeds and a search against a local fake of the AppView and PDS; sessions kept and refreshed."""
+
+from __future__ import annotations
+
+import json
+import stat
+import time
+
+import pytest
+
+from etl.sources.base import FetchWindow
+from etl.sources.bluesky import BlueskySource, item_to_post
+from tests.conftest import query
+from tests.platform_bluesky import (
+    CREATE,
+    FEED,
+    FEED_URIS,
+    FIXTURES,
+    PASSWORD,
+    REFRESH,
+    SEARCH,
+    SEARCH_URIS,
+    FakeBluesky,
+    bluesky_env,
+)  # fmt: skip
+from tests.support import Reply, stored_objects
+
+
+def source_for(make_settings, server, tmp_path, **extra):
+    env = bluesky_env(server, tmp_path, **extra)
+    env.pop("ETL_DATA_DIR")
+    return BlueskySource(make_settings(**env))
+
+
+def test_item_mapping_repost_original_images_and_guarded_created_at():
+    page = json.loads((FIXTURES / "author_feed_page1.json").read_text())
+    repost = item_to_post(page["feed"][1])
+    assert repost.post_id == FEED_URIS[1] and repost.author_username == "lena-shoots.bsky.social"
+    assert repost.permalink == "https://bsky.app/profile/lena-shoots.bsky.social/post/3lk1lena0001"
+    # recordWithMedia: the post's own media only, not the quoted post's image
+    assert repost.image_urls == ("https://cdn.bsky.app/img/feed_fullsize/plain/did:plc:z72i7hdynmk6r22z27h6tvur/bafkreilenafog01@jpeg",)
+    video = item_to_post(page["feed"][2])
+    assert video.image_urls[0].endswith("/bafkreivideo01/thumbnail.jpg")
+    future = item_to_post(json.loads((FIXTURES / "author_feed_page2.json").read_text())["feed"][0])
+    assert future.created_at.isoformat() == "2026-03-08T12:00:00+00:00"  # createdAt 2099 -> indexedAt
+    assert future.caption == "Clock on my phone is wrong again & again <3"
+
+
+@pytest.mark.e2e
+def test_bluesky_run_archives_feed_and_search_then_rerun_fetches_nothing_twice(run_etl, db, http_server, tmp_path):
+    fake = FakeBluesky(http_server)
+    env = {**bluesky_env(http_server, tmp_path), "ETL_SOURCES": "bluesky", "ETL_LOG_LEVEL": "DEBUG"}
+    result = run_etl("run", env=env)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "2999 of 3000 requests left" in output
+    rows = query(db.dsn, "SELECT post_id, like_count, comment_count, hashtags FROM social_posts WHERE platform = 'bluesky'")
+    assert sorted(r[0] for r in rows) == sorted(set(FEED_URIS + SEARCH_URIS))
+    assert dict((r[0], r[1:]) for r in rows)[FEED_URIS[0]] == (41, 3, ["sunset", "photography"])
+    media = query(db.dsn, "SELECT post_id, position, status FROM post_media WHERE platform = 'bluesky' ORDER BY 1, 2")
+    assert {m[2] for m in media} == {"stored"} and len(media) == 6
+    assert len(stored_objects(tmp_path / "data" / "objects")) == 6
+    session_file = tmp_path / "data" / "bluesky-session.json"
+    assert stat.S_IMODE(session_file.stat().st_mode) == 0o600
+    secrets = [PASSWORD, "access-1", "refresh-1"]
+    ledger = json.dumps(query(db.dsn, "SELECT * FROM etl_runs", ())[0], default=str)
+    assert not any(s in output or s in ledger for s in secrets)
+    (cursor,) = query(db.dsn, "SELECT cursor FROM etl_state WHERE source = 'bluesky'")[0]
+    assert cursor == {"streams": {
+        "actor:harbourlights.bsky.social": {"after": "2026-03-10T08:12:31.204000+00:00"},
+        "query:#sunset": {"after": "2026-03-10T08:12:31.204000+00:00"},
+    }}  # fmt: skip
+
+    http_server.requests.clear()
+    again = run_etl("run", env=env)
+    assert again.returncode == 0, again.stdout + again.stderr
+    calls = fake.api_calls("/xrpc/")
+    # The feed stops on its first page at the saved place; the search asks only since it; no new login.
+    assert [path for path, _, _ in calls] == [FEED, SEARCH]
+    assert calls[1][1]["since"] == "2026-03-10T08:12:31.204000Z"
+    assert fake.logins == 1
+    assert len(http_server.requests) == 2  # no image downloaded again
+    assert query(db.dsn, "SELECT count(*) FROM post_media WHERE platform = 'bluesky'")[0][0] == 6
+
+
+@pytest.mark.fault("Bluesky access token expired between runs: refreshSession renews it, no new login")
+def test_expired_access_token_is_refreshed_not_logged_in_again(make_settings, http_server, tmp_path):
+    fake = FakeBluesky(http_server, access_uses=1)
+    with source_for(make_settings, http_server, tmp_path, BLUESKY_ACTORS="") as source:
+        assert [p.post_id for p in source.fetch(FetchWindow())] == [SEARCH_URIS[0], SEARCH_URIS[1], SEARCH_URIS[2]]
+    assert fake.logins == 1 and fake.refreshes == 1
+    saved = json.loads((tmp_path / "data" / "bluesky-session.json").read_text())
+    assert saved["accessJwt"].endswith("access-2.sig")
+    with source_for(make_settings, http_server, tmp_path, BLUESKY_ACTORS="") as source:
+        assert len(list(source.fetch(FetchWindow()))) == 3
+    assert fake.logins == 1  # the saved session was used
+
+
+@pytest.mark.fault("Bluesky refresh token expired too: one new login, the run goes on")
+def test_expired_refresh_token_logs_in_again(make_settings, http_server, tmp_path):
+    fake = FakeBluesky(http_server)
+    fake.overrides[REFRESH] = [fake.error("error_expired.json", 400)]
+    (tmp_path / "data").mkdir()
+    stale = {"handle": "archiver.bsky.social", "pds": http_server.base, "accessJwt": "old-a", "refreshJwt": "old-r"}
+    (tmp_path / "data" / "bluesky-session.json").write_text(json.dumps(stale))
+    (tmp_path / "data" / "bluesky-session.json").chmod(0o644)
+    with source_for(make_settings, http_server, tmp_path, BLUESKY_ACTORS="") as source:
+        assert len(list(source.fetch(FetchWindow()))) == 3
+    assert fake.logins == 1
+    assert stat.S_IMODE((tmp_path / "data" / "bluesky-session.json").stat().st_mode) == 0o600
+
+
+@pytest.mark.fault("Bluesky login refused: the search stream ends naming BLUESKY_HANDLE, author feeds still archived")
+def test_wrong_app_password_ends_the_search_only(make_settings, http_server, tmp_path):
+    FakeBluesky(http_server)
+    with source_for(make_settings, http_server, tmp_path, BLUESKY_APP_PASSWORD="wrong-pass-1234") as source:
+        ids = [p.post_id for p in source.fetch(FetchWindow())]
+    assert ids == FEED_URIS
+    assert source.rejected == 1 and "BLUESKY_HANDLE" in source.rejects[0] and "wrong-pass" not in source.rejects[0]
+    assert "actor:harbourlights.bsky.social" in source.cursor["streams"]
+    assert "query:#sunset" not in source.cursor["streams"] or "floor" in source.cursor["streams"]["query:#sunset"]
+
+
+@pytest.mark.fault("Bluesky 429 with a ratelimit-reset an hour away: that stream stops, what came before is kept")
+def test_rate_limit_past_the_allowed_wait_ends_the_stream(make_settings, http_server, tmp_path):
+    fake = FakeBluesky(http_server)
+    reset = {"ratelimit-remaining": "0", "ratelimit-reset": str(int(time.time()) + 3600)}
+    fake.overrides[FEED] = [fake.reply(json.loads(fake.text("author_feed_page1.json"))), fake.error("error_ratelimit.json", 429, reset)]
+    with source_for(make_settings, http_server, tmp_path) as source:
+        started = time.monotonic()
+        ids = [p.post_id for p in source.fetch(FetchWindow(cursor={"streams": {"actor:harbourlights.bsky.social": {"after": "2026-01-01T00:00:00+00:00"}}}))]
+        assert time.monotonic() - started < 20
+    assert ids[:3] == FEED_URIS[:3] and set(SEARCH_URIS) <= set(ids)
+    assert "rate limit" in source.rejects[0] and "resets at" in source.rejects[0]
+    assert source.cursor["streams"]["actor:harbourlights.bsky.social"] == {"after": "2026-01-01T00:00:00+00:00"}
+
+
+@pytest.mark.badinput("Bluesky page that is not JSON: the stream ends with a message, the first page is kept")
+def test_malformed_page_ends_the_stream_cleanly(make_settings, http_server, tmp_path):
+    fake = FakeBluesky(http_server)
+    fake.overrides[FEED] = [fake.reply(json.loads(fake.text("author_feed_page1.json"))), Reply(body=b"<html>502</html>", content_type="text/html")]
+    with source_for(make_settings, http_server, tmp_path, BLUESKY_QUERY="") as source:
+        ids = [p.post_id for p in source.fetch(FetchWindow())]
+    assert ids == FEED_URIS[:3]
+    assert "not a JSON object" in source.rejects[0]
+    assert source.cursor == {"streams": {"actor:harbourlights.bsky.social": {"floor": None}}}
+
+
+@pytest.mark.fault("Bluesky AppView 5xx on every attempt: that stream ends, the search still runs")
+def test_server_errors_end_one_stream(make_settings, http_server, tmp_path):
+    fake = FakeBluesky(http_server)
+    fake.overrides[FEED] = [Reply(status=503, body=b"unavailable", content_type="text/plain")] * 10
+    with source_for(make_settings, http_server, tmp_path) as source:
+        ids = [p.post_id for p in source.fetch(FetchWindow())]
+    assert ids == SEARCH_URIS
+    assert "HTTP 503" in source.rejects[0]
+    assert http_server.hits  # sanity: the fake was asked
+    assert CREATE in {p for p, _ in http_server.posted}

@@ -1,0 +1,112 @@
+"""Mastodon: a hashtag timeline and an account against a local fake instance (Link paging, since_id, HTML text)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from etl.sources.base import FetchWindow
+from etl.sources.mastodon import MastodonSource, html_to_text
+from tests.conftest import query
+from tests.platform_mastodon import ACCOUNT_URIS, LOOKUP, STATUSES, TAG, TAG_URIS, FakeMastodon, mastodon_env
+from tests.support import Reply, stored_objects
+
+
+def source_for(make_settings, server, tmp_path, **extra):
+    env = mastodon_env(server, tmp_path, **extra)
+    env.pop("ETL_DATA_DIR")
+    return MastodonSource(make_settings(**env))
+
+
+def test_html_content_becomes_the_text_a_reader_sees():
+    html = '<p>A &amp; B &lt;3</p><p>line one<br>line two <a href="x"><span class="invisible">https://</span><span class="ellipsis">ex.org/lo</span><span class="invisible">ng</span></a></p>'
+    assert html_to_text(html) == "A & B <3\n\nline one\nline two https://ex.org/long"
+
+
+@pytest.mark.e2e
+def test_mastodon_run_archives_hashtag_and_account_then_rerun_fetches_nothing_twice(run_etl, db, http_server, tmp_path):
+    fake = FakeMastodon(http_server)
+    env = {**mastodon_env(http_server, tmp_path), "ETL_SOURCES": "mastodon", "ETL_LOG_LEVEL": "DEBUG"}
+    result = run_etl("run", env=env)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "299 of 300 requests left" in output
+    rows = query(db.dsn, "SELECT post_id, caption, hashtags, like_count FROM social_posts WHERE platform = 'mastodon'")
+    by_id = {r[0]: r[1:] for r in rows}
+    assert sorted(by_id) == sorted(set(TAG_URIS + ACCOUNT_URIS))
+    assert by_id[ACCOUNT_URIS[0]][0] == "eye strain: bright flashes\n\nProof sheet from today <3"
+    assert by_id[TAG_URIS[2]][2] == 30  # the reblogged original's counts
+    media = query(db.dsn, "SELECT post_id, position, source_url FROM post_media WHERE platform = 'mastodon' ORDER BY 1, 2")
+    assert [(m[0], m[1]) for m in media if m[0] == TAG_URIS[0]] == [(TAG_URIS[0], 0), (TAG_URIS[0], 1)]
+    assert media[[m[0] for m in media].index(TAG_URIS[1])][2].endswith("/previews/waves.png")  # gifv -> preview
+    assert len(stored_objects(tmp_path / "data" / "objects")) == len(media) == 5
+    (cursor,) = query(db.dsn, "SELECT cursor FROM etl_state WHERE source = 'mastodon'")[0]
+    assert cursor == {"streams": {"tag:sunset": {"after": "113920000000000003"},
+                                  "account:ana@mastodon.example": {"after": "113920500000000004"}}}  # fmt: skip
+
+    http_server.requests.clear()
+    again = run_etl("run", env=env)
+    assert again.returncode == 0, again.stdout + again.stderr
+    calls = fake.api_calls("/api/")
+    assert [(p, q.get("since_id")) for p, q, _ in calls] == [
+        (TAG, "113920000000000003"), (LOOKUP, None), (STATUSES, "113920500000000004"),
+    ]  # fmt: skip
+    assert len(http_server.requests) == 3  # nothing else: no image again
+
+
+@pytest.mark.fault("Mastodon access token refused (401): the source stops with a message naming MASTODON_ACCESS_TOKEN")
+def test_refused_token_names_the_setting_and_stops_the_source(make_settings, http_server, tmp_path):
+    FakeMastodon(http_server, token="right-token")
+    with source_for(make_settings, http_server, tmp_path, MASTODON_ACCESS_TOKEN="wrong-token-77") as source:
+        assert list(source.fetch(FetchWindow())) == []
+    assert source.rejected == 1
+    assert "MASTODON_ACCESS_TOKEN" in source.rejects[0] and "wrong-token-77" not in source.rejects[0]
+    assert "not read either: Mastodon @ana@mastodon.example" in source.rejects[0]
+
+
+def test_instance_requiring_a_token_for_public_timelines_says_so(make_settings, http_server, tmp_path):
+    FakeMastodon(http_server, token="right-token")
+    with source_for(make_settings, http_server, tmp_path, MASTODON_ACCOUNTS="") as source:
+        assert list(source.fetch(FetchWindow())) == []
+    assert "may require MASTODON_ACCESS_TOKEN" in source.rejects[0]
+    with source_for(make_settings, http_server, tmp_path, MASTODON_ACCOUNTS="", MASTODON_ACCESS_TOKEN="right-token") as source:
+        assert [p.post_id for p in source.fetch(FetchWindow())] == TAG_URIS
+
+
+@pytest.mark.fault("Mastodon 5xx on the second hashtag page: that stream ends, its first page kept, the account still read")
+def test_server_error_mid_stream_keeps_the_first_page_and_state(make_settings, http_server, tmp_path):
+    fake = FakeMastodon(http_server)
+    first = fake.reply(fake.json("tag_page1.json"), headers=fake.headers("113919000000000002", TAG))
+    fake.overrides[TAG] = [first] + [Reply(status=502, body=b"bad gateway", content_type="text/plain")] * 10
+    saved = {"streams": {"tag:sunset": {"after": "100"}}}
+    with source_for(make_settings, http_server, tmp_path) as source:
+        ids = [p.post_id for p in source.fetch(FetchWindow(cursor=saved))]
+    assert ids == TAG_URIS[:2] + ACCOUNT_URIS[:1]
+    assert "HTTP 502" in source.rejects[0]
+    assert source.cursor["streams"]["tag:sunset"] == {"after": "100"}
+    assert source.cursor["streams"]["account:ana@mastodon.example"] == {"after": "113920500000000004"}
+
+
+@pytest.mark.fault("Mastodon 429 whose X-RateLimit-Reset (an ISO time) has passed: retried at once, then archived")
+def test_rate_limit_reset_as_an_iso_time_is_waited_for(make_settings, http_server, tmp_path):
+    fake = FakeMastodon(http_server)
+    fake.overrides[TAG] = [fake.error("error_429.json", 429, {"X-RateLimit-Remaining": "0", "X-RateLimit-Reset": "2020-01-01T00:00:00.000Z"})]
+    with source_for(make_settings, http_server, tmp_path, MASTODON_ACCOUNTS="") as source:
+        assert [p.post_id for p in source.fetch(FetchWindow())] == TAG_URIS
+    assert len(fake.api_calls(TAG)) == 4  # the 429, then the two pages and an empty third
+
+
+@pytest.mark.badinput("Mastodon unknown account in MASTODON_ACCOUNTS: reported by name, the hashtag still archived")
+def test_unknown_account_is_reported_and_the_rest_archived(make_settings, http_server, tmp_path):
+    FakeMastodon(http_server)
+    with source_for(make_settings, http_server, tmp_path, MASTODON_ACCOUNTS="nobody@mastodon.example") as source:
+        assert [p.post_id for p in source.fetch(FetchWindow())] == TAG_URIS
+    assert source.rejects == [f"mastodon: MASTODON_ACCOUNTS @nobody@mastodon.example: no such account on {http_server.base}"]
+
+
+def test_without_link_headers_pages_by_max_id(make_settings, http_server, tmp_path):
+    FakeMastodon(http_server, link_headers=False)
+    with source_for(make_settings, http_server, tmp_path, MASTODON_ACCOUNTS="") as source:
+        assert [p.post_id for p in source.fetch(FetchWindow())] == TAG_URIS
+    assert json.dumps(source.rejects) == "[]"

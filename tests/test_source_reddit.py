@@ -1,0 +1,106 @@
+"""Reddit: r/analog/new against a local fake of the token endpoint and the OAuth API."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from etl.sources.base import FetchWindow
+from etl.sources.reddit import RedditSource, thing_to_post
+from tests.conftest import query
+from tests.platform_reddit import AGENT, FIXTURES, IDS, NEW, SECRET, TOKEN_PATH, FakeReddit, reddit_env
+from tests.support import assert_refused_cleanly, stored_objects
+
+
+def source_for(make_settings, server, tmp_path, **extra):
+    env = reddit_env(server, tmp_path, **extra)
+    env.pop("ETL_DATA_DIR")
+    return RedditSource(make_settings(**env))
+
+
+def test_gallery_in_its_order_direct_image_and_preview():
+    children = json.loads((FIXTURES / "new_page1.json").read_text())["data"]["children"]
+    gallery, direct, link = (thing_to_post(c) for c in children)
+    # gallery_data's order (c3kq2, a9xk1, b7tz0), not media_metadata's
+    assert [u.split("/")[-1].split(".")[0] for u in gallery.image_urls] == ["c3kq2", "a9xk1", "b7tz0"]
+    assert "&amp;" not in gallery.image_urls[0]
+    assert direct.image_urls == ("https://i.redd.it/pentax01.jpeg",)
+    assert link.image_urls == ("https://external-preview.redd.it/scan.jpg?auto=webp&s=def",)
+    assert link.like_count == 0 and link.raw["score"] == -2  # a negative score is no like count
+
+
+@pytest.mark.e2e
+def test_reddit_run_archives_the_listing_then_rerun_fetches_nothing_twice(run_etl, db, http_server, tmp_path):
+    fake = FakeReddit(http_server)
+    env = {**reddit_env(http_server, tmp_path), "ETL_SOURCES": "reddit", "ETL_LOG_LEVEL": "DEBUG"}
+    result = run_etl("run", env=env)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert SECRET not in output and "99.0 requests left" in output
+    rows = query(db.dsn, "SELECT post_id, like_count, comment_count, permalink FROM social_posts WHERE platform = 'reddit'")
+    assert sorted(r[0] for r in rows) == sorted(IDS)
+    media = query(db.dsn, "SELECT post_id, position, status FROM post_media WHERE platform = 'reddit' ORDER BY 1, 2")
+    assert [(m[0], m[1]) for m in media if m[0] == IDS[0]] == [(IDS[0], 0), (IDS[0], 1), (IDS[0], 2)]
+    assert {m[2] for m in media} == {"stored"} and len(media) == 5
+    assert len(stored_objects(tmp_path / "data" / "objects")) == 5
+    (cursor,) = query(db.dsn, "SELECT cursor FROM etl_state WHERE source = 'reddit'")[0]
+    assert cursor == {"streams": {"r:analog": {"after": IDS[0]}}}
+    assert all(h.get("User-Agent") == AGENT for _, _, h in fake.api_calls("/r/"))
+
+    http_server.requests.clear()
+    again = run_etl("run", env=env)
+    assert again.returncode == 0, again.stdout + again.stderr
+    # One token and the first page: the newest post is the saved one, so the stream stops there.
+    assert [p for _, p, _ in http_server.requests] == [TOKEN_PATH, f"{NEW}?limit=100&raw_json=1"]
+    assert "1,000" not in again.stdout + again.stderr
+
+
+def test_listing_ending_before_the_saved_place_warns_of_the_1000_post_reach(make_settings, http_server, tmp_path, caplog):
+    FakeReddit(http_server)
+    with source_for(make_settings, http_server, tmp_path) as source:
+        ids = [p.post_id for p in source.fetch(FetchWindow(cursor={"streams": {"r:analog": {"after": "1j8a000"}}}))]
+    assert ids == IDS
+    assert "about the newest 1,000 posts" in caplog.text
+
+
+@pytest.mark.fault("Reddit app credentials refused (401 on the token): a message naming both settings, secret never shown")
+def test_refused_credentials(run_etl, db, http_server, tmp_path):
+    FakeReddit(http_server)
+    wrong = "wrong-secret-3f9a"
+    env = {**reddit_env(http_server, tmp_path, REDDIT_CLIENT_SECRET=wrong), "ETL_SOURCES": "reddit"}
+    assert_refused_cleanly(run_etl("run", env=env), db.dsn, wrong, "REDDIT_CLIENT_ID", "REDDIT_CLIENT_SECRET")
+
+
+@pytest.mark.fault("Reddit 429 with X-Ratelimit-Reset past the allowed wait: the stream ends, the first page kept")
+def test_rate_limit_on_the_second_page_keeps_the_first(make_settings, http_server, tmp_path):
+    fake = FakeReddit(http_server)
+    fake.overrides[NEW] = [
+        fake.reply(fake.json("new_page1.json")),
+        fake.error("error_429.json", 429, {"X-Ratelimit-Remaining": "0", "X-Ratelimit-Reset": "420"}),
+    ]
+    started = time.monotonic()
+    with source_for(make_settings, http_server, tmp_path) as source:
+        ids = [p.post_id for p in source.fetch(FetchWindow(cursor={"streams": {"r:analog": {"after": "1"}}}))]
+    assert time.monotonic() - started < 20
+    assert ids == IDS[:3]
+    assert "rate limit" in source.rejects[0] and source.cursor == {"streams": {"r:analog": {"after": "1"}}}
+
+
+@pytest.mark.fault("Reddit token revoked mid-run (401 on the listing): a new token once, then archived")
+def test_expired_token_is_renewed_once(make_settings, http_server, tmp_path):
+    fake = FakeReddit(http_server)
+    fake.overrides[NEW] = [fake.error("error_401.json", 401)]
+    with source_for(make_settings, http_server, tmp_path) as source:
+        assert [p.post_id for p in source.fetch(FetchWindow())] == IDS
+    assert fake.tokens_issued == 2
+
+
+@pytest.mark.badinput("Reddit listing page without data.children: the stream ends with a clear message")
+def test_malformed_listing(make_settings, http_server, tmp_path):
+    fake = FakeReddit(http_server)
+    fake.overrides[NEW] = [fake.reply({"kind": "Listing", "data": {"after": None}})]
+    with source_for(make_settings, http_server, tmp_path) as source:
+        assert list(source.fetch(FetchWindow())) == []
+    assert "not a Listing" in source.rejects[0] and "r/analog" in source.rejects[0]

@@ -1,0 +1,382 @@
+"""Fixity checks, deletions, language and engagement history (issue 18), end to end through etl.py on a real
+PostgreSQL, the local store and moto's S3 server."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import boto3
+import pytest
+from moto.server import ThreadedMotoServer
+
+from etl.errors import ExitCode
+from tests.conftest import query
+from tests.support import Reply, jpeg_bytes, png_bytes, record, write_jsonl
+
+IMAGES = {
+    "/a.png": png_bytes(20, 10, (255, 0, 0)),
+    "/b.jpg": jpeg_bytes(30, 20),
+    "/c.png": png_bytes(9, 9, (0, 0, 255)),
+    "/d.png": png_bytes(5, 7, (0, 200, 0)),
+}
+
+
+def serve_images(http_server) -> None:
+    for path, body in IMAGES.items():
+        http_server.routes[path] = Reply(body=body, content_type="image/jpeg" if path.endswith(".jpg") else "image/png")
+
+
+def four_posts(http_server, tmp_path: Path, **extra) -> Path:
+    return write_jsonl(
+        tmp_path / "posts.jsonl",
+        [
+            record(post_id=f"p{i}", caption="What a lovely sunny day at the beach", image_urls=[http_server.url(path)], **extra)
+            for i, path in enumerate(IMAGES)
+        ],
+    )
+
+
+def keys_by_post(dsn: str) -> dict[str, str]:
+    return dict(query(dsn, "SELECT post_id, storage_key FROM post_media ORDER BY post_id"))
+
+
+BASE_ENV = {"ETL_ALLOW_PRIVATE_HOSTS": "true", "ETL_IMAGE_RETRY_BACKOFF_MINUTES": "0"}
+
+
+# -- fixity -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.fault("objects deleted, truncated or altered behind the archive's back are found by verify and refetched")
+def test_verify_on_the_local_store_finds_damage_and_the_next_run_repairs_it(db, run_etl, http_server, tmp_path):
+    serve_images(http_server)
+    posts = four_posts(http_server, tmp_path)
+    metrics = tmp_path / "metrics" / "archiver.prom"
+    env = {**BASE_ENV, "ETL_METRICS_PATH": str(metrics)}
+    assert run_etl("run", "--source", "jsonl", "--input", str(posts), env=env).returncode == 0
+    first = run_etl("verify", env=env)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "checked 4, ok 4, missing 0, changed 0" in first.stdout
+
+    root = tmp_path / "data" / "objects"
+    keys = keys_by_post(db.dsn)
+    (root / keys["p0"]).unlink()  # deleted
+    (root / keys["p1"]).write_bytes(IMAGES["/b.jpg"][:100])  # truncated
+    altered = bytearray(IMAGES["/c.png"])
+    altered[-20] ^= 0xFF
+    (root / keys["p2"]).write_bytes(bytes(altered))  # same size, other bytes
+    stray = root / "jsonl" / "2024" / "03" / "01" / "ghost" / "0.png"
+    stray.parent.mkdir(parents=True)
+    stray.write_bytes(IMAGES["/a.png"])  # an object no row knows
+    (root / "export").mkdir()
+    (root / "export" / "posts.parquet").write_bytes(b"not ours to judge")
+    http_server.routes["/c.png"] = Reply(status=404, body=b"gone", content_type="text/plain")  # no longer served
+
+    second = run_etl("verify", env=env)
+    out = second.stdout + second.stderr
+    assert second.returncode == ExitCode.PARTIAL, out
+    assert "checked 4, ok 1, missing 1, changed 2" in out and "unexpected objects 1" in out
+    assert "jsonl/2024/03/01/ghost/0.png" in out and "export/" not in second.stdout
+    fixity = dict(query(db.dsn, "SELECT post_id, status || ':' || COALESCE(fixity, '-') FROM post_media"))
+    assert fixity == {"p0": "failed:missing", "p1": "failed:changed", "p2": "failed:changed", "p3": "stored:ok"}
+    ledger = query(db.dsn, "SELECT status, per_source -> 'verify', images_failed FROM etl_runs WHERE mode = 'verify' ORDER BY id")
+    assert [row[0] for row in ledger] == ["ok", "partial"]
+    counts = ledger[1][1]
+    assert (counts["checked"], counts["missing"], counts["changed"], counts["unexpected"]) == (4, 1, 2, 1)
+    prom = (metrics.parent / "archiver_verify.prom").read_text()
+    assert 'social_archiver_verify_last_objects{result="changed"} 2' in prom
+    assert 'social_archiver_verify_last_status{status="partial"} 1' in prom
+
+    status = run_etl("status")
+    assert "Last fixity check" in status.stdout and "missing 1, changed 2" in status.stdout
+
+    # The next run (which does not see these posts again) refetches them through the failed-image retries.
+    empty = write_jsonl(tmp_path / "empty.jsonl", [])
+    repair = run_etl("run", "--source", "jsonl", "--input", str(empty), env=env)
+    assert "retried from earlier runs" in repair.stdout, repair.stdout + repair.stderr
+    assert (root / keys["p0"]).read_bytes() == IMAGES["/a.png"]
+    assert (root / keys["p1"]).read_bytes() == IMAGES["/b.jpg"]
+    assert (root / keys["p2"]).read_bytes() == bytes(altered)  # the platform no longer serves it: left as found
+    rows = dict(query(db.dsn, "SELECT post_id, status || ':' || permanent::text FROM post_media"))
+    assert rows == {"p0": "stored:false", "p1": "stored:false", "p2": "failed:true", "p3": "stored:false"}
+    third = run_etl("verify", "--platform", "jsonl", env=env)
+    assert "checked 3, ok 3, missing 0, changed 0" in third.stdout, third.stdout + third.stderr
+
+
+@pytest.fixture
+def moto_endpoint():
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+def s3_env(endpoint: str) -> dict[str, str]:
+    return {
+        **BASE_ENV,
+        "S3_BUCKET": "trust",
+        "S3_PREFIX": "arch",
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_REGION": "us-east-1",
+    }
+
+
+@pytest.mark.fault("S3 objects deleted, truncated or altered (metadata kept) are found by verify and overwritten")
+def test_verify_on_s3_and_the_repair_overwrites_an_object_whose_metadata_lies(db, run_etl, http_server, moto_endpoint, tmp_path):
+    env = s3_env(moto_endpoint)
+    s3 = boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1", aws_access_key_id="testing", aws_secret_access_key="testing")
+    s3.create_bucket(Bucket="trust")
+    serve_images(http_server)
+    posts = four_posts(http_server, tmp_path)
+    assert run_etl("run", "--source", "jsonl", "--input", str(posts), env=env).returncode == 0
+    keys = keys_by_post(db.dsn)
+    assert all(k.startswith("arch/jsonl/2024/03/01/") for k in keys.values())
+
+    s3.delete_object(Bucket="trust", Key=keys["p0"])
+    sha_b = hashlib.sha256(IMAGES["/b.jpg"]).hexdigest()
+    s3.put_object(Bucket="trust", Key=keys["p1"], Body=IMAGES["/b.jpg"][:50], Metadata={"sha256": sha_b})
+    altered = bytearray(IMAGES["/c.png"])
+    altered[-20] ^= 0xFF
+    sha_c = hashlib.sha256(IMAGES["/c.png"]).hexdigest()
+    s3.put_object(Bucket="trust", Key=keys["p2"], Body=bytes(altered), Metadata={"sha256": sha_c})  # lies
+    s3.put_object(Bucket="trust", Key="arch/jsonl/2024/03/02/stray/0.png", Body=b"x")
+    s3.put_object(Bucket="trust", Key="arch/export/posts/platform=jsonl/dt=2024-03-01/part.parquet", Body=b"x")
+
+    checked = run_etl("verify", env=env)
+    out = checked.stdout + checked.stderr
+    assert checked.returncode == ExitCode.PARTIAL, out
+    assert "checked 4, ok 1, missing 1, changed 2" in out and "unexpected objects 1" in out
+
+    repair = run_etl("run", "--source", "jsonl", "--input", str(write_jsonl(tmp_path / "e.jsonl", [])), env=env)
+    assert repair.returncode == 0, repair.stdout + repair.stderr
+    for post_id, path in (("p0", "/a.png"), ("p1", "/b.jpg"), ("p2", "/c.png")):
+        assert s3.get_object(Bucket="trust", Key=keys[post_id])["Body"].read() == IMAGES[path], post_id
+    again = run_etl("verify", env=env)
+    assert "checked 4, ok 4, missing 0, changed 0" in again.stdout and "unexpected objects 1" in again.stdout
+
+
+def test_a_sample_rotates_and_an_interrupted_verify_is_continued(db, make_settings, tmp_path, monkeypatch):
+    from etl import verify as verify_module
+    from etl.store import LocalStore
+
+    settings = make_settings()
+    store = LocalStore(settings.objects_dir)
+    store.check()
+    with db.transaction() as cur:
+        for i in range(6):
+            body = f"image {i}".encode()
+            key = f"jsonl/2024/03/01/p{i}/0.png"
+            store.put(key, body, "image/png", hashlib.sha256(body).hexdigest())
+            cur.execute(
+                "INSERT INTO social_posts (platform, post_id, created_at) VALUES ('jsonl', %s, '2024-03-01')", (f"p{i}",)
+            )
+            cur.execute(
+                "INSERT INTO post_media (platform, post_id, position, source_url, storage_key, sha256, bytes, status)"
+                " VALUES ('jsonl', %s, 0, 'http://x/', %s, %s, %s, 'stored')",
+                (f"p{i}", key, hashlib.sha256(body).hexdigest(), len(body)),
+            )
+
+    def verify_once(scope, stop_after_batches=None):
+        batches = []
+        verifier = verify_module.Verifier(
+            settings, db, store, should_stop=lambda: stop_after_batches is not None and len(batches) >= stop_after_batches
+        )
+        original = verifier._record
+        monkeypatch.setattr(verifier, "_record", lambda rows, results, stats: (batches.append(len(rows)), original(rows, results, stats)))
+        run_id = db.start_run("verify", ["*"], {"scope": scope.arguments()})
+        stats = verifier.run(scope)
+        db.finish_run(run_id, stats.status, stats.ledger())
+        return stats
+
+    monkeypatch.setattr(verify_module, "BATCH", 2)
+    sample = verify_module.Scope(sample=0.5)
+    first = verify_once(sample)
+    second = verify_once(sample)
+    seen = query(db.dsn, "SELECT post_id FROM post_media WHERE verified_at IS NOT NULL ORDER BY post_id")
+    assert (first.checked, second.checked, len(seen)) == (3, 3, 6)  # two halves, not the same one twice
+    assert not first.listed  # a sample does not list the store
+
+    full = verify_module.Scope()
+    interrupted = verify_once(full, stop_after_batches=1)
+    assert interrupted.status == "interrupted" and interrupted.checked == 2
+    resumed = verify_once(full)
+    assert resumed.resumed_from is not None and resumed.checked == 4 and resumed.ok == 4 and resumed.listed
+    assert verify_once(full).checked == 6  # a finished check: the next one starts again from the start
+
+
+# -- deletions --------------------------------------------------------------------------------------
+
+
+def test_forget_a_post_removes_rows_objects_and_keeps_it_out_of_later_runs(db, run_etl, http_server, tmp_path):
+    serve_images(http_server)
+    posts = four_posts(http_server, tmp_path)
+    assert run_etl("run", "--source", "jsonl", "--input", str(posts), env=BASE_ENV).returncode == 0
+    root = tmp_path / "data" / "objects"
+    key = keys_by_post(db.dsn)["p1"]
+    stray = root / Path(key).parent / "7.png"  # an upload whose row was never written
+    stray.write_bytes(b"x")
+
+    done = run_etl("forget", "--post", "jsonl:p1", "--reason", "author request 2026-11-29")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "2 object(s) deleted" in done.stdout
+    assert not (root / key).exists() and not stray.exists() and not (root / Path(key).parent).exists()
+    for table in ("social_posts", "post_media", "post_engagement"):
+        assert query(db.dsn, f"SELECT count(*) FROM {table} WHERE post_id = 'p1'") == [(0,)], table
+    assert query(db.dsn, "SELECT platform, post_id, reason FROM forgotten_posts") == [
+        ("jsonl", "p1", "author request 2026-11-29")
+    ]
+
+    again = run_etl("run", "--source", "jsonl", "--input", str(posts), env=BASE_ENV)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert query(db.dsn, "SELECT count(*) FROM social_posts WHERE post_id = 'p1'") == [(0,)]
+    assert not (root / key).exists()
+    assert "1 forgotten post(s) not archived again" in again.stdout
+    assert query(db.dsn, "SELECT count(*) FROM social_posts") == [(3,)]
+
+
+def test_forget_an_author_is_a_dry_run_until_yes(db, run_etl, tmp_path):
+    lines = [record(post_id=f"a{i}", author_username="ana") for i in range(3)] + [record(post_id="b1", author_username="bo")]
+    path = write_jsonl(tmp_path / "posts.jsonl", lines)
+    assert run_etl("run", "--source", "jsonl", "--input", str(path)).returncode == 0
+
+    dry = run_etl("forget", "--author", "jsonl:@ana")
+    assert dry.returncode == 0 and "Would forget 3 post(s)" in dry.stdout and "jsonl:a2" in dry.stdout
+    assert query(db.dsn, "SELECT count(*) FROM social_posts") == [(4,)]
+    assert query(db.dsn, "SELECT count(*) FROM forgotten_posts") == [(0,)]
+
+    done = run_etl("forget", "--author", "jsonl:ana", "--yes")
+    assert done.returncode == 0 and "Forgot 3 post(s)" in done.stdout
+    assert query(db.dsn, "SELECT post_id FROM social_posts") == [("b1",)]
+    assert query(db.dsn, "SELECT count(*) FROM forgotten_posts WHERE reason IS NULL") == [(3,)]
+
+
+@pytest.mark.badinput("a forget target that is not PLATFORM:ID, or an author with no posts, is refused naming it")
+@pytest.mark.parametrize("args", [("--post", "p1"), ("--post", "jsonl:"), ("--author", "jsonl:nobody")])
+def test_forget_refuses_a_malformed_or_empty_target(db, run_etl, args):
+    result = run_etl("forget", *args)
+    assert result.returncode == ExitCode.CONFIG, result.stderr
+    assert args[0] in result.stderr or "nobody" in result.stderr
+
+
+@pytest.mark.parametrize("policy", ["mark", "forget"])
+def test_a_post_deleted_at_source_is_marked_or_forgotten(db, run_etl, http_server, tmp_path, policy):
+    serve_images(http_server)
+    posts = four_posts(http_server, tmp_path)
+    env = {**BASE_ENV, "ETL_DELETED_AT_SOURCE": policy}
+    assert run_etl("run", "--source", "jsonl", "--input", str(posts), env=env).returncode == 0
+    key = keys_by_post(db.dsn)["p2"]
+    markers = write_jsonl(
+        tmp_path / "deleted.jsonl",
+        [{"platform": "jsonl", "post_id": "p2", "deleted": True}, {"platform": "jsonl", "post_id": "never-held", "deleted": True}],
+    )
+    result = run_etl("run", "--source", "jsonl", "--input", str(markers), env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"1 post(s) gone at source ({policy})" in result.stdout
+    if policy == "mark":
+        assert query(db.dsn, "SELECT post_id FROM social_posts WHERE deleted_at_source IS NOT NULL") == [("p2",)]
+        assert (tmp_path / "data" / "objects" / key).exists()
+        assert query(db.dsn, "SELECT count(*) FROM forgotten_posts") == [(0,)]
+    else:
+        assert query(db.dsn, "SELECT count(*) FROM social_posts WHERE post_id = 'p2'") == [(0,)]
+        assert not (tmp_path / "data" / "objects" / key).exists()
+        assert query(db.dsn, "SELECT post_id, reason FROM forgotten_posts") == [
+            ("p2", "deleted at source: marked deleted in the input")
+        ]
+    assert query(db.dsn, "SELECT count(*) FROM social_posts") == [(4 if policy == "mark" else 3,)]
+
+
+# -- language ---------------------------------------------------------------------------------------
+
+
+def test_posts_in_another_language_get_no_label_and_status_says_why(db, run_etl, tmp_path):
+    lines = [
+        record(post_id="en", caption="What a lovely sunny day at the beach with friends"),
+        record(post_id="fr-given", caption="What a lovely day", lang="fr"),  # the platform's word wins
+        record(post_id="fr-detected", caption="Quelle journée magnifique à la plage avec des amis"),
+        record(post_id="short", caption="great"),  # too short to tell: scored as before
+        record(post_id="en-us", caption="Terrible service", lang="en-US"),
+        record(post_id="und", caption="Awful, awful queue", lang="und"),
+    ]
+    result = run_etl("run", "--source", "jsonl", "--input", str(write_jsonl(tmp_path / "p.jsonl", lines)))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "not scored 2 (not English)" in result.stdout
+    rows = {r[0]: r[1:] for r in query(db.dsn, "SELECT post_id, sentiment, language, language_source, sentiment_skipped FROM social_posts")}
+    assert rows["en"] == ("positive", "en", "detected", None)
+    assert rows["fr-given"] == (None, "fr", "platform", "language fr")
+    assert rows["fr-detected"] == (None, "fr", "detected", "language fr")
+    assert rows["short"] == ("positive", None, None, None)
+    assert rows["en-us"] == ("negative", "en-us", "platform", None)
+    assert rows["und"][0] == "negative" and rows["und"][2] != "platform"
+    status = run_etl("status")
+    assert "Posts without a sentiment label" in status.stdout and "language fr" in status.stdout
+    # A rerun decides nothing again and changes nothing.
+    rerun = run_etl("run", "--source", "jsonl", "--input", str(tmp_path / "p.jsonl"))
+    assert "unchanged 6" in rerun.stdout, rerun.stdout
+
+
+@pytest.mark.badinput("a jsonl lang that is not a language tag is refused by line number")
+def test_a_malformed_lang_is_refused_by_line(db, run_etl, tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [record(post_id="ok"), record(post_id="bad", lang="not a tag!")])
+    result = run_etl("run", "--source", "jsonl", "--input", str(path))
+    assert result.returncode == ExitCode.PARTIAL
+    assert "line 2" in result.stdout + result.stderr and "lang" in result.stdout + result.stderr
+    assert query(db.dsn, "SELECT post_id FROM social_posts") == [("ok",)]
+
+
+def test_reenrich_removes_the_label_of_stored_non_english_posts(db, run_etl):
+    with db.transaction() as cur:
+        cur.execute(
+            "INSERT INTO social_posts (platform, post_id, caption, sentiment, sentiment_polarity, sentiment_subjectivity,"
+            " sentiment_version, raw, created_at) VALUES"
+            " ('x', 'de', 'Das ist ein wunderschöner Tag am Strand mit meinen Freunden', 'neutral', 0, 0, 'old', NULL, now()),"
+            " ('x', 'en', 'What a wonderful day at the beach with my friends', 'positive', 1, 1, 'old', NULL, now())"
+        )
+    result = run_etl("reenrich")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "not scored 1 (not English)" in result.stdout
+    rows = dict(query(db.dsn, "SELECT post_id, COALESCE(sentiment, 'NULL') || '/' || COALESCE(sentiment_skipped, '-') FROM social_posts"))
+    assert rows == {"de": "NULL/language de", "en": "positive/-"}
+
+
+def test_language_comes_from_twitter_and_youtube_items():
+    from etl.sources.twitter import tweet_to_post
+
+    tweet = {"id": "1", "created_at": "2024-03-01T00:00:00Z", "text": "hola", "lang": "es", "public_metrics": {}}
+    post = tweet_to_post(tweet, {}, {})
+    assert (post.language, post.language_source) == ("es", "platform")
+    assert tweet_to_post({**tweet, "lang": "qme"}, {}, {}).language is None  # X: media links only
+
+
+# -- engagement history -----------------------------------------------------------------------------
+
+
+def test_engagement_snapshots_only_on_change_and_the_fastest_growing_view(db, run_etl, tmp_path):
+    def run(counts: dict[str, tuple[int, int]]):
+        lines = [record(post_id=pid, like_count=likes, comment_count=comments) for pid, (likes, comments) in counts.items()]
+        result = run_etl("run", "--source", "jsonl", "--input", str(write_jsonl(tmp_path / "p.jsonl", lines)))
+        assert result.returncode == 0, result.stdout + result.stderr
+
+    run({"slow": (1, 0), "fast": (1, 0), "still": (5, 5)})
+    assert query(db.dsn, "SELECT count(*) FROM post_engagement") == [(3,)]  # the first counts of each
+    since = query(db.dsn, "SELECT now()")[0][0]
+    run({"slow": (1, 0), "fast": (1, 0), "still": (5, 5)})
+    assert query(db.dsn, "SELECT count(*) FROM post_engagement") == [(3,)]  # nothing changed, nothing written
+    run({"slow": (3, 0), "fast": (40, 9), "still": (5, 5)})
+    assert query(db.dsn, "SELECT post_id, count(*) FROM post_engagement GROUP BY 1 ORDER BY 1") == [
+        ("fast", 2), ("slow", 2), ("still", 1)
+    ]  # fmt: skip
+    top = query(db.dsn, "SELECT post_id, likes_gained, comments_gained FROM fastest_growing_posts(%s, 10)", (since,))
+    assert top == [("fast", 39, 9), ("slow", 2, 0)]
+    growth = dict(query(db.dsn, "SELECT post_id, likes_gained FROM post_engagement_growth"))
+    assert growth == {"fast": 39, "slow": 2, "still": 0}
+
+
+def test_ledger_and_stdout_never_hold_a_secret_in_verify(db, run_etl, tmp_path):
+    secret = "sekrit-token-value-123"
+    result = run_etl("verify", env={"TWITTER_BEARER_TOKEN": secret})
+    assert result.returncode == 0 and secret not in result.stdout + result.stderr
+    assert secret not in json.dumps(query(db.dsn, "SELECT row_to_json(r)::text FROM etl_runs r"))
