@@ -639,3 +639,21 @@ class FixtureAPI:
 def stored_objects(root: _Path) -> set[str]:
     """Keys of the local object store under `root` (ETL_DATA_DIR/objects)."""
     return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")}
+
+
+def stream_states(dsn: str, source: str) -> dict:
+    """The state rows of a source's streams merged into one cursor shape, {"streams": {key: state}}, checking that
+    each stream has a row of its own (config_key "stream:KEY") holding its own state only."""
+    import psycopg2
+
+    with psycopg2.connect(dsn) as conn, conn.cursor() as cur:
+        cur.execute("SELECT config_key, cursor FROM etl_state WHERE source = %s", (source,))
+        rows = cur.fetchall()
+    conn.close()
+    merged: dict = {}
+    for key, cursor in rows:
+        assert key.startswith("stream:"), f"{source}: a state row not kept per stream: {key!r}"
+        streams = (cursor or {}).get("streams", {})
+        assert set(streams) <= {key.removeprefix("stream:")}, (key, cursor)
+        merged.update(streams)
+    return {"streams": merged}

@@ -42,7 +42,7 @@ class ListSource(APISource):
         super().__init__(load_settings({}, dotenv_path=None))
         self._streams = streams
 
-    def streams(self) -> list[Stream]:
+    def stream_objects(self) -> list[Stream]:
         return list(self._streams)
 
     def to_post(self, item: Any, stream: Stream) -> Post | None:

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from etl.sources.base import FetchWindow
+from etl.sources.base import FetchWindow, query_stream
 from etl.sources.bluesky import BlueskySource, item_to_post
 from tests.conftest import query
 from tests.platform_bluesky import (
@@ -23,7 +23,7 @@ from tests.platform_bluesky import (
     FakeBluesky,
     bluesky_env,
 )  # fmt: skip
-from tests.support import Reply, stored_objects
+from tests.support import Reply, stored_objects, stream_states
 
 
 def source_for(make_settings, server, tmp_path, **extra):
@@ -65,10 +65,9 @@ def test_bluesky_run_archives_feed_and_search_then_rerun_fetches_nothing_twice(r
     secrets = [PASSWORD, "access-1", "refresh-1"]
     ledger = json.dumps(query(db.dsn, "SELECT * FROM etl_runs", ())[0], default=str)
     assert not any(s in output or s in ledger for s in secrets)
-    (cursor,) = query(db.dsn, "SELECT cursor FROM etl_state WHERE source = 'bluesky'")[0]
-    assert cursor == {"streams": {
+    assert stream_states(db.dsn, "bluesky") == {"streams": {
         "actor:harbourlights.bsky.social": {"after": "2026-03-10T08:12:31.204000+00:00"},
-        "query:#sunset": {"after": "2026-03-10T08:12:31.204000+00:00"},
+        query_stream("#sunset"): {"after": "2026-03-10T08:12:31.204000+00:00"},
     }}  # fmt: skip
 
     http_server.requests.clear()

@@ -10,7 +10,7 @@ from etl.sources.base import FetchWindow
 from etl.sources.mastodon import MastodonSource, html_to_text
 from tests.conftest import query
 from tests.platform_mastodon import ACCOUNT_URIS, LOOKUP, STATUSES, TAG, TAG_URIS, FakeMastodon, mastodon_env
-from tests.support import Reply, stored_objects
+from tests.support import Reply, stored_objects, stream_states
 
 
 def source_for(make_settings, server, tmp_path, **extra):
@@ -41,8 +41,7 @@ def test_mastodon_run_archives_hashtag_and_account_then_rerun_fetches_nothing_tw
     assert [(m[0], m[1]) for m in media if m[0] == TAG_URIS[0]] == [(TAG_URIS[0], 0), (TAG_URIS[0], 1)]
     assert media[[m[0] for m in media].index(TAG_URIS[1])][2].endswith("/previews/waves.png")  # gifv -> preview
     assert len(stored_objects(tmp_path / "data" / "objects")) == len(media) == 5
-    (cursor,) = query(db.dsn, "SELECT cursor FROM etl_state WHERE source = 'mastodon'")[0]
-    assert cursor == {"streams": {"tag:sunset": {"after": "113920000000000003"},
+    assert stream_states(db.dsn, "mastodon") == {"streams": {"tag:sunset": {"after": "113920000000000003"},
                                   "account:ana@mastodon.example": {"after": "113920500000000004"}}}  # fmt: skip
 
     http_server.requests.clear()

@@ -11,7 +11,7 @@ from etl.sources.base import FetchWindow
 from etl.sources.reddit import RedditSource, thing_to_post
 from tests.conftest import query
 from tests.platform_reddit import AGENT, FIXTURES, IDS, NEW, SECRET, TOKEN_PATH, FakeReddit, reddit_env
-from tests.support import assert_refused_cleanly, stored_objects
+from tests.support import assert_refused_cleanly, stored_objects, stream_states
 
 
 def source_for(make_settings, server, tmp_path, **extra):
@@ -45,8 +45,7 @@ def test_reddit_run_archives_the_listing_then_rerun_fetches_nothing_twice(run_et
     assert [(m[0], m[1]) for m in media if m[0] == IDS[0]] == [(IDS[0], 0), (IDS[0], 1), (IDS[0], 2)]
     assert {m[2] for m in media} == {"stored"} and len(media) == 5
     assert len(stored_objects(tmp_path / "data" / "objects")) == 5
-    (cursor,) = query(db.dsn, "SELECT cursor FROM etl_state WHERE source = 'reddit'")[0]
-    assert cursor == {"streams": {"r:analog": {"after": IDS[0]}}}
+    assert stream_states(db.dsn, "reddit") == {"streams": {"r:analog": {"after": IDS[0]}}}
     assert all(h.get("User-Agent") == AGENT for _, _, h in fake.api_calls("/r/"))
 
     http_server.requests.clear()
