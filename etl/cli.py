@@ -21,16 +21,17 @@ from etl.copystore import copy_store
 from etl.enrich import SentimentEnricher
 from etl.errors import ConfigError, ETLError, ExitCode, UsageError
 from etl.logs import RedactingFilter, setup_logging
-from etl.pipeline import Runner, RunRequest, RunStats
+from etl.pipeline import Runner, RunRequest, RunStats, build_sources
 from etl.progress import ProgressReporter
 from etl.reenrich import reenrich
+from etl.shards import Shard, format_plan, plan_shards
 from etl.sources import REGISTRY
 from etl.status import collect_status, format_status, open_archive
 from etl.stopping import exit_now, leave_if_stalled
 
 log = logging.getLogger("etl")
 COMMANDS = (
-    "run", "backfill", "reenrich", "status", "migrate", "check", "copy-store", "fingerprint", "similar", "trends",
+    "run", "backfill", "reenrich", "status", "migrate", "check", "plan", "copy-store", "fingerprint", "similar", "trends",
     "report", "verify", "forget",
 )
 GLOBAL_OPTIONS = ("--log-format", "--log-level")  # options taking a value, before or after the command
@@ -58,6 +59,19 @@ def parse_date(value: str) -> datetime:
     except ValueError:
         raise argparse.ArgumentTypeError(f"{value!r} is not a date (YYYY-MM-DD or ISO 8601)") from None
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+
+
+def _shard(value: str) -> Shard:
+    try:
+        return Shard.parse(value)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _non_negative_int(value: str) -> int:
+    if not value.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number of 0 or more")
+    return int(value)
 
 
 def _positive_int(value: str) -> int:
@@ -115,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--limit", type=int, metavar="N", help="at most N posts per source")
     run.add_argument("--dry-run", action="store_true", help="fetch and score only; write nothing")
     run.add_argument("--input", metavar="FILE", help="for the jsonl source: a file, or - for standard input")
+    run.add_argument("--shard", type=_shard, metavar="K/N", help="only shard K of N (1-based): its streams and its part of the failed images (see `plan`)")
 
     backfill = command(
         "backfill", "archive a date range of one source, in chunks, oldest first (resumable)",
@@ -129,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     backfill.add_argument("--chunk-days", type=float, default=1.0, metavar="D", help="days per chunk (default 1; at least a minute, at most 10,000 chunks); finished chunks are skipped by a rerun")
     backfill.add_argument("--limit", type=int, metavar="N", help="at most N posts per chunk")
     backfill.add_argument("--input", metavar="FILE", help="for the jsonl source: a file, or - for standard input")
+    backfill.add_argument("--chunk-index", type=_non_negative_int, metavar="I", help="only chunk I (0-based, oldest first): one worker's share")
 
     reenrich = command(
         "reenrich", "re-score stored posts with the current sentiment settings (no fetching)",
@@ -152,6 +168,14 @@ def build_parser() -> argparse.ArgumentParser:
         "python etl.py check", "S3_BUCKET=my-archive python etl.py check --create-bucket",
     )  # fmt: skip
     check.add_argument("--create-bucket", action="store_true", help="create S3_BUCKET when it does not exist")
+
+    plan = command(
+        "plan", "the run's work as N shards: every stream of every configured source in exactly one",
+        "python etl.py plan --shards 4", "python etl.py plan --shards 4 --json",
+        "python etl.py run --shard 2/4                      # what host 2 of 4 runs",
+    )  # fmt: skip
+    plan.add_argument("--shards", type=_positive_int, default=None, metavar="N", help="how many shards (default: ETL_SHARDS)")
+    plan.add_argument("--json", action="store_true", help="machine-readable output")
 
     command(
         "copy-store", "copy images archived in another object store into the configured one (verified, resumable)",
@@ -278,8 +302,9 @@ def _dispatch(args: argparse.Namespace, settings: Settings, out: IO[str]) -> int
             arguments=_recorded(args),
         )
         if command == "run":
-            request.dry_run = args.dry_run
+            request.dry_run, request.shard = args.dry_run, args.shard
         else:
+            request.chunk_index = args.chunk_index
             if args.until is not None and args.until <= args.since:
                 raise UsageError("--until must be after --since")
             chunk = checked_chunk(args.since, args.until or datetime.now(timezone.utc), args.chunk_days)
@@ -295,6 +320,11 @@ def _dispatch(args: argparse.Namespace, settings: Settings, out: IO[str]) -> int
         return int(stats.exit_code)
     if command == "reenrich":
         return _reenrich(args, settings, out, stop)
+    if command == "plan":
+        sources = build_sources(settings, RunRequest(sources=list(settings.sources)))
+        planned = plan_shards(sources, args.shards or settings.shards)
+        print(format_plan(planned, as_json=args.json), file=out)
+        return int(ExitCode.OK)
     if command in cli_insights.COMMANDS:
         return cli_insights.dispatch(command, args, settings, out, stop)
     if command == "copy-store":

@@ -225,6 +225,7 @@ class Settings:
 
     # Loading, enrichment, runs.
     batch_size: int = _setting("ETL_BATCH_SIZE", _positive_int, 500, "posts per database batch")
+    shards: int = _setting("ETL_SHARDS", _positive_int, 1, "shards of the Airflow DAG's run by default (its param `shards`)")
     db_reconnect_seconds: float = _setting(
         "ETL_DB_RECONNECT_SECONDS", _non_negative_float, 15.0,
         "longest total wait (s) for a lost database to come back; past it the run stops, naming the batch not loaded",

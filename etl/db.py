@@ -22,7 +22,7 @@ import psycopg2.extensions
 import psycopg2.extras
 
 from etl.config import Settings, mask_url_password
-from etl.errors import ConfigError, LoadError, LockedError
+from etl.errors import ConfigError, LoadError, LockedError, ServiceUnavailable
 from etl.records import Media, Post, Sentiment, clean_json, clean_text
 
 log = logging.getLogger(__name__)
@@ -150,7 +150,11 @@ class Database:
             password = psycopg2.extensions.parse_dsn(self.dsn).get("password") if "://" in self.dsn else None
             if password:
                 reason = reason.replace(password, "***")
-            raise ConfigError(f"DATABASE_URL: cannot connect to {self.display}: {reason}") from None
+            # Refused credentials or a missing database are configuration; anything else (refused, timed out,
+            # starting up, unknown host) may pass: an orchestrator retries those.
+            settled = any(s in reason for s in ("authentication failed", "does not exist", "no pg_hba.conf entry"))
+            error = ConfigError if settled else ServiceUnavailable
+            raise error(f"DATABASE_URL: cannot connect to {self.display}: {reason}") from None
 
     def connection(self) -> psycopg2.extensions.connection:
         if self._conn is None or self._conn.closed:
@@ -334,6 +338,25 @@ class Database:
             return cur.rowcount
 
         return self.run(update, what="closing the records of dead runs")
+
+    def orchestrator_totals(self, orchestrator_run_id: str) -> dict[str, Any]:
+        """Totals over the runs an orchestrator's run recorded (arguments.orchestrator.run_id): its shards,
+        retry parts and chunks, with how many ended in each status."""
+
+        def read(cur: psycopg2.extensions.cursor) -> dict[str, Any]:
+            cur.execute(
+                "SELECT count(*), COALESCE(sum(posts_fetched), 0), COALESCE(sum(posts_inserted), 0),"
+                " COALESCE(sum(posts_updated), 0), COALESCE(sum(images_stored), 0), COALESCE(sum(images_failed), 0),"
+                " COALESCE(jsonb_object_agg(status, n) FILTER (WHERE status IS NOT NULL), '{}')"
+                " FROM (SELECT *, count(*) OVER (PARTITION BY status) AS n FROM etl_runs"
+                "       WHERE arguments -> 'orchestrator' ->> 'run_id' = %s) AS r",
+                (orchestrator_run_id,),
+            )
+            row = cur.fetchone()
+            names = ("runs", "posts_fetched", "posts_inserted", "posts_updated", "images_stored", "images_failed", "statuses")
+            return dict(zip(names, [int(v) if isinstance(v, (int, float)) else v for v in row], strict=True))
+
+        return self.run(read, what="reading the orchestrator run's totals")
 
     # -- backfill progress -----------------------------------------------------------------------
 

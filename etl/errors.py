@@ -26,6 +26,11 @@ class ConfigError(ETLError):
     exit_code = ExitCode.CONFIG
 
 
+class ServiceUnavailable(ConfigError):
+    """A service named by a setting (the database, the object store) cannot be reached now; a later attempt may
+    succeed. Still exit 2 for cron; an orchestrator retries it where it fails a task for a ConfigError."""
+
+
 class UsageError(ConfigError):
     """The command line itself is wrong."""
 

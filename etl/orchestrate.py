@@ -16,8 +16,8 @@ from typing import Any
 
 from etl.config import Settings, load_settings
 from etl.errors import ConfigError, LockedError
-from etl.pipeline import Runner, RunRequest, backfill_chunks, build_sources, open_services
-from etl.shards import Shard, plan_shards
+from etl.pipeline import Runner, RunRequest, backfill_chunks, build_sources, open_services, state_key
+from etl.shards import Shard, plan_shards, units_of
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +68,9 @@ def prepare(settings: Settings | None = None) -> dict[str, Any]:
     """
     settings = settings or settings_from_environment()
     sources = build_sources(settings, RunRequest(sources=list(settings.sources)))
-    db, store = open_services(settings)
+    db, _ = open_services(settings)
     db.close()
-    return {"sources": [s.name for s in sources], "store": store.describe(), "shards": settings.shards}
+    return {"sources": [s.name for s in sources], "shards": settings.shards}
 
 
 def plan(shards: int, settings: Settings | None = None) -> list[dict[str, Any]]:
@@ -128,10 +128,16 @@ def plan_backfill(
 ) -> list[int]:  # fmt: skip
     """The indices of the chunks not yet finished, oldest first, at most `most` of them (a DAG run's share)."""
     settings = settings or settings_from_environment()
-    from etl.pipeline import unfinished_chunk_indices
-
+    (built,) = build_sources(settings, RunRequest(sources=[source]))
     chunks = _chunks(since, until, chunk_days)
-    todo = unfinished_chunk_indices(settings, source, chunks)
+    db, _ = open_services(settings, check_store=False)
+    try:
+        done = [
+            db.finished_chunks(built.name, state_key(built, unit), chunks[0][0], chunks[-1][1]) for unit in units_of(built)
+        ] if chunks else []  # fmt: skip
+    finally:
+        db.close()
+    todo = [n for n, chunk in enumerate(chunks) if not all(chunk in finished for finished in done)]
     if len(todo) > most:
         log.warning(
             "backfill %s: %d chunks left; this DAG run takes the first %d (Airflow's max_map_length); trigger it "
@@ -158,6 +164,8 @@ def archive_chunk(
 def summarize(orchestrator_run_id: str, settings: Settings | None = None) -> dict[str, Any]:
     """Totals over the ledger rows of one orchestrator run (every shard and retry part it recorded)."""
     settings = settings or settings_from_environment()
-    from etl.pipeline import orchestrator_totals
-
-    return orchestrator_totals(settings, orchestrator_run_id)
+    db, _ = open_services(settings, check_store=False)
+    try:
+        return db.orchestrator_totals(orchestrator_run_id)
+    finally:
+        db.close()

@@ -546,6 +546,19 @@ def build_sources(settings: Settings, request: RunRequest) -> list[Source]:
     return [cls(settings, **request.source_options.get(cls.name, {})) for cls in classes]
 
 
+def open_services(
+    settings: Settings, *, db: Database | None = None, store: ObjectStore | None = None, check_store: bool = True
+) -> tuple[Database, ObjectStore | None]:
+    """The object store (checked) and the database (migrated), each failing with a ConfigError that names the
+    setting (ServiceUnavailable when it cannot be reached): what every command opens before any work."""
+    if check_store:
+        store = store or store_from_settings(settings)
+        store.check()
+    db = db or Database.from_settings(settings)
+    db.migrate()
+    return db, store
+
+
 def state_key(source: Source, unit: Unit) -> str:
     """The etl_state / etl_backfill_chunks key of a unit: per stream, or the source's configuration key."""
     return f"stream:{unit.stream}" if unit.stream else source.config_key()
@@ -587,13 +600,12 @@ class Runner:
 
     def open_services(self, *, store: bool = True) -> None:
         """Object store and database, each checked before any work (ConfigError names the setting)."""
-        if store:
-            if self.store is None:
-                self.store = store_from_settings(self.settings)
-            self.store.check()
-        if self.db is None:
-            self.db = Database.from_settings(self.settings)
-        self.db.migrate()
+        self.db, self.store = open_services(self.settings, db=self.db, store=self.store if store else None, check_store=store)
+
+    def close(self) -> None:
+        """Close the database connection this runner opened (an orchestrator's worker runs many tasks)."""
+        if self.db is not None:
+            self.db.close()
 
     def execute(self, request: RunRequest) -> RunStats:
         sources = build_sources(self.settings, request)

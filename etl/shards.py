@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -70,3 +71,18 @@ def plan_shards(sources: Sequence[Source], count: int) -> list[tuple[Shard, list
         raise UsageError(f"--shards must be between 1 and {MAX_SHARDS}")
     shards = [Shard(k, count) for k in range(1, count + 1)]
     return [(shard, [u for source in sources for u in units_of(source) if shard.owns(u.name)]) for shard in shards]
+
+
+def format_plan(planned: list[tuple[Shard, list[Unit]]], *, as_json: bool = False) -> str:
+    """`etl.py plan`: each shard and its units, as text or JSON."""
+    if as_json:
+        return json.dumps(
+            [{"shard": str(s), "units": [{"source": u.source, "stream": u.stream, "name": u.name} for u in units]}
+             for s, units in planned],
+            indent=2,
+        )  # fmt: skip
+    lines = []
+    for shard, units in planned:
+        lines.append(f"shard {shard}: {len(units)} unit(s)" + ("" if units else " (nothing to do)"))
+        lines.extend(f"  {u.name}" for u in units)
+    return "\n".join(lines)

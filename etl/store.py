@@ -15,7 +15,7 @@ from typing import Protocol
 
 from etl import __version__
 from etl.config import Settings
-from etl.errors import ConfigError, StoreError
+from etl.errors import ConfigError, ServiceUnavailable, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +200,7 @@ class S3Store:
                 ) from None
             raise ConfigError(f"S3_BUCKET {self.bucket!r} cannot be used: {code or exc}") from None
         except BotoCoreError as exc:
-            raise ConfigError(f"S3_BUCKET {self.bucket!r} cannot be reached: {exc}") from None
+            raise ServiceUnavailable(f"S3_BUCKET {self.bucket!r} cannot be reached: {exc}") from None
 
     def put(self, key: str, body: bytes, content_type: str, sha256: str, *, replace: bool = False) -> bool:
         """One conditional PUT (If-None-Match: *): the normal case costs a single request, and an object an
