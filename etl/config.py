@@ -225,6 +225,9 @@ class Settings:
 
     # Loading, enrichment, runs.
     batch_size: int = _setting("ETL_BATCH_SIZE", _positive_int, 500, "posts per database batch")
+    source_paths: tuple[str, ...] = _setting(
+        "ETL_SOURCE_PATHS", _list, (), "extra sources: comma list of .py files or module names, each registering a Source"
+    )
     shards: int = _setting("ETL_SHARDS", _positive_int, 1, "shards of the Airflow DAG's run by default (its param `shards`)")
     db_reconnect_seconds: float = _setting(
         "ETL_DB_RECONNECT_SECONDS", _non_negative_float, 15.0,

@@ -37,7 +37,7 @@ from etl.progress import LiveCounts
 from etl.records import Media, Post, cap_caption, chunked
 from etl.resume import ResumePoint, ResumeTracker
 from etl.shards import Shard, Unit, units_of
-from etl.sources import FetchWindow, Source, source_class
+from etl.sources import FetchWindow, Source, load_source_modules, source_class
 from etl.store import ObjectStore, object_key, store_from_settings
 
 log = logging.getLogger(__name__)
@@ -540,6 +540,7 @@ class RunRequest:
 
 def build_sources(settings: Settings, request: RunRequest) -> list[Source]:
     """Instantiate the requested sources after checking every one's settings (ConfigError before any work)."""
+    load_source_modules(settings.source_paths)
     classes = [source_class(name) for name in request.sources]
     for cls in classes:
         cls.check_settings(settings)

@@ -1,11 +1,22 @@
-"""The source registry: one module per platform, each registering its Source class by name."""
+"""The source registry: one module per platform, each registering its Source class by name.
+
+Every module of this package is imported (and so registers its source) without a hand-kept list; sources
+kept elsewhere, one file each, are loaded from ETL_SOURCE_PATHS (README, "Adding a platform").
+"""
 
 from __future__ import annotations
 
-from etl.errors import UsageError
+import importlib
+import importlib.util
+import pkgutil
+from collections.abc import Sequence
+from pathlib import Path
+
+from etl.errors import ConfigError, UsageError
 from etl.sources.base import FetchWindow, Source
 
 REGISTRY: dict[str, type[Source]] = {}
+_SHARED = {"base", "api"}  # the layers the platforms stand on, not platforms
 
 
 def register(cls: type[Source]) -> type[Source]:
@@ -20,7 +31,25 @@ def source_class(name: str) -> type[Source]:
         raise UsageError(f"unknown source {name!r} (known: {', '.join(sorted(REGISTRY))})") from None
 
 
-# Importing the modules registers them.
-from etl.sources import bluesky, instagram, jsonl, mastodon, mock, reddit, twitter, youtube  # noqa: E402,F401
+def load_source_modules(paths: Sequence[str]) -> None:
+    """Import extra source modules (a .py file, or an importable module name); each registers its source."""
+    for entry in paths:
+        try:
+            if entry.endswith(".py"):
+                path = Path(entry).expanduser().resolve()
+                spec = importlib.util.spec_from_file_location(f"etl_source_{path.stem}", path)
+                if spec is None or spec.loader is None or not path.is_file():
+                    raise FileNotFoundError(f"no such file: {path}")
+                module = importlib.util.module_from_spec(spec)
+                spec.loader.exec_module(module)
+            else:
+                importlib.import_module(entry)
+        except Exception as exc:
+            raise ConfigError(f"ETL_SOURCE_PATHS: cannot load {entry!r}: {type(exc).__name__}: {exc}") from None
 
-__all__ = ["REGISTRY", "FetchWindow", "Source", "register", "source_class"]
+
+for _module in pkgutil.iter_modules(__path__):
+    if _module.name not in _SHARED:
+        importlib.import_module(f"{__name__}.{_module.name}")
+
+__all__ = ["REGISTRY", "FetchWindow", "Source", "load_source_modules", "register", "source_class"]
