@@ -23,7 +23,7 @@ from etl.reenrich import reenrich
 from etl.status import collect_status, format_status
 
 log = logging.getLogger("etl")
-COMMANDS = ("run", "backfill", "reenrich", "status", "migrate")
+COMMANDS = ("run", "backfill", "reenrich", "status", "migrate", "export")
 GLOBAL_OPTIONS = ("--log-format", "--log-level")  # options taking a value, placed before the command
 
 
@@ -69,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--runs", type=int, default=10, metavar="N", help="how many runs to list")
 
     sub.add_parser("migrate", help="apply the sql/ migrations")
+
+    export = sub.add_parser("export", help="the archive as partitioned Parquet (posts/, media/), incrementally")
+    export.add_argument("--to", metavar="DIR|s3://BUCKET/PREFIX", help="default: the object store, under ETL_EXPORT_PREFIX")
+    export.add_argument("--since", type=parse_date, metavar="DATE", help="only partitions of posts from this UTC date on")
+    export.add_argument("--full", action="store_true", help="rewrite every partition, changed or not")
     return parser
 
 
@@ -161,6 +166,16 @@ def _dispatch(args: argparse.Namespace, settings: Settings, out: IO[str]) -> int
         return int(stats.exit_code)
     if command == "reenrich":
         return _reenrich(args, settings, out, stop)
+    if command == "export":
+        from etl.export import export, resolve_target
+
+        target = resolve_target(settings, args.to)
+        runner = Runner(settings)
+        runner.open_services(store=False)
+        assert runner.db is not None
+        stats = export(settings, runner.db, target, full=args.full, since=args.since, should_stop=stop.is_set, arguments=_recorded(args))
+        print(stats.summary(), file=out)
+        return int(stats.exit_code)
     runner = Runner(settings)
     runner.open_services(store=False)
     assert runner.db is not None

@@ -224,7 +224,7 @@ class Archiver:
         with ThreadPoolExecutor(self.settings.concurrency, thread_name_prefix="images") as pool:
             pending: _Batch | None = None
             try:
-                for posts_batch in chunked(self.clock.timed(posts, "fetch"), self.settings.batch_size):
+                for posts_batch in chunked(self.clock.timed(self._allowed(posts, stats), "fetch"), self.settings.batch_size):
                     current = self._start(posts_batch, pool, stats)
                     finishing, pending = pending, current
                     if finishing is not None:
@@ -238,6 +238,16 @@ class Archiver:
             if pending is not None:
                 newest = _later(newest, self._finish(pending, stats, source))
         return newest
+
+    def _allowed(self, posts: Iterable[Post], stats: RunStats) -> Iterator[Post]:
+        """Refuses posts of a platform named like ETL_EXPORT_PREFIX: their image keys would meet the export's."""
+        reserved = self.settings.reserved_platform
+        for post in posts:
+            if post.platform == reserved:
+                stats.rejected += 1
+                stats.error(f"{post.platform}/{post.post_id}: platform {post.platform!r} is reserved by ETL_EXPORT_PREFIX; post refused")
+                continue
+            yield post
 
     def _start(self, posts: list[Post], pool: ThreadPoolExecutor, stats: RunStats) -> _Batch:
         image_keys = list({(p.platform, p.post_id) for p in posts if p.image_urls})
