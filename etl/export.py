@@ -483,8 +483,8 @@ class PartitionWriter:
     def add(self, rows: Sequence[tuple]) -> None:
         import pyarrow as pa
 
-        columns = list(zip(*rows))[2:]  # without platform and dt: they are the partition's path
-        table = pa.Table.from_arrays([pa.array(v, type=t) for v, t in zip(columns, self.types)], schema=self.schema)
+        columns = list(zip(*rows, strict=True))[2:]  # without platform and dt: they are the partition's path
+        table = pa.Table.from_arrays([pa.array(v, type=t) for v, t in zip(columns, self.types, strict=True)], schema=self.schema)
         self.pending.append(table)
         self.pending_rows += len(rows)
         self.rows += len(rows)
