@@ -23,6 +23,7 @@ from typing import Any
 
 import psycopg2
 import psycopg2.extensions
+import psycopg2.extras
 
 from etl.config import Settings, _s3_prefix
 from etl.db import Database
@@ -35,6 +36,12 @@ SCHEMA_VERSION = 1  # part of every fingerprint: a change of the schema rewrites
 PART_NAME = "part-0.parquet"
 CONTENT_TYPE = "application/vnd.apache.parquet"
 FETCH_ROWS = 5_000  # rows per round trip of the server-side cursor
+RECORD_BATCH, RECORD_SECONDS = 200, 5.0  # written partitions are recorded (committed) in batches
+RECORD_SQL = (
+    "INSERT INTO export_partitions (target, dataset, platform, dt, row_count, fingerprint, object_key, bytes) VALUES %s"
+    " ON CONFLICT (target, dataset, platform, dt) DO UPDATE SET row_count = EXCLUDED.row_count,"
+    " fingerprint = EXCLUDED.fingerprint, object_key = EXCLUDED.object_key, bytes = EXCLUDED.bytes, exported_at = now()"
+)
 _DAY = "(p.created_at AT TIME ZONE 'UTC')::date"
 
 
@@ -295,6 +302,8 @@ class Exporter:
         self.should_stop = should_stop
         self.after_partition = after_partition  # a hook for tests (a crash after N partitions)
         self.stats = ExportStats(target=target.name)
+        self._published: list[tuple] = []  # written partitions whose records are not committed yet
+        self._recorded_at = time.monotonic()
 
     def run(self) -> ExportStats:
         started = time.monotonic()
@@ -412,9 +421,11 @@ class Exporter:
         finally:
             if writer is not None:
                 writer.discard()
+            self._record()
 
     def _publish(self, writer: PartitionWriter, current: dict[Key, str]) -> None:
-        """The partition's file becomes its object in one step, then is recorded with its fingerprint."""
+        """The partition's file becomes its object in one step; its record follows (in batches: one commit per
+        partition cost more than writing it; a crash before the commit costs a rewrite of those, not a gap)."""
         dataset, (platform, dt) = writer.dataset.name, writer.key
         object_key = self.target.key(dataset, platform, dt)
         try:
@@ -427,23 +438,25 @@ class Exporter:
             return
         finally:
             writer.discard()
-
-        def record(cur: psycopg2.extensions.cursor) -> None:
-            cur.execute(
-                "INSERT INTO export_partitions (target, dataset, platform, dt, row_count, fingerprint, object_key, bytes)"
-                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (target, dataset, platform, dt) DO UPDATE SET"
-                " row_count = EXCLUDED.row_count, fingerprint = EXCLUDED.fingerprint, object_key = EXCLUDED.object_key,"
-                " bytes = EXCLUDED.bytes, exported_at = now()",
-                (self.target.name, dataset, platform, dt, writer.rows, current[writer.key], object_key, size),
-            )
-
-        self.db.run(record, what="recording an exported partition")
+        self._published.append((self.target.name, dataset, platform, dt, writer.rows, current[writer.key], object_key, size))
         self.stats.written[dataset] += 1
         self.stats.rows[dataset] += writer.rows
         self.stats.bytes += size
         log.debug("wrote %s (%d rows, %d bytes)", object_key, writer.rows, size)
+        if len(self._published) >= RECORD_BATCH or time.monotonic() - self._recorded_at > RECORD_SECONDS:
+            self._record()
         if self.after_partition is not None:
             self.after_partition(dataset, writer.key)
+
+    def _record(self) -> None:
+        """Commit the records of the partitions written since the last commit."""
+        rows, self._published = self._published, []
+        self._recorded_at = time.monotonic()
+        if rows:
+            self.db.run(
+                lambda cur: psycopg2.extras.execute_values(cur, RECORD_SQL, rows, page_size=len(rows)),
+                what="recording exported partitions",
+            )
 
     def _delete(self, dataset: Dataset, key: Key) -> None:
         """A partition whose rows are all gone (forgotten posts): its object goes, then its record."""
