@@ -454,3 +454,12 @@ def test_the_export_command_end_to_end(db, run_etl, tmp_path):
     ]  # fmt: skip
     bad = run_etl("export", "--to", "ftp://host/x")
     assert bad.returncode == ExitCode.CONFIG and "--to" in bad.stderr
+
+
+def test_the_readme_documents_every_exported_column():
+    from etl.export import DATASETS
+
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text[text.index("## Parquet export") : text.index("## Sentiment")]
+    missing = [f"{d.name}.{c.name}" for d in DATASETS for c in d.columns if f"`{c.name}`" not in section]
+    assert not missing, f"columns exported but not in the README's schema: {missing}"
