@@ -50,6 +50,15 @@ def _micros(column: str) -> str:
     return f"(extract(epoch FROM {column}) * 1000000)::bigint"
 
 
+_PHASH_TEXT = "(to_jsonb(m) ->> %(phash_column)s)"
+# A BIGINT (as text, digits), a BIT(64) (64 zeros and ones) or 16 hex digits, as a signed 64-bit integer.
+_PHASH = (
+    f"CASE WHEN {_PHASH_TEXT} ~ '^[01]{{64}}$' THEN {_PHASH_TEXT}::bit(64)::bigint"
+    f" WHEN {_PHASH_TEXT} ~ '^-?[0-9]{{1,19}}$' THEN {_PHASH_TEXT}::bigint"
+    f" WHEN {_PHASH_TEXT} ~ '^[0-9a-fA-F]{{16}}$' THEN ('x' || {_PHASH_TEXT})::bit(64)::bigint END"
+)
+
+
 @dataclass(frozen=True)
 class Column:
     """One Parquet column: its name, the SQL that reads it, its Arrow type (a name, see _arrow_type)."""
@@ -110,15 +119,40 @@ MEDIA = Dataset(
         Column("height", "m.height", "int32", ""),
         Column("stored_at", _micros("m.stored_at"), "timestamp", "UTC"),
         Column("post_created_at", _micros("p.created_at"), "timestamp", "the post's created_at, UTC"),
-        # Filled from post_media's perceptual hash columns when they exist (see _perceptual_columns).
-        Column("perceptual_hash", "NULL::bigint", "int64", "64-bit perceptual hash (signed int64), null until computed"),
-        Column("perceptual_hash_algorithm", "NULL::text", "string", "the hash's algorithm, e.g. dhash"),
+        # post_media's perceptual hash columns when they exist (see perceptual_columns), read by a name
+        # given as a parameter: NULL while there is no such column.
+        Column("perceptual_hash", _PHASH, "int64", "64-bit perceptual hash (signed int64), null until computed"),
+        Column("perceptual_hash_algorithm", "to_jsonb(m) ->> %(phash_algorithm_column)s", "string", "the hash's algorithm, e.g. dhash"),
     ),
     source="post_media m JOIN social_posts p USING (platform, post_id)",
     order="p.platform, p.created_at, m.post_id, m.position",
 )
 
 DATASETS = (POSTS, MEDIA)
+_SINCE = f"(%(since)s::date IS NULL OR {_DAY} >= %(since)s::date)"
+_SELECTED = f"(p.platform, {_DAY}) IN (SELECT * FROM unnest(%(platforms)s::text[], %(days)s::date[]))"
+
+
+def _fingerprints_sql(d: Dataset) -> str:
+    values = ", ".join(c.sql for c in d.columns)
+    return (
+        f"SELECT p.platform, {_DAY}, count(*), sum(hashtextextended(ROW({values})::text, 0))"
+        f" FROM {d.source} WHERE {_SINCE} GROUP BY 1, 2"
+    )
+
+
+def _rows_sql(d: Dataset, *, selected: bool) -> str:
+    where = f"{_SINCE} AND {_SELECTED}" if selected else _SINCE
+    return f"SELECT p.platform, {_DAY}, {', '.join(c.sql for c in d.columns)} FROM {d.source} WHERE {where} ORDER BY {d.order}"
+
+
+# Built once from the declarations above, never from data (values are parameters).
+POSTS_FINGERPRINTS_SQL = _fingerprints_sql(POSTS)
+MEDIA_FINGERPRINTS_SQL = _fingerprints_sql(MEDIA)
+POSTS_ALL_SQL = _rows_sql(POSTS, selected=False)
+MEDIA_ALL_SQL = _rows_sql(MEDIA, selected=False)
+POSTS_SELECTED_SQL = _rows_sql(POSTS, selected=True)
+MEDIA_SELECTED_SQL = _rows_sql(MEDIA, selected=True)
 
 
 def _arrow_type(name: str) -> Any:
@@ -141,37 +175,19 @@ def arrow_schema(dataset: Dataset) -> Any:
     return pa.schema([pa.field(c.name, _arrow_type(c.type)) for c in dataset.columns])
 
 
-def _perceptual_columns(cur: psycopg2.extensions.cursor) -> tuple[str, str]:
-    """SQL for the perceptual hash and its algorithm, from post_media's columns if they exist (migration 006,
-    added in parallel), else NULLs: a 64-bit integer (or bit(64), or 16 hex digits) column with 'hash' in its
-    name other than sha256, and a text column with 'hash' and 'alg' in its name."""
+def perceptual_columns(cur: psycopg2.extensions.cursor) -> dict[str, str]:
+    """The names of post_media's perceptual hash and algorithm columns (migration 006, added in parallel), as
+    query parameters: a column with 'hash' in its name other than sha256, and one with 'hash' and 'alg'.
+    A name that is no column reads as NULL."""
     cur.execute(
-        "SELECT column_name, data_type FROM information_schema.columns"
+        "SELECT column_name FROM information_schema.columns"
         " WHERE table_schema = current_schema() AND table_name = 'post_media' ORDER BY ordinal_position"
     )
-    hash_sql, algorithm_sql = "NULL::bigint", "NULL::text"
-    for name, data_type in cur.fetchall():
-        lowered = name.lower()
-        quoted = '"' + name.replace('"', '""') + '"'
-        if "hash" not in lowered or lowered == "sha256":
-            continue
-        if "alg" in lowered and data_type in ("text", "character varying"):
-            algorithm_sql = f"m.{quoted}::text"
-        elif hash_sql.startswith("NULL") and "alg" not in lowered:
-            if data_type == "bigint":
-                hash_sql = f"m.{quoted}"
-            elif data_type == "bit":
-                hash_sql = f"m.{quoted}::bigint"
-            elif data_type in ("text", "character varying"):
-                hash_sql = f"('x' || lpad(m.{quoted}, 16, '0'))::bit(64)::bigint"
-    return hash_sql, algorithm_sql
-
-
-def _with_perceptual(dataset: Dataset, hash_sql: str, algorithm_sql: str) -> Dataset:
-    if dataset is not MEDIA:
-        return dataset
-    sql = {"perceptual_hash": hash_sql, "perceptual_hash_algorithm": algorithm_sql}
-    return replace(dataset, columns=tuple(replace(c, sql=sql.get(c.name, c.sql)) for c in dataset.columns))
+    names = [row[0] for row in cur.fetchall()]
+    hashes = [n for n in names if "hash" in n.lower() and n.lower() != "sha256"]
+    algorithm = next((n for n in hashes if "alg" in n.lower()), "")
+    value = next((n for n in hashes if "alg" not in n.lower()), "")
+    return {"phash_column": value, "phash_algorithm_column": algorithm}
 
 
 # -- targets ------------------------------------------------------------------------------------------
@@ -299,6 +315,7 @@ class Exporter:
         self.full = full
         # --since filters whole partitions: a partition holds every post of its day or is not written at all.
         self.since_day = since.astimezone(timezone.utc).date() if since else None
+        self.params: dict[str, Any] = {"since": self.since_day}
         self.should_stop = should_stop
         self.after_partition = after_partition  # a hook for tests (a crash after N partitions)
         self.stats = ExportStats(target=target.name)
@@ -311,10 +328,10 @@ class Exporter:
         try:
             reader.set_session(isolation_level="REPEATABLE READ", readonly=True)
             with reader.cursor() as cur:
-                datasets = [_with_perceptual(d, *_perceptual_columns(cur)) for d in DATASETS]
+                self.params.update(perceptual_columns(cur))
                 if self.target.default:
                     self._refuse_reserved_platform(cur)
-            for dataset in datasets:
+            for dataset in DATASETS:
                 if self.stats.interrupted:
                     break
                 self._export(reader, dataset)
@@ -356,21 +373,13 @@ class Exporter:
     def _in_scope(self, key: Key) -> bool:
         return self.since_day is None or key[1] >= self.since_day
 
-    def _where(self) -> tuple[str, dict[str, Any]]:
-        if self.since_day is None:
-            return "TRUE", {}
-        return f"{_DAY} >= %(since)s", {"since": self.since_day}
-
     def _fingerprints(self, reader: psycopg2.extensions.connection, dataset: Dataset) -> dict[Key, str]:
         """(platform, dt) -> 'version:rows:sum of 64-bit hashes of each row's exported values'."""
-        where, params = self._where()
-        values = ", ".join(c.sql for c in dataset.columns)
         with reader.cursor() as cur:
-            cur.execute(
-                f"SELECT p.platform, {_DAY}, count(*), sum(hashtextextended(ROW({values})::text, 0))"
-                f" FROM {dataset.source} WHERE {where} GROUP BY 1, 2",
-                params,
-            )
+            if dataset is POSTS:
+                cur.execute(POSTS_FINGERPRINTS_SQL, self.params)
+            else:
+                cur.execute(MEDIA_FINGERPRINTS_SQL, self.params)
             return {(platform, dt): f"{SCHEMA_VERSION}:{rows}:{total}" for platform, dt, rows, total in cur.fetchall()}
 
     def _recorded(self, dataset: Dataset) -> dict[Key, str]:
@@ -385,14 +394,17 @@ class Exporter:
 
     def _rows(self, reader: psycopg2.extensions.connection, dataset: Dataset, todo: Sequence[Key]) -> Iterator[list[tuple]]:
         """Batches of (platform, dt, *columns) for the partitions in `todo`, partition after partition."""
-        where, params = self._where()
-        if not self.full:
-            where += f" AND (p.platform, {_DAY}) IN (SELECT * FROM unnest(%(platforms)s::text[], %(days)s::date[]))"
-            params.update(platforms=[k[0] for k in todo], days=[k[1] for k in todo])
-        columns = ", ".join(c.sql for c in dataset.columns)
+        params = {**self.params, "platforms": [k[0] for k in todo], "days": [k[1] for k in todo]}
         with reader.cursor(name=f"export_{dataset.name}") as cur:
             cur.itersize = FETCH_ROWS
-            cur.execute(f"SELECT p.platform, {_DAY}, {columns} FROM {dataset.source} WHERE {where} ORDER BY {dataset.order}", params)
+            if dataset is POSTS and self.full:
+                cur.execute(POSTS_ALL_SQL, params)
+            elif dataset is POSTS:
+                cur.execute(POSTS_SELECTED_SQL, params)
+            elif self.full:
+                cur.execute(MEDIA_ALL_SQL, params)
+            else:
+                cur.execute(MEDIA_SELECTED_SQL, params)
             while rows := cur.fetchmany(FETCH_ROWS):
                 yield rows
 

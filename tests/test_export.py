@@ -15,12 +15,13 @@ from pathlib import Path
 import boto3
 import duckdb
 import psycopg2
+import psycopg2.sql
 import pytest
 from moto import mock_aws
 
 from etl.db import Database, upsert_media, upsert_posts
 from etl.errors import ConfigError, ExitCode
-from etl.export import Exporter, _perceptual_columns, export, resolve_target
+from etl.export import Exporter, export, perceptual_columns, resolve_target
 from etl.records import Media, Post, Sentiment
 from tests.conftest import ROOT, query
 from tests.support import record, write_jsonl
@@ -390,15 +391,18 @@ def test_the_perceptual_hash_is_exported_once_its_column_exists(migrated, make_s
         root = tmp_path / "data" / "objects" / "export"
         assert {r["perceptual_hash"] for r in lake_rows(root, "media")} == {None}
         with db.transaction() as cur:
-            hash_sql, algorithm_sql = _perceptual_columns(cur)
-            if hash_sql.startswith("NULL"):  # migration 006 not merged yet: a column of that shape
+            names = perceptual_columns(cur)
+            if not names["phash_column"]:  # migration 006 not merged yet: columns of that shape
                 cur.execute("ALTER TABLE post_media ADD COLUMN phash BIGINT, ADD COLUMN phash_algorithm TEXT")
-                hash_sql, algorithm_sql = _perceptual_columns(cur)
-            hash_column, algorithm_column = hash_sql.split('"')[1], algorithm_sql.split('"')[1]
-            if "::bigint" in hash_sql and "bit" not in hash_sql:
-                pytest.skip(f"post_media.{hash_column} is not stored as a 64-bit integer")
+                names = perceptual_columns(cur)
+            cur.execute("SELECT data_type FROM information_schema.columns WHERE table_name = 'post_media' AND column_name = %s",
+                        (names["phash_column"],))  # fmt: skip
+            if cur.fetchone()[0] != "bigint":
+                pytest.skip(f"post_media.{names['phash_column']} is not a BIGINT")
             cur.execute(
-                f'UPDATE post_media SET "{hash_column}" = -1234567890123 - position, "{algorithm_column}" = %s WHERE status = %s',
+                psycopg2.sql.SQL("UPDATE post_media SET {} = -1234567890123 - position, {} = %s WHERE status = %s").format(
+                    psycopg2.sql.Identifier(names["phash_column"]), psycopg2.sql.Identifier(names["phash_algorithm_column"])
+                ),
                 ("dhash", "stored"),
             )
         stats = export(settings, db, target)
