@@ -32,7 +32,7 @@ from etl.stopping import exit_now, leave_if_stalled
 log = logging.getLogger("etl")
 COMMANDS = (
     "run", "backfill", "reenrich", "status", "migrate", "check", "plan", "copy-store", "fingerprint", "similar", "trends",
-    "report", "verify", "forget",
+    "report", "verify", "forget", "export",
 )
 GLOBAL_OPTIONS = ("--log-format", "--log-level")  # options taking a value, before or after the command
 EXIT_CODES = """exit codes:
@@ -183,6 +183,16 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     cli_insights.add_parsers(command, parse_date)
     cli_trust.add_parsers(command, parse_date)
+
+    export = command(
+        "export", "the archive as partitioned Parquet (posts/, media/), incrementally",
+        "python etl.py export                          # into the object store, under ETL_EXPORT_PREFIX",
+        "python etl.py export --to /data/lake --since 2026-11-01",
+        "python etl.py export --to s3://analytics/social/ --full",
+    )  # fmt: skip
+    export.add_argument("--to", metavar="DIR|s3://BUCKET/PREFIX", help="default: the object store, under ETL_EXPORT_PREFIX")
+    export.add_argument("--since", type=parse_date, metavar="DATE", help="only partitions of posts from this UTC date on")
+    export.add_argument("--full", action="store_true", help="rewrite every partition, changed or not")
     return parser
 
 
@@ -343,6 +353,16 @@ def _dispatch(args: argparse.Namespace, settings: Settings, out: IO[str]) -> int
         return cli_trust.verify_command(args, settings, out, stop)
     if command == "forget":
         return cli_trust.forget_command(args, settings, out)
+    if command == "export":
+        from etl.export import export, resolve_target
+
+        target = resolve_target(settings, args.to)
+        runner = Runner(settings)
+        runner.open_services(store=False)
+        assert runner.db is not None
+        stats = export(settings, runner.db, target, full=args.full, since=args.since, should_stop=stop.is_set, arguments=_recorded(args))
+        print(stats.summary(), file=out)
+        return int(stats.exit_code)
     runner = Runner(settings)
     runner.open_services(store=False)
     assert runner.db is not None

@@ -124,6 +124,13 @@ def _deleted_policy(raw: str) -> str:
     return value
 
 
+def _export_prefix(raw: str) -> str:
+    value = _s3_prefix(raw)
+    if not value:
+        raise ValueError("must not be empty (the export needs a prefix of its own, apart from image keys)")
+    return value
+
+
 def _http_base(raw: str) -> str:
     value = raw.strip().rstrip("/")
     if urlsplit(value).scheme not in ("http", "https") or not urlsplit(value).netloc:
@@ -263,6 +270,12 @@ class Settings:
         "when a platform says a post we hold is gone: mark (keep it, set deleted_at_source) or forget (remove it)",
     )  # fmt: skip
 
+    # Parquet export (`etl.py export`).
+    export_prefix: str = _setting(
+        "ETL_EXPORT_PREFIX", _export_prefix, "export/", "key prefix of the Parquet export under S3_PREFIX; no platform may take its name"
+    )
+    export_row_group: int = _setting("ETL_EXPORT_ROW_GROUP", _positive_int, 100_000, "rows per Parquet row group")
+
     def __repr__(self) -> str:
         shown = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self))
         return f"Settings({shown})"
@@ -274,6 +287,11 @@ class Settings:
     @property
     def objects_dir(self) -> Path:
         return self.data_dir / "objects"
+
+    @property
+    def reserved_platform(self) -> str:
+        """The first segment of ETL_EXPORT_PREFIX: a platform of that name would put images among the export."""
+        return self.export_prefix.split("/", 1)[0].lower()
 
     def secrets(self) -> list[str]:
         """Every secret value set, and the password inside DATABASE_URL, for log redaction."""
@@ -334,6 +352,8 @@ def load_settings(env: Mapping[str, str] | None = None, dotenv_path: str | Path 
     for source in settings.sources:
         if not _NAME_OK.match(source):
             raise ConfigError(f"ETL_SOURCES has an invalid source name {source!r}")
+        if source.lower() == settings.reserved_platform:
+            raise ConfigError(f"ETL_SOURCES: {source!r} is the name of ETL_EXPORT_PREFIX ({settings.export_prefix}), reserved for the export")
     if settings.database_url and not settings.database_url.reveal().startswith(("postgres://", "postgresql://")):
         raise ConfigError(f"DATABASE_URL must start with postgresql:// (got {mask_url_password(settings.database_url.reveal())})")
     return settings

@@ -296,7 +296,7 @@ class Archiver:
         try:
             pending: _Batch | None = None
             try:
-                fetching = self.live.counting(self.clock.timed(posts, "fetch"))
+                fetching = self.live.counting(self.clock.timed(self._allowed(posts, stats), "fetch"))
                 for posts_batch in chunked(fetching, self.settings.batch_size):
                     current = self._start(posts_batch, pool, stats, source)
                     finishing, pending = pending, current
@@ -345,6 +345,16 @@ class Archiver:
         )
         log.warning("image not finished before the stop: %s/%s #%d %s", platform, post_id, position, url[:200])
         return media
+
+    def _allowed(self, posts: Iterable[Post], stats: RunStats) -> Iterator[Post]:
+        """Refuses posts of a platform named like ETL_EXPORT_PREFIX: their image keys would meet the export's."""
+        reserved = self.settings.reserved_platform
+        for post in posts:
+            if post.platform == reserved:
+                stats.rejected += 1
+                stats.error(f"{post.platform}/{post.post_id}: platform {post.platform!r} is reserved by ETL_EXPORT_PREFIX; post refused")
+                continue
+            yield post
 
     def _start(self, posts: list[Post], pool: ThreadPoolExecutor, stats: RunStats, source: str = "") -> _Batch:
         image_keys = list({(p.platform, p.post_id) for p in posts if p.image_urls})

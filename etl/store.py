@@ -140,6 +140,29 @@ class LocalStore:
     def url(self, key: str) -> str:
         return self.path(key).as_uri()
 
+    # -- whole-object replacement (the Parquet export) -------------------------------------------
+
+    def replace_from_file(self, key: str, src: Path, content_type: str) -> None:
+        """Make the file `src` the object `key` in one rename, replacing what was there: a reader sees the
+        old object or the new one, never a mix. `src` should be in .incoming (the same file system)."""
+        path = self.path(key)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(src, path)
+        except OSError as exc:
+            raise StoreError(f"cannot write {path}: {exc}") from exc
+
+    def delete(self, key: str) -> None:
+        try:
+            self.path(key).unlink(missing_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot delete {key}: {exc}") from exc
+
+    def holds_any(self, prefix: str) -> bool:
+        """Whether any object lies under `prefix` (a folder-like prefix ending in '/')."""
+        base = self.path(prefix.rstrip("/")) if prefix.strip("/") else self.root
+        return base.is_dir() and any(p.is_file() for p in base.rglob("*"))
+
     def describe(self) -> str:
         return f"local object store {self.root}"
 
@@ -280,6 +303,34 @@ class S3Store:
 
     def url(self, key: str) -> str:
         return f"s3://{self.bucket}/{key}"
+
+    # -- whole-object replacement (the Parquet export) -------------------------------------------
+
+    def replace_from_file(self, key: str, src: Path, content_type: str) -> None:
+        """One plain PUT of the file (S3 replaces an object atomically: readers see the old one or the new)."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            with open(src, "rb") as body:
+                self.client.put_object(Bucket=self.bucket, Key=key, Body=body, ContentType=content_type)
+        except (ClientError, BotoCoreError, OSError) as exc:
+            raise StoreError(f"S3 PUT {key} failed: {exc}") from exc
+
+    def delete(self, key: str) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=key)
+        except (ClientError, BotoCoreError) as exc:
+            raise StoreError(f"S3 DELETE {key} failed: {exc}") from exc
+
+    def holds_any(self, prefix: str) -> bool:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return bool(self.client.list_objects_v2(Bucket=self.bucket, Prefix=prefix, MaxKeys=1).get("KeyCount"))
+        except (ClientError, BotoCoreError) as exc:
+            raise StoreError(f"S3 LIST {prefix} failed: {exc}") from exc
 
     def describe(self) -> str:
         return f"s3://{self.bucket}/"

@@ -4,6 +4,7 @@
     .venv/bin/python scripts/bench.py --metadata-only   # posts without images, target >= 5,000 posts/s
     .venv/bin/python scripts/bench.py --memory          # peak RSS of 100,000 vs 10,000 posts (metadata-only)
     .venv/bin/python scripts/bench.py --quick           # a smoke run of the images path (well under a minute)
+    .venv/bin/python scripts/bench.py --export [--rows N]  # etl.py export of 1,000,000 posts (scripts/bench_export.py)
 
 Services, all on 127.0.0.1 (PostgreSQL on a Unix socket only) and all stopped at the end, also on Ctrl-C:
 - an image host (threads in this process): ~30 KB JPEG/PNG images, distinct bytes per URL, a fixed latency
@@ -1127,6 +1128,11 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--export" in argv:  # the Parquet export at scale: a scenario of its own (scripts/bench_export.py)
+        import bench_export
+
+        return bench_export.main([a for a in argv if a != "--export"])
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _raise_interrupt)
     signal.signal(signal.SIGHUP, _raise_interrupt)

@@ -1,0 +1,567 @@
+"""`etl.py export`: the archive as Hive-partitioned Parquet (posts/ and media/), rewritten incrementally per target.
+
+Layout under the target's root: `{dataset}/platform={platform}/dt={YYYY-MM-DD}/part-0.parquet`, one object per
+partition, the date being the post's created_at in UTC. A partition is written to a temporary file, then
+becomes its object in one step (a rename in a local store, a single PUT in S3): a reader sees the old
+partition or the new one. `export_partitions` (sql/007) remembers, per target, each partition's row count
+and a fingerprint of its rows taken in the same snapshot as the rows themselves; the next export rewrites
+only the partitions whose fingerprint changed, deletes those that no longer hold any row, and writes nothing
+when nothing changed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import date, datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import psycopg2
+import psycopg2.extensions
+import psycopg2.extras
+
+from etl.config import Settings, _s3_prefix
+from etl.db import Database
+from etl.errors import ConfigError, ExitCode, StoreError, UsageError
+from etl.store import LocalStore, ObjectStore, S3Store, store_from_settings
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1  # part of every fingerprint: a change of the schema rewrites every partition
+PART_NAME = "part-0.parquet"
+CONTENT_TYPE = "application/vnd.apache.parquet"
+FETCH_ROWS = 5_000  # rows per round trip of the server-side cursor
+RECORD_BATCH, RECORD_SECONDS = 200, 5.0  # written partitions are recorded (committed) in batches
+RECORD_SQL = (
+    "INSERT INTO export_partitions (target, dataset, platform, dt, row_count, fingerprint, object_key, bytes) VALUES %s"
+    " ON CONFLICT (target, dataset, platform, dt) DO UPDATE SET row_count = EXCLUDED.row_count,"
+    " fingerprint = EXCLUDED.fingerprint, object_key = EXCLUDED.object_key, bytes = EXCLUDED.bytes, exported_at = now()"
+)
+_DAY = "(p.created_at AT TIME ZONE 'UTC')::date"
+
+
+def _micros(column: str) -> str:
+    """A timestamptz as int64 microseconds since the epoch (UTC): much cheaper to move than datetime objects."""
+    return f"(extract(epoch FROM {column}) * 1000000)::bigint"
+
+
+_PHASH_TEXT = "(to_jsonb(m) ->> %(phash_column)s)"
+# A BIGINT (as text, digits), a BIT(64) (64 zeros and ones) or 16 hex digits, as a signed 64-bit integer.
+_PHASH = (
+    f"CASE WHEN {_PHASH_TEXT} ~ '^[01]{{64}}$' THEN {_PHASH_TEXT}::bit(64)::bigint"
+    f" WHEN {_PHASH_TEXT} ~ '^-?[0-9]{{1,19}}$' THEN {_PHASH_TEXT}::bigint"
+    f" WHEN {_PHASH_TEXT} ~ '^[0-9a-fA-F]{{16}}$' THEN ('x' || {_PHASH_TEXT})::bit(64)::bigint END"
+)
+
+
+@dataclass(frozen=True)
+class Column:
+    """One Parquet column: its name, the SQL that reads it, its Arrow type (a name, see _arrow_type)."""
+
+    name: str
+    sql: str
+    type: str
+    doc: str
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A table of the export: its columns, the FROM clause (aliases p = the post), its row order."""
+
+    name: str
+    columns: tuple[Column, ...]
+    source: str
+    order: str
+
+
+POSTS = Dataset(
+    name="posts",
+    columns=(
+        Column("post_id", "p.post_id", "string", "the platform's id of the post"),
+        Column("author_username", "p.author_username", "string", ""),
+        Column("caption", "p.caption", "string", ""),
+        Column("hashtags", "p.hashtags", "list<string>", "in caption order, without '#'"),
+        Column("like_count", "p.like_count", "int64", ""),
+        Column("comment_count", "p.comment_count", "int64", ""),
+        Column("permalink", "p.permalink", "string", ""),
+        Column("sentiment", "p.sentiment", "string", "positive, neutral or negative"),
+        Column("sentiment_polarity", "p.sentiment_polarity", "double", "-1 .. 1"),
+        Column("sentiment_subjectivity", "p.sentiment_subjectivity", "double", "0 .. 1"),
+        Column("sentiment_version", "p.sentiment_version", "string", "the enricher that scored it"),
+        Column("image_s3_url", "p.image_s3_url", "string", "URL of the first stored image"),
+        Column("created_at", _micros("p.created_at"), "timestamp", "UTC"),
+        Column("archived_at", _micros("p.archived_at"), "timestamp", "first archived, UTC"),
+        Column("updated_at", _micros("p.updated_at"), "timestamp", "last changed, UTC"),
+    ),
+    source="social_posts p",
+    order="p.platform, p.created_at, p.post_id",
+)
+
+MEDIA = Dataset(
+    name="media",
+    columns=(
+        Column("post_id", "m.post_id", "string", "joins posts on (platform, dt, post_id)"),
+        Column("position", "m.position", "int32", "0 = the first image"),
+        Column("source_url", "m.source_url", "string", ""),
+        Column("status", "m.status", "string", "stored or failed"),
+        Column("permanent", "m.permanent", "bool", "a failure retrying cannot heal"),
+        Column("storage_key", "m.storage_key", "string", "object key in the image store"),
+        Column("storage_url", "m.storage_url", "string", ""),
+        Column("sha256", "m.sha256", "string", "hex SHA-256 of the stored bytes"),
+        Column("bytes", "m.bytes", "int64", ""),
+        Column("content_type", "m.content_type", "string", ""),
+        Column("width", "m.width", "int32", ""),
+        Column("height", "m.height", "int32", ""),
+        Column("stored_at", _micros("m.stored_at"), "timestamp", "UTC"),
+        Column("post_created_at", _micros("p.created_at"), "timestamp", "the post's created_at, UTC"),
+        # post_media's perceptual hash columns when they exist (see perceptual_columns), read by a name
+        # given as a parameter: NULL while there is no such column.
+        Column("perceptual_hash", _PHASH, "int64", "64-bit perceptual hash (signed int64), null until computed"),
+        Column("perceptual_hash_algorithm", "to_jsonb(m) ->> %(phash_algorithm_column)s", "string", "the hash's algorithm, e.g. dhash"),
+    ),
+    source="post_media m JOIN social_posts p USING (platform, post_id)",
+    order="p.platform, p.created_at, m.post_id, m.position",
+)
+
+DATASETS = (POSTS, MEDIA)
+_SINCE = f"(%(since)s::date IS NULL OR {_DAY} >= %(since)s::date)"
+_SELECTED = f"(p.platform, {_DAY}) IN (SELECT * FROM unnest(%(platforms)s::text[], %(days)s::date[]))"
+
+
+def _fingerprints_sql(d: Dataset) -> str:
+    values = ", ".join(c.sql for c in d.columns)
+    return (
+        f"SELECT p.platform, {_DAY}, count(*), sum(hashtextextended(ROW({values})::text, 0))"
+        f" FROM {d.source} WHERE {_SINCE} GROUP BY 1, 2"
+    )
+
+
+def _rows_sql(d: Dataset, *, selected: bool) -> str:
+    where = f"{_SINCE} AND {_SELECTED}" if selected else _SINCE
+    return f"SELECT p.platform, {_DAY}, {', '.join(c.sql for c in d.columns)} FROM {d.source} WHERE {where} ORDER BY {d.order}"
+
+
+# Built once from the declarations above, never from data (values are parameters).
+POSTS_FINGERPRINTS_SQL = _fingerprints_sql(POSTS)
+MEDIA_FINGERPRINTS_SQL = _fingerprints_sql(MEDIA)
+POSTS_ALL_SQL = _rows_sql(POSTS, selected=False)
+MEDIA_ALL_SQL = _rows_sql(MEDIA, selected=False)
+POSTS_SELECTED_SQL = _rows_sql(POSTS, selected=True)
+MEDIA_SELECTED_SQL = _rows_sql(MEDIA, selected=True)
+
+
+def _arrow_type(name: str) -> Any:
+    import pyarrow as pa
+
+    return {
+        "string": pa.string(),
+        "int64": pa.int64(),
+        "int32": pa.int32(),
+        "double": pa.float64(),
+        "bool": pa.bool_(),
+        "timestamp": pa.timestamp("us", tz="UTC"),
+        "list<string>": pa.list_(pa.string()),
+    }[name]
+
+
+def arrow_schema(dataset: Dataset) -> Any:
+    import pyarrow as pa
+
+    return pa.schema([pa.field(c.name, _arrow_type(c.type)) for c in dataset.columns])
+
+
+def perceptual_columns(cur: psycopg2.extensions.cursor) -> dict[str, str]:
+    """The names of post_media's perceptual hash and algorithm columns (migration 006, added in parallel), as
+    query parameters: a column with 'hash' in its name other than sha256, and one with 'hash' and 'alg'.
+    A name that is no column reads as NULL."""
+    cur.execute(
+        "SELECT column_name FROM information_schema.columns"
+        " WHERE table_schema = current_schema() AND table_name = 'post_media' ORDER BY ordinal_position"
+    )
+    names = [row[0] for row in cur.fetchall()]
+    hashes = [n for n in names if "hash" in n.lower() and n.lower() != "sha256"]
+    algorithm = next((n for n in hashes if "alg" in n.lower()), "")
+    value = next((n for n in hashes if "alg" not in n.lower()), "")
+    return {"phash_column": value, "phash_algorithm_column": algorithm}
+
+
+# -- targets ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Target:
+    """Where an export goes: an object store and the key prefix of the datasets' root; `name` identifies it."""
+
+    store: Any  # LocalStore or S3Store
+    prefix: str
+    name: str
+    default: bool = False
+
+    def key(self, dataset: str, platform: str, dt: date) -> str:
+        return f"{self.prefix}{dataset}/platform={platform}/dt={dt.isoformat()}/{PART_NAME}"
+
+    def staging(self) -> Path:
+        """A file to write a partition to: inside the local store (so it becomes the object by a rename; a
+        killed run's leftovers are swept by the store), else in the system's temporary directory."""
+        incoming = getattr(self.store, "incoming", None)
+        if incoming is not None:
+            Path(incoming).mkdir(parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(dir=incoming, prefix=f"{os.getpid()}-export-", suffix=".part")
+        else:
+            fd, name = tempfile.mkstemp(prefix="social-archiver-export-", suffix=".parquet")
+        os.close(fd)
+        return Path(name)
+
+
+def resolve_target(settings: Settings, to: str | None) -> Target:
+    """--to s3://BUCKET/PREFIX, --to DIR, or (none) the configured store under S3_PREFIX + ETL_EXPORT_PREFIX."""
+    if not to:
+        store: ObjectStore = store_from_settings(settings)
+        prefix = settings.s3_prefix + settings.export_prefix
+        if isinstance(store, LocalStore):
+            name = store.root.as_uri() + "/" + prefix
+        else:
+            name = f"s3://{settings.s3_bucket}/{prefix}"
+        return Target(store, prefix, name, default=True)
+    if to.startswith("s3://"):
+        bucket, _, raw_prefix = to[len("s3://") :].partition("/")
+        if not bucket:
+            raise UsageError(f"--to {to!r}: expected s3://BUCKET/PREFIX")
+        try:
+            prefix = _s3_prefix(raw_prefix)
+        except ValueError as exc:
+            raise UsageError(f"--to {to!r}: the prefix {exc}") from None
+        store = S3Store(replace(settings, s3_bucket=bucket))
+        return Target(store, prefix, f"s3://{bucket}/{prefix}")
+    if "://" in to:
+        raise UsageError(f"--to {to!r}: expected a directory or s3://BUCKET/PREFIX")
+    root = Path(to).expanduser()
+    if root.exists() and not root.is_dir():
+        raise UsageError(f"--to {to!r} is not a directory")
+    store = LocalStore(root)
+    return Target(store, "", store.root.as_uri() + "/")
+
+
+# -- the export ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class ExportStats:
+    """What one export did, per dataset and in all."""
+
+    target: str = ""
+    written: dict[str, int] = field(default_factory=lambda: {d.name: 0 for d in DATASETS})
+    rows: dict[str, int] = field(default_factory=lambda: {d.name: 0 for d in DATASETS})
+    unchanged: dict[str, int] = field(default_factory=lambda: {d.name: 0 for d in DATASETS})
+    deleted: dict[str, int] = field(default_factory=lambda: {d.name: 0 for d in DATASETS})
+    bytes: int = 0
+    errors: list[str] = field(default_factory=list)
+    interrupted: bool = False
+    seconds: float = 0.0
+
+    @property
+    def exit_code(self) -> ExitCode:
+        return ExitCode.PARTIAL if self.errors or self.interrupted else ExitCode.OK
+
+    @property
+    def status(self) -> str:
+        return "interrupted" if self.interrupted else ("partial" if self.errors else "ok")
+
+    def ledger(self) -> dict[str, Any]:
+        return {
+            "target": self.target, "written": self.written, "rows": self.rows, "unchanged": self.unchanged,
+            "deleted": self.deleted, "bytes": self.bytes,
+        }  # fmt: skip
+
+    def summary(self) -> str:
+        lines = [f"Export to {self.target}: {self.status} in {self.seconds:.1f}s"]
+        for d in DATASETS:
+            lines.append(
+                f"  {d.name:<6} partitions written {self.written[d.name]} ({self.rows[d.name]} rows), "
+                f"unchanged {self.unchanged[d.name]}, deleted {self.deleted[d.name]}"
+            )
+        lines.append(f"  bytes    {self.bytes} written")
+        if self.errors:
+            lines.append(f"  {len(self.errors)} problem(s), first ones:")
+            lines.extend(f"    - {e}" for e in self.errors[:10])
+        return "\n".join(lines)
+
+
+Key = tuple[str, date]  # (platform, dt)
+
+
+class Exporter:
+    """Exports the datasets to one target; the rows are read in one REPEATABLE READ snapshot."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        db: Database,
+        target: Target,
+        *,
+        full: bool = False,
+        since: datetime | None = None,
+        should_stop: Callable[[], bool] = lambda: False,
+        after_partition: Callable[[str, Key], None] | None = None,
+    ):
+        self.settings = settings
+        self.db = db
+        self.target = target
+        self.full = full
+        # --since filters whole partitions: a partition holds every post of its day or is not written at all.
+        self.since_day = since.astimezone(timezone.utc).date() if since else None
+        self.params: dict[str, Any] = {"since": self.since_day}
+        self.should_stop = should_stop
+        self.after_partition = after_partition  # a hook for tests (a crash after N partitions)
+        self.stats = ExportStats(target=target.name)
+        self._published: list[tuple] = []  # written partitions whose records are not committed yet
+        self._recorded_at = time.monotonic()
+
+    def run(self) -> ExportStats:
+        started = time.monotonic()
+        reader = self.db.connect()
+        try:
+            reader.set_session(isolation_level="REPEATABLE READ", readonly=True)
+            with reader.cursor() as cur:
+                self.params.update(perceptual_columns(cur))
+                if self.target.default:
+                    self._refuse_reserved_platform(cur)
+            for dataset in DATASETS:
+                if self.stats.interrupted:
+                    break
+                self._export(reader, dataset)
+        finally:
+            reader.close()
+            self.stats.seconds = time.monotonic() - started
+        return self.stats
+
+    def _refuse_reserved_platform(self, cur: psycopg2.extensions.cursor) -> None:
+        reserved = self.settings.reserved_platform
+        cur.execute("SELECT count(*) FROM social_posts WHERE lower(platform) = %s", (reserved,))
+        if cur.fetchone()[0]:
+            raise ConfigError(
+                f"ETL_EXPORT_PREFIX={self.settings.export_prefix!r}: posts of a platform named {reserved!r} are archived, "
+                "whose images share that prefix; choose another ETL_EXPORT_PREFIX"
+            )
+
+    # -- one dataset --------------------------------------------------------------------------------
+
+    def _export(self, reader: psycopg2.extensions.connection, dataset: Dataset) -> None:
+        current = self._fingerprints(reader, dataset)
+        previous = self._recorded(dataset)
+        if previous and not self.target.store.holds_any(f"{self.target.prefix}{dataset.name}/"):
+            log.warning("%s%s/ is empty although %d partitions were exported there: writing every partition again",
+                        self.target.name, dataset.name, len(previous))  # fmt: skip
+            previous = {}
+        todo = sorted(k for k, fp in current.items() if self.full or previous.get(k) != fp)
+        gone = sorted(k for k in previous if k not in current and self._in_scope(k))
+        self.stats.unchanged[dataset.name] += len(current) - len(todo)
+        log.info("%s: %d partitions to write, %d unchanged, %d to delete", dataset.name, len(todo), len(current) - len(todo), len(gone))
+        if todo:
+            self._write(reader, dataset, todo, current)
+        for key in gone:
+            if self.should_stop():
+                self.stats.interrupted = True
+                return
+            self._delete(dataset, key)
+
+    def _in_scope(self, key: Key) -> bool:
+        return self.since_day is None or key[1] >= self.since_day
+
+    def _fingerprints(self, reader: psycopg2.extensions.connection, dataset: Dataset) -> dict[Key, str]:
+        """(platform, dt) -> 'version:rows:sum of 64-bit hashes of each row's exported values'."""
+        with reader.cursor() as cur:
+            if dataset is POSTS:
+                cur.execute(POSTS_FINGERPRINTS_SQL, self.params)
+            else:
+                cur.execute(MEDIA_FINGERPRINTS_SQL, self.params)
+            return {(platform, dt): f"{SCHEMA_VERSION}:{rows}:{total}" for platform, dt, rows, total in cur.fetchall()}
+
+    def _recorded(self, dataset: Dataset) -> dict[Key, str]:
+        def read(cur: psycopg2.extensions.cursor) -> dict[Key, str]:
+            cur.execute(
+                "SELECT platform, dt, fingerprint FROM export_partitions WHERE target = %s AND dataset = %s",
+                (self.target.name, dataset.name),
+            )
+            return {(platform, dt): fp for platform, dt, fp in cur.fetchall()}
+
+        return self.db.run(read, what="reading what was exported")
+
+    def _rows(self, reader: psycopg2.extensions.connection, dataset: Dataset, todo: Sequence[Key]) -> Iterator[list[tuple]]:
+        """Batches of (platform, dt, *columns) for the partitions in `todo`, partition after partition."""
+        params = {**self.params, "platforms": [k[0] for k in todo], "days": [k[1] for k in todo]}
+        with reader.cursor(name=f"export_{dataset.name}") as cur:
+            cur.itersize = FETCH_ROWS
+            if dataset is POSTS and self.full:
+                cur.execute(POSTS_ALL_SQL, params)
+            elif dataset is POSTS:
+                cur.execute(POSTS_SELECTED_SQL, params)
+            elif self.full:
+                cur.execute(MEDIA_ALL_SQL, params)
+            else:
+                cur.execute(MEDIA_SELECTED_SQL, params)
+            while rows := cur.fetchmany(FETCH_ROWS):
+                yield rows
+
+    def _write(self, reader: psycopg2.extensions.connection, dataset: Dataset, todo: Sequence[Key], current: dict[Key, str]) -> None:
+        writer: PartitionWriter | None = None
+        try:
+            for rows in self._rows(reader, dataset, todo):
+                start = 0
+                for i in range(1, len(rows) + 1):
+                    if i < len(rows) and rows[i][:2] == rows[start][:2]:
+                        continue
+                    key: Key = rows[start][:2]
+                    if writer is not None and writer.key != key:
+                        self._publish(writer, current)
+                        writer = None
+                        if self.should_stop():
+                            self.stats.interrupted = True
+                            return
+                    if writer is None:
+                        writer = PartitionWriter(dataset, key, self.target.staging(), self.settings.export_row_group)
+                    writer.add(rows[start:i])
+                    start = i
+            if writer is not None:
+                self._publish(writer, current)
+                writer = None
+        finally:
+            if writer is not None:
+                writer.discard()
+            self._record()
+
+    def _publish(self, writer: PartitionWriter, current: dict[Key, str]) -> None:
+        """The partition's file becomes its object in one step; its record follows (in batches: one commit per
+        partition cost more than writing it; a crash before the commit costs a rewrite of those, not a gap)."""
+        dataset, (platform, dt) = writer.dataset.name, writer.key
+        object_key = self.target.key(dataset, platform, dt)
+        try:
+            size = writer.close()
+            self.target.store.replace_from_file(object_key, writer.path, CONTENT_TYPE)
+        except (StoreError, OSError) as exc:
+            message = f"{dataset} partition platform={platform}/dt={dt}: {exc}"
+            log.error("%s (written again by the next export)", message)
+            self.stats.errors.append(message)
+            return
+        finally:
+            writer.discard()
+        self._published.append((self.target.name, dataset, platform, dt, writer.rows, current[writer.key], object_key, size))
+        self.stats.written[dataset] += 1
+        self.stats.rows[dataset] += writer.rows
+        self.stats.bytes += size
+        log.debug("wrote %s (%d rows, %d bytes)", object_key, writer.rows, size)
+        if len(self._published) >= RECORD_BATCH or time.monotonic() - self._recorded_at > RECORD_SECONDS:
+            self._record()
+        if self.after_partition is not None:
+            self.after_partition(dataset, writer.key)
+
+    def _record(self) -> None:
+        """Commit the records of the partitions written since the last commit."""
+        rows, self._published = self._published, []
+        self._recorded_at = time.monotonic()
+        if rows:
+            self.db.run(
+                lambda cur: psycopg2.extras.execute_values(cur, RECORD_SQL, rows, page_size=len(rows)),
+                what="recording exported partitions",
+            )
+
+    def _delete(self, dataset: Dataset, key: Key) -> None:
+        """A partition whose rows are all gone (forgotten posts): its object goes, then its record."""
+        object_key = self.target.key(dataset.name, *key)
+        try:
+            self.target.store.delete(object_key)
+        except StoreError as exc:
+            self.stats.errors.append(f"{dataset.name} partition platform={key[0]}/dt={key[1]}: {exc}")
+            return
+        self.db.run(
+            lambda cur: cur.execute(
+                "DELETE FROM export_partitions WHERE target = %s AND dataset = %s AND platform = %s AND dt = %s",
+                (self.target.name, dataset.name, *key),
+            ),
+            what="recording a deleted partition",
+        )
+        self.stats.deleted[dataset.name] += 1
+
+
+class PartitionWriter:
+    """One partition's Parquet file (zstd), filled batch by batch; row groups of `row_group` rows."""
+
+    def __init__(self, dataset: Dataset, key: Key, path: Path, row_group: int):
+        import pyarrow.parquet as pq
+
+        self.dataset = dataset
+        self.key = key
+        self.path = path
+        self.row_group = row_group
+        self.schema = arrow_schema(dataset)
+        self.types = [f.type for f in self.schema]
+        self.rows = 0
+        self.pending: list[Any] = []  # Arrow tables not yet written (fewer than row_group rows in all)
+        self.pending_rows = 0
+        self.writer = pq.ParquetWriter(str(path), self.schema, compression="zstd")
+
+    def add(self, rows: Sequence[tuple]) -> None:
+        import pyarrow as pa
+
+        columns = list(zip(*rows, strict=True))[2:]  # without platform and dt: they are the partition's path
+        table = pa.Table.from_arrays([pa.array(v, type=t) for v, t in zip(columns, self.types, strict=True)], schema=self.schema)
+        self.pending.append(table)
+        self.pending_rows += len(rows)
+        self.rows += len(rows)
+        if self.pending_rows >= self.row_group:
+            self._flush()
+
+    def _flush(self) -> None:
+        import pyarrow as pa
+
+        if self.pending_rows:
+            table = pa.concat_tables(self.pending).combine_chunks()
+            self.writer.write_table(table, row_group_size=self.row_group)
+        self.pending, self.pending_rows = [], 0
+
+    def close(self) -> int:
+        self._flush()
+        self.writer.close()
+        return self.path.stat().st_size
+
+    def discard(self) -> None:
+        """Remove the temporary file if it is still there (it was renamed away, or the partition failed)."""
+        try:
+            self.writer.close()
+        except Exception:  # already closed, or broken: the file goes anyway
+            pass
+        self.path.unlink(missing_ok=True)
+
+
+def export(
+    settings: Settings,
+    db: Database,
+    target: Target,
+    *,
+    full: bool = False,
+    since: datetime | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
+    arguments: dict[str, Any] | None = None,
+) -> ExportStats:
+    """Check the target, lock it (one export at a time per target), record the run in etl_runs, export."""
+    target.store.check()
+    lock = db.lock_sources([f"export {target.name}"])
+    try:
+        run_id = db.start_run("export", [f"export {target.name}"], arguments or {})
+        exporter = Exporter(settings, db, target, full=full, since=since, should_stop=should_stop)
+        status = "failed"
+        try:
+            stats = exporter.run()
+            status = stats.status
+        finally:
+            stats = exporter.stats
+            db.finish_run(run_id, status, {"errors": stats.errors, "per_source": {"export": stats.ledger()}})
+    finally:
+        lock.close()
+    log.info("summary: %s", " ".join(f"{d}={n}" for d, n in stats.written.items()) + f" bytes={stats.bytes} status={stats.status}")
+    return stats
