@@ -20,8 +20,8 @@ import functools
 import logging
 from datetime import datetime, timedelta
 
-from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 from airflow.sdk import Param, dag, get_current_context, task
+from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from etl import orchestrate
 from etl.errors import ConfigError, ServiceUnavailable
