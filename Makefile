@@ -30,6 +30,12 @@ $(VENV)/.dev: requirements.txt requirements-dev.txt | $(PY)
 	@echo "make: dependencies installed"
 	@touch $@ $(VENV)/.runtime
 
+# Apache Airflow, for the DAG tests only (users who do not run Airflow never install it).
+$(VENV)/.airflow: requirements-airflow.txt | $(VENV)/.dev
+	@echo "make: installing Apache Airflow for the DAG tests (requirements-airflow.txt; half a minute the first time)"
+	$(PY) -m pip install --quiet -r requirements-airflow.txt
+	@touch $@
+
 run: $(VENV)/.runtime
 	@echo "make: running the archiver (python etl.py run), then its fingerprints and report"
 	$(PY) etl.py run; code=$$?; $(PY) etl.py fingerprint >/dev/null && $(PY) etl.py report; exit $$code
@@ -37,7 +43,7 @@ run: $(VENV)/.runtime
 status: $(VENV)/.runtime
 	$(PY) etl.py status
 
-test: $(VENV)/.dev chromium
+test: $(VENV)/.dev $(VENV)/.airflow chromium
 	$(PY) -m pytest --junitxml=.test-report.xml
 
 reliability: $(VENV)/.dev  # README's Reliability section from the last green `make test`
@@ -53,7 +59,7 @@ bench: $(VENV)/.dev
 	$(PY) scripts/bench_insights.py $(INSIGHTS_ARGS)
 
 lint: $(VENV)/.dev
-	$(PY) -m ruff check etl tests scripts etl.py
+	$(PY) -m ruff check etl tests scripts dags etl.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
