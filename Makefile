@@ -57,6 +57,7 @@ chromium:
 bench: $(VENV)/.dev
 	$(PY) scripts/bench.py $(ARGS)
 	$(PY) scripts/bench_insights.py $(INSIGHTS_ARGS)
+	$(PY) scripts/bench_scaleout.py $(SCALEOUT_ARGS)
 
 lint: $(VENV)/.dev
 	$(PY) -m ruff check etl tests scripts dags etl.py
