@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import pytest
 
 from etl.config import Settings, load_settings
 from etl.db import Database
-from tests.support import HTTPServerFixture
+from tests.support import BUCKET, FaultProxy, HTTPServerFixture
 
 ROOT = Path(__file__).resolve().parent.parent
 TABLES = ("post_media", "social_posts", "etl_runs", "etl_state")
@@ -85,6 +86,28 @@ def moto_endpoint() -> Iterator[str]:
     server.start()
     host, port = server.get_host_and_port()
     yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def moto_s3() -> Iterator[tuple[FaultProxy, object]]:
+    """moto's S3 server behind a FaultProxy that can answer instead of it, with BUCKET created."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    port = server._server.server_address[1]  # moto keeps the bound werkzeug server here
+    # moto's backends live in the process, shared by every server it starts: begin from nothing.
+    urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/moto-api/reset", method="POST"))
+    client = boto3.client(
+        "s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1",
+        aws_access_key_id="testing", aws_secret_access_key="testing",
+    )  # fmt: skip
+    client.create_bucket(Bucket=BUCKET)
+    proxy = FaultProxy(port)
+    yield proxy, client
+    proxy.close()
     server.stop()
 
 

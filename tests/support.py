@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import http.client
 import io
+import json
 import threading
 import time
 from collections.abc import Callable
@@ -657,3 +659,123 @@ def stream_states(dsn: str, source: str) -> dict:
         assert set(streams) <= {key.removeprefix("stream:")}, (key, cursor)
         merged.update(streams)
     return {"streams": merged}
+
+
+# -- shared by the S3 fault tests, the direct-PUT tests and the security tests -----------------------------
+
+BUCKET = "archive-test"
+Injection = tuple[int, str, bytes] | str | None  # (status, code, body) | "drop" | None (forward)
+
+
+class FaultProxy:
+    """Forwards to moto; `plan(method, path, n)` may answer instead (n counts requests of that method)."""
+
+    def __init__(self, upstream_port: int):
+        self.upstream_port = upstream_port
+        self.plan: Callable[[str, str, int], Injection] = lambda method, path, n: None
+        self.counts: dict[str, int] = {}
+        self.forwarded: dict[str, int] = {}
+        self.lock = threading.Lock()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def handle_one(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                with outer.lock:
+                    n = outer.counts[self.command] = outer.counts.get(self.command, 0) + 1
+                injected = outer.plan(self.command, self.path, n)
+                if injected == "drop":
+                    self.close_connection = True
+                    self.connection.close()  # the endpoint went away: no status line at all
+                    return
+                if injected is not None:
+                    status, code, extra = injected
+                    payload = (
+                        f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{code}</Code>"
+                        f"<Message>injected {code}</Message></Error>"
+                    ).encode() + extra
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(payload) if self.command != "HEAD" else 0))
+                    self.end_headers()
+                    if self.command != "HEAD":
+                        self.wfile.write(payload)
+                    return
+                with outer.lock:
+                    outer.forwarded[self.command] = outer.forwarded.get(self.command, 0) + 1
+                conn = http.client.HTTPConnection("127.0.0.1", outer.upstream_port, timeout=30)
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection", "keep-alive")}
+                conn.request(self.command, self.path, body=body, headers=headers)
+                response = conn.getresponse()
+                data = response.read()
+                self.send_response(response.status)
+                for name, value in response.getheaders():
+                    if name.lower() not in ("connection", "transfer-encoding", "content-length", "server", "date"):
+                        self.send_header(name, value)
+                # A HEAD has no body, but its Content-Length is the object's: pass moto's on.
+                length = response.getheader("Content-Length") if self.command == "HEAD" else None
+                self.send_header("Content-Length", length or str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+                conn.close()
+
+            do_GET = do_PUT = do_HEAD = do_POST = do_DELETE = handle_one  # noqa: N815
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def s3_env(proxy: FaultProxy, **extra: str) -> dict[str, str]:
+    env = {
+        "S3_BUCKET": BUCKET,
+        "S3_PREFIX": "archive/",
+        "AWS_ENDPOINT_URL": proxy.url,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing-secret-key",
+        "AWS_REGION": "us-east-1",
+        "ETL_ALLOW_PRIVATE_HOSTS": "true",
+        "ETL_BATCH_SIZE": "10",
+        "ETL_CONCURRENCY": "4",
+        "ETL_RETRY_MAX_WAIT": "0.2",
+        "ETL_IMAGE_RETRY_BACKOFF_MINUTES": "0",
+    }
+    env.update(extra)
+    return env
+
+
+def stored_keys(client: object) -> set[str]:
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET)
+    return {obj["Key"] for page in pages for obj in page.get("Contents", [])}
+
+
+def write_posts(path: _Path, server, n: int, *, delay: float = 0.0, prefix: str = "p") -> _Path:
+    """n jsonl posts, one image each, served by `server` after `delay` seconds."""
+    with path.open("w", encoding="utf-8") as f:
+        for i in range(n):
+            server.routes[f"/img/{prefix}{i}.png"] = Reply(body=png_bytes(4 + i % 7, 4, (i % 256, 80, 160)), delay=delay)
+            post = {
+                "platform": "fixture",
+                "post_id": f"{prefix}{i}",
+                "caption": f"post number {i} is great",
+                "created_at": f"2026-10-{1 + i % 28:02d}T12:00:00Z",
+                "like_count": i,
+                "image_urls": [server.url(f"/img/{prefix}{i}.png")],
+            }
+            f.write(json.dumps(post) + "\n")
+    return path

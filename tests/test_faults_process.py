@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import random
 import signal
@@ -18,26 +17,9 @@ import psycopg2
 import pytest
 
 from tests.conftest import ROOT, query
-from tests.support import Reply, png_bytes
+from tests.support import write_posts
 
 pytestmark = pytest.mark.slow
-
-
-def write_posts(path: Path, server, n: int, *, delay: float = 0.0, prefix: str = "p") -> Path:
-    """n jsonl posts, one image each, served by `server` after `delay` seconds."""
-    with path.open("w", encoding="utf-8") as f:
-        for i in range(n):
-            server.routes[f"/img/{prefix}{i}.png"] = Reply(body=png_bytes(4 + i % 7, 4, (i % 256, 80, 160)), delay=delay)
-            post = {
-                "platform": "fixture",
-                "post_id": f"{prefix}{i}",
-                "caption": f"post number {i} is great",
-                "created_at": f"2026-10-{1 + i % 28:02d}T12:00:00Z",
-                "like_count": i,
-                "image_urls": [server.url(f"/img/{prefix}{i}.png")],
-            }
-            f.write(json.dumps(post) + "\n")
-    return path
 
 
 def base_env(tmp_path: Path, dsn: str, **extra: str) -> dict[str, str]:

@@ -16,8 +16,7 @@ import pytest
 from botocore.credentials import Credentials
 
 from etl.store import DirectPut, S3Store, object_key
-from tests.support import jpeg_bytes, png_bytes
-from tests.test_faults_s3 import BUCKET, moto_s3  # noqa: F401  (moto_s3 is a fixture)
+from tests.support import BUCKET, jpeg_bytes, png_bytes
 
 WHEN = datetime(2026, 10, 3, 12, 0, tzinfo=timezone.utc)
 HOSTILE_IDS = ["plain", "a/b", "x y", "%2F", "~tilde", "é😀", "semi;colon&amp=1", "plus+sign"]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT, query
-from tests.test_faults_s3 import moto_s3, s3_env  # noqa: F401  (a fixture, used by name)
+from tests.support import s3_env
 
 SQL_CALLS = {"execute", "executemany", "execute_values", "mogrify"}
 
@@ -67,7 +67,7 @@ def test_the_sql_check_catches_string_built_sql(tmp_path):
 
 
 @pytest.mark.fault("a DEBUG run with every secret in use: none appears in output, etl_runs or status")
-def test_no_secret_reaches_output_ledger_or_status(db, run_etl, moto_s3):  # noqa: F811
+def test_no_secret_reaches_output_ledger_or_status(db, run_etl, moto_s3):
     proxy, client = moto_s3
     password = "pg-pass-Zq81x"
     with db.transaction() as cur:

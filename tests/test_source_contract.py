@@ -52,7 +52,8 @@ FETCHERS = {
 
 
 def test_every_registered_source_is_under_contract():
-    assert set(REGISTRY) == set(FETCHERS)
+    # The package's own sources (a test may register one of its own from tests/, as ETL_SOURCE_PATHS would).
+    assert {name for name, cls in REGISTRY.items() if cls.__module__.startswith("etl.sources.")} == set(FETCHERS)
 
 
 @pytest.mark.parametrize("name", sorted(FETCHERS))
