@@ -204,3 +204,25 @@ def test_the_backfill_dag_resumes_at_the_chunk_that_failed(world):
     assert len(states(again, "archive_chunk")) == 1  # only the unfinished chunk is planned again
     ids = {r[0] for r in query(world["db"].dsn, "SELECT post_id FROM social_posts WHERE platform = 'streamy'")}
     assert ids == {f"{n}-{k}" for n in NAMES for k in range(3)}
+
+
+def test_a_shard_whose_every_stream_is_locked_is_skipped(world, monkeypatch):
+    from etl.config import load_settings
+    from etl.pipeline import RunRequest, build_sources
+    from etl.shards import plan_shards
+
+    for key, value in world["api"].env().items():  # the streams the workers see, to plan the same shards here
+        monkeypatch.setenv(key, value)
+    settings = load_settings({k: v for k, v in world["env"].items() if not k.startswith("AIRFLOW")}, dotenv_path=None)
+    (first, units), _ = plan_shards(build_sources(settings, RunRequest(sources=list(settings.sources))), 2)
+    lock, locked = world["db"].lock_units([u.name for u in units])  # another run holds all of shard 1/2
+    try:
+        assert locked == [] and units
+        run, output = dag_run(world, "social_archiver", {"shards": 2})
+    finally:
+        lock.close()
+    assert run["state"] == "success", output[-4000:]
+    assert states(run, "archive") == ["skipped", "success"]
+    assert states(run, "summary") == ["success"]
+    held = {r[0] for r in query(world["db"].dsn, "SELECT post_id FROM social_posts")}
+    assert held and not any(p.startswith(tuple(f"{u.stream.removeprefix('feed:')}-" for u in units if u.stream)) for p in held)
