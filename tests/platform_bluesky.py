@@ -7,11 +7,9 @@ import time
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
-from etl.config import load_settings
 from etl.records import Post
-from etl.sources.base import FetchWindow
 from etl.sources.bluesky import BlueskySource
-from tests.support import FixtureAPI, HTTPServerFixture, Reply
+from tests.support import FixtureAPI, HTTPServerFixture, Reply, fetch_over_fake
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "bluesky"
 ACTOR = "harbourlights.bsky.social"
@@ -115,12 +113,4 @@ def bluesky_env(server: HTTPServerFixture, tmp_path: Path, **extra: str) -> dict
 
 def contract_posts(tmp_path: Path) -> list[Post]:
     """Everything the bluesky source yields from its fixtures (one author feed and a search), on loopback."""
-    server = HTTPServerFixture()
-    try:
-        FakeBluesky(server)
-        settings = load_settings(bluesky_env(server, tmp_path), dotenv_path=None)
-        BlueskySource.check_settings(settings)
-        with BlueskySource(settings) as source:
-            return list(source.fetch(FetchWindow()))
-    finally:
-        server.close()
+    return fetch_over_fake(BlueskySource, FakeBluesky, bluesky_env, tmp_path)

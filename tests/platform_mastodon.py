@@ -6,11 +6,9 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
-from etl.config import load_settings
 from etl.records import Post
-from etl.sources.base import FetchWindow
 from etl.sources.mastodon import MastodonSource
-from tests.support import FixtureAPI, HTTPServerFixture, Reply
+from tests.support import FixtureAPI, HTTPServerFixture, Reply, fetch_over_fake
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "mastodon"
 TAG = "/api/v1/timelines/tag/sunset"
@@ -86,12 +84,4 @@ def mastodon_env(server: HTTPServerFixture, tmp_path: Path, **extra: str) -> dic
 
 def contract_posts(tmp_path: Path) -> list[Post]:
     """Everything the mastodon source yields from its fixtures (a hashtag and an account), on loopback."""
-    server = HTTPServerFixture()
-    try:
-        FakeMastodon(server)
-        settings = load_settings(mastodon_env(server, tmp_path), dotenv_path=None)
-        MastodonSource.check_settings(settings)
-        with MastodonSource(settings) as source:
-            return list(source.fetch(FetchWindow()))
-    finally:
-        server.close()
+    return fetch_over_fake(MastodonSource, FakeMastodon, mastodon_env, tmp_path)

@@ -7,11 +7,9 @@ import time
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
-from etl.config import load_settings
 from etl.records import Post
-from etl.sources.base import FetchWindow
 from etl.sources.reddit import RedditSource
-from tests.support import FixtureAPI, HTTPServerFixture, Reply
+from tests.support import FixtureAPI, HTTPServerFixture, Reply, fetch_over_fake
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "reddit"
 CLIENT_ID = "p-jcoLKBynTLew"
@@ -71,12 +69,4 @@ def reddit_env(server: HTTPServerFixture, tmp_path: Path, **extra: str) -> dict[
 
 def contract_posts(tmp_path: Path) -> list[Post]:
     """Everything the reddit source yields from its fixtures (one subreddit, two pages), on loopback."""
-    server = HTTPServerFixture()
-    try:
-        FakeReddit(server)
-        settings = load_settings(reddit_env(server, tmp_path), dotenv_path=None)
-        RedditSource.check_settings(settings)
-        with RedditSource(settings) as source:
-            return list(source.fetch(FetchWindow()))
-    finally:
-        server.close()
+    return fetch_over_fake(RedditSource, FakeReddit, reddit_env, tmp_path)

@@ -779,3 +779,19 @@ def write_posts(path: _Path, server, n: int, *, delay: float = 0.0, prefix: str 
             }
             f.write(json.dumps(post) + "\n")
     return path
+
+
+def fetch_over_fake(source_cls: type, fake_cls: type, env: Callable[..., dict[str, str]], tmp_path: _Path) -> list:
+    """Everything a source yields from its fake API's fixtures on loopback (the contract test's input)."""
+    from etl.config import load_settings
+    from etl.sources.base import FetchWindow
+
+    server = HTTPServerFixture()
+    try:
+        fake_cls(server)
+        settings = load_settings(env(server, tmp_path), dotenv_path=None)
+        source_cls.check_settings(settings)
+        with source_cls(settings) as source:
+            return list(source.fetch(FetchWindow()))
+    finally:
+        server.close()
