@@ -50,14 +50,6 @@ def _micros(column: str) -> str:
     return f"(extract(epoch FROM {column}) * 1000000)::bigint"
 
 
-_PHASH_TEXT = "(to_jsonb(m) ->> %(phash_column)s)"
-# A BIGINT (as text, digits), a BIT(64) (64 zeros and ones) or 16 hex digits, as a signed 64-bit integer.
-_PHASH = (
-    f"CASE WHEN {_PHASH_TEXT} ~ '^[01]{{64}}$' THEN {_PHASH_TEXT}::bit(64)::bigint"
-    f" WHEN {_PHASH_TEXT} ~ '^-?[0-9]{{1,19}}$' THEN {_PHASH_TEXT}::bigint"
-    f" WHEN {_PHASH_TEXT} ~ '^[0-9a-fA-F]{{16}}$' THEN ('x' || {_PHASH_TEXT})::bit(64)::bigint END"
-)
-
 
 @dataclass(frozen=True)
 class Column:
@@ -93,6 +85,11 @@ POSTS = Dataset(
         Column("sentiment_polarity", "p.sentiment_polarity", "double", "-1 .. 1"),
         Column("sentiment_subjectivity", "p.sentiment_subjectivity", "double", "0 .. 1"),
         Column("sentiment_version", "p.sentiment_version", "string", "the enricher that scored it"),
+        Column("sentiment_skipped", "p.sentiment_skipped", "string", "why there is no sentiment label (e.g. language fr)"),
+        Column("language", "p.language", "string", "BCP 47 tag, lower-case; null unknown"),
+        Column("language_source", "p.language_source", "string", "platform or detected"),
+        Column("caption_truncated", "p.caption_truncated", "bool", "the caption was cut at 100,000 characters"),
+        Column("deleted_at_source", _micros("p.deleted_at_source"), "timestamp", "when the platform said it was gone, UTC"),
         Column("image_s3_url", "p.image_s3_url", "string", "URL of the first stored image"),
         Column("created_at", _micros("p.created_at"), "timestamp", "UTC"),
         Column("archived_at", _micros("p.archived_at"), "timestamp", "first archived, UTC"),
@@ -119,10 +116,8 @@ MEDIA = Dataset(
         Column("height", "m.height", "int32", ""),
         Column("stored_at", _micros("m.stored_at"), "timestamp", "UTC"),
         Column("post_created_at", _micros("p.created_at"), "timestamp", "the post's created_at, UTC"),
-        # post_media's perceptual hash columns when they exist (see perceptual_columns), read by a name
-        # given as a parameter: NULL while there is no such column.
-        Column("perceptual_hash", _PHASH, "int64", "64-bit perceptual hash (signed int64), null until computed"),
-        Column("perceptual_hash_algorithm", "to_jsonb(m) ->> %(phash_algorithm_column)s", "string", "the hash's algorithm, e.g. dhash"),
+        Column("perceptual_hash", "m.phash", "int64", "64-bit perceptual hash (signed int64), null until computed"),
+        Column("perceptual_hash_algorithm", "m.phash_algorithm || ':' || m.phash_version", "string", "the hash's algorithm and version, e.g. dhash:1"),
     ),
     source="post_media m JOIN social_posts p USING (platform, post_id)",
     order="p.platform, p.created_at, m.post_id, m.position",
@@ -173,21 +168,6 @@ def arrow_schema(dataset: Dataset) -> Any:
     import pyarrow as pa
 
     return pa.schema([pa.field(c.name, _arrow_type(c.type)) for c in dataset.columns])
-
-
-def perceptual_columns(cur: psycopg2.extensions.cursor) -> dict[str, str]:
-    """The names of post_media's perceptual hash and algorithm columns (migration 006, added in parallel), as
-    query parameters: a column with 'hash' in its name other than sha256, and one with 'hash' and 'alg'.
-    A name that is no column reads as NULL."""
-    cur.execute(
-        "SELECT column_name FROM information_schema.columns"
-        " WHERE table_schema = current_schema() AND table_name = 'post_media' ORDER BY ordinal_position"
-    )
-    names = [row[0] for row in cur.fetchall()]
-    hashes = [n for n in names if "hash" in n.lower() and n.lower() != "sha256"]
-    algorithm = next((n for n in hashes if "alg" in n.lower()), "")
-    value = next((n for n in hashes if "alg" not in n.lower()), "")
-    return {"phash_column": value, "phash_algorithm_column": algorithm}
 
 
 # -- targets ------------------------------------------------------------------------------------------
@@ -328,7 +308,6 @@ class Exporter:
         try:
             reader.set_session(isolation_level="REPEATABLE READ", readonly=True)
             with reader.cursor() as cur:
-                self.params.update(perceptual_columns(cur))
                 if self.target.default:
                     self._refuse_reserved_platform(cur)
             for dataset in DATASETS:

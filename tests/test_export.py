@@ -21,15 +21,16 @@ from moto import mock_aws
 
 from etl.db import Database, upsert_media, upsert_posts
 from etl.errors import ConfigError, ExitCode
-from etl.export import Exporter, export, perceptual_columns, resolve_target
+from etl.export import Exporter, export, resolve_target
 from etl.records import Media, Post, Sentiment
 from tests.conftest import ROOT, query
 from tests.support import record, write_jsonl
 
 POST_COLUMNS = (
     "platform", "dt", "post_id", "author_username", "caption", "hashtags", "like_count", "comment_count", "permalink",
-    "sentiment", "sentiment_polarity", "sentiment_subjectivity", "sentiment_version", "image_s3_url", "created_at",
-    "archived_at", "updated_at",
+    "sentiment", "sentiment_polarity", "sentiment_subjectivity", "sentiment_version", "sentiment_skipped", "language",
+    "language_source", "caption_truncated", "deleted_at_source", "image_s3_url", "created_at", "archived_at",
+    "updated_at",
 )  # fmt: skip
 MEDIA_COLUMNS = (
     "platform", "dt", "post_id", "position", "source_url", "status", "permanent", "storage_key", "storage_url", "sha256",
@@ -117,7 +118,7 @@ def pg_rows(dsn: str, dataset: str) -> list[dict]:
     else:
         cols = [f"m.{c}" for c in MEDIA_COLUMNS[2:-3]]
         sql = (
-            f"SELECT p.platform, {day}, {', '.join(cols)}, p.created_at, NULL::bigint, NULL::text"
+            f"SELECT p.platform, {day}, {', '.join(cols)}, p.created_at, m.phash, m.phash_algorithm || ':' || m.phash_version"
             " FROM post_media m JOIN social_posts p USING (platform, post_id)"
         )
         columns = MEDIA_COLUMNS
@@ -391,25 +392,15 @@ def test_the_perceptual_hash_is_exported_once_its_column_exists(migrated, make_s
         root = tmp_path / "data" / "objects" / "export"
         assert {r["perceptual_hash"] for r in lake_rows(root, "media")} == {None}
         with db.transaction() as cur:
-            names = perceptual_columns(cur)
-            if not names["phash_column"]:  # migration 006 not merged yet: columns of that shape
-                cur.execute("ALTER TABLE post_media ADD COLUMN phash BIGINT, ADD COLUMN phash_algorithm TEXT")
-                names = perceptual_columns(cur)
-            cur.execute("SELECT data_type FROM information_schema.columns WHERE table_name = 'post_media' AND column_name = %s",
-                        (names["phash_column"],))  # fmt: skip
-            if cur.fetchone()[0] != "bigint":
-                pytest.skip(f"post_media.{names['phash_column']} is not a BIGINT")
             cur.execute(
-                psycopg2.sql.SQL("UPDATE post_media SET {} = -1234567890123 - position, {} = %s WHERE status = %s").format(
-                    psycopg2.sql.Identifier(names["phash_column"]), psycopg2.sql.Identifier(names["phash_algorithm_column"])
-                ),
-                ("dhash", "stored"),
-            )
+                "UPDATE post_media SET phash = -1234567890123 - position, phash_algorithm = 'dhash', phash_version = 1"
+                " WHERE status = %s", ("stored",),
+            )  # fmt: skip
         stats = export(settings, db, target)
         assert stats.written == {"posts": 0, "media": 1}
         stored = [r for r in lake_rows(root, "media") if r["status"] == "stored"]
         assert stored and all(r["perceptual_hash"] == -1234567890123 - r["position"] for r in stored)
-        assert {r["perceptual_hash_algorithm"] for r in stored} == {"dhash"}
+        assert {r["perceptual_hash_algorithm"] for r in stored} == {"dhash:1"}
     finally:
         db.close()
 
