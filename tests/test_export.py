@@ -212,6 +212,24 @@ def test_an_updated_row_appears_in_the_next_export_exactly_once(db, lake):
     assert_lake_equals_postgres(root, db.dsn)
 
 
+def test_a_forgotten_post_leaves_the_next_export(db, lake):
+    from etl.forget import find_posts, forget_posts
+    from etl.store import store_from_settings
+
+    settings, target, root = lake
+    posts = make_posts()
+    load(db, posts, make_media(posts))
+    export(settings, db, target)
+    gone = posts[4]
+    assert any(r["post_id"] == gone.post_id for r in lake_rows(root, "posts"))
+    held = find_posts(db, post=(gone.platform, gone.post_id))
+    forget_posts(db, store_from_settings(settings), settings, held, reason="author request")
+    stats = export(settings, db, target)
+    assert stats.written["posts"] == 1  # its partition, rewritten without it
+    assert not any(r["post_id"] == gone.post_id for r in lake_rows(root, "posts") + lake_rows(root, "media"))
+    assert_lake_equals_postgres(root, db.dsn)
+
+
 def test_since_full_deleted_partitions_and_an_emptied_target(db, lake):
     settings, target, root = lake
     posts = make_posts(days=4)
