@@ -53,10 +53,11 @@ def fatal(message: str, *, whole_source: bool = False, code: str = "") -> Verdic
 class StreamError(SourceError):
     """Ends one stream for this run; its saved position stays where it was. `whole_source` ends the others too."""
 
-    def __init__(self, message: str, *, whole_source: bool = False, code: str = ""):
+    def __init__(self, message: str, *, whole_source: bool = False, code: str = "", reported: bool = False):
         super().__init__(message)
         self.whole_source = whole_source
         self.code = code
+        self.reported = reported  # already rejected by the platform (a suspended account): end the stream quietly
 
 
 class RepeatedCursor(StreamError):
@@ -169,9 +170,12 @@ class Stream:
     """
 
     warn_when_short: ClassVar[str] = ""  # warn if the listing ends before the saved position (Reddit's reach)
+    in_order: ClassVar[bool] = True  # False: a listing in no known order (resume points never skip its posts)
 
-    def __init__(self, key: str, label: str):
-        self.key, self.label = key, label
+    def __init__(self, key: str, label: str, slot: str | None = None):
+        # `slot` names the stream in the source's cursor and resume points where an older format fixed other
+        # names than `key` (Twitter's "search"); None: `key` in the cursor, one resume mark per unit.
+        self.key, self.label, self.slot = key, label, slot
 
     def entries(self, after: Any, window: FetchWindow) -> Iterator[Entry]:
         raise NotImplementedError
@@ -197,6 +201,10 @@ class APISource(Source):
     """A source over an HTTP API, read as streams. A platform supplies `streams()`, `to_post()` and `classify()`."""
 
     api_name: ClassVar[str] = "API"  # in messages: "Bluesky API refused ..."
+    wait_setting: ClassVar[str] = ""  # the setting that bounds a rate-limit wait, named when it is too short
+    # True: a stream that fails ends the fetch as a SourceError (the runner runs each stream as a unit of its
+    # own, so the others still run); False: the failure is rejected and the fetch goes on with the next stream.
+    fail_fast: ClassVar[bool] = False
 
     # -- requests ----------------------------------------------------------------------------------------
 
@@ -251,9 +259,11 @@ class APISource(Source):
             response = self.policy.call(attempt, describe=f"{self.api_name} {what}")
         except WaitTooLong as exc:
             at = datetime.fromtimestamp(time.time() + exc.wait, tz=timezone.utc).strftime("%H:%M:%S UTC")
+            bound = f"{self.wait_setting}={self.policy.max_wait:.0f}s allows" if self.wait_setting else (
+                f"the {self.policy.max_wait:.0f}s this run may wait")  # fmt: skip
             raise StreamError(
                 f"{self.api_name} rate limit reached on {what}: it resets at {at} (in {exc.wait:.0f}s), longer than "
-                f"the {self.policy.max_wait:.0f}s this run may wait; stopping this stream (what was fetched is kept)"
+                f"{bound}; stopping this stream (what was fetched is kept)"
             ) from None
         except Retriable as exc:
             status = exc.response.status_code if exc.response is not None else "?"
@@ -323,6 +333,15 @@ class APISource(Source):
         """The platform's JSON -> Post (RecordError names what is wrong); None for an item that is no post."""
         raise NotImplementedError
 
+    def load_positions(self, cursor: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
+        """The saved state of each stream (by slot or key) out of the source's cursor."""
+        saved = cursor.get("streams") if isinstance(cursor, Mapping) else None
+        return {str(k): v for k, v in saved.items() if isinstance(v, Mapping)} if isinstance(saved, Mapping) else {}
+
+    def dump_positions(self, states: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+        """The cursor to save for these stream states (a platform with an older format keeps it)."""
+        return {"streams": dict(states)} if states else {}
+
     def fetch(self, window: FetchWindow) -> Iterator[Post]:
         """Read every stream newest first; a stream that fails is reported and the others go on.
 
@@ -330,10 +349,9 @@ class APISource(Source):
         to its saved position (or to the window's start, or to the end of its listing) moves it; one cut short by
         the limit or an error keeps its old one. A backfill (a window with an end) never moves any.
         """
-        saved = window.cursor.get("streams") if isinstance(window.cursor, Mapping) else None
-        saved = {str(k): v for k, v in saved.items() if isinstance(v, Mapping)} if isinstance(saved, Mapping) else {}
+        saved = self.load_positions(window.cursor)
         states: dict[str, Any] = dict(saved)
-        self.cursor = {"streams": dict(states)} if states else {}
+        self.cursor = self.dump_positions(states)
         incremental = window.until is None
         seen: set[str] = set()  # a post found by two streams (a repost, a hashtag and an account) is yielded once
         budget = [window.limit]
@@ -341,27 +359,32 @@ class APISource(Source):
         for n, stream in enumerate(streams):
             if budget[0] is not None and budget[0] <= 0:
                 break
-            state = saved.get(stream.key) if incremental else None
+            slot = stream.slot or stream.key
+            state = saved.get(slot) if incremental else None
             try:
                 outcome = yield from self._read_stream(stream, state or {}, window, seen, budget)
             except StreamError as exc:
+                if exc.reported:
+                    continue
+                if self.fail_fast:
+                    raise
                 rest = [s.label for s in streams[n + 1 :]] if exc.whole_source else []
                 note = f"; not read either: {', '.join(rest)}" if rest else ""
                 self.reject(stream.label, f"{exc}; the posts read before it are kept, and it resumes from its saved place{note}")
                 if incremental and state is None:
                     # Remember where this never-finished stream must read back to, whatever the watermark becomes.
-                    states[stream.key] = {"floor": window.since.isoformat() if window.since else None}
-                    self.cursor = {"streams": dict(states)}
+                    states[slot] = {"floor": window.since.isoformat() if window.since else None}
+                    self.cursor = self.dump_positions(states)
                 if exc.whole_source:
                     break
                 continue
             if outcome.complete and incremental:
                 newest = outcome.newest if outcome.newest is not None else stream.decode((state or {}).get("after"))
                 if newest is not None:
-                    states[stream.key] = {"after": stream.encode(newest)}
+                    states[slot] = {"after": stream.encode(newest)}
                 else:  # nothing in order was read: keep the lower bound this read used
-                    states[stream.key] = {"floor": outcome.since.isoformat() if outcome.since else None}
-                self.cursor = {"streams": dict(states)}
+                    states[slot] = {"floor": outcome.since.isoformat() if outcome.since else None}
+                self.cursor = self.dump_positions(states)
 
     def _read_stream(
         self, stream: Stream, state: Mapping[str, Any], window: FetchWindow, seen: set[str], budget: list[int | None]
@@ -375,6 +398,7 @@ class APISource(Source):
         newest: Any = None
         posts = 0
         ended = "listing"
+        self.stream = (stream.slot or "") if stream.in_order else None  # the resume point's mark (etl/resume.py)
         for entry in stream.entries(after, window):
             if entry.order is not None:
                 if after is not None and entry.order <= after:
