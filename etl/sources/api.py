@@ -180,6 +180,10 @@ class Stream:
     def entries(self, after: Any, window: FetchWindow) -> Iterator[Entry]:
         raise NotImplementedError
 
+    def where(self, entry: Entry) -> str:
+        """How a reject names a bad item of this stream."""
+        return f"{self.label} item {entry.label}".rstrip()
+
     def encode(self, order: Any) -> Any:
         """A position as JSON for the cursor."""
         return order
@@ -202,9 +206,6 @@ class APISource(Source):
 
     api_name: ClassVar[str] = "API"  # in messages: "Bluesky API refused ..."
     wait_setting: ClassVar[str] = ""  # the setting that bounds a rate-limit wait, named when it is too short
-    # True: a stream that fails ends the fetch as a SourceError (the runner runs each stream as a unit of its
-    # own, so the others still run); False: the failure is rejected and the fetch goes on with the next stream.
-    fail_fast: ClassVar[bool] = False
 
     # -- requests ----------------------------------------------------------------------------------------
 
@@ -244,7 +245,7 @@ class APISource(Source):
         verdicts: list[Verdict] = []
 
         def attempt() -> requests.Response:
-            response = self.session.request(method, url, timeout=self.timeout, **kwargs)
+            response = self.send(method, url, **kwargs)
             self.note_rate_limit(what, response)
             verdict = self.classify(response)
             verdicts.append(verdict)
@@ -257,28 +258,36 @@ class APISource(Source):
 
         try:
             response = self.policy.call(attempt, describe=f"{self.api_name} {what}")
-        except WaitTooLong as exc:
-            at = datetime.fromtimestamp(time.time() + exc.wait, tz=timezone.utc).strftime("%H:%M:%S UTC")
-            bound = f"{self.wait_setting}={self.policy.max_wait:.0f}s allows" if self.wait_setting else (
-                f"the {self.policy.max_wait:.0f}s this run may wait")  # fmt: skip
-            raise StreamError(
-                f"{self.api_name} rate limit reached on {what}: it resets at {at} (in {exc.wait:.0f}s), longer than "
-                f"{bound}; stopping this stream (what was fetched is kept)"
-            ) from None
-        except Retriable as exc:
-            status = exc.response.status_code if exc.response is not None else "?"
-            text = self.error_text(exc.response) if exc.response is not None else str(exc)
-            raise StreamError(
-                f"{self.api_name} {what} still failing after {self.policy.attempts} attempts (HTTP {status}: {text})"
-            ) from None
-        except requests.RequestException as exc:
-            raise StreamError(f"{self.api_name} {what} could not be reached: {type(exc).__name__}: {exc}") from None
+        except (WaitTooLong, Retriable, requests.RequestException) as exc:
+            raise self.give_up(what, exc) from None
         verdict = verdicts[-1]
         if verdict.kind == "fatal":
             raise StreamError(
                 f"{self.api_name} refused {what}: {verdict.message}", whole_source=verdict.whole_source, code=verdict.code
             )
         return response
+
+    def send(self, method: str, url: str, **kwargs: Any) -> requests.Response:
+        """One attempt over the session (a platform may count it or clean its exceptions)."""
+        return self.session.request(method, url, timeout=self.timeout, **kwargs)
+
+    def give_up(self, what: str, exc: Exception) -> StreamError:
+        """The error for a call the policy gave up on: a wait past max_wait, retries spent, or no connection."""
+        if isinstance(exc, WaitTooLong):
+            at = datetime.fromtimestamp(time.time() + exc.wait, tz=timezone.utc).strftime("%H:%M:%S UTC")
+            bound = f"{self.wait_setting}={self.policy.max_wait:.0f}s allows" if self.wait_setting else (
+                f"the {self.policy.max_wait:.0f}s this run may wait")  # fmt: skip
+            return StreamError(
+                f"{self.api_name} rate limit reached on {what}: it resets at {at} (in {exc.wait:.0f}s), longer than "
+                f"{bound}; stopping this stream (what was fetched is kept)"
+            )
+        if isinstance(exc, Retriable):
+            status = exc.response.status_code if exc.response is not None else "?"
+            text = self.error_text(exc.response) if exc.response is not None else str(exc)
+            return StreamError(
+                f"{self.api_name} {what} still failing after {self.policy.attempts} attempts (HTTP {status}: {text})"
+            )
+        return StreamError(f"{self.api_name} {what} could not be reached: {type(exc).__name__}: {exc}")
 
     def get_json(self, url: str, *, what: str, params: Mapping[str, Any] | None = None, **kwargs: Any) -> tuple[requests.Response, dict]:
         """A GET whose answer must be a JSON object; a malformed page is a StreamError naming the request."""
@@ -366,11 +375,7 @@ class APISource(Source):
             except StreamError as exc:
                 if exc.reported:
                     continue
-                if self.fail_fast:
-                    raise
-                rest = [s.label for s in streams[n + 1 :]] if exc.whole_source else []
-                note = f"; not read either: {', '.join(rest)}" if rest else ""
-                self.reject(stream.label, f"{exc}; the posts read before it are kept, and it resumes from its saved place{note}")
+                self.stream_failed(stream, exc, [s.label for s in streams[n + 1 :]] if exc.whole_source else [])
                 if incremental and state is None:
                     # Remember where this never-finished stream must read back to, whatever the watermark becomes.
                     states[slot] = {"floor": window.since.isoformat() if window.since else None}
@@ -385,6 +390,13 @@ class APISource(Source):
                 else:  # nothing in order was read: keep the lower bound this read used
                     states[slot] = {"floor": outcome.since.isoformat() if outcome.since else None}
                 self.cursor = self.dump_positions(states)
+
+    def stream_failed(self, stream: Stream, exc: StreamError, rest: list[str]) -> None:
+        """A stream ended by an error (`rest`: the streams a whole-source error leaves unread). The default
+        rejects it and the fetch goes on; a platform may raise instead (the runner runs each stream as a unit
+        of its own, so the others still run), and that stream's state stays where it was either way."""
+        note = f"; not read either: {', '.join(rest)}" if rest else ""
+        self.reject(stream.label, f"{exc}; the posts read before it are kept, and it resumes from its saved place{note}")
 
     def _read_stream(
         self, stream: Stream, state: Mapping[str, Any], window: FetchWindow, seen: set[str], budget: list[int | None]
@@ -412,7 +424,7 @@ class APISource(Source):
             try:
                 post = self.to_post(entry.item, stream)
             except RecordError as exc:
-                self.reject(f"{stream.label} item {entry.label}".rstrip(), str(exc))
+                self.reject(stream.where(entry), str(exc))
                 continue
             if post is None or post.post_id in seen:
                 continue

@@ -243,7 +243,6 @@ class TwitterSource(APISource):
     name = "twitter"
     api_name = "X API"
     wait_setting = "TWITTER_MAX_WAIT"
-    fail_fast = True
     required = ("twitter_bearer_token",)
 
     def __init__(self, settings: Settings, *, now: Callable[[], datetime] | None = None, **kwargs: Any):
@@ -300,6 +299,9 @@ class TwitterSource(APISource):
     def dump_positions(self, states: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
         since_ids = {slot: state["after"] for slot, state in states.items() if "after" in state}
         return {"since_id": since_ids} if since_ids else {}
+
+    def stream_failed(self, stream: Stream, exc: StreamError, rest: list[str]) -> None:
+        raise exc  # the runner records the stream as failed, keeps its since_id, and runs the next stream
 
     def to_post(self, item: Any, stream: Stream) -> Post | None:
         tweet, media, users = item
