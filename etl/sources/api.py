@@ -205,6 +205,7 @@ class APISource(Source):
     """A source over an HTTP API, read as streams. A platform supplies `streams()`, `to_post()` and `classify()`."""
 
     api_name: ClassVar[str] = "API"  # in messages: "Bluesky API refused ..."
+    rate_limit_headers: ClassVar[tuple[str, ...]] = ()  # (remaining, limit, reset) names, logged at debug
     wait_setting: ClassVar[str] = ""  # the setting that bounds a rate-limit wait, named when it is too short
 
     # -- requests ----------------------------------------------------------------------------------------
@@ -238,7 +239,12 @@ class APISource(Source):
         return clean_text(": ".join(parts)) or ""
 
     def note_rate_limit(self, what: str, response: requests.Response) -> None:
-        """The platform's hook for its rate-limit headers (logged at debug)."""
+        """The platform's hook for its rate-limit headers: by default `rate_limit_headers`, logged at debug."""
+        if not self.rate_limit_headers or self.rate_limit_headers[0] not in response.headers:
+            return
+        remaining, limit, reset = (response.headers.get(name, "?") for name in self.rate_limit_headers)
+        log.debug("%s %s: HTTP %s, %s of %s requests left, resets at %s",
+                  self.api_name, what, response.status_code, remaining, limit, reset)  # fmt: skip
 
     def request(self, method: str, url: str, *, what: str, **kwargs: Any) -> requests.Response:
         """One call, retried by the policy as `classify` says; the response when ok, else StreamError."""

@@ -242,6 +242,7 @@ class TwitterSource(APISource):
 
     name = "twitter"
     api_name = "X API"
+    rate_limit_headers = ("x-rate-limit-remaining", "x-rate-limit-limit", "x-rate-limit-reset")
     wait_setting = "TWITTER_MAX_WAIT"
     required = ("twitter_bearer_token",)
 
@@ -335,15 +336,6 @@ class TwitterSource(APISource):
         problem = _problem(response)
         parts = [str(problem[k]) for k in ("title", "detail") if problem.get(k)] + _errors_text(problem, "message", "detail")
         return clean_text("; ".join(dict.fromkeys(parts))) or super().error_text(response)
-
-    def note_rate_limit(self, what: str, response: requests.Response) -> None:
-        headers = response.headers
-        if "x-rate-limit-remaining" in headers:
-            log.debug(
-                "X API %s: HTTP %s, %s of %s requests left in the window, resets at %s",
-                what, response.status_code, headers.get("x-rate-limit-remaining"),
-                headers.get("x-rate-limit-limit", "?"), headers.get("x-rate-limit-reset", "?"),
-            )  # fmt: skip
 
     def _lookup(self, username: str) -> dict[str, Any]:
         path = USER_BY_NAME_PATH.format(username=username)
