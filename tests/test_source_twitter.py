@@ -229,6 +229,24 @@ def test_a_post_found_by_search_and_timeline_is_yielded_once(build, rsps):
     assert ids.count("2031439945528246360") == 1
 
 
+@pytest.mark.badinput("a suspended account's timeline (200 with only an errors list) is rejected, the rest loads")
+def test_a_suspended_timeline_is_rejected_and_keeps_its_since_id(build, rsps):
+    serve(rsps, LOOKUP, "user_by_username.json")
+    suspended = {"errors": [{"title": "Forbidden", "detail": "User has been suspended: [harbourlights]."}]}
+    serve(rsps, TIMELINE, suspended)
+    page = fixture("search_page1.json")
+    del page["meta"]["next_token"]
+    serve(rsps, SEARCH, page)
+    source = build(TWITTER_QUERY="#sunset", TWITTER_USERNAMES="harbourlights")
+    cursor = {"since_id": {"user:harbourlights": "2029512243409846593"}}
+
+    posts = list(source.fetch(FetchWindow(cursor=cursor)))  # no SourceError: the stream is reported, not failed
+
+    assert [p.post_id for p in posts] == PAGE1_IDS
+    assert source.rejects == ["twitter: @harbourlights timeline: User has been suspended: [harbourlights]."]
+    assert source.cursor == {"since_id": {"user:harbourlights": "2029512243409846593", "search": PAGE1_IDS[0]}}
+
+
 # -- incremental runs, backfills, limits --------------------------------------------------------------
 
 

@@ -53,10 +53,11 @@ def fatal(message: str, *, whole_source: bool = False, code: str = "") -> Verdic
 class StreamError(SourceError):
     """Ends one stream for this run; its saved position stays where it was. `whole_source` ends the others too."""
 
-    def __init__(self, message: str, *, whole_source: bool = False, code: str = ""):
+    def __init__(self, message: str, *, whole_source: bool = False, code: str = "", reported: bool = False):
         super().__init__(message)
         self.whole_source = whole_source
         self.code = code
+        self.reported = reported  # already rejected by the platform (a suspended account): end the stream quietly
 
 
 class RepeatedCursor(StreamError):
@@ -169,12 +170,19 @@ class Stream:
     """
 
     warn_when_short: ClassVar[str] = ""  # warn if the listing ends before the saved position (Reddit's reach)
+    in_order: ClassVar[bool] = True  # False: a listing in no known order (resume points never skip its posts)
 
-    def __init__(self, key: str, label: str):
-        self.key, self.label = key, label
+    def __init__(self, key: str, label: str, slot: str | None = None):
+        # `slot` names the stream in the source's cursor and resume points where an older format fixed other
+        # names than `key` (Twitter's "search"); None: `key` in the cursor, one resume mark per unit.
+        self.key, self.label, self.slot = key, label, slot
 
     def entries(self, after: Any, window: FetchWindow) -> Iterator[Entry]:
         raise NotImplementedError
+
+    def where(self, entry: Entry) -> str:
+        """How a reject names a bad item of this stream."""
+        return f"{self.label} item {entry.label}".rstrip()
 
     def encode(self, order: Any) -> Any:
         """A position as JSON for the cursor."""
@@ -197,6 +205,8 @@ class APISource(Source):
     """A source over an HTTP API, read as streams. A platform supplies `streams()`, `to_post()` and `classify()`."""
 
     api_name: ClassVar[str] = "API"  # in messages: "Bluesky API refused ..."
+    rate_limit_headers: ClassVar[tuple[str, ...]] = ()  # (remaining, limit, reset) names, logged at debug
+    wait_setting: ClassVar[str] = ""  # the setting that bounds a rate-limit wait, named when it is too short
 
     # -- requests ----------------------------------------------------------------------------------------
 
@@ -229,14 +239,19 @@ class APISource(Source):
         return clean_text(": ".join(parts)) or ""
 
     def note_rate_limit(self, what: str, response: requests.Response) -> None:
-        """The platform's hook for its rate-limit headers (logged at debug)."""
+        """The platform's hook for its rate-limit headers: by default `rate_limit_headers`, logged at debug."""
+        if not self.rate_limit_headers or self.rate_limit_headers[0] not in response.headers:
+            return
+        remaining, limit, reset = (response.headers.get(name, "?") for name in self.rate_limit_headers)
+        log.debug("%s %s: HTTP %s, %s of %s requests left, resets at %s",
+                  self.api_name, what, response.status_code, remaining, limit, reset)  # fmt: skip
 
     def request(self, method: str, url: str, *, what: str, **kwargs: Any) -> requests.Response:
         """One call, retried by the policy as `classify` says; the response when ok, else StreamError."""
         verdicts: list[Verdict] = []
 
         def attempt() -> requests.Response:
-            response = self.session.request(method, url, timeout=self.timeout, **kwargs)
+            response = self.send(method, url, **kwargs)
             self.note_rate_limit(what, response)
             verdict = self.classify(response)
             verdicts.append(verdict)
@@ -249,26 +264,36 @@ class APISource(Source):
 
         try:
             response = self.policy.call(attempt, describe=f"{self.api_name} {what}")
-        except WaitTooLong as exc:
-            at = datetime.fromtimestamp(time.time() + exc.wait, tz=timezone.utc).strftime("%H:%M:%S UTC")
-            raise StreamError(
-                f"{self.api_name} rate limit reached on {what}: it resets at {at} (in {exc.wait:.0f}s), longer than "
-                f"the {self.policy.max_wait:.0f}s this run may wait; stopping this stream (what was fetched is kept)"
-            ) from None
-        except Retriable as exc:
-            status = exc.response.status_code if exc.response is not None else "?"
-            text = self.error_text(exc.response) if exc.response is not None else str(exc)
-            raise StreamError(
-                f"{self.api_name} {what} still failing after {self.policy.attempts} attempts (HTTP {status}: {text})"
-            ) from None
-        except requests.RequestException as exc:
-            raise StreamError(f"{self.api_name} {what} could not be reached: {type(exc).__name__}: {exc}") from None
+        except (WaitTooLong, Retriable, requests.RequestException) as exc:
+            raise self.give_up(what, exc) from None
         verdict = verdicts[-1]
         if verdict.kind == "fatal":
             raise StreamError(
                 f"{self.api_name} refused {what}: {verdict.message}", whole_source=verdict.whole_source, code=verdict.code
             )
         return response
+
+    def send(self, method: str, url: str, **kwargs: Any) -> requests.Response:
+        """One attempt over the session (a platform may count it or clean its exceptions)."""
+        return self.session.request(method, url, timeout=self.timeout, **kwargs)
+
+    def give_up(self, what: str, exc: Exception) -> StreamError:
+        """The error for a call the policy gave up on: a wait past max_wait, retries spent, or no connection."""
+        if isinstance(exc, WaitTooLong):
+            at = datetime.fromtimestamp(time.time() + exc.wait, tz=timezone.utc).strftime("%H:%M:%S UTC")
+            bound = f"{self.wait_setting}={self.policy.max_wait:.0f}s allows" if self.wait_setting else (
+                f"the {self.policy.max_wait:.0f}s this run may wait")  # fmt: skip
+            return StreamError(
+                f"{self.api_name} rate limit reached on {what}: it resets at {at} (in {exc.wait:.0f}s), longer than "
+                f"{bound}; stopping this stream (what was fetched is kept)"
+            )
+        if isinstance(exc, Retriable):
+            status = exc.response.status_code if exc.response is not None else "?"
+            text = self.error_text(exc.response) if exc.response is not None else str(exc)
+            return StreamError(
+                f"{self.api_name} {what} still failing after {self.policy.attempts} attempts (HTTP {status}: {text})"
+            )
+        return StreamError(f"{self.api_name} {what} could not be reached: {type(exc).__name__}: {exc}")
 
     def get_json(self, url: str, *, what: str, params: Mapping[str, Any] | None = None, **kwargs: Any) -> tuple[requests.Response, dict]:
         """A GET whose answer must be a JSON object; a malformed page is a StreamError naming the request."""
@@ -323,6 +348,15 @@ class APISource(Source):
         """The platform's JSON -> Post (RecordError names what is wrong); None for an item that is no post."""
         raise NotImplementedError
 
+    def load_positions(self, cursor: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
+        """The saved state of each stream (by slot or key) out of the source's cursor."""
+        saved = cursor.get("streams") if isinstance(cursor, Mapping) else None
+        return {str(k): v for k, v in saved.items() if isinstance(v, Mapping)} if isinstance(saved, Mapping) else {}
+
+    def dump_positions(self, states: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+        """The cursor to save for these stream states (a platform with an older format keeps it)."""
+        return {"streams": dict(states)} if states else {}
+
     def fetch(self, window: FetchWindow) -> Iterator[Post]:
         """Read every stream newest first; a stream that fails is reported and the others go on.
 
@@ -330,10 +364,9 @@ class APISource(Source):
         to its saved position (or to the window's start, or to the end of its listing) moves it; one cut short by
         the limit or an error keeps its old one. A backfill (a window with an end) never moves any.
         """
-        saved = window.cursor.get("streams") if isinstance(window.cursor, Mapping) else None
-        saved = {str(k): v for k, v in saved.items() if isinstance(v, Mapping)} if isinstance(saved, Mapping) else {}
+        saved = self.load_positions(window.cursor)
         states: dict[str, Any] = dict(saved)
-        self.cursor = {"streams": dict(states)} if states else {}
+        self.cursor = self.dump_positions(states)
         incremental = window.until is None
         seen: set[str] = set()  # a post found by two streams (a repost, a hashtag and an account) is yielded once
         budget = [window.limit]
@@ -341,27 +374,35 @@ class APISource(Source):
         for n, stream in enumerate(streams):
             if budget[0] is not None and budget[0] <= 0:
                 break
-            state = saved.get(stream.key) if incremental else None
+            slot = stream.slot or stream.key
+            state = saved.get(slot) if incremental else None
             try:
                 outcome = yield from self._read_stream(stream, state or {}, window, seen, budget)
             except StreamError as exc:
-                rest = [s.label for s in streams[n + 1 :]] if exc.whole_source else []
-                note = f"; not read either: {', '.join(rest)}" if rest else ""
-                self.reject(stream.label, f"{exc}; the posts read before it are kept, and it resumes from its saved place{note}")
+                if exc.reported:
+                    continue
+                self.stream_failed(stream, exc, [s.label for s in streams[n + 1 :]] if exc.whole_source else [])
                 if incremental and state is None:
                     # Remember where this never-finished stream must read back to, whatever the watermark becomes.
-                    states[stream.key] = {"floor": window.since.isoformat() if window.since else None}
-                    self.cursor = {"streams": dict(states)}
+                    states[slot] = {"floor": window.since.isoformat() if window.since else None}
+                    self.cursor = self.dump_positions(states)
                 if exc.whole_source:
                     break
                 continue
             if outcome.complete and incremental:
                 newest = outcome.newest if outcome.newest is not None else stream.decode((state or {}).get("after"))
                 if newest is not None:
-                    states[stream.key] = {"after": stream.encode(newest)}
+                    states[slot] = {"after": stream.encode(newest)}
                 else:  # nothing in order was read: keep the lower bound this read used
-                    states[stream.key] = {"floor": outcome.since.isoformat() if outcome.since else None}
-                self.cursor = {"streams": dict(states)}
+                    states[slot] = {"floor": outcome.since.isoformat() if outcome.since else None}
+                self.cursor = self.dump_positions(states)
+
+    def stream_failed(self, stream: Stream, exc: StreamError, rest: list[str]) -> None:
+        """A stream ended by an error (`rest`: the streams a whole-source error leaves unread). The default
+        rejects it and the fetch goes on; a platform may raise instead (the runner runs each stream as a unit
+        of its own, so the others still run), and that stream's state stays where it was either way."""
+        note = f"; not read either: {', '.join(rest)}" if rest else ""
+        self.reject(stream.label, f"{exc}; the posts read before it are kept, and it resumes from its saved place{note}")
 
     def _read_stream(
         self, stream: Stream, state: Mapping[str, Any], window: FetchWindow, seen: set[str], budget: list[int | None]
@@ -375,6 +416,7 @@ class APISource(Source):
         newest: Any = None
         posts = 0
         ended = "listing"
+        self.stream = (stream.slot or "") if stream.in_order else None  # the resume point's mark (etl/resume.py)
         for entry in stream.entries(after, window):
             if entry.order is not None:
                 if after is not None and entry.order <= after:
@@ -388,7 +430,7 @@ class APISource(Source):
             try:
                 post = self.to_post(entry.item, stream)
             except RecordError as exc:
-                self.reject(f"{stream.label} item {entry.label}".rstrip(), str(exc))
+                self.reject(stream.where(entry), str(exc))
                 continue
             if post is None or post.post_id in seen:
                 continue

@@ -192,6 +192,7 @@ class BlueskySource(APISource):
 
     name = "bluesky"
     api_name = "Bluesky API"
+    rate_limit_headers = ("ratelimit-remaining", "ratelimit-limit", "ratelimit-reset")
 
     def __init__(self, settings: Any, **kwargs: Any):
         super().__init__(settings, **kwargs)
@@ -267,15 +268,6 @@ class BlueskySource(APISource):
         except ValueError:
             return ""
         return str(body.get("error", "")) if isinstance(body, Mapping) else ""
-
-    def note_rate_limit(self, what: str, response: requests.Response) -> None:
-        headers = response.headers
-        if "ratelimit-remaining" in headers:
-            log.debug(
-                "Bluesky API %s: HTTP %s, %s of %s requests left, resets at %s",
-                what, response.status_code, headers.get("ratelimit-remaining"),
-                headers.get("ratelimit-limit", "?"), headers.get("ratelimit-reset", "?"),
-            )  # fmt: skip
 
     # -- the session (search only) -----------------------------------------------------------------------
 

@@ -14,10 +14,23 @@ from urllib.parse import parse_qs, urlsplit
 import requests
 
 from etl.errors import ConfigError, RecordError, SourceError
-from etl.http import Retriable, WaitTooLong, is_retriable_status, retry_after_seconds
+from etl.http import WaitTooLong, is_retriable_status, retry_after_seconds
 from etl.records import MAX_IMAGES, Post, post_from_dict
 from etl.sources import register
-from etl.sources.base import FetchWindow, Source
+from etl.sources.api import (
+    OK,
+    APISource,
+    Entry,
+    Paginator,
+    RepeatedCursor,
+    Stream,
+    StreamError,
+    Verdict,
+    fatal,
+    parse_time,
+    retry,
+)
+from etl.sources.base import FetchWindow
 
 log = logging.getLogger(__name__)
 
@@ -102,149 +115,6 @@ def normalize_hashtag(value: str) -> str:
     return value.strip().lstrip("#").strip().lower()
 
 
-class GraphError(Exception):
-    """An error object from the Graph API that ends one stream (one hashtag, or the own media) but not the source."""
-
-
-class _StreamError(Exception):
-    """This stream cannot go on (an API error, a repeating cursor); the other streams still run."""
-
-
-class GraphAPI:
-    """The Graph API over HTTP: the token as access_token, error objects, throttling codes, cursor pagination."""
-
-    def __init__(self, base: str, token: str, session: requests.Session, source: Source):
-        self.base = base.rstrip("/")
-        self.token = token
-        self.session = session
-        self.source = source  # for its retry policy, settings and quota counter
-        settings = source.settings
-        self.timeout = (settings.connect_timeout, settings.read_timeout)
-
-    def scrub(self, text: str) -> str:
-        """The text without the token: Graph URLs (paging.next too) carry it as a query parameter."""
-        if self.token:
-            text = text.replace(self.token, "***")
-        return _TOKEN_PARAM_RE.sub(r"\1***", text)
-
-    def get(self, path: str, params: Mapping[str, Any]) -> dict[str, Any]:
-        """GET one Graph object or page; retries throttling and 5xx through the policy.
-
-        Raises SourceError when the whole source must stop (throttled past the retries, token refused, API
-        unreachable) and GraphError for any other error object.
-        """
-        url = f"{self.base}/{path.lstrip('/')}"
-        describe = f"GET {urlsplit(url).path}"
-        query = {**params, "access_token": self.token}
-        policy = self.source.policy
-
-        def attempt() -> requests.Response:
-            try:
-                response = self.session.get(url, params=query, timeout=self.timeout)
-            except requests.RequestException as exc:
-                # requests names the full URL, token included, and the retry log prints the exception.
-                raise _scrubbed(exc, self.scrub) from None
-            self.source.quota_used += 1
-            error = _error_object(response)
-            throttled = error is not None and error.get("code") in RATE_LIMIT_CODES
-            if throttled or is_retriable_status(response.status_code):
-                response.close()
-                raise Retriable(
-                    _describe_status(response, error), retry_after=_regain_seconds(response), response=response
-                )
-            return response
-
-        try:
-            response = policy.call(attempt, describe=describe)
-        except Retriable as exc:  # still throttled or failing after every attempt
-            assert exc.response is not None
-            raise self._stopped(exc.response, describe, f"after {policy.attempts} attempts") from None
-        except WaitTooLong as exc:
-            if exc.response is None:
-                raise
-            raise self._stopped(
-                exc.response, describe, f"asks to wait {exc.wait:.0f}s, more than ETL_RETRY_MAX_WAIT allows"
-            ) from None
-        except requests.RequestException as exc:
-            raise SourceError(f"cannot reach the Graph API ({describe}): {self.scrub(str(exc))}") from None
-
-        error = _error_object(response)
-        if error is not None or response.status_code >= 400:
-            error = error or {}
-            if error.get("code") in TOKEN_CODES:
-                raise SourceError(
-                    f"the Graph API refused INSTAGRAM_ACCESS_TOKEN ({self._explain(response, error)}); "
-                    "renew INSTAGRAM_ACCESS_TOKEN (a long-lived token lasts 60 days) and run again"
-                )
-            raise GraphError(f"{describe}: {self._explain(response, error)}")
-        try:
-            body = response.json()
-        except ValueError:
-            raise GraphError(f"{describe}: HTTP {response.status_code} with a body that is not JSON") from None
-        if not isinstance(body, dict):
-            raise GraphError(f"{describe}: expected a JSON object, got {type(body).__name__}")
-        return body
-
-    def pages(self, path: str, params: Mapping[str, Any], *, cursor_may_repeat: bool = False) -> Iterator[list[Any]]:
-        """The `data` of each page of an edge, following paging.cursors.after while paging.next says there is more.
-
-        The next request is rebuilt from the `after` cursor rather than fetched from paging.next, so the token
-        only ever goes to INSTAGRAM_API_BASE. A cursor that repeats is refused; recent_media is the documented
-        exception (its `after` is the same on every page), where a page that brings nothing new ends the list.
-        """
-        seen_cursors: set[str] = set()
-        seen_ids: set[str] = set()
-        query = dict(params)
-        number = 0
-        while True:
-            number += 1
-            try:
-                body = self.get(path, query)
-            except GraphError as exc:
-                raise _StreamError(str(exc)) from None
-            data = body.get("data")
-            if not isinstance(data, list):
-                raise _StreamError(f"page {number} of {path} has no data list")
-            ids = {str(item.get("id")) for item in data if isinstance(item, Mapping) and item.get("id")}
-            if number > 1 and cursor_may_repeat and not ids - seen_ids:
-                log.info("instagram: %s page %d brings no new media; end of the list", path, number)
-                return
-            seen_ids |= ids
-            yield data
-            after = _next_cursor(body.get("paging"))
-            if after is None:
-                return
-            if after in seen_cursors and not cursor_may_repeat:
-                raise _StreamError(f"the paging cursor of {path} repeated on page {number}; refusing to loop")
-            seen_cursors.add(after)
-            query["after"] = after
-
-    def _explain(self, response: requests.Response, error: Mapping[str, Any]) -> str:
-        code, subcode = error.get("code"), error.get("error_subcode")
-        parts = [f"HTTP {response.status_code}"]
-        if code is not None:
-            parts.append(f"code {code}" + (f"/{subcode}" if subcode is not None else ""))
-        if error.get("type"):
-            parts.append(str(error["type"]))
-        text = ", ".join(parts)
-        if error.get("message"):
-            text += f": {error['message']}"
-        if error.get("fbtrace_id"):
-            text += f" (fbtrace_id {error['fbtrace_id']})"
-        return self.scrub(text)
-
-    def _stopped(self, response: requests.Response, describe: str, why: str) -> SourceError:
-        error = _error_object(response) or {}
-        if error.get("code") in RATE_LIMIT_CODES or response.status_code == 429:
-            what = "rate limited by the Graph API"
-        else:
-            what = "the Graph API keeps failing"
-        return SourceError(
-            f"{what} on {describe} ({self._explain(response, error)}) {why}; "
-            "stopping this source for this run, the posts fetched so far are kept"
-        )
-
-
 def _scrubbed(exc: requests.RequestException, scrub: Any) -> requests.RequestException:
     try:
         return type(exc)(scrub(str(exc)))
@@ -262,12 +132,6 @@ def _error_object(response: requests.Response) -> dict[str, Any] | None:
         return None
     error = body.get("error") if isinstance(body, dict) else None
     return error if isinstance(error, dict) else None
-
-
-def _describe_status(response: requests.Response, error: Mapping[str, Any] | None) -> str:
-    if error is not None and error.get("code") is not None:
-        return f"HTTP {response.status_code}, Graph API code {error.get('code')}"
-    return f"HTTP {response.status_code}"
 
 
 def _regain_seconds(response: requests.Response) -> float | None:
@@ -360,11 +224,90 @@ class HashtagBudget:
             )
 
 
+class GraphPaginator(Paginator):
+    """paging.cursors.after while paging.next says there is more; the request is rebuilt from the cursor, so the
+    token only ever goes to INSTAGRAM_API_BASE. recent_media repeats its `after` on every page (documented):
+    there a page that brings nothing new ends the list instead."""
+
+    kind = "paging cursor"
+
+    def __init__(self, may_repeat: bool = False):
+        super().__init__()
+        self.may_repeat, self.ids = may_repeat, set()
+
+    def next(self, response: requests.Response, body: Any) -> dict[str, str] | str | None:
+        if not self.may_repeat:
+            try:
+                return super().next(response, body)
+            except RepeatedCursor:
+                raise RepeatedCursor("the paging cursor repeated; refusing to loop") from None
+        ids = {str(i.get("id")) for i in body.get("data") or [] if isinstance(i, Mapping) and i.get("id")}
+        token, fresh = self.token(response, body), bool(ids - self.ids)
+        self.ids |= ids
+        return self.request(token) if token and fresh else None
+
+    def token(self, response: requests.Response, body: Any) -> Any:
+        return _next_cursor(body.get("paging"))
+
+    def request(self, token: str) -> dict[str, str]:
+        return {"after": token}
+
+
+class Media(Stream):
+    """An edge of media: the account's own (newest first) or a hashtag's recent_media (in no known order)."""
+
+    def __init__(self, source: InstagramSource, key: str, label: str, hashtag: str | None = None):
+        super().__init__(key, label, slot=label)
+        self.source, self.hashtag = source, hashtag
+        # recent_media is "not always in chronological order": a page is past the watermark only when all of it is.
+        self.in_order = hashtag is None
+
+    def entries(self, after: Any, window: FetchWindow) -> Iterator[Entry]:
+        source, since = self.source, window.since
+        size = PAGE_SIZE if window.limit is None else max(1, min(PAGE_SIZE, window.limit))
+        if self.hashtag is None:
+            path, params = f"{source.user_id}/media", {"fields": OWN_MEDIA_FIELDS, "limit": size}
+        else:
+            if window.until is not None and window.until <= source.now() - HASHTAG_REACH:
+                # A backfill chunk older than a day: recent_media cannot hold any of it, so spend no hashtag on it.
+                log.info("instagram: %s skipped, recent_media reaches back 24 hours only (window ends %s)",
+                         self.label, window.until)  # fmt: skip
+                return
+            hashtag_id = source.hashtag_id(self.hashtag)
+            if hashtag_id is None:
+                return
+            path = f"{hashtag_id}/recent_media"
+            params = {"user_id": source.user_id, "fields": HASHTAG_MEDIA_FIELDS, "limit": size}
+        pages = source.pages(source.url(path), params, GraphPaginator(self.hashtag is not None), what=f"GET {path}")
+        for number, page in enumerate(pages, start=1):
+            data = page.get("data")
+            if not isinstance(data, list):
+                raise StreamError(f"page {number} of {path} has no data list")
+            times = [_created(item) for item in data]
+            for item, created in zip(data, times, strict=True):
+                if since is None or created is None or created >= since:
+                    media_id = item.get("id") if isinstance(item, Mapping) else None
+                    yield Entry(item, label=f"page {number}" + (f", media {media_id}" if media_id else ""))
+            # Own media come newest first: a post older than the watermark ends the list after this page (so one
+            # post out of place on it loses nothing); a hashtag's page only when every post on it is older.
+            past = [t for t in times if t is not None and since is not None and t < since]
+            if past and (self.in_order or len(past) == len([t for t in times if t is not None])):
+                return
+
+    def where(self, entry: Entry) -> str:
+        return f"{self.label} {entry.label}"
+
+
+def _created(item: Any) -> datetime | None:
+    return parse_time(graph_timestamp(item.get("timestamp"))) if isinstance(item, Mapping) else None
+
+
 @register
-class InstagramSource(Source):
+class InstagramSource(APISource):
     """A Business/Creator account's own media and the last 24 hours of media under INSTAGRAM_HASHTAGS."""
 
     name = "instagram"
+    api_name = "Graph API"
     required = ("instagram_access_token", "instagram_user_id")
 
     def __init__(self, settings: Any, *, now: Callable[[], datetime] | None = None, **kwargs: Any):
@@ -372,8 +315,9 @@ class InstagramSource(Source):
         self.now = now or (lambda: datetime.now(timezone.utc))
         self.user_id = settings.instagram_user_id.strip()
         self.hashtags = tuple(dict.fromkeys(normalize_hashtag(t) for t in settings.instagram_hashtags if t.strip("# ")))
-        self._api: GraphAPI | None = None
+        self.token = settings.instagram_access_token.reveal()
         self.budget = HashtagBudget(self.db, self.user_id)
+        self.problems: list[str] = []
 
     @classmethod
     def check_settings(cls, settings: Any) -> None:
@@ -385,16 +329,9 @@ class InstagramSource(Source):
         if not settings.instagram_own_media and not settings.instagram_hashtags:
             raise ConfigError("INSTAGRAM_OWN_MEDIA=false leaves nothing to archive: set INSTAGRAM_HASHTAGS")
 
-    @property
-    def api(self) -> GraphAPI:
-        if self._api is None:
-            token = self.settings.instagram_access_token.reveal()
-            self._api = GraphAPI(self.settings.instagram_api_base, token, self.session, self)
-        return self._api
-
     def probe(self) -> str | None:
         # The account itself: one Graph call against the app's hourly rate limit, no hashtag-search budget.
-        self.api.get(self.user_id, {"fields": "id,username"})
+        self.get_json(self.url(self.user_id), what=f"GET {self.user_id}", params={"fields": "id,username"})
         return "GET /{INSTAGRAM_USER_ID}?fields=id,username: 1 call of the app's hourly rate limit"
 
     def config_key(self) -> str:
@@ -402,32 +339,93 @@ class InstagramSource(Source):
         described = json.dumps({"user": self.user_id, "hashtags": sorted(self.hashtags), "own": own}, sort_keys=True)
         return hashlib.sha256(described.encode()).hexdigest()[:12]
 
-    # -- the streams: (label, pages, newest first?) ------------------------------------------------
+    def stream_objects(self) -> list[Stream]:
+        own = [Media(self, f"own:{self.user_id}", "own media")] if self.settings.instagram_own_media else []
+        return [*own, *(Media(self, f"hashtag:{h}", f"#{h}", h) for h in self.hashtags)]
 
-    def streams(self) -> list[str]:
-        return ([f"own:{self.user_id}"] if self.settings.instagram_own_media else []) + [f"hashtag:{h}" for h in self.hashtags]
+    # The run's watermark bounds every stream (media ids carry no order): no cursor of the source's own.
+    def load_positions(self, cursor: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
+        return {}
 
-    def _streams(self, window: FetchWindow, page_size: int) -> Iterator[tuple[str, Iterator[list[Any]], bool]]:
-        hashtags = [h for h in self.hashtags if self.reads(f"hashtag:{h}")]
-        if self.settings.instagram_own_media and self.reads(f"own:{self.user_id}"):
-            params = {"fields": OWN_MEDIA_FIELDS, "limit": page_size}
-            yield "own media", self.api.pages(f"{self.user_id}/media", params), True
-        if hashtags and window.until is not None and window.until <= self.now() - HASHTAG_REACH:
-            # A backfill chunk older than a day: recent_media cannot hold any of it, so spend no hashtag on it.
-            log.info(
-                "instagram: hashtags skipped, recent_media reaches back 24 hours only (window ends %s)", window.until
-            )
-            return
-        for hashtag in hashtags:
-            hashtag_id = self._hashtag_id(hashtag)
-            if hashtag_id is None:
-                continue
-            params = {"user_id": self.user_id, "fields": HASHTAG_MEDIA_FIELDS, "limit": page_size}
-            # recent_media is "not always in chronological order": a page is only known to be past the
-            # watermark when all of it is.
-            yield f"#{hashtag}", self.api.pages(f"{hashtag_id}/recent_media", params, cursor_may_repeat=True), False
+    def dump_positions(self, states: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+        return {}
 
-    def _hashtag_id(self, hashtag: str) -> str | None:
+    def to_post(self, item: Any, stream: Stream) -> Post | None:
+        return to_post(item)
+
+    def fetch(self, window: FetchWindow) -> Iterator[Post]:
+        self.budget.db = self.db  # the pipeline hands the source its database after building it
+        self.problems = []
+        yield from super().fetch(window)
+        if self.problems:
+            raise SourceError("; ".join(self.problems))  # the pipeline names the source
+
+    def stream_failed(self, stream: Stream, exc: StreamError, rest: list[str]) -> None:
+        if exc.whole_source:  # the token, throttling past the retries, no connection: no stream can do better
+            raise SourceError(self.scrub(str(exc))) from None
+        message = f"{stream.label}: {self.scrub(str(exc))}"
+        log.warning("instagram: %s", message)
+        self.problems.append(message)  # the other streams still run; the fetch fails at its end
+
+    # -- the Graph API over request(): the token as access_token, error objects, throttling codes ------
+
+    def url(self, path: str) -> str:
+        return f"{self.settings.instagram_api_base.rstrip('/')}/{path.lstrip('/')}"
+
+    def scrub(self, text: str) -> str:
+        """The text without the token: Graph URLs (paging.next too) carry it as a query parameter."""
+        if self.token:
+            text = text.replace(self.token, "***")
+        return _TOKEN_PARAM_RE.sub(r"\1***", text)
+
+    def send(self, method: str, url: str, **kwargs: Any) -> requests.Response:
+        kwargs["params"] = {**(kwargs.get("params") or {}), "access_token": self.token}
+        try:
+            response = super().send(method, url, **kwargs)
+        except requests.RequestException as exc:
+            # requests names the full URL, token included, and the retry log prints the exception.
+            raise _scrubbed(exc, self.scrub) from None
+        self.quota_used += 1
+        return response
+
+    def classify(self, response: requests.Response) -> Verdict:
+        error = _error_object(response)
+        throttled = error is not None and error.get("code") in RATE_LIMIT_CODES
+        if throttled or is_retriable_status(response.status_code):
+            return retry(_regain_seconds(response))
+        if error is None and response.status_code < 400:
+            return OK
+        error = error or {}
+        if error.get("code") in TOKEN_CODES:
+            return fatal(f"INSTAGRAM_ACCESS_TOKEN ({self.explain(response, error)}); renew INSTAGRAM_ACCESS_TOKEN "
+                         "(a long-lived token lasts 60 days) and run again", whole_source=True)  # fmt: skip
+        return fatal(self.explain(response, error))
+
+    def explain(self, response: requests.Response, error: Mapping[str, Any]) -> str:
+        code, subcode = error.get("code"), error.get("error_subcode")
+        parts = [f"HTTP {response.status_code}"]
+        if code is not None:
+            parts.append(f"code {code}" + (f"/{subcode}" if subcode is not None else ""))
+        if error.get("type"):
+            parts.append(str(error["type"]))
+        text = ", ".join(parts) + (f": {error['message']}" if error.get("message") else "")
+        return self.scrub(text + (f" (fbtrace_id {error['fbtrace_id']})" if error.get("fbtrace_id") else ""))
+
+    def give_up(self, what: str, exc: Exception) -> StreamError:
+        response = getattr(exc, "response", None)
+        if isinstance(exc, requests.RequestException) or response is None:
+            return StreamError(f"cannot reach the Graph API ({what}): {self.scrub(str(exc))}", whole_source=True)
+        error = _error_object(response) or {}
+        throttled = error.get("code") in RATE_LIMIT_CODES or response.status_code == 429
+        why = (f"asks to wait {exc.wait:.0f}s, more than ETL_RETRY_MAX_WAIT allows" if isinstance(exc, WaitTooLong)
+               else f"after {self.policy.attempts} attempts")  # fmt: skip
+        return StreamError(
+            f"{'rate limited by the Graph API' if throttled else 'the Graph API keeps failing'} on {what} "
+            f"({self.explain(response, error)}) {why}; stopping this source for this run, the posts fetched so far "
+            "are kept", whole_source=True,
+        )  # fmt: skip
+
+    def hashtag_id(self, hashtag: str) -> str | None:
         """The hashtag's id, from the cache or ig_hashtag_search; None (and a reject) when it cannot be queried."""
         where = f"hashtag #{hashtag}"
         if not HASHTAG_RE.match(hashtag):
@@ -450,10 +448,13 @@ class InstagramSource(Source):
             self.budget.spend(hashtag, cached[0])
             return cached[0]
         try:
-            body = self.api.get("ig_hashtag_search", {"user_id": self.user_id, "q": hashtag})
-        except GraphError as exc:
+            _, body = self.get_json(self.url("ig_hashtag_search"), what="GET ig_hashtag_search",
+                                    params={"user_id": self.user_id, "q": hashtag})  # fmt: skip
+        except StreamError as exc:
+            if exc.whole_source:
+                raise
             self.budget.spend(hashtag, None)
-            self.reject(where, f"ig_hashtag_search failed: {exc}")
+            self.reject(where, f"ig_hashtag_search failed: {self.scrub(str(exc))}")
             return None
         data = body.get("data")
         found = data[0].get("id") if isinstance(data, list) and data and isinstance(data[0], Mapping) else None
@@ -465,60 +466,5 @@ class InstagramSource(Source):
         log.info("instagram: #%s is hashtag id %s", hashtag, found)
         return str(found)
 
-    # -- fetch -------------------------------------------------------------------------------------
 
-    def fetch(self, window: FetchWindow) -> Iterator[Post]:
-        problems: list[str] = []
-        seen: set[str] = set()
-        count = 0
-        page_size = PAGE_SIZE if window.limit is None else max(1, min(PAGE_SIZE, window.limit))
-        self.budget.db = self.db  # the pipeline hands the source its database after building it
-        for label, pages, newest_first in self._streams(window, page_size):
-            fetched = 0
-            self.stream = label if newest_first else None  # hashtag listings come in no known order
-            try:
-                for number, page in enumerate(pages, start=1):
-                    past_watermark = 0
-                    valid = 0
-                    for item in page:
-                        try:
-                            post = to_post(item)
-                        except RecordError as exc:
-                            media_id = item.get("id") if isinstance(item, Mapping) else None
-                            self.reject(
-                                f"{label} page {number}" + (f", media {media_id}" if media_id else ""), str(exc)
-                            )
-                            continue
-                        valid += 1
-                        if window.since is not None and post.created_at < window.since:
-                            past_watermark += 1
-                            continue
-                        if not window.admits(post.created_at) or post.post_id in seen:
-                            continue
-                        seen.add(post.post_id)
-                        fetched += 1
-                        count += 1
-                        yield post
-                        if window.limit is not None and count >= window.limit:
-                            self._finish(problems)
-                            return
-                    # Own media come newest first: a post older than the watermark ends the list after this page
-                    # (so one post out of place on it loses nothing).
-                    if past_watermark and (newest_first or past_watermark == valid):
-                        break
-            except _StreamError as exc:
-                message = f"{label}: {self.api.scrub(str(exc))}"
-                log.warning("instagram: %s", message)
-                problems.append(message)
-            finally:
-                pages.close()
-            log.info("instagram: %s: %d posts", label, fetched)
-        self._finish(problems)
-
-    @staticmethod
-    def _finish(problems: list[str]) -> None:
-        if problems:
-            raise SourceError("; ".join(problems))  # the pipeline names the source
-
-
-__all__ = ["GraphAPI", "HashtagBudget", "InstagramSource", "graph_timestamp", "image_urls", "to_post"]
+__all__ = ["HashtagBudget", "InstagramSource", "graph_timestamp", "image_urls", "to_post"]

@@ -202,6 +202,7 @@ class MastodonSource(APISource):
 
     name = "mastodon"
     api_name = "Mastodon API"
+    rate_limit_headers = ("X-RateLimit-Remaining", "X-RateLimit-Limit", "X-RateLimit-Reset")
     required = ("mastodon_instance",)
 
     def __init__(self, settings: Any, **kwargs: Any):
@@ -275,12 +276,3 @@ class MastodonSource(APISource):
         if status in (401, 403, 422):
             return fatal(f"HTTP {status} {text}: this instance may require MASTODON_ACCESS_TOKEN for public timelines")
         return fatal(f"HTTP {status} {text}", code="not_found" if status == 404 else "")
-
-    def note_rate_limit(self, what: str, response: requests.Response) -> None:
-        headers = response.headers
-        if "X-RateLimit-Remaining" in headers:
-            log.debug(
-                "Mastodon API %s: HTTP %s, %s of %s requests left, resets at %s",
-                what, response.status_code, headers.get("X-RateLimit-Remaining"),
-                headers.get("X-RateLimit-Limit", "?"), headers.get("X-RateLimit-Reset", "?"),
-            )  # fmt: skip

@@ -6,18 +6,19 @@ import hashlib
 import json
 import logging
 import re
-from collections.abc import Callable, Generator, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import requests
 
 from etl.config import Settings
-from etl.errors import ConfigError, RecordError, SourceError
-from etl.http import Retriable, RetryPolicy, WaitTooLong, is_retriable_status, retry_after_seconds
+from etl.errors import ConfigError, RecordError
+from etl.http import RetryPolicy, is_retriable_status, retry_after_seconds
 from etl.records import Post, clean_text, extract_hashtags, post_from_dict
 from etl.sources import register
-from etl.sources.base import FetchWindow, Source, query_stream
+from etl.sources.api import OK, APISource, CursorPaginator, Entry, Stream, StreamError, Verdict, fatal, retry
+from etl.sources.base import FetchWindow, query_stream
 
 log = logging.getLogger(__name__)
 
@@ -82,141 +83,10 @@ def _problem(response: requests.Response) -> dict[str, Any]:
     return body if isinstance(body, dict) else {}
 
 
-def _problem_text(response: requests.Response) -> str:
-    problem = _problem(response)
-    parts = [str(problem[k]) for k in ("title", "detail") if problem.get(k)]
-    for error in problem.get("errors") or []:
-        if isinstance(error, dict) and (error.get("message") or error.get("detail")):
-            parts.append(str(error.get("message") or error.get("detail")))
-    if not parts:
-        text = " ".join(response.text.split())[:200]
-        parts.append(text or response.reason or "no details")
-    return clean_text("; ".join(dict.fromkeys(parts))) or ""
-
-
-class TwitterAPI:
-    """The X API v2 endpoints the source calls: bearer auth, rate-limit headers, errors as SourceError."""
-
-    def __init__(self, session: requests.Session, settings: Settings, policy: RetryPolicy):
-        self.session = session
-        self.base = settings.twitter_api_base.rstrip("/")
-        token = settings.twitter_bearer_token.reveal().strip()
-        # The header goes on each request, never on the session: the session may be shared with the
-        # image downloader, and the token must not travel to media hosts.
-        self._headers = {"Authorization": "Bearer " + token.removeprefix("Bearer ").strip()}
-        self.policy = policy
-        self.timeout = (settings.connect_timeout, settings.read_timeout)
-        self.max_wait = policy.max_wait
-
-    def get(self, path: str, params: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        """One GET; 429 and 5xx retried by the policy (429 until x-rate-limit-reset); the JSON body, or SourceError."""
-        url = self.base + path
-
-        def attempt() -> requests.Response:
-            response = self.session.get(url, params=params, headers=self._headers, timeout=self.timeout)
-            self._log_rate_limit(path, response)
-            if response.status_code == 429 and str(_problem(response).get("type", "")).endswith("/usage-capped"):
-                return response  # a monthly/spend cap: waiting for the 15-minute window will not lift it
-            if is_retriable_status(response.status_code):
-                raise Retriable(
-                    f"HTTP {response.status_code}", retry_after=retry_after_seconds(response), response=response
-                )
-            return response
-
-        try:
-            response = self.policy.call(attempt, describe=f"X API GET {path}")
-        except (Retriable, WaitTooLong) as exc:
-            if exc.response is None:
-                raise SourceError(f"X API {path}: {exc}") from None
-            response = exc.response
-        except requests.RequestException as exc:
-            raise SourceError(
-                f"X API {path} could not be reached at {self.base}: {type(exc).__name__}: {exc}"
-            ) from None
-        if response.status_code == 200:
-            try:
-                body = response.json()
-            except ValueError:
-                body = None
-            if not isinstance(body, dict):
-                raise SourceError(f"X API {path} answered 200 with a body that is not a JSON object")
-            return body
-        raise self._error(path, response)
-
-    def _error(self, path: str, response: requests.Response) -> SourceError:
-        status = response.status_code
-        problem = _problem(response)
-        text = _problem_text(response)
-        if status == 401:
-            return SourceError(
-                f"X API refused the bearer token (401 Unauthorized on {path}): check TWITTER_BEARER_TOKEN; "
-                "it may be mistyped, or revoked or regenerated in the developer console"
-            )
-        if status == 403 and problem.get("reason") == "client-not-enrolled":
-            return SourceError(
-                f"X API 403 client-not-enrolled on {path}: the app behind TWITTER_BEARER_TOKEN has no read access "
-                "at its access level (the Free tier cannot read posts; the app must belong to a Project with "
-                f"pay-per-use credits or a Basic/Pro plan). X says: {text}"
-            )
-        if status == 403:
-            return SourceError(
-                f"X API 403 Forbidden on {path}: the token's app may not use this endpoint. X says: {text}"
-            )
-        if status == 429 and str(problem.get("type", "")).endswith("/usage-capped"):
-            return SourceError(
-                f"X API usage cap reached on {path}; no more reads until it resets or credits are added. X says: {text}"
-            )
-        if status == 429:
-            wait = retry_after_seconds(response)
-            reset = response.headers.get("x-rate-limit-reset", "")
-            if wait is not None and wait > self.max_wait:
-                at = (
-                    datetime.fromtimestamp(int(reset), tz=timezone.utc).strftime("%H:%M:%S UTC")
-                    if reset.isdigit()
-                    else "?"
-                )
-                return SourceError(
-                    f"X API rate limit reached on {path}: the window resets at {at} (in {wait:.0f}s), later than "
-                    f"TWITTER_MAX_WAIT={self.max_wait:.0f}s allows; stopping the twitter source for this run "
-                    "(what was fetched is kept)"
-                )
-            return SourceError(
-                f"X API still rate limited on {path} after {self.policy.attempts} attempts; stopping for this run"
-            )
-        if status >= 500:
-            return SourceError(f"X API {path} failed with HTTP {status} after {self.policy.attempts} attempts: {text}")
-        return SourceError(f"X API refused {path} (HTTP {status}): {text}")
-
-    @staticmethod
-    def _log_rate_limit(path: str, response: requests.Response) -> None:
-        headers = response.headers
-        if "x-rate-limit-remaining" in headers:
-            log.debug(
-                "X API %s: HTTP %s, %s of %s requests left in the window, resets at %s",
-                path,
-                response.status_code,
-                headers.get("x-rate-limit-remaining"),
-                headers.get("x-rate-limit-limit", "?"),
-                headers.get("x-rate-limit-reset", "?"),
-            )
-
-    def pages(self, path: str, params: Mapping[str, Any], token_param: str) -> Iterator[dict[str, Any]]:
-        """Every page of a paginated endpoint; meta.next_token goes back as `token_param`. A repeated token stops it."""
-        params = dict(params)
-        seen: set[str] = set()
-        while True:
-            page = self.get(path, params)
-            yield page
-            token = (page.get("meta") or {}).get("next_token")
-            if not token:
-                return
-            if token in seen:
-                raise SourceError(f"X API {path} returned the same next_token twice; stopping rather than looping")
-            seen.add(token)
-            params[token_param] = token
-
-    def user_by_username(self, username: str) -> dict[str, Any]:
-        return self.get(USER_BY_NAME_PATH.format(username=username), {"user.fields": "username"})
+def _errors_text(body: Mapping[str, Any], *keys: str) -> list[str]:
+    """The texts of an {"errors": [...]} list, each error's first of `keys` that it has."""
+    errors = [e for e in body.get("errors") or [] if isinstance(e, Mapping)]
+    return [str(t) for t in (next((e[k] for k in keys if e.get(k)), None) for e in errors) if t]
 
 
 def _image_url(media: Mapping[str, Any]) -> str | None:
@@ -284,18 +154,107 @@ def tweet_to_post(
     )
 
 
+class Tweets(Stream):
+    """A newest-first list of tweets: the recent search (slot "search") or one user's timeline ("user:NAME")."""
+
+    def __init__(self, source: TwitterSource, key: str, slot: str, username: str | None = None):
+        super().__init__(key, slot, slot=slot)
+        self.source, self.username = source, username
+
+    def entries(self, after: Any, window: FetchWindow) -> Iterator[Entry]:
+        source = self.source
+        if self.username is None:
+            path, token_param, params = SEARCH_PATH, "next_token", {"query": source.settings.twitter_query}
+        else:
+            user_id = source.user_id(self.username)
+            if user_id is None:
+                return
+            path, token_param, params = TIMELINE_PATH.format(id=user_id), "pagination_token", {}
+        bounds = _bounds(self.slot == "search", None if after is None else str(after), window, source.now())
+        if bounds is None:
+            return
+        floor = None if "since_id" in bounds else window.since
+        limit = window.limit
+        size = PAGE_SIZE if limit is None else max(MIN_PAGE_SIZE, min(PAGE_SIZE, limit))
+        params = {**params, **bounds, **TWEET_PARAMS, "max_results": size}
+        pages = source.pages(source.base + path, params, CursorPaginator("meta.next_token", token_param), what=path,
+                             headers=source.headers)  # fmt: skip
+        for number, page in enumerate(pages, start=1):
+            includes = page.get("includes") if isinstance(page.get("includes"), Mapping) else {}
+            media = {m["media_key"]: m for m in includes.get("media") or [] if isinstance(m, Mapping) and "media_key" in m}
+            users = {str(u["id"]): u for u in includes.get("users") or [] if isinstance(u, Mapping) and "id" in u}
+            tweets = page.get("data") if isinstance(page.get("data"), list) else []
+            if page.get("errors"):
+                problem = "; ".join(dict.fromkeys(_errors_text(page, "detail", "title", "message")))
+                if not tweets and self.username:
+                    # A suspended or protected account answers 200 with only an errors list.
+                    source.reject(f"@{self.username} timeline", problem or "no posts and an unexplained error")
+                    raise StreamError(problem, reported=True)
+                # Partial errors (a deleted media item, a withheld author) come beside the data they spoil.
+                log.debug("twitter: %s page %d: partial errors: %s", self.slot, number, problem)
+            for tweet in tweets:
+                source.quota_used += 1  # X bills each post read
+                tid = tweet.get("id") if isinstance(tweet, Mapping) else None
+                tid = tid if isinstance(tid, str) and tid.isdigit() else None
+                minted = snowflake_time(tid) if tid else None
+                if floor is not None and minted is not None and minted < floor:
+                    continue  # start_time bounds the listing; a tweet older than the window is not taken
+                yield Entry((tweet, media, users), order=tid and int(tid), label=f"{tid or '(no id)'} on page {number}")
+
+    def encode(self, order: Any) -> Any:
+        return str(order)
+
+    def decode(self, value: Any) -> Any:
+        minted = snowflake_time(str(value))
+        if minted is None:
+            return None
+        if self.slot == "search" and minted < self.source.now() - SEARCH_REACH + SEARCH_REACH_SLACK:
+            # X answers 400 to a since_id older than recent search reaches: read the window (7 days at most).
+            log.info("twitter: the saved since_id for the search is older than recent search's 7 days; reading all 7 days")
+            return None
+        return int(value)
+
+
+def _bounds(search: bool, since_id: str | None, window: FetchWindow, now: datetime) -> dict[str, str] | None:
+    """since_id, or start_time/end_time, for one stream; None if the window is out of the stream's reach."""
+    oldest_searchable = now - SEARCH_REACH + SEARCH_REACH_SLACK
+    if since_id:
+        return {"since_id": since_id}  # X refuses since_id together with start_time/end_time
+    bounds: dict[str, str] = {}
+    start, until = window.since, window.until
+    if search and until is not None and until <= oldest_searchable:
+        log.warning("twitter: recent search reaches back 7 days only; nothing before %s can be searched", _iso(until))
+        return None
+    if search and start is not None and start < oldest_searchable:
+        log.warning("twitter: recent search reaches back 7 days only; searching from %s, not %s",
+                    _iso(oldest_searchable), _iso(start))  # fmt: skip
+        start = oldest_searchable
+    if start is not None:
+        bounds["start_time"] = _iso(start)
+    if until is not None and until < now - END_TIME_MARGIN:
+        bounds["end_time"] = _iso(until)
+    return bounds
+
+
 @register
-class TwitterSource(Source):
+class TwitterSource(APISource):
     """Posts from the X API v2: a recent search (TWITTER_QUERY) and/or user timelines (TWITTER_USERNAMES)."""
 
     name = "twitter"
+    api_name = "X API"
+    rate_limit_headers = ("x-rate-limit-remaining", "x-rate-limit-limit", "x-rate-limit-reset")
+    wait_setting = "TWITTER_MAX_WAIT"
     required = ("twitter_bearer_token",)
 
     def __init__(self, settings: Settings, *, now: Callable[[], datetime] | None = None, **kwargs: Any):
         super().__init__(settings, **kwargs)
         # A 429 asks us to wait for x-rate-limit-reset, up to 15 minutes away: TWITTER_MAX_WAIT bounds it.
         self.policy = RetryPolicy.from_settings(settings, max_wait=settings.twitter_max_wait)
-        self._now = now or (lambda: datetime.now(timezone.utc))
+        self.now = now or (lambda: datetime.now(timezone.utc))
+        self.base = settings.twitter_api_base.rstrip("/")
+        token = settings.twitter_bearer_token.reveal().strip()
+        # On each request, never on the session: the session may be shared with the image downloader.
+        self.headers = {"Authorization": "Bearer " + token.removeprefix("Bearer ").strip()}
         self._user_ids: dict[str, str] = {}
 
     @classmethod
@@ -318,7 +277,7 @@ class TwitterSource(Source):
     def probe(self) -> str | None:
         # An app-only token cannot call /2/users/me; a username lookup is the cheapest authenticated call.
         name = _username(self.settings.twitter_usernames[0]) if self.settings.twitter_usernames else "X"
-        TwitterAPI(self.session, self.settings, self.policy).user_by_username(name)
+        self._lookup(name)
         return f"GET /2/users/by/username/{name}: 1 user lookup (no post reads billed)"
 
     def config_key(self) -> str:
@@ -326,167 +285,73 @@ class TwitterSource(Source):
         ident = json.dumps({"query": self.settings.twitter_query, "usernames": usernames}, sort_keys=True)
         return hashlib.sha256(ident.encode()).hexdigest()[:12]
 
-    def _streams(self) -> list[tuple[str, str | None]]:
-        """(cursor key, username or None for the search), in the order they are read."""
-        streams: list[tuple[str, str | None]] = [("search", None)] if self.settings.twitter_query else []
-        for name in dict.fromkeys(_username(u) for u in self.settings.twitter_usernames):
-            streams.append((f"user:{name.lower()}", name))
-        return [(key, name) for key, name in streams if self.reads(self._stream_id(key))]
+    def stream_objects(self) -> list[Stream]:
+        # A changed query is another stream (its own state from scratch); its cursor slot stays "search".
+        query = self.settings.twitter_query
+        search = [Tweets(self, query_stream(query), "search")] if query else []
+        names = dict.fromkeys(_username(u) for u in self.settings.twitter_usernames)
+        return [*search, *(Tweets(self, f"user:{n.lower()}", f"user:{n.lower()}", n) for n in names)]
 
-    def _stream_id(self, key: str) -> str:
-        # A changed query is another stream (its own state from scratch); the cursor key stays "search".
-        return query_stream(self.settings.twitter_query) if key == "search" else key
+    def load_positions(self, cursor: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
+        saved = cursor.get("since_id") if isinstance(cursor, Mapping) else None
+        saved = saved if isinstance(saved, Mapping) else {}
+        return {str(k): {"after": str(v)} for k, v in saved.items() if str(v).isdigit()}
 
-    def streams(self) -> list[str]:
-        keys = (["search"] if self.settings.twitter_query else []) + [
-            f"user:{name.lower()}" for name in dict.fromkeys(_username(u) for u in self.settings.twitter_usernames)
-        ]
-        return [self._stream_id(key) for key in keys]
+    def dump_positions(self, states: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+        since_ids = {slot: state["after"] for slot, state in states.items() if "after" in state}
+        return {"since_id": since_ids} if since_ids else {}
 
-    def fetch(self, window: FetchWindow) -> Iterator[Post]:
-        api = TwitterAPI(self.session, self.settings, self.policy)
-        saved = window.cursor.get("since_id") if isinstance(window.cursor, Mapping) else None
-        saved = {str(k): str(v) for k, v in saved.items() if str(v).isdigit()} if isinstance(saved, Mapping) else {}
-        since_ids = dict(saved)
-        self.cursor = {"since_id": dict(saved)} if saved else {}
-        seen: set[str] = set()  # a post found by the search and a timeline both is yielded once
-        budget = [window.limit]  # posts still allowed, shared by all streams; [None] = no limit
-        for key, username in self._streams():
-            if budget[0] is not None and budget[0] <= 0:
-                break
-            if username is None:
-                path, token_param, params = SEARCH_PATH, "next_token", {"query": self.settings.twitter_query}
-            else:
-                user_id = self._user_id(api, username)
-                if user_id is None:
-                    continue
-                path, token_param, params = TIMELINE_PATH.format(id=user_id), "pagination_token", {}
-            bounds = self._bounds(key, saved.get(key), window)
-            if bounds is None:
-                continue
-            self.stream = key  # newest first within a stream
-            newest, complete = yield from self._read(
-                api, key, path, {**params, **bounds}, token_param, window, username, seen, budget
-            )
-            # A backfill that stops before now, or a stream cut short by the limit, leaves its cursor alone:
-            # the posts between the old since_id and the ones read would otherwise never be fetched.
-            if newest and complete and window.until is None:
-                since_ids[key] = str(max(int(newest), int(since_ids.get(key, 0))))
-                self.cursor = {"since_id": dict(since_ids)}
+    def stream_failed(self, stream: Stream, exc: StreamError, rest: list[str]) -> None:
+        raise exc  # the runner records the stream as failed, keeps its since_id, and runs the next stream
 
-    def _user_id(self, api: TwitterAPI, username: str) -> str | None:
+    def to_post(self, item: Any, stream: Stream) -> Post | None:
+        tweet, media, users = item
+        return tweet_to_post(tweet, media, users, username=getattr(stream, "username", None))
+
+    def classify(self, response: requests.Response) -> Verdict:
+        status = response.status_code
+        if response.ok:
+            return OK
+        problem, text = _problem(response), self.error_text(response)
+        if status == 429 and str(problem.get("type", "")).endswith("/usage-capped"):
+            # A monthly/spend cap: waiting for the 15-minute window will not lift it.
+            return fatal(f"usage cap reached; no more reads until it resets or credits are added. X says: {text}",
+                         whole_source=True)  # fmt: skip
+        if is_retriable_status(status):
+            return retry(retry_after_seconds(response))
+        if status == 401:
+            return fatal("the bearer token (401 Unauthorized): check TWITTER_BEARER_TOKEN; it may be mistyped, "
+                         "or revoked or regenerated in the developer console", whole_source=True)  # fmt: skip
+        if status == 403 and problem.get("reason") == "client-not-enrolled":
+            return fatal(
+                "403 client-not-enrolled: the app behind TWITTER_BEARER_TOKEN has no read access at its access level "
+                "(the Free tier cannot read posts; the app must belong to a Project with pay-per-use credits or a "
+                f"Basic/Pro plan). X says: {text}", whole_source=True,
+            )  # fmt: skip
+        if status == 403:
+            return fatal(f"403 Forbidden: the token's app may not use this endpoint. X says: {text}")
+        return fatal(f"HTTP {status}: {text}")
+
+    def error_text(self, response: requests.Response) -> str:
+        problem = _problem(response)
+        parts = [str(problem[k]) for k in ("title", "detail") if problem.get(k)] + _errors_text(problem, "message", "detail")
+        return clean_text("; ".join(dict.fromkeys(parts))) or super().error_text(response)
+
+    def _lookup(self, username: str) -> dict[str, Any]:
+        path = USER_BY_NAME_PATH.format(username=username)
+        return self.get_json(self.base + path, what=path, params={"user.fields": "username"}, headers=self.headers)[1]
+
+    def user_id(self, username: str) -> str | None:
         """The user id behind a username, looked up once per source; an unknown user is rejected and skipped."""
         cached = self._user_ids.get(username.lower())
         if cached:
             return cached
-        body = api.user_by_username(username)
+        body = self._lookup(username)
         self.quota_used += 1
         user = body.get("data")
         if not isinstance(user, Mapping) or not str(user.get("id", "")).isdigit():
-            errors = [e for e in body.get("errors") or [] if isinstance(e, Mapping)]
-            reason = (errors[0].get("detail") or errors[0].get("title")) if errors else "no user in the answer"
-            self.reject(f"TWITTER_USERNAMES @{username}", str(reason))
+            reasons = _errors_text(body, "detail", "title")
+            self.reject(f"TWITTER_USERNAMES @{username}", reasons[0] if reasons else "no user in the answer")
             return None
         self._user_ids[username.lower()] = str(user["id"])
         return str(user["id"])
-
-    def _bounds(self, key: str, since_id: str | None, window: FetchWindow) -> dict[str, str] | None:
-        """since_id, or start_time/end_time, for one stream; None if the window is out of the stream's reach."""
-        now = self._now()
-        oldest_searchable = now - SEARCH_REACH + SEARCH_REACH_SLACK
-        if since_id and key == "search" and (snowflake_time(since_id) or now) < oldest_searchable:
-            log.info(
-                "twitter: the saved since_id for the search is older than recent search's 7 days; reading all 7 days"
-            )
-            since_id = None
-        if since_id:
-            return {"since_id": since_id}  # X refuses since_id together with start_time/end_time
-        bounds: dict[str, str] = {}
-        start, until = window.since, window.until
-        if key == "search" and until is not None and until <= oldest_searchable:
-            log.warning(
-                "twitter: recent search reaches back 7 days only; nothing before %s can be searched", _iso(until)
-            )
-            return None
-        if key == "search" and start is not None and start < oldest_searchable:
-            log.warning(
-                "twitter: recent search reaches back 7 days only; searching from %s, not %s",
-                _iso(oldest_searchable),
-                _iso(start),
-            )
-            start = oldest_searchable
-        if start is not None:
-            bounds["start_time"] = _iso(start)
-        if until is not None and until < now - END_TIME_MARGIN:
-            bounds["end_time"] = _iso(until)
-        return bounds
-
-    def _read(
-        self,
-        api: TwitterAPI,
-        key: str,
-        path: str,
-        params: dict[str, Any],
-        token_param: str,
-        window: FetchWindow,
-        username: str | None,
-        seen: set[str],
-        budget: list[int | None],
-    ) -> Generator[Post, None, tuple[str | None, bool]]:
-        """Yield one stream's posts, newest first; return (the newest id seen, whether the stream was read to its end)."""
-        by_since_id = "since_id" in params  # then the cursor, not window.since, is the lower bound
-        params = {**params, **TWEET_PARAMS, "max_results": self._page_size(budget[0])}
-        newest: str | None = None
-        pages = posts = 0
-        for page in api.pages(path, params, token_param):
-            pages += 1
-            includes = page.get("includes") if isinstance(page.get("includes"), Mapping) else {}
-            media_by_key = {
-                m["media_key"]: m for m in includes.get("media") or [] if isinstance(m, Mapping) and "media_key" in m
-            }
-            users_by_id = {str(u["id"]): u for u in includes.get("users") or [] if isinstance(u, Mapping) and "id" in u}
-            tweets = page.get("data") if isinstance(page.get("data"), list) else []
-            if page.get("errors"):
-                if not tweets and username:
-                    # A suspended or protected account answers 200 with only an errors list.
-                    self.reject(f"@{username} timeline", _problem_text_of(page))
-                    return newest, False
-                # Partial errors (a deleted media item, a withheld author) come beside the data they spoil.
-                log.debug("twitter: %s page %d: partial errors: %s", key, pages, _problem_text_of(page))
-            for number, tweet in enumerate(tweets, start=1):
-                self.quota_used += 1  # X bills each post read
-                tweet_id = tweet.get("id") if isinstance(tweet, Mapping) else None
-                if isinstance(tweet_id, str) and tweet_id.isdigit() and (newest is None or int(tweet_id) > int(newest)):
-                    newest = tweet_id
-                try:
-                    post = tweet_to_post(tweet, media_by_key, users_by_id, username=username)
-                except RecordError as exc:
-                    shown = f" (id {tweet_id})" if tweet_id else ""
-                    self.reject(f"{key} page {pages} item {number}{shown}", str(exc))
-                    continue
-                if by_since_id:
-                    admitted = window.until is None or post.created_at < window.until
-                else:
-                    admitted = window.admits(post.created_at)
-                if not admitted or post.post_id in seen:
-                    continue
-                seen.add(post.post_id)
-                posts += 1
-                yield post
-                if budget[0] is not None:
-                    budget[0] -= 1
-                    if budget[0] <= 0:
-                        log.info("twitter: %s: stopped at the limit after %d posts", key, posts)
-                        return newest, False
-        log.info("twitter: %s: %d posts from %d pages", key, posts, pages)
-        return newest, True
-
-    @staticmethod
-    def _page_size(remaining: int | None) -> int:
-        return PAGE_SIZE if remaining is None else max(MIN_PAGE_SIZE, min(PAGE_SIZE, remaining))
-
-
-def _problem_text_of(body: Mapping[str, Any]) -> str:
-    errors = [e for e in body.get("errors") or [] if isinstance(e, Mapping)]
-    texts = [str(e.get("detail") or e.get("title") or e.get("message")) for e in errors]
-    return "; ".join(dict.fromkeys(t for t in texts if t and t != "None")) or "no posts and an unexplained error"
