@@ -343,6 +343,15 @@ class TwitterSource(Source):
         ]
         return [self._stream_id(key) for key in keys]
 
+    can_recheck = True
+
+    def recheck(self, post_ids: list[str]) -> Iterator[str]:
+        """Held posts X says to delete, by a batch compliance job (etl/sources/x_compliance.py)."""
+        from etl.sources import x_compliance
+
+        client = x_compliance.ComplianceClient(self.session, self.settings, self.policy)
+        return x_compliance.recheck(self, client, post_ids)
+
     def fetch(self, window: FetchWindow) -> Iterator[Post]:
         api = TwitterAPI(self.session, self.settings, self.policy)
         saved = window.cursor.get("since_id") if isinstance(window.cursor, Mapping) else None
