@@ -162,7 +162,6 @@ class RunStats:
             "images_failed": self.images_failed,
             "images_skipped": self.images_skipped,
             "quota_used": self.quota_used,
-            "posts_rechecked": self.rechecked,
             "sentiment": dict(self.sentiment),
             "per_source": self.per_source,
             "errors": [redact(e) for e in self.errors],
@@ -873,6 +872,7 @@ class Runner:
         source.only_stream = None  # the re-check is the source's, not one stream's
         asked, error = recheck_source(self.db, source, self.settings.recheck_posts)
         stats.rechecked += asked
+        source.rechecked += asked
         if error:
             stats.error(error)
             stats.source_failures += 1
@@ -899,6 +899,7 @@ class Runner:
             **{k: after[k] - before[k] for k in after},
             "rejected": source.rejected,
             "quota_used": source.quota_used,
+            "rechecked": source.rechecked,
             "completed": completed,
         }
 

@@ -83,6 +83,8 @@ def recheck_source(db: Database, source: Source, limit: int) -> tuple[int, str |
     if not source.can_recheck or limit <= 0:
         return 0, None
     platform = source.name
+    if source.recheck_cap is not None:
+        limit = min(limit, source.recheck_cap)
     post_ids = pick_posts(db, platform, limit, source.recheck_prefix)
     source.recheck_state = load_state(db, platform)
     before = dict(source.recheck_state)

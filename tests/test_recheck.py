@@ -101,6 +101,7 @@ def test_recheck_is_bounded_and_goes_oldest_checked_first(etl, http_server, tmp_
     assert calls == [REDDIT[:2]]  # two per run, the oldest of the never-checked
     assert checked(etl.dsn, "reddit") == REDDIT[:2]
     assert marked(etl.dsn, "reddit") == [REDDIT[1]]
+    assert query(etl.dsn, "SELECT per_source->'reddit'->>'rechecked' FROM etl_runs ORDER BY id DESC LIMIT 1") == [("2",)]
     etl("run", "--source", "reddit", env=env)
     assert calls[1] == REDDIT[2:4]  # automod_filtered (held for review) is not gone; [deleted] is
     assert marked(etl.dsn, "reddit") == [REDDIT[1], REDDIT[3]]

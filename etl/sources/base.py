@@ -69,6 +69,7 @@ class Source:
         self.stream: str | None = ""  # the stream being read (see stream_of); None: one of unknown order
         self.gone: list[tuple[str, str, str]] = []  # (platform, post_id, why): the platform says these are gone
         self.recheck_state: dict[str, Any] = {}  # a re-check's work left for a later run (etl/recheck.py)
+        self.rechecked = 0  # held posts this run asked the platform about
 
     @classmethod
     def check_settings(cls, settings: Settings) -> None:
@@ -131,6 +132,7 @@ class Source:
     # `can_recheck` and implements `recheck`; `recheck_prefix` limits it to post_ids starting with that text.
     can_recheck: ClassVar[bool] = False
     recheck_prefix: str = ""
+    recheck_cap: ClassVar[int | None] = None  # a platform's own bound per run (one call per post: Mastodon)
 
     def recheck(self, post_ids: list[str]) -> Iterator[str]:
         """Ask the platform about held posts: `report_gone` those it says are gone, and yield each id once the

@@ -248,6 +248,7 @@ class MastodonSource(APISource):
         return response, body
 
     can_recheck = True
+    recheck_cap = 100  # one call per status; instances allow 300 calls per 5 minutes, the fetch needs some too
 
     def recheck(self, post_ids: list[str]) -> Iterator[str]:
         """GET /api/v1/statuses/:id for each held status of this instance: 404 (or 410) = deleted."""
