@@ -48,6 +48,7 @@ class FakeBluesky(FixtureAPI):
         self.logins = self.refreshes = 0
         for path in (FEED, SEARCH, CREATE, REFRESH):
             server.routes[path] = self.route
+        serve_get_posts(server, set())  # the re-check of held posts: none deleted unless a test serves its own
 
     def headers(self) -> dict[str, str]:
         return {"ratelimit-limit": "3000", "ratelimit-remaining": "2999", "ratelimit-reset": str(int(time.time()) + 300),

@@ -76,8 +76,8 @@ class FakeCompliance:
 
     JOB_ID = "1421185651106480129"
 
-    def __init__(self, server: HTTPServerFixture, statuses: tuple[str, ...] = ("complete",)):
-        self.server, self.statuses = server, list(statuses)
+    def __init__(self, server: HTTPServerFixture, statuses: tuple[str, ...] = ("complete",), token: str = TOKEN):
+        self.server, self.statuses, self.token = server, list(statuses), token
         self.uploads: list[bytes] = []
         self.created = 0
         self.polls = 0
@@ -92,7 +92,7 @@ class FakeCompliance:
         return (FIXTURES / name).read_text(encoding="utf-8").replace("https://storage.googleapis.com", self.server.base)
 
     def authorized(self, handler) -> bool:
-        return handler.headers.get("Authorization") == f"Bearer {TOKEN}"
+        return handler.headers.get("Authorization") == f"Bearer {self.token}"
 
     def create(self, handler) -> Reply:
         if not self.authorized(handler):
