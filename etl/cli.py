@@ -455,10 +455,11 @@ def _print_run_summary(out: IO[str], stats: RunStats, runner: Runner, settings: 
         f"  sentiment positive {s['positive']}, neutral {s['neutral']}, negative {s['negative']}"
         + (f", not scored {s['unscored']} (not English)" if s["unscored"] else "")
     )
-    if stats.deleted_at_source or stats.forgotten_skipped:
+    if stats.deleted_at_source or stats.forgotten_skipped or stats.rechecked:
         lines.append(
             f"  deletions {stats.deleted_at_source} post(s) gone at source ({settings.deleted_at_source}), "
             f"{stats.forgotten_skipped} forgotten post(s) not archived again"
+            + (f", {stats.rechecked} held post(s) re-checked" if stats.rechecked else "")
         )
     if stats.quota_used:
         lines.append(f"  API quota units used {stats.quota_used}")

@@ -269,6 +269,10 @@ class Settings:
         "ETL_DELETED_AT_SOURCE", _deleted_policy, "mark",
         "when a platform says a post we hold is gone: mark (keep it, set deleted_at_source) or forget (remove it)",
     )  # fmt: skip
+    recheck_posts: int = _setting(
+        "ETL_RECHECK_POSTS", _non_negative_int, 300,
+        "each run asks the platform about this many held posts per source, least recently checked first; 0 = off",
+    )  # fmt: skip
 
     # Parquet export (`etl.py export`).
     export_prefix: str = _setting(

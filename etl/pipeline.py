@@ -97,6 +97,7 @@ class RunStats:
     images_skipped: int = 0
     images_retried: int = 0
     deleted_at_source: int = 0  # held posts the platform said are gone, marked or forgotten
+    rechecked: int = 0  # held posts asked about at their platform (etl/recheck.py)
     forgotten_skipped: int = 0  # posts with a tombstone (etl.py forget), not archived again
     engagement_snapshots: int = 0
     quota_used: int = 0
@@ -762,6 +763,7 @@ class Runner:
                         source.restrict(unit.stream)
                     done, n = self._run_unit(archiver, source, unit, replace(request, limit=left), stats)
                     completed, passed = completed and done, passed + n
+                self._recheck(source, request, stats)
         finally:
             self._apply_gone(source, stats)
             self._account(source, stats, before, completed)
@@ -858,6 +860,23 @@ class Runner:
             done |= self.db.finished_chunks(source.name, source.config_key(), since, until)
         return done
 
+    def _recheck(self, source: Source, request: RunRequest, stats: RunStats) -> None:
+        """Ask the platform about a bounded slice of the held posts (ETL_RECHECK_POSTS); in a sharded run, only
+        the shard that owns the source's first unit does it."""
+        if request.mode != "run" or not source.can_recheck or self.db is None or self.stop.is_set():
+            return
+        if request.shard is not None and not request.shard.owns(units_of(source)[0].name):
+            return
+        from etl.recheck import recheck_source
+
+        source.only_stream = None  # the re-check is the source's, not one stream's
+        asked, error = recheck_source(self.db, source, self.settings.recheck_posts)
+        stats.rechecked += asked
+        source.rechecked += asked
+        if error:
+            stats.error(error)
+            stats.source_failures += 1
+
     def _apply_gone(self, source: Source, stats: RunStats) -> None:
         """Posts the platform said are gone: marked or forgotten (ETL_DELETED_AT_SOURCE), those we hold only."""
         if not source.gone or self.db is None:
@@ -880,6 +899,7 @@ class Runner:
             **{k: after[k] - before[k] for k in after},
             "rejected": source.rejected,
             "quota_used": source.quota_used,
+            "rechecked": source.rechecked,
             "completed": completed,
         }
 

@@ -46,6 +46,7 @@ class FakeBluesky(FixtureAPI):
         self.logins = self.refreshes = 0
         for path in (FEED, SEARCH, CREATE, REFRESH):
             server.routes[path] = self.route
+        serve_get_posts(server, set())  # the re-check of held posts: none deleted unless a test serves its own
 
     def headers(self) -> dict[str, str]:
         return {"ratelimit-limit": "3000", "ratelimit-remaining": "2999", "ratelimit-reset": str(int(time.time()) + 300),
@@ -114,3 +115,29 @@ def bluesky_env(server: HTTPServerFixture, tmp_path: Path, **extra: str) -> dict
 def contract_posts(tmp_path: Path) -> list[Post]:
     """Everything the bluesky source yields from its fixtures (one author feed and a search), on loopback."""
     return fetch_over_fake(BlueskySource, FakeBluesky, bluesky_env, tmp_path)
+
+
+GET_POSTS = "/xrpc/app.bsky.feed.getPosts"
+
+
+def serve_get_posts(server: HTTPServerFixture, gone: set[str]) -> list[list[str]]:
+    """app.bsky.feed.getPosts on the fake: a postView for each asked URI not in `gone` (a deleted post is left
+    out of the answer, as the AppView does). Returns the list the URIs of each call are appended to."""
+    calls: list[list[str]] = []
+
+    def route(handler) -> Reply:
+        uris = parse_qs(urlsplit(handler.path).query).get("uris", [])
+        calls.append(uris)
+        if len(uris) > 25:
+            return Reply(status=400, body=b'{"error":"InvalidRequest","message":"uris must not have more than 25 elements"}',
+                         content_type="application/json")  # fmt: skip
+        posts = [
+            {"uri": uri, "cid": "bafyreib2rxk3rh6kzwq", "author": {"did": uri[5:].split("/")[0], "handle": ACTOR},
+             "record": {"$type": "app.bsky.feed.post", "text": "still here", "createdAt": "2025-02-01T10:00:00.000Z"},
+             "likeCount": 1, "replyCount": 0, "indexedAt": "2025-02-01T10:00:01.000Z"}
+            for uri in uris if uri not in gone
+        ]  # fmt: skip
+        return Reply(body=json.dumps({"posts": posts}).encode(), content_type="application/json")
+
+    server.routes[GET_POSTS] = route
+    return calls

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import time
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -28,6 +29,7 @@ class FakeReddit(FixtureAPI):
         self.tokens_issued = 0
         for path in (TOKEN_PATH, NEW):
             server.routes[path] = self.route
+        serve_info(server)  # the re-check of held posts: none deleted unless a test serves its own
 
     def route(self, handler) -> Reply:
         parts = urlsplit(handler.path)
@@ -70,3 +72,31 @@ def reddit_env(server: HTTPServerFixture, tmp_path: Path, **extra: str) -> dict[
 def contract_posts(tmp_path: Path) -> list[Post]:
     """Everything the reddit source yields from its fixtures (one subreddit, two pages), on loopback."""
     return fetch_over_fake(RedditSource, FakeReddit, reddit_env, tmp_path)
+
+
+INFO = "/api/info"
+
+
+def serve_info(server: HTTPServerFixture, deleted: set[str] = frozenset(), removed: dict[str, str] | None = None) -> list[list[str]]:
+    """/api/info on the fake: a t3 thing for each asked fullname; ids in `deleted` have author "[deleted]", those in
+    `removed` their removed_by_category. Returns the list the ids of each call are appended to."""
+    removed = removed or {}
+    calls: list[list[str]] = []
+    token = json.loads((FIXTURES / "token.json").read_text())["access_token"]
+
+    def route(handler) -> Reply:
+        if handler.headers.get("Authorization") != f"Bearer {token}":
+            return Reply(status=401, body=(FIXTURES / "error_401.json").read_bytes(), content_type="application/json")
+        names = parse_qs(urlsplit(handler.path).query).get("id", [""])[0].split(",")
+        ids = [n.removeprefix("t3_") for n in names if n]
+        calls.append(ids)
+        children = [
+            {"kind": "t3", "data": {"id": i, "name": f"t3_{i}", "author": "[deleted]" if i in deleted else "ana",
+                                    "removed_by_category": removed.get(i), "title": "a photo", "created_utc": 1709294400}}
+            for i in ids
+        ]  # fmt: skip
+        body = {"kind": "Listing", "data": {"after": None, "before": None, "dist": len(children), "children": children}}
+        return Reply(body=json.dumps(body).encode(), content_type="application/json")
+
+    server.routes[INFO] = route
+    return calls

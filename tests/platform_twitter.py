@@ -67,3 +67,52 @@ def contract_posts(tmp_path: Path) -> list[Post]:
             return list(source.fetch(FetchWindow()))
     finally:
         server.close()
+
+
+class FakeCompliance:
+    """X's batch compliance jobs (tweets) on the fake: POST /2/compliance/jobs, the signed upload URL (PUT),
+    GET /2/compliance/jobs/:id answering `statuses` in turn (the last one repeated), and the download URL
+    serving compliance_results.jsonl. The fixtures' storage.googleapis.com URLs are pointed at the server."""
+
+    JOB_ID = "1421185651106480129"
+
+    def __init__(self, server: HTTPServerFixture, statuses: tuple[str, ...] = ("complete",), token: str = TOKEN):
+        self.server, self.statuses, self.token = server, list(statuses), token
+        self.uploads: list[bytes] = []
+        self.created = 0
+        self.polls = 0
+        self.job_headers: list[dict[str, str]] = []
+        prefix = "/twttr-tweet-compliance/" + self.JOB_ID
+        server.routes["/2/compliance/jobs"] = self.create
+        server.routes[f"/2/compliance/jobs/{self.JOB_ID}"] = self.job
+        server.routes[f"{prefix}/submission/{self.JOB_ID}_upload"] = self.upload
+        server.routes[f"{prefix}/delivery/{self.JOB_ID}_download"] = self.download
+
+    def text(self, name: str) -> str:
+        return (FIXTURES / name).read_text(encoding="utf-8").replace("https://storage.googleapis.com", self.server.base)
+
+    def authorized(self, handler) -> bool:
+        return handler.headers.get("Authorization") == f"Bearer {self.token}"
+
+    def create(self, handler) -> Reply:
+        if not self.authorized(handler):
+            return json_reply("error_401.json", 401)
+        assert json.loads(handler.body) == {"type": "tweets", "name": "social-archiver re-check"}
+        self.created += 1
+        return Reply(body=self.text("compliance_job_created.json").encode(), content_type="application/json")
+
+    def upload(self, handler) -> Reply:
+        self.job_headers.append(dict(handler.headers))
+        self.uploads.append(handler.body)
+        return Reply(body=b"", content_type=None)
+
+    def job(self, handler) -> Reply:
+        if not self.authorized(handler):
+            return json_reply("error_401.json", 401)
+        status = self.statuses[min(self.polls, len(self.statuses) - 1)]
+        self.polls += 1
+        return Reply(body=self.text(f"compliance_job_{status}.json").encode(), content_type="application/json")
+
+    def download(self, handler) -> Reply:
+        self.job_headers.append(dict(handler.headers))
+        return Reply(body=(FIXTURES / "compliance_results.jsonl").read_bytes(), content_type="application/octet-stream")

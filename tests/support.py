@@ -70,6 +70,8 @@ class HTTPServerFixture:
                     outer.posted.append((self.path, self.body))
                 outer._serve(self)
 
+            do_PUT = do_POST  # noqa: N815  (X's signed upload URLs take a PUT)
+
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)

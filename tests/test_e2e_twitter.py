@@ -12,7 +12,7 @@ import pytest
 
 from etl.sources.base import query_stream
 from tests.conftest import query
-from tests.platform_twitter import FIXTURES, USER_ID
+from tests.platform_twitter import FIXTURES, USER_ID, FakeCompliance
 from tests.support import HTTPServerFixture, Reply, assert_refused_cleanly, jpeg_bytes, png_bytes
 
 QUERY = "#sunset has:images -is:retweet"
@@ -61,6 +61,7 @@ class FakeX:
             server.routes[path] = self.api
         for path, (body, content_type) in IMAGES.items():
             server.routes[path] = Reply(body=body, content_type=content_type)
+        self.compliance = FakeCompliance(server, token=TOKEN)  # the re-check of held posts (tests/test_recheck.py)
 
     def page(self, name: str, params: dict[str, str]) -> dict:
         text = (FIXTURES / name).read_text(encoding="utf-8").replace("https://pbs.twimg.com", self.server.base)
@@ -108,6 +109,7 @@ def twitter_env(server: HTTPServerFixture, **extra: str) -> dict[str, str]:
         "TWITTER_API_BASE": server.base,
         "ETL_ALLOW_PRIVATE_HOSTS": "true",
         "ETL_RETRY_MAX_WAIT": "0.05",
+        "ETL_RECHECK_POSTS": "0",  # these tests count the fetch's calls; the re-check is tests/test_recheck.py's
         **extra,
     }
 

@@ -68,6 +68,8 @@ class Source:
         self.only_stream: str | None = None  # set by `restrict`: this instance reads that one stream only
         self.stream: str | None = ""  # the stream being read (see stream_of); None: one of unknown order
         self.gone: list[tuple[str, str, str]] = []  # (platform, post_id, why): the platform says these are gone
+        self.recheck_state: dict[str, Any] = {}  # a re-check's work left for a later run (etl/recheck.py)
+        self.rechecked = 0  # held posts this run asked the platform about
 
     @classmethod
     def check_settings(cls, settings: Settings) -> None:
@@ -125,6 +127,18 @@ class Source:
         to it once the source is done, if the archive holds it (etl.forget.apply_gone)."""
         if len(self.gone) < 100_000:  # a bound on memory; the rest are reported by a later run
             self.gone.append((platform or self.name, str(post_id), why))
+
+    # Re-checking held posts (etl/recheck.py): a source that can ask its platform whether posts still exist sets
+    # `can_recheck` and implements `recheck`; `recheck_prefix` limits it to post_ids starting with that text.
+    can_recheck: ClassVar[bool] = False
+    recheck_prefix: str = ""
+    recheck_cap: ClassVar[int | None] = None  # a platform's own bound per run (one call per post: Mastodon)
+
+    def recheck(self, post_ids: list[str]) -> Iterator[str]:
+        """Ask the platform about held posts: `report_gone` those it says are gone, and yield each id once the
+        platform has answered about it (so a re-check cut short by an error records what it did ask).
+        `self.recheck_state` (JSON) is kept for the next run, for a platform whose answer comes later (X)."""
+        raise NotImplementedError
 
     def open(self) -> None:
         """Acquire what fetch needs (the mock starts its image server here)."""

@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 
 AUTHOR_FEED = "/xrpc/app.bsky.feed.getAuthorFeed"
 SEARCH_POSTS = "/xrpc/app.bsky.feed.searchPosts"
+GET_POSTS = "/xrpc/app.bsky.feed.getPosts"
+GET_POSTS_MAX = 25  # the most URIs getPosts takes per call
 CREATE_SESSION = "/xrpc/com.atproto.server.createSession"
 REFRESH_SESSION = "/xrpc/com.atproto.server.refreshSession"
 PAGE_SIZE = 100  # the most getAuthorFeed and searchPosts return per page
@@ -239,6 +241,27 @@ class BlueskySource(APISource):
 
     def to_post(self, item: Any, stream: Stream) -> Post | None:
         return item_to_post(item)
+
+    # -- re-checking held posts (etl/recheck.py) ------------------------------------------------------------
+
+    can_recheck = True
+    recheck_prefix = "at://"
+
+    def recheck(self, post_ids: list[str]) -> Iterator[str]:
+        """app.bsky.feed.getPosts, 25 URIs a call, no login: a post the AppView no longer returns was deleted
+        (or taken down, or its account deleted or deactivated)."""
+        url = self.settings.bluesky_api_base + GET_POSTS
+        for start in range(0, len(post_ids), GET_POSTS_MAX):
+            batch = post_ids[start : start + GET_POSTS_MAX]
+            _, body = self.get_json(url, what=f"getPosts ({len(batch)} held posts)", params={"uris": batch})
+            posts = body.get("posts")
+            if not isinstance(posts, list):
+                raise StreamError("Bluesky API getPosts answered without a 'posts' list")
+            present = {p.get("uri") for p in posts if isinstance(p, Mapping)}
+            for uri in batch:
+                if uri not in present:
+                    self.report_gone(uri, "deleted on Bluesky (getPosts no longer returns it)")
+                yield uri
 
     # -- responses ---------------------------------------------------------------------------------------
 

@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 TAG_TIMELINE = "/api/v1/timelines/tag/{tag}"
 LOOKUP = "/api/v1/accounts/lookup"
 STATUSES = "/api/v1/accounts/{id}/statuses"
+STATUS = "/api/v1/statuses/{id}"
+LOCAL_STATUS_RE = re.compile(r"/users/[^/]+/statuses/(\d+)$")
 PAGE_SIZE = 40  # the most Mastodon returns per page
 ACCOUNT_RE = re.compile(r"^@?[A-Za-z0-9_]+(@[A-Za-z0-9.-]+\.[A-Za-z]{2,})?$")
 TAG_RE = re.compile(r"^\w+$")
@@ -212,6 +214,9 @@ class MastodonSource(APISource):
         # On each request, never on the session: the session may be shared with the image downloader.
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._ids: dict[str, str | None] = {}
+        # Re-checked: statuses of this instance only (their uri is on it). A remote status's id here is this
+        # instance's copy, and a 404 may only mean it never heard of the delete or dropped its cache.
+        self.recheck_prefix = self.base + "/"
 
     @classmethod
     def check_settings(cls, settings: Any) -> None:
@@ -242,6 +247,26 @@ class MastodonSource(APISource):
         if not isinstance(body, list):
             raise StreamError(f"Mastodon API {what} answered a page that is not a list of statuses")
         return response, body
+
+    can_recheck = True
+    recheck_cap = 100  # one call per status; instances allow 300 calls per 5 minutes, the fetch needs some too
+
+    def recheck(self, post_ids: list[str]) -> Iterator[str]:
+        """GET /api/v1/statuses/:id for each held status of this instance: 404 (or 410) = deleted."""
+        for uri in post_ids:
+            match = LOCAL_STATUS_RE.search(uri)
+            if match is None:  # not a Mastodon-shaped local uri (another server software): nothing to ask
+                log.debug("mastodon: %s has no status id in its uri; not re-checked", uri)
+                yield uri
+                continue
+            try:
+                self.request("GET", self.base + STATUS.format(id=match.group(1)), what=f"statuses/{match.group(1)}",
+                             headers=self._headers)  # fmt: skip
+            except StreamError as exc:
+                if exc.code != "not_found":
+                    raise
+                self.report_gone(uri, f"deleted on {urlsplit(self.base).hostname} (HTTP 404 for the status)")
+            yield uri
 
     def lookup(self, acct: str) -> str | None:
         """The instance's id for an account, looked up once; an unknown account is reported and skipped."""
@@ -275,4 +300,4 @@ class MastodonSource(APISource):
             return fatal(f"HTTP 401 {text}: check MASTODON_ACCESS_TOKEN (revoked, or from another instance)", whole_source=True)
         if status in (401, 403, 422):
             return fatal(f"HTTP {status} {text}: this instance may require MASTODON_ACCESS_TOKEN for public timelines")
-        return fatal(f"HTTP {status} {text}", code="not_found" if status == 404 else "")
+        return fatal(f"HTTP {status} {text}", code="not_found" if status in (404, 410) else "")

@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 
 TOKEN_PATH = "/api/v1/access_token"
 NEW_PATH = "/r/{name}/new"
+INFO_PATH = "/api/info"
+NOT_GONE = ("automod_filtered",)  # removed_by_category values that mean "held for review", not removed
 PAGE_SIZE = 100  # the most a listing returns per page
 SUBREDDIT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_]{1,20}$")
 ID_RE = re.compile(r"^[0-9a-z]{1,13}$")
@@ -172,6 +174,41 @@ class RedditSource(APISource):
 
     def to_post(self, item: Any, stream: Stream) -> Post | None:
         return thing_to_post(item)
+
+    # -- re-checking held posts (etl/recheck.py) ------------------------------------------------------------
+
+    can_recheck = True
+
+    def recheck(self, post_ids: list[str]) -> Iterator[str]:
+        """/api/info, 100 fullnames a call: a post whose author is "[deleted]" (deleted by its author) or with
+        removed_by_category set (removed by moderators, Reddit, a takedown) is gone. A post missing from the
+        answer (an id Reddit does not know) is recorded as checked, not as gone."""
+        url = self.settings.reddit_api_base + INFO_PATH
+        for start in range(0, len(post_ids), PAGE_SIZE):
+            batch = post_ids[start : start + PAGE_SIZE]
+            names = ",".join(f"t3_{p}" for p in batch if ID_RE.match(p))
+            found: dict[str, Mapping[str, Any]] = {}
+            if names:
+                what = f"api/info ({len(batch)} held posts)"
+                _, page = self.authed_get(url, what=what, params={"id": names, "raw_json": 1})
+                data = page.get("data") if isinstance(page.get("data"), Mapping) else None
+                children = data.get("children") if data else None
+                if not isinstance(children, list):
+                    raise StreamError("Reddit API api/info answered a page that is not a Listing")
+                for child in children:
+                    post = child.get("data") if isinstance(child, Mapping) else None
+                    if isinstance(post, Mapping) and isinstance(post.get("id"), str):
+                        found[post["id"]] = post
+            for pid in batch:
+                post = found.get(pid)
+                removed = post.get("removed_by_category") if post else None
+                if removed and removed not in NOT_GONE:
+                    self.report_gone(pid, f"removed on Reddit ({removed})")
+                elif post and post.get("author") == "[deleted]":
+                    self.report_gone(pid, "deleted by its author on Reddit")
+                elif post is None:
+                    log.info("reddit: %s is not in /api/info's answer; not taken as gone", pid)
+                yield pid
 
     def _headers(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
         # Reddit throttles or blocks generic agents; its rules ask for "<platform>:<app id>:<version> (by /u/name)".

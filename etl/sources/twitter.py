@@ -304,6 +304,16 @@ class TwitterSource(APISource):
     def stream_failed(self, stream: Stream, exc: StreamError, rest: list[str]) -> None:
         raise exc  # the runner records the stream as failed, keeps its since_id, and runs the next stream
 
+    can_recheck = True
+
+    def recheck(self, post_ids: list[str]) -> Iterator[str]:
+        """Held posts X says to delete, by a batch compliance job (etl/sources/x_compliance.py)."""
+        from etl.sources import x_compliance
+
+        client = x_compliance.ComplianceClient(self.session, self.settings, self.policy)
+        return x_compliance.recheck(self, client, post_ids)
+
+
     def to_post(self, item: Any, stream: Stream) -> Post | None:
         tweet, media, users = item
         return tweet_to_post(tweet, media, users, username=getattr(stream, "username", None))
