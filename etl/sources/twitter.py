@@ -313,7 +313,6 @@ class TwitterSource(APISource):
         client = x_compliance.ComplianceClient(self.session, self.settings, self.policy)
         return x_compliance.recheck(self, client, post_ids)
 
-
     def to_post(self, item: Any, stream: Stream) -> Post | None:
         tweet, media, users = item
         return tweet_to_post(tweet, media, users, username=getattr(stream, "username", None))
