@@ -71,7 +71,7 @@ def timed_many(commands: list[list[str]], env: dict[str, str], logs: list[Path],
     outs = [log.open("wb") for log in logs]
     try:
         procs = [
-            subprocess.Popen(c, stdout=o, stderr=subprocess.STDOUT, env=env, cwd=cwd) for c, o in zip(commands, outs)
+            subprocess.Popen(c, stdout=o, stderr=subprocess.STDOUT, env=env, cwd=cwd) for c, o in zip(commands, outs, strict=True)
         ]
         codes = [p.wait() for p in procs]
     finally:
