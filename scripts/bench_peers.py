@@ -71,7 +71,8 @@ def timed_many(commands: list[list[str]], env: dict[str, str], logs: list[Path],
     outs = [log.open("wb") for log in logs]
     try:
         procs = [
-            subprocess.Popen(c, stdout=o, stderr=subprocess.STDOUT, env=env, cwd=cwd) for c, o in zip(commands, outs, strict=True)
+            subprocess.Popen(c, stdout=o, stderr=subprocess.STDOUT, env=env, cwd=cwd)
+            for c, o in zip(commands, outs, strict=True)
         ]
         codes = [p.wait() for p in procs]
     finally:
@@ -83,7 +84,11 @@ def timed_many(commands: list[list[str]], env: dict[str, str], logs: list[Path],
 def check_files(directory: Path, expected: dict[str, str]) -> tuple[int, int]:
     """(files whose sha256 is the served bytes', files wrong or missing), by file name (gallery-dl names a direct
     link's file after its host and path: 127.0.0.1:PORT_img_7.jpg)."""
-    found = {p.name.rsplit("_", 1)[-1]: hashlib.sha256(p.read_bytes()).hexdigest() for p in directory.rglob("*") if p.is_file()}
+    found = {
+        p.name.rsplit("_", 1)[-1]: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in directory.rglob("*")
+        if p.is_file()
+    }
     good = sum(1 for name, digest in expected.items() if found.get(name) == digest)
     return good, len(expected) - good
 
@@ -249,7 +254,9 @@ def metadata_section(b: bench.Bench, args: argparse.Namespace) -> bench.Table:
     if complete:
         best_first = min(r[0] for _, r in complete)
         best_rerun = min(r[2] for _, r in complete)
-        ratio_line(table, "first run: ours / dlt's best loader", n / first.wall, n / best_first, TARGET_FIRST_VS_DLT, valid)
+        ratio_line(
+            table, "first run: ours / dlt's best loader", n / first.wall, n / best_first, TARGET_FIRST_VS_DLT, valid
+        )
         ratio_line(table, "rerun: ours / dlt's best", n / rerun.wall, n / best_rerun, TARGET_RERUN_VS_DLT, valid)
     else:
         table.text("dlt did not load every row once: no ratio (see its logs)")
