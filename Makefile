@@ -54,8 +54,15 @@ chromium:
 	@if [ ! -x /usr/bin/chromium ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; fi
 
-bench: $(VENV)/.dev
+# The peers of the benchmark (gallery-dl, dlt), only for `make bench`.
+$(VENV)/.bench: requirements-bench.txt | $(VENV)/.dev
+	@echo "make: installing the benchmark's peers (requirements-bench.txt: gallery-dl, dlt[postgres])"
+	$(PY) -m pip install --quiet -r requirements-bench.txt
+	@touch $@
+
+bench: $(VENV)/.dev $(VENV)/.bench
 	$(PY) scripts/bench.py $(ARGS)
+	$(PY) scripts/bench_peers.py $(PEERS_ARGS)
 	$(PY) scripts/bench_insights.py $(INSIGHTS_ARGS)
 	$(PY) scripts/bench_scaleout.py $(SCALEOUT_ARGS)
 

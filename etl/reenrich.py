@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import multiprocessing
+import os
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from contextlib import contextmanager
 from datetime import datetime
+from typing import Any
 
 import psycopg2.extras
 
@@ -25,6 +30,58 @@ _STAMP_SQL = "UPDATE social_posts SET sentiment_version = %s WHERE id = ANY(%s)"
 _TEMPLATE = "(%s, %s, %s::float8, %s::float8, %s, %s, %s, %s)"  # typed: a column of NULLs would read as text
 
 
+_SCORE_CHUNK = 1000  # captions per task of a scoring worker
+_worker_enricher: SentimentEnricher | None = None
+
+
+def _init_worker(threshold: float, detect_language: bool) -> None:
+    global _worker_enricher
+    _worker_enricher = SentimentEnricher(threshold, detect_language=detect_language)
+
+
+def _decide_all(enricher: SentimentEnricher, items: Sequence[tuple[str | None, str | None]]) -> list[tuple]:
+    """decide_caption of each (caption, platform language): (score, language, source, why not scored)."""
+    return [enricher.decide_caption(caption, language) for caption, language in items]
+
+
+def _decide_in_worker(items: Sequence[tuple[str | None, str | None]]) -> list[tuple]:
+    assert _worker_enricher is not None
+    return _decide_all(_worker_enricher, items)
+
+
+@contextmanager
+def _scorers(enricher: SentimentEnricher, workers: int) -> Iterator[Executor | None]:
+    """Worker processes scoring captions (every core), or None to score in this process. Forked: they start at
+    once with the lexicon already loaded; a forked child never closes the parent's connections (it ends with
+    os._exit), and it is given no work that touches them."""
+    if workers <= 1:
+        yield None
+        return
+    enricher.score("warm")  # the lexicon loaded before the fork, shared copy-on-write
+    pool = ProcessPoolExecutor(
+        workers, mp_context=multiprocessing.get_context("fork"), initializer=_init_worker,
+        initargs=(enricher.threshold, enricher.detector is not None),
+    )  # fmt: skip
+    try:
+        yield pool
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _submit(pool: Executor | None, enricher: SentimentEnricher, rows: list[tuple]) -> list[Future] | list[tuple]:
+    # The same rule as a run: the platform's language is kept, others are detected again.
+    items = [(row[1], row[5] if row[6] == "platform" else None) for row in rows]
+    if pool is None:
+        return _decide_all(enricher, items)
+    return [pool.submit(_decide_in_worker, items[k : k + _SCORE_CHUNK]) for k in range(0, len(items), _SCORE_CHUNK)]
+
+
+def _collect(pending: list[Future] | list[tuple]) -> list[tuple]:
+    if pending and isinstance(pending[0], Future):
+        return [decision for future in pending for decision in future.result()]
+    return pending  # scored in this process already
+
+
 def reenrich(
     db: Database,
     enricher: SentimentEnricher,
@@ -34,6 +91,7 @@ def reenrich(
     since: datetime | None = None,
     batch_size: int = 5000,
     should_stop: Callable[[], bool] = lambda: False,
+    workers: int | None = None,
 ) -> None:
     """Score every stored post not yet scored by this enricher version; rewrite those whose result changed and
     stamp the others with the version (so that no later reenrich reads them again).
@@ -41,45 +99,68 @@ def reenrich(
     Rows are read through a server-side cursor on a connection of their own (memory stays flat for millions
     of rows) and the changes are written and committed a batch at a time on the main connection, so an
     interrupted re-enrichment keeps what it did and the next one carries on from there.
+
+    Captions are scored by `workers` processes (default: one per core) while the next batch is read and the
+    previous one written; at most two batches are in memory at a time.
     """
+    workers = (os.cpu_count() or 1) if workers is None else workers
     reader = db.connect()
     try:
-        with reader.cursor(name="reenrich_scan") as scan:
-            scan.itersize = batch_size
-            scan.execute(
-                "SELECT id, caption, sentiment, sentiment_polarity, sentiment_subjectivity, language, language_source,"
-                " sentiment_skipped FROM social_posts"
-                " WHERE (%(platform)s::text IS NULL OR platform = %(platform)s)"
-                " AND (%(since)s::timestamptz IS NULL OR created_at >= %(since)s)"
-                " AND sentiment_version IS DISTINCT FROM %(version)s ORDER BY id",
-                {"platform": platform, "since": since, "version": enricher.version},
-            )
-            while rows := scan.fetchmany(batch_size):
-                changes, same = [], []
-                for row_id, caption, label, polarity, subjectivity, language, source, skipped in rows:
-                    # The same rule as a run: the platform's language is kept, others are detected again.
-                    s, lang, lang_source, why = enricher.decide_caption(caption, language if source == "platform" else None)
-                    stats.sentiment[s.label if s else "unscored"] += 1
-                    new = (s.label, s.polarity, s.subjectivity) if s else (None, None, None)
-                    if (label, polarity, subjectivity, language, source, skipped) != (*new, lang, lang_source, why):
-                        changes.append((row_id, *new, enricher.version, lang, lang_source, why))
-                    else:
-                        same.append(row_id)
-                with db.transaction() as cur:
-                    if changes:
-                        psycopg2.extras.execute_values(
-                            cur, _UPDATE_SQL, changes, template=_TEMPLATE, page_size=len(changes)
-                        )
-                    if same:
-                        # Scored by this version too, with the same result: stamped (not read again by the next
-                        # reenrich, and its score reused by runs), updated_at left alone (the data did not change).
-                        cur.execute(_STAMP_SQL, (enricher.version, same))
-                stats.fetched += len(rows)
-                stats.updated += len(changes)
-                stats.unchanged += len(rows) - len(changes)
-                log.info("re-enriched %d posts so far, %d changed", stats.fetched, stats.updated)
+        with _scorers(enricher, workers) as pool:
+            _reenrich(db, reader, pool, enricher, stats, platform, since, batch_size, should_stop)
+    finally:
+        reader.close()
+
+
+def _reenrich(
+    db: Database, reader: Any, pool: Executor | None, enricher: SentimentEnricher, stats: RunStats,
+    platform: str | None, since: datetime | None, batch_size: int, should_stop: Callable[[], bool],
+) -> None:  # fmt: skip
+    with reader.cursor(name="reenrich_scan") as scan:
+        scan.itersize = batch_size
+        scan.execute(
+            "SELECT id, caption, sentiment, sentiment_polarity, sentiment_subjectivity, language, language_source,"
+            " sentiment_skipped FROM social_posts"
+            " WHERE (%(platform)s::text IS NULL OR platform = %(platform)s)"
+            " AND (%(since)s::timestamptz IS NULL OR created_at >= %(since)s)"
+            " AND sentiment_version IS DISTINCT FROM %(version)s ORDER BY id",
+            {"platform": platform, "since": since, "version": enricher.version},
+        )
+        pending: tuple[list[tuple], Any] | None = None
+        while True:
+            rows = scan.fetchmany(batch_size)
+            scoring = (rows, _submit(pool, enricher, rows)) if rows else None
+            if pending is not None:
+                _write(db, enricher, stats, pending[0], _collect(pending[1]))
                 if should_stop():
                     stats.interrupted = True
                     break
-    finally:
-        reader.close()
+            if scoring is None:
+                break
+            pending = scoring
+
+
+def _write(
+    db: Database, enricher: SentimentEnricher, stats: RunStats, rows: list[tuple], decisions: list[tuple]
+) -> None:
+    changes, same = [], []
+    for row, decision in zip(rows, decisions, strict=True):
+        row_id, caption, label, polarity, subjectivity, language, source, skipped = row
+        s, lang, lang_source, why = decision
+        stats.sentiment[s.label if s else "unscored"] += 1
+        new = (s.label, s.polarity, s.subjectivity) if s else (None, None, None)
+        if (label, polarity, subjectivity, language, source, skipped) != (*new, lang, lang_source, why):
+            changes.append((row_id, *new, enricher.version, lang, lang_source, why))
+        else:
+            same.append(row_id)
+    with db.transaction() as cur:
+        if changes:
+            psycopg2.extras.execute_values(cur, _UPDATE_SQL, changes, template=_TEMPLATE, page_size=len(changes))
+        if same:
+            # Scored by this version too, with the same result: stamped (not read again by the next
+            # reenrich, and its score reused by runs), updated_at left alone (the data did not change).
+            cur.execute(_STAMP_SQL, (enricher.version, same))
+    stats.fetched += len(rows)
+    stats.updated += len(changes)
+    stats.unchanged += len(rows) - len(changes)
+    log.info("re-enriched %d posts so far, %d changed", stats.fetched, stats.updated)

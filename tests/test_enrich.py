@@ -129,3 +129,25 @@ def test_enrich_reuses_a_stored_score_only_for_the_same_caption():
     nul = Post("mock", "2", datetime(2024, 1, 1, tzinfo=timezone.utc), caption="great\x00 day")
     assert enricher.enrich(nul, ("great day", stored)).sentiment == stored  # compared as stored (no NUL)
     assert enricher.enrich(nul).sentiment == enricher.score("great day")  # and scored as stored
+
+
+def test_fast_scorer_gives_textblobs_scores_on_awkward_captions():
+    """etl/fastscore.py tokenizes word by word and caches lookups; on captions built to trip it (negations,
+    modifiers, '!', emoticons split by spaces, sarcasm marks, quotes, contractions, paragraph breaks, the
+    tokenizer's own end-of-sentence marker) its unrounded scores must be exactly TextBlob's analyzer's."""
+    import random
+
+    from etl.enrich import english_sentiment, fast_sentiment
+
+    pieces = (
+        "not", "never", "no", "n't", "very", "really", "extremely", "good", "bad", "great", "terribly", "happy",
+        "sad", "!", "!!", "(!)", "( ! )", ":)", ": )", ":-(", ":'(", "<3", "XD", "X D", "8-D", "\"quoted\"",
+        "'s", "isn't", "don't", "I'm", "Mr.", "U.S.", "etc.", "...", "well.", "\n\n", "\n", "END-OF-SENTENCE",
+        "a", "is", "the", "love", "hate", "amazing", "worst", "(", ")", "?", ",", "-", "wow", "so", "quite",
+    )  # fmt: skip
+    rng = random.Random(16)
+    captions = [" ".join(rng.choices(pieces, k=rng.randint(1, 14))) for _ in range(3000)]
+    captions += ["".join(rng.choices(pieces, k=rng.randint(1, 6))) for _ in range(1000)]  # no spaces between
+    analyzer, fast = english_sentiment(), fast_sentiment()
+    for caption in captions:
+        assert fast(caption) == tuple(analyzer(caption)[:2]), repr(caption)

@@ -146,6 +146,42 @@ def test_reenrich_rewrites_only_rows_whose_result_changed(db):
     assert (again.fetched, again.updated) == (0, 0)
 
 
+def test_reenrich_in_worker_processes_writes_what_one_process_writes(db):
+    """Scoring spread over worker processes (every core) must give the very rows scoring in-process gives,
+    batch boundaries, worker chunks and an interruption included."""
+    import os
+
+    from etl.enrich import SentimentEnricher
+    from etl.pipeline import RunStats
+    from etl.reenrich import reenrich
+
+    words = ["love", "terrible", "not bad", "great", "the bus", "very good!", "quite sad", "Der Hund ist sehr schön"]
+    rows = [(f"w{i}", f"{words[i % len(words)]} {words[(i * 7) % len(words)]} number {i}") for i in range(2500)]
+    with db.transaction() as cur:
+        cur.executemany(
+            "INSERT INTO social_posts (platform, post_id, caption, created_at) VALUES ('x', %s, %s, now())", rows
+        )
+    columns = "post_id, sentiment, sentiment_polarity, sentiment_subjectivity, language, language_source, sentiment_skipped"
+    enricher = SentimentEnricher(0.1)
+    stats = RunStats()
+    reenrich(db, enricher, stats, batch_size=700, workers=1)
+    in_process = query(db.dsn, f"SELECT {columns} FROM social_posts ORDER BY post_id")
+    with db.transaction() as cur:
+        cur.execute("UPDATE social_posts SET sentiment = NULL, sentiment_polarity = NULL, sentiment_subjectivity = NULL,"
+                    " language = NULL, language_source = NULL, sentiment_skipped = NULL, sentiment_version = NULL")
+
+    parent = os.getpid()
+    stops = iter([False, True])  # stopped after the second batch: two batches written, the rest left
+    stopped = RunStats()
+    reenrich(db, enricher, stopped, batch_size=700, workers=2, should_stop=lambda: next(stops))
+    assert stopped.interrupted and stopped.fetched == 1400
+    workers = RunStats()
+    reenrich(db, enricher, workers, batch_size=700, workers=2)
+    assert os.getpid() == parent and workers.fetched == 1100
+    assert query(db.dsn, f"SELECT {columns} FROM social_posts ORDER BY post_id") == in_process
+    assert stats.sentiment == stopped.sentiment + workers.sentiment
+
+
 def test_failed_images_are_healed_by_a_later_run_and_permanent_ones_left(listsrc, make_settings, db, tmp_path, http_server):
     http_server.routes["/flaky.png"] = Reply(status=503, body=b"down", content_type="text/plain")
     http_server.routes["/gone.png"] = Reply(status=404, body=b"gone", content_type="text/plain")

@@ -1,0 +1,146 @@
+"""TextBlob's pattern sentiment, the same scores with less work per caption (issue 16).
+
+TextBlob's analyzer tokenizes the whole caption with regular expressions, then walks the tokens building a dict
+per assessment and looking each word up in its lexicon several times. Here:
+- a caption is tokenized a whitespace-separated chunk at a time, each distinct chunk once (cached): captions
+  share most of their words;
+- each distinct word is looked up once (cached): known or not, its (polarity, subjectivity, intensity), whether
+  it modifies the next word, is a negation, an emoticon;
+- the walk over the tokens is TextBlob's own rules (textblob/_text.py Sentiment.assessments), on tuples.
+
+Chunk-wise tokenizing equals TextBlob's whole-caption tokenizing unless something crosses chunks: a paragraph
+break (it becomes an end-of-sentence token), the literal end-of-sentence marker, or an emoticon or sarcasm mark
+"( ! )" that TextBlob's tokenizer joins across spaces. Such a caption is scored by TextBlob's analyzer itself;
+tests/test_enrich.py checks both against TextBlob on many captions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+_CACHE_LIMIT = 200_000  # distinct chunks / words kept; cleared when full (memory stays flat)
+
+
+class FastSentiment:
+    """(polarity, subjectivity) of a cleaned caption, exactly as TextBlob's English analyzer gives them."""
+
+    def __init__(self, analyzer: Any, text_module: Any):
+        self.analyzer = analyzer  # etl.enrich.english_sentiment(): the lexicon, and the fallback
+        self.find_tokens: Callable[[str], list[str]] = analyzer.tokenizer
+        self.emoticons = text_module.RE_EMOTICONS
+        self.sarcasm = text_module.RE_SARCASM
+        self.eos = text_module.EOS
+        self.punctuation = text_module.PUNCTUATION
+        self.emoticon_table = [(p, {e.lower() for e in e_set}) for (_, p), e_set in text_module.EMOTICONS.items()]
+        self.negations = analyzer.negations
+        self.modifiers = analyzer.modifiers
+        self._chunks: dict[str, tuple[str, ...]] = {}
+        self._words: dict[str, tuple] = {}
+        if not dict.__len__(analyzer):
+            analyzer.load()
+
+    def _chunk_tokens(self, chunk: str) -> tuple[str, ...]:
+        tokens = self._chunks.get(chunk)
+        if tokens is None:
+            tokens = tuple(" ".join(self.find_tokens(chunk)).split())
+            if len(self._chunks) >= _CACHE_LIMIT:
+                self._chunks.clear()
+            self._chunks[chunk] = tokens
+        return tokens
+
+    def _word(self, w: str) -> tuple:
+        """What the walk needs of a (lowercased) word: (known, p, s, i, modifies, negation, len>2, strip>1,
+        endswith ly, emoticon polarity or None)."""
+        info = self._words.get(w)
+        if info is None:
+            entry = dict.get(self.analyzer, w)
+            if entry is not None and None in entry:
+                p, s, i = entry[None]
+                modifies = any(m in entry for m in self.modifiers)
+            else:
+                entry, p, s, i, modifies = None, 0.0, 0.0, 1.0, False
+            emoticon = None
+            if w.isalpha() is False and len(w) <= 5 and w not in self.punctuation:
+                for polarity, faces in self.emoticon_table:
+                    if w in faces:
+                        emoticon = polarity
+                        break
+            info = (
+                entry is not None, p, s, i, modifies, w in self.negations, len(w) > 2, len(w.strip("'")) > 1,
+                w.endswith("ly"), emoticon,
+            )  # fmt: skip
+            if len(self._words) >= _CACHE_LIMIT:
+                self._words.clear()
+            self._words[w] = info
+        return info
+
+    def tokens(self, text: str) -> list[str] | None:
+        """TextBlob's lowercased tokens of the caption, or None when only its own tokenizer gives them."""
+        if "\n" in text:
+            if "\n\n" in text.replace("\r\n", "\n"):
+                return None
+        if self.eos in text:
+            return None
+        tokens: list[str] = []
+        for chunk in text.split():
+            tokens.extend(self._chunk_tokens(chunk))
+        joined = " ".join(tokens)
+        # A match anywhere in the joined tokens is the only way TextBlob's per-sentence substitutions can differ.
+        if ("(" in joined and self.sarcasm.search(joined)) or self.emoticons.search(joined):
+            return None
+        return [t.lower() for t in tokens]
+
+    def __call__(self, text: str) -> tuple[float, float]:
+        tokens = self.tokens(text)
+        if tokens is None:
+            score = self.analyzer(text)
+            return score[0], score[1]
+        # TextBlob's Sentiment.assessments with pos=None and negation=True: [polarity, subjectivity, intensity, n]
+        a: list[list] = []
+        m = False  # a preceding modifier
+        n = None  # a preceding negation
+        m_word = ""
+        for w in tokens:
+            known, p, s, i, modifies, negation, longer2, stripped1, ly, emoticon = self._word(w)
+            if known:
+                if not m:
+                    a.append([p, s, i, 1])
+                else:
+                    last = a[-1]
+                    last[0] = max(-1.0, min(p * last[2], +1.0))
+                    last[1] = max(-1.0, min(s * last[2], +1.0))
+                    last[2] = i
+                if n is not None:
+                    last = a[-1]
+                    last[2] = 1.0 / last[2]
+                    last[3] = -1
+                m, n = False, None
+                if modifies:
+                    m, m_word = True, w
+                if negation:
+                    n = w
+            else:
+                if negation:
+                    n = w
+                elif n and stripped1:
+                    n = None
+                if n is not None and m and m_word.endswith("ly"):
+                    a[-1][3] = -1
+                    n = None
+                elif m and longer2:
+                    m = False
+                if w == "!" and len(a) > 0:
+                    a[-1][0] = max(-1.0, min(a[-1][0] * 1.25, +1.0))
+                if w == "(!)":
+                    a.append([0.0, 1.0, 1.0, 1])
+                if emoticon is not None:
+                    a.append([emoticon, 1.0, 1.0, 1])
+        if not a:
+            return 0.0, 0.0
+        ps = 0
+        ss = 0
+        for p, s, _, neg in a:
+            ps += p * -0.5 if neg < 0 else p
+            ss += s
+        return ps / float(len(a)), ss / float(len(a))
