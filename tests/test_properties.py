@@ -33,6 +33,14 @@ scalars = st.one_of(
 json_values = st.recursive(
     scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(nasty_text, inner, max_size=4), max_leaves=12
 )
+# What a valid record's `raw` may hold: JSON PostgreSQL accepts (no NaN or Infinity, which records refuse).
+finite_json = st.recursive(
+    st.one_of(
+        st.none(), st.booleans(), st.integers(min_value=-(10**20), max_value=10**20),
+        st.floats(allow_nan=False, allow_infinity=False), nasty_text,
+    ),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(nasty_text, inner, max_size=4), max_leaves=12,
+)  # fmt: skip
 dates = st.datetimes(timezones=st.none() | st.timezones())  # year 1 to 9999: offsets can push them out of range
 date_values = st.one_of(dates.map(datetime.isoformat), dates, nasty_text, st.integers())
 
@@ -91,7 +99,7 @@ valid_records = st.fixed_dictionaries(
         "permalink": st.none() | nasty_text,
         "image_urls": st.lists(nasty_text.filter(lambda s: s.replace("\x00", "").strip()), max_size=20),
     },
-    optional={"hashtags": st.lists(nasty_text, max_size=5), "raw": json_values},
+    optional={"hashtags": st.lists(nasty_text, max_size=5), "raw": finite_json},
 )
 
 
@@ -104,6 +112,28 @@ def test_valid_records_round_trip_through_post_to_dict(data):
     assert again == post
     assert post.platform == data["platform"]
     assert post.like_count == data.get("like_count")
+
+
+@settings(max_examples=100)
+@given(valid_records, json_values)
+def test_a_raw_holding_nan_or_infinity_is_refused_and_finite_json_kept(data, raw):
+    import math
+
+    def finite(value) -> bool:
+        if isinstance(value, float):
+            return math.isfinite(value)
+        if isinstance(value, list):
+            return all(finite(v) for v in value)
+        if isinstance(value, dict):
+            return all(finite(v) for v in value.values())
+        return True
+
+    record = {**data, "raw": raw}
+    if finite(raw):
+        post_from_dict(record, now=NOW)
+    else:
+        with pytest.raises(RecordError, match="NaN and Infinity"):
+            post_from_dict(record, now=NOW)
 
 
 # -- keys ---------------------------------------------------------------------------------------------
