@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
@@ -116,6 +117,8 @@ def test_valid_records_round_trip_through_post_to_dict(data):
 
 @settings(max_examples=100)
 @given(valid_records, json_values)
+@example({**valid_base()}, {"stats": [1, float("-inf")]})
+@example({**valid_base()}, float("nan"))
 def test_a_raw_holding_nan_or_infinity_is_refused_and_finite_json_kept(data, raw):
     import math
 
