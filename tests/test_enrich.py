@@ -129,3 +129,19 @@ def test_enrich_reuses_a_stored_score_only_for_the_same_caption():
     nul = Post("mock", "2", datetime(2024, 1, 1, tzinfo=timezone.utc), caption="great\x00 day")
     assert enricher.enrich(nul, ("great day", stored)).sentiment == stored  # compared as stored (no NUL)
     assert enricher.enrich(nul).sentiment == enricher.score("great day")  # and scored as stored
+
+
+def test_an_enricher_is_freed_when_dropped_not_at_the_next_full_garbage_collection():
+    """Each holds its own language model (about 75 MB): a reference cycle kept one per in-process run alive."""
+    import gc
+    import weakref
+
+    enricher = SentimentEnricher()
+    assert enricher.score("a lovely sunny day").label == "positive"
+    gone = weakref.ref(enricher)
+    gc.disable()
+    try:
+        del enricher
+        assert gone() is None
+    finally:
+        gc.enable()
