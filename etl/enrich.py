@@ -6,7 +6,7 @@ import importlib.util
 import re
 from collections.abc import Callable
 from dataclasses import replace
-from functools import lru_cache
+from functools import lru_cache, partial
 from importlib.metadata import version
 from pathlib import Path
 from types import ModuleType
@@ -85,32 +85,18 @@ class SentimentEnricher:
         # change can find what to re-score.
         detector = self.detector.version() if self.detector else "none"
         self.version = f"textblob-{version('textblob')}:pattern:en-only:{detector}:t={threshold:g}"
-        self._score = lru_cache(maxsize=4096)(self._score_text)
+        # The cache holds the threshold, not self: a cache of a bound method is a reference cycle, which kept
+        # every enricher (and its 75 MB language model) until a full garbage collection; a process that ran
+        # one Runner after another (the test suite: 1 GB) grew by one model a run.
+        self._score = lru_cache(maxsize=4096)(partial(_score_text, threshold))
 
     def label(self, polarity: float) -> str:
-        if polarity >= self.threshold and polarity > 0:
-            return "positive"
-        if polarity <= -self.threshold and polarity < 0:
-            return "negative"
-        return "neutral"
+        return _label(polarity, self.threshold)
 
     @staticmethod
     def cleaned(text: str) -> str:
         """The caption as scored: URLs and @mentions removed, '#' dropped."""
-        return _NOISE.sub(" ", text).replace("#", " ").strip()
-
-    def _score_text(self, text: str) -> Sentiment:
-        cleaned = self.cleaned(text)
-        if not cleaned:
-            return Sentiment(0.0, 0.0, "neutral")
-        # TextBlob(text).sentiment is PatternAnalyzer, which calls this same lexicon function but first builds
-        # a namedtuple class on every call (a fifth of a metadata-only run); calling it directly gives
-        # identical scores at about 3.5 times the speed.
-        # FastSentiment: the same lexicon and rules, each distinct word looked up once (etl/fastscore.py).
-        raw_polarity, raw_subjectivity = fast_sentiment()(cleaned)
-        # Labelled from the stored (rounded) polarity, so a row never disagrees with its own label.
-        polarity, subjectivity = round(float(raw_polarity), 6), round(float(raw_subjectivity), 6)
-        return Sentiment(polarity, subjectivity, self.label(polarity))
+        return _cleaned(text)
 
     def score(self, text: str | None) -> Sentiment:
         if not text or not text.strip():
@@ -153,3 +139,29 @@ class SentimentEnricher:
                     post, sentiment=stored[1], language=language, language_source=source, sentiment_skipped=skipped
                 )
         return self.decide(post, caption)
+
+
+def _cleaned(text: str) -> str:
+    return _NOISE.sub(" ", text).replace("#", " ").strip()
+
+
+def _label(polarity: float, threshold: float) -> str:
+    if polarity >= threshold and polarity > 0:
+        return "positive"
+    if polarity <= -threshold and polarity < 0:
+        return "negative"
+    return "neutral"
+
+
+def _score_text(threshold: float, text: str) -> Sentiment:
+    cleaned = _cleaned(text)
+    if not cleaned:
+        return Sentiment(0.0, 0.0, "neutral")
+    # TextBlob(text).sentiment is PatternAnalyzer, which calls this same lexicon function but first builds
+    # a namedtuple class on every call (a fifth of a metadata-only run); calling it directly gives
+    # identical scores at about 3.5 times the speed.
+    # FastSentiment: the same lexicon and rules, each distinct word looked up once (etl/fastscore.py).
+    raw_polarity, raw_subjectivity = fast_sentiment()(cleaned)
+    # Labelled from the stored (rounded) polarity, so a row never disagrees with its own label.
+    polarity, subjectivity = round(float(raw_polarity), 6), round(float(raw_subjectivity), 6)
+    return Sentiment(polarity, subjectivity, _label(polarity, threshold))

@@ -39,6 +39,10 @@ def find_similar(db: Database, platform: str, post_id: str, max_distance: int) -
         for row in cur.fetchall():
             sighting = dict(zip(names, row, strict=True))
             by_position[sighting.pop("image_position")]["sightings"].append(sighting)
+        for image in images:
+            # Exact copies first: image_sightings orders by distance, and a near duplicate (other bytes) can be
+            # at distance 0 too. A stable sort keeps the function's order within each kind.
+            image["sightings"].sort(key=lambda s: s["match"] != "exact")
         return {"author_username": post[0], "created_at": post[1], "images": images}
 
     result = db.run(read, what="looking up similar images")

@@ -327,7 +327,10 @@ def photo_like(seed: int, size: tuple[int, int] = (1600, 1200)) -> Image.Image:
         color = tuple(rng.randint(0, 255) for _ in range(3))
         (draw.ellipse if rng.random() < 0.5 else draw.rectangle)((x0, y0, x1, y1), fill=color)
     image = image.filter(ImageFilter.GaussianBlur(w / 200))
-    noise = Image.effect_noise(size, 18).convert("RGB")
+    # Sensor noise from the seeded rng (uniform over 97..159: a standard deviation of 18). Not Image.effect_noise:
+    # it draws from C's rand(), whose state depends on what ran before in the process, so the same seed gave
+    # another picture in a full suite run than alone (and, 1 time in 30, a resized copy at distance 0).
+    noise = Image.frombytes("L", size, rng.randbytes(w * h)).point(lambda v: 97 + v * 62 // 255).convert("RGB")
     return Image.blend(image, noise, 0.12)
 
 
@@ -438,6 +441,8 @@ def chromium(html_file: _Path, *, screenshot: _Path | None = None, probe: bool =
     finally:
         proxy.close()
     return result.stdout, page_requests(proxy.requests)
+
+
 # -- image bombs: tiny files that declare huge images -----------------------------------------------------
 
 
@@ -456,14 +461,29 @@ def webp_declaring(width: int, height: int, color: tuple[int, int, int] = (9, 99
     return bytes(body)
 
 
-# Runs a script (argv[1]) as __main__ and writes its peak resident memory to stderr as `peak-rss-kb N`.
+# Runs a script (argv[1]) as __main__ and writes its own peak resident memory to stderr as `peak-rss-kb N`.
+# Not getrusage's ru_maxrss: Linux carries the pre-exec memory into it (exec_mmap keeps the larger of the old and
+# new peaks), and a child forked or vforked from pytest starts as a copy of pytest, so late in a full suite run
+# ru_maxrss reported pytest's own 1.1-1.2 GB however little the child used. VmHWM is the peak of the process's
+# address space since its exec, which is the number we mean.
 PEAK_RSS_WRAPPER = """\
 import resource, runpy, sys
 sys.argv = sys.argv[1:]
+
+
+def peak_kb():
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):  # not Linux: ru_maxrss (kB on Linux, bytes on macOS)
+        maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return maxrss // 1024 if sys.platform == "darwin" else maxrss
+
+
 try:
     runpy.run_path(sys.argv[0], run_name="__main__")
 finally:
-    sys.stderr.write(f"peak-rss-kb {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}\\n")
+    sys.stderr.write(f"peak-rss-kb {peak_kb()}\\n")
 """
 
 
@@ -472,6 +492,8 @@ def peak_rss_mb(stderr: str) -> float:
     found = _re.findall(r"peak-rss-kb (\d+)", stderr)
     assert found, stderr[-2000:]
     return int(found[-1]) / 1024
+
+
 class DatabaseProxy:
     """A TCP proxy in front of the test PostgreSQL (TCP or a unix socket), so a test can cut the database away
     from a running process (`cut()`: every connection closed, new ones refused) and bring it back (`restore()`)."""
@@ -545,6 +567,8 @@ class DatabaseProxy:
 
     def close(self) -> None:
         self.cut()
+
+
 def run_in_pty(
     args: list[str], *, env: dict[str, str], cwd: _Path | str, feed: list[bytes] = (), delay: float = 0.0, timeout: float = 120
 ) -> tuple[int, str]:
@@ -589,6 +613,8 @@ def run_in_pty(
         reader.join(10)
         os.close(master)
     return proc.returncode, b"".join(chunks).decode("utf-8", "replace").replace("\r\n", "\n")
+
+
 # -- fake platform APIs served from recorded fixtures (bluesky, mastodon, reddit) ---------------------------
 
 

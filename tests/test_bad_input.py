@@ -20,7 +20,10 @@ from tests.support import Reply, png_bytes, record, write_jsonl
 def run_jsonl(make_settings, db, tmp_path: Path):
     def run(lines: list, **env: str) -> RunStats:
         path = write_jsonl(tmp_path / "input.jsonl", lines)
-        settings = make_settings(ETL_CONNECT_TIMEOUT="0.5", ETL_READ_TIMEOUT="0.5", ETL_HTTP_RETRIES="1", **env)
+        # Timeouts wide enough for a loaded CI machine: these runs fetch from the test's own server in this
+        # process, and 0.5 s (as before) was shorter than the stalls a 2-core machine shared by several test
+        # suites gives it; the loopback image then failed once. No test here waits for a timeout to expire.
+        settings = make_settings(ETL_CONNECT_TIMEOUT="10", ETL_READ_TIMEOUT="10", ETL_HTTP_RETRIES="1", **env)
         runner = Runner(settings, db=db, store=LocalStore(settings.objects_dir))
         return runner.execute(RunRequest(sources=["jsonl"], source_options={"jsonl": {"input": str(path)}}))
 

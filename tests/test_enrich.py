@@ -151,3 +151,19 @@ def test_fast_scorer_gives_textblobs_scores_on_awkward_captions():
     analyzer, fast = english_sentiment(), fast_sentiment()
     for caption in captions:
         assert fast(caption) == tuple(analyzer(caption)[:2]), repr(caption)
+
+
+def test_an_enricher_is_freed_when_dropped_not_at_the_next_full_garbage_collection():
+    """Each holds its own language model (about 75 MB): a reference cycle kept one per in-process run alive."""
+    import gc
+    import weakref
+
+    enricher = SentimentEnricher()
+    assert enricher.score("a lovely sunny day").label == "positive"
+    gone = weakref.ref(enricher)
+    gc.disable()
+    try:
+        del enricher
+        assert gone() is None
+    finally:
+        gc.enable()

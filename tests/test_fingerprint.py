@@ -188,3 +188,30 @@ def test_cron_wrapper_runs_the_fingerprint_stage_after_a_run_and_keeps_its_exit_
     log.unlink()
     subprocess.run([str(ROOT / "scripts" / "cron_run.sh"), "status"], env=env)
     assert "fingerprint" not in log.read_text()  # only after runs and backfills
+
+
+def test_exact_copies_come_before_a_near_duplicate_at_distance_zero(db):
+    """Other bytes, the same 64-bit hash: still a near duplicate, listed after the exact copies however old."""
+    from etl.similar import find_similar
+
+    with db.transaction() as cur:
+        cur.execute(
+            "INSERT INTO social_posts (platform, post_id, created_at) VALUES"
+            " ('alpha', 'orig', '2024-03-01'), ('alpha', 'copy', '2024-03-02'), ('beta', 'older', '2024-01-01')"
+        )
+        cur.execute(
+            "INSERT INTO post_media (platform, post_id, position, source_url, status, sha256, phash) VALUES"
+            " ('alpha', 'orig', 0, 'u', 'stored', 'aaa', 42), ('alpha', 'copy', 0, 'u', 'stored', 'aaa', 42),"
+            " ('beta', 'older', 0, 'u', 'stored', 'bbb', 42)"
+        )
+    sightings = find_similar(db, "alpha", "orig", DEFAULT)["images"][0]["sightings"]
+    assert [(s["match"], s["distance"], s["post_id"]) for s in sightings] == [("exact", 0, "copy"), ("near", 0, "older")]
+
+
+def test_photo_like_is_the_same_picture_whatever_ran_before():
+    """The tests' near-duplicate distances hold only if a seed always gives the same scene, in any test order."""
+    from PIL import Image
+
+    first = photo_like(3, (160, 120)).tobytes()
+    Image.effect_noise((64, 64), 30)  # moves C's rand(), as other tests' images do in a full run
+    assert photo_like(3, (160, 120)).tobytes() == first
