@@ -85,6 +85,13 @@ def collect(
         data["top_posts"] = _rows(cur)
         cur.execute("SELECT * FROM report_image_spread(%s, %s, %s, %s, %s)", (*a, top, max_distance))
         data["images"] = _rows(cur)
+        # Engagement grown over the last 7 days of snapshots (observed by the runs, sql/008), in this scope.
+        cur.execute(
+            "SELECT * FROM fastest_growing_posts(%s, 2147483647) WHERE likes_gained + comments_gained > 0"
+            " AND (%s::text IS NULL OR platform = %s) LIMIT %s",
+            (now - timedelta(days=7), scope.platform, scope.platform, top),
+        )
+        data["growing"] = _rows(cur)
         cur.execute("SELECT * FROM report_failed_images(%s, %s, %s)", a)
         data["failed"] = _rows(cur)
         cur.execute("SELECT * FROM report_runs ORDER BY id DESC LIMIT %s", (runs,))
@@ -309,6 +316,13 @@ def render(data: dict[str, Any], store: ObjectStore | None) -> str:
         data["images"], "sha256",
         {"image": lambda r: thumbnail(store, r["storage_key"]), "sha256": lambda r: f"<code>{_e(r['sha256'][:16])}…</code>"},
     )  # fmt: skip
+    growing = _table(
+        "growing_posts",
+        [("platform", "platform"), ("author_username", "account"), ("likes_gained", "likes gained"),
+         ("comments_gained", "comments gained"), ("like_count", "likes now"), ("comment_count", "comments now"),
+         ("since_observed_at", "from (UTC)"), ("last_observed_at", "to (UTC)")],
+        [{**r, "key": f"{r['platform']}:{r['post_id']}"} for r in data["growing"]], "key",
+    )  # fmt: skip
     failed = _table(
         "failed_images", [("reason", "reason"), ("permanent", "permanent"), ("images", "images"), ("platforms", "platforms")],
         [{**r, "key": f"{r['reason']}|{r['permanent']}"} for r in data["failed"]], "key",
@@ -348,6 +362,8 @@ before, in 24-hour windows; growth = (x + 1) / (mean + 1); at least {data['min_c
 <section><h2>Top posts by engagement</h2><p class="muted">engagement = likes + comments</p>{top_posts}</section>
 <section><h2>Images seen in the most posts</h2><p class="muted">groups of identical bytes (sha256), with the posts
 holding a near duplicate (64-bit difference hash within Hamming distance {data['max_distance']})</p>{images}</section>
+<section><h2>Fastest-growing posts</h2><p class="muted">likes and comments gained over the last 7 days, from the
+engagement snapshots the runs record</p>{growing}</section>
 <section><h2>Failed images by reason</h2>{failed}</section>
 <section><h2>Last runs</h2>{runs}</section>
 </main></body></html>

@@ -139,6 +139,33 @@ def test_report_numbers_equal_independent_sql(db, run_etl, archive):
     assert page.charts == ["posts_per_day", "sentiment_share", "share_of_voice", "top_hashtags", "rising_hashtags"]
 
 
+def test_report_lists_the_fastest_growing_posts_from_the_snapshots(db, run_etl, archive, http_server):
+    # A later run sees new counts for three posts (and the same counts for the rest): snapshots record the growth.
+    grown = {"p3": (21 + 40, 3 + 2), "p4": (28 + 5, 4), "p6": (42, 0 + 9)}
+    rows = []
+    for post_id, (likes, comments) in grown.items():
+        n = int(post_id[1:])
+        rows.append(record(platform="alpha" if n % 3 else "beta", post_id=post_id, author_username=f"user{n % 5}",
+                           caption="again", created_at=f"2024-03-0{1 + n % 4}T{n % 20:02d}:00:00Z",
+                           like_count=likes, comment_count=comments, image_urls=[], hashtags=None))  # fmt: skip
+    path = write_jsonl(archive / "later.jsonl", rows)
+    assert run_etl("run", "--source", "jsonl", "--input", str(path)).returncode == 0
+    out = archive / "report.html"
+    assert run_etl("report", "--out", str(out)).returncode == 0
+    page = Tables()
+    page.feed(out.read_text(encoding="utf-8"))
+    expected = query(
+        db.dsn,
+        "SELECT e.platform || ':' || e.post_id, max(e.like_count) - min(e.like_count), max(e.comment_count) - min(e.comment_count)"
+        " FROM post_engagement e GROUP BY e.platform, e.post_id HAVING count(*) > 1 ORDER BY 1",
+    )  # fmt: skip
+    got = sorted((k, _num(v["likes_gained"]), _num(v["comments_gained"])) for k, v in page.tables["growing_posts"].items())
+    assert got == [(k, float(a), float(b)) for k, a, b in expected]
+    assert [k for k, *_ in got] == ["alpha:p4", "beta:p3", "beta:p6"]
+    first = next(iter(page.tables["growing_posts"]))
+    assert first == "beta:p3"  # the most grown first (+42)
+
+
 def test_report_near_duplicates_of_top_groups_and_thumbnails(db, run_etl, archive):
     out = archive / "all.html"
     assert run_etl("report", "--out", str(out)).returncode == 0
