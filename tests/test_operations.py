@@ -390,16 +390,16 @@ def test_a_secret_in_a_source_error_never_reaches_the_ledger(make_settings, db, 
 def test_a_caption_seen_again_unchanged_keeps_its_score_without_scoring(listsrc, make_settings, db, tmp_path, monkeypatch):
     """Reruns and overlap windows bring back posts already scored: their captions are not scored again, unless
     the caption or the enricher (model, threshold) changed."""
-    from etl.enrich import SentimentEnricher
+    from etl import enrich
 
     scored: list[str] = []
-    original = SentimentEnricher._score_text
+    original = enrich._score_text  # what an enricher's cache calls on a miss (bound at its creation)
 
-    def counting(self: SentimentEnricher, text: str):
+    def counting(threshold: float, text: str):
         scored.append(text)
-        return original(self, text)
+        return original(threshold, text)
 
-    monkeypatch.setattr(SentimentEnricher, "_score_text", counting)
+    monkeypatch.setattr(enrich, "_score_text", counting)
     listsrc.posts = [make_post(i, T0 + timedelta(hours=i), caption=f"a lovely sunny day, walk number {i}") for i in range(5)]
 
     def run(**env: str) -> list[str]:
