@@ -823,3 +823,15 @@ def fetch_over_fake(source_cls: type, fake_cls: type, env: Callable[..., dict[st
             return list(source.fetch(FetchWindow()))
     finally:
         server.close()
+
+
+def start_etl(tmp_path: _Path, env: dict[str, str], *args: str):
+    """The real `python etl.py ARGS` as a child process (stdout and stderr piped), for tests that signal it."""
+    import subprocess
+    import sys
+
+    root = _Path(__file__).resolve().parent.parent
+    return subprocess.Popen(
+        [sys.executable, str(root / "etl.py"), *args],
+        env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip

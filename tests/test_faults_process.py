@@ -17,7 +17,7 @@ import psycopg2
 import pytest
 
 from tests.conftest import ROOT, query
-from tests.support import write_posts
+from tests.support import start_etl, write_posts
 
 pytestmark = pytest.mark.slow
 
@@ -35,13 +35,6 @@ def base_env(tmp_path: Path, dsn: str, **extra: str) -> dict[str, str]:
     }
     env.update(extra)
     return env
-
-
-def start_etl(tmp_path: Path, env: dict[str, str], *args: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, str(ROOT / "etl.py"), *args],
-        env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
 
 
 def import_to_completion(tmp_path: Path, env: dict[str, str], posts: Path) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT, query
-from tests.support import Reply, png_bytes
+from tests.support import Reply, png_bytes, start_etl
 
 pytestmark = pytest.mark.slow
 
@@ -32,13 +32,6 @@ def _env(tmp_path: Path, dsn: str, **extra: str) -> dict[str, str]:
     }
     env.update(extra)
     return env
-
-
-def _start(tmp_path: Path, env: dict[str, str], *args: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, str(ROOT / "etl.py"), *args],
-        env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
 
 
 def _two_posts(tmp_path: Path, http_server) -> Path:
@@ -66,7 +59,7 @@ def _wait_for(condition, timeout: float = 30) -> None:
 def test_sigterm_during_a_stalled_download(db, tmp_path, http_server):
     posts = _two_posts(tmp_path, http_server)
     env = _env(tmp_path, db.dsn)
-    proc = _start(tmp_path, env, "run", "--source", "jsonl", "--input", str(posts))
+    proc = start_etl(tmp_path, env, "run", "--source", "jsonl", "--input", str(posts))
     _wait_for(lambda: http_server.hits.get("/stall.png") and http_server.hits.get("/good.png"))
     time.sleep(0.5)  # the good image is stored meanwhile
     signalled = time.monotonic()
@@ -94,7 +87,7 @@ def test_sigterm_during_a_stalled_download(db, tmp_path, http_server):
 @pytest.mark.fault("a second SIGTERM stops the run at once, even while the grace runs")
 def test_second_sigterm_stops_at_once(db, tmp_path, http_server):
     posts = _two_posts(tmp_path, http_server)
-    proc = _start(tmp_path, _env(tmp_path, db.dsn, ETL_STOP_GRACE="60"), "run", "--source", "jsonl", "--input", str(posts))
+    proc = start_etl(tmp_path, _env(tmp_path, db.dsn, ETL_STOP_GRACE="60"), "run", "--source", "jsonl", "--input", str(posts))
     _wait_for(lambda: http_server.hits.get("/stall.png"))
     proc.send_signal(signal.SIGTERM)
     time.sleep(1.0)
@@ -121,7 +114,7 @@ def test_database_gone_for_good_bounds_the_wait_and_names_the_batch(db, tmp_path
                     "image_urls": [http_server.url(f"/img/{i}.png")],
                 }) + "\n")  # fmt: skip
         env = _env(tmp_path, proxy.dsn, ETL_BATCH_SIZE="10", ETL_CONCURRENCY="2", ETL_DB_RECONNECT_SECONDS="3")
-        proc = _start(tmp_path, env, "run", "--source", "jsonl", "--input", str(path))
+        proc = start_etl(tmp_path, env, "run", "--source", "jsonl", "--input", str(path))
         _wait_for(lambda: query(db.dsn, "SELECT count(*) FROM social_posts")[0][0] >= 10)
         proxy.cut()
         cut_at = time.monotonic()
