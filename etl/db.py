@@ -461,9 +461,7 @@ UPSERT_POSTS_SQL = (
     + " RETURNING (xmax = 0) AS inserted"
 )
 # Counted in the server: one row back per batch instead of one per post.
-_UPSERT_POSTS_COUNTED_SQL = (
-    f"WITH up AS ({UPSERT_POSTS_SQL}) SELECT count(*) FILTER (WHERE inserted), count(*) FROM up"
-)
+_UPSERT_POSTS_COUNTED_SQL = f"WITH up AS ({UPSERT_POSTS_SQL}) SELECT count(*) FILTER (WHERE inserted), count(*) FROM up"
 
 
 def _post_row(post: Post, first_image_url: str | None, sentiment_version: str | None) -> tuple[Any, ...]:
@@ -615,6 +613,21 @@ def record_engagement(cur: psycopg2.extensions.cursor, posts: Sequence[Post]) ->
             [p.like_count for p in latest.values()],
             [p.comment_count for p in latest.values()],
         ),
+    )
+    return cur.rowcount
+
+
+def record_staged_engagement(cur: psycopg2.extensions.cursor) -> int:
+    """record_engagement for the batch upsert_posts just staged, in the same transaction: the counts are
+    read from the staging table, not sent again."""
+    cur.execute(
+        "INSERT INTO post_engagement (platform, post_id, like_count, comment_count)"
+        f" SELECT v.platform, v.post_id, v.like_count, v.comment_count FROM {_POST_STAGE} v"
+        " LEFT JOIN LATERAL (SELECT e.like_count, e.comment_count FROM post_engagement e"
+        "  WHERE e.platform = v.platform AND e.post_id = v.post_id ORDER BY e.observed_at DESC LIMIT 1) prev ON true"
+        " WHERE (v.like_count IS NOT NULL OR v.comment_count IS NOT NULL)"
+        " AND (prev.like_count, prev.comment_count) IS DISTINCT FROM (v.like_count, v.comment_count)"
+        " ON CONFLICT DO NOTHING"
     )
     return cur.rowcount
 
