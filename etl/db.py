@@ -24,7 +24,7 @@ import psycopg2.extras
 from etl.config import Settings, mask_url_password
 from etl.errors import ConfigError, LoadError, LockedError, ServiceUnavailable
 from etl.records import Media, Post, Sentiment, clean_json, clean_text
-from etl.staging import stage
+from etl.staging import copy_rows, stage_sql
 
 log = logging.getLogger(__name__)
 SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
@@ -450,6 +450,9 @@ _POST_MUTABLE = (
 )  # fmt: skip
 
 _POST_STAGE = "social_posts_stage"  # a temporary table, see etl/staging.py
+_STAGE_POSTS_SQLS = stage_sql(_POST_STAGE, "social_posts", _POST_COLUMNS)
+_STAGE_POSTS_PREPARE_SQL = _STAGE_POSTS_SQLS[0]  # create the table if need be, and empty it
+_STAGE_POSTS_COPY_SQL = _STAGE_POSTS_SQLS[1]
 UPSERT_POSTS_SQL = (
     f"INSERT INTO social_posts AS p ({', '.join(_POST_COLUMNS)}) SELECT {', '.join(_POST_COLUMNS)} FROM {_POST_STAGE}"
     " ON CONFLICT (platform, post_id) DO UPDATE SET "
@@ -509,7 +512,8 @@ def upsert_posts(
     rows = [_post_row(p, urls.get(k) or urls.get((p.platform, p.post_id)), sentiment_version) for k, p in latest.items()]
     # COPY into the staging table, then one INSERT ... ON CONFLICT from it. A row the database refuses
     # raises psycopg2's error (in the COPY or the INSERT); Database.run turns it into DataRefused.
-    stage(cur, _POST_STAGE, "social_posts", _POST_COLUMNS, rows)
+    cur.execute(_STAGE_POSTS_PREPARE_SQL)
+    copy_rows(cur, _STAGE_POSTS_COPY_SQL, rows)
     cur.execute(_UPSERT_POSTS_COUNTED_SQL)
     inserted, written = cur.fetchone()
     return UpsertCounts(inserted=inserted, updated=written - inserted, unchanged=len(rows) - written)
@@ -617,18 +621,21 @@ def record_engagement(cur: psycopg2.extensions.cursor, posts: Sequence[Post]) ->
     return cur.rowcount
 
 
+STAGED_ENGAGEMENT_SQL = (
+    "INSERT INTO post_engagement (platform, post_id, like_count, comment_count)"
+    f" SELECT v.platform, v.post_id, v.like_count, v.comment_count FROM {_POST_STAGE} v"
+    " LEFT JOIN LATERAL (SELECT e.like_count, e.comment_count FROM post_engagement e"
+    "  WHERE e.platform = v.platform AND e.post_id = v.post_id ORDER BY e.observed_at DESC LIMIT 1) prev ON true"
+    " WHERE (v.like_count IS NOT NULL OR v.comment_count IS NOT NULL)"
+    " AND (prev.like_count, prev.comment_count) IS DISTINCT FROM (v.like_count, v.comment_count)"
+    " ON CONFLICT DO NOTHING"
+)
+
+
 def record_staged_engagement(cur: psycopg2.extensions.cursor) -> int:
     """record_engagement for the batch upsert_posts just staged, in the same transaction: the counts are
     read from the staging table, not sent again."""
-    cur.execute(
-        "INSERT INTO post_engagement (platform, post_id, like_count, comment_count)"
-        f" SELECT v.platform, v.post_id, v.like_count, v.comment_count FROM {_POST_STAGE} v"
-        " LEFT JOIN LATERAL (SELECT e.like_count, e.comment_count FROM post_engagement e"
-        "  WHERE e.platform = v.platform AND e.post_id = v.post_id ORDER BY e.observed_at DESC LIMIT 1) prev ON true"
-        " WHERE (v.like_count IS NOT NULL OR v.comment_count IS NOT NULL)"
-        " AND (prev.like_count, prev.comment_count) IS DISTINCT FROM (v.like_count, v.comment_count)"
-        " ON CONFLICT DO NOTHING"
-    )
+    cur.execute(STAGED_ENGAGEMENT_SQL)
     return cur.rowcount
 
 

@@ -46,20 +46,24 @@ def copy_value(value: Any) -> str:
     return _text(str(value))
 
 
-def stage(
-    cur: psycopg2.extensions.cursor, table: str, like: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]
-) -> None:
-    """Fill the temporary table `table` (columns typed as those of `like`) with `rows`, by one COPY.
+def stage_sql(table: str, like: str, columns: Sequence[str]) -> tuple[str, str]:
+    """The two statements that stage rows for a temporary table `table` typed as `like`'s `columns`, built once at
+    import into module constants: (create it if need be and empty it, COPY into it).
 
     The table lives as long as the connection and is emptied at each commit (and by a rollback, which
     takes back the COPY), so it holds exactly this transaction's rows; it is created on first use and
     again after a reconnect."""
     cols = ", ".join(columns)
-    cur.execute(
+    prepare = (
         f"CREATE TEMP TABLE IF NOT EXISTS {table} ON COMMIT DELETE ROWS AS SELECT {cols} FROM {like} WITH NO DATA;"
         f" DELETE FROM {table}"
     )
+    return prepare, f"COPY {table} ({cols}) FROM STDIN"
+
+
+def copy_rows(cur: psycopg2.extensions.cursor, copy: str, rows: Iterable[Sequence[Any]]) -> None:
+    """Send `rows` by one COPY (`copy`, the second statement of stage_sql(), run after the first)."""
     buf = io.StringIO()
     buf.writelines("\t".join([copy_value(v) for v in row]) + "\n" for row in rows)
     buf.seek(0)
-    cur.copy_expert(f"COPY {table} ({cols}) FROM STDIN", buf)
+    cur.copy_expert(copy, buf)
