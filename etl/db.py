@@ -24,6 +24,7 @@ import psycopg2.extras
 from etl.config import Settings, mask_url_password
 from etl.errors import ConfigError, LoadError, LockedError, ServiceUnavailable
 from etl.records import Media, Post, Sentiment, clean_json, clean_text
+from etl.staging import copy_rows, stage_sql
 
 log = logging.getLogger(__name__)
 SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
@@ -448,8 +449,12 @@ _POST_MUTABLE = (
     "language_source", "sentiment_skipped",
 )  # fmt: skip
 
+_POST_STAGE = "social_posts_stage"  # a temporary table, see etl/staging.py
+_STAGE_POSTS_SQLS = stage_sql(_POST_STAGE, "social_posts", _POST_COLUMNS)
+_STAGE_POSTS_PREPARE_SQL = _STAGE_POSTS_SQLS[0]  # create the table if need be, and empty it
+_STAGE_POSTS_COPY_SQL = _STAGE_POSTS_SQLS[1]
 UPSERT_POSTS_SQL = (
-    f"INSERT INTO social_posts AS p ({', '.join(_POST_COLUMNS)}) VALUES %s"
+    f"INSERT INTO social_posts AS p ({', '.join(_POST_COLUMNS)}) SELECT {', '.join(_POST_COLUMNS)} FROM {_POST_STAGE}"
     " ON CONFLICT (platform, post_id) DO UPDATE SET "
     + ", ".join(f"{c} = EXCLUDED.{c}" for c in _POST_MUTABLE)
     + ", raw = EXCLUDED.raw, image_s3_url = COALESCE(EXCLUDED.image_s3_url, p.image_s3_url), updated_at = now()"
@@ -458,6 +463,8 @@ UPSERT_POSTS_SQL = (
     + " COALESCE(EXCLUDED.image_s3_url, p.image_s3_url))"
     + " RETURNING (xmax = 0) AS inserted"
 )
+# Counted in the server: one row back per batch instead of one per post.
+_UPSERT_POSTS_COUNTED_SQL = f"WITH up AS ({UPSERT_POSTS_SQL}) SELECT count(*) FILTER (WHERE inserted), count(*) FROM up"
 
 
 def _post_row(post: Post, first_image_url: str | None, sentiment_version: str | None) -> tuple[Any, ...]:
@@ -476,7 +483,7 @@ def _post_row(post: Post, first_image_url: str | None, sentiment_version: str | 
         post.comment_count,
         clean_text(post.permalink),
         [clean_text(t) for t in post.hashtags],
-        _adapt_json(clean_json(post.raw)) if post.raw is not None else None,
+        json.dumps(clean_json(post.raw), ensure_ascii=False, default=str) if post.raw is not None else None,
         post.created_at,
         post.caption_truncated,
         post.language,
@@ -503,11 +510,13 @@ def upsert_posts(
         return UpsertCounts()
     urls = first_image_urls or {}
     rows = [_post_row(p, urls.get(k) or urls.get((p.platform, p.post_id)), sentiment_version) for k, p in latest.items()]
-    # A row the database refuses raises psycopg2's error; Database.run turns it into DataRefused.
-    results = psycopg2.extras.execute_values(cur, UPSERT_POSTS_SQL, rows, page_size=len(rows), fetch=True)
-    inserted = sum(1 for (was_insert,) in results if was_insert)
-    updated = len(results) - inserted
-    return UpsertCounts(inserted=inserted, updated=updated, unchanged=len(rows) - inserted - updated)
+    # COPY into the staging table, then one INSERT ... ON CONFLICT from it. A row the database refuses
+    # raises psycopg2's error (in the COPY or the INSERT); Database.run turns it into DataRefused.
+    cur.execute(_STAGE_POSTS_PREPARE_SQL)
+    copy_rows(cur, _STAGE_POSTS_COPY_SQL, rows)
+    cur.execute(_UPSERT_POSTS_COUNTED_SQL)
+    inserted, written = cur.fetchone()
+    return UpsertCounts(inserted=inserted, updated=written - inserted, unchanged=len(rows) - written)
 
 
 UPSERT_MEDIA_SQL = (
@@ -609,6 +618,24 @@ def record_engagement(cur: psycopg2.extensions.cursor, posts: Sequence[Post]) ->
             [p.comment_count for p in latest.values()],
         ),
     )
+    return cur.rowcount
+
+
+STAGED_ENGAGEMENT_SQL = (
+    "INSERT INTO post_engagement (platform, post_id, like_count, comment_count)"
+    f" SELECT v.platform, v.post_id, v.like_count, v.comment_count FROM {_POST_STAGE} v"
+    " LEFT JOIN LATERAL (SELECT e.like_count, e.comment_count FROM post_engagement e"
+    "  WHERE e.platform = v.platform AND e.post_id = v.post_id ORDER BY e.observed_at DESC LIMIT 1) prev ON true"
+    " WHERE (v.like_count IS NOT NULL OR v.comment_count IS NOT NULL)"
+    " AND (prev.like_count, prev.comment_count) IS DISTINCT FROM (v.like_count, v.comment_count)"
+    " ON CONFLICT DO NOTHING"
+)
+
+
+def record_staged_engagement(cur: psycopg2.extensions.cursor) -> int:
+    """record_engagement for the batch upsert_posts just staged, in the same transaction: the counts are
+    read from the staging table, not sent again."""
+    cur.execute(STAGED_ENGAGEMENT_SQL)
     return cur.rowcount
 
 

@@ -445,7 +445,7 @@ class Archiver:
         def load(cur: Any) -> dbm.UpsertCounts:
             counts = dbm.upsert_posts(cur, posts, first_image_urls=first_urls, sentiment_version=self.enricher.version)
             dbm.upsert_media(cur, rows)
-            counts.snapshots = dbm.record_engagement(cur, posts)
+            counts.snapshots = dbm.record_staged_engagement(cur) if posts else 0
             return counts
 
         try:

@@ -199,3 +199,37 @@ def test_known_media_lists_stored_and_permanently_failed_images_of_the_asked_pos
         assert dbm.known_media(cur, []) == ({}, {})
     assert known == {("mock", "1", 0): ("mock/2024/05/01/1/0.png", "file:///objects/mock/2024/05/01/1/0.png")}
     assert hopeless == {("mock", "1", 2): "https://e.com/gone.png"}
+
+
+@pytest.mark.badinput("text that COPY's format escapes (tabs, newlines, backslashes, \\N, quotes, braces) is stored as sent")
+def test_staged_copy_keeps_awkward_text_exactly(db):
+    awkward = 'tab\there\nnew line\r\\N back\\slash "quoted" {braced,comma} NULL \\t'
+    tags = ("a,b", 'q"uote', "back\\slash", "{x}", "NULL", "sp ace", "tab\tin")
+    raw = {"text": awkward, "nested": [awkward, None, 1.5], "k\\ey": "v"}
+    counts = upsert(db, [post("id\twith\\tab", caption=awkward, author_username=awkward, hashtags=tags, raw=raw)])
+    assert (counts.inserted, counts.updated, counts.unchanged) == (1, 0, 0)
+    assert rows(db, "SELECT post_id, caption, author_username, hashtags, raw FROM social_posts") == [
+        ("id\twith\\tab", awkward, awkward, list(tags), raw)
+    ]
+    # Sent again unchanged: compared with what was stored, nothing differs.
+    counts = upsert(db, [post("id\twith\\tab", caption=awkward, author_username=awkward, hashtags=tags, raw=raw)])
+    assert (counts.inserted, counts.updated, counts.unchanged) == (0, 0, 1)
+
+
+def test_engagement_snapshots_follow_the_staged_batch(db):
+
+    def load(posts):
+        with db.transaction() as cur:
+            counts = dbm.upsert_posts(cur, posts, sentiment_version=ENRICHER.version)
+            return counts, dbm.record_staged_engagement(cur)
+
+    # Duplicates in a batch: the last wins, one snapshot. A post without counts takes none.
+    _, snaps = load([post("1", like_count=3), post("1", like_count=5), post("2", like_count=None, comment_count=None)])
+    assert snaps == 1
+    _, snaps = load([post("1", like_count=5), post("2", like_count=None, comment_count=None)])  # unchanged
+    assert snaps == 0
+    counts, snaps = load([post("1", like_count=6), post("3", like_count=1)])
+    assert (counts.inserted, counts.updated, snaps) == (1, 1, 2)
+    assert rows(db, "SELECT post_id, like_count FROM post_engagement ORDER BY post_id, like_count") == [
+        ("1", 5), ("1", 6), ("3", 1)
+    ]  # fmt: skip
