@@ -93,7 +93,7 @@ class UpsertCounts:
     inserted: int = 0
     updated: int = 0
     unchanged: int = 0
-    snapshots: int = 0  # engagement snapshots written (record_engagement)
+    snapshots: int = 0  # engagement snapshots written (record_staged_engagement)
 
 
 class Database:
@@ -593,34 +593,6 @@ def stored_sentiments(
     }
 
 
-def record_engagement(cur: psycopg2.extensions.cursor, posts: Sequence[Post]) -> int:
-    """Snapshot the counts of these posts where they differ from the post's latest snapshot (or it has none):
-    one statement per batch, unchanged counts write nothing. Returns how many snapshots were written."""
-    latest: dict[tuple[str, str], Post] = {}
-    for post in posts:
-        if post.like_count is not None or post.comment_count is not None:
-            latest[(post.platform, clean_text(post.post_id))] = post
-    if not latest:
-        return 0
-    cur.execute(
-        "INSERT INTO post_engagement (platform, post_id, like_count, comment_count)"
-        " SELECT v.platform, v.post_id, v.likes, v.comments"
-        " FROM unnest(%s::text[], %s::text[], %s::bigint[], %s::bigint[]) AS v(platform, post_id, likes, comments)"
-        " JOIN social_posts p ON p.platform = v.platform AND p.post_id = v.post_id"
-        " LEFT JOIN LATERAL (SELECT e.like_count, e.comment_count FROM post_engagement e"
-        "  WHERE e.platform = v.platform AND e.post_id = v.post_id ORDER BY e.observed_at DESC LIMIT 1) prev ON true"
-        " WHERE (prev.like_count, prev.comment_count) IS DISTINCT FROM (v.likes, v.comments)"
-        " ON CONFLICT DO NOTHING",
-        (
-            [k[0] for k in latest],
-            [k[1] for k in latest],
-            [p.like_count for p in latest.values()],
-            [p.comment_count for p in latest.values()],
-        ),
-    )
-    return cur.rowcount
-
-
 STAGED_ENGAGEMENT_SQL = (
     "INSERT INTO post_engagement (platform, post_id, like_count, comment_count)"
     f" SELECT v.platform, v.post_id, v.like_count, v.comment_count FROM {_POST_STAGE} v"
@@ -633,8 +605,9 @@ STAGED_ENGAGEMENT_SQL = (
 
 
 def record_staged_engagement(cur: psycopg2.extensions.cursor) -> int:
-    """record_engagement for the batch upsert_posts just staged, in the same transaction: the counts are
-    read from the staging table, not sent again."""
+    """Snapshot the counts of the batch upsert_posts just staged (same transaction, read from the staging table)
+    where they differ from each post's latest snapshot, or it has none; unchanged counts write nothing. Returns
+    how many snapshots were written."""
     cur.execute(STAGED_ENGAGEMENT_SQL)
     return cur.rowcount
 
