@@ -67,6 +67,8 @@ def prepare(settings: Settings | None = None) -> dict[str, Any]:
     A configuration error raises ConfigError here, before any shard starts.
     """
     settings = settings or settings_from_environment()
+    if not settings.sources:
+        raise ConfigError("ETL_SOURCES is not set: the workers need the list of sources to archive")
     sources = build_sources(settings, RunRequest(sources=list(settings.sources)))
     db, _ = open_services(settings)
     db.close()
