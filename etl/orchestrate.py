@@ -48,14 +48,15 @@ def default_shards() -> int:
 
 
 def parse_date(text: str) -> datetime:
-    """YYYY-MM-DD or ISO 8601; naive means UTC; ConfigError naming the value otherwise."""
+    """YYYY-MM-DD or ISO 8601 (naive means UTC), as on the command line; ConfigError naming the value otherwise."""
+    import argparse
+
+    from etl.cli import parse_date as parse_cli_date
+
     try:
-        parsed = datetime.fromisoformat(str(text).strip().replace("Z", "+00:00"))
-    except ValueError:
-        raise ConfigError(f"{text!r} is not a date (YYYY-MM-DD or ISO 8601)") from None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
-
-
+        return parse_cli_date(str(text))
+    except argparse.ArgumentTypeError as exc:
+        raise ConfigError(str(exc)) from None
 def settings_from_environment() -> Settings:
     """The workers' settings: their environment and a .env in the working directory, as for cron."""
     return load_settings(None, dotenv_path=".env")

@@ -835,3 +835,18 @@ def start_etl(tmp_path: _Path, env: dict[str, str], *args: str):
         [sys.executable, str(root / "etl.py"), *args],
         env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
+
+
+def process_env(tmp_path: _Path, dsn: str, **extra: str) -> dict[str, str]:
+    """The environment of a real etl.py child: the test database, a data dir under tmp_path, loopback images."""
+    import os
+
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "HOME": str(tmp_path),
+        "DATABASE_URL": dsn,
+        "ETL_DATA_DIR": str(tmp_path / "data"),
+        "ETL_ALLOW_PRIVATE_HOSTS": "true",
+    }
+    env.update(extra)
+    return env

@@ -17,24 +17,13 @@ import psycopg2
 import pytest
 
 from tests.conftest import ROOT, query
-from tests.support import start_etl, write_posts
+from tests.support import process_env, start_etl, write_posts
 
 pytestmark = pytest.mark.slow
 
 
 def base_env(tmp_path: Path, dsn: str, **extra: str) -> dict[str, str]:
-    env = {
-        "PATH": os.environ.get("PATH", ""),
-        "HOME": str(tmp_path),
-        "DATABASE_URL": dsn,
-        "ETL_DATA_DIR": str(tmp_path / "data"),
-        "ETL_ALLOW_PRIVATE_HOSTS": "true",
-        "ETL_BATCH_SIZE": "10",
-        "ETL_CONCURRENCY": "4",
-        "ETL_RETRY_MAX_WAIT": "0.2",
-    }
-    env.update(extra)
-    return env
+    return process_env(tmp_path, dsn, **{"ETL_BATCH_SIZE": "10", "ETL_CONCURRENCY": "4", "ETL_RETRY_MAX_WAIT": "0.2", **extra})
 
 
 def import_to_completion(tmp_path: Path, env: dict[str, str], posts: Path) -> None:

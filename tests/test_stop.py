@@ -4,7 +4,6 @@ SIGTERM stops at once. A database that stays away: a bounded wait, then the batc
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -14,24 +13,18 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT, query
-from tests.support import Reply, png_bytes, start_etl
+from tests.support import Reply, png_bytes, process_env, start_etl
 
 pytestmark = pytest.mark.slow
 
 
 def _env(tmp_path: Path, dsn: str, **extra: str) -> dict[str, str]:
-    env = {
-        "PATH": os.environ.get("PATH", ""),
-        "HOME": str(tmp_path),
-        "DATABASE_URL": dsn,
-        "ETL_DATA_DIR": str(tmp_path / "data"),
-        "ETL_ALLOW_PRIVATE_HOSTS": "true",
+    return process_env(tmp_path, dsn, **{
         "ETL_READ_TIMEOUT": "120",  # the stalled download stays stalled while the test watches
         "ETL_STOP_GRACE": "1",
         "ETL_IMAGE_RETRY_BACKOFF_MINUTES": "0",
-    }
-    env.update(extra)
-    return env
+        **extra,
+    })  # fmt: skip
 
 
 def _two_posts(tmp_path: Path, http_server) -> Path:
