@@ -27,7 +27,7 @@ from etl.records import Media, Post, Sentiment, clean_json, clean_text
 from etl.staging import copy_rows, stage_sql
 
 log = logging.getLogger(__name__)
-SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
+SQL_DIR = Path(__file__).resolve().parents[2] / "sql"
 _MIGRATION_RE = re.compile(r"^(\d+)_[\w-]+\.sql$")
 _RUN_COUNTS = (
     "posts_fetched", "posts_inserted", "posts_updated", "posts_unchanged", "posts_rejected",
