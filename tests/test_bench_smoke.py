@@ -30,6 +30,7 @@ def test_bench_quick_runs_and_prints_the_table(tmp_path):
     assert "\nimages " not in summary
 
 
+@pytest.mark.badinput("make bench ARGS=\"--only\" with a mistyped scenario: exit 2 naming it and the valid names")
 def test_bench_refuses_an_unknown_scenario(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "scripts.bench", "--only", "images,nonesuch"],
