@@ -1,6 +1,6 @@
 # make run   - set up .venv and run the archiver on embedded defaults (mock source, embedded PostgreSQL, local store)
 # make test  - set up .venv with the test tools and run the whole suite
-# make bench - throughput benchmark (starts its own services)
+# make bench - the benchmark, side by side with gallery-dl and dlt (starts its own services; scripts/bench/)
 # make lint  - ruff
 # make reliability - rewrite README's Reliability section from the last `make test` report
 
@@ -60,11 +60,8 @@ $(VENV)/.bench: requirements-bench.txt | $(VENV)/.dev
 	$(PY) -m pip install --quiet -r requirements-bench.txt
 	@touch $@
 
-bench: $(VENV)/.dev $(VENV)/.bench
-	$(PY) scripts/bench.py $(ARGS)
-	$(PY) scripts/bench_peers.py $(PEERS_ARGS)
-	$(PY) scripts/bench_insights.py $(INSIGHTS_ARGS)
-	$(PY) scripts/bench_scaleout.py $(SCALEOUT_ARGS)
+bench: $(VENV)/.dev $(VENV)/.bench  # every scenario, side by side with the peers; ARGS="--only images,metadata"
+	$(PY) -m scripts.bench $(ARGS)
 
 lint: $(VENV)/.dev
 	$(PY) -m ruff check etl tests scripts dags etl.py

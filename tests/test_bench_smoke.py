@@ -1,4 +1,4 @@
-"""The benchmark runs end to end and prints its table (its figures are read by people, not asserted here)."""
+"""The benchmark runs end to end and prints its tables (its figures are read by people, not asserted here)."""
 
 from __future__ import annotations
 
@@ -13,11 +13,28 @@ from tests.conftest import ROOT
 @pytest.mark.slow
 def test_bench_quick_runs_and_prints_the_table(tmp_path):
     result = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "bench.py"), "--quick", "--no-profile"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=240,
+        [sys.executable, str(ROOT / "scripts" / "bench"), "--quick", "--only", "ceiling,growth"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    for line in ("ours: etl.py run", "S3 ceiling", "serial baseline", "rerun, nothing new", "ours / S3 ceiling"):
-        assert line in result.stdout
-    assert "0 image requests, 0 PUTs" in result.stdout
-    assert "every service stopped" in result.stdout + result.stderr
+    out = result.stdout
+    for line in ("ours: etl.py run, median of 2", "S3 ceiling, median of 3", "serial baseline", "rerun, nothing new",
+                 "ours / S3 ceiling (median of 2)", "what separates this from a benchmark", "ours: 10,000 posts",
+                 "peak RSS at 10,000", "Summary: every target"):  # fmt: skip
+        assert line in out, line
+    assert "0 image requests, 0 PUTs" in out
+    assert "every service stopped" in out + result.stderr
+    # The summary repeats every target of each scenario that ran, and no other scenario.
+    summary = out.split("Summary: every target", 1)[1]
+    assert summary.count("\nceiling ") == 4 and summary.count("\ngrowth ") == 2
+    assert "\nimages " not in summary
+
+
+@pytest.mark.badinput("make bench ARGS=\"--only\" with a mistyped scenario: exit 2 naming it and the valid names")
+def test_bench_refuses_an_unknown_scenario(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "scripts.bench", "--only", "images,nonesuch"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "unknown scenario nonesuch" in result.stderr

@@ -1,6 +1,7 @@
 """An S3 endpoint for the benchmark: moto's server app, in a process of its own, counting the requests it serves.
 
-Run by scripts/bench.py as `python scripts/bench_moto.py --port 0`; it prints `PORT <n>` once listening.
+Run by scripts/bench/services.py as `python scripts/bench/moto_server.py --port 0`; it prints `PORT <n>` once
+listening.
 `GET /_bench/counts` answers {"total": n, "PUT": n, "GET": n, ...} (requests by method, that one excluded).
 The same app as `moto_server`, less its per-request access log (which only costs CPU on both sides of the
 comparison).

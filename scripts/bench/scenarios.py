@@ -1,0 +1,781 @@
+"""The scenarios of `make bench`: each measures one path on the shared services and returns a report.Result.
+
+images    ours vs gallery-dl (as shipped, and 16 processes), local store; rerun with nothing new
+ceiling   ours vs the S3 endpoint's own ceiling (median of rounds), a naive serial archiver, rerun (0 GETs, 0 PUTs)
+metadata  ours vs dlt (merge; insert_values and csv loaders), first load and rerun
+reenrich  every stored post re-scored
+memory    peak RSS, 100,000 vs 10,000 posts (metadata only)
+growth    1,000,000 vs 20,000 posts (metadata only): rate and peak RSS
+scaleout  1, 2 and 4 shards of one run as parallel workers
+export    etl.py export of 1,000,000 posts; pyarrow vs DuckDB as writers
+insights  similar, trends and report over 1,000,000 posts
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import re
+import statistics
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from scripts import profile_summary
+from scripts.bench import peers
+from scripts.bench.measure import (
+    EtlRun,
+    Runner,
+    check_files,
+    check_stored,
+    count_rows,
+    cpu_meter,
+    default_concurrency,
+    files_written_since,
+    load_note,
+    sql_one,
+    stored_images,
+    timed,
+)
+from scripts.bench.report import Figure, Result, Target, rate, ratio
+from scripts.bench.services import BASELINE_BUCKET, CEILING_BUCKET, FeedHost, Services, s3_client
+from scripts.bench.workload import (
+    EXPORT_MEDIA,
+    EXPORT_POSTS,
+    EXPORT_UPDATE_SOME,
+    INSIGHTS_ROWS,
+    read_posts,
+    stream_feeds,
+    write_posts,
+)
+
+# Targets: issue 16 where it sets one, issue 6 for the rest.
+TARGET_IMAGES_VS_GALLERY_DL = 30.0
+TARGET_IMAGES_VS_GALLERY_DL_16 = 3.5
+TARGET_CEILING_SHARE = 0.90
+TARGET_RERUN_SHARE = 0.05
+TARGET_BASELINE_FACTOR = 15.0
+TARGET_FIRST_VS_DLT = 1.5
+TARGET_RERUN_VS_DLT = 2.5
+TARGET_METADATA_RATE = 5000.0
+TARGET_REENRICH_RATE = 30_000.0
+TARGET_MEMORY_RATIO = 1.25
+TARGET_MEMORY_MB = 300.0
+TARGET_GROWTH_SLOWDOWN = 0.15
+TARGET_GROWTH_RSS_MB = 150.0
+
+
+@dataclass
+class Bench:
+    """What every scenario gets: the options, the services, the runner of etl.py, and what earlier scenarios left
+    for later ones (the metadata database, which reenrich re-scores instead of loading it again)."""
+
+    args: argparse.Namespace
+    services: Services
+    runner: Runner
+    machine: str
+    shared: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tmp(self) -> Path:
+        return self.services.tmp
+
+    def database(self, name: str) -> str:
+        return self.services.pg.create_database(name)
+
+
+def goal_at_least(name: str, ours: float, peer_label: str, theirs: float, goal: float, valid: bool) -> Target:
+    """Ours against a peer's rate: met when ours / theirs >= goal (no verdict for an incomplete run)."""
+    met = (theirs > 0 and ours / theirs >= goal) if valid else None
+    return Target(name, rate(ours), f">= {goal:g}x", met, peer=f"{peer_label} {rate(theirs)}", ratio=ratio(ours, theirs))
+
+
+def rerun_target(name: str, first: EtlRun, rerun: EtlRun, requests: int, writes: int, writes_name: str,
+                 valid: bool) -> Target:  # fmt: skip
+    share = rerun.wall / first.wall
+    return Target(
+        name, f"{share * 100:.1f}% of first", f"<= {TARGET_RERUN_SHARE * 100:.0f}%, 0/0",
+        share <= TARGET_RERUN_SHARE and requests == 0 and writes == 0 if valid and rerun.ok else None,
+        peer=f"{requests} image GETs / {writes} {writes_name}",
+    )  # fmt: skip
+
+
+def stage_lines(run: EtlRun) -> list[str]:
+    """Per-stage seconds: the pipeline's own, else a py-spy profile of the same workload."""
+    if run.stages:
+        return ["per stage (the pipeline's own timers):"] + [f"  {k:<40} {v:8.2f} s" for k, v in run.stages.items()]
+    profile = run.profile
+    if profile is None:
+        return []
+    lines = [f"per stage, from a py-spy profile of a separate run of the same workload ({profile.wall:.1f} s wall,"
+             f" {profile.samples:,} samples); main thread, share of its wall time:"]  # fmt: skip
+    lines += [f"    {name:<46} {s * 100:5.1f} %  ~{s * profile.wall:6.2f} s" for name, s in profile.main_stages()]
+    if workers := profile.worker_stages():
+        lines.append(f"  image workers ({profile.worker_threads} threads), share of their summed time:")
+        lines += [f"    {name:<46} {s * 100:5.1f} %" for name, s in workers]
+    return lines
+
+
+def profiled(b: Bench, label: str, posts_path: Path, *, s3: bool = False) -> dict[str, tuple[EtlRun, dict[str, str]]]:
+    """The same workload under py-spy (wall and GIL modes), each into a fresh database and key prefix."""
+    if not (b.args.profile and profile_summary.available()):
+        return {}
+    runs = {}
+    for mode in ("wall", "gil"):
+        env = b.services.env(b.database(f"{label}_profile_{mode}"), b.tmp / f"data-{label}-{mode}", s3=s3,
+                             S3_PREFIX=f"profile-{label}-{mode}/")  # fmt: skip
+        runs[mode] = (b.runner.etl(f"{label}-profile-{mode}", posts_path, env, profile=mode), env)
+    return runs
+
+
+def profile_details(runs: dict[str, tuple[EtlRun, dict[str, str]]], top: int) -> list[str]:
+    lines: list[str] = []
+    for mode, (run, _) in runs.items():
+        if run.profile is not None:
+            lines += ["", *run.profile.report(mode, top=top)]
+    return lines
+
+
+# -- images: ours vs gallery-dl -------------------------------------------------------------------
+
+
+def images(b: Bench) -> Result:
+    args, s = b.args, b.services
+    n = args.images
+    title = f"images: {n:,} images, {args.latency_ms:g} ms per request, local directory / local store; {b.machine}"
+    if missing := peers.missing():
+        return Result("images", title, skipped=f"{', '.join(missing)} not installed (pip install -r requirements-bench.txt)")
+    expected = {i: hashlib.sha256(s.images.body(i)).hexdigest() for i in range(n)}
+    by_name = {f"{i}.{s.images.ext(i)}": expected[i] for i in range(n)}
+    urls = [s.host.url(i) for i in range(n)]
+
+    posts_path = write_posts(b.tmp / "images.jsonl", n, 1, s.host)
+    dsn, data_dir = b.database("images"), b.tmp / "data-images"
+    before = s.host.requests
+    ours = b.runner.etl("images-ours", posts_path, s.env(dsn, data_dir))
+    ours_good, ours_bad = check_stored(dsn, data_dir, expected)
+    ours_requests = s.host.requests - before
+    before, since = s.host.requests, time.time()
+    rerun = b.runner.etl("images-ours-rerun", posts_path, s.env(dsn, data_dir))
+    rerun_requests = s.host.requests - before
+    rerun_writes = files_written_since(data_dir / "objects", since)
+
+    serial = peers.gallery_dl(urls, b.tmp / "gallery-dl-1", 1, b.tmp)
+    serial_good, serial_bad = check_files(b.tmp / "gallery-dl-1", by_name)
+    parts = args.gallery_dl_processes
+    parallel = peers.gallery_dl(urls, b.tmp / f"gallery-dl-{parts}", parts, b.tmp)
+    parallel_good, parallel_bad = check_files(b.tmp / f"gallery-dl-{parts}", by_name)
+
+    ours_rate = n / ours.wall
+    valid = ours.ok and ours_bad == 0
+    return Result(
+        "images", title,
+        figures=[
+            Figure("ours: etl.py run (local store)", rate(ours_rate, " img/s"), ours.wall, ours.peak_rss_mb,
+                   f"{ours_good:,} sha256 ok, {ours_bad} bad; {ours_requests:,} GETs; exit {ours.returncode}"),
+            Figure("ours: rerun, nothing new", f"{rerun.wall / ours.wall * 100:.1f}% of first", rerun.wall,
+                   rerun.peak_rss_mb, f"{rerun_requests} image GETs, {rerun_writes} files written; exit {rerun.returncode}"),
+            Figure("gallery-dl, 1 process (as shipped)", rate(n / serial.wall, " img/s"), serial.wall, None,
+                   f"{serial_good:,} sha256 ok, {serial_bad} bad; exit {serial.returncode}"),
+            Figure(f"gallery-dl, {parts} processes", rate(n / parallel.wall, " img/s"), parallel.wall, None,
+                   f"{parallel_good:,} sha256 ok, {parallel_bad} bad; exit {parallel.returncode}"),
+        ],
+        targets=[
+            goal_at_least("images/s vs gallery-dl as shipped", ours_rate, "gallery-dl", n / serial.wall,
+                          TARGET_IMAGES_VS_GALLERY_DL, valid and serial_bad == 0),
+            goal_at_least(f"images/s vs {parts} gallery-dl processes", ours_rate, f"gallery-dl x{parts}",
+                          n / parallel.wall, TARGET_IMAGES_VS_GALLERY_DL_16, valid and parallel_bad == 0),
+            rerun_target("images rerun, nothing new", ours, rerun, rerun_requests, rerun_writes, "files", valid),
+        ],
+        notes=[
+            f"ours CPU {ours.cpu:.1f} s for {n:,} images; everything timed from process start.",
+            "unfair to gallery-dl: it writes no database rows and is not asked to; each of its processes pays its own "
+            "interpreter start-up (~0.3 s) where ours pays one.",
+            "unfair to us: ours also records every image in PostgreSQL (post_media: sha256, dimensions), checks each "
+            "image with Pillow and scores the caption; gallery-dl writes files only. Both fetch from the same asyncio "
+            "host (TCP_NODELAY, keep-alive).",
+        ],
+    )  # fmt: skip
+
+
+# -- ceiling: ours vs the S3 endpoint's own ceiling, and vs a naive serial archiver ---------------
+
+
+def put_images(b: Bench, count: int, threads: int, prefix: str) -> float:
+    """Seconds for `threads` threads to store `count` images bare: boto3 put_object, or files (--store local)."""
+    s = b.services
+    images = s.images
+    if b.args.store == "s3":
+        client = s3_client(s.moto.endpoint, threads + 4)
+
+        def put(i: int) -> None:
+            client.put_object(Bucket=CEILING_BUCKET, Key=f"{prefix}/{i}.{images.ext(i)}", Body=images.body(i),
+                              ContentType=images.content_type(i))  # fmt: skip
+    else:
+        root = b.tmp / prefix
+
+        def put(i: int) -> None:
+            path = root / str(i % 97) / f"{i}.{images.ext(i)}"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.with_suffix(".part").write_bytes(images.body(i))
+            path.with_suffix(".part").replace(path)
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(put, range(count)))
+    return time.perf_counter() - started
+
+
+def serial_baseline(b: Bench, posts: list[dict[str, Any]]) -> float:
+    """Seconds for a naive archiver to take `posts` serially: per post download, upload, TextBlob, a new
+    connection, insert, commit (into a database of its own)."""
+    import psycopg2
+    import requests
+    import textblob
+
+    dsn = b.database("bench_baseline")
+    conn = psycopg2.connect(dsn)
+    with conn, conn.cursor() as cur:
+        cur.execute(
+            "CREATE TABLE baseline_posts (id BIGSERIAL PRIMARY KEY, platform TEXT, post_id TEXT, author TEXT,"
+            " caption TEXT, sentiment TEXT, polarity DOUBLE PRECISION, image_url TEXT, like_count BIGINT,"
+            " created_at TIMESTAMPTZ, archived_at TIMESTAMPTZ DEFAULT now(), UNIQUE (platform, post_id))"
+        )
+    conn.close()
+    client = s3_client(b.services.moto.endpoint, 4) if b.args.store == "s3" else None
+    root = b.tmp / "baseline-objects"
+    textblob.TextBlob("warm up the lexicon").sentiment  # noqa: B018  (loading it is not per post)
+    started = time.perf_counter()
+    for post in posts:
+        urls = []
+        for n, url in enumerate(post["image_urls"]):
+            body = requests.get(url, timeout=30).content
+            key = f"{post['platform']}/{post['post_id']}/{n}.{url.rsplit('.', 1)[-1]}"
+            if client is not None:
+                client.put_object(Bucket=BASELINE_BUCKET, Key=key, Body=body)
+                urls.append(f"s3://{BASELINE_BUCKET}/{key}")
+            else:
+                path = root / key
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(body)
+                urls.append(path.as_uri())
+        polarity = textblob.TextBlob(post["caption"]).sentiment.polarity
+        label = "positive" if polarity > 0.05 else "negative" if polarity < -0.05 else "neutral"
+        conn = psycopg2.connect(dsn)
+        with conn.cursor() as cur:
+            cur.execute(
+                "INSERT INTO baseline_posts (platform, post_id, author, caption, sentiment, polarity, image_url,"
+                " like_count, created_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
+                " ON CONFLICT (platform, post_id) DO NOTHING",
+                (post["platform"], post["post_id"], post["author_username"], post["caption"], label, polarity,
+                 urls[0] if urls else None, post["like_count"], post["created_at"]),
+            )  # fmt: skip
+        conn.commit()
+        conn.close()
+    return time.perf_counter() - started
+
+
+def s3_counts(b: Bench) -> dict[str, int]:
+    return b.services.moto.counts() if b.args.store == "s3" else {}
+
+
+def ceiling(b: Bench) -> Result:
+    """Rounds of (the endpoint's ceiling, ours into a fresh database and key prefix), then the ceiling once more:
+    round i's share is ours against the mean of the ceilings just before and just after it; the target reads
+    the median share. Then a rerun with nothing new, the serial baseline, and the other methods' ratios."""
+    args, s = b.args, b.services
+    s3 = args.store == "s3"
+    n, k, rounds = args.posts, args.images_per_post, args.rounds
+    image_count = n * k
+    posts_path = write_posts(b.tmp / "ceiling.jsonl", n, k, s.host)
+    store = "S3 (moto server, own process)" if s3 else "local store"
+    title = (f"ceiling: {n:,} posts x {k} image(s) (~{s.images.mean_kb:.0f} KB, JPEG/PNG), image latency "
+             f"{args.latency_ms:g} ms, {store}, ETL_CONCURRENCY={args.concurrency or default_concurrency()}, "
+             f"{rounds} rounds; {b.machine}")  # fmt: skip
+
+    # Warm-up: moto stores its first ~2,000 objects ~10% faster than after its 4,000th. Its first image_count PUTs
+    # are kept as the "cold ceiling", what a benchmark that measures the ceiling first on a fresh endpoint reads.
+    cold = None
+    if s3 and args.warm_up > 0:
+        started = time.perf_counter()
+        cold_count = min(image_count, args.warm_up)
+        cold = cold_count / put_images(b, cold_count, args.ceiling_threads, "warm-up-a")
+        if args.warm_up > cold_count:
+            put_images(b, args.warm_up - cold_count, args.ceiling_threads, "warm-up-b")
+        print(f"bench: S3 endpoint warmed up with {args.warm_up:,} PUTs "
+              f"({args.warm_up / (time.perf_counter() - started):,.0f}/s)", flush=True)  # fmt: skip
+
+    ceilings: list[float] = []
+    ours: list[EtlRun] = []
+    complete: list[bool] = []
+    with cpu_meter(s) as ceiling_cpu:
+        ceilings.append(image_count / put_images(b, image_count, args.ceiling_threads, "ceiling-0"))
+    first_cpu: dict[str, float] = {}
+    host0 = host1 = s.host.requests
+    moto0: dict[str, int] = {}
+    moto1: dict[str, int] = {}
+    dsn = env = None
+    for r in range(1, rounds + 1):
+        dsn = b.database(f"bench_round_{r}")
+        env = s.env(dsn, b.tmp / f"data-round-{r}", s3=s3, S3_PREFIX=f"round-{r}/")
+        host0, moto0 = s.host.requests, s3_counts(b)
+        with cpu_meter(s) as cpu:
+            run = b.runner.etl(f"ceiling-ours-{r}", posts_path, env)
+        host1, moto1 = s.host.requests, s3_counts(b)
+        first_cpu = first_cpu or cpu
+        ours.append(run)
+        complete.append(run.ok and count_rows(dsn)[0] == n and stored_images(dsn) == image_count)
+        if r < rounds:
+            ceilings.append(image_count / put_images(b, image_count, args.ceiling_threads, f"ceiling-{r}"))
+    last = ours[-1]
+
+    # The rerun of the last round, nothing new; then the last ceiling (the rerun stores nothing, so the endpoint
+    # holds what it held right after ours).
+    since = time.time()
+    rerun = b.runner.etl("ceiling-rerun", posts_path, env)
+    rerun_requests = s.host.requests - host1
+    rerun_puts = (s3_counts(b).get("PUT", 0) - moto1.get("PUT", 0)) if s3 else files_written_since(
+        b.tmp / f"data-round-{rounds}" / "objects", since)  # fmt: skip
+    ceilings.append(image_count / put_images(b, image_count, args.ceiling_threads, f"ceiling-{rounds}"))
+
+    shares = [image_count / run.wall / ((ceilings[i] + ceilings[i + 1]) / 2) for i, run in enumerate(ours)]
+    share = statistics.median(shares)
+    own_seconds = [run.summary.get("seconds") for run in ours]
+    own_shares = [image_count / sec / ((ceilings[i] + ceilings[i + 1]) / 2) for i, sec in enumerate(own_seconds) if sec]
+    ceiling_rate = statistics.median(ceilings)
+    ours_rate = statistics.median(image_count / run.wall for run in ours)
+
+    slice_n = min(args.baseline_posts, n)
+    with cpu_meter(s) as baseline_cpu:
+        baseline_s = serial_baseline(b, read_posts(posts_path, slice_n))
+    baseline_rate = slice_n / baseline_s
+    startup = b.runner.startup()
+
+    profiles = profiled(b, "ceiling", posts_path, s3=s3)
+    if "wall" in profiles:
+        last.profile = profiles["wall"][0].profile
+
+    valid = all(complete)
+    what = "S3 ceiling" if s3 else "store ceiling"
+    how = (f"{args.ceiling_threads} threads of bare put_object" if s3 else f"{args.ceiling_threads} threads writing files")
+    figures = [
+        Figure(f"ours: etl.py run, median of {rounds}", rate(ours_rate, " img/s"), statistics.median(r.wall for r in ours),
+               max(r.peak_rss_mb for r in ours),
+               f"{rate(min(image_count / r.wall for r in ours), '')}-{rate(max(image_count / r.wall for r in ours), '')}"
+               f" img/s; complete in {sum(complete)} of {rounds} rounds"),
+        Figure(f"{what}, median of {len(ceilings)}", rate(ceiling_rate, " PUT/s"), image_count / ceiling_rate, None,
+               f"{rate(min(ceilings), '')}-{rate(max(ceilings), '')} PUT/s; {how}, {image_count:,} each"
+               + (f", after {args.warm_up:,} warm-up PUTs" if cold else "")),
+        Figure(f"ours / {what}, per round", f"{share * 100:.0f}% median", None, None,
+               ", ".join(f"{x * 100:.0f}%" for x in shares)),
+        Figure(f"serial baseline ({slice_n} posts)", rate(baseline_rate, " posts/s"), baseline_s, None,
+               "download, put, TextBlob, connect, insert, commit"),
+        Figure("rerun, nothing new", f"{rerun.wall / last.wall * 100:.1f}% of first", rerun.wall, rerun.peak_rss_mb,
+               f"{rerun_requests} image requests, {rerun_puts} {'PUTs' if s3 else 'files written'}; exit {rerun.returncode}"),
+    ]  # fmt: skip
+    targets = [
+        Target(f"ours / {what} (median of {rounds})", f"{share * 100:.0f}%", f">= {TARGET_CEILING_SHARE * 100:.0f}%",
+               share >= TARGET_CEILING_SHARE if s3 and valid else None, peer=f"ceiling {rate(ceiling_rate, ' PUT/s')}",
+               ratio=f"{share:.2f}x"),
+        goal_at_least("posts/s vs a naive serial archiver", n / last.wall, "serial", baseline_rate,
+                      TARGET_BASELINE_FACTOR, complete[-1]),
+        rerun_target("images rerun, nothing new (S3)" if s3 else "images rerun, nothing new", last, rerun,
+                     rerun_requests, rerun_puts, "PUTs" if s3 else "files", complete[-1]),
+        Target("first run complete (every row, every image)", f"{sum(complete)} of {rounds} rounds", "all", valid),
+    ]  # fmt: skip
+    notes = [
+        "the method: the ceiling and ours alternate on one warmed-up endpoint; each round's share is ours (wall time "
+        "of the whole etl.py process, from its start) against the mean of the ceilings just before and after it.",
+    ]
+    if s3:
+        notes.append(
+            "what separates this from a benchmark that reads 94-101%: (1) ours here is timed from process start "
+            f"(interpreter, imports: {startup:.2f} s, migrations, bucket check, DB writes, sentiment); timed by the "
+            "pipeline's own clock the median is "
+            + (f"{statistics.median(own_shares) * 100:.0f}%" if own_shares else "not logged")
+            + "; (2) ours first downloads every image at the injected latency, the ceiling PUTs bytes it already holds;"
+            " (3) the ceiling here is warm: against the cold endpoint's first PUTs ("
+            + (f"{rate(cold, ' PUT/s')}" if cold else "not measured")
+            + ") the median would be "
+            + (f"{ours_rate / cold * 100:.0f}%" if cold else "-")
+            + "; (4) ETL, endpoint and PostgreSQL share 2 cores, while the ceiling's 16 boto3 threads leave the "
+            "endpoint more of them. Same bytes, same endpoint, same 16-threads-or-more pool on both sides."
+        )
+    details = [
+        f"CPU seconds, round 1: etl {ours[0].cpu:.1f} ({ours[0].cpu / ours[0].wall * 100:.0f}% of one core, "
+        f"{ours[0].cpu_sys:.1f} of it in the kernel), "
+        + (f"S3 endpoint {first_cpu['s3']:.1f} ({first_cpu['s3'] / ours[0].wall * 100:.0f}%), " if s3 else "")
+        + f"postgres {first_cpu['postgres']:.1f}, image host {first_cpu['bench']:.1f}; {load_note(first_cpu, ours[0].cpu)}",
+        f"CPU, first ceiling: S3 endpoint {ceiling_cpu['s3']:.1f}, boto3 client threads {ceiling_cpu['bench']:.1f}; "
+        f"{load_note(ceiling_cpu)}",
+        f"CPU during the serial baseline: {load_note(baseline_cpu)}",
+        f"requests, last round: image host {host1 - host0:,}"
+        + (f"; S3 endpoint {moto1.get('total', 0) - moto0.get('total', 0):,} ("
+           + ", ".join(f"{m} {moto1[m] - moto0.get(m, 0):,}" for m in sorted(moto1)
+                       if m != "total" and moto1[m] > moto0.get(m, 0)) + ")" if s3 else ""),
+        "last round's summary: " + ", ".join(f"{key}={int(v)}" for key, v in last.summary.items() if key != "seconds"),
+        f"start-up of etl.py (interpreter + imports): {startup:.2f} s",
+        *stage_lines(last),
+    ]  # fmt: skip
+    # A rerun of the wall-profiled run: where a run with nothing new spends its time.
+    if "wall" in profiles and (
+        rerun_profile := b.runner.etl("ceiling-profile-rerun", posts_path, profiles["wall"][1], profile="wall").profile
+    ):
+        details += ["", f"rerun, nothing new: main thread, share of its wall time ({rerun_profile.wall:.1f} s, profiled)"]
+        details += [f"    {name:<46} {x * 100:5.1f} %  ~{x * rerun_profile.wall:6.2f} s"
+                    for name, x in rerun_profile.main_stages() if x >= 0.005]  # fmt: skip
+    details += profile_details(profiles, args.top)
+    return Result("ceiling", title, figures, targets, notes, details)
+
+
+# -- metadata: ours vs dlt ------------------------------------------------------------------------
+
+
+def metadata(b: Bench) -> Result:
+    args, s = b.args, b.services
+    n = args.metadata_posts
+    title = f"metadata: {n:,} posts, no images, first load and rerun into PostgreSQL; {b.machine}"
+    posts_path = write_posts(b.tmp / "metadata.jsonl", n, 0, None)
+    dsn = b.database("metadata")
+    env = s.env(dsn, b.tmp / "data-metadata")
+    with cpu_meter(s) as cpu:
+        first = b.runner.etl("metadata-first", posts_path, env)
+    rerun = b.runner.etl("metadata-rerun", posts_path, env)
+    rows = count_rows(dsn)
+    b.shared["metadata"] = (dsn, env, n)
+    valid = first.ok and rows == (n, n)
+
+    figures = [
+        Figure("ours: first run (sentiment included)", rate(n / first.wall, " posts/s"), first.wall, first.peak_rss_mb,
+               f"{rows[0]:,} rows, {rows[1]:,} distinct; exit {first.returncode}"),
+        Figure("ours: rerun (nothing new)", rate(n / rerun.wall, " posts/s"), rerun.wall, rerun.peak_rss_mb,
+               f"exit {rerun.returncode}"),
+    ]  # fmt: skip
+    if sec := first.summary.get("seconds"):
+        figures.insert(1, Figure("  same, pipeline's own seconds", rate(n / sec, " posts/s"), sec, None,
+                                 "excludes start-up"))  # fmt: skip
+    targets = [
+        Target("metadata, first load", rate(n / first.wall), f">= {TARGET_METADATA_RATE:,.0f}/s",
+               n / first.wall >= TARGET_METADATA_RATE if valid else None),
+        Target("metadata, complete (every row once)", f"{rows[0]:,}", f"{n:,}", valid),
+    ]  # fmt: skip
+    notes = []
+    if missing := peers.missing():
+        notes.append(f"no peer: {', '.join(missing)} not installed (pip install -r requirements-bench.txt)")
+    else:
+        results = {}
+        for fmt in args.dlt_formats:
+            ddsn = b.database(f"metadata_dlt_{fmt}")
+            first_peer = peers.dlt(posts_path, ddsn, fmt, f"dlt-{fmt}-first", b.tmp)
+            rerun_peer = peers.dlt(posts_path, ddsn, fmt, f"dlt-{fmt}-rerun", b.tmp)
+            peer_rows = count_rows(ddsn, peers.dlt_table(fmt))
+            results[fmt] = (first_peer, rerun_peer, peer_rows)
+            figures.append(Figure(f"dlt ({fmt}): first run", rate(n / first_peer.wall, " posts/s"), first_peer.wall,
+                                  None, f"{peer_rows[0]:,} rows, {peer_rows[1]:,} distinct; exit {first_peer.returncode}"))
+            figures.append(Figure(f"dlt ({fmt}): rerun", rate(n / rerun_peer.wall, " posts/s"), rerun_peer.wall, None,
+                                  f"exit {rerun_peer.returncode}"))  # fmt: skip
+        done = {f: r for f, r in results.items() if r[0].returncode == 0 and r[2] == (n, n)}
+        if done:
+            best_first = min(done, key=lambda f: done[f][0].wall)
+            best_rerun = min(done, key=lambda f: done[f][1].wall)
+            targets.insert(0, goal_at_least("metadata, first load vs dlt's best", n / first.wall,
+                                            f"dlt {best_first}", n / done[best_first][0].wall, TARGET_FIRST_VS_DLT, valid))
+            targets.insert(1, goal_at_least("metadata, rerun vs dlt's best", n / rerun.wall, f"dlt {best_rerun}",
+                                            n / done[best_rerun][1].wall, TARGET_RERUN_VS_DLT, valid and rerun.ok))
+        else:
+            notes.append("dlt did not load every row once: no ratio (see its logs)")  # fmt: skip
+    notes += [
+        "unfair to dlt: it scores no sentiment and detects no language (ours does both per caption); it keeps the "
+        "JSON as columns, ours also keeps raw JSONB and engagement snapshots.",
+        "unfair to us: dlt normalizes and stages to files first (its design) and pays its own import and schema "
+        "inference; its first run creates its tables, ours migrates the schema. Both read the same jsonl file, "
+        "each into a database of its own on the same PostgreSQL.",
+    ]
+    profiles = profiled(b, "metadata", posts_path)
+    if "wall" in profiles:
+        first.profile = profiles["wall"][0].profile
+    details = [f"CPU seconds, first run: etl {first.cpu:.1f} ({first.cpu / first.wall * 100:.0f}% of one core), "
+               f"postgres {cpu['postgres']:.1f}; {load_note(cpu, first.cpu)}", *stage_lines(first),
+               *profile_details(profiles, args.top)]  # fmt: skip
+    return Result("metadata", title, figures, targets, notes, details)
+
+
+def reenrich(b: Bench) -> Result:
+    """Every stored post re-scored: another threshold is another enricher version, so all are re-scored."""
+    s = b.services
+    if "metadata" in b.shared:
+        dsn, env, n = b.shared["metadata"]
+    else:
+        n = b.args.metadata_posts
+        dsn = b.database("reenrich")
+        env = s.env(dsn, b.tmp / "data-reenrich")
+        b.runner.etl("reenrich-load", write_posts(b.tmp / "reenrich.jsonl", n, 0, None), env)
+    title = f"reenrich: every one of {n:,} stored posts re-scored (etl.py reenrich); {b.machine}"
+    run = b.runner.etl("reenrich", None, {**env, "SENTIMENT_THRESHOLD": "0.0625"}, argv=("reenrich",))
+    scored = re.search(r"re-enriched (\d+) posts, (\d+) changed", run.text())
+    rescored = int(scored.group(1)) if scored else 0
+    value = rescored / run.wall
+    return Result(
+        "reenrich", title,
+        figures=[Figure("ours: etl.py reenrich", rate(value, " posts/s"), run.wall, run.peak_rss_mb,
+                        f"{rescored:,} scored, {int(scored.group(2)) if scored else 0:,} changed; CPU {run.cpu:.1f} s "
+                        f"(workers included); exit {run.returncode}")],
+        targets=[Target("reenrich", rate(value), f">= {TARGET_REENRICH_RATE:,.0f}/s",
+                        value >= TARGET_REENRICH_RATE if run.ok and rescored == n else None)],
+        notes=["no peer: the tools compared here have no re-scoring of stored rows. Peak RSS is the main process's; "
+               "its forked scoring workers are not in it."],
+    )  # fmt: skip
+
+
+# -- memory and growth: metadata only, a small and a large run --------------------------------------
+
+
+def two_sizes(b: Bench, label: str, sizes: tuple[int, int]) -> list[tuple[int, EtlRun, tuple[int, int]]]:
+    runs = []
+    for n in sizes:
+        path = write_posts(b.tmp / f"{label}-{n}.jsonl", n, 0, None)
+        dsn = b.database(f"{label}_{n}")
+        run = b.runner.etl(f"{label}-{n}", path, b.services.env(dsn, b.tmp / f"data-{label}-{n}"))
+        runs.append((n, run, count_rows(dsn)))
+        path.unlink()
+    return runs
+
+
+def size_figures(runs: list[tuple[int, EtlRun, tuple[int, int]]]) -> list[Figure]:
+    return [Figure(f"ours: {n:,} posts", rate(n / run.wall, " posts/s"), run.wall, run.peak_rss_mb,
+                   f"{rows[0]:,} rows, {rows[1]:,} distinct; exit {run.returncode}") for n, run, rows in runs]  # fmt: skip
+
+
+def memory(b: Bench) -> Result:
+    small, large = b.args.memory_posts
+    runs = two_sizes(b, "memory", (small, large))
+    (_, r0, _), (_, r1, _) = runs
+    valid = all(run.ok and rows == (n, n) for n, run, rows in runs)
+    growth_ratio = r1.peak_rss_mb / r0.peak_rss_mb
+    return Result(
+        "memory", f"memory: peak RSS of etl.py (its VmHWM), metadata only, {small:,} vs {large:,} posts; {b.machine}",
+        figures=size_figures(runs),
+        targets=[
+            Target(f"peak RSS {large:,} / {small:,} posts", f"{growth_ratio:.2f}x", f"<= {TARGET_MEMORY_RATIO}x",
+                   growth_ratio <= TARGET_MEMORY_RATIO if valid else None),
+            Target(f"peak RSS at {large:,} posts", f"{r1.peak_rss_mb:.0f} MB", f"< {TARGET_MEMORY_MB:.0f} MB",
+                   r1.peak_rss_mb < TARGET_MEMORY_MB if valid else None),
+        ],
+    )  # fmt: skip
+
+
+def growth(b: Bench) -> Result:
+    small, large = b.args.growth_posts
+    runs = two_sizes(b, "growth", (small, large))
+    (n0, r0, _), (n1, r1, _) = runs
+    valid = all(run.ok and rows == (n, n) for n, run, rows in runs)
+    slowdown = 1 - (n1 / r1.wall) / (n0 / r0.wall)
+    return Result(
+        "growth", f"growth: {large:,} posts vs {small:,}, metadata only, first load each; {b.machine}",
+        figures=size_figures(runs),
+        targets=[
+            Target(f"rate at {n1:,} below the rate at {n0:,}", f"{slowdown * 100:.1f}%", "<= 15%",
+                   slowdown <= TARGET_GROWTH_SLOWDOWN if valid else None,
+                   peer=f"{rate(n1 / r1.wall)} vs {rate(n0 / r0.wall)}"),
+            Target(f"peak RSS at {n1:,}", f"{r1.peak_rss_mb:.0f} MB", f"< {TARGET_GROWTH_RSS_MB:.0f} MB",
+                   r1.peak_rss_mb < TARGET_GROWTH_RSS_MB if valid else None, peer=f"{r0.peak_rss_mb:.0f} MB at {n0:,}"),
+        ],
+        notes=["peak RSS is VmHWM read by etl.py's own process as it exits (wait4's ru_maxrss would carry the "
+               "benchmark's own memory over the exec)."],
+    )  # fmt: skip
+
+
+# -- scale-out, export, insights -------------------------------------------------------------------
+
+
+def scaleout(b: Bench) -> Result:
+    """1, 2 and 4 shards of one run (`etl.py run --shard K/N`) as parallel workers, each N from an empty archive."""
+    args, s = b.args, b.services
+    streams, per = args.scaleout_streams, args.scaleout_posts
+    total = streams * per
+    feeds = FeedHost(stream_feeds(streams, per, s.host))
+    s.stack.callback(feeds.close)
+    title = (f"scaleout: {streams} streams x {per} posts, 1 image each ({total:,} images), image latency "
+             f"{args.latency_ms:g} ms, ETL_CONCURRENCY={args.worker_concurrency} per worker, local store; {b.machine}")  # fmt: skip
+    figures, first = [], None
+    for n in args.shards:
+        dsn = b.database(f"scaleout_{n}")
+        env = s.env(dsn, b.tmp / f"data-scaleout-{n}", ETL_SOURCES="streamy", ETL_SOURCE_PATHS="tests.streamy",
+                    STREAMY_BASE=feeds.base, STREAMY_STREAMS=",".join(f"f{i}" for i in range(streams)),
+                    ETL_CONCURRENCY=str(args.worker_concurrency), ETL_PROGRESS_SECONDS="0")  # fmt: skip
+        b.runner.etl(f"scaleout-{n}-migrate", None, env, argv=("migrate",))
+        commands = [[*b.runner.command(), "run", "--shard", f"{k}/{n}"] for k in range(1, n + 1)]
+        wall, code = timed(commands, env, [b.tmp / f"scaleout-{n}-{k}.log" for k in range(1, n + 1)], b.tmp)
+        posts, stored = count_rows(dsn)[0], stored_images(dsn)
+        value = stored / wall
+        first = first or value
+        complete = code == 0 and posts == total and stored == total
+        figures.append(Figure(f"{n} shard(s)", rate(value, " img/s"), wall, None,
+                              f"speed-up {value / first:.2f}x; {posts:,} posts, {stored:,} images; worst exit {code}"
+                              + ("" if complete else "; INCOMPLETE")))  # fmt: skip
+    return Result("scaleout", title, figures, notes=[
+        "a simulation on one machine: the workers share its cores, one PostgreSQL and the loopback, so the speed-up "
+        "stops where those do, not where a fleet of machines would. No target, no peer; tests/test_shards.py proves "
+        "the shards' archive exact."])  # fmt: skip
+
+
+def duck_type(arrow_type: Any) -> str:
+    """DuckDB's column type for a row value as the export reads it (timestamps arrive as epoch integers)."""
+    import pyarrow as pa
+
+    if pa.types.is_list(arrow_type):
+        return "VARCHAR[]"
+    if pa.types.is_floating(arrow_type):
+        return "DOUBLE"
+    if pa.types.is_integer(arrow_type) or pa.types.is_timestamp(arrow_type):
+        return "BIGINT"
+    return "BOOLEAN" if pa.types.is_boolean(arrow_type) else "VARCHAR"
+
+
+def compare_writers(dsn: str, rows: int, out: Path) -> list[Figure]:
+    """pyarrow against DuckDB on the same rows (read once into memory, so only the writing is timed)."""
+    import duckdb
+    import psycopg2
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from etl.export import POSTS, arrow_schema
+
+    conn = psycopg2.connect(dsn)
+    with conn.cursor(name="writers") as cur:
+        cur.itersize = 5000
+        cur.execute(f"SELECT {', '.join(c.sql for c in POSTS.columns)} FROM social_posts p ORDER BY id LIMIT %s", (rows,))
+        data = cur.fetchall()
+    conn.close()
+    schema = arrow_schema(POSTS)
+
+    def to_arrow() -> Any:
+        columns = list(zip(*data, strict=True))
+        return pa.Table.from_arrays([pa.array(c, type=f.type) for c, f in zip(columns, schema, strict=True)], schema=schema)
+
+    def figure(label: str, started: float, count: int, path: Path) -> Figure:
+        seconds = time.perf_counter() - started
+        return Figure(label, rate(count / seconds, " rows/s"), seconds, None,
+                      f"{count:,} rows, {path.stat().st_size / count:.1f} bytes/row")  # fmt: skip
+
+    started = time.perf_counter()
+    pq.write_table(to_arrow(), out / "pyarrow.parquet", compression="zstd", row_group_size=100_000)
+    results = [figure("writer: pyarrow (rows -> Arrow -> Parquet)", started, len(data), out / "pyarrow.parquet")]
+
+    # DuckDB takes Python rows only through executemany (about 600 rows/s here): timed on a slice.
+    few = data[: min(10_000, max(len(data) // 20, 100))]
+    started = time.perf_counter()
+    con = duckdb.connect()
+    con.execute(f"CREATE TABLE t ({', '.join(f'{f.name} {duck_type(f.type)}' for f in schema)})")
+    con.executemany("INSERT INTO t VALUES (" + ", ".join("?" * len(schema)) + ")", few)
+    con.execute(f"COPY t TO '{out / 'duckdb.parquet'}' (FORMAT parquet, COMPRESSION zstd)")
+    results.append(figure("writer: DuckDB (executemany, COPY TO)", started, len(few), out / "duckdb.parquet"))
+
+    # DuckDB's fast path starts from Arrow: the same conversion as pyarrow's, plus DuckDB's writer.
+    started = time.perf_counter()
+    duck = duckdb.connect()
+    duck.register("arrow_rows", to_arrow())
+    duck.execute(f"COPY (SELECT * FROM arrow_rows) TO '{out / 'duckdb-arrow.parquet'}' (FORMAT parquet, COMPRESSION zstd)")
+    results.append(figure("writer: DuckDB (from Arrow, COPY TO)", started, len(data), out / "duckdb-arrow.parquet"))
+    return results
+
+
+def generate(dsn: str, *statements: tuple[str, dict[str, Any]]) -> float:
+    """Run SQL that makes the rows of a scenario; seconds taken."""
+    import psycopg2
+
+    started = time.perf_counter()
+    conn = psycopg2.connect(dsn)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        for sql, params in statements:
+            cur.execute(sql, params)
+    conn.close()
+    return time.perf_counter() - started
+
+
+def migrated(b: Bench, name: str) -> tuple[str, dict[str, str]]:
+    dsn = b.database(name)
+    env = b.services.env(dsn, b.tmp / f"data-{name}")
+    b.runner.etl(f"{name}-migrate", None, env, argv=("migrate",))
+    return dsn, env
+
+
+def export(b: Bench) -> Result:
+    """The real `etl.py export --to DIR` three times: everything, nothing changed, 1,000 posts changed."""
+    n = b.args.export_rows
+    dsn, env = migrated(b, "export")
+    made = generate(dsn, (EXPORT_POSTS, {"n": n}), (EXPORT_MEDIA, {}), ("VACUUM ANALYZE social_posts", {}),
+                    ("VACUUM ANALYZE post_media", {}))  # fmt: skip
+    figures = compare_writers(dsn, min(b.args.writer_rows, n), b.tmp) if b.args.writer_rows else []
+    lake = b.tmp / "lake"
+    for label in ("first export", "rerun, nothing changed", "after 1,000 posts changed"):
+        if label.startswith("after"):
+            generate(dsn, (EXPORT_UPDATE_SOME, {"n": n}))
+        run = b.runner.etl(f"export-{label.split()[0]}", None, env, argv=("--log-level", "WARNING", "export", "--to", str(lake)))
+        written = [line.strip() for line in run.text().splitlines() if "partitions written" in line]
+        figures.append(Figure(f"ours: {label}", "", run.wall, run.peak_rss_mb,
+                              " | ".join(written) + f"; exit {run.returncode}"))  # fmt: skip
+    size = sum(p.stat().st_size for p in lake.rglob("*.parquet"))
+    files = sum(1 for _ in lake.rglob("*.parquet"))
+    return Result(
+        "export", f"export: etl.py export --to DIR of {n:,} posts + {n:,} image rows (made by SQL); {b.machine}",
+        figures=figures,
+        notes=[f"rows generated in {made:.1f} s; lake: {files:,} files, {size / 1e6:.1f} MB",
+               "writers: the same rows already in memory, zstd; DuckDB from Python rows is timed on a slice."],
+    )  # fmt: skip
+
+
+def insights(b: Bench) -> Result:
+    """`similar` (image_sightings), hashtag trends, and `etl.py report` as a subprocess, over N posts."""
+    n, lookups = b.args.insights_posts, b.args.lookups
+    dsn, env = migrated(b, "insights")
+    made = generate(dsn, (INSIGHTS_ROWS, {"n": n}))
+    import psycopg2
+
+    conn = psycopg2.connect(dsn)
+    conn.autocommit = True
+    cur = conn.cursor()
+    cur.execute("SELECT platform, post_id FROM social_posts ORDER BY random() LIMIT %s", (lookups,))
+    times, found = [], 0
+    for platform, post_id in cur.fetchall():
+        started = time.perf_counter()
+        cur.execute("SELECT * FROM image_sightings(%s, %s, 5)", (platform, post_id))
+        found += len(cur.fetchall())
+        times.append(time.perf_counter() - started)
+    times.sort()
+    started = time.perf_counter()
+    cur.execute("SELECT count(*) FROM hashtag_trends('24 hours', '28 days', NULL, 5, now())")
+    trends_s, ranked = time.perf_counter() - started, cur.fetchone()[0]
+    conn.close()
+    report = b.runner.etl("insights-report", None, env, argv=("report", "--out", str(b.tmp / "report.html")))
+    last_line = ([ln for ln in report.text().splitlines() if ln.strip() and not ln.startswith("bench-")] or [""])[-1]
+    version = (sql_one(dsn, "SHOW server_version") or ("?",))[0]
+    return Result(
+        "insights", f"insights: {n:,} posts with one image each (made by SQL), PostgreSQL {version}; {b.machine}",
+        figures=[
+            Figure(f"similar: image_sightings, {len(times)} random posts", f"median {statistics.median(times) * 1000:.1f} ms",
+                   sum(times), None, f"p95 {times[int(len(times) * 0.95)] * 1000:.1f} ms, max {times[-1] * 1000:.1f} ms, "
+                   f"{found} sightings"),
+            Figure("trends: 24h vs 28d, all platforms", "", trends_s, None, f"{ranked} hashtags ranked"),
+            Figure("etl.py report (whole archive)", "", report.wall, report.peak_rss_mb,
+                   f"exit {report.returncode}; {last_line.strip()[:60]}"),
+        ],
+        notes=[f"rows generated in {made:.1f} s"],
+    )  # fmt: skip
+
+
+SCENARIOS: dict[str, Callable[[Bench], Result]] = {
+    "images": images,
+    "ceiling": ceiling,
+    "metadata": metadata,
+    "reenrich": reenrich,
+    "memory": memory,
+    "growth": growth,
+    "scaleout": scaleout,
+    "export": export,
+    "insights": insights,
+}
