@@ -62,8 +62,10 @@ def test_malformed_setting_is_a_config_error_naming_it(make_settings, name, valu
 def test_missing_required_setting_is_named(make_settings):
     settings = make_settings()
     with pytest.raises(ConfigError, match="YOUTUBE_API_KEY is not set"):
-        settings.require("youtube_api_key")
-    make_settings(YOUTUBE_API_KEY="k").require("youtube_api_key")  # set: no error
+        settings.source("youtube").require("api_key")
+    make_settings(YOUTUBE_API_KEY="k").source("youtube").require("api_key")  # set: no error
+    with pytest.raises(ConfigError, match="DATABASE_URL is not set"):
+        settings.require("database_url")  # the core settings keep theirs
 
 
 def test_secrets_never_in_repr(make_settings):
@@ -76,8 +78,9 @@ def test_secrets_never_in_repr(make_settings):
     shown = repr(settings) + str(settings)
     for secret in ("pg-pass-5150", "yt-key-7f3a9c", "tw-bearer-c0ffee", "ig-token-beef42"):
         assert secret not in shown
-    assert settings.youtube_api_key.reveal() == "yt-key-7f3a9c"
-    assert isinstance(settings.youtube_api_key, Secret)
+    assert settings.source("youtube").api_key.reveal() == "yt-key-7f3a9c"
+    assert isinstance(settings.source("youtube").api_key, Secret)
+    assert "tw-bearer-c0ffee" not in repr(settings.source("twitter")) + str(settings.source("twitter"))
     assert set(settings.secrets()) >= {"pg-pass-5150", "yt-key-7f3a9c", "tw-bearer-c0ffee", "ig-token-beef42"}
 
 
