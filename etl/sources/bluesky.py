@@ -34,7 +34,9 @@ from etl.sources.base import FetchWindow, query_stream
 
 SETTINGS = (
     Setting("BLUESKY_ACTORS", comma_list, (), "Bluesky handles or DIDs whose author feeds to archive"),
-    Setting("BLUESKY_QUERY", text, "", "Bluesky post search (searchPosts, needs BLUESKY_HANDLE and BLUESKY_APP_PASSWORD)"),
+    Setting(
+        "BLUESKY_QUERY", text, "", "Bluesky post search (searchPosts, needs BLUESKY_HANDLE and BLUESKY_APP_PASSWORD)"
+    ),
     Setting("BLUESKY_HANDLE", text, "", "Bluesky account handle for the session (search only)"),
     Setting("BLUESKY_APP_PASSWORD", text, Secret(""), "Bluesky app password (Settings > App passwords)", secret=True),
     Setting("BLUESKY_API_BASE", http_base, "https://public.api.bsky.app", "Bluesky AppView for public reads"),
@@ -227,9 +229,7 @@ class BlueskySource(APISource):
             config.require("handle", "app_password")
 
     def stream_objects(self) -> list[Stream]:
-        streams: list[Stream] = [
-            AuthorFeed(self, a) for a in dict.fromkeys(_actor(a) for a in self.config.actors)
-        ]
+        streams: list[Stream] = [AuthorFeed(self, a) for a in dict.fromkeys(_actor(a) for a in self.config.actors)]
         if self.config.query:
             streams.append(Search(self, self.config.query))
         return streams
