@@ -314,7 +314,7 @@ class Settings:
     export_row_group: int = _setting("ETL_EXPORT_ROW_GROUP", positive_int, 100_000, "rows per Parquet row group")
 
     # Each source's own settings, declared in its module (etl/sources/<name>.py: SETTINGS); see source().
-    per_source: Mapping[str, SourceSettings] = field(default_factory=dict)
+    per_source: Mapping[str, SourceSettings] = field(default_factory=dict, hash=False)
 
     def __repr__(self) -> str:
         shown = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self))

@@ -138,3 +138,44 @@ def test_the_mock_default_is_for_the_embedded_set_up_only(make_settings, env, so
 def test_set_but_empty_etl_sources_is_refused(make_settings):
     with pytest.raises(ConfigError, match="ETL_SOURCES"):
         make_settings(ETL_SOURCES=" , ")
+
+
+def test_a_source_reads_only_its_own_settings(make_settings):
+    settings = make_settings(YOUTUBE_QUERY="sunsets", TWITTER_QUERY="#sunset")
+    youtube = settings.source("youtube")
+    assert (youtube.query, youtube.daily_quota, youtube.channel_ids) == ("sunsets", 10000, ())
+    with pytest.raises(AttributeError, match="the youtube source declares no setting 'bearer_token'"):
+        youtube.bearer_token  # noqa: B018  (another platform's setting is not reachable from here)
+    with pytest.raises(AttributeError):
+        youtube.query = "other"  # type: ignore[misc]
+    assert not hasattr(settings, "youtube_query")  # no longer a field of the core settings
+
+
+def _declaring_source(monkeypatch: pytest.MonkeyPatch, name: str, *declared: object) -> None:
+    """Register a source `name` whose module declares `declared` (undone after the test)."""
+    import sys
+    import types
+
+    from etl.sources import REGISTRY
+    from etl.sources.base import Source
+
+    module = types.ModuleType(f"test_source_{name}")
+    module.SETTINGS = declared  # type: ignore[attr-defined]
+    cls = type(f"{name.title()}Source", (Source,), {"name": name, "__module__": module.__name__})
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    monkeypatch.setitem(REGISTRY, name, cls)
+
+
+@pytest.mark.badinput("a source's own setting malformed, or declared twice")
+def test_a_registered_source_s_settings_are_read_validated_and_checked_for_clashes(make_settings, monkeypatch):
+    from etl.config import Setting, all_settings, positive_int
+
+    _declaring_source(monkeypatch, "kite", Setting("KITE_PAGES", positive_int, 3, "pages a run reads"))
+    assert make_settings(KITE_PAGES="7").source("kite").pages == 7
+    assert make_settings().source("kite").pages == 3
+    assert ("kite", "KITE_PAGES") in [(group, s.env) for group, s in all_settings()]
+    with pytest.raises(ConfigError, match="KITE_PAGES='none' is invalid"):
+        make_settings(KITE_PAGES="none")
+    _declaring_source(monkeypatch, "clash", Setting("ETL_SOURCES", positive_int, 1, "taken"))
+    with pytest.raises(ConfigError, match="ETL_SOURCES is declared by the clash source and by the core settings"):
+        make_settings()
