@@ -39,11 +39,11 @@ def mask_url_password(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc[0].split(":", 1)[0] + ":***@" + netloc[1]))
 
 
-def text(raw: str) -> str:
+def _str(raw: str) -> str:
     return raw.strip()
 
 
-def flag(raw: str) -> bool:
+def _bool(raw: str) -> bool:
     value = raw.strip().lower()
     if value in ("1", "true", "yes", "on"):
         return True
@@ -52,32 +52,32 @@ def flag(raw: str) -> bool:
     raise ValueError("expected true or false")
 
 
-def comma_list(raw: str) -> tuple[str, ...]:
+def _list(raw: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in raw.split(",") if item.strip())
 
 
-def positive_int(raw: str) -> int:
+def _positive_int(raw: str) -> int:
     value = int(raw.strip())
     if value <= 0:
         raise ValueError("must be a positive whole number")
     return value
 
 
-def non_negative_int(raw: str) -> int:
+def _non_negative_int(raw: str) -> int:
     value = int(raw.strip())
     if value < 0:
         raise ValueError("must be zero or more")
     return value
 
 
-def positive_float(raw: str) -> float:
+def _positive_float(raw: str) -> float:
     value = float(raw.strip())
     if not value > 0:
         raise ValueError("must be a positive number")
     return value
 
 
-def non_negative_float(raw: str) -> float:
+def _non_negative_float(raw: str) -> float:
     value = float(raw.strip())
     if not value >= 0:
         raise ValueError("must be zero or more")
@@ -100,8 +100,8 @@ def _hamming(raw: str) -> int:
 
 def _log_format(raw: str) -> str:
     value = raw.strip().lower()
-    if value not in ("text", "json"):
-        raise ValueError("expected text or json")
+    if value not in ("_str", "json"):
+        raise ValueError("expected _str or json")
     return value
 
 
@@ -135,11 +135,16 @@ def _export_prefix(raw: str) -> str:
     return value
 
 
-def http_base(raw: str) -> str:
+def _http_base(raw: str) -> str:
     value = raw.strip().rstrip("/")
     if urlsplit(value).scheme not in ("http", "https") or not urlsplit(value).netloc:
         raise ValueError("expected an http(s) URL")
     return value
+
+
+# The parsers, by the names a source's SETTINGS import them under (etl/sources/*.py).
+text, flag, comma_list, http_base = _str, _bool, _list, _http_base
+positive_int, non_negative_int, positive_float, non_negative_float = _positive_int, _non_negative_int, _positive_float, _non_negative_float
 
 
 @dataclass(frozen=True)
@@ -229,81 +234,81 @@ class Settings:
 
     # Storage: PostgreSQL and the object store.
     database_url: Secret = _setting(
-        "DATABASE_URL", text, Secret(""), "PostgreSQL URL; unset = embedded PostgreSQL under ETL_DATA_DIR/postgres", secret=True
+        "DATABASE_URL", _str, Secret(""), "PostgreSQL URL; unset = embedded PostgreSQL under ETL_DATA_DIR/postgres", secret=True
     )
     data_dir: Path = _setting("ETL_DATA_DIR", lambda raw: Path(raw.strip()), Path("data"), "where embedded data lives")
-    s3_bucket: str = _setting("S3_BUCKET", text, "", "bucket for images; unset = local store under ETL_DATA_DIR/objects")
+    s3_bucket: str = _setting("S3_BUCKET", _str, "", "bucket for images; unset = local store under ETL_DATA_DIR/objects")
     s3_prefix: str = _setting("S3_PREFIX", _s3_prefix, "", "key prefix inside the bucket (a trailing / is added)")
-    aws_region: str = _setting("AWS_REGION", text, "", "region of the bucket (boto3's default chain when unset)")
+    aws_region: str = _setting("AWS_REGION", _str, "", "region of the bucket (boto3's default chain when unset)")
     s3_direct_put: bool = _setting(
-        "S3_DIRECT_PUT", flag, True, "sign image PUTs here and send them over a plain pool (a third of boto3's CPU); false = boto3 put_object for all"
+        "S3_DIRECT_PUT", _bool, True, "sign image PUTs here and send them over a plain pool (a third of boto3's CPU); false = boto3 put_object for all"
     )
 
     # Which sources a bare run uses.
     sources: tuple[str, ...] = _setting(
-        "ETL_SOURCES", comma_list, (), "comma list of sources for a bare `python etl.py`; unset = mock, on the embedded set-up only"
+        "ETL_SOURCES", _list, (), "comma list of sources for a bare `python etl.py`; unset = mock, on the embedded set-up only"
     )
 
     # Images: limits, timeouts, concurrency.
-    max_image_bytes: int = _setting("ETL_MAX_IMAGE_BYTES", positive_int, 20 * 1024 * 1024, "largest image accepted")
-    connect_timeout: float = _setting("ETL_CONNECT_TIMEOUT", positive_float, 5.0, "seconds to connect")
-    read_timeout: float = _setting("ETL_READ_TIMEOUT", positive_float, 20.0, "seconds between bytes")
-    http_retries: int = _setting("ETL_HTTP_RETRIES", positive_int, 4, "attempts per request (429, 5xx, connection errors)")
-    retry_max_wait: float = _setting("ETL_RETRY_MAX_WAIT", non_negative_float, 30.0, "longest wait between attempts (s)")
-    concurrency: int = _setting("ETL_CONCURRENCY", positive_int, 32, "images downloaded and stored at once")
-    max_redirects: int = _setting("ETL_MAX_REDIRECTS", non_negative_int, 5, "redirects followed per image")
+    max_image_bytes: int = _setting("ETL_MAX_IMAGE_BYTES", _positive_int, 20 * 1024 * 1024, "largest image accepted")
+    connect_timeout: float = _setting("ETL_CONNECT_TIMEOUT", _positive_float, 5.0, "seconds to connect")
+    read_timeout: float = _setting("ETL_READ_TIMEOUT", _positive_float, 20.0, "seconds between bytes")
+    http_retries: int = _setting("ETL_HTTP_RETRIES", _positive_int, 4, "attempts per request (429, 5xx, connection errors)")
+    retry_max_wait: float = _setting("ETL_RETRY_MAX_WAIT", _non_negative_float, 30.0, "longest wait between attempts (s)")
+    concurrency: int = _setting("ETL_CONCURRENCY", _positive_int, 32, "images downloaded and stored at once")
+    max_redirects: int = _setting("ETL_MAX_REDIRECTS", _non_negative_int, 5, "redirects followed per image")
     decode_memory_mb: int = _setting(
-        "ETL_DECODE_MEMORY_MB", positive_int, 256, "memory (MB) image checks may hold at once; larger decodes wait their turn"
+        "ETL_DECODE_MEMORY_MB", _positive_int, 256, "memory (MB) image checks may hold at once; larger decodes wait their turn"
     )
     allow_private_hosts: bool = _setting(
-        "ETL_ALLOW_PRIVATE_HOSTS", flag, False, "allow image hosts on loopback, private or link-local addresses (the API bases are trusted settings)"
+        "ETL_ALLOW_PRIVATE_HOSTS", _bool, False, "allow image hosts on loopback, private or link-local addresses (the API bases are trusted settings)"
     )
-    image_max_attempts: int = _setting("ETL_IMAGE_MAX_ATTEMPTS", positive_int, 8, "runs that retry a failed image")
+    image_max_attempts: int = _setting("ETL_IMAGE_MAX_ATTEMPTS", _positive_int, 8, "runs that retry a failed image")
     image_retry_backoff_minutes: float = _setting(
-        "ETL_IMAGE_RETRY_BACKOFF_MINUTES", non_negative_float, 30.0, "wait before retrying a failed image; doubles each attempt"
+        "ETL_IMAGE_RETRY_BACKOFF_MINUTES", _non_negative_float, 30.0, "wait before retrying a failed image; doubles each attempt"
     )
 
     # Loading, enrichment, runs.
-    batch_size: int = _setting("ETL_BATCH_SIZE", positive_int, 500, "posts per database batch")
+    batch_size: int = _setting("ETL_BATCH_SIZE", _positive_int, 500, "posts per database batch")
     source_paths: tuple[str, ...] = _setting(
-        "ETL_SOURCE_PATHS", comma_list, (), "extra sources: comma list of .py files or module names, each registering a Source"
+        "ETL_SOURCE_PATHS", _list, (), "extra sources: comma list of .py files or module names, each registering a Source"
     )
-    shards: int = _setting("ETL_SHARDS", positive_int, 1, "shards of the Airflow DAG's run by default (its param `shards`)")
+    shards: int = _setting("ETL_SHARDS", _positive_int, 1, "shards of the Airflow DAG's run by default (its param `shards`)")
     db_reconnect_seconds: float = _setting(
-        "ETL_DB_RECONNECT_SECONDS", non_negative_float, 15.0,
+        "ETL_DB_RECONNECT_SECONDS", _non_negative_float, 15.0,
         "longest total wait (s) for a lost database to come back; past it the run stops, naming the batch not loaded",
     )  # fmt: skip
     stop_grace: float = _setting(
-        "ETL_STOP_GRACE", non_negative_float, 5.0,
+        "ETL_STOP_GRACE", _non_negative_float, 5.0,
         "on SIGTERM, seconds the downloads in flight may take to finish (the rest are marked failed, retried next run)",
     )  # fmt: skip
     sentiment_threshold: float = _setting(
         "SENTIMENT_THRESHOLD", _threshold, 0.05, "polarity >= t is positive, <= -t negative, else neutral"
     )
-    overlap_minutes: int = _setting("ETL_OVERLAP_MINUTES", non_negative_int, 60, "incremental runs re-read this much before the watermark")
-    log_format: str = _setting("ETL_LOG_FORMAT", _log_format, "text", "text or json (one object a line)")
+    overlap_minutes: int = _setting("ETL_OVERLAP_MINUTES", _non_negative_int, 60, "incremental runs re-read this much before the watermark")
+    log_format: str = _setting("ETL_LOG_FORMAT", _log_format, "_str", "_str or json (one object a line)")
     log_level: str = _setting("ETL_LOG_LEVEL", _log_level, "INFO", "DEBUG, INFO, WARNING or ERROR")
-    log_file: str = _setting("ETL_LOG_FILE", text, "", "also append logs to this file")
+    log_file: str = _setting("ETL_LOG_FILE", _str, "", "also append logs to this file")
     # Insights (issue 14): near-duplicate images, rising hashtags.
     similar_max_distance: int = _setting(
         "ETL_SIMILAR_MAX_DISTANCE", _hamming, 5, "Hamming distance (0-7) of 64-bit image hashes that counts as the same picture"
     )
-    trends_min_count: int = _setting("ETL_TRENDS_MIN_COUNT", positive_int, 5, "posts a hashtag needs in the window to rank in trends")
-    metrics_path: str = _setting("ETL_METRICS_PATH", text, "", "Prometheus textfile written after each run")
+    trends_min_count: int = _setting("ETL_TRENDS_MIN_COUNT", _positive_int, 5, "posts a hashtag needs in the window to rank in trends")
+    metrics_path: str = _setting("ETL_METRICS_PATH", _str, "", "Prometheus textfile written after each run")
     progress_seconds: float = _setting(
-        "ETL_PROGRESS_SECONDS", non_negative_float, 30.0, "without a terminal (cron): a progress log line this often (s); 0 = none"
+        "ETL_PROGRESS_SECONDS", _non_negative_float, 30.0, "without a terminal (cron): a progress log line this often (s); 0 = none"
     )
 
     # Trust over years: language, deletions (README: Language, Deletions).
     detect_language: bool = _setting(
-        "ETL_DETECT_LANGUAGE", flag, True, "guess a caption's language when the platform gives none (py3langid)"
+        "ETL_DETECT_LANGUAGE", _bool, True, "guess a caption's language when the platform gives none (py3langid)"
     )
     deleted_at_source: str = _setting(
         "ETL_DELETED_AT_SOURCE", _deleted_policy, "mark",
         "when a platform says a post we hold is gone: mark (keep it, set deleted_at_source) or forget (remove it)",
     )  # fmt: skip
     recheck_posts: int = _setting(
-        "ETL_RECHECK_POSTS", non_negative_int, 300,
+        "ETL_RECHECK_POSTS", _non_negative_int, 300,
         "each run asks the platform about this many held posts per source, least recently checked first; 0 = off",
     )  # fmt: skip
 
@@ -311,7 +316,7 @@ class Settings:
     export_prefix: str = _setting(
         "ETL_EXPORT_PREFIX", _export_prefix, "export/", "key prefix of the Parquet export under S3_PREFIX; no platform may take its name"
     )
-    export_row_group: int = _setting("ETL_EXPORT_ROW_GROUP", positive_int, 100_000, "rows per Parquet row group")
+    export_row_group: int = _setting("ETL_EXPORT_ROW_GROUP", _positive_int, 100_000, "rows per Parquet row group")
 
     # Each source's own settings, declared in its module (etl/sources/<name>.py: SETTINGS); see source().
     per_source: Mapping[str, SourceSettings] = field(default_factory=dict, hash=False)
@@ -392,7 +397,7 @@ def load_settings(env: Mapping[str, str] | None = None, dotenv_path: str | Path 
     values: dict[str, Any] = {}
     for f, setting in _core_fields():
         raw = env.get(setting.env)
-        if setting.env == "ETL_SOURCES" and raw is not None and not comma_list(raw):
+        if setting.env == "ETL_SOURCES" and raw is not None and not _list(raw):
             # Set but empty: a cron job with a mistyped list must not fall back to the mock source.
             raise ConfigError("ETL_SOURCES is set but empty: name the sources (for example ETL_SOURCES=youtube,twitter)")
         if raw is not None and raw.strip():
