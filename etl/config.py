@@ -100,8 +100,8 @@ def _hamming(raw: str) -> int:
 
 def _log_format(raw: str) -> str:
     value = raw.strip().lower()
-    if value not in ("_str", "json"):
-        raise ValueError("expected _str or json")
+    if value not in ("text", "json"):
+        raise ValueError("expected text or json")
     return value
 
 
@@ -286,7 +286,7 @@ class Settings:
         "SENTIMENT_THRESHOLD", _threshold, 0.05, "polarity >= t is positive, <= -t negative, else neutral"
     )
     overlap_minutes: int = _setting("ETL_OVERLAP_MINUTES", _non_negative_int, 60, "incremental runs re-read this much before the watermark")
-    log_format: str = _setting("ETL_LOG_FORMAT", _log_format, "_str", "_str or json (one object a line)")
+    log_format: str = _setting("ETL_LOG_FORMAT", _log_format, "text", "text or json (one object a line)")
     log_level: str = _setting("ETL_LOG_LEVEL", _log_level, "INFO", "DEBUG, INFO, WARNING or ERROR")
     log_file: str = _setting("ETL_LOG_FILE", _str, "", "also append logs to this file")
     # Insights (issue 14): near-duplicate images, rising hashtags.
