@@ -17,6 +17,8 @@ def test_defaults_without_environment(make_settings):
     assert settings.s3_bucket == ""
     assert settings.objects_dir == settings.data_dir / "objects"
     assert settings.allow_private_hosts is False
+    assert (settings.log_format, settings.log_level) == ("text", "INFO")
+    assert make_settings(ETL_LOG_FORMAT=" Text ").log_format == "text"
 
 
 def test_values_are_parsed(make_settings):
