@@ -210,7 +210,7 @@ def check_sources(settings: Settings) -> list[Check]:
             checks.append(Check("source", name, FAIL, "unknown source", f"use one of: {', '.join(sorted(REGISTRY))}"))
     for name, cls in sorted(REGISTRY.items()):
         configured = name in settings.sources
-        credentials = any(getattr(settings, r) for r in cls.required)
+        credentials = any(getattr(settings.source(name), r) for r in cls.required)
         if not configured and not credentials:
             checks.append(Check("source", name, NONE, "not configured"))
             continue

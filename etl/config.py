@@ -1,11 +1,15 @@
-"""Reads the environment (and .env) once into a frozen Settings object; nothing else reads os.environ."""
+"""Reads the environment (and .env) once into a frozen Settings object; nothing else reads os.environ.
+
+The core settings are declared here; each source declares its own beside its code (`SETTINGS` in its module),
+and load_settings collects those from every registered source, ETL_SOURCE_PATHS plugins included.
+"""
 
 from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -138,13 +142,95 @@ def _http_base(raw: str) -> str:
     return value
 
 
+# The parsers, by the names a source's SETTINGS import them under (etl/sources/*.py).
+text, flag, comma_list, http_base = _str, _bool, _list, _http_base
+positive_int, non_negative_int, positive_float, non_negative_float = _positive_int, _non_negative_int, _positive_float, _non_negative_float
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting: its environment variable, parser, default, one-line doc, and whether it is secret.
+
+    Core settings are fields of `Settings` below; a source declares its own in its module as
+    `SETTINGS = (Setting(...), ...)`, read into `settings.source(name)` (see SourceSettings).
+    """
+
+    env: str
+    parse: Callable[[str], Any]
+    default: Any
+    doc: str
+    secret: bool = False
+
+    def read(self, raw: str) -> Any:
+        """The parsed value of `raw`; a bad one is a ConfigError naming the variable (a secret is not echoed)."""
+        try:
+            value = self.parse(raw)
+        except (ValueError, TypeError) as exc:
+            shown = "***" if self.secret else repr(raw)
+            raise ConfigError(f"{self.env}={shown} is invalid: {exc}") from None
+        return Secret(value) if self.secret else value
+
+
 def _setting(env: str, parse: Callable[[str], Any], default: Any, doc: str, secret: bool = False) -> Any:
-    return field(default=default, metadata={"env": env, "parse": parse, "doc": doc, "secret": secret})
+    return field(default=default, metadata={"setting": Setting(env, parse, default, doc, secret)})
+
+
+class SourceSettings:
+    """The settings one source declares, and only those: YOUTUBE_API_KEY is `.api_key` of source("youtube").
+
+    An attribute is the variable's name, lower case, less the source's name and "_" in front.
+    """
+
+    def __init__(self, source: str, declared: Sequence[Setting] = (), values: Mapping[str, Any] | None = None):
+        values = values or {}
+        by_attr = {}
+        for setting in declared:
+            attr = setting.env.lower().removeprefix(source.lower() + "_")
+            if attr.startswith("_") or hasattr(SourceSettings, attr):
+                raise ConfigError(f"{setting.env}: the {source} source cannot name a setting {attr!r}")
+            by_attr[attr] = setting
+        object.__setattr__(self, "_source", source)
+        object.__setattr__(self, "_declared", by_attr)
+        object.__setattr__(self, "_values", {a: values.get(s.env, s.default) for a, s in by_attr.items()})
+
+    def __getattr__(self, attr: str) -> Any:
+        try:
+            return self.__dict__["_values"][attr]
+        except KeyError:
+            declared = ", ".join(self.__dict__["_declared"]) or "none"
+            raise AttributeError(f"the {self._source} source declares no setting {attr!r} (it declares: {declared})") from None
+
+    def __setattr__(self, attr: str, value: Any) -> None:
+        raise AttributeError("settings are read-only")
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, SourceSettings) and (self._source, self._values) == (other._source, other._values)
+
+    def __hash__(self) -> int:
+        return hash(self._source)
+
+    def __repr__(self) -> str:
+        return f"SourceSettings({self._source}: " + ", ".join(f"{a}={v!r}" for a, v in self._values.items()) + ")"
+
+    def env_name(self, attr: str) -> str:
+        return self._declared[attr].env
+
+    def require(self, *attrs: str) -> None:
+        """Raise ConfigError naming the first of these settings (attribute names) that is empty."""
+        for attr in attrs:
+            if not getattr(self, attr):
+                raise ConfigError(f"{self.env_name(attr)} is not set")
+
+    def secrets(self) -> list[str]:
+        return [self._values[a].reveal() for a, s in self._declared.items() if s.secret and self._values[a]]
 
 
 @dataclass(frozen=True)
 class Settings:
-    """Every setting of the archiver; each field names its environment variable in its metadata."""
+    """The core settings (store, database, runs, limits); each field holds its Setting in its metadata.
+
+    A source's own settings are not fields here: they are declared in its module and read by `source(name)`.
+    """
 
     # Storage: PostgreSQL and the object store.
     database_url: Secret = _setting(
@@ -162,54 +248,6 @@ class Settings:
     sources: tuple[str, ...] = _setting(
         "ETL_SOURCES", _list, (), "comma list of sources for a bare `python etl.py`; unset = mock, on the embedded set-up only"
     )
-
-    # Platform credentials and modes.
-    youtube_api_key: Secret = _setting("YOUTUBE_API_KEY", _str, Secret(""), "YouTube Data API v3 key", secret=True)
-    youtube_channel_ids: tuple[str, ...] = _setting("YOUTUBE_CHANNEL_IDS", _list, (), "channels whose uploads to archive")
-    youtube_query: str = _setting("YOUTUBE_QUERY", _str, "", "search.list query (costs 100 units a page)")
-    youtube_api_base: str = _setting("YOUTUBE_API_BASE", _http_base, "", "API endpoint override (proxies, mirrors, tests)")
-    youtube_daily_quota: int = _setting("YOUTUBE_DAILY_QUOTA", _positive_int, 10000, "quota units this archiver may spend a day")
-    twitter_bearer_token: Secret = _setting("TWITTER_BEARER_TOKEN", _str, Secret(""), "X API v2 app bearer token", secret=True)
-    twitter_query: str = _setting("TWITTER_QUERY", _str, "", "recent search query")
-    twitter_usernames: tuple[str, ...] = _setting("TWITTER_USERNAMES", _list, (), "user timelines to archive")
-    twitter_api_base: str = _setting("TWITTER_API_BASE", _http_base, "https://api.x.com", "API base URL")
-    twitter_max_wait: float = _setting("TWITTER_MAX_WAIT", _non_negative_float, 900.0, "longest wait (s) for a rate-limit reset")
-    instagram_access_token: Secret = _setting(
-        "INSTAGRAM_ACCESS_TOKEN", _str, Secret(""), "Instagram Graph API user access token", secret=True
-    )
-    instagram_user_id: str = _setting("INSTAGRAM_USER_ID", _str, "", "Instagram Business/Creator account id")
-    instagram_hashtags: tuple[str, ...] = _setting("INSTAGRAM_HASHTAGS", _list, (), "hashtags (without #) to archive")
-    instagram_api_base: str = _setting("INSTAGRAM_API_BASE", _http_base, "https://graph.facebook.com/v21.0", "Graph API base URL")
-    instagram_own_media: bool = _setting(
-        "INSTAGRAM_OWN_MEDIA", _bool, True, "archive the account's own media (false: only INSTAGRAM_HASHTAGS)"
-    )
-
-    bluesky_actors: tuple[str, ...] = _setting("BLUESKY_ACTORS", _list, (), "Bluesky handles or DIDs whose author feeds to archive")
-    bluesky_query: str = _setting("BLUESKY_QUERY", _str, "", "Bluesky post search (searchPosts, needs BLUESKY_HANDLE and BLUESKY_APP_PASSWORD)")
-    bluesky_handle: str = _setting("BLUESKY_HANDLE", _str, "", "Bluesky account handle for the session (search only)")
-    bluesky_app_password: Secret = _setting(
-        "BLUESKY_APP_PASSWORD", _str, Secret(""), "Bluesky app password (Settings > App passwords)", secret=True
-    )
-    bluesky_api_base: str = _setting("BLUESKY_API_BASE", _http_base, "https://public.api.bsky.app", "Bluesky AppView for public reads")
-    bluesky_pds_base: str = _setting("BLUESKY_PDS_BASE", _http_base, "https://bsky.social", "Bluesky PDS for the session and search")
-    mastodon_instance: str = _setting("MASTODON_INSTANCE", _http_base, "", "Mastodon instance base URL, e.g. https://mastodon.social")
-    mastodon_hashtags: tuple[str, ...] = _setting("MASTODON_HASHTAGS", _list, (), "hashtag timelines (without #) to archive")
-    mastodon_accounts: tuple[str, ...] = _setting("MASTODON_ACCOUNTS", _list, (), "accounts (@user@host) whose statuses to archive")
-    mastodon_access_token: Secret = _setting(
-        "MASTODON_ACCESS_TOKEN", _str, Secret(""), "optional Mastodon access token (instances that refuse public timelines)", secret=True
-    )
-    reddit_client_id: str = _setting("REDDIT_CLIENT_ID", _str, "", "Reddit app client id (approved API access)")
-    reddit_client_secret: Secret = _setting("REDDIT_CLIENT_SECRET", _str, Secret(""), "Reddit app client secret", secret=True)
-    reddit_user_agent: str = _setting(
-        "REDDIT_USER_AGENT", _str, "", "descriptive User-Agent Reddit requires, e.g. 'linux:org.example.archiver:1.0 (by /u/you)'"
-    )
-    reddit_subreddits: tuple[str, ...] = _setting("REDDIT_SUBREDDITS", _list, (), "subreddits (without r/) whose /new listing to archive")
-    reddit_api_base: str = _setting("REDDIT_API_BASE", _http_base, "https://oauth.reddit.com", "Reddit OAuth API base URL")
-    reddit_auth_base: str = _setting("REDDIT_AUTH_BASE", _http_base, "https://www.reddit.com", "Reddit token endpoint base URL")
-
-    # Mock source.
-    mock_seed: int = _setting("MOCK_SEED", _non_negative_int, 42, "seed of the mock source")
-    mock_posts: int = _setting("MOCK_POSTS", _non_negative_int, 40, "how many posts the mock source offers")
 
     # Images: limits, timeouts, concurrency.
     max_image_bytes: int = _setting("ETL_MAX_IMAGE_BYTES", _positive_int, 20 * 1024 * 1024, "largest image accepted")
@@ -280,9 +318,21 @@ class Settings:
     )
     export_row_group: int = _setting("ETL_EXPORT_ROW_GROUP", _positive_int, 100_000, "rows per Parquet row group")
 
+    # Each source's own settings, declared in its module (etl/sources/<name>.py: SETTINGS); see source().
+    per_source: Mapping[str, SourceSettings] = field(default_factory=dict, hash=False)
+
     def __repr__(self) -> str:
         shown = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self))
         return f"Settings({shown})"
+
+    def source(self, name: str) -> SourceSettings:
+        """The settings the source `name` declares, read from the environment by load_settings (defaults
+        when these Settings were built without it, or the source declares none)."""
+        if name in self.per_source:
+            return self.per_source[name]
+        from etl.sources import declared_settings
+
+        return SourceSettings(name, declared_settings().get(name, ()))
 
     @property
     def embedded_db(self) -> bool:
@@ -299,7 +349,8 @@ class Settings:
 
     def secrets(self) -> list[str]:
         """Every secret value set, and the password inside DATABASE_URL, for log redaction."""
-        values = [getattr(self, f.name).reveal() for f in fields(self) if f.metadata["secret"]]
+        values = [getattr(self, f.name).reveal() for f, setting in _core_fields() if setting.secret]
+        values += [value for own in self.per_source.values() for value in own.secrets()]
         if self.database_url:
             try:
                 password = urlsplit(self.database_url.reveal()).password
@@ -316,13 +367,21 @@ class Settings:
                 raise ConfigError(f"{env_name(name)} is not set")
 
 
+def _core_fields() -> list[tuple[Any, Setting]]:
+    return [(f, f.metadata["setting"]) for f in fields(Settings) if "setting" in f.metadata]
+
+
 def env_name(field_name: str) -> str:
-    return next(f.metadata["env"] for f in fields(Settings) if f.name == field_name)
+    return next(setting.env for f, setting in _core_fields() if f.name == field_name)
 
 
-def setting_docs() -> list[tuple[str, str, bool]]:
-    """(environment variable, doc, secret) for every setting, in declaration order."""
-    return [(f.metadata["env"], f.metadata["doc"], f.metadata["secret"]) for f in fields(Settings)]
+def all_settings() -> list[tuple[str, Setting]]:
+    """(group, Setting) for every setting: the core ones (group "") in declaration order, then each
+    registered source's (group = its name), sources by name. Sources of ETL_SOURCE_PATHS count once loaded."""
+    from etl.sources import declared_settings
+
+    core = [("", setting) for _, setting in _core_fields()]
+    return core + [(name, s) for name, declared in sorted(declared_settings().items()) for s in declared]
 
 
 # Variables read by boto3 itself, documented in .env.example but not held in Settings.
@@ -336,20 +395,13 @@ def load_settings(env: Mapping[str, str] | None = None, dotenv_path: str | Path 
     if env is None:
         env = merged_environment(dotenv_path)
     values: dict[str, Any] = {}
-    for f in fields(Settings):
-        name = f.metadata["env"]
-        raw = env.get(name)
-        if name == "ETL_SOURCES" and raw is not None and not _list(raw):
+    for f, setting in _core_fields():
+        raw = env.get(setting.env)
+        if setting.env == "ETL_SOURCES" and raw is not None and not _list(raw):
             # Set but empty: a cron job with a mistyped list must not fall back to the mock source.
             raise ConfigError("ETL_SOURCES is set but empty: name the sources (for example ETL_SOURCES=youtube,twitter)")
-        if raw is None or raw.strip() == "":
-            continue
-        try:
-            value = f.metadata["parse"](raw)
-        except (ValueError, TypeError) as exc:
-            shown = "***" if f.metadata["secret"] else repr(raw)
-            raise ConfigError(f"{name}={shown} is invalid: {exc}") from None
-        values[f.name] = Secret(value) if f.metadata["secret"] else value
+        if raw is not None and raw.strip():
+            values[f.name] = setting.read(raw)
     if "sources" not in values and not values.get("database_url"):
         values["sources"] = ("mock",)  # the embedded default set-up (no DATABASE_URL) runs the mock source
     settings = Settings(**values)
@@ -360,7 +412,23 @@ def load_settings(env: Mapping[str, str] | None = None, dotenv_path: str | Path 
             raise ConfigError(f"ETL_SOURCES: {source!r} is the name of ETL_EXPORT_PREFIX ({settings.export_prefix}), reserved for the export")
     if settings.database_url and not settings.database_url.reveal().startswith(("postgres://", "postgresql://")):
         raise ConfigError(f"DATABASE_URL must start with postgresql:// (got {mask_url_password(settings.database_url.reveal())})")
-    return settings
+    return replace(settings, per_source=_read_source_settings(settings, env))
+
+
+def _read_source_settings(settings: Settings, env: Mapping[str, str]) -> dict[str, SourceSettings]:
+    """Each registered source's declared settings, parsed (ETL_SOURCE_PATHS loaded first, so a plugin's count)."""
+    from etl.sources import declared_settings, load_source_modules
+
+    load_source_modules(settings.source_paths)
+    owner = {setting.env: "the core settings (etl/config.py)" for _, setting in _core_fields()}
+    per_source = {}
+    for name, declared in sorted(declared_settings().items()):
+        for setting in declared:
+            if owner.setdefault(setting.env, f"the {name} source") != f"the {name} source":
+                raise ConfigError(f"{setting.env} is declared by the {name} source and by {owner[setting.env]}")
+        read = {s.env: s.read(env[s.env]) for s in declared if env.get(s.env, "").strip()}
+        per_source[name] = SourceSettings(name, declared, read)
+    return per_source
 
 
 def merged_environment(dotenv_path: str | Path | None = ".env") -> dict[str, str]:
@@ -403,10 +471,10 @@ def read_dotenv(path: Path) -> dict[str, str]:
     return values
 
 
-# Prefixes of our settings (and of the platforms coming next); an unknown variable with one of them is
-# probably a misspelling.
+# Prefixes of our core settings; an unknown variable with one of them, or with a registered source's name
+# and "_" in front (YOUTUBE_, TINY_), is probably a misspelling.
 # AWS_ is left out: boto3 and the AWS CLI read dozens of AWS_ variables (AWS_ENDPOINT_URL_S3 is not a typo).
-SETTING_PREFIXES = ("ETL_", "S3_", "DATABASE_", "YOUTUBE_", "TWITTER_", "INSTAGRAM_", "BLUESKY_", "MASTODON_", "REDDIT_", "MOCK_", "SENTIMENT_")
+SETTING_PREFIXES = ("ETL_", "S3_", "DATABASE_", "SENTIMENT_")
 # Read under those prefixes by our own scripts (scripts/cron_run.sh), not by Settings.
 _OTHER_KNOWN = ("ETL_PYTHON", "ETL_CRON_LOG")
 
@@ -415,10 +483,13 @@ def misspelled_settings(env: Mapping[str, str]) -> list[tuple[str, str]]:
     """(variable, the setting it probably means) for each unknown variable with our prefixes close to a known one."""
     import difflib
 
-    known = [f.metadata["env"] for f in fields(Settings)] + ["DATABASE_URL", *_OTHER_KNOWN]
+    from etl.sources import REGISTRY
+
+    known = [setting.env for _, setting in all_settings()] + [*_OTHER_KNOWN]
+    prefixes = SETTING_PREFIXES + tuple(f"{name.upper()}_" for name in REGISTRY)
     found = []
     for name in sorted(env):
-        if name in known or not name.upper().startswith(SETTING_PREFIXES):
+        if name in known or not name.upper().startswith(prefixes):
             continue
         close = difflib.get_close_matches(name.upper(), known, n=1, cutoff=0.8)
         if close:

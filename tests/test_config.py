@@ -17,6 +17,8 @@ def test_defaults_without_environment(make_settings):
     assert settings.s3_bucket == ""
     assert settings.objects_dir == settings.data_dir / "objects"
     assert settings.allow_private_hosts is False
+    assert (settings.log_format, settings.log_level) == ("text", "INFO")
+    assert make_settings(ETL_LOG_FORMAT=" Text ").log_format == "text"
 
 
 def test_values_are_parsed(make_settings):
@@ -62,8 +64,10 @@ def test_malformed_setting_is_a_config_error_naming_it(make_settings, name, valu
 def test_missing_required_setting_is_named(make_settings):
     settings = make_settings()
     with pytest.raises(ConfigError, match="YOUTUBE_API_KEY is not set"):
-        settings.require("youtube_api_key")
-    make_settings(YOUTUBE_API_KEY="k").require("youtube_api_key")  # set: no error
+        settings.source("youtube").require("api_key")
+    make_settings(YOUTUBE_API_KEY="k").source("youtube").require("api_key")  # set: no error
+    with pytest.raises(ConfigError, match="DATABASE_URL is not set"):
+        settings.require("database_url")  # the core settings keep theirs
 
 
 def test_secrets_never_in_repr(make_settings):
@@ -76,8 +80,9 @@ def test_secrets_never_in_repr(make_settings):
     shown = repr(settings) + str(settings)
     for secret in ("pg-pass-5150", "yt-key-7f3a9c", "tw-bearer-c0ffee", "ig-token-beef42"):
         assert secret not in shown
-    assert settings.youtube_api_key.reveal() == "yt-key-7f3a9c"
-    assert isinstance(settings.youtube_api_key, Secret)
+    assert settings.source("youtube").api_key.reveal() == "yt-key-7f3a9c"
+    assert isinstance(settings.source("youtube").api_key, Secret)
+    assert "tw-bearer-c0ffee" not in repr(settings.source("twitter")) + str(settings.source("twitter"))
     assert set(settings.secrets()) >= {"pg-pass-5150", "yt-key-7f3a9c", "tw-bearer-c0ffee", "ig-token-beef42"}
 
 
@@ -135,3 +140,44 @@ def test_the_mock_default_is_for_the_embedded_set_up_only(make_settings, env, so
 def test_set_but_empty_etl_sources_is_refused(make_settings):
     with pytest.raises(ConfigError, match="ETL_SOURCES"):
         make_settings(ETL_SOURCES=" , ")
+
+
+def test_a_source_reads_only_its_own_settings(make_settings):
+    settings = make_settings(YOUTUBE_QUERY="sunsets", TWITTER_QUERY="#sunset")
+    youtube = settings.source("youtube")
+    assert (youtube.query, youtube.daily_quota, youtube.channel_ids) == ("sunsets", 10000, ())
+    with pytest.raises(AttributeError, match="the youtube source declares no setting 'bearer_token'"):
+        youtube.bearer_token  # noqa: B018  (another platform's setting is not reachable from here)
+    with pytest.raises(AttributeError):
+        youtube.query = "other"  # type: ignore[misc]
+    assert not hasattr(settings, "youtube_query")  # no longer a field of the core settings
+
+
+def _declaring_source(monkeypatch: pytest.MonkeyPatch, name: str, *declared: object) -> None:
+    """Register a source `name` whose module declares `declared` (undone after the test)."""
+    import sys
+    import types
+
+    from etl.sources import REGISTRY
+    from etl.sources.base import Source
+
+    module = types.ModuleType(f"test_source_{name}")
+    module.SETTINGS = declared  # type: ignore[attr-defined]
+    cls = type(f"{name.title()}Source", (Source,), {"name": name, "__module__": module.__name__})
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    monkeypatch.setitem(REGISTRY, name, cls)
+
+
+@pytest.mark.badinput("a source's own setting malformed, or declared twice")
+def test_a_registered_source_s_settings_are_read_validated_and_checked_for_clashes(make_settings, monkeypatch):
+    from etl.config import Setting, all_settings, positive_int
+
+    _declaring_source(monkeypatch, "kite", Setting("KITE_PAGES", positive_int, 3, "pages a run reads"))
+    assert make_settings(KITE_PAGES="7").source("kite").pages == 7
+    assert make_settings().source("kite").pages == 3
+    assert ("kite", "KITE_PAGES") in [(group, s.env) for group, s in all_settings()]
+    with pytest.raises(ConfigError, match="KITE_PAGES='none' is invalid"):
+        make_settings(KITE_PAGES="none")
+    _declaring_source(monkeypatch, "clash", Setting("ETL_SOURCES", positive_int, 1, "taken"))
+    with pytest.raises(ConfigError, match="ETL_SOURCES is declared by the clash source and by the core settings"):
+        make_settings()

@@ -44,8 +44,9 @@ def query_stream(query: str) -> str:
 class Source:
     """A platform client: yields normalized Posts, knows nothing of S3, SQL or sentiment.
 
-    Subclasses set `name`, list the settings they cannot work without in `required` (Settings field
-    names), and implement `fetch`. A bad item is reported with `reject` and skipped; a condition that ends
+    Subclasses set `name`, declare their own settings in their module (`SETTINGS`, read into `self.config`),
+    list those they cannot work without in `required` (attribute names of `self.config`), and implement
+    `fetch`. A bad item is reported with `reject` and skipped; a condition that ends
     the source for this run (quota, rate limit past the allowed wait, a revoked token) raises SourceError,
     and everything yielded before it is still loaded.
     """
@@ -55,7 +56,8 @@ class Source:
     required: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, settings: Settings, *, session: requests.Session | None = None, db: Any = None, **options: Any):
-        self.settings = settings
+        self.settings = settings  # the core settings: timeouts, retries, limits
+        self.config = settings.source(self.name)  # this source's own settings (its module's SETTINGS)
         self.options = options
         self.db = db  # etl.db.Database, for sources that cache lookups (Instagram hashtag ids); may be None
         self._session = session
@@ -74,7 +76,7 @@ class Source:
     @classmethod
     def check_settings(cls, settings: Settings) -> None:
         """Raise ConfigError naming the first missing setting this source needs."""
-        settings.require(*cls.required)
+        settings.source(cls.name).require(*cls.required)
 
     @property
     def session(self) -> requests.Session:

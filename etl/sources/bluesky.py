@@ -13,6 +13,7 @@ from typing import Any
 
 import requests
 
+from etl.config import Secret, Setting, comma_list, http_base, text
 from etl.errors import ConfigError, RecordError
 from etl.records import Post, post_from_dict
 from etl.sources import register
@@ -30,6 +31,17 @@ from etl.sources.api import (
     retry,
 )
 from etl.sources.base import FetchWindow, query_stream
+
+SETTINGS = (
+    Setting("BLUESKY_ACTORS", comma_list, (), "Bluesky handles or DIDs whose author feeds to archive"),
+    Setting(
+        "BLUESKY_QUERY", text, "", "Bluesky post search (searchPosts, needs BLUESKY_HANDLE and BLUESKY_APP_PASSWORD)"
+    ),
+    Setting("BLUESKY_HANDLE", text, "", "Bluesky account handle for the session (search only)"),
+    Setting("BLUESKY_APP_PASSWORD", text, Secret(""), "Bluesky app password (Settings > App passwords)", secret=True),
+    Setting("BLUESKY_API_BASE", http_base, "https://public.api.bsky.app", "Bluesky AppView for public reads"),
+    Setting("BLUESKY_PDS_BASE", http_base, "https://bsky.social", "Bluesky PDS for the session and search"),
+)
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +103,7 @@ class AuthorFeed(Stream):
         self.source, self.actor = source, actor
 
     def entries(self, after: Any, window: FetchWindow) -> Iterator[Entry]:
-        url = self.source.settings.bluesky_api_base + AUTHOR_FEED
+        url = self.source.config.api_base + AUTHOR_FEED
         params = {"actor": self.actor, "limit": PAGE_SIZE}
         for page in self.source.pages(url, params, CursorPaginator(), what=f"getAuthorFeed {self.actor}"):
             yield from self.source.entries(page, "feed", f"getAuthorFeed {self.actor}")
@@ -111,7 +123,7 @@ class Search(AuthorFeed):
         self.source, self.query = source, query
 
     def entries(self, after: Any, window: FetchWindow) -> Iterator[Entry]:
-        url = self.source.settings.bluesky_pds_base + SEARCH_POSTS
+        url = self.source.config.pds_base + SEARCH_POSTS
         params: dict[str, Any] = {"q": self.query, "sort": "latest", "limit": PAGE_SIZE}
         since = after or window.since
         if since is not None:
@@ -203,24 +215,23 @@ class BlueskySource(APISource):
 
     @classmethod
     def check_settings(cls, settings: Any) -> None:
-        if not settings.bluesky_actors and not settings.bluesky_query:
+        config = settings.source(cls.name)
+        if not config.actors and not config.query:
             raise ConfigError(
                 "the bluesky source needs BLUESKY_ACTORS (author feeds) or BLUESKY_QUERY (a search), or both"
             )
-        for actor in settings.bluesky_actors:
+        for actor in config.actors:
             if not HANDLE_RE.match(_actor(actor)):
                 raise ConfigError(
                     f"BLUESKY_ACTORS has {actor!r}, which is neither a handle (name.bsky.social) nor a DID"
                 )
-        if settings.bluesky_query:
-            settings.require("bluesky_handle", "bluesky_app_password")
+        if config.query:
+            config.require("handle", "app_password")
 
     def stream_objects(self) -> list[Stream]:
-        streams: list[Stream] = [
-            AuthorFeed(self, a) for a in dict.fromkeys(_actor(a) for a in self.settings.bluesky_actors)
-        ]
-        if self.settings.bluesky_query:
-            streams.append(Search(self, self.settings.bluesky_query))
+        streams: list[Stream] = [AuthorFeed(self, a) for a in dict.fromkeys(_actor(a) for a in self.config.actors)]
+        if self.config.query:
+            streams.append(Search(self, self.config.query))
         return streams
 
     def entries(self, page: Mapping[str, Any], field: str, what: str) -> Iterator[Entry]:
@@ -250,7 +261,7 @@ class BlueskySource(APISource):
     def recheck(self, post_ids: list[str]) -> Iterator[str]:
         """app.bsky.feed.getPosts, 25 URIs a call, no login: a post the AppView no longer returns was deleted
         (or taken down, or its account deleted or deactivated)."""
-        url = self.settings.bluesky_api_base + GET_POSTS
+        url = self.config.api_base + GET_POSTS
         for start in range(0, len(post_ids), GET_POSTS_MAX):
             batch = post_ids[start : start + GET_POSTS_MAX]
             _, body = self.get_json(url, what=f"getPosts ({len(batch)} held posts)", params={"uris": batch})
@@ -297,7 +308,7 @@ class BlueskySource(APISource):
     def authed_get(self, url: str, *, what: str, params: Any = None) -> tuple[requests.Response, dict]:
         """A GET with the account's session; an expired access token is refreshed once, then the call repeated."""
         if self._login is None:
-            self._login = self.session_file.load(self.settings.bluesky_handle, self.settings.bluesky_pds_base)
+            self._login = self.session_file.load(self.config.handle, self.config.pds_base)
             if self._login is None:
                 self._create_session()
         try:
@@ -313,12 +324,12 @@ class BlueskySource(APISource):
         return {"Authorization": "Bearer " + self._login[which]}
 
     def _create_session(self) -> None:
-        handle = self.settings.bluesky_handle
+        handle = self.config.handle
         log.info("bluesky: logging in as %s (createSession)", handle)
         try:
             response = self.request(
-                "POST", self.settings.bluesky_pds_base + CREATE_SESSION, what="createSession",
-                json={"identifier": handle, "password": self.settings.bluesky_app_password.reveal()},
+                "POST", self.config.pds_base + CREATE_SESSION, what="createSession",
+                json={"identifier": handle, "password": self.config.app_password.reveal()},
             )  # fmt: skip
         except StreamError as exc:
             raise StreamError(f"login as BLUESKY_HANDLE={handle} failed: {exc}", code="auth") from None
@@ -327,7 +338,7 @@ class BlueskySource(APISource):
     def _refresh_session(self) -> None:
         log.info("bluesky: the access token has expired; refreshing the session (refreshSession)")
         try:
-            response = self.request("POST", self.settings.bluesky_pds_base + REFRESH_SESSION, what="refreshSession",
+            response = self.request("POST", self.config.pds_base + REFRESH_SESSION, what="refreshSession",
                                     headers=self._bearer("refreshJwt"))  # fmt: skip
         except StreamError as exc:
             if exc.code not in ("expired", "auth"):
@@ -341,8 +352,8 @@ class BlueskySource(APISource):
         if not all(isinstance(body.get(k), str) and body[k] for k in ("accessJwt", "refreshJwt")):
             raise StreamError("Bluesky API answered the login without accessJwt and refreshJwt")
         self._login = {
-            "handle": self.settings.bluesky_handle,
-            "pds": self.settings.bluesky_pds_base,
+            "handle": self.config.handle,
+            "pds": self.config.pds_base,
             "did": body.get("did"),
             "accessJwt": body["accessJwt"],
             "refreshJwt": body["refreshJwt"],

@@ -13,6 +13,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import requests
 
+from etl.config import Secret, Setting, comma_list, flag, http_base, text
 from etl.errors import ConfigError, RecordError, SourceError
 from etl.http import WaitTooLong, is_retriable_status, retry_after_seconds
 from etl.records import MAX_IMAGES, Post, post_from_dict
@@ -31,6 +32,14 @@ from etl.sources.api import (
     retry,
 )
 from etl.sources.base import FetchWindow
+
+SETTINGS = (
+    Setting("INSTAGRAM_ACCESS_TOKEN", text, Secret(""), "Instagram Graph API user access token", secret=True),
+    Setting("INSTAGRAM_USER_ID", text, "", "Instagram Business/Creator account id"),
+    Setting("INSTAGRAM_HASHTAGS", comma_list, (), "hashtags (without #) to archive"),
+    Setting("INSTAGRAM_API_BASE", http_base, "https://graph.facebook.com/v21.0", "Graph API base URL"),
+    Setting("INSTAGRAM_OWN_MEDIA", flag, True, "archive the account's own media (false: only INSTAGRAM_HASHTAGS)"),
+)
 
 log = logging.getLogger(__name__)
 
@@ -308,25 +317,26 @@ class InstagramSource(APISource):
 
     name = "instagram"
     api_name = "Graph API"
-    required = ("instagram_access_token", "instagram_user_id")
+    required = ("access_token", "user_id")
 
     def __init__(self, settings: Any, *, now: Callable[[], datetime] | None = None, **kwargs: Any):
         super().__init__(settings, **kwargs)
         self.now = now or (lambda: datetime.now(timezone.utc))
-        self.user_id = settings.instagram_user_id.strip()
-        self.hashtags = tuple(dict.fromkeys(normalize_hashtag(t) for t in settings.instagram_hashtags if t.strip("# ")))
-        self.token = settings.instagram_access_token.reveal()
+        self.user_id = self.config.user_id.strip()
+        self.hashtags = tuple(dict.fromkeys(normalize_hashtag(t) for t in self.config.hashtags if t.strip("# ")))
+        self.token = self.config.access_token.reveal()
         self.budget = HashtagBudget(self.db, self.user_id)
         self.problems: list[str] = []
 
     @classmethod
     def check_settings(cls, settings: Any) -> None:
-        settings.require(*cls.required)
-        if not settings.instagram_user_id.strip().isdigit():
+        config = settings.source(cls.name)
+        config.require(*cls.required)
+        if not config.user_id.strip().isdigit():
             raise ConfigError(
                 "INSTAGRAM_USER_ID must be the numeric id of the Instagram Business/Creator account, not its @username"
             )
-        if not settings.instagram_own_media and not settings.instagram_hashtags:
+        if not config.own_media and not config.hashtags:
             raise ConfigError("INSTAGRAM_OWN_MEDIA=false leaves nothing to archive: set INSTAGRAM_HASHTAGS")
 
     def probe(self) -> str | None:
@@ -335,12 +345,12 @@ class InstagramSource(APISource):
         return "GET /{INSTAGRAM_USER_ID}?fields=id,username: 1 call of the app's hourly rate limit"
 
     def config_key(self) -> str:
-        own = self.settings.instagram_own_media
+        own = self.config.own_media
         described = json.dumps({"user": self.user_id, "hashtags": sorted(self.hashtags), "own": own}, sort_keys=True)
         return hashlib.sha256(described.encode()).hexdigest()[:12]
 
     def stream_objects(self) -> list[Stream]:
-        own = [Media(self, f"own:{self.user_id}", "own media")] if self.settings.instagram_own_media else []
+        own = [Media(self, f"own:{self.user_id}", "own media")] if self.config.own_media else []
         return [*own, *(Media(self, f"hashtag:{h}", f"#{h}", h) for h in self.hashtags)]
 
     # The run's watermark bounds every stream (media ids carry no order): no cursor of the source's own.
@@ -370,7 +380,7 @@ class InstagramSource(APISource):
     # -- the Graph API over request(): the token as access_token, error objects, throttling codes ------
 
     def url(self, path: str) -> str:
-        return f"{self.settings.instagram_api_base.rstrip('/')}/{path.lstrip('/')}"
+        return f"{self.config.api_base.rstrip('/')}/{path.lstrip('/')}"
 
     def scrub(self, text: str) -> str:
         """The text without the token: Graph URLs (paging.next too) carry it as a query parameter."""

@@ -13,6 +13,7 @@ from urllib.parse import quote, urlsplit
 
 import requests
 
+from etl.config import Secret, Setting, comma_list, http_base, text
 from etl.errors import ConfigError, RecordError
 from etl.records import Post, post_from_dict
 from etl.sources import register
@@ -32,6 +33,15 @@ from etl.sources.api import (
     retry,
 )
 from etl.sources.base import FetchWindow
+
+SETTINGS = (
+    Setting("MASTODON_INSTANCE", http_base, "", "Mastodon instance base URL, e.g. https://mastodon.social"),
+    Setting("MASTODON_HASHTAGS", comma_list, (), "hashtag timelines (without #) to archive"),
+    Setting("MASTODON_ACCOUNTS", comma_list, (), "accounts (@user@host) whose statuses to archive"),
+    Setting(
+        "MASTODON_ACCESS_TOKEN", text, Secret(""), "optional Mastodon access token (instances that refuse public timelines)", secret=True
+    ),
+)
 
 log = logging.getLogger(__name__)
 
@@ -205,12 +215,12 @@ class MastodonSource(APISource):
     name = "mastodon"
     api_name = "Mastodon API"
     rate_limit_headers = ("X-RateLimit-Remaining", "X-RateLimit-Limit", "X-RateLimit-Reset")
-    required = ("mastodon_instance",)
+    required = ("instance",)
 
     def __init__(self, settings: Any, **kwargs: Any):
         super().__init__(settings, **kwargs)
-        self.base = settings.mastodon_instance.rstrip("/")
-        token = settings.mastodon_access_token.reveal().strip()
+        self.base = self.config.instance.rstrip("/")
+        token = self.config.access_token.reveal().strip()
         # On each request, never on the session: the session may be shared with the image downloader.
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._ids: dict[str, str | None] = {}
@@ -220,19 +230,20 @@ class MastodonSource(APISource):
 
     @classmethod
     def check_settings(cls, settings: Any) -> None:
-        settings.require(*cls.required)
-        if not settings.mastodon_hashtags and not settings.mastodon_accounts:
+        config = settings.source(cls.name)
+        config.require(*cls.required)
+        if not config.hashtags and not config.accounts:
             raise ConfigError("the mastodon source needs MASTODON_HASHTAGS or MASTODON_ACCOUNTS, or both")
-        for tag in settings.mastodon_hashtags:
+        for tag in config.hashtags:
             if not TAG_RE.match(tag.strip().lstrip("#")):
                 raise ConfigError(f"MASTODON_HASHTAGS has {tag!r}, which is not a hashtag (letters, digits, _)")
-        for acct in settings.mastodon_accounts:
+        for acct in config.accounts:
             if not ACCOUNT_RE.match(acct.strip()):
                 raise ConfigError(f"MASTODON_ACCOUNTS has {acct!r}, which is not an account (@user@host or user)")
 
     def stream_objects(self) -> list[Stream]:
-        tags = dict.fromkeys(t.strip().lstrip("#") for t in self.settings.mastodon_hashtags)
-        accounts = dict.fromkeys(_account(a) for a in self.settings.mastodon_accounts)
+        tags = dict.fromkeys(t.strip().lstrip("#") for t in self.config.hashtags)
+        accounts = dict.fromkeys(_account(a) for a in self.config.accounts)
         return [*(Hashtag(self, t) for t in tags), *(Account(self, a) for a in accounts)]
 
     def to_post(self, item: Any, stream: Stream) -> Post | None:

@@ -11,9 +11,15 @@ from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from etl.config import Setting, non_negative_int
 from etl.records import Post, extract_hashtags
 from etl.sources import register
 from etl.sources.base import FetchWindow, Source
+
+SETTINGS = (
+    Setting("MOCK_SEED", non_negative_int, 42, "seed of the mock source"),
+    Setting("MOCK_POSTS", non_negative_int, 40, "how many posts the mock source offers"),
+)
 
 # The feed's newest post; fixed so that the same seed always gives the same archive.
 FEED_END = datetime(2026, 11, 1, 12, 0, tzinfo=timezone.utc)
@@ -80,7 +86,7 @@ class MockSource(Source):
         self._thread: threading.Thread | None = None
 
     def config_key(self) -> str:
-        return f"seed={self.settings.mock_seed}"
+        return f"seed={self.config.seed}"
 
     def open(self) -> None:
         if self._server is not None:
@@ -105,12 +111,12 @@ class MockSource(Source):
 
     def posts(self) -> Iterator[Post]:
         """The whole feed, newest first."""
-        rng = random.Random(self.settings.mock_seed)
+        rng = random.Random(self.config.seed)
         created = FEED_END
         base = self._base_url()
-        for i in range(self.settings.mock_posts):
+        for i in range(self.config.posts):
             created -= timedelta(minutes=rng.randint(20, 600))
-            post_id = f"m{self.settings.mock_seed}-{i:05d}"
+            post_id = f"m{self.config.seed}-{i:05d}"
             opening, _ = rng.choice(_OPENINGS)
             tags = rng.sample(_TAGS, rng.randint(0, 3))
             mention = f" with @{rng.choice(_USERS)}" if rng.random() < 0.3 else ""
@@ -127,7 +133,7 @@ class MockSource(Source):
                 permalink=f"https://mock.example/p/{post_id}",
                 image_urls=tuple(images),
                 hashtags=extract_hashtags(caption),
-                raw={"seed": self.settings.mock_seed, "index": i},
+                raw={"seed": self.config.seed, "index": i},
             )
 
     def fetch(self, window: FetchWindow) -> Iterator[Post]:

@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 
 import requests
 
+from etl.config import Secret, Setting, comma_list, http_base, text
 from etl.errors import ConfigError, RecordError
 from etl.records import Post, post_from_dict
 from etl.sources import register
@@ -28,6 +29,17 @@ from etl.sources.api import (
     retry,
 )
 from etl.sources.base import FetchWindow
+
+SETTINGS = (
+    Setting("REDDIT_CLIENT_ID", text, "", "Reddit app client id (approved API access)"),
+    Setting("REDDIT_CLIENT_SECRET", text, Secret(""), "Reddit app client secret", secret=True),
+    Setting(
+        "REDDIT_USER_AGENT", text, "", "descriptive User-Agent Reddit requires, e.g. 'linux:org.example.archiver:1.0 (by /u/you)'"
+    ),
+    Setting("REDDIT_SUBREDDITS", comma_list, (), "subreddits (without r/) whose /new listing to archive"),
+    Setting("REDDIT_API_BASE", http_base, "https://oauth.reddit.com", "Reddit OAuth API base URL"),
+    Setting("REDDIT_AUTH_BASE", http_base, "https://www.reddit.com", "Reddit token endpoint base URL"),
+)
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +68,7 @@ class Subreddit(Stream):
         self.source, self.subreddit = source, name
 
     def entries(self, after: Any, window: FetchWindow) -> Iterator[Entry]:
-        url = self.source.settings.reddit_api_base + NEW_PATH.format(name=self.subreddit)
+        url = self.source.config.api_base + NEW_PATH.format(name=self.subreddit)
         # raw_json=1: text and URLs as written, not HTML-escaped (&amp; in every preview URL otherwise).
         params = {"limit": PAGE_SIZE, "raw_json": 1}
         what = f"r/{self.subreddit}/new"
@@ -154,7 +166,7 @@ class RedditSource(APISource):
 
     name = "reddit"
     api_name = "Reddit API"
-    required = ("reddit_client_id", "reddit_client_secret", "reddit_user_agent", "reddit_subreddits")
+    required = ("client_id", "client_secret", "user_agent", "subreddits")
 
     def __init__(self, settings: Any, **kwargs: Any):
         super().__init__(settings, **kwargs)
@@ -163,13 +175,14 @@ class RedditSource(APISource):
 
     @classmethod
     def check_settings(cls, settings: Any) -> None:
-        settings.require(*cls.required)
-        for name in settings.reddit_subreddits:
+        config = settings.source(cls.name)
+        config.require(*cls.required)
+        for name in config.subreddits:
             if not SUBREDDIT_RE.match(name.strip().removeprefix("r/")):
                 raise ConfigError(f"REDDIT_SUBREDDITS has {name!r}, which is not a subreddit name")
 
     def stream_objects(self) -> list[Stream]:
-        names = dict.fromkeys(n.strip().removeprefix("r/") for n in self.settings.reddit_subreddits)
+        names = dict.fromkeys(n.strip().removeprefix("r/") for n in self.config.subreddits)
         return [Subreddit(self, n) for n in names]
 
     def to_post(self, item: Any, stream: Stream) -> Post | None:
@@ -183,7 +196,7 @@ class RedditSource(APISource):
         """/api/info, 100 fullnames a call: a post whose author is "[deleted]" (deleted by its author) or with
         removed_by_category set (removed by moderators, Reddit, a takedown) is gone. A post missing from the
         answer (an id Reddit does not know) is recorded as checked, not as gone."""
-        url = self.settings.reddit_api_base + INFO_PATH
+        url = self.config.api_base + INFO_PATH
         for start in range(0, len(post_ids), PAGE_SIZE):
             batch = post_ids[start : start + PAGE_SIZE]
             names = ",".join(f"t3_{p}" for p in batch if ID_RE.match(p))
@@ -212,7 +225,7 @@ class RedditSource(APISource):
 
     def _headers(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
         # Reddit throttles or blocks generic agents; its rules ask for "<platform>:<app id>:<version> (by /u/name)".
-        return {"User-Agent": self.settings.reddit_user_agent, **(extra or {})}
+        return {"User-Agent": self.config.user_agent, **(extra or {})}
 
     def authed_get(self, url: str, *, what: str, params: Any = None) -> tuple[requests.Response, dict]:
         """A GET with the app's bearer token; a token refused with 401 is renewed once and the call repeated."""
@@ -229,12 +242,12 @@ class RedditSource(APISource):
         raise AssertionError("unreachable")
 
     def _fetch_token(self) -> None:
-        settings = self.settings
+        config = self.config
         try:
             response = self.request(
-                "POST", settings.reddit_auth_base + TOKEN_PATH, what="access_token",
+                "POST", config.auth_base + TOKEN_PATH, what="access_token",
                 data={"grant_type": "client_credentials"},
-                auth=(settings.reddit_client_id, settings.reddit_client_secret.reveal()),
+                auth=(config.client_id, config.client_secret.reveal()),
                 headers=self._headers(),
             )  # fmt: skip
         except StreamError as exc:

@@ -12,13 +12,21 @@ from typing import Any
 
 import requests
 
-from etl.config import Settings
+from etl.config import Secret, Setting, Settings, comma_list, http_base, non_negative_float, text
 from etl.errors import ConfigError, RecordError
 from etl.http import RetryPolicy, is_retriable_status, retry_after_seconds
 from etl.records import Post, clean_text, extract_hashtags, post_from_dict
 from etl.sources import register
 from etl.sources.api import OK, APISource, CursorPaginator, Entry, Stream, StreamError, Verdict, fatal, retry
 from etl.sources.base import FetchWindow, query_stream
+
+SETTINGS = (
+    Setting("TWITTER_BEARER_TOKEN", text, Secret(""), "X API v2 app bearer token", secret=True),
+    Setting("TWITTER_QUERY", text, "", "recent search query"),
+    Setting("TWITTER_USERNAMES", comma_list, (), "user timelines to archive"),
+    Setting("TWITTER_API_BASE", http_base, "https://api.x.com", "API base URL"),
+    Setting("TWITTER_MAX_WAIT", non_negative_float, 900.0, "longest wait (s) for a rate-limit reset"),
+)
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +172,7 @@ class Tweets(Stream):
     def entries(self, after: Any, window: FetchWindow) -> Iterator[Entry]:
         source = self.source
         if self.username is None:
-            path, token_param, params = SEARCH_PATH, "next_token", {"query": source.settings.twitter_query}
+            path, token_param, params = SEARCH_PATH, "next_token", {"query": source.config.query}
         else:
             user_id = source.user_id(self.username)
             if user_id is None:
@@ -244,31 +252,32 @@ class TwitterSource(APISource):
     api_name = "X API"
     rate_limit_headers = ("x-rate-limit-remaining", "x-rate-limit-limit", "x-rate-limit-reset")
     wait_setting = "TWITTER_MAX_WAIT"
-    required = ("twitter_bearer_token",)
+    required = ("bearer_token",)
 
     def __init__(self, settings: Settings, *, now: Callable[[], datetime] | None = None, **kwargs: Any):
         super().__init__(settings, **kwargs)
         # A 429 asks us to wait for x-rate-limit-reset, up to 15 minutes away: TWITTER_MAX_WAIT bounds it.
-        self.policy = RetryPolicy.from_settings(settings, max_wait=settings.twitter_max_wait)
+        self.policy = RetryPolicy.from_settings(settings, max_wait=self.config.max_wait)
         self.now = now or (lambda: datetime.now(timezone.utc))
-        self.base = settings.twitter_api_base.rstrip("/")
-        token = settings.twitter_bearer_token.reveal().strip()
+        self.base = self.config.api_base.rstrip("/")
+        token = self.config.bearer_token.reveal().strip()
         # On each request, never on the session: the session may be shared with the image downloader.
         self.headers = {"Authorization": "Bearer " + token.removeprefix("Bearer ").strip()}
         self._user_ids: dict[str, str] = {}
 
     @classmethod
     def check_settings(cls, settings: Settings) -> None:
-        settings.require(*cls.required)
-        if not settings.twitter_query and not settings.twitter_usernames:
+        config = settings.source(cls.name)
+        config.require(*cls.required)
+        if not config.query and not config.usernames:
             raise ConfigError(
                 "the twitter source needs TWITTER_QUERY (a recent search) or TWITTER_USERNAMES (user timelines), or both"
             )
-        if len(settings.twitter_query) > MAX_QUERY_CHARS:
+        if len(config.query) > MAX_QUERY_CHARS:
             raise ConfigError(
-                f"TWITTER_QUERY is {len(settings.twitter_query)} characters; recent search takes at most {MAX_QUERY_CHARS}"
+                f"TWITTER_QUERY is {len(config.query)} characters; recent search takes at most {MAX_QUERY_CHARS}"
             )
-        for name in settings.twitter_usernames:
+        for name in config.usernames:
             if not USERNAME_RE.match(_username(name)):
                 raise ConfigError(
                     f"TWITTER_USERNAMES has {name!r}, which is not an X username (1-15 letters, digits or _)"
@@ -276,20 +285,20 @@ class TwitterSource(APISource):
 
     def probe(self) -> str | None:
         # An app-only token cannot call /2/users/me; a username lookup is the cheapest authenticated call.
-        name = _username(self.settings.twitter_usernames[0]) if self.settings.twitter_usernames else "X"
+        name = _username(self.config.usernames[0]) if self.config.usernames else "X"
         self._lookup(name)
         return f"GET /2/users/by/username/{name}: 1 user lookup (no post reads billed)"
 
     def config_key(self) -> str:
-        usernames = sorted({_username(u).lower() for u in self.settings.twitter_usernames})
-        ident = json.dumps({"query": self.settings.twitter_query, "usernames": usernames}, sort_keys=True)
+        usernames = sorted({_username(u).lower() for u in self.config.usernames})
+        ident = json.dumps({"query": self.config.query, "usernames": usernames}, sort_keys=True)
         return hashlib.sha256(ident.encode()).hexdigest()[:12]
 
     def stream_objects(self) -> list[Stream]:
         # A changed query is another stream (its own state from scratch); its cursor slot stays "search".
-        query = self.settings.twitter_query
+        query = self.config.query
         search = [Tweets(self, query_stream(query), "search")] if query else []
-        names = dict.fromkeys(_username(u) for u in self.settings.twitter_usernames)
+        names = dict.fromkeys(_username(u) for u in self.config.usernames)
         return [*search, *(Tweets(self, f"user:{n.lower()}", f"user:{n.lower()}", n) for n in names)]
 
     def load_positions(self, cursor: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:

@@ -36,8 +36,8 @@ class ComplianceClient:
 
     def __init__(self, session: requests.Session, settings: Settings, policy: RetryPolicy):
         self.session, self.policy = session, policy
-        self.base = settings.twitter_api_base.rstrip("/")
-        token = settings.twitter_bearer_token.reveal().strip().removeprefix("Bearer ").strip()
+        self.base = settings.source("twitter").api_base.rstrip("/")
+        token = settings.source("twitter").bearer_token.reveal().strip().removeprefix("Bearer ").strip()
         self._auth = {"Authorization": f"Bearer {token}"}  # for api.x.com only, never for the signed URLs
         self.timeout = (settings.connect_timeout, settings.read_timeout)
 

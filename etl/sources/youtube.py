@@ -17,13 +17,21 @@ from typing import Any
 import requests
 from requests.structures import CaseInsensitiveDict
 
-from etl.config import Settings
+from etl.config import Secret, Setting, Settings, comma_list, http_base, positive_int, text
 from etl.errors import ConfigError, SourceError
 from etl.http import Retriable, retry_after_seconds
 from etl.records import Post, extract_hashtags, post_from_dict
 from etl.sources import api, register
 from etl.sources.api import APISource, Entry, Stream, StreamError
 from etl.sources.base import FetchWindow, query_stream
+
+SETTINGS = (
+    Setting("YOUTUBE_API_KEY", text, Secret(""), "YouTube Data API v3 key", secret=True),
+    Setting("YOUTUBE_CHANNEL_IDS", comma_list, (), "channels whose uploads to archive"),
+    Setting("YOUTUBE_QUERY", text, "", "search.list query (costs 100 units a page)"),
+    Setting("YOUTUBE_API_BASE", http_base, "", "API endpoint override (proxies, mirrors, tests)"),
+    Setting("YOUTUBE_DAILY_QUOTA", positive_int, 10000, "quota units this archiver may spend a day"),
+)
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +216,7 @@ class Videos(Stream):
     def _pages(self, window: FetchWindow) -> Iterator[dict[str, Any]]:
         source = self.source
         if self.channel is None:
-            params: dict[str, Any] = {"part": "snippet", "q": source.settings.youtube_query, "type": "video",
+            params: dict[str, Any] = {"part": "snippet", "q": source.config.query, "type": "video",
                                       "order": "date", "maxResults": PAGE_SIZE}  # fmt: skip
             if window.since is not None:
                 params["publishedAfter"] = _rfc3339(window.since)
@@ -241,12 +249,12 @@ class YouTubeSource(APISource):
 
     name = "youtube"
     api_name = "YouTube Data API"
-    required = ("youtube_api_key",)
+    required = ("api_key",)
 
     def __init__(self, settings: Settings, *, http: Any = None, **kwargs: Any):
         super().__init__(settings, **kwargs)
         self._http = http
-        self._key = settings.youtube_api_key.reveal()
+        self._key = self.config.api_key.reveal()
         self._service: Any = None
         # Kept for the source's lifetime, so the chunks of a backfill (one fetch each) do not pay again:
         self._uploads: dict[str, str | None] = {}  # channel -> uploads playlist (None: no such channel)
@@ -255,8 +263,9 @@ class YouTubeSource(APISource):
 
     @classmethod
     def check_settings(cls, settings: Settings) -> None:
+        config = settings.source(cls.name)
         super().check_settings(settings)
-        if not settings.youtube_channel_ids and not settings.youtube_query:
+        if not config.channel_ids and not config.query:
             raise ConfigError(
                 "the youtube source needs YOUTUBE_CHANNEL_IDS (channels whose uploads to archive) "
                 "or YOUTUBE_QUERY (a search query), or both; neither is set"
@@ -264,19 +273,19 @@ class YouTubeSource(APISource):
 
     def probe(self) -> str | None:
         # channels.list of one id: 1 quota unit, whether or not the channel exists; a bad key is refused.
-        channel = (self.settings.youtube_channel_ids or ("UC_x5XG1OV2P6uZZ5FSM9Ttw",))[0]
+        channel = (self.config.channel_ids or ("UC_x5XG1OV2P6uZZ5FSM9Ttw",))[0]
         self.call("channels.list", {"part": "id", "id": channel, "maxResults": 1})
         return f"channels.list: {COSTS['channels.list']} quota unit of YOUTUBE_DAILY_QUOTA"
 
     def config_key(self) -> str:
-        spec = {"channels": sorted(set(self.settings.youtube_channel_ids)), "query": self.settings.youtube_query}
+        spec = {"channels": sorted(set(self.config.channel_ids)), "query": self.config.query}
         spec = json.dumps(spec, sort_keys=True)
         return "cfg-" + hashlib.sha256(spec.encode("utf-8")).hexdigest()[:16]
 
     def stream_objects(self) -> list[Stream]:
         # Resume points name the query's stream "search", as before streams had keys of their own.
-        query = self.settings.youtube_query
-        channels = [Videos(self, f"channel:{c}", f"channel:{c}", c) for c in dict.fromkeys(self.settings.youtube_channel_ids)]
+        query = self.config.query
+        channels = [Videos(self, f"channel:{c}", f"channel:{c}", c) for c in dict.fromkeys(self.config.channel_ids)]
         return channels + ([Videos(self, query_stream(query), "search")] if query else [])
 
     # The run's watermark bounds every stream (kept per stream by the runner): no cursor of the source's own.
@@ -292,8 +301,8 @@ class YouTubeSource(APISource):
     def fetch(self, window: FetchWindow) -> Iterator[Post]:
         self.quota_used_earlier = self._quota_used_earlier_today()
         log.info("youtube: %d channel(s), query %s, quota budget %d (%d used earlier today)",
-                 len(self.settings.youtube_channel_ids), "set" if self.settings.youtube_query else "unset",
-                 self.settings.youtube_daily_quota, self.quota_used_earlier)  # fmt: skip
+                 len(self.config.channel_ids), "set" if self.config.query else "unset",
+                 self.config.daily_quota, self.quota_used_earlier)  # fmt: skip
         yield from super().fetch(window)
         log.info("youtube: %d quota unit(s) used", self.quota_used)
 
@@ -334,7 +343,7 @@ class YouTubeSource(APISource):
     def uploads(self, channel: str) -> str | None:
         """The channel's uploads playlist; the channels this source reads are resolved together, once."""
         if channel not in self._uploads:
-            pending = [c for c in dict.fromkeys(self.settings.youtube_channel_ids)
+            pending = [c for c in dict.fromkeys(self.config.channel_ids)
                        if c not in self._uploads and self.reads(f"channel:{c}")]  # fmt: skip
             ids = [c for c in pending if not c.startswith("@")]
             found = {k: v for n in range(0, len(ids), PAGE_SIZE) for k, v in self.channels(id=",".join(ids[n : n + PAGE_SIZE])).items()}
@@ -393,7 +402,7 @@ class YouTubeSource(APISource):
             import httplib2
             from googleapiclient.discovery import build
 
-            base = self.settings.youtube_api_base
+            base = self.config.api_base
             # api_endpoint replaces rootUrl; the method paths (youtube/v3/...) are joined to it, so it needs
             # its trailing slash or a path prefix of the override would be dropped.
             self._http = self._http or httplib2.Http(timeout=self.settings.read_timeout)
@@ -467,7 +476,7 @@ class YouTubeSource(APISource):
         return int(row[0]) if row and row[0] is not None else 0
 
     def _spend(self, units: int, method: str) -> None:
-        budget = self.settings.youtube_daily_quota
+        budget = self.config.daily_quota
         if self.quota_used_earlier + self.quota_used + units > budget:
             raise SourceError(
                 f"youtube: stopping before {method} ({units} unit{'s' if units != 1 else ''}): it would exceed "
