@@ -91,6 +91,7 @@ def check_settings(settings: Settings, env: Mapping[str, str]) -> list[Check]:
 
 def check_database(settings: Settings) -> list[Check]:
     from etl.db import _MIGRATION_RE, SQL_DIR, Database
+    from etl.db.status import applied_migrations
 
     pgdata = (settings.data_dir / "postgres").resolve()
     if settings.embedded_db and not (pgdata / "PG_VERSION").is_file():
@@ -105,12 +106,7 @@ def check_database(settings: Settings) -> list[Check]:
         fix = "start the server, or correct DATABASE_URL (host, port, user, password, database)"
         return [Check("database", kind, FAIL, str(exc), fix if kind == "DATABASE_URL" else "see the message; ETL_DATA_DIR")]
     try:
-        with db.transaction() as cur:
-            cur.execute("SELECT to_regclass('schema_migrations') IS NOT NULL")
-            done: set[int] = set()
-            if cur.fetchone()[0]:
-                cur.execute("SELECT version FROM schema_migrations")
-                done = {row[0] for row in cur.fetchall()}
+        done = applied_migrations(db)
         versions = {int(m.group(1)) for p in SQL_DIR.iterdir() if (m := _MIGRATION_RE.match(p.name))}
         pending = len(versions - done)
     finally:

@@ -22,14 +22,12 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import dataclass, field
 from datetime import datetime
-from functools import partial
 from pathlib import Path
 from typing import IO, Any
 
-import psycopg2.extras
-
 from etl.config import Settings
 from etl.db import Database
+from etl.db.fixity import images_elsewhere, images_to_copy, record_copies
 from etl.errors import ConfigError, ETLError, ExitCode, LockedError
 from etl.logs import RedactingFilter
 from etl.store import LocalStore, ObjectStore, S3Store, make_s3_client, object_key
@@ -40,27 +38,6 @@ CHUNK = 1 << 16
 SPOOL_IN_MEMORY = 1 << 20  # larger objects are spooled to a temporary file: memory stays flat
 MAX_WORKERS = 16  # copies at once (each holds one spool and two connections)
 LOCK_NAME = "copy-store"  # its advisory lock and its etl_runs.sources
-
-# The lowest store name and the highest (NULL first) of the stored images: two probes of
-# post_media_store_idx, whatever the table's size. When both are the target, every image is in place.
-_BOUNDS_SQL = (
-    "SELECT (SELECT media_store(storage_url) FROM post_media WHERE status = 'stored'"
-    " ORDER BY media_store(storage_url) LIMIT 1),"
-    " (SELECT media_store(storage_url) FROM post_media WHERE status = 'stored'"
-    " ORDER BY media_store(storage_url) DESC NULLS FIRST LIMIT 1)"
-)
-# Stored images outside `target`, counted per store (only when the bounds say there are some).
-_ELSEWHERE_SQL = (
-    "SELECT media_store(storage_url), count(*) FROM post_media"
-    " WHERE status = 'stored' AND media_store(storage_url) IS DISTINCT FROM %s GROUP BY 1 ORDER BY 2 DESC, 1"
-)
-_PAGE_SQL = (
-    "SELECT m.id, m.platform, m.post_id, m.position, m.storage_key, m.storage_url, m.sha256, m.bytes,"
-    " m.content_type, p.created_at, media_store(m.storage_url) FROM post_media m"
-    " JOIN social_posts p USING (platform, post_id)"
-    " WHERE m.status = 'stored' AND m.id > %s AND media_store(m.storage_url) IS DISTINCT FROM %s"
-    " ORDER BY m.id LIMIT %s"
-)
 
 
 def store_name(store: ObjectStore | None) -> str | None:
@@ -78,19 +55,6 @@ def describe(name: str | None, settings: Settings) -> str:
     if name:
         return f"bucket {name[5:]!r} ({name}/)"
     return "no store copy-store knows (an unrecognised storage_url)"
-
-
-def images_elsewhere(db: Database, target: str) -> dict[str | None, int]:
-    """Stored images that live outside `target`, counted per store."""
-
-    def count(cur: Any) -> dict[str | None, int]:
-        cur.execute(_BOUNDS_SQL)
-        if cur.fetchone() == (target, target):
-            return {}
-        cur.execute(_ELSEWHERE_SQL, (target,))
-        return {name: n for name, n in cur.fetchall()}
-
-    return db.run(count, what="counting images in other object stores")
 
 
 def _where(counts: dict[str | None, int], settings: Settings) -> str:
@@ -396,15 +360,11 @@ class StoreCopier:
     def _pages(self, target: str) -> Iterator[list[_Row]]:
         last = 0
         while not self.stop.is_set():
-            page = self.db.run(partial(self._page, target=target, after=last), what="reading images to copy")
+            page = [_Row(*row) for row in images_to_copy(self.db, target, last, self.settings.batch_size)]
             if not page:
                 return
             last = page[-1].id
             yield page
-
-    def _page(self, cur: Any, *, target: str, after: int) -> list[_Row]:
-        cur.execute(_PAGE_SQL, (after, target, self.settings.batch_size))
-        return [_Row(*row) for row in cur.fetchall()]
 
     def _copy_all(self, target: LocalSide | S3Side, result: CopyResult) -> None:
         workers = min(self.settings.concurrency, MAX_WORKERS)
@@ -417,7 +377,7 @@ class StoreCopier:
                     if kind in ("copied", "present")
                 ]
                 if done:
-                    self.db.run(partial(_record, done=done), what=f"recording {len(done)} copied images")
+                    _record(self.db, done)
                 for row, (kind, message, _) in zip(page, outcomes, strict=True):
                     if kind == "copied":
                         result.copied += 1
@@ -493,24 +453,13 @@ def _short(sha: str | None) -> str:
     return f"sha256 {sha[:12]}…" if sha else "no sha256"
 
 
-def _record(cur: Any, *, done: list[tuple[_Row, str, str]]) -> None:
-    """Point the rows at their verified copies; a row changed meanwhile (compare on the old URL) is left alone."""
-    psycopg2.extras.execute_values(
-        cur,
-        "UPDATE post_media m SET storage_key = v.key, storage_url = v.url, updated_at = now()"
-        " FROM (VALUES %s) AS v(id, old_url, key, url)"
-        " WHERE m.id = v.id AND m.storage_url = v.old_url AND m.status = 'stored'",
+def _record(db: Database, done: list[tuple[_Row, str, str]]) -> None:
+    """Point the rows (and posts, for first images) at their verified copies."""
+    record_copies(
+        db,
         [(row.id, row.url, key, url) for row, key, url in done],
+        [(row.platform, row.post_id, row.url, url) for row, _, url in done if row.position == 0],
     )
-    firsts = [(row.platform, row.post_id, row.url, url) for row, _, url in done if row.position == 0]
-    if firsts:
-        psycopg2.extras.execute_values(
-            cur,
-            "UPDATE social_posts p SET image_s3_url = v.url, updated_at = now()"
-            " FROM (VALUES %s) AS v(platform, post_id, old_url, url)"
-            " WHERE p.platform = v.platform AND p.post_id = v.post_id AND p.image_s3_url = v.old_url",
-            firsts,
-        )
 
 
 def copy_store(settings: Settings, arguments: dict[str, Any], stop: threading.Event | None = None) -> CopyResult:

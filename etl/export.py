@@ -21,12 +21,21 @@ from datetime import date, datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import psycopg2
 import psycopg2.extensions
-import psycopg2.extras
 
 from etl.config import Settings, _s3_prefix
 from etl.db import Database
+from etl.db.export import (  # the datasets are declared beside the SQL that reads them
+    DATASETS,
+    Dataset,
+    Key,
+    exported_partitions,
+    forget_partition,
+    partition_fingerprints,
+    partition_rows,
+    platform_posts,
+    record_partitions,
+)
 from etl.errors import ConfigError, ExitCode, StoreError, UsageError
 from etl.store import LocalStore, ObjectStore, S3Store, store_from_settings
 
@@ -37,117 +46,6 @@ PART_NAME = "part-0.parquet"
 CONTENT_TYPE = "application/vnd.apache.parquet"
 FETCH_ROWS = 5_000  # rows per round trip of the server-side cursor
 RECORD_BATCH, RECORD_SECONDS = 200, 5.0  # written partitions are recorded (committed) in batches
-RECORD_SQL = (
-    "INSERT INTO export_partitions (target, dataset, platform, dt, row_count, fingerprint, object_key, bytes) VALUES %s"
-    " ON CONFLICT (target, dataset, platform, dt) DO UPDATE SET row_count = EXCLUDED.row_count,"
-    " fingerprint = EXCLUDED.fingerprint, object_key = EXCLUDED.object_key, bytes = EXCLUDED.bytes, exported_at = now()"
-)
-_DAY = "(p.created_at AT TIME ZONE 'UTC')::date"
-
-
-def _micros(column: str) -> str:
-    """A timestamptz as int64 microseconds since the epoch (UTC): much cheaper to move than datetime objects."""
-    return f"(extract(epoch FROM {column}) * 1000000)::bigint"
-
-
-
-@dataclass(frozen=True)
-class Column:
-    """One Parquet column: its name, the SQL that reads it, its Arrow type (a name, see _arrow_type)."""
-
-    name: str
-    sql: str
-    type: str
-    doc: str
-
-
-@dataclass(frozen=True)
-class Dataset:
-    """A table of the export: its columns, the FROM clause (aliases p = the post), its row order."""
-
-    name: str
-    columns: tuple[Column, ...]
-    source: str
-    order: str
-
-
-POSTS = Dataset(
-    name="posts",
-    columns=(
-        Column("post_id", "p.post_id", "string", "the platform's id of the post"),
-        Column("author_username", "p.author_username", "string", ""),
-        Column("caption", "p.caption", "string", ""),
-        Column("hashtags", "p.hashtags", "list<string>", "in caption order, without '#'"),
-        Column("like_count", "p.like_count", "int64", ""),
-        Column("comment_count", "p.comment_count", "int64", ""),
-        Column("permalink", "p.permalink", "string", ""),
-        Column("sentiment", "p.sentiment", "string", "positive, neutral or negative"),
-        Column("sentiment_polarity", "p.sentiment_polarity", "double", "-1 .. 1"),
-        Column("sentiment_subjectivity", "p.sentiment_subjectivity", "double", "0 .. 1"),
-        Column("sentiment_version", "p.sentiment_version", "string", "the enricher that scored it"),
-        Column("sentiment_skipped", "p.sentiment_skipped", "string", "why there is no sentiment label (e.g. language fr)"),
-        Column("language", "p.language", "string", "BCP 47 tag, lower-case; null unknown"),
-        Column("language_source", "p.language_source", "string", "platform or detected"),
-        Column("caption_truncated", "p.caption_truncated", "bool", "the caption was cut at 100,000 characters"),
-        Column("deleted_at_source", _micros("p.deleted_at_source"), "timestamp", "when the platform said it was gone, UTC"),
-        Column("image_s3_url", "p.image_s3_url", "string", "URL of the first stored image"),
-        Column("created_at", _micros("p.created_at"), "timestamp", "UTC"),
-        Column("archived_at", _micros("p.archived_at"), "timestamp", "first archived, UTC"),
-        Column("updated_at", _micros("p.updated_at"), "timestamp", "last changed, UTC"),
-    ),
-    source="social_posts p",
-    order="p.platform, p.created_at, p.post_id",
-)
-
-MEDIA = Dataset(
-    name="media",
-    columns=(
-        Column("post_id", "m.post_id", "string", "joins posts on (platform, dt, post_id)"),
-        Column("position", "m.position", "int32", "0 = the first image"),
-        Column("source_url", "m.source_url", "string", ""),
-        Column("status", "m.status", "string", "stored or failed"),
-        Column("permanent", "m.permanent", "bool", "a failure retrying cannot heal"),
-        Column("storage_key", "m.storage_key", "string", "object key in the image store"),
-        Column("storage_url", "m.storage_url", "string", ""),
-        Column("sha256", "m.sha256", "string", "hex SHA-256 of the stored bytes"),
-        Column("bytes", "m.bytes", "int64", ""),
-        Column("content_type", "m.content_type", "string", ""),
-        Column("width", "m.width", "int32", ""),
-        Column("height", "m.height", "int32", ""),
-        Column("stored_at", _micros("m.stored_at"), "timestamp", "UTC"),
-        Column("post_created_at", _micros("p.created_at"), "timestamp", "the post's created_at, UTC"),
-        Column("perceptual_hash", "m.phash", "int64", "64-bit perceptual hash (signed int64), null until computed"),
-        Column("perceptual_hash_algorithm", "m.phash_algorithm || ':' || m.phash_version", "string", "the hash's algorithm and version, e.g. dhash:1"),
-    ),
-    source="post_media m JOIN social_posts p USING (platform, post_id)",
-    order="p.platform, p.created_at, m.post_id, m.position",
-)
-
-DATASETS = (POSTS, MEDIA)
-_SINCE = f"(%(since)s::date IS NULL OR {_DAY} >= %(since)s::date)"
-_SELECTED = f"(p.platform, {_DAY}) IN (SELECT * FROM unnest(%(platforms)s::text[], %(days)s::date[]))"
-
-
-def _fingerprints_sql(d: Dataset) -> str:
-    values = ", ".join(c.sql for c in d.columns)
-    return (
-        f"SELECT p.platform, {_DAY}, count(*), sum(hashtextextended(ROW({values})::text, 0))"
-        f" FROM {d.source} WHERE {_SINCE} GROUP BY 1, 2"
-    )
-
-
-def _rows_sql(d: Dataset, *, selected: bool) -> str:
-    where = f"{_SINCE} AND {_SELECTED}" if selected else _SINCE
-    return f"SELECT p.platform, {_DAY}, {', '.join(c.sql for c in d.columns)} FROM {d.source} WHERE {where} ORDER BY {d.order}"
-
-
-# Built once from the declarations above, never from data (values are parameters).
-POSTS_FINGERPRINTS_SQL = _fingerprints_sql(POSTS)
-MEDIA_FINGERPRINTS_SQL = _fingerprints_sql(MEDIA)
-POSTS_ALL_SQL = _rows_sql(POSTS, selected=False)
-MEDIA_ALL_SQL = _rows_sql(MEDIA, selected=False)
-POSTS_SELECTED_SQL = _rows_sql(POSTS, selected=True)
-MEDIA_SELECTED_SQL = _rows_sql(MEDIA, selected=True)
 
 
 def _arrow_type(name: str) -> Any:
@@ -272,7 +170,6 @@ class ExportStats:
         return "\n".join(lines)
 
 
-Key = tuple[str, date]  # (platform, dt)
 
 
 class Exporter:
@@ -295,7 +192,6 @@ class Exporter:
         self.full = full
         # --since filters whole partitions: a partition holds every post of its day or is not written at all.
         self.since_day = since.astimezone(timezone.utc).date() if since else None
-        self.params: dict[str, Any] = {"since": self.since_day}
         self.should_stop = should_stop
         self.after_partition = after_partition  # a hook for tests (a crash after N partitions)
         self.stats = ExportStats(target=target.name)
@@ -307,9 +203,8 @@ class Exporter:
         reader = self.db.connect()
         try:
             reader.set_session(isolation_level="REPEATABLE READ", readonly=True)
-            with reader.cursor() as cur:
-                if self.target.default:
-                    self._refuse_reserved_platform(cur)
+            if self.target.default:
+                self._refuse_reserved_platform(reader)
             for dataset in DATASETS:
                 if self.stats.interrupted:
                     break
@@ -319,10 +214,9 @@ class Exporter:
             self.stats.seconds = time.monotonic() - started
         return self.stats
 
-    def _refuse_reserved_platform(self, cur: psycopg2.extensions.cursor) -> None:
+    def _refuse_reserved_platform(self, reader: psycopg2.extensions.connection) -> None:
         reserved = self.settings.reserved_platform
-        cur.execute("SELECT count(*) FROM social_posts WHERE lower(platform) = %s", (reserved,))
-        if cur.fetchone()[0]:
+        if platform_posts(reader, reserved):
             raise ConfigError(
                 f"ETL_EXPORT_PREFIX={self.settings.export_prefix!r}: posts of a platform named {reserved!r} are archived, "
                 "whose images share that prefix; choose another ETL_EXPORT_PREFIX"
@@ -354,36 +248,15 @@ class Exporter:
 
     def _fingerprints(self, reader: psycopg2.extensions.connection, dataset: Dataset) -> dict[Key, str]:
         """(platform, dt) -> 'version:rows:sum of 64-bit hashes of each row's exported values'."""
-        with reader.cursor() as cur:
-            if dataset is POSTS:
-                cur.execute(POSTS_FINGERPRINTS_SQL, self.params)
-            else:
-                cur.execute(MEDIA_FINGERPRINTS_SQL, self.params)
-            return {(platform, dt): f"{SCHEMA_VERSION}:{rows}:{total}" for platform, dt, rows, total in cur.fetchall()}
+        found = partition_fingerprints(reader, dataset, self.since_day)
+        return {(platform, dt): f"{SCHEMA_VERSION}:{rows}:{total}" for platform, dt, rows, total in found}
 
     def _recorded(self, dataset: Dataset) -> dict[Key, str]:
-        def read(cur: psycopg2.extensions.cursor) -> dict[Key, str]:
-            cur.execute(
-                "SELECT platform, dt, fingerprint FROM export_partitions WHERE target = %s AND dataset = %s",
-                (self.target.name, dataset.name),
-            )
-            return {(platform, dt): fp for platform, dt, fp in cur.fetchall()}
-
-        return self.db.run(read, what="reading what was exported")
+        return exported_partitions(self.db, self.target.name, dataset.name)
 
     def _rows(self, reader: psycopg2.extensions.connection, dataset: Dataset, todo: Sequence[Key]) -> Iterator[list[tuple]]:
         """Batches of (platform, dt, *columns) for the partitions in `todo`, partition after partition."""
-        params = {**self.params, "platforms": [k[0] for k in todo], "days": [k[1] for k in todo]}
-        with reader.cursor(name=f"export_{dataset.name}") as cur:
-            cur.itersize = FETCH_ROWS
-            if dataset is POSTS and self.full:
-                cur.execute(POSTS_ALL_SQL, params)
-            elif dataset is POSTS:
-                cur.execute(POSTS_SELECTED_SQL, params)
-            elif self.full:
-                cur.execute(MEDIA_ALL_SQL, params)
-            else:
-                cur.execute(MEDIA_SELECTED_SQL, params)
+        with partition_rows(reader, dataset, self.since_day, None if self.full else todo, FETCH_ROWS) as cur:
             while rows := cur.fetchmany(FETCH_ROWS):
                 yield rows
 
@@ -444,10 +317,7 @@ class Exporter:
         rows, self._published = self._published, []
         self._recorded_at = time.monotonic()
         if rows:
-            self.db.run(
-                lambda cur: psycopg2.extras.execute_values(cur, RECORD_SQL, rows, page_size=len(rows)),
-                what="recording exported partitions",
-            )
+            record_partitions(self.db, rows)
 
     def _delete(self, dataset: Dataset, key: Key) -> None:
         """A partition whose rows are all gone (forgotten posts): its object goes, then its record."""
@@ -457,13 +327,7 @@ class Exporter:
         except StoreError as exc:
             self.stats.errors.append(f"{dataset.name} partition platform={key[0]}/dt={key[1]}: {exc}")
             return
-        self.db.run(
-            lambda cur: cur.execute(
-                "DELETE FROM export_partitions WHERE target = %s AND dataset = %s AND platform = %s AND dt = %s",
-                (self.target.name, dataset.name, *key),
-            ),
-            what="recording a deleted partition",
-        )
+        forget_partition(self.db, self.target.name, dataset.name, key)
         self.stats.deleted[dataset.name] += 1
 
 

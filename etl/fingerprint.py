@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from etl.db import Database
+from etl.db.insights import images_without_fingerprint, save_fingerprints
 from etl.store import LocalStore, ObjectStore
 
 log = logging.getLogger(__name__)
@@ -104,26 +105,11 @@ class FingerprintStats:
     errors: list[str] | None = None
 
 
-_PENDING_SQL = (
-    "SELECT id, storage_key FROM post_media WHERE status = 'stored' AND phash IS NULL AND storage_key IS NOT NULL"
-    " AND id > %s ORDER BY id LIMIT %s"
-)
-_SAVE_SQL = (
-    "UPDATE post_media m SET phash = v.phash, phash_algorithm = %s, phash_version = %s"
-    " FROM (SELECT unnest(%s::bigint[]) AS id, unnest(%s::bigint[]) AS phash) v WHERE m.id = v.id AND m.phash IS NULL"
-)
-
-
 def pending_batches(db: Database, batch_size: int) -> Iterator[list[tuple[int, str]]]:
     """Stored images without a hash, in id order, a batch at a time (keyset paging: flat memory)."""
     last = 0
     while True:
-
-        def read(cur: Any, after: int = last) -> list[tuple[int, str]]:
-            cur.execute(_PENDING_SQL, (after, batch_size))
-            return cur.fetchall()
-
-        rows = db.run(read, what="finding images without a fingerprint")
+        rows = images_without_fingerprint(db, last, batch_size)
         if not rows:
             return
         last = rows[-1][0]
@@ -135,7 +121,7 @@ def save_hashes(db: Database, hashes: list[tuple[int, int]]) -> None:
         return
     ids = [media_id for media_id, _ in hashes]
     values = [to_signed(h) for _, h in hashes]
-    db.run(lambda cur: cur.execute(_SAVE_SQL, (ALGORITHM, VERSION, ids, values)), what="saving fingerprints")
+    save_fingerprints(db, ids, values, ALGORITHM, VERSION)
 
 
 def fingerprint_stored(

@@ -5,9 +5,8 @@ that no run or backfill started meanwhile archives it again (the load path drops
 deletes its stored objects, then its rows in every table that has (platform, post_id) columns. Interrupted,
 it is finished by running the same command again.
 
-Export hook: an export must skip tombstoned posts; rows already exported are found by
-`SELECT platform, post_id FROM forgotten_posts WHERE forgotten_at > <the last export>` (their partitions are
-to be rewritten).
+Export hook: an export must skip tombstoned posts; rows already exported are the tombstones of forgotten_posts
+newer than the last export (their partitions are to be rewritten).
 """
 
 from __future__ import annotations
@@ -15,12 +14,10 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
-
-import psycopg2.extras
 
 from etl.config import Settings
 from etl.db import Database
+from etl.db.deletions import delete_post_rows, held_posts, mark_deleted_at_source, posts_named, tombstone
 from etl.errors import UsageError
 from etl.records import clean_text
 from etl.store import ObjectStore
@@ -28,12 +25,6 @@ from etl.store_ops import delete_object, iter_keys, post_prefix
 
 log = logging.getLogger(__name__)
 BATCH = 500
-TOMBSTONE_SQL = (
-    "INSERT INTO forgotten_posts (platform, post_id, reason) VALUES %s ON CONFLICT (platform, post_id)"
-    " DO UPDATE SET reason = COALESCE(EXCLUDED.reason, forgotten_posts.reason)"
-)
-# sql/008's forget_post_rows: every table with platform and post_id columns, social_posts last.
-DELETE_ROWS_SQL = "SELECT table_name, deleted FROM forget_post_rows(%s::text[], %s::text[])"
 
 
 def parse_target(value: str, what: str) -> tuple[str, str]:
@@ -57,22 +48,10 @@ class ForgetResult:
 
 def find_posts(db: Database, *, post: tuple[str, str] | None = None, author: tuple[str, str] | None = None) -> list:
     """(platform, post_id, created_at) of the posts a forget names; a --post not held is still listed (None)."""
-
-    def read(cur: Any) -> list:
-        if post is not None:
-            cur.execute(
-                "SELECT platform, post_id, created_at FROM social_posts WHERE platform = %s AND post_id = %s", post
-            )
-            return cur.fetchall() or [(post[0], post[1], None)]
-        assert author is not None
-        cur.execute(
-            "SELECT platform, post_id, created_at FROM social_posts WHERE platform = %s AND author_username = %s"
-            " ORDER BY created_at, post_id",
-            author,
-        )
-        return cur.fetchall()
-
-    return db.run(read, what="finding the posts to forget")
+    if post is not None:
+        return posts_named(db, post=post) or [(post[0], post[1], None)]
+    assert author is not None
+    return posts_named(db, author=author)
 
 
 def forget_posts(
@@ -84,17 +63,7 @@ def forget_posts(
     for start in range(0, len(posts), BATCH):
         batch = posts[start : start + BATCH]
         keys = [(p[0], clean_text(p[1])) for p in batch]
-
-        def tombstone(cur: Any, keys: list = keys) -> int:
-            psycopg2.extras.execute_values(cur, TOMBSTONE_SQL, [(k[0], k[1], reason) for k in keys])
-            cur.execute(
-                "SELECT m.storage_key FROM post_media m JOIN unnest(%s::text[], %s::text[]) AS k(platform, post_id)"
-                " USING (platform, post_id) WHERE m.storage_key IS NOT NULL",
-                ([k[0] for k in keys], [k[1] for k in keys]),
-            )
-            return [row[0] for row in cur.fetchall()]
-
-        stored_keys = db.run(tombstone, what="recording tombstones")
+        stored_keys = tombstone(db, keys, reason)
         result.tombstones += len(keys)
         if store is not None:
             doomed = set(stored_keys)
@@ -104,12 +73,7 @@ def forget_posts(
             for key in sorted(doomed):
                 if delete_object(store, key):
                     result.objects += 1
-
-        def delete_rows(cur: Any, keys: list = keys) -> dict[str, int]:
-            cur.execute(DELETE_ROWS_SQL, ([k[0] for k in keys], [k[1] for k in keys]))
-            return {table: n for table, n in cur.fetchall()}
-
-        for table, n in db.run(delete_rows, what="deleting forgotten posts").items():
+        for table, n in delete_post_rows(db, keys).items():
             result.rows[table] = result.rows.get(table, 0) + n
     log.info(
         "forgot %d post(s): %d object(s), rows %s", result.tombstones, result.objects,
@@ -125,33 +89,13 @@ def apply_gone(db: Database, store: ObjectStore | None, settings: Settings, gone
     for start in range(0, len(gone), BATCH):
         batch = gone[start : start + BATCH]
         why = {(p, clean_text(i)): w for p, i, w in batch}
-        platforms, ids = [k[0] for k in why], [k[1] for k in why]
         if settings.deleted_at_source == "mark":
-
-            def mark(cur: Any, platforms: list = platforms, ids: list = ids) -> int:
-                cur.execute(
-                    "UPDATE social_posts p SET deleted_at_source = now(), updated_at = now()"
-                    " FROM unnest(%s::text[], %s::text[]) AS k(platform, post_id)"
-                    " WHERE p.platform = k.platform AND p.post_id = k.post_id AND p.deleted_at_source IS NULL",
-                    (platforms, ids),
-                )
-                return cur.rowcount
-
-            marked = db.run(mark, what="marking posts deleted at source")
+            marked = mark_deleted_at_source(db, list(why))
             held += marked
             if marked:
                 log.info("%d post(s) marked deleted at source", marked)
             continue
-
-        def read(cur: Any, platforms: list = platforms, ids: list = ids) -> list:
-            cur.execute(
-                "SELECT p.platform, p.post_id, p.created_at FROM social_posts p"
-                " JOIN unnest(%s::text[], %s::text[]) AS k(platform, post_id) USING (platform, post_id)",
-                (platforms, ids),
-            )
-            return cur.fetchall()
-
-        for row in db.run(read, what="finding posts deleted at source"):
+        for row in held_posts(db, list(why)):
             forget_posts(db, store, settings, [row], f"deleted at source: {why[(row[0], row[1])]}")
             held += 1
     return held

@@ -11,24 +11,12 @@ from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
-import psycopg2.extras
-
 from etl.db import Database
+from etl.db.reenrich import save_rescored, unscored_posts
 from etl.enrich import SentimentEnricher
 from etl.pipeline import RunStats
 
 log = logging.getLogger(__name__)
-
-_UPDATE_SQL = (
-    "UPDATE social_posts AS p SET sentiment = v.label, sentiment_polarity = v.polarity,"
-    " sentiment_subjectivity = v.subjectivity, sentiment_version = v.version, language = v.language,"
-    " language_source = v.language_source, sentiment_skipped = v.skipped, updated_at = now()"
-    " FROM (VALUES %s) AS v(id, label, polarity, subjectivity, version, language, language_source, skipped)"
-    " WHERE p.id = v.id"
-)
-_STAMP_SQL = "UPDATE social_posts SET sentiment_version = %s WHERE id = ANY(%s)"
-_TEMPLATE = "(%s, %s, %s::float8, %s::float8, %s, %s, %s, %s)"  # typed: a column of NULLs would read as text
-
 
 _SCORE_CHUNK = 1000  # captions per task of a scoring worker
 _worker_enricher: SentimentEnricher | None = None
@@ -116,16 +104,7 @@ def _reenrich(
     db: Database, reader: Any, pool: Executor | None, enricher: SentimentEnricher, stats: RunStats,
     platform: str | None, since: datetime | None, batch_size: int, should_stop: Callable[[], bool],
 ) -> None:  # fmt: skip
-    with reader.cursor(name="reenrich_scan") as scan:
-        scan.itersize = batch_size
-        scan.execute(
-            "SELECT id, caption, sentiment, sentiment_polarity, sentiment_subjectivity, language, language_source,"
-            " sentiment_skipped FROM social_posts"
-            " WHERE (%(platform)s::text IS NULL OR platform = %(platform)s)"
-            " AND (%(since)s::timestamptz IS NULL OR created_at >= %(since)s)"
-            " AND sentiment_version IS DISTINCT FROM %(version)s ORDER BY id",
-            {"platform": platform, "since": since, "version": enricher.version},
-        )
+    with unscored_posts(reader, platform, since, enricher.version, batch_size) as scan:
         pending: tuple[list[tuple], Any] | None = None
         while True:
             rows = scan.fetchmany(batch_size)
@@ -153,13 +132,7 @@ def _write(
             changes.append((row_id, *new, enricher.version, lang, lang_source, why))
         else:
             same.append(row_id)
-    with db.transaction() as cur:
-        if changes:
-            psycopg2.extras.execute_values(cur, _UPDATE_SQL, changes, template=_TEMPLATE, page_size=len(changes))
-        if same:
-            # Scored by this version too, with the same result: stamped (not read again by the next
-            # reenrich, and its score reused by runs), updated_at left alone (the data did not change).
-            cur.execute(_STAMP_SQL, (enricher.version, same))
+    save_rescored(db, changes, same, enricher.version)
     stats.fetched += len(rows)
     stats.updated += len(changes)
     stats.unchanged += len(rows) - len(changes)

@@ -17,9 +17,9 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from etl.db import Database
+from etl.db.insights import report_aggregates
 from etl.fingerprint import read_object
 from etl.store import ObjectStore
-from etl.trends import rising_hashtags
 
 log = logging.getLogger(__name__)
 
@@ -46,59 +46,24 @@ class Scope:
         return f"{self.platform or 'all platforms'}, posts from {since} to {until}"
 
 
-def _rows(cur: Any) -> list[dict[str, Any]]:
-    """The rows of the statement just executed, as dicts by column name."""
-    names = [d[0] for d in cur.description]
-    return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
-
-
 def collect(
     db: Database, scope: Scope, *, max_distance: int, min_count: int, top: int = 10, runs: int = 10
 ) -> dict[str, Any]:
     """Every aggregate of the report, read in one transaction (one consistent snapshot)."""
+    now = datetime.now(timezone.utc)
 
-    def read(cur: Any) -> dict[str, Any]:
-        cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-        a = scope.args
-        cur.execute("SELECT * FROM report_totals(%s, %s, %s)", a)
-        totals = _rows(cur)[0]
+    def period_end(totals: dict[str, Any]) -> datetime:
         # Rising hashtags as of the end of the period: --until, else the newest post in scope (an archive that
         # stopped growing still shows what was rising at its end), else now.
-        now = datetime.now(timezone.utc)
         if scope.until:
-            as_of = min(scope.until, now)
-        elif totals["last_post"]:
-            as_of = totals["last_post"] + timedelta(microseconds=1)  # the window ends just after the newest post
-        else:
-            as_of = now
-        data: dict[str, Any] = {"as_of": as_of, "totals": totals}
-        cur.execute("SELECT * FROM report_posts_per_day(%s, %s, %s)", a)
-        data["per_day"] = _rows(cur)
-        cur.execute("SELECT * FROM report_sentiment_per_day(%s, %s, %s)", a)
-        data["sentiment"] = _rows(cur)
-        cur.execute("SELECT * FROM report_share_of_voice(%s, %s, %s)", a)
-        data["voice"] = _rows(cur)
-        cur.execute("SELECT * FROM report_top_hashtags(%s, %s, %s, %s)", (*a, top))
-        data["hashtags"] = _rows(cur)
-        data["rising"] = rising_hashtags(cur, timedelta(hours=24), timedelta(days=28), scope.platform, min_count, as_of, top)
-        cur.execute("SELECT * FROM report_top_posts(%s, %s, %s, %s)", (*a, top))
-        data["top_posts"] = _rows(cur)
-        cur.execute("SELECT * FROM report_image_spread(%s, %s, %s, %s, %s)", (*a, top, max_distance))
-        data["images"] = _rows(cur)
-        # Engagement grown over the last 7 days of snapshots (observed by the runs, sql/008), in this scope.
-        cur.execute(
-            "SELECT * FROM fastest_growing_posts(%s, 2147483647) WHERE likes_gained + comments_gained > 0"
-            " AND (%s::text IS NULL OR platform = %s) LIMIT %s",
-            (now - timedelta(days=7), scope.platform, scope.platform, top),
-        )
-        data["growing"] = _rows(cur)
-        cur.execute("SELECT * FROM report_failed_images(%s, %s, %s)", a)
-        data["failed"] = _rows(cur)
-        cur.execute("SELECT * FROM report_runs ORDER BY id DESC LIMIT %s", (runs,))
-        data["runs"] = _rows(cur)
-        return data
+            return min(scope.until, now)
+        if totals["last_post"]:
+            return totals["last_post"] + timedelta(microseconds=1)  # the window ends just after the newest post
+        return now
 
-    data = db.run(read, what="reading the report's aggregates")
+    data = report_aggregates(
+        db, *scope.args, now=now, period_end=period_end, max_distance=max_distance, min_count=min_count, top=top, runs=runs
+    )
     data.update(scope=scope, max_distance=max_distance, min_count=min_count)
     return data
 

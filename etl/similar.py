@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from etl.db import Database
+from etl.db.insights import post_images_with_sightings
 from etl.errors import UsageError
 from etl.status import table
 
@@ -19,36 +20,15 @@ def parse_post_ref(value: str) -> tuple[str, str]:
 
 def find_similar(db: Database, platform: str, post_id: str, max_distance: int) -> dict[str, Any]:
     """The post's stored images, each with its sightings (sql/006 image_sightings) and a summary."""
-
-    def read(cur: Any) -> dict[str, Any]:
-        cur.execute("SELECT author_username, created_at FROM social_posts WHERE platform = %s AND post_id = %s", (platform, post_id))
-        post = cur.fetchone()
-        if post is None:
-            raise UsageError(f"--post {platform}:{post_id}: no such post in the archive")
-        cur.execute(
-            "SELECT position, sha256, phash, status FROM post_media WHERE platform = %s AND post_id = %s ORDER BY position",
-            (platform, post_id),
-        )
-        images = [
-            {"position": r[0], "sha256": r[1], "fingerprinted": r[2] is not None, "status": r[3], "sightings": []}
-            for r in cur.fetchall()
-        ]
-        cur.execute("SELECT * FROM image_sightings(%s, %s, %s)", (platform, post_id, max_distance))
-        names = [d[0] for d in cur.description]
-        by_position = {image["position"]: image for image in images}
-        for row in cur.fetchall():
-            sighting = dict(zip(names, row, strict=True))
-            by_position[sighting.pop("image_position")]["sightings"].append(sighting)
-        for image in images:
-            # Exact copies first: image_sightings orders by distance, and a near duplicate (other bytes) can be
-            # at distance 0 too. A stable sort keeps the function's order within each kind.
-            image["sightings"].sort(key=lambda s: s["match"] != "exact")
-        return {"author_username": post[0], "created_at": post[1], "images": images}
-
-    result = db.run(read, what="looking up similar images")
+    result = post_images_with_sightings(db, platform, post_id, max_distance)
+    if result is None:
+        raise UsageError(f"--post {platform}:{post_id}: no such post in the archive")
     result.update(platform=platform, post_id=post_id, max_distance=max_distance)
     for image in result["images"]:
         seen = image["sightings"]
+        # Exact copies first: image_sightings orders by distance, and a near duplicate (other bytes) can be
+        # at distance 0 too. A stable sort keeps the function's order within each kind.
+        seen.sort(key=lambda s: s["match"] != "exact")
         others = {(s["platform"], s["post_id"]) for s in seen} - {(platform, post_id)}
         times = [s["created_at"] for s in seen] + [result["created_at"]]
         image["summary"] = {

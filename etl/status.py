@@ -8,15 +8,8 @@ from typing import Any
 
 from etl.config import Settings
 from etl.db import Database
+from etl.db.status import archive_exists, archive_status
 from etl.errors import ConfigError
-
-# A run is live while its connection holds its units' advisory locks (db.lock_units); pg_locks shows
-# the two int4 keys as unsigned oids.
-_LOCK_HELD_SQL = (
-    "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 2"
-    " AND classid::bigint = (hashtext('social-archiver:source')::bigint & 4294967295)"
-    " AND objid::bigint = (hashtext(%s)::bigint & 4294967295))"
-)
 
 
 def open_archive(settings: Settings) -> Database:
@@ -31,12 +24,7 @@ def open_archive(settings: Settings) -> Database:
                 " check ETL_DATA_DIR, or set DATABASE_URL"
             )
     db = Database.from_settings(settings)
-
-    def exists(cur: Any) -> bool:
-        cur.execute("SELECT to_regclass('schema_migrations') IS NOT NULL AND to_regclass('etl_runs') IS NOT NULL")
-        return bool(cur.fetchone()[0])
-
-    if not db.run(exists, what="looking for the archive"):
+    if not archive_exists(db):
         db.close()
         setting = f"ETL_DATA_DIR={str(settings.data_dir)!r}" if settings.embedded_db else "DATABASE_URL"
         raise ConfigError(f"{setting}: there is no archive in {db.display} (no etl_runs table); a run creates one")
@@ -45,95 +33,7 @@ def open_archive(settings: Settings) -> Database:
 
 
 def collect_status(db: Database, runs: int = 10) -> dict[str, Any]:
-    with db.transaction() as cur:
-        cur.execute(
-            "SELECT id, mode, sources, status, started_at, finished_at,"
-            " EXTRACT(EPOCH FROM (COALESCE(finished_at, now()) - started_at))::float8, posts_fetched, posts_inserted,"
-            " posts_updated, posts_unchanged, posts_rejected, images_stored, images_skipped, images_failed, quota_used, host, pid,"
-            " error_summary FROM etl_runs ORDER BY id DESC LIMIT %s",
-            (runs,),
-        )
-        names = (
-            "id", "mode", "sources", "status", "started_at", "finished_at", "seconds", "fetched", "inserted",
-            "updated", "unchanged", "rejected", "images_stored", "images_skipped", "images_failed", "quota_used", "host", "pid",
-            "error_summary",
-        )  # fmt: skip
-        last_runs = [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
-        in_progress = []
-        cur.execute(
-            "SELECT id, COALESCE(units, sources), host, pid, started_at FROM etl_runs WHERE status = 'running' ORDER BY id"
-        )
-        for run_id, sources, host, pid, started in cur.fetchall():
-            live = False
-            for source in sources:
-                cur.execute(_LOCK_HELD_SQL, (source,))
-                live = live or cur.fetchone()[0]
-            in_progress.append(
-                {"id": run_id, "sources": sources, "host": host, "pid": pid, "started_at": started, "live": live}
-            )
-        cur.execute(
-            "SELECT p.platform, count(*), min(p.created_at), max(p.created_at),"
-            " count(*) FILTER (WHERE p.sentiment = 'positive'), count(*) FILTER (WHERE p.sentiment = 'neutral'),"
-            " count(*) FILTER (WHERE p.sentiment = 'negative') FROM social_posts p GROUP BY p.platform ORDER BY 1"
-        )
-        platforms = {
-            row[0]: {"posts": row[1], "oldest": row[2], "newest": row[3], "positive": row[4], "neutral": row[5], "negative": row[6]}
-            for row in cur.fetchall()
-        }
-        cur.execute(
-            "SELECT platform, count(*) FILTER (WHERE status = 'stored'), count(*) FILTER (WHERE status = 'failed'),"
-            " COALESCE(sum(bytes) FILTER (WHERE status = 'stored'), 0) FROM post_media GROUP BY platform"
-        )
-        for platform, stored, failed, size in cur.fetchall():
-            platforms.setdefault(platform, {"posts": 0})
-            platforms[platform].update({"images_stored": stored, "images_failed": failed, "bytes_stored": int(size)})
-        cur.execute(
-            "SELECT platform, left(COALESCE(last_error, ''), 160), permanent, count(*), max(attempts) FROM post_media"
-            " WHERE status = 'failed' GROUP BY 1, 2, 3 ORDER BY 4 DESC, 1 LIMIT 15"
-        )
-        failures = [
-            {"platform": r[0], "error": r[1], "permanent": r[2], "images": r[3], "max_attempts": r[4]}
-            for r in cur.fetchall()
-        ]
-        trust = _trust(cur)
-        cur.execute("SELECT source, config_key, watermark, cursor, updated_at FROM etl_state ORDER BY source, config_key")
-        watermarks = [
-            {"source": r[0], "config_key": r[1], "watermark": r[2], "cursor": r[3], "updated_at": r[4]}
-            for r in cur.fetchall()
-        ]
-    return {
-        "database": db.display,
-        "runs": last_runs,
-        "in_progress": in_progress,
-        "platforms": platforms,
-        "failed_images": failures,
-        "watermarks": watermarks,
-        **trust,
-    }
-
-
-def _trust(cur: Any) -> dict[str, Any]:
-    """The last fixity check, posts not scored and why, deletions (sql/008)."""
-    cur.execute(
-        "SELECT id, status, started_at, finished_at, per_source -> 'verify', sources FROM etl_runs"
-        " WHERE mode = 'verify' ORDER BY id DESC LIMIT 1"
-    )
-    row = cur.fetchone()
-    last_verify = (
-        {"id": row[0], "status": row[1], "started_at": row[2], "finished_at": row[3], "counts": row[4] or {}, "scope": row[5]}
-        if row
-        else None
-    )
-    cur.execute(
-        "SELECT platform, sentiment_skipped, count(*) FROM social_posts WHERE sentiment IS NULL"
-        " GROUP BY 1, 2 ORDER BY 3 DESC, 1, 2 LIMIT 20"
-    )
-    unscored = [{"platform": r[0], "reason": r[1] or "not scored yet", "posts": r[2]} for r in cur.fetchall()]
-    cur.execute("SELECT count(*) FROM social_posts WHERE deleted_at_source IS NOT NULL")
-    deleted = cur.fetchone()[0]
-    cur.execute("SELECT count(*) FROM forgotten_posts")
-    forgotten = cur.fetchone()[0]
-    return {"last_verify": last_verify, "unscored": unscored, "deleted_at_source": deleted, "forgotten": forgotten}
+    return {"database": db.display, **archive_status(db, runs)}
 
 
 def _cell(value: Any) -> str:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import re
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 from etl.db import Database
+from etl.db.insights import rising_hashtags
 from etl.status import table
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([mhdw])\s*$", re.IGNORECASE)
@@ -19,19 +20,6 @@ def parse_duration(value: str) -> timedelta:
     if not match or float(match.group(1)) <= 0:
         raise ValueError(f"{value!r} is not a duration (a positive number and m, h, d or w, e.g. 24h or 28d)")
     return timedelta(**{_UNITS[match.group(2).lower()]: float(match.group(1))})
-
-
-def rising_hashtags(
-    cur: Any, window: timedelta, baseline: timedelta, platform: str | None, min_count: int,
-    as_of: datetime | None = None, limit: int = 25,
-) -> list[dict[str, Any]]:  # fmt: skip
-    """Rows of sql/006 hashtag_trends, best first."""
-    cur.execute(
-        "SELECT * FROM hashtag_trends(%s, %s, %s, %s, COALESCE(%s, now())) LIMIT %s",
-        (window, baseline, platform, min_count, as_of, limit),
-    )
-    names = [d[0] for d in cur.description]
-    return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
 
 
 def collect_trends(

@@ -19,10 +19,15 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import psycopg2.extras
-
 from etl.config import Settings
 from etl.db import Database
+from etl.db.fixity import (
+    images_to_verify,
+    last_finished_verify,
+    record_fixity,
+    recorded_keys,
+    stored_images_in_scope,
+)
 from etl.errors import ExitCode, StoreError
 from etl.metrics import STATUSES, Textfile
 from etl.store import ObjectStore
@@ -103,24 +108,6 @@ class Scope:
         }
 
 
-_SCOPE_SQL = (
-    " FROM post_media m JOIN social_posts p USING (platform, post_id)"
-    " WHERE m.status = 'stored' AND m.storage_key IS NOT NULL"
-    " AND (%(platform)s::text IS NULL OR m.platform = %(platform)s)"
-    " AND (%(since)s::timestamptz IS NULL OR p.created_at >= %(since)s)"
-)
-
-COUNT_SQL = "SELECT count(*)" + _SCOPE_SQL
-_SCAN = (
-    "SELECT m.id, m.storage_key, m.sha256, m.bytes, m.platform, m.post_id, m.position"
-    + _SCOPE_SQL
-    + " AND (%(resume)s::timestamptz IS NULL OR m.verified_at IS NULL OR m.verified_at < %(resume)s)"
-    " ORDER BY m.verified_at NULLS FIRST, m.id"
-)
-SCAN_SQL = _SCAN
-SCAN_SAMPLE_SQL = _SCAN + " LIMIT %(limit)s"
-
-
 class Verifier:
     """One verify run over a database and a store."""
 
@@ -133,15 +120,7 @@ class Verifier:
     def resume_point(self, scope: Scope) -> datetime | None:
         """When the last verify of this scope did not finish: when it started (what it checked is skipped)."""
 
-        def read(cur: Any) -> Any:
-            cur.execute(
-                "SELECT status, started_at FROM etl_runs WHERE mode = 'verify' AND arguments @> %s AND status <> 'running'"
-                " ORDER BY id DESC LIMIT 1",
-                (psycopg2.extras.Json({"scope": scope.arguments()}),),
-            )
-            return cur.fetchone()
-
-        row = self.db.run(read, what="reading the last verify")
+        row = last_finished_verify(self.db, scope.arguments())
         return row[1] if row and row[0] in ("interrupted", "failed", "abandoned") else None
 
     def run(self, scope: Scope) -> VerifyStats:
@@ -160,22 +139,12 @@ class Verifier:
         params = {**scope.arguments(), "since": scope.since, "resume": stats.resumed_from}
         limit = None
         if scope.sample is not None and scope.sample < 1:
-
-            def count(cur: Any) -> int:
-                cur.execute(COUNT_SQL, params)
-                return cur.fetchone()[0]
-
-            limit = math.ceil(scope.sample * self.db.run(count, what="counting stored images"))
+            limit = math.ceil(scope.sample * stored_images_in_scope(self.db, params))
         reader = self.db.connect()
         try:
-            with reader.cursor(name="verify_scan") as scan, ThreadPoolExecutor(
+            with images_to_verify(reader, params, limit, BATCH) as scan, ThreadPoolExecutor(
                 self.settings.concurrency, thread_name_prefix="verify"
             ) as pool:
-                scan.itersize = BATCH
-                if limit is None:
-                    scan.execute(SCAN_SQL, params)
-                else:
-                    scan.execute(SCAN_SAMPLE_SQL, {**params, "limit": limit})
                 while rows := scan.fetchmany(BATCH):
                     results = list(pool.map(self._check, rows))
                     self._record(rows, results, stats)
@@ -219,26 +188,7 @@ class Verifier:
             log.warning("fixity %s: %s/%s image %d at %s: %s", fixity, platform, post_id, position, key, problem)
             if fixity != "unreadable":
                 bad.append((row_id, fixity, f"fixity check: {problem}"[:2000]))
-
-        def write(cur: Any) -> None:
-            if ok:
-                psycopg2.extras.execute_values(
-                    cur,
-                    "UPDATE post_media m SET fixity = 'ok', verified_at = now() FROM (VALUES %s) AS v(id) WHERE m.id = v.id",
-                    ok,
-                )
-            if bad:
-                # Failed, with its attempts reset: the next run refetches it from its source URL and overwrites
-                # the object (pipeline.retry_failed_images); a 404 there marks it failed for good.
-                psycopg2.extras.execute_values(
-                    cur,
-                    "UPDATE post_media m SET status = 'failed', fixity = v.fixity, verified_at = now(), attempts = 0,"
-                    " permanent = false, last_error = v.error, updated_at = now()"
-                    " FROM (VALUES %s) AS v(id, fixity, error) WHERE m.id = v.id",
-                    bad,
-                )
-
-        self.db.run(write, what="recording fixity results")
+        record_fixity(self.db, ok, bad)  # the bad ones failed, to be refetched by the next run
 
     # -- objects no row knows --------------------------------------------------------------------
 
@@ -265,11 +215,7 @@ class Verifier:
             stats.problem(f"listing the store for unexpected objects failed: {exc}")
 
     def _unknown(self, keys: list[str], stats: VerifyStats) -> None:
-        def known(cur: Any) -> set[str]:
-            cur.execute("SELECT storage_key FROM post_media WHERE storage_key = ANY(%s)", (keys,))
-            return {row[0] for row in cur.fetchall()}
-
-        held = self.db.run(known, what="looking up listed objects")
+        held = recorded_keys(self.db, keys)
         for key in keys:
             if key not in held:
                 stats.unexpected += 1

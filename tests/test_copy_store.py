@@ -19,6 +19,7 @@ import pytest
 from moto.server import ThreadedMotoServer
 
 from etl import copystore
+from etl.db.fixity import STORE_BOUNDS_SQL
 from etl.errors import ExitCode
 from tests.conftest import ROOT, query
 
@@ -288,7 +289,7 @@ def test_the_store_check_reads_an_index_not_the_table(db):
     """With every image in place, a run's check is two probes of post_media_store_idx, not a scan."""
     with db.transaction() as cur:
         cur.execute("SET LOCAL enable_seqscan = off")  # the planner's choice on a tiny table is not the point
-        cur.execute("EXPLAIN " + copystore._BOUNDS_SQL)
+        cur.execute("EXPLAIN " + STORE_BOUNDS_SQL)
         plan = "\n".join(r[0] for r in cur.fetchall())
     assert plan.count("post_media_store_idx") == 2 and "Seq Scan" not in plan
     with db.transaction() as cur:
