@@ -13,6 +13,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import requests
 
+from etl.db.platform import HashtagSearches
 from etl.errors import ConfigError, RecordError, SourceError
 from etl.http import WaitTooLong, is_retriable_status, retry_after_seconds
 from etl.records import MAX_IMAGES, Post, post_from_dict
@@ -171,57 +172,31 @@ def _next_cursor(paging: Any) -> str | None:
 
 
 class HashtagBudget:
-    """The 30 unique hashtags an account may query per rolling 7 days, kept in instagram_hashtags when there is a database.
+    """The 30 unique hashtags an account may query per rolling 7 days, remembered in the database when there is one.
 
-    Without a database nothing is remembered between runs: every hashtag is searched again, and only this
-    run's hashtags are counted.
+    Without one (`searches` None) nothing is remembered between runs: every hashtag is searched again, and
+    only this run's hashtags are counted.
     """
 
-    def __init__(self, db: Any, user_id: str):
-        self.db = db
+    def __init__(self, searches: HashtagSearches | None, user_id: str):
+        self.searches = searches
         self.user_id = user_id
         self._run: dict[str, str | None] = {}  # hashtag -> id, for hashtags this run has queried
 
     def known(self, hashtag: str) -> tuple[str, bool] | None:
         """(hashtag id, still inside its 7-day window) if the id is cached, else None."""
-        if self.db is None:
-            return None
-        with self.db.transaction() as cur:
-            cur.execute(
-                "SELECT hashtag_id, first_searched_at > now() - %s * interval '1 day' FROM instagram_hashtags"
-                " WHERE user_id = %s AND hashtag = %s",
-                (HASHTAG_WINDOW_DAYS, self.user_id, hashtag),
-            )
-            row = cur.fetchone()
-        return (row[0], bool(row[1])) if row else None
+        return None if self.searches is None else self.searches.known(self.user_id, hashtag, HASHTAG_WINDOW_DAYS)
 
     def in_window(self) -> int:
         """How many unique hashtags count against the account's limit right now."""
-        if self.db is None:
-            return len(self._run)
-        with self.db.transaction() as cur:
-            cur.execute(
-                "SELECT hashtag FROM instagram_hashtags WHERE user_id = %s"
-                " AND first_searched_at > now() - %s * interval '1 day'",
-                (self.user_id, HASHTAG_WINDOW_DAYS),
-            )
-            stored = {row[0] for row in cur.fetchall()}
+        stored = set() if self.searches is None else self.searches.in_window(self.user_id, HASHTAG_WINDOW_DAYS)
         return len(stored | set(self._run))
 
     def spend(self, hashtag: str, hashtag_id: str | None) -> None:
         """Count a query of this hashtag (None: searched, but no id came back)."""
         self._run[hashtag] = hashtag_id
-        if self.db is None or hashtag_id is None:
-            return
-        # A query inside the window neither counts again nor restarts the clock; one after it starts a new one.
-        with self.db.transaction() as cur:
-            cur.execute(
-                "INSERT INTO instagram_hashtags AS h (user_id, hashtag, hashtag_id) VALUES (%s, %s, %s)"
-                " ON CONFLICT (user_id, hashtag) DO UPDATE SET hashtag_id = EXCLUDED.hashtag_id,"
-                " first_searched_at = CASE WHEN h.first_searched_at > now() - %s * interval '1 day'"
-                " THEN h.first_searched_at ELSE now() END, last_queried_at = now()",
-                (self.user_id, hashtag, hashtag_id, HASHTAG_WINDOW_DAYS),
-            )
+        if self.searches is not None and hashtag_id is not None:
+            self.searches.searched(self.user_id, hashtag, hashtag_id, HASHTAG_WINDOW_DAYS)
 
 
 class GraphPaginator(Paginator):
@@ -309,6 +284,7 @@ class InstagramSource(APISource):
     name = "instagram"
     api_name = "Graph API"
     required = ("instagram_access_token", "instagram_user_id")
+    state_type = HashtagSearches
 
     def __init__(self, settings: Any, *, now: Callable[[], datetime] | None = None, **kwargs: Any):
         super().__init__(settings, **kwargs)
@@ -316,7 +292,7 @@ class InstagramSource(APISource):
         self.user_id = settings.instagram_user_id.strip()
         self.hashtags = tuple(dict.fromkeys(normalize_hashtag(t) for t in settings.instagram_hashtags if t.strip("# ")))
         self.token = settings.instagram_access_token.reveal()
-        self.budget = HashtagBudget(self.db, self.user_id)
+        self.budget = HashtagBudget(self.state, self.user_id)
         self.problems: list[str] = []
 
     @classmethod
@@ -354,7 +330,6 @@ class InstagramSource(APISource):
         return to_post(item)
 
     def fetch(self, window: FetchWindow) -> Iterator[Post]:
-        self.budget.db = self.db  # the pipeline hands the source its database after building it
         self.problems = []
         yield from super().fetch(window)
         if self.problems:

@@ -18,6 +18,7 @@ import requests
 from requests.structures import CaseInsensitiveDict
 
 from etl.config import Settings
+from etl.db.platform import QuotaLedger
 from etl.errors import ConfigError, SourceError
 from etl.http import Retriable, retry_after_seconds
 from etl.records import Post, extract_hashtags, post_from_dict
@@ -43,12 +44,6 @@ KEY_REASONS = frozenset({"keyInvalid", "keyExpired", "API_KEY_INVALID", "API_KEY
 # nothing with such a URL leaves this module unscrubbed.
 _KEY_IN_TEXT = re.compile(r"([?&]key=)[^&#\s\"'>]+")
 _HTML_TAG = re.compile(r"<[^>]+>")
-
-_QUOTA_TODAY_SQL = (
-    "SELECT COALESCE(SUM((per_source -> %s ->> 'quota_used')::numeric), 0) FROM etl_runs"
-    " WHERE started_at >= %s AND jsonb_typeof(per_source -> %s -> 'quota_used') = 'number'"
-)
-
 
 def scrub(text: str, *secrets: str) -> str:
     """The text without `key=...` URL parameters or any of the given secret values."""
@@ -242,6 +237,7 @@ class YouTubeSource(APISource):
     name = "youtube"
     api_name = "YouTube Data API"
     required = ("youtube_api_key",)
+    state_type = QuotaLedger
 
     def __init__(self, settings: Settings, *, http: Any = None, **kwargs: Any):
         super().__init__(settings, **kwargs)
@@ -456,15 +452,12 @@ class YouTubeSource(APISource):
 
     def _quota_used_earlier_today(self) -> int:
         """Units that earlier runs recorded since midnight Pacific (etl_runs.per_source -> youtube -> quota_used)."""
-        if self.db is None:
+        if self.state is None:
             return 0
         try:
-            with self.db.transaction() as cur:
-                cur.execute(_QUOTA_TODAY_SQL, (self.name, quota_day_start(), self.name))
-                row = cur.fetchone()
+            return self.state.spent_since(self.name, quota_day_start())
         except Exception as exc:  # without knowing what is left, spending could overrun the budget
             raise SourceError(f"youtube: cannot read today's quota use from etl_runs: {exc}") from None
-        return int(row[0]) if row and row[0] is not None else 0
 
     def _spend(self, units: int, method: str) -> None:
         budget = self.settings.youtube_daily_quota
