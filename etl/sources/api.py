@@ -10,7 +10,7 @@ import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from types import MappingProxyType
 from typing import Any, ClassVar
 
@@ -585,6 +585,39 @@ def scrub(text: str, params: Iterable[str] = (), secrets: Iterable[str] = ()) ->
     return text
 
 
+class _ScrubFilter(logging.Filter):
+    """Rewrites a library's log records so the secrets among its request URLs' parameters never reach a handler."""
+
+    def __init__(self, params: tuple[str, ...]):
+        super().__init__()
+        self.params = params
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if any(f"{name}=" in message for name in self.params):
+            record.msg, record.args = scrub(message, self.params), ()
+        return True
+
+
+def scrub_logs(loggers: Iterable[str], params: tuple[str, ...]) -> None:
+    """Scrub these URL parameters from every line the named loggers (a client library's own) write."""
+    for name in loggers:
+        logging.getLogger(name).addFilter(_ScrubFilter(params))
+
+
+def utc_text(moment: datetime, *, round_up: bool = False) -> str:
+    """An RFC 3339 UTC time to the second ("2026-03-10T12:00:00Z"); `round_up` for an exclusive upper bound."""
+    moment = moment.astimezone(timezone.utc)
+    if round_up and moment.microsecond:
+        moment += timedelta(seconds=1)
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def page_size(limit: int | None, largest: int, smallest: int = 1) -> int:
+    """How many items to ask a page for: no more than the limit still allows, within what the endpoint takes."""
+    return largest if limit is None else max(smallest, min(largest, limit))
+
+
 def need_one_of(source: str, settings: Any, **described: str) -> None:
     """ConfigError unless at least one of these settings (field name = what it is for) is set."""
     if not any(getattr(settings, field) for field in described):
@@ -604,5 +637,6 @@ def each_matches(
 __all__ = [
     "OK", "APISource", "CursorPaginator", "Entry", "LinkHeaderPaginator", "MaxIdPaginator", "Paginator",
     "RepeatedCursor", "Stream", "StreamError", "Verdict", "batches", "config_hash", "dig", "each_matches", "fatal",
-    "json_of", "need_one_of", "newest_first", "parse_time", "rate_limited", "retry", "scrub",
+    "json_of", "need_one_of", "newest_first", "page_size", "parse_time", "rate_limited", "retry", "scrub", "scrub_logs",
+    "utc_text",
 ]  # fmt: skip

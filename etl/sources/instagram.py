@@ -221,7 +221,7 @@ class Media(Stream):
 
     def entries(self, after: Any, window: FetchWindow) -> Iterator[Entry]:
         source, since = self.source, window.since
-        size = PAGE_SIZE if window.limit is None else max(1, min(PAGE_SIZE, window.limit))
+        size = api.page_size(window.limit, PAGE_SIZE)
         if self.hashtag is None:
             path, params = f"{source.user_id}/media", {"fields": OWN_MEDIA_FIELDS, "limit": size}
         else:

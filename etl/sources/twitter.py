@@ -47,10 +47,6 @@ TWEPOCH_MS = 1288834974657  # snowflake ids carry their creation time in ms sinc
 USERNAME_RE = re.compile(r"^[A-Za-z0-9_]{1,15}$")
 
 
-def _iso(moment: datetime) -> str:
-    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def snowflake_time(tweet_id: str) -> datetime | None:
     """When an X id was minted (ids are snowflakes), or None for something that is not one."""
     if not tweet_id.isdigit():
@@ -169,9 +165,7 @@ class Tweets(Stream):
         if bounds is None:
             return
         floor = None if "since_id" in bounds else window.since
-        limit = window.limit
-        size = PAGE_SIZE if limit is None else max(MIN_PAGE_SIZE, min(PAGE_SIZE, limit))
-        params = {**params, **bounds, **TWEET_PARAMS, "max_results": size}
+        params = {**params, **bounds, **TWEET_PARAMS, "max_results": api.page_size(window.limit, PAGE_SIZE, MIN_PAGE_SIZE)}
         pages = source.pages(source.base + path, params, CursorPaginator("meta.next_token", token_param), what=path)
         for number, page in enumerate(pages, start=1):
             includes = page.get("includes") if isinstance(page.get("includes"), Mapping) else {}
@@ -217,16 +211,16 @@ def _bounds(search: bool, since_id: str | None, window: FetchWindow, now: dateti
     bounds: dict[str, str] = {}
     start, until = window.since, window.until
     if search and until is not None and until <= oldest_searchable:
-        log.warning("twitter: recent search reaches back 7 days only; nothing before %s can be searched", _iso(until))
+        log.warning("twitter: recent search reaches back 7 days only; nothing before %s can be searched", api.utc_text(until))
         return None
     if search and start is not None and start < oldest_searchable:
         log.warning("twitter: recent search reaches back 7 days only; searching from %s, not %s",
-                    _iso(oldest_searchable), _iso(start))  # fmt: skip
+                    api.utc_text(oldest_searchable), api.utc_text(start))  # fmt: skip
         start = oldest_searchable
     if start is not None:
-        bounds["start_time"] = _iso(start)
+        bounds["start_time"] = api.utc_text(start)
     if until is not None and until < now - END_TIME_MARGIN:
-        bounds["end_time"] = _iso(until)
+        bounds["end_time"] = api.utc_text(until)
     return bounds
 
 

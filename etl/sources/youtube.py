@@ -41,18 +41,8 @@ KEY_REASONS = frozenset({"keyInvalid", "keyExpired", "API_KEY_INVALID", "API_KEY
 _HTML_TAG = re.compile(r"<[^>]+>")
 
 
-class _ScrubKeyFilter(logging.Filter):
-    """Rewrites the google client's log records so the key in its request URLs never reaches a handler."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        if "key=" in message:  # the google client logs its request URLs, the API key among their parameters
-            record.msg, record.args = api.scrub(message, YouTubeSource.secret_params), ()
-        return True
-
-
-for _logger_name in ("googleapiclient.discovery", "googleapiclient.http"):
-    logging.getLogger(_logger_name).addFilter(_ScrubKeyFilter())
+# The google client logs its request URLs, the API key among their parameters.
+api.scrub_logs(("googleapiclient.discovery", "googleapiclient.http"), ("key",))
 
 
 def quota_day_start(now: datetime | None = None) -> datetime:
@@ -77,13 +67,6 @@ def best_thumbnail(thumbnails: Any) -> str | None:
         if isinstance(url, str) and url.strip():
             return url.strip()
     return None
-
-
-def _rfc3339(moment: datetime, *, round_up: bool = False) -> str:
-    moment = moment.astimezone(timezone.utc)
-    if round_up and moment.microsecond:
-        moment += timedelta(seconds=1)
-    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _published(item: Mapping[str, Any]) -> datetime | None:
@@ -153,8 +136,8 @@ class Videos(Stream):
         candidates = self._candidates(window)
         while True:
             # Ask videos.list only for as many as the limit still allows, 50 at most.
-            wanted = PAGE_SIZE if window.limit is None or taken >= window.limit else min(PAGE_SIZE, window.limit - taken)
-            batch = list(islice(candidates, wanted))
+            left = None if window.limit is None or taken >= window.limit else window.limit - taken
+            batch = list(islice(candidates, api.page_size(left, PAGE_SIZE)))
             if not batch:
                 return
             videos = source.videos([vid for vid, _ in batch])
@@ -185,9 +168,9 @@ class Videos(Stream):
             params: dict[str, Any] = {"part": "snippet", "q": source.settings.youtube_query, "type": "video",
                                       "order": "date", "maxResults": PAGE_SIZE}  # fmt: skip
             if window.since is not None:
-                params["publishedAfter"] = _rfc3339(window.since)
+                params["publishedAfter"] = api.utc_text(window.since)
             if window.until is not None:
-                params["publishedBefore"] = _rfc3339(window.until, round_up=True)
+                params["publishedBefore"] = api.utc_text(window.until, round_up=True)
             yield from source.listing("search.list", params)
             return
         playlist = source.uploads(self.channel)
