@@ -241,7 +241,7 @@ def test_utc_text_page_size_and_batches():
 
 
 class HookedSource(ListSource):
-    """A platform's hooks: its own reset header, a refusal in its words, a login that expires, a header on every call."""
+    """A platform's hooks: its reset header, a refusal in its words, a login that expires, a header on every call."""
 
     def __init__(self) -> None:
         super().__init__([])
@@ -253,7 +253,8 @@ class HookedSource(ListSource):
         return float(reset) if reset else None
 
     def refused(self, response: Any, text: str) -> api.Verdict:
-        return api.fatal(f"HTTP {response.status_code} {text} (check LIST_TOKEN)", code="expired" if response.status_code == 401 else "")
+        code = "expired" if response.status_code == 401 else ""
+        return api.fatal(f"HTTP {response.status_code} {text} (check LIST_TOKEN)", code=code)
 
     def credentials(self, renew: bool) -> dict[str, str]:
         self.logins.append(renew)

@@ -548,7 +548,11 @@ def dig(body: Any, path: str | Sequence[str]) -> Any:
 
 
 def newest_first(
-    pages: Iterable[list[Any]], time_of: Callable[[Any], datetime | None], since: datetime | None, *, whole_page: bool = False
+    pages: Iterable[list[Any]],
+    time_of: Callable[[Any], datetime | None],
+    since: datetime | None,
+    *,
+    whole_page: bool = False,
 ) -> Iterator[tuple[int, Any]]:
     """(page number, item) of a newest-first listing down to `since`: an older item is left out, and the listing
     ends after the page that passes `since` (the page is paid for, so an item out of place on it is still seen).

@@ -57,7 +57,9 @@ class Source:
     # from its Database and handed to the constructor as `state`; None without a database (a dry run).
     state_type: ClassVar[Callable[[Any], Any] | None] = None
 
-    def __init__(self, settings: Settings, *, session: requests.Session | None = None, state: Any = None, **options: Any):
+    def __init__(
+        self, settings: Settings, *, session: requests.Session | None = None, state: Any = None, **options: Any
+    ):
         self.settings = settings
         self.options = options
         self.state = state

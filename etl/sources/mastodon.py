@@ -97,7 +97,7 @@ class Listing(Stream):
         if window.until is not None:
             params["max_id"] = str(int(window.until.timestamp() * 1000) << 16)  # a backfill starts at its end
         # Some proxies strip the Link header: then page by max_id, the smallest id on the page.
-        paginator = LinkHeaderPaginator(fallback=MaxIdPaginator(lambda page: [s.get("id") for s in page if isinstance(s, Mapping)]))
+        paginator = LinkHeaderPaginator(fallback=MaxIdPaginator(lambda page: [api.dig(s, "id") for s in page]))
         source, what = self.source, f"{self.label} ({path})"
         for statuses in source.pages(source.base + path, params, paginator, what=what, get=source.get_list):
             for status in statuses:
@@ -201,7 +201,8 @@ class MastodonSource(APISource):
     @classmethod
     def check_settings(cls, settings: Any) -> None:
         settings.require(*cls.required)
-        api.need_one_of(cls.name, settings, mastodon_hashtags="hashtag timelines", mastodon_accounts="accounts' statuses")
+        api.need_one_of(cls.name, settings, mastodon_hashtags="hashtag timelines",
+                        mastodon_accounts="accounts' statuses")  # fmt: skip
         api.each_matches(settings, "mastodon_hashtags", TAG_RE, "not a hashtag (letters, digits, _)", _tag)
         api.each_matches(settings, "mastodon_accounts", ACCOUNT_RE, "not an account (@user@host or user)")
 

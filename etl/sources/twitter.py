@@ -165,7 +165,8 @@ class Tweets(Stream):
         if bounds is None:
             return
         floor = None if "since_id" in bounds else window.since
-        params = {**params, **bounds, **TWEET_PARAMS, "max_results": api.page_size(window.limit, PAGE_SIZE, MIN_PAGE_SIZE)}
+        size = api.page_size(window.limit, PAGE_SIZE, MIN_PAGE_SIZE)
+        params = {**params, **bounds, **TWEET_PARAMS, "max_results": size}
         pages = source.pages(source.base + path, params, CursorPaginator("meta.next_token", token_param), what=path)
         for number, page in enumerate(pages, start=1):
             includes = page.get("includes") if isinstance(page.get("includes"), Mapping) else {}
@@ -211,7 +212,8 @@ def _bounds(search: bool, since_id: str | None, window: FetchWindow, now: dateti
     bounds: dict[str, str] = {}
     start, until = window.since, window.until
     if search and until is not None and until <= oldest_searchable:
-        log.warning("twitter: recent search reaches back 7 days only; nothing before %s can be searched", api.utc_text(until))
+        log.warning("twitter: recent search reaches back 7 days only; nothing before %s can be searched",
+                    api.utc_text(until))  # fmt: skip
         return None
     if search and start is not None and start < oldest_searchable:
         log.warning("twitter: recent search reaches back 7 days only; searching from %s, not %s",
@@ -254,7 +256,8 @@ class TwitterSource(APISource):
             raise ConfigError(
                 f"TWITTER_QUERY is {len(settings.twitter_query)} characters; recent search takes at most {MAX_QUERY_CHARS}"
             )
-        api.each_matches(settings, "twitter_usernames", USERNAME_RE, "not an X username (1-15 letters, digits or _)", _username)
+        api.each_matches(settings, "twitter_usernames", USERNAME_RE,
+                         "not an X username (1-15 letters, digits or _)", _username)  # fmt: skip
 
     def probe(self) -> str | None:
         # An app-only token cannot call /2/users/me; a username lookup is the cheapest authenticated call.

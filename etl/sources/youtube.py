@@ -156,8 +156,9 @@ class Videos(Stream):
     def _candidates(self, window: FetchWindow) -> Iterator[tuple[str, dict[str, Any]]]:
         """(video id, listing item) of newest-first pages in the window, stopping after the page that reaches
         window.since: the page is paid for, so an item scheduled or reordered late on it is still seen."""
-        pages = ([i for i in page.get("items") or [] if isinstance(i, dict) and _video_id(i)] for page in self._pages(window))
-        for _, item in api.newest_first(pages, _published, window.since):
+        pages = self._pages(window)
+        items = ([i for i in page.get("items") or [] if isinstance(i, dict) and _video_id(i)] for page in pages)
+        for _, item in api.newest_first(items, _published, window.since):
             published = _published(item)
             if published is None or window.until is None or published < window.until:
                 yield _video_id(item), item  # (newer than a backfill's end: skipped, paging on towards it)
