@@ -549,13 +549,15 @@ class RunRequest:
     retry_images: bool = True  # a run retries failed images of earlier runs first
 
 
-def build_sources(settings: Settings, request: RunRequest) -> list[Source]:
-    """Instantiate the requested sources after checking every one's settings (ConfigError before any work)."""
+def build_sources(settings: Settings, request: RunRequest, db: Database | None = None) -> list[Source]:
+    """Instantiate the requested sources after checking every one's settings (ConfigError before any work);
+    with `db`, each gets the piece of platform state it declares (`Source.state_type`, etl/db/platform.py)."""
     load_source_modules(settings.source_paths)
     classes = [source_class(name) for name in request.sources]
     for cls in classes:
         cls.check_settings(settings)
-    return [cls(settings, **request.source_options.get(cls.name, {})) for cls in classes]
+    return [cls(settings, state=cls.state_type(db) if db is not None and cls.state_type else None,
+                **request.source_options.get(cls.name, {})) for cls in classes]  # fmt: skip
 
 
 def open_services(
@@ -620,13 +622,14 @@ class Runner:
             self.db.close()
 
     def execute(self, request: RunRequest) -> RunStats:
-        sources = build_sources(self.settings, request)
+        sources = build_sources(self.settings, request)  # settings checked before any service is opened
         stats = RunStats()
         if request.dry_run:
             self._dry_run(sources, request, stats)
             return stats
         self.open_services()
         assert self.db is not None
+        sources = build_sources(self.settings, request, self.db)  # again, now with their platform state
         refuse_if_elsewhere(self.db, self.store, self.settings)  # images in another store: copy-store first
         units = [(s, u) for s in sources for u in units_of(s) if request.shard is None or request.shard.owns(u.name)]
         lock, locked = self.db.lock_units([u.name for _, u in units])
@@ -748,7 +751,6 @@ class Runner:
     ) -> None:
         """Each of the source's streams (units) with its own window, state and resume point; --limit per source."""
         before = stats.snapshot()
-        source.db = self.db
         completed = True
         passed = 0  # posts this source yielded so far (the limit is the source's, shared by its streams)
         try:
@@ -825,7 +827,6 @@ class Runner:
         self.live.chunks_total += len(picked)
         done = {unit.name: self._finished_chunks(source, unit, request.since, until) for unit in units}
         before = stats.snapshot()
-        source.db = self.db
         completed = True
         try:
             with source:

@@ -134,5 +134,5 @@ def contract_posts(tmp_path: Path) -> list[Post]:
     InstagramSource.check_settings(settings)
     with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
         standard_routes(FakeGraph()).install(rsps)
-        with InstagramSource(settings, db=None) as source:
+        with InstagramSource(settings, state=None) as source:
             return list(source.fetch(FetchWindow()))

@@ -9,6 +9,7 @@ import pytest
 import requests
 import responses
 
+from etl.db.platform import HashtagSearches
 from etl.errors import ConfigError, SourceError
 from etl.http import RetryPolicy
 from etl.sources import source_class
@@ -60,7 +61,7 @@ def build(make_settings, sleeps):
         values = {"INSTAGRAM_ACCESS_TOKEN": TOKEN, "INSTAGRAM_USER_ID": USER_ID, **env}
         settings = make_settings(**values)
         InstagramSource.check_settings(settings)
-        source = InstagramSource(settings, db=db)
+        source = InstagramSource(settings, state=HashtagSearches(db) if db is not None else None)
         source.policy = RetryPolicy(attempts=3, max_wait=5.0, base=0.01, sleep=sleeps.append)
         return source
 
@@ -235,8 +236,7 @@ def test_hashtag_id_is_cached_in_the_database(build, graph, db):
         cur.execute("SELECT user_id, hashtag, hashtag_id FROM instagram_hashtags")
         assert cur.fetchall() == [(USER_ID, "coffee", COFFEE_ID)]
 
-    again = build(INSTAGRAM_HASHTAGS="coffee", INSTAGRAM_OWN_MEDIA="false")
-    again.db = db  # as the pipeline does: the source is built first, then handed the database
+    again = build(db=db, INSTAGRAM_HASHTAGS="coffee", INSTAGRAM_OWN_MEDIA="false")  # a new run, the same database
     second, error = fetch_all(again)
     assert error is None and [p.post_id for p in second] == [p.post_id for p in first]
     assert len(graph.calls_to("ig_hashtag_search")) == 1  # the second run asked the cache, not the API

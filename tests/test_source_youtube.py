@@ -10,6 +10,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
+from etl.db.platform import QuotaLedger
 from etl.errors import ConfigError, SourceError
 from etl.sources import source_class
 from etl.sources.base import FetchWindow
@@ -44,7 +45,7 @@ def settings(make_settings):
 
 
 def make_source(settings, http, sleeps=None, attempts=3, db=None, **env):
-    source = YouTubeSource(settings(**env), http=http, db=db)
+    source = YouTubeSource(settings(**env), http=http, state=QuotaLedger(db) if db is not None else None)
     source.policy = no_sleep_policy(attempts=attempts, sleeps=sleeps)
     return source
 

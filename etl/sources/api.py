@@ -3,16 +3,20 @@ cursor, and streams read newest first by one base loop (dedup, rejects, window, 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import re
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
+from types import MappingProxyType
 from typing import Any, ClassVar
 
 import requests
 
-from etl.errors import RecordError, SourceError
+from etl.errors import ConfigError, RecordError, SourceError
 from etl.http import Retriable, WaitTooLong, is_retriable_status, retry_after_seconds
 from etl.records import Post, clean_text
 from etl.sources.base import FetchWindow, Source
@@ -100,12 +104,11 @@ class CursorPaginator(Paginator):
 
     def __init__(self, path: str = "cursor", param: str = "cursor"):
         super().__init__()
-        self.path, self.param, self.kind = path.split("."), param, param
+        self.path, self.param, self.kind = path, param, param
 
     def token(self, response: requests.Response, body: Any) -> Any:
-        for part in self.path:
-            body = body.get(part) if isinstance(body, Mapping) else None
-        return body if isinstance(body, (str, int)) else None
+        value = dig(body, self.path)
+        return value if isinstance(value, (str, int)) else None
 
     def request(self, token: str) -> dict[str, str]:
         return {self.param: token}
@@ -116,9 +119,16 @@ class LinkHeaderPaginator(Paginator):
 
     kind = "Link next URL"
 
-    def __init__(self, rel: str = "next"):
+    def __init__(self, rel: str = "next", fallback: Paginator | None = None):
         super().__init__()
-        self.rel = rel
+        self.rel, self.fallback = rel, fallback
+
+    def next(self, response: requests.Response, body: Any) -> dict[str, str] | str | None:
+        if isinstance(body, list) and not body:
+            return None  # an empty page ends the listing
+        if self.fallback is not None and not response.links:
+            return self.fallback.next(response, body)  # some proxies strip the Link header
+        return super().next(response, body)
 
     def token(self, response: requests.Response, body: Any) -> Any:
         return (response.links.get(self.rel) or {}).get("url")
@@ -207,6 +217,13 @@ class APISource(Source):
     api_name: ClassVar[str] = "API"  # in messages: "Bluesky API refused ..."
     rate_limit_headers: ClassVar[tuple[str, ...]] = ()  # (remaining, limit, reset) names, logged at debug
     wait_setting: ClassVar[str] = ""  # the setting that bounds a rate-limit wait, named when it is too short
+    secret_params: ClassVar[tuple[str, ...]] = ()  # URL parameters that carry a secret ("key", "access_token")
+    secret_values: tuple[str, ...] = ()  # the secrets themselves, scrubbed from every message
+    auth_headers: Mapping[str, str] = MappingProxyType({})  # sent with every call, never set on the shared session
+    # False: the run's watermark bounds every stream and the source keeps no cursor of its own (ids carry no order).
+    keeps_positions: ClassVar[bool] = True
+    # True: a stream's error ends the fetch (the runner runs each stream as a unit, so the others still run).
+    stream_error_ends_fetch: ClassVar[bool] = False
 
     # -- requests ----------------------------------------------------------------------------------------
 
@@ -215,19 +232,31 @@ class APISource(Source):
         return (self.settings.connect_timeout, self.settings.read_timeout)
 
     def classify(self, response: requests.Response) -> Verdict:
-        """The platform's hook: sort a response. The default: 2xx ok, 429/5xx retried, other 4xx fatal."""
+        """The platform's hook: sort a response. The default: 2xx ok; 429 waits until `reset_at` says (else it is
+        retried like a 5xx, after `retry_after`); any other answer is `refused`."""
         if response.ok:
             return OK
+        if response.status_code == 429 and (until := self.reset_at(response)) is not None:
+            return rate_limited(until)
         if is_retriable_status(response.status_code):
-            return retry(retry_after_seconds(response))
-        return fatal(f"HTTP {response.status_code}: {self.error_text(response)}")
+            return retry(self.retry_after(response))
+        return self.refused(response, self.error_text(response))
+
+    def reset_at(self, response: requests.Response) -> float | None:
+        """When a 429's limit resets (epoch seconds), from the platform's own header; None: not said."""
+        return None
+
+    def retry_after(self, response: requests.Response) -> float | None:
+        """Seconds to wait before retrying (Retry-After); None: the policy's backoff."""
+        return retry_after_seconds(response)
+
+    def refused(self, response: requests.Response, text: str) -> Verdict:
+        """The fatal verdict for an answer that no retry can mend (`text`: the error body, as `error_text` reads it)."""
+        return fatal(f"HTTP {response.status_code}: {text}")
 
     def error_text(self, response: requests.Response) -> str:
         """The error body as one short line (platforms override for their error shapes)."""
-        try:
-            body = response.json()
-        except ValueError:
-            body = None
+        body = json_of(response)
         parts: list[str] = []
         if isinstance(body, Mapping):
             for name in ("error", "message", "error_description", "detail"):
@@ -237,6 +266,10 @@ class APISource(Source):
         if not parts:
             parts.append(" ".join(response.text.split())[:200] or response.reason or "no details")
         return clean_text(": ".join(parts)) or ""
+
+    def scrub(self, text: str) -> str:
+        """The text without this source's secrets (`secret_values`, and `secret_params` in URLs)."""
+        return scrub(text, self.secret_params, self.secret_values)
 
     def note_rate_limit(self, what: str, response: requests.Response) -> None:
         """The platform's hook for its rate-limit headers: by default `rate_limit_headers`, logged at debug."""
@@ -274,7 +307,9 @@ class APISource(Source):
         return response
 
     def send(self, method: str, url: str, **kwargs: Any) -> requests.Response:
-        """One attempt over the session (a platform may count it or clean its exceptions)."""
+        """One attempt over the session, with `auth_headers` (a platform may count it or clean its exceptions)."""
+        if self.auth_headers:
+            kwargs["headers"] = {**self.auth_headers, **(kwargs.get("headers") or {})}
         return self.session.request(method, url, timeout=self.timeout, **kwargs)
 
     def give_up(self, what: str, exc: Exception) -> StreamError:
@@ -301,13 +336,33 @@ class APISource(Source):
         return response, self.json_object(response, what)
 
     def json_object(self, response: requests.Response, what: str) -> dict:
-        try:
-            body = response.json()
-        except ValueError:
-            body = None
+        body = json_of(response)
         if not isinstance(body, dict):
             raise StreamError(f"{self.api_name} {what} answered HTTP {response.status_code} with a body that is not a JSON object")
         return body
+
+    def listed(self, body: Any, path: str, what: str, expected: str = "") -> list:
+        """The list at `path` (dotted; "" for the body itself) of a page; a page without one is a StreamError
+        naming the request and what was `expected` (by default a list under that path)."""
+        items = dig(body, path)
+        if not isinstance(items, list):
+            expected = expected or f"a page with a {path!r} list"
+            raise StreamError(f"{self.api_name} {what} answered with something that is not {expected}")
+        return items
+
+    def authed_get(self, url: str, *, what: str, params: Any = None) -> tuple[requests.Response, dict]:
+        """A GET with the platform's login (`credentials`); one refused as expired is renewed once and repeated."""
+        try:
+            return self.get_json(url, what=what, params=params, headers=self.credentials(renew=False))
+        except StreamError as exc:
+            if exc.code != "expired":
+                raise
+        return self.get_json(url, what=what, params=params, headers=self.credentials(renew=True))
+
+    def credentials(self, renew: bool) -> dict[str, str]:
+        """The platform's hook for a login (a session, an app token): the headers that authenticate a call,
+        logging in first if need be; `renew`: the last ones were refused as expired."""
+        raise NotImplementedError
 
     def pages(
         self,
@@ -350,12 +405,12 @@ class APISource(Source):
 
     def load_positions(self, cursor: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
         """The saved state of each stream (by slot or key) out of the source's cursor."""
-        saved = cursor.get("streams") if isinstance(cursor, Mapping) else None
+        saved = cursor.get("streams") if isinstance(cursor, Mapping) and self.keeps_positions else None
         return {str(k): v for k, v in saved.items() if isinstance(v, Mapping)} if isinstance(saved, Mapping) else {}
 
     def dump_positions(self, states: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
         """The cursor to save for these stream states (a platform with an older format keeps it)."""
-        return {"streams": dict(states)} if states else {}
+        return {"streams": dict(states)} if states and self.keeps_positions else {}
 
     def fetch(self, window: FetchWindow) -> Iterator[Post]:
         """Read every stream newest first; a stream that fails is reported and the others go on.
@@ -399,8 +454,10 @@ class APISource(Source):
 
     def stream_failed(self, stream: Stream, exc: StreamError, rest: list[str]) -> None:
         """A stream ended by an error (`rest`: the streams a whole-source error leaves unread). The default
-        rejects it and the fetch goes on; a platform may raise instead (the runner runs each stream as a unit
-        of its own, so the others still run), and that stream's state stays where it was either way."""
+        rejects it and the fetch goes on; with `stream_error_ends_fetch` it is raised instead (the runner runs each
+        stream as a unit of its own, so the others still run), and that stream's state stays where it was either way."""
+        if self.stream_error_ends_fetch:
+            raise exc from None
         note = f"; not read either: {', '.join(rest)}" if rest else ""
         self.reject(stream.label, f"{exc}; the posts read before it are kept, and it resumes from its saved place{note}")
 
@@ -475,7 +532,115 @@ def parse_time(value: Any) -> datetime | None:
     return (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).astimezone(timezone.utc)
 
 
+def json_of(response: requests.Response) -> Any:
+    """The response's JSON body, or None when it is not JSON (an HTML error page, an empty body)."""
+    try:
+        return response.json()
+    except ValueError:
+        return None
+
+
+def dig(body: Any, path: str | Sequence[str]) -> Any:
+    """The value at a dotted path ("data.after") of nested objects, or None where a step is missing."""
+    for part in path.split(".") if isinstance(path, str) and path else path or ():
+        body = body.get(part) if isinstance(body, Mapping) else None
+    return body
+
+
+def newest_first(
+    pages: Iterable[list[Any]],
+    time_of: Callable[[Any], datetime | None],
+    since: datetime | None,
+    *,
+    whole_page: bool = False,
+) -> Iterator[tuple[int, Any]]:
+    """(page number, item) of a newest-first listing down to `since`: an older item is left out, and the listing
+    ends after the page that passes `since` (the page is paid for, so an item out of place on it is still seen).
+    `whole_page`: for a listing in no known order, only a page whose every dated item is older ends it."""
+    for number, items in enumerate(pages, start=1):
+        times = [time_of(item) for item in items]
+        for item, at in zip(items, times, strict=True):
+            if since is None or at is None or at >= since:
+                yield number, item
+        dated = [at for at in times if at is not None]
+        past = [at for at in dated if since is not None and at < since]
+        if past and (not whole_page or len(past) == len(dated)):
+            return
+
+
+def batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    """`items` in consecutive slices of at most `size` (the most ids one lookup call takes)."""
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def config_hash(spec: Mapping[str, Any], length: int = 12) -> str:
+    """A source's configuration as a short stable hash (its `config_key`: the state kept before streams)."""
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode("utf-8")).hexdigest()[:length]
+
+
+def scrub(text: str, params: Iterable[str] = (), secrets: Iterable[str] = ()) -> str:
+    """The text with the values of these URL parameters (`key=...`) and these secret values replaced by ***."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    for name in params:
+        text = re.sub(rf"(?<![\w.-])({re.escape(name)}=)[^&#\s\"'>]+", r"\1***", text)
+    return text
+
+
+class _ScrubFilter(logging.Filter):
+    """Rewrites a library's log records so the secrets among its request URLs' parameters never reach a handler."""
+
+    def __init__(self, params: tuple[str, ...]):
+        super().__init__()
+        self.params = params
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if any(f"{name}=" in message for name in self.params):
+            record.msg, record.args = scrub(message, self.params), ()
+        return True
+
+
+def scrub_logs(loggers: Iterable[str], params: tuple[str, ...]) -> None:
+    """Scrub these URL parameters from every line the named loggers (a client library's own) write."""
+    for name in loggers:
+        logging.getLogger(name).addFilter(_ScrubFilter(params))
+
+
+def utc_text(moment: datetime, *, round_up: bool = False) -> str:
+    """An RFC 3339 UTC time to the second ("2026-03-10T12:00:00Z"); `round_up` for an exclusive upper bound."""
+    moment = moment.astimezone(timezone.utc)
+    if round_up and moment.microsecond:
+        moment += timedelta(seconds=1)
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def page_size(limit: int | None, largest: int, smallest: int = 1) -> int:
+    """How many items to ask a page for: no more than the limit still allows, within what the endpoint takes."""
+    return largest if limit is None else max(smallest, min(largest, limit))
+
+
+def need_one_of(source: str, config: Any, **described: str) -> None:
+    """ConfigError unless at least one of these settings of the source's own (attribute = what it is for) is set."""
+    if not any(getattr(config, attr) for attr in described):
+        wanted = " or ".join(f"{config.env_name(attr)} ({what})" for attr, what in described.items())
+        raise ConfigError(f"the {source} source needs {wanted}, or both; neither is set")
+
+
+def each_matches(
+    config: Any, attr: str, pattern: re.Pattern[str], what: str, clean: Callable[[str], str] = str.strip
+) -> None:
+    """ConfigError naming the first value of a list setting that does not match `pattern` once cleaned."""
+    for value in getattr(config, attr):
+        if not pattern.match(clean(value)):
+            raise ConfigError(f"{config.env_name(attr)} has {value!r}, which is {what}")
+
+
 __all__ = [
     "OK", "APISource", "CursorPaginator", "Entry", "LinkHeaderPaginator", "MaxIdPaginator", "Paginator",
-    "RepeatedCursor", "Stream", "StreamError", "Verdict", "fatal", "parse_time", "rate_limited", "retry",
+    "RepeatedCursor", "Stream", "StreamError", "Verdict", "batches", "config_hash", "dig", "each_matches", "fatal",
+    "json_of", "need_one_of", "newest_first", "page_size", "parse_time", "rate_limited", "retry", "scrub", "scrub_logs",
+    "utc_text",
 ]  # fmt: skip

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, ClassVar
@@ -54,12 +54,17 @@ class Source:
     name: ClassVar[str] = ""
     incremental: ClassVar[bool] = True  # False: no watermark (an import reads all it is given)
     required: ClassVar[tuple[str, ...]] = ()
+    # The piece of the database this source keeps platform state in (etl/db/platform.py), built by the runner
+    # from its Database and handed to the constructor as `state`; None without a database (a dry run).
+    state_type: ClassVar[Callable[[Any], Any] | None] = None
 
-    def __init__(self, settings: Settings, *, session: requests.Session | None = None, db: Any = None, **options: Any):
+    def __init__(
+        self, settings: Settings, *, session: requests.Session | None = None, state: Any = None, **options: Any
+    ):
         self.settings = settings  # the core settings: timeouts, retries, limits
         self.config = settings.source(self.name)  # this source's own settings (its module's SETTINGS)
         self.options = options
-        self.db = db  # etl.db.Database, for sources that cache lookups (Instagram hashtag ids); may be None
+        self.state = state
         self._session = session
         self.policy = RetryPolicy.from_settings(settings)
         self.rejects: list[str] = []  # the first MAX_REJECTS_KEPT messages

@@ -14,22 +14,10 @@ from typing import Any
 import requests
 
 from etl.config import Secret, Setting, comma_list, http_base, text
-from etl.errors import ConfigError, RecordError
+from etl.errors import RecordError
 from etl.records import Post, post_from_dict
-from etl.sources import register
-from etl.sources.api import (
-    OK,
-    APISource,
-    CursorPaginator,
-    Entry,
-    Stream,
-    StreamError,
-    Verdict,
-    fatal,
-    parse_time,
-    rate_limited,
-    retry,
-)
+from etl.sources import api, register
+from etl.sources.api import APISource, CursorPaginator, Entry, Stream, StreamError, Verdict, fatal, parse_time
 from etl.sources.base import FetchWindow, query_stream
 
 SETTINGS = (
@@ -216,15 +204,8 @@ class BlueskySource(APISource):
     @classmethod
     def check_settings(cls, settings: Any) -> None:
         config = settings.source(cls.name)
-        if not config.actors and not config.query:
-            raise ConfigError(
-                "the bluesky source needs BLUESKY_ACTORS (author feeds) or BLUESKY_QUERY (a search), or both"
-            )
-        for actor in config.actors:
-            if not HANDLE_RE.match(_actor(actor)):
-                raise ConfigError(
-                    f"BLUESKY_ACTORS has {actor!r}, which is neither a handle (name.bsky.social) nor a DID"
-                )
+        api.need_one_of(cls.name, config, actors="author feeds", query="a search")
+        api.each_matches(config, "actors", HANDLE_RE, "neither a handle (name.bsky.social) nor a DID", _actor)
         if config.query:
             config.require("handle", "app_password")
 
@@ -235,10 +216,7 @@ class BlueskySource(APISource):
         return streams
 
     def entries(self, page: Mapping[str, Any], field: str, what: str) -> Iterator[Entry]:
-        items = page.get(field)
-        if not isinstance(items, list):
-            raise StreamError(f"Bluesky API {what} answered a page without a {field!r} list")
-        for item in items:
+        for item in self.listed(page, field, what):
             post = item.get("post") if isinstance(item, Mapping) and isinstance(item.get("post"), Mapping) else item
             post = post if isinstance(post, Mapping) else {}
             reason = item.get("reason") if isinstance(item, Mapping) else None
@@ -262,13 +240,10 @@ class BlueskySource(APISource):
         """app.bsky.feed.getPosts, 25 URIs a call, no login: a post the AppView no longer returns was deleted
         (or taken down, or its account deleted or deactivated)."""
         url = self.config.api_base + GET_POSTS
-        for start in range(0, len(post_ids), GET_POSTS_MAX):
-            batch = post_ids[start : start + GET_POSTS_MAX]
-            _, body = self.get_json(url, what=f"getPosts ({len(batch)} held posts)", params={"uris": batch})
-            posts = body.get("posts")
-            if not isinstance(posts, list):
-                raise StreamError("Bluesky API getPosts answered without a 'posts' list")
-            present = {p.get("uri") for p in posts if isinstance(p, Mapping)}
+        for batch in api.batches(post_ids, GET_POSTS_MAX):
+            what = f"getPosts ({len(batch)} held posts)"
+            _, body = self.get_json(url, what=what, params={"uris": batch})
+            present = {p.get("uri") for p in self.listed(body, "posts", what) if isinstance(p, Mapping)}
             for uri in batch:
                 if uri not in present:
                     self.report_gone(uri, "deleted on Bluesky (getPosts no longer returns it)")
@@ -276,18 +251,13 @@ class BlueskySource(APISource):
 
     # -- responses ---------------------------------------------------------------------------------------
 
-    def classify(self, response: requests.Response) -> Verdict:
+    def reset_at(self, response: requests.Response) -> float | None:
+        reset = response.headers.get("ratelimit-reset", "").strip()
+        return float(reset) if reset.isdigit() else None
+
+    def refused(self, response: requests.Response, text: str) -> Verdict:
         status = response.status_code
-        if response.ok:
-            return OK
-        error = self._error_name(response)
-        if status == 429:
-            reset = response.headers.get("ratelimit-reset", "").strip()
-            return rate_limited(float(reset)) if reset.isdigit() else retry(None)
-        if status >= 500:
-            return retry(None)
-        text = self.error_text(response)
-        if error in EXPIRED:
+        if str(api.dig(api.json_of(response), "error") or "") in EXPIRED:
             return fatal(f"the session has expired ({text})", code="expired")
         if status == 401:
             return fatal(f"HTTP 401 {text}: check BLUESKY_HANDLE and BLUESKY_APP_PASSWORD", code="auth")
@@ -295,29 +265,17 @@ class BlueskySource(APISource):
             return fatal(f"HTTP 400 {text} (check BLUESKY_ACTORS)")
         return fatal(f"HTTP {status} {text}")
 
-    @staticmethod
-    def _error_name(response: requests.Response) -> str:
-        try:
-            body = response.json()
-        except ValueError:
-            return ""
-        return str(body.get("error", "")) if isinstance(body, Mapping) else ""
-
     # -- the session (search only) -----------------------------------------------------------------------
 
-    def authed_get(self, url: str, *, what: str, params: Any = None) -> tuple[requests.Response, dict]:
-        """A GET with the account's session; an expired access token is refreshed once, then the call repeated."""
-        if self._login is None:
+    def credentials(self, renew: bool) -> dict[str, str]:
+        """The account's session (searchPosts needs one): kept in a file, created or refreshed when need be."""
+        if renew:
+            self._refresh_session()
+        elif self._login is None:
             self._login = self.session_file.load(self.config.handle, self.config.pds_base)
             if self._login is None:
                 self._create_session()
-        try:
-            return self.get_json(url, what=what, params=params, headers=self._bearer("accessJwt"))
-        except StreamError as exc:
-            if exc.code != "expired":
-                raise
-        self._refresh_session()
-        return self.get_json(url, what=what, params=params, headers=self._bearer("accessJwt"))
+        return self._bearer("accessJwt")
 
     def _bearer(self, which: str) -> dict[str, str]:
         assert self._login is not None

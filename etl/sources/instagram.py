@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
@@ -14,23 +13,12 @@ from urllib.parse import parse_qs, urlsplit
 import requests
 
 from etl.config import Secret, Setting, comma_list, flag, http_base, text
+from etl.db.platform import HashtagSearches
 from etl.errors import ConfigError, RecordError, SourceError
-from etl.http import WaitTooLong, is_retriable_status, retry_after_seconds
+from etl.http import WaitTooLong, retry_after_seconds
 from etl.records import MAX_IMAGES, Post, post_from_dict
-from etl.sources import register
-from etl.sources.api import (
-    OK,
-    APISource,
-    Entry,
-    Paginator,
-    RepeatedCursor,
-    Stream,
-    StreamError,
-    Verdict,
-    fatal,
-    parse_time,
-    retry,
-)
+from etl.sources import api, register
+from etl.sources.api import APISource, Entry, Paginator, RepeatedCursor, Stream, StreamError, Verdict, fatal, retry
 from etl.sources.base import FetchWindow
 
 SETTINGS = (
@@ -63,7 +51,6 @@ HASHTAG_WINDOW_DAYS = 7  # ... of this many days, counted from each hashtag's fi
 HASHTAG_REACH = timedelta(hours=24)  # recent_media only returns media published in the last 24 hours
 HASHTAG_RE = re.compile(r"^\w{1,100}$", re.UNICODE)  # hashtag search takes no emoji, spaces or punctuation
 _OFFSET_RE = re.compile(r"([+-]\d{2})(\d{2})$")
-_TOKEN_PARAM_RE = re.compile(r"(access_token=)[^&\s'\"]+")
 
 
 def graph_timestamp(value: Any) -> Any:
@@ -135,11 +122,7 @@ def _error_object(response: requests.Response) -> dict[str, Any] | None:
     """The Graph error object ({"error": {"message", "type", "code", "error_subcode", "fbtrace_id"}}), if any."""
     if response.status_code < 400 and '"error"' not in response.text[:200]:
         return None
-    try:
-        body = response.json()
-    except ValueError:
-        return None
-    error = body.get("error") if isinstance(body, dict) else None
+    error = api.dig(api.json_of(response), "error")
     return error if isinstance(error, dict) else None
 
 
@@ -180,57 +163,31 @@ def _next_cursor(paging: Any) -> str | None:
 
 
 class HashtagBudget:
-    """The 30 unique hashtags an account may query per rolling 7 days, kept in instagram_hashtags when there is a database.
+    """The 30 unique hashtags an account may query per rolling 7 days, remembered in the database when there is one.
 
-    Without a database nothing is remembered between runs: every hashtag is searched again, and only this
-    run's hashtags are counted.
+    Without one (`searches` None) nothing is remembered between runs: every hashtag is searched again, and
+    only this run's hashtags are counted.
     """
 
-    def __init__(self, db: Any, user_id: str):
-        self.db = db
+    def __init__(self, searches: HashtagSearches | None, user_id: str):
+        self.searches = searches
         self.user_id = user_id
         self._run: dict[str, str | None] = {}  # hashtag -> id, for hashtags this run has queried
 
     def known(self, hashtag: str) -> tuple[str, bool] | None:
         """(hashtag id, still inside its 7-day window) if the id is cached, else None."""
-        if self.db is None:
-            return None
-        with self.db.transaction() as cur:
-            cur.execute(
-                "SELECT hashtag_id, first_searched_at > now() - %s * interval '1 day' FROM instagram_hashtags"
-                " WHERE user_id = %s AND hashtag = %s",
-                (HASHTAG_WINDOW_DAYS, self.user_id, hashtag),
-            )
-            row = cur.fetchone()
-        return (row[0], bool(row[1])) if row else None
+        return None if self.searches is None else self.searches.known(self.user_id, hashtag, HASHTAG_WINDOW_DAYS)
 
     def in_window(self) -> int:
         """How many unique hashtags count against the account's limit right now."""
-        if self.db is None:
-            return len(self._run)
-        with self.db.transaction() as cur:
-            cur.execute(
-                "SELECT hashtag FROM instagram_hashtags WHERE user_id = %s"
-                " AND first_searched_at > now() - %s * interval '1 day'",
-                (self.user_id, HASHTAG_WINDOW_DAYS),
-            )
-            stored = {row[0] for row in cur.fetchall()}
+        stored = set() if self.searches is None else self.searches.in_window(self.user_id, HASHTAG_WINDOW_DAYS)
         return len(stored | set(self._run))
 
     def spend(self, hashtag: str, hashtag_id: str | None) -> None:
         """Count a query of this hashtag (None: searched, but no id came back)."""
         self._run[hashtag] = hashtag_id
-        if self.db is None or hashtag_id is None:
-            return
-        # A query inside the window neither counts again nor restarts the clock; one after it starts a new one.
-        with self.db.transaction() as cur:
-            cur.execute(
-                "INSERT INTO instagram_hashtags AS h (user_id, hashtag, hashtag_id) VALUES (%s, %s, %s)"
-                " ON CONFLICT (user_id, hashtag) DO UPDATE SET hashtag_id = EXCLUDED.hashtag_id,"
-                " first_searched_at = CASE WHEN h.first_searched_at > now() - %s * interval '1 day'"
-                " THEN h.first_searched_at ELSE now() END, last_queried_at = now()",
-                (self.user_id, hashtag, hashtag_id, HASHTAG_WINDOW_DAYS),
-            )
+        if self.searches is not None and hashtag_id is not None:
+            self.searches.searched(self.user_id, hashtag, hashtag_id, HASHTAG_WINDOW_DAYS)
 
 
 class GraphPaginator(Paginator):
@@ -273,7 +230,7 @@ class Media(Stream):
 
     def entries(self, after: Any, window: FetchWindow) -> Iterator[Entry]:
         source, since = self.source, window.since
-        size = PAGE_SIZE if window.limit is None else max(1, min(PAGE_SIZE, window.limit))
+        size = api.page_size(window.limit, PAGE_SIZE)
         if self.hashtag is None:
             path, params = f"{source.user_id}/media", {"fields": OWN_MEDIA_FIELDS, "limit": size}
         else:
@@ -288,27 +245,19 @@ class Media(Stream):
             path = f"{hashtag_id}/recent_media"
             params = {"user_id": source.user_id, "fields": HASHTAG_MEDIA_FIELDS, "limit": size}
         pages = source.pages(source.url(path), params, GraphPaginator(self.hashtag is not None), what=f"GET {path}")
-        for number, page in enumerate(pages, start=1):
-            data = page.get("data")
-            if not isinstance(data, list):
-                raise StreamError(f"page {number} of {path} has no data list")
-            times = [_created(item) for item in data]
-            for item, created in zip(data, times, strict=True):
-                if since is None or created is None or created >= since:
-                    media_id = item.get("id") if isinstance(item, Mapping) else None
-                    yield Entry(item, label=f"page {number}" + (f", media {media_id}" if media_id else ""))
-            # Own media come newest first: a post older than the watermark ends the list after this page (so one
-            # post out of place on it loses nothing); a hashtag's page only when every post on it is older.
-            past = [t for t in times if t is not None and since is not None and t < since]
-            if past and (self.in_order or len(past) == len([t for t in times if t is not None])):
-                return
+        # Own media come newest first: a post older than the watermark ends the list after its page (so one post
+        # out of place on it loses nothing); a hashtag's page ends it only when every post on it is older.
+        listed = (source.listed(page, "data", f"GET {path}") for page in pages)
+        for number, item in api.newest_first(listed, _created, since, whole_page=not self.in_order):
+            media_id = item.get("id") if isinstance(item, Mapping) else None
+            yield Entry(item, label=f"page {number}" + (f", media {media_id}" if media_id else ""))
 
     def where(self, entry: Entry) -> str:
         return f"{self.label} {entry.label}"
 
 
 def _created(item: Any) -> datetime | None:
-    return parse_time(graph_timestamp(item.get("timestamp"))) if isinstance(item, Mapping) else None
+    return api.parse_time(graph_timestamp(item.get("timestamp"))) if isinstance(item, Mapping) else None
 
 
 @register
@@ -318,6 +267,9 @@ class InstagramSource(APISource):
     name = "instagram"
     api_name = "Graph API"
     required = ("access_token", "user_id")
+    state_type = HashtagSearches
+    secret_params = ("access_token",)  # Graph URLs (paging.next too) carry the token as a query parameter
+    keeps_positions = False  # the run's watermark bounds every stream (media ids carry no order)
 
     def __init__(self, settings: Any, *, now: Callable[[], datetime] | None = None, **kwargs: Any):
         super().__init__(settings, **kwargs)
@@ -325,7 +277,8 @@ class InstagramSource(APISource):
         self.user_id = self.config.user_id.strip()
         self.hashtags = tuple(dict.fromkeys(normalize_hashtag(t) for t in self.config.hashtags if t.strip("# ")))
         self.token = self.config.access_token.reveal()
-        self.budget = HashtagBudget(self.db, self.user_id)
+        self.secret_values = (self.token,)
+        self.budget = HashtagBudget(self.state, self.user_id)
         self.problems: list[str] = []
 
     @classmethod
@@ -346,25 +299,16 @@ class InstagramSource(APISource):
 
     def config_key(self) -> str:
         own = self.config.own_media
-        described = json.dumps({"user": self.user_id, "hashtags": sorted(self.hashtags), "own": own}, sort_keys=True)
-        return hashlib.sha256(described.encode()).hexdigest()[:12]
+        return api.config_hash({"user": self.user_id, "hashtags": sorted(self.hashtags), "own": own})
 
     def stream_objects(self) -> list[Stream]:
         own = [Media(self, f"own:{self.user_id}", "own media")] if self.config.own_media else []
         return [*own, *(Media(self, f"hashtag:{h}", f"#{h}", h) for h in self.hashtags)]
 
-    # The run's watermark bounds every stream (media ids carry no order): no cursor of the source's own.
-    def load_positions(self, cursor: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
-        return {}
-
-    def dump_positions(self, states: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
-        return {}
-
     def to_post(self, item: Any, stream: Stream) -> Post | None:
         return to_post(item)
 
     def fetch(self, window: FetchWindow) -> Iterator[Post]:
-        self.budget.db = self.db  # the pipeline hands the source its database after building it
         self.problems = []
         yield from super().fetch(window)
         if self.problems:
@@ -382,12 +326,6 @@ class InstagramSource(APISource):
     def url(self, path: str) -> str:
         return f"{self.config.api_base.rstrip('/')}/{path.lstrip('/')}"
 
-    def scrub(self, text: str) -> str:
-        """The text without the token: Graph URLs (paging.next too) carry it as a query parameter."""
-        if self.token:
-            text = text.replace(self.token, "***")
-        return _TOKEN_PARAM_RE.sub(r"\1***", text)
-
     def send(self, method: str, url: str, **kwargs: Any) -> requests.Response:
         kwargs["params"] = {**(kwargs.get("params") or {}), "access_token": self.token}
         try:
@@ -400,12 +338,15 @@ class InstagramSource(APISource):
 
     def classify(self, response: requests.Response) -> Verdict:
         error = _error_object(response)
-        throttled = error is not None and error.get("code") in RATE_LIMIT_CODES
-        if throttled or is_retriable_status(response.status_code):
-            return retry(_regain_seconds(response))
-        if error is None and response.status_code < 400:
-            return OK
-        error = error or {}
+        if error is not None and error.get("code") in RATE_LIMIT_CODES:
+            return retry(self.retry_after(response))
+        return self.refused(response, "") if error is not None and response.ok else super().classify(response)
+
+    def retry_after(self, response: requests.Response) -> float | None:
+        return _regain_seconds(response)
+
+    def refused(self, response: requests.Response, text: str) -> Verdict:
+        error = _error_object(response) or {}
         if error.get("code") in TOKEN_CODES:
             return fatal(f"INSTAGRAM_ACCESS_TOKEN ({self.explain(response, error)}); renew INSTAGRAM_ACCESS_TOKEN "
                          "(a long-lived token lasts 60 days) and run again", whole_source=True)  # fmt: skip

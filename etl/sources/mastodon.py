@@ -14,24 +14,10 @@ from urllib.parse import quote, urlsplit
 import requests
 
 from etl.config import Secret, Setting, comma_list, http_base, text
-from etl.errors import ConfigError, RecordError
+from etl.errors import RecordError
 from etl.records import Post, post_from_dict
-from etl.sources import register
-from etl.sources.api import (
-    OK,
-    APISource,
-    Entry,
-    LinkHeaderPaginator,
-    MaxIdPaginator,
-    Paginator,
-    Stream,
-    StreamError,
-    Verdict,
-    fatal,
-    parse_time,
-    rate_limited,
-    retry,
-)
+from etl.sources import api, register
+from etl.sources.api import APISource, Entry, LinkHeaderPaginator, MaxIdPaginator, Stream, StreamError, Verdict, fatal
 from etl.sources.base import FetchWindow
 
 SETTINGS = (
@@ -59,6 +45,10 @@ SNOWFLAKE_FLOOR = 1 << 40
 
 def _account(value: str) -> str:
     return value.strip().lstrip("@")
+
+
+def _tag(value: str) -> str:
+    return value.strip().lstrip("#")
 
 
 class _Text(HTMLParser):
@@ -116,25 +106,15 @@ class Listing(Stream):
             params["since_id"] = str(after)  # newest first down to the saved id, paged by the Link header
         if window.until is not None:
             params["max_id"] = str(int(window.until.timestamp() * 1000) << 16)  # a backfill starts at its end
-        paginator: Paginator = LinkHeaderPaginator()
-        fallback = MaxIdPaginator(lambda body: [s.get("id") for s in body if isinstance(s, Mapping)])
-        url = self.source.base + path
-        what = f"{self.label} ({path})"
-        while True:
-            response, statuses = self.source.get_list(url, what=what, params=params)
+        # Some proxies strip the Link header: then page by max_id, the smallest id on the page.
+        paginator = LinkHeaderPaginator(fallback=MaxIdPaginator(lambda page: [api.dig(s, "id") for s in page]))
+        source, what = self.source, f"{self.label} ({path})"
+        for statuses in source.pages(source.base + path, params, paginator, what=what, get=source.get_list):
             for status in statuses:
                 sid = status.get("id") if isinstance(status, Mapping) else None
                 order = int(sid) if isinstance(sid, str) and sid.isdigit() else None
-                at = status_time(sid) or (parse_time(status.get("created_at")) if isinstance(status, Mapping) else None)
+                at = status_time(sid) or (api.parse_time(status.get("created_at")) if isinstance(status, Mapping) else None)
                 yield Entry(status, order=order, at=at, label=str(sid or ""))
-            # Some proxies strip the Link header: then page by max_id, the smallest id on the page.
-            following = paginator.next(response, statuses) if response.links else fallback.next(response, statuses)
-            if following is None or not statuses:
-                return
-            if isinstance(following, str):
-                url, params = following, {}
-            else:
-                params = {**params, **following}
 
     def encode(self, order: Any) -> Any:
         return str(order)
@@ -222,7 +202,7 @@ class MastodonSource(APISource):
         self.base = self.config.instance.rstrip("/")
         token = self.config.access_token.reveal().strip()
         # On each request, never on the session: the session may be shared with the image downloader.
-        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.auth_headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._ids: dict[str, str | None] = {}
         # Re-checked: statuses of this instance only (their uri is on it). A remote status's id here is this
         # instance's copy, and a 404 may only mean it never heard of the delete or dropped its cache.
@@ -232,17 +212,12 @@ class MastodonSource(APISource):
     def check_settings(cls, settings: Any) -> None:
         config = settings.source(cls.name)
         config.require(*cls.required)
-        if not config.hashtags and not config.accounts:
-            raise ConfigError("the mastodon source needs MASTODON_HASHTAGS or MASTODON_ACCOUNTS, or both")
-        for tag in config.hashtags:
-            if not TAG_RE.match(tag.strip().lstrip("#")):
-                raise ConfigError(f"MASTODON_HASHTAGS has {tag!r}, which is not a hashtag (letters, digits, _)")
-        for acct in config.accounts:
-            if not ACCOUNT_RE.match(acct.strip()):
-                raise ConfigError(f"MASTODON_ACCOUNTS has {acct!r}, which is not an account (@user@host or user)")
+        api.need_one_of(cls.name, config, hashtags="hashtag timelines", accounts="accounts' statuses")
+        api.each_matches(config, "hashtags", TAG_RE, "not a hashtag (letters, digits, _)", _tag)
+        api.each_matches(config, "accounts", ACCOUNT_RE, "not an account (@user@host or user)")
 
     def stream_objects(self) -> list[Stream]:
-        tags = dict.fromkeys(t.strip().lstrip("#") for t in self.config.hashtags)
+        tags = dict.fromkeys(_tag(t) for t in self.config.hashtags)
         accounts = dict.fromkeys(_account(a) for a in self.config.accounts)
         return [*(Hashtag(self, t) for t in tags), *(Account(self, a) for a in accounts)]
 
@@ -250,14 +225,8 @@ class MastodonSource(APISource):
         return status_to_post(item, urlsplit(self.base).hostname or "")
 
     def get_list(self, url: str, *, what: str, params: Any) -> tuple[requests.Response, list]:
-        response = self.request("GET", url, what=what, params=params or None, headers=self._headers)
-        try:
-            body = response.json()
-        except ValueError:
-            body = None
-        if not isinstance(body, list):
-            raise StreamError(f"Mastodon API {what} answered a page that is not a list of statuses")
-        return response, body
+        response = self.request("GET", url, what=what, params=params or None)
+        return response, self.listed(api.json_of(response), "", what, "a list of statuses")
 
     can_recheck = True
     recheck_cap = 100  # one call per status; instances allow 300 calls per 5 minutes, the fetch needs some too
@@ -271,8 +240,7 @@ class MastodonSource(APISource):
                 yield uri
                 continue
             try:
-                self.request("GET", self.base + STATUS.format(id=match.group(1)), what=f"statuses/{match.group(1)}",
-                             headers=self._headers)  # fmt: skip
+                self.request("GET", self.base + STATUS.format(id=match.group(1)), what=f"statuses/{match.group(1)}")
             except StreamError as exc:
                 if exc.code != "not_found":
                     raise
@@ -283,8 +251,7 @@ class MastodonSource(APISource):
         """The instance's id for an account, looked up once; an unknown account is reported and skipped."""
         if acct not in self._ids:
             try:
-                _, body = self.get_json(self.base + LOOKUP, what=f"accounts/lookup {acct}", params={"acct": acct},
-                                        headers=self._headers)  # fmt: skip
+                _, body = self.get_json(self.base + LOOKUP, what=f"accounts/lookup {acct}", params={"acct": acct})
             except StreamError as exc:
                 if exc.code != "not_found":
                     raise
@@ -297,17 +264,13 @@ class MastodonSource(APISource):
                 raise StreamError(f"Mastodon API accounts/lookup {acct} answered without an account id")
         return self._ids[acct]
 
-    def classify(self, response: requests.Response) -> Verdict:
+    def reset_at(self, response: requests.Response) -> float | None:
+        reset = api.parse_time(response.headers.get("X-RateLimit-Reset"))
+        return reset.timestamp() if reset else None
+
+    def refused(self, response: requests.Response, text: str) -> Verdict:
         status = response.status_code
-        if response.ok:
-            return OK
-        if status == 429:
-            reset = parse_time(response.headers.get("X-RateLimit-Reset"))
-            return rate_limited(reset.timestamp()) if reset else retry(None)
-        if status >= 500:
-            return retry(None)
-        text = self.error_text(response)
-        if status == 401 and self._headers:
+        if status == 401 and self.auth_headers:
             return fatal(f"HTTP 401 {text}: check MASTODON_ACCESS_TOKEN (revoked, or from another instance)", whole_source=True)
         if status in (401, 403, 422):
             return fatal(f"HTTP {status} {text}: this instance may require MASTODON_ACCESS_TOKEN for public timelines")

@@ -13,21 +13,10 @@ from urllib.parse import urlsplit
 import requests
 
 from etl.config import Secret, Setting, comma_list, http_base, text
-from etl.errors import ConfigError, RecordError
+from etl.errors import RecordError
 from etl.records import Post, post_from_dict
-from etl.sources import register
-from etl.sources.api import (
-    OK,
-    APISource,
-    CursorPaginator,
-    Entry,
-    Stream,
-    StreamError,
-    Verdict,
-    fatal,
-    rate_limited,
-    retry,
-)
+from etl.sources import api, register
+from etl.sources.api import APISource, CursorPaginator, Entry, Stream, StreamError, Verdict, fatal
 from etl.sources.base import FetchWindow
 
 SETTINGS = (
@@ -55,6 +44,10 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".webp")
 TOKEN_MARGIN = 60.0  # seconds before expiry at which the token is renewed
 
 
+def _subreddit(value: str) -> str:
+    return value.strip().removeprefix("r/")
+
+
 class Subreddit(Stream):
     """A subreddit's /new listing, newest first; ids (base 36) give the order, created_utc the server's time."""
 
@@ -72,13 +65,9 @@ class Subreddit(Stream):
         # raw_json=1: text and URLs as written, not HTML-escaped (&amp; in every preview URL otherwise).
         params = {"limit": PAGE_SIZE, "raw_json": 1}
         what = f"r/{self.subreddit}/new"
-        for page in self.source.pages(url, params, CursorPaginator("data.after", "after"), what=what,
-                                      get=self.source.authed_get):  # fmt: skip
-            data = page.get("data") if isinstance(page.get("data"), Mapping) else None
-            children = data.get("children") if data else None
-            if not isinstance(children, list):
-                raise StreamError(f"Reddit API {what} answered a page that is not a Listing")
-            for child in children:
+        source = self.source
+        for page in source.pages(url, params, CursorPaginator("data.after", "after"), what=what, get=source.authed_get):
+            for child in source.listed(page, "data.children", what, "a Listing"):
                 post = child.get("data") if isinstance(child, Mapping) and isinstance(child.get("data"), Mapping) else {}
                 pid = post.get("id")
                 order = int(pid, 36) if isinstance(pid, str) and ID_RE.match(pid) else None
@@ -172,18 +161,17 @@ class RedditSource(APISource):
         super().__init__(settings, **kwargs)
         self._token: str | None = None
         self._expires = 0.0
+        # Reddit throttles or blocks generic agents; its rules ask for "<platform>:<app id>:<version> (by /u/name)".
+        self.auth_headers = {"User-Agent": self.config.user_agent}
 
     @classmethod
     def check_settings(cls, settings: Any) -> None:
         config = settings.source(cls.name)
         config.require(*cls.required)
-        for name in config.subreddits:
-            if not SUBREDDIT_RE.match(name.strip().removeprefix("r/")):
-                raise ConfigError(f"REDDIT_SUBREDDITS has {name!r}, which is not a subreddit name")
+        api.each_matches(config, "subreddits", SUBREDDIT_RE, "not a subreddit name", _subreddit)
 
     def stream_objects(self) -> list[Stream]:
-        names = dict.fromkeys(n.strip().removeprefix("r/") for n in self.config.subreddits)
-        return [Subreddit(self, n) for n in names]
+        return [Subreddit(self, n) for n in dict.fromkeys(map(_subreddit, self.config.subreddits))]
 
     def to_post(self, item: Any, stream: Stream) -> Post | None:
         return thing_to_post(item)
@@ -197,18 +185,13 @@ class RedditSource(APISource):
         removed_by_category set (removed by moderators, Reddit, a takedown) is gone. A post missing from the
         answer (an id Reddit does not know) is recorded as checked, not as gone."""
         url = self.config.api_base + INFO_PATH
-        for start in range(0, len(post_ids), PAGE_SIZE):
-            batch = post_ids[start : start + PAGE_SIZE]
+        for batch in api.batches(post_ids, PAGE_SIZE):
             names = ",".join(f"t3_{p}" for p in batch if ID_RE.match(p))
             found: dict[str, Mapping[str, Any]] = {}
             if names:
                 what = f"api/info ({len(batch)} held posts)"
                 _, page = self.authed_get(url, what=what, params={"id": names, "raw_json": 1})
-                data = page.get("data") if isinstance(page.get("data"), Mapping) else None
-                children = data.get("children") if data else None
-                if not isinstance(children, list):
-                    raise StreamError("Reddit API api/info answered a page that is not a Listing")
-                for child in children:
+                for child in self.listed(page, "data.children", what, "a Listing"):
                     post = child.get("data") if isinstance(child, Mapping) else None
                     if isinstance(post, Mapping) and isinstance(post.get("id"), str):
                         found[post["id"]] = post
@@ -223,23 +206,11 @@ class RedditSource(APISource):
                     log.info("reddit: %s is not in /api/info's answer; not taken as gone", pid)
                 yield pid
 
-    def _headers(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
-        # Reddit throttles or blocks generic agents; its rules ask for "<platform>:<app id>:<version> (by /u/name)".
-        return {"User-Agent": self.config.user_agent, **(extra or {})}
-
-    def authed_get(self, url: str, *, what: str, params: Any = None) -> tuple[requests.Response, dict]:
-        """A GET with the app's bearer token; a token refused with 401 is renewed once and the call repeated."""
-        for attempt in (1, 2):
-            if self._token is None or time.time() > self._expires - TOKEN_MARGIN:
-                self._fetch_token()
-            try:
-                return self.get_json(url, what=what, params=params,
-                                     headers=self._headers({"Authorization": f"Bearer {self._token}"}))  # fmt: skip
-            except StreamError as exc:
-                if exc.code != "expired" or attempt == 2:
-                    raise
-                self._token = None
-        raise AssertionError("unreachable")
+    def credentials(self, renew: bool) -> dict[str, str]:
+        """The app's bearer token (client_credentials), fetched again when it expires or is refused."""
+        if renew or self._token is None or time.time() > self._expires - TOKEN_MARGIN:
+            self._fetch_token()
+        return {"Authorization": f"Bearer {self._token}"}
 
     def _fetch_token(self) -> None:
         config = self.config
@@ -248,7 +219,6 @@ class RedditSource(APISource):
                 "POST", config.auth_base + TOKEN_PATH, what="access_token",
                 data={"grant_type": "client_credentials"},
                 auth=(config.client_id, config.client_secret.reveal()),
-                headers=self._headers(),
             )  # fmt: skip
         except StreamError as exc:
             raise StreamError(
@@ -268,19 +238,14 @@ class RedditSource(APISource):
         expires = body.get("expires_in")
         self._expires = time.time() + (float(expires) if isinstance(expires, (int, float)) else 3600.0)
 
-    def classify(self, response: requests.Response) -> Verdict:
+    def reset_at(self, response: requests.Response) -> float | None:
+        try:
+            return time.time() + float(response.headers.get("X-Ratelimit-Reset", "").strip())  # seconds from now
+        except ValueError:
+            return None
+
+    def refused(self, response: requests.Response, text: str) -> Verdict:
         status = response.status_code
-        if response.ok:
-            return OK
-        if status == 429:
-            reset = response.headers.get("X-Ratelimit-Reset", "").strip()
-            try:
-                return rate_limited(time.time() + float(reset))  # seconds until the window resets
-            except ValueError:
-                return retry(None)
-        if status >= 500:
-            return retry(None)
-        text = self.error_text(response)
         if status == 401 and urlsplit(response.url).path != TOKEN_PATH:
             return fatal(f"HTTP 401 {text} (the token expired or was revoked)", code="expired")
         if status == 403:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import re
 from collections.abc import Callable, Iterator, Mapping
@@ -14,10 +12,10 @@ import requests
 
 from etl.config import Secret, Setting, Settings, comma_list, http_base, non_negative_float, text
 from etl.errors import ConfigError, RecordError
-from etl.http import RetryPolicy, is_retriable_status, retry_after_seconds
+from etl.http import RetryPolicy
 from etl.records import Post, clean_text, extract_hashtags, post_from_dict
-from etl.sources import register
-from etl.sources.api import OK, APISource, CursorPaginator, Entry, Stream, StreamError, Verdict, fatal, retry
+from etl.sources import api, register
+from etl.sources.api import APISource, CursorPaginator, Entry, Stream, StreamError, Verdict, fatal
 from etl.sources.base import FetchWindow, query_stream
 
 SETTINGS = (
@@ -57,10 +55,6 @@ TWEPOCH_MS = 1288834974657  # snowflake ids carry their creation time in ms sinc
 USERNAME_RE = re.compile(r"^[A-Za-z0-9_]{1,15}$")
 
 
-def _iso(moment: datetime) -> str:
-    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def snowflake_time(tweet_id: str) -> datetime | None:
     """When an X id was minted (ids are snowflakes), or None for something that is not one."""
     if not tweet_id.isdigit():
@@ -83,11 +77,8 @@ def _username(value: str) -> str:
 
 
 def _problem(response: requests.Response) -> dict[str, Any]:
-    """The error body (RFC 7807 problem, or the older {"errors": [...]}) as a dict; {} if it is not JSON."""
-    try:
-        body = response.json()
-    except ValueError:
-        return {}
+    """The error body (RFC 7807 problem, or the older {"errors": [...]}) as a dict; {} if it is not one."""
+    body = api.json_of(response)
     return body if isinstance(body, dict) else {}
 
 
@@ -182,11 +173,9 @@ class Tweets(Stream):
         if bounds is None:
             return
         floor = None if "since_id" in bounds else window.since
-        limit = window.limit
-        size = PAGE_SIZE if limit is None else max(MIN_PAGE_SIZE, min(PAGE_SIZE, limit))
+        size = api.page_size(window.limit, PAGE_SIZE, MIN_PAGE_SIZE)
         params = {**params, **bounds, **TWEET_PARAMS, "max_results": size}
-        pages = source.pages(source.base + path, params, CursorPaginator("meta.next_token", token_param), what=path,
-                             headers=source.headers)  # fmt: skip
+        pages = source.pages(source.base + path, params, CursorPaginator("meta.next_token", token_param), what=path)
         for number, page in enumerate(pages, start=1):
             includes = page.get("includes") if isinstance(page.get("includes"), Mapping) else {}
             media = {m["media_key"]: m for m in includes.get("media") or [] if isinstance(m, Mapping) and "media_key" in m}
@@ -231,16 +220,17 @@ def _bounds(search: bool, since_id: str | None, window: FetchWindow, now: dateti
     bounds: dict[str, str] = {}
     start, until = window.since, window.until
     if search and until is not None and until <= oldest_searchable:
-        log.warning("twitter: recent search reaches back 7 days only; nothing before %s can be searched", _iso(until))
+        log.warning("twitter: recent search reaches back 7 days only; nothing before %s can be searched",
+                    api.utc_text(until))  # fmt: skip
         return None
     if search and start is not None and start < oldest_searchable:
         log.warning("twitter: recent search reaches back 7 days only; searching from %s, not %s",
-                    _iso(oldest_searchable), _iso(start))  # fmt: skip
+                    api.utc_text(oldest_searchable), api.utc_text(start))  # fmt: skip
         start = oldest_searchable
     if start is not None:
-        bounds["start_time"] = _iso(start)
+        bounds["start_time"] = api.utc_text(start)
     if until is not None and until < now - END_TIME_MARGIN:
-        bounds["end_time"] = _iso(until)
+        bounds["end_time"] = api.utc_text(until)
     return bounds
 
 
@@ -253,6 +243,7 @@ class TwitterSource(APISource):
     rate_limit_headers = ("x-rate-limit-remaining", "x-rate-limit-limit", "x-rate-limit-reset")
     wait_setting = "TWITTER_MAX_WAIT"
     required = ("bearer_token",)
+    stream_error_ends_fetch = True  # the runner records the stream as failed, keeps its since_id, runs the next
 
     def __init__(self, settings: Settings, *, now: Callable[[], datetime] | None = None, **kwargs: Any):
         super().__init__(settings, **kwargs)
@@ -262,26 +253,20 @@ class TwitterSource(APISource):
         self.base = self.config.api_base.rstrip("/")
         token = self.config.bearer_token.reveal().strip()
         # On each request, never on the session: the session may be shared with the image downloader.
-        self.headers = {"Authorization": "Bearer " + token.removeprefix("Bearer ").strip()}
+        self.auth_headers = {"Authorization": "Bearer " + token.removeprefix("Bearer ").strip()}
         self._user_ids: dict[str, str] = {}
 
     @classmethod
     def check_settings(cls, settings: Settings) -> None:
         config = settings.source(cls.name)
         config.require(*cls.required)
-        if not config.query and not config.usernames:
-            raise ConfigError(
-                "the twitter source needs TWITTER_QUERY (a recent search) or TWITTER_USERNAMES (user timelines), or both"
-            )
+        api.need_one_of(cls.name, config, query="a recent search", usernames="user timelines")
         if len(config.query) > MAX_QUERY_CHARS:
             raise ConfigError(
                 f"TWITTER_QUERY is {len(config.query)} characters; recent search takes at most {MAX_QUERY_CHARS}"
             )
-        for name in config.usernames:
-            if not USERNAME_RE.match(_username(name)):
-                raise ConfigError(
-                    f"TWITTER_USERNAMES has {name!r}, which is not an X username (1-15 letters, digits or _)"
-                )
+        api.each_matches(config, "usernames", USERNAME_RE,
+                         "not an X username (1-15 letters, digits or _)", _username)  # fmt: skip
 
     def probe(self) -> str | None:
         # An app-only token cannot call /2/users/me; a username lookup is the cheapest authenticated call.
@@ -291,8 +276,7 @@ class TwitterSource(APISource):
 
     def config_key(self) -> str:
         usernames = sorted({_username(u).lower() for u in self.config.usernames})
-        ident = json.dumps({"query": self.config.query, "usernames": usernames}, sort_keys=True)
-        return hashlib.sha256(ident.encode()).hexdigest()[:12]
+        return api.config_hash({"query": self.config.query, "usernames": usernames})
 
     def stream_objects(self) -> list[Stream]:
         # A changed query is another stream (its own state from scratch); its cursor slot stays "search".
@@ -310,9 +294,6 @@ class TwitterSource(APISource):
         since_ids = {slot: state["after"] for slot, state in states.items() if "after" in state}
         return {"since_id": since_ids} if since_ids else {}
 
-    def stream_failed(self, stream: Stream, exc: StreamError, rest: list[str]) -> None:
-        raise exc  # the runner records the stream as failed, keeps its since_id, and runs the next stream
-
     can_recheck = True
 
     def recheck(self, post_ids: list[str]) -> Iterator[str]:
@@ -327,16 +308,14 @@ class TwitterSource(APISource):
         return tweet_to_post(tweet, media, users, username=getattr(stream, "username", None))
 
     def classify(self, response: requests.Response) -> Verdict:
-        status = response.status_code
-        if response.ok:
-            return OK
-        problem, text = _problem(response), self.error_text(response)
-        if status == 429 and str(problem.get("type", "")).endswith("/usage-capped"):
+        if response.status_code == 429 and str(_problem(response).get("type", "")).endswith("/usage-capped"):
             # A monthly/spend cap: waiting for the 15-minute window will not lift it.
-            return fatal(f"usage cap reached; no more reads until it resets or credits are added. X says: {text}",
-                         whole_source=True)  # fmt: skip
-        if is_retriable_status(status):
-            return retry(retry_after_seconds(response))
+            return fatal(f"usage cap reached; no more reads until it resets or credits are added. X says: "
+                         f"{self.error_text(response)}", whole_source=True)  # fmt: skip
+        return super().classify(response)
+
+    def refused(self, response: requests.Response, text: str) -> Verdict:
+        status, problem = response.status_code, _problem(response)
         if status == 401:
             return fatal("the bearer token (401 Unauthorized): check TWITTER_BEARER_TOKEN; it may be mistyped, "
                          "or revoked or regenerated in the developer console", whole_source=True)  # fmt: skip
@@ -357,7 +336,7 @@ class TwitterSource(APISource):
 
     def _lookup(self, username: str) -> dict[str, Any]:
         path = USER_BY_NAME_PATH.format(username=username)
-        return self.get_json(self.base + path, what=path, params={"user.fields": "username"}, headers=self.headers)[1]
+        return self.get_json(self.base + path, what=path, params={"user.fields": "username"})[1]
 
     def user_id(self, username: str) -> str | None:
         """The user id behind a username, looked up once per source; an unknown user is rejected and skipped."""

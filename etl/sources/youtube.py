@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import hashlib
 import html
 import http.client
-import json
 import logging
 import re
 from collections.abc import Iterator, Mapping
@@ -18,7 +16,8 @@ import requests
 from requests.structures import CaseInsensitiveDict
 
 from etl.config import Secret, Setting, Settings, comma_list, http_base, positive_int, text
-from etl.errors import ConfigError, SourceError
+from etl.db.platform import QuotaLedger
+from etl.errors import SourceError
 from etl.http import Retriable, retry_after_seconds
 from etl.records import Post, extract_hashtags, post_from_dict
 from etl.sources import api, register
@@ -47,38 +46,11 @@ QUOTA_REASONS = frozenset({"quotaExceeded", "dailyLimitExceeded"})
 RATE_REASONS = frozenset({"rateLimitExceeded", "userRateLimitExceeded"})
 KEY_REASONS = frozenset({"keyInvalid", "keyExpired", "API_KEY_INVALID", "API_KEY_EXPIRED"})
 
-# The google client builds URLs with `key=<API key>` and puts them in its own debug/warning log lines;
-# nothing with such a URL leaves this module unscrubbed.
-_KEY_IN_TEXT = re.compile(r"([?&]key=)[^&#\s\"'>]+")
 _HTML_TAG = re.compile(r"<[^>]+>")
 
-_QUOTA_TODAY_SQL = (
-    "SELECT COALESCE(SUM((per_source -> %s ->> 'quota_used')::numeric), 0) FROM etl_runs"
-    " WHERE started_at >= %s AND jsonb_typeof(per_source -> %s -> 'quota_used') = 'number'"
-)
 
-
-def scrub(text: str, *secrets: str) -> str:
-    """The text without `key=...` URL parameters or any of the given secret values."""
-    text = _KEY_IN_TEXT.sub(r"\1***", text)
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, "***")
-    return text
-
-
-class _ScrubKeyFilter(logging.Filter):
-    """Rewrites the google client's log records so the key in its request URLs never reaches a handler."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        if "key=" in message:
-            record.msg, record.args = scrub(message), ()
-        return True
-
-
-for _logger_name in ("googleapiclient.discovery", "googleapiclient.http"):
-    logging.getLogger(_logger_name).addFilter(_ScrubKeyFilter())
+# The google client logs its request URLs, the API key among their parameters.
+api.scrub_logs(("googleapiclient.discovery", "googleapiclient.http"), ("key",))
 
 
 def quota_day_start(now: datetime | None = None) -> datetime:
@@ -103,13 +75,6 @@ def best_thumbnail(thumbnails: Any) -> str | None:
         if isinstance(url, str) and url.strip():
             return url.strip()
     return None
-
-
-def _rfc3339(moment: datetime, *, round_up: bool = False) -> str:
-    moment = moment.astimezone(timezone.utc)
-    if round_up and moment.microsecond:
-        moment += timedelta(seconds=1)
-    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _published(item: Mapping[str, Any]) -> datetime | None:
@@ -179,8 +144,8 @@ class Videos(Stream):
         candidates = self._candidates(window)
         while True:
             # Ask videos.list only for as many as the limit still allows, 50 at most.
-            wanted = PAGE_SIZE if window.limit is None or taken >= window.limit else min(PAGE_SIZE, window.limit - taken)
-            batch = list(islice(candidates, wanted))
+            left = None if window.limit is None or taken >= window.limit else window.limit - taken
+            batch = list(islice(candidates, api.page_size(left, PAGE_SIZE)))
             if not batch:
                 return
             videos = source.videos([vid for vid, _ in batch])
@@ -199,19 +164,12 @@ class Videos(Stream):
     def _candidates(self, window: FetchWindow) -> Iterator[tuple[str, dict[str, Any]]]:
         """(video id, listing item) of newest-first pages in the window, stopping after the page that reaches
         window.since: the page is paid for, so an item scheduled or reordered late on it is still seen."""
-        for page in self._pages(window):
-            reached_since = False
-            for item in page.get("items") or []:
-                vid = _video_id(item) if isinstance(item, dict) else None
-                if vid is None:
-                    continue
-                published = _published(item)
-                if published is not None and window.since is not None and published < window.since:
-                    reached_since = True
-                elif published is None or window.until is None or published < window.until:
-                    yield vid, item  # (newer than a backfill's end: skipped, paging on towards it)
-            if reached_since:
-                return
+        pages = self._pages(window)
+        items = ([i for i in page.get("items") or [] if isinstance(i, dict) and _video_id(i)] for page in pages)
+        for _, item in api.newest_first(items, _published, window.since):
+            published = _published(item)
+            if published is None or window.until is None or published < window.until:
+                yield _video_id(item), item  # (newer than a backfill's end: skipped, paging on towards it)
 
     def _pages(self, window: FetchWindow) -> Iterator[dict[str, Any]]:
         source = self.source
@@ -219,9 +177,9 @@ class Videos(Stream):
             params: dict[str, Any] = {"part": "snippet", "q": source.config.query, "type": "video",
                                       "order": "date", "maxResults": PAGE_SIZE}  # fmt: skip
             if window.since is not None:
-                params["publishedAfter"] = _rfc3339(window.since)
+                params["publishedAfter"] = api.utc_text(window.since)
             if window.until is not None:
-                params["publishedBefore"] = _rfc3339(window.until, round_up=True)
+                params["publishedBefore"] = api.utc_text(window.until, round_up=True)
             yield from source.listing("search.list", params)
             return
         playlist = source.uploads(self.channel)
@@ -250,11 +208,16 @@ class YouTubeSource(APISource):
     name = "youtube"
     api_name = "YouTube Data API"
     required = ("api_key",)
+    state_type = QuotaLedger
+    secret_params = ("key",)  # the google client puts the API key in its request URLs
+    keeps_positions = False  # the run's watermark bounds every stream (kept per stream by the runner)
+    stream_error_ends_fetch = True  # the runner records the stream as failed and runs the next one
 
     def __init__(self, settings: Settings, *, http: Any = None, **kwargs: Any):
         super().__init__(settings, **kwargs)
         self._http = http
         self._key = self.config.api_key.reveal()
+        self.secret_values = (self._key,)
         self._service: Any = None
         # Kept for the source's lifetime, so the chunks of a backfill (one fetch each) do not pay again:
         self._uploads: dict[str, str | None] = {}  # channel -> uploads playlist (None: no such channel)
@@ -265,11 +228,7 @@ class YouTubeSource(APISource):
     def check_settings(cls, settings: Settings) -> None:
         config = settings.source(cls.name)
         super().check_settings(settings)
-        if not config.channel_ids and not config.query:
-            raise ConfigError(
-                "the youtube source needs YOUTUBE_CHANNEL_IDS (channels whose uploads to archive) "
-                "or YOUTUBE_QUERY (a search query), or both; neither is set"
-            )
+        api.need_one_of(cls.name, config, channel_ids="channels whose uploads to archive", query="a search query")
 
     def probe(self) -> str | None:
         # channels.list of one id: 1 quota unit, whether or not the channel exists; a bad key is refused.
@@ -279,24 +238,13 @@ class YouTubeSource(APISource):
 
     def config_key(self) -> str:
         spec = {"channels": sorted(set(self.config.channel_ids)), "query": self.config.query}
-        spec = json.dumps(spec, sort_keys=True)
-        return "cfg-" + hashlib.sha256(spec.encode("utf-8")).hexdigest()[:16]
+        return "cfg-" + api.config_hash(spec, 16)
 
     def stream_objects(self) -> list[Stream]:
         # Resume points name the query's stream "search", as before streams had keys of their own.
         query = self.config.query
         channels = [Videos(self, f"channel:{c}", f"channel:{c}", c) for c in dict.fromkeys(self.config.channel_ids)]
         return channels + ([Videos(self, query_stream(query), "search")] if query else [])
-
-    # The run's watermark bounds every stream (kept per stream by the runner): no cursor of the source's own.
-    def load_positions(self, cursor: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
-        return {}
-
-    def dump_positions(self, states: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
-        return {}
-
-    def stream_failed(self, stream: Stream, exc: StreamError, rest: list[str]) -> None:
-        raise exc from None  # the source stops; the runner records the stream as failed and runs the next one
 
     def fetch(self, window: FetchWindow) -> Iterator[Post]:
         self.quota_used_earlier = self._quota_used_earlier_today()
@@ -429,7 +377,7 @@ class YouTubeSource(APISource):
         try:
             answer, content = self._http.request(url, method=method, headers=dict(headers or {}))
         except (OSError, http.client.HTTPException, HttpLib2Error) as exc:  # the network: worth another attempt
-            raise Retriable(f"cannot reach the API: {scrub(str(exc) or type(exc).__name__, self._key)}") from None
+            raise Retriable(f"cannot reach the API: {self.scrub(str(exc) or type(exc).__name__)}") from None
         response = requests.Response()
         response.status_code, response.reason = int(answer.status), getattr(answer, "reason", "") or ""
         response.headers = CaseInsensitiveDict(answer)
@@ -437,12 +385,13 @@ class YouTubeSource(APISource):
         return response
 
     def classify(self, response: requests.Response) -> api.Verdict:
-        if response.ok:
-            return api.OK
-        reason, message = google_error(response)
-        if response.status_code == 429 or response.status_code >= 500 or reason in RATE_REASONS:
+        if not response.ok and google_error(response)[0] in RATE_REASONS:
             return api.retry(retry_after_seconds(response))
-        message = scrub(message, self._key)
+        return super().classify(response)
+
+    def refused(self, response: requests.Response, text: str) -> api.Verdict:
+        reason, message = google_error(response)
+        message = self.scrub(message)
         if reason in QUOTA_REASONS:
             text = f"HTTP {response.status_code} {reason}: {message}"
             return api.fatal(f"the project's YouTube Data API quota is used up for today ({text}); it resets at "
@@ -453,7 +402,7 @@ class YouTubeSource(APISource):
 
     def error_text(self, response: requests.Response) -> str:
         reason, message = google_error(response)
-        return scrub(f"{reason + ': ' if reason else ''}{message}", self._key)
+        return self.scrub(f"{reason + ': ' if reason else ''}{message}")
 
     def give_up(self, what: str, exc: Exception) -> StreamError:
         if isinstance(exc, Retriable):
@@ -465,15 +414,12 @@ class YouTubeSource(APISource):
 
     def _quota_used_earlier_today(self) -> int:
         """Units that earlier runs recorded since midnight Pacific (etl_runs.per_source -> youtube -> quota_used)."""
-        if self.db is None:
+        if self.state is None:
             return 0
         try:
-            with self.db.transaction() as cur:
-                cur.execute(_QUOTA_TODAY_SQL, (self.name, quota_day_start(), self.name))
-                row = cur.fetchone()
+            return self.state.spent_since(self.name, quota_day_start())
         except Exception as exc:  # without knowing what is left, spending could overrun the budget
             raise SourceError(f"youtube: cannot read today's quota use from etl_runs: {exc}") from None
-        return int(row[0]) if row and row[0] is not None else 0
 
     def _spend(self, units: int, method: str) -> None:
         budget = self.config.daily_quota

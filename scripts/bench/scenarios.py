@@ -642,7 +642,8 @@ def compare_writers(dsn: str, rows: int, out: Path) -> list[Figure]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from etl.export import POSTS, arrow_schema
+    from etl.db.export import POSTS
+    from etl.export import arrow_schema
 
     conn = psycopg2.connect(dsn)
     with conn.cursor(name="writers") as cur:
