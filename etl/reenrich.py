@@ -15,7 +15,7 @@ import psycopg2.extras
 
 from etl.db import Database
 from etl.enrich import SentimentEnricher
-from etl.pipeline import RunStats
+from etl.run.stats import RunStats
 
 log = logging.getLogger(__name__)
 
