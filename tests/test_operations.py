@@ -15,6 +15,7 @@ from etl.db import Ledger, StreamState
 from etl.errors import SourceError
 from etl.records import Post
 from etl.run.runner import Runner, RunRequest, backfill_chunks
+from etl.run.stats import StageClock
 from etl.sources.base import FetchWindow, Source
 from etl.status import collect_status, format_status
 from etl.store import LocalStore
@@ -355,6 +356,30 @@ def test_the_summary_names_the_time_of_each_stage(listsrc, make_settings, db, tm
     assert {"fetch", "enrich", "lookup", "wait_images", "load", "download", "store"} <= set(stats.stages.seconds)
     assert all(seconds >= 0 for seconds in stats.stages.seconds.values())
     assert re.search(r"\| stages fetch=\d+\.\d\ds .*\| worker-seconds \(summed over image workers\) download=\d+\.\d\ds", stats.summary_line())
+
+
+def test_a_dry_run_goes_through_the_same_archiver_stages_and_writes_nothing(listsrc, make_settings, db, tmp_path, http_server):
+    http_server.routes["/a.png"] = Reply(body=png_bytes())
+    listsrc.posts = [
+        make_post(1, T0, images=(http_server.url("/a.png"),)),
+        make_post(2, T0 + timedelta(hours=1), caption="What a wonderful, happy day"),
+        make_post(3, T0 + timedelta(hours=2), caption="A terrible, awful mess"),
+    ]
+    dry = runner(make_settings, db, tmp_path).execute(RunRequest(sources=["listsrc"], dry_run=True, limit=3))
+    for table in ("social_posts", "post_media", "etl_runs", "etl_state", "post_engagement"):
+        assert query(db.dsn, f"SELECT count(*) FROM {table}") == [(0,)], table
+    assert not (tmp_path / "objects").exists() and http_server.hits.get("/a.png", 0) == 0
+    real = runner(make_settings, db, tmp_path).execute(RunRequest(sources=["listsrc"], limit=3))
+    assert query(db.dsn, "SELECT count(*) FROM social_posts") == [(3,)]
+
+    def main_stages(stats):
+        return set(stats.stages.seconds) - set(StageClock.WORKER_STAGES)
+
+    assert main_stages(dry) == main_stages(real) == {"fetch", "lookup", "enrich", "wait_images", "load"}
+    assert (dry.fetched, dry.rejected, dry.sentiment) == (real.fetched, real.rejected, real.sentiment)
+    assert dry.fetched == 3 and dry.per_source["listsrc"]["fetched"] == 3
+    assert (dry.inserted, dry.images_stored, real.inserted, real.images_stored) == (0, 0, 3, 1)
+    assert "stages fetch=" in dry.summary_line()
 
 
 def test_a_flood_of_bad_lines_is_counted_whole_and_kept_bounded(make_settings, db, tmp_path):
