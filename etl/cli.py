@@ -18,12 +18,15 @@ from etl.backfill_limits import checked_chunk
 from etl.check import path_errors
 from etl.config import Settings, load_settings, merged_environment, misspelled_settings
 from etl.copystore import copy_store
+from etl.db import Ledger
 from etl.enrich import SentimentEnricher
 from etl.errors import ConfigError, ETLError, ExitCode, UsageError
 from etl.logs import RedactingFilter, setup_logging
-from etl.pipeline import Runner, RunRequest, RunStats, build_sources
 from etl.progress import ProgressReporter
 from etl.reenrich import reenrich
+from etl.run.runner import Runner, RunRequest
+from etl.run.services import build_sources, open_services
+from etl.run.stats import RunStats
 from etl.shards import Shard, format_plan, plan_shards
 from etl.sources import REGISTRY
 from etl.status import collect_status, format_status, open_archive
@@ -357,38 +360,32 @@ def _dispatch(args: argparse.Namespace, settings: Settings, out: IO[str]) -> int
         from etl.export import export, resolve_target
 
         target = resolve_target(settings, args.to)
-        runner = Runner(settings)
-        runner.open_services(store=False)
-        assert runner.db is not None
-        stats = export(settings, runner.db, target, full=args.full, since=args.since, should_stop=stop.is_set, arguments=_recorded(args))
+        db, _ = open_services(settings, check_store=False)
+        stats = export(settings, db, target, full=args.full, since=args.since, should_stop=stop.is_set, arguments=_recorded(args))
         print(stats.summary(), file=out)
         return int(stats.exit_code)
-    runner = Runner(settings)
-    runner.open_services(store=False)
-    assert runner.db is not None
+    db, _ = open_services(settings, check_store=False)
     if command == "migrate":
-        applied = runner.db.migrate()
-        print(f"{len(applied)} migration(s) applied{': ' + ', '.join(applied) if applied else ''} ({runner.db.display})", file=out)
+        applied = db.migrate()
+        print(f"{len(applied)} migration(s) applied{': ' + ', '.join(applied) if applied else ''} ({db.display})", file=out)
         return int(ExitCode.OK)
     raise UsageError(f"unknown command {command!r}")
 
 
 def _reenrich(args: argparse.Namespace, settings: Settings, out: IO[str], stop: threading.Event) -> int:
-    runner = Runner(settings)
-    runner.open_services(store=False)
-    db = runner.db
-    assert db is not None
+    db, _ = open_services(settings, check_store=False)
+    ledger = Ledger(db)
     enricher = SentimentEnricher(settings.sentiment_threshold, detect_language=settings.detect_language)
     stats = RunStats()
     scope = [args.platform or "*"]
-    run_id = db.start_run("reenrich", scope, _recorded(args))
+    run_id = ledger.start_run("reenrich", scope, _recorded(args))
     status = "failed"
     try:
         reenrich(db, enricher, stats, platform=args.platform, since=args.since, should_stop=stop.is_set)
         status = stats.status
     finally:
         stats.seconds = time.monotonic() - stats.started
-        db.finish_run(run_id, status, stats.ledger())
+        ledger.finish_run(run_id, status, stats.ledger())
     log.info("summary: re-enriched %d posts, %d changed, %d unchanged in %.1fs", stats.fetched, stats.updated, stats.unchanged, stats.seconds)
     print(
         f"\nRe-enrichment ({enricher.version}): {status} in {stats.seconds:.1f}s\n"

@@ -66,10 +66,9 @@ def _json_default(value: object) -> object:
 
 
 def dispatch(command: str, args: argparse.Namespace, settings: Settings, out: IO[str], stop: threading.Event) -> int:
-    from etl.pipeline import Runner
+    from etl.run.services import open_services
 
-    runner = Runner(settings)
-    runner.open_services(store=command in ("fingerprint", "report"))
+    runner = open_services(settings, check_store=command in ("fingerprint", "report"))
     db = runner.db
     assert db is not None
     if command == "fingerprint":

@@ -8,6 +8,7 @@ import threading
 from typing import IO, Any
 
 from etl.config import Settings
+from etl.db import Ledger
 from etl.errors import ExitCode, UsageError
 from etl.forget import find_posts, forget_posts, parse_target
 from etl.logs import RedactingFilter
@@ -50,19 +51,17 @@ def add_parsers(command: Any, parse_date: Any) -> None:
 
 
 def _runner(settings: Settings) -> Any:
-    from etl.pipeline import Runner
+    """The database and the store (checked), as `.db` and `.store`."""
+    from etl.run.services import open_services
 
-    runner = Runner(settings)
-    runner.open_services()
-    assert runner.db is not None and runner.store is not None
-    return runner
+    return open_services(settings)
 
 
 def verify_command(args: argparse.Namespace, settings: Settings, out: IO[str], stop: threading.Event) -> int:
     scope = Scope(platform=args.platform, since=args.since, sample=args.sample)
     runner = _runner(settings)
     db = runner.db
-    run_id = db.start_run("verify", [args.platform or "*"], {"scope": scope.arguments()})
+    run_id = Ledger(db).start_run("verify", [args.platform or "*"], {"scope": scope.arguments()})
     stats = VerifyStats()
     status = "failed"
     try:
@@ -72,7 +71,7 @@ def verify_command(args: argparse.Namespace, settings: Settings, out: IO[str], s
         ledger = stats.ledger()
         redact = RedactingFilter(settings.secrets()).redact
         ledger["errors"] = [redact(e) for e in ledger["errors"]]
-        db.finish_run(run_id, status, ledger)
+        Ledger(db).finish_run(run_id, status, ledger)
         if settings.metrics_path:
             write_verify_metrics(settings.metrics_path, stats)
     log.info(

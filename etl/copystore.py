@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from etl.config import Settings
-from etl.db import Database
+from etl.db import Database, Ledger
 from etl.db.fixity import images_elsewhere, images_to_copy, record_copies
 from etl.errors import ConfigError, ETLError, ExitCode, LockedError
 from etl.logs import RedactingFilter
@@ -332,14 +332,14 @@ class StoreCopier:
         result = CopyResult(target.name)
         started = time.monotonic()
         try:
-            lock = self.db.lock_sources([LOCK_NAME])
+            lock = Ledger(self.db).lock_sources([LOCK_NAME])
         except LockedError as exc:
             raise LockedError(
                 str(exc).replace(f"source {LOCK_NAME!r} is being archived", "copy-store is running")
             ) from None
         try:
-            self.db.abandon_dead_runs([LOCK_NAME])
-            run_id = self.db.start_run(LOCK_NAME, [LOCK_NAME], arguments)
+            Ledger(self.db).abandon_dead_runs([LOCK_NAME])
+            run_id = Ledger(self.db).start_run(LOCK_NAME, [LOCK_NAME], arguments)
             status = "failed"
             try:
                 self._copy_all(target, result)
@@ -347,7 +347,7 @@ class StoreCopier:
                 status = result.status
             finally:
                 result.seconds = time.monotonic() - started
-                self.db.finish_run(run_id, status, result.ledger(RedactingFilter(self.settings.secrets()).redact))
+                Ledger(self.db).finish_run(run_id, status, result.ledger(RedactingFilter(self.settings.secrets()).redact))
         finally:
             lock.close()
         log.info(

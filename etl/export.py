@@ -24,7 +24,7 @@ from typing import Any
 import psycopg2.extensions
 
 from etl.config import Settings, _s3_prefix
-from etl.db import Database
+from etl.db import Database, Ledger
 from etl.db.export import (  # the datasets are declared beside the SQL that reads them
     DATASETS,
     Dataset,
@@ -393,9 +393,9 @@ def export(
 ) -> ExportStats:
     """Check the target, lock it (one export at a time per target), record the run in etl_runs, export."""
     target.store.check()
-    lock = db.lock_sources([f"export {target.name}"])
+    lock = Ledger(db).lock_sources([f"export {target.name}"])
     try:
-        run_id = db.start_run("export", [f"export {target.name}"], arguments or {})
+        run_id = Ledger(db).start_run("export", [f"export {target.name}"], arguments or {})
         exporter = Exporter(settings, db, target, full=full, since=since, should_stop=should_stop)
         status = "failed"
         try:
@@ -403,7 +403,7 @@ def export(
             status = stats.status
         finally:
             stats = exporter.stats
-            db.finish_run(run_id, status, {"errors": stats.errors, "per_source": {"export": stats.ledger()}})
+            Ledger(db).finish_run(run_id, status, {"errors": stats.errors, "per_source": {"export": stats.ledger()}})
     finally:
         lock.close()
     log.info("summary: %s", " ".join(f"{d}={n}" for d, n in stats.written.items()) + f" bytes={stats.bytes} status={stats.status}")

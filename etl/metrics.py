@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Gauge, write_to_textfile
 
 if TYPE_CHECKING:
-    from etl.pipeline import RunStats
+    from etl.run.stats import RunStats
 
 PREFIX = "social_archiver_"
 STATUSES = ("ok", "partial", "interrupted", "failed")

@@ -15,8 +15,10 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from etl.config import Settings, load_settings
+from etl.db import Ledger
 from etl.errors import ConfigError, LockedError
-from etl.pipeline import Runner, RunRequest, backfill_chunks, build_sources, open_services, state_key
+from etl.run.runner import Runner, RunRequest, backfill_chunks, state_key
+from etl.run.services import build_sources, open_services
 from etl.shards import Shard, plan_shards, units_of
 
 log = logging.getLogger(__name__)
@@ -136,7 +138,7 @@ def plan_backfill(
     db, _ = open_services(settings, check_store=False)
     try:
         done = [
-            db.finished_chunks(built.name, state_key(built, unit), chunks[0][0], chunks[-1][1]) for unit in units_of(built)
+            Ledger(db).finished_chunks(built.name, state_key(built, unit), chunks[0][0], chunks[-1][1]) for unit in units_of(built)
         ] if chunks else []  # fmt: skip
     finally:
         db.close()
@@ -169,6 +171,6 @@ def summarize(orchestrator_run_id: str, settings: Settings | None = None) -> dic
     settings = settings or settings_from_environment()
     db, _ = open_services(settings, check_store=False)
     try:
-        return db.orchestrator_totals(orchestrator_run_id)
+        return Ledger(db).orchestrator_totals(orchestrator_run_id)
     finally:
         db.close()

@@ -14,7 +14,7 @@ from typing import Any
 from etl.db import Database
 from etl.db.reenrich import save_rescored, unscored_posts
 from etl.enrich import SentimentEnricher
-from etl.pipeline import RunStats
+from etl.run.stats import RunStats
 
 log = logging.getLogger(__name__)
 

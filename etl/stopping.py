@@ -8,7 +8,7 @@ import sys
 import threading
 
 log = logging.getLogger(__name__)
-WORKER_PREFIXES = ("images", "retry")  # the pipeline's download pools (pipeline.Archiver)
+WORKER_PREFIXES = ("images", "retry")  # the download pools of etl.run.archiver.Archiver
 
 
 def stalled_workers() -> list[threading.Thread]:

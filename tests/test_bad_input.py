@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from etl.errors import ExitCode
-from etl.pipeline import Runner, RunRequest, RunStats
+from etl.run.runner import Runner, RunRequest
+from etl.run.stats import RunStats
 from etl.store import LocalStore
 from tests.support import Reply, png_bytes, record, write_jsonl
 

@@ -215,7 +215,7 @@ def test_a_backfill_on_a_terminal_keeps_log_lines_whole(run_etl, db, tmp_path):
     assert run_etl(*args, env={"MOCK_POSTS": "5"}).returncode == 0
     code, output = run_in_pty([sys.executable, str(ROOT / "etl.py"), *args], env=pty_env(db, tmp_path, MOCK_POSTS="5"), cwd=tmp_path)
     assert code == 0, output
-    done = [m.start() for m in re.finditer(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO +etl.pipeline: backfill mock: chunk", output)]
+    done = [m.start() for m in re.finditer(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO +etl.run.runner: backfill mock: chunk", output)]
     assert len(done) == 7, output
     for start in done:
         assert output[start - 1] in "\n\r", repr(output[max(0, start - 80) : start + 40])

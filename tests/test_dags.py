@@ -208,14 +208,16 @@ def test_the_backfill_dag_resumes_at_the_chunk_that_failed(world):
 
 def test_a_shard_whose_every_stream_is_locked_is_skipped(world, monkeypatch):
     from etl.config import load_settings
-    from etl.pipeline import RunRequest, build_sources
+    from etl.db import Ledger
+    from etl.run.runner import RunRequest
+    from etl.run.services import build_sources
     from etl.shards import plan_shards
 
     for key, value in world["api"].env().items():  # the streams the workers see, to plan the same shards here
         monkeypatch.setenv(key, value)
     settings = load_settings({k: v for k, v in world["env"].items() if not k.startswith("AIRFLOW")}, dotenv_path=None)
     (first, units), _ = plan_shards(build_sources(settings, RunRequest(sources=list(settings.sources))), 2)
-    lock, locked = world["db"].lock_units([u.name for u in units])  # another run holds all of shard 1/2
+    lock, locked = Ledger(world["db"]).lock_units([u.name for u in units])  # another run holds all of shard 1/2
     try:
         assert locked == [] and units
         run, output = dag_run(world, "social_archiver", {"shards": 2})

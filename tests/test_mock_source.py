@@ -12,8 +12,8 @@ from etl.enrich import SentimentEnricher
 from etl.errors import MediaError
 from etl.http import RetryPolicy
 from etl.media import Downloader, URLGuard
-from etl.pipeline import Runner, RunRequest
 from etl.records import extract_hashtags
+from etl.run.runner import Runner, RunRequest
 from etl.sources import source_class
 from etl.sources.base import FetchWindow
 from etl.sources.mock import MockSource

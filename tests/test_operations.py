@@ -11,9 +11,11 @@ from pathlib import Path
 import pytest
 
 from etl import sources as registry
+from etl.db import Ledger, StreamState
 from etl.errors import SourceError
-from etl.pipeline import Runner, RunRequest, backfill_chunks
 from etl.records import Post
+from etl.run.runner import Runner, RunRequest, backfill_chunks
+from etl.run.stats import StageClock
 from etl.sources.base import FetchWindow, Source
 from etl.status import collect_status, format_status
 from etl.store import LocalStore
@@ -90,7 +92,7 @@ def test_backfill_resumes_after_an_interruption_and_leaves_the_watermark(listsrc
 def test_watermark_never_moves_backwards_and_runs_resume_with_overlap(listsrc, make_settings, db, tmp_path):
     listsrc.posts = [make_post(1, T0 + timedelta(days=3))]
     assert runner(make_settings, db, tmp_path).execute(RunRequest(sources=["listsrc"])).exit_code == 0
-    db.save_state("listsrc", "", T0, {"seen": 0})  # an older watermark, as a late writer would try
+    StreamState(db).save_state("listsrc", "", T0, {"seen": 0})  # an older watermark, as a late writer would try
     assert query(db.dsn, "SELECT watermark FROM etl_state") == [(T0 + timedelta(days=3),)]
 
     listsrc.windows = []
@@ -111,8 +113,8 @@ def test_a_failed_source_does_not_advance_its_watermark(listsrc, make_settings, 
 
 def test_reenrich_rewrites_only_rows_whose_result_changed(db):
     from etl.enrich import SentimentEnricher
-    from etl.pipeline import RunStats
     from etl.reenrich import reenrich
+    from etl.run.stats import RunStats
 
     captions = ["I love this, wonderful!", "first day at the new office", "The bus is here", "a long day", "Terrible"]
     old = SentimentEnricher(0.05)
@@ -152,8 +154,8 @@ def test_reenrich_in_worker_processes_writes_what_one_process_writes(db):
     import os
 
     from etl.enrich import SentimentEnricher
-    from etl.pipeline import RunStats
     from etl.reenrich import reenrich
+    from etl.run.stats import RunStats
 
     words = ["love", "terrible", "not bad", "great", "the bus", "very good!", "quite sad", "Der Hund ist sehr schön"]
     rows = [(f"w{i}", f"{words[i % len(words)]} {words[(i * 7) % len(words)]} number {i}") for i in range(2500)]
@@ -222,8 +224,8 @@ def test_retry_backoff_waits_between_runs(listsrc, make_settings, db, tmp_path, 
 
 def test_an_overlapping_run_exits_75_naming_the_holder(db, run_etl):
     db.migrate()
-    run_id = db.start_run("run", ["mock"], {})
-    lock = db.lock_sources(["mock"])
+    run_id = Ledger(db).start_run("run", ["mock"], {})
+    lock = Ledger(db).lock_sources(["mock"])
     try:
         result = run_etl("run", "--source", "mock")
     finally:
@@ -280,9 +282,9 @@ def test_metrics_file_is_well_formed(run_etl, tmp_path):
 def test_status_reports_runs_live_and_abandoned(db, listsrc, make_settings, tmp_path):
     listsrc.posts = [make_post(1, T0)]
     runner(make_settings, db, tmp_path).execute(RunRequest(sources=["listsrc"]))
-    dead = db.start_run("run", ["ghost"], {})
-    live = db.start_run("run", ["listsrc"], {})
-    lock = db.lock_sources(["listsrc"])
+    dead = Ledger(db).start_run("run", ["ghost"], {})
+    live = Ledger(db).start_run("run", ["listsrc"], {})
+    lock = Ledger(db).lock_sources(["listsrc"])
     try:
         report = collect_status(db)
     finally:
@@ -339,7 +341,7 @@ def test_a_permanent_failure_is_not_fetched_again_when_its_post_comes_back(lists
     listsrc.posts = [make_post(1, T0, images=(http_server.url("/gone.png"),))]
     runner(make_settings, db, tmp_path).execute(RunRequest(sources=["listsrc"]))
     hits = http_server.hits["/gone.png"]
-    db.save_state("listsrc", "", T0 - timedelta(days=1), {})  # the post falls inside the next window again
+    StreamState(db).save_state("listsrc", "", T0 - timedelta(days=1), {})  # the post falls inside the next window again
     with db.transaction() as cur:
         cur.execute("UPDATE etl_state SET watermark = %s", (T0 - timedelta(days=1),))
     stats = runner(make_settings, db, tmp_path).execute(RunRequest(sources=["listsrc"]))
@@ -354,6 +356,30 @@ def test_the_summary_names_the_time_of_each_stage(listsrc, make_settings, db, tm
     assert {"fetch", "enrich", "lookup", "wait_images", "load", "download", "store"} <= set(stats.stages.seconds)
     assert all(seconds >= 0 for seconds in stats.stages.seconds.values())
     assert re.search(r"\| stages fetch=\d+\.\d\ds .*\| worker-seconds \(summed over image workers\) download=\d+\.\d\ds", stats.summary_line())
+
+
+def test_a_dry_run_goes_through_the_same_archiver_stages_and_writes_nothing(listsrc, make_settings, db, tmp_path, http_server):
+    http_server.routes["/a.png"] = Reply(body=png_bytes())
+    listsrc.posts = [
+        make_post(1, T0, images=(http_server.url("/a.png"),)),
+        make_post(2, T0 + timedelta(hours=1), caption="What a wonderful, happy day"),
+        make_post(3, T0 + timedelta(hours=2), caption="A terrible, awful mess"),
+    ]
+    dry = runner(make_settings, db, tmp_path).execute(RunRequest(sources=["listsrc"], dry_run=True, limit=3))
+    for table in ("social_posts", "post_media", "etl_runs", "etl_state", "post_engagement"):
+        assert query(db.dsn, f"SELECT count(*) FROM {table}") == [(0,)], table
+    assert not (tmp_path / "objects").exists() and http_server.hits.get("/a.png", 0) == 0
+    real = runner(make_settings, db, tmp_path).execute(RunRequest(sources=["listsrc"], limit=3))
+    assert query(db.dsn, "SELECT count(*) FROM social_posts") == [(3,)]
+
+    def main_stages(stats):
+        return set(stats.stages.seconds) - set(StageClock.WORKER_STAGES)
+
+    assert main_stages(dry) == main_stages(real) == {"fetch", "lookup", "enrich", "wait_images", "load"}
+    assert (dry.fetched, dry.rejected, dry.sentiment) == (real.fetched, real.rejected, real.sentiment)
+    assert dry.fetched == 3 and dry.per_source["listsrc"]["fetched"] == 3
+    assert (dry.inserted, dry.images_stored, real.inserted, real.images_stored) == (0, 0, 3, 1)
+    assert "stages fetch=" in dry.summary_line()
 
 
 def test_a_flood_of_bad_lines_is_counted_whole_and_kept_bounded(make_settings, db, tmp_path):

@@ -10,8 +10,9 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from etl.enrich import SentimentEnricher
-from etl.pipeline import Archiver, RunStats
 from etl.records import MAX_CAPTION_CHARS, Post
+from etl.run.archiver import Archiver
+from etl.run.stats import RunStats
 from tests.conftest import query
 from tests.support import record, write_jsonl
 

@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from etl.db import Ledger
 from etl.errors import LockedError
-from etl.pipeline import Runner, RunRequest, build_sources
+from etl.run.runner import Runner, RunRequest
+from etl.run.services import build_sources
 from etl.shards import Shard, bucket, plan_shards
 from tests.conftest import query
 from tests.streamy import T0, StreamyAPI
@@ -124,7 +126,7 @@ def test_a_stream_with_no_state_adopts_its_source_state_of_before(settings, stre
 
 
 def test_locked_streams_are_skipped_and_reported_and_all_locked_is_exit_75(settings, streamy, db):
-    lock, locked = db.lock_units(["streamy:feed:s0", "streamy:feed:s1"])
+    lock, locked = Ledger(db).lock_units(["streamy:feed:s0", "streamy:feed:s1"])
     try:
         assert locked == []
         stats = run(settings)

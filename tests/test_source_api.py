@@ -17,7 +17,8 @@ import pytest
 from etl.config import load_settings
 from etl.db.platform import HashtagSearches, QuotaLedger
 from etl.errors import ConfigError, RecordError
-from etl.pipeline import RunRequest, build_sources
+from etl.run.runner import RunRequest
+from etl.run.services import build_sources
 from etl.records import Post
 from etl.sources import api
 from etl.sources.api import (
@@ -223,12 +224,12 @@ def test_scrub_logs_rewrites_a_librarys_log_lines(caplog):
 
 
 def test_settings_checks_name_the_setting():
-    settings = load_settings({"MASTODON_HASHTAGS": "ok,not ok"}, dotenv_path=None)
-    with pytest.raises(ConfigError, match=r"needs MASTODON_ACCOUNTS \(accounts\) or TWITTER_QUERY \(a search\)"):
-        api.need_one_of("x", settings, mastodon_accounts="accounts", twitter_query="a search")
-    api.need_one_of("x", settings, mastodon_hashtags="tags", twitter_query="a search")  # one is set: fine
+    config = load_settings({"MASTODON_HASHTAGS": "ok,not ok"}, dotenv_path=None).source("mastodon")
+    with pytest.raises(ConfigError, match=r"needs MASTODON_ACCOUNTS \(accounts\) or MASTODON_INSTANCE \(a server\)"):
+        api.need_one_of("mastodon", config, accounts="accounts", instance="a server")
+    api.need_one_of("mastodon", config, hashtags="tags", instance="a server")  # one is set: fine
     with pytest.raises(ConfigError, match=r"MASTODON_HASHTAGS has 'not ok', which is not a tag"):
-        api.each_matches(settings, "mastodon_hashtags", re.compile(r"^\w+$"), "not a tag")
+        api.each_matches(config, "hashtags", re.compile(r"^\w+$"), "not a tag")
 
 
 def test_utc_text_page_size_and_batches():
@@ -321,7 +322,7 @@ def test_a_source_without_positions_saves_none_and_one_ending_on_errors_raises()
 def test_sources_get_their_platform_state_when_they_are_built(db):
     env = {"YOUTUBE_API_KEY": "k", "YOUTUBE_QUERY": "q", "INSTAGRAM_ACCESS_TOKEN": "t", "INSTAGRAM_USER_ID": "17841"}
     settings = load_settings(env, dotenv_path=None)
-    youtube, instagram = build_sources(settings, RunRequest(sources=["youtube", "instagram"]), db)
+    youtube, instagram = build_sources(settings, RunRequest(sources=["youtube", "instagram"]), db=db)
     assert isinstance(youtube.state, QuotaLedger) and youtube.state.db is db
     assert isinstance(instagram.state, HashtagSearches) and instagram.budget.searches is instagram.state
     assert not hasattr(youtube, "db")

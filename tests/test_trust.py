@@ -11,6 +11,7 @@ import boto3
 import pytest
 from moto.server import ThreadedMotoServer
 
+from etl.db import Ledger
 from etl.errors import ExitCode
 from tests.conftest import query
 from tests.support import Reply, jpeg_bytes, png_bytes, record, write_jsonl
@@ -187,9 +188,9 @@ def test_a_sample_rotates_and_an_interrupted_verify_is_continued(db, make_settin
         )
         original = verifier._record
         monkeypatch.setattr(verifier, "_record", lambda rows, results, stats: (batches.append(len(rows)), original(rows, results, stats)))
-        run_id = db.start_run("verify", ["*"], {"scope": scope.arguments()})
+        run_id = Ledger(db).start_run("verify", ["*"], {"scope": scope.arguments()})
         stats = verifier.run(scope)
-        db.finish_run(run_id, stats.status, stats.ledger())
+        Ledger(db).finish_run(run_id, stats.status, stats.ledger())
         return stats
 
     monkeypatch.setattr(verify_module, "BATCH", 2)

@@ -1,0 +1,378 @@
+"""The archive's writes and lookups: batched upserts of posts and images (COPY into a staging table, then one
+INSERT ... ON CONFLICT), what is stored already, tombstones, engagement snapshots, the failed-image queue."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from functools import partial
+from typing import Any, NamedTuple
+
+import psycopg2.extensions
+import psycopg2.extras
+
+from etl.db.connection import Database
+from etl.records import Media, Post, Sentiment, clean_json, clean_text
+
+# -- COPY into a per-connection temporary staging table: rows in PostgreSQL's text COPY format, one round trip --
+
+# COPY's text format: a backslash, tab, newline and carriage return inside a value are escaped; \N is NULL.
+_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+_SPECIAL = ("\\", "\t", "\n", "\r")
+
+
+def _text(value: str) -> str:
+    # Most values hold none of the four characters: checking first is cheaper than translating every one.
+    for ch in _SPECIAL:
+        if ch in value:
+            return value.translate(_COPY_ESCAPES)
+    return value
+
+
+def _array_item(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def copy_value(value: Any) -> str:
+    """One value in COPY's text format. Lists become text[] literals, dicts JSON, None \\N."""
+    if value is None:
+        return "\\N"
+    if isinstance(value, str):
+        return _text(value)
+    if isinstance(value, bool):
+        return "t" if value else "f"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, (list, tuple)):
+        return _text("{" + ",".join("NULL" if v is None else _array_item(str(v)) for v in value) + "}")
+    if isinstance(value, dict):
+        return _text(json.dumps(value, ensure_ascii=False, default=str))
+    return _text(str(value))
+
+
+def stage_sql(table: str, like: str, columns: Sequence[str]) -> tuple[str, str]:
+    """The two statements that stage rows for a temporary table `table` typed as `like`'s `columns`, built once at
+    import into module constants: (create it if need be and empty it, COPY into it).
+
+    The table lives as long as the connection and is emptied at each commit (and by a rollback, which
+    takes back the COPY), so it holds exactly this transaction's rows; it is created on first use and
+    again after a reconnect."""
+    cols = ", ".join(columns)
+    prepare = (
+        f"CREATE TEMP TABLE IF NOT EXISTS {table} ON COMMIT DELETE ROWS AS SELECT {cols} FROM {like} WITH NO DATA;"
+        f" DELETE FROM {table}"
+    )
+    return prepare, f"COPY {table} ({cols}) FROM STDIN"
+
+
+def copy_rows(cur: psycopg2.extensions.cursor, copy: str, rows: Iterable[Sequence[Any]]) -> None:
+    """Send `rows` by one COPY (`copy`, the second statement of stage_sql(), run after the first)."""
+    buf = io.StringIO()
+    buf.writelines("\t".join([copy_value(v) for v in row]) + "\n" for row in rows)
+    buf.seek(0)
+    cur.copy_expert(copy, buf)
+
+
+@dataclass
+class UpsertCounts:
+    """What a batch upsert did."""
+
+    inserted: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    snapshots: int = 0  # engagement snapshots written (record_staged_engagement)
+
+
+
+# -- the loader: batched upserts, each taking the transaction's cursor ------------------------------
+
+_POST_COLUMNS = (
+    "platform", "post_id", "author_username", "caption", "sentiment", "sentiment_polarity",
+    "sentiment_subjectivity", "sentiment_version", "image_s3_url", "like_count", "comment_count",
+    "permalink", "hashtags", "raw", "created_at", "caption_truncated", "language", "language_source",
+    "sentiment_skipped",
+)  # fmt: skip
+# What a rerun may change. raw is refreshed with them but alone does not count as a change
+# (APIs put expiring URLs and request ids in it).
+_POST_MUTABLE = (
+    "author_username", "caption", "sentiment", "sentiment_polarity", "sentiment_subjectivity",
+    "sentiment_version", "like_count", "comment_count", "permalink", "hashtags", "caption_truncated", "language",
+    "language_source", "sentiment_skipped",
+)  # fmt: skip
+
+_POST_STAGE = "social_posts_stage"  # a temporary table, see stage_sql()
+_STAGE_POSTS_SQLS = stage_sql(_POST_STAGE, "social_posts", _POST_COLUMNS)
+_STAGE_POSTS_PREPARE_SQL = _STAGE_POSTS_SQLS[0]  # create the table if need be, and empty it
+_STAGE_POSTS_COPY_SQL = _STAGE_POSTS_SQLS[1]
+UPSERT_POSTS_SQL = (
+    f"INSERT INTO social_posts AS p ({', '.join(_POST_COLUMNS)}) SELECT {', '.join(_POST_COLUMNS)} FROM {_POST_STAGE}"
+    " ON CONFLICT (platform, post_id) DO UPDATE SET "
+    + ", ".join(f"{c} = EXCLUDED.{c}" for c in _POST_MUTABLE)
+    + ", raw = EXCLUDED.raw, image_s3_url = COALESCE(EXCLUDED.image_s3_url, p.image_s3_url), updated_at = now()"
+    + f" WHERE ({', '.join('p.' + c for c in _POST_MUTABLE)}, p.image_s3_url)"
+    + f" IS DISTINCT FROM ({', '.join('EXCLUDED.' + c for c in _POST_MUTABLE)},"
+    + " COALESCE(EXCLUDED.image_s3_url, p.image_s3_url))"
+    + " RETURNING (xmax = 0) AS inserted"
+)
+# Counted in the server: one row back per batch instead of one per post.
+_UPSERT_POSTS_COUNTED_SQL = f"WITH up AS ({UPSERT_POSTS_SQL}) SELECT count(*) FILTER (WHERE inserted), count(*) FROM up"
+
+
+def _post_row(post: Post, first_image_url: str | None, sentiment_version: str | None) -> tuple[Any, ...]:
+    s = post.sentiment
+    return (
+        post.platform,
+        clean_text(post.post_id),
+        clean_text(post.author_username),
+        clean_text(post.caption),
+        s.label if s else None,
+        s.polarity if s else None,
+        s.subjectivity if s else None,
+        sentiment_version if s or post.sentiment_skipped else None,
+        first_image_url,
+        post.like_count,
+        post.comment_count,
+        clean_text(post.permalink),
+        [clean_text(t) for t in post.hashtags],
+        json.dumps(clean_json(post.raw), ensure_ascii=False, default=str) if post.raw is not None else None,
+        post.created_at,
+        post.caption_truncated,
+        post.language,
+        post.language_source,
+        post.sentiment_skipped,
+    )
+
+
+def upsert_posts(
+    cur: psycopg2.extensions.cursor,
+    posts: Sequence[Post],
+    *,
+    first_image_urls: dict[tuple[str, str], str] | None = None,
+    sentiment_version: str | None = None,
+) -> UpsertCounts:
+    """Insert or update a batch in one statement; the last of duplicate (platform, post_id) wins."""
+    # Keyed on the id as stored (cleaned), so two ids that clean to the same text are one row too.
+    latest: dict[tuple[str, str], Post] = {}
+    for post in posts:
+        key = (post.platform, clean_text(post.post_id))
+        latest.pop(key, None)
+        latest[key] = post
+    if not latest:
+        return UpsertCounts()
+    urls = first_image_urls or {}
+    rows = [_post_row(p, urls.get(k) or urls.get((p.platform, p.post_id)), sentiment_version) for k, p in latest.items()]
+    # COPY into the staging table, then one INSERT ... ON CONFLICT from it. A row the database refuses
+    # raises psycopg2's error (in the COPY or the INSERT); Database.run turns it into DataRefused.
+    cur.execute(_STAGE_POSTS_PREPARE_SQL)
+    copy_rows(cur, _STAGE_POSTS_COPY_SQL, rows)
+    cur.execute(_UPSERT_POSTS_COUNTED_SQL)
+    inserted, written = cur.fetchone()
+    return UpsertCounts(inserted=inserted, updated=written - inserted, unchanged=len(rows) - written)
+
+
+UPSERT_MEDIA_SQL = (
+    "INSERT INTO post_media AS m (platform, post_id, position, source_url, storage_key, storage_url, sha256,"
+    " bytes, content_type, width, height, status, permanent, attempts, last_error, stored_at) VALUES %s"
+    " ON CONFLICT (platform, post_id, position) DO UPDATE SET"
+    " source_url = EXCLUDED.source_url, storage_key = EXCLUDED.storage_key, storage_url = EXCLUDED.storage_url,"
+    " sha256 = EXCLUDED.sha256, bytes = EXCLUDED.bytes, content_type = EXCLUDED.content_type,"
+    " width = EXCLUDED.width, height = EXCLUDED.height, status = EXCLUDED.status,"
+    " permanent = EXCLUDED.permanent, attempts = m.attempts + 1, last_error = EXCLUDED.last_error,"
+    " stored_at = EXCLUDED.stored_at, updated_at = now(),"
+    " fixity = CASE WHEN EXCLUDED.status = 'stored' THEN NULL ELSE m.fixity END"  # a repaired image: not yet checked
+    " WHERE m.status <> 'stored'"  # an archived image is never downgraded
+)
+_MEDIA_TEMPLATE = "(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, 1, %s, CASE WHEN %s THEN now() END)"
+
+
+def upsert_media(cur: psycopg2.extensions.cursor, media: Sequence[Media]) -> None:
+    """Record what became of each image; skipped images (already stored) are not written."""
+    rows = {}
+    for m in media:
+        if m.status in ("stored", "failed"):
+            rows[(m.platform, clean_text(m.post_id), m.position)] = (
+                m.platform, clean_text(m.post_id), m.position, clean_text(m.source_url), m.key, m.url, m.sha256,
+                m.bytes, m.content_type, m.width, m.height, m.status, m.permanent,
+                clean_text(m.error)[:2000] if m.error else None, m.status == "stored",
+            )  # fmt: skip
+    if rows:
+        psycopg2.extras.execute_values(cur, UPSERT_MEDIA_SQL, list(rows.values()), template=_MEDIA_TEMPLATE, page_size=1000)
+
+
+def known_media(
+    cur: psycopg2.extensions.cursor, keys: Sequence[tuple[str, str]]
+) -> tuple[dict[tuple[str, str, int], tuple[str, str]], dict[tuple[str, str, int], str]]:
+    """For the images of these posts: those already stored -> (storage_key, storage_url), and those that
+    failed permanently -> the source_url that failed. Both are keyed (platform, post_id, position)."""
+    if not keys:
+        return {}, {}
+    cur.execute(
+        "SELECT m.platform, m.post_id, m.position, m.status, m.storage_key, m.storage_url, m.source_url"
+        " FROM post_media m JOIN (SELECT * FROM unnest(%s::text[], %s::text[]) AS k(platform, post_id)) k"
+        " USING (platform, post_id) WHERE m.status = 'stored' OR m.permanent",
+        ([k[0] for k in keys], [clean_text(k[1]) for k in keys]),
+    )
+    stored, hopeless = {}, {}
+    for platform, post_id, position, status, key, url, source_url in cur.fetchall():
+        if status == "stored":
+            stored[(platform, post_id, position)] = (key, url)
+        else:
+            hopeless[(platform, post_id, position)] = source_url
+    return stored, hopeless
+
+
+def stored_sentiments(
+    cur: psycopg2.extensions.cursor, keys: Sequence[tuple[str, str]], version: str
+) -> dict[tuple[str, str], tuple[str, Sentiment | None, str | None, str | None, str | None]]:
+    """For these posts, the caption, score and language of those already decided by enricher `version` (a
+    score, or none for a language TextBlob cannot score), keyed (platform, post_id): a caption seen again
+    unchanged need not be scored (nor its language detected) again."""
+    if not keys:
+        return {}
+    cur.execute(
+        "SELECT p.platform, p.post_id, p.caption, p.sentiment, p.sentiment_polarity, p.sentiment_subjectivity,"
+        " p.language, p.language_source, p.sentiment_skipped"
+        " FROM social_posts p JOIN (SELECT * FROM unnest(%s::text[], %s::text[]) AS k(platform, post_id)) k"
+        " USING (platform, post_id) WHERE p.sentiment_version = %s AND p.caption IS NOT NULL",
+        ([k[0] for k in keys], [clean_text(k[1]) for k in keys], version),
+    )
+    return {
+        (platform, post_id): (
+            caption, Sentiment(polarity, subjectivity, label) if label else None, language, source, skipped
+        )
+        for platform, post_id, caption, label, polarity, subjectivity, language, source, skipped in cur.fetchall()
+    }
+
+
+STAGED_ENGAGEMENT_SQL = (
+    "INSERT INTO post_engagement (platform, post_id, like_count, comment_count)"
+    f" SELECT v.platform, v.post_id, v.like_count, v.comment_count FROM {_POST_STAGE} v"
+    " LEFT JOIN LATERAL (SELECT e.like_count, e.comment_count FROM post_engagement e"
+    "  WHERE e.platform = v.platform AND e.post_id = v.post_id ORDER BY e.observed_at DESC LIMIT 1) prev ON true"
+    " WHERE (v.like_count IS NOT NULL OR v.comment_count IS NOT NULL)"
+    " AND (prev.like_count, prev.comment_count) IS DISTINCT FROM (v.like_count, v.comment_count)"
+    " ON CONFLICT DO NOTHING"
+)
+
+
+def record_staged_engagement(cur: psycopg2.extensions.cursor) -> int:
+    """Snapshot the counts of the batch upsert_posts just staged (same transaction, read from the staging table)
+    where they differ from each post's latest snapshot, or it has none; unchanged counts write nothing. Returns
+    how many snapshots were written."""
+    cur.execute(STAGED_ENGAGEMENT_SQL)
+    return cur.rowcount
+
+
+def forgotten(cur: psycopg2.extensions.cursor, keys: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:
+    """Which of these (platform, post_id) have a tombstone (etl.py forget): never to be archived again."""
+    if not keys:
+        return set()
+    cur.execute(
+        "SELECT f.platform, f.post_id FROM forgotten_posts f"
+        " JOIN (SELECT * FROM unnest(%s::text[], %s::text[]) AS k(platform, post_id)) k USING (platform, post_id)",
+        ([k[0] for k in keys], [clean_text(k[1]) for k in keys]),
+    )
+    return {(row[0], row[1]) for row in cur.fetchall()}
+
+
+def set_first_image_urls(cur: psycopg2.extensions.cursor, media: Sequence[Media]) -> None:
+    """Point social_posts.image_s3_url at first images stored after the post was loaded (retries)."""
+    rows = [(m.platform, m.post_id, m.url) for m in media if m.position == 0 and m.url]
+    if rows:
+        psycopg2.extras.execute_values(
+            cur,
+            "UPDATE social_posts p SET image_s3_url = v.url, updated_at = now() FROM (VALUES %s) AS v(platform, post_id, url)"
+            " WHERE p.platform = v.platform AND p.post_id = v.post_id AND p.image_s3_url IS DISTINCT FROM v.url",
+            rows,
+        )
+
+
+# -- the failed-image queue: images later runs retry until stored ------------------------------------
+
+FAILED_IMAGES_SQL = (
+    "SELECT m.id, m.platform, m.post_id, m.position, m.source_url, p.created_at, m.fixity IS NOT NULL"
+    " FROM post_media m JOIN social_posts p USING (platform, post_id)"
+    " WHERE m.status = 'failed' AND NOT m.permanent AND m.attempts < %s AND m.id > %s"
+    " AND (m.fixity IS NOT NULL AND m.attempts = 0"
+    " OR m.updated_at <= now() - %s * LEAST(power(2, m.attempts - 1), 48) * interval '1 minute')"
+    " AND m.id %% %s = %s ORDER BY m.id LIMIT %s"
+)
+
+
+def failed_images(
+    cur: psycopg2.extensions.cursor, *, after: int, max_attempts: int, backoff_minutes: float, part: tuple[int, int],
+    limit: int,
+) -> list[tuple]:  # fmt: skip
+    """Images to retry, after id `after`: (id, platform, post_id, position, source_url, created_at, replace).
+
+    Not permanent, under `max_attempts`, past their backoff: the base wait doubles with each attempt, up to 48
+    times the base. An object that failed a fixity check (etl.py verify) is refetched at once, and overwritten
+    (`replace`). `part` (K, N): only ids that are K-1 modulo N, so that N workers never take the same image."""
+    index, count = part
+    cur.execute(FAILED_IMAGES_SQL, (max_attempts, after, backoff_minutes, count, index - 1, limit))
+    return cur.fetchall()
+
+
+def record_retries(cur: psycopg2.extensions.cursor, media: Sequence[Media]) -> None:
+    """What became of retried images; a first image stored now becomes its post's image_s3_url."""
+    upsert_media(cur, media)
+    set_first_image_urls(cur, [m for m in media if m.status == "stored" and m.position == 0])
+
+
+class Held(NamedTuple):
+    """What the archive holds already of a batch's posts."""
+
+    stored: dict[tuple[str, str, int], tuple[str, str]]  # images stored: (storage_key, storage_url)
+    hopeless: dict[tuple[str, str, int], str]  # images failed for good: the source_url that failed
+    scores: dict[tuple[str, str], tuple]  # captions scored by this enricher (stored_sentiments)
+    forgotten: set[tuple[str, str]]  # posts with a tombstone
+
+
+class Archive:
+    """The archive's tables as the archiver uses them: one transaction per call, reconnecting (Database.run)."""
+
+    def __init__(self, db: Database):
+        self.db = db
+
+    def held(self, posts: Sequence[Post], version: str) -> Held:
+        """Stored and hopeless images, stored scores by enricher `version`, and tombstones of these posts."""
+        image_keys = list({(p.platform, p.post_id) for p in posts if p.image_urls})
+        captioned = list({(p.platform, p.post_id) for p in posts if p.caption})
+
+        def lookup(cur: psycopg2.extensions.cursor) -> Held:
+            stored, hopeless = known_media(cur, image_keys) if image_keys else ({}, {})
+            scores = stored_sentiments(cur, captioned, version) if captioned else {}
+            return Held(stored, hopeless, scores, forgotten(cur, list({(p.platform, p.post_id) for p in posts})))
+
+        return self.db.run(lookup, what="looking up stored images and scores")
+
+    def load(
+        self, posts: Sequence[Post], media: Sequence[Media], first_urls: dict[tuple[str, str], str], version: str,
+        *, what: str,
+    ) -> UpsertCounts:  # fmt: skip
+        """Posts with their image rows and engagement snapshots, in one transaction (DataRefused: a row refused)."""
+
+        def load(cur: psycopg2.extensions.cursor) -> UpsertCounts:
+            counts = upsert_posts(cur, posts, first_image_urls=first_urls, sentiment_version=version)
+            upsert_media(cur, media)
+            counts.snapshots = record_staged_engagement(cur) if posts else 0
+            return counts
+
+        return self.db.run(load, what=what)
+
+    def failed_images(
+        self, *, after: int, max_attempts: int, backoff_minutes: float, part: tuple[int, int], limit: int
+    ) -> list[tuple]:
+        return self.db.run(
+            partial(failed_images, after=after, max_attempts=max_attempts, backoff_minutes=backoff_minutes,
+                    part=part, limit=limit),
+            what="finding failed images",
+        )  # fmt: skip
+
+    def record_retries(self, media: Sequence[Media]) -> None:
+        self.db.run(partial(record_retries, media=media), what="recording retried images")

@@ -1,0 +1,170 @@
+"""The run ledger: one etl_runs row per run, advisory locks per unit (stream or source), backfill chunks done."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+import psycopg2.extensions
+
+from etl.db.connection import Database, adapt_json
+from etl.errors import LockedError
+from etl.records import clean_json, clean_text
+
+_RUN_COUNTS = (
+    "posts_fetched", "posts_inserted", "posts_updated", "posts_unchanged", "posts_rejected",
+    "images_stored", "images_failed", "images_skipped", "quota_used",
+)  # fmt: skip
+FINISH_RUN_SQL = (
+    "UPDATE etl_runs SET finished_at = now(), status = %s, "
+    + ", ".join(f"{c} = %s" for c in _RUN_COUNTS)
+    + ", sentiment = %s, per_source = %s, errors = %s, error_summary = %s WHERE id = %s"
+)
+
+
+class Ledger:
+    """What runs did and which units they hold: etl_runs, the advisory locks, etl_backfill_chunks."""
+
+    def __init__(self, db: Database):
+        self.db = db
+
+    # -- locks -----------------------------------------------------------------------------------
+
+    def lock_sources(self, names: Sequence[str]) -> psycopg2.extensions.connection:
+        """Take a session advisory lock per name on a connection of its own; LockedError if one is held.
+
+        The locks live as long as the returned connection (closing it, or the process dying, frees them).
+        """
+        conn, locked = self.lock_units(names)
+        if locked:
+            with conn.cursor() as cur:
+                holder = self.running_run_for(cur, locked[0])
+            conn.close()
+            raise LockedError(f"source {locked[0]!r} is being archived by another run{holder}; nothing done")
+        return conn
+
+    def lock_units(self, names: Sequence[str]) -> tuple[psycopg2.extensions.connection, list[str]]:
+        """Try a session advisory lock per unit (a stream, or a stream-less source); (connection, the names
+        another run holds). The locks taken live as long as the connection."""
+        conn = self.db.connect()
+        conn.autocommit = True
+        locked: list[str] = []
+        with conn.cursor() as cur:
+            for name in names:
+                cur.execute("SELECT pg_try_advisory_lock(hashtext('social-archiver:source'), hashtext(%s))", (name,))
+                if not cur.fetchone()[0]:
+                    locked.append(name)
+        return conn, locked
+
+    @staticmethod
+    def running_run_for(cur: psycopg2.extensions.cursor, name: str) -> str:
+        cur.execute(
+            "SELECT id, host, pid, started_at FROM etl_runs WHERE status = 'running' AND %s = ANY(COALESCE(units, sources))"
+            " ORDER BY started_at DESC LIMIT 1",
+            (name,),
+        )
+        row = cur.fetchone()
+        if not row:
+            return ""
+        return f" (run {row[0]} on {row[1]}, pid {row[2]}, started {row[3]:%Y-%m-%d %H:%M:%S %Z})"
+
+    def holder(self, name: str) -> str:
+        """` (run 12 on host, pid 345, started ...)` for the running run that holds `name`, or ""."""
+        return self.db.run(lambda cur: self.running_run_for(cur, name), what="finding the lock holder")
+
+    # -- the run ledger --------------------------------------------------------------------------
+
+    def start_run(
+        self, mode: str, sources: Sequence[str], arguments: dict[str, Any], units: Sequence[str] | None = None
+    ) -> int:
+        """Record a run; `units` are the locks it holds (streams or stream-less sources), default its sources."""
+
+        def insert(cur: psycopg2.extensions.cursor) -> int:
+            cur.execute(
+                "INSERT INTO etl_runs (mode, sources, units, arguments, host, pid) VALUES (%s, %s, %s, %s, %s, %s)"
+                " RETURNING id",
+                (mode, list(sources), list(sources if units is None else units), adapt_json(clean_json(arguments)),
+                 socket.gethostname(), os.getpid()),
+            )  # fmt: skip
+            return cur.fetchone()[0]
+
+        return self.db.run(insert, what="recording the run")
+
+    def finish_run(self, run_id: int, status: str, stats: dict[str, Any]) -> None:
+        errors = [clean_text(e) for e in stats.get("errors", [])][:50]
+        summary = f"{stats.get('error_count', len(errors))} error(s); first: {errors[0]}" if errors else None
+        values = (
+            status,
+            *(int(stats.get(c, 0)) for c in _RUN_COUNTS),
+            adapt_json(stats.get("sentiment", {})),
+            adapt_json(clean_json(stats.get("per_source", {}))),
+            adapt_json(errors),
+            summary,
+            run_id,
+        )
+        self.db.run(lambda cur: cur.execute(FINISH_RUN_SQL, values), what="finishing the run record")
+
+    def abandon_dead_runs(self, units: Sequence[str]) -> int:
+        """Runs still marked running that hold one of these units died (a live run holds all of its units'
+        locks, and we hold these now): mark them abandoned."""
+
+        def update(cur: psycopg2.extensions.cursor) -> int:
+            cur.execute(
+                "UPDATE etl_runs SET status = 'abandoned', finished_at = now(),"
+                " error_summary = COALESCE(error_summary, 'the process ended without finishing the run')"
+                " WHERE status = 'running' AND COALESCE(units, sources) && %s::text[]",
+                (list(units),),
+            )
+            return cur.rowcount
+
+        return self.db.run(update, what="closing the records of dead runs")
+
+    def orchestrator_totals(self, orchestrator_run_id: str) -> dict[str, Any]:
+        """Totals over the runs an orchestrator's run recorded (arguments.orchestrator.run_id): its shards,
+        retry parts and chunks, with how many ended in each status."""
+
+        def read(cur: psycopg2.extensions.cursor) -> dict[str, Any]:
+            cur.execute(
+                "SELECT count(*), COALESCE(sum(posts_fetched), 0), COALESCE(sum(posts_inserted), 0),"
+                " COALESCE(sum(posts_updated), 0), COALESCE(sum(images_stored), 0), COALESCE(sum(images_failed), 0),"
+                " COALESCE(jsonb_object_agg(status, n) FILTER (WHERE status IS NOT NULL), '{}')"
+                " FROM (SELECT *, count(*) OVER (PARTITION BY status) AS n FROM etl_runs"
+                "       WHERE arguments -> 'orchestrator' ->> 'run_id' = %s) AS r",
+                (orchestrator_run_id,),
+            )
+            row = cur.fetchone()
+            names = ("runs", "posts_fetched", "posts_inserted", "posts_updated", "images_stored", "images_failed", "statuses")
+            return dict(zip(names, [int(v) if isinstance(v, (int, float)) else v for v in row], strict=True))
+
+        return self.db.run(read, what="reading the orchestrator run's totals")
+
+    # -- backfill progress -----------------------------------------------------------------------
+
+    def finished_chunks(
+        self, source: str, config_key: str, since: datetime, until: datetime
+    ) -> set[tuple[datetime, datetime]]:
+        def read(cur: psycopg2.extensions.cursor) -> set[tuple[datetime, datetime]]:
+            cur.execute(
+                "SELECT chunk_start, chunk_end FROM etl_backfill_chunks"
+                " WHERE source = %s AND config_key = %s AND chunk_start >= %s AND chunk_end <= %s",
+                (source, config_key, since, until),
+            )
+            return {(row[0], row[1]) for row in cur.fetchall()}
+
+        return self.db.run(read, what="reading backfill progress")
+
+    def finish_chunk(
+        self, source: str, config_key: str, start: datetime, end: datetime, posts: int, run_id: int | None
+    ) -> None:
+        self.db.run(
+            lambda cur: cur.execute(
+                "INSERT INTO etl_backfill_chunks (source, config_key, chunk_start, chunk_end, posts, run_id)"
+                " VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (source, config_key, chunk_start, chunk_end)"
+                " DO UPDATE SET posts = EXCLUDED.posts, run_id = EXCLUDED.run_id, finished_at = now()",
+                (source, config_key, start, end, posts, run_id),
+            ),
+            what="recording backfill progress",
+        )

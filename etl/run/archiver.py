@@ -1,0 +1,387 @@
+"""The archiver: a stream of posts in named stages, batch by batch: plan -> enrich -> images -> load.
+
+A dry run is this same archiver with no database and no store: nothing is known, no image is fetched, the
+load writes nothing (`NothingWritten`), so the two can never drift apart.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from etl.config import Settings
+from etl.db import Archive, Database, DataRefused, Held, UpsertCounts
+from etl.enrich import SentimentEnricher
+from etl.errors import LoadError, MediaError, StoreError
+from etl.media import Downloader, without_userinfo
+from etl.progress import LiveCounts
+from etl.records import Media, Post, cap_caption, chunked
+from etl.run.stats import RunStats, StageClock
+from etl.shards import Shard
+from etl.store import ObjectStore, object_key
+
+log = logging.getLogger(__name__)
+
+
+class NothingWritten:
+    """The archive of a dry run: it holds nothing, and loading writes nothing."""
+
+    def held(self, posts: Sequence[Post], version: str) -> Held:
+        return Held({}, {}, {}, set())
+
+    def load(
+        self, posts: Sequence[Post], media: Sequence[Media], first_urls: dict, version: str, *, what: str
+    ) -> UpsertCounts:
+        return UpsertCounts()
+
+    def failed_images(self, **_: Any) -> list[tuple]:
+        return []
+
+    def record_retries(self, media: Sequence[Media]) -> None:
+        pass
+
+
+@dataclass
+class _Batch:
+    posts: list[Post]
+    futures: dict[tuple[str, str, int], Future]  # images being archived
+    known: dict[tuple[str, str, int], tuple[str, str]]  # images already stored: key, url
+    urls: dict[tuple[str, str, int], str] = field(default_factory=dict)  # of the images being archived
+    number: int = 0  # the batch's place in the run of its source, for messages
+
+    def describe(self, source: str) -> str:
+        first, last = self.posts[0], self.posts[-1]
+        oldest = min(p.created_at for p in self.posts)
+        newest = max(p.created_at for p in self.posts)
+        return (
+            f"batch {self.number} of {source} ({len(self.posts)} posts, {first.platform}/{first.post_id[:60]} .. "
+            f"{last.post_id[:60]}, created {oldest:%Y-%m-%d %H:%M} to {newest:%Y-%m-%d %H:%M} UTC)"
+        )
+
+
+def _not_loaded(exc: LoadError, batch: _Batch, source: str) -> LoadError:
+    return LoadError(
+        f"{exc}. Not loaded: {batch.describe(source)} and any batch after it; the watermark did not move, so the "
+        "next run fetches them again"
+    )
+
+
+def _by_post(media: Iterable[Media]) -> dict[tuple[str, str], list[Media]]:
+    grouped: dict[tuple[str, str], list[Media]] = {}
+    for m in media:
+        grouped.setdefault((m.platform, m.post_id), []).append(m)
+    return grouped
+
+
+def _later(a: datetime | None, b: datetime | None) -> datetime | None:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return max(a, b)
+
+
+class Archiver:
+    """Takes a stream of posts to the archive: scores, archives images, loads rows, in bounded memory.
+
+    With `db` None nothing is looked up or written; with `store` None no image is fetched (a dry run: both).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        db: Database | None,
+        store: ObjectStore | None,
+        *,
+        downloader: Downloader | None = None,
+        enricher: SentimentEnricher | None = None,
+        stop: threading.Event | None = None,
+    ):
+        self.settings = settings
+        self.archive_db: Archive | NothingWritten = Archive(db) if db is not None else NothingWritten()
+        self.store = store
+        self.downloader = downloader or Downloader(settings)
+        self.enricher = enricher or SentimentEnricher(settings.sentiment_threshold, detect_language=settings.detect_language)
+        self.clock = StageClock()  # shared with the image workers; RunStats.stages points here
+        self.stop = stop or threading.Event()  # SIGTERM: no new downloads, a short grace for those in flight
+        self._grace_ends: float | None = None
+        self._batches = 0
+        self.live = LiveCounts()  # what is under way, for the progress display
+
+    # -- the stream ------------------------------------------------------------------------------
+
+    def archive(
+        self, posts: Iterable[Post], stats: RunStats, *, source: str, trusted: Iterable[str] = ()
+    ) -> datetime | None:
+        """Archive every post; returns the newest created_at loaded (the next watermark). `trusted`: host:port
+        pairs the source itself serves (the mock's image server), fetched although they are private.
+
+        Batch N is loaded while batch N+1's images download. When the stream fails (a SourceError, a bug in
+        a source), every post it yielded is still loaded before the error goes on; when loading itself
+        fails (LoadError: the database is gone), nothing more can be done and the error goes on at once.
+        """
+        self.downloader.guard.trusted = set(trusted)
+        newest: datetime | None = None
+        stats.stages = self.clock
+        pool = ThreadPoolExecutor(self.settings.concurrency, thread_name_prefix="images")
+        try:
+            pending: _Batch | None = None
+            try:
+                fetching = self.live.counting(self.clock.timed(self._allowed(posts, stats), "fetch"))
+                for posts_batch in chunked(fetching, self.settings.batch_size):
+                    current = self._start(posts_batch, pool, stats, source)
+                    finishing, pending = pending, current
+                    if finishing is not None:
+                        newest = _later(newest, self.load(finishing, stats, source))
+            except (LoadError, KeyboardInterrupt):
+                raise
+            except BaseException:
+                if pending is not None:
+                    self.load(pending, stats, source)
+                raise
+            if pending is not None:
+                newest = _later(newest, self.load(pending, stats, source))
+        finally:
+            # After a stop, a download stalled past the grace is left behind (its image is recorded failed).
+            pool.shutdown(wait=not self.stop.is_set(), cancel_futures=True)
+        return newest
+
+    def _allowed(self, posts: Iterable[Post], stats: RunStats) -> Iterator[Post]:
+        """Refuses posts of a platform named like ETL_EXPORT_PREFIX: their image keys would meet the export's."""
+        reserved = self.settings.reserved_platform
+        for post in posts:
+            if post.platform == reserved:
+                stats.rejected += 1
+                stats.error(f"{post.platform}/{post.post_id}: platform {post.platform!r} is reserved by ETL_EXPORT_PREFIX; post refused")
+                continue
+            yield post
+
+    def _start(self, posts: list[Post], pool: ThreadPoolExecutor, stats: RunStats, source: str = "") -> _Batch:
+        """The first three stages of a batch; its images download while the batch before it is loaded."""
+        posts, held = self.plan(posts, stats, source)
+        scored = self.enrich(posts, held)
+        stats.fetched += len(scored)
+        futures, urls = self.images(scored, held, pool)
+        self._batches += 1
+        return _Batch(scored, futures, held.stored, urls, self._batches)
+
+    # -- the stages ------------------------------------------------------------------------------
+
+    def plan(self, posts: list[Post], stats: RunStats, source: str) -> tuple[list[Post], Held]:
+        """What the archive holds of these posts already; posts forgotten on request are dropped here."""
+        with self.clock("lookup"):
+            try:
+                held = self.archive_db.held(posts, self.enricher.version)
+            except LoadError as exc:
+                raise _not_loaded(exc, _Batch(posts, {}, {}, number=self._batches + 1), source) from None
+        if held.forgotten:  # forgotten on request: never archived again (etl/forget.py)
+            kept = [p for p in posts if (p.platform, p.post_id) not in held.forgotten]
+            stats.forgotten_skipped += len(posts) - len(kept)
+            posts = kept
+        return posts, held
+
+    def enrich(self, posts: list[Post], held: Held) -> list[Post]:
+        """Sentiment and language. A caption already scored by this enricher (a rerun, an overlap window) keeps
+        its score. A caption over the cap is cut first (and flagged), so the score is the stored caption's."""
+        with self.clock("enrich"):
+            return [self.enricher.enrich(cap_caption(p), held.scores.get((p.platform, p.post_id))) for p in posts]
+
+    def images(
+        self, posts: list[Post], held: Held, pool: ThreadPoolExecutor
+    ) -> tuple[dict[tuple[str, str, int], Future], dict[tuple[str, str, int], str]]:
+        """Start the downloads of images not stored yet (none without a store); (futures, their URLs)."""
+        futures: dict[tuple[str, str, int], Future] = {}
+        urls: dict[tuple[str, str, int], str] = {}
+        if self.store is None:
+            return futures, urls
+        for post in posts:
+            for position, url in enumerate(post.image_urls):
+                key = (post.platform, post.post_id, position)
+                if held.hopeless.get(key) == without_userinfo(url):
+                    continue  # failed for good at this URL (404, not an image...): not fetched again
+                if key not in held.stored and key not in futures:
+                    futures[key] = pool.submit(
+                        self.archive_image, post.platform, post.post_id, post.created_at, position, url
+                    )
+                    urls[key] = url
+        return futures, urls
+
+    def load(self, batch: _Batch, stats: RunStats, source: str) -> datetime | None:
+        """Wait for the batch's images, then load posts and image rows in one transaction; returns the newest
+        created_at loaded. Counted only once committed."""
+        with self.clock("wait_images"):
+            media = list(self._results(batch.futures, lambda k: self._unfinished(*k, batch.urls[k])).values())
+        first_urls: dict[tuple[str, str], str] = {}
+        for (platform, post_id, position), (_, url) in batch.known.items():
+            if position == 0:
+                first_urls[(platform, post_id)] = url
+        for m in media:
+            if m.status == "stored" and m.position == 0:
+                first_urls[(m.platform, m.post_id)] = m.url
+        with self.clock("load"):
+            try:
+                counts, loaded, media = self._load(batch.posts, _by_post(media), first_urls, stats, source)
+            except DataRefused:
+                raise
+            except LoadError as exc:
+                raise _not_loaded(exc, batch, source) from None
+        log.debug(
+            "loaded %d posts (%d new, %d updated, %d unchanged) and %d image rows",
+            len(loaded), counts.inserted, counts.updated, counts.unchanged, len(media),
+        )  # fmt: skip
+        stats.inserted += counts.inserted
+        stats.updated += counts.updated
+        stats.unchanged += counts.unchanged
+        stats.engagement_snapshots += counts.snapshots
+        skipped = sum(1 for p in loaded for n in range(len(p.image_urls)) if (p.platform, p.post_id, n) in batch.known)
+        stats.images_skipped += skipped
+        stats.count_images(media, source)
+        for post in loaded:
+            stats.sentiment[post.sentiment.label if post.sentiment else "unscored"] += 1
+        return max((p.created_at for p in loaded), default=None)
+
+    def _load(
+        self,
+        posts: list[Post],
+        media: dict[tuple[str, str], list[Media]],
+        first_urls: dict,
+        stats: RunStats,
+        source: str,
+    ) -> tuple[UpsertCounts, list[Post], list[Media]]:
+        """Load posts with their image rows in one transaction. When the database refuses a row (DataRefused),
+        halve the batch until the row is alone: it is reported with its line or post id and the database's
+        reason, and every other row loads. Returns (counts, posts loaded, image rows loaded)."""
+        rows = [m for p in posts for m in media.pop((p.platform, p.post_id), [])]
+        what = f"{len(posts)} post(s) of {source}"
+        try:
+            return self.archive_db.load(posts, rows, first_urls, self.enricher.version, what=what), posts, rows
+        except DataRefused as exc:
+            if len(posts) == 1:
+                post = posts[0]
+                where = f"{post.origin} (post {post.platform}/{post.post_id[:100]})" if post.origin else (
+                    f"post {post.platform}/{post.post_id[:100]}"
+                )  # fmt: skip
+                stats.rejected += 1
+                stats.error(f"{source}: {where}: refused by the database: {exc.reason}")
+                log.warning("%s: %s refused by the database: %s", source, where, exc.reason)
+                return UpsertCounts(), [], []
+        half = len(posts) // 2
+        grouped = _by_post(rows)
+        counts_a, loaded_a, rows_a = self._load(posts[:half], grouped, first_urls, stats, source)
+        counts_b, loaded_b, rows_b = self._load(posts[half:], grouped, first_urls, stats, source)
+        counts = UpsertCounts(
+            counts_a.inserted + counts_b.inserted, counts_a.updated + counts_b.updated,
+            counts_a.unchanged + counts_b.unchanged, counts_a.snapshots + counts_b.snapshots,
+        )  # fmt: skip
+        return counts, loaded_a + loaded_b, rows_a + rows_b
+
+    # -- one image -------------------------------------------------------------------------------
+
+    def archive_image(
+        self, platform: str, post_id: str, created_at: datetime, position: int, url: str, *, replace: bool = False
+    ) -> Media:
+        """Download, verify and store one image; never raises (a failure is a Media with status failed).
+        `replace`: the stored object failed a fixity check (etl.py verify), so it is overwritten unconditionally."""
+        media = Media(platform, post_id, position, without_userinfo(url))  # never stored or logged with credentials
+        if self.stop.is_set():
+            media.status, media.error = (
+                "failed",
+                "not downloaded: the run was stopped (SIGTERM); retried by the next run",
+            )
+            return media
+        self.live.image_started()
+        try:
+            with self.clock("download"):
+                fetched = self.downloader.fetch(url)
+            key = object_key(self.settings.s3_prefix, platform, created_at, post_id, position, fetched.content_type)
+            assert self.store is not None
+            with self.clock("store"):
+                if replace:
+                    self.store.put(key, fetched.body, fetched.content_type, fetched.sha256, replace=True)
+                else:
+                    self.store.put(key, fetched.body, fetched.content_type, fetched.sha256)
+        except MediaError as exc:
+            media.status, media.error, media.permanent = "failed", str(exc), exc.permanent
+        except StoreError as exc:
+            media.status, media.error = "failed", str(exc)
+        except Exception as exc:  # one image must never stop the run
+            log.exception("unexpected error archiving %s/%s image %d", platform, post_id, position)
+            media.status, media.error = "failed", f"{type(exc).__name__}: {exc}"
+        else:
+            log.debug(
+                "stored %s (%d bytes, %s) as %s", media.source_url[:200], len(fetched.body), fetched.content_type, key
+            )
+            media.status = "stored"
+            media.key, media.url = key, self.store.url(key)
+            media.sha256, media.bytes, media.content_type = fetched.sha256, len(fetched.body), fetched.content_type
+            media.width, media.height = fetched.width, fetched.height
+        self.live.image_done(media.status == "stored")
+        if media.status == "failed":
+            log.warning(
+                "image failed: %s/%s #%d %s: %s", platform, post_id, position, media.source_url[:200], media.error
+            )
+        return media
+
+    def _results(self, futures: dict[Any, Future], unfinished: Callable[[Any], Media]) -> dict[Any, Media]:
+        """The Media of every future; once a stop is requested, those not done within ETL_STOP_GRACE seconds
+        of it are cancelled or left behind and become unfinished(key), a failure the next run retries."""
+        waiting = set(futures.values())
+        while waiting:
+            if self.stop.is_set() and self._grace_ends is None:
+                self._grace_ends = time.monotonic() + self.settings.stop_grace
+                log.warning("stopping: waiting up to %gs for the image downloads in flight", self.settings.stop_grace)
+            timeout = 0.25 if self._grace_ends is None else min(0.25, self._grace_ends - time.monotonic())
+            if timeout <= 0:
+                break
+            _, waiting = wait(waiting, timeout=timeout)
+        results = {}
+        for key, future in futures.items():
+            if future.done() and not future.cancelled():
+                results[key] = future.result()
+            else:
+                future.cancel()
+                results[key] = unfinished(key)
+        return results
+
+    def _unfinished(self, platform: str, post_id: str, position: int, url: str) -> Media:
+        media = Media(platform, post_id, position, url)
+        media.status = "failed"
+        media.error = (
+            f"the run was stopped (SIGTERM) before this download finished (ETL_STOP_GRACE="
+            f"{self.settings.stop_grace:g}s); retried by the next run"
+        )
+        log.warning("image not finished before the stop: %s/%s #%d %s", platform, post_id, position, url[:200])
+        return media
+
+    # -- failed images from earlier runs ---------------------------------------------------------
+
+    def retry_failed_images(self, stats: RunStats, part: Shard | None = None) -> None:
+        """Retry images still marked failed (not permanent, under the attempt cap, past their backoff); with
+        `part` K/N only those whose id is K-1 modulo N, so that N workers never take the same image."""
+        last_id = 0
+        pool = ThreadPoolExecutor(self.settings.concurrency, thread_name_prefix="retry")
+        try:
+            while not self.stop.is_set() and (rows := self._failed_images(last_id, part)):
+                last_id = rows[-1][0]
+                futures = {
+                    r: pool.submit(self.archive_image, r[1], r[2], r[5], r[3], r[4], replace=r[6]) for r in rows
+                }
+                media = list(self._results(futures, lambda r: self._unfinished(r[1], r[2], r[3], r[4])).values())
+                self.archive_db.record_retries(media)
+                stats.images_retried += len(media)
+                stats.count_images(media, "retry")
+        finally:
+            pool.shutdown(wait=not self.stop.is_set(), cancel_futures=True)
+
+    def _failed_images(self, after: int, part: Shard | None) -> list[tuple]:
+        return self.archive_db.failed_images(
+            after=after, max_attempts=self.settings.image_max_attempts,
+            backoff_minutes=self.settings.image_retry_backoff_minutes,
+            part=(part.index, part.count) if part else (1, 1), limit=self.settings.batch_size,
+        )  # fmt: skip
