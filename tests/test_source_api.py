@@ -17,9 +17,9 @@ import pytest
 from etl.config import load_settings
 from etl.db.platform import HashtagSearches, QuotaLedger
 from etl.errors import ConfigError, RecordError
+from etl.records import Post
 from etl.run.runner import RunRequest
 from etl.run.services import build_sources
-from etl.records import Post
 from etl.sources import api
 from etl.sources.api import (
     APISource,
