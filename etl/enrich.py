@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from functools import lru_cache, partial
 from importlib.metadata import version
@@ -109,36 +109,67 @@ class SentimentEnricher:
         """(score, language, language source, why not scored) of a caption as stored. The language is the
         platform's when it gave one, else detected, else unknown; TextBlob's lexicon is English, so a caption
         known to be in another language gets no label (not "neutral"). Unknown languages are scored."""
-        if platform_language:
-            language, source = platform_language, "platform"
-        else:
-            detected = self.detector.detect(caption) if self.detector else None
-            language, source = (detected, "detected") if detected else (None, None)
-        if not english_or_unknown(language):
-            return None, language, source, f"language {language.split('-', 1)[0]}"
-        return self.score(caption), language, source, None
+        return self.decide_captions([(caption, platform_language)])[0]
 
-    def decide(self, post: Post, caption: str | None) -> Post:
-        platform_language = post.language if post.language_source == "platform" else None
-        sentiment, language, source, skipped = self.decide_caption(caption, platform_language)
-        return replace(post, sentiment=sentiment, language=language, language_source=source, sentiment_skipped=skipped)
+    def decide_captions(
+        self, items: Sequence[tuple[str | None, str | None]]
+    ) -> list[tuple[Sentiment | None, str | None, str | None, str | None]]:
+        """decide_caption() of each (caption, platform language); the captions without a platform language
+        have their language detected together (etl/language.py: one batch, the same answers)."""
+        unknown = [n for n, (_, given) in enumerate(items) if not given]
+        detected: list[str | None] = [None] * len(items)
+        if self.detector is not None and unknown:
+            for n, language in zip(unknown, self.detector.detect_many([items[n][0] for n in unknown]), strict=True):
+                detected[n] = language
+        decisions = []
+        for (caption, given), guess in zip(items, detected, strict=True):
+            if given:
+                language, source = given, "platform"
+            else:
+                language, source = (guess, "detected") if guess else (None, None)
+            if not english_or_unknown(language):
+                decisions.append((None, language, source, f"language {language.split('-', 1)[0]}"))
+            else:
+                decisions.append((self.score(caption), language, source, None))
+        return decisions
 
     def enrich(self, post: Post, stored: tuple[Any, ...] | None = None) -> Post:
         """The post with its caption's language and score. The caption is scored as it is stored (clean_text), so
         a run and a reenrich of the stored row agree; `stored` is (caption, score[, language, language_source,
         sentiment_skipped]) of the post's row when this enricher version decided it, reused when the caption is
         the same (and the platform does not now give another language)."""
-        caption = clean_text(post.caption)
-        if stored is not None and caption and stored[0] == caption:
-            language, source, skipped = (tuple(stored[2:5]) + (None, None, None))[:3]
-            platform_changed = post.language_source == "platform" and post.language != language
-            if not platform_changed:
-                if len(stored) < 3:  # a score alone: the caller did not keep the language
-                    return replace(post, sentiment=stored[1])
-                return replace(
-                    post, sentiment=stored[1], language=language, language_source=source, sentiment_skipped=skipped
+        return self.enrich_all([post], [stored])[0]
+
+    def enrich_all(self, posts: Sequence[Post], stored: Sequence[tuple[Any, ...] | None]) -> list[Post]:
+        """enrich() of each post with its stored decision (or None); the new captions are decided together."""
+        out: list[Post | None] = []
+        todo: list[tuple[int, Post, str | None]] = []
+        for post, kept in zip(posts, stored, strict=True):
+            caption = clean_text(post.caption)
+            reused = _reused(post, caption, kept) if kept is not None else None
+            if reused is None:
+                todo.append((len(out), post, caption))
+            out.append(reused)
+        if todo:
+            items = [(caption, p.language if p.language_source == "platform" else None) for _, p, caption in todo]
+            for (n, post, _), decision in zip(todo, self.decide_captions(items), strict=True):
+                sentiment, language, source, skipped = decision
+                out[n] = replace(
+                    post, sentiment=sentiment, language=language, language_source=source, sentiment_skipped=skipped
                 )
-        return self.decide(post, caption)
+        return out  # type: ignore[return-value]  # every slot filled above
+
+
+def _reused(post: Post, caption: str | None, stored: tuple[Any, ...]) -> Post | None:
+    """The post with its stored decision, when it still holds (the same caption, no new platform language)."""
+    if not caption or stored[0] != caption:
+        return None
+    language, source, skipped = (tuple(stored[2:5]) + (None, None, None))[:3]
+    if post.language_source == "platform" and post.language != language:
+        return None
+    if len(stored) < 3:  # a score alone: the caller did not keep the language
+        return replace(post, sentiment=stored[1])
+    return replace(post, sentiment=stored[1], language=language, language_source=source, sentiment_skipped=skipped)
 
 
 def _cleaned(text: str) -> str:

@@ -379,7 +379,9 @@ class Archiver:
         with self.clock("enrich"):
             # A caption already scored by this enricher (a rerun, an overlap window) keeps its score. A caption
             # over the cap is cut first (and flagged), so the score is the stored caption's.
-            scored = [self.enricher.enrich(cap_caption(p), scores.get((p.platform, p.post_id))) for p in posts]
+            scored = self.enricher.enrich_all(
+                [cap_caption(p) for p in posts], [scores.get((p.platform, p.post_id)) for p in posts]
+            )
         stats.fetched += len(scored)
         futures: dict[tuple[str, str, int], Future] = {}
         urls: dict[tuple[str, str, int], str] = {}
