@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 from functools import lru_cache, partial
 from importlib.metadata import version
 from pathlib import Path
@@ -13,7 +12,7 @@ from types import ModuleType
 from typing import Any
 
 from etl.language import LanguageDetector, english_or_unknown
-from etl.records import Post, Sentiment, clean_text
+from etl.records import Post, Sentiment, clean_text, with_fields
 
 # URLs and @mentions carry no sentiment and confuse the lexicon; '#' is dropped so #love counts as love.
 _NOISE = re.compile(r"https?://\S+|www\.\S+|@\w+")
@@ -154,7 +153,7 @@ class SentimentEnricher:
             items = [(caption, p.language if p.language_source == "platform" else None) for _, p, caption in todo]
             for (n, post, _), decision in zip(todo, self.decide_captions(items), strict=True):
                 sentiment, language, source, skipped = decision
-                out[n] = replace(
+                out[n] = with_fields(
                     post, sentiment=sentiment, language=language, language_source=source, sentiment_skipped=skipped
                 )
         return out  # type: ignore[return-value]  # every slot filled above
@@ -168,8 +167,8 @@ def _reused(post: Post, caption: str | None, stored: tuple[Any, ...]) -> Post | 
     if post.language_source == "platform" and post.language != language:
         return None
     if len(stored) < 3:  # a score alone: the caller did not keep the language
-        return replace(post, sentiment=stored[1])
-    return replace(post, sentiment=stored[1], language=language, language_source=source, sentiment_skipped=skipped)
+        return with_fields(post, sentiment=stored[1])
+    return with_fields(post, sentiment=stored[1], language=language, language_source=source, sentiment_skipped=skipped)
 
 
 def _cleaned(text: str) -> str:

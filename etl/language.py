@@ -32,6 +32,7 @@ _ENOUGH_LETTERS = re.compile(rf"(?:[\W\d_]*[^\W\d_]){{{MIN_LETTERS}}}", re.UNICO
 BATCH_TOLERANCE = 1e-3  # far above float32's rounding in py3langid's sums (about 1e-5 here)
 _BATCH_BYTES = 2_000  # longer captions are walked one at a time (a batch steps once per byte of its longest)
 _BATCH = 512  # captions walked together
+_BATCH_MIN = 8  # fewer are classified one by one (a batch's fixed cost is a numpy step per byte)
 _SCORE_GROUP = 16  # captions scored together
 _CACHE_LIMIT = 20_000  # distinct captions remembered (cleared when full: memory stays flat)
 
@@ -75,8 +76,9 @@ class LanguageModel:
         encoded = [self.identifier._encode(t) for t in texts]
         results: list[str | None] = [None] * len(texts)
         batchable = []
+        alone = self.nextmove is None or len(texts) < _BATCH_MIN
         for n, data in enumerate(encoded):
-            if self.nextmove is None or len(data) > _BATCH_BYTES or not data:
+            if alone or len(data) > _BATCH_BYTES or not data:
                 results[n] = self._decided(texts[n], min_confidence)
             else:
                 batchable.append(n)

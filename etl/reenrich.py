@@ -34,14 +34,15 @@ _SCORE_CHUNK = 1000  # captions per task of a scoring worker
 _worker_enricher: SentimentEnricher | None = None
 
 
-def _init_worker(threshold: float, detect_language: bool) -> None:
+def _init_worker(enricher: SentimentEnricher) -> None:
+    # Forked: the parent's enricher itself (not pickled), its lexicon and language model shared copy-on-write.
     global _worker_enricher
-    _worker_enricher = SentimentEnricher(threshold, detect_language=detect_language)
+    _worker_enricher = enricher
 
 
 def _decide_all(enricher: SentimentEnricher, items: Sequence[tuple[str | None, str | None]]) -> list[tuple]:
     """decide_caption of each (caption, platform language): (score, language, source, why not scored)."""
-    return [enricher.decide_caption(caption, language) for caption, language in items]
+    return enricher.decide_captions(items)
 
 
 def _decide_in_worker(items: Sequence[tuple[str | None, str | None]]) -> list[tuple]:
@@ -57,10 +58,12 @@ def _scorers(enricher: SentimentEnricher, workers: int) -> Iterator[Executor | N
     if workers <= 1:
         yield None
         return
-    enricher.score("warm")  # the lexicon loaded before the fork, shared copy-on-write
+    enricher.score("warm")  # the lexicon and the language model loaded before the fork, shared copy-on-write
+    if enricher.detector is not None:
+        enricher.detector.warm()
     pool = ProcessPoolExecutor(
         workers, mp_context=multiprocessing.get_context("fork"), initializer=_init_worker,
-        initargs=(enricher.threshold, enricher.detector is not None),
+        initargs=(enricher,),
     )  # fmt: skip
     try:
         yield pool

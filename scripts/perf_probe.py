@@ -57,11 +57,12 @@ def write_posts(path: Path, count: int, seed: int = 16) -> None:
             out.write(json.dumps(post) + "\n")
 
 
-def run_etl(argv: list[str], env: dict[str, str], log: Path) -> dict[str, float]:
+def run_etl(argv: list[str], env: dict[str, str], log: Path, profile: Path | None = None) -> dict[str, float]:
     started = time.perf_counter()
+    prefix = ["-m", "cProfile", "-o", str(profile)] if profile else []
     with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, str(ROOT / "etl.py"), *argv], stdout=out, stderr=subprocess.STDOUT,
-                                env=env, cwd=ROOT)  # fmt: skip
+        proc = subprocess.Popen([sys.executable, *prefix, str(ROOT / "etl.py"), *argv], stdout=out,
+                                stderr=subprocess.STDOUT, env=env, cwd=ROOT)  # fmt: skip
         _, status, usage = os.wait4(proc.pid, 0)
     code = os.waitstatus_to_exitcode(status)
     if code != 0:
@@ -91,13 +92,18 @@ def runs(args: argparse.Namespace) -> None:
         print(f"{args.posts:,} posts; CPU = user+sys of the etl.py process (PostgreSQL's not included)")
         for name in args.runs.split(","):
             argv, extra = plan[name]
-            r = run_etl(argv, {**env, **extra}, Path(tmp) / f"{name}.log")
+            profile = Path(tmp) / f"{name}.prof" if args.profile else None
+            r = run_etl(argv, {**env, **extra}, Path(tmp) / f"{name}.log", profile)
             per20k = r["cpu"] * 20_000 / args.posts
             print(
                 f"{name:9} exit {r['exit']}  wall {r['wall']:6.2f} s  {args.posts / r['wall']:8,.0f} posts/s  "
                 f"CPU {r['cpu']:6.2f} s (user {r['user']:.2f}, sys {r['sys']:.2f}; {per20k:.2f} s per 20k)  "
                 f"peak RSS {r['rss_mb']:.0f} MB"
             )
+            if profile:
+                import pstats
+
+                pstats.Stats(str(profile)).sort_stats(args.profile).print_stats(args.top)
         if args.keep_log:
             for log in Path(tmp).glob("*.log"):
                 print(f"--- {log.name}\n" + "\n".join(log.read_text(errors="replace").splitlines()[-args.keep_log :]))
@@ -132,6 +138,8 @@ def main() -> None:
     parser.add_argument("--runs", default="first,rerun,reenrich")
     parser.add_argument("--stages", action="store_true", help="in-process CPU of records and enrichment only")
     parser.add_argument("--workers", type=int, default=None, help="ETL_SCORE_WORKERS for the runs")
+    parser.add_argument("--profile", metavar="SORT", help="cProfile each run (main process), sorted by SORT")
+    parser.add_argument("--top", type=int, default=25, help="functions shown by --profile")
     parser.add_argument("--keep-log", type=int, default=0, metavar="LINES", help="print the last LINES of each log")
     args = parser.parse_args()
     stages(args) if args.stages else runs(args)
