@@ -11,23 +11,11 @@ from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
-import psycopg2.extras
-
-from etl.db import Database
+from etl.db import Database, fast
 from etl.enrich import SentimentEnricher
 from etl.pipeline import RunStats
 
 log = logging.getLogger(__name__)
-
-_UPDATE_SQL = (
-    "UPDATE social_posts AS p SET sentiment = v.label, sentiment_polarity = v.polarity,"
-    " sentiment_subjectivity = v.subjectivity, sentiment_version = v.version, language = v.language,"
-    " language_source = v.language_source, sentiment_skipped = v.skipped, updated_at = now()"
-    " FROM (VALUES %s) AS v(id, label, polarity, subjectivity, version, language, language_source, skipped)"
-    " WHERE p.id = v.id"
-)
-_STAMP_SQL = "UPDATE social_posts SET sentiment_version = %s WHERE id = ANY(%s)"
-_TEMPLATE = "(%s, %s, %s::float8, %s::float8, %s, %s, %s, %s)"  # typed: a column of NULLs would read as text
 
 
 _SCORE_CHUNK = 1000  # captions per task of a scoring worker
@@ -146,24 +134,20 @@ def _reenrich(
 def _write(
     db: Database, enricher: SentimentEnricher, stats: RunStats, rows: list[tuple], decisions: list[tuple]
 ) -> None:
-    changes, same = [], []
+    written, changed = [], 0
+    tally = stats.sentiment
     for row, decision in zip(rows, decisions, strict=True):
-        row_id, caption, label, polarity, subjectivity, language, source, skipped = row
         s, lang, lang_source, why = decision
-        stats.sentiment[s.label if s else "unscored"] += 1
+        tally[s.label if s else "unscored"] += 1
         new = (s.label, s.polarity, s.subjectivity) if s else (None, None, None)
-        if (label, polarity, subjectivity, language, source, skipped) != (*new, lang, lang_source, why):
-            changes.append((row_id, *new, enricher.version, lang, lang_source, why))
-        else:
-            same.append(row_id)
+        # A row scored with the same result is only stamped with the version (not read again by the next
+        # reenrich, its score reused by runs); its updated_at stays (the data did not change).
+        same = row[2:] == (*new, lang, lang_source, why)
+        changed += not same
+        written.append((row[0], not same, *new, lang, lang_source, why))
     with db.transaction() as cur:
-        if changes:
-            psycopg2.extras.execute_values(cur, _UPDATE_SQL, changes, template=_TEMPLATE, page_size=len(changes))
-        if same:
-            # Scored by this version too, with the same result: stamped (not read again by the next
-            # reenrich, and its score reused by runs), updated_at left alone (the data did not change).
-            cur.execute(_STAMP_SQL, (enricher.version, same))
+        fast.write_decisions(cur, written, enricher.version)
     stats.fetched += len(rows)
-    stats.updated += len(changes)
-    stats.unchanged += len(rows) - len(changes)
+    stats.updated += changed
+    stats.unchanged += len(rows) - changed
     log.info("re-enriched %d posts so far, %d changed", stats.fetched, stats.updated)

@@ -1,0 +1,43 @@
+"""SQL of issue 16's faster paths: a re-enrichment batch written by one COPY and one UPDATE ... FROM."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import psycopg2.extensions
+
+from etl.staging import copy_rows
+
+# One row per post scored: its new decision, and whether it differs from the stored one. Rows that did not change
+# get only the version stamp, their updated_at left alone (the data did not change).
+_PREPARE_DECISIONS = (
+    "CREATE TEMP TABLE IF NOT EXISTS reenrich_decisions (id BIGINT, changed BOOLEAN, label TEXT,"
+    " polarity DOUBLE PRECISION, subjectivity DOUBLE PRECISION, language TEXT, language_source TEXT, skipped TEXT)"
+    " ON COMMIT DELETE ROWS; DELETE FROM reenrich_decisions"
+)
+_COPY_DECISIONS = (
+    "COPY reenrich_decisions (id, changed, label, polarity, subjectivity, language, language_source, skipped)"
+    " FROM STDIN"
+)
+_APPLY_DECISIONS = (
+    "UPDATE social_posts AS p SET sentiment_version = %(version)s,"
+    " sentiment = CASE WHEN v.changed THEN v.label ELSE p.sentiment END,"
+    " sentiment_polarity = CASE WHEN v.changed THEN v.polarity ELSE p.sentiment_polarity END,"
+    " sentiment_subjectivity = CASE WHEN v.changed THEN v.subjectivity ELSE p.sentiment_subjectivity END,"
+    " language = CASE WHEN v.changed THEN v.language ELSE p.language END,"
+    " language_source = CASE WHEN v.changed THEN v.language_source ELSE p.language_source END,"
+    " sentiment_skipped = CASE WHEN v.changed THEN v.skipped ELSE p.sentiment_skipped END,"
+    " updated_at = CASE WHEN v.changed THEN now() ELSE p.updated_at END"
+    " FROM reenrich_decisions AS v WHERE p.id = v.id"
+)
+
+
+def write_decisions(cur: psycopg2.extensions.cursor, decisions: Sequence[Sequence[Any]], version: str) -> None:
+    """Apply a batch of re-enrichment decisions, each (id, changed, label, polarity, subjectivity, language,
+    language_source, skipped), and stamp every row with `version`: three statements, whatever the batch size."""
+    if not decisions:
+        return
+    cur.execute(_PREPARE_DECISIONS)
+    copy_rows(cur, _COPY_DECISIONS, decisions)
+    cur.execute(_APPLY_DECISIONS, {"version": version})
