@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from contextlib import contextmanager
@@ -18,7 +19,7 @@ from etl.pipeline import RunStats
 log = logging.getLogger(__name__)
 
 
-_SCORE_CHUNK = 1000  # captions per task of a scoring worker
+_SCORE_CHUNK = 1000  # rows per task of a scoring worker
 _worker_enricher: SentimentEnricher | None = None
 
 
@@ -28,14 +29,27 @@ def _init_worker(enricher: SentimentEnricher) -> None:
     _worker_enricher = enricher
 
 
-def _decide_all(enricher: SentimentEnricher, items: Sequence[tuple[str | None, str | None]]) -> list[tuple]:
-    """decide_caption of each (caption, platform language): (score, language, source, why not scored)."""
-    return enricher.decide_captions(items)
+def _decide_rows(enricher: SentimentEnricher, rows: Sequence[tuple]) -> tuple[str, int, Counter]:
+    """Score stored rows (id, caption, label, polarity, subjectivity, language, language_source, skipped): the
+    decisions as COPY text for fast.write_decisions, how many changed, and the labels counted. Done where the
+    scoring is (a worker), so that only a string travels back."""
+    # The same rule as a run: the platform's language is kept, others are detected again.
+    decisions = enricher.decide_captions([(row[1], row[5] if row[6] == "platform" else None) for row in rows])
+    written, changed, tally = [], 0, Counter()
+    for row, (s, lang, lang_source, why) in zip(rows, decisions, strict=True):
+        tally[s.label if s else "unscored"] += 1
+        new = (s.label, s.polarity, s.subjectivity) if s else (None, None, None)
+        # A row scored with the same result is only stamped with the version (not read again by the next
+        # reenrich, its score reused by runs); its updated_at stays (the data did not change).
+        same = row[2:] == (*new, lang, lang_source, why)
+        changed += not same
+        written.append((row[0], not same, *new, lang, lang_source, why))
+    return fast.decision_lines(written), changed, tally
 
 
-def _decide_in_worker(items: Sequence[tuple[str | None, str | None]]) -> list[tuple]:
+def _decide_in_worker(rows: Sequence[tuple]) -> tuple[str, int, Counter]:
     assert _worker_enricher is not None
-    return _decide_all(_worker_enricher, items)
+    return _decide_rows(_worker_enricher, rows)
 
 
 @contextmanager
@@ -60,17 +74,13 @@ def _scorers(enricher: SentimentEnricher, workers: int) -> Iterator[Executor | N
 
 
 def _submit(pool: Executor | None, enricher: SentimentEnricher, rows: list[tuple]) -> list[Future] | list[tuple]:
-    # The same rule as a run: the platform's language is kept, others are detected again.
-    items = [(row[1], row[5] if row[6] == "platform" else None) for row in rows]
     if pool is None:
-        return _decide_all(enricher, items)
-    return [pool.submit(_decide_in_worker, items[k : k + _SCORE_CHUNK]) for k in range(0, len(items), _SCORE_CHUNK)]
+        return [_decide_rows(enricher, rows)]
+    return [pool.submit(_decide_in_worker, rows[k : k + _SCORE_CHUNK]) for k in range(0, len(rows), _SCORE_CHUNK)]
 
 
 def _collect(pending: list[Future] | list[tuple]) -> list[tuple]:
-    if pending and isinstance(pending[0], Future):
-        return [decision for future in pending for decision in future.result()]
-    return pending  # scored in this process already
+    return [part.result() if isinstance(part, Future) else part for part in pending]
 
 
 def reenrich(
@@ -131,22 +141,13 @@ def _reenrich(
             pending = scoring
 
 
-def _write(
-    db: Database, enricher: SentimentEnricher, stats: RunStats, rows: list[tuple], decisions: list[tuple]
-) -> None:
-    written, changed = [], 0
-    tally = stats.sentiment
-    for row, decision in zip(rows, decisions, strict=True):
-        s, lang, lang_source, why = decision
-        tally[s.label if s else "unscored"] += 1
-        new = (s.label, s.polarity, s.subjectivity) if s else (None, None, None)
-        # A row scored with the same result is only stamped with the version (not read again by the next
-        # reenrich, its score reused by runs); its updated_at stays (the data did not change).
-        same = row[2:] == (*new, lang, lang_source, why)
-        changed += not same
-        written.append((row[0], not same, *new, lang, lang_source, why))
+def _write(db: Database, enricher: SentimentEnricher, stats: RunStats, rows: list[tuple], parts: list[tuple]) -> None:
+    changed = 0
+    for _, part_changed, tally in parts:
+        changed += part_changed
+        stats.sentiment.update(tally)
     with db.transaction() as cur:
-        fast.write_decisions(cur, written, enricher.version)
+        fast.write_decisions(cur, [text for text, _, _ in parts], enricher.version)
     stats.fetched += len(rows)
     stats.updated += changed
     stats.unchanged += len(rows) - changed

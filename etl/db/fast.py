@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import io
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import psycopg2.extensions
 
-from etl.staging import copy_rows
+from etl.staging import copy_value
 
 # One row per post scored: its new decision, and whether it differs from the stored one. Rows that did not change
 # get only the version stamp, their updated_at left alone (the data did not change).
@@ -33,11 +34,17 @@ _APPLY_DECISIONS = (
 )
 
 
-def write_decisions(cur: psycopg2.extensions.cursor, decisions: Sequence[Sequence[Any]], version: str) -> None:
-    """Apply a batch of re-enrichment decisions, each (id, changed, label, polarity, subjectivity, language,
-    language_source, skipped), and stamp every row with `version`: three statements, whatever the batch size."""
-    if not decisions:
+def decision_lines(decisions: Iterable[Sequence[Any]]) -> str:
+    """Re-enrichment decisions, each (id, changed, label, polarity, subjectivity, language, language_source,
+    skipped), as the text write_decisions() copies."""
+    return "".join(["\t".join([copy_value(v) for v in row]) + "\n" for row in decisions])
+
+
+def write_decisions(cur: psycopg2.extensions.cursor, parts: Sequence[str], version: str) -> None:
+    """Apply a batch of re-enrichment decisions (decision_lines() texts) and stamp every row with `version`:
+    three statements, whatever the batch size."""
+    if not any(parts):
         return
     cur.execute(_PREPARE_DECISIONS)
-    copy_rows(cur, _COPY_DECISIONS, decisions)
+    cur.copy_expert(_COPY_DECISIONS, io.StringIO("".join(parts)))
     cur.execute(_APPLY_DECISIONS, {"version": version})
