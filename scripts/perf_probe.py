@@ -81,8 +81,6 @@ def runs(args: argparse.Namespace) -> None:
             "PATH": os.environ.get("PATH", ""), "HOME": tmp, "LANG": "C.UTF-8", "PYTHONPATH": str(ROOT),
             "ETL_DATA_DIR": str(Path(tmp) / "data"), "ETL_LOG_LEVEL": "INFO",
         }  # fmt: skip
-        if args.workers is not None:
-            env["ETL_SCORE_WORKERS"] = str(args.workers)
         run_etl(["migrate"], env, Path(tmp) / "migrate.log")  # the embedded server's start-up, not measured
         plan = {
             "first": (["run", "--source", "jsonl", "--input", str(posts)], {}),
@@ -137,7 +135,6 @@ def main() -> None:
     parser.add_argument("--posts", type=int, default=20_000)
     parser.add_argument("--runs", default="first,rerun,reenrich")
     parser.add_argument("--stages", action="store_true", help="in-process CPU of records and enrichment only")
-    parser.add_argument("--workers", type=int, default=None, help="ETL_SCORE_WORKERS for the runs")
     parser.add_argument("--profile", metavar="SORT", help="cProfile each run (main process), sorted by SORT")
     parser.add_argument("--top", type=int, default=25, help="functions shown by --profile")
     parser.add_argument("--keep-log", type=int, default=0, metavar="LINES", help="print the last LINES of each log")
