@@ -206,7 +206,8 @@ class LanguageDetector:
         if len(self._cache) + len(distinct) > _CACHE_LIMIT:
             self._cache.clear()
         for cleaned, language in zip(distinct, self._model().classify_many(distinct, self.min_confidence), strict=True):
-            self._cache[cleaned] = language
+            if len(self._cache) < _CACHE_LIMIT:
+                self._cache[cleaned] = language
             for n in todo[cleaned]:
                 results[n] = language
         return results
