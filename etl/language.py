@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import lzma
+import os
 import re
 import shutil
 import tempfile
@@ -20,6 +21,8 @@ import threading
 from array import array
 from collections.abc import Sequence
 from importlib.metadata import version
+from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +40,60 @@ _SCORE_GROUP = 16  # captions scored together
 _CACHE_LIMIT = 20_000  # distinct captions remembered (cleared when full: memory stays flat)
 
 
+_ARRAYS = ("ptc", "pc", "classes", "nextmove", "nextmove_row", "out_feat")
+
+
+def cache_root() -> Path:
+    """Where the unpacked model is kept: $XDG_CACHE_HOME/social-archiver (default ~/.cache/social-archiver)."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "social-archiver"
+
+
+def _unpack(model_file: Path) -> dict[str, Any]:
+    """py3langid's model file (an .npz inside LZMA) read into memory: its arrays by name."""
+    import numpy as np
+
+    with tempfile.TemporaryFile(suffix=".npz") as tmp:
+        with lzma.open(model_file) as src:
+            shutil.copyfileobj(src, tmp, length=1 << 20)
+        tmp.seek(0)
+        with np.load(tmp, allow_pickle=False) as data:
+            return {name: data[name] for name in _ARRAYS}
+
+
+def _model_arrays(model_file: Path) -> dict[str, Any]:
+    """The model's arrays, memory-mapped from an unpacked copy in cache_root() (made on first use; refreshed
+    with py3langid): no LZMA to undo at each start (0.4 CPU-second), and only the pages a run's captions touch
+    are read into memory (a few MB of the 67, where loading takes them all). In memory when it cannot be kept."""
+    import numpy as np
+
+    stat = model_file.stat()
+    folder = cache_root() / f"py3langid-{LanguageDetector.version()}-{stat.st_size}-{stat.st_mtime_ns}"
+    try:
+        return {name: np.load(folder / f"{name}.npy", mmap_mode="r", allow_pickle=False) for name in _ARRAYS}
+    except (OSError, ValueError):
+        pass
+    arrays = _unpack(model_file)
+    building = None
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        building = Path(tempfile.mkdtemp(prefix=".building-", dir=folder.parent))
+        for name, value in arrays.items():
+            np.save(building / f"{name}.npy", value, allow_pickle=False)
+        building.rename(folder)  # whole or not at all
+        building = None
+    except OSError as exc:  # not writable, full, or another process was first
+        log.debug("language model not kept in %s: %s", folder, exc)
+    finally:
+        if building is not None:
+            shutil.rmtree(building, ignore_errors=True)
+    return arrays
+
+
 class LanguageModel:
-    """py3langid's model, loaded lean: its arrays kept as numpy arrays (about 50 MB), not as the Python lists
-    and array copies py3langid's loader makes (about 100 MB, more at its peak); py3langid's own identifier is
-    built on the same arrays, for single captions and for the batch's close calls."""
+    """py3langid's model with its arrays as numpy arrays (memory-mapped where they can be), not as the Python
+    lists and array copies py3langid's loader makes (about 100 MB, more at its peak); py3langid's own identifier
+    is built on the same arrays, for single captions and for the batch's close calls."""
 
     def __init__(self) -> None:
         import numpy as np
@@ -48,13 +101,9 @@ class LanguageModel:
 
         self.np = np
         try:
-            with tempfile.TemporaryFile(suffix=".npz") as tmp:
-                with lzma.open(MODEL_DIR / MODEL_FILE) as src:
-                    shutil.copyfileobj(src, tmp, length=1 << 20)
-                tmp.seek(0)
-                with np.load(tmp, allow_pickle=False) as data:
-                    ptc, pc, classes = data["ptc"], data["pc"], data["classes"].tolist()
-                    nextmove, row, out = data["nextmove"], data["nextmove_row"], data["out_feat"]
+            data = _model_arrays(MODEL_DIR / MODEL_FILE)
+            ptc, pc, classes = data["ptc"], data["pc"], data["classes"].tolist()
+            nextmove, row, out = data["nextmove"], data["nextmove_row"], data["out_feat"]
             self.identifier = LanguageIdentifier(
                 ptc, pc, classes, memoryview(nextmove), memoryview(out),
                 norm_probs=True, tk_row=array("I", row.astype(np.uint32).tobytes()),

@@ -80,6 +80,9 @@ def runs(args: argparse.Namespace) -> None:
         env = {
             "PATH": os.environ.get("PATH", ""), "HOME": tmp, "LANG": "C.UTF-8", "PYTHONPATH": str(ROOT),
             "ETL_DATA_DIR": str(Path(tmp) / "data"), "ETL_LOG_LEVEL": "INFO",
+            # The unpacked language model of earlier runs (etl/language.py); --cold: none yet.
+            "XDG_CACHE_HOME": str(Path(tmp) / "cache") if args.cold else (
+                os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")),
         }  # fmt: skip
         run_etl(["migrate"], env, Path(tmp) / "migrate.log")  # the embedded server's start-up, not measured
         plan = {
@@ -135,6 +138,7 @@ def main() -> None:
     parser.add_argument("--posts", type=int, default=20_000)
     parser.add_argument("--runs", default="first,rerun,reenrich")
     parser.add_argument("--stages", action="store_true", help="in-process CPU of records and enrichment only")
+    parser.add_argument("--cold", action="store_true", help="no unpacked language model from earlier runs")
     parser.add_argument("--profile", metavar="SORT", help="cProfile each run (main process), sorted by SORT")
     parser.add_argument("--top", type=int, default=25, help="functions shown by --profile")
     parser.add_argument("--keep-log", type=int, default=0, metavar="LINES", help="print the last LINES of each log")
