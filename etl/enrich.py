@@ -88,6 +88,10 @@ class SentimentEnricher:
         # every enricher (and its 75 MB language model) until a full garbage collection; a process that ran
         # one Runner after another (the test suite: 1 GB) grew by one model a run.
         self._score = lru_cache(maxsize=4096)(partial(_score_text, threshold))
+        # Decisions made ahead by worker processes (etl/ahead.py), by (caption as stored, platform language).
+        self.ahead: dict[tuple[str | None, str | None], tuple] = {}
+        self.ahead_used = 0
+        self._new_share = 0.0  # of the last batch: captions decided, not reused from the stored row (none yet)
 
     def label(self, polarity: float) -> str:
         return _label(polarity, self.threshold)
@@ -115,6 +119,19 @@ class SentimentEnricher:
     ) -> list[tuple[Sentiment | None, str | None, str | None, str | None]]:
         """decide_caption() of each (caption, platform language); the captions without a platform language
         have their language detected together (etl/language.py: one batch, the same answers)."""
+        if self.ahead:
+            done = [self.ahead.get(item) for item in items]
+            missing = [item for item, decision in zip(items, done, strict=True) if decision is None]
+            self.ahead_used += len(items) - len(missing)
+            if missing:
+                rest = iter(self._decide_captions(missing))
+                done = [decision if decision is not None else next(rest) for decision in done]
+            return done  # type: ignore[return-value]  # every slot filled
+        return self._decide_captions(items)
+
+    def _decide_captions(
+        self, items: Sequence[tuple[str | None, str | None]]
+    ) -> list[tuple[Sentiment | None, str | None, str | None, str | None]]:
         unknown = [n for n, (_, given) in enumerate(items) if not given]
         detected: list[str | None] = [None] * len(items)
         if self.detector is not None and unknown:
@@ -131,6 +148,15 @@ class SentimentEnricher:
             else:
                 decisions.append((self.score(caption), language, source, None))
         return decisions
+
+    @staticmethod
+    def item(post: Post) -> tuple[str | None, str | None]:
+        """What decides a post's caption: (the caption as stored, the platform's language or None)."""
+        return clean_text(post.caption), post.language if post.language_source == "platform" else None
+
+    def mostly_new(self) -> bool:
+        """Whether most captions of the last batch had to be decided (no stored decision to reuse)."""
+        return self._new_share >= 0.5
 
     def enrich(self, post: Post, stored: tuple[Any, ...] | None = None) -> Post:
         """The post with its caption's language and score. The caption is scored as it is stored (clean_text), so
@@ -149,8 +175,10 @@ class SentimentEnricher:
             if reused is None:
                 todo.append((len(out), post, caption))
             out.append(reused)
+        if posts:
+            self._new_share = len(todo) / len(posts)
         if todo:
-            items = [(caption, p.language if p.language_source == "platform" else None) for _, p, caption in todo]
+            items = [self.item(p) for _, p, _ in todo]
             for (n, post, _), decision in zip(todo, self.decide_captions(items), strict=True):
                 sentiment, language, source, skipped = decision
                 out[n] = with_fields(

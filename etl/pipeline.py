@@ -15,6 +15,7 @@ from functools import partial
 from typing import Any
 
 from etl import db as dbm
+from etl.ahead import score_ahead
 from etl.config import Settings
 from etl.copystore import refuse_if_elsewhere
 from etl.db import Database
@@ -298,7 +299,7 @@ class Archiver:
             pending: _Batch | None = None
             try:
                 fetching = self.live.counting(self.clock.timed(self._allowed(posts, stats), "fetch"))
-                for posts_batch in chunked(fetching, self.settings.batch_size):
+                for posts_batch in score_ahead(self.enricher, chunked(fetching, self.settings.batch_size)):
                     current = self._start(posts_batch, pool, stats, source)
                     finishing, pending = pending, current
                     if finishing is not None:
