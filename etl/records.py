@@ -98,6 +98,8 @@ def clean_text(value: Any) -> str | None:
 
 def clean_json(value: Any) -> Any:
     """A JSON value with every string cleaned (JSONB refuses \\u0000 and lone surrogates)."""
+    if value is None:
+        return None
     if isinstance(value, str):
         return clean_text(value)
     if isinstance(value, Mapping):
@@ -111,6 +113,8 @@ def clean_json(value: Any) -> Any:
 
 def non_finite_path(value: Any, path: str = "raw") -> str | None:
     """Where in a JSON value a NaN or Infinity sits (e.g. "raw.stats[2]"), or None: PostgreSQL refuses them."""
+    if value is None:
+        return None
     stack = [(value, path)]
     while stack:
         item, where = stack.pop()
@@ -206,6 +210,8 @@ def _count(name: str, value: Any) -> int | None:
 def _optional_str(name: str, value: Any) -> str | None:
     if value is None:
         return None
+    if type(value) is str:  # the usual case, first
+        return clean_text(value)
     if isinstance(value, (dict, list, bool)):
         raise RecordError(f"{name} must be text, got {type(value).__name__}")
     return clean_text(value)

@@ -61,8 +61,9 @@ def run_etl(argv: list[str], env: dict[str, str], log: Path, profile: Path | Non
     started = time.perf_counter()
     prefix = ["-m", "cProfile", "-o", str(profile)] if profile else []
     with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, *prefix, str(ROOT / "etl.py"), *argv], stdout=out,
-                                stderr=subprocess.STDOUT, env=env, cwd=ROOT)  # fmt: skip
+        root = Path(env["PYTHONPATH"])
+        proc = subprocess.Popen([sys.executable, *prefix, str(root / "etl.py"), *argv], stdout=out,
+                                stderr=subprocess.STDOUT, env=env, cwd=root)  # fmt: skip
         _, status, usage = os.wait4(proc.pid, 0)
     code = os.waitstatus_to_exitcode(status)
     if code != 0:
@@ -78,7 +79,7 @@ def runs(args: argparse.Namespace) -> None:
         posts = Path(tmp) / "posts.jsonl"
         write_posts(posts, args.posts)
         env = {
-            "PATH": os.environ.get("PATH", ""), "HOME": tmp, "LANG": "C.UTF-8", "PYTHONPATH": str(ROOT),
+            "PATH": os.environ.get("PATH", ""), "HOME": tmp, "LANG": "C.UTF-8", "PYTHONPATH": str(args.root or ROOT),
             "ETL_DATA_DIR": str(Path(tmp) / "data"), "ETL_LOG_LEVEL": "INFO",
             # The unpacked language model of earlier runs (etl/language.py); --cold: none yet.
             "XDG_CACHE_HOME": str(Path(tmp) / "cache") if args.cold else (
@@ -138,6 +139,7 @@ def main() -> None:
     parser.add_argument("--posts", type=int, default=20_000)
     parser.add_argument("--runs", default="first,rerun,reenrich")
     parser.add_argument("--stages", action="store_true", help="in-process CPU of records and enrichment only")
+    parser.add_argument("--root", type=Path, help="run the etl.py of another checkout (e.g. the code before)")
     parser.add_argument("--cold", action="store_true", help="no unpacked language model from earlier runs")
     parser.add_argument("--profile", metavar="SORT", help="cProfile each run (main process), sorted by SORT")
     parser.add_argument("--top", type=int, default=25, help="functions shown by --profile")
