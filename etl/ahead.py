@@ -28,17 +28,33 @@ _worker_enricher: SentimentEnricher | None = None
 
 
 def _init_worker(enricher: SentimentEnricher) -> None:
-    # Forked: the parent's enricher itself, its lexicon and language model shared copy-on-write.
     global _worker_enricher
     _worker_enricher = enricher
 
 
+def fork_scorers(enricher: SentimentEnricher, workers: int) -> ProcessPoolExecutor:
+    """`workers` processes forked with the enricher itself (not pickled; worker_enricher() in them): its lexicon
+    and language model are loaded first and shared copy-on-write. A forked child never closes the parent's
+    connections (it ends with os._exit), and it is given no work that touches them."""
+    enricher.score("warm")
+    if enricher.detector is not None:
+        enricher.detector.warm()
+    return ProcessPoolExecutor(
+        workers, mp_context=multiprocessing.get_context("fork"), initializer=_init_worker, initargs=(enricher,)
+    )
+
+
+def worker_enricher() -> SentimentEnricher:
+    """The enricher of a process started by fork_scorers()."""
+    assert _worker_enricher is not None
+    return _worker_enricher
+
+
 def _decide(items: list[tuple[str | None, str | None]]) -> list[tuple]:
     """Decisions with each score as a plain tuple: a quarter of the cost of pickling Sentiment objects."""
-    assert _worker_enricher is not None
     return [
         ((s.polarity, s.subjectivity, s.label) if s else None, *rest)
-        for s, *rest in _worker_enricher.decide_captions(items)
+        for s, *rest in worker_enricher().decide_captions(items)
     ]
 
 
@@ -57,7 +73,7 @@ def score_ahead(
                 sent: tuple[list[Post], list[tuple], list[Future]] = (batch, [], [])
                 if workers > 0 and len(batch) >= MIN_BATCH and enricher.mostly_new():
                     if pool is None:
-                        pool = _start(enricher, workers)
+                        pool = fork_scorers(enricher, workers)
                     items = [enricher.item(cap_caption(p)) for p in batch]
                     try:
                         futures = [pool.submit(_decide, items[k : k + _CHUNK]) for k in range(0, len(items), _CHUNK)]
@@ -79,15 +95,6 @@ def score_ahead(
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _start(enricher: SentimentEnricher, workers: int) -> ProcessPoolExecutor:
-    enricher.score("warm")  # the lexicon and the language model loaded before the fork, shared copy-on-write
-    if enricher.detector is not None:
-        enricher.detector.warm()
-    return ProcessPoolExecutor(
-        workers, mp_context=multiprocessing.get_context("fork"), initializer=_init_worker, initargs=(enricher,)
-    )
 
 
 def _hand_on(enricher: SentimentEnricher, held: tuple[list[Post], list[tuple], list[Future]]) -> list[Post]:

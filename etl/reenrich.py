@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import os
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from concurrent.futures import Executor, Future
 from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
+from etl.ahead import fork_scorers, worker_enricher
 from etl.db import Database, fast
 from etl.enrich import SentimentEnricher
 from etl.pipeline import RunStats
@@ -20,13 +20,6 @@ log = logging.getLogger(__name__)
 
 
 _SCORE_CHUNK = 1000  # rows per task of a scoring worker
-_worker_enricher: SentimentEnricher | None = None
-
-
-def _init_worker(enricher: SentimentEnricher) -> None:
-    # Forked: the parent's enricher itself (not pickled), its lexicon and language model shared copy-on-write.
-    global _worker_enricher
-    _worker_enricher = enricher
 
 
 def _decide_rows(enricher: SentimentEnricher, rows: Sequence[tuple]) -> tuple[str, int, Counter]:
@@ -48,25 +41,17 @@ def _decide_rows(enricher: SentimentEnricher, rows: Sequence[tuple]) -> tuple[st
 
 
 def _decide_in_worker(rows: Sequence[tuple]) -> tuple[str, int, Counter]:
-    assert _worker_enricher is not None
-    return _decide_rows(_worker_enricher, rows)
+    return _decide_rows(worker_enricher(), rows)
 
 
 @contextmanager
 def _scorers(enricher: SentimentEnricher, workers: int) -> Iterator[Executor | None]:
-    """Worker processes scoring captions (every core), or None to score in this process. Forked: they start at
-    once with the lexicon already loaded; a forked child never closes the parent's connections (it ends with
-    os._exit), and it is given no work that touches them."""
+    """Worker processes scoring captions (every core; etl/ahead.py's fork_scorers), or None to score in this
+    process."""
     if workers <= 1:
         yield None
         return
-    enricher.score("warm")  # the lexicon and the language model loaded before the fork, shared copy-on-write
-    if enricher.detector is not None:
-        enricher.detector.warm()
-    pool = ProcessPoolExecutor(
-        workers, mp_context=multiprocessing.get_context("fork"), initializer=_init_worker,
-        initargs=(enricher,),
-    )  # fmt: skip
+    pool = fork_scorers(enricher, workers)
     try:
         yield pool
     finally:
