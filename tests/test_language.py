@@ -34,7 +34,10 @@ PHRASES = [
     "आज मैंने अपने दोस्तों के साथ पार्क में एक शानदार दिन बिताया",
     "Idag hade jag en fantastisk dag i parken med mina vänner",
     "THIS IS THE BEST CONCERT OF THE WHOLE YEAR, UNBELIEVABLE",
-    "sunset", "ok ok ok", "lol 😂😂😂 best day ever!!!", "new drop 🔥 link in bio",
+    "sunset",
+    "ok ok ok",
+    "lol 😂😂😂 best day ever!!!",
+    "new drop 🔥 link in bio",
     "release notes v2.3.1 — bug fixes and performance improvements",
     "the café was très bien and the tapas muy buenas",
 ]
@@ -141,3 +144,28 @@ def test_the_cache_stays_bounded(monkeypatch):
     first = detector.detect_many(texts)
     assert len(detector._cache) <= 50
     assert detector.detect_many(texts) == first == ["en"] * 120
+
+
+def test_the_unpacked_model_is_kept_and_mapped(tmp_path, monkeypatch):
+    import numpy as np
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    texts = PHRASES[:8]
+    first = language.LanguageModel()  # unpacks py3langid's model and keeps it
+    kept = list((tmp_path / "social-archiver").iterdir())
+    assert len(kept) == 1 and kept[0].name.startswith("py3langid-")
+    assert {p.name for p in kept[0].iterdir()} == {f"{name}.npy" for name in language._ARRAYS}
+    again = language.LanguageModel()  # maps what was kept
+    assert isinstance(again.identifier.nb_ptc, np.memmap) and not isinstance(first.identifier.nb_ptc, np.memmap)
+    assert again.classify_many(texts, 0.9) == first.classify_many(texts, 0.9)
+    assert again.classify_many(texts, 0.9)[:3] == ["en", "fr", "es"]
+
+
+@pytest.mark.fault("the cache folder for the unpacked language model cannot be written: the model is loaded in memory")
+def test_an_unwritable_cache_loads_the_model_in_memory(tmp_path, monkeypatch):
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocked))
+    model = language.LanguageModel()
+    assert model.classify_many(PHRASES[:3], 0.9) == ["en", "fr", "es"]
+    assert blocked.read_text() == "not a folder"
