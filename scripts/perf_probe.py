@@ -112,7 +112,7 @@ def runs(args: argparse.Namespace) -> None:
 
 
 def stages(args: argparse.Namespace) -> None:
-    sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(args.root or ROOT))
     from etl.enrich import SentimentEnricher
     from etl.records import post_from_dict
 
