@@ -3,9 +3,10 @@
 Captions are detected many at a time (issue 16). py3langid walks a caption's UTF-8 bytes through a DFA in a
 Python loop, one caption at a time, then scores the features it met with a small matrix product. Here the walk
 steps every caption of a batch at once (one numpy operation per byte position), and the scores of the whole
-batch come from one gather and one sum. The batch's sums are in float64 where py3langid's are in float32, so a
-probability can differ in its last digits: a caption whose probability falls within BATCH_TOLERANCE of the
-confidence needed is decided again by py3langid's own classify(), so every answer is exactly the one it gives.
+batch come from one gather and one sum. Those float32 sums add the same terms in another order than py3langid's
+matrix product, so a probability can differ in its last digits: a caption whose probability falls within
+BATCH_TOLERANCE of the confidence needed, or whose two likeliest languages are that close, is decided again by
+py3langid's own classify(), so every answer is exactly the one it gives.
 tests/test_language.py checks this against py3langid as shipped.
 """
 
@@ -32,7 +33,7 @@ MIN_LETTERS = 12  # fewer letters than this carry too little to tell a language
 _NOISE = re.compile(r"https?://\S+|www\.\S+|[@#]\w+")
 # Matches when the text holds at least MIN_LETTERS letters, and stops looking at the MIN_LETTERS-th.
 _ENOUGH_LETTERS = re.compile(rf"(?:[\W\d_]*[^\W\d_]){{{MIN_LETTERS}}}", re.UNICODE)
-BATCH_TOLERANCE = 1e-3  # far above float32's rounding in py3langid's sums (about 1e-5 here)
+BATCH_TOLERANCE = 1e-3  # far above what float32 rounding moves a probability by (about 1e-6 here)
 _BATCH_BYTES = 2_000  # longer captions are walked one at a time (a batch steps once per byte of its longest)
 _BATCH = 512  # captions walked together
 _BATCH_MIN = 8  # fewer are classified one by one (a batch's fixed cost is a numpy step per byte)
@@ -189,13 +190,14 @@ class LanguageModel:
             scores[:, j] = 0.0
         best = scores.argmax(axis=1)
         confidence = scores[np.arange(len(encoded)), best]
+        runner_up = np.partition(scores, -2, axis=1)[:, -2]
         classes = self.identifier.nb_classes
         for n in range(len(encoded)):
             c = float(confidence[n])
             if abs(c - min_confidence) < BATCH_TOLERANCE:
                 answers[n] = "?"
-            elif c >= min_confidence:  # then no other language comes close: the argmax is py3langid's too
-                answers[n] = str(classes[int(best[n])])
+            elif c >= min_confidence:  # (under 0.5, two languages could tie: then py3langid picks)
+                answers[n] = "?" if c - float(runner_up[n]) < BATCH_TOLERANCE else str(classes[int(best[n])])
         return answers
 
 
