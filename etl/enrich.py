@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
-from collections.abc import Callable
-from dataclasses import replace
+from collections.abc import Callable, Sequence
 from functools import lru_cache, partial
 from importlib.metadata import version
 from pathlib import Path
@@ -13,7 +12,7 @@ from types import ModuleType
 from typing import Any
 
 from etl.language import LanguageDetector, english_or_unknown
-from etl.records import Post, Sentiment, clean_text
+from etl.records import Post, Sentiment, clean_text, with_fields
 
 # URLs and @mentions carry no sentiment and confuse the lexicon; '#' is dropped so #love counts as love.
 _NOISE = re.compile(r"https?://\S+|www\.\S+|@\w+")
@@ -89,6 +88,10 @@ class SentimentEnricher:
         # every enricher (and its 75 MB language model) until a full garbage collection; a process that ran
         # one Runner after another (the test suite: 1 GB) grew by one model a run.
         self._score = lru_cache(maxsize=4096)(partial(_score_text, threshold))
+        # Decisions made ahead by worker processes (etl/ahead.py), by (caption as stored, platform language).
+        self.ahead: dict[tuple[str | None, str | None], tuple] = {}
+        self.ahead_used = 0
+        self._new_share = 0.0  # of the last batch: captions decided, not reused from the stored row (none yet)
 
     def label(self, polarity: float) -> str:
         return _label(polarity, self.threshold)
@@ -109,36 +112,91 @@ class SentimentEnricher:
         """(score, language, language source, why not scored) of a caption as stored. The language is the
         platform's when it gave one, else detected, else unknown; TextBlob's lexicon is English, so a caption
         known to be in another language gets no label (not "neutral"). Unknown languages are scored."""
-        if platform_language:
-            language, source = platform_language, "platform"
-        else:
-            detected = self.detector.detect(caption) if self.detector else None
-            language, source = (detected, "detected") if detected else (None, None)
-        if not english_or_unknown(language):
-            return None, language, source, f"language {language.split('-', 1)[0]}"
-        return self.score(caption), language, source, None
+        return self.decide_captions([(caption, platform_language)])[0]
 
-    def decide(self, post: Post, caption: str | None) -> Post:
-        platform_language = post.language if post.language_source == "platform" else None
-        sentiment, language, source, skipped = self.decide_caption(caption, platform_language)
-        return replace(post, sentiment=sentiment, language=language, language_source=source, sentiment_skipped=skipped)
+    def decide_captions(
+        self, items: Sequence[tuple[str | None, str | None]]
+    ) -> list[tuple[Sentiment | None, str | None, str | None, str | None]]:
+        """decide_caption() of each (caption, platform language); the captions without a platform language
+        have their language detected together (etl/language.py: one batch, the same answers)."""
+        if self.ahead:
+            done = [self.ahead.get(item) for item in items]
+            missing = [item for item, decision in zip(items, done, strict=True) if decision is None]
+            self.ahead_used += len(items) - len(missing)
+            if missing:
+                rest = iter(self._decide_captions(missing))
+                done = [decision if decision is not None else next(rest) for decision in done]
+            return done  # type: ignore[return-value]  # every slot filled
+        return self._decide_captions(items)
+
+    def _decide_captions(
+        self, items: Sequence[tuple[str | None, str | None]]
+    ) -> list[tuple[Sentiment | None, str | None, str | None, str | None]]:
+        unknown = [n for n, (_, given) in enumerate(items) if not given]
+        detected: list[str | None] = [None] * len(items)
+        if self.detector is not None and unknown:
+            for n, language in zip(unknown, self.detector.detect_many([items[n][0] for n in unknown]), strict=True):
+                detected[n] = language
+        decisions = []
+        for (caption, given), guess in zip(items, detected, strict=True):
+            if given:
+                language, source = given, "platform"
+            else:
+                language, source = (guess, "detected") if guess else (None, None)
+            if not english_or_unknown(language):
+                decisions.append((None, language, source, f"language {language.split('-', 1)[0]}"))
+            else:
+                decisions.append((self.score(caption), language, source, None))
+        return decisions
+
+    @staticmethod
+    def item(post: Post) -> tuple[str | None, str | None]:
+        """What decides a post's caption: (the caption as stored, the platform's language or None)."""
+        return clean_text(post.caption), post.language if post.language_source == "platform" else None
+
+    def mostly_new(self) -> bool:
+        """Whether most captions of the last batch had to be decided (no stored decision to reuse)."""
+        return self._new_share >= 0.5
 
     def enrich(self, post: Post, stored: tuple[Any, ...] | None = None) -> Post:
         """The post with its caption's language and score. The caption is scored as it is stored (clean_text), so
         a run and a reenrich of the stored row agree; `stored` is (caption, score[, language, language_source,
         sentiment_skipped]) of the post's row when this enricher version decided it, reused when the caption is
         the same (and the platform does not now give another language)."""
-        caption = clean_text(post.caption)
-        if stored is not None and caption and stored[0] == caption:
-            language, source, skipped = (tuple(stored[2:5]) + (None, None, None))[:3]
-            platform_changed = post.language_source == "platform" and post.language != language
-            if not platform_changed:
-                if len(stored) < 3:  # a score alone: the caller did not keep the language
-                    return replace(post, sentiment=stored[1])
-                return replace(
-                    post, sentiment=stored[1], language=language, language_source=source, sentiment_skipped=skipped
+        return self.enrich_all([post], [stored])[0]
+
+    def enrich_all(self, posts: Sequence[Post], stored: Sequence[tuple[Any, ...] | None]) -> list[Post]:
+        """enrich() of each post with its stored decision (or None); the new captions are decided together."""
+        out: list[Post | None] = []
+        todo: list[tuple[int, Post, str | None]] = []
+        for post, kept in zip(posts, stored, strict=True):
+            caption = clean_text(post.caption)
+            reused = _reused(post, caption, kept) if kept is not None else None
+            if reused is None:
+                todo.append((len(out), post, caption))
+            out.append(reused)
+        if posts:
+            self._new_share = len(todo) / len(posts)
+        if todo:
+            items = [self.item(p) for _, p, _ in todo]
+            for (n, post, _), decision in zip(todo, self.decide_captions(items), strict=True):
+                sentiment, language, source, skipped = decision
+                out[n] = with_fields(
+                    post, sentiment=sentiment, language=language, language_source=source, sentiment_skipped=skipped
                 )
-        return self.decide(post, caption)
+        return out  # type: ignore[return-value]  # every slot filled above
+
+
+def _reused(post: Post, caption: str | None, stored: tuple[Any, ...]) -> Post | None:
+    """The post with its stored decision, when it still holds (the same caption, no new platform language)."""
+    if not caption or stored[0] != caption:
+        return None
+    language, source, skipped = (tuple(stored[2:5]) + (None, None, None))[:3]
+    if post.language_source == "platform" and post.language != language:
+        return None
+    if len(stored) < 3:  # a score alone: the caller did not keep the language
+        return with_fields(post, sentiment=stored[1])
+    return with_fields(post, sentiment=stored[1], language=language, language_source=source, sentiment_skipped=skipped)
 
 
 def _cleaned(text: str) -> str:

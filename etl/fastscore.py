@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-_CACHE_LIMIT = 200_000  # distinct chunks / words kept; cleared when full (memory stays flat)
+_CACHE_LIMIT = 50_000  # distinct chunks / words kept (each: about 200 bytes); cleared when full (memory stays flat)
 
 
 class FastSentiment:
@@ -43,6 +43,10 @@ class FastSentiment:
     def _chunk_tokens(self, chunk: str) -> tuple[str, ...]:
         tokens = self._chunks.get(chunk)
         if tokens is None:
+            if chunk.isascii() and chunk.isalnum():
+                # Letters and digits only: TextBlob's tokenizer has nothing to split (no punctuation, quote or
+                # contraction). Not cached: such chunks are often one-offs (numbers, ids) that would fill it.
+                return (chunk,)
             tokens = tuple(" ".join(self.find_tokens(chunk)).split())
             if len(self._chunks) >= _CACHE_LIMIT:
                 self._chunks.clear()
@@ -70,6 +74,8 @@ class FastSentiment:
                 entry is not None, p, s, i, modifies, w in self.negations, len(w) > 2, len(w.strip("'")) > 1,
                 w.endswith("ly"), emoticon,
             )  # fmt: skip
+            if w.isdigit():
+                return info  # numbers are mostly one-offs: not kept
             if len(self._words) >= _CACHE_LIMIT:
                 self._words.clear()
             self._words[w] = info

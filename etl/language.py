@@ -1,11 +1,28 @@
-"""A caption's language when the platform does not give it: py3langid (its model ships with the package)."""
+"""A caption's language when the platform does not give it: py3langid (its model ships with the package).
+
+Captions are detected many at a time (issue 16). py3langid walks a caption's UTF-8 bytes through a DFA in a
+Python loop, one caption at a time, then scores the features it met with a small matrix product. Here the walk
+steps every caption of a batch at once (one numpy operation per byte position), and the scores of the whole
+batch come from one gather and one sum. Those float32 sums add the same terms in another order than py3langid's
+matrix product, so a probability can differ in its last digits: a caption whose probability falls within
+BATCH_TOLERANCE of the confidence needed, or whose two likeliest languages are that close, is decided again by
+py3langid's own classify(), so every answer is exactly the one it gives.
+tests/test_language.py checks this against py3langid as shipped.
+"""
 
 from __future__ import annotations
 
 import logging
+import lzma
+import os
 import re
+import shutil
+import tempfile
 import threading
+from array import array
+from collections.abc import Sequence
 from importlib.metadata import version
+from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -14,16 +31,184 @@ log = logging.getLogger(__name__)
 MIN_CONFIDENCE = 0.9
 MIN_LETTERS = 12  # fewer letters than this carry too little to tell a language
 _NOISE = re.compile(r"https?://\S+|www\.\S+|[@#]\w+")
-_LETTER = re.compile(r"[^\W\d_]", re.UNICODE)
+# Matches when the text holds at least MIN_LETTERS letters, and stops looking at the MIN_LETTERS-th.
+_ENOUGH_LETTERS = re.compile(rf"(?:[\W\d_]*[^\W\d_]){{{MIN_LETTERS}}}", re.UNICODE)
+BATCH_TOLERANCE = 1e-3  # far above what float32 rounding moves a probability by (about 1e-6 here)
+_BATCH_BYTES = 2_000  # longer captions are walked one at a time (a batch steps once per byte of its longest)
+_BATCH = 512  # captions walked together
+_BATCH_MIN = 8  # fewer are classified one by one (a batch's fixed cost is a numpy step per byte)
+_SCORE_GROUP = 16  # captions scored together
+_CACHE_LIMIT = 20_000  # distinct captions remembered (cleared when full: memory stays flat)
+
+
+_ARRAYS = ("ptc", "pc", "classes", "nextmove", "nextmove_row", "out_feat")
+
+
+def cache_root() -> Path:
+    """Where the unpacked model is kept: $XDG_CACHE_HOME/social-archiver (default ~/.cache/social-archiver)."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "social-archiver"
+
+
+def _unpack(model_file: Path) -> dict[str, Any]:
+    """py3langid's model file (an .npz inside LZMA) read into memory: its arrays by name."""
+    import numpy as np
+
+    with tempfile.TemporaryFile(suffix=".npz") as tmp:
+        with lzma.open(model_file) as src:
+            shutil.copyfileobj(src, tmp, length=1 << 20)
+        tmp.seek(0)
+        with np.load(tmp, allow_pickle=False) as data:
+            return {name: data[name] for name in _ARRAYS}
+
+
+def _model_arrays(model_file: Path) -> dict[str, Any]:
+    """The model's arrays, memory-mapped from an unpacked copy in cache_root() (made on first use; refreshed
+    with py3langid): no LZMA to undo at each start (0.4 CPU-second), and only the pages a run's captions touch
+    are read into memory (a few MB of the 67, where loading takes them all). In memory when it cannot be kept."""
+    import numpy as np
+
+    stat = model_file.stat()
+    folder = cache_root() / f"py3langid-{LanguageDetector.version()}-{stat.st_size}-{stat.st_mtime_ns}"
+    try:
+        return {name: np.load(folder / f"{name}.npy", mmap_mode="r", allow_pickle=False) for name in _ARRAYS}
+    except (OSError, ValueError):
+        pass
+    arrays = _unpack(model_file)
+    building = None
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        building = Path(tempfile.mkdtemp(prefix=".building-", dir=folder.parent))
+        for name, value in arrays.items():
+            np.save(building / f"{name}.npy", value, allow_pickle=False)
+        building.rename(folder)  # whole or not at all
+        building = None
+    except OSError as exc:  # not writable, full, or another process was first
+        log.debug("language model not kept in %s: %s", folder, exc)
+    finally:
+        if building is not None:
+            shutil.rmtree(building, ignore_errors=True)
+    return arrays
+
+
+class LanguageModel:
+    """py3langid's model with its arrays as numpy arrays (memory-mapped where they can be), not as the Python
+    lists and array copies py3langid's loader makes (about 100 MB, more at its peak); py3langid's own identifier
+    is built on the same arrays, for single captions and for the batch's close calls."""
+
+    def __init__(self) -> None:
+        import numpy as np
+        from py3langid.langid import MODEL_DIR, MODEL_FILE, LanguageIdentifier
+
+        self.np = np
+        try:
+            data = _model_arrays(MODEL_DIR / MODEL_FILE)
+            ptc, pc, classes = data["ptc"], data["pc"], data["classes"].tolist()
+            nextmove, row, out = data["nextmove"], data["nextmove_row"], data["out_feat"]
+            self.identifier = LanguageIdentifier(
+                ptc, pc, classes, memoryview(nextmove), memoryview(out),
+                norm_probs=True, tk_row=array("I", row.astype(np.uint32).tobytes()),
+            )  # fmt: skip
+            self.nextmove, self.out = nextmove, out
+            self.rowbase = row.astype(np.int64) << 8
+        except (KeyError, TypeError, ValueError, AttributeError):  # another model layout: py3langid loads it
+            log.debug("py3langid's model loaded by py3langid (layout not known here): no batch detection")
+            self.identifier = LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
+            self.nextmove = None
+
+    def classify(self, text: str) -> tuple[str, float]:
+        """py3langid's own answer for one text."""
+        language, probability = self.identifier.classify(text)
+        return str(language), float(probability)
+
+    def classify_many(self, texts: Sequence[str], min_confidence: float) -> list[str | None]:
+        """The language of each text when py3langid gives it at least min_confidence, else None."""
+        encoded = [self.identifier._encode(t) for t in texts]
+        results: list[str | None] = [None] * len(texts)
+        batchable = []
+        alone = self.nextmove is None or len(texts) < _BATCH_MIN
+        for n, data in enumerate(encoded):
+            if alone or len(data) > _BATCH_BYTES or not data:
+                results[n] = self._decided(texts[n], min_confidence)
+            else:
+                batchable.append(n)
+        batchable.sort(key=lambda n: -len(encoded[n]))  # longest first: the walk's active rows are a prefix
+        for start in range(0, len(batchable), _BATCH):
+            part = batchable[start : start + _BATCH]
+            for n, answer in zip(part, self._batch([encoded[n] for n in part], min_confidence), strict=True):
+                results[n] = (answer or None) if answer != "?" else self._decided(texts[n], min_confidence)
+        return results
+
+    def _decided(self, text: str, min_confidence: float) -> str | None:
+        language, probability = self.classify(text)
+        return language if probability >= min_confidence else None
+
+    def _batch(self, encoded: list[bytes], min_confidence: float) -> list[str]:
+        """Each text's language, "" when under min_confidence, "?" when too close to it to tell here."""
+        np = self.np
+        lengths = np.fromiter((len(d) for d in encoded), dtype=np.int64, count=len(encoded))
+        width = int(lengths[0])
+        grid = np.zeros((len(encoded), width), dtype=np.uint8)
+        for n, data in enumerate(encoded):
+            grid[n, : len(data)] = np.frombuffer(data, dtype=np.uint8)
+        # The DFA walk of every text at once: at byte position k, texts longer than k (a prefix: longest first).
+        active = np.searchsorted(-lengths, -np.arange(width), side="left")
+        state = np.zeros(len(encoded), dtype=self.nextmove.dtype)
+        rows, feats = [], []
+        for k in range(width):
+            m = int(active[k])
+            s = self.nextmove[self.rowbase[state[:m]] + grid[:m, k]]
+            state[:m] = s
+            f = self.out[s]
+            hit = np.flatnonzero(f >= 0)
+            if hit.size:
+                rows.append(hit)
+                feats.append(f[hit])
+        n_feats = self.identifier.nb_ptc.shape[0]
+        answers = [""] * len(encoded)
+        if not rows:
+            return answers  # no features in any: uniform probabilities, none sure enough
+        keys, counts = np.unique(np.concatenate(rows) * n_feats + np.concatenate(feats), return_counts=True)
+        owner, feature = keys // n_feats, keys % n_feats
+        weights = np.log1p(counts.astype(np.float32))
+        ptc, pc = self.identifier.nb_ptc, self.identifier.nb_pc
+        scores = np.zeros((len(encoded), len(pc)), dtype=np.float32)  # no features: 0 (uniform probabilities)
+        present, starts = np.unique(owner, return_index=True)
+        bounds = [*starts.tolist(), len(keys)]
+        # A few texts at a time: their gathered rows stay in the processor's cache.
+        for a in range(0, len(present), _SCORE_GROUP):
+            b = min(a + _SCORE_GROUP, len(present))
+            lo, hi = bounds[a], bounds[b]
+            gathered = ptc[feature[lo:hi]].astype(np.float32)
+            gathered *= weights[lo:hi, None]
+            scores[present[a:b]] = np.add.reduceat(gathered, starts[a:b] - lo, axis=0) + pc
+        scores *= (1.0 / np.sqrt(np.maximum(lengths, 1)))[:, None].astype(np.float32)
+        scores = np.exp(scores - scores.max(axis=1, keepdims=True))
+        scores /= scores.sum(axis=1, keepdims=True)
+        for i, j in self.identifier._alias_pairs:
+            scores[:, i] += scores[:, j]
+            scores[:, j] = 0.0
+        best = scores.argmax(axis=1)
+        confidence = scores[np.arange(len(encoded)), best]
+        runner_up = np.partition(scores, -2, axis=1)[:, -2]
+        classes = self.identifier.nb_classes
+        for n in range(len(encoded)):
+            c = float(confidence[n])
+            if abs(c - min_confidence) < BATCH_TOLERANCE:
+                answers[n] = "?"
+            elif c >= min_confidence:  # (under 0.5, two languages could tie: then py3langid picks)
+                answers[n] = "?" if c - float(runner_up[n]) < BATCH_TOLERANCE else str(classes[int(best[n])])
+        return answers
 
 
 class LanguageDetector:
-    """Guesses a caption's language; the model (0.7 s to load) is loaded on the first caption that needs it."""
+    """Guesses a caption's language; the model (0.5 s to load) is loaded on the first caption that needs it."""
 
     def __init__(self, min_confidence: float = MIN_CONFIDENCE):
         self.min_confidence = min_confidence
-        self._identifier: Any = None
+        self._model_: LanguageModel | None = None
         self._lock = threading.Lock()
+        self._cache: dict[str, str | None] = {}
 
     @staticmethod
     def version() -> str:
@@ -32,23 +217,59 @@ class LanguageDetector:
         except Exception:  # not installed: nothing is detected
             return "none"
 
-    def _model(self) -> Any:
+    def _model(self) -> LanguageModel:
         with self._lock:
-            if self._identifier is None:
-                from py3langid.langid import MODEL_FILE, LanguageIdentifier
+            if self._model_ is None:
+                self._model_ = LanguageModel()
+            return self._model_
 
-                self._identifier = LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
-            return self._identifier
+    def warm(self) -> None:
+        """Loads the model now (before worker processes fork, so that they share it)."""
+        self._model()
 
-    def detect(self, text: str | None) -> str | None:
-        """The ISO 639-1 code of the caption's language, or None when unsure (short, mixed, only tags/links)."""
+    @staticmethod
+    def _worth_detecting(text: str | None) -> str | None:
+        """The caption without links, mentions and tags, when enough letters are left to tell a language."""
         if not text:
             return None
         cleaned = _NOISE.sub(" ", text)
-        if len(_LETTER.findall(cleaned)) < MIN_LETTERS:
+        return cleaned if _ENOUGH_LETTERS.match(cleaned) else None
+
+    def detect(self, text: str | None) -> str | None:
+        """The ISO 639-1 code of the caption's language, or None when unsure (short, mixed, only tags/links)."""
+        return self.detect_many([text])[0]
+
+    def detect_many(self, texts: Sequence[str | None]) -> list[str | None]:
+        """detect() of each text, the distinct ones needing detection classified together."""
+        results: list[str | None] = [None] * len(texts)
+        todo: dict[str, list[int]] = {}
+        for n, text in enumerate(texts):
+            cleaned = self._worth_detecting(text)
+            if cleaned is None:
+                continue
+            if cleaned in self._cache:
+                results[n] = self._cache[cleaned]
+            else:
+                todo.setdefault(cleaned, []).append(n)
+        if not todo:
+            return results
+        distinct = list(todo)
+        if len(self._cache) + len(distinct) > _CACHE_LIMIT:
+            self._cache.clear()
+        for cleaned, language in zip(distinct, self._model().classify_many(distinct, self.min_confidence), strict=True):
+            if len(self._cache) < _CACHE_LIMIT:
+                self._cache[cleaned] = language
+            for n in todo[cleaned]:
+                results[n] = language
+        return results
+
+    def detect_one(self, text: str | None) -> str | None:
+        """detect() by py3langid's own classify(), caption by caption (what detect_many must equal)."""
+        cleaned = self._worth_detecting(text)
+        if cleaned is None:
             return None
         language, probability = self._model().classify(cleaned)
-        return str(language) if float(probability) >= self.min_confidence else None
+        return language if probability >= self.min_confidence else None
 
 
 def english_or_unknown(language: str | None) -> bool:

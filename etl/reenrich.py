@@ -3,53 +3,57 @@
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import os
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from concurrent.futures import Executor, Future
 from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
+from etl.ahead import fork_scorers, worker_enricher
 from etl.db import Database
-from etl.db.reenrich import save_rescored, unscored_posts
+from etl.db.reenrich import decision_lines, unscored_posts, write_decisions
 from etl.enrich import SentimentEnricher
 from etl.run.stats import RunStats
 
 log = logging.getLogger(__name__)
 
-_SCORE_CHUNK = 1000  # captions per task of a scoring worker
-_worker_enricher: SentimentEnricher | None = None
 
 
-def _init_worker(threshold: float, detect_language: bool) -> None:
-    global _worker_enricher
-    _worker_enricher = SentimentEnricher(threshold, detect_language=detect_language)
+_SCORE_CHUNK = 1000  # rows per task of a scoring worker
 
 
-def _decide_all(enricher: SentimentEnricher, items: Sequence[tuple[str | None, str | None]]) -> list[tuple]:
-    """decide_caption of each (caption, platform language): (score, language, source, why not scored)."""
-    return [enricher.decide_caption(caption, language) for caption, language in items]
+def _decide_rows(enricher: SentimentEnricher, rows: Sequence[tuple]) -> tuple[str, int, Counter]:
+    """Score stored rows (id, caption, label, polarity, subjectivity, language, language_source, skipped): the
+    decisions as COPY text for write_decisions, how many changed, and the labels counted. Done where the
+    scoring is (a worker), so that only a string travels back."""
+    # The same rule as a run: the platform's language is kept, others are detected again.
+    decisions = enricher.decide_captions([(row[1], row[5] if row[6] == "platform" else None) for row in rows])
+    written, changed, tally = [], 0, Counter()
+    for row, (s, lang, lang_source, why) in zip(rows, decisions, strict=True):
+        tally[s.label if s else "unscored"] += 1
+        new = (s.label, s.polarity, s.subjectivity) if s else (None, None, None)
+        # A row scored with the same result is only stamped with the version (not read again by the next
+        # reenrich, its score reused by runs); its updated_at stays (the data did not change).
+        same = row[2:] == (*new, lang, lang_source, why)
+        changed += not same
+        written.append((row[0], not same, *new, lang, lang_source, why))
+    return decision_lines(written), changed, tally
 
 
-def _decide_in_worker(items: Sequence[tuple[str | None, str | None]]) -> list[tuple]:
-    assert _worker_enricher is not None
-    return _decide_all(_worker_enricher, items)
+def _decide_in_worker(rows: Sequence[tuple]) -> tuple[str, int, Counter]:
+    return _decide_rows(worker_enricher(), rows)
 
 
 @contextmanager
 def _scorers(enricher: SentimentEnricher, workers: int) -> Iterator[Executor | None]:
-    """Worker processes scoring captions (every core), or None to score in this process. Forked: they start at
-    once with the lexicon already loaded; a forked child never closes the parent's connections (it ends with
-    os._exit), and it is given no work that touches them."""
+    """Worker processes scoring captions (every core; etl/ahead.py's fork_scorers), or None to score in this
+    process."""
     if workers <= 1:
         yield None
         return
-    enricher.score("warm")  # the lexicon loaded before the fork, shared copy-on-write
-    pool = ProcessPoolExecutor(
-        workers, mp_context=multiprocessing.get_context("fork"), initializer=_init_worker,
-        initargs=(enricher.threshold, enricher.detector is not None),
-    )  # fmt: skip
+    pool = fork_scorers(enricher, workers)
     try:
         yield pool
     finally:
@@ -57,17 +61,13 @@ def _scorers(enricher: SentimentEnricher, workers: int) -> Iterator[Executor | N
 
 
 def _submit(pool: Executor | None, enricher: SentimentEnricher, rows: list[tuple]) -> list[Future] | list[tuple]:
-    # The same rule as a run: the platform's language is kept, others are detected again.
-    items = [(row[1], row[5] if row[6] == "platform" else None) for row in rows]
     if pool is None:
-        return _decide_all(enricher, items)
-    return [pool.submit(_decide_in_worker, items[k : k + _SCORE_CHUNK]) for k in range(0, len(items), _SCORE_CHUNK)]
+        return [_decide_rows(enricher, rows)]
+    return [pool.submit(_decide_in_worker, rows[k : k + _SCORE_CHUNK]) for k in range(0, len(rows), _SCORE_CHUNK)]
 
 
 def _collect(pending: list[Future] | list[tuple]) -> list[tuple]:
-    if pending and isinstance(pending[0], Future):
-        return [decision for future in pending for decision in future.result()]
-    return pending  # scored in this process already
+    return [part.result() if isinstance(part, Future) else part for part in pending]
 
 
 def reenrich(
@@ -119,21 +119,14 @@ def _reenrich(
             pending = scoring
 
 
-def _write(
-    db: Database, enricher: SentimentEnricher, stats: RunStats, rows: list[tuple], decisions: list[tuple]
-) -> None:
-    changes, same = [], []
-    for row, decision in zip(rows, decisions, strict=True):
-        row_id, caption, label, polarity, subjectivity, language, source, skipped = row
-        s, lang, lang_source, why = decision
-        stats.sentiment[s.label if s else "unscored"] += 1
-        new = (s.label, s.polarity, s.subjectivity) if s else (None, None, None)
-        if (label, polarity, subjectivity, language, source, skipped) != (*new, lang, lang_source, why):
-            changes.append((row_id, *new, enricher.version, lang, lang_source, why))
-        else:
-            same.append(row_id)
-    save_rescored(db, changes, same, enricher.version)
+def _write(db: Database, enricher: SentimentEnricher, stats: RunStats, rows: list[tuple], parts: list[tuple]) -> None:
+    changed = 0
+    for _, part_changed, tally in parts:
+        changed += part_changed
+        stats.sentiment.update(tally)
+    with db.transaction() as cur:
+        write_decisions(cur, [text for text, _, _ in parts], enricher.version)
     stats.fetched += len(rows)
-    stats.updated += len(changes)
-    stats.unchanged += len(rows) - len(changes)
+    stats.updated += changed
+    stats.unchanged += len(rows) - changed
     log.info("re-enriched %d posts so far, %d changed", stats.fetched, stats.updated)

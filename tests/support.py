@@ -844,6 +844,7 @@ def process_env(tmp_path: _Path, dsn: str, **extra: str) -> dict[str, str]:
     env = {
         "PATH": os.environ.get("PATH", ""),
         "HOME": str(tmp_path),
+        "XDG_CACHE_HOME": os.environ.get("XDG_CACHE_HOME") or str(_Path.home() / ".cache"),  # one unpacked model
         "DATABASE_URL": dsn,
         "ETL_DATA_DIR": str(tmp_path / "data"),
         "ETL_ALLOW_PRIVATE_HOSTS": "true",

@@ -1,16 +1,17 @@
-"""What `reenrich` reads and writes: the scan of posts not scored by this enricher, and their new scores."""
+"""What `reenrich` reads and writes: the scan of posts not scored by this enricher, and their new scores (a batch
+written by one COPY and one UPDATE ... FROM, whatever its size)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import io
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
 import psycopg2.extensions
-import psycopg2.extras
 
-from etl.db import Database
+from etl.db.archive import copy_value
 from etl.db.scans import named_cursor
 
 UNSCORED_SQL = (
@@ -20,17 +21,6 @@ UNSCORED_SQL = (
     " AND (%(since)s::timestamptz IS NULL OR created_at >= %(since)s)"
     " AND sentiment_version IS DISTINCT FROM %(version)s ORDER BY id"
 )
-RESCORE_SQL = (
-    "UPDATE social_posts AS p SET sentiment = v.label, sentiment_polarity = v.polarity,"
-    " sentiment_subjectivity = v.subjectivity, sentiment_version = v.version, language = v.language,"
-    " language_source = v.language_source, sentiment_skipped = v.skipped, updated_at = now()"
-    " FROM (VALUES %s) AS v(id, label, polarity, subjectivity, version, language, language_source, skipped)"
-    " WHERE p.id = v.id"
-)
-STAMP_SQL = "UPDATE social_posts SET sentiment_version = %s WHERE id = ANY(%s)"
-_RESCORE_TEMPLATE = "(%s, %s, %s::float8, %s::float8, %s, %s, %s, %s)"  # typed: a column of NULLs would read as text
-
-
 @contextmanager
 def unscored_posts(
     reader: psycopg2.extensions.connection, platform: str | None, since: datetime | None, version: str, batch_size: int
@@ -42,13 +32,41 @@ def unscored_posts(
         yield scan
 
 
-def save_rescored(db: Database, changes: Sequence[tuple[Any, ...]], same: Sequence[int], version: str) -> None:
-    """In one transaction: the new scores of `changes` (id, label, polarity, subjectivity, version, language,
-    language_source, skipped), and the version stamped on the posts in `same` (scored alike)."""
-    with db.transaction() as cur:
-        if changes:
-            psycopg2.extras.execute_values(cur, RESCORE_SQL, changes, template=_RESCORE_TEMPLATE, page_size=len(changes))
-        if same:
-            # Scored by this version too, with the same result: stamped (not read again by the next
-            # reenrich, and its score reused by runs), updated_at left alone (the data did not change).
-            cur.execute(STAMP_SQL, (version, list(same)))
+# One row per post scored: its new decision, and whether it differs from the stored one. Rows that did not change
+# get only the version stamp, their updated_at left alone (the data did not change).
+_PREPARE_DECISIONS = (
+    "CREATE TEMP TABLE IF NOT EXISTS reenrich_decisions (id BIGINT, changed BOOLEAN, label TEXT,"
+    " polarity DOUBLE PRECISION, subjectivity DOUBLE PRECISION, language TEXT, language_source TEXT, skipped TEXT)"
+    " ON COMMIT DELETE ROWS; DELETE FROM reenrich_decisions"
+)
+_COPY_DECISIONS = (
+    "COPY reenrich_decisions (id, changed, label, polarity, subjectivity, language, language_source, skipped)"
+    " FROM STDIN"
+)
+_APPLY_DECISIONS = (
+    "UPDATE social_posts AS p SET sentiment_version = %(version)s,"
+    " sentiment = CASE WHEN v.changed THEN v.label ELSE p.sentiment END,"
+    " sentiment_polarity = CASE WHEN v.changed THEN v.polarity ELSE p.sentiment_polarity END,"
+    " sentiment_subjectivity = CASE WHEN v.changed THEN v.subjectivity ELSE p.sentiment_subjectivity END,"
+    " language = CASE WHEN v.changed THEN v.language ELSE p.language END,"
+    " language_source = CASE WHEN v.changed THEN v.language_source ELSE p.language_source END,"
+    " sentiment_skipped = CASE WHEN v.changed THEN v.skipped ELSE p.sentiment_skipped END,"
+    " updated_at = CASE WHEN v.changed THEN now() ELSE p.updated_at END"
+    " FROM reenrich_decisions AS v WHERE p.id = v.id"
+)
+
+
+def decision_lines(decisions: Iterable[Sequence[Any]]) -> str:
+    """Re-enrichment decisions, each (id, changed, label, polarity, subjectivity, language, language_source,
+    skipped), as the text write_decisions() copies."""
+    return "".join(["\t".join([copy_value(v) for v in row]) + "\n" for row in decisions])
+
+
+def write_decisions(cur: psycopg2.extensions.cursor, parts: Sequence[str], version: str) -> None:
+    """Apply a batch of re-enrichment decisions (decision_lines() texts) and stamp every row with `version`:
+    three statements, whatever the batch size."""
+    if not any(parts):
+        return
+    cur.execute(_PREPARE_DECISIONS)
+    cur.copy_expert(_COPY_DECISIONS, io.StringIO("".join(parts)))
+    cur.execute(_APPLY_DECISIONS, {"version": version})

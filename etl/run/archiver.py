@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from etl.ahead import score_ahead
 from etl.config import Settings
 from etl.db import Archive, Database, DataRefused, Held, UpsertCounts
 from etl.enrich import SentimentEnricher
@@ -134,7 +135,7 @@ class Archiver:
             pending: _Batch | None = None
             try:
                 fetching = self.live.counting(self.clock.timed(self._allowed(posts, stats), "fetch"))
-                for posts_batch in chunked(fetching, self.settings.batch_size):
+                for posts_batch in score_ahead(self.enricher, chunked(fetching, self.settings.batch_size)):
                     current = self._start(posts_batch, pool, stats, source)
                     finishing, pending = pending, current
                     if finishing is not None:
@@ -190,7 +191,9 @@ class Archiver:
         """Sentiment and language. A caption already scored by this enricher (a rerun, an overlap window) keeps
         its score. A caption over the cap is cut first (and flagged), so the score is the stored caption's."""
         with self.clock("enrich"):
-            return [self.enricher.enrich(cap_caption(p), held.scores.get((p.platform, p.post_id))) for p in posts]
+            return self.enricher.enrich_all(
+                [cap_caption(p) for p in posts], [held.scores.get((p.platform, p.post_id)) for p in posts]
+            )
 
     def images(
         self, posts: list[Post], held: Held, pool: ThreadPoolExecutor

@@ -1,0 +1,110 @@
+"""Scoring ahead: a batch's captions decided by worker processes while the batch before it loads (issue 16).
+
+A run hands the archiver its posts a batch at a time; the archiver looks up what is stored, scores the new
+captions, and loads. Scoring is the largest share of a metadata run's CPU and loading mostly waits for
+PostgreSQL, so here each batch is sent to forked workers as soon as it is read and handed on one batch later,
+its decisions waiting in the enricher (SentimentEnricher.ahead). Decisions are keyed by what decides them
+(the caption as stored and the platform's language), so they can only be used for the caption they belong to.
+Only worth it while most captions are new: a rerun, whose captions keep their stored scores, stays in-process.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+
+from etl.enrich import SentimentEnricher
+from etl.records import Post, Sentiment, cap_caption
+
+log = logging.getLogger(__name__)
+
+MIN_BATCH = 64  # smaller batches are scored in-process: the round trip to a worker would cost more
+_CHUNK = 250  # captions per task
+_worker_enricher: SentimentEnricher | None = None
+
+
+def _init_worker(enricher: SentimentEnricher) -> None:
+    global _worker_enricher
+    _worker_enricher = enricher
+
+
+def fork_scorers(enricher: SentimentEnricher, workers: int) -> ProcessPoolExecutor:
+    """`workers` processes forked with the enricher itself (not pickled; worker_enricher() in them): its lexicon
+    and language model are loaded first and shared copy-on-write. A forked child never closes the parent's
+    connections (it ends with os._exit), and it is given no work that touches them."""
+    enricher.score("warm")
+    if enricher.detector is not None:
+        enricher.detector.warm()
+    return ProcessPoolExecutor(
+        workers, mp_context=multiprocessing.get_context("fork"), initializer=_init_worker, initargs=(enricher,)
+    )
+
+
+def worker_enricher() -> SentimentEnricher:
+    """The enricher of a process started by fork_scorers()."""
+    assert _worker_enricher is not None
+    return _worker_enricher
+
+
+def _decide(items: list[tuple[str | None, str | None]]) -> list[tuple]:
+    """Decisions with each score as a plain tuple: a quarter of the cost of pickling Sentiment objects."""
+    return [
+        ((s.polarity, s.subjectivity, s.label) if s else None, *rest)
+        for s, *rest in worker_enricher().decide_captions(items)
+    ]
+
+
+def score_ahead(
+    enricher: SentimentEnricher, batches: Iterable[list[Post]], *, workers: int | None = None
+) -> Iterator[list[Post]]:
+    """The batches, unchanged and in order, one behind the stream: a batch is sent to the scoring workers when
+    it is read and handed on when the next one has been read (or the stream ended). When the stream fails,
+    the batch held back is handed on first, then the error goes on (nothing read is lost)."""
+    workers = max(1, (os.cpu_count() or 1) - 1) if workers is None else workers
+    pool: ProcessPoolExecutor | None = None
+    held: tuple[list[Post], list[tuple], list[Future]] | None = None
+    try:
+        try:
+            for batch in batches:
+                sent: tuple[list[Post], list[tuple], list[Future]] = (batch, [], [])
+                if workers > 0 and len(batch) >= MIN_BATCH and enricher.mostly_new():
+                    if pool is None:
+                        pool = fork_scorers(enricher, workers)
+                    items = [enricher.item(cap_caption(p)) for p in batch]
+                    try:
+                        futures = [pool.submit(_decide, items[k : k + _CHUNK]) for k in range(0, len(items), _CHUNK)]
+                        sent = (batch, items, futures)
+                    except (BrokenProcessPool, RuntimeError) as exc:  # the pool is gone: scored in-process
+                        log.warning("scoring workers unavailable (%s); scoring in the main process", exc)
+                        workers = 0
+                if held is not None:
+                    yield _hand_on(enricher, held)
+                held = sent
+        except BaseException:
+            if held is not None:
+                batch, held = _hand_on(enricher, held), None
+                yield batch
+            raise
+        if held is not None:
+            batch, held = _hand_on(enricher, held), None
+            yield batch
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _hand_on(enricher: SentimentEnricher, held: tuple[list[Post], list[tuple], list[Future]]) -> list[Post]:
+    """The batch, its workers' decisions put where the enricher finds them (scored in-process if they failed)."""
+    batch, items, futures = held
+    enricher.ahead.clear()
+    if futures:
+        try:
+            decisions = [(Sentiment(*s) if s else None, *rest) for future in futures for s, *rest in future.result()]
+            enricher.ahead.update(zip(items, decisions, strict=True))
+        except (BrokenProcessPool, OSError) as exc:  # a worker died (killed, out of memory): scored here
+            log.warning("scoring worker failed (%s); this batch is scored in the main process", exc)
+    return batch

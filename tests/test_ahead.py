@@ -1,0 +1,80 @@
+"""Scoring ahead (etl/ahead.py): worker processes decide the next batch; the posts come out exactly as scored here."""
+
+from __future__ import annotations
+
+import random
+from datetime import datetime, timezone
+
+import pytest
+
+from etl.ahead import score_ahead
+from etl.enrich import SentimentEnricher
+from etl.errors import SourceError
+from etl.records import Post
+
+WHEN = datetime(2024, 5, 1, 8, 0, tzinfo=timezone.utc)
+WORDS = "what a lovely awful great terrible day night coffee la plage est belle und der Tag war schön".split()
+
+
+def batches(count: int, size: int, seed: int = 16) -> list[list[Post]]:
+    rng = random.Random(seed)
+    out = []
+    for b in range(count):
+        batch = []
+        for n in range(size):
+            caption = " ".join(rng.choices(WORDS, k=rng.randint(3, 16))) + f" #{n % 5} {n}"
+            given = rng.choice([None, None, "fr", "en"])
+            batch.append(
+                Post(
+                    "mock",
+                    f"{b}-{n}",
+                    WHEN,
+                    caption=caption,
+                    language=given,
+                    language_source="platform" if given else None,
+                )
+            )
+        out.append(batch)
+    return out
+
+
+def enrich_all(enricher: SentimentEnricher, stream) -> list[Post]:
+    return [p for batch in stream for p in enricher.enrich_all(batch, [None] * len(batch))]
+
+
+def test_decisions_made_ahead_equal_those_made_in_process():
+    data = batches(5, 100)
+    expected = enrich_all(SentimentEnricher(), iter(data))
+    enricher = SentimentEnricher()
+    assert enrich_all(enricher, score_ahead(enricher, iter(data), workers=1)) == expected
+    # The first two batches are scored in-process (nothing is known of the stream yet), the others ahead.
+    assert enricher.ahead_used == 300
+    assert {p.sentiment_skipped for p in expected} >= {None, "language fr"}
+
+
+def test_a_rerun_is_not_scored_ahead():
+    """Captions with a stored decision are reused, so sending them to workers would be wasted work."""
+    data = batches(4, 100)
+    enricher = SentimentEnricher()
+    kept = {(p.platform, p.post_id): (p.caption, p.sentiment, p.language, p.language_source, p.sentiment_skipped)
+            for p in enrich_all(SentimentEnricher(), iter(data))}  # fmt: skip
+    for batch in score_ahead(enricher, iter(data), workers=1):
+        enricher.enrich_all(batch, [kept[(p.platform, p.post_id)] for p in batch])
+    assert enricher.ahead_used == 0 and not enricher.ahead
+
+
+@pytest.mark.fault("the source fails while a batch is held back for scoring ahead: that batch still comes out")
+def test_a_failing_stream_hands_on_what_it_gave_first():
+    data = batches(4, 80)
+
+    def stream():
+        yield from data
+        raise SourceError("the platform went away")
+
+    enricher = SentimentEnricher()
+    seen = []
+    with pytest.raises(SourceError):
+        for batch in score_ahead(enricher, stream(), workers=1):
+            seen.append(enricher.enrich_all(batch, [None] * len(batch)))
+    assert [len(b) for b in seen] == [80, 80, 80, 80]
+    assert [p.post_id for b in seen for p in b] == [p.post_id for b in data for p in b]
