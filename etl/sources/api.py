@@ -576,10 +576,10 @@ def dig(body: Any, path: str | Sequence[str | int], kind: type | tuple[type, ...
     return body if kind is None or isinstance(body, kind) else None
 
 
-def url_by_type(media: Any, fields: Mapping[Any, str], type_field: str = "type") -> str | None:
-    """The image URL of a media object, from the field its type keeps one in (`fields`: type -> field; a video
-    or GIF gives its still frame), stripped; None for a type without one, or a blank URL."""
-    field = fields.get(dig(media, type_field))
+def url_by_type(media: Any, fields: Mapping[Any, str], type_field: str = "type", default: str = "") -> str | None:
+    """The image URL of a media object, from the field its type keeps one in (`fields`: type -> field, `default`
+    for other types; a video or GIF gives its still frame), stripped; None for a type without one, or a blank URL."""
+    field = fields.get(dig(media, type_field), default)
     url = dig(media, field, str) if field else None
     return url.strip() if url and url.strip() else None
 

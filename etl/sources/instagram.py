@@ -62,18 +62,9 @@ def graph_timestamp(value: Any) -> Any:
 
 def image_urls(item: Mapping[str, Any]) -> list[str]:
     """A media item's images in order: every carousel child, a video's thumbnail (media_url is the video)."""
-    if item.get("media_type") == "CAROUSEL_ALBUM":
-        children = item.get("children")
-        data = children.get("data") if isinstance(children, Mapping) else None
-        if isinstance(data, list) and data:
-            return [url for child in data if isinstance(child, Mapping) and (url := _image_of(child))]
-    url = _image_of(item)
-    return [url] if url else []
-
-
-def _image_of(media: Mapping[str, Any]) -> str | None:
-    url = media.get("thumbnail_url") if media.get("media_type") == "VIDEO" else media.get("media_url")
-    return url.strip() if isinstance(url, str) and url.strip() else None
+    children = api.dig(item, "children.data", list) if item.get("media_type") == "CAROUSEL_ALBUM" else None
+    urls = (api.url_by_type(media, {"VIDEO": "thumbnail_url"}, "media_type", "media_url") for media in children or [item])
+    return [url for url in urls if url]
 
 
 def to_post(item: Any) -> Post:
@@ -111,13 +102,6 @@ def normalize_hashtag(value: str) -> str:
     return value.strip().lstrip("#").strip().lower()
 
 
-def _scrubbed(exc: requests.RequestException, scrub: Any) -> requests.RequestException:
-    try:
-        return type(exc)(scrub(str(exc)))
-    except Exception:  # an exception class with another constructor
-        return requests.ConnectionError(scrub(str(exc)))
-
-
 def _error_object(response: requests.Response) -> dict[str, Any] | None:
     """The Graph error object ({"error": {"message", "type", "code", "error_subcode", "fbtrace_id"}}), if any."""
     if response.status_code < 400 and '"error"' not in response.text[:200]:
@@ -133,32 +117,24 @@ def _regain_seconds(response: requests.Response) -> float | None:
         return asked
     # X-Business-Use-Case-Usage: {"<business id>": [{"type": "instagram", "call_count": 100, ...,
     # "estimated_time_to_regain_access": 19}]}; a throttled account gets minutes, not seconds, to wait.
-    raw = response.headers.get("X-Business-Use-Case-Usage")
-    if not raw:
-        return None
     try:
-        usage = json.loads(raw)
+        usage = json.loads(response.headers.get("X-Business-Use-Case-Usage") or "{}")
     except ValueError:
         return None
-    minutes = [
-        entry.get("estimated_time_to_regain_access")
-        for entries in (usage.values() if isinstance(usage, dict) else [])
-        if isinstance(entries, list)
-        for entry in entries
-        if isinstance(entry, dict)
-    ]
-    longest = max((m for m in minutes if isinstance(m, (int, float)) and not isinstance(m, bool)), default=0)
+    entries = [entry for value in (usage.values() if isinstance(usage, dict) else []) if isinstance(value, list) for entry in value]
+    minutes = [api.dig(entry, "estimated_time_to_regain_access", (int, float)) for entry in entries]
+    longest = max((m for m in minutes if m is not None and not isinstance(m, bool)), default=0)
     return float(longest) * 60 if longest > 0 else None
 
 
 def _next_cursor(paging: Any) -> str | None:
     """The `after` cursor when paging.next says there is another page (the last page has no next)."""
-    if not isinstance(paging, Mapping) or not paging.get("next"):
+    following = api.dig(paging, "next")
+    if not following:
         return None
-    cursors = paging.get("cursors")
-    after = cursors.get("after") if isinstance(cursors, Mapping) else None
-    if not after and isinstance(paging.get("next"), str):
-        after = (parse_qs(urlsplit(paging["next"]).query).get("after") or [None])[0]
+    after = api.dig(paging, "cursors.after")
+    if not after and isinstance(following, str):
+        after = (parse_qs(urlsplit(following).query).get("after") or [None])[0]
     return str(after) if after else None
 
 
@@ -207,13 +183,13 @@ class GraphPaginator(Paginator):
                 return super().next(response, body)
             except RepeatedCursor:
                 raise RepeatedCursor("the paging cursor repeated; refusing to loop") from None
-        ids = {str(i.get("id")) for i in body.get("data") or [] if isinstance(i, Mapping) and i.get("id")}
+        ids = {str(i["id"]) for i in api.dig(body, "data", list) or [] if api.dig(i, "id")}
         token, fresh = self.token(response, body), bool(ids - self.ids)
         self.ids |= ids
         return self.request(token) if token and fresh else None
 
     def token(self, response: requests.Response, body: Any) -> Any:
-        return _next_cursor(body.get("paging"))
+        return _next_cursor(api.dig(body, "paging"))
 
     def request(self, token: str) -> dict[str, str]:
         return {"after": token}
@@ -249,7 +225,7 @@ class Media(Stream):
         # out of place on it loses nothing); a hashtag's page ends it only when every post on it is older.
         listed = (source.listed(page, "data", f"GET {path}") for page in pages)
         for number, item in api.newest_first(listed, _created, since, whole_page=not self.in_order):
-            media_id = item.get("id") if isinstance(item, Mapping) else None
+            media_id = api.dig(item, "id")
             yield Entry(item, label=f"page {number}" + (f", media {media_id}" if media_id else ""))
 
     def where(self, entry: Entry) -> str:
@@ -328,11 +304,7 @@ class InstagramSource(APISource):
 
     def send(self, method: str, url: str, **kwargs: Any) -> requests.Response:
         kwargs["params"] = {**(kwargs.get("params") or {}), "access_token": self.token}
-        try:
-            response = super().send(method, url, **kwargs)
-        except requests.RequestException as exc:
-            # requests names the full URL, token included, and the retry log prints the exception.
-            raise _scrubbed(exc, self.scrub) from None
+        response = super().send(method, url, **kwargs)
         self.quota_used += 1
         return response
 
@@ -407,8 +379,7 @@ class InstagramSource(APISource):
             self.budget.spend(hashtag, None)
             self.reject(where, f"ig_hashtag_search failed: {self.scrub(str(exc))}")
             return None
-        data = body.get("data")
-        found = data[0].get("id") if isinstance(data, list) and data and isinstance(data[0], Mapping) else None
+        found = api.dig(body, "data.0.id")
         if not found:
             self.budget.spend(hashtag, None)
             self.reject(where, "ig_hashtag_search found no such hashtag (or it is one Instagram will not serve)")
