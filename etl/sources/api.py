@@ -88,7 +88,9 @@ class Paginator:
             return None
         token = str(token)
         if token in self._seen:
-            raise RepeatedCursor(f"the API returned the same {self.kind} twice ({token[:80]}); stopping rather than looping")
+            raise RepeatedCursor(
+                f"the API returned the same {self.kind} twice ({token[:80]}); stopping rather than looping on a repeated cursor"
+            )
         self._seen.add(token)
         return self.request(token)
 

@@ -18,7 +18,7 @@ from etl.errors import ConfigError, RecordError, SourceError
 from etl.http import WaitTooLong, retry_after_seconds
 from etl.records import MAX_IMAGES, Post, post_from_dict
 from etl.sources import api, register
-from etl.sources.api import APISource, Entry, Paginator, RepeatedCursor, Stream, StreamError, Verdict, fatal, retry
+from etl.sources.api import APISource, Entry, Paginator, Stream, StreamError, Verdict, fatal, retry
 from etl.sources.base import FetchWindow
 
 SETTINGS = (
@@ -110,23 +110,6 @@ def _error_object(response: requests.Response) -> dict[str, Any] | None:
     return error if isinstance(error, dict) else None
 
 
-def _regain_seconds(response: requests.Response) -> float | None:
-    """How long Meta says to wait: Retry-After, else the longest estimated_time_to_regain_access (minutes)."""
-    asked = retry_after_seconds(response)
-    if asked is not None:
-        return asked
-    # X-Business-Use-Case-Usage: {"<business id>": [{"type": "instagram", "call_count": 100, ...,
-    # "estimated_time_to_regain_access": 19}]}; a throttled account gets minutes, not seconds, to wait.
-    try:
-        usage = json.loads(response.headers.get("X-Business-Use-Case-Usage") or "{}")
-    except ValueError:
-        return None
-    entries = [entry for value in (usage.values() if isinstance(usage, dict) else []) if isinstance(value, list) for entry in value]
-    minutes = [api.dig(entry, "estimated_time_to_regain_access", (int, float)) for entry in entries]
-    longest = max((m for m in minutes if m is not None and not isinstance(m, bool)), default=0)
-    return float(longest) * 60 if longest > 0 else None
-
-
 def _next_cursor(paging: Any) -> str | None:
     """The `after` cursor when paging.next says there is another page (the last page has no next)."""
     following = api.dig(paging, "next")
@@ -179,10 +162,7 @@ class GraphPaginator(Paginator):
 
     def next(self, response: requests.Response, body: Any) -> dict[str, str] | str | None:
         if not self.may_repeat:
-            try:
-                return super().next(response, body)
-            except RepeatedCursor:
-                raise RepeatedCursor("the paging cursor repeated; refusing to loop") from None
+            return super().next(response, body)  # a repeated cursor ends the stream, as on every platform
         ids = {str(i["id"]) for i in api.dig(body, "data", list) or [] if api.dig(i, "id")}
         token, fresh = self.token(response, body), bool(ids - self.ids)
         self.ids |= ids
@@ -259,8 +239,8 @@ class InstagramSource(APISource):
 
     @classmethod
     def check_settings(cls, settings: Any) -> None:
+        super().check_settings(settings)
         config = settings.source(cls.name)
-        config.require(*cls.required)
         if not config.user_id.strip().isdigit():
             raise ConfigError(
                 "INSTAGRAM_USER_ID must be the numeric id of the Instagram Business/Creator account, not its @username"
@@ -315,7 +295,20 @@ class InstagramSource(APISource):
         return self.refused(response, "") if error is not None and response.ok else super().classify(response)
 
     def retry_after(self, response: requests.Response) -> float | None:
-        return _regain_seconds(response)
+        """How long Meta says to wait: Retry-After, else the longest estimated_time_to_regain_access (minutes)."""
+        asked = retry_after_seconds(response)
+        if asked is not None:
+            return asked
+        # X-Business-Use-Case-Usage: {"<business id>": [{"type": "instagram", "call_count": 100, ...,
+        # "estimated_time_to_regain_access": 19}]}; a throttled account gets minutes, not seconds, to wait.
+        try:
+            usage = json.loads(response.headers.get("X-Business-Use-Case-Usage") or "{}")
+        except ValueError:
+            return None
+        entries = [entry for value in (usage.values() if isinstance(usage, dict) else []) if isinstance(value, list) for entry in value]
+        minutes = [api.dig(entry, "estimated_time_to_regain_access", (int, float)) for entry in entries]
+        longest = max((m for m in minutes if m is not None and not isinstance(m, bool)), default=0)
+        return float(longest) * 60 if longest > 0 else None
 
     def refused(self, response: requests.Response, text: str) -> Verdict:
         error = _error_object(response) or {}
@@ -355,11 +348,7 @@ class InstagramSource(APISource):
             self.reject(where, "hashtag search takes letters, digits and _ only (no spaces, punctuation or emoji)")
             return None
         cached = self.budget.known(hashtag)
-        if cached is not None and cached[1]:
-            self.budget.spend(hashtag, cached[0])  # inside its window: free, and the clock does not restart
-            return cached[0]
-        used = self.budget.in_window()
-        if used >= HASHTAG_LIMIT:
+        if not (cached and cached[1]) and (used := self.budget.in_window()) >= HASHTAG_LIMIT:
             self.reject(
                 where,
                 f"refused: {used} unique hashtags were already queried for account {self.user_id} in the last "
@@ -367,24 +356,23 @@ class InstagramSource(APISource):
                 "one of them is older than that",
             )
             return None
-        if cached is not None:  # ids are static and global: no search needed, but a new window starts
+        if cached is not None:
+            # Inside its window a cached hashtag is free (its clock does not restart); outside it, ids are static
+            # and global, so no search is needed, but a new window starts.
             self.budget.spend(hashtag, cached[0])
             return cached[0]
         try:
             _, body = self.get_json(self.url("ig_hashtag_search"), what="GET ig_hashtag_search",
                                     params={"user_id": self.user_id, "q": hashtag})  # fmt: skip
+            found, why = api.dig(body, "data.0.id"), "found no such hashtag (or it is one Instagram will not serve)"
         except StreamError as exc:
             if exc.whole_source:
                 raise
-            self.budget.spend(hashtag, None)
-            self.reject(where, f"ig_hashtag_search failed: {self.scrub(str(exc))}")
-            return None
-        found = api.dig(body, "data.0.id")
+            found, why = None, f"failed: {self.scrub(str(exc))}"
+        self.budget.spend(hashtag, str(found) if found else None)
         if not found:
-            self.budget.spend(hashtag, None)
-            self.reject(where, "ig_hashtag_search found no such hashtag (or it is one Instagram will not serve)")
+            self.reject(where, f"ig_hashtag_search {why}")
             return None
-        self.budget.spend(hashtag, str(found))
         log.info("instagram: #%s is hashtag id %s", hashtag, found)
         return str(found)
 
