@@ -88,9 +88,8 @@ class Paginator:
             return None
         token = str(token)
         if token in self._seen:
-            raise RepeatedCursor(
-                f"the API returned the same {self.kind} twice ({token[:80]}); stopping rather than looping on a repeated cursor"
-            )
+            raise RepeatedCursor(f"the API returned the same {self.kind} twice ({token[:80]}); stopping rather than "
+                                 "looping on a repeated cursor")  # fmt: skip
         self._seen.add(token)
         return self.request(token)
 

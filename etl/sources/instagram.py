@@ -63,7 +63,8 @@ def graph_timestamp(value: Any) -> Any:
 def image_urls(item: Mapping[str, Any]) -> list[str]:
     """A media item's images in order: every carousel child, a video's thumbnail (media_url is the video)."""
     children = api.dig(item, "children.data", list) if item.get("media_type") == "CAROUSEL_ALBUM" else None
-    urls = (api.url_by_type(media, {"VIDEO": "thumbnail_url"}, "media_type", "media_url") for media in children or [item])
+    fields = {"VIDEO": "thumbnail_url"}  # any other type: media_url
+    urls = (api.url_by_type(media, fields, "media_type", "media_url") for media in children or [item])
     return [url for url in urls if url]
 
 
@@ -305,7 +306,8 @@ class InstagramSource(APISource):
             usage = json.loads(response.headers.get("X-Business-Use-Case-Usage") or "{}")
         except ValueError:
             return None
-        entries = [entry for value in (usage.values() if isinstance(usage, dict) else []) if isinstance(value, list) for entry in value]
+        values = usage.values() if isinstance(usage, dict) else []
+        entries = [entry for value in values if isinstance(value, list) for entry in value]
         minutes = [api.dig(entry, "estimated_time_to_regain_access", (int, float)) for entry in entries]
         longest = max((m for m in minutes if m is not None and not isinstance(m, bool)), default=0)
         return float(longest) * 60 if longest > 0 else None

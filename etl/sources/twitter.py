@@ -219,7 +219,9 @@ class TwitterSource(APISource):
     wait_setting = "TWITTER_MAX_WAIT"
     required = ("bearer_token",)
     one_of = MappingProxyType({"query": "a recent search", "usernames": "user timelines"})
-    patterns = MappingProxyType({"usernames": (USERNAME_RE, "not an X username (1-15 letters, digits or _)", _username)})
+    patterns = MappingProxyType(
+        {"usernames": (USERNAME_RE, "not an X username (1-15 letters, digits or _)", _username)}
+    )
     stream_error_ends_fetch = True  # the runner records the stream as failed, keeps its since_id, runs the next
 
     def __init__(self, settings: Settings, *, now: Callable[[], datetime] | None = None, **kwargs: Any):
@@ -237,7 +239,9 @@ class TwitterSource(APISource):
     def check_settings(cls, settings: Settings) -> None:
         super().check_settings(settings)
         if len(query := settings.source(cls.name).query) > MAX_QUERY_CHARS:
-            raise ConfigError(f"TWITTER_QUERY is {len(query)} characters; recent search takes at most {MAX_QUERY_CHARS}")
+            raise ConfigError(
+                f"TWITTER_QUERY is {len(query)} characters; recent search takes at most {MAX_QUERY_CHARS}"
+            )
 
     def probe(self) -> str | None:
         # An app-only token cannot call /2/users/me; a username lookup is the cheapest authenticated call.
@@ -302,7 +306,8 @@ class TwitterSource(APISource):
 
     def error_text(self, response: requests.Response) -> str:
         problem = api.json_of(response)
-        parts = [str(v) for k in ("title", "detail") if (v := api.dig(problem, k))] + _errors_text(problem, "message", "detail")
+        parts = [str(v) for k in ("title", "detail") if (v := api.dig(problem, k))]
+        parts += _errors_text(problem, "message", "detail")
         return clean_text("; ".join(dict.fromkeys(parts))) or super().error_text(response)
 
     def _lookup(self, username: str) -> dict[str, Any]:

@@ -274,7 +274,9 @@ class YouTubeSource(APISource):
             pending = [c for c in dict.fromkeys(self.config.channel_ids)
                        if c not in self._uploads and self.reads(f"channel:{c}")]  # fmt: skip
             ids = [c for c in pending if not c.startswith("@")]
-            found = {k: v for batch in api.batches(ids, PAGE_SIZE) for k, v in self.channels(id=",".join(batch)).items()}
+            found: dict[str, str] = {}
+            for batch in api.batches(ids, PAGE_SIZE):
+                found.update(self.channels(id=",".join(batch)))
             for handle in (c for c in pending if c.startswith("@")):  # channels.list?forHandle=@name resolves it
                 found.update((handle, playlist) for playlist in self.channels(forHandle=handle).values())
             for name in pending:
@@ -286,7 +288,8 @@ class YouTubeSource(APISource):
     def channels(self, **params: Any) -> dict[str, str]:
         """Channel id -> uploads playlist, by one channels.list call."""
         page = self.call("channels.list", {"part": "contentDetails", "maxResults": PAGE_SIZE, **params})
-        uploads = ((api.dig(item, "id"), api.dig(item, "contentDetails.relatedPlaylists.uploads")) for item in page.get("items") or [])
+        items = page.get("items") or []
+        uploads = ((api.dig(item, "id"), api.dig(item, "contentDetails.relatedPlaylists.uploads")) for item in items)
         return {channel: playlist for channel, playlist in uploads if playlist}
 
     def playlist_pages(self, playlist: str, window: FetchWindow) -> Iterator[dict[str, Any]]:
