@@ -15,7 +15,6 @@ from etl.errors import ConfigError, SourceError
 from etl.sources import source_class
 from etl.sources.base import FetchWindow
 from etl.sources.youtube import YouTubeSource, best_thumbnail, quota_day_start
-from tests.support import free_port
 from tests.platform_youtube import (
     API_KEY,
     CHANNEL_ID,
@@ -29,6 +28,7 @@ from tests.platform_youtube import (
     no_sleep_policy,
     reply,
 )
+from tests.support import free_port
 
 UTC = timezone.utc
 

@@ -346,14 +346,12 @@ class YouTubeSource(APISource):
 
     def refused(self, response: requests.Response, text: str) -> api.Verdict:
         reason, message = google_error(response)
-        message = self.scrub(message)
+        said = f"HTTP {response.status_code}{' ' + reason if reason else ''}: {self.scrub(message)}"
         if reason in QUOTA_REASONS:
-            text = f"HTTP {response.status_code} {reason}: {message}"
-            return api.fatal(f"the project's YouTube Data API quota is used up for today ({text}); it resets at "
+            return api.fatal(f"the project's YouTube Data API quota is used up for today ({said}); it resets at "
                              "midnight Pacific time", whole_source=True, code=reason)  # fmt: skip
         key = reason in KEY_REASONS or "API key" in message
-        text = f"HTTP {response.status_code}{' ' + reason if reason else ''}: {message}"
-        return api.fatal(text + (" (check YOUTUBE_API_KEY)" if key else ""), whole_source=key, code=reason)
+        return api.fatal(said + (" (check YOUTUBE_API_KEY)" if key else ""), whole_source=key, code=reason)
 
     def error_text(self, response: requests.Response) -> str:
         reason, message = google_error(response)
