@@ -230,6 +230,10 @@ class APISource(Source):
     one_of: ClassVar[Mapping[str, str]] = MappingProxyType({})
     patterns: ClassVar[Mapping[str, tuple[re.Pattern[str], str, Callable[[str], str]]]] = MappingProxyType({})
 
+    def __init__(self, settings: Any, *, now: Callable[[], datetime] | None = None, **kwargs: Any):
+        super().__init__(settings, **kwargs)
+        self.now = now or (lambda: datetime.now(timezone.utc))  # the clock for a platform's reach (tests set it)
+
     @classmethod
     def check_settings(cls, settings: Any) -> None:
         super().check_settings(settings)

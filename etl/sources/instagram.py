@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Callable, Iterator, Mapping
-from datetime import datetime, timedelta, timezone
+from collections.abc import Iterator, Mapping
+from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -228,9 +228,8 @@ class InstagramSource(APISource):
     secret_params = ("access_token",)  # Graph URLs (paging.next too) carry the token as a query parameter
     keeps_positions = False  # the run's watermark bounds every stream (media ids carry no order)
 
-    def __init__(self, settings: Any, *, now: Callable[[], datetime] | None = None, **kwargs: Any):
+    def __init__(self, settings: Any, **kwargs: Any):
         super().__init__(settings, **kwargs)
-        self.now = now or (lambda: datetime.now(timezone.utc))
         self.user_id = self.config.user_id.strip()
         self.hashtags = tuple(dict.fromkeys(normalize_hashtag(t) for t in self.config.hashtags if t.strip("# ")))
         self.token = self.config.access_token.reveal()

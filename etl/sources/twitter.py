@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from datetime import datetime, timedelta, timezone
 from types import MappingProxyType
 from typing import Any
@@ -224,11 +224,10 @@ class TwitterSource(APISource):
     )
     stream_error_ends_fetch = True  # the runner records the stream as failed, keeps its since_id, runs the next
 
-    def __init__(self, settings: Settings, *, now: Callable[[], datetime] | None = None, **kwargs: Any):
+    def __init__(self, settings: Settings, **kwargs: Any):
         super().__init__(settings, **kwargs)
         # A 429 asks us to wait for x-rate-limit-reset, up to 15 minutes away: TWITTER_MAX_WAIT bounds it.
         self.policy = RetryPolicy.from_settings(settings, max_wait=self.config.max_wait)
-        self.now = now or (lambda: datetime.now(timezone.utc))
         self.base = self.config.api_base.rstrip("/")
         token = self.config.bearer_token.reveal().strip()
         # On each request, never on the session: the session may be shared with the image downloader.
