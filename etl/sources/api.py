@@ -88,7 +88,8 @@ class Paginator:
             return None
         token = str(token)
         if token in self._seen:
-            raise RepeatedCursor(f"the API returned the same {self.kind} twice ({token[:80]}); stopping rather than looping")
+            raise RepeatedCursor(f"the API returned the same {self.kind} twice ({token[:80]}); stopping rather than "
+                                 "looping on a repeated cursor")  # fmt: skip
         self._seen.add(token)
         return self.request(token)
 
@@ -224,6 +225,23 @@ class APISource(Source):
     keeps_positions: ClassVar[bool] = True
     # True: a stream's error ends the fetch (the runner runs each stream as a unit, so the others still run).
     stream_error_ends_fetch: ClassVar[bool] = False
+    # Settings checks beyond `required`: at least one of `one_of` (attribute: what it is for), and every value of
+    # a list setting in `patterns` matching once cleaned (attribute: (pattern, what a bad value is, clean)).
+    one_of: ClassVar[Mapping[str, str]] = MappingProxyType({})
+    patterns: ClassVar[Mapping[str, tuple[re.Pattern[str], str, Callable[[str], str]]]] = MappingProxyType({})
+
+    def __init__(self, settings: Any, *, now: Callable[[], datetime] | None = None, **kwargs: Any):
+        super().__init__(settings, **kwargs)
+        self.now = now or (lambda: datetime.now(timezone.utc))  # the clock for a platform's reach (tests set it)
+
+    @classmethod
+    def check_settings(cls, settings: Any) -> None:
+        super().check_settings(settings)
+        config = settings.source(cls.name)
+        if cls.one_of:
+            need_one_of(cls.name, config, **cls.one_of)
+        for attr, (pattern, what, clean) in cls.patterns.items():
+            each_matches(config, attr, pattern, what, clean)
 
     # -- requests ----------------------------------------------------------------------------------------
 
@@ -310,7 +328,17 @@ class APISource(Source):
         """One attempt over the session, with `auth_headers` (a platform may count it or clean its exceptions)."""
         if self.auth_headers:
             kwargs["headers"] = {**self.auth_headers, **(kwargs.get("headers") or {})}
-        return self.session.request(method, url, timeout=self.timeout, **kwargs)
+        try:
+            return self.session.request(method, url, timeout=self.timeout, **kwargs)
+        except requests.RequestException as exc:
+            # requests names the full URL, a secret parameter included, and the retry log prints the exception.
+            text = self.scrub(str(exc))
+            if text == str(exc):
+                raise
+            try:
+                raise type(exc)(text) from None
+            except TypeError:  # an exception class with another constructor
+                raise requests.ConnectionError(text) from None
 
     def give_up(self, what: str, exc: Exception) -> StreamError:
         """The error for a call the policy gave up on: a wait past max_wait, retries spent, or no connection."""
@@ -540,11 +568,25 @@ def json_of(response: requests.Response) -> Any:
         return None
 
 
-def dig(body: Any, path: str | Sequence[str]) -> Any:
-    """The value at a dotted path ("data.after") of nested objects, or None where a step is missing."""
+def dig(body: Any, path: str | Sequence[str | int], kind: type | tuple[type, ...] | None = None) -> Any:
+    """The value at a dotted path ("data.after", "images.0.url": a number steps into a list) of nested objects, or
+    None where a step is missing; with `kind`, None unless the value is of that type too."""
     for part in path.split(".") if isinstance(path, str) and path else path or ():
-        body = body.get(part) if isinstance(body, Mapping) else None
-    return body
+        if isinstance(body, Mapping):
+            body = body.get(part)
+        elif isinstance(body, list) and str(part).isdigit() and int(part) < len(body):
+            body = body[int(part)]
+        else:
+            return None
+    return body if kind is None or isinstance(body, kind) else None
+
+
+def url_by_type(media: Any, fields: Mapping[Any, str], type_field: str = "type", default: str = "") -> str | None:
+    """The image URL of a media object, from the field its type keeps one in (`fields`: type -> field, `default`
+    for other types; a video or GIF gives its still frame), stripped; None for a type without one, or a blank URL."""
+    field = fields.get(dig(media, type_field), default)
+    url = dig(media, field, str) if field else None
+    return url.strip() if url and url.strip() else None
 
 
 def newest_first(
@@ -642,5 +684,5 @@ __all__ = [
     "OK", "APISource", "CursorPaginator", "Entry", "LinkHeaderPaginator", "MaxIdPaginator", "Paginator",
     "RepeatedCursor", "Stream", "StreamError", "Verdict", "batches", "config_hash", "dig", "each_matches", "fatal",
     "json_of", "need_one_of", "newest_first", "page_size", "parse_time", "rate_limited", "retry", "scrub", "scrub_logs",
-    "utc_text",
+    "url_by_type", "utc_text",
 ]  # fmt: skip

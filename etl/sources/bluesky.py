@@ -9,6 +9,7 @@ import re
 from collections.abc import Iterator, Mapping
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import requests
@@ -129,11 +130,9 @@ def _images(embed: Any) -> list[str]:
         return []
     kind = str(embed.get("$type", ""))
     if kind.startswith("app.bsky.embed.images"):
-        images = embed.get("images") if isinstance(embed.get("images"), list) else []
-        return [i["fullsize"] for i in images if isinstance(i, Mapping) and isinstance(i.get("fullsize"), str)]
+        return [url for i in api.dig(embed, "images", list) or [] if (url := api.dig(i, "fullsize", str)) is not None]
     if kind.startswith("app.bsky.embed.video"):
-        thumb = embed.get("thumbnail")
-        return [thumb] if isinstance(thumb, str) and thumb else []
+        return [thumb] if (thumb := api.dig(embed, "thumbnail", str)) else []
     if kind.startswith("app.bsky.embed.recordWithMedia"):
         return _images(embed.get("media"))
     return []  # a quoted record's own images belong to that post; an external link card is not the post's
@@ -154,14 +153,13 @@ def item_to_post(item: Any) -> Post:
     """A feedViewPost (or a bare postView from search) -> Post; a repost is the original post."""
     if not isinstance(item, Mapping):
         raise RecordError(f"expected a feed item object, got {type(item).__name__}")
-    post = item["post"] if isinstance(item.get("post"), Mapping) else item
+    post = api.dig(item, "post", Mapping) or item
     uri = post.get("uri")
     if not isinstance(uri, str) or not uri.startswith("at://"):
         raise RecordError("missing at:// uri" if not uri else f"uri {uri!r:.100} is not an at:// URI")
-    record = post.get("record") if isinstance(post.get("record"), Mapping) else {}
-    author = post.get("author") if isinstance(post.get("author"), Mapping) else {}
-    handle = author.get("handle") if isinstance(author.get("handle"), str) else None
-    did = author.get("did") if isinstance(author.get("did"), str) else uri[5:].split("/", 1)[0]
+    record = api.dig(post, "record", Mapping) or {}
+    handle = api.dig(post, "author.handle", str)
+    did = api.dig(post, "author.did", str) or uri[5:].split("/", 1)[0]
     shown = handle if handle and handle != "handle.invalid" else did
     indexed = parse_time(post.get("indexedAt"))
     created = parse_time(record.get("createdAt"))
@@ -170,14 +168,13 @@ def item_to_post(item: Any) -> Post:
         created = indexed
     if created is None:
         raise RecordError("no usable createdAt and no indexedAt")
-    text = record.get("text") if isinstance(record.get("text"), str) else None
     return post_from_dict(
         {
             "platform": "bluesky",
             "post_id": uri,
             "created_at": created,
             "author_username": shown,
-            "caption": text,
+            "caption": api.dig(record, "text", str),
             "like_count": post.get("likeCount"),
             "comment_count": post.get("replyCount"),
             "permalink": f"https://bsky.app/profile/{shown}/post/{uri.rsplit('/', 1)[-1]}",
@@ -195,6 +192,8 @@ class BlueskySource(APISource):
     name = "bluesky"
     api_name = "Bluesky API"
     rate_limit_headers = ("ratelimit-remaining", "ratelimit-limit", "ratelimit-reset")
+    one_of = MappingProxyType({"actors": "author feeds", "query": "a search"})
+    patterns = MappingProxyType({"actors": (HANDLE_RE, "neither a handle (name.bsky.social) nor a DID", _actor)})
 
     def __init__(self, settings: Any, **kwargs: Any):
         super().__init__(settings, **kwargs)
@@ -203,10 +202,8 @@ class BlueskySource(APISource):
 
     @classmethod
     def check_settings(cls, settings: Any) -> None:
-        config = settings.source(cls.name)
-        api.need_one_of(cls.name, config, actors="author feeds", query="a search")
-        api.each_matches(config, "actors", HANDLE_RE, "neither a handle (name.bsky.social) nor a DID", _actor)
-        if config.query:
+        super().check_settings(settings)
+        if (config := settings.source(cls.name)).query:
             config.require("handle", "app_password")
 
     def stream_objects(self) -> list[Stream]:
@@ -217,16 +214,14 @@ class BlueskySource(APISource):
 
     def entries(self, page: Mapping[str, Any], field: str, what: str) -> Iterator[Entry]:
         for item in self.listed(page, field, what):
-            post = item.get("post") if isinstance(item, Mapping) and isinstance(item.get("post"), Mapping) else item
-            post = post if isinstance(post, Mapping) else {}
-            reason = item.get("reason") if isinstance(item, Mapping) else None
-            if isinstance(reason, Mapping) and str(reason.get("$type", "")).endswith("#reasonPin"):
-                yield Entry(item, label=str(post.get("uri", "")))  # a pinned post sits outside the feed's order
+            post = api.dig(item, "post", Mapping) or item
+            uri, reason = str(api.dig(post, "uri") or ""), api.dig(item, "reason", Mapping)
+            if str(api.dig(reason, "$type")).endswith("#reasonPin"):
+                yield Entry(item, label=uri)  # a pinned post sits outside the feed's order
                 continue
             # A repost sits in the feed at the time it was reposted, not at the original's.
-            when = reason.get("indexedAt") if isinstance(reason, Mapping) else post.get("indexedAt")
-            order = parse_time(when)
-            yield Entry(item, order=order, at=order, label=str(post.get("uri", "")))
+            order = parse_time(api.dig(reason, "indexedAt") if reason else api.dig(post, "indexedAt"))
+            yield Entry(item, order=order, at=order, label=uri)
 
     def to_post(self, item: Any, stream: Stream) -> Post | None:
         return item_to_post(item)

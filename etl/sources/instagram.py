@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Callable, Iterator, Mapping
-from datetime import datetime, timedelta, timezone
+from collections.abc import Iterator, Mapping
+from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -18,7 +18,7 @@ from etl.errors import ConfigError, RecordError, SourceError
 from etl.http import WaitTooLong, retry_after_seconds
 from etl.records import MAX_IMAGES, Post, post_from_dict
 from etl.sources import api, register
-from etl.sources.api import APISource, Entry, Paginator, RepeatedCursor, Stream, StreamError, Verdict, fatal, retry
+from etl.sources.api import APISource, Entry, Paginator, Stream, StreamError, Verdict, fatal, retry
 from etl.sources.base import FetchWindow
 
 SETTINGS = (
@@ -62,18 +62,10 @@ def graph_timestamp(value: Any) -> Any:
 
 def image_urls(item: Mapping[str, Any]) -> list[str]:
     """A media item's images in order: every carousel child, a video's thumbnail (media_url is the video)."""
-    if item.get("media_type") == "CAROUSEL_ALBUM":
-        children = item.get("children")
-        data = children.get("data") if isinstance(children, Mapping) else None
-        if isinstance(data, list) and data:
-            return [url for child in data if isinstance(child, Mapping) and (url := _image_of(child))]
-    url = _image_of(item)
-    return [url] if url else []
-
-
-def _image_of(media: Mapping[str, Any]) -> str | None:
-    url = media.get("thumbnail_url") if media.get("media_type") == "VIDEO" else media.get("media_url")
-    return url.strip() if isinstance(url, str) and url.strip() else None
+    children = api.dig(item, "children.data", list) if item.get("media_type") == "CAROUSEL_ALBUM" else None
+    fields = {"VIDEO": "thumbnail_url"}  # any other type: media_url
+    urls = (api.url_by_type(media, fields, "media_type", "media_url") for media in children or [item])
+    return [url for url in urls if url]
 
 
 def to_post(item: Any) -> Post:
@@ -111,13 +103,6 @@ def normalize_hashtag(value: str) -> str:
     return value.strip().lstrip("#").strip().lower()
 
 
-def _scrubbed(exc: requests.RequestException, scrub: Any) -> requests.RequestException:
-    try:
-        return type(exc)(scrub(str(exc)))
-    except Exception:  # an exception class with another constructor
-        return requests.ConnectionError(scrub(str(exc)))
-
-
 def _error_object(response: requests.Response) -> dict[str, Any] | None:
     """The Graph error object ({"error": {"message", "type", "code", "error_subcode", "fbtrace_id"}}), if any."""
     if response.status_code < 400 and '"error"' not in response.text[:200]:
@@ -126,39 +111,14 @@ def _error_object(response: requests.Response) -> dict[str, Any] | None:
     return error if isinstance(error, dict) else None
 
 
-def _regain_seconds(response: requests.Response) -> float | None:
-    """How long Meta says to wait: Retry-After, else the longest estimated_time_to_regain_access (minutes)."""
-    asked = retry_after_seconds(response)
-    if asked is not None:
-        return asked
-    # X-Business-Use-Case-Usage: {"<business id>": [{"type": "instagram", "call_count": 100, ...,
-    # "estimated_time_to_regain_access": 19}]}; a throttled account gets minutes, not seconds, to wait.
-    raw = response.headers.get("X-Business-Use-Case-Usage")
-    if not raw:
-        return None
-    try:
-        usage = json.loads(raw)
-    except ValueError:
-        return None
-    minutes = [
-        entry.get("estimated_time_to_regain_access")
-        for entries in (usage.values() if isinstance(usage, dict) else [])
-        if isinstance(entries, list)
-        for entry in entries
-        if isinstance(entry, dict)
-    ]
-    longest = max((m for m in minutes if isinstance(m, (int, float)) and not isinstance(m, bool)), default=0)
-    return float(longest) * 60 if longest > 0 else None
-
-
 def _next_cursor(paging: Any) -> str | None:
     """The `after` cursor when paging.next says there is another page (the last page has no next)."""
-    if not isinstance(paging, Mapping) or not paging.get("next"):
+    following = api.dig(paging, "next")
+    if not following:
         return None
-    cursors = paging.get("cursors")
-    after = cursors.get("after") if isinstance(cursors, Mapping) else None
-    if not after and isinstance(paging.get("next"), str):
-        after = (parse_qs(urlsplit(paging["next"]).query).get("after") or [None])[0]
+    after = api.dig(paging, "cursors.after")
+    if not after and isinstance(following, str):
+        after = (parse_qs(urlsplit(following).query).get("after") or [None])[0]
     return str(after) if after else None
 
 
@@ -203,17 +163,14 @@ class GraphPaginator(Paginator):
 
     def next(self, response: requests.Response, body: Any) -> dict[str, str] | str | None:
         if not self.may_repeat:
-            try:
-                return super().next(response, body)
-            except RepeatedCursor:
-                raise RepeatedCursor("the paging cursor repeated; refusing to loop") from None
-        ids = {str(i.get("id")) for i in body.get("data") or [] if isinstance(i, Mapping) and i.get("id")}
+            return super().next(response, body)  # a repeated cursor ends the stream, as on every platform
+        ids = {str(i["id"]) for i in api.dig(body, "data", list) or [] if api.dig(i, "id")}
         token, fresh = self.token(response, body), bool(ids - self.ids)
         self.ids |= ids
         return self.request(token) if token and fresh else None
 
     def token(self, response: requests.Response, body: Any) -> Any:
-        return _next_cursor(body.get("paging"))
+        return _next_cursor(api.dig(body, "paging"))
 
     def request(self, token: str) -> dict[str, str]:
         return {"after": token}
@@ -249,7 +206,7 @@ class Media(Stream):
         # out of place on it loses nothing); a hashtag's page ends it only when every post on it is older.
         listed = (source.listed(page, "data", f"GET {path}") for page in pages)
         for number, item in api.newest_first(listed, _created, since, whole_page=not self.in_order):
-            media_id = item.get("id") if isinstance(item, Mapping) else None
+            media_id = api.dig(item, "id")
             yield Entry(item, label=f"page {number}" + (f", media {media_id}" if media_id else ""))
 
     def where(self, entry: Entry) -> str:
@@ -271,9 +228,8 @@ class InstagramSource(APISource):
     secret_params = ("access_token",)  # Graph URLs (paging.next too) carry the token as a query parameter
     keeps_positions = False  # the run's watermark bounds every stream (media ids carry no order)
 
-    def __init__(self, settings: Any, *, now: Callable[[], datetime] | None = None, **kwargs: Any):
+    def __init__(self, settings: Any, **kwargs: Any):
         super().__init__(settings, **kwargs)
-        self.now = now or (lambda: datetime.now(timezone.utc))
         self.user_id = self.config.user_id.strip()
         self.hashtags = tuple(dict.fromkeys(normalize_hashtag(t) for t in self.config.hashtags if t.strip("# ")))
         self.token = self.config.access_token.reveal()
@@ -283,8 +239,8 @@ class InstagramSource(APISource):
 
     @classmethod
     def check_settings(cls, settings: Any) -> None:
+        super().check_settings(settings)
         config = settings.source(cls.name)
-        config.require(*cls.required)
         if not config.user_id.strip().isdigit():
             raise ConfigError(
                 "INSTAGRAM_USER_ID must be the numeric id of the Instagram Business/Creator account, not its @username"
@@ -328,11 +284,7 @@ class InstagramSource(APISource):
 
     def send(self, method: str, url: str, **kwargs: Any) -> requests.Response:
         kwargs["params"] = {**(kwargs.get("params") or {}), "access_token": self.token}
-        try:
-            response = super().send(method, url, **kwargs)
-        except requests.RequestException as exc:
-            # requests names the full URL, token included, and the retry log prints the exception.
-            raise _scrubbed(exc, self.scrub) from None
+        response = super().send(method, url, **kwargs)
         self.quota_used += 1
         return response
 
@@ -343,7 +295,21 @@ class InstagramSource(APISource):
         return self.refused(response, "") if error is not None and response.ok else super().classify(response)
 
     def retry_after(self, response: requests.Response) -> float | None:
-        return _regain_seconds(response)
+        """How long Meta says to wait: Retry-After, else the longest estimated_time_to_regain_access (minutes)."""
+        asked = retry_after_seconds(response)
+        if asked is not None:
+            return asked
+        # X-Business-Use-Case-Usage: {"<business id>": [{"type": "instagram", "call_count": 100, ...,
+        # "estimated_time_to_regain_access": 19}]}; a throttled account gets minutes, not seconds, to wait.
+        try:
+            usage = json.loads(response.headers.get("X-Business-Use-Case-Usage") or "{}")
+        except ValueError:
+            return None
+        values = usage.values() if isinstance(usage, dict) else []
+        entries = [entry for value in values if isinstance(value, list) for entry in value]
+        minutes = [api.dig(entry, "estimated_time_to_regain_access", (int, float)) for entry in entries]
+        longest = max((m for m in minutes if m is not None and not isinstance(m, bool)), default=0)
+        return float(longest) * 60 if longest > 0 else None
 
     def refused(self, response: requests.Response, text: str) -> Verdict:
         error = _error_object(response) or {}
@@ -383,11 +349,7 @@ class InstagramSource(APISource):
             self.reject(where, "hashtag search takes letters, digits and _ only (no spaces, punctuation or emoji)")
             return None
         cached = self.budget.known(hashtag)
-        if cached is not None and cached[1]:
-            self.budget.spend(hashtag, cached[0])  # inside its window: free, and the clock does not restart
-            return cached[0]
-        used = self.budget.in_window()
-        if used >= HASHTAG_LIMIT:
+        if not (cached and cached[1]) and (used := self.budget.in_window()) >= HASHTAG_LIMIT:
             self.reject(
                 where,
                 f"refused: {used} unique hashtags were already queried for account {self.user_id} in the last "
@@ -395,25 +357,23 @@ class InstagramSource(APISource):
                 "one of them is older than that",
             )
             return None
-        if cached is not None:  # ids are static and global: no search needed, but a new window starts
+        if cached is not None:
+            # Inside its window a cached hashtag is free (its clock does not restart); outside it, ids are static
+            # and global, so no search is needed, but a new window starts.
             self.budget.spend(hashtag, cached[0])
             return cached[0]
         try:
             _, body = self.get_json(self.url("ig_hashtag_search"), what="GET ig_hashtag_search",
                                     params={"user_id": self.user_id, "q": hashtag})  # fmt: skip
+            found, why = api.dig(body, "data.0.id"), "found no such hashtag (or it is one Instagram will not serve)"
         except StreamError as exc:
             if exc.whole_source:
                 raise
-            self.budget.spend(hashtag, None)
-            self.reject(where, f"ig_hashtag_search failed: {self.scrub(str(exc))}")
-            return None
-        data = body.get("data")
-        found = data[0].get("id") if isinstance(data, list) and data and isinstance(data[0], Mapping) else None
+            found, why = None, f"failed: {self.scrub(str(exc))}"
+        self.budget.spend(hashtag, str(found) if found else None)
         if not found:
-            self.budget.spend(hashtag, None)
-            self.reject(where, "ig_hashtag_search found no such hashtag (or it is one Instagram will not serve)")
+            self.reject(where, f"ig_hashtag_search {why}")
             return None
-        self.budget.spend(hashtag, str(found))
         log.info("instagram: #%s is hashtag id %s", hashtag, found)
         return str(found)
 

@@ -8,6 +8,7 @@ import re
 from collections.abc import Iterator, Mapping
 from datetime import datetime, timezone
 from html.parser import HTMLParser
+from types import MappingProxyType
 from typing import Any
 from urllib.parse import quote, urlsplit
 
@@ -39,6 +40,8 @@ LOCAL_STATUS_RE = re.compile(r"/users/[^/]+/statuses/(\d+)$")
 PAGE_SIZE = 40  # the most Mastodon returns per page
 ACCOUNT_RE = re.compile(r"^@?[A-Za-z0-9_]+(@[A-Za-z0-9.-]+\.[A-Za-z]{2,})?$")
 TAG_RE = re.compile(r"^\w+$")
+# An image is its own file; a video or GIF (gifv) gives its preview frame.
+IMAGE_FIELDS = {"image": "url", "gifv": "preview_url", "video": "preview_url"}
 # Mastodon ids since 2.0 are snowflakes: milliseconds since the epoch shifted 16 bits, then a sequence.
 SNOWFLAKE_FLOOR = 1 << 40
 
@@ -111,9 +114,9 @@ class Listing(Stream):
         source, what = self.source, f"{self.label} ({path})"
         for statuses in source.pages(source.base + path, params, paginator, what=what, get=source.get_list):
             for status in statuses:
-                sid = status.get("id") if isinstance(status, Mapping) else None
+                sid = api.dig(status, "id")
                 order = int(sid) if isinstance(sid, str) and sid.isdigit() else None
-                at = status_time(sid) or (api.parse_time(status.get("created_at")) if isinstance(status, Mapping) else None)
+                at = status_time(sid) or api.parse_time(api.dig(status, "created_at"))
                 yield Entry(status, order=order, at=at, label=str(sid or ""))
 
     def encode(self, order: Any) -> Any:
@@ -143,34 +146,25 @@ class Account(Listing):
 
 
 def _images(status: Mapping[str, Any]) -> list[str]:
-    urls = []
-    for media in status.get("media_attachments") or []:
-        if not isinstance(media, Mapping):
-            continue
-        kind = media.get("type")
-        url = media.get("url") if kind == "image" else media.get("preview_url") if kind in ("gifv", "video") else None
-        if isinstance(url, str) and url.strip():
-            urls.append(url.strip())
-    return list(dict.fromkeys(urls))
+    urls = (api.url_by_type(media, IMAGE_FIELDS) for media in api.dig(status, "media_attachments", list) or [])
+    return list(dict.fromkeys(url for url in urls if url))
 
 
 def status_to_post(status: Any, instance_host: str) -> Post:
     """A Status entity -> Post; a reblog is the original status (post_id = its global `uri`)."""
     if not isinstance(status, Mapping):
         raise RecordError(f"expected a status object, got {type(status).__name__}")
-    original = status.get("reblog") if isinstance(status.get("reblog"), Mapping) else status
-    uri = original.get("uri")
-    if not isinstance(uri, str) or not uri.strip():
+    original = api.dig(status, "reblog", Mapping) or status
+    uri = api.dig(original, "uri", str)
+    if not uri or not uri.strip():
         raise RecordError("missing uri")
-    account = original.get("account") if isinstance(original.get("account"), Mapping) else {}
-    acct = account.get("acct") if isinstance(account.get("acct"), str) else None
+    acct = api.dig(original, "account.acct", str)
     if acct and "@" not in acct:  # a local account: name it with its server, as remote ones are
-        acct = f"{acct}@{urlsplit(str(account.get('url') or '')).hostname or instance_host}"
-    content = original.get("content") if isinstance(original.get("content"), str) else ""
-    text = html_to_text(content)
-    spoiler = original.get("spoiler_text") if isinstance(original.get("spoiler_text"), str) else ""
-    caption = "\n\n".join(part for part in (html.unescape(spoiler).strip(), text) if part) or None
-    tags = [t["name"] for t in original.get("tags") or [] if isinstance(t, Mapping) and isinstance(t.get("name"), str)]
+        acct = f"{acct}@{urlsplit(str(api.dig(original, 'account.url') or '')).hostname or instance_host}"
+    text = html_to_text(api.dig(original, "content", str) or "")
+    spoiler = html.unescape(api.dig(original, "spoiler_text", str) or "").strip()
+    caption = "\n\n".join(part for part in (spoiler, text) if part) or None
+    tags = [name for t in api.dig(original, "tags", list) or [] if (name := api.dig(t, "name", str)) is not None]
     return post_from_dict(
         {
             "platform": "mastodon",
@@ -196,6 +190,11 @@ class MastodonSource(APISource):
     api_name = "Mastodon API"
     rate_limit_headers = ("X-RateLimit-Remaining", "X-RateLimit-Limit", "X-RateLimit-Reset")
     required = ("instance",)
+    one_of = MappingProxyType({"hashtags": "hashtag timelines", "accounts": "accounts' statuses"})
+    patterns = MappingProxyType({
+        "hashtags": (TAG_RE, "not a hashtag (letters, digits, _)", _tag),
+        "accounts": (ACCOUNT_RE, "not an account (@user@host or user)", str.strip),
+    })  # fmt: skip
 
     def __init__(self, settings: Any, **kwargs: Any):
         super().__init__(settings, **kwargs)
@@ -207,14 +206,6 @@ class MastodonSource(APISource):
         # Re-checked: statuses of this instance only (their uri is on it). A remote status's id here is this
         # instance's copy, and a 404 may only mean it never heard of the delete or dropped its cache.
         self.recheck_prefix = self.base + "/"
-
-    @classmethod
-    def check_settings(cls, settings: Any) -> None:
-        config = settings.source(cls.name)
-        config.require(*cls.required)
-        api.need_one_of(cls.name, config, hashtags="hashtag timelines", accounts="accounts' statuses")
-        api.each_matches(config, "hashtags", TAG_RE, "not a hashtag (letters, digits, _)", _tag)
-        api.each_matches(config, "accounts", ACCOUNT_RE, "not an account (@user@host or user)")
 
     def stream_objects(self) -> list[Stream]:
         tags = dict.fromkeys(_tag(t) for t in self.config.hashtags)

@@ -7,6 +7,7 @@ import re
 import time
 from collections.abc import Iterator, Mapping
 from datetime import datetime, timezone
+from types import MappingProxyType
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -68,10 +69,9 @@ class Subreddit(Stream):
         source = self.source
         for page in source.pages(url, params, CursorPaginator("data.after", "after"), what=what, get=source.authed_get):
             for child in source.listed(page, "data.children", what, "a Listing"):
-                post = child.get("data") if isinstance(child, Mapping) and isinstance(child.get("data"), Mapping) else {}
-                pid = post.get("id")
+                pid = api.dig(child, "data.id")
                 order = int(pid, 36) if isinstance(pid, str) and ID_RE.match(pid) else None
-                created = post.get("created_utc")
+                created = api.dig(child, "data.created_utc")
                 at = datetime.fromtimestamp(created, tz=timezone.utc) if isinstance(created, (int, float)) else None
                 yield Entry(child, order=order, at=at, label=str(pid or ""))
 
@@ -90,31 +90,21 @@ class Subreddit(Stream):
 
 def _images(post: Mapping[str, Any]) -> list[str]:
     """A gallery in its order, a direct image, else the preview's source image."""
-    gallery = post.get("gallery_data")
-    metadata = post.get("media_metadata") if isinstance(post.get("media_metadata"), Mapping) else {}
-    if isinstance(gallery, Mapping) and isinstance(gallery.get("items"), list):
-        urls = []
-        for item in gallery["items"]:
-            meta = metadata.get(item.get("media_id")) if isinstance(item, Mapping) else None
-            if not isinstance(meta, Mapping) or meta.get("status") not in (None, "valid"):
-                continue  # an image that failed processing or was removed
-            source = meta.get("s") if isinstance(meta.get("s"), Mapping) else {}
-            url = source.get("u") or source.get("gif")
-            if isinstance(url, str) and url:
-                urls.append(url)
-        return urls
+    gallery = api.dig(post, "gallery_data.items", list)
+    if gallery is not None:
+        ids = [api.dig(item, "media_id", str) or "" for item in gallery]
+        metadata = [api.dig(post, ("media_metadata", media_id), Mapping) for media_id in ids]
+        valid = [meta for meta in metadata if meta and meta.get("status") in (None, "valid")]  # not failed or removed
+        urls = [api.dig(meta, "s.u") or api.dig(meta, "s.gif") for meta in valid]
+        return [url for url in urls if isinstance(url, str) and url]
     url = post.get("url_overridden_by_dest") or post.get("url")
     if isinstance(url, str) and (
         post.get("post_hint") == "image"
         or (urlsplit(url).hostname in IMAGE_HOSTS and urlsplit(url).path.lower().endswith(IMAGE_SUFFIXES))
     ):
         return [url]
-    preview = post.get("preview") if isinstance(post.get("preview"), Mapping) else {}
-    images = preview.get("images") if isinstance(preview.get("images"), list) else []
-    first = images[0] if images and isinstance(images[0], Mapping) else {}
-    source = first.get("source") if isinstance(first.get("source"), Mapping) else {}
-    url = source.get("url")
-    return [url] if isinstance(url, str) and url else []
+    url = api.dig(post, "preview.images.0.source.url", str)
+    return [url] if url else []
 
 
 def thing_to_post(thing: Any) -> Post:
@@ -128,8 +118,7 @@ def thing_to_post(thing: Any) -> Post:
     created = post.get("created_utc")
     if not isinstance(created, (int, float)) or isinstance(created, bool):
         raise RecordError("missing created_utc")
-    title = post.get("title") if isinstance(post.get("title"), str) else ""
-    body = post.get("selftext") if isinstance(post.get("selftext"), str) else ""
+    title, body = api.dig(post, "title", str) or "", api.dig(post, "selftext", str) or ""
     score = post.get("score")
     permalink = post.get("permalink")
     return post_from_dict(
@@ -137,7 +126,7 @@ def thing_to_post(thing: Any) -> Post:
             "platform": "reddit",
             "post_id": pid,
             "created_at": datetime.fromtimestamp(created, tz=timezone.utc),
-            "author_username": post.get("author") if isinstance(post.get("author"), str) else None,
+            "author_username": api.dig(post, "author", str),
             "caption": "\n\n".join(part for part in (title, body) if part) or None,
             # A score can go below zero; like_count cannot (the score itself stays in raw).
             "like_count": max(0, score) if isinstance(score, int) and not isinstance(score, bool) else None,
@@ -156,6 +145,7 @@ class RedditSource(APISource):
     name = "reddit"
     api_name = "Reddit API"
     required = ("client_id", "client_secret", "user_agent", "subreddits")
+    patterns = MappingProxyType({"subreddits": (SUBREDDIT_RE, "not a subreddit name", _subreddit)})
 
     def __init__(self, settings: Any, **kwargs: Any):
         super().__init__(settings, **kwargs)
@@ -163,12 +153,6 @@ class RedditSource(APISource):
         self._expires = 0.0
         # Reddit throttles or blocks generic agents; its rules ask for "<platform>:<app id>:<version> (by /u/name)".
         self.auth_headers = {"User-Agent": self.config.user_agent}
-
-    @classmethod
-    def check_settings(cls, settings: Any) -> None:
-        config = settings.source(cls.name)
-        config.require(*cls.required)
-        api.each_matches(config, "subreddits", SUBREDDIT_RE, "not a subreddit name", _subreddit)
 
     def stream_objects(self) -> list[Stream]:
         return [Subreddit(self, n) for n in dict.fromkeys(map(_subreddit, self.config.subreddits))]
@@ -192,9 +176,8 @@ class RedditSource(APISource):
                 what = f"api/info ({len(batch)} held posts)"
                 _, page = self.authed_get(url, what=what, params={"id": names, "raw_json": 1})
                 for child in self.listed(page, "data.children", what, "a Listing"):
-                    post = child.get("data") if isinstance(child, Mapping) else None
-                    if isinstance(post, Mapping) and isinstance(post.get("id"), str):
-                        found[post["id"]] = post
+                    if isinstance(pid := api.dig(child, "data.id"), str):
+                        found[pid] = child["data"]
             for pid in batch:
                 post = found.get(pid)
                 removed = post.get("removed_by_category") if post else None

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from datetime import datetime, timedelta, timezone
+from types import MappingProxyType
 from typing import Any
 
 import requests
@@ -72,32 +73,18 @@ def unescape_text(text: str) -> str:
     return _ESCAPED.sub(lambda m: _UNESCAPED[m.group(1)], text)
 
 
+# Photos carry the image itself; videos and GIFs only a still frame (their files are mp4 variants).
+IMAGE_FIELDS = {"photo": "url", "video": "preview_image_url", "animated_gif": "preview_image_url"}
+
+
 def _username(value: str) -> str:
     return value.strip().lstrip("@")
 
 
-def _problem(response: requests.Response) -> dict[str, Any]:
-    """The error body (RFC 7807 problem, or the older {"errors": [...]}) as a dict; {} if it is not one."""
-    body = api.json_of(response)
-    return body if isinstance(body, dict) else {}
-
-
-def _errors_text(body: Mapping[str, Any], *keys: str) -> list[str]:
-    """The texts of an {"errors": [...]} list, each error's first of `keys` that it has."""
-    errors = [e for e in body.get("errors") or [] if isinstance(e, Mapping)]
+def _errors_text(body: Any, *keys: str) -> list[str]:
+    """The texts of an {"errors": [...]} list (the error body, RFC 7807 or older), each error's first of `keys`."""
+    errors = [e for e in api.dig(body, "errors", list) or [] if isinstance(e, Mapping)]
     return [str(t) for t in (next((e[k] for k in keys if e.get(k)), None) for e in errors) if t]
-
-
-def _image_url(media: Mapping[str, Any]) -> str | None:
-    # Photos carry the image itself; videos and GIFs only a still frame (their files are mp4 variants).
-    kind = media.get("type")
-    if kind == "photo":
-        url = media.get("url")
-    elif kind in ("video", "animated_gif"):
-        url = media.get("preview_image_url")
-    else:
-        return None
-    return url.strip() if isinstance(url, str) and url.strip() else None
 
 
 def tweet_to_post(
@@ -112,27 +99,16 @@ def tweet_to_post(
     if not tweet.get("created_at"):
         raise RecordError("missing created_at")
     author = users_by_id.get(str(tweet.get("author_id")))
-    author_name = author.get("username") if isinstance(author, Mapping) else None
-    author_name = author_name if isinstance(author_name, str) and author_name else username
-    attachments = tweet.get("attachments")
-    keys = attachments.get("media_keys") if isinstance(attachments, Mapping) else None
-    media = [media_by_key[k] for k in keys or () if isinstance(k, str) and k in media_by_key]
-    urls = [url for url in map(_image_url, media) if url]
-    note = tweet.get("note_tweet") if isinstance(tweet.get("note_tweet"), Mapping) else None
-    whole = note if note is not None and isinstance(note.get("text"), str) else tweet
+    author_name = api.dig(author, "username", str) or username
+    keys = api.dig(tweet, "attachments.media_keys", list) or ()
+    media = [media_by_key[k] for k in keys if isinstance(k, str) and k in media_by_key]
+    urls = [url for url in (api.url_by_type(m, IMAGE_FIELDS) for m in media) if url]
+    whole = tweet["note_tweet"] if api.dig(tweet, "note_tweet.text", str) is not None else tweet
     text = unescape_text(whole["text"]) if isinstance(whole.get("text"), str) else None
-    entities = whole.get("entities")
-    tags = entities.get("hashtags") if isinstance(entities, Mapping) else None
-    if isinstance(tags, list) and tags:
-        names = (t.get("tag") for t in tags if isinstance(t, Mapping) and isinstance(t.get("tag"), str))
-        hashtags = tuple(dict.fromkeys(name.lower() for name in names if name))
-    else:
-        hashtags = extract_hashtags(text)
-    metrics = tweet.get("public_metrics") if isinstance(tweet.get("public_metrics"), Mapping) else {}
+    tags = [api.dig(t, "tag", str) for t in api.dig(whole, "entities.hashtags", list) or ()]
+    hashtags = tuple(dict.fromkeys(t.lower() for t in tags if t)) if tags else extract_hashtags(text)
     # x.com/i/web/status/{id} resolves to the post whoever wrote it, for the rare tweet without its author.
-    permalink = (
-        f"https://x.com/{author_name}/status/{post_id}" if author_name else f"https://x.com/i/web/status/{post_id}"
-    )
+    permalink = f"https://x.com/{author_name or 'i/web'}/status/{post_id}"
     # The shared validator, as for every source: dates, counts, text and sizes checked one way.
     return post_from_dict(
         {
@@ -141,14 +117,14 @@ def tweet_to_post(
             "created_at": tweet["created_at"],
             "author_username": author_name,
             "caption": text,
-            "like_count": metrics.get("like_count"),
-            "comment_count": metrics.get("reply_count"),
+            "like_count": api.dig(tweet, "public_metrics.like_count"),
+            "comment_count": api.dig(tweet, "public_metrics.reply_count"),
             "permalink": permalink,
             "image_urls": urls[:MAX_IMAGES],
             "hashtags": list(hashtags),
             "raw": {**tweet, "author": author, "media": media},
             # X's BCP 47 guess ("und" and the q* codes when it cannot tell: left unknown).
-            "lang": tweet.get("lang") if isinstance(tweet.get("lang"), str) else None,
+            "lang": api.dig(tweet, "lang", str),
         }
     )
 
@@ -177,10 +153,9 @@ class Tweets(Stream):
         params = {**params, **bounds, **TWEET_PARAMS, "max_results": size}
         pages = source.pages(source.base + path, params, CursorPaginator("meta.next_token", token_param), what=path)
         for number, page in enumerate(pages, start=1):
-            includes = page.get("includes") if isinstance(page.get("includes"), Mapping) else {}
-            media = {m["media_key"]: m for m in includes.get("media") or [] if isinstance(m, Mapping) and "media_key" in m}
-            users = {str(u["id"]): u for u in includes.get("users") or [] if isinstance(u, Mapping) and "id" in u}
-            tweets = page.get("data") if isinstance(page.get("data"), list) else []
+            media = {m["media_key"]: m for m in api.dig(page, "includes.media", list) or [] if api.dig(m, "media_key")}
+            users = {str(u["id"]): u for u in api.dig(page, "includes.users", list) or [] if api.dig(u, "id")}
+            tweets = api.dig(page, "data", list) or []
             if page.get("errors"):
                 problem = "; ".join(dict.fromkeys(_errors_text(page, "detail", "title", "message")))
                 if not tweets and self.username:
@@ -191,8 +166,8 @@ class Tweets(Stream):
                 log.debug("twitter: %s page %d: partial errors: %s", self.slot, number, problem)
             for tweet in tweets:
                 source.quota_used += 1  # X bills each post read
-                tid = tweet.get("id") if isinstance(tweet, Mapping) else None
-                tid = tid if isinstance(tid, str) and tid.isdigit() else None
+                tid = api.dig(tweet, "id", str)
+                tid = tid if tid and tid.isdigit() else None
                 minted = snowflake_time(tid) if tid else None
                 if floor is not None and minted is not None and minted < floor:
                     continue  # start_time bounds the listing; a tweet older than the window is not taken
@@ -243,13 +218,16 @@ class TwitterSource(APISource):
     rate_limit_headers = ("x-rate-limit-remaining", "x-rate-limit-limit", "x-rate-limit-reset")
     wait_setting = "TWITTER_MAX_WAIT"
     required = ("bearer_token",)
+    one_of = MappingProxyType({"query": "a recent search", "usernames": "user timelines"})
+    patterns = MappingProxyType(
+        {"usernames": (USERNAME_RE, "not an X username (1-15 letters, digits or _)", _username)}
+    )
     stream_error_ends_fetch = True  # the runner records the stream as failed, keeps its since_id, runs the next
 
-    def __init__(self, settings: Settings, *, now: Callable[[], datetime] | None = None, **kwargs: Any):
+    def __init__(self, settings: Settings, **kwargs: Any):
         super().__init__(settings, **kwargs)
         # A 429 asks us to wait for x-rate-limit-reset, up to 15 minutes away: TWITTER_MAX_WAIT bounds it.
         self.policy = RetryPolicy.from_settings(settings, max_wait=self.config.max_wait)
-        self.now = now or (lambda: datetime.now(timezone.utc))
         self.base = self.config.api_base.rstrip("/")
         token = self.config.bearer_token.reveal().strip()
         # On each request, never on the session: the session may be shared with the image downloader.
@@ -258,15 +236,11 @@ class TwitterSource(APISource):
 
     @classmethod
     def check_settings(cls, settings: Settings) -> None:
-        config = settings.source(cls.name)
-        config.require(*cls.required)
-        api.need_one_of(cls.name, config, query="a recent search", usernames="user timelines")
-        if len(config.query) > MAX_QUERY_CHARS:
+        super().check_settings(settings)
+        if len(query := settings.source(cls.name).query) > MAX_QUERY_CHARS:
             raise ConfigError(
-                f"TWITTER_QUERY is {len(config.query)} characters; recent search takes at most {MAX_QUERY_CHARS}"
+                f"TWITTER_QUERY is {len(query)} characters; recent search takes at most {MAX_QUERY_CHARS}"
             )
-        api.each_matches(config, "usernames", USERNAME_RE,
-                         "not an X username (1-15 letters, digits or _)", _username)  # fmt: skip
 
     def probe(self) -> str | None:
         # An app-only token cannot call /2/users/me; a username lookup is the cheapest authenticated call.
@@ -308,18 +282,18 @@ class TwitterSource(APISource):
         return tweet_to_post(tweet, media, users, username=getattr(stream, "username", None))
 
     def classify(self, response: requests.Response) -> Verdict:
-        if response.status_code == 429 and str(_problem(response).get("type", "")).endswith("/usage-capped"):
+        if response.status_code == 429 and str(api.dig(api.json_of(response), "type")).endswith("/usage-capped"):
             # A monthly/spend cap: waiting for the 15-minute window will not lift it.
             return fatal(f"usage cap reached; no more reads until it resets or credits are added. X says: "
                          f"{self.error_text(response)}", whole_source=True)  # fmt: skip
         return super().classify(response)
 
     def refused(self, response: requests.Response, text: str) -> Verdict:
-        status, problem = response.status_code, _problem(response)
+        status, problem = response.status_code, api.json_of(response)
         if status == 401:
             return fatal("the bearer token (401 Unauthorized): check TWITTER_BEARER_TOKEN; it may be mistyped, "
                          "or revoked or regenerated in the developer console", whole_source=True)  # fmt: skip
-        if status == 403 and problem.get("reason") == "client-not-enrolled":
+        if status == 403 and api.dig(problem, "reason") == "client-not-enrolled":
             return fatal(
                 "403 client-not-enrolled: the app behind TWITTER_BEARER_TOKEN has no read access at its access level "
                 "(the Free tier cannot read posts; the app must belong to a Project with pay-per-use credits or a "
@@ -330,8 +304,9 @@ class TwitterSource(APISource):
         return fatal(f"HTTP {status}: {text}")
 
     def error_text(self, response: requests.Response) -> str:
-        problem = _problem(response)
-        parts = [str(problem[k]) for k in ("title", "detail") if problem.get(k)] + _errors_text(problem, "message", "detail")
+        problem = api.json_of(response)
+        parts = [str(v) for k in ("title", "detail") if (v := api.dig(problem, k))]
+        parts += _errors_text(problem, "message", "detail")
         return clean_text("; ".join(dict.fromkeys(parts))) or super().error_text(response)
 
     def _lookup(self, username: str) -> dict[str, Any]:
@@ -345,10 +320,10 @@ class TwitterSource(APISource):
             return cached
         body = self._lookup(username)
         self.quota_used += 1
-        user = body.get("data")
-        if not isinstance(user, Mapping) or not str(user.get("id", "")).isdigit():
+        user_id = str(api.dig(body, "data.id"))
+        if not user_id.isdigit():
             reasons = _errors_text(body, "detail", "title")
             self.reject(f"TWITTER_USERNAMES @{username}", reasons[0] if reasons else "no user in the answer")
             return None
-        self._user_ids[username.lower()] = str(user["id"])
-        return str(user["id"])
+        self._user_ids[username.lower()] = user_id
+        return user_id
