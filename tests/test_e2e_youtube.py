@@ -126,7 +126,7 @@ def test_youtube_rerun_is_incremental_and_changes_nothing(run_etl, db, http_serv
     assert run_etl("run", env=youtube_env(http_server)).returncode == 0
     http_server.requests.clear()
 
-    # Debug logging on purpose: urllib3 logs its request URLs (with key=) at DEBUG.
+    # Debug logging on purpose: the google client logs its request URLs (with key=) at DEBUG.
     result = run_etl("run", "--source", "youtube", env=youtube_env(http_server, ETL_LOG_LEVEL="DEBUG"))
     output = result.stdout + result.stderr
     assert result.returncode == 0, output

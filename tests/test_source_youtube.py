@@ -1,4 +1,4 @@
-"""The youtube source over the official API's JSON shapes, served in sequence on loopback: no sleeping."""
+"""The youtube source over the official API's JSON shapes, served by HttpMockSequence: no network, no sleeping."""
 
 from __future__ import annotations
 
@@ -18,17 +18,14 @@ from etl.sources.youtube import YouTubeSource, best_thumbnail, quota_day_start
 from tests.platform_youtube import (
     API_KEY,
     CHANNEL_ID,
-    DROP,
     UPLOADS_ID,
     UPLOADS_SEQUENCE,
-    close_all,
     contract_posts,
     load,
     mock_http,
     no_sleep_policy,
     reply,
 )
-from tests.support import free_port
 
 UTC = timezone.utc
 
@@ -47,15 +44,8 @@ def settings(make_settings):
     return build
 
 
-@pytest.fixture(autouse=True)
-def _close_fake_apis():
-    yield
-    close_all()
-
-
 def make_source(settings, http, sleeps=None, attempts=3, db=None, **env):
-    env = {"YOUTUBE_API_BASE": http.base, **env} if http is not None else env
-    source = YouTubeSource(settings(**env), state=QuotaLedger(db) if db is not None else None)
+    source = YouTubeSource(settings(**env), http=http, state=QuotaLedger(db) if db is not None else None)
     source.policy = no_sleep_policy(attempts=attempts, sleeps=sleeps)
     return source
 
@@ -306,9 +296,9 @@ def test_handle_is_resolved_with_for_handle(settings):
 
 def test_api_base_override_is_used(settings):
     http = mock_http(*UPLOADS_SEQUENCE)
-    fetch_all(make_source(settings, http, YOUTUBE_API_BASE=http.base + "/yt-proxy"))
+    fetch_all(make_source(settings, http, YOUTUBE_API_BASE="http://127.0.0.1:9/yt-proxy"))
     uri = http.request_sequence[0][0]
-    assert uri.startswith(http.base + "/yt-proxy/youtube/v3/channels?")
+    assert uri.startswith("http://127.0.0.1:9/yt-proxy/youtube/v3/channels?")
 
 
 # -- the search path --------------------------------------------------------------------------------
@@ -503,17 +493,32 @@ def test_retries_give_up_with_a_source_error(settings):
 
 
 def test_connection_error_is_retried(settings):
-    # The first connection is closed without an answer, then the sequence answers.
+    class FlakyHttp:
+        """Refuses the first connection, then answers from a mock sequence."""
+
+        def __init__(self):
+            self.inner = mock_http(*UPLOADS_SEQUENCE)
+            self.refused = 0
+
+        def request(self, uri, *args, **kwargs):
+            if self.refused == 0:
+                self.refused += 1
+                raise ConnectionRefusedError(111, f"Connection refused for {uri}")
+            return self.inner.request(uri, *args, **kwargs)
+
     sleeps: list[float] = []
-    http = mock_http(DROP, *UPLOADS_SEQUENCE)
+    http = FlakyHttp()
     assert len(fetch_all(make_source(settings, http, sleeps=sleeps))) == 4
-    assert calls(http)[0] == calls(http)[1] and len(sleeps) == 1
+    assert http.refused == 1 and len(sleeps) == 1
 
 
 def test_connection_error_message_has_no_key(settings):
-    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    class DeadHttp:
+        def request(self, uri, *args, **kwargs):
+            raise ConnectionRefusedError(111, f"Connection refused for {uri}")
+
     with pytest.raises(SourceError) as info:
-        fetch_all(make_source(settings, None, attempts=2, YOUTUBE_API_BASE=dead))
+        fetch_all(make_source(settings, DeadHttp(), attempts=2))
     assert "cannot reach the API" in str(info.value)
     assert API_KEY not in str(info.value) and "key=***" in str(info.value)
 
@@ -539,14 +544,14 @@ def test_other_errors_become_a_source_error_with_the_api_message(settings, fixtu
     assert API_KEY not in message and API_KEY not in caplog.text
     assert (
         info.value.__cause__ is None and info.value.__suppress_context__
-    )  # no chained HTTP error (its URL has the key)
+    )  # no chained HttpError (its URL has the key)
     assert len(http.request_sequence) == 1  # not retried
 
 
-def test_request_log_lines_are_scrubbed(settings, caplog):
-    with caplog.at_level(logging.DEBUG, logger="urllib3"):
+def test_google_client_log_lines_are_scrubbed(settings, caplog):
+    with caplog.at_level(logging.DEBUG, logger="googleapiclient"):
         fetch_all(make_source(settings, mock_http(*UPLOADS_SEQUENCE)))
-    assert '"GET /youtube/v3/channels?' in caplog.text  # urllib3 did log the request URLs...
+    assert "URL being requested" in caplog.text  # the client did log its URLs...
     assert "key=***" in caplog.text and API_KEY not in caplog.text  # ...without the key
 
 

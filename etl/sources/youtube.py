@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import html
+import http.client
 import logging
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from itertools import islice
+from types import MappingProxyType
 from typing import Any
 
 import requests
+from requests.structures import CaseInsensitiveDict
 
 from etl.config import Secret, Setting, Settings, comma_list, http_base, positive_int, text
 from etl.db.platform import QuotaLedger
@@ -35,7 +38,6 @@ log = logging.getLogger(__name__)
 # Quota units per call (developers.google.com/youtube/v3/determine_quota_cost). The cost does not depend
 # on `part` or on maxResults; every request is charged, failed ones included, so each attempt is counted.
 COSTS = {"channels.list": 1, "playlistItems.list": 1, "search.list": 100, "videos.list": 1}
-API_BASE = "https://www.googleapis.com"
 PAGE_SIZE = 50  # the API's largest maxResults, and the most ids videos.list accepts in one call
 THUMBNAIL_SIZES = ("maxres", "standard", "high", "medium", "default")  # best first
 WATCH_URL = "https://www.youtube.com/watch?v={}"
@@ -48,8 +50,8 @@ KEY_REASONS = frozenset({"keyInvalid", "keyExpired", "API_KEY_INVALID", "API_KEY
 _HTML_TAG = re.compile(r"<[^>]+>")
 
 
-# urllib3 logs every request URL at debug level, the API key among its parameters.
-api.scrub_logs(("urllib3.connectionpool",), ("key",))
+# The google client logs its request URLs, the API key among their parameters.
+api.scrub_logs(("googleapiclient.discovery", "googleapiclient.http"), ("key",))
 
 
 def quota_day_start(now: datetime | None = None) -> datetime:
@@ -66,40 +68,56 @@ def quota_day_start(now: datetime | None = None) -> datetime:
 
 def best_thumbnail(thumbnails: Any) -> str | None:
     """The URL of the largest thumbnail offered (maxres > standard > high > medium > default), or None."""
-    urls = (api.dig(thumbnails, (size, "url")) for size in THUMBNAIL_SIZES)
-    return next((url.strip() for url in urls if isinstance(url, str) and url.strip()), None)
+    if not isinstance(thumbnails, Mapping):
+        return None
+    for size in THUMBNAIL_SIZES:
+        entry = thumbnails.get(size)
+        url = entry.get("url") if isinstance(entry, Mapping) else None
+        if isinstance(url, str) and url.strip():
+            return url.strip()
+    return None
 
 
 def _published(item: Mapping[str, Any]) -> datetime | None:
     """When a playlist item's or search result's video was published; None when the item does not say."""
     # A playlist item's snippet.publishedAt is when it was added to the playlist; for uploads that is the
     # upload time, while contentDetails.videoPublishedAt is when the video went public (absent if private).
-    return api.parse_time(api.dig(item, "contentDetails.videoPublishedAt") or api.dig(item, "snippet.publishedAt"))
+    details, snippet = item.get("contentDetails") or {}, item.get("snippet") or {}
+    return api.parse_time(details.get("videoPublishedAt") or snippet.get("publishedAt"))
 
 
 def _video_id(item: Mapping[str, Any]) -> str | None:
     """The video id of a playlistItem (contentDetails.videoId) or a searchResult (id.videoId)."""
-    if isinstance(item.get("id"), Mapping):
-        value = api.dig(item, "id.videoId")
+    ident = item.get("id")
+    if isinstance(ident, Mapping):
+        value = ident.get("videoId")
     else:
-        value = api.dig(item, "contentDetails.videoId") or api.dig(item, "snippet.resourceId.videoId")
+        value = (item.get("contentDetails") or {}).get("videoId") or (
+            ((item.get("snippet") or {}).get("resourceId") or {}).get("videoId")
+        )
     return value if isinstance(value, str) and value else None
 
 
 def google_error(response: requests.Response) -> tuple[str, str]:
     """(reason, message) from Google's error JSON: {"error": {"code", "message", "errors": [{"reason", ...}]}}."""
-    body = api.json_of(response)
-    error = body.get("error") if isinstance(body, Mapping) else None
-    reason, message = "", error if isinstance(error, str) else ""
-    if isinstance(error, Mapping):
+    reason, message = "", ""
+    try:
+        data = response.json()
+    except ValueError:
+        data = None
+    error = data.get("error") if isinstance(data, dict) else None
+    if isinstance(error, dict):
+        message = error.get("message") if isinstance(error.get("message"), str) else ""
         errors = error.get("errors")
-        first = errors[0] if isinstance(errors, list) and errors and isinstance(errors[0], Mapping) else {}
-        message = str(error.get("message") or first.get("message") or "")
-        reason = str(first.get("reason") or "")
+        if isinstance(errors, list) and errors and isinstance(errors[0], dict):
+            reason = str(errors[0].get("reason") or "")
+            message = message or str(errors[0].get("message") or "")
         for detail in error.get("details") or []:  # newer errors carry an ErrorInfo with a reason
-            if isinstance(detail, Mapping) and detail.get("reason") in KEY_REASONS:
+            if isinstance(detail, dict) and detail.get("reason") in KEY_REASONS:
                 reason = detail["reason"]
         reason = reason or str(error.get("status") or "")
+    elif isinstance(error, str):
+        message = error
     message = message or response.text.strip()[:200] or response.reason or ""
     # Google's messages contain HTML ("exceeded your <a href=...>quota</a>").
     return reason, " ".join(html.unescape(_HTML_TAG.sub("", message)).split()) or f"HTTP {response.status_code}"
@@ -184,30 +202,29 @@ class Videos(Stream):
 class YouTubeSource(APISource):
     """Uploads of YOUTUBE_CHANNEL_IDS and/or YOUTUBE_QUERY search results; the best thumbnail is the image.
 
-    The Data API is JSON over HTTPS with the key as a `key=` parameter: every call goes through request()."""
+    Calls go through google-api-python-client's transport: `http` (an httplib2.Http, or
+    googleapiclient.http.HttpMockSequence in tests) replaces the real one.
+    """
 
     name = "youtube"
     api_name = "YouTube Data API"
     required = ("api_key",)
     state_type = QuotaLedger
-    secret_params = ("key",)  # the API key travels in the request URLs
+    secret_params = ("key",)  # the google client puts the API key in its request URLs
     keeps_positions = False  # the run's watermark bounds every stream (kept per stream by the runner)
     stream_error_ends_fetch = True  # the runner records the stream as failed and runs the next one
+    one_of = MappingProxyType({"channel_ids": "channels whose uploads to archive", "query": "a search query"})
 
-    def __init__(self, settings: Settings, **kwargs: Any):
+    def __init__(self, settings: Settings, *, http: Any = None, **kwargs: Any):
         super().__init__(settings, **kwargs)
+        self._http = http
         self._key = self.config.api_key.reveal()
         self.secret_values = (self._key,)
+        self._service: Any = None
         # Kept for the source's lifetime, so the chunks of a backfill (one fetch each) do not pay again:
         self._uploads: dict[str, str | None] = {}  # channel -> uploads playlist (None: no such channel)
         self._page_index: dict[str, list[_PageMark]] = {}  # per playlist, the pages seen, from the top
         self.quota_used_earlier = 0  # by earlier runs of today's quota day, read from etl_runs
-
-    @classmethod
-    def check_settings(cls, settings: Settings) -> None:
-        config = settings.source(cls.name)
-        super().check_settings(settings)
-        api.need_one_of(cls.name, config, channel_ids="channels whose uploads to archive", query="a search query")
 
     def probe(self) -> str | None:
         # channels.list of one id: 1 quota unit, whether or not the channel exists; a bad key is refused.
@@ -265,8 +282,7 @@ class YouTubeSource(APISource):
 
     def listing(self, method: str, params: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
         """Every page of a list call, following nextPageToken (a repeated token ends the stream, not complete)."""
-        paginator = api.CursorPaginator("nextPageToken", "pageToken")
-        return self.pages(self.endpoint(method), params, paginator, what=method, cost=method)
+        return self.pages(method, params, api.CursorPaginator("nextPageToken", "pageToken"), what=method, get=self.get)
 
     def uploads(self, channel: str) -> str | None:
         """The channel's uploads playlist; the channels this source reads are resolved together, once."""
@@ -274,9 +290,7 @@ class YouTubeSource(APISource):
             pending = [c for c in dict.fromkeys(self.config.channel_ids)
                        if c not in self._uploads and self.reads(f"channel:{c}")]  # fmt: skip
             ids = [c for c in pending if not c.startswith("@")]
-            found: dict[str, str] = {}
-            for batch in api.batches(ids, PAGE_SIZE):
-                found.update(self.channels(id=",".join(batch)))
+            found = {k: v for n in range(0, len(ids), PAGE_SIZE) for k, v in self.channels(id=",".join(ids[n : n + PAGE_SIZE])).items()}
             for handle in (c for c in pending if c.startswith("@")):  # channels.list?forHandle=@name resolves it
                 found.update((handle, playlist) for playlist in self.channels(forHandle=handle).values())
             for name in pending:
@@ -288,9 +302,9 @@ class YouTubeSource(APISource):
     def channels(self, **params: Any) -> dict[str, str]:
         """Channel id -> uploads playlist, by one channels.list call."""
         page = self.call("channels.list", {"part": "contentDetails", "maxResults": PAGE_SIZE, **params})
-        items = page.get("items") or []
-        uploads = ((api.dig(item, "id"), api.dig(item, "contentDetails.relatedPlaylists.uploads")) for item in items)
-        return {channel: playlist for channel, playlist in uploads if playlist}
+        items = [item for item in page.get("items") or [] if isinstance(item, dict)]
+        return {item.get("id"): playlist for item in items
+                if (playlist := ((item.get("contentDetails") or {}).get("relatedPlaylists") or {}).get("uploads"))}  # fmt: skip
 
     def playlist_pages(self, playlist: str, window: FetchWindow) -> Iterator[dict[str, Any]]:
         """The playlist's pages for this window; a backfill chunk starts near its `until` instead of at the top.
@@ -324,20 +338,47 @@ class YouTubeSource(APISource):
         page = self.call("videos.list", {"part": "snippet,statistics", "id": ",".join(ids)})
         return {item["id"]: item for item in page.get("items") or [] if isinstance(item, dict) and item.get("id")}
 
-    # -- the Data API over request(): the key as a parameter, quota per attempt, Google's error JSON -----
+    # -- the Data API over request(): google's transport, quota per attempt, Google's error JSON -------
+
+    @property
+    def service(self) -> Any:
+        if self._service is None:
+            import httplib2
+            from googleapiclient.discovery import build
+
+            base = self.config.api_base
+            # api_endpoint replaces rootUrl; the method paths (youtube/v3/...) are joined to it, so it needs
+            # its trailing slash or a path prefix of the override would be dropped.
+            self._http = self._http or httplib2.Http(timeout=self.settings.read_timeout)
+            self._service = build("youtube", "v3", developerKey=self._key, http=self._http,
+                                  static_discovery=True,  # the discovery document shipped with the library: no fetch
+                                  cache_discovery=False, client_options={"api_endpoint": base + "/"} if base else None)  # fmt: skip
+        return self._service
 
     def call(self, method: str, params: Mapping[str, Any]) -> dict[str, Any]:
-        return self.get_json(self.endpoint(method), what=method, params=params, cost=method)[1]
+        return self.get(method, what=method, params=params)[1]
 
-    def endpoint(self, method: str) -> str:
-        """The URL of a method ("videos.list" -> {base}/youtube/v3/videos)."""
-        return f"{self.config.api_base or API_BASE}/youtube/v3/{method.split('.')[0]}"
+    def get(self, method: str, *, what: str, params: Mapping[str, Any] | None = None) -> tuple[requests.Response, dict]:
+        """One API call (e.g. "videos.list"): the google client builds the request, request() sends and sorts it."""
+        resource, verb = method.split(".")
+        built = getattr(getattr(self.service, resource)(), verb)(**(params or {}))
+        response = self.request(built.method, built.uri, what=method, endpoint=method, headers=built.headers)
+        return response, self.json_object(response, method)
 
-    def send(self, method: str, url: str, *, cost: str, **kwargs: Any) -> requests.Response:
-        """One attempt, charged to the quota before it is sent (Google bills failed calls too)."""
-        self._spend(COSTS[cost], cost)
-        kwargs["params"] = {**(kwargs.get("params") or {}), "key": self._key}
-        return super().send(method, url, **kwargs)
+    def send(self, method: str, url: str, *, endpoint: str = "", headers: Any = None, **kwargs: Any) -> requests.Response:
+        """One attempt over the client's httplib2 transport, charged to the quota first, as a requests.Response."""
+        from httplib2 import HttpLib2Error
+
+        self._spend(COSTS[endpoint], endpoint)
+        try:
+            answer, content = self._http.request(url, method=method, headers=dict(headers or {}))
+        except (OSError, http.client.HTTPException, HttpLib2Error) as exc:  # the network: worth another attempt
+            raise Retriable(f"cannot reach the API: {self.scrub(str(exc) or type(exc).__name__)}") from None
+        response = requests.Response()
+        response.status_code, response.reason = int(answer.status), getattr(answer, "reason", "") or ""
+        response.headers = CaseInsensitiveDict(answer)
+        response._content = content.encode("utf-8") if isinstance(content, str) else content
+        return response
 
     def classify(self, response: requests.Response) -> api.Verdict:
         if not response.ok and google_error(response)[0] in RATE_REASONS:
@@ -346,25 +387,24 @@ class YouTubeSource(APISource):
 
     def refused(self, response: requests.Response, text: str) -> api.Verdict:
         reason, message = google_error(response)
-        said = f"HTTP {response.status_code}{' ' + reason if reason else ''}: {self.scrub(message)}"
+        message = self.scrub(message)
         if reason in QUOTA_REASONS:
-            return api.fatal(f"the project's YouTube Data API quota is used up for today ({said}); it resets at "
+            text = f"HTTP {response.status_code} {reason}: {message}"
+            return api.fatal(f"the project's YouTube Data API quota is used up for today ({text}); it resets at "
                              "midnight Pacific time", whole_source=True, code=reason)  # fmt: skip
         key = reason in KEY_REASONS or "API key" in message
-        return api.fatal(said + (" (check YOUTUBE_API_KEY)" if key else ""), whole_source=key, code=reason)
+        text = f"HTTP {response.status_code}{' ' + reason if reason else ''}: {message}"
+        return api.fatal(text + (" (check YOUTUBE_API_KEY)" if key else ""), whole_source=key, code=reason)
 
     def error_text(self, response: requests.Response) -> str:
         reason, message = google_error(response)
         return self.scrub(f"{reason + ': ' if reason else ''}{message}")
 
     def give_up(self, what: str, exc: Exception) -> StreamError:
-        if isinstance(exc, Retriable) and exc.response is not None:
-            why = f"HTTP {exc.response.status_code} {self.error_text(exc.response)}"
-        elif isinstance(exc, requests.RequestException):
-            why = f"cannot reach the API: {self.scrub(str(exc))}"
-        else:
-            return super().give_up(what, exc)
-        return StreamError(f"{self.api_name} {what}: {why} (gave up after {self.policy.attempts} attempts)")
+        if isinstance(exc, Retriable):
+            why = f"HTTP {exc.response.status_code} {self.error_text(exc.response)}" if exc.response is not None else exc
+            return StreamError(f"{self.api_name} {what}: {why} (gave up after {self.policy.attempts} attempts)")
+        return super().give_up(what, exc)
 
     # -- quota -----------------------------------------------------------------------------------
 
