@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-import email.utils
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
 import requests
-import tenacity
 from requests.adapters import HTTPAdapter
 
 from etl import __version__
+
+if TYPE_CHECKING:
+    import tenacity
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -59,6 +60,8 @@ def retry_after_seconds(response: requests.Response, *, now: float | None = None
         value = value.strip()
         if value.isdigit():
             return float(value)
+        import email.utils
+
         try:
             when = email.utils.parsedate_to_datetime(value)
         except (TypeError, ValueError):
@@ -92,11 +95,14 @@ class RetryPolicy:
             if asked > self.max_wait:
                 raise WaitTooLong(asked, getattr(exc, "response", None))
             return asked
+        import tenacity
+
         backoff = tenacity.wait_random_exponential(multiplier=self.base, max=max(self.max_wait, 0.001))
         return backoff(state)
 
     def call(self, fn: Callable[[], T], *, describe: str = "request") -> T:
         """Run fn, retrying on Retriable and transient network errors; the last error is re-raised."""
+        import tenacity  # here: a run that sends no request (a rerun of a file) never needs it
 
         def before_sleep(state: tenacity.RetryCallState) -> None:
             exc = state.outcome.exception() if state.outcome else None
