@@ -101,7 +101,27 @@ class RetryPolicy:
         return backoff(state)
 
     def call(self, fn: Callable[[], T], *, describe: str = "request") -> T:
-        """Run fn, retrying on Retriable and transient network errors; the last error is re-raised."""
+        """Run fn, retrying on Retriable and transient network errors; the last error is re-raised.
+
+        The first attempt runs bare: setting tenacity up costs about 0.2 ms of CPU, as much as an image's whole
+        HTTP exchange, and nearly every call succeeds at once. Only when it fails with an error worth another
+        attempt does tenacity take over, that error counting as its first attempt (same waits, log lines and
+        number of attempts as if tenacity had run it)."""
+        try:
+            return fn()
+        except (Retriable, *TRANSIENT_EXCEPTIONS) as exc:
+            first: BaseException | None = exc
+
+        def again() -> T:
+            nonlocal first
+            if first is not None:
+                failed, first = first, None
+                raise failed
+            return fn()
+
+        return self._retrying(describe)(again)
+
+    def _retrying(self, describe: str) -> tenacity.Retrying:
         import tenacity  # here: a run that sends no request (a rerun of a file) never needs it
 
         def before_sleep(state: tenacity.RetryCallState) -> None:
@@ -123,7 +143,7 @@ class RetryPolicy:
             before_sleep=before_sleep,
             reraise=True,
         )
-        return retrying(fn)
+        return retrying
 
 
 class PinnedHostAdapter(HTTPAdapter):
