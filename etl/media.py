@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import io
 import ipaddress
@@ -222,6 +221,8 @@ def _unmap_freed_decode_buffers() -> None:
     WebPs, 100 MB budget: 359-484 MB, against 207 MB with this). A threshold set by mallopt is fixed, so
     freed buffers are unmapped at once. Elsewhere (musl, macOS) nothing is changed.
     """
+    import ctypes  # here: only a run that checks an image needs it
+
     try:
         if not os.confstr("CS_GNU_LIBC_VERSION"):
             return
