@@ -282,7 +282,7 @@ def test_sniff_refuses_decompression_bombs():
 
 
 @pytest.mark.parametrize("keep", [0.3, 0.6, 0.9])
-@pytest.mark.badinput("a JPEG cut short (no Content-Length to tell) is refused by the decode check")
+@pytest.mark.badinput("a JPEG cut short (no Content-Length to tell) is refused by the image check")
 def test_a_truncated_jpeg_is_not_an_image(keep):
     buf = io.BytesIO()
     noise = Image.effect_noise((320, 240), 60).convert("RGB")  # detailed, so the cut lands inside scan data
