@@ -11,26 +11,24 @@ import threading
 import time
 from collections.abc import Sequence
 from datetime import datetime, timezone
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 from etl import __version__, cli_insights, cli_trust
 from etl.backfill_limits import checked_chunk
 from etl.check import path_errors
 from etl.config import Settings, load_settings, merged_environment, misspelled_settings
-from etl.copystore import copy_store
-from etl.db import Ledger
-from etl.enrich import SentimentEnricher
 from etl.errors import ConfigError, ETLError, ExitCode, UsageError
 from etl.logs import RedactingFilter, setup_logging
-from etl.progress import ProgressReporter
-from etl.reenrich import reenrich
-from etl.run.runner import Runner, RunRequest
-from etl.run.services import build_sources, open_services
-from etl.run.stats import RunStats
 from etl.shards import Shard, format_plan, plan_shards
 from etl.sources import REGISTRY
-from etl.status import collect_status, format_status, open_archive
 from etl.stopping import exit_now, leave_if_stalled
+
+# What a command needs beyond parsing its arguments is imported where the command runs (issue 16): a rerun
+# with nothing new is mostly start-up, and `--help` or `status` should not load the archiver, its downloader,
+# the metrics writer or the re-enrichment's process pool.
+if TYPE_CHECKING:
+    from etl.run.runner import Runner, RunRequest
+    from etl.run.stats import RunStats
 
 log = logging.getLogger("etl")
 COMMANDS = (
@@ -300,6 +298,9 @@ def _dispatch(args: argparse.Namespace, settings: Settings, out: IO[str]) -> int
     stop = threading.Event()
     _on_sigterm(stop)
     if command in ("run", "backfill"):
+        from etl.progress import ProgressReporter
+        from etl.run.runner import Runner, RunRequest
+
         if args.limit is not None and args.limit < 0:
             raise UsageError("--limit must be zero or more")
         if not args.sources and not settings.sources:
@@ -334,6 +335,9 @@ def _dispatch(args: argparse.Namespace, settings: Settings, out: IO[str]) -> int
     if command == "reenrich":
         return _reenrich(args, settings, out, stop)
     if command == "plan":
+        from etl.run.runner import RunRequest
+        from etl.run.services import build_sources
+
         sources = build_sources(settings, RunRequest(sources=list(settings.sources)))
         planned = plan_shards(sources, args.shards or settings.shards)
         print(format_plan(planned, as_json=args.json), file=out)
@@ -341,10 +345,14 @@ def _dispatch(args: argparse.Namespace, settings: Settings, out: IO[str]) -> int
     if command in cli_insights.COMMANDS:
         return cli_insights.dispatch(command, args, settings, out, stop)
     if command == "copy-store":
+        from etl.copystore import copy_store
+
         result = copy_store(settings, _recorded(args), stop)
         print(result.format(settings), file=out)
         return int(result.exit_code)
     if command == "status":
+        from etl.status import collect_status, format_status, open_archive
+
         db = open_archive(settings)  # never creates one
         report = collect_status(db, runs=args.runs)
         if args.json:
@@ -356,6 +364,8 @@ def _dispatch(args: argparse.Namespace, settings: Settings, out: IO[str]) -> int
         return cli_trust.verify_command(args, settings, out, stop)
     if command == "forget":
         return cli_trust.forget_command(args, settings, out)
+    from etl.run.services import open_services
+
     if command == "export":
         from etl.export import export, resolve_target
 
@@ -373,6 +383,12 @@ def _dispatch(args: argparse.Namespace, settings: Settings, out: IO[str]) -> int
 
 
 def _reenrich(args: argparse.Namespace, settings: Settings, out: IO[str], stop: threading.Event) -> int:
+    from etl.db import Ledger
+    from etl.enrich import SentimentEnricher
+    from etl.reenrich import reenrich
+    from etl.run.services import open_services
+    from etl.run.stats import RunStats
+
     db, _ = open_services(settings, check_store=False)
     ledger = Ledger(db)
     enricher = SentimentEnricher(settings.sentiment_threshold, detect_language=settings.detect_language)

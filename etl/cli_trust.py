@@ -8,11 +8,7 @@ import threading
 from typing import IO, Any
 
 from etl.config import Settings
-from etl.db import Ledger
 from etl.errors import ExitCode, UsageError
-from etl.forget import find_posts, forget_posts, parse_target
-from etl.logs import RedactingFilter
-from etl.verify import Scope, Verifier, VerifyStats, write_verify_metrics
 
 log = logging.getLogger("etl")
 
@@ -58,6 +54,11 @@ def _runner(settings: Settings) -> Any:
 
 
 def verify_command(args: argparse.Namespace, settings: Settings, out: IO[str], stop: threading.Event) -> int:
+    # Imported here, not at the top: every command builds the parser, only `verify` needs these (and the metrics).
+    from etl.db import Ledger
+    from etl.logs import RedactingFilter
+    from etl.verify import Scope, Verifier, VerifyStats, write_verify_metrics
+
     scope = Scope(platform=args.platform, since=args.since, sample=args.sample)
     runner = _runner(settings)
     db = runner.db
@@ -98,6 +99,8 @@ def verify_command(args: argparse.Namespace, settings: Settings, out: IO[str], s
 
 
 def forget_command(args: argparse.Namespace, settings: Settings, out: IO[str]) -> int:
+    from etl.forget import find_posts, forget_posts, parse_target
+
     post = parse_target(args.post, "--post") if args.post else None
     author = parse_target(args.author, "--author") if args.author else None
     if author is not None and author[1].startswith("@"):

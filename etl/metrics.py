@@ -7,8 +7,6 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Gauge, write_to_textfile
-
 if TYPE_CHECKING:
     from etl.run.stats import RunStats
 
@@ -22,9 +20,15 @@ class Textfile:
     """Gauges collected into one registry, written at once (write_to_textfile writes a temp file and renames it)."""
 
     def __init__(self) -> None:
+        # Imported here: prometheus_client (and the HTTP server it brings) costs every run's start-up, and only a
+        # run with ETL_METRICS_FILE set writes the file.
+        from prometheus_client import CollectorRegistry
+
         self.registry = CollectorRegistry()
 
     def gauge(self, name: str, help_text: str, samples: Samples, labels: Iterable[str] = ()) -> None:
+        from prometheus_client import Gauge
+
         gauge = Gauge(PREFIX + name, help_text, labelnames=tuple(labels), registry=self.registry)
         for values, value in samples:
             (gauge.labels(**values) if values else gauge).set(value)
@@ -32,6 +36,8 @@ class Textfile:
     def write(self, path: str | Path) -> None:
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
+        from prometheus_client import write_to_textfile
+
         write_to_textfile(str(target), self.registry)
 
 

@@ -13,7 +13,16 @@ from PIL import Image
 
 from etl.errors import MediaError
 from etl.http import RetryPolicy, make_session
-from etl.media import Downloader, NotAnImage, URLGuard, check_png, is_public_address, sniff_image
+from etl.media import (
+    DecodeBudget,
+    Downloader,
+    NotAnImage,
+    URLGuard,
+    check_jpeg,
+    check_png,
+    is_public_address,
+    sniff_image,
+)
 from tests.support import FakeResolver, Reply, jpeg_bytes, png_bytes, self_signed_cert
 
 PNG = png_bytes(12, 10)
@@ -273,7 +282,7 @@ def test_sniff_refuses_decompression_bombs():
 
 
 @pytest.mark.parametrize("keep", [0.3, 0.6, 0.9])
-@pytest.mark.badinput("a JPEG cut short (no Content-Length to tell) is refused by the decode check")
+@pytest.mark.badinput("a JPEG cut short (no Content-Length to tell) is refused by the image check")
 def test_a_truncated_jpeg_is_not_an_image(keep):
     buf = io.BytesIO()
     noise = Image.effect_noise((320, 240), 60).convert("RGB")  # detailed, so the cut lands inside scan data
@@ -282,6 +291,73 @@ def test_a_truncated_jpeg_is_not_an_image(keep):
     assert sniff_image(body)[0] == "image/jpeg"
     with pytest.raises(MediaError):
         sniff_image(body[: int(len(body) * keep)])
+
+
+def _noise_jpeg(size=(160, 120), mode: str = "RGB", **save: object) -> bytes:
+    buf = io.BytesIO()
+    Image.effect_noise(size, 60).convert(mode).save(buf, format="JPEG", quality=90, **save)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    "save", [{}, {"progressive": True}, {"optimize": True}, {"subsampling": 0}, {"mode": "L"}, {"mode": "CMYK"}]
+)
+@pytest.mark.badinput("a JPEG cut short anywhere (no Content-Length to tell) is refused without decoding it")
+def test_jpeg_check_refuses_every_cut_and_accepts_the_whole(save):
+    """JPEGs are checked by their structure, not decoded (etl.media.check_jpeg): the decode it replaced refused every
+    cut and accepted whatever Pillow writes; so does the walk, and bytes after the EOI are ignored as decoders do."""
+    mode = save.pop("mode", "RGB")
+    body = _noise_jpeg(mode=mode, **save)
+    assert sniff_image(body) == ("image/jpeg", 160, 120)
+    check_jpeg(body + b"trailing bytes after the end")
+    for cut in range(0, len(body), 7):
+        with pytest.raises(NotAnImage):
+            check_jpeg(body[:cut])
+    with pytest.raises(NotAnImage, match="no EOI"):
+        check_jpeg(body[:-2])
+
+
+def _segment(body: bytes, marker: int) -> int:
+    """Where the first segment with this marker starts."""
+    pos = 2
+    while body[pos + 1] != marker:
+        pos += 2 + int.from_bytes(body[pos + 2 : pos + 4], "big")
+    return pos
+
+
+@pytest.mark.parametrize(
+    ("marker", "offset", "value", "what"),
+    [
+        (0xC4, 4, 0x25, "Huffman table"),  # table class 2 does not exist
+        (0xC4, 5, 0xFF, "Huffman table"),  # 255 codes of length 1: the code space overflows
+        (0xC0, 11, 0x00, "frame header"),  # a component sampled 0 times
+        (0xDA, 5, 0x99, "scan header"),  # a component the frame does not have
+    ],
+)
+@pytest.mark.badinput("a JPEG whose tables or headers are damaged is refused, as libjpeg's decode refused it")
+def test_jpeg_check_refuses_damaged_tables_and_headers(marker, offset, value, what):
+    body = bytearray(_noise_jpeg())
+    body[_segment(bytes(body), marker) + offset] = value
+    with pytest.raises(NotAnImage, match=what):
+        sniff_image(bytes(body))
+
+
+def test_a_jpeg_is_checked_without_a_decode():
+    """The budget of decodes is never asked for by a JPEG (a PNG neither); a GIF still is decoded."""
+
+    class Counting(DecodeBudget):
+        asked: list[int] = []
+
+        def reserve(self, need: int):
+            self.asked.append(need)
+            return super().reserve(need)
+
+    budget = Counting()
+    sniff_image(_noise_jpeg(progressive=True), budget)
+    sniff_image(_png("RGB"), budget)
+    assert budget.asked == []
+    sniff_image(image_bytes("GIF"), budget)
+    assert len(budget.asked) == 1
 
 
 def _png(mode: str, size=(33, 21), **save: object) -> bytes:

@@ -164,11 +164,14 @@ class Archiver:
             yield post
 
     def _start(self, posts: list[Post], pool: ThreadPoolExecutor, stats: RunStats, source: str = "") -> _Batch:
-        """The first three stages of a batch; its images download while the batch before it is loaded."""
+        """The first three stages of a batch; its images download while the batch before it is loaded.
+
+        The downloads start before the captions are scored (they need only the post's key and URLs): scoring,
+        and the first batch's loading of the language model, runs while the image hosts answer."""
         posts, held = self.plan(posts, stats, source)
+        futures, urls = self.images(posts, held, pool)
         scored = self.enrich(posts, held)
         stats.fetched += len(scored)
-        futures, urls = self.images(scored, held, pool)
         self._batches += 1
         return _Batch(scored, futures, held.stored, urls, self._batches)
 
