@@ -11,14 +11,16 @@ Only worth it while most captions are new: a rerun, whose captions keep their st
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import os
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from concurrent.futures import BrokenExecutor, Future
+from typing import TYPE_CHECKING
 
 from etl.enrich import SentimentEnricher
 from etl.records import Post, Sentiment, cap_caption
+
+if TYPE_CHECKING:  # multiprocessing is imported only when workers are forked (a rerun never needs it)
+    from concurrent.futures import ProcessPoolExecutor
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,9 @@ def fork_scorers(enricher: SentimentEnricher, workers: int) -> ProcessPoolExecut
     enricher.score("warm")
     if enricher.detector is not None:
         enricher.detector.warm()
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
     return ProcessPoolExecutor(
         workers, mp_context=multiprocessing.get_context("fork"), initializer=_init_worker, initargs=(enricher,)
     )
@@ -78,7 +83,7 @@ def score_ahead(
                     try:
                         futures = [pool.submit(_decide, items[k : k + _CHUNK]) for k in range(0, len(items), _CHUNK)]
                         sent = (batch, items, futures)
-                    except (BrokenProcessPool, RuntimeError) as exc:  # the pool is gone: scored in-process
+                    except (BrokenExecutor, RuntimeError) as exc:  # the pool is gone: scored in-process
                         log.warning("scoring workers unavailable (%s); scoring in the main process", exc)
                         workers = 0
                 if held is not None:
@@ -105,6 +110,6 @@ def _hand_on(enricher: SentimentEnricher, held: tuple[list[Post], list[tuple], l
         try:
             decisions = [(Sentiment(*s) if s else None, *rest) for future in futures for s, *rest in future.result()]
             enricher.ahead.update(zip(items, decisions, strict=True))
-        except (BrokenProcessPool, OSError) as exc:  # a worker died (killed, out of memory): scored here
+        except (BrokenExecutor, OSError) as exc:  # a worker died (killed, out of memory): scored here
             log.warning("scoring worker failed (%s); this batch is scored in the main process", exc)
     return batch
