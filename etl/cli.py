@@ -374,21 +374,14 @@ def _dispatch(args: argparse.Namespace, settings: Settings, out: IO[str]) -> int
 
 def _reenrich(args: argparse.Namespace, settings: Settings, out: IO[str], stop: threading.Event) -> int:
     db, _ = open_services(settings, check_store=False)
-    ledger = Ledger(db)
     enricher = SentimentEnricher(settings.sentiment_threshold, detect_language=settings.detect_language)
     stats = RunStats()
-    scope = [args.platform or "*"]
-    run_id = ledger.start_run("reenrich", scope, _recorded(args))
-    status = "failed"
-    try:
+    with Ledger(db).recording("reenrich", [args.platform or "*"], _recorded(args), stats):
         reenrich(db, enricher, stats, platform=args.platform, since=args.since, should_stop=stop.is_set)
-        status = stats.status
-    finally:
-        stats.seconds = time.monotonic() - stats.started
-        ledger.finish_run(run_id, status, stats.ledger())
+    stats.seconds = time.monotonic() - stats.started
     log.info("summary: re-enriched %d posts, %d changed, %d unchanged in %.1fs", stats.fetched, stats.updated, stats.unchanged, stats.seconds)
     print(
-        f"\nRe-enrichment ({enricher.version}): {status} in {stats.seconds:.1f}s\n"
+        f"\nRe-enrichment ({enricher.version}): {stats.status} in {stats.seconds:.1f}s\n"
         f"  posts    scored {stats.fetched}, changed {stats.updated}, unchanged {stats.unchanged}\n"
         f"  sentiment positive {stats.sentiment['positive']}, neutral {stats.sentiment['neutral']}, "
         f"negative {stats.sentiment['negative']}, not scored {stats.sentiment['unscored']} (not English)",

@@ -28,7 +28,7 @@ from typing import IO, Any
 from etl.config import Settings
 from etl.db import Database, Ledger
 from etl.db.fixity import images_elsewhere, images_to_copy, record_copies
-from etl.errors import ConfigError, ETLError, ExitCode, LockedError
+from etl.errors import ConfigError, ETLError, LockedError, Outcome
 from etl.logs import RedactingFilter
 from etl.store import LocalStore, ObjectStore, S3Store, make_s3_client, object_key
 
@@ -228,7 +228,7 @@ class _Row:
 
 
 @dataclass
-class CopyResult:
+class CopyResult(Outcome):
     """What a copy-store did; `format()` is the command's summary."""
 
     target: str
@@ -243,14 +243,8 @@ class CopyResult:
     where: str = ""
 
     @property
-    def exit_code(self) -> ExitCode:
-        return ExitCode.PARTIAL if self.failed or self.interrupted or self.remaining else ExitCode.OK
-
-    @property
-    def status(self) -> str:
-        if self.interrupted:
-            return "interrupted"
-        return "ok" if self.exit_code == ExitCode.OK else "partial"
+    def partial(self) -> bool:
+        return bool(self.failed or self.remaining)
 
     def ledger(self, redact: Callable[[str], str] = str) -> dict[str, Any]:
         return {
@@ -331,24 +325,21 @@ class StoreCopier:
         target = self.open_target()
         result = CopyResult(target.name)
         started = time.monotonic()
+        ledger = Ledger(self.db)
         try:
-            lock = Ledger(self.db).lock_sources([LOCK_NAME])
+            lock = ledger.lock_sources([LOCK_NAME])
         except LockedError as exc:
             raise LockedError(
                 str(exc).replace(f"source {LOCK_NAME!r} is being archived", "copy-store is running")
             ) from None
         try:
-            Ledger(self.db).abandon_dead_runs([LOCK_NAME])
-            run_id = Ledger(self.db).start_run(LOCK_NAME, [LOCK_NAME], arguments)
-            status = "failed"
-            try:
+            ledger.abandon_dead_runs([LOCK_NAME])
+            redact = RedactingFilter(self.settings.secrets()).redact
+            with ledger.recording(LOCK_NAME, [LOCK_NAME], arguments, result, redact=redact):
                 self._copy_all(target, result)
                 result.remaining = images_elsewhere(self.db, target.name)
-                status = result.status
-            finally:
-                result.seconds = time.monotonic() - started
-                Ledger(self.db).finish_run(run_id, status, result.ledger(RedactingFilter(self.settings.secrets()).redact))
         finally:
+            result.seconds = time.monotonic() - started
             lock.close()
         log.info(
             "summary: copy-store into %s: copied=%d present=%d failed=%d corrupt=%d remaining=%d %.1fs",

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from etl.errors import ExitCode
+from etl.errors import Outcome
 from etl.records import Media
 
 if TYPE_CHECKING:
@@ -59,7 +59,7 @@ class StageClock:
 
 
 @dataclass
-class RunStats:
+class RunStats(Outcome):
     """Counts of one run, per stage; what the summary line, etl_runs and the metrics file report."""
 
     fetched: int = 0
@@ -115,15 +115,8 @@ class RunStats:
         }  # fmt: skip
 
     @property
-    def exit_code(self) -> ExitCode:
-        failed = self.rejected or self.images_failed or self.source_failures or self.interrupted
-        return ExitCode.PARTIAL if failed else ExitCode.OK
-
-    @property
-    def status(self) -> str:
-        if self.interrupted:
-            return "interrupted"
-        return "ok" if self.exit_code == ExitCode.OK else "partial"
+    def partial(self) -> bool:
+        return bool(self.rejected or self.images_failed or self.source_failures)
 
     def ledger(self, redact: Callable[[str], str] = str) -> dict[str, Any]:
         """What etl_runs records; `redact` is applied to every error message (secrets never reach the table)."""
