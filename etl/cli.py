@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import signal
 import sys
@@ -348,7 +347,7 @@ def _dispatch(args: argparse.Namespace, settings: Settings, out: IO[str]) -> int
         db = open_archive(settings)  # never creates one
         report = collect_status(db, runs=args.runs)
         if args.json:
-            print(json.dumps(report, default=_json_default, indent=2, ensure_ascii=False), file=out)
+            print(cli_insights.json_text(report), file=out)
         else:
             print(format_status(report), file=out)
         return int(ExitCode.OK)
@@ -388,12 +387,6 @@ def _reenrich(args: argparse.Namespace, settings: Settings, out: IO[str], stop: 
         file=out,
     )
     return int(stats.exit_code)
-
-
-def _json_default(value: object) -> object:
-    if isinstance(value, datetime):
-        return value.isoformat()
-    return str(value)
 
 
 def _source_options(args: argparse.Namespace) -> dict[str, dict[str, object]]:

@@ -57,6 +57,11 @@ def add_parsers(command: Callable[..., Any], parse_date: Callable[[str], datetim
     report.add_argument("--out", metavar="FILE.html", help="default ETL_DATA_DIR/report.html")
 
 
+def json_text(value: object) -> str:
+    """A command's `--json` output: indented, non-ASCII kept, datetimes in ISO 8601, durations in seconds."""
+    return json.dumps(value, default=_json_default, indent=2, ensure_ascii=False)
+
+
 def _json_default(value: object) -> object:
     if isinstance(value, datetime):
         return value.isoformat()
@@ -89,7 +94,7 @@ def dispatch(command: str, args: argparse.Namespace, settings: Settings, out: IO
 
         platform, post_id = parse_post_ref(args.post)
         result = find_similar(db, platform, post_id, settings.similar_max_distance)
-        text = json.dumps(result, default=_json_default, indent=2, ensure_ascii=False) if args.json else format_similar(result)
+        text = json_text(result) if args.json else format_similar(result)
         print(text, file=out)
         return int(ExitCode.OK)
     if command == "trends":
@@ -98,7 +103,7 @@ def dispatch(command: str, args: argparse.Namespace, settings: Settings, out: IO
         if args.window > args.baseline:
             raise UsageError("--baseline must be at least as long as --window")
         report = collect_trends(db, args.window, args.baseline, args.platform, settings.trends_min_count, args.limit)
-        text = json.dumps(report, default=_json_default, indent=2, ensure_ascii=False) if args.json else format_trends(report)
+        text = json_text(report) if args.json else format_trends(report)
         print(text, file=out)
         return int(ExitCode.OK)
     from etl.report import Scope, write_report

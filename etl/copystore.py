@@ -28,7 +28,7 @@ from typing import IO, Any
 from etl.config import Settings
 from etl.db import Database, Ledger
 from etl.db.fixity import images_elsewhere, images_to_copy, record_copies
-from etl.errors import ConfigError, ETLError, LockedError, Outcome
+from etl.errors import ConfigError, ETLError, Outcome
 from etl.logs import RedactingFilter
 from etl.store import LocalStore, ObjectStore, S3Store, make_s3_client, object_key
 
@@ -326,12 +326,7 @@ class StoreCopier:
         result = CopyResult(target.name)
         started = time.monotonic()
         ledger = Ledger(self.db)
-        try:
-            lock = ledger.lock_sources([LOCK_NAME])
-        except LockedError as exc:
-            raise LockedError(
-                str(exc).replace(f"source {LOCK_NAME!r} is being archived", "copy-store is running")
-            ) from None
+        lock = ledger.lock_sources([LOCK_NAME], busy="copy-store is running")
         try:
             ledger.abandon_dead_runs([LOCK_NAME])
             redact = RedactingFilter(self.settings.secrets()).redact

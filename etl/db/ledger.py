@@ -37,8 +37,11 @@ class Ledger:
 
     # -- locks -----------------------------------------------------------------------------------
 
-    def lock_sources(self, names: Sequence[str]) -> psycopg2.extensions.connection:
-        """Take a session advisory lock per name on a connection of its own; LockedError if one is held.
+    def lock_sources(
+        self, names: Sequence[str], *, busy: str = "source {name!r} is being archived"
+    ) -> psycopg2.extensions.connection:
+        """Take a session advisory lock per name on a connection of its own; LockedError if one is held, its
+        message `busy` (the held name filled in) followed by the run that holds it.
 
         The locks live as long as the returned connection (closing it, or the process dying, frees them).
         """
@@ -47,7 +50,7 @@ class Ledger:
             with conn.cursor() as cur:
                 holder = self.running_run_for(cur, locked[0])
             conn.close()
-            raise LockedError(f"source {locked[0]!r} is being archived by another run{holder}; nothing done")
+            raise LockedError(f"{busy.format(name=locked[0])} by another run{holder}; nothing done")
         return conn
 
     def lock_units(self, names: Sequence[str]) -> tuple[psycopg2.extensions.connection, list[str]]:
