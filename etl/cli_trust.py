@@ -87,9 +87,7 @@ def verify_command(args: argparse.Namespace, settings: Settings, out: IO[str], s
         lines.append(f"  continued the check interrupted at {stats.resumed_from:%Y-%m-%d %H:%M:%S %Z}")
     if stats.missing or stats.changed:
         lines.append("  missing and changed images are marked failed and refetched by the next run")
-    if stats.problems:
-        lines.append(f"  {len(stats.problems)} problem(s), first ones:")
-        lines.extend(f"    - {p}" for p in stats.problems[:10])
+    lines += stats.problem_lines(stats.problems)
     print("\n".join(lines), file=out)
     return int(stats.exit_code)
 

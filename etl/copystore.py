@@ -88,7 +88,20 @@ class CopyError(ETLError):
         self.corrupt = corrupt
 
 
-class LocalSide:
+class Side:
+    """One object store as copy-store reads and writes it; `name` is its storage_url store name."""
+
+    name: str
+
+    def open(self, key: str) -> IO[bytes]:
+        raise NotImplementedError
+
+    def digest(self, key: str) -> tuple[str, int]:
+        """(sha256 hex, size) of the object, read a chunk at a time."""
+        return _digest(self.open(key))
+
+
+class LocalSide(Side):
     """Objects as files under the local store's root; written to a temporary file and renamed."""
 
     def __init__(self, root: Path):
@@ -131,14 +144,11 @@ class LocalSide:
             raise
         return True
 
-    def digest(self, key: str) -> tuple[str, int]:
-        return _digest(self.open(key))
-
     def url(self, key: str) -> str:
         return self.store.url(key)
 
 
-class S3Side:
+class S3Side(Side):
     """Objects in one bucket, through a client shared by every bucket of the copy (one endpoint, one chain)."""
 
     def __init__(self, client: Any, bucket: str):
@@ -189,9 +199,6 @@ class S3Side:
         body.seek(0)
         self.client.put_object(**args)
         return True
-
-    def digest(self, key: str) -> tuple[str, int]:
-        return _digest(self.open(key))
 
     def url(self, key: str) -> str:
         return f"s3://{self.bucket}/{key}"
@@ -265,9 +272,7 @@ class CopyResult(Outcome):
             lines.append(f"  still in other stores: {_where(self.remaining, settings)}")
         else:
             lines.append("  every archived image is in the configured store: runs go on")
-        if self.errors:
-            lines.append(f"  {len(self.errors)} problem(s), first ones:")
-            lines.extend(f"    - {e}" for e in self.errors[:10])
+        lines += self.problem_lines(self.errors)
         if self.corrupt:
             lines.append(
                 "  An object that does not match its sha256 is damaged where it is: restore it from a backup and run"
@@ -284,7 +289,7 @@ class StoreCopier:
         self.db = db
         self.stop = stop or threading.Event()
         self._client: Any = None
-        self._sides: dict[str | None, LocalSide | S3Side | CopyError] = {}
+        self._sides: dict[str | None, Side | CopyError] = {}
         self._sides_lock = threading.Lock()
 
     def s3_client(self) -> Any:
@@ -292,7 +297,7 @@ class StoreCopier:
             self._client = make_s3_client(self.settings, pool_size=MAX_WORKERS * 2)
         return self._client
 
-    def open_target(self) -> LocalSide | S3Side:
+    def open_target(self) -> Side:
         """The configured store, checked (ConfigError naming the setting when it cannot be used)."""
         if self.settings.s3_bucket:
             S3Store(self.settings, client=self.s3_client()).check()
@@ -301,13 +306,13 @@ class StoreCopier:
         store.check()
         return LocalSide(store.root)
 
-    def side(self, name: str | None) -> LocalSide | S3Side:
+    def side(self, name: str | None) -> Side:
         """The store a source object lives in, opened and checked once; CopyError when it cannot be."""
         with self._sides_lock:
             if name not in self._sides:
                 try:
                     if name == LOCAL:
-                        opened: LocalSide | S3Side = LocalSide(self.settings.objects_dir)
+                        opened: Side = LocalSide(self.settings.objects_dir)
                     elif name and name.startswith("s3://"):
                         opened = S3Side(self.s3_client(), name[5:])
                     else:
@@ -352,7 +357,7 @@ class StoreCopier:
             last = page[-1].id
             yield page
 
-    def _copy_all(self, target: LocalSide | S3Side, result: CopyResult) -> None:
+    def _copy_all(self, target: Side, result: CopyResult) -> None:
         workers = min(self.settings.concurrency, MAX_WORKERS)
         with ThreadPoolExecutor(workers, thread_name_prefix="copy") as pool:
             for page in self._pages(target.name):
@@ -379,7 +384,7 @@ class StoreCopier:
         if self.stop.is_set():
             result.interrupted = True
 
-    def _copy_one(self, row: _Row, target: LocalSide | S3Side) -> tuple[str, str, str]:
+    def _copy_one(self, row: _Row, target: Side) -> tuple[str, str, str]:
         """(copied | present, new key, new url), (failed | corrupt, reason, ''), or (stopped, '', '')."""
         if self.stop.is_set():
             return "stopped", "", ""
@@ -403,7 +408,7 @@ def _target_key(settings: Settings, row: _Row) -> str:
         return row.key
 
 
-def _copy_verified(source: LocalSide | S3Side, target: LocalSide | S3Side, row: _Row, key: str) -> bool:
+def _copy_verified(source: Side, target: Side, row: _Row, key: str) -> bool:
     """Copy one object, checking the source against the recorded sha256 and then the copy; True if written."""
     if not row.sha256:
         raise CopyError("no sha256 is recorded for it, so a copy could not be verified")

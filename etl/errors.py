@@ -40,6 +40,13 @@ class Outcome:
         """What etl_runs records of the run; `redact` is applied to every error message."""
         raise NotImplementedError
 
+    @staticmethod
+    def problem_lines(problems: list[str], shown: int = 10) -> list[str]:
+        """The summary's list of problems: how many, then the first `shown` (none when there are none)."""
+        if not problems:
+            return []
+        return [f"  {len(problems)} problem(s), first ones:", *(f"    - {p}" for p in problems[:shown])]
+
 
 class ETLError(Exception):
     """Base of every error the package raises on purpose."""

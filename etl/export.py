@@ -161,9 +161,7 @@ class ExportStats(Outcome):
                 f"unchanged {self.unchanged[d.name]}, deleted {self.deleted[d.name]}"
             )
         lines.append(f"  bytes    {self.bytes} written")
-        if self.errors:
-            lines.append(f"  {len(self.errors)} problem(s), first ones:")
-            lines.extend(f"    - {e}" for e in self.errors[:10])
+        lines += self.problem_lines(self.errors)
         return "\n".join(lines)
 
 

@@ -23,6 +23,8 @@ class StageClock:
     """Seconds spent per stage. Image workers add theirs from many threads at once, so their stages sum to
     more than the wall time: they show where the work went, not how long the run took."""
 
+    WORKER_STAGES = ("download", "store")
+
     def __init__(self) -> None:
         self.seconds: Counter = Counter()
         self._lock = threading.Lock()
@@ -47,8 +49,6 @@ class StageClock:
                 except StopIteration:
                     return
             yield item
-
-    WORKER_STAGES = ("download", "store")
 
     def line(self) -> str:
         """`stages fetch=…s load=…s | worker-seconds download=…s store=…s`: the second group is summed over the
