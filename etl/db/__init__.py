@@ -15,44 +15,23 @@
   reads/writes   (verify, copy-store), deletions.py (forget, deletions at source, re-check), export.py (the
                  Parquet datasets and export_partitions), reenrich.py (the scan and the new scores)
 
-`from etl.db import Database` (and the names below) keeps working for every caller.
+The names below are the ones callers take from `etl.db`; the rest are imported from their module.
 """
 
 from etl.db.archive import (
-    UPSERT_MEDIA_SQL,
-    UPSERT_POSTS_SQL,
     Archive,
     Held,
     UpsertCounts,
-    copy_rows,
-    copy_value,
-    failed_images,
-    forgotten,
     known_media,
-    record_retries,
     record_staged_engagement,
-    set_first_image_urls,
-    stage_sql,
-    stored_sentiments,
     upsert_media,
     upsert_posts,
 )
-from etl.db.connection import (
-    SQL_DIR,
-    Database,
-    DataRefused,
-    adapt_json,
-    connection_lost,
-    migration_files,
-    refused_data,
-    server_reason,
-)
-from etl.db.ledger import FINISH_RUN_SQL, Ledger
+from etl.db.connection import Database, DataRefused, migration_files
+from etl.db.ledger import Ledger
 from etl.db.state import StreamState
 
 __all__ = [
-    "FINISH_RUN_SQL", "SQL_DIR", "Archive", "Held", "UPSERT_MEDIA_SQL", "UPSERT_POSTS_SQL", "DataRefused", "Database",
-    "Ledger", "StreamState", "UpsertCounts", "adapt_json", "connection_lost", "copy_rows", "copy_value",
-    "failed_images", "forgotten", "known_media", "migration_files", "record_retries", "record_staged_engagement", "refused_data",
-    "server_reason", "set_first_image_urls", "stage_sql", "stored_sentiments", "upsert_media", "upsert_posts",
+    "Archive", "DataRefused", "Database", "Held", "Ledger", "StreamState", "UpsertCounts", "known_media",
+    "migration_files", "record_staged_engagement", "upsert_media", "upsert_posts",
 ]  # fmt: skip
