@@ -11,6 +11,7 @@ from typing import IO, Any
 
 from etl.config import Settings
 from etl.errors import ExitCode, UsageError
+from etl.run.services import open_services
 
 COMMANDS = ("fingerprint", "similar", "trends", "report")
 
@@ -71,17 +72,15 @@ def _json_default(value: object) -> object:
 
 
 def dispatch(command: str, args: argparse.Namespace, settings: Settings, out: IO[str], stop: threading.Event) -> int:
-    from etl.run.services import open_services
-
-    runner = open_services(settings, check_store=command in ("fingerprint", "report"))
-    db = runner.db
+    services = open_services(settings, check_store=command in ("fingerprint", "report"))
+    db = services.db
     assert db is not None
     if command == "fingerprint":
         from etl.fingerprint import ALGORITHM, VERSION, fingerprint_stored
 
         if args.workers < 1:
             raise UsageError("--workers must be at least 1")
-        stats = fingerprint_stored(db, runner.store, batch_size=settings.batch_size, workers=args.workers, should_stop=stop.is_set)
+        stats = fingerprint_stored(db, services.store, batch_size=settings.batch_size, workers=args.workers, should_stop=stop.is_set)
         print(
             f"Fingerprints ({ALGORITHM} v{VERSION}): {stats.hashed} image(s) hashed, {stats.failed} failed, in {stats.seconds:.1f}s",
             file=out,
@@ -112,7 +111,7 @@ def dispatch(command: str, args: argparse.Namespace, settings: Settings, out: IO
         raise UsageError("--until must be after --since")
     path = args.out or str(settings.data_dir / "report.html")
     data = write_report(
-        db, runner.store, Scope(args.since, args.until, args.platform), path,
+        db, services.store, Scope(args.since, args.until, args.platform), path,
         max_distance=settings.similar_max_distance, min_count=settings.trends_min_count,
     )  # fmt: skip
     t = data["totals"]

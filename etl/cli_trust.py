@@ -5,17 +5,15 @@ from __future__ import annotations
 import argparse
 import logging
 import threading
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, Any
 
 from etl.config import Settings
 from etl.db import Ledger
 from etl.errors import ExitCode, UsageError
 from etl.forget import find_posts, forget_posts, parse_target
 from etl.logs import RedactingFilter
+from etl.run.services import open_services
 from etl.verify import Scope, Verifier, VerifyStats, write_verify_metrics
-
-if TYPE_CHECKING:
-    from etl.run.services import Services
 
 log = logging.getLogger("etl")
 
@@ -53,16 +51,9 @@ def add_parsers(command: Any, parse_date: Any) -> None:
     forget.add_argument("--yes", action="store_true", help="execute (needed with --author)")
 
 
-def _services(settings: Settings) -> Services:
-    """The database and the store (checked), as `.db` and `.store`."""
-    from etl.run.services import open_services
-
-    return open_services(settings)
-
-
 def verify_command(args: argparse.Namespace, settings: Settings, out: IO[str], stop: threading.Event) -> int:
     scope = Scope(platform=args.platform, since=args.since, sample=args.sample)
-    services = _services(settings)
+    services = open_services(settings)
     stats = VerifyStats()
     redact = RedactingFilter(settings.secrets()).redact
     try:
@@ -97,7 +88,7 @@ def forget_command(args: argparse.Namespace, settings: Settings, out: IO[str]) -
     author = parse_target(args.author, "--author") if args.author else None
     if author is not None and author[1].startswith("@"):
         author = (author[0], author[1][1:])
-    services = _services(settings)
+    services = open_services(settings)
     posts = find_posts(services.db, post=post, author=author)
     if author is not None and not posts:
         raise UsageError(f"no archived post by {author[0]}:{author[1]}")
