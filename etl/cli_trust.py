@@ -55,9 +55,11 @@ def verify_command(args: argparse.Namespace, settings: Settings, out: IO[str], s
     scope = Scope(platform=args.platform, since=args.since, sample=args.sample)
     services = open_services(settings)
     stats = VerifyStats()
-    redact = RedactingFilter(settings.secrets()).redact
+    recording = Ledger(services.db).recording(
+        "verify", [args.platform or "*"], {"scope": scope.arguments()}, stats, redact=RedactingFilter(settings.secrets()).redact
+    )
     try:
-        with Ledger(services.db).recording("verify", [args.platform or "*"], {"scope": scope.arguments()}, stats, redact=redact):
+        with recording:
             Verifier(settings, services.db, services.store, should_stop=stop.is_set).run(scope, stats)
     finally:
         if settings.metrics_path:
