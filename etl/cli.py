@@ -17,7 +17,7 @@ from etl.backfill_limits import checked_chunk
 from etl.check import path_errors
 from etl.config import Settings, load_settings, merged_environment, misspelled_settings
 from etl.copystore import copy_store
-from etl.db import Ledger
+from etl.db import Database, Ledger
 from etl.enrich import SentimentEnricher
 from etl.errors import ConfigError, ETLError, ExitCode, UsageError
 from etl.logs import RedactingFilter, setup_logging
@@ -363,8 +363,8 @@ def _dispatch(args: argparse.Namespace, settings: Settings, out: IO[str]) -> int
         stats = export(settings, db, target, full=args.full, since=args.since, should_stop=stop.is_set, arguments=_recorded(args))
         print(stats.summary(), file=out)
         return int(stats.exit_code)
-    db, _ = open_services(settings, check_store=False)
     if command == "migrate":
+        db = Database.from_settings(settings)  # not open_services: it migrates, and none would be left to report
         applied = db.migrate()
         print(f"{len(applied)} migration(s) applied{': ' + ', '.join(applied) if applied else ''} ({db.display})", file=out)
         return int(ExitCode.OK)
