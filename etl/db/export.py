@@ -118,10 +118,13 @@ def _rows_sql(d: Dataset, *, selected: bool) -> str:
     return f"SELECT p.platform, {_DAY}, {', '.join(c.sql for c in d.columns)} FROM {d.source} WHERE {where} ORDER BY {d.order}"
 
 
-# Built once from the declarations above, never from data (values are parameters); keyed by dataset name.
-FINGERPRINTS_SQL = {d.name: _fingerprints_sql(d) for d in DATASETS}
-ALL_ROWS_SQL = {d.name: _rows_sql(d, selected=False) for d in DATASETS}
-SELECTED_ROWS_SQL = {d.name: _rows_sql(d, selected=True) for d in DATASETS}
+# Built once from the declarations above, never from data (values are parameters).
+POSTS_FINGERPRINTS_SQL = _fingerprints_sql(POSTS)
+MEDIA_FINGERPRINTS_SQL = _fingerprints_sql(MEDIA)
+POSTS_ALL_SQL = _rows_sql(POSTS, selected=False)
+MEDIA_ALL_SQL = _rows_sql(MEDIA, selected=False)
+POSTS_SELECTED_SQL = _rows_sql(POSTS, selected=True)
+MEDIA_SELECTED_SQL = _rows_sql(MEDIA, selected=True)
 
 
 Key = tuple[str, date]  # (platform, dt)
@@ -143,7 +146,10 @@ def partition_fingerprints(
     """(platform, dt, rows, sum of 64-bit hashes of each row's exported values) of each partition of the dataset
     from day `since` on (all when None)."""
     with reader.cursor() as cur:
-        cur.execute(FINGERPRINTS_SQL[dataset.name], {"since": since})
+        if dataset is POSTS:
+            cur.execute(POSTS_FINGERPRINTS_SQL, {"since": since})
+        else:
+            cur.execute(MEDIA_FINGERPRINTS_SQL, {"since": since})
         return cur.fetchall()
 
 
@@ -155,7 +161,14 @@ def partition_rows(
     partition from day `since` on when None), partition after partition."""
     params = {"since": since, "platforms": [k[0] for k in todo or ()], "days": [k[1] for k in todo or ()]}
     with named_cursor(reader, f"export_{dataset.name}", batch) as cur:
-        cur.execute((ALL_ROWS_SQL if todo is None else SELECTED_ROWS_SQL)[dataset.name], params)
+        if dataset is POSTS and todo is None:
+            cur.execute(POSTS_ALL_SQL, params)
+        elif dataset is POSTS:
+            cur.execute(POSTS_SELECTED_SQL, params)
+        elif todo is None:
+            cur.execute(MEDIA_ALL_SQL, params)
+        else:
+            cur.execute(MEDIA_SELECTED_SQL, params)
         yield cur
 
 
