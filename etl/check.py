@@ -90,7 +90,7 @@ def check_settings(settings: Settings, env: Mapping[str, str]) -> list[Check]:
 
 
 def check_database(settings: Settings) -> list[Check]:
-    from etl.db import _MIGRATION_RE, SQL_DIR, Database
+    from etl.db import Database, migration_files
     from etl.db.status import applied_migrations
 
     pgdata = (settings.data_dir / "postgres").resolve()
@@ -107,7 +107,7 @@ def check_database(settings: Settings) -> list[Check]:
         return [Check("database", kind, FAIL, str(exc), fix if kind == "DATABASE_URL" else "see the message; ETL_DATA_DIR")]
     try:
         done = applied_migrations(db)
-        versions = {int(m.group(1)) for p in SQL_DIR.iterdir() if (m := _MIGRATION_RE.match(p.name))}
+        versions = {version for version, _ in migration_files()}
         pending = len(versions - done)
     finally:
         db.close()

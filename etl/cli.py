@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import signal
 import sys
@@ -356,7 +355,7 @@ def _dispatch(args: argparse.Namespace, settings: Settings, out: IO[str]) -> int
         db = open_archive(settings)  # never creates one
         report = collect_status(db, runs=args.runs)
         if args.json:
-            print(json.dumps(report, default=_json_default, indent=2, ensure_ascii=False), file=out)
+            print(cli_insights.json_text(report), file=out)
         else:
             print(format_status(report), file=out)
         return int(ExitCode.OK)
@@ -374,8 +373,10 @@ def _dispatch(args: argparse.Namespace, settings: Settings, out: IO[str]) -> int
         stats = export(settings, db, target, full=args.full, since=args.since, should_stop=stop.is_set, arguments=_recorded(args))
         print(stats.summary(), file=out)
         return int(stats.exit_code)
-    db, _ = open_services(settings, check_store=False)
     if command == "migrate":
+        from etl.db import Database
+
+        db = Database.from_settings(settings)  # not open_services: it migrates, and none would be left to report
         applied = db.migrate()
         print(f"{len(applied)} migration(s) applied{': ' + ', '.join(applied) if applied else ''} ({db.display})", file=out)
         return int(ExitCode.OK)
@@ -390,33 +391,20 @@ def _reenrich(args: argparse.Namespace, settings: Settings, out: IO[str], stop: 
     from etl.run.stats import RunStats
 
     db, _ = open_services(settings, check_store=False)
-    ledger = Ledger(db)
     enricher = SentimentEnricher(settings.sentiment_threshold, detect_language=settings.detect_language)
     stats = RunStats()
-    scope = [args.platform or "*"]
-    run_id = ledger.start_run("reenrich", scope, _recorded(args))
-    status = "failed"
-    try:
+    with Ledger(db).recording("reenrich", [args.platform or "*"], _recorded(args), stats):
         reenrich(db, enricher, stats, platform=args.platform, since=args.since, should_stop=stop.is_set)
-        status = stats.status
-    finally:
-        stats.seconds = time.monotonic() - stats.started
-        ledger.finish_run(run_id, status, stats.ledger())
+    stats.seconds = time.monotonic() - stats.started
     log.info("summary: re-enriched %d posts, %d changed, %d unchanged in %.1fs", stats.fetched, stats.updated, stats.unchanged, stats.seconds)
     print(
-        f"\nRe-enrichment ({enricher.version}): {status} in {stats.seconds:.1f}s\n"
+        f"\nRe-enrichment ({enricher.version}): {stats.status} in {stats.seconds:.1f}s\n"
         f"  posts    scored {stats.fetched}, changed {stats.updated}, unchanged {stats.unchanged}\n"
         f"  sentiment positive {stats.sentiment['positive']}, neutral {stats.sentiment['neutral']}, "
         f"negative {stats.sentiment['negative']}, not scored {stats.sentiment['unscored']} (not English)",
         file=out,
     )
     return int(stats.exit_code)
-
-
-def _json_default(value: object) -> object:
-    if isinstance(value, datetime):
-        return value.isoformat()
-    return str(value)
 
 
 def _source_options(args: argparse.Namespace) -> dict[str, dict[str, object]]:

@@ -11,6 +11,7 @@ from typing import IO, Any
 
 from etl.config import Settings
 from etl.errors import ExitCode, UsageError
+from etl.run.services import open_services
 
 COMMANDS = ("fingerprint", "similar", "trends", "report")
 
@@ -57,6 +58,11 @@ def add_parsers(command: Callable[..., Any], parse_date: Callable[[str], datetim
     report.add_argument("--out", metavar="FILE.html", help="default ETL_DATA_DIR/report.html")
 
 
+def json_text(value: object) -> str:
+    """A command's `--json` output: indented, non-ASCII kept, datetimes in ISO 8601, durations in seconds."""
+    return json.dumps(value, default=_json_default, indent=2, ensure_ascii=False)
+
+
 def _json_default(value: object) -> object:
     if isinstance(value, datetime):
         return value.isoformat()
@@ -66,17 +72,15 @@ def _json_default(value: object) -> object:
 
 
 def dispatch(command: str, args: argparse.Namespace, settings: Settings, out: IO[str], stop: threading.Event) -> int:
-    from etl.run.services import open_services
-
-    runner = open_services(settings, check_store=command in ("fingerprint", "report"))
-    db = runner.db
+    services = open_services(settings, check_store=command in ("fingerprint", "report"))
+    db = services.db
     assert db is not None
     if command == "fingerprint":
         from etl.fingerprint import ALGORITHM, VERSION, fingerprint_stored
 
         if args.workers < 1:
             raise UsageError("--workers must be at least 1")
-        stats = fingerprint_stored(db, runner.store, batch_size=settings.batch_size, workers=args.workers, should_stop=stop.is_set)
+        stats = fingerprint_stored(db, services.store, batch_size=settings.batch_size, workers=args.workers, should_stop=stop.is_set)
         print(
             f"Fingerprints ({ALGORITHM} v{VERSION}): {stats.hashed} image(s) hashed, {stats.failed} failed, in {stats.seconds:.1f}s",
             file=out,
@@ -89,7 +93,7 @@ def dispatch(command: str, args: argparse.Namespace, settings: Settings, out: IO
 
         platform, post_id = parse_post_ref(args.post)
         result = find_similar(db, platform, post_id, settings.similar_max_distance)
-        text = json.dumps(result, default=_json_default, indent=2, ensure_ascii=False) if args.json else format_similar(result)
+        text = json_text(result) if args.json else format_similar(result)
         print(text, file=out)
         return int(ExitCode.OK)
     if command == "trends":
@@ -98,7 +102,7 @@ def dispatch(command: str, args: argparse.Namespace, settings: Settings, out: IO
         if args.window > args.baseline:
             raise UsageError("--baseline must be at least as long as --window")
         report = collect_trends(db, args.window, args.baseline, args.platform, settings.trends_min_count, args.limit)
-        text = json.dumps(report, default=_json_default, indent=2, ensure_ascii=False) if args.json else format_trends(report)
+        text = json_text(report) if args.json else format_trends(report)
         print(text, file=out)
         return int(ExitCode.OK)
     from etl.report import Scope, write_report
@@ -107,7 +111,7 @@ def dispatch(command: str, args: argparse.Namespace, settings: Settings, out: IO
         raise UsageError("--until must be after --since")
     path = args.out or str(settings.data_dir / "report.html")
     data = write_report(
-        db, runner.store, Scope(args.since, args.until, args.platform), path,
+        db, services.store, Scope(args.since, args.until, args.platform), path,
         max_distance=settings.similar_max_distance, min_count=settings.trends_min_count,
     )  # fmt: skip
     t = data["totals"]

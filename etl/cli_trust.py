@@ -46,33 +46,23 @@ def add_parsers(command: Any, parse_date: Any) -> None:
     forget.add_argument("--yes", action="store_true", help="execute (needed with --author)")
 
 
-def _runner(settings: Settings) -> Any:
-    """The database and the store (checked), as `.db` and `.store`."""
-    from etl.run.services import open_services
-
-    return open_services(settings)
-
-
 def verify_command(args: argparse.Namespace, settings: Settings, out: IO[str], stop: threading.Event) -> int:
     # Imported here, not at the top: every command builds the parser, only `verify` needs these (and the metrics).
     from etl.db import Ledger
     from etl.logs import RedactingFilter
+    from etl.run.services import open_services
     from etl.verify import Scope, Verifier, VerifyStats, write_verify_metrics
 
     scope = Scope(platform=args.platform, since=args.since, sample=args.sample)
-    runner = _runner(settings)
-    db = runner.db
-    run_id = Ledger(db).start_run("verify", [args.platform or "*"], {"scope": scope.arguments()})
+    services = open_services(settings)
     stats = VerifyStats()
-    status = "failed"
+    recording = Ledger(services.db).recording(
+        "verify", [args.platform or "*"], {"scope": scope.arguments()}, stats, redact=RedactingFilter(settings.secrets()).redact
+    )
     try:
-        stats = Verifier(settings, db, runner.store, should_stop=stop.is_set).run(scope)
-        status = stats.status
+        with recording:
+            Verifier(settings, services.db, services.store, should_stop=stop.is_set).run(scope, stats)
     finally:
-        ledger = stats.ledger()
-        redact = RedactingFilter(settings.secrets()).redact
-        ledger["errors"] = [redact(e) for e in ledger["errors"]]
-        Ledger(db).finish_run(run_id, status, ledger)
         if settings.metrics_path:
             write_verify_metrics(settings.metrics_path, stats)
     log.info(
@@ -81,7 +71,7 @@ def verify_command(args: argparse.Namespace, settings: Settings, out: IO[str], s
     )  # fmt: skip
     lines = [
         "",
-        f"Fixity check: {status} in {stats.seconds:.1f}s ({runner.store.describe()})",
+        f"Fixity check: {stats.status} in {stats.seconds:.1f}s ({services.store.describe()})",
         f"  objects  checked {stats.checked}, ok {stats.ok}, missing {stats.missing}, changed {stats.changed}, "
         f"unreadable {stats.unreadable}; {stats.bytes_read / 1e6:.1f} MB read",
         "  unexpected objects "
@@ -91,22 +81,21 @@ def verify_command(args: argparse.Namespace, settings: Settings, out: IO[str], s
         lines.append(f"  continued the check interrupted at {stats.resumed_from:%Y-%m-%d %H:%M:%S %Z}")
     if stats.missing or stats.changed:
         lines.append("  missing and changed images are marked failed and refetched by the next run")
-    if stats.problems:
-        lines.append(f"  {len(stats.problems)} problem(s), first ones:")
-        lines.extend(f"    - {p}" for p in stats.problems[:10])
+    lines += stats.problem_lines(stats.problems)
     print("\n".join(lines), file=out)
     return int(stats.exit_code)
 
 
 def forget_command(args: argparse.Namespace, settings: Settings, out: IO[str]) -> int:
     from etl.forget import find_posts, forget_posts, parse_target
+    from etl.run.services import open_services
 
     post = parse_target(args.post, "--post") if args.post else None
     author = parse_target(args.author, "--author") if args.author else None
     if author is not None and author[1].startswith("@"):
         author = (author[0], author[1][1:])
-    runner = _runner(settings)
-    posts = find_posts(runner.db, post=post, author=author)
+    services = open_services(settings)
+    posts = find_posts(services.db, post=post, author=author)
     if author is not None and not posts:
         raise UsageError(f"no archived post by {author[0]}:{author[1]}")
     if author is not None and not args.yes:
@@ -116,7 +105,7 @@ def forget_command(args: argparse.Namespace, settings: Settings, out: IO[str]) -
         if len(posts) > 200:
             print(f"  ... and {len(posts) - 200} more", file=out)
         return int(ExitCode.OK)
-    result = forget_posts(runner.db, runner.store, settings, posts, args.reason)
+    result = forget_posts(services.db, services.store, settings, posts, args.reason)
     held = sum(1 for p in posts if p[2] is not None)
     rows = ", ".join(f"{table} {n}" for table, n in sorted(result.rows.items()) if n) or "none"
     print(

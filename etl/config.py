@@ -56,60 +56,42 @@ def _list(raw: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in raw.split(",") if item.strip())
 
 
-def _positive_int(raw: str) -> int:
-    value = int(raw.strip())
-    if value <= 0:
-        raise ValueError("must be a positive whole number")
-    return value
+def _checked(convert: Callable[[str], Any], ok: Callable[[Any], bool], message: str) -> Callable[[str], Any]:
+    """A parser: `convert` the stripped text, then refuse a value for which `ok` is false (NaN never passes)."""
+
+    def parse(raw: str) -> Any:
+        value = convert(raw.strip())
+        if not ok(value):
+            raise ValueError(message)
+        return value
+
+    return parse
 
 
-def _non_negative_int(raw: str) -> int:
-    value = int(raw.strip())
-    if value < 0:
-        raise ValueError("must be zero or more")
-    return value
+def _one_of(*allowed: str, case: Callable[[str], str] = str.lower) -> Callable[[str], str]:
+    """A parser that accepts one of `allowed` (compared after `case`), the error naming them all."""
+    expected = "expected " + ", ".join(allowed[:-1]) + " or " + allowed[-1]
+
+    def parse(raw: str) -> str:
+        value = case(raw.strip())
+        if value not in allowed:
+            raise ValueError(expected)
+        return value
+
+    return parse
 
 
-def _positive_float(raw: str) -> float:
-    value = float(raw.strip())
-    if not value > 0:
-        raise ValueError("must be a positive number")
-    return value
-
-
-def _non_negative_float(raw: str) -> float:
-    value = float(raw.strip())
-    if not value >= 0:
-        raise ValueError("must be zero or more")
-    return value
-
-
-def _threshold(raw: str) -> float:
-    value = float(raw.strip())
-    if not 0 <= value < 1:
-        raise ValueError("must be between 0 and 1")
-    return value
-
-
-def _hamming(raw: str) -> int:
-    value = int(raw.strip())
-    if not 0 <= value <= 7:
-        raise ValueError("must be a whole number from 0 to 7 (the band index finds every match up to 7)")
-    return value
-
-
-def _log_format(raw: str) -> str:
-    value = raw.strip().lower()
-    if value not in ("text", "json"):
-        raise ValueError("expected text or json")
-    return value
-
-
-def _log_level(raw: str) -> str:
-    value = raw.strip().upper()
-    if value not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-        raise ValueError("expected DEBUG, INFO, WARNING or ERROR")
-    return value
+_positive_int = _checked(int, lambda v: v > 0, "must be a positive whole number")
+_non_negative_int = _checked(int, lambda v: v >= 0, "must be zero or more")
+_positive_float = _checked(float, lambda v: v > 0, "must be a positive number")
+_non_negative_float = _checked(float, lambda v: v >= 0, "must be zero or more")
+_threshold = _checked(float, lambda v: 0 <= v < 1, "must be between 0 and 1")
+_hamming = _checked(
+    int, lambda v: 0 <= v <= 7, "must be a whole number from 0 to 7 (the band index finds every match up to 7)"
+)
+_log_format = _one_of("text", "json")
+_log_level = _one_of("DEBUG", "INFO", "WARNING", "ERROR", case=str.upper)
+_deleted_policy = _one_of("mark", "forget")
 
 
 def _s3_prefix(raw: str) -> str:
@@ -118,13 +100,6 @@ def _s3_prefix(raw: str) -> str:
         value += "/"
     if ".." in value.split("/") or any(ord(c) < 32 for c in value):
         raise ValueError("must not contain '..' segments or control characters")
-    return value
-
-
-def _deleted_policy(raw: str) -> str:
-    value = raw.strip().lower()
-    if value not in ("mark", "forget"):
-        raise ValueError("expected mark or forget")
     return value
 
 

@@ -28,7 +28,7 @@ from typing import IO, Any
 from etl.config import Settings
 from etl.db import Database, Ledger
 from etl.db.fixity import images_elsewhere, images_to_copy, record_copies
-from etl.errors import ConfigError, ETLError, ExitCode, LockedError
+from etl.errors import ConfigError, ETLError, Outcome
 from etl.logs import RedactingFilter
 from etl.store import LocalStore, ObjectStore, S3Store, make_s3_client, object_key
 
@@ -88,7 +88,20 @@ class CopyError(ETLError):
         self.corrupt = corrupt
 
 
-class LocalSide:
+class Side:
+    """One object store as copy-store reads and writes it; `name` is its storage_url store name."""
+
+    name: str
+
+    def open(self, key: str) -> IO[bytes]:
+        raise NotImplementedError
+
+    def digest(self, key: str) -> tuple[str, int]:
+        """(sha256 hex, size) of the object, read a chunk at a time."""
+        return _digest(self.open(key))
+
+
+class LocalSide(Side):
     """Objects as files under the local store's root; written to a temporary file and renamed."""
 
     def __init__(self, root: Path):
@@ -131,14 +144,11 @@ class LocalSide:
             raise
         return True
 
-    def digest(self, key: str) -> tuple[str, int]:
-        return _digest(self.open(key))
-
     def url(self, key: str) -> str:
         return self.store.url(key)
 
 
-class S3Side:
+class S3Side(Side):
     """Objects in one bucket, through a client shared by every bucket of the copy (one endpoint, one chain)."""
 
     def __init__(self, client: Any, bucket: str):
@@ -190,9 +200,6 @@ class S3Side:
         self.client.put_object(**args)
         return True
 
-    def digest(self, key: str) -> tuple[str, int]:
-        return _digest(self.open(key))
-
     def url(self, key: str) -> str:
         return f"s3://{self.bucket}/{key}"
 
@@ -228,7 +235,7 @@ class _Row:
 
 
 @dataclass
-class CopyResult:
+class CopyResult(Outcome):
     """What a copy-store did; `format()` is the command's summary."""
 
     target: str
@@ -243,14 +250,8 @@ class CopyResult:
     where: str = ""
 
     @property
-    def exit_code(self) -> ExitCode:
-        return ExitCode.PARTIAL if self.failed or self.interrupted or self.remaining else ExitCode.OK
-
-    @property
-    def status(self) -> str:
-        if self.interrupted:
-            return "interrupted"
-        return "ok" if self.exit_code == ExitCode.OK else "partial"
+    def partial(self) -> bool:
+        return bool(self.failed or self.remaining)
 
     def ledger(self, redact: Callable[[str], str] = str) -> dict[str, Any]:
         return {
@@ -271,9 +272,7 @@ class CopyResult:
             lines.append(f"  still in other stores: {_where(self.remaining, settings)}")
         else:
             lines.append("  every archived image is in the configured store: runs go on")
-        if self.errors:
-            lines.append(f"  {len(self.errors)} problem(s), first ones:")
-            lines.extend(f"    - {e}" for e in self.errors[:10])
+        lines += self.problem_lines(self.errors)
         if self.corrupt:
             lines.append(
                 "  An object that does not match its sha256 is damaged where it is: restore it from a backup and run"
@@ -290,7 +289,7 @@ class StoreCopier:
         self.db = db
         self.stop = stop or threading.Event()
         self._client: Any = None
-        self._sides: dict[str | None, LocalSide | S3Side | CopyError] = {}
+        self._sides: dict[str | None, Side | CopyError] = {}
         self._sides_lock = threading.Lock()
 
     def s3_client(self) -> Any:
@@ -298,7 +297,7 @@ class StoreCopier:
             self._client = make_s3_client(self.settings, pool_size=MAX_WORKERS * 2)
         return self._client
 
-    def open_target(self) -> LocalSide | S3Side:
+    def open_target(self) -> Side:
         """The configured store, checked (ConfigError naming the setting when it cannot be used)."""
         if self.settings.s3_bucket:
             S3Store(self.settings, client=self.s3_client()).check()
@@ -307,13 +306,13 @@ class StoreCopier:
         store.check()
         return LocalSide(store.root)
 
-    def side(self, name: str | None) -> LocalSide | S3Side:
+    def side(self, name: str | None) -> Side:
         """The store a source object lives in, opened and checked once; CopyError when it cannot be."""
         with self._sides_lock:
             if name not in self._sides:
                 try:
                     if name == LOCAL:
-                        opened: LocalSide | S3Side = LocalSide(self.settings.objects_dir)
+                        opened: Side = LocalSide(self.settings.objects_dir)
                     elif name and name.startswith("s3://"):
                         opened = S3Side(self.s3_client(), name[5:])
                     else:
@@ -331,24 +330,16 @@ class StoreCopier:
         target = self.open_target()
         result = CopyResult(target.name)
         started = time.monotonic()
+        ledger = Ledger(self.db)
+        lock = ledger.lock_sources([LOCK_NAME], busy="copy-store is running")
         try:
-            lock = Ledger(self.db).lock_sources([LOCK_NAME])
-        except LockedError as exc:
-            raise LockedError(
-                str(exc).replace(f"source {LOCK_NAME!r} is being archived", "copy-store is running")
-            ) from None
-        try:
-            Ledger(self.db).abandon_dead_runs([LOCK_NAME])
-            run_id = Ledger(self.db).start_run(LOCK_NAME, [LOCK_NAME], arguments)
-            status = "failed"
-            try:
+            ledger.abandon_dead_runs([LOCK_NAME])
+            redact = RedactingFilter(self.settings.secrets()).redact
+            with ledger.recording(LOCK_NAME, [LOCK_NAME], arguments, result, redact=redact):
                 self._copy_all(target, result)
                 result.remaining = images_elsewhere(self.db, target.name)
-                status = result.status
-            finally:
-                result.seconds = time.monotonic() - started
-                Ledger(self.db).finish_run(run_id, status, result.ledger(RedactingFilter(self.settings.secrets()).redact))
         finally:
+            result.seconds = time.monotonic() - started
             lock.close()
         log.info(
             "summary: copy-store into %s: copied=%d present=%d failed=%d corrupt=%d remaining=%d %.1fs",
@@ -366,7 +357,7 @@ class StoreCopier:
             last = page[-1].id
             yield page
 
-    def _copy_all(self, target: LocalSide | S3Side, result: CopyResult) -> None:
+    def _copy_all(self, target: Side, result: CopyResult) -> None:
         workers = min(self.settings.concurrency, MAX_WORKERS)
         with ThreadPoolExecutor(workers, thread_name_prefix="copy") as pool:
             for page in self._pages(target.name):
@@ -393,7 +384,7 @@ class StoreCopier:
         if self.stop.is_set():
             result.interrupted = True
 
-    def _copy_one(self, row: _Row, target: LocalSide | S3Side) -> tuple[str, str, str]:
+    def _copy_one(self, row: _Row, target: Side) -> tuple[str, str, str]:
         """(copied | present, new key, new url), (failed | corrupt, reason, ''), or (stopped, '', '')."""
         if self.stop.is_set():
             return "stopped", "", ""
@@ -417,7 +408,7 @@ def _target_key(settings: Settings, row: _Row) -> str:
         return row.key
 
 
-def _copy_verified(source: LocalSide | S3Side, target: LocalSide | S3Side, row: _Row, key: str) -> bool:
+def _copy_verified(source: Side, target: Side, row: _Row, key: str) -> bool:
     """Copy one object, checking the source against the recorded sha256 and then the copy; True if written."""
     if not row.sha256:
         raise CopyError("no sha256 is recorded for it, so a copy could not be verified")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from enum import IntEnum
+from typing import Any
 
 
 class ExitCode(IntEnum):
@@ -12,6 +14,38 @@ class ExitCode(IntEnum):
     PARTIAL = 1  # the run finished, some items failed (recorded, retried next run)
     CONFIG = 2  # bad configuration or usage; the message names the setting
     LOCKED = 75  # another run holds the lock (EX_TEMPFAIL); nothing done
+
+
+class Outcome:
+    """What a command's run ended as: `interrupted` (SIGTERM) wins, else `partial` when some items failed, else
+    ok; the exit code follows. Each command's stats says what counts as partial, and what etl_runs records."""
+
+    interrupted: bool
+
+    @property
+    def partial(self) -> bool:
+        raise NotImplementedError
+
+    @property
+    def status(self) -> str:
+        if self.interrupted:
+            return "interrupted"
+        return "partial" if self.partial else "ok"
+
+    @property
+    def exit_code(self) -> ExitCode:
+        return ExitCode.PARTIAL if self.interrupted or self.partial else ExitCode.OK
+
+    def ledger(self, redact: Callable[[str], str] = str) -> dict[str, Any]:
+        """What etl_runs records of the run; `redact` is applied to every error message."""
+        raise NotImplementedError
+
+    @staticmethod
+    def problem_lines(problems: list[str], shown: int = 10) -> list[str]:
+        """The summary's list of problems: how many, then the first `shown` (none when there are none)."""
+        if not problems:
+            return []
+        return [f"  {len(problems)} problem(s), first ones:", *(f"    - {p}" for p in problems[:shown])]
 
 
 class ETLError(Exception):

@@ -36,7 +36,7 @@ from etl.db.export import (  # the datasets are declared beside the SQL that rea
     platform_posts,
     record_partitions,
 )
-from etl.errors import ConfigError, ExitCode, StoreError, UsageError
+from etl.errors import ConfigError, Outcome, StoreError, UsageError
 from etl.store import LocalStore, ObjectStore, S3Store, store_from_settings
 
 log = logging.getLogger(__name__)
@@ -129,7 +129,7 @@ def resolve_target(settings: Settings, to: str | None) -> Target:
 
 
 @dataclass
-class ExportStats:
+class ExportStats(Outcome):
     """What one export did, per dataset and in all."""
 
     target: str = ""
@@ -143,18 +143,15 @@ class ExportStats:
     seconds: float = 0.0
 
     @property
-    def exit_code(self) -> ExitCode:
-        return ExitCode.PARTIAL if self.errors or self.interrupted else ExitCode.OK
+    def partial(self) -> bool:
+        return bool(self.errors)
 
-    @property
-    def status(self) -> str:
-        return "interrupted" if self.interrupted else ("partial" if self.errors else "ok")
-
-    def ledger(self) -> dict[str, Any]:
-        return {
+    def ledger(self, redact: Callable[[str], str] = str) -> dict[str, Any]:
+        counts = {
             "target": self.target, "written": self.written, "rows": self.rows, "unchanged": self.unchanged,
             "deleted": self.deleted, "bytes": self.bytes,
         }  # fmt: skip
+        return {"errors": [redact(e) for e in self.errors], "per_source": {"export": counts}}
 
     def summary(self) -> str:
         lines = [f"Export to {self.target}: {self.status} in {self.seconds:.1f}s"]
@@ -164,12 +161,8 @@ class ExportStats:
                 f"unchanged {self.unchanged[d.name]}, deleted {self.deleted[d.name]}"
             )
         lines.append(f"  bytes    {self.bytes} written")
-        if self.errors:
-            lines.append(f"  {len(self.errors)} problem(s), first ones:")
-            lines.extend(f"    - {e}" for e in self.errors[:10])
+        lines += self.problem_lines(self.errors)
         return "\n".join(lines)
-
-
 
 
 class Exporter:
@@ -382,29 +375,19 @@ class PartitionWriter:
 
 
 def export(
-    settings: Settings,
-    db: Database,
-    target: Target,
-    *,
-    full: bool = False,
-    since: datetime | None = None,
-    should_stop: Callable[[], bool] = lambda: False,
-    arguments: dict[str, Any] | None = None,
+    settings: Settings, db: Database, target: Target, *, arguments: dict[str, Any] | None = None, **options: Any
 ) -> ExportStats:
-    """Check the target, lock it (one export at a time per target), record the run in etl_runs, export."""
+    """Check the target, lock it (one export at a time per target), record the run in etl_runs, export.
+    `options` are the Exporter's (full, since, should_stop)."""
     target.store.check()
-    lock = Ledger(db).lock_sources([f"export {target.name}"])
+    exporter = Exporter(settings, db, target, **options)
+    ledger = Ledger(db)
+    lock = ledger.lock_sources([f"export {target.name}"])
     try:
-        run_id = Ledger(db).start_run("export", [f"export {target.name}"], arguments or {})
-        exporter = Exporter(settings, db, target, full=full, since=since, should_stop=should_stop)
-        status = "failed"
-        try:
-            stats = exporter.run()
-            status = stats.status
-        finally:
-            stats = exporter.stats
-            Ledger(db).finish_run(run_id, status, {"errors": stats.errors, "per_source": {"export": stats.ledger()}})
+        with ledger.recording("export", [f"export {target.name}"], arguments or {}, exporter.stats):
+            exporter.run()
     finally:
         lock.close()
+    stats = exporter.stats
     log.info("summary: %s", " ".join(f"{d}={n}" for d, n in stats.written.items()) + f" bytes={stats.bytes} status={stats.status}")
     return stats

@@ -69,7 +69,7 @@ class ResumePoint:
 class ResumeTracker:
     """Wraps a source's posts: skips what a cut run loaded, applies --limit, remembers what passed through.
 
-    Every post it yields is loaded by the pipeline before the state is saved (chunked() hands on the posts
+    Every post it yields is loaded by the archiver before the state is saved (chunked() hands on the posts
     of a failing stream first), so what it remembers is what was loaded.
     """
 

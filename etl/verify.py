@@ -28,7 +28,7 @@ from etl.db.fixity import (
     recorded_keys,
     stored_images_in_scope,
 )
-from etl.errors import ExitCode, StoreError
+from etl.errors import Outcome, StoreError
 from etl.metrics import STATUSES, Textfile
 from etl.store import ObjectStore
 from etl.store_ops import is_archive_key, iter_keys, key_date, read_back
@@ -39,7 +39,7 @@ MAX_PROBLEMS_KEPT = 200
 
 
 @dataclass
-class VerifyStats:
+class VerifyStats(Outcome):
     """Counts of one verify run: what the summary, etl_runs and the metrics file report."""
 
     checked: int = 0
@@ -65,14 +65,8 @@ class VerifyStats:
         return self.missing + self.changed + self.unreadable + self.unexpected
 
     @property
-    def status(self) -> str:
-        if self.interrupted:
-            return "interrupted"
-        return "partial" if self.failed else "ok"
-
-    @property
-    def exit_code(self) -> ExitCode:
-        return ExitCode.PARTIAL if self.failed or self.interrupted else ExitCode.OK
+    def partial(self) -> bool:
+        return self.failed > 0
 
     def counts(self) -> dict[str, Any]:
         return {
@@ -81,13 +75,13 @@ class VerifyStats:
             "listed": self.listed, "resumed_from": self.resumed_from.isoformat() if self.resumed_from else None,
         }  # fmt: skip
 
-    def ledger(self) -> dict[str, Any]:
+    def ledger(self, redact: Callable[[str], str] = str) -> dict[str, Any]:
         return {
             "images_stored": self.ok,
             "images_failed": self.missing + self.changed + self.unreadable,
             "images_skipped": self.unexpected,
             "per_source": {"verify": self.counts()},
-            "errors": self.problems,
+            "errors": [redact(p) for p in self.problems],
             "error_count": self.failed,
         }
 
@@ -123,8 +117,10 @@ class Verifier:
         row = last_finished_verify(self.db, scope.arguments())
         return row[1] if row and row[0] in ("interrupted", "failed", "abandoned") else None
 
-    def run(self, scope: Scope) -> VerifyStats:
-        stats = VerifyStats(resumed_from=self.resume_point(scope))
+    def run(self, scope: Scope, stats: VerifyStats | None = None) -> VerifyStats:
+        """Check the objects in scope, counted into `stats` (a new VerifyStats by default), which it returns."""
+        stats = VerifyStats() if stats is None else stats
+        stats.resumed_from = self.resume_point(scope)
         if stats.resumed_from:
             log.info("continuing the verify interrupted at %s", stats.resumed_from)
         self._check_rows(scope, stats)

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from urllib.parse import urlsplit, urlunsplit
 
+import psycopg2
 import pytest
 
 from etl.cli import build_parser, with_default_command
+from etl.db import migration_files
 from tests.conftest import ROOT
 
 
@@ -67,3 +70,24 @@ def test_bad_arguments_exit_2_before_any_work(tmp_path, args, message):
     )  # fmt: skip
     assert result.returncode == 2 and message in result.stderr
     assert not (tmp_path / "d").exists()  # no database was started
+
+
+def test_migrate_reports_the_migrations_it_applied_then_none(pg_dsn, run_etl):
+    admin = psycopg2.connect(pg_dsn)
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        cur.execute("DROP DATABASE IF EXISTS migrate_probe")
+        cur.execute("CREATE DATABASE migrate_probe")
+    try:
+        fresh = {"DATABASE_URL": urlunsplit(urlsplit(pg_dsn)._replace(path="/migrate_probe"))}
+        first = run_etl("migrate", env=fresh)
+        assert first.returncode == 0, first.stderr
+        names = [path.name for _, path in migration_files()]
+        assert f"{len(names)} migration(s) applied: {', '.join(names)} (" in first.stdout
+        again = run_etl("migrate", env=fresh)
+        assert again.returncode == 0, again.stderr
+        assert again.stdout.startswith("0 migration(s) applied (")
+    finally:
+        with admin.cursor() as cur:
+            cur.execute("DROP DATABASE IF EXISTS migrate_probe WITH (FORCE)")
+        admin.close()

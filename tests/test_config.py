@@ -61,6 +61,37 @@ def test_malformed_setting_is_a_config_error_naming_it(make_settings, name, valu
     assert info.value.exit_code == ExitCode.CONFIG
 
 
+@pytest.mark.badinput("a number out of range or a word not among the choices: the message says what is accepted")
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("ETL_MAX_IMAGE_BYTES", "-3", "must be a positive whole number"),
+        ("ETL_MAX_REDIRECTS", "-1", "must be zero or more"),
+        ("ETL_READ_TIMEOUT", "nan", "must be a positive number"),
+        ("ETL_RETRY_MAX_WAIT", "-0.5", "must be zero or more"),
+        ("SENTIMENT_THRESHOLD", "1", "must be between 0 and 1"),
+        ("ETL_SIMILAR_MAX_DISTANCE", "8", "must be a whole number from 0 to 7"),
+        ("ETL_LOG_FORMAT", "xml", "expected text or json"),
+        ("ETL_LOG_LEVEL", "loud", "expected DEBUG, INFO, WARNING or ERROR"),
+        ("ETL_DELETED_AT_SOURCE", "shred", "expected mark or forget"),
+    ],
+)
+def test_a_refused_value_is_told_what_is_accepted(make_settings, name, value, message):
+    with pytest.raises(ConfigError) as info:
+        make_settings(**{name: value})
+    assert str(info.value).startswith(f"{name}={value!r} is invalid: {message}")
+
+
+def test_choices_and_bounds_accept_their_edges_and_fold_case(make_settings):
+    settings = make_settings(
+        ETL_LOG_LEVEL=" warning ", ETL_LOG_FORMAT="JSON", ETL_DELETED_AT_SOURCE="Forget", ETL_MAX_REDIRECTS="0",
+        ETL_RETRY_MAX_WAIT="0", SENTIMENT_THRESHOLD="0", ETL_SIMILAR_MAX_DISTANCE="7",
+    )  # fmt: skip
+    assert (settings.log_level, settings.log_format, settings.deleted_at_source) == ("WARNING", "json", "forget")
+    assert (settings.max_redirects, settings.retry_max_wait, settings.sentiment_threshold) == (0, 0.0, 0.0)
+    assert settings.similar_max_distance == 7
+
+
 def test_missing_required_setting_is_named(make_settings):
     settings = make_settings()
     with pytest.raises(ConfigError, match="YOUTUBE_API_KEY is not set"):

@@ -19,6 +19,7 @@ import pytest
 from moto.server import ThreadedMotoServer
 
 from etl import copystore
+from etl.db import Ledger
 from etl.db.fixity import STORE_BOUNDS_SQL
 from etl.errors import ExitCode
 from tests.conftest import ROOT, query
@@ -385,3 +386,17 @@ def test_status_of_an_existing_archive_still_works(db, run_etl):
     result = run_etl("status", "--runs", "1")
     assert result.returncode == ExitCode.OK, result.stdout + result.stderr
     assert "Last runs:" in result.stdout and "mock" in result.stdout
+
+
+@pytest.mark.fault("a second copy-store while one is running")
+def test_a_second_copy_store_exits_75_saying_copy_store_is_running(db, run_etl):
+    db.migrate()
+    run_id = Ledger(db).start_run("copy-store", ["copy-store"], {})
+    lock = Ledger(db).lock_sources(["copy-store"])
+    try:
+        second = run_etl("copy-store")
+    finally:
+        lock.close()
+    assert second.returncode == ExitCode.LOCKED, second.stdout + second.stderr
+    assert f"copy-store is running by another run (run {run_id} on " in second.stderr
+    assert "source 'copy-store'" not in second.stderr

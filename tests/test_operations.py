@@ -15,7 +15,7 @@ from etl.db import Ledger, StreamState
 from etl.errors import SourceError
 from etl.records import Post
 from etl.run.runner import Runner, RunRequest, backfill_chunks
-from etl.run.stats import StageClock
+from etl.run.stats import RunStats, StageClock
 from etl.sources.base import FetchWindow, Source
 from etl.status import collect_status, format_status
 from etl.store import LocalStore
@@ -233,6 +233,33 @@ def test_an_overlapping_run_exits_75_naming_the_holder(db, run_etl):
     assert result.returncode == 75, result.stderr
     assert "being archived by another run" in result.stderr and f"run {run_id}" in result.stderr
     assert query(db.dsn, "SELECT count(*) FROM social_posts") == [(0,)]
+
+
+def test_a_recorded_run_keeps_its_outcome_and_a_failed_block_is_recorded_failed_with_its_counts(db):
+    db.migrate()
+    ledger = Ledger(db)
+    done = RunStats(fetched=3, inserted=2, images_failed=1)
+    done.error("x/1 image 0: token=abc123 refused")
+    with ledger.recording("run", ["mock"], {"limit": 3}, done, redact=lambda m: m.replace("abc123", "***")) as ok_id:
+        pass
+    cut = RunStats(fetched=1, interrupted=True)
+    with ledger.recording("backfill", ["mock"], {}, cut) as cut_id:
+        pass
+    broken = RunStats(fetched=5)
+    with pytest.raises(RuntimeError, match="boom"):
+        with ledger.recording("run", ["jsonl"], {}, broken, units=["stream:a"]) as failed_id:
+            raise RuntimeError("boom")
+    rows = query(
+        db.dsn,
+        "SELECT id, status, posts_fetched, posts_inserted, images_failed, errors, units, finished_at IS NOT NULL"
+        " FROM etl_runs WHERE id = ANY(%s) ORDER BY id",
+        ([ok_id, cut_id, failed_id],),
+    )
+    assert rows == [
+        (ok_id, "partial", 3, 2, 1, ["x/1 image 0: token=*** refused"], ["mock"], True),
+        (cut_id, "interrupted", 1, 0, 0, [], ["mock"], True),
+        (failed_id, "failed", 5, 0, 0, [], ["stream:a"], True),
+    ]
 
 
 def test_json_logs_parse_and_carry_no_secrets(run_etl, tmp_path):

@@ -1,52 +1,37 @@
-"""PostgreSQL, the one home of the archiver's SQL. Which file holds what:
+"""PostgreSQL, the one home of the archiver's SQL (tests/test_layout.py keeps it so). Which file holds what:
 
 - connection.py  `Database`: the connection (embedded or DATABASE_URL), `transaction()`, `run()` with reconnects,
                  SQLSTATE classes (`DataRefused`, `connection_lost`), `migrate()` (sql/NNN_name.sql in order)
-- ledger.py      `Ledger(db)`: etl_runs (start, finish, abandon, orchestrator totals), advisory locks per unit
-                 (a stream, or a stream-less source), etl_backfill_chunks
+- ledger.py      `Ledger(db)`: etl_runs (start, finish, `recording` around a block, abandon, orchestrator
+                 totals), advisory locks per unit (a stream, or a stream-less source), etl_backfill_chunks
 - state.py       `StreamState(db)`: etl_state per stream: watermark and cursor (adopting a source's state of
                  before state was kept per stream), the resume point a cut run left
 - archive.py     the loader, each function taking the transaction's cursor: COPY staging, upserts of posts and
-                 images, stored images and scores, tombstones, engagement snapshots, the failed-image queue
+                 images, stored images and scores, tombstones, engagement snapshots, the failed-image queue;
+                 `Archive(db)`, the archiver's view of them
+- platform.py    platform state handed to a source at construction (Instagram's hashtag searches, YouTube's quota)
+- scans.py       server-side cursors for long reads in flat memory
+- the commands'  status.py (status, check), insights.py (trends, similar, report, fingerprint), fixity.py
+  reads/writes   (verify, copy-store), deletions.py (forget, deletions at source, re-check), export.py (the
+                 Parquet datasets and export_partitions), reenrich.py (the scan and the new scores)
 
-`from etl.db import Database` (and the names below) keeps working for every caller.
+The names below are the ones callers take from `etl.db`; the rest are imported from their module.
 """
 
 from etl.db.archive import (
-    UPSERT_MEDIA_SQL,
-    UPSERT_POSTS_SQL,
     Archive,
     Held,
     UpsertCounts,
-    copy_rows,
-    copy_value,
-    failed_images,
-    forgotten,
     known_media,
-    record_retries,
     record_staged_engagement,
-    set_first_image_urls,
-    stage_sql,
-    stored_sentiments,
     upsert_media,
     upsert_posts,
 )
-from etl.db.connection import (
-    _MIGRATION_RE,
-    SQL_DIR,
-    Database,
-    DataRefused,
-    adapt_json,
-    connection_lost,
-    refused_data,
-    server_reason,
-)
-from etl.db.ledger import FINISH_RUN_SQL, Ledger
+from etl.db.connection import Database, DataRefused, migration_files
+from etl.db.ledger import Ledger
 from etl.db.state import StreamState
 
 __all__ = [
-    "FINISH_RUN_SQL", "SQL_DIR", "Archive", "Held", "UPSERT_MEDIA_SQL", "UPSERT_POSTS_SQL", "_MIGRATION_RE", "DataRefused", "Database",
-    "Ledger", "StreamState", "UpsertCounts", "adapt_json", "connection_lost", "copy_rows", "copy_value",
-    "failed_images", "forgotten", "known_media", "record_retries", "record_staged_engagement", "refused_data",
-    "server_reason", "set_first_image_urls", "stage_sql", "stored_sentiments", "upsert_media", "upsert_posts",
+    "Archive", "DataRefused", "Database", "Held", "Ledger", "StreamState", "UpsertCounts", "known_media",
+    "migration_files", "record_staged_engagement", "upsert_media", "upsert_posts",
 ]  # fmt: skip

@@ -88,8 +88,28 @@ class UpsertCounts:
     snapshots: int = 0  # engagement snapshots written (record_staged_engagement)
 
 
-
 # -- the loader: batched upserts, each taking the transaction's cursor ------------------------------
+
+# A batch's (platform, post_id) keys as a table `k` to join on: its parameters are _key_arrays(keys).
+_KEYS_JOIN = " JOIN (SELECT * FROM unnest(%s::text[], %s::text[]) AS k(platform, post_id)) k USING (platform, post_id)"
+
+
+KNOWN_MEDIA_SQL = (
+    "SELECT m.platform, m.post_id, m.position, m.status, m.storage_key, m.storage_url, m.source_url"
+    " FROM post_media m" + _KEYS_JOIN + " WHERE m.status = 'stored' OR m.permanent"
+)
+STORED_SENTIMENTS_SQL = (
+    "SELECT p.platform, p.post_id, p.caption, p.sentiment, p.sentiment_polarity, p.sentiment_subjectivity,"
+    " p.language, p.language_source, p.sentiment_skipped"
+    " FROM social_posts p" + _KEYS_JOIN + " WHERE p.sentiment_version = %s AND p.caption IS NOT NULL"
+)
+FORGOTTEN_SQL = "SELECT f.platform, f.post_id FROM forgotten_posts f" + _KEYS_JOIN
+
+
+def _key_arrays(keys: Sequence[tuple[str, str]]) -> tuple[list[str], list[str]]:
+    """(platforms, post_ids as stored) for _KEYS_JOIN."""
+    return [k[0] for k in keys], [clean_text(k[1]) for k in keys]
+
 
 _POST_COLUMNS = (
     "platform", "post_id", "author_username", "caption", "sentiment", "sentiment_polarity",
@@ -106,6 +126,7 @@ _POST_MUTABLE = (
 )  # fmt: skip
 
 _POST_STAGE = "social_posts_stage"  # a temporary table, see stage_sql()
+# Each statement a module constant of its own (tests/test_security.py checks every cursor call takes one).
 _STAGE_POSTS_SQLS = stage_sql(_POST_STAGE, "social_posts", _POST_COLUMNS)
 _STAGE_POSTS_PREPARE_SQL = _STAGE_POSTS_SQLS[0]  # create the table if need be, and empty it
 _STAGE_POSTS_COPY_SQL = _STAGE_POSTS_SQLS[1]
@@ -211,12 +232,7 @@ def known_media(
     failed permanently -> the source_url that failed. Both are keyed (platform, post_id, position)."""
     if not keys:
         return {}, {}
-    cur.execute(
-        "SELECT m.platform, m.post_id, m.position, m.status, m.storage_key, m.storage_url, m.source_url"
-        " FROM post_media m JOIN (SELECT * FROM unnest(%s::text[], %s::text[]) AS k(platform, post_id)) k"
-        " USING (platform, post_id) WHERE m.status = 'stored' OR m.permanent",
-        ([k[0] for k in keys], [clean_text(k[1]) for k in keys]),
-    )
+    cur.execute(KNOWN_MEDIA_SQL, _key_arrays(keys))
     stored, hopeless = {}, {}
     for platform, post_id, position, status, key, url, source_url in cur.fetchall():
         if status == "stored":
@@ -234,13 +250,7 @@ def stored_sentiments(
     unchanged need not be scored (nor its language detected) again."""
     if not keys:
         return {}
-    cur.execute(
-        "SELECT p.platform, p.post_id, p.caption, p.sentiment, p.sentiment_polarity, p.sentiment_subjectivity,"
-        " p.language, p.language_source, p.sentiment_skipped"
-        " FROM social_posts p JOIN (SELECT * FROM unnest(%s::text[], %s::text[]) AS k(platform, post_id)) k"
-        " USING (platform, post_id) WHERE p.sentiment_version = %s AND p.caption IS NOT NULL",
-        ([k[0] for k in keys], [clean_text(k[1]) for k in keys], version),
-    )
+    cur.execute(STORED_SENTIMENTS_SQL, (*_key_arrays(keys), version))
     return {
         (platform, post_id): (
             caption, Sentiment(polarity, subjectivity, label) if label else None, language, source, skipped
@@ -272,11 +282,7 @@ def forgotten(cur: psycopg2.extensions.cursor, keys: Sequence[tuple[str, str]]) 
     """Which of these (platform, post_id) have a tombstone (etl.py forget): never to be archived again."""
     if not keys:
         return set()
-    cur.execute(
-        "SELECT f.platform, f.post_id FROM forgotten_posts f"
-        " JOIN (SELECT * FROM unnest(%s::text[], %s::text[]) AS k(platform, post_id)) k USING (platform, post_id)",
-        ([k[0] for k in keys], [clean_text(k[1]) for k in keys]),
-    )
+    cur.execute(FORGOTTEN_SQL, _key_arrays(keys))
     return {(row[0], row[1]) for row in cur.fetchall()}
 
 

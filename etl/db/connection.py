@@ -29,6 +29,11 @@ RECONNECT_DELAYS = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0)  # waits between reconnects, 
 T = TypeVar("T")
 
 
+def migration_files(sql_dir: Path = SQL_DIR) -> list[tuple[int, Path]]:
+    """The migrations (version, path) in `sql_dir`, files named NNN_name.sql, in version order."""
+    return sorted((int(m.group(1)), path) for path in sql_dir.iterdir() if (m := _MIGRATION_RE.match(path.name)))
+
+
 def adapt_json(value: Any) -> psycopg2.extras.Json:
     return psycopg2.extras.Json(value, dumps=lambda v: json.dumps(v, ensure_ascii=False, default=str))
 
@@ -208,9 +213,7 @@ class Database:
 
     def migrate(self, sql_dir: Path = SQL_DIR) -> list[str]:
         """Apply sql/NNN_name.sql files not yet recorded in schema_migrations, in order; return their names."""
-        files = sorted(
-            (int(m.group(1)), path) for path in sql_dir.iterdir() if (m := _MIGRATION_RE.match(path.name))
-        )
+        files = migration_files(sql_dir)
         applied: list[str] = []
         with self.transaction() as cur:
             cur.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))

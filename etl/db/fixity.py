@@ -26,17 +26,16 @@ _SCOPE_SQL = (
     " AND (%(since)s::timestamptz IS NULL OR p.created_at >= %(since)s)"
 )
 COUNT_SQL = "SELECT count(*)" + _SCOPE_SQL
-_SCAN = (
+SCAN_SQL = (
     "SELECT m.id, m.storage_key, m.sha256, m.bytes, m.platform, m.post_id, m.position"
     + _SCOPE_SQL
     + " AND (%(resume)s::timestamptz IS NULL OR m.verified_at IS NULL OR m.verified_at < %(resume)s)"
     " ORDER BY m.verified_at NULLS FIRST, m.id"
 )
-SCAN_SQL = _SCAN
-SCAN_SAMPLE_SQL = _SCAN + " LIMIT %(limit)s"
+SCAN_SAMPLE_SQL = SCAN_SQL + " LIMIT %(limit)s"
 FIXITY_OK_SQL = "UPDATE post_media m SET fixity = 'ok', verified_at = now() FROM (VALUES %s) AS v(id) WHERE m.id = v.id"
 # Failed, with its attempts reset: the next run refetches it from its source URL and overwrites the object
-# (pipeline.retry_failed_images); a 404 there marks it failed for good.
+# (Archiver.retry_failed_images, etl/run/archiver.py); a 404 there marks it failed for good.
 FIXITY_BAD_SQL = (
     "UPDATE post_media m SET status = 'failed', fixity = v.fixity, verified_at = now(), attempts = 0,"
     " permanent = false, last_error = v.error, updated_at = now()"

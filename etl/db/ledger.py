@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
 import psycopg2.extensions
 
 from etl.db.connection import Database, adapt_json
-from etl.errors import LockedError
+from etl.errors import LoadError, LockedError, Outcome
 from etl.records import clean_json, clean_text
+
+log = logging.getLogger(__name__)
 
 _RUN_COUNTS = (
     "posts_fetched", "posts_inserted", "posts_updated", "posts_unchanged", "posts_rejected",
@@ -33,8 +37,11 @@ class Ledger:
 
     # -- locks -----------------------------------------------------------------------------------
 
-    def lock_sources(self, names: Sequence[str]) -> psycopg2.extensions.connection:
-        """Take a session advisory lock per name on a connection of its own; LockedError if one is held.
+    def lock_sources(
+        self, names: Sequence[str], *, busy: str = "source {name!r} is being archived"
+    ) -> psycopg2.extensions.connection:
+        """Take a session advisory lock per name on a connection of its own; LockedError if one is held, its
+        message `busy` (the held name filled in) followed by the run that holds it.
 
         The locks live as long as the returned connection (closing it, or the process dying, frees them).
         """
@@ -43,7 +50,7 @@ class Ledger:
             with conn.cursor() as cur:
                 holder = self.running_run_for(cur, locked[0])
             conn.close()
-            raise LockedError(f"source {locked[0]!r} is being archived by another run{holder}; nothing done")
+            raise LockedError(f"{busy.format(name=locked[0])} by another run{holder}; nothing done")
         return conn
 
     def lock_units(self, names: Sequence[str]) -> tuple[psycopg2.extensions.connection, list[str]]:
@@ -106,6 +113,33 @@ class Ledger:
             run_id,
         )
         self.db.run(lambda cur: cur.execute(FINISH_RUN_SQL, values), what="finishing the run record")
+
+    @contextmanager
+    def recording(
+        self,
+        mode: str,
+        sources: Sequence[str],
+        arguments: dict[str, Any],
+        outcome: Outcome,
+        *,
+        units: Sequence[str] | None = None,
+        redact: Callable[[str], str] = str,
+    ) -> Iterator[int]:
+        """The run's etl_runs row around the block (which gets its id): started before it, finished after it with
+        `outcome`'s status and counts, status `failed` when the block raised. When recording the end fails too
+        (the database is gone), the error that stopped the run is the one that goes on."""
+        run_id = self.start_run(mode, sources, arguments, units)
+        status = "failed"
+        try:
+            yield run_id
+            status = outcome.status
+        finally:
+            try:
+                self.finish_run(run_id, status, outcome.ledger(redact))
+            except LoadError as exc:
+                if status != "failed":
+                    raise
+                log.error("could not record the end of run %s either: %s", run_id, exc)
 
     def abandon_dead_runs(self, units: Sequence[str]) -> int:
         """Runs still marked running that hold one of these units died (a live run holds all of its units'

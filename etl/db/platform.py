@@ -7,7 +7,8 @@ Database: `Source.state_type` names the piece, and the runner builds it from its
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+
+from etl.db.connection import Database
 
 _HASHTAG_KNOWN_SQL = (
     "SELECT hashtag_id, first_searched_at > now() - %s * interval '1 day' FROM instagram_hashtags"
@@ -32,8 +33,8 @@ _QUOTA_SPENT_SQL = (
 class HashtagSearches:
     """The hashtags an Instagram account has searched (instagram_hashtags): their ids and when each window began."""
 
-    def __init__(self, db: Any):
-        self.db = db  # etl.db.Database
+    def __init__(self, db: Database):
+        self.db = db
 
     def known(self, user_id: str, hashtag: str, window_days: int) -> tuple[str, bool] | None:
         """(hashtag id, first searched less than `window_days` ago) if the id is stored, else None."""
@@ -57,8 +58,8 @@ class HashtagSearches:
 class QuotaLedger:
     """Quota units a platform's source spent, as the run ledger recorded them (etl_runs.per_source -> quota_used)."""
 
-    def __init__(self, db: Any):
-        self.db = db  # etl.db.Database
+    def __init__(self, db: Database):
+        self.db = db
 
     def spent_since(self, platform: str, moment: datetime) -> int:
         """Units recorded by the runs of `platform` that started at or after `moment`."""

@@ -26,12 +26,20 @@ class StreamState:
         return watermark, cursor
 
     def get_state(self, source: str, config_key: str) -> tuple[datetime | None, dict[str, Any]]:
+        """(watermark, cursor) of one row; (None, {}) when there is none."""
+        row = self._row(source, config_key, what="reading the watermark")
+        return (row[0], dict(row[1] or {})) if row else (None, {})
+
+    def _row(self, source: str, config_key: str, *, what: str) -> tuple[Any, ...] | None:
+        """(watermark, cursor, resume) of one etl_state row, or None."""
+
         def read(cur: psycopg2.extensions.cursor) -> Any:
-            cur.execute("SELECT watermark, cursor FROM etl_state WHERE source = %s AND config_key = %s", (source, config_key))
+            cur.execute(
+                "SELECT watermark, cursor, resume FROM etl_state WHERE source = %s AND config_key = %s", (source, config_key)
+            )
             return cur.fetchone()
 
-        row = self.db.run(read, what="reading the watermark")
-        return (row[0], dict(row[1] or {})) if row else (None, {})
+        return self.db.run(read, what=what)
 
     def save_state(self, source: str, config_key: str, watermark: datetime | None, cursor: dict[str, Any]) -> None:
         """Move the watermark forward (never back), replace the cursor, clear the resume point (window complete)."""
@@ -49,13 +57,8 @@ class StreamState:
 
     def get_resume(self, source: str, config_key: str) -> dict[str, Any] | None:
         """The resume point a run cut short left (etl/resume.py), or None."""
-
-        def read(cur: psycopg2.extensions.cursor) -> Any:
-            cur.execute("SELECT resume FROM etl_state WHERE source = %s AND config_key = %s", (source, config_key))
-            return cur.fetchone()
-
-        row = self.db.run(read, what="reading the resume point")
-        return row[0] if row else None
+        row = self._row(source, config_key, what="reading the resume point")
+        return row[2] if row else None
 
     def save_resume(self, source: str, config_key: str, resume: dict[str, Any]) -> None:
         """Record where a cut run stopped; the watermark and cursor stay as they were."""

@@ -308,10 +308,7 @@ class Archiver:
             key = object_key(self.settings.s3_prefix, platform, created_at, post_id, position, fetched.content_type)
             assert self.store is not None
             with self.clock("store"):
-                if replace:
-                    self.store.put(key, fetched.body, fetched.content_type, fetched.sha256, replace=True)
-                else:
-                    self.store.put(key, fetched.body, fetched.content_type, fetched.sha256)
+                self.store.put(key, fetched.body, fetched.content_type, fetched.sha256, replace=replace)
         except MediaError as exc:
             media.status, media.error, media.permanent = "failed", str(exc), exc.permanent
         except StoreError as exc:

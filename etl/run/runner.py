@@ -174,33 +174,34 @@ class Runner:
         self.ledger.abandon_dead_runs(held)
         names = list(dict.fromkeys(s.name for s, _ in active))
         arguments = {**request.arguments, **({"locked": locked} if locked else {})}
-        self.run_id = self.ledger.start_run(request.mode, names, arguments, units=held)
-        log.info("run %d started: %s of %s", self.run_id, request.mode, ", ".join(names) or "failed images only")
-        status = "failed"
+        redact = RedactingFilter(self.settings.secrets()).redact
+        completed = False
         try:
-            yield
-            status = stats.status
-        except (Interrupted, KeyboardInterrupt):
-            status = "interrupted"
-            stats.interrupted = True
-            stats.error("interrupted: the run was asked to stop; the rest is archived by the next run")
-        except LoadError as exc:
-            stats.error(str(exc))
-            raise
-        finally:
-            stats.seconds = time.monotonic() - stats.started
-            try:
-                self.ledger.finish_run(self.run_id, status, stats.ledger(RedactingFilter(self.settings.secrets()).redact))
-            except LoadError as exc:
-                if status != "failed":
-                    raise
-                # The database is gone: the error that stopped the run is the one to report, not this one.
-                log.error("could not record the end of run %s either: %s", self.run_id, exc)
-            if self.settings.metrics_path:
+            with self.ledger.recording(request.mode, names, arguments, stats, units=held, redact=redact) as run_id:
+                self.run_id = run_id
+                log.info("run %d started: %s of %s", run_id, request.mode, ", ".join(names) or "failed images only")
                 try:
-                    write_run_metrics(self.settings.metrics_path, request.mode, status, stats)
-                except OSError as exc:  # checked at start; a full disk must still not hide the summary
-                    log.error("ETL_METRICS_PATH=%s could not be written: %s", self.settings.metrics_path, exc)
+                    yield
+                except (Interrupted, KeyboardInterrupt):
+                    stats.interrupted = True
+                    stats.error("interrupted: the run was asked to stop; the rest is archived by the next run")
+                except LoadError as exc:
+                    stats.error(str(exc))
+                    raise
+                finally:
+                    stats.seconds = time.monotonic() - stats.started
+                completed = True
+        finally:
+            self._write_metrics(request.mode, stats.status if completed else "failed", stats)
+
+    def _write_metrics(self, mode: str, status: str, stats: RunStats) -> None:
+        """The metrics file (ETL_METRICS_PATH), if set; checked at start, so a full disk is logged and does not
+        hide the summary."""
+        if self.settings.metrics_path:
+            try:
+                write_run_metrics(self.settings.metrics_path, mode, status, stats)
+            except OSError as exc:
+                log.error("ETL_METRICS_PATH=%s could not be written: %s", self.settings.metrics_path, exc)
 
     def _walk(self, strategy: Strategy, archiver: Archiver, source: Source, units: list[Unit], stats: RunStats) -> None:
         """One source, opened for the strategy's walk over its units; then deletions at source, its counts."""

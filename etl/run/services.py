@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from etl.config import Settings
 from etl.db import Database
@@ -30,7 +30,7 @@ def source_classes(settings: Settings, names: Sequence[str]) -> list[type[Source
     return classes
 
 
-def build_sources(settings: Settings, request: RunRequest, *, db: Any = None) -> list[Source]:
+def build_sources(settings: Settings, request: RunRequest, *, db: Database | None = None) -> list[Source]:
     """Instantiate the requested sources after checking every one's settings; the one place sources are built,
     each handed at construction the piece of platform state it declares (`Source.state_type`, etl/db/platform.py)
     made from `db` (None: a dry run, a plan)."""

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from etl.errors import ExitCode
+from etl.errors import Outcome
 from etl.records import Media
 
 if TYPE_CHECKING:
@@ -22,6 +22,8 @@ MAX_ERRORS_KEPT = 200
 class StageClock:
     """Seconds spent per stage. Image workers add theirs from many threads at once, so their stages sum to
     more than the wall time: they show where the work went, not how long the run took."""
+
+    WORKER_STAGES = ("download", "store")
 
     def __init__(self) -> None:
         self.seconds: Counter = Counter()
@@ -48,8 +50,6 @@ class StageClock:
                     return
             yield item
 
-    WORKER_STAGES = ("download", "store")
-
     def line(self) -> str:
         """`stages fetch=…s load=…s | worker-seconds download=…s store=…s`: the second group is summed over the
         image workers (it can exceed the wall time), so it is labelled apart from the main thread's stages."""
@@ -59,7 +59,7 @@ class StageClock:
 
 
 @dataclass
-class RunStats:
+class RunStats(Outcome):
     """Counts of one run, per stage; what the summary line, etl_runs and the metrics file report."""
 
     fetched: int = 0
@@ -115,15 +115,8 @@ class RunStats:
         }  # fmt: skip
 
     @property
-    def exit_code(self) -> ExitCode:
-        failed = self.rejected or self.images_failed or self.source_failures or self.interrupted
-        return ExitCode.PARTIAL if failed else ExitCode.OK
-
-    @property
-    def status(self) -> str:
-        if self.interrupted:
-            return "interrupted"
-        return "ok" if self.exit_code == ExitCode.OK else "partial"
+    def partial(self) -> bool:
+        return bool(self.rejected or self.images_failed or self.source_failures)
 
     def ledger(self, redact: Callable[[str], str] = str) -> dict[str, Any]:
         """What etl_runs records; `redact` is applied to every error message (secrets never reach the table)."""
