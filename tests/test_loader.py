@@ -218,10 +218,10 @@ def test_staged_copy_keeps_awkward_text_exactly(db):
 
 def test_engagement_snapshots_follow_the_staged_batch(db):
 
-    def load(posts):
+    def load(posts):  # the upsert writes the snapshots in the same statement
         with db.transaction() as cur:
             counts = dbm.upsert_posts(cur, posts, sentiment_version=ENRICHER.version)
-            return counts, dbm.record_staged_engagement(cur)
+            return counts, counts.snapshots
 
     # Duplicates in a batch: the last wins, one snapshot. A post without counts takes none.
     _, snaps = load([post("1", like_count=3), post("1", like_count=5), post("2", like_count=None, comment_count=None)])

@@ -21,13 +21,11 @@ from etl.db.archive import (
     copy_rows,
     copy_value,
     failed_images,
-    forgotten,
+    held,
     known_media,
     record_retries,
-    record_staged_engagement,
     set_first_image_urls,
     stage_sql,
-    stored_sentiments,
     upsert_media,
     upsert_posts,
 )
@@ -47,6 +45,6 @@ from etl.db.state import StreamState
 __all__ = [
     "FINISH_RUN_SQL", "SQL_DIR", "Archive", "Held", "UPSERT_MEDIA_SQL", "UPSERT_POSTS_SQL", "_MIGRATION_RE", "DataRefused", "Database",
     "Ledger", "StreamState", "UpsertCounts", "adapt_json", "connection_lost", "copy_rows", "copy_value",
-    "failed_images", "forgotten", "known_media", "record_retries", "record_staged_engagement", "refused_data",
-    "server_reason", "set_first_image_urls", "stage_sql", "stored_sentiments", "upsert_media", "upsert_posts",
+    "failed_images", "held", "known_media", "record_retries", "refused_data",
+    "server_reason", "set_first_image_urls", "stage_sql", "upsert_media", "upsert_posts",
 ]  # fmt: skip
