@@ -137,29 +137,37 @@ _UPSERT_POSTS_COUNTED_SQL = (
 )
 
 
-def _post_row(post: Post, first_image_url: str | None, sentiment_version: str | None) -> tuple[Any, ...]:
+def _opt_text(value: Any) -> str:
+    return "\\N" if value is None else _text(clean_text(value))
+
+
+def _post_line(post: Post, first_image_url: str | None, sentiment_version: str | None) -> str:
+    """The post's row of the staging table (_POST_COLUMNS) as a line of COPY text, built straight from its
+    fields (their types are known: no per-value dispatch as copy_value() does)."""
     s = post.sentiment
-    return (
-        post.platform,
-        clean_text(post.post_id),
-        clean_text(post.author_username),
-        clean_text(post.caption),
-        s.label if s else None,
-        s.polarity if s else None,
-        s.subjectivity if s else None,
-        sentiment_version if s or post.sentiment_skipped else None,
-        first_image_url,
-        post.like_count,
-        post.comment_count,
-        clean_text(post.permalink),
-        [clean_text(t) for t in post.hashtags],
-        json.dumps(clean_json(post.raw), ensure_ascii=False, default=str) if post.raw is not None else None,
-        post.created_at,
-        post.caption_truncated,
-        post.language,
-        post.language_source,
-        post.sentiment_skipped,
-    )
+    tags = post.hashtags
+    raw = post.raw
+    return "\t".join((
+        _text(post.platform),
+        _text(clean_text(post.post_id)),
+        _opt_text(post.author_username),
+        _opt_text(post.caption),
+        s.label if s else "\\N",
+        repr(s.polarity) if s else "\\N",
+        repr(s.subjectivity) if s else "\\N",
+        _opt_text(sentiment_version) if s or post.sentiment_skipped else "\\N",
+        _opt_text(first_image_url),
+        "\\N" if post.like_count is None else str(post.like_count),
+        "\\N" if post.comment_count is None else str(post.comment_count),
+        _opt_text(post.permalink),
+        _text("{" + ",".join([_array_item(clean_text(t)) for t in tags]) + "}") if tags else "{}",
+        "\\N" if raw is None else _text(json.dumps(clean_json(raw), ensure_ascii=False, default=str)),
+        post.created_at.isoformat(),
+        "t" if post.caption_truncated else "f",
+        _opt_text(post.language),
+        _opt_text(post.language_source),
+        _opt_text(post.sentiment_skipped),
+    )) + "\n"  # fmt: skip
 
 
 def upsert_posts(
@@ -180,14 +188,14 @@ def upsert_posts(
     if not latest:
         return UpsertCounts()
     urls = first_image_urls or {}
-    rows = [_post_row(p, urls.get(k) or urls.get((p.platform, p.post_id)), sentiment_version) for k, p in latest.items()]
+    text = "".join([_post_line(p, urls.get(k) or urls.get((p.platform, p.post_id)), sentiment_version) for k, p in latest.items()])
     # COPY into the staging table, then one INSERT ... ON CONFLICT from it. A row the database refuses
     # raises psycopg2's error (in the COPY or the INSERT); Database.run turns it into DataRefused.
     cur.execute(_STAGE_POSTS_PREPARE_SQL)
-    copy_rows(cur, _STAGE_POSTS_COPY_SQL, rows)
+    cur.copy_expert(_STAGE_POSTS_COPY_SQL, io.StringIO(text))
     cur.execute(_UPSERT_POSTS_COUNTED_SQL)
     inserted, written, snapshots = cur.fetchone()
-    return UpsertCounts(inserted, written - inserted, len(rows) - written, snapshots)
+    return UpsertCounts(inserted, written - inserted, len(latest) - written, snapshots)
 
 
 UPSERT_MEDIA_SQL = (

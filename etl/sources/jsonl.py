@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import IO, Any
 
 from etl.errors import RecordError, UsageError
-from etl.records import PLATFORM_RE, Post, post_from_dict
+from etl.records import PLATFORM_RE, Post, post_from_dict, with_fields
 from etl.sources import register
 from etl.sources.base import FetchWindow, Source
 
@@ -131,4 +130,4 @@ class JsonlSource(Source):
                 self.reject(f"{where} line {number}{shown}", str(exc))
                 continue
             if window.admits(post.created_at):
-                yield replace(post, origin=f"{where} line {number}")
+                yield with_fields(post, origin=f"{where} line {number}")
