@@ -109,8 +109,10 @@ class LanguageModel:
                 ptc, pc, classes, memoryview(nextmove), memoryview(out),
                 norm_probs=True, tk_row=array("I", row.astype(np.uint32).tobytes()),
             )  # fmt: skip
-            self.nextmove, self.out = nextmove, out
+            # Plain arrays over the same (mapped) memory: a memmap's indexing costs more, at every byte walked.
+            self.nextmove, self.out = np.asarray(nextmove), np.asarray(out)
             self.rowbase = row.astype(np.int64) << 8
+            self.ptc = np.asarray(self.identifier.nb_ptc)
         except (KeyError, TypeError, ValueError, AttributeError):  # another model layout: py3langid loads it
             log.debug("py3langid's model loaded by py3langid (layout not known here): no batch detection")
             self.identifier = LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
@@ -175,7 +177,7 @@ class LanguageModel:
         # The batch's distinct features converted from the model's float16 once (texts share most of them), as
         # a plain array (a memmap's indexing costs more): the same float32 values as converting each gather.
         distinct, which = np.unique(feature, return_inverse=True)
-        table = np.asarray(self.identifier.nb_ptc)[distinct].astype(np.float32)
+        table = self.ptc[distinct].astype(np.float32)
         scores = np.zeros((len(encoded), len(pc)), dtype=np.float32)  # no features: 0 (uniform probabilities)
         present, starts = np.unique(owner, return_index=True)
         bounds = [*starts.tolist(), len(keys)]
