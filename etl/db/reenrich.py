@@ -11,7 +11,7 @@ from typing import Any
 
 import psycopg2.extensions
 
-from etl.db.archive import copy_value
+from etl.db.archive import _text
 from etl.db.scans import named_cursor
 
 UNSCORED_SQL = (
@@ -56,10 +56,25 @@ _APPLY_DECISIONS = (
 )
 
 
+_NULL = "\\N"
+
+
+def _opt(value: Any) -> str:
+    return _NULL if value is None else _text(value)
+
+
+def _num(value: float | None) -> str:
+    return _NULL if value is None else repr(value)
+
+
 def decision_lines(decisions: Iterable[Sequence[Any]]) -> str:
     """Re-enrichment decisions, each (id, changed, label, polarity, subjectivity, language, language_source,
-    skipped), as the text write_decisions() copies."""
-    return "".join(["\t".join([copy_value(v) for v in row]) + "\n" for row in decisions])
+    skipped), as the text write_decisions() copies (each field's type known: no per-value dispatch)."""
+    return "".join([
+        f"{row_id}\t{'t' if changed else 'f'}\t{_opt(label)}\t{_num(polarity)}\t{_num(subjectivity)}\t"
+        f"{_opt(language)}\t{_opt(source)}\t{_opt(skipped)}\n"
+        for row_id, changed, label, polarity, subjectivity, language, source, skipped in decisions
+    ])  # fmt: skip
 
 
 def write_decisions(cur: psycopg2.extensions.cursor, parts: Sequence[str], version: str) -> None:
