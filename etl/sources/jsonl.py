@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from etl.errors import RecordError, UsageError
-from etl.records import PLATFORM_RE, Post, post_from_dict, with_fields
+from etl.records import PLATFORM_RE, Post, post_from_dict
 from etl.sources import register
 from etl.sources.base import FetchWindow, Source
 
@@ -121,7 +121,7 @@ class JsonlSource(Source):
                     gone_id, gone_platform = _gone_key(data)
                     self.report_gone(gone_id, "marked deleted in the input", platform=gone_platform)
                     continue
-                post = post_from_dict(data)
+                post = post_from_dict(data, origin=f"{where} line {number}")
             except RecordError as exc:
                 post_id = data.get("post_id") if isinstance(data, dict) else None
                 shown = (
@@ -130,4 +130,4 @@ class JsonlSource(Source):
                 self.reject(f"{where} line {number}{shown}", str(exc))
                 continue
             if window.admits(post.created_at):
-                yield with_fields(post, origin=f"{where} line {number}")
+                yield post
