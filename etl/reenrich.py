@@ -15,6 +15,7 @@ from etl.ahead import fork_scorers, worker_enricher
 from etl.db import Database
 from etl.db.reenrich import decision_lines, unscored_posts, write_decisions
 from etl.enrich import SentimentEnricher
+from etl.records import Sentiment
 from etl.run.stats import RunStats
 
 log = logging.getLogger(__name__)
@@ -24,19 +25,39 @@ log = logging.getLogger(__name__)
 _SCORE_CHUNK = 1000  # rows per task of a scoring worker
 
 
-def _decide_rows(enricher: SentimentEnricher, rows: Sequence[tuple]) -> tuple[str, int, Counter]:
-    """Score stored rows (id, caption, label, polarity, subjectivity, language, language_source, skipped): the
-    decisions as COPY text for write_decisions, how many changed, and the labels counted. Done where the
-    scoring is (a worker), so that only a string travels back."""
+def _decisions(enricher: SentimentEnricher, rows: Sequence[tuple]) -> list[tuple]:
+    """The decision of each stored row (id, caption, label, polarity, subjectivity, language, language_source,
+    skipped, version) under `enricher`. A row decided by the same scorer and language detector (only the threshold
+    changed) keeps its score and language and is labelled again from its polarity: nothing to detect or score."""
+    kept = [_kept(enricher, row) for row in rows]
+    todo = [row for row, keep in zip(rows, kept, strict=True) if not keep]
     # The same rule as a run: the platform's language is kept, others are detected again.
-    decisions = enricher.decide_captions([(row[1], row[5] if row[6] == "platform" else None) for row in rows])
+    decided = iter(enricher.decide_captions([(row[1], row[5] if row[6] == "platform" else None) for row in todo]))
+    return [
+        (Sentiment(row[3], row[4], enricher.label(row[3])) if row[3] is not None else None, *row[5:8])
+        if keep else next(decided)
+        for row, keep in zip(rows, kept, strict=True)
+    ]  # fmt: skip
+
+
+def _kept(enricher: SentimentEnricher, row: tuple) -> bool:
+    """Whether the row's stored decision holds under `enricher`: the same scorer and detector decided it, and it
+    is whole (a score with its label, or no score and the reason)."""
+    if not enricher.relabels(row[8]) or (row[2] is None) != (row[3] is None):
+        return False
+    return row[3] is not None or row[7] is not None
+
+
+def _decide_rows(enricher: SentimentEnricher, rows: Sequence[tuple]) -> tuple[str, int, Counter]:
+    """Decide stored rows (as _decisions() takes them): the decisions as COPY text for write_decisions, how many
+    changed, and the labels counted. Done where the scoring is (a worker), so that only a string travels back."""
     written, changed, tally = [], 0, Counter()
-    for row, (s, lang, lang_source, why) in zip(rows, decisions, strict=True):
+    for row, (s, lang, lang_source, why) in zip(rows, _decisions(enricher, rows), strict=True):
         tally[s.label if s else "unscored"] += 1
         new = (s.label, s.polarity, s.subjectivity) if s else (None, None, None)
         # A row scored with the same result is only stamped with the version (not read again by the next
         # reenrich, its score reused by runs); its updated_at stays (the data did not change).
-        same = row[2:] == (*new, lang, lang_source, why)
+        same = row[2:8] == (*new, lang, lang_source, why)
         changed += not same
         written.append((row[0], not same, *new, lang, lang_source, why))
     return decision_lines(written), changed, tally

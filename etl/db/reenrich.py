@@ -16,7 +16,7 @@ from etl.db.scans import named_cursor
 
 UNSCORED_SQL = (
     "SELECT id, caption, sentiment, sentiment_polarity, sentiment_subjectivity, language, language_source,"
-    " sentiment_skipped FROM social_posts"
+    " sentiment_skipped, sentiment_version FROM social_posts"
     " WHERE (%(platform)s::text IS NULL OR platform = %(platform)s)"
     " AND (%(since)s::timestamptz IS NULL OR created_at >= %(since)s)"
     " AND sentiment_version IS DISTINCT FROM %(version)s ORDER BY id"
@@ -26,7 +26,7 @@ def unscored_posts(
     reader: psycopg2.extensions.connection, platform: str | None, since: datetime | None, version: str, batch_size: int
 ) -> Iterator[psycopg2.extensions.cursor]:
     """A server-side cursor on `reader` over the posts not scored by enricher `version`, in id order: (id, caption,
-    sentiment, polarity, subjectivity, language, language_source, sentiment_skipped)."""
+    sentiment, polarity, subjectivity, language, language_source, sentiment_skipped, sentiment_version)."""
     with named_cursor(reader, "reenrich_scan", batch_size) as scan:
         scan.execute(UNSCORED_SQL, {"platform": platform, "since": since, "version": version})
         yield scan
