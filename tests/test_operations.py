@@ -185,6 +185,18 @@ def test_reenrich_after_a_threshold_change_relabels_stored_scores_and_rescores_a
     ]  # fmt: skip
     assert (stats.fetched, stats.updated) == (4, 2)
 
+    # Every row only relabelled: no worker forked and no language model loaded, even with workers to spare.
+    with db.transaction() as cur:
+        cur.execute("UPDATE social_posts SET sentiment_version = %s", (old.version,))
+    fresh = SentimentEnricher(0.9)
+    again = RunStats()
+    reenrich(db, fresh, again, workers=2)
+    assert fresh.detector is not None and fresh.detector._model_ is None
+    assert query(db.dsn, "SELECT post_id, sentiment FROM social_posts ORDER BY post_id") == [
+        ("french", None), ("kept", "neutral"), ("rescored", "negative"), ("strong", "neutral"),
+    ]  # fmt: skip
+    assert (again.fetched, again.updated) == (4, 1)  # "strong": 0.8 is neutral under 0.9
+
 
 def test_reenrich_in_worker_processes_writes_what_one_process_writes(db):
     """Scoring spread over worker processes (every core) must give the very rows scoring in-process gives,
