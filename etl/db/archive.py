@@ -298,7 +298,7 @@ class Held(NamedTuple):
 
     stored: dict[tuple[str, str, int], tuple[str, str]]  # images stored: (storage_key, storage_url)
     hopeless: dict[tuple[str, str, int], str]  # images failed for good: the source_url that failed
-    scores: dict[tuple[str, str], tuple]  # captions scored by this enricher (stored_sentiments)
+    scores: dict[tuple[str, str], tuple]  # captions decided by this enricher: (caption, score, language, source, skipped)
     forgotten: set[tuple[str, str]]  # posts with a tombstone
 
 
