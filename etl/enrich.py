@@ -84,6 +84,7 @@ class SentimentEnricher:
         # change can find what to re-score.
         detector = self.detector.version() if self.detector else "none"
         self.version = f"textblob-{version('textblob')}:pattern:en-only:{detector}:t={threshold:g}"
+        self._decider = self.version.rsplit(":t=", 1)[0]  # what decides the score and the language
         # The cache holds the threshold, not self: a cache of a bound method is a reference cycle, which kept
         # every enricher (and its 75 MB language model) until a full garbage collection; a process that ran
         # one Runner after another (the test suite: 1 GB) grew by one model a run.
@@ -95,6 +96,11 @@ class SentimentEnricher:
 
     def label(self, polarity: float) -> str:
         return _label(polarity, self.threshold)
+
+    def relabels(self, stored_version: str | None) -> bool:
+        """Whether a row decided by enricher `stored_version` keeps its score and language under this one: the same
+        scorer and language detector, only the threshold told apart (its label is then its polarity's)."""
+        return stored_version is not None and stored_version.rsplit(":t=", 1)[0] == self._decider
 
     @staticmethod
     def cleaned(text: str) -> str:

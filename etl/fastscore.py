@@ -89,8 +89,15 @@ class FastSentiment:
         if self.eos in text:
             return None
         tokens: list[str] = []
+        cached = self._chunks.get  # _chunk_tokens() inlined for the usual chunks: a call per chunk costs more
         for chunk in text.split():
-            tokens.extend(self._chunk_tokens(chunk))
+            found = cached(chunk)
+            if found is not None:
+                tokens.extend(found)
+            elif chunk.isascii() and chunk.isalnum():
+                tokens.append(chunk)
+            else:
+                tokens.extend(self._chunk_tokens(chunk))
         joined = " ".join(tokens)
         # A match anywhere in the joined tokens is the only way TextBlob's per-sentence substitutions can differ.
         if ("(" in joined and self.sarcasm.search(joined)) or self.emoticons.search(joined):
@@ -107,8 +114,10 @@ class FastSentiment:
         m = False  # a preceding modifier
         n = None  # a preceding negation
         m_word = ""
+        words = self._words.get
         for w in tokens:
-            known, p, s, i, modifies, negation, longer2, stripped1, ly, emoticon = self._word(w)
+            info = words(w)
+            known, p, s, i, modifies, negation, longer2, stripped1, ly, emoticon = info if info else self._word(w)
             if known:
                 if not m:
                     a.append([p, s, i, 1])

@@ -253,15 +253,16 @@ def _image_urls(data: Mapping[str, Any]) -> tuple[str, ...]:
     return tuple(cleaned)
 
 
-def post_from_dict(data: Any, *, now: datetime | None = None) -> Post:
-    """Validate one normalized record (the jsonl format, DESIGN.md) into a Post; RecordError names the problem."""
+def post_from_dict(data: Any, *, now: datetime | None = None, origin: str = "") -> Post:
+    """Validate one normalized record (the jsonl format, DESIGN.md) into a Post; RecordError names the problem.
+    `origin`: where it was read, for messages (Post.origin)."""
     try:
-        return _post_from_dict(data, now)
+        return _post_from_dict(data, now, origin)
     except RecursionError:
         raise RecordError("the record is nested too deeply") from None
 
 
-def _post_from_dict(data: Any, now: datetime | None) -> Post:
+def _post_from_dict(data: Any, now: datetime | None, origin: str) -> Post:
     if not isinstance(data, Mapping):
         raise RecordError(f"expected a JSON object, got {type(data).__name__}")
     platform = data.get("platform")
@@ -319,6 +320,7 @@ def _post_from_dict(data: Any, now: datetime | None) -> Post:
         caption_truncated=truncated,
         language=(language := normalize_language(data.get("lang"))),
         language_source="platform" if language else None,
+        origin=origin,
     )
 
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, Future
-from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
@@ -15,6 +14,7 @@ from etl.ahead import fork_scorers, worker_enricher
 from etl.db import Database
 from etl.db.reenrich import decision_lines, unscored_posts, write_decisions
 from etl.enrich import SentimentEnricher
+from etl.records import Sentiment
 from etl.run.stats import RunStats
 
 log = logging.getLogger(__name__)
@@ -24,19 +24,39 @@ log = logging.getLogger(__name__)
 _SCORE_CHUNK = 1000  # rows per task of a scoring worker
 
 
-def _decide_rows(enricher: SentimentEnricher, rows: Sequence[tuple]) -> tuple[str, int, Counter]:
-    """Score stored rows (id, caption, label, polarity, subjectivity, language, language_source, skipped): the
-    decisions as COPY text for write_decisions, how many changed, and the labels counted. Done where the
-    scoring is (a worker), so that only a string travels back."""
+def _decisions(enricher: SentimentEnricher, rows: Sequence[tuple]) -> list[tuple]:
+    """The decision of each stored row (id, caption, label, polarity, subjectivity, language, language_source,
+    skipped, version) under `enricher`. A row decided by the same scorer and language detector (only the threshold
+    changed) keeps its score and language and is labelled again from its polarity: nothing to detect or score."""
+    kept = [_kept(enricher, row) for row in rows]
+    todo = [row for row, keep in zip(rows, kept, strict=True) if not keep]
     # The same rule as a run: the platform's language is kept, others are detected again.
-    decisions = enricher.decide_captions([(row[1], row[5] if row[6] == "platform" else None) for row in rows])
+    decided = iter(enricher.decide_captions([(row[1], row[5] if row[6] == "platform" else None) for row in todo]))
+    return [
+        (Sentiment(row[3], row[4], enricher.label(row[3])) if row[3] is not None else None, *row[5:8])
+        if keep else next(decided)
+        for row, keep in zip(rows, kept, strict=True)
+    ]  # fmt: skip
+
+
+def _kept(enricher: SentimentEnricher, row: tuple) -> bool:
+    """Whether the row's stored decision holds under `enricher`: the same scorer and detector decided it, and it
+    is whole (a score with its label, or no score and the reason)."""
+    if not enricher.relabels(row[8]) or (row[2] is None) != (row[3] is None):
+        return False
+    return row[3] is not None or row[7] is not None
+
+
+def _decide_rows(enricher: SentimentEnricher, rows: Sequence[tuple]) -> tuple[str, int, Counter]:
+    """Decide stored rows (as _decisions() takes them): the decisions as COPY text for write_decisions, how many
+    changed, and the labels counted. Done where the scoring is (a worker), so that only a string travels back."""
     written, changed, tally = [], 0, Counter()
-    for row, (s, lang, lang_source, why) in zip(rows, decisions, strict=True):
+    for row, (s, lang, lang_source, why) in zip(rows, _decisions(enricher, rows), strict=True):
         tally[s.label if s else "unscored"] += 1
         new = (s.label, s.polarity, s.subjectivity) if s else (None, None, None)
         # A row scored with the same result is only stamped with the version (not read again by the next
         # reenrich, its score reused by runs); its updated_at stays (the data did not change).
-        same = row[2:] == (*new, lang, lang_source, why)
+        same = row[2:8] == (*new, lang, lang_source, why)
         changed += not same
         written.append((row[0], not same, *new, lang, lang_source, why))
     return decision_lines(written), changed, tally
@@ -46,24 +66,27 @@ def _decide_in_worker(rows: Sequence[tuple]) -> tuple[str, int, Counter]:
     return _decide_rows(worker_enricher(), rows)
 
 
-@contextmanager
-def _scorers(enricher: SentimentEnricher, workers: int) -> Iterator[Executor | None]:
-    """Worker processes scoring captions (every core; etl/ahead.py's fork_scorers), or None to score in this
-    process."""
-    if workers <= 1:
-        yield None
-        return
-    pool = fork_scorers(enricher, workers)
-    try:
-        yield pool
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+class _Scorers:
+    """Worker processes scoring captions (every core; etl/ahead.py's fork_scorers), forked for the first batch
+    that has captions to score: a batch that is only relabelled (_kept) is decided here, with no model loaded."""
 
+    def __init__(self, enricher: SentimentEnricher, workers: int):
+        self.enricher = enricher
+        self.workers = workers
+        self.pool: Executor | None = None
 
-def _submit(pool: Executor | None, enricher: SentimentEnricher, rows: list[tuple]) -> list[Future] | list[tuple]:
-    if pool is None:
-        return [_decide_rows(enricher, rows)]
-    return [pool.submit(_decide_in_worker, rows[k : k + _SCORE_CHUNK]) for k in range(0, len(rows), _SCORE_CHUNK)]
+    def submit(self, rows: list[tuple]) -> list[Future] | list[tuple]:
+        if self.workers <= 1 or all(_kept(self.enricher, row) for row in rows):
+            return [_decide_rows(self.enricher, rows)]
+        if self.pool is None:
+            self.pool = fork_scorers(self.enricher, self.workers)
+        return [
+            self.pool.submit(_decide_in_worker, rows[k : k + _SCORE_CHUNK]) for k in range(0, len(rows), _SCORE_CHUNK)
+        ]  # fmt: skip
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _collect(pending: list[Future] | list[tuple]) -> list[tuple]:
@@ -89,26 +112,30 @@ def reenrich(
     interrupted re-enrichment keeps what it did and the next one carries on from there.
 
     Captions are scored by `workers` processes (default: one per core) while the next batch is read and the
-    previous one written; at most two batches are in memory at a time.
+    previous one written; at most two batches are in memory at a time. Rows whose stored decision was made by the
+    same scorer and language detector (SENTIMENT_THRESHOLD alone changed) are only labelled again (_kept).
     """
     workers = (os.cpu_count() or 1) if workers is None else workers
     reader = db.connect()
     try:
-        with _scorers(enricher, workers) as pool:
-            _reenrich(db, reader, pool, enricher, stats, platform, since, batch_size, should_stop)
+        scorers = _Scorers(enricher, workers)
+        try:
+            _reenrich(db, reader, scorers, enricher, stats, platform, since, batch_size, should_stop)
+        finally:
+            scorers.close()
     finally:
         reader.close()
 
 
 def _reenrich(
-    db: Database, reader: Any, pool: Executor | None, enricher: SentimentEnricher, stats: RunStats,
+    db: Database, reader: Any, scorers: _Scorers, enricher: SentimentEnricher, stats: RunStats,
     platform: str | None, since: datetime | None, batch_size: int, should_stop: Callable[[], bool],
 ) -> None:  # fmt: skip
     with unscored_posts(reader, platform, since, enricher.version, batch_size) as scan:
         pending: tuple[list[tuple], Any] | None = None
         while True:
             rows = scan.fetchmany(batch_size)
-            scoring = (rows, _submit(pool, enricher, rows)) if rows else None
+            scoring = (rows, scorers.submit(rows)) if rows else None
             if pending is not None:
                 _write(db, enricher, stats, pending[0], _collect(pending[1]))
                 if should_stop():

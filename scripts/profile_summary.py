@@ -33,7 +33,7 @@ STAGE_RULES: list[tuple[str, str, str]] = [
     ("images: other", r"Archiver\.archive_image|object_key|safe_segment", r"etl/"),
     ("sentiment (TextBlob)", r"SentimentEnricher\.", r"etl/enrich\.py"),
     ("db: stored-image lookup", r"stored_media", r"etl/db\.py"),
-    ("db: upsert posts", r"upsert_posts|_post_row", r"etl/db/"),
+    ("db: upsert posts", r"upsert_posts|_post_line", r"etl/db/"),
     ("db: upsert media", r"upsert_media", r"etl/db/"),
     ("db: connect / commit", r"Database\.(transaction|connection|connect)", r"etl/db/"),
     ("waiting for image workers", r"Future\.result", r"concurrent/futures"),

@@ -218,10 +218,10 @@ def test_staged_copy_keeps_awkward_text_exactly(db):
 
 def test_engagement_snapshots_follow_the_staged_batch(db):
 
-    def load(posts):
+    def load(posts):  # the upsert writes the snapshots in the same statement
         with db.transaction() as cur:
             counts = dbm.upsert_posts(cur, posts, sentiment_version=ENRICHER.version)
-            return counts, dbm.record_staged_engagement(cur)
+            return counts, counts.snapshots
 
     # Duplicates in a batch: the last wins, one snapshot. A post without counts takes none.
     _, snaps = load([post("1", like_count=3), post("1", like_count=5), post("2", like_count=None, comment_count=None)])
@@ -233,3 +233,43 @@ def test_engagement_snapshots_follow_the_staged_batch(db):
     assert rows(db, "SELECT post_id, like_count FROM post_engagement ORDER BY post_id, like_count") == [
         ("1", 5), ("1", 6), ("3", 1)
     ]  # fmt: skip
+
+
+def test_held_gives_stored_decisions_images_and_tombstones_of_a_batch(db):
+    upsert(db, [post("1"), post("2", caption=None), post("3")])
+    write_media(db, [stored("1", 0)])
+    with db.transaction() as cur:
+        cur.execute("INSERT INTO forgotten_posts (platform, post_id) VALUES ('mock', 'gone')")
+        cur.execute("UPDATE social_posts SET sentiment_version = 'older' WHERE post_id = '3'")
+    batch = [
+        post("1", image_urls=("https://cdn.example.com/1/0.png",)), post("2"), post("3"), post("new"), post("gone"),
+    ]  # fmt: skip
+    with db.transaction() as cur:
+        held = dbm.held(cur, batch, ENRICHER.version)
+        assert dbm.held(cur, [], ENRICHER.version) == ({}, {}, {}, set())
+    first = post("1")
+    # Only post 1 keeps its decision: 2 has no caption stored, 3 was decided by another enricher.
+    assert held.scores == {
+        ("mock", "1"): (first.caption, first.sentiment, first.language, first.language_source, first.sentiment_skipped)
+    }
+    assert held.stored == {("mock", "1", 0): ("mock/2024/05/01/1/0.png", "file:///objects/mock/2024/05/01/1/0.png")}
+    assert held.hopeless == {}
+    assert held.forgotten == {("mock", "gone")}
+
+
+def test_held_probes_the_key_index_however_the_planner_guesses(db):
+    # A join the planner may answer with a scan of the whole table, once per batch, slows every batch as the
+    # archive grows: the lookup must stay an index probe per key (issue 16's growth target).
+    with db.transaction() as cur:
+        cur.execute(
+            "INSERT INTO social_posts (platform, post_id, created_at) SELECT 'mock', 'p' || n, now()"
+            " FROM generate_series(1, 5000) n"
+        )
+        cur.execute("ANALYZE social_posts")
+        cur.execute(
+            "EXPLAIN " + dbm.archive.HELD_SQL,
+            {"platforms": ["mock"] * 500, "post_ids": [f"p{n}" for n in range(500)], "version": ENRICHER.version},
+        )
+        plan = "\n".join(r[0] for r in cur.fetchall())
+    assert "social_posts_platform_post_id_key" in plan
+    assert "Seq Scan on social_posts" not in plan

@@ -148,6 +148,56 @@ def test_reenrich_rewrites_only_rows_whose_result_changed(db):
     assert (again.fetched, again.updated) == (0, 0)
 
 
+def test_reenrich_after_a_threshold_change_relabels_stored_scores_and_rescores_after_a_model_change(db):
+    """Only the threshold changed: each stored score and language holds, so the label is its polarity's under the
+    new threshold and nothing is detected or scored again. Another scorer or detector: every caption re-decided."""
+    from etl.enrich import SentimentEnricher
+    from etl.reenrich import reenrich
+    from etl.run.stats import RunStats
+
+    old, new = SentimentEnricher(0.05), SentimentEnricher(0.3)
+    other_model = old.version.replace("textblob-", "textblob-0.0.1+older-")
+    # Stored polarities that are not what scoring gives today: only a re-score could change them.
+    rows = [
+        ("kept", "a terrible awful day", "positive", 0.2, 0.5, old.version, "en", "detected", None),
+        ("strong", "a terrible awful day", "positive", 0.8, 0.5, old.version, "en", "detected", None),
+        ("french", "Quelle belle journée au bord de la mer avec mes amis", None, None, None, old.version, "fr",
+         "detected", "language fr"),
+        ("rescored", "a terrible awful day", "positive", 0.2, 0.5, other_model, "en", "detected", None),
+    ]  # fmt: skip
+    with db.transaction() as cur:
+        cur.executemany(
+            "INSERT INTO social_posts (platform, post_id, caption, sentiment, sentiment_polarity, sentiment_subjectivity,"
+            " sentiment_version, language, language_source, sentiment_skipped, created_at)"
+            " VALUES ('x', %s, %s, %s, %s, %s, %s, %s, %s, %s, now())",
+            rows,
+        )
+    stats = RunStats()
+    reenrich(db, new, stats, workers=1)
+    real, language, source, _ = new.decide_caption("a terrible awful day")
+    assert real.label == "negative" and real.polarity != 0.2
+    assert query(db.dsn, "SELECT post_id, sentiment, sentiment_polarity, language, sentiment_skipped, sentiment_version"
+                 " FROM social_posts ORDER BY post_id") == [
+        ("french", None, None, "fr", "language fr", new.version),
+        ("kept", "neutral", 0.2, "en", None, new.version),
+        ("rescored", "negative", real.polarity, language, None, new.version),
+        ("strong", "positive", 0.8, "en", None, new.version),
+    ]  # fmt: skip
+    assert (stats.fetched, stats.updated) == (4, 2)
+
+    # Every row only relabelled: no worker forked and no language model loaded, even with workers to spare.
+    with db.transaction() as cur:
+        cur.execute("UPDATE social_posts SET sentiment_version = %s", (old.version,))
+    fresh = SentimentEnricher(0.9)
+    again = RunStats()
+    reenrich(db, fresh, again, workers=2)
+    assert fresh.detector is not None and fresh.detector._model_ is None
+    assert query(db.dsn, "SELECT post_id, sentiment FROM social_posts ORDER BY post_id") == [
+        ("french", None), ("kept", "neutral"), ("rescored", "negative"), ("strong", "neutral"),
+    ]  # fmt: skip
+    assert (again.fetched, again.updated) == (4, 1)  # "strong": 0.8 is neutral under 0.9
+
+
 def test_reenrich_in_worker_processes_writes_what_one_process_writes(db):
     """Scoring spread over worker processes (every core) must give the very rows scoring in-process gives,
     batch boundaries, worker chunks and an interruption included."""

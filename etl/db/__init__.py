@@ -22,8 +22,8 @@ from etl.db.archive import (
     Archive,
     Held,
     UpsertCounts,
+    held,
     known_media,
-    record_staged_engagement,
     upsert_media,
     upsert_posts,
 )
@@ -32,6 +32,6 @@ from etl.db.ledger import Ledger
 from etl.db.state import StreamState
 
 __all__ = [
-    "Archive", "DataRefused", "Database", "Held", "Ledger", "StreamState", "UpsertCounts", "known_media",
-    "migration_files", "record_staged_engagement", "upsert_media", "upsert_posts",
+    "Archive", "DataRefused", "Database", "Held", "Ledger", "StreamState", "UpsertCounts", "held", "known_media",
+    "migration_files", "upsert_media", "upsert_posts",
 ]  # fmt: skip

@@ -85,7 +85,7 @@ class UpsertCounts:
     inserted: int = 0
     updated: int = 0
     unchanged: int = 0
-    snapshots: int = 0  # engagement snapshots written (record_staged_engagement)
+    snapshots: int = 0  # engagement snapshots written (post_engagement)
 
 
 # -- the loader: batched upserts, each taking the transaction's cursor ------------------------------
@@ -98,12 +98,6 @@ KNOWN_MEDIA_SQL = (
     "SELECT m.platform, m.post_id, m.position, m.status, m.storage_key, m.storage_url, m.source_url"
     " FROM post_media m" + _KEYS_JOIN + " WHERE m.status = 'stored' OR m.permanent"
 )
-STORED_SENTIMENTS_SQL = (
-    "SELECT p.platform, p.post_id, p.caption, p.sentiment, p.sentiment_polarity, p.sentiment_subjectivity,"
-    " p.language, p.language_source, p.sentiment_skipped"
-    " FROM social_posts p" + _KEYS_JOIN + " WHERE p.sentiment_version = %s AND p.caption IS NOT NULL"
-)
-FORGOTTEN_SQL = "SELECT f.platform, f.post_id FROM forgotten_posts f" + _KEYS_JOIN
 
 
 def _key_arrays(keys: Sequence[tuple[str, str]]) -> tuple[list[str], list[str]]:
@@ -140,33 +134,55 @@ UPSERT_POSTS_SQL = (
     + " COALESCE(EXCLUDED.image_s3_url, p.image_s3_url))"
     + " RETURNING (xmax = 0) AS inserted"
 )
-# Counted in the server: one row back per batch instead of one per post.
-_UPSERT_POSTS_COUNTED_SQL = f"WITH up AS ({UPSERT_POSTS_SQL}) SELECT count(*) FILTER (WHERE inserted), count(*) FROM up"
+# Snapshots of the staged counts where they differ from each post's latest snapshot, or it has none.
+STAGED_ENGAGEMENT_SQL = (
+    "INSERT INTO post_engagement (platform, post_id, like_count, comment_count)"
+    f" SELECT v.platform, v.post_id, v.like_count, v.comment_count FROM {_POST_STAGE} v"
+    " LEFT JOIN LATERAL (SELECT e.like_count, e.comment_count FROM post_engagement e"
+    "  WHERE e.platform = v.platform AND e.post_id = v.post_id ORDER BY e.observed_at DESC LIMIT 1) prev ON true"
+    " WHERE (v.like_count IS NOT NULL OR v.comment_count IS NOT NULL)"
+    " AND (prev.like_count, prev.comment_count) IS DISTINCT FROM (v.like_count, v.comment_count)"
+    " ON CONFLICT DO NOTHING RETURNING 1"
+)
+# The upsert and the snapshots in one statement, counted in the server: one row back per batch. (A snapshot of a
+# post inserted by the same statement passes its foreign key: constraints are checked at the statement's end.)
+_UPSERT_POSTS_COUNTED_SQL = (
+    f"WITH up AS ({UPSERT_POSTS_SQL}), snap AS ({STAGED_ENGAGEMENT_SQL})"
+    " SELECT (SELECT count(*) FILTER (WHERE inserted) FROM up), (SELECT count(*) FROM up), (SELECT count(*) FROM snap)"
+)
 
 
-def _post_row(post: Post, first_image_url: str | None, sentiment_version: str | None) -> tuple[Any, ...]:
+def _opt_text(value: Any) -> str:
+    return "\\N" if value is None else _text(clean_text(value))
+
+
+def _post_line(post: Post, first_image_url: str | None, sentiment_version: str | None) -> str:
+    """The post's row of the staging table (_POST_COLUMNS) as a line of COPY text, built straight from its
+    fields (their types are known: no per-value dispatch as copy_value() does)."""
     s = post.sentiment
-    return (
-        post.platform,
-        clean_text(post.post_id),
-        clean_text(post.author_username),
-        clean_text(post.caption),
-        s.label if s else None,
-        s.polarity if s else None,
-        s.subjectivity if s else None,
-        sentiment_version if s or post.sentiment_skipped else None,
-        first_image_url,
-        post.like_count,
-        post.comment_count,
-        clean_text(post.permalink),
-        [clean_text(t) for t in post.hashtags],
-        json.dumps(clean_json(post.raw), ensure_ascii=False, default=str) if post.raw is not None else None,
-        post.created_at,
-        post.caption_truncated,
-        post.language,
-        post.language_source,
-        post.sentiment_skipped,
-    )
+    tags = post.hashtags
+    raw = post.raw
+    return "\t".join((
+        _text(post.platform),
+        _text(clean_text(post.post_id)),
+        _opt_text(post.author_username),
+        _opt_text(post.caption),
+        s.label if s else "\\N",
+        repr(s.polarity) if s else "\\N",
+        repr(s.subjectivity) if s else "\\N",
+        _opt_text(sentiment_version) if s or post.sentiment_skipped else "\\N",
+        _opt_text(first_image_url),
+        "\\N" if post.like_count is None else str(post.like_count),
+        "\\N" if post.comment_count is None else str(post.comment_count),
+        _opt_text(post.permalink),
+        _text("{" + ",".join([_array_item(clean_text(t)) for t in tags]) + "}") if tags else "{}",
+        "\\N" if raw is None else _text(json.dumps(clean_json(raw), ensure_ascii=False, default=str)),
+        post.created_at.isoformat(),
+        "t" if post.caption_truncated else "f",
+        _opt_text(post.language),
+        _opt_text(post.language_source),
+        _opt_text(post.sentiment_skipped),
+    )) + "\n"  # fmt: skip
 
 
 def upsert_posts(
@@ -176,7 +192,8 @@ def upsert_posts(
     first_image_urls: dict[tuple[str, str], str] | None = None,
     sentiment_version: str | None = None,
 ) -> UpsertCounts:
-    """Insert or update a batch in one statement; the last of duplicate (platform, post_id) wins."""
+    """Insert or update a batch in one statement, which also snapshots the counts that changed (post_engagement);
+    the last of duplicate (platform, post_id) wins."""
     # Keyed on the id as stored (cleaned), so two ids that clean to the same text are one row too.
     latest: dict[tuple[str, str], Post] = {}
     for post in posts:
@@ -186,14 +203,14 @@ def upsert_posts(
     if not latest:
         return UpsertCounts()
     urls = first_image_urls or {}
-    rows = [_post_row(p, urls.get(k) or urls.get((p.platform, p.post_id)), sentiment_version) for k, p in latest.items()]
+    text = "".join([_post_line(p, urls.get(k) or urls.get((p.platform, p.post_id)), sentiment_version) for k, p in latest.items()])
     # COPY into the staging table, then one INSERT ... ON CONFLICT from it. A row the database refuses
     # raises psycopg2's error (in the COPY or the INSERT); Database.run turns it into DataRefused.
     cur.execute(_STAGE_POSTS_PREPARE_SQL)
-    copy_rows(cur, _STAGE_POSTS_COPY_SQL, rows)
+    cur.copy_expert(_STAGE_POSTS_COPY_SQL, io.StringIO(text))
     cur.execute(_UPSERT_POSTS_COUNTED_SQL)
-    inserted, written = cur.fetchone()
-    return UpsertCounts(inserted=inserted, updated=written - inserted, unchanged=len(rows) - written)
+    inserted, written, snapshots = cur.fetchone()
+    return UpsertCounts(inserted, written - inserted, len(latest) - written, snapshots)
 
 
 UPSERT_MEDIA_SQL = (
@@ -240,50 +257,6 @@ def known_media(
         else:
             hopeless[(platform, post_id, position)] = source_url
     return stored, hopeless
-
-
-def stored_sentiments(
-    cur: psycopg2.extensions.cursor, keys: Sequence[tuple[str, str]], version: str
-) -> dict[tuple[str, str], tuple[str, Sentiment | None, str | None, str | None, str | None]]:
-    """For these posts, the caption, score and language of those already decided by enricher `version` (a
-    score, or none for a language TextBlob cannot score), keyed (platform, post_id): a caption seen again
-    unchanged need not be scored (nor its language detected) again."""
-    if not keys:
-        return {}
-    cur.execute(STORED_SENTIMENTS_SQL, (*_key_arrays(keys), version))
-    return {
-        (platform, post_id): (
-            caption, Sentiment(polarity, subjectivity, label) if label else None, language, source, skipped
-        )
-        for platform, post_id, caption, label, polarity, subjectivity, language, source, skipped in cur.fetchall()
-    }
-
-
-STAGED_ENGAGEMENT_SQL = (
-    "INSERT INTO post_engagement (platform, post_id, like_count, comment_count)"
-    f" SELECT v.platform, v.post_id, v.like_count, v.comment_count FROM {_POST_STAGE} v"
-    " LEFT JOIN LATERAL (SELECT e.like_count, e.comment_count FROM post_engagement e"
-    "  WHERE e.platform = v.platform AND e.post_id = v.post_id ORDER BY e.observed_at DESC LIMIT 1) prev ON true"
-    " WHERE (v.like_count IS NOT NULL OR v.comment_count IS NOT NULL)"
-    " AND (prev.like_count, prev.comment_count) IS DISTINCT FROM (v.like_count, v.comment_count)"
-    " ON CONFLICT DO NOTHING"
-)
-
-
-def record_staged_engagement(cur: psycopg2.extensions.cursor) -> int:
-    """Snapshot the counts of the batch upsert_posts just staged (same transaction, read from the staging table)
-    where they differ from each post's latest snapshot, or it has none; unchanged counts write nothing. Returns
-    how many snapshots were written."""
-    cur.execute(STAGED_ENGAGEMENT_SQL)
-    return cur.rowcount
-
-
-def forgotten(cur: psycopg2.extensions.cursor, keys: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:
-    """Which of these (platform, post_id) have a tombstone (etl.py forget): never to be archived again."""
-    if not keys:
-        return set()
-    cur.execute(FORGOTTEN_SQL, _key_arrays(keys))
-    return {(row[0], row[1]) for row in cur.fetchall()}
 
 
 def set_first_image_urls(cur: psycopg2.extensions.cursor, media: Sequence[Media]) -> None:
@@ -335,8 +308,49 @@ class Held(NamedTuple):
 
     stored: dict[tuple[str, str, int], tuple[str, str]]  # images stored: (storage_key, storage_url)
     hopeless: dict[tuple[str, str, int], str]  # images failed for good: the source_url that failed
-    scores: dict[tuple[str, str], tuple]  # captions scored by this enricher (stored_sentiments)
+    scores: dict[tuple[str, str], tuple]  # captions decided by this enricher: (caption, score, language, source, skipped)
     forgotten: set[tuple[str, str]]  # posts with a tombstone
+
+
+# Each post of the batch that is stored (probed by the unique index, however large the table: the LIMIT keeps the
+# planner from a scan), with its decision when enricher %(version)s made it; then the tombstones among them.
+HELD_SQL = (
+    "WITH k AS (SELECT * FROM unnest(%(platforms)s::text[], %(post_ids)s::text[]) AS k(platform, post_id))"
+    " SELECT false, k.platform, k.post_id, p.current, p.caption, p.sentiment, p.sentiment_polarity,"
+    " p.sentiment_subjectivity, p.language, p.language_source, p.sentiment_skipped FROM k"
+    " CROSS JOIN LATERAL (SELECT p.sentiment_version = %(version)s AND p.caption IS NOT NULL AS current, p.caption,"
+    "  p.sentiment, p.sentiment_polarity, p.sentiment_subjectivity, p.language, p.language_source, p.sentiment_skipped"
+    "  FROM social_posts p WHERE p.platform = k.platform AND p.post_id = k.post_id LIMIT 1) p"
+    " UNION ALL SELECT true, f.platform, f.post_id, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL"
+    " FROM k JOIN forgotten_posts f USING (platform, post_id)"
+)
+
+
+def held(cur: psycopg2.extensions.cursor, posts: Sequence[Post], version: str) -> Held:
+    """What the archive holds of these posts: one query when none of them is stored (a first load), a second for
+    the images of those that are. Scores are those decided by enricher `version` (a score, or none for a
+    language TextBlob cannot score): a caption seen again unchanged need not be scored (nor its language
+    detected) again."""
+    keys = {(p.platform, clean_text(p.post_id)) for p in posts}
+    if not keys:
+        return Held({}, {}, {}, set())
+    cur.execute(HELD_SQL, {"platforms": [k[0] for k in keys], "post_ids": [k[1] for k in keys], "version": version})
+    scores: dict[tuple[str, str], tuple] = {}
+    stored_posts, tombstones = set(), set()
+    for tomb, platform, post_id, current, caption, label, polarity, subjectivity, language, source, skipped in (
+        cur.fetchall()
+    ):
+        if tomb:
+            tombstones.add((platform, post_id))
+            continue
+        stored_posts.add((platform, post_id))
+        if current:
+            sentiment = Sentiment(polarity, subjectivity, label) if label else None
+            scores[(platform, post_id)] = (caption, sentiment, language, source, skipped)
+    # Image rows exist only for stored posts (a foreign key): the others need no look.
+    with_images = [k for p in posts if p.image_urls and (k := (p.platform, clean_text(p.post_id))) in stored_posts]
+    stored, hopeless = known_media(cur, list(dict.fromkeys(with_images))) if with_images else ({}, {})
+    return Held(stored, hopeless, scores, tombstones)
 
 
 class Archive:
@@ -347,15 +361,7 @@ class Archive:
 
     def held(self, posts: Sequence[Post], version: str) -> Held:
         """Stored and hopeless images, stored scores by enricher `version`, and tombstones of these posts."""
-        image_keys = list({(p.platform, p.post_id) for p in posts if p.image_urls})
-        captioned = list({(p.platform, p.post_id) for p in posts if p.caption})
-
-        def lookup(cur: psycopg2.extensions.cursor) -> Held:
-            stored, hopeless = known_media(cur, image_keys) if image_keys else ({}, {})
-            scores = stored_sentiments(cur, captioned, version) if captioned else {}
-            return Held(stored, hopeless, scores, forgotten(cur, list({(p.platform, p.post_id) for p in posts})))
-
-        return self.db.run(lookup, what="looking up stored images and scores")
+        return self.db.run(partial(held, posts=posts, version=version), what="looking up stored images and scores")
 
     def load(
         self, posts: Sequence[Post], media: Sequence[Media], first_urls: dict[tuple[str, str], str], version: str,
@@ -366,7 +372,6 @@ class Archive:
         def load(cur: psycopg2.extensions.cursor) -> UpsertCounts:
             counts = upsert_posts(cur, posts, first_image_urls=first_urls, sentiment_version=version)
             upsert_media(cur, media)
-            counts.snapshots = record_staged_engagement(cur) if posts else 0
             return counts
 
         return self.db.run(load, what=what)

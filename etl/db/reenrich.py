@@ -11,12 +11,12 @@ from typing import Any
 
 import psycopg2.extensions
 
-from etl.db.archive import copy_value
+from etl.db.archive import _text
 from etl.db.scans import named_cursor
 
 UNSCORED_SQL = (
     "SELECT id, caption, sentiment, sentiment_polarity, sentiment_subjectivity, language, language_source,"
-    " sentiment_skipped FROM social_posts"
+    " sentiment_skipped, sentiment_version FROM social_posts"
     " WHERE (%(platform)s::text IS NULL OR platform = %(platform)s)"
     " AND (%(since)s::timestamptz IS NULL OR created_at >= %(since)s)"
     " AND sentiment_version IS DISTINCT FROM %(version)s ORDER BY id"
@@ -26,7 +26,7 @@ def unscored_posts(
     reader: psycopg2.extensions.connection, platform: str | None, since: datetime | None, version: str, batch_size: int
 ) -> Iterator[psycopg2.extensions.cursor]:
     """A server-side cursor on `reader` over the posts not scored by enricher `version`, in id order: (id, caption,
-    sentiment, polarity, subjectivity, language, language_source, sentiment_skipped)."""
+    sentiment, polarity, subjectivity, language, language_source, sentiment_skipped, sentiment_version)."""
     with named_cursor(reader, "reenrich_scan", batch_size) as scan:
         scan.execute(UNSCORED_SQL, {"platform": platform, "since": since, "version": version})
         yield scan
@@ -56,10 +56,25 @@ _APPLY_DECISIONS = (
 )
 
 
+_NULL = "\\N"
+
+
+def _opt(value: Any) -> str:
+    return _NULL if value is None else _text(value)
+
+
+def _num(value: float | None) -> str:
+    return _NULL if value is None else repr(value)
+
+
 def decision_lines(decisions: Iterable[Sequence[Any]]) -> str:
     """Re-enrichment decisions, each (id, changed, label, polarity, subjectivity, language, language_source,
-    skipped), as the text write_decisions() copies."""
-    return "".join(["\t".join([copy_value(v) for v in row]) + "\n" for row in decisions])
+    skipped), as the text write_decisions() copies (each field's type known: no per-value dispatch)."""
+    return "".join([
+        f"{row_id}\t{'t' if changed else 'f'}\t{_opt(label)}\t{_num(polarity)}\t{_num(subjectivity)}\t"
+        f"{_opt(language)}\t{_opt(source)}\t{_opt(skipped)}\n"
+        for row_id, changed, label, polarity, subjectivity, language, source, skipped in decisions
+    ])  # fmt: skip
 
 
 def write_decisions(cur: psycopg2.extensions.cursor, parts: Sequence[str], version: str) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import IO, Any
 
@@ -122,7 +121,7 @@ class JsonlSource(Source):
                     gone_id, gone_platform = _gone_key(data)
                     self.report_gone(gone_id, "marked deleted in the input", platform=gone_platform)
                     continue
-                post = post_from_dict(data)
+                post = post_from_dict(data, origin=f"{where} line {number}")
             except RecordError as exc:
                 post_id = data.get("post_id") if isinstance(data, dict) else None
                 shown = (
@@ -131,4 +130,4 @@ class JsonlSource(Source):
                 self.reject(f"{where} line {number}{shown}", str(exc))
                 continue
             if window.admits(post.created_at):
-                yield replace(post, origin=f"{where} line {number}")
+                yield post
