@@ -504,7 +504,9 @@ def metadata(b: Bench) -> Result:
 
 
 def reenrich(b: Bench) -> Result:
-    """Every stored post re-scored: another threshold is another enricher version, so all are re-scored."""
+    """Stored posts re-scored, two ways: another threshold only (rows are relabelled from their stored polarity, no
+    model loaded), and another scorer (every caption scored and its language detected again). The target reads
+    the second: it is the work re-enrichment exists for."""
     s = b.services
     if "metadata" in b.shared:
         dsn, env, n = b.shared["metadata"]
@@ -513,20 +515,32 @@ def reenrich(b: Bench) -> Result:
         dsn = b.database("reenrich")
         env = s.env(dsn, b.tmp / "data-reenrich")
         b.runner.etl("reenrich-load", write_posts(b.tmp / "reenrich.jsonl", n, 0, None), env)
-    title = f"reenrich: every one of {n:,} stored posts re-scored (etl.py reenrich); {b.machine}"
-    run = b.runner.etl("reenrich", None, {**env, "SENTIMENT_THRESHOLD": "0.0625"}, argv=("reenrich",))
-    scored = re.search(r"re-enriched (\d+) posts, (\d+) changed", run.text())
-    rescored = int(scored.group(1)) if scored else 0
-    value = rescored / run.wall
+    title = f"reenrich: {n:,} stored posts (etl.py reenrich); {b.machine}"
+    figures, rates = [], {}
+    for label, prepare in (("another threshold (relabelled)", None),
+                           ("another scorer (every caption scored again)", "UPDATE social_posts SET sentiment_version = 'bench-older-scorer:t=0.1'")):  # fmt: skip
+        if prepare:  # stored decisions made by "another" scorer version: none can be reused
+            import psycopg2
+
+            with psycopg2.connect(dsn) as conn, conn.cursor() as cur:
+                cur.execute(prepare)
+            conn.close()
+        run = b.runner.etl("reenrich", None, {**env, "SENTIMENT_THRESHOLD": "0.0625" if not prepare else "0.07"},
+                           argv=("reenrich",))  # fmt: skip
+        scored = re.search(r"re-enriched (\d+) posts, (\d+) changed", run.text())
+        rescored = int(scored.group(1)) if scored else 0
+        rates[label] = (rescored / run.wall, run.ok and rescored == n)
+        figures.append(Figure(f"ours: {label}", rate(rates[label][0], " posts/s"), run.wall, run.peak_rss_mb,
+                              f"{rescored:,} read, {int(scored.group(2)) if scored else 0:,} changed; CPU {run.cpu:.1f} s "
+                              f"(workers included); exit {run.returncode}"))  # fmt: skip
+    value, complete = rates["another scorer (every caption scored again)"]
     return Result(
-        "reenrich", title,
-        figures=[Figure("ours: etl.py reenrich", rate(value, " posts/s"), run.wall, run.peak_rss_mb,
-                        f"{rescored:,} scored, {int(scored.group(2)) if scored else 0:,} changed; CPU {run.cpu:.1f} s "
-                        f"(workers included); exit {run.returncode}")],
-        targets=[Target("reenrich", rate(value), f">= {TARGET_REENRICH_RATE:,.0f}/s",
-                        value >= TARGET_REENRICH_RATE if run.ok and rescored == n else None)],
+        "reenrich", title, figures=figures,
+        targets=[Target("reenrich (every caption scored again)", rate(value), f">= {TARGET_REENRICH_RATE:,.0f}/s",
+                        value >= TARGET_REENRICH_RATE if complete else None)],
         notes=["no peer: the tools compared here have no re-scoring of stored rows. Peak RSS is the main process's; "
-               "its forked scoring workers are not in it."],
+               "its forked scoring workers are not in it. A threshold-only change relabels rows from their stored "
+               "polarity (no model loaded), so its rate is not the target's."],
     )  # fmt: skip
 
 
