@@ -1,4 +1,4 @@
-"""CPU, wall time and peak RSS of the metadata path, for issue 16's changes (bench.py stays the side-by-side one).
+"""CPU, wall time and peak RSS of the metadata path, for issue 16's changes (`python -m scripts.bench` stays the side-by-side one).
 
     .venv/bin/python scripts/perf_probe.py [--posts 20000] [--runs first,rerun,reenrich]
     .venv/bin/python scripts/perf_probe.py --stages [--posts 20000]   # in-process: records, language, score

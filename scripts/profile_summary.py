@@ -2,7 +2,7 @@
 
     .venv/bin/python scripts/profile_summary.py PROFILE.txt [--mode wall|gil] [--wall SECONDS] [--top N]
 
-Two kinds of profile, both made by scripts/bench.py (py-spy record --format raw):
+Two kinds of profile, both made by the benchmark (scripts/bench/) (py-spy record --format raw):
 - wall: `--idle --threads`: every thread sampled, waiting or not. The main thread's samples are the run's
   critical path (stage shares of wall time); the image workers' show how busy the pool is and on what.
 - gil: `--gil`: only the thread holding the GIL is sampled, so the samples are the interpreter's CPU time;
