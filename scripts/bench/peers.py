@@ -21,9 +21,16 @@ dsn = dsn.replace("@/", "@localhost/", 1)
 
 @dlt.resource(name="posts", primary_key=("platform", "post_id"), write_disposition="merge")
 def posts():
+    # Pages of items, as dlt's performance guide advises (a list per yield, not one item): its fastest extract.
     with open(path, encoding="utf-8") as f:
+        page = []
         for line in f:
-            yield json.loads(line)
+            page.append(json.loads(line))
+            if len(page) == 1000:
+                yield page
+                page = []
+        if page:
+            yield page
 
 pipeline = dlt.pipeline(pipeline_name="peer_" + fmt, destination=dlt.destinations.postgres(dsn),
                         dataset_name="dlt_bench_" + fmt, pipelines_dir=pipelines, progress=None)
