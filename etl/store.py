@@ -79,6 +79,8 @@ class ObjectStore(Protocol):
 
 
 _FOLDERS_KEPT = 10_000
+# Keys the quick path takes: two or more segments, none empty, "." or "..", no NUL byte.
+_PLAIN_KEY = re.compile(r"(?!\.\.?/)[^/\x00]+(?:/(?!\.\.?(?:/|$))[^/\x00]+)+")
 _TEMP_NUMBERS = itertools.count()  # names of put()'s temporary files, unique in this process (next() is atomic)
 
 
@@ -139,9 +141,9 @@ class LocalStore:
         """put() in a few system calls (issue 16: the general way cost half a millisecond of CPU an image): the
         key's folder comes from _folder(), the file's state from one lstat, the temporary file from a counter.
         Raises _Unusual (or OSError) for anything else: a symlink, a missing .incoming, a name already taken."""
-        folder_key, _, name = key.rpartition("/")
-        if name in ("", ".", "..") or not folder_key:
+        if not _PLAIN_KEY.fullmatch(key):  # absolute, empty, "." or ".." segments, NUL: the general way judges
             raise _Unusual
+        folder_key, _, name = key.rpartition("/")
         path = f"{self._folder(folder_key)}/{name}"
         try:
             st = os.lstat(path)
@@ -170,8 +172,6 @@ class LocalStore:
         if known is not None:
             return known
         head, _, name = folder_key.rpartition("/")
-        if name in ("", ".", ".."):
-            raise _Unusual
         path = f"{self._folder(head) if head else self.root}/{name}"
         try:
             os.mkdir(path)
