@@ -11,6 +11,7 @@ import re
 import stat
 import tempfile
 import threading
+import urllib.parse
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Protocol
@@ -203,6 +204,11 @@ class LocalStore:
         return True
 
     def url(self, key: str) -> str:
+        folder_key, _, name = key.rpartition("/")
+        folder = self._folders.get(folder_key) if _PLAIN_KEY.fullmatch(key) else None
+        if folder is not None and not os.path.islink(path := f"{folder}/{name}"):
+            # The folder put() wrote in, already resolved: no second resolve(). The URI as Path.as_uri makes it.
+            return "file://" + urllib.parse.quote_from_bytes(os.fsencode(path))
         return self.path(key).as_uri()
 
     # -- whole-object replacement (the Parquet export) -------------------------------------------

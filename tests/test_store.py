@@ -154,6 +154,20 @@ def test_local_store_refuses_a_folder_linked_outside(tmp_path: Path):
     assert not list(outside.iterdir())
 
 
+def test_local_store_urls_name_the_resolved_file(tmp_path: Path):
+    store = LocalStore(tmp_path / "objects")
+    store.check()
+    body = png_bytes()
+    sha = hashlib.sha256(body).hexdigest()
+    first = object_key("", "mock", WHEN, "p 1", 0, "image/png")
+    second = object_key("", "mock", WHEN, "p 1", 1, "image/png")
+    assert store.put(first, body, "image/png", sha) is True
+    (tmp_path / "objects" / second).symlink_to(tmp_path / "objects" / first)  # one object linked to another
+    assert store.put(second, body, "image/png", sha) is False
+    assert store.url(first) == (tmp_path / "objects" / first).resolve().as_uri()
+    assert store.url(second) == store.url(first)
+
+
 @pytest.mark.fault("the store's .incoming folder is removed while a run writes")
 def test_local_put_recreates_a_removed_incoming_folder(tmp_path: Path):
     store = LocalStore(tmp_path / "objects")
