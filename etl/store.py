@@ -156,14 +156,7 @@ class LocalStore:
             if st.st_size == len(body) and _file_sha256(Path(path)) == sha256:
                 return False
         tmp = f"{self.incoming}/{os.getpid()}-q{next(_TEMP_NUMBERS)}.part"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(body)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        _write_renamed(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600), tmp, path, body)
         return True
 
     def _folder(self, folder_key: str) -> str:
@@ -192,13 +185,7 @@ class LocalStore:
             path.parent.mkdir(parents=True, exist_ok=True)
             self.incoming.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self.incoming, prefix=f"{os.getpid()}-", suffix=".part")
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(body)
-                os.replace(tmp, path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            _write_renamed(fd, tmp, path, body)
         except OSError as exc:
             raise StoreError(f"cannot write {path}: {exc}") from exc
         return True
@@ -236,6 +223,17 @@ class LocalStore:
 
     def describe(self) -> str:
         return f"local object store {self.root}"
+
+
+def _write_renamed(fd: int, tmp: str, path: str | Path, body: bytes) -> None:
+    """`body` written to the temporary file (fd, named tmp), which is then renamed to `path`; never left behind."""
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(body)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _alive(pid: int) -> bool:

@@ -128,6 +128,14 @@ def test_local_store_refuses_keys_leading_outside(tmp_path: Path, key):
     assert not (tmp_path / "outside.png").exists()
 
 
+def checked_store(tmp_path: Path) -> tuple[LocalStore, bytes, str]:
+    """A checked local store under tmp_path/objects, and an image with its sha256."""
+    store = LocalStore(tmp_path / "objects")
+    store.check()
+    body = png_bytes()
+    return store, body, hashlib.sha256(body).hexdigest()
+
+
 @pytest.mark.badinput("keys a checked store's quick put path must leave to the general one, which refuses them")
 @pytest.mark.parametrize("key", ["/etc/passwd", "a/../../outside.png", "./x/../../outside.png", "nul\x00/x.png"])
 def test_checked_local_store_refuses_unusual_keys(tmp_path: Path, key):
@@ -141,10 +149,7 @@ def test_checked_local_store_refuses_unusual_keys(tmp_path: Path, key):
 
 @pytest.mark.fault("a folder of the store is a symlink to a directory outside it")
 def test_local_store_refuses_a_folder_linked_outside(tmp_path: Path):
-    store = LocalStore(tmp_path / "objects")
-    store.check()
-    body = png_bytes()
-    sha = hashlib.sha256(body).hexdigest()
+    store, body, sha = checked_store(tmp_path)
     assert store.put(object_key("", "mock", WHEN, "p1", 0, "image/png"), body, "image/png", sha) is True
     outside = tmp_path / "elsewhere"
     outside.mkdir()
@@ -155,10 +160,7 @@ def test_local_store_refuses_a_folder_linked_outside(tmp_path: Path):
 
 
 def test_local_store_urls_name_the_resolved_file(tmp_path: Path):
-    store = LocalStore(tmp_path / "objects")
-    store.check()
-    body = png_bytes()
-    sha = hashlib.sha256(body).hexdigest()
+    store, body, sha = checked_store(tmp_path)
     first = object_key("", "mock", WHEN, "p 1", 0, "image/png")
     second = object_key("", "mock", WHEN, "p 1", 1, "image/png")
     assert store.put(first, body, "image/png", sha) is True
@@ -170,10 +172,7 @@ def test_local_store_urls_name_the_resolved_file(tmp_path: Path):
 
 @pytest.mark.fault("the store's .incoming folder is removed while a run writes")
 def test_local_put_recreates_a_removed_incoming_folder(tmp_path: Path):
-    store = LocalStore(tmp_path / "objects")
-    store.check()
-    body = png_bytes()
-    sha = hashlib.sha256(body).hexdigest()
+    store, body, sha = checked_store(tmp_path)
     assert store.put(object_key("", "mock", WHEN, "p1", 0, "image/png"), body, "image/png", sha) is True
     store.incoming.rmdir()
     key = object_key("", "mock", WHEN, "p2", 0, "image/png")
