@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import BrokenExecutor, Future
 from typing import TYPE_CHECKING
 
@@ -64,17 +64,31 @@ def _decide(items: list[tuple[str | None, str | None]]) -> list[tuple]:
 
 
 def score_ahead(
-    enricher: SentimentEnricher, batches: Iterable[list[Post]], *, workers: int | None = None
+    enricher: SentimentEnricher,
+    batches: Iterable[list[Post]],
+    *,
+    workers: int | None = None,
+    in_process: Callable[[list[Post]], bool] | None = None,
 ) -> Iterator[list[Post]]:
     """The batches, unchanged and in order, one behind the stream: a batch is sent to the scoring workers when
     it is read and handed on when the next one has been read (or the stream ended). When the stream fails,
-    the batch held back is handed on first, then the error goes on (nothing read is lost)."""
+    the batch held back is handed on first, then the error goes on (nothing read is lost).
+
+    A batch for which `in_process(batch)` is true is handed on as soon as it is read (after the one held back),
+    never to the workers: on an images run the downloads keep the cores busy, the captions are scored while the
+    image hosts answer, and the first downloads start without waiting for the workers' fork and model load."""
     workers = max(1, (os.cpu_count() or 1) - 1) if workers is None else workers
     pool: ProcessPoolExecutor | None = None
     held: tuple[list[Post], list[tuple], list[Future]] | None = None
     try:
         try:
             for batch in batches:
+                if in_process is not None and in_process(batch):
+                    if held is not None:
+                        earlier, held = _hand_on(enricher, held), None
+                        yield earlier
+                    yield batch
+                    continue
                 sent: tuple[list[Post], list[tuple], list[Future]] = (batch, [], [])
                 if workers > 0 and len(batch) >= MIN_BATCH and enricher.mostly_new():
                     if pool is None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -10,6 +12,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
 import requests
+import urllib3
 from requests.adapters import HTTPAdapter
 
 from etl import __version__
@@ -162,6 +165,100 @@ class PinnedHostAdapter(HTTPAdapter):
             if name and name != host_params.get("host"):
                 pool_kwargs["server_hostname"] = name
         return host_params, pool_kwargs
+
+
+# A URL the direct GET takes as it is: what requests' URL preparation (IDNA, requoting) would leave unchanged.
+_PLAIN_URL = re.compile(r"https?://[A-Za-z0-9.\-\[\]:]+(?:/[A-Za-z0-9\-._~/!$&'()*+,;=:@?]*)?", re.ASCII)
+
+
+_ADAPTER_SEND = HTTPAdapter.send
+
+
+@dataclass(frozen=True)
+class _Target:
+    """What an adapter's pool key reads of a request: its URL and headers (for PinnedHostAdapter's Host)."""
+
+    url: str
+    headers: dict[str, str]
+
+
+class RawResponse:
+    """The part of a requests.Response the image downloader reads (status_code, headers, raw, close), over
+    urllib3's own response: building a requests.Response costs more than the image's HTTP exchange."""
+
+    __slots__ = ("raw", "status_code", "headers")
+
+    def __init__(self, raw: urllib3.BaseHTTPResponse):
+        self.raw = raw
+        self.status_code = raw.status
+        self.headers = raw.headers  # case-insensitive, as requests' are
+
+    def __enter__(self) -> RawResponse:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        # As requests.Response.close does for a streamed body: the connection goes back to the pool only
+        # when the body was read to its end (urllib3 releases it then); otherwise it is closed.
+        self.raw.close()
+        self.raw.release_conn()
+
+
+def direct_get(
+    session: requests.Session, url: str, headers: dict[str, str], timeout: tuple[float, float]
+) -> RawResponse | None:
+    """GET `url` (streamed, no redirect followed) through the session's adapter straight to urllib3, with the
+    session's headers, TLS settings and pools, and urllib3's errors mapped to requests' as HTTPAdapter.send
+    maps them; None for a URL requests would rewrite (non-ASCII, spaces, percent escapes: sent the usual way).
+    Only for a session with no proxy and nothing taken from the environment (the caller checks)."""
+    if not _PLAIN_URL.fullmatch(url):
+        return None
+    adapter = session.get_adapter(url)
+    if type(adapter).send is not _ADAPTER_SEND:
+        return None  # an adapter that sends its own way (or is patched, as `responses` does): not bypassed
+    target = _Target(url, {**session.headers, **headers})
+    parts = urlsplit(url)
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    try:
+        host_params, pool_kwargs = adapter.build_connection_pool_key_attributes(target, session.verify, session.cert)
+        pool = adapter.poolmanager.connection_from_host(**host_params, pool_kwargs=pool_kwargs)
+    except (ValueError, urllib3.exceptions.LocationValueError) as exc:
+        raise requests.exceptions.InvalidURL(exc) from None
+    adapter.cert_verify(pool, url, session.verify, session.cert)
+    try:
+        raw = pool.urlopen(
+            "GET", path, headers=target.headers, redirect=False, assert_same_host=False, preload_content=False,
+            decode_content=False, retries=adapter.max_retries, timeout=_timeouts(timeout), chunked=False,
+        )  # fmt: skip
+    except (urllib3.exceptions.ProtocolError, OSError) as exc:
+        raise requests.ConnectionError(exc) from None
+    except urllib3.exceptions.MaxRetryError as exc:
+        reason = exc.reason
+        if isinstance(reason, urllib3.exceptions.ConnectTimeoutError) and not isinstance(
+            reason, urllib3.exceptions.NewConnectionError
+        ):
+            raise requests.exceptions.ConnectTimeout(exc) from None
+        if isinstance(reason, urllib3.exceptions.ResponseError):
+            raise requests.exceptions.RetryError(exc) from None
+        if isinstance(reason, urllib3.exceptions.SSLError):
+            raise requests.exceptions.SSLError(exc) from None
+        raise requests.ConnectionError(exc) from None
+    except urllib3.exceptions.ClosedPoolError as exc:
+        raise requests.ConnectionError(exc) from None
+    except urllib3.exceptions.SSLError as exc:
+        raise requests.exceptions.SSLError(exc) from None
+    except urllib3.exceptions.ReadTimeoutError as exc:
+        raise requests.exceptions.ReadTimeout(exc) from None
+    except urllib3.exceptions.InvalidHeader as exc:
+        raise requests.exceptions.InvalidHeader(exc) from None
+    return RawResponse(raw)
+
+
+@functools.lru_cache(maxsize=8)
+def _timeouts(timeout: tuple[float, float]) -> urllib3.Timeout:
+    return urllib3.Timeout(connect=timeout[0], read=timeout[1])
 
 
 def make_session(pool_size: int = 10, *, user_agent: str = USER_AGENT) -> requests.Session:

@@ -78,3 +78,26 @@ def test_a_failing_stream_hands_on_what_it_gave_first():
             seen.append(enricher.enrich_all(batch, [None] * len(batch)))
     assert [len(b) for b in seen] == [80, 80, 80, 80]
     assert [p.post_id for b in seen for p in b] == [p.post_id for b in data for p in b]
+
+
+def test_batches_scored_in_process_are_handed_on_as_soon_as_read():
+    """An images run's batches: never sent to the workers, and each one out before the next is read."""
+    data = batches(4, 100)
+    expected = enrich_all(SentimentEnricher(), iter(data))
+    read: list[int] = []
+
+    def stream():
+        for n, batch in enumerate(data):
+            read.append(n)
+            yield batch
+
+    enricher = SentimentEnricher()
+    out = []
+    for batch in score_ahead(enricher, stream(), workers=1, in_process=lambda b: b[0].post_id.startswith(("0-", "1-"))):
+        out.append((len(read), batch[0].post_id))
+        scored = enricher.enrich_all(batch, [None] * len(batch))
+        assert scored == expected[: len(scored)]
+        expected = expected[len(scored) :]
+    # Batches 0 and 1 come out as they are read; batch 2 goes to the workers and waits for batch 3.
+    assert out == [(1, "0-0"), (2, "1-0"), (4, "2-0"), (4, "3-0")]
+    assert enricher.ahead_used == 200  # batches 2 and 3, by the workers

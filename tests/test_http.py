@@ -70,3 +70,64 @@ def test_other_errors_are_not_retried_and_a_long_wait_is_refused():
     honoured = Flaky(Retriable("HTTP 429", retry_after=2))
     assert policy(3, sleeps).call(honoured) == "done"
     assert sleeps == [2]
+
+
+# -- the image GET straight to urllib3 (direct_get) -----------------------------------------------
+
+
+def _downloader(make_settings, **kwargs):
+    from etl.media import Downloader
+
+    return Downloader(make_settings(ETL_ALLOW_PRIVATE_HOSTS="true"), policy=RetryPolicy(attempts=1), **kwargs)
+
+
+def test_a_plain_url_is_fetched_directly_over_one_kept_connection(make_settings, http_server):
+    from etl.http import RawResponse
+    from tests.support import Reply, png_bytes
+
+    body = png_bytes()
+    http_server.routes["/a.png"] = Reply(body=body)
+    downloader = _downloader(make_settings)
+    with downloader._get(http_server.url("/a.png?size=large")) as response:
+        assert isinstance(response, RawResponse) and response.status_code == 200
+        assert response.headers["content-type"] == "image/png"
+    for _ in range(3):
+        assert downloader.fetch(http_server.url("/a.png")).body == body
+    [(_, path, headers), *rest] = http_server.requests
+    assert path == "/a.png?size=large"
+    assert headers["User-Agent"].startswith("social-archiver/") and headers["Accept-Encoding"]
+    pools = downloader.session.get_adapter(http_server.base).poolmanager.pools
+    [pool] = [pools[key] for key in pools.keys()]
+    assert pool.num_connections == 1  # each body read to its end: the connection went back to the pool
+
+
+@pytest.mark.badinput("image URLs requests would rewrite (spaces, escapes, non-ASCII): sent the usual way")
+def test_a_url_requests_would_rewrite_is_sent_as_requests_sends_it(make_settings, http_server):
+    from tests.support import Reply, png_bytes
+
+    body = png_bytes()
+    http_server.routes["/a%20b%C3%A9.png"] = Reply(body=body)
+    downloader = _downloader(make_settings)
+    for url in ("/a b\u00e9.png", "/a%20b%C3%A9.png"):
+        with downloader._get(http_server.url(url)) as response:
+            assert isinstance(response, requests.Response) and response.status_code == 200
+    assert [path for _, path, _ in http_server.requests] == ["/a%20b%C3%A9.png"] * 2
+
+
+@pytest.mark.fault("the image host refuses the connection or stalls: requests' own errors, as before")
+def test_direct_errors_are_requests_errors(make_settings, http_server):
+    from etl.errors import MediaError
+    from tests.support import Reply, free_port, png_bytes
+
+    downloader = _downloader(make_settings)
+    with pytest.raises(requests.ConnectionError):
+        downloader._get(f"http://127.0.0.1:{free_port()}/a.png")
+    with pytest.raises(MediaError, match="network error after 1 attempts: ConnectionError"):
+        downloader.fetch(f"http://127.0.0.1:{free_port()}/a.png")
+    http_server.routes["/slow.png"] = Reply(body=png_bytes(), delay=1.0)
+    slow = _downloader(make_settings, total_timeout=5)
+    slow.timeout = (2.0, 0.2)
+    with pytest.raises(requests.exceptions.ReadTimeout):
+        slow._get(http_server.url("/slow.png"))
+    with pytest.raises(MediaError, match="timed out after 1 attempts: ReadTimeout"):
+        slow.fetch(http_server.url("/slow.png"))

@@ -128,6 +128,59 @@ def test_local_store_refuses_keys_leading_outside(tmp_path: Path, key):
     assert not (tmp_path / "outside.png").exists()
 
 
+def checked_store(tmp_path: Path) -> tuple[LocalStore, bytes, str]:
+    """A checked local store under tmp_path/objects, and an image with its sha256."""
+    store = LocalStore(tmp_path / "objects")
+    store.check()
+    body = png_bytes()
+    return store, body, hashlib.sha256(body).hexdigest()
+
+
+@pytest.mark.badinput("keys a checked store's quick put path must leave to the general one, which refuses them")
+@pytest.mark.parametrize("key", ["/etc/passwd", "a/../../outside.png", "./x/../../outside.png", "nul\x00/x.png"])
+def test_checked_local_store_refuses_unusual_keys(tmp_path: Path, key):
+    store = LocalStore(tmp_path / "objects")
+    store.check()
+    with pytest.raises(StoreError):
+        store.put(key, b"x", "image/png", "0" * 64)
+    assert [p.name for p in (tmp_path / "objects").iterdir()] == [".incoming"]  # nothing made on the way
+    assert not (tmp_path / "outside.png").exists()
+
+
+@pytest.mark.fault("a folder of the store is a symlink to a directory outside it")
+def test_local_store_refuses_a_folder_linked_outside(tmp_path: Path):
+    store, body, sha = checked_store(tmp_path)
+    assert store.put(object_key("", "mock", WHEN, "p1", 0, "image/png"), body, "image/png", sha) is True
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (tmp_path / "objects" / "mock" / "2024" / "03" / "10" / "p2").symlink_to(outside)
+    with pytest.raises(StoreError, match="outside the store"):
+        store.put(object_key("", "mock", WHEN, "p2", 0, "image/png"), body, "image/png", sha)
+    assert not list(outside.iterdir())
+
+
+def test_local_store_urls_name_the_resolved_file(tmp_path: Path):
+    store, body, sha = checked_store(tmp_path)
+    first = object_key("", "mock", WHEN, "p 1", 0, "image/png")
+    second = object_key("", "mock", WHEN, "p 1", 1, "image/png")
+    assert store.put(first, body, "image/png", sha) is True
+    (tmp_path / "objects" / second).symlink_to(tmp_path / "objects" / first)  # one object linked to another
+    assert store.put(second, body, "image/png", sha) is False
+    assert store.url(first) == (tmp_path / "objects" / first).resolve().as_uri()
+    assert store.url(second) == store.url(first)
+
+
+@pytest.mark.fault("the store's .incoming folder is removed while a run writes")
+def test_local_put_recreates_a_removed_incoming_folder(tmp_path: Path):
+    store, body, sha = checked_store(tmp_path)
+    assert store.put(object_key("", "mock", WHEN, "p1", 0, "image/png"), body, "image/png", sha) is True
+    store.incoming.rmdir()
+    key = object_key("", "mock", WHEN, "p2", 0, "image/png")
+    assert store.put(key, body, "image/png", sha) is True
+    assert (tmp_path / "objects" / key).read_bytes() == body
+    assert store.put(key, body, "image/png", sha) is False
+
+
 def test_local_store_check_names_the_setting(tmp_path: Path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")

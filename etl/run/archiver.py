@@ -137,7 +137,7 @@ class Archiver:
                 # Timed a batch at a time (the clock per post cost more than a tenth of a metadata run's parsing).
                 fetching = self.live.counting(self._allowed(posts, stats))
                 batches = self.clock.timed(chunked(fetching, self.settings.batch_size), "fetch")
-                for posts_batch in score_ahead(self.enricher, batches):
+                for posts_batch in score_ahead(self.enricher, batches, in_process=self._fetches_images):
                     current = self._start(posts_batch, pool, stats, source)
                     finishing, pending = pending, current
                     if finishing is not None:
@@ -154,6 +154,10 @@ class Archiver:
             # After a stop, a download stalled past the grace is left behind (its image is recorded failed).
             pool.shutdown(wait=not self.stop.is_set(), cancel_futures=True)
         return newest
+
+    def _fetches_images(self, posts: list[Post]) -> bool:
+        """A batch whose images keep the cores busy (one image per two posts or more): scored in-process."""
+        return self.store is not None and sum(len(p.image_urls) for p in posts) * 2 >= len(posts)
 
     def _allowed(self, posts: Iterable[Post], stats: RunStats) -> Iterator[Post]:
         """Refuses posts of a platform named like ETL_EXPORT_PREFIX: their image keys would meet the export's."""
