@@ -28,6 +28,7 @@ from typing import IO, Any
 from etl.config import Settings
 from etl.db import Database, Ledger
 from etl.db.fixity import images_elsewhere, images_to_copy, record_copies
+from etl.db.ledger import release_locks
 from etl.errors import ConfigError, ETLError, Outcome
 from etl.logs import RedactingFilter
 from etl.store import LocalStore, ObjectStore, S3Store, make_s3_client, object_key
@@ -340,7 +341,7 @@ class StoreCopier:
                 result.remaining = images_elsewhere(self.db, target.name)
         finally:
             result.seconds = time.monotonic() - started
-            lock.close()
+            release_locks(lock)
         log.info(
             "summary: copy-store into %s: copied=%d present=%d failed=%d corrupt=%d remaining=%d %.1fs",
             target.name, result.copied, result.present, result.failed, result.corrupt,

@@ -36,6 +36,7 @@ from etl.db.export import (  # the datasets are declared beside the SQL that rea
     platform_posts,
     record_partitions,
 )
+from etl.db.ledger import release_locks
 from etl.errors import ConfigError, Outcome, StoreError, UsageError
 from etl.store import LocalStore, ObjectStore, S3Store, store_from_settings
 
@@ -387,7 +388,7 @@ def export(
         with ledger.recording("export", [f"export {target.name}"], arguments or {}, exporter.stats):
             exporter.run()
     finally:
-        lock.close()
+        release_locks(lock)
     stats = exporter.stats
     log.info("summary: %s", " ".join(f"{d}={n}" for d, n in stats.written.items()) + f" bytes={stats.bytes} status={stats.status}")
     return stats

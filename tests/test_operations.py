@@ -12,6 +12,7 @@ import pytest
 
 from etl import sources as registry
 from etl.db import Ledger, StreamState
+from etl.db.ledger import release_locks
 from etl.errors import SourceError
 from etl.records import Post
 from etl.run.runner import Runner, RunRequest, backfill_chunks
@@ -521,3 +522,40 @@ def test_a_caption_seen_again_unchanged_keeps_its_score_without_scoring(listsrc,
 
     assert len(run(SENTIMENT_THRESHOLD="0.5")) == 5  # another enricher version: every caption scored again
     assert query(db.dsn, "SELECT DISTINCT sentiment_version LIKE %s FROM social_posts", ('%:t=0.5',)) == [(True,)]
+
+
+class _WatchedLock:
+    """A lock connection whose close() notes which advisory locks its session still held at that moment."""
+
+    def __init__(self, conn, dsn: str):
+        self.conn, self.dsn, self.held_at_close = conn, dsn, None
+
+    def cursor(self, *args, **kwargs):
+        return self.conn.cursor(*args, **kwargs)
+
+    def close(self) -> None:
+        pid = self.conn.get_backend_pid()
+        self.held_at_close = query(self.dsn, f"SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = {pid}")[0][0]
+        self.conn.close()
+
+
+@pytest.mark.fault("a run ends and the next one starts at once: its locks must already be free")
+def test_a_run_frees_its_locks_before_it_closes_their_connection(listsrc, make_settings, db, tmp_path, monkeypatch):
+    """Closing a lock connection frees its advisory locks only once the server has ended that session, a moment
+    later: a run started right after (a worker's next task, the next cron run) could find its streams "being
+    archived by another run". The runner unlocks first, so nothing is held when the connection closes."""
+    watched: list[_WatchedLock] = []
+    take = Ledger.lock_units
+
+    def lock_units(self, names):
+        conn, locked = take(self, names)
+        watched.append(_WatchedLock(conn, db.dsn))
+        return watched[-1], locked
+
+    monkeypatch.setattr(Ledger, "lock_units", lock_units)
+    listsrc.posts = [make_post(1, T0)]
+    assert runner(make_settings, db, tmp_path).execute(RunRequest(sources=["listsrc"])).exit_code == 0
+    assert [w.held_at_close for w in watched] == [0]
+    lock, held = take(Ledger(db), ["listsrc"])
+    release_locks(lock)
+    assert held == []  # and the next run takes it at once

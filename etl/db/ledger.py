@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
+import psycopg2
 import psycopg2.extensions
 
 from etl.db.connection import Database, adapt_json
@@ -29,6 +30,19 @@ FINISH_RUN_SQL = (
 )
 
 
+def release_locks(conn: psycopg2.extensions.connection) -> None:
+    """Free the advisory locks held on a lock connection (lock_units, lock_sources), then close it. Closing alone
+    frees them only once the server has ended that session, a moment after the client left: a run started at once
+    (the next task of a worker, a test) could still find them held."""
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT pg_advisory_unlock_all()")
+    except psycopg2.Error:
+        pass  # the connection is gone, and its locks with it
+    finally:
+        conn.close()
+
+
 class Ledger:
     """What runs did and which units they hold: etl_runs, the advisory locks, etl_backfill_chunks."""
 
@@ -43,13 +57,13 @@ class Ledger:
         """Take a session advisory lock per name on a connection of its own; LockedError if one is held, its
         message `busy` (the held name filled in) followed by the run that holds it.
 
-        The locks live as long as the returned connection (closing it, or the process dying, frees them).
+        The locks live as long as the returned connection: release_locks() frees them (the process dying does too).
         """
         conn, locked = self.lock_units(names)
         if locked:
             with conn.cursor() as cur:
                 holder = self.running_run_for(cur, locked[0])
-            conn.close()
+            release_locks(conn)
             raise LockedError(f"{busy.format(name=locked[0])} by another run{holder}; nothing done")
         return conn
 

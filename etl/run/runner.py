@@ -19,6 +19,7 @@ from typing import Any
 from etl.config import Settings
 from etl.copystore import refuse_if_elsewhere
 from etl.db import Database, Ledger, StreamState
+from etl.db.ledger import release_locks
 from etl.errors import ConfigError, ETLError, LoadError, LockedError, SourceError, StoreError, UsageError
 from etl.logs import RedactingFilter
 from etl.metrics import write_run_metrics
@@ -160,7 +161,7 @@ class Runner:
                 log.warning("%s is being archived by another run: skipped (that run archives it)", name)
             yield locked
         finally:
-            lock.close()
+            release_locks(lock)
 
     @contextmanager
     def _recorded(
