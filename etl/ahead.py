@@ -103,7 +103,7 @@ def score_ahead(
                 if held is not None:
                     yield _hand_on(enricher, held)
                 held = sent
-        except BaseException:
+        except Exception:  # not GeneratorExit: a consumer that stops early closes us, and the pool must go
             if held is not None:
                 batch, held = _hand_on(enricher, held), None
                 yield batch

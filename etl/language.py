@@ -72,8 +72,8 @@ def _model_arrays(model_file: Path) -> dict[str, Any]:
     folder = cache_root() / f"py3langid-{LanguageDetector.version()}-{stat.st_size}-{stat.st_mtime_ns}"
     try:
         return {name: np.load(folder / f"{name}.npy", mmap_mode="r", allow_pickle=False) for name in _ARRAYS}
-    except (OSError, ValueError):
-        pass
+    except (OSError, ValueError):  # not made yet, or damaged (a disk error, a hand edit): made again
+        shutil.rmtree(folder, ignore_errors=True)
     arrays = _unpack(model_file)
     building = None
     try:

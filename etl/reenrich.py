@@ -6,7 +6,7 @@ import logging
 import os
 from collections import Counter
 from collections.abc import Callable, Sequence
-from concurrent.futures import Executor, Future
+from concurrent.futures import BrokenExecutor, Executor, Future
 from datetime import datetime
 from typing import Any
 
@@ -80,17 +80,27 @@ class _Scorers:
             return [_decide_rows(self.enricher, rows)]
         if self.pool is None:
             self.pool = fork_scorers(self.enricher, self.workers)
-        return [
-            self.pool.submit(_decide_in_worker, rows[k : k + _SCORE_CHUNK]) for k in range(0, len(rows), _SCORE_CHUNK)
-        ]  # fmt: skip
+        try:
+            return [
+                self.pool.submit(_decide_in_worker, rows[k : k + _SCORE_CHUNK]) for k in range(0, len(rows), _SCORE_CHUNK)
+            ]  # fmt: skip
+        except (BrokenExecutor, RuntimeError) as exc:  # the pool is gone: the rest is scored here
+            log.warning("scoring workers unavailable (%s); scoring in the main process", exc)
+            self.workers = 0
+            return [_decide_rows(self.enricher, rows)]
 
     def close(self) -> None:
         if self.pool is not None:
             self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _collect(pending: list[Future] | list[tuple]) -> list[tuple]:
-    return [part.result() if isinstance(part, Future) else part for part in pending]
+def _collect(enricher: SentimentEnricher, rows: list[tuple], pending: list[Future] | list[tuple]) -> list[tuple]:
+    """The decided parts of a batch; scored here when a worker died (killed, out of memory), as ahead.py does."""
+    try:
+        return [part.result() if isinstance(part, Future) else part for part in pending]
+    except (BrokenExecutor, OSError) as exc:
+        log.warning("scoring worker failed (%s); this batch is scored in the main process", exc)
+        return [_decide_rows(enricher, rows)]
 
 
 def reenrich(
@@ -137,7 +147,7 @@ def _reenrich(
             rows = scan.fetchmany(batch_size)
             scoring = (rows, scorers.submit(rows)) if rows else None
             if pending is not None:
-                _write(db, enricher, stats, pending[0], _collect(pending[1]))
+                _write(db, enricher, stats, pending[0], _collect(enricher, *pending))
                 if should_stop():
                     stats.interrupted = True
                     break

@@ -101,3 +101,19 @@ def test_batches_scored_in_process_are_handed_on_as_soon_as_read():
     # Batches 0 and 1 come out as they are read; batch 2 goes to the workers and waits for batch 3.
     assert out == [(1, "0-0"), (2, "1-0"), (4, "2-0"), (4, "3-0")]
     assert enricher.ahead_used == 200  # batches 2 and 3, by the workers
+
+
+@pytest.mark.fault("the archiver fails while batches are scored ahead: the generator closes and its workers end")
+def test_a_consumer_that_stops_early_closes_the_workers():
+    import multiprocessing
+
+    enricher = SentimentEnricher()
+    ahead = score_ahead(enricher, iter(batches(6, 100)), workers=1)
+    taken = []
+    for _ in range(3):
+        batch = next(ahead)
+        taken.append(enricher.enrich_all(batch, [None] * len(batch)))
+    assert enricher.ahead_used == 100 and multiprocessing.active_children()  # the third came from a worker
+    ahead.close()  # what a loop that raises (a load error, a stop) does to the generator it was reading
+    assert multiprocessing.active_children() == []
+    assert [len(b) for b in taken] == [100, 100, 100]

@@ -559,3 +559,27 @@ def test_a_run_frees_its_locks_before_it_closes_their_connection(listsrc, make_s
     lock, held = take(Ledger(db), ["listsrc"])
     release_locks(lock)
     assert held == []  # and the next run takes it at once
+
+
+def _die(rows) -> None:
+    """A scoring worker killed mid-task (picklable by name, as the pool sends its tasks)."""
+    import os
+
+    os._exit(1)
+
+
+@pytest.mark.fault("a reenrich worker process dies (killed, out of memory): its batch is scored in the main process")
+def test_reenrich_scores_in_process_when_a_worker_dies(db, monkeypatch):
+    from etl import reenrich as module
+    from etl.enrich import SentimentEnricher
+    from etl.run.stats import RunStats
+
+    rows = [(f"d{i}", f"what a lovely day number {i}" if i % 2 else f"a terrible night {i}") for i in range(1200)]
+    with db.transaction() as cur:
+        cur.executemany("INSERT INTO social_posts (platform, post_id, caption, created_at) VALUES ('x', %s, %s, now())", rows)
+    monkeypatch.setattr(module, "_decide_in_worker", _die)  # every worker dies on its first task
+    stats = RunStats()
+    module.reenrich(db, SentimentEnricher(0.1), stats, batch_size=500, workers=2)
+    assert stats.fetched == 1200 and not stats.interrupted
+    assert query(db.dsn, "SELECT count(*) FROM social_posts WHERE sentiment IS NULL OR sentiment_version IS NULL") == [(0,)]
+    assert stats.sentiment["positive"] == 600 and stats.sentiment["negative"] == 600
