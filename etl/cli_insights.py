@@ -11,7 +11,6 @@ from typing import IO, Any
 
 from etl.config import Settings
 from etl.errors import ExitCode, UsageError
-from etl.run.services import open_services
 
 COMMANDS = ("fingerprint", "similar", "trends", "report")
 
@@ -72,6 +71,8 @@ def _json_default(value: object) -> object:
 
 
 def dispatch(command: str, args: argparse.Namespace, settings: Settings, out: IO[str], stop: threading.Event) -> int:
+    from etl.run.services import open_services  # only when a command runs (--help, status need none of it)
+
     services = open_services(settings, check_store=command in ("fingerprint", "report"))
     db = services.db
     assert db is not None

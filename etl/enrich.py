@@ -184,7 +184,7 @@ class SentimentEnricher:
         if posts:
             self._new_share = len(todo) / len(posts)
         if todo:
-            items = [self.item(p) for _, p, _ in todo]
+            items = [(caption, p.language if p.language_source == "platform" else None) for _, p, caption in todo]
             for (n, post, _), decision in zip(todo, self.decide_captions(items), strict=True):
                 sentiment, language, source, skipped = decision
                 out[n] = with_fields(

@@ -55,7 +55,7 @@ class FastSentiment:
 
     def _word(self, w: str) -> tuple:
         """What the walk needs of a (lowercased) word: (known, p, s, i, modifies, negation, len>2, strip>1,
-        endswith ly, emoticon polarity or None)."""
+        emoticon polarity or None)."""
         info = self._words.get(w)
         if info is None:
             entry = dict.get(self.analyzer, w)
@@ -71,8 +71,7 @@ class FastSentiment:
                         emoticon = polarity
                         break
             info = (
-                entry is not None, p, s, i, modifies, w in self.negations, len(w) > 2, len(w.strip("'")) > 1,
-                w.endswith("ly"), emoticon,
+                entry is not None, p, s, i, modifies, w in self.negations, len(w) > 2, len(w.strip("'")) > 1, emoticon,
             )  # fmt: skip
             if w.isdigit():
                 return info  # numbers are mostly one-offs: not kept
@@ -117,7 +116,7 @@ class FastSentiment:
         words = self._words.get
         for w in tokens:
             info = words(w)
-            known, p, s, i, modifies, negation, longer2, stripped1, ly, emoticon = info if info else self._word(w)
+            known, p, s, i, modifies, negation, longer2, stripped1, emoticon = info if info else self._word(w)
             if known:
                 if not m:
                     a.append([p, s, i, 1])

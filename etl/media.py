@@ -314,7 +314,8 @@ def sniff_image(body: bytes, budget: DecodeBudget | None = None) -> tuple[str, i
 
 
 def _decode(Image: object, body: bytes, fmt: str) -> None:  # noqa: N803 - PIL.Image, as in sniff_image
-    """Decode the image in full (a JPEG at 1/8 scale); a truncated or corrupt image fails here.
+    """Decode the image in full (PNGs and JPEGs are checked by their structure instead); a truncated or corrupt
+    image fails here.
 
     The image is opened here, not reused from the header check, so that everything the decode holds (the
     pixels, libwebp's canvases, which live as long as the image object) is freed when this returns: the
@@ -322,11 +323,6 @@ def _decode(Image: object, body: bytes, fmt: str) -> None:  # noqa: N803 - PIL.I
     """
     img = Image.open(io.BytesIO(body), formats=[fmt])
     try:
-        if fmt == "JPEG":
-            # Decode at 1/8 scale (JPEG's DCT scaling): every byte of the stream is still read, so a truncated
-            # file still fails, at a fraction of the cost of a full-size decode.
-            width, height = img.size
-            img.draft(img.mode, (max(1, width // 8), max(1, height // 8)))
         img.load()
     finally:
         img.close()
@@ -628,15 +624,9 @@ class Downloader:
         response = direct_get(self.session, url, headers, self.timeout)
         if response is not None:
             return response
-        # A URL requests would rewrite (IDNA, requoting): its own preparation, then the adapter.
-        # PreparedRequest.prepare less its cookie and auth steps (half its cost): no cookie is sent, as before, and
-        # the guard refuses URLs with credentials in them.
-        request = requests.PreparedRequest()
-        request.prepare_method("GET")
-        request.prepare_url(url, None)
-        request.prepare_headers({**self.session.headers, **headers})
-        request.prepare_body(None, None)
-        request.prepare_hooks(None)
+        # A URL requests would rewrite (IDNA, requoting; rare): its own preparation, then the adapter. No cookie
+        # is sent, as before, and the guard refuses URLs with credentials in them.
+        request = requests.Request("GET", url, headers={**self.session.headers, **headers}).prepare()
         adapter = self.session.get_adapter(url)
         return adapter.send(request, verify=self.session.verify, cert=self.session.cert, proxies={}, **kwargs)
 
