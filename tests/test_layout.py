@@ -8,9 +8,6 @@ from pathlib import Path
 
 from tests.conftest import ROOT
 
-# Modules allowed to hold SQL outside etl/db/ for now, each with its reason. Empty: every statement has moved.
-PENDING: set[str] = set()
-
 # SQL as this code base writes it: upper-case keywords. Each pattern needs two keywords in SQL's order, so
 # prose such as "S3 DELETE failed" or a setting named ETL_DELETED_AT_SOURCE is not taken for SQL.
 SQL_TEXT = re.compile(
@@ -56,16 +53,9 @@ def sql_problems(path: Path, root: Path = ROOT) -> list[str]:
 
 def test_no_module_outside_etl_db_holds_sql():
     modules = sorted(p for p in (ROOT / "etl").rglob("*.py") if "db" not in p.relative_to(ROOT / "etl").parts[:1])
-    checked = [p for p in modules if p.relative_to(ROOT).as_posix() not in PENDING]
-    assert len(checked) > 20, "the scan found too few modules to prove anything"
-    problems = [problem for path in checked for problem in sql_problems(path)]
+    assert len(modules) > 20, "the scan found too few modules to prove anything"
+    problems = [problem for path in modules for problem in sql_problems(path)]
     assert problems == [], "SQL outside etl/db/:\n" + "\n".join(problems)
-
-
-def test_every_pending_module_still_holds_sql():
-    """An entry of PENDING whose SQL has moved must leave the list (else it would hide SQL that comes back)."""
-    stale = [name for name in sorted(PENDING) if (ROOT / name).exists() and not sql_problems(ROOT / name)]
-    assert stale == [], f"no SQL left in {stale}: remove them from PENDING in tests/test_layout.py"
 
 
 def test_the_scan_finds_sql_text_and_cursor_calls_and_spares_prose(tmp_path):

@@ -102,13 +102,16 @@ def test_recheck_is_bounded_and_goes_oldest_checked_first(etl, http_server, tmp_
     assert checked(etl.dsn, "reddit") == REDDIT[:2]
     assert marked(etl.dsn, "reddit") == [REDDIT[1]]
     assert query(etl.dsn, "SELECT per_source->'reddit'->>'rechecked' FROM etl_runs ORDER BY id DESC LIMIT 1") == [("2",)]
-    etl("run", "--source", "reddit", env=env)
+    second = etl("run", "--source", "reddit", env=env)
+    assert second.returncode == ExitCode.OK, second.stdout + second.stderr
     assert calls[1] == REDDIT[2:4]  # automod_filtered (held for review) is not gone; [deleted] is
     assert marked(etl.dsn, "reddit") == [REDDIT[1], REDDIT[3]]
-    etl("run", "--source", "reddit", env=env)
+    third = etl("run", "--source", "reddit", env=env)
+    assert third.returncode == ExitCode.OK, third.stdout + third.stderr
     # The fixture listing's four posts (archived by the first run, never checked) come before checked ones.
     assert len(calls[2]) == 2 and not set(calls[2]) & set(REDDIT[:4])
-    etl("run", "--source", "reddit", env={**env, "ETL_RECHECK_POSTS": "0"})
+    off = etl("run", "--source", "reddit", env={**env, "ETL_RECHECK_POSTS": "0"})
+    assert off.returncode == ExitCode.OK, off.stdout + off.stderr
     assert len(calls) == 3  # 0 = off: no call at all
 
 
@@ -145,6 +148,7 @@ def test_x_compliance_job_deletes_are_applied_and_the_job_spans_runs(etl, http_s
     fake = FakeCompliance(http_server, statuses=("in_progress", "complete"))
     first = etl("run", "--source", "twitter", env=twitter_env(http_server))
     # (exit 1 for the fixtures' images on pbs.twimg.com, which this offline fake does not serve)
+    assert first.returncode == ExitCode.PARTIAL, first.stdout + first.stderr
     assert "re-checking held posts" not in first.stdout, first.stdout + first.stderr
     assert fake.created == 1 and marked(etl.dsn, "twitter") == []  # X is still working on it
     uploaded = fake.uploads[0].decode().split()
@@ -152,6 +156,7 @@ def test_x_compliance_job_deletes_are_applied_and_the_job_spans_runs(etl, http_s
     # The signed URLs carry their own credentials: the bearer token never goes there.
     assert all("Authorization" not in h for h in fake.job_headers)
     second = etl("run", "--source", "twitter", env=twitter_env(http_server, ETL_DELETED_AT_SOURCE="forget"))
+    assert second.returncode == ExitCode.PARTIAL, second.stdout + second.stderr  # the images again, nothing else
     assert "re-checking held posts" not in second.stdout, second.stdout + second.stderr
     assert "2 post(s) gone at source (forget)" in second.stdout
     assert fake.created == 1  # one job at a time: the pending one was read, no new one
@@ -177,6 +182,7 @@ def test_x_compliance_job_that_failed_is_reported_and_retried(etl, http_server, 
     assert checked(etl.dsn, "twitter") == [] and marked(etl.dsn, "twitter") == []
     assert query(etl.dsn, "SELECT count(*) FROM social_posts WHERE platform = 'twitter'")[0][0] > 2  # the fetch went on
     again = etl("run", "--source", "twitter", env=twitter_env(http_server))
+    assert again.returncode == ExitCode.PARTIAL, again.stdout + again.stderr  # the fixtures' images, as above
     assert "re-checking held posts" not in again.stdout, again.stdout + again.stderr
     assert fake.created == 2 and marked(etl.dsn, "twitter") == [TWEETS[0]]
 
