@@ -39,6 +39,13 @@ info = pipeline.run(posts(), **kwargs)
 info.raise_on_failed_jobs()
 """
 
+# dlt at its best here, both settings its own documented configuration (read from the environment):
+# - not in Airflow, so no Airflow secrets lookups: with Airflow installed in the same environment (make test puts it
+#   in .venv) dlt asks Airflow's Variables for its secrets at every configuration lookup, 2.4 s of a 20,000-post run;
+# - no gzip of its intermediate files ("disable compression", its performance guide): 0.5 s of CPU.
+# Measured here on 20,000 posts: 5.0-5.2 s with neither, 2.3-2.5 s without the lookups, 1.6-1.8 s with both.
+DLT_TUNING = {"PROVIDERS__ENABLE_AIRFLOW_SECRETS": "false", "DATA_WRITER__DISABLE_COMPRESSION": "true"}
+
 GALLERY_DL = [PYTHON, "-m", "gallery_dl", "--config-ignore", "--no-part", "--no-mtime"]
 
 
@@ -74,7 +81,7 @@ def dlt(posts_path: Path, dsn: str, fmt: str, label: str, tmp: Path) -> PeerRun:
     """dlt's merge of the jsonl lines into PostgreSQL (`fmt`: its loader file format, insert_values or csv)."""
     script = tmp / "dlt_peer.py"
     script.write_text(DLT_SCRIPT)
-    env = {**os.environ, "RUNTIME__LOG_LEVEL": "WARNING", "DLT_DATA_DIR": str(tmp / "dlt-data")}
+    env = {**os.environ, **DLT_TUNING, "RUNTIME__LOG_LEVEL": "WARNING", "DLT_DATA_DIR": str(tmp / "dlt-data")}
     command = [PYTHON, str(script), str(posts_path), dsn, fmt, str(tmp / "dlt-pipelines")]
     return PeerRun(*timed([command], env, [tmp / f"{label}.log"], tmp))
 

@@ -493,6 +493,9 @@ def metadata(b: Bench) -> Result:
         "unfair to us: dlt normalizes and stages to files first (its design) and pays its own import and schema "
         "inference; its first run creates its tables, ours migrates the schema. Both read the same jsonl file, "
         "each into a database of its own on the same PostgreSQL.",
+        "dlt runs tuned by its own settings (peers.DLT_TUNING): no Airflow secrets lookups (Airflow shares this "
+        "environment; without the setting dlt is 2-3x slower) and uncompressed intermediate files (its performance "
+        "guide).",
     ]
     profiles = profiled(b, "metadata", posts_path)
     if "wall" in profiles:
