@@ -4,7 +4,7 @@ Captions are detected many at a time (issue 16). py3langid walks a caption's UTF
 Python loop, one caption at a time, then scores the features it met with a small matrix product. Here the walk
 steps every caption of a batch at once (a few numpy operations per byte position), each caption's features are
 counted by sorting its row of the walk, and its scores are one small matrix product (BLAS) of its feature
-counts with the feature rows of the model (a float32 copy of them, kept beside the unpacked model). Those float32
+counts with the model's rows of those features (converted to float32 once each, as they are first met). Those float32
 sums add the same terms in another order than py3langid's own product, so a probability can differ in its last
 digits: a caption whose probability falls within BATCH_TOLERANCE of the confidence needed, or whose two likeliest
 languages are that close, is decided again by py3langid's own classify(), so every answer is exactly the one it
@@ -43,7 +43,6 @@ _CACHE_LIMIT = 20_000  # distinct captions remembered (cleared when full: memory
 
 
 _ARRAYS = ("ptc", "pc", "classes", "nextmove", "nextmove_row", "out_feat")
-_TABLE = "ptc_float32"  # kept beside them: the model's float16 feature rows as float32, what the batch multiplies
 
 
 def cache_root() -> Path:
@@ -73,11 +72,10 @@ def _model_arrays(model_file: Path) -> dict[str, Any]:
     stat = model_file.stat()
     folder = cache_root() / f"py3langid-{LanguageDetector.version()}-{stat.st_size}-{stat.st_mtime_ns}"
     try:
-        return {name: np.load(folder / f"{name}.npy", mmap_mode="r", allow_pickle=False) for name in (*_ARRAYS, _TABLE)}
-    except (OSError, ValueError):  # not made yet, or damaged (a disk error, a hand edit), or older: made again
+        return {name: np.load(folder / f"{name}.npy", mmap_mode="r", allow_pickle=False) for name in _ARRAYS}
+    except (OSError, ValueError):  # not made yet, or damaged (a disk error, a hand edit): made again
         shutil.rmtree(folder, ignore_errors=True)
     arrays = _unpack(model_file)
-    arrays[_TABLE] = arrays["ptc"].astype(np.float32)
     building = None
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
@@ -115,9 +113,12 @@ class LanguageModel:
             # Plain arrays over the same (mapped) memory: a memmap's indexing costs more, at every byte walked.
             self.nextmove, self.out = np.asarray(nextmove), np.asarray(out)
             self.rowbase = row.astype(np.int64) << 8
-            self.table = np.asarray(data[_TABLE])
-            if self.table.shape != ptc.shape:
-                raise ValueError("feature table does not match the model")
+            self.ptc = np.asarray(self.identifier.nb_ptc)
+            # The float32 rows of the features met so far (converted from the model's float16 once each), and
+            # each feature's row there (-1: none yet). Refilled from the start when full: memory stays flat.
+            self.rows = np.empty((_BATCH_CELLS, self.ptc.shape[1]), dtype=np.float32)  # pages as they are filled
+            self.row_of = np.full(self.ptc.shape[0], -1, dtype=np.int32)
+            self.rows_used = 0
         except (KeyError, TypeError, ValueError, AttributeError):  # another model layout: py3langid loads it
             log.debug("py3langid's model loaded by py3langid (layout not known here): no batch detection")
             self.identifier = LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
@@ -147,6 +148,24 @@ class LanguageModel:
             for n, answer in zip(part, self._batch([encoded[n] for n in part], min_confidence), strict=True):
                 results[n] = (answer or None) if answer != "?" else self._decided(texts[n], min_confidence)
         return results
+
+    def _rows_of(self, feats: Any) -> Any:
+        """Where each feature's float32 row is in self.rows, the rows not there yet converted and added."""
+        np = self.np
+        rows = self.row_of[feats]
+        missing = rows < 0
+        if missing.any():
+            new = np.unique(feats[missing])
+            if self.rows_used + len(new) > len(self.rows):  # full: refilled with this batch's features
+                self.row_of[:] = -1
+                self.rows_used = 0
+                new = np.unique(feats)
+            place = np.arange(self.rows_used, self.rows_used + len(new), dtype=np.int32)
+            self.rows[place] = self.ptc[new]
+            self.row_of[new] = place
+            self.rows_used += len(new)
+            rows = self.row_of[feats]
+        return rows
 
     def _decided(self, text: str, min_confidence: float) -> str | None:
         language, probability = self.classify(text)
@@ -185,6 +204,7 @@ class LanguageModel:
         weights = np.zeros(feats.shape, dtype=np.float32)
         weights.flat[at] = np.log1p((ends - at).astype(np.float32))
         np.maximum(feats, 0, out=feats)  # the places that weigh nothing gather any row
+        rows = self._rows_of(feats)
         found_count = found.sum(axis=1)
         answers = [""] * count
         if not at.size:
@@ -194,7 +214,7 @@ class LanguageModel:
         for a in range(0, count, _SCORE_GROUP):  # a few texts at a time: their gathered rows stay in the cache
             b = min(a + _SCORE_GROUP, count)
             used = width - int(found_count[a:b].max())
-            scores[a:b] = np.matmul(weights[a:b, None, used:], self.table[feats[a:b, used:]])[:, 0, :]
+            scores[a:b] = np.matmul(weights[a:b, None, used:], self.rows[rows[a:b, used:]])[:, 0, :]
         scores += pc
         scores[found_count == 0] = 0.0  # no features: uniform probabilities (as py3langid)
         scores *= (1.0 / np.sqrt(np.maximum(lengths, 1)))[:, None].astype(np.float32)

@@ -129,6 +129,21 @@ def test_close_calls_are_decided_by_py3langid_itself(reference, monkeypatch):
     assert len(calls) > 1000
 
 
+def test_the_float32_feature_rows_stay_bounded(reference, monkeypatch):
+    """The rows converted for the batches are refilled from the start when full: the same answers, flat memory."""
+    _, texts, expected = reference
+    monkeypatch.setattr(language, "_BATCH_CELLS", 2048)
+    model = LanguageDetector()._model()
+    assert model.rows.shape == (2048, len(model.identifier.nb_pc))
+    used = []
+    real = model._rows_of
+    monkeypatch.setattr(model, "_rows_of", lambda feats: (real(feats), used.append(model.rows_used))[0])
+    detector = LanguageDetector()
+    detector._model_ = model
+    assert detector.detect_many(texts) == expected
+    assert max(used) <= 2048 and any(b < a for a, b in zip(used, used[1:], strict=False))  # refilled at least once
+
+
 def test_a_platforms_language_is_not_detected_again(monkeypatch):
     enricher = SentimentEnricher()
     asked = []
@@ -156,10 +171,9 @@ def test_the_unpacked_model_is_kept_and_mapped(tmp_path, monkeypatch):
     first = language.LanguageModel()  # unpacks py3langid's model and keeps it
     kept = list((tmp_path / "social-archiver").iterdir())
     assert len(kept) == 1 and kept[0].name.startswith("py3langid-")
-    assert {p.name for p in kept[0].iterdir()} == {f"{name}.npy" for name in (*language._ARRAYS, language._TABLE)}
+    assert {p.name for p in kept[0].iterdir()} == {f"{name}.npy" for name in language._ARRAYS}
     again = language.LanguageModel()  # maps what was kept
     assert isinstance(again.identifier.nb_ptc, np.memmap) and not isinstance(first.identifier.nb_ptc, np.memmap)
-    assert again.table.dtype == np.float32 and np.array_equal(again.table, again.identifier.nb_ptc)
     assert again.classify_many(texts, 0.9) == first.classify_many(texts, 0.9)
     assert again.classify_many(texts, 0.9)[:3] == ["en", "fr", "es"]
 
