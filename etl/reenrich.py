@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import BrokenExecutor, Executor, Future
 from datetime import datetime
@@ -19,9 +19,8 @@ from etl.run.stats import RunStats
 
 log = logging.getLogger(__name__)
 
-
-
-_SCORE_CHUNK = 1000  # rows per task of a scoring worker
+_SCORE_CHUNK = 500  # rows per task of a scoring worker (small: the workers finish a batch together)
+_AHEAD = 2  # batches read and handed to the workers beyond the one being written (the workers never wait for it)
 
 
 def _decisions(enricher: SentimentEnricher, rows: Sequence[tuple]) -> list[tuple]:
@@ -110,7 +109,7 @@ def reenrich(
     *,
     platform: str | None = None,
     since: datetime | None = None,
-    batch_size: int = 5000,
+    batch_size: int = 2000,
     should_stop: Callable[[], bool] = lambda: False,
     workers: int | None = None,
 ) -> None:
@@ -121,9 +120,11 @@ def reenrich(
     of rows) and the changes are written and committed a batch at a time on the main connection, so an
     interrupted re-enrichment keeps what it did and the next one carries on from there.
 
-    Captions are scored by `workers` processes (default: one per core) while the next batch is read and the
-    previous one written; at most two batches are in memory at a time. Rows whose stored decision was made by the
-    same scorer and language detector (SENTIMENT_THRESHOLD alone changed) are only labelled again (_kept).
+    Captions are scored by `workers` processes (default: one per core) while the earlier batches are written: up
+    to _AHEAD batches are read and handed to them beyond the one being written, so at most _AHEAD + 1 batches are
+    in memory at a time. Small batches keep the first write and the last one (which nothing else overlaps) short.
+    Rows whose stored decision was made by the same scorer and language detector (SENTIMENT_THRESHOLD alone
+    changed) are only labelled again (_kept).
     """
     workers = (os.cpu_count() or 1) if workers is None else workers
     reader = db.connect()
@@ -142,18 +143,20 @@ def _reenrich(
     platform: str | None, since: datetime | None, batch_size: int, should_stop: Callable[[], bool],
 ) -> None:  # fmt: skip
     with unscored_posts(reader, platform, since, enricher.version, batch_size) as scan:
-        pending: tuple[list[tuple], Any] | None = None
-        while True:
-            rows = scan.fetchmany(batch_size)
-            scoring = (rows, scorers.submit(rows)) if rows else None
-            if pending is not None:
-                _write(db, enricher, stats, pending[0], _collect(enricher, *pending))
+        ahead: deque[tuple[list[tuple], list[Future] | list[tuple]]] = deque()
+        reading = True
+        while reading or ahead:
+            if reading:
+                rows = scan.fetchmany(batch_size)
+                reading = bool(rows)
+                if rows:
+                    ahead.append((rows, scorers.submit(rows)))
+            if ahead and (not reading or len(ahead) > _AHEAD):
+                rows, pending = ahead.popleft()
+                _write(db, enricher, stats, rows, _collect(enricher, rows, pending))
                 if should_stop():
                     stats.interrupted = True
                     break
-            if scoring is None:
-                break
-            pending = scoring
 
 
 def _write(db: Database, enricher: SentimentEnricher, stats: RunStats, rows: list[tuple], parts: list[tuple]) -> None:
