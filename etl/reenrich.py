@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
+import threading
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import BrokenExecutor, Executor, Future
@@ -142,21 +144,59 @@ def _reenrich(
     db: Database, reader: Any, scorers: _Scorers, enricher: SentimentEnricher, stats: RunStats,
     platform: str | None, since: datetime | None, batch_size: int, should_stop: Callable[[], bool],
 ) -> None:  # fmt: skip
-    with unscored_posts(reader, platform, since, enricher.version, batch_size) as scan:
-        ahead: deque[tuple[list[tuple], list[Future] | list[tuple]]] = deque()
-        reading = True
-        while reading or ahead:
-            if reading:
-                rows = scan.fetchmany(batch_size)
-                reading = bool(rows)
-                if rows:
-                    ahead.append((rows, scorers.submit(rows)))
-            if ahead and (not reading or len(ahead) > _AHEAD):
-                rows, pending = ahead.popleft()
-                _write(db, enricher, stats, rows, _collect(enricher, rows, pending))
-                if should_stop():
-                    stats.interrupted = True
-                    break
+    writer = _Writer(db, enricher, stats, should_stop)
+    try:
+        with unscored_posts(reader, platform, since, enricher.version, batch_size) as scan:
+            ahead: deque[tuple[list[tuple], list[Future] | list[tuple]]] = deque()
+            reading = True
+            while (reading or ahead) and not writer.stopped:
+                if reading:
+                    rows = scan.fetchmany(batch_size)
+                    reading = bool(rows)
+                    if rows:
+                        ahead.append((rows, scorers.submit(rows)))
+                if ahead and (not reading or len(ahead) > _AHEAD):
+                    rows, pending = ahead.popleft()
+                    writer.put(rows, _collect(enricher, rows, pending))
+    finally:
+        writer.close()
+
+
+class _Writer:
+    """Writes the decided batches on the main connection, one after another, in a thread of its own: the database
+    (what a re-enrichment waits for most) is never idle while the next batch is read or collected. After each
+    batch, should_stop(); once it is true, or a write failed, the batches still queued are dropped (not written:
+    the next reenrich reads them again) and close() raises the failure."""
+
+    def __init__(self, db: Database, enricher: SentimentEnricher, stats: RunStats, should_stop: Callable[[], bool]):
+        self.db, self.enricher, self.stats, self.should_stop = db, enricher, stats, should_stop
+        self.queue: queue.Queue[tuple[list[tuple], list[tuple]] | None] = queue.Queue(maxsize=1)
+        self.stopped = False
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="reenrich-writer", daemon=True)
+        self.thread.start()
+
+    def put(self, rows: list[tuple], parts: list[tuple]) -> None:
+        self.queue.put((rows, parts))
+
+    def _run(self) -> None:
+        while (item := self.queue.get()) is not None:
+            if self.stopped:
+                continue  # dropped: the producer is told by self.stopped and puts at most one more
+            try:
+                _write(self.db, self.enricher, self.stats, *item)
+                if self.should_stop():
+                    self.stats.interrupted = True
+                    self.stopped = True
+            except BaseException as exc:  # raised again in the caller's thread by close()
+                self.error = exc
+                self.stopped = True
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
 
 
 def _write(db: Database, enricher: SentimentEnricher, stats: RunStats, rows: list[tuple], parts: list[tuple]) -> None:
