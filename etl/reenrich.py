@@ -173,10 +173,12 @@ class _Writer:
         self.queue: queue.Queue[tuple[list[tuple], list[tuple]] | None] = queue.Queue(maxsize=1)
         self.stopped = False
         self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, name="reenrich-writer", daemon=True)
-        self.thread.start()
+        self.thread: threading.Thread | None = None
 
     def put(self, rows: list[tuple], parts: list[tuple]) -> None:
+        if self.thread is None:  # started with the first batch decided: after the workers' fork, as a rule
+            self.thread = threading.Thread(target=self._run, name="reenrich-writer", daemon=True)
+            self.thread.start()
         self.queue.put((rows, parts))
 
     def _run(self) -> None:
@@ -193,8 +195,9 @@ class _Writer:
                 self.stopped = True
 
     def close(self) -> None:
-        self.queue.put(None)
-        self.thread.join()
+        if self.thread is not None:
+            self.queue.put(None)
+            self.thread.join()
         if self.error is not None:
             raise self.error
 
