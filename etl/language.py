@@ -116,7 +116,9 @@ class LanguageModel:
             self.ptc = np.asarray(self.identifier.nb_ptc)
             # The float32 rows of the features met so far (converted from the model's float16 once each), and
             # each feature's row there (-1: none yet). Refilled from the start when full: memory stays flat.
-            self.rows = np.empty((_BATCH_CELLS, self.ptc.shape[1]), dtype=np.float32)  # pages as they are filled
+            # As many rows as a batch has places, so that one batch always fits; memory pages as they are filled.
+            places = max(_BATCH_CELLS, _BATCH_MIN * _BATCH_BYTES)
+            self.rows = np.empty((places, self.ptc.shape[1]), dtype=np.float32)
             self.row_of = np.full(self.ptc.shape[0], -1, dtype=np.int32)
             self.rows_used = 0
         except (KeyError, TypeError, ValueError, AttributeError):  # another model layout: py3langid loads it

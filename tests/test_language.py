@@ -133,6 +133,7 @@ def test_the_float32_feature_rows_stay_bounded(reference, monkeypatch):
     """The rows converted for the batches are refilled from the start when full: the same answers, flat memory."""
     _, texts, expected = reference
     monkeypatch.setattr(language, "_BATCH_CELLS", 2048)
+    monkeypatch.setattr(language, "_BATCH_BYTES", 256)  # a batch of _BATCH_MIN captions fits too
     model = LanguageDetector()._model()
     assert model.rows.shape == (2048, len(model.identifier.nb_pc))
     used = []
