@@ -54,7 +54,7 @@ class FastSentiment:
         # A number's facts depend only on its length, unless the lexicon knows numbers.
         self._numbers = None
         if not any(word.isdigit() for word in dict.keys(analyzer)) and not any(w.isdigit() for w in self.negations):
-            self._numbers = (self._word("0"), self._word("00"), self._word("000"))
+            self._numbers = ((self._word("0"),), (self._word("00"),), (self._word("000"),))
 
     def _chunk_tokens(self, chunk: str) -> tuple[str, ...]:
         tokens = self._chunks.get(chunk)
@@ -70,8 +70,9 @@ class FastSentiment:
         return tokens
 
     def _word(self, w: str) -> tuple:
-        """What the walk needs of a (lowercased) word: (known, p, s, i, modifies, negation, len>2, strip>1,
-        emoticon polarity or None, ends in "ly", is "!", is "(!)")."""
+        """What the walk needs of a (lowercased) word: (inert, known, p, s, i, modifies, negation, len>2, strip>1,
+        emoticon polarity or None, ends in "ly", is "!", is "(!)"); inert: unknown and acting on nothing (such a
+        word matters only after a modifier or a negation)."""
         info = self._words.get(w)
         if info is None:
             entry = dict.get(self.analyzer, w)
@@ -86,9 +87,11 @@ class FastSentiment:
                     if w in faces:
                         emoticon = polarity
                         break
+            negation, bang, sarcasm = w in self.negations, w == "!", w == "(!)"
+            inert = entry is None and not (negation or bang or sarcasm) and emoticon is None
             info = (
-                entry is not None, p, s, i, modifies, w in self.negations, len(w) > 2, len(w.strip("'")) > 1, emoticon,
-                w.endswith("ly"), w == "!", w == "(!)",
+                inert, entry is not None, p, s, i, modifies, negation, len(w) > 2, len(w.strip("'")) > 1, emoticon,
+                w.endswith("ly"), bang, sarcasm,
             )  # fmt: skip
             if w.isdigit():
                 return info  # numbers are mostly one-offs: not kept
@@ -128,15 +131,16 @@ class FastSentiment:
         cached = self._plain.get
         for chunk in text.split():
             found = cached(chunk)
-            if found is None:
-                if self._numbers is not None and chunk.isdigit() and chunk.isascii():
-                    facts.append(self._numbers[min(len(chunk), 3) - 1])  # one-offs (counts, ids): not kept
-                    continue
-                found = tuple(self._word(w.lower()) for w in self._chunk_tokens(chunk))
-                if len(self._plain) >= _CACHE_LIMIT:
-                    self._plain.clear()
-                self._plain[chunk] = found
-            facts.extend(found)
+            facts.extend(found if found is not None else self._chunk_facts(chunk))
+        return facts
+
+    def _chunk_facts(self, chunk: str) -> tuple[tuple, ...]:
+        if self._numbers is not None and chunk.isdigit() and chunk.isascii():
+            return self._numbers[min(len(chunk), 3) - 1]  # one-offs (counts, ids): not kept
+        facts = tuple(self._word(w.lower()) for w in self._chunk_tokens(chunk))
+        if len(self._plain) >= _CACHE_LIMIT:
+            self._plain.clear()
+        self._plain[chunk] = facts
         return facts
 
     def __call__(self, text: str) -> tuple[float, float]:
@@ -153,7 +157,10 @@ class FastSentiment:
         m = False  # a preceding modifier
         n = False  # a preceding negation
         m_ly = False  # the preceding modifier ends in "ly"
-        for known, p, s, i, modifies, negation, longer2, stripped1, emoticon, ly, bang, sarcasm in facts:
+        for fact in facts:
+            if fact[0] and not (m or n):
+                continue  # an inert word with no modifier or negation before it: nothing to do
+            _, known, p, s, i, modifies, negation, longer2, stripped1, emoticon, ly, bang, sarcasm = fact
             if known:
                 if not m:
                     a.append([p, s, i, 1])
