@@ -121,6 +121,7 @@ class LanguageModel:
             self.rows = np.empty((places, self.ptc.shape[1]), dtype=np.float32)
             self.row_of = np.full(self.ptc.shape[0], -1, dtype=np.int32)
             self.rows_used = 0
+            self.rows_lock = threading.Lock()  # a refill by one thread must not move the rows another is reading
         except (KeyError, TypeError, ValueError, AttributeError):  # another model layout: py3langid loads it
             log.debug("py3langid's model loaded by py3langid (layout not known here): no batch detection")
             self.identifier = LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
@@ -206,17 +207,18 @@ class LanguageModel:
         weights = np.zeros(feats.shape, dtype=np.float32)
         weights.flat[at] = np.log1p((ends - at).astype(np.float32))
         np.maximum(feats, 0, out=feats)  # the places that weigh nothing gather any row
-        rows = self._rows_of(feats)
         found_count = found.sum(axis=1)
         answers = [""] * count
         if not at.size:
             return answers  # no features in any: uniform probabilities, none sure enough
         pc = self.identifier.nb_pc
         scores = np.empty((count, len(pc)), dtype=np.float32)
-        for a in range(0, count, _SCORE_GROUP):  # a few texts at a time: their gathered rows stay in the cache
-            b = min(a + _SCORE_GROUP, count)
-            used = width - int(found_count[a:b].max())
-            scores[a:b] = np.matmul(weights[a:b, None, used:], self.rows[rows[a:b, used:]])[:, 0, :]
+        with self.rows_lock:
+            rows = self._rows_of(feats)
+            for a in range(0, count, _SCORE_GROUP):  # a few texts at a time: their gathered rows stay in the cache
+                b = min(a + _SCORE_GROUP, count)
+                used = width - int(found_count[a:b].max())
+                scores[a:b] = np.matmul(weights[a:b, None, used:], self.rows[rows[a:b, used:]])[:, 0, :]
         scores += pc
         scores[found_count == 0] = 0.0  # no features: uniform probabilities (as py3langid)
         scores *= (1.0 / np.sqrt(np.maximum(lengths, 1)))[:, None].astype(np.float32)
