@@ -122,9 +122,10 @@ def reenrich(
     of rows) and the changes are written and committed a batch at a time on the main connection, so an
     interrupted re-enrichment keeps what it did and the next one carries on from there.
 
-    Captions are scored by `workers` processes (default: one per core) while the earlier batches are written: up
-    to _AHEAD batches are read and handed to them beyond the one being written, so at most _AHEAD + 1 batches are
-    in memory at a time. Small batches keep the first write and the last one (which nothing else overlaps) short.
+    Captions are scored by `workers` processes (default: one per core) while the earlier batches are written (by
+    _Writer's thread): up to _AHEAD + 1 batches are read and handed to them, one more waits for the writer and one
+    is being written, so at most _AHEAD + 3 batches are in memory at a time. Small batches keep the first write and
+    the last one (which nothing else overlaps) short.
     Rows whose stored decision was made by the same scorer and language detector (SENTIMENT_THRESHOLD alone
     changed) are only labelled again (_kept).
     """
