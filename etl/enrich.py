@@ -108,7 +108,7 @@ class SentimentEnricher:
         return _cleaned(text)
 
     def score(self, text: str | None) -> Sentiment:
-        if not text or not text.strip():
+        if not text or text.isspace():  # (what strip() would empty, without copying the caption)
             return Sentiment(0.0, 0.0, "neutral")
         return self._score(text)
 

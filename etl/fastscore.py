@@ -12,14 +12,22 @@ Chunk-wise tokenizing equals TextBlob's whole-caption tokenizing unless somethin
 break (it becomes an end-of-sentence token), the literal end-of-sentence marker, or an emoticon or sarcasm mark
 "( ! )" that TextBlob's tokenizer joins across spaces. Such a caption is scored by TextBlob's analyzer itself;
 tests/test_enrich.py checks both against TextBlob on many captions.
+
+A caption with none of the characters an emoticon, a sarcasm mark or the end-of-sentence marker needs (most
+captions: _ANCHORS) cannot contain any of them, so the search for them is skipped and each distinct chunk's
+word facts are cached whole (its tokens are not joined, lowercased and looked up again caption by caption).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
 _CACHE_LIMIT = 50_000  # distinct chunks / words kept (each: about 200 bytes); cleared when full (memory stays flat)
+# Every emoticon of TextBlob's holds one of these characters, or an 8 before ")" or "-" (checked in __init__); the
+# sarcasm mark holds "(", the end-of-sentence marker "D" and "O".
+_ANCHORS = re.compile(r"[:;=<>*\u2665\u00b0(OD\n]|8\s*[)\-]")
 
 
 class FastSentiment:
@@ -37,8 +45,16 @@ class FastSentiment:
         self.modifiers = analyzer.modifiers
         self._chunks: dict[str, tuple[str, ...]] = {}
         self._words: dict[str, tuple] = {}
+        self._plain: dict[str, tuple[tuple, ...]] = {}  # chunk -> the facts of its words (captions without anchors)
         if not dict.__len__(analyzer):
             analyzer.load()
+        faces = [face for e_set in text_module.EMOTICONS.values() for face in e_set]
+        # The shortcut holds only while every mark it skips needs an anchor (a later TextBlob could add others).
+        self.anchors = _ANCHORS if all(_ANCHORS.search(face) for face in (*faces, self.eos, "(!)")) else None
+        # A number's facts depend only on its length, unless the lexicon knows numbers.
+        self._numbers = None
+        if not any(word.isdigit() for word in dict.keys(analyzer)) and not any(w.isdigit() for w in self.negations):
+            self._numbers = ((self._word("0"),), (self._word("00"),), (self._word("000"),))
 
     def _chunk_tokens(self, chunk: str) -> tuple[str, ...]:
         tokens = self._chunks.get(chunk)
@@ -54,8 +70,9 @@ class FastSentiment:
         return tokens
 
     def _word(self, w: str) -> tuple:
-        """What the walk needs of a (lowercased) word: (known, p, s, i, modifies, negation, len>2, strip>1,
-        emoticon polarity or None)."""
+        """What the walk needs of a (lowercased) word: (inert, known, p, s, i, modifies, negation, len>2, strip>1,
+        emoticon polarity or None, ends in "ly", is "!", is "(!)"); inert: unknown and acting on nothing (such a
+        word matters only after a modifier or a negation)."""
         info = self._words.get(w)
         if info is None:
             entry = dict.get(self.analyzer, w)
@@ -70,8 +87,11 @@ class FastSentiment:
                     if w in faces:
                         emoticon = polarity
                         break
+            negation, bang, sarcasm = w in self.negations, w == "!", w == "(!)"
+            inert = entry is None and not (negation or bang or sarcasm) and emoticon is None
             info = (
-                entry is not None, p, s, i, modifies, w in self.negations, len(w) > 2, len(w.strip("'")) > 1, emoticon,
+                inert, entry is not None, p, s, i, modifies, negation, len(w) > 2, len(w.strip("'")) > 1, emoticon,
+                w.endswith("ly"), bang, sarcasm,
             )  # fmt: skip
             if w.isdigit():
                 return info  # numbers are mostly one-offs: not kept
@@ -103,20 +123,44 @@ class FastSentiment:
             return None
         return [t.lower() for t in tokens]
 
+    def _facts(self, text: str) -> list[tuple] | None:
+        """The facts (_word) of the caption's words in order, or None when it needs tokens() (an anchor in it)."""
+        if self.anchors is None or self.anchors.search(text):
+            return None
+        facts: list[tuple] = []
+        cached = self._plain.get
+        for chunk in text.split():
+            found = cached(chunk)
+            facts.extend(found if found is not None else self._chunk_facts(chunk))
+        return facts
+
+    def _chunk_facts(self, chunk: str) -> tuple[tuple, ...]:
+        if self._numbers is not None and chunk.isdigit() and chunk.isascii():
+            return self._numbers[min(len(chunk), 3) - 1]  # one-offs (counts, ids): not kept
+        facts = tuple(self._word(w.lower()) for w in self._chunk_tokens(chunk))
+        if len(self._plain) >= _CACHE_LIMIT:
+            self._plain.clear()
+        self._plain[chunk] = facts
+        return facts
+
     def __call__(self, text: str) -> tuple[float, float]:
-        tokens = self.tokens(text)
-        if tokens is None:
-            score = self.analyzer(text)
-            return score[0], score[1]
+        facts = self._facts(text)
+        if facts is None:
+            tokens = self.tokens(text)
+            if tokens is None:
+                score = self.analyzer(text)
+                return score[0], score[1]
+            words = self._words.get
+            facts = [words(w) or self._word(w) for w in tokens]
         # TextBlob's Sentiment.assessments with pos=None and negation=True: [polarity, subjectivity, intensity, n]
         a: list[list] = []
         m = False  # a preceding modifier
-        n = None  # a preceding negation
-        m_word = ""
-        words = self._words.get
-        for w in tokens:
-            info = words(w)
-            known, p, s, i, modifies, negation, longer2, stripped1, emoticon = info if info else self._word(w)
+        n = False  # a preceding negation
+        m_ly = False  # the preceding modifier ends in "ly"
+        for fact in facts:
+            if fact[0] and not (m or n):
+                continue  # an inert word with no modifier or negation before it: nothing to do
+            _, known, p, s, i, modifies, negation, longer2, stripped1, emoticon, ly, bang, sarcasm = fact
             if known:
                 if not m:
                     a.append([p, s, i, 1])
@@ -125,28 +169,28 @@ class FastSentiment:
                     last[0] = max(-1.0, min(p * last[2], +1.0))
                     last[1] = max(-1.0, min(s * last[2], +1.0))
                     last[2] = i
-                if n is not None:
+                if n:
                     last = a[-1]
                     last[2] = 1.0 / last[2]
                     last[3] = -1
-                m, n = False, None
+                m = n = False
                 if modifies:
-                    m, m_word = True, w
+                    m, m_ly = True, ly
                 if negation:
-                    n = w
+                    n = True
             else:
                 if negation:
-                    n = w
+                    n = True
                 elif n and stripped1:
-                    n = None
-                if n is not None and m and m_word.endswith("ly"):
+                    n = False
+                if n and m and m_ly:
                     a[-1][3] = -1
-                    n = None
+                    n = False
                 elif m and longer2:
                     m = False
-                if w == "!" and len(a) > 0:
+                if bang and len(a) > 0:
                     a[-1][0] = max(-1.0, min(a[-1][0] * 1.25, +1.0))
-                if w == "(!)":
+                if sarcasm:
                     a.append([0.0, 1.0, 1.0, 1])
                 if emoticon is not None:
                     a.append([emoticon, 1.0, 1.0, 1])

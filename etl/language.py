@@ -2,12 +2,13 @@
 
 Captions are detected many at a time (issue 16). py3langid walks a caption's UTF-8 bytes through a DFA in a
 Python loop, one caption at a time, then scores the features it met with a small matrix product. Here the walk
-steps every caption of a batch at once (one numpy operation per byte position), and the scores of the whole
-batch come from one gather and one sum. Those float32 sums add the same terms in another order than py3langid's
-matrix product, so a probability can differ in its last digits: a caption whose probability falls within
-BATCH_TOLERANCE of the confidence needed, or whose two likeliest languages are that close, is decided again by
-py3langid's own classify(), so every answer is exactly the one it gives.
-tests/test_language.py checks this against py3langid as shipped.
+steps every caption of a batch at once (a few numpy operations per byte position), each caption's features are
+counted by sorting its row of the walk, and its scores are one small matrix product (BLAS) of its feature
+counts with the model's rows of those features (converted to float32 once each, as they are first met). Those float32
+sums add the same terms in another order than py3langid's own product, so a probability can differ in its last
+digits: a caption whose probability falls within BATCH_TOLERANCE of the confidence needed, or whose two likeliest
+languages are that close, is decided again by py3langid's own classify(), so every answer is exactly the one it
+gives. tests/test_language.py checks this against py3langid as shipped.
 """
 
 from __future__ import annotations
@@ -35,9 +36,9 @@ _NOISE = re.compile(r"https?://\S+|www\.\S+|[@#]\w+")
 _ENOUGH_LETTERS = re.compile(rf"(?:[\W\d_]*[^\W\d_]){{{MIN_LETTERS}}}", re.UNICODE)
 BATCH_TOLERANCE = 1e-3  # far above what float32 rounding moves a probability by (about 1e-6 here)
 _BATCH_BYTES = 2_000  # longer captions are walked one at a time (a batch steps once per byte of its longest)
-_BATCH = 512  # captions walked together
+_BATCH_CELLS = 1 << 16  # captions x bytes of the longest walked together: its arrays (about 20 bytes a cell) in cache
 _BATCH_MIN = 8  # fewer are classified one by one (a batch's fixed cost is a numpy step per byte)
-_SCORE_GROUP = 16  # captions scored together
+_SCORE_GROUP = 16  # captions scored together (their feature rows stay in the processor's cache)
 _CACHE_LIMIT = 20_000  # distinct captions remembered (cleared when full: memory stays flat)
 
 
@@ -113,6 +114,14 @@ class LanguageModel:
             self.nextmove, self.out = np.asarray(nextmove), np.asarray(out)
             self.rowbase = row.astype(np.int64) << 8
             self.ptc = np.asarray(self.identifier.nb_ptc)
+            # The float32 rows of the features met so far (converted from the model's float16 once each), and
+            # each feature's row there (-1: none yet). Refilled from the start when full: memory stays flat.
+            # As many rows as a batch has places, so that one batch always fits; memory pages as they are filled.
+            places = max(_BATCH_CELLS, _BATCH_MIN * _BATCH_BYTES)
+            self.rows = np.empty((places, self.ptc.shape[1]), dtype=np.float32)
+            self.row_of = np.full(self.ptc.shape[0], -1, dtype=np.int32)
+            self.rows_used = 0
+            self.rows_lock = threading.Lock()  # a refill by one thread must not move the rows another is reading
         except (KeyError, TypeError, ValueError, AttributeError):  # another model layout: py3langid loads it
             log.debug("py3langid's model loaded by py3langid (layout not known here): no batch detection")
             self.identifier = LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
@@ -135,11 +144,31 @@ class LanguageModel:
             else:
                 batchable.append(n)
         batchable.sort(key=lambda n: -len(encoded[n]))  # longest first: the walk's active rows are a prefix
-        for start in range(0, len(batchable), _BATCH):
-            part = batchable[start : start + _BATCH]
+        start = 0
+        while start < len(batchable):
+            part = batchable[start : start + max(_BATCH_MIN, _BATCH_CELLS // len(encoded[batchable[start]]))]
+            start += len(part)
             for n, answer in zip(part, self._batch([encoded[n] for n in part], min_confidence), strict=True):
                 results[n] = (answer or None) if answer != "?" else self._decided(texts[n], min_confidence)
         return results
+
+    def _rows_of(self, feats: Any) -> Any:
+        """Where each feature's float32 row is in self.rows, the rows not there yet converted and added."""
+        np = self.np
+        rows = self.row_of[feats]
+        missing = rows < 0
+        if missing.any():
+            new = np.unique(feats[missing])
+            if self.rows_used + len(new) > len(self.rows):  # full: refilled with this batch's features
+                self.row_of[:] = -1
+                self.rows_used = 0
+                new = np.unique(feats)
+            place = np.arange(self.rows_used, self.rows_used + len(new), dtype=np.int32)
+            self.rows[place] = self.ptc[new]
+            self.row_of[new] = place
+            self.rows_used += len(new)
+            rows = self.row_of[feats]
+        return rows
 
     def _decided(self, text: str, min_confidence: float) -> str | None:
         language, probability = self.classify(text)
@@ -148,46 +177,50 @@ class LanguageModel:
     def _batch(self, encoded: list[bytes], min_confidence: float) -> list[str]:
         """Each text's language, "" when under min_confidence, "?" when too close to it to tell here."""
         np = self.np
-        lengths = np.fromiter((len(d) for d in encoded), dtype=np.int64, count=len(encoded))
+        count = len(encoded)
+        lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=count)
         width = int(lengths[0])
-        grid = np.zeros((len(encoded), width), dtype=np.uint8)
-        for n, data in enumerate(encoded):
-            grid[n, : len(data)] = np.frombuffer(data, dtype=np.uint8)
+        # Row k: byte k of every text (padded past a text's end, where the walk no longer goes).
+        grid = np.frombuffer(b"".join([data.ljust(width, b"\0") for data in encoded]), dtype=np.uint8)
+        grid = grid.reshape(count, width).T.copy()
         # The DFA walk of every text at once: at byte position k, texts longer than k (a prefix: longest first).
         active = np.searchsorted(-lengths, -np.arange(width), side="left")
-        state = np.zeros(len(encoded), dtype=self.nextmove.dtype)
-        rows, feats = [], []
+        states = np.zeros((width, count), dtype=self.nextmove.dtype)  # past its end, a text stays at state 0
+        previous = np.zeros(count, dtype=self.nextmove.dtype)
         for k in range(width):
             m = int(active[k])
-            s = self.nextmove[self.rowbase[state[:m]] + grid[:m, k]]
-            state[:m] = s
-            f = self.out[s]
-            hit = np.flatnonzero(f >= 0)
-            if hit.size:
-                rows.append(hit)
-                feats.append(f[hit])
-        n_feats = self.identifier.nb_ptc.shape[0]
-        answers = [""] * len(encoded)
-        if not rows:
+            at = self.rowbase[previous[:m]]
+            at += grid[k, :m]
+            previous = states[k, :m]
+            np.take(self.nextmove, at, out=previous)
+        # Each text's features (-1: none at that byte, or past its end), sorted: a feature's repeats side by side.
+        feats = self.out[states.T]
+        feats[np.arange(width) >= lengths[:, None]] = -1
+        feats.sort(axis=1)
+        found = feats >= 0  # at the end of each row
+        first = np.ones(feats.shape, dtype=bool)  # a feature's first place in its row
+        np.not_equal(feats[:, 1:], feats[:, :-1], out=first[:, 1:])
+        first &= found
+        at = np.flatnonzero(first)
+        ends = np.minimum(np.append(at[1:], feats.size), (at // width + 1) * width)  # the next feature, or the row's end
+        # py3langid's weight of a feature met c times, log1p(c), on its first place; its repeats weigh nothing.
+        weights = np.zeros(feats.shape, dtype=np.float32)
+        weights.flat[at] = np.log1p((ends - at).astype(np.float32))
+        np.maximum(feats, 0, out=feats)  # the places that weigh nothing gather any row
+        found_count = found.sum(axis=1)
+        answers = [""] * count
+        if not at.size:
             return answers  # no features in any: uniform probabilities, none sure enough
-        keys, counts = np.unique(np.concatenate(rows) * n_feats + np.concatenate(feats), return_counts=True)
-        owner, feature = keys // n_feats, keys % n_feats
-        weights = np.log1p(counts.astype(np.float32))
         pc = self.identifier.nb_pc
-        # The batch's distinct features converted from the model's float16 once (texts share most of them), as
-        # a plain array (a memmap's indexing costs more): the same float32 values as converting each gather.
-        distinct, which = np.unique(feature, return_inverse=True)
-        table = self.ptc[distinct].astype(np.float32)
-        scores = np.zeros((len(encoded), len(pc)), dtype=np.float32)  # no features: 0 (uniform probabilities)
-        present, starts = np.unique(owner, return_index=True)
-        bounds = [*starts.tolist(), len(keys)]
-        # A few texts at a time: their gathered rows stay in the processor's cache.
-        for a in range(0, len(present), _SCORE_GROUP):
-            b = min(a + _SCORE_GROUP, len(present))
-            lo, hi = bounds[a], bounds[b]
-            gathered = table[which[lo:hi]]
-            gathered *= weights[lo:hi, None]
-            scores[present[a:b]] = np.add.reduceat(gathered, starts[a:b] - lo, axis=0) + pc
+        scores = np.empty((count, len(pc)), dtype=np.float32)
+        with self.rows_lock:
+            rows = self._rows_of(feats)
+            for a in range(0, count, _SCORE_GROUP):  # a few texts at a time: their gathered rows stay in the cache
+                b = min(a + _SCORE_GROUP, count)
+                used = width - int(found_count[a:b].max())
+                scores[a:b] = np.matmul(weights[a:b, None, used:], self.rows[rows[a:b, used:]])[:, 0, :]
+        scores += pc
+        scores[found_count == 0] = 0.0  # no features: uniform probabilities (as py3langid)
         scores *= (1.0 / np.sqrt(np.maximum(lengths, 1)))[:, None].astype(np.float32)
         scores = np.exp(scores - scores.max(axis=1, keepdims=True))
         scores /= scores.sum(axis=1, keepdims=True)

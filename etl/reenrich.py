@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
-from collections import Counter
+import queue
+import threading
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import BrokenExecutor, Executor, Future
 from datetime import datetime
@@ -19,9 +21,8 @@ from etl.run.stats import RunStats
 
 log = logging.getLogger(__name__)
 
-
-
-_SCORE_CHUNK = 1000  # rows per task of a scoring worker
+_SCORE_CHUNK = 500  # rows per task of a scoring worker (small: the workers finish a batch together)
+_AHEAD = 2  # batches read and handed to the workers beyond the one being written (the workers never wait for it)
 
 
 def _decisions(enricher: SentimentEnricher, rows: Sequence[tuple]) -> list[tuple]:
@@ -110,7 +111,7 @@ def reenrich(
     *,
     platform: str | None = None,
     since: datetime | None = None,
-    batch_size: int = 5000,
+    batch_size: int = 2000,
     should_stop: Callable[[], bool] = lambda: False,
     workers: int | None = None,
 ) -> None:
@@ -121,9 +122,12 @@ def reenrich(
     of rows) and the changes are written and committed a batch at a time on the main connection, so an
     interrupted re-enrichment keeps what it did and the next one carries on from there.
 
-    Captions are scored by `workers` processes (default: one per core) while the next batch is read and the
-    previous one written; at most two batches are in memory at a time. Rows whose stored decision was made by the
-    same scorer and language detector (SENTIMENT_THRESHOLD alone changed) are only labelled again (_kept).
+    Captions are scored by `workers` processes (default: one per core) while the earlier batches are written (by
+    _Writer's thread): up to _AHEAD + 1 batches are read and handed to them, one more waits for the writer and one
+    is being written, so at most _AHEAD + 3 batches are in memory at a time. Small batches keep the first write and
+    the last one (which nothing else overlaps) short.
+    Rows whose stored decision was made by the same scorer and language detector (SENTIMENT_THRESHOLD alone
+    changed) are only labelled again (_kept).
     """
     workers = (os.cpu_count() or 1) if workers is None else workers
     reader = db.connect()
@@ -141,19 +145,62 @@ def _reenrich(
     db: Database, reader: Any, scorers: _Scorers, enricher: SentimentEnricher, stats: RunStats,
     platform: str | None, since: datetime | None, batch_size: int, should_stop: Callable[[], bool],
 ) -> None:  # fmt: skip
-    with unscored_posts(reader, platform, since, enricher.version, batch_size) as scan:
-        pending: tuple[list[tuple], Any] | None = None
-        while True:
-            rows = scan.fetchmany(batch_size)
-            scoring = (rows, scorers.submit(rows)) if rows else None
-            if pending is not None:
-                _write(db, enricher, stats, pending[0], _collect(enricher, *pending))
-                if should_stop():
-                    stats.interrupted = True
-                    break
-            if scoring is None:
-                break
-            pending = scoring
+    writer = _Writer(db, enricher, stats, should_stop)
+    try:
+        with unscored_posts(reader, platform, since, enricher.version, batch_size) as scan:
+            ahead: deque[tuple[list[tuple], list[Future] | list[tuple]]] = deque()
+            reading = True
+            while (reading or ahead) and not writer.stopped:
+                if reading:
+                    rows = scan.fetchmany(batch_size)
+                    reading = bool(rows)
+                    if rows:
+                        ahead.append((rows, scorers.submit(rows)))
+                if ahead and (not reading or len(ahead) > _AHEAD):
+                    rows, pending = ahead.popleft()
+                    writer.put(rows, _collect(enricher, rows, pending))
+    finally:
+        writer.close()
+
+
+class _Writer:
+    """Writes the decided batches on the main connection, one after another, in a thread of its own: the database
+    (what a re-enrichment waits for most) is never idle while the next batch is read or collected. After each
+    batch, should_stop(); once it is true, or a write failed, the batches still queued are dropped (not written:
+    the next reenrich reads them again) and close() raises the failure."""
+
+    def __init__(self, db: Database, enricher: SentimentEnricher, stats: RunStats, should_stop: Callable[[], bool]):
+        self.db, self.enricher, self.stats, self.should_stop = db, enricher, stats, should_stop
+        self.queue: queue.Queue[tuple[list[tuple], list[tuple]] | None] = queue.Queue(maxsize=1)
+        self.stopped = False
+        self.error: BaseException | None = None
+        self.thread: threading.Thread | None = None
+
+    def put(self, rows: list[tuple], parts: list[tuple]) -> None:
+        if self.thread is None:  # started with the first batch decided: after the workers' fork, as a rule
+            self.thread = threading.Thread(target=self._run, name="reenrich-writer", daemon=True)
+            self.thread.start()
+        self.queue.put((rows, parts))
+
+    def _run(self) -> None:
+        while (item := self.queue.get()) is not None:
+            if self.stopped:
+                continue  # dropped: the producer is told by self.stopped and puts at most one more
+            try:
+                _write(self.db, self.enricher, self.stats, *item)
+                if self.should_stop():
+                    self.stats.interrupted = True
+                    self.stopped = True
+            except BaseException as exc:  # raised again in the caller's thread by close()
+                self.error = exc
+                self.stopped = True
+
+    def close(self) -> None:
+        if self.thread is not None:
+            self.queue.put(None)
+            self.thread.join()
+        if self.error is not None:
+            raise self.error
 
 
 def _write(db: Database, enricher: SentimentEnricher, stats: RunStats, rows: list[tuple], parts: list[tuple]) -> None:

@@ -153,6 +153,34 @@ def test_fast_scorer_gives_textblobs_scores_on_awkward_captions():
         assert fast(caption) == tuple(analyzer(caption)[:2]), repr(caption)
 
 
+def test_captions_without_emoticon_characters_take_the_shortcut_with_textblobs_scores():
+    """A caption with none of the characters an emoticon, a sarcasm mark or the end-of-sentence marker needs is
+    scored from each chunk's cached word facts (numbers by their length): still exactly TextBlob's scores."""
+    import random
+
+    from etl.enrich import english_sentiment, fast_sentiment
+
+    pieces = (
+        "not", "never", "no", "n't", "very", "really", "extremely", "good", "bad", "great", "terribly", "happy",
+        "sad", "!", "!!", "isn't", "don't", "Mr.", "U.S.", "etc.", "...", "well.", "a", "the", "love", "Love",
+        "HATE", "amazing", "worst", "?", ",", "-", "wow", "so", "quite", "7", "42", "2024", "1234567", "8", "x",
+        "d", "good!", "bad,", "'quoted'", "it's", "ok", "totally", "hardly", "1st", "x8", "3",
+    )  # fmt: skip
+    rng = random.Random(17)
+    captions = [" ".join(rng.choices(pieces, k=rng.randint(1, 20))) for _ in range(3000)]
+    captions += ["".join(rng.choices(pieces, k=rng.randint(1, 4))) for _ in range(500)]
+    analyzer, fast = english_sentiment(), fast_sentiment()
+    assert fast.anchors is not None and fast._numbers is not None
+    shortcut = 0
+    for caption in captions:
+        if not fast.anchors.search(caption):
+            assert fast._facts(caption) is not None, repr(caption)
+            shortcut += 1
+        assert fast(caption) == tuple(analyzer(caption)[:2]), repr(caption)
+    assert shortcut > 3000  # the pieces hold no anchor but an 8 that can come before "-"
+    assert fast._facts("so good :)") is None and fast._facts("END-OF-SENTENCE") is None
+
+
 def test_an_enricher_is_freed_when_dropped_not_at_the_next_full_garbage_collection():
     """Each holds its own language model (about 75 MB): a reference cycle kept one per in-process run alive."""
     import gc

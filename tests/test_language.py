@@ -129,6 +129,48 @@ def test_close_calls_are_decided_by_py3langid_itself(reference, monkeypatch):
     assert len(calls) > 1000
 
 
+def test_the_float32_feature_rows_stay_bounded(reference, monkeypatch):
+    """The rows converted for the batches are refilled from the start when full: the same answers, flat memory."""
+    _, texts, expected = reference
+    monkeypatch.setattr(language, "_BATCH_CELLS", 2048)
+    monkeypatch.setattr(language, "_BATCH_BYTES", 256)  # a batch of _BATCH_MIN captions fits too
+    model = LanguageDetector()._model()
+    assert model.rows.shape == (2048, len(model.identifier.nb_pc))
+    used = []
+    real = model._rows_of
+    monkeypatch.setattr(model, "_rows_of", lambda feats: (real(feats), used.append(model.rows_used))[0])
+    detector = LanguageDetector()
+    detector._model_ = model
+    assert detector.detect_many(texts) == expected
+    assert max(used) <= 2048 and any(b < a for a, b in zip(used, used[1:], strict=False))  # refilled at least once
+
+
+def test_threads_sharing_a_model_get_its_answers(reference, monkeypatch):
+    """Detectors in several threads over one model: a refill of its rows by one never moves those another reads."""
+    import threading
+
+    _, texts, expected = reference
+    monkeypatch.setattr(language, "_BATCH_CELLS", 2048)
+    monkeypatch.setattr(language, "_BATCH_BYTES", 256)
+    model = LanguageDetector()._model()
+    results: dict[int, list[str | None]] = {}
+
+    def detect(n: int) -> None:
+        detector = LanguageDetector()
+        detector._model_ = model
+        order = list(range(len(texts)))
+        random.Random(n).shuffle(order)  # other captions side by side: other rows, other refills
+        got = detector.detect_many([texts[k] for k in order])
+        results[n] = [answer for _, answer in sorted(zip(order, got, strict=True))]
+
+    threads = [threading.Thread(target=detect, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert [results[n] == expected for n in range(4)] == [True] * 4
+
+
 def test_a_platforms_language_is_not_detected_again(monkeypatch):
     enricher = SentimentEnricher()
     asked = []

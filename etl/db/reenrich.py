@@ -34,8 +34,12 @@ def unscored_posts(
 
 # One row per post scored: its new decision, and whether it differs from the stored one. Rows that did not change
 # get only the version stamp, their updated_at left alone (the data did not change).
+# A batch's commit does not wait for its flush to disk: a batch lost in a crash of the machine keeps its old version
+# stamp, so the next reenrich reads and writes it again; the run's own record (etl_runs), committed after them,
+# waits for the flush of everything before it.
 _PREPARE_DECISIONS = (
-    "CREATE TEMP TABLE IF NOT EXISTS reenrich_decisions (id BIGINT, changed BOOLEAN, label TEXT,"
+    "SET LOCAL synchronous_commit = off;"
+    " CREATE TEMP TABLE IF NOT EXISTS reenrich_decisions (id BIGINT, changed BOOLEAN, label TEXT,"
     " polarity DOUBLE PRECISION, subjectivity DOUBLE PRECISION, language TEXT, language_source TEXT, skipped TEXT)"
     " ON COMMIT DELETE ROWS; DELETE FROM reenrich_decisions"
 )
