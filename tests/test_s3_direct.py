@@ -103,6 +103,28 @@ def test_the_endpoint_really_checks_the_signature(endpoint, make_settings):
         admin.head_object(Bucket=BUCKET, Key="mock/x/0.png")
 
 
+def test_the_recorded_sha256_is_signed_as_the_payload(http_server):
+    """S3 refuses a body whose SHA-256 is not the signed x-amz-content-sha256 (XAmzContentSHA256Mismatch). The
+    direct path signs the checksum the archive records, so the bucket can only take the bytes that were hashed:
+    bytes changed on the way, or a checksum that is not theirs, are refused by S3 instead of stored."""
+    from tests.support import Reply
+
+    http_server.routes["/bucket/k/0.png"] = http_server.routes["/bucket/k/1.png"] = Reply(status=200, content_type=None)
+    direct = DirectPut(http_server.url("/bucket"), "us-east-1", Credentials("AKID", "secret"), pool_size=2, timeout=(2, 5))
+    body = png_bytes()
+    assert direct.put("k/0.png", body, "image/png", hashlib.sha256(body).hexdigest()) == 200
+    not_its_own = hashlib.sha256(b"other bytes").hexdigest()
+    assert direct.put("k/1.png", body, "image/png", not_its_own) == 200  # this server checks nothing; S3 does
+    sent = [headers for method, _, headers in http_server.requests if method == "PUT"]
+    assert [path for path, _ in http_server.posted] == ["/bucket/k/0.png", "/bucket/k/1.png"]
+    assert all(b == body for _, b in http_server.posted)
+    for headers, recorded in zip(sent, (hashlib.sha256(body).hexdigest(), not_its_own), strict=True):
+        headers = {k.lower(): v for k, v in headers.items()}
+        assert headers["x-amz-content-sha256"] == recorded == headers["x-amz-meta-sha256"]
+        signed = headers["authorization"].partition("SignedHeaders=")[2].partition(",")[0].split(";")
+        assert {"x-amz-content-sha256", "x-amz-meta-sha256", "if-none-match"} <= set(signed)
+
+
 @pytest.mark.fault("S3 SlowDown, a 500 and a dropped connection on direct PUTs: boto3 retries those objects")
 def test_answers_the_direct_path_does_not_handle_go_to_boto3(endpoint, make_settings):
     proxy, admin, make_store = endpoint
