@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from datetime import datetime, timezone
+from urllib.parse import quote
 
 import boto3
 import pytest
@@ -123,6 +124,34 @@ def test_the_recorded_sha256_is_signed_as_the_payload(http_server):
         assert headers["x-amz-content-sha256"] == recorded == headers["x-amz-meta-sha256"]
         signed = headers["authorization"].partition("SignedHeaders=")[2].partition(",")[0].split(";")
         assert {"x-amz-content-sha256", "x-amz-meta-sha256", "if-none-match"} <= set(signed)
+
+
+@pytest.mark.parametrize("token", [None, "FwoGZXIvYXdzE//token+with/slashes=="])
+@pytest.mark.parametrize("base", ["http://127.0.0.1:9000/bucket", "https://b.s3.eu-west-1.amazonaws.com", "https://s3.example:8443/b"])
+def test_the_signature_is_botocores_own(monkeypatch, base, token):
+    """The direct path's SigV4 signature, byte for byte the one botocore's S3 signer makes for the same PUT (hostile
+    keys, a session token, path-style and virtual-hosted URLs, a port), with the payload's hash given."""
+    import botocore.auth
+    from botocore.auth import S3SigV4Auth
+    from botocore.awsrequest import AWSRequest
+
+    frozen = datetime(2026, 11, 30, 23, 59, 58, tzinfo=timezone.utc)
+    monkeypatch.setattr(botocore.auth, "get_current_datetime", lambda: frozen)
+    monkeypatch.setattr("etl.store.time.gmtime", lambda: frozen.timetuple())
+    credentials = Credentials("AKIDEXAMPLE", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY", token)
+    direct = DirectPut(base, "eu-west-1", credentials, pool_size=1, timeout=(1, 1))
+    body = jpeg_bytes()
+    sha = hashlib.sha256(body).hexdigest()
+    for post_id in HOSTILE_IDS:
+        encoded = "/" + quote(object_key("arch ive/", "mock", WHEN, post_id, 0, "image/jpeg"), safe="/~")
+        ours = direct.signed(direct.path + encoded, {"content-type": "image/jpeg", "if-none-match": "*", "x-amz-meta-sha256": sha}, sha)
+        theirs = AWSRequest(method="PUT", url=direct.base + encoded, data=body, headers={
+            "Content-Type": "image/jpeg", "If-None-Match": "*", "x-amz-meta-sha256": sha,
+            "X-Amz-Security-Token": token, "X-Amz-Content-SHA256": sha,
+        } if token else {"Content-Type": "image/jpeg", "If-None-Match": "*", "x-amz-meta-sha256": sha})  # fmt: skip
+        S3SigV4Auth(credentials.get_frozen_credentials(), "s3", "eu-west-1").add_auth(theirs)
+        assert ours["authorization"] == theirs.headers["Authorization"], post_id
+        assert ours["x-amz-date"] == theirs.headers["X-Amz-Date"] and ours.get("x-amz-security-token") == token
 
 
 @pytest.mark.fault("S3 SlowDown, a 500 and a dropped connection on direct PUTs: boto3 retries those objects")
