@@ -103,6 +103,7 @@ class LocalStore:
         self.root = Path(root).resolve()
         self.incoming = self.root / self.INCOMING
         self._folders: dict[str, str] = {}  # a key's folder -> its real directory (see _folder)
+        self._written = threading.local()  # .last: (key, path) of this thread's last quick put
 
     def check(self) -> None:
         try:
@@ -146,37 +147,44 @@ class LocalStore:
         if not _PLAIN_KEY.fullmatch(key):  # absolute, empty, "." or ".." segments, NUL: the general way judges
             raise _Unusual
         folder_key, _, name = key.rpartition("/")
-        path = f"{self._folder(folder_key)}/{name}"
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            pass
-        else:
-            if not stat.S_ISREG(st.st_mode):
-                raise _Unusual
-            if st.st_size == len(body) and _file_sha256(Path(path)) == sha256:
-                return False
+        folder, made = self._folder(folder_key)
+        path = f"{folder}/{name}"
+        if not made:  # a folder made just now holds nothing yet (a new post's, nearly always): no lstat to ask
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                pass
+            else:
+                if not stat.S_ISREG(st.st_mode):
+                    raise _Unusual
+                if st.st_size == len(body) and _file_sha256(Path(path)) == sha256:
+                    self._written.last = (key, path)
+                    return False
         tmp = f"{self.incoming}/{os.getpid()}-q{next(_TEMP_NUMBERS)}.part"
         _write_renamed(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600), tmp, path, body)
+        self._written.last = (key, path)  # for url(key), which the archiver asks next: no lstat to ask again
         return True
 
-    def _folder(self, folder_key: str) -> str:
+    def _folder(self, folder_key: str) -> tuple[str, bool]:
         """The real directory of a key's folder, made when missing and remembered: one mkdir per new folder
-        instead of a resolve() (an lstat per path component) and two mkdir calls per image."""
+        instead of a resolve() (an lstat per path component) and two mkdir calls per image. Also whether this
+        call made it."""
         known = self._folders.get(folder_key)
         if known is not None:
-            return known
+            return known, False
         head, _, name = folder_key.rpartition("/")
-        path = f"{self._folder(head) if head else self.root}/{name}"
+        path = f"{self._folder(head)[0] if head else self.root}/{name}"
+        made = True
         try:
             os.mkdir(path)
         except FileExistsError:
+            made = False
             if not stat.S_ISDIR(os.lstat(path).st_mode):  # a symlink or a file: resolved the general way
                 raise _Unusual from None
         if len(self._folders) >= _FOLDERS_KEPT:
             self._folders.clear()  # memory stays flat on a long run
         self._folders[folder_key] = path
-        return path
+        return path, made
 
     def _put_carefully(self, key: str, body: bytes, sha256: str) -> bool:
         path = self.path(key)
@@ -192,12 +200,17 @@ class LocalStore:
         return True
 
     def url(self, key: str) -> str:
-        folder_key, _, name = key.rpartition("/")
-        folder = self._folders.get(folder_key) if _PLAIN_KEY.fullmatch(key) else None
-        if folder is not None and not os.path.islink(path := f"{folder}/{name}"):
-            # The folder put() wrote in, already resolved: no second resolve(). The URI as Path.as_uri makes it.
-            return "file://" + urllib.parse.quote_from_bytes(os.fsencode(path))
-        return self.path(key).as_uri()
+        written = getattr(self._written, "last", None)
+        if written is not None and written[0] == key:
+            path = written[1]  # this thread's put() just wrote it (or found it) there, a regular file
+            self._written.last = None
+        else:
+            folder_key, _, name = key.rpartition("/")
+            folder = self._folders.get(folder_key) if _PLAIN_KEY.fullmatch(key) else None
+            if folder is None or os.path.islink(path := f"{folder}/{name}"):
+                return self.path(key).as_uri()
+        # The folder put() wrote in, already resolved: no second resolve(). The URI as Path.as_uri makes it.
+        return "file://" + urllib.parse.quote_from_bytes(os.fsencode(path))
 
     # -- whole-object replacement (the Parquet export) -------------------------------------------
 
