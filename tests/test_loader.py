@@ -273,3 +273,28 @@ def test_held_probes_the_key_index_however_the_planner_guesses(db):
         plan = "\n".join(r[0] for r in cur.fetchall())
     assert "social_posts_platform_post_id_key" in plan
     assert "Seq Scan on social_posts" not in plan
+
+
+
+def _posts_fetched_by_index(cur) -> int:
+    cur.execute("SELECT idx_tup_fetch FROM pg_stat_xact_user_tables WHERE relname = 'social_posts'")
+    return cur.fetchone()[0]
+
+
+def test_image_rows_find_their_posts_by_the_unique_index_on_a_table_never_analysed(db):
+    # A first load into a new database: social_posts has no statistics yet (TRUNCATE leaves it so, as in a new
+    # database). The key check of each image row must read its own post, not every post of the platform (the
+    # planner took the (platform, created_at) index: 300 rows read 45,150 posts, and it grew with the table).
+    posts = [post(f"p{n:04d}") for n in range(300)]
+    with db.transaction() as cur:
+        cur.execute("SELECT reltuples < 0 FROM pg_class WHERE relname = 'social_posts'")
+        assert cur.fetchone()[0], "the test needs a table never analysed"
+        dbm.upsert_posts(cur, posts, sentiment_version=ENRICHER.version)
+        before = _posts_fetched_by_index(cur)
+        dbm.upsert_media(cur, [stored(p.post_id, key=f"mock/2024/05/01/{p.post_id}/0.png") for p in posts])
+        fetched = _posts_fetched_by_index(cur) - before
+    assert len(media_rows(db)) == 300
+    assert fetched <= 300 + 5, f"the key checks of 300 image rows read {fetched} posts"
+    with db.transaction() as cur:  # analysed once: the next batches need no second ANALYZE
+        cur.execute("SELECT reltuples FROM pg_class WHERE relname = 'social_posts'")
+        assert cur.fetchone()[0] == 300

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from datetime import datetime, timezone
+from urllib.parse import quote
 
 import boto3
 import pytest
@@ -101,6 +102,56 @@ def test_the_endpoint_really_checks_the_signature(endpoint, make_settings):
     assert wrong.put("mock/x/0.png", body, "image/png", hashlib.sha256(body).hexdigest()) == 403
     with pytest.raises(Exception, match="NoSuchKey|Not Found|404"):
         admin.head_object(Bucket=BUCKET, Key="mock/x/0.png")
+
+
+def test_the_recorded_sha256_is_signed_as_the_payload(http_server):
+    """S3 refuses a body whose SHA-256 is not the signed x-amz-content-sha256 (XAmzContentSHA256Mismatch). The
+    direct path signs the checksum the archive records, so the bucket can only take the bytes that were hashed:
+    bytes changed on the way, or a checksum that is not theirs, are refused by S3 instead of stored."""
+    from tests.support import Reply
+
+    http_server.routes["/bucket/k/0.png"] = http_server.routes["/bucket/k/1.png"] = Reply(status=200, content_type=None)
+    direct = DirectPut(http_server.url("/bucket"), "us-east-1", Credentials("AKID", "secret"), pool_size=2, timeout=(2, 5))
+    body = png_bytes()
+    assert direct.put("k/0.png", body, "image/png", hashlib.sha256(body).hexdigest()) == 200
+    not_its_own = hashlib.sha256(b"other bytes").hexdigest()
+    assert direct.put("k/1.png", body, "image/png", not_its_own) == 200  # this server checks nothing; S3 does
+    sent = [headers for method, _, headers in http_server.requests if method == "PUT"]
+    assert [path for path, _ in http_server.posted] == ["/bucket/k/0.png", "/bucket/k/1.png"]
+    assert all(b == body for _, b in http_server.posted)
+    for headers, recorded in zip(sent, (hashlib.sha256(body).hexdigest(), not_its_own), strict=True):
+        headers = {k.lower(): v for k, v in headers.items()}
+        assert headers["x-amz-content-sha256"] == recorded == headers["x-amz-meta-sha256"]
+        signed = headers["authorization"].partition("SignedHeaders=")[2].partition(",")[0].split(";")
+        assert {"x-amz-content-sha256", "x-amz-meta-sha256", "if-none-match"} <= set(signed)
+
+
+@pytest.mark.parametrize("token", [None, "FwoGZXIvYXdzE//token+with/slashes=="])
+@pytest.mark.parametrize("base", ["http://127.0.0.1:9000/bucket", "https://b.s3.eu-west-1.amazonaws.com", "https://s3.example:8443/b"])
+def test_the_signature_is_botocores_own(monkeypatch, base, token):
+    """The direct path's SigV4 signature, byte for byte the one botocore's S3 signer makes for the same PUT (hostile
+    keys, a session token, path-style and virtual-hosted URLs, a port), with the payload's hash given."""
+    import botocore.auth
+    from botocore.auth import S3SigV4Auth
+    from botocore.awsrequest import AWSRequest
+
+    frozen = datetime(2026, 11, 30, 23, 59, 58, tzinfo=timezone.utc)
+    monkeypatch.setattr(botocore.auth, "get_current_datetime", lambda: frozen)
+    monkeypatch.setattr("etl.store.time.gmtime", lambda: frozen.timetuple())
+    credentials = Credentials("AKIDEXAMPLE", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY", token)
+    direct = DirectPut(base, "eu-west-1", credentials, pool_size=1, timeout=(1, 1))
+    body = jpeg_bytes()
+    sha = hashlib.sha256(body).hexdigest()
+    for post_id in HOSTILE_IDS:
+        encoded = "/" + quote(object_key("arch ive/", "mock", WHEN, post_id, 0, "image/jpeg"), safe="/~")
+        ours = direct.signed(direct.path + encoded, {"content-type": "image/jpeg", "if-none-match": "*", "x-amz-meta-sha256": sha}, sha)
+        theirs = AWSRequest(method="PUT", url=direct.base + encoded, data=body, headers={
+            "Content-Type": "image/jpeg", "If-None-Match": "*", "x-amz-meta-sha256": sha,
+            "X-Amz-Security-Token": token, "X-Amz-Content-SHA256": sha,
+        } if token else {"Content-Type": "image/jpeg", "If-None-Match": "*", "x-amz-meta-sha256": sha})  # fmt: skip
+        S3SigV4Auth(credentials.get_frozen_credentials(), "s3", "eu-west-1").add_auth(theirs)
+        assert ours["authorization"] == theirs.headers["Authorization"], post_id
+        assert ours["x-amz-date"] == theirs.headers["X-Amz-Date"] and ours.get("x-amz-security-token") == token
 
 
 @pytest.mark.fault("S3 SlowDown, a 500 and a dropped connection on direct PUTs: boto3 retries those objects")

@@ -107,6 +107,25 @@ def test_local_put_is_atomic_and_skips_same_content(tmp_path: Path):
     assert store.url(key) == path.resolve().as_uri()
 
 
+def test_a_later_runs_store_finds_what_an_earlier_one_wrote(tmp_path: Path):
+    # The quick path asks nothing of a folder it made itself (it holds nothing yet); a folder that was there
+    # already is looked into, so a rerun writes nothing again.
+    key = object_key("", "mock", WHEN, "p1", 0, "image/png")
+    body = png_bytes()
+    earlier = LocalStore(tmp_path / "objects")
+    earlier.check()
+    assert earlier.put(key, body, "image/png", hashlib.sha256(body).hexdigest()) is True
+    path = tmp_path / "objects" / key
+    mtime = path.stat().st_mtime_ns
+    later = LocalStore(tmp_path / "objects")
+    later.check()
+    assert later.put(key, body, "image/png", hashlib.sha256(body).hexdigest()) is False
+    assert path.stat().st_mtime_ns == mtime
+    second = object_key("", "mock", WHEN, "p1", 1, "image/png")  # the same post's next image, in a known folder
+    assert later.put(second, body, "image/png", hashlib.sha256(body).hexdigest()) is True
+    assert later.put(second, body, "image/png", hashlib.sha256(body).hexdigest()) is False
+
+
 @pytest.mark.parametrize("post_id", HOSTILE_IDS)
 def test_hostile_ids_stay_inside_the_root(tmp_path: Path, post_id):
     root = tmp_path / "objects"
