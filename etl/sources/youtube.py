@@ -13,13 +13,11 @@ from itertools import islice
 from types import MappingProxyType
 from typing import Any
 
-import requests
-from requests.structures import CaseInsensitiveDict
-
 from etl.config import Secret, Setting, Settings, comma_list, http_base, positive_int, text
 from etl.db.platform import QuotaLedger
 from etl.errors import SourceError
 from etl.http import Retriable, retry_after_seconds
+from etl.lazy import requests  # imported on first use: a run without HTTP never loads it
 from etl.records import Post, extract_hashtags, post_from_dict
 from etl.sources import api, register
 from etl.sources.api import APISource, Entry, Stream, StreamError
@@ -376,7 +374,7 @@ class YouTubeSource(APISource):
             raise Retriable(f"cannot reach the API: {self.scrub(str(exc) or type(exc).__name__)}") from None
         response = requests.Response()
         response.status_code, response.reason = int(answer.status), getattr(answer, "reason", "") or ""
-        response.headers = CaseInsensitiveDict(answer)
+        response.headers = requests.structures.CaseInsensitiveDict(answer)
         response._content = content.encode("utf-8") if isinstance(content, str) else content
         return response
 
