@@ -186,23 +186,29 @@ def _post_line(post: Post, first_image_url: str | None, sentiment_version: str |
 
 
 def _unchanged(post: Post, first_image_url: str | None, sentiment_version: str | None, stored: HeldRow) -> bool:
-    """Whether UPSERT_POSTS_SQL would leave the post's stored row (`stored`, from held()) as it is and snapshot no
-    counts: the values _post_line() stages, as PostgreSQL stores them (text cleaned, floats exact through repr),
-    equal the row's; image_s3_url is COALESCEd; the counts equal the post's latest snapshot, or are both None."""
+    """Whether UPSERT_POSTS_SQL would leave the post's `stored` row (from held()) as it is and snapshot no counts:
+    the values _post_line() stages, as PostgreSQL stores them (text cleaned, floats exact through repr), equal the
+    row's, image_s3_url COALESCEd; and the counts are both None, or equal the post's latest snapshot."""
     s = post.sentiment
-    row = stored.row
-    url = clean_text(first_image_url)
+    tags = post.hashtags
     staged = (
-        clean_text(post.author_username), clean_text(post.caption), s.label if s else None,
-        s.polarity if s else None, s.subjectivity if s else None,
-        clean_text(sentiment_version) if s or post.sentiment_skipped else None,
-        post.like_count, post.comment_count, clean_text(post.permalink), [clean_text(t) for t in post.hashtags],
-        bool(post.caption_truncated), clean_text(post.language), clean_text(post.language_source),
-        clean_text(post.sentiment_skipped), row[-1] if url is None else url,
+        post.author_username, post.caption, s.label if s else None, s.polarity if s else None,
+        s.subjectivity if s else None, sentiment_version if s or post.sentiment_skipped else None,
+        post.like_count, post.comment_count, post.permalink, tags if type(tags) is list else list(tags),
+        post.caption_truncated, post.language, post.language_source, post.sentiment_skipped,
+        stored[-2] if first_image_url is None else first_image_url,
+        stored[-1] if post.like_count is None and post.comment_count is None else True,
     )  # fmt: skip
-    if staged != row:
-        return False
-    return stored.snapshot_current or (post.like_count is None and post.comment_count is None)
+    if staged == stored:
+        # Each value equals the stored (clean) one, so it also does once cleaned: clean_text() leaves clean text.
+        return True
+    staged = (
+        clean_text(post.author_username), clean_text(post.caption), *staged[2:5], clean_text(staged[5]),
+        *staged[6:8], clean_text(post.permalink), [clean_text(t) for t in tags], bool(post.caption_truncated),
+        clean_text(post.language), clean_text(post.language_source), clean_text(post.sentiment_skipped),
+        stored[-2] if first_image_url is None else clean_text(first_image_url), staged[-1],
+    )  # fmt: skip
+    return staged == stored
 
 
 def upsert_posts(
@@ -337,12 +343,10 @@ def record_retries(cur: psycopg2.extensions.cursor, media: Sequence[Media]) -> N
     set_first_image_urls(cur, [m for m in media if m.status == "stored" and m.position == 0])
 
 
-class HeldRow(NamedTuple):
-    """A stored post's row as the upsert compares it: _POST_MUTABLE's values then image_s3_url (`row`), and whether
-    its latest engagement snapshot holds its counts (rows stored before snapshots existed have none)."""
-
-    row: tuple
-    snapshot_current: bool
+# A stored post's row as the upsert compares it (held() -> upsert_posts' `stored`): _POST_MUTABLE's values, then
+# image_s3_url, then whether the post's latest engagement snapshot holds its counts (rows stored before snapshots
+# existed have none, and then the upsert writes one).
+HeldRow = tuple
 
 
 class Held(NamedTuple):
@@ -355,15 +359,15 @@ class Held(NamedTuple):
     rows: dict[tuple[str, str], HeldRow] = {}  # stored posts (upsert_posts' `stored`); read-only
 
 
-# Where each of _POST_MUTABLE's values sits in a row of HELD_SQL (after tomb, platform, post_id, current, snapshot).
-_AT = {c: 5 + n for n, c in enumerate(_POST_MUTABLE)}
+# Where each of _POST_MUTABLE's values sits in a row of HELD_SQL (after tomb, platform, post_id, current).
+_AT = {c: 4 + n for n, c in enumerate(_POST_MUTABLE)}
 # Each post of the batch that is stored (probed by the unique index, however large the table: the LIMIT keeps the
 # planner from a scan): what the upsert compares, whether enricher %(version)s made its decision, and whether its
 # latest engagement snapshot holds its counts; then the tombstones among them.
 HELD_SQL = (
     "WITH k AS (SELECT * FROM unnest(%(platforms)s::text[], %(post_ids)s::text[]) AS k(platform, post_id))"
-    f" SELECT false, k.platform, k.post_id, p.current, p.snapshot_current, {', '.join('p.' + c for c in _POST_MUTABLE)},"
-    " p.image_s3_url FROM k"
+    f" SELECT false, k.platform, k.post_id, p.current, {', '.join('p.' + c for c in _POST_MUTABLE)},"
+    " p.image_s3_url, p.snapshot_current FROM k"
     f" CROSS JOIN LATERAL (SELECT {', '.join(_POST_MUTABLE)}, image_s3_url,"
     "  p.sentiment_version = %(version)s AND p.caption IS NOT NULL AS current,"
     "  (SELECT (e.like_count, e.comment_count) IS NOT DISTINCT FROM (p.like_count, p.comment_count)"
@@ -393,7 +397,7 @@ def held(cur: psycopg2.extensions.cursor, posts: Sequence[Post], version: str) -
         if r[0]:
             tombstones.add((r[1], r[2]))
             continue
-        rows[(r[1], r[2])] = HeldRow(r[5:], r[4])
+        rows[(r[1], r[2])] = r[4:]
         if r[3]:
             sentiment = Sentiment(r[polarity], r[subjectivity], r[label]) if r[label] else None
             scores[(r[1], r[2])] = (r[caption], sentiment, r[language], r[source], r[skipped])
