@@ -238,7 +238,7 @@ def upsert_posts(
     stored = stored or {}
     lines = []
     for k, p in latest.items():
-        url = urls.get(k) or urls.get((p.platform, p.post_id))
+        url = (urls.get(k) or urls.get((p.platform, p.post_id))) if urls else None
         held_row = stored.get(k)
         if held_row is None or k in with_images or not _unchanged(p, url, sentiment_version, held_row):
             lines.append(_post_line(p, url, sentiment_version))

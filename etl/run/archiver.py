@@ -196,8 +196,9 @@ class Archiver:
         it goes to the database, which compares with what is stored by then (the last in the stream wins)."""
         with self.clock("lookup"):
             unloaded = self._unloaded
+            keys = [(p.platform, clean_text(p.post_id)) for p in posts]
             # Taken before the lookup reads: a load that ends after this point is one the lookup may not see.
-            pending = {k for p in posts if (k := (p.platform, clean_text(p.post_id))) in unloaded} if unloaded else ()
+            pending = unloaded.keys() & keys if unloaded else ()
             try:
                 held = self.archive_db.held(posts, self.enricher.version)
             except LoadError as exc:
@@ -208,7 +209,8 @@ class Archiver:
             kept = [p for p in posts if (p.platform, p.post_id) not in held.forgotten]
             stats.forgotten_skipped += len(posts) - len(kept)
             posts = kept
-        for key in {(p.platform, clean_text(p.post_id)) for p in posts}:
+            keys = [(p.platform, clean_text(p.post_id)) for p in posts]
+        for key in set(keys):
             unloaded[key] = unloaded.get(key, 0) + 1
         return posts, held
 
