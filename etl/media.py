@@ -11,7 +11,6 @@ import re
 import socket
 import threading
 import time
-import urllib.request
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -576,6 +575,8 @@ class Downloader:
 
     @staticmethod
     def _trusting(session: requests.Session) -> requests.Session:
+        import urllib.request  # with the session: a run that fetches no image needs neither
+
         if not urllib.request.getproxies():
             # No proxy in the environment: spare requests (and _proxied) a scan of it on every image.
             session.trust_env = False

@@ -24,6 +24,7 @@ HEAVY = {
     "multiprocessing": "re-enrichment's process pool", "etl.reenrich": "re-enrichment", "etl.verify": "fixity checks",
     "etl.forget": "deletions", "etl.export": "the export", "etl.report": "the report",
     "requests": "an HTTP request (etl/lazy.py)", "urllib3": "an HTTP request (etl/lazy.py)",
+    "http.client": "an HTTP request", "http.server": "the mock source's image server",
 }  # fmt: skip
 
 

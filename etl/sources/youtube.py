@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import html
-import http.client
 import logging
 import re
 from collections.abc import Iterator, Mapping
@@ -365,6 +364,8 @@ class YouTubeSource(APISource):
 
     def send(self, method: str, url: str, *, endpoint: str = "", headers: Any = None, **kwargs: Any) -> requests.Response:
         """One attempt over the client's httplib2 transport, charged to the quota first, as a requests.Response."""
+        import http.client  # here: only a youtube run needs it
+
         from httplib2 import HttpLib2Error
 
         self._spend(COSTS[endpoint], endpoint)
