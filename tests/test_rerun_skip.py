@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 from datetime import datetime, timedelta, timezone
 
+import psycopg2.extensions
 import pytest
 
 from etl.db import archive
@@ -234,3 +235,20 @@ def test_a_rerun_of_a_file_writes_nothing(run_etl, db, tmp_path):
     assert query(db.dsn, "SELECT post_id, updated_at, to_jsonb(p) FROM social_posts p ORDER BY post_id") == before
     assert query(db.dsn, "SELECT count(*) FROM post_engagement") == snapshots == [(30,)]
     assert query(db.dsn, "SELECT posts_inserted, posts_updated FROM etl_runs ORDER BY id DESC LIMIT 1") == [(0, 0)]
+
+
+def test_the_lookup_commits_nothing_and_gives_the_connection_back_as_it_was(db):
+    with db.transaction() as cur:
+        archive.upsert_posts(cur, [BASE], sentiment_version=V)
+    conn = db.connection()
+    found = archive.Archive(db).held([BASE, post(post_id="new")], V)
+    assert set(found.rows) == {("mock", "p1")}
+    assert conn.autocommit is False  # the next write is a transaction again
+    assert conn.info.transaction_status == psycopg2.extensions.TRANSACTION_STATUS_IDLE
+    # Inside a transaction already (a caller's own), the lookup is one more statement of it.
+    with conn.cursor() as cur:
+        cur.execute("UPDATE social_posts SET like_count = 40")
+    found = archive.Archive(db).held([BASE], V)
+    assert found.rows[("mock", "p1")][6] == 40
+    assert conn.autocommit is False
+    conn.rollback()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Container, Iterable, Mapping, Sequence
+from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
@@ -410,6 +410,25 @@ def held(cur: psycopg2.extensions.cursor, posts: Sequence[Post], version: str) -
     return Held(stored, hopeless, scores, tombstones, rows)
 
 
+def _each_statement_alone(fn: Callable[[psycopg2.extensions.cursor], Any]) -> Callable[[psycopg2.extensions.cursor], Any]:
+    """fn with each of its statements committed by itself (autocommit): a read then costs one round trip per
+    statement, without BEGIN and COMMIT. Under READ COMMITTED a statement sees what it would see inside a
+    transaction (each takes its own snapshot there too). The connection is given back as it was."""
+
+    def run(cur: psycopg2.extensions.cursor) -> Any:
+        conn = cur.connection
+        if conn.autocommit or conn.status != psycopg2.extensions.STATUS_READY:
+            return fn(cur)
+        conn.autocommit = True
+        try:
+            return fn(cur)
+        finally:
+            if not conn.closed:
+                conn.autocommit = False
+
+    return run
+
+
 class Archive:
     """The archive's tables as the archiver uses them: one transaction per call, reconnecting (Database.run)."""
 
@@ -418,7 +437,8 @@ class Archive:
 
     def held(self, posts: Sequence[Post], version: str) -> Held:
         """Stored and hopeless images, stored scores by enricher `version`, and tombstones of these posts."""
-        return self.db.run(partial(held, posts=posts, version=version), what="looking up stored images and scores")
+        look = _each_statement_alone(partial(held, posts=posts, version=version))
+        return self.db.run(look, what="looking up stored images and scores")
 
     def load(
         self, posts: Sequence[Post], media: Sequence[Media], first_urls: dict[tuple[str, str], str], version: str,
