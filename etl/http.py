@@ -177,6 +177,14 @@ def pinned_host_adapter() -> type:
 _PLAIN_URL = re.compile(r"https?://[A-Za-z0-9.\-\[\]:]+(?:/[A-Za-z0-9\-._~/!$&'()*+,;=:@?]*)?", re.ASCII)
 
 
+def _sends_as_requests_does(adapter: Any) -> bool:
+    """Whether the adapter sends with requests' own HTTPAdapter.send: not one of its own, nor one patched in (as
+    `responses` does). Told by the function's name, not by identity with a copy taken beforehand: requests is
+    imported on first use (etl/lazy.py), perhaps after the patch."""
+    send = type(adapter).send
+    return getattr(send, "__module__", None) == "requests.adapters" and getattr(send, "__qualname__", None) == "HTTPAdapter.send"
+
+
 @dataclass(frozen=True)
 class _Target:
     """What an adapter's pool key reads of a request: its URL and headers (for PinnedHostAdapter's Host)."""
@@ -219,7 +227,7 @@ def direct_get(
     if not _PLAIN_URL.fullmatch(url):
         return None
     adapter = session.get_adapter(url)
-    if type(adapter).send is not requests.adapters.HTTPAdapter.send:
+    if not _sends_as_requests_does(adapter):
         return None  # an adapter that sends its own way (or is patched, as `responses` does): not bypassed
     target = _Target(url, {**session.headers, **headers})
     parts = urlsplit(url)
