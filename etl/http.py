@@ -11,11 +11,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
-import requests
-import urllib3
-from requests.adapters import HTTPAdapter
-
 from etl import __version__
+from etl.lazy import requests, urllib3  # imported on first use: a run without HTTP never loads them
 
 if TYPE_CHECKING:
     import tenacity
@@ -24,13 +21,16 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 USER_AGENT = f"social-archiver/{__version__}"
 
-# Failures worth another attempt: the network, or the server said "later".
-TRANSIENT_EXCEPTIONS = (
-    requests.ConnectionError,
-    requests.Timeout,
-    requests.exceptions.ChunkedEncodingError,
-    requests.exceptions.ContentDecodingError,
-)
+
+@functools.cache
+def transient_exceptions() -> tuple[type[Exception], ...]:
+    """Failures worth another attempt: the network, or the server said "later"."""
+    return (
+        requests.ConnectionError,
+        requests.Timeout,
+        requests.exceptions.ChunkedEncodingError,
+        requests.exceptions.ContentDecodingError,
+    )
 
 
 class Retriable(Exception):
@@ -112,7 +112,7 @@ class RetryPolicy:
         number of attempts as if tenacity had run it)."""
         try:
             return fn()
-        except (Retriable, *TRANSIENT_EXCEPTIONS) as exc:
+        except (Retriable, *transient_exceptions()) as exc:
             first: BaseException | None = exc
 
         def again() -> T:
@@ -141,7 +141,7 @@ class RetryPolicy:
         retrying = tenacity.Retrying(
             stop=tenacity.stop_after_attempt(self.attempts),
             wait=self._wait,
-            retry=tenacity.retry_if_exception_type((Retriable, *TRANSIENT_EXCEPTIONS)),
+            retry=tenacity.retry_if_exception_type((Retriable, *transient_exceptions())),
             sleep=self.sleep,
             before_sleep=before_sleep,
             reraise=True,
@@ -149,29 +149,40 @@ class RetryPolicy:
         return retrying
 
 
-class PinnedHostAdapter(HTTPAdapter):
-    """An adapter for requests sent to a vetted IP address with the real name in the Host header.
+@functools.cache
+def pinned_host_adapter() -> type:
+    """PinnedHostAdapter, defined on first use: its base class is requests' (see etl/lazy.py)."""
 
-    The image downloader connects to the address its URL guard checked (no second DNS lookup an attacker
-    could answer differently) and names the host in `Host`; for https this adapter also gives that name to
-    TLS, as SNI and for the certificate check, and keeps one connection pool per name.
-    """
+    class PinnedHostAdapter(requests.adapters.HTTPAdapter):
+        """An adapter for requests sent to a vetted IP address with the real name in the Host header.
 
-    def build_connection_pool_key_attributes(self, request: Any, verify: Any, cert: Any = None) -> tuple[dict, dict]:
-        host_params, pool_kwargs = super().build_connection_pool_key_attributes(request, verify, cert)
-        host = request.headers.get("Host")
-        if host and host_params.get("scheme") == "https":
-            name = urlsplit(f"//{host}").hostname
-            if name and name != host_params.get("host"):
-                pool_kwargs["server_hostname"] = name
-        return host_params, pool_kwargs
+        The image downloader connects to the address its URL guard checked (no second DNS lookup an attacker
+        could answer differently) and names the host in `Host`; for https this adapter also gives that name to
+        TLS, as SNI and for the certificate check, and keeps one connection pool per name.
+        """
+
+        def build_connection_pool_key_attributes(self, request: Any, verify: Any, cert: Any = None) -> tuple[dict, dict]:
+            host_params, pool_kwargs = super().build_connection_pool_key_attributes(request, verify, cert)
+            host = request.headers.get("Host")
+            if host and host_params.get("scheme") == "https":
+                name = urlsplit(f"//{host}").hostname
+                if name and name != host_params.get("host"):
+                    pool_kwargs["server_hostname"] = name
+            return host_params, pool_kwargs
+
+    return PinnedHostAdapter
 
 
 # A URL the direct GET takes as it is: what requests' URL preparation (IDNA, requoting) would leave unchanged.
 _PLAIN_URL = re.compile(r"https?://[A-Za-z0-9.\-\[\]:]+(?:/[A-Za-z0-9\-._~/!$&'()*+,;=:@?]*)?", re.ASCII)
 
 
-_ADAPTER_SEND = HTTPAdapter.send
+def _sends_as_requests_does(adapter: Any) -> bool:
+    """Whether the adapter sends with requests' own HTTPAdapter.send: not one of its own, nor one patched in (as
+    `responses` does). Told by the function's name, not by identity with a copy taken beforehand: requests is
+    imported on first use (etl/lazy.py), perhaps after the patch."""
+    send = type(adapter).send
+    return getattr(send, "__module__", None) == "requests.adapters" and getattr(send, "__qualname__", None) == "HTTPAdapter.send"
 
 
 @dataclass(frozen=True)
@@ -216,7 +227,7 @@ def direct_get(
     if not _PLAIN_URL.fullmatch(url):
         return None
     adapter = session.get_adapter(url)
-    if type(adapter).send is not _ADAPTER_SEND:
+    if not _sends_as_requests_does(adapter):
         return None  # an adapter that sends its own way (or is patched, as `responses` does): not bypassed
     target = _Target(url, {**session.headers, **headers})
     parts = urlsplit(url)
@@ -265,7 +276,7 @@ def make_session(pool_size: int = 10, *, user_agent: str = USER_AGENT) -> reques
     """A pooled session; retries are the policy's job, so urllib3's own are off."""
     session = requests.Session()
     # pool_connections is how many hosts keep a pool; images come from many (and pinned ones by address).
-    adapter = PinnedHostAdapter(pool_connections=max(pool_size, 4), pool_maxsize=max(pool_size, 4), max_retries=0)
+    adapter = pinned_host_adapter()(pool_connections=max(pool_size, 4), pool_maxsize=max(pool_size, 4), max_retries=0)
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     session.headers["User-Agent"] = user_agent

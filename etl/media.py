@@ -11,15 +11,11 @@ import re
 import socket
 import threading
 import time
-import urllib.request
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from urllib.parse import SplitResult, urljoin, urlsplit, urlunsplit
-
-import requests
-import urllib3
 
 from etl.config import Settings
 from etl.errors import MediaError
@@ -33,6 +29,7 @@ from etl.http import (
     make_session,
     retry_after_seconds,
 )
+from etl.lazy import requests, urllib3  # imported on first use: a run without HTTP never loads them
 
 log = logging.getLogger(__name__)
 
@@ -556,15 +553,34 @@ class Downloader:
         self.max_bytes = settings.max_image_bytes
         self.timeout = (settings.connect_timeout, settings.read_timeout)
         self.max_redirects = settings.max_redirects
-        self.session = session or make_session(settings.concurrency + 4)
-        if not urllib.request.getproxies():
-            # No proxy in the environment: spare requests (and _proxied) a scan of it on every image.
-            self.session.trust_env = False
+        self._session, self._pool_size, self._session_lock = session, settings.concurrency + 4, threading.Lock()
+        if session is not None:
+            self._trusting(session)
         self.policy = policy or RetryPolicy.from_settings(settings)
         self.budget = DecodeBudget(settings.decode_memory_mb * 1024 * 1024)
         self.guard = guard or URLGuard(allow_private=settings.allow_private_hosts)
         # Time for one attempt's body; generous enough for the largest image at a slow link's pace.
         self.total_timeout = total_timeout or settings.connect_timeout + 10 * settings.read_timeout
+
+    @property
+    def session(self) -> requests.Session:
+        """The session, made on first use: a run that fetches no image never imports requests (etl/lazy.py)."""
+        session = self._session
+        if session is None:
+            with self._session_lock:
+                if self._session is None:
+                    self._session = self._trusting(make_session(self._pool_size))
+                session = self._session
+        return session
+
+    @staticmethod
+    def _trusting(session: requests.Session) -> requests.Session:
+        import urllib.request  # with the session: a run that fetches no image needs neither
+
+        if not urllib.request.getproxies():
+            # No proxy in the environment: spare requests (and _proxied) a scan of it on every image.
+            session.trust_env = False
+        return session
 
     def fetch(self, url: str) -> Fetched:
         """Download and verify one image; MediaError (with .permanent) when it cannot be had."""

@@ -114,6 +114,25 @@ def test_a_url_requests_would_rewrite_is_sent_as_requests_sends_it(make_settings
     assert [path for _, path, _ in http_server.requests] == ["/a%20b%C3%A9.png"] * 2
 
 
+def test_an_adapter_patched_before_the_first_session_is_not_bypassed(make_settings, http_server):
+    """`responses` patches HTTPAdapter.send; the downloader's session is made on first use, inside the patch: its
+    GETs must still go through the patched send (so `responses` sees them), not straight to urllib3."""
+    import responses
+
+    from etl.http import direct_get
+
+    with responses.RequestsMock() as mock:
+        mock.add(responses.GET, http_server.url("/a.png"), body=b"mocked", content_type="image/png")
+        downloader = _downloader(make_settings)
+        assert direct_get(downloader.session, http_server.url("/a.png"), {}, (1.0, 1.0)) is None
+        with downloader._get(http_server.url("/a.png")) as response:
+            assert response.content == b"mocked"
+    assert http_server.requests == []
+    direct = direct_get(downloader.session, http_server.url("/a.png"), {}, (1.0, 1.0))
+    assert direct is not None  # the patch undone: straight to urllib3 again
+    direct.close()
+
+
 @pytest.mark.fault("the image host refuses the connection or stalls: requests' own errors, as before")
 def test_direct_errors_are_requests_errors(make_settings, http_server):
     from etl.errors import MediaError

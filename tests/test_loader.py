@@ -246,7 +246,7 @@ def test_held_gives_stored_decisions_images_and_tombstones_of_a_batch(db):
     ]  # fmt: skip
     with db.transaction() as cur:
         held = dbm.held(cur, batch, ENRICHER.version)
-        assert dbm.held(cur, [], ENRICHER.version) == ({}, {}, {}, set())
+        assert dbm.held(cur, [], ENRICHER.version) == ({}, {}, {}, set(), {})
     first = post("1")
     # Only post 1 keeps its decision: 2 has no caption stored, 3 was decided by another enricher.
     assert held.scores == {
@@ -255,6 +255,7 @@ def test_held_gives_stored_decisions_images_and_tombstones_of_a_batch(db):
     assert held.stored == {("mock", "1", 0): ("mock/2024/05/01/1/0.png", "file:///objects/mock/2024/05/01/1/0.png")}
     assert held.hopeless == {}
     assert held.forgotten == {("mock", "gone")}
+    assert set(held.rows) == {("mock", "1"), ("mock", "2"), ("mock", "3")}  # what the upsert compares, of each
 
 
 def test_held_probes_the_key_index_however_the_planner_guesses(db):

@@ -23,6 +23,8 @@ HEAVY = {
     "prometheus_client": "the metrics file", "tenacity": "retrying a request", "tqdm": "the live progress line",
     "multiprocessing": "re-enrichment's process pool", "etl.reenrich": "re-enrichment", "etl.verify": "fixity checks",
     "etl.forget": "deletions", "etl.export": "the export", "etl.report": "the report",
+    "requests": "an HTTP request (etl/lazy.py)", "urllib3": "an HTTP request (etl/lazy.py)",
+    "http.client": "an HTTP request", "http.server": "the mock source's image server",
 }  # fmt: skip
 
 
@@ -42,7 +44,7 @@ def test_a_rerun_with_nothing_new_imports_nothing_it_does_not_use(run_etl, http_
     first = run_etl(*args, env=env, wrapper=("-c", MODULES_AT_EXIT))
     assert first.returncode == 0, first.stderr
     # The first run did fetch, check and score: the names below are what a run that does it imports.
-    assert {"PIL", "py3langid", "numpy", "etl.fastscore"} <= imported(first)
+    assert {"PIL", "py3langid", "numpy", "etl.fastscore", "requests", "urllib3"} <= imported(first)
     served = len(http_server.requests)
 
     rerun = run_etl(*args, env=env, wrapper=("-c", MODULES_AT_EXIT))

@@ -21,6 +21,7 @@ The names below are the ones callers take from `etl.db`; the rest are imported f
 from etl.db.archive import (
     Archive,
     Held,
+    HeldRow,
     UpsertCounts,
     held,
     known_media,
@@ -32,6 +33,6 @@ from etl.db.ledger import Ledger
 from etl.db.state import StreamState
 
 __all__ = [
-    "Archive", "DataRefused", "Database", "Held", "Ledger", "StreamState", "UpsertCounts", "held", "known_media",
+    "Archive", "DataRefused", "Database", "Held", "HeldRow", "Ledger", "StreamState", "UpsertCounts", "held", "known_media",
     "migration_files", "upsert_media", "upsert_posts",
 ]  # fmt: skip

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
@@ -185,15 +185,50 @@ def _post_line(post: Post, first_image_url: str | None, sentiment_version: str |
     )) + "\n"  # fmt: skip
 
 
+def _unchanged(post: Post, first_image_url: str | None, sentiment_version: str | None, stored: HeldRow) -> bool:
+    """Whether UPSERT_POSTS_SQL would leave the post's `stored` row (from held()) as it is and snapshot no counts:
+    the values _post_line() stages, as PostgreSQL stores them (text cleaned, floats exact through repr), equal the
+    row's, image_s3_url COALESCEd; and the counts are both None, or equal the post's latest snapshot."""
+    # `stored` is in _POST_MUTABLE's order (tests/test_rerun_skip.py changes each column in turn).
+    if post.like_count != stored[6] or post.comment_count != stored[7]:
+        return False  # the change a rerun most often brings (numbers: no cleaning makes them equal)
+    s = post.sentiment
+    tags = post.hashtags
+    staged = (
+        post.author_username, post.caption, s.label if s else None, s.polarity if s else None,
+        s.subjectivity if s else None, sentiment_version if s or post.sentiment_skipped else None,
+        post.like_count, post.comment_count, post.permalink, tags if type(tags) is list else list(tags),
+        post.caption_truncated, post.language, post.language_source, post.sentiment_skipped,
+        stored[-2] if first_image_url is None else first_image_url,
+        stored[-1] if post.like_count is None and post.comment_count is None else True,
+    )  # fmt: skip
+    if staged == stored:
+        # Each value equals the stored (clean) one, so it also does once cleaned: clean_text() leaves clean text.
+        return True
+    staged = (
+        clean_text(post.author_username), clean_text(post.caption), *staged[2:5], clean_text(staged[5]),
+        *staged[6:8], clean_text(post.permalink), [clean_text(t) for t in tags], bool(post.caption_truncated),
+        clean_text(post.language), clean_text(post.language_source), clean_text(post.sentiment_skipped),
+        stored[-2] if first_image_url is None else clean_text(first_image_url), staged[-1],
+    )  # fmt: skip
+    return staged == stored
+
+
 def upsert_posts(
     cur: psycopg2.extensions.cursor,
     posts: Sequence[Post],
     *,
     first_image_urls: dict[tuple[str, str], str] | None = None,
     sentiment_version: str | None = None,
+    stored: Mapping[tuple[str, str], HeldRow] | None = None,
+    with_images: Container[tuple[str, str]] = (),
 ) -> UpsertCounts:
     """Insert or update a batch in one statement, which also snapshots the counts that changed (post_engagement);
-    the last of duplicate (platform, post_id) wins."""
+    the last of duplicate (platform, post_id) wins.
+
+    `stored`: rows of these posts as held() found them. A post whose row the statement would leave as it is
+    (_unchanged) is not sent at all, and counted unchanged, unless its key (as stored) is in `with_images`.
+    A rerun with nothing new then costs no round trip."""
     # Keyed on the id as stored (cleaned), so two ids that clean to the same text are one row too.
     latest: dict[tuple[str, str], Post] = {}
     for post in posts:
@@ -203,11 +238,19 @@ def upsert_posts(
     if not latest:
         return UpsertCounts()
     urls = first_image_urls or {}
-    text = "".join([_post_line(p, urls.get(k) or urls.get((p.platform, p.post_id)), sentiment_version) for k, p in latest.items()])
+    stored = stored or {}
+    lines = []
+    for k, p in latest.items():
+        url = (urls.get(k) or urls.get((p.platform, p.post_id))) if urls else None
+        held_row = stored.get(k)
+        if held_row is None or k in with_images or not _unchanged(p, url, sentiment_version, held_row):
+            lines.append(_post_line(p, url, sentiment_version))
+    if not lines:
+        return UpsertCounts(unchanged=len(latest))
     # COPY into the staging table, then one INSERT ... ON CONFLICT from it. A row the database refuses
     # raises psycopg2's error (in the COPY or the INSERT); Database.run turns it into DataRefused.
     cur.execute(_STAGE_POSTS_PREPARE_SQL)
-    cur.copy_expert(_STAGE_POSTS_COPY_SQL, io.StringIO(text))
+    cur.copy_expert(_STAGE_POSTS_COPY_SQL, io.StringIO("".join(lines)))
     cur.execute(_UPSERT_POSTS_COUNTED_SQL)
     inserted, written, snapshots = cur.fetchone()
     return UpsertCounts(inserted, written - inserted, len(latest) - written, snapshots)
@@ -313,6 +356,12 @@ def record_retries(cur: psycopg2.extensions.cursor, media: Sequence[Media]) -> N
     set_first_image_urls(cur, [m for m in media if m.status == "stored" and m.position == 0])
 
 
+# A stored post's row as the upsert compares it (held() -> upsert_posts' `stored`): _POST_MUTABLE's values, then
+# image_s3_url, then whether the post's latest engagement snapshot holds its counts (rows stored before snapshots
+# existed have none, and then the upsert writes one).
+HeldRow = tuple
+
+
 class Held(NamedTuple):
     """What the archive holds already of a batch's posts."""
 
@@ -320,18 +369,25 @@ class Held(NamedTuple):
     hopeless: dict[tuple[str, str, int], str]  # images failed for good: the source_url that failed
     scores: dict[tuple[str, str], tuple]  # captions decided by this enricher: (caption, score, language, source, skipped)
     forgotten: set[tuple[str, str]]  # posts with a tombstone
+    rows: dict[tuple[str, str], HeldRow] = {}  # stored posts (upsert_posts' `stored`); read-only
 
 
+# Where each of _POST_MUTABLE's values sits in a row of HELD_SQL (after tomb, platform, post_id, current).
+_AT = {c: 4 + n for n, c in enumerate(_POST_MUTABLE)}
 # Each post of the batch that is stored (probed by the unique index, however large the table: the LIMIT keeps the
-# planner from a scan), with its decision when enricher %(version)s made it; then the tombstones among them.
+# planner from a scan): what the upsert compares, whether enricher %(version)s made its decision, and whether its
+# latest engagement snapshot holds its counts; then the tombstones among them.
 HELD_SQL = (
     "WITH k AS (SELECT * FROM unnest(%(platforms)s::text[], %(post_ids)s::text[]) AS k(platform, post_id))"
-    " SELECT false, k.platform, k.post_id, p.current, p.caption, p.sentiment, p.sentiment_polarity,"
-    " p.sentiment_subjectivity, p.language, p.language_source, p.sentiment_skipped FROM k"
-    " CROSS JOIN LATERAL (SELECT p.sentiment_version = %(version)s AND p.caption IS NOT NULL AS current, p.caption,"
-    "  p.sentiment, p.sentiment_polarity, p.sentiment_subjectivity, p.language, p.language_source, p.sentiment_skipped"
+    f" SELECT false, k.platform, k.post_id, p.current, {', '.join('p.' + c for c in _POST_MUTABLE)},"
+    " p.image_s3_url, p.snapshot_current FROM k"
+    f" CROSS JOIN LATERAL (SELECT {', '.join(_POST_MUTABLE)}, image_s3_url,"
+    "  p.sentiment_version = %(version)s AND p.caption IS NOT NULL AS current,"
+    "  (SELECT (e.like_count, e.comment_count) IS NOT DISTINCT FROM (p.like_count, p.comment_count)"
+    "   FROM post_engagement e WHERE e.platform = p.platform AND e.post_id = p.post_id"
+    "   ORDER BY e.observed_at DESC LIMIT 1) IS TRUE AS snapshot_current"
     "  FROM social_posts p WHERE p.platform = k.platform AND p.post_id = k.post_id LIMIT 1) p"
-    " UNION ALL SELECT true, f.platform, f.post_id, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL"
+    f" UNION ALL SELECT true, f.platform, f.post_id{', NULL' * (len(_POST_MUTABLE) + 3)}"
     " FROM k JOIN forgotten_posts f USING (platform, post_id)"
 )
 
@@ -340,27 +396,47 @@ def held(cur: psycopg2.extensions.cursor, posts: Sequence[Post], version: str) -
     """What the archive holds of these posts: one query when none of them is stored (a first load), a second for
     the images of those that are. Scores are those decided by enricher `version` (a score, or none for a
     language TextBlob cannot score): a caption seen again unchanged need not be scored (nor its language
-    detected) again."""
+    detected) again. Rows: what upsert_posts() needs to see that a post would leave its row as it is."""
     keys = {(p.platform, clean_text(p.post_id)) for p in posts}
     if not keys:
-        return Held({}, {}, {}, set())
+        return Held({}, {}, {}, set(), {})
     cur.execute(HELD_SQL, {"platforms": [k[0] for k in keys], "post_ids": [k[1] for k in keys], "version": version})
     scores: dict[tuple[str, str], tuple] = {}
-    stored_posts, tombstones = set(), set()
-    for tomb, platform, post_id, current, caption, label, polarity, subjectivity, language, source, skipped in (
-        cur.fetchall()
-    ):
-        if tomb:
-            tombstones.add((platform, post_id))
+    rows: dict[tuple[str, str], HeldRow] = {}
+    tombstones = set()
+    caption, label, language, source, skipped = (_AT[c] for c in ("caption", "sentiment", "language", "language_source", "sentiment_skipped"))
+    polarity, subjectivity = _AT["sentiment_polarity"], _AT["sentiment_subjectivity"]
+    for r in cur.fetchall():
+        if r[0]:
+            tombstones.add((r[1], r[2]))
             continue
-        stored_posts.add((platform, post_id))
-        if current:
-            sentiment = Sentiment(polarity, subjectivity, label) if label else None
-            scores[(platform, post_id)] = (caption, sentiment, language, source, skipped)
+        rows[(r[1], r[2])] = r[4:]
+        if r[3]:
+            sentiment = Sentiment(r[polarity], r[subjectivity], r[label]) if r[label] else None
+            scores[(r[1], r[2])] = (r[caption], sentiment, r[language], r[source], r[skipped])
     # Image rows exist only for stored posts (a foreign key): the others need no look.
-    with_images = [k for p in posts if p.image_urls and (k := (p.platform, clean_text(p.post_id))) in stored_posts]
+    with_images = [k for p in posts if p.image_urls and (k := (p.platform, clean_text(p.post_id))) in rows]
     stored, hopeless = known_media(cur, list(dict.fromkeys(with_images))) if with_images else ({}, {})
-    return Held(stored, hopeless, scores, tombstones)
+    return Held(stored, hopeless, scores, tombstones, rows)
+
+
+def _each_statement_alone(fn: Callable[[psycopg2.extensions.cursor], Any]) -> Callable[[psycopg2.extensions.cursor], Any]:
+    """fn with each of its statements committed by itself (autocommit): a read then costs one round trip per
+    statement, without BEGIN and COMMIT. Under READ COMMITTED a statement sees what it would see inside a
+    transaction (each takes its own snapshot there too). The connection is given back as it was."""
+
+    def run(cur: psycopg2.extensions.cursor) -> Any:
+        conn = cur.connection
+        if conn.autocommit or conn.status != psycopg2.extensions.STATUS_READY:
+            return fn(cur)
+        conn.autocommit = True
+        try:
+            return fn(cur)
+        finally:
+            if not conn.closed:
+                conn.autocommit = False
+
+    return run
 
 
 class Archive:
@@ -371,16 +447,21 @@ class Archive:
 
     def held(self, posts: Sequence[Post], version: str) -> Held:
         """Stored and hopeless images, stored scores by enricher `version`, and tombstones of these posts."""
-        return self.db.run(partial(held, posts=posts, version=version), what="looking up stored images and scores")
+        look = _each_statement_alone(partial(held, posts=posts, version=version))
+        return self.db.run(look, what="looking up stored images and scores")
 
     def load(
         self, posts: Sequence[Post], media: Sequence[Media], first_urls: dict[tuple[str, str], str], version: str,
-        *, what: str,
+        *, what: str, stored: Mapping[tuple[str, str], HeldRow] | None = None,
     ) -> UpsertCounts:  # fmt: skip
-        """Posts with their image rows and engagement snapshots, in one transaction (DataRefused: a row refused)."""
+        """Posts with their image rows and engagement snapshots, in one transaction (DataRefused: a row refused).
+        `stored`: the posts' rows as held() found them; those the upsert would leave as they are are not sent."""
 
         def load(cur: psycopg2.extensions.cursor) -> UpsertCounts:
-            counts = upsert_posts(cur, posts, first_image_urls=first_urls, sentiment_version=version)
+            counts = upsert_posts(
+                cur, posts, first_image_urls=first_urls, sentiment_version=version, stored=stored,
+                with_images={(m.platform, clean_text(m.post_id)) for m in media},
+            )  # fmt: skip
             upsert_media(cur, media)
             return counts
 

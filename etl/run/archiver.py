@@ -17,12 +17,12 @@ from typing import Any
 
 from etl.ahead import score_ahead
 from etl.config import Settings
-from etl.db import Archive, Database, DataRefused, Held, UpsertCounts
+from etl.db import Archive, Database, DataRefused, Held, HeldRow, UpsertCounts
 from etl.enrich import SentimentEnricher
 from etl.errors import LoadError, MediaError, StoreError
 from etl.media import Downloader, without_userinfo
 from etl.progress import LiveCounts
-from etl.records import Media, Post, cap_caption, chunked
+from etl.records import Media, Post, cap_caption, chunked, clean_text
 from etl.run.stats import RunStats, StageClock
 from etl.shards import Shard
 from etl.store import ObjectStore, object_key
@@ -37,7 +37,8 @@ class NothingWritten:
         return Held({}, {}, {}, set())
 
     def load(
-        self, posts: Sequence[Post], media: Sequence[Media], first_urls: dict, version: str, *, what: str
+        self, posts: Sequence[Post], media: Sequence[Media], first_urls: dict, version: str, *, what: str,
+        stored: dict | None = None,
     ) -> UpsertCounts:
         return UpsertCounts()
 
@@ -55,6 +56,7 @@ class _Batch:
     known: dict[tuple[str, str, int], tuple[str, str]]  # images already stored: key, url
     urls: dict[tuple[str, str, int], str] = field(default_factory=dict)  # of the images being archived
     number: int = 0  # the batch's place in the run of its source, for messages
+    rows: dict[tuple[str, str], HeldRow] = field(default_factory=dict)  # stored rows (Held.rows), for the load
 
     def describe(self, source: str) -> str:
         first, last = self.posts[0], self.posts[-1]
@@ -113,6 +115,9 @@ class Archiver:
         self.stop = stop or threading.Event()  # SIGTERM: no new downloads, a short grace for those in flight
         self._grace_ends: float | None = None
         self._batches = 0
+        # Keys (as stored) of the posts of batches looked up and not loaded yet, with how many such batches hold
+        # each: a later batch's lookup of one of them may be older than that load's write (see plan()).
+        self._unloaded: dict[tuple[str, str], int] = {}
         self.live = LiveCounts()  # what is under way, for the progress display
 
     # -- the stream ------------------------------------------------------------------------------
@@ -179,22 +184,45 @@ class Archiver:
         scored = self.enrich(posts, held)
         stats.fetched += len(scored)
         self._batches += 1
-        return _Batch(scored, futures, held.stored, urls, self._batches)
+        return _Batch(scored, futures, held.stored, urls, self._batches, held.rows)
 
     # -- the stages ------------------------------------------------------------------------------
 
     def plan(self, posts: list[Post], stats: RunStats, source: str) -> tuple[list[Post], Held]:
-        """What the archive holds of these posts already; posts forgotten on request are dropped here."""
+        """What the archive holds of these posts already; posts forgotten on request are dropped here.
+
+        The stored rows tell the load which posts it need not send (upsert_posts' `stored`). A post also in a
+        batch looked up but not loaded yet has its row dropped: that load may write it after this lookup, so
+        it goes to the database, which compares with what is stored by then (the last in the stream wins)."""
         with self.clock("lookup"):
+            unloaded = self._unloaded
+            keys = [(p.platform, clean_text(p.post_id)) for p in posts]
+            # Taken before the lookup reads: a load that ends after this point is one the lookup may not see.
+            pending = unloaded.keys() & keys if unloaded else ()
             try:
                 held = self.archive_db.held(posts, self.enricher.version)
             except LoadError as exc:
                 raise _not_loaded(exc, _Batch(posts, {}, {}, number=self._batches + 1), source) from None
+            if pending and held.rows:
+                held = held._replace(rows={k: r for k, r in held.rows.items() if k not in pending})
         if held.forgotten:  # forgotten on request: never archived again (etl/forget.py)
             kept = [p for p in posts if (p.platform, p.post_id) not in held.forgotten]
             stats.forgotten_skipped += len(posts) - len(kept)
             posts = kept
+            keys = [(p.platform, clean_text(p.post_id)) for p in posts]
+        for key in set(keys):
+            unloaded[key] = unloaded.get(key, 0) + 1
         return posts, held
+
+    def _loaded(self, posts: list[Post]) -> None:
+        """The batch of these posts is loaded (or given up): its keys no longer make a later lookup stale."""
+        unloaded = self._unloaded
+        for key in {(p.platform, clean_text(p.post_id)) for p in posts}:
+            left = unloaded.get(key, 0) - 1
+            if left > 0:
+                unloaded[key] = left
+            else:
+                unloaded.pop(key, None)
 
     def enrich(self, posts: list[Post], held: Held) -> list[Post]:
         """Sentiment and language. A caption already scored by this enricher (a rerun, an overlap window) keeps
@@ -238,11 +266,13 @@ class Archiver:
                 first_urls[(m.platform, m.post_id)] = m.url
         with self.clock("load"):
             try:
-                counts, loaded, media = self._load(batch.posts, _by_post(media), first_urls, stats, source)
+                counts, loaded, media = self._load(batch.posts, _by_post(media), first_urls, stats, source, batch.rows)
             except DataRefused:
                 raise
             except LoadError as exc:
                 raise _not_loaded(exc, batch, source) from None
+            finally:
+                self._loaded(batch.posts)
         log.debug(
             "loaded %d posts (%d new, %d updated, %d unchanged) and %d image rows",
             len(loaded), counts.inserted, counts.updated, counts.unchanged, len(media),
@@ -265,14 +295,17 @@ class Archiver:
         first_urls: dict,
         stats: RunStats,
         source: str,
+        stored: dict[tuple[str, str], HeldRow],
     ) -> tuple[UpsertCounts, list[Post], list[Media]]:
         """Load posts with their image rows in one transaction. When the database refuses a row (DataRefused),
         halve the batch until the row is alone: it is reported with its line or post id and the database's
-        reason, and every other row loads. Returns (counts, posts loaded, image rows loaded)."""
+        reason, and every other row loads. Posts whose `stored` row would not change are not sent (counted
+        unchanged, and loaded). Returns (counts, posts loaded, image rows loaded)."""
         rows = [m for p in posts for m in media.pop((p.platform, p.post_id), [])]
         what = f"{len(posts)} post(s) of {source}"
         try:
-            return self.archive_db.load(posts, rows, first_urls, self.enricher.version, what=what), posts, rows
+            counts = self.archive_db.load(posts, rows, first_urls, self.enricher.version, what=what, stored=stored)
+            return counts, posts, rows
         except DataRefused as exc:
             if len(posts) == 1:
                 post = posts[0]
@@ -285,8 +318,8 @@ class Archiver:
                 return UpsertCounts(), [], []
         half = len(posts) // 2
         grouped = _by_post(rows)
-        counts_a, loaded_a, rows_a = self._load(posts[:half], grouped, first_urls, stats, source)
-        counts_b, loaded_b, rows_b = self._load(posts[half:], grouped, first_urls, stats, source)
+        counts_a, loaded_a, rows_a = self._load(posts[:half], grouped, first_urls, stats, source, stored)
+        counts_b, loaded_b, rows_b = self._load(posts[half:], grouped, first_urls, stats, source, stored)
         counts = UpsertCounts(
             counts_a.inserted + counts_b.inserted, counts_a.updated + counts_b.updated,
             counts_a.unchanged + counts_b.unchanged, counts_a.snapshots + counts_b.snapshots,

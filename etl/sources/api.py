@@ -14,10 +14,9 @@ from datetime import datetime, timedelta, timezone
 from types import MappingProxyType
 from typing import Any, ClassVar
 
-import requests
-
 from etl.errors import ConfigError, RecordError, SourceError
 from etl.http import Retriable, WaitTooLong, is_retriable_status, retry_after_seconds
+from etl.lazy import requests  # imported on first use: a run without HTTP never loads it
 from etl.records import Post, clean_text
 from etl.sources.base import FetchWindow, Source
 

@@ -9,10 +9,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, ClassVar
 
-import requests
-
 from etl.config import Settings
 from etl.http import RetryPolicy, make_session
+from etl.lazy import requests  # imported on first use: a run without HTTP never loads it
 from etl.records import Post
 
 log = logging.getLogger(__name__)

@@ -10,12 +10,11 @@ from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-import requests
-
 from etl.config import Secret, Setting, comma_list, flag, http_base, text
 from etl.db.platform import HashtagSearches
 from etl.errors import ConfigError, RecordError, SourceError
 from etl.http import WaitTooLong, retry_after_seconds
+from etl.lazy import requests  # imported on first use: a run without HTTP never loads it
 from etl.records import MAX_IMAGES, Post, post_from_dict
 from etl.sources import api, register
 from etl.sources.api import APISource, Entry, Paginator, Stream, StreamError, Verdict, fatal, retry

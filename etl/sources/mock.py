@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import random
 import threading
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from etl.config import Setting, non_negative_int
 from etl.records import Post, extract_hashtags
 from etl.sources import register
 from etl.sources.base import FetchWindow, Source
+
+if TYPE_CHECKING:
+    from http.server import ThreadingHTTPServer
 
 SETTINGS = (
     Setting("MOCK_SEED", non_negative_int, 42, "seed of the mock source"),
@@ -50,28 +53,35 @@ def _image(post_id: str, n: int, ext: str) -> bytes:
     return buf.getvalue()
 
 
-class _ImageHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    disable_nagle_algorithm = True  # else each small response waits ~40 ms for a delayed ACK
+@functools.cache
+def _image_handler() -> type:
+    """The image server's handler, defined on first use: only a run of the mock source imports http.server."""
+    from http.server import BaseHTTPRequestHandler
 
-    def log_message(self, *args: object) -> None:
-        pass
+    class _ImageHandler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        disable_nagle_algorithm = True  # else each small response waits ~40 ms for a delayed ACK
 
-    def do_GET(self) -> None:  # noqa: N802
-        parts = self.path.strip("/").split("/")  # img/{post_id}/{n}.{ext}
-        if len(parts) != 3 or parts[0] != "img" or "." not in parts[2]:
-            self.send_error(404)
-            return
-        stem, ext = parts[2].rsplit(".", 1)
-        if ext not in ("png", "jpg") or not stem.isdigit():
-            self.send_error(404)
-            return
-        body = _image(parts[1], int(stem), ext)
-        self.send_response(200)
-        self.send_header("Content-Type", "image/png" if ext == "png" else "image/jpeg")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:  # noqa: N802
+            parts = self.path.strip("/").split("/")  # img/{post_id}/{n}.{ext}
+            if len(parts) != 3 or parts[0] != "img" or "." not in parts[2]:
+                self.send_error(404)
+                return
+            stem, ext = parts[2].rsplit(".", 1)
+            if ext not in ("png", "jpg") or not stem.isdigit():
+                self.send_error(404)
+                return
+            body = _image(parts[1], int(stem), ext)
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png" if ext == "png" else "image/jpeg")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    return _ImageHandler
 
 
 @register
@@ -91,7 +101,9 @@ class MockSource(Source):
     def open(self) -> None:
         if self._server is not None:
             return
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _ImageHandler)
+        from http.server import ThreadingHTTPServer
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _image_handler())
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, name="mock-images", daemon=True)
         self._thread.start()

@@ -11,10 +11,9 @@ from types import MappingProxyType
 from typing import Any
 from urllib.parse import urlsplit
 
-import requests
-
 from etl.config import Secret, Setting, comma_list, http_base, text
 from etl.errors import RecordError
+from etl.lazy import requests  # imported on first use: a run without HTTP never loads it
 from etl.records import Post, post_from_dict
 from etl.sources import api, register
 from etl.sources.api import APISource, CursorPaginator, Entry, Stream, StreamError, Verdict, fatal

@@ -9,11 +9,10 @@ from datetime import datetime, timedelta, timezone
 from types import MappingProxyType
 from typing import Any
 
-import requests
-
 from etl.config import Secret, Setting, Settings, comma_list, http_base, non_negative_float, text
 from etl.errors import ConfigError, RecordError
 from etl.http import RetryPolicy
+from etl.lazy import requests  # imported on first use: a run without HTTP never loads it
 from etl.records import Post, clean_text, extract_hashtags, post_from_dict
 from etl.sources import api, register
 from etl.sources.api import APISource, CursorPaginator, Entry, Stream, StreamError, Verdict, fatal

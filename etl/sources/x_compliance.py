@@ -17,11 +17,10 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
-import requests
-
 from etl.config import Settings
 from etl.errors import SourceError
 from etl.http import Retriable, RetryPolicy, WaitTooLong, is_retriable_status, retry_after_seconds
+from etl.lazy import requests  # imported on first use: a run without HTTP never loads it
 from etl.sources.base import Source
 
 log = logging.getLogger(__name__)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import html
-import http.client
 import logging
 import re
 from collections.abc import Iterator, Mapping
@@ -13,13 +12,11 @@ from itertools import islice
 from types import MappingProxyType
 from typing import Any
 
-import requests
-from requests.structures import CaseInsensitiveDict
-
 from etl.config import Secret, Setting, Settings, comma_list, http_base, positive_int, text
 from etl.db.platform import QuotaLedger
 from etl.errors import SourceError
 from etl.http import Retriable, retry_after_seconds
+from etl.lazy import requests  # imported on first use: a run without HTTP never loads it
 from etl.records import Post, extract_hashtags, post_from_dict
 from etl.sources import api, register
 from etl.sources.api import APISource, Entry, Stream, StreamError
@@ -367,6 +364,8 @@ class YouTubeSource(APISource):
 
     def send(self, method: str, url: str, *, endpoint: str = "", headers: Any = None, **kwargs: Any) -> requests.Response:
         """One attempt over the client's httplib2 transport, charged to the quota first, as a requests.Response."""
+        import http.client  # here: only a youtube run needs it
+
         from httplib2 import HttpLib2Error
 
         self._spend(COSTS[endpoint], endpoint)
@@ -376,7 +375,7 @@ class YouTubeSource(APISource):
             raise Retriable(f"cannot reach the API: {self.scrub(str(exc) or type(exc).__name__)}") from None
         response = requests.Response()
         response.status_code, response.reason = int(answer.status), getattr(answer, "reason", "") or ""
-        response.headers = CaseInsensitiveDict(answer)
+        response.headers = requests.structures.CaseInsensitiveDict(answer)
         response._content = content.encode("utf-8") if isinstance(content, str) else content
         return response
 
