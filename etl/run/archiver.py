@@ -6,12 +6,13 @@ load writes nothing (`NothingWritten`), so the two can never drift apart.
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime
 from typing import Any
 
@@ -80,6 +81,64 @@ def _by_post(media: Iterable[Media]) -> dict[tuple[str, str], list[Media]]:
     return grouped
 
 
+def _merge(into: RunStats, part: RunStats) -> None:
+    """Add what a batch loaded on the loader thread counted (its own RunStats) to the run's."""
+    for f in fields(RunStats):
+        value = getattr(part, f.name)
+        if type(value) is int and f.name != "error_count":
+            setattr(into, f.name, getattr(into, f.name) + value)
+    into.sentiment.update(part.sentiment)
+    for message in part.errors:
+        into.error(message)
+    into.error_count += part.error_count - len(part.errors)
+
+
+class _Loader:
+    """Loads batches without images in flight on a thread of its own, over a connection of its own, while the
+    main thread reads, looks up and scores the next batch (issue 16: loading mostly waits for PostgreSQL).
+
+    One load at a time, in the stream's order: the next is handed over only once the one before it is committed
+    (the last of a post's duplicates wins, as in one thread). Each load counts into a RunStats of its own, added
+    to the run's by the main thread once it is committed; its error goes on from there."""
+
+    def __init__(self, archiver: Archiver, db: Database):
+        # The archiver's own load(), run against the second connection (the archiver's stays the main thread's).
+        self.db = Database(db.dsn, display=db.display, reconnect_seconds=db.reconnect_seconds)
+        self.archiver = copy.copy(archiver)
+        self.archiver.archive_db = Archive(self.db)
+        self.thread = ThreadPoolExecutor(1, thread_name_prefix="loader")
+        self.in_flight: tuple[Future, RunStats] | None = None
+
+    def submit(self, batch: _Batch, source: str) -> None:
+        assert self.in_flight is None
+        part = RunStats()
+        self.in_flight = (self.thread.submit(self.archiver.load, batch, part, source), part)
+
+    def collect(self, stats: RunStats) -> datetime | None:
+        """Wait for the load in flight (if any): its counts join `stats`, its error goes on; its newest post."""
+        if self.in_flight is None:
+            return None
+        future, part = self.in_flight
+        with self.archiver.clock("wait_load"):
+            try:
+                newest = future.result()
+            finally:
+                self.in_flight = None
+        _merge(stats, part)
+        return newest
+
+    def close(self, stats: RunStats) -> None:
+        """After an error: the load in flight is let finish (what it committed is counted), its error dropped
+        (the one already going on is the run's); then the thread and the connection go."""
+        try:
+            self.collect(stats)
+        except Exception:
+            log.debug("the load in flight failed too", exc_info=True)
+        finally:
+            self.thread.shutdown(wait=True)
+            self.db.close()
+
+
 def _later(a: datetime | None, b: datetime | None) -> datetime | None:
     if a is None:
         return b
@@ -114,6 +173,7 @@ class Archiver:
         self._grace_ends: float | None = None
         self._batches = 0
         self.live = LiveCounts()  # what is under way, for the progress display
+        self._db = db
 
     # -- the stream ------------------------------------------------------------------------------
 
@@ -131,6 +191,7 @@ class Archiver:
         newest: datetime | None = None
         stats.stages = self.clock
         pool = ThreadPoolExecutor(self.settings.concurrency, thread_name_prefix="images")
+        loader = _Loader(self, self._db) if self._db is not None else None
         try:
             pending: _Batch | None = None
             try:
@@ -141,18 +202,37 @@ class Archiver:
                     current = self._start(posts_batch, pool, stats, source)
                     finishing, pending = pending, current
                     if finishing is not None:
-                        newest = _later(newest, self.load(finishing, stats, source))
-            except (LoadError, KeyboardInterrupt):
+                        newest = _later(newest, self._load_next(finishing, loader, stats, source))
+            except KeyboardInterrupt:
+                raise
+            except LoadError:
+                if loader is not None:
+                    loader.collect(stats)  # the load in flight was of an earlier batch: its own failure goes first
                 raise
             except BaseException:
                 if pending is not None:
+                    if loader is not None:
+                        newest = _later(newest, loader.collect(stats))
                     self.load(pending, stats, source)
                 raise
             if pending is not None:
-                newest = _later(newest, self.load(pending, stats, source))
+                newest = _later(newest, self._load_next(pending, loader, stats, source))
+            if loader is not None:
+                newest = _later(newest, loader.collect(stats))
         finally:
+            if loader is not None:
+                loader.close(stats)
             # After a stop, a download stalled past the grace is left behind (its image is recorded failed).
             pool.shutdown(wait=not self.stop.is_set(), cancel_futures=True)
+        return newest
+
+    def _load_next(self, batch: _Batch, loader: _Loader | None, stats: RunStats, source: str) -> datetime | None:
+        """Load the batch after the one in flight: on the loader thread when none of its images is downloading
+        (the main thread goes on at once), else here; the newest created_at of the loads that finished."""
+        newest = loader.collect(stats) if loader is not None else None
+        if loader is None or batch.futures:
+            return _later(newest, self.load(batch, stats, source))
+        loader.submit(batch, source)
         return newest
 
     def _fetches_images(self, posts: list[Post]) -> bool:
