@@ -25,7 +25,7 @@ if TYPE_CHECKING:  # multiprocessing is imported only when workers are forked (a
 log = logging.getLogger(__name__)
 
 MIN_BATCH = 64  # smaller batches are scored in-process: the round trip to a worker would cost more
-_CHUNK = 250  # captions per task
+_CHUNK = 100  # captions per task: those no worker has begun when the batch is due are decided in-process
 _worker_enricher: SentimentEnricher | None = None
 
 
@@ -117,12 +117,22 @@ def score_ahead(
 
 
 def _hand_on(enricher: SentimentEnricher, held: tuple[list[Post], list[tuple], list[Future]]) -> list[Post]:
-    """The batch, its workers' decisions put where the enricher finds them (scored in-process if they failed)."""
+    """The batch, its workers' decisions put where the enricher finds them (scored in-process if they failed).
+
+    The chunks no worker has taken yet are taken back and decided here, while the workers finish theirs: the
+    main thread reaches a batch when it has read the next one, and whatever the workers have not begun by then
+    would otherwise keep it waiting (one worker on two cores decides more slowly than the main thread reads)."""
     batch, items, futures = held
     enricher.ahead.clear()
     if futures:
+        taken = [n for n in range(len(futures) - 1, -1, -1) if futures[n].cancel()]  # the last chunks first
         try:
-            decisions = [(Sentiment(*s) if s else None, *rest) for future in futures for s, *rest in future.result()]
+            own = {n: enricher.decide_captions(items[n * _CHUNK : (n + 1) * _CHUNK]) for n in sorted(taken)}
+            decisions = []
+            for n, future in enumerate(futures):  # the workers' chunks, finished meanwhile or waited for
+                decisions += (
+                    own[n] if n in own else [(Sentiment(*s) if s else None, *rest) for s, *rest in future.result()]
+                )
             enricher.ahead.update(zip(items, decisions, strict=True))
         except (BrokenExecutor, OSError) as exc:  # a worker died (killed, out of memory): scored here
             log.warning("scoring worker failed (%s); this batch is scored in the main process", exc)
