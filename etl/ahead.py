@@ -25,7 +25,7 @@ if TYPE_CHECKING:  # multiprocessing is imported only when workers are forked (a
 log = logging.getLogger(__name__)
 
 MIN_BATCH = 64  # smaller batches are scored in-process: the round trip to a worker would cost more
-_CHUNK = 100  # captions per task: those no worker has begun when the batch is due are decided in-process
+_CHUNK = 250  # captions per task (fewer a task cost more: language detection walks its texts together); those no worker has begun when the batch is due are decided in-process
 _worker_enricher: SentimentEnricher | None = None
 
 
@@ -71,8 +71,9 @@ def score_ahead(
     in_process: Callable[[list[Post]], bool] | None = None,
 ) -> Iterator[list[Post]]:
     """The batches, unchanged and in order, one behind the stream: a batch is sent to the scoring workers when
-    it is read and handed on when the next one has been read (or the stream ended). When the stream fails,
-    the batch held back is handed on first, then the error goes on (nothing read is lost).
+    it is read and handed on when the next one has been read (or the stream ended); the first is handed on as
+    soon as it is read. When the stream fails, the batch held back is handed on first, then the error goes on
+    (nothing read is lost).
 
     A batch for which `in_process(batch)` is true is handed on as soon as it is read (after the one held back),
     never to the workers: on an images run the downloads keep the cores busy, the captions are scored while the
@@ -82,8 +83,10 @@ def score_ahead(
     held: tuple[list[Post], list[tuple], list[Future]] | None = None
     try:
         try:
-            for batch in batches:
-                if in_process is not None and in_process(batch):
+            for number, batch in enumerate(batches):
+                # The first batch goes on at once, scored in-process: what it holds (new captions, or captions
+                # with stored decisions) tells whether the next one is worth sending to the workers.
+                if number == 0 or (in_process is not None and in_process(batch)):
                     if held is not None:
                         earlier, held = _hand_on(enricher, held), None
                         yield earlier

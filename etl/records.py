@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import MISSING, dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -350,15 +350,19 @@ def post_to_dict(post: Post) -> dict[str, Any]:
     }
 
 
-def chunked(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
-    """Lists of at most `size` items, streaming. If the stream raises, the items it gave before the error
-    come out first (a source that fails mid-batch still has what it yielded loaded), then the error."""
+def chunked(items: Iterable[Any], size: int | Callable[[list[Any] | None], int]) -> Iterator[list[Any]]:
+    """Lists of at most `size` items, streaming; `size` may be a function of the batch before (None for the first)
+    that gives the next batch's. If the stream raises, the items it gave before the error come out first (a
+    source that fails mid-batch still has what it yielded loaded), then the error."""
+    sizer = size if callable(size) else (lambda _: size)
+    limit = sizer(None)
     batch: list[Any] = []
     try:
         for item in items:
             batch.append(item)
-            if len(batch) >= size:
+            if len(batch) >= limit:
                 yield batch
+                limit = sizer(batch)
                 batch = []
     except Exception:
         if batch:

@@ -197,7 +197,7 @@ class Archiver:
             try:
                 # Timed a batch at a time (the clock per post cost more than a tenth of a metadata run's parsing).
                 fetching = self.live.counting(self._allowed(posts, stats))
-                batches = self.clock.timed(chunked(fetching, self.settings.batch_size), "fetch")
+                batches = self.clock.timed(chunked(fetching, self._batch_size), "fetch")
                 for posts_batch in score_ahead(self.enricher, batches, in_process=self._fetches_images):
                     current = self._start(posts_batch, pool, stats, source)
                     finishing, pending = pending, current
@@ -234,6 +234,13 @@ class Archiver:
             return _later(newest, self.load(batch, stats, source))
         loader.submit(batch, source)
         return newest
+
+    def _batch_size(self, previous: list[Post] | None) -> int:
+        """ETL_BATCH_SIZE; after a batch without images, ETL_METADATA_BATCH_SIZE (4 x ETL_BATCH_SIZE unless set):
+        what such a batch costs is per row, and each batch costs its round trips and its hand-overs besides."""
+        if previous is None or any(p.image_urls for p in previous):
+            return self.settings.batch_size
+        return self.settings.metadata_batch_size or 4 * self.settings.batch_size
 
     def _fetches_images(self, posts: list[Post]) -> bool:
         """A batch whose images keep the cores busy (one image per two posts or more): scored in-process."""
