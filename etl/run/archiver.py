@@ -183,9 +183,11 @@ class Archiver:
         """Archive every post; returns the newest created_at loaded (the next watermark). `trusted`: host:port
         pairs the source itself serves (the mock's image server), fetched although they are private.
 
-        Batch N is loaded while batch N+1's images download. When the stream fails (a SourceError, a bug in
-        a source), every post it yielded is still loaded before the error goes on; when loading itself
-        fails (LoadError: the database is gone), nothing more can be done and the error goes on at once.
+        A batch whose images download is loaded once the next batch has started (so their downloads overlap); a
+        batch without is handed to the loader thread at once, and loaded while the next is read and scored. When
+        the stream fails (a SourceError, a bug in a source), every post it yielded is still loaded before the
+        error goes on; when loading itself fails (LoadError: the database is gone), nothing more can be done and
+        the error goes on once the load in flight has ended.
         """
         self.downloader.guard.trusted = set(trusted)
         newest: datetime | None = None
@@ -200,9 +202,13 @@ class Archiver:
                 batches = self.clock.timed(chunked(fetching, self._batch_size), "fetch")
                 for posts_batch in score_ahead(self.enricher, batches, in_process=self._fetches_images):
                     current = self._start(posts_batch, pool, stats, source)
-                    finishing, pending = pending, current
-                    if finishing is not None:
-                        newest = _later(newest, self._load_next(finishing, loader, stats, source))
+                    if pending is not None:
+                        newest = _later(newest, self._load_next(pending, loader, stats, source))
+                        pending = None
+                    if current.futures or loader is None:
+                        pending = current  # loaded once the next batch has started: their downloads overlap
+                    else:
+                        newest = _later(newest, self._load_next(current, loader, stats, source))
             except KeyboardInterrupt:
                 raise
             except LoadError:
@@ -210,9 +216,9 @@ class Archiver:
                     loader.collect(stats)  # the load in flight was of an earlier batch: its own failure goes first
                 raise
             except BaseException:
+                if loader is not None:
+                    newest = _later(newest, loader.collect(stats))
                 if pending is not None:
-                    if loader is not None:
-                        newest = _later(newest, loader.collect(stats))
                     self.load(pending, stats, source)
                 raise
             if pending is not None:
