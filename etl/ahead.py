@@ -25,7 +25,7 @@ if TYPE_CHECKING:  # multiprocessing is imported only when workers are forked (a
 log = logging.getLogger(__name__)
 
 MIN_BATCH = 64  # smaller batches are scored in-process: the round trip to a worker would cost more
-_CHUNK = 250  # captions per task
+_CHUNK = 250  # captions per task (fewer a task cost more: language detection walks its texts together); those no worker has begun when the batch is due are decided in-process
 _worker_enricher: SentimentEnricher | None = None
 
 
@@ -71,8 +71,9 @@ def score_ahead(
     in_process: Callable[[list[Post]], bool] | None = None,
 ) -> Iterator[list[Post]]:
     """The batches, unchanged and in order, one behind the stream: a batch is sent to the scoring workers when
-    it is read and handed on when the next one has been read (or the stream ended). When the stream fails,
-    the batch held back is handed on first, then the error goes on (nothing read is lost).
+    it is read and handed on when the next one has been read (or the stream ended); the first is handed on as
+    soon as it is read. When the stream fails, the batch held back is handed on first, then the error goes on
+    (nothing read is lost).
 
     A batch for which `in_process(batch)` is true is handed on as soon as it is read (after the one held back),
     never to the workers: on an images run the downloads keep the cores busy, the captions are scored while the
@@ -82,8 +83,10 @@ def score_ahead(
     held: tuple[list[Post], list[tuple], list[Future]] | None = None
     try:
         try:
-            for batch in batches:
-                if in_process is not None and in_process(batch):
+            for number, batch in enumerate(batches):
+                # The first batch goes on at once, scored in-process: what it holds (new captions, or captions
+                # with stored decisions) tells whether the next one is worth sending to the workers.
+                if number == 0 or (in_process is not None and in_process(batch)):
                     if held is not None:
                         earlier, held = _hand_on(enricher, held), None
                         yield earlier
@@ -117,12 +120,22 @@ def score_ahead(
 
 
 def _hand_on(enricher: SentimentEnricher, held: tuple[list[Post], list[tuple], list[Future]]) -> list[Post]:
-    """The batch, its workers' decisions put where the enricher finds them (scored in-process if they failed)."""
+    """The batch, its workers' decisions put where the enricher finds them (scored in-process if they failed).
+
+    The chunks no worker has taken yet are taken back and decided here, while the workers finish theirs: the
+    main thread reaches a batch when it has read the next one, and whatever the workers have not begun by then
+    would otherwise keep it waiting (one worker on two cores decides more slowly than the main thread reads)."""
     batch, items, futures = held
     enricher.ahead.clear()
     if futures:
+        taken = [n for n in range(len(futures) - 1, -1, -1) if futures[n].cancel()]  # the last chunks first
         try:
-            decisions = [(Sentiment(*s) if s else None, *rest) for future in futures for s, *rest in future.result()]
+            own = {n: enricher.decide_captions(items[n * _CHUNK : (n + 1) * _CHUNK]) for n in sorted(taken)}
+            decisions = []
+            for n, future in enumerate(futures):  # the workers' chunks, finished meanwhile or waited for
+                decisions += (
+                    own[n] if n in own else [(Sentiment(*s) if s else None, *rest) for s, *rest in future.result()]
+                )
             enricher.ahead.update(zip(items, decisions, strict=True))
         except (BrokenExecutor, OSError) as exc:  # a worker died (killed, out of memory): scored here
             log.warning("scoring worker failed (%s); this batch is scored in the main process", exc)

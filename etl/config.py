@@ -247,6 +247,10 @@ class Settings:
 
     # Loading, enrichment, runs.
     batch_size: int = _setting("ETL_BATCH_SIZE", _positive_int, 500, "posts per database batch")
+    metadata_batch_size: int = _setting(
+        "ETL_METADATA_BATCH_SIZE", _non_negative_int, 0,
+        "posts per database batch after a batch without images (metadata only); 0 = 4 x ETL_BATCH_SIZE",
+    )  # fmt: skip
     source_paths: tuple[str, ...] = _setting(
         "ETL_SOURCE_PATHS", _list, (), "extra sources: comma list of .py files or module names, each registering a Source"
     )

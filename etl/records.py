@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import MISSING, dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -25,7 +25,9 @@ LANGUAGE_RE = re.compile(r"^[a-z]{2,3}(-[a-z0-9]{1,8})*$")
 # Codes platforms give when they could not tell: X's und, zxx and q* (qme: media links only, qht: hashtags
 # only...), ISO 639's mul and mis.
 UNKNOWN_LANGUAGES = frozenset({"und", "zxx", "mul", "mis"})
-HASHTAG_RE = re.compile(r"(?<![\w&])#(\w{1,100})", re.UNICODE)
+# A '#' not preceded by a word character or '&' (an HTML entity): the '#' first, its lookbehind after it, so the
+# engine searches for the literal '#' (five times faster than the lookbehind first, with the same matches).
+HASHTAG_RE = re.compile(r"#(?<![\w&]#)(\w{1,100})", re.UNICODE)
 _SURROGATES = re.compile(r"[\ud800-\udfff]")
 _TAG_EDGES = re.compile(r"^[\s#]+|\s+$")  # '#travel ' and ' # travel' are both 'travel'
 
@@ -128,6 +130,7 @@ def non_finite_path(value: Any, path: str = "raw") -> str | None:
 
 
 _POST_FIELDS = frozenset(Post.__dataclass_fields__)
+_POST_DEFAULTS = {name: f.default for name, f in Post.__dataclass_fields__.items() if f.default is not MISSING}
 
 
 def with_fields(post: Post, **changes: Any) -> Post:
@@ -177,12 +180,21 @@ def parse_datetime(value: Any, *, now: datetime | None = None) -> datetime:
         parsed = parsed.astimezone(timezone.utc)
     except OverflowError:  # year 1 or 9999 shifted by its offset out of datetime's range
         raise RecordError(f"created_at {value!r:.100} is out of range") from None
-    now = now or datetime.now(timezone.utc)
     if parsed < MIN_CREATED_AT:
         raise RecordError(f"created_at {value!r:.100} is before 2000")
+    if now is None:
+        # The clock only goes on: a date within the slack of an earlier reading is within it now too, and most
+        # dates are (reading the clock for every post of a run cost a tenth of this function).
+        if parsed <= _clock_read[0]:
+            return parsed
+        now = datetime.now(timezone.utc)
+        _clock_read[0] = now + FUTURE_SLACK
     if parsed > now + FUTURE_SLACK:
         raise RecordError(f"created_at {value!r:.100} is in the future")
     return parsed
+
+
+_clock_read = [MIN_CREATED_AT]  # the latest created_at accepted by parse_datetime's last reading of the clock
 
 
 def _count(name: str, value: Any) -> int | None:
@@ -263,7 +275,7 @@ def post_from_dict(data: Any, *, now: datetime | None = None, origin: str = "") 
 
 
 def _post_from_dict(data: Any, now: datetime | None, origin: str) -> Post:
-    if not isinstance(data, Mapping):
+    if type(data) is not dict and not isinstance(data, Mapping):
         raise RecordError(f"expected a JSON object, got {type(data).__name__}")
     platform = data.get("platform")
     if not isinstance(platform, str) or not platform.strip():
@@ -305,7 +317,11 @@ def _post_from_dict(data: Any, now: datetime | None, origin: str) -> Post:
         tags = tuple(dict.fromkeys(t for t in normalized if t))
     else:
         raise RecordError("hashtags must be a list of strings")
-    return Post(
+    # Built as with_fields() does: the frozen dataclass's __init__ (a guarded setattr per field) was a third of
+    # this function's cost, on every post of a run; every field is validated above.
+    post = object.__new__(Post)
+    post.__dict__.update(
+        _POST_DEFAULTS,
         platform=platform,
         post_id=post_id,
         created_at=parse_datetime(data["created_at"], now=now),
@@ -322,6 +338,7 @@ def _post_from_dict(data: Any, now: datetime | None, origin: str) -> Post:
         language_source="platform" if language else None,
         origin=origin,
     )
+    return post
 
 
 def post_to_dict(post: Post) -> dict[str, Any]:
@@ -342,15 +359,19 @@ def post_to_dict(post: Post) -> dict[str, Any]:
     }
 
 
-def chunked(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
-    """Lists of at most `size` items, streaming. If the stream raises, the items it gave before the error
-    come out first (a source that fails mid-batch still has what it yielded loaded), then the error."""
+def chunked(items: Iterable[Any], size: int | Callable[[list[Any] | None], int]) -> Iterator[list[Any]]:
+    """Lists of at most `size` items, streaming; `size` may be a function of the batch before (None for the first)
+    that gives the next batch's. If the stream raises, the items it gave before the error come out first (a
+    source that fails mid-batch still has what it yielded loaded), then the error."""
+    sizer = size if callable(size) else (lambda _: size)
+    limit = sizer(None)
     batch: list[Any] = []
     try:
         for item in items:
             batch.append(item)
-            if len(batch) >= size:
+            if len(batch) >= limit:
                 yield batch
+                limit = sizer(batch)
                 batch = []
     except Exception:
         if batch:

@@ -47,8 +47,8 @@ def test_decisions_made_ahead_equal_those_made_in_process():
     expected = enrich_all(SentimentEnricher(), iter(data))
     enricher = SentimentEnricher()
     assert enrich_all(enricher, score_ahead(enricher, iter(data), workers=1)) == expected
-    # The first two batches are scored in-process (nothing is known of the stream yet), the others ahead.
-    assert enricher.ahead_used == 300
+    # The first batch is scored in-process (nothing is known of the stream yet), the others ahead.
+    assert enricher.ahead_used == 400
     assert {p.sentiment_skipped for p in expected} >= {None, "language fr"}
 
 
@@ -113,7 +113,7 @@ def test_a_consumer_that_stops_early_closes_the_workers():
     for _ in range(3):
         batch = next(ahead)
         taken.append(enricher.enrich_all(batch, [None] * len(batch)))
-    assert enricher.ahead_used == 100 and multiprocessing.active_children()  # the third came from a worker
+    assert enricher.ahead_used == 200 and multiprocessing.active_children()  # the second and third came from a worker
     ahead.close()  # what a loop that raises (a load error, a stop) does to the generator it was reading
     assert multiprocessing.active_children() == []
     assert [len(b) for b in taken] == [100, 100, 100]

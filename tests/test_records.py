@@ -84,6 +84,18 @@ def test_a_day_of_clock_skew_is_tolerated():
     assert parse_datetime("2025-06-02T11:00:00Z", now=NOW).day == 2
 
 
+def test_the_clock_read_once_still_refuses_what_is_in_the_future():
+    """Without `now`, the clock is read only for a date past the slack of its last reading: never a wrong answer."""
+    from datetime import datetime, timezone
+
+    real_now = datetime.now(timezone.utc)
+    for _ in range(2):  # the second time, with the clock's last reading in hand
+        assert parse_datetime((real_now + timedelta(hours=23)).isoformat()) == real_now + timedelta(hours=23)
+        with pytest.raises(RecordError, match="in the future"):
+            parse_datetime((real_now + timedelta(hours=25)).isoformat())
+        assert parse_datetime("2024-06-01T00:00:00Z").year == 2024
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [

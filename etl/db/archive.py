@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -156,9 +157,56 @@ def _opt_text(value: Any) -> str:
     return "\\N" if value is None else _text(clean_text(value))
 
 
+# What a value may not hold to go into a line as it is: what COPY escapes, and what clean_text() changes.
+_NEEDS_WORK = re.compile(r"[\\\t\n\r\x00\ud800-\udfff]").search
+
+
 def _post_line(post: Post, first_image_url: str | None, sentiment_version: str | None) -> str:
     """The post's row of the staging table (_POST_COLUMNS) as a line of COPY text, built straight from its
-    fields (their types are known: no per-value dispatch as copy_value() does)."""
+    fields (their types are known: no per-value dispatch as copy_value() does).
+
+    Most rows hold no character to escape or clean: their text values are checked together, by one search, and
+    go in as they are; any other row (or one with raw JSON) is built value by value (_escaped_line)."""
+    s = post.sentiment
+    tags = post.hashtags
+    author, caption, permalink = post.author_username, post.caption, post.permalink
+    language, source, skipped = post.language, post.language_source, post.sentiment_skipped
+    version = sentiment_version if s or skipped else None
+    try:
+        tagged = "".join(tags)
+        together = (
+            f"{post.platform}{post.post_id}{author or ''}{caption or ''}{permalink or ''}{language or ''}"
+            f"{source or ''}{skipped or ''}{version or ''}{first_image_url or ''}{tagged}"
+        )
+        if post.raw is not None or '"' in tagged or _NEEDS_WORK(together):
+            return _escaped_line(post, first_image_url, sentiment_version)
+        return "\t".join((
+            post.platform,
+            post.post_id,
+            "\\N" if author is None else author,
+            "\\N" if caption is None else caption,
+            s.label if s else "\\N",
+            repr(s.polarity) if s else "\\N",
+            repr(s.subjectivity) if s else "\\N",
+            "\\N" if version is None else version,
+            "\\N" if first_image_url is None else first_image_url,
+            "\\N" if post.like_count is None else str(post.like_count),
+            "\\N" if post.comment_count is None else str(post.comment_count),
+            "\\N" if permalink is None else permalink,
+            '{"' + '","'.join(tags) + '"}' if tags else "{}",
+            "\\N",
+            post.created_at.isoformat(),
+            "t" if post.caption_truncated else "f",
+            "\\N" if language is None else language,
+            "\\N" if source is None else source,
+            "\\N" if skipped is None else skipped,
+        )) + "\n"  # fmt: skip
+    except TypeError:  # a value that is not text (a platform module's int post_id): each value on its own
+        return _escaped_line(post, first_image_url, sentiment_version)
+
+
+def _escaped_line(post: Post, first_image_url: str | None, sentiment_version: str | None) -> str:
+    """_post_line() of a row with a value to escape or clean: each value on its own."""
     s = post.sentiment
     tags = post.hashtags
     raw = post.raw

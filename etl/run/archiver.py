@@ -6,12 +6,13 @@ load writes nothing (`NothingWritten`), so the two can never drift apart.
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime
 from typing import Any
 
@@ -82,6 +83,64 @@ def _by_post(media: Iterable[Media]) -> dict[tuple[str, str], list[Media]]:
     return grouped
 
 
+def _merge(into: RunStats, part: RunStats) -> None:
+    """Add what a batch loaded on the loader thread counted (its own RunStats) to the run's."""
+    for f in fields(RunStats):
+        value = getattr(part, f.name)
+        if type(value) is int and f.name != "error_count":
+            setattr(into, f.name, getattr(into, f.name) + value)
+    into.sentiment.update(part.sentiment)
+    for message in part.errors:
+        into.error(message)
+    into.error_count += part.error_count - len(part.errors)
+
+
+class _Loader:
+    """Loads batches without images in flight on a thread of its own, over a connection of its own, while the
+    main thread reads, looks up and scores the next batch (issue 16: loading mostly waits for PostgreSQL).
+
+    One load at a time, in the stream's order: the next is handed over only once the one before it is committed
+    (the last of a post's duplicates wins, as in one thread). Each load counts into a RunStats of its own, added
+    to the run's by the main thread once it is committed; its error goes on from there."""
+
+    def __init__(self, archiver: Archiver, db: Database):
+        # The archiver's own load(), run against the second connection (the archiver's stays the main thread's).
+        self.db = Database(db.dsn, display=db.display, reconnect_seconds=db.reconnect_seconds)
+        self.archiver = copy.copy(archiver)
+        self.archiver.archive_db = Archive(self.db)
+        self.thread = ThreadPoolExecutor(1, thread_name_prefix="loader")
+        self.in_flight: tuple[Future, RunStats] | None = None
+
+    def submit(self, batch: _Batch, source: str) -> None:
+        assert self.in_flight is None
+        part = RunStats()
+        self.in_flight = (self.thread.submit(self.archiver.load, batch, part, source), part)
+
+    def collect(self, stats: RunStats) -> datetime | None:
+        """Wait for the load in flight (if any): its counts join `stats`, its error goes on; its newest post."""
+        if self.in_flight is None:
+            return None
+        future, part = self.in_flight
+        with self.archiver.clock("wait_load"):
+            try:
+                newest = future.result()
+            finally:
+                self.in_flight = None
+        _merge(stats, part)
+        return newest
+
+    def close(self, stats: RunStats) -> None:
+        """After an error: the load in flight is let finish (what it committed is counted), its error dropped
+        (the one already going on is the run's); then the thread and the connection go."""
+        try:
+            self.collect(stats)
+        except Exception:
+            log.debug("the load in flight failed too", exc_info=True)
+        finally:
+            self.thread.shutdown(wait=True)
+            self.db.close()
+
+
 def _later(a: datetime | None, b: datetime | None) -> datetime | None:
     if a is None:
         return b
@@ -116,9 +175,12 @@ class Archiver:
         self._grace_ends: float | None = None
         self._batches = 0
         # Keys (as stored) of the posts of batches looked up and not loaded yet, with how many such batches hold
-        # each: a later batch's lookup of one of them may be older than that load's write (see plan()).
+        # each: a later batch's lookup of one of them may be older than that load's write (see plan()). The loader
+        # thread's copy of the archiver shares both; the lock keeps their counts whole across the two threads.
         self._unloaded: dict[tuple[str, str], int] = {}
+        self._unloaded_lock = threading.Lock()
         self.live = LiveCounts()  # what is under way, for the progress display
+        self._db = db
 
     # -- the stream ------------------------------------------------------------------------------
 
@@ -128,37 +190,70 @@ class Archiver:
         """Archive every post; returns the newest created_at loaded (the next watermark). `trusted`: host:port
         pairs the source itself serves (the mock's image server), fetched although they are private.
 
-        Batch N is loaded while batch N+1's images download. When the stream fails (a SourceError, a bug in
-        a source), every post it yielded is still loaded before the error goes on; when loading itself
-        fails (LoadError: the database is gone), nothing more can be done and the error goes on at once.
+        A batch whose images download is loaded once the next batch has started (so their downloads overlap); a
+        batch without is handed to the loader thread at once, and loaded while the next is read and scored. When
+        the stream fails (a SourceError, a bug in a source), every post it yielded is still loaded before the
+        error goes on; when loading itself fails (LoadError: the database is gone), nothing more can be done and
+        the error goes on once the load in flight has ended.
         """
         self.downloader.guard.trusted = set(trusted)
         newest: datetime | None = None
         stats.stages = self.clock
         pool = ThreadPoolExecutor(self.settings.concurrency, thread_name_prefix="images")
+        loader = _Loader(self, self._db) if self._db is not None else None
         try:
             pending: _Batch | None = None
             try:
                 # Timed a batch at a time (the clock per post cost more than a tenth of a metadata run's parsing).
                 fetching = self.live.counting(self._allowed(posts, stats))
-                batches = self.clock.timed(chunked(fetching, self.settings.batch_size), "fetch")
+                batches = self.clock.timed(chunked(fetching, self._batch_size), "fetch")
                 for posts_batch in score_ahead(self.enricher, batches, in_process=self._fetches_images):
                     current = self._start(posts_batch, pool, stats, source)
-                    finishing, pending = pending, current
-                    if finishing is not None:
-                        newest = _later(newest, self.load(finishing, stats, source))
-            except (LoadError, KeyboardInterrupt):
+                    if pending is not None:
+                        newest = _later(newest, self._load_next(pending, loader, stats, source))
+                        pending = None
+                    if current.futures or loader is None:
+                        pending = current  # loaded once the next batch has started: their downloads overlap
+                    else:
+                        newest = _later(newest, self._load_next(current, loader, stats, source))
+            except KeyboardInterrupt:
+                raise
+            except LoadError:
+                if loader is not None:
+                    loader.collect(stats)  # the load in flight was of an earlier batch: its own failure goes first
                 raise
             except BaseException:
+                if loader is not None:
+                    newest = _later(newest, loader.collect(stats))
                 if pending is not None:
                     self.load(pending, stats, source)
                 raise
             if pending is not None:
-                newest = _later(newest, self.load(pending, stats, source))
+                newest = _later(newest, self._load_next(pending, loader, stats, source))
+            if loader is not None:
+                newest = _later(newest, loader.collect(stats))
         finally:
+            if loader is not None:
+                loader.close(stats)
             # After a stop, a download stalled past the grace is left behind (its image is recorded failed).
             pool.shutdown(wait=not self.stop.is_set(), cancel_futures=True)
         return newest
+
+    def _load_next(self, batch: _Batch, loader: _Loader | None, stats: RunStats, source: str) -> datetime | None:
+        """Load the batch after the one in flight: on the loader thread when none of its images is downloading
+        (the main thread goes on at once), else here; the newest created_at of the loads that finished."""
+        newest = loader.collect(stats) if loader is not None else None
+        if loader is None or batch.futures:
+            return _later(newest, self.load(batch, stats, source))
+        loader.submit(batch, source)
+        return newest
+
+    def _batch_size(self, previous: list[Post] | None) -> int:
+        """ETL_BATCH_SIZE; after a batch without images, ETL_METADATA_BATCH_SIZE (4 x ETL_BATCH_SIZE unless set):
+        what such a batch costs is per row, and each batch costs its round trips and its hand-overs besides."""
+        if previous is None or any(p.image_urls for p in previous):
+            return self.settings.batch_size
+        return self.settings.metadata_batch_size or 4 * self.settings.batch_size
 
     def _fetches_images(self, posts: list[Post]) -> bool:
         """A batch whose images keep the cores busy (one image per two posts or more): scored in-process."""
@@ -198,7 +293,8 @@ class Archiver:
             unloaded = self._unloaded
             keys = [(p.platform, clean_text(p.post_id)) for p in posts]
             # Taken before the lookup reads: a load that ends after this point is one the lookup may not see.
-            pending = unloaded.keys() & keys if unloaded else ()
+            with self._unloaded_lock:
+                pending = unloaded.keys() & keys if unloaded else set()
             try:
                 held = self.archive_db.held(posts, self.enricher.version)
             except LoadError as exc:
@@ -210,19 +306,22 @@ class Archiver:
             stats.forgotten_skipped += len(posts) - len(kept)
             posts = kept
             keys = [(p.platform, clean_text(p.post_id)) for p in posts]
-        for key in set(keys):
-            unloaded[key] = unloaded.get(key, 0) + 1
+        with self._unloaded_lock:
+            for key in set(keys):
+                unloaded[key] = unloaded.get(key, 0) + 1
         return posts, held
 
     def _loaded(self, posts: list[Post]) -> None:
         """The batch of these posts is loaded (or given up): its keys no longer make a later lookup stale."""
         unloaded = self._unloaded
-        for key in {(p.platform, clean_text(p.post_id)) for p in posts}:
-            left = unloaded.get(key, 0) - 1
-            if left > 0:
-                unloaded[key] = left
-            else:
-                unloaded.pop(key, None)
+        keys = {(p.platform, clean_text(p.post_id)) for p in posts}
+        with self._unloaded_lock:  # the loader thread calls this while the main thread plans the next batch
+            for key in keys:
+                left = unloaded.get(key, 0) - 1
+                if left > 0:
+                    unloaded[key] = left
+                else:
+                    unloaded.pop(key, None)
 
     def enrich(self, posts: list[Post], held: Held) -> list[Post]:
         """Sentiment and language. A caption already scored by this enricher (a rerun, an overlap window) keeps
