@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import BrokenExecutor, Future
 from typing import TYPE_CHECKING
@@ -34,6 +35,11 @@ def _init_worker(enricher: SentimentEnricher) -> None:
     _worker_enricher = enricher
 
 
+# Held while the scoring workers are forked. A thread that works inside a C library meanwhile (the archiver's
+# loader thread, in libpq) holds it while it works: a fork copies no lock that such a thread holds at that moment.
+FORKING = threading.Lock()
+
+
 def fork_scorers(enricher: SentimentEnricher, workers: int) -> ProcessPoolExecutor:
     """`workers` processes forked with the enricher itself (not pickled; worker_enricher() in them): its lexicon
     and language model are loaded first and shared copy-on-write. A forked child never closes the parent's
@@ -44,9 +50,13 @@ def fork_scorers(enricher: SentimentEnricher, workers: int) -> ProcessPoolExecut
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    return ProcessPoolExecutor(
-        workers, mp_context=multiprocessing.get_context("fork"), initializer=_init_worker, initargs=(enricher,)
-    )
+    with FORKING:
+        pool = ProcessPoolExecutor(
+            workers, mp_context=multiprocessing.get_context("fork"), initializer=_init_worker, initargs=(enricher,)
+        )
+        for _ in range(workers):  # the executor forks in submit(): every worker now, under the lock
+            pool.submit(os.getpid)
+    return pool
 
 
 def worker_enricher() -> SentimentEnricher:

@@ -5,6 +5,7 @@ own comparison in PostgreSQL leaves it. Each case runs both ways from the same s
 from __future__ import annotations
 
 import dataclasses
+import threading
 from datetime import datetime, timedelta, timezone
 
 import psycopg2.extensions
@@ -238,7 +239,7 @@ def test_any_rerun_ends_as_the_upsert_alone_would_leave_it(db, data):
 # -- through the archiver ------------------------------------------------------------------------------------
 
 
-def test_a_post_in_two_batches_in_flight_ends_as_the_last_one_says(db, make_settings):
+def test_a_post_in_two_batches_in_flight_ends_as_the_last_one_says(db, make_settings, monkeypatch):
     """Batch 2 is looked up before batch 1 is loaded: its row of a post batch 1 changes is stale, so that post
     goes to the database, which finds batch 1's write and takes batch 2's values back (the last wins)."""
     enricher = SentimentEnricher()
@@ -247,8 +248,26 @@ def test_a_post_in_two_batches_in_flight_ends_as_the_last_one_says(db, make_sett
     settings = make_settings(ETL_BATCH_SIZE="2")
     Archiver(settings, db, None, enricher=enricher).archive(iter([first]), RunStats(), source="mock")
     stream = [dataclasses.replace(first, like_count=5), filler[0], first, filler[1], filler[2]]
+    # Batch 1's load waits until batch 2 has been looked up: batch 2's lookup then surely predates batch 1's write.
+    looked_up = threading.Event()
+    load, plan = Archiver.load, Archiver.plan
+
+    def held_back(self, batch, stats, source):
+        if batch.number == 1:
+            assert looked_up.wait(10)
+        return load(self, batch, stats, source)
+
+    def planning(self, posts, stats, source):
+        planned = plan(self, posts, stats, source)
+        if self._batches == 1:  # batch 2's lookup (batch 1 was started before it)
+            looked_up.set()
+        return planned
+
+    monkeypatch.setattr(Archiver, "load", held_back)
+    monkeypatch.setattr(Archiver, "plan", planning)
     stats = RunStats()
     Archiver(settings, db, None, enricher=enricher).archive(iter(stream), stats, source="mock")
+    assert looked_up.is_set()
     assert query(db.dsn, "SELECT like_count FROM social_posts WHERE post_id = 'a'") == [(1,)]
     observed = query(db.dsn, "SELECT like_count FROM post_engagement WHERE post_id = 'a' ORDER BY observed_at")
     assert observed == [(1,), (5,), (1,)]

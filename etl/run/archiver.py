@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, fields
 from datetime import datetime
 from typing import Any
 
-from etl.ahead import score_ahead
+from etl.ahead import FORKING, score_ahead
 from etl.config import Settings
 from etl.db import Archive, Database, DataRefused, Held, HeldRow, UpsertCounts
 from etl.enrich import SentimentEnricher
@@ -114,7 +114,11 @@ class _Loader:
     def submit(self, batch: _Batch, source: str) -> None:
         assert self.in_flight is None
         part = RunStats()
-        self.in_flight = (self.thread.submit(self.archiver.load, batch, part, source), part)
+        self.in_flight = (self.thread.submit(self._load, batch, part, source), part)
+
+    def _load(self, batch: _Batch, stats: RunStats, source: str) -> datetime | None:
+        with FORKING:  # no scoring worker is forked while this thread is inside libpq (etl/ahead.py)
+            return self.archiver.load(batch, stats, source)
 
     def collect(self, stats: RunStats) -> datetime | None:
         """Wait for the load in flight (if any): its counts join `stats`, its error goes on; its newest post."""
@@ -202,20 +206,24 @@ class Archiver:
         pool = ThreadPoolExecutor(self.settings.concurrency, thread_name_prefix="images")
         loader = _Loader(self, self._db) if self._db is not None else None
         try:
-            pending: _Batch | None = None
+            # Batches started (planned, their downloads begun, scored) and neither loaded nor handed to the loader, in
+            # the stream's order. Whatever goes wrong, the handler below loads them before the error goes on.
+            waiting: list[_Batch] = []
             try:
                 # Timed a batch at a time (the clock per post cost more than a tenth of a metadata run's parsing).
                 fetching = self.live.counting(self._allowed(posts, stats))
                 batches = self.clock.timed(chunked(fetching, self._batch_size), "fetch")
                 for posts_batch in score_ahead(self.enricher, batches, in_process=self._fetches_images):
-                    current = self._start(posts_batch, pool, stats, source)
-                    if pending is not None:
-                        newest = _later(newest, self._load_next(pending, loader, stats, source))
-                        pending = None
-                    if current.futures or loader is None:
-                        pending = current  # loaded once the next batch has started: their downloads overlap
-                    else:
-                        newest = _later(newest, self._load_next(current, loader, stats, source))
+                    waiting.append(self._start(posts_batch, pool, stats, source))
+                    # A batch whose images download waits for the next batch to start (their downloads overlap);
+                    # one without goes to the loader thread at once.
+                    keep = 1 if waiting[-1].futures or loader is None else 0
+                    while len(waiting) > keep:
+                        newest = _later(newest, self._load_next(waiting, loader, stats, source))
+                while waiting:
+                    newest = _later(newest, self._load_next(waiting, loader, stats, source))
+                if loader is not None:
+                    newest = _later(newest, loader.collect(stats))
             except KeyboardInterrupt:
                 raise
             except LoadError:
@@ -225,13 +233,9 @@ class Archiver:
             except BaseException:
                 if loader is not None:
                     newest = _later(newest, loader.collect(stats))
-                if pending is not None:
-                    self.load(pending, stats, source)
+                for batch in waiting:
+                    self.load(batch, stats, source)
                 raise
-            if pending is not None:
-                newest = _later(newest, self._load_next(pending, loader, stats, source))
-            if loader is not None:
-                newest = _later(newest, loader.collect(stats))
         finally:
             if loader is not None:
                 loader.close(stats)
@@ -239,10 +243,14 @@ class Archiver:
             pool.shutdown(wait=not self.stop.is_set(), cancel_futures=True)
         return newest
 
-    def _load_next(self, batch: _Batch, loader: _Loader | None, stats: RunStats, source: str) -> datetime | None:
-        """Load the batch after the one in flight: on the loader thread when none of its images is downloading
-        (the main thread goes on at once), else here; the newest created_at of the loads that finished."""
+    def _load_next(
+        self, waiting: list[_Batch], loader: _Loader | None, stats: RunStats, source: str
+    ) -> datetime | None:
+        """Load the first of `waiting` once the load in flight has ended (its error goes on with the batch still
+        waiting): on the loader thread when none of its images is downloading (the main thread goes on at once),
+        else here. The newest created_at of the loads that finished."""
         newest = loader.collect(stats) if loader is not None else None
+        batch = waiting.pop(0)
         if loader is None or batch.futures:
             return _later(newest, self.load(batch, stats, source))
         loader.submit(batch, source)
