@@ -159,8 +159,10 @@ def _reenrich(
                 if ahead and (not reading or len(ahead) > _AHEAD):
                     rows, pending = ahead.popleft()
                     writer.put(rows, _collect(enricher, rows, pending))
-    finally:
-        writer.close()
+    except BaseException:
+        writer.close(raise_error=False)  # the error going on is this one: the writer's, if any, is logged
+        raise
+    writer.close()
 
 
 class _Writer:
@@ -195,21 +197,23 @@ class _Writer:
                 self.error = exc
                 self.stopped = True
 
-    def close(self) -> None:
+    def close(self, *, raise_error: bool = True) -> None:
         if self.thread is not None:
             self.queue.put(None)
             self.thread.join()
         if self.error is not None:
-            raise self.error
+            if raise_error:
+                raise self.error
+            log.warning("writing the re-enriched rows failed too: %s", self.error)
 
 
 def _write(db: Database, enricher: SentimentEnricher, stats: RunStats, rows: list[tuple], parts: list[tuple]) -> None:
-    changed = 0
-    for _, part_changed, tally in parts:
-        changed += part_changed
-        stats.sentiment.update(tally)
     with db.transaction() as cur:
         write_decisions(cur, [text for text, _, _ in parts], enricher.version)
+    changed = 0
+    for _, part_changed, tally in parts:  # counted once committed
+        changed += part_changed
+        stats.sentiment.update(tally)
     stats.fetched += len(rows)
     stats.updated += changed
     stats.unchanged += len(rows) - changed

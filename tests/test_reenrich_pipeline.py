@@ -37,6 +37,7 @@ def test_a_failed_write_stops_the_reenrich_with_its_error(db, monkeypatch):
         module.reenrich(db, enricher, stats, batch_size=100, workers=2)
     assert len(calls) == 3  # nothing written after the failure
     assert stats.fetched == 200
+    assert sum(stats.sentiment.values()) == 200  # the labels of what was written only
     assert query(db.dsn, "SELECT count(*) FROM social_posts WHERE sentiment_version = %s", (enricher.version,)) == [(200,)]
     again = RunStats()
     monkeypatch.setattr(module, "write_decisions", real)
@@ -62,3 +63,40 @@ def test_batches_are_written_in_order_while_later_ones_are_decided(db, monkeypat
     assert [len(batch) for batch in written] == [100] * 12 + [34]
     assert ids == sorted(ids) and len(set(ids)) == 1234
     assert stats.fetched == 1234 and stats.sentiment["positive"] + stats.sentiment["negative"] == 1234
+
+
+@pytest.mark.fault("reading the rows fails while a write fails too: the read's error goes on, the write's is logged")
+def test_the_readers_error_is_the_one_that_goes_on(db, monkeypatch, caplog):
+    import threading
+    from contextlib import contextmanager
+
+    _posts(db, 600)
+    read_failed = threading.Event()
+
+    def refuse(cur, parts, version):  # the first write fails once the read has failed
+        assert read_failed.wait(10)
+        raise psycopg2.errors.DiskFull("could not extend file")
+
+    real_unscored = module.unscored_posts
+
+    class Failing:
+        def __init__(self, scan):
+            self.scan, self.reads = scan, 0
+
+        def fetchmany(self, n):
+            self.reads += 1
+            if self.reads == 4:
+                read_failed.set()
+                raise psycopg2.OperationalError("the server closed the connection")
+            return self.scan.fetchmany(n)
+
+    @contextmanager
+    def failing_scan(*args, **kwargs):
+        with real_unscored(*args, **kwargs) as scan:
+            yield Failing(scan)
+
+    monkeypatch.setattr(module, "write_decisions", refuse)
+    monkeypatch.setattr(module, "unscored_posts", failing_scan)
+    with pytest.raises(psycopg2.OperationalError):
+        module.reenrich(db, SentimentEnricher(0.1), RunStats(), batch_size=100, workers=2)
+    assert "writing the re-enriched rows failed too" in caplog.text
