@@ -182,7 +182,11 @@ def _sends_as_requests_does(adapter: Any) -> bool:
     `responses` does). Told by the function's name, not by identity with a copy taken beforehand: requests is
     imported on first use (etl/lazy.py), perhaps after the patch."""
     send = type(adapter).send
-    return getattr(send, "__module__", None) == "requests.adapters" and getattr(send, "__qualname__", None) == "HTTPAdapter.send"
+    return (
+        getattr(send, "__module__", None) == "requests.adapters"
+        and getattr(send, "__qualname__", None) == "HTTPAdapter.send"
+        and not hasattr(send, "__wrapped__")  # a wrapper made with functools.wraps carries the name it wraps
+    )
 
 
 @dataclass(frozen=True)

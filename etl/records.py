@@ -183,8 +183,9 @@ def parse_datetime(value: Any, *, now: datetime | None = None) -> datetime:
     if parsed < MIN_CREATED_AT:
         raise RecordError(f"created_at {value!r:.100} is before 2000")
     if now is None:
-        # The clock only goes on: a date within the slack of an earlier reading is within it now too, and most
-        # dates are (reading the clock for every post of a run cost a tenth of this function).
+        # A date within the slack of an earlier reading is taken as within it now too (the clock moves on; a step
+        # back of the wall clock, NTP or a resumed VM, could let through a date at most that step too far ahead),
+        # and most dates are: reading the clock for every post of a run cost a tenth of this function.
         if parsed <= _clock_read[0]:
             return parsed
         now = datetime.now(timezone.utc)

@@ -150,3 +150,22 @@ def test_direct_errors_are_requests_errors(make_settings, http_server):
         slow._get(http_server.url("/slow.png"))
     with pytest.raises(MediaError, match="timed out after 1 attempts: ReadTimeout"):
         slow.fetch(http_server.url("/slow.png"))
+
+
+def test_a_send_wrapped_with_functools_wraps_is_not_taken_for_requests_own():
+    """A wrapper made with functools.wraps carries HTTPAdapter.send's name: the direct GET must still see it."""
+    import functools
+
+    import requests
+
+    from etl.http import _sends_as_requests_does
+
+    original = requests.adapters.HTTPAdapter.send
+
+    @functools.wraps(original)
+    def send(self, *args, **kwargs):
+        return original(self, *args, **kwargs)
+
+    wrapped = type("Instrumented", (requests.adapters.HTTPAdapter,), {"send": send})
+    assert _sends_as_requests_does(requests.adapters.HTTPAdapter())
+    assert not _sends_as_requests_does(wrapped())

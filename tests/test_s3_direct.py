@@ -107,7 +107,8 @@ def test_the_endpoint_really_checks_the_signature(endpoint, make_settings):
 def test_the_recorded_sha256_is_signed_as_the_payload(http_server):
     """S3 refuses a body whose SHA-256 is not the signed x-amz-content-sha256 (XAmzContentSHA256Mismatch). The
     direct path signs the checksum the archive records, so the bucket can only take the bytes that were hashed:
-    bytes changed on the way, or a checksum that is not theirs, are refused by S3 instead of stored."""
+    bytes changed on the way are refused on the direct path (S3 answers 400; S3Store.put then hands that image,
+    and every later one, to boto3, which sends the same local bytes again)."""
     from tests.support import Reply
 
     http_server.routes["/bucket/k/0.png"] = http_server.routes["/bucket/k/1.png"] = Reply(status=200, content_type=None)
