@@ -26,7 +26,9 @@ if TYPE_CHECKING:  # multiprocessing is imported only when workers are forked (a
 log = logging.getLogger(__name__)
 
 MIN_BATCH = 64  # smaller batches are scored in-process: the round trip to a worker would cost more
-_CHUNK = 250  # captions per task (fewer a task cost more: language detection walks its texts together); those no worker has begun when the batch is due are decided in-process
+# Captions per task (fewer a task cost more: language detection walks its texts together); the chunks no worker has
+# begun when their batch is due are decided in-process.
+_CHUNK = 250
 _worker_enricher: SentimentEnricher | None = None
 
 
