@@ -158,7 +158,7 @@ class SentimentEnricher:
     @staticmethod
     def item(post: Post) -> tuple[str | None, str | None]:
         """What decides a post's caption: (the caption as stored, the platform's language or None)."""
-        return clean_text(post.caption), post.language if post.language_source == "platform" else None
+        return clean_text(post.caption), _platform_language(post)
 
     def mostly_new(self) -> bool:
         """Whether most captions of the last batch had to be decided (no stored decision to reuse)."""
@@ -184,13 +184,18 @@ class SentimentEnricher:
         if posts:
             self._new_share = len(todo) / len(posts)
         if todo:
-            items = [(caption, p.language if p.language_source == "platform" else None) for _, p, caption in todo]
+            items = [(caption, _platform_language(p)) for _, p, caption in todo]
             for (n, post, _), decision in zip(todo, self.decide_captions(items), strict=True):
                 sentiment, language, source, skipped = decision
                 out[n] = with_fields(
                     post, sentiment=sentiment, language=language, language_source=source, sentiment_skipped=skipped
                 )
         return out  # type: ignore[return-value]  # every slot filled above
+
+
+def _platform_language(post: Post) -> str | None:
+    """The language the platform gave the post (kept as it is), or None (detected from the caption)."""
+    return post.language if post.language_source == "platform" else None
 
 
 def _reused(post: Post, caption: str | None, stored: tuple[Any, ...]) -> Post | None:

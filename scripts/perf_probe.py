@@ -6,7 +6,8 @@
 Each `etl.py` run is a child process timed with wait4 (its own user+sys CPU and peak RSS, like /usr/bin/time
 -v) against a fresh database of an embedded PostgreSQL in a temporary directory. The machine is shared, so
 CPU seconds are the figure to compare; wall time is printed too. The reenrich run uses another sentiment
-threshold, so every stored post is scored again.
+threshold only, so it measures the relabelling from stored polarities (no model loaded, nothing scored again);
+`python -m scripts.bench --only reenrich` measures that and a full re-score.
 """
 
 from __future__ import annotations

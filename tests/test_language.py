@@ -108,7 +108,7 @@ def test_the_reference_is_py3langid_as_shipped(reference):
 
 
 def test_close_calls_are_decided_by_py3langid_itself(reference, monkeypatch):
-    """With no tolerance, the batch's own float64 sums decide everything (and still agree on this corpus); with
+    """With no tolerance, the batch's own float32 sums decide everything (and still agree on this corpus); with
     a tolerance wider than any probability, everything goes back to classify(): the same answers both ways."""
     _, texts, expected = reference
     calls = []

@@ -257,8 +257,8 @@ def test_a_post_in_two_batches_in_flight_ends_as_the_last_one_says(db, make_sett
             assert looked_up.wait(10)
         return load(self, batch, stats, source)
 
-    def planning(self, posts, stats, source):
-        planned = plan(self, posts, stats, source)
+    def planning(self, posts, stats, source, **kwargs):
+        planned = plan(self, posts, stats, source, **kwargs)
         if self._batches == 1:  # batch 2's lookup (batch 1 was started before it)
             looked_up.set()
         return planned

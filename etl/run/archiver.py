@@ -58,6 +58,7 @@ class _Batch:
     urls: dict[tuple[str, str, int], str] = field(default_factory=dict)  # of the images being archived
     number: int = 0  # the batch's place in the run of its source, for messages
     rows: dict[tuple[str, str], HeldRow] = field(default_factory=dict)  # stored rows (Held.rows), for the load
+    keys: frozenset[tuple[str, str]] = frozenset()  # of its posts, as stored: a later lookup may predate its load
 
     def describe(self, source: str) -> str:
         first, last = self.posts[0], self.posts[-1]
@@ -109,12 +110,12 @@ class _Loader:
         self.archiver = copy.copy(archiver)
         self.archiver.archive_db = Archive(self.db)
         self.thread = ThreadPoolExecutor(1, thread_name_prefix="loader")
-        self.in_flight: tuple[Future, RunStats] | None = None
+        self.in_flight: tuple[Future, RunStats, _Batch] | None = None
 
     def submit(self, batch: _Batch, source: str) -> None:
         assert self.in_flight is None
         part = RunStats()
-        self.in_flight = (self.thread.submit(self._load, batch, part, source), part)
+        self.in_flight = (self.thread.submit(self._load, batch, part, source), part, batch)
 
     def _load(self, batch: _Batch, stats: RunStats, source: str) -> datetime | None:
         with FORKING:  # no scoring worker is forked while this thread is inside libpq (etl/ahead.py)
@@ -124,7 +125,7 @@ class _Loader:
         """Wait for the load in flight (if any): its counts join `stats`, its error goes on; its newest post."""
         if self.in_flight is None:
             return None
-        future, part = self.in_flight
+        future, part, _ = self.in_flight
         with self.archiver.clock("wait_load"):
             try:
                 newest = future.result()
@@ -143,6 +144,17 @@ class _Loader:
         finally:
             self.thread.shutdown(wait=True)
             self.db.close()
+
+
+def _keys_not_loaded(waiting: list[_Batch], loader: _Loader | None) -> frozenset[tuple[str, str]]:
+    """The keys of the batches started and not yet loaded: those waiting, and the one the loader may still be
+    loading (counted until collected; its posts then merely go to the database)."""
+    batches = [*waiting, loader.in_flight[2]] if loader is not None and loader.in_flight is not None else waiting
+    if not batches:
+        return frozenset()
+    if len(batches) == 1:
+        return batches[0].keys
+    return frozenset().union(*(b.keys for b in batches))
 
 
 def _later(a: datetime | None, b: datetime | None) -> datetime | None:
@@ -178,11 +190,6 @@ class Archiver:
         self.stop = stop or threading.Event()  # SIGTERM: no new downloads, a short grace for those in flight
         self._grace_ends: float | None = None
         self._batches = 0
-        # Keys (as stored) of the posts of batches looked up and not loaded yet, with how many such batches hold
-        # each: a later batch's lookup of one of them may be older than that load's write (see plan()). The loader
-        # thread's copy of the archiver shares both; the lock keeps their counts whole across the two threads.
-        self._unloaded: dict[tuple[str, str], int] = {}
-        self._unloaded_lock = threading.Lock()
         self.live = LiveCounts()  # what is under way, for the progress display
         self._db = db
 
@@ -214,7 +221,8 @@ class Archiver:
                 fetching = self.live.counting(self._allowed(posts, stats))
                 batches = self.clock.timed(chunked(fetching, self._batch_size), "fetch")
                 for posts_batch in score_ahead(self.enricher, batches, in_process=self._fetches_images):
-                    waiting.append(self._start(posts_batch, pool, stats, source))
+                    unloaded = _keys_not_loaded(waiting, loader)  # taken before the batch's lookup reads
+                    waiting.append(self._start(posts_batch, pool, stats, source, unloaded))
                     # A batch whose images download waits for the next batch to start (their downloads overlap);
                     # one without goes to the loader thread at once.
                     keep = 1 if waiting[-1].futures or loader is None else 0
@@ -277,59 +285,45 @@ class Archiver:
                 continue
             yield post
 
-    def _start(self, posts: list[Post], pool: ThreadPoolExecutor, stats: RunStats, source: str = "") -> _Batch:
+    def _start(
+        self, posts: list[Post], pool: ThreadPoolExecutor, stats: RunStats, source: str = "",
+        unloaded: frozenset[tuple[str, str]] = frozenset(),
+    ) -> _Batch:  # fmt: skip
         """The first three stages of a batch; its images download while the batch before it is loaded.
 
         The downloads start before the captions are scored (they need only the post's key and URLs): scoring,
         and the first batch's loading of the language model, runs while the image hosts answer."""
-        posts, held = self.plan(posts, stats, source)
+        posts, held = self.plan(posts, stats, source, unloaded=unloaded)
         futures, urls = self.images(posts, held, pool)
         scored = self.enrich(posts, held)
         stats.fetched += len(scored)
         self._batches += 1
-        return _Batch(scored, futures, held.stored, urls, self._batches, held.rows)
+        keys = frozenset((p.platform, clean_text(p.post_id)) for p in scored)
+        return _Batch(scored, futures, held.stored, urls, self._batches, held.rows, keys)
 
     # -- the stages ------------------------------------------------------------------------------
 
-    def plan(self, posts: list[Post], stats: RunStats, source: str) -> tuple[list[Post], Held]:
+    def plan(
+        self, posts: list[Post], stats: RunStats, source: str, *, unloaded: frozenset[tuple[str, str]] = frozenset()
+    ) -> tuple[list[Post], Held]:
         """What the archive holds of these posts already; posts forgotten on request are dropped here.
 
-        The stored rows tell the load which posts it need not send (upsert_posts' `stored`). A post also in a
-        batch looked up but not loaded yet has its row dropped: that load may write it after this lookup, so
-        it goes to the database, which compares with what is stored by then (the last in the stream wins)."""
+        The stored rows tell the load which posts it need not send (upsert_posts' `stored`). A post in `unloaded`
+        (the keys of batches started and not known to be loaded when this lookup began) has its row dropped: that
+        load may write it after this lookup, so it goes to the database, which compares with what is stored by
+        then (the last in the stream wins)."""
         with self.clock("lookup"):
-            unloaded = self._unloaded
-            keys = [(p.platform, clean_text(p.post_id)) for p in posts]
-            # Taken before the lookup reads: a load that ends after this point is one the lookup may not see.
-            with self._unloaded_lock:
-                pending = unloaded.keys() & keys if unloaded else set()
             try:
                 held = self.archive_db.held(posts, self.enricher.version)
             except LoadError as exc:
                 raise _not_loaded(exc, _Batch(posts, {}, {}, number=self._batches + 1), source) from None
-            if pending and held.rows:
-                held = held._replace(rows={k: r for k, r in held.rows.items() if k not in pending})
+            if unloaded and held.rows:
+                held = held._replace(rows={k: r for k, r in held.rows.items() if k not in unloaded})
         if held.forgotten:  # forgotten on request: never archived again (etl/forget.py)
             kept = [p for p in posts if (p.platform, p.post_id) not in held.forgotten]
             stats.forgotten_skipped += len(posts) - len(kept)
             posts = kept
-            keys = [(p.platform, clean_text(p.post_id)) for p in posts]
-        with self._unloaded_lock:
-            for key in set(keys):
-                unloaded[key] = unloaded.get(key, 0) + 1
         return posts, held
-
-    def _loaded(self, posts: list[Post]) -> None:
-        """The batch of these posts is loaded (or given up): its keys no longer make a later lookup stale."""
-        unloaded = self._unloaded
-        keys = {(p.platform, clean_text(p.post_id)) for p in posts}
-        with self._unloaded_lock:  # the loader thread calls this while the main thread plans the next batch
-            for key in keys:
-                left = unloaded.get(key, 0) - 1
-                if left > 0:
-                    unloaded[key] = left
-                else:
-                    unloaded.pop(key, None)
 
     def enrich(self, posts: list[Post], held: Held) -> list[Post]:
         """Sentiment and language. A caption already scored by this enricher (a rerun, an overlap window) keeps
@@ -378,8 +372,6 @@ class Archiver:
                 raise
             except LoadError as exc:
                 raise _not_loaded(exc, batch, source) from None
-            finally:
-                self._loaded(batch.posts)
         log.debug(
             "loaded %d posts (%d new, %d updated, %d unchanged) and %d image rows",
             len(loaded), counts.inserted, counts.updated, counts.unchanged, len(media),
