@@ -376,13 +376,17 @@ def check_jpeg(body: bytes) -> None:
         raise NotAnImage("not a valid image: no JPEG start marker")
     pos, scans = 2, 0
     components: set[int] = set()
+    damaged: dict[tuple[int, int], bool] = {}  # Huffman tables by (class, slot): whether libjpeg would refuse it
     while True:
         while pos < size and body[pos] == 0xFF and pos + 1 < size and body[pos + 1] == 0xFF:
             pos += 1  # fill bytes before a marker
         if pos + 2 > size:
             raise NotAnImage(f"not a valid image: JPEG cut short at byte {pos} (no EOI)")
-        if body[pos] != 0xFF:
-            raise NotAnImage(f"not a valid image: the JPEG has no marker where one belongs (byte {pos})")
+        if body[pos] != 0xFF:  # extraneous bytes before a marker: libjpeg warns and skips them, so do we
+            pos = body.find(b"\xff", pos)
+            if pos < 0:
+                raise NotAnImage("not a valid image: JPEG cut short (no EOI)")
+            continue
         marker = body[pos + 1]
         if marker == 0xD9:
             if not scans:
@@ -397,11 +401,11 @@ def check_jpeg(body: bytes) -> None:
         if end > size or end < pos + 4:
             raise NotAnImage(f"not a valid image: the JPEG's segment at byte {pos} is cut short")
         if marker == 0xC4:
-            _check_huffman_tables(body[pos + 4 : end], pos)
+            damaged.update(_check_huffman_tables(body[pos + 4 : end], pos))
         elif 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
             components = _check_frame(body[pos + 4 : end], pos)
         elif marker == 0xDA:
-            _check_scan(body[pos + 4 : end], pos, components)
+            _check_scan(body[pos + 4 : end], pos, components, damaged)
         pos = end
         if marker == 0xDA:  # start of scan: compressed data up to the next marker
             scans += 1
@@ -426,19 +430,26 @@ def _check_frame(data: bytes, at: int) -> set[int]:
     return ids
 
 
-def _check_scan(data: bytes, at: int, components: set[int]) -> None:
-    """A scan header (SOS): 1-4 components of the frame, Huffman slots 0-3, a length that fits them."""
+def _check_scan(data: bytes, at: int, components: set[int], damaged: dict[tuple[int, int], bool]) -> None:
+    """A scan header (SOS): 1-4 components of the frame, Huffman slots 0-3, a length that fits them; the Huffman
+    tables it decodes with are whole (libjpeg builds, and checks, only the tables a scan uses)."""
     count = data[0] if data else 0
     if not 1 <= count <= 4 or len(data) != 4 + 2 * count:
         raise NotAnImage(f"not a valid image: the JPEG's scan header at byte {at} is damaged")
+    first, last = data[1 + 2 * count], data[2 + 2 * count]  # spectral selection: DC (0) and/or AC (1..63)
     for i in range(1, 1 + 2 * count, 2):
-        if data[i] not in components or data[i + 1] >> 4 > 3 or data[i + 1] & 0x0F > 3:
+        dc, ac = data[i + 1] >> 4, data[i + 1] & 0x0F
+        if data[i] not in components or dc > 3 or ac > 3:
             raise NotAnImage(f"not a valid image: the JPEG's scan header at byte {at} is damaged")
+        if (first == 0 and damaged.get((0, dc))) or (last > 0 and damaged.get((1, ac))):
+            raise NotAnImage(f"not a valid image: a Huffman table of the JPEG's scan at byte {at} is damaged")
 
 
-def _check_huffman_tables(data: bytes, at: int) -> None:
-    """A DHT segment's tables, checked as libjpeg checks them before decoding: class 0/1 and slot 0-3, at most
-    256 codes, code lengths that fit the code space, DC symbols up to 15, and nothing left over."""
+def _check_huffman_tables(data: bytes, at: int) -> dict[tuple[int, int], bool]:
+    """A DHT segment's tables as libjpeg reads them: class 0/1 and slot 0-3, at most 256 codes, nothing left over
+    (refused here); and, by (class, slot), whether a table is one libjpeg would refuse once a scan uses it (code
+    lengths that overflow the code space, a DC symbol over 15)."""
+    tables = {}
     pos = 0
     while pos < len(data):
         if pos + 17 > len(data):
@@ -451,11 +462,11 @@ def _check_huffman_tables(data: bytes, at: int) -> None:
             code += count
             overflow = overflow or (count > 0 and code >= 1 << length)
             code <<= 1
-        if kind >> 4 > 1 or kind & 0x0F > 3 or total > 256 or len(symbols) != total or overflow or (
-            kind >> 4 == 0 and any(s > 15 for s in symbols)
-        ):
+        if kind >> 4 > 1 or kind & 0x0F > 3 or total > 256 or len(symbols) != total:
             raise NotAnImage(f"not a valid image: the JPEG's Huffman table at byte {at} is damaged")
+        tables[(kind >> 4, kind & 0x0F)] = overflow or (kind >> 4 == 0 and any(s > 15 for s in symbols))
         pos += 17 + total
+    return tables
 
 
 def _vp8l_size(data: bytes) -> tuple[int, int]:

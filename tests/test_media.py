@@ -342,6 +342,26 @@ def test_jpeg_check_refuses_damaged_tables_and_headers(marker, offset, value, wh
         sniff_image(bytes(body))
 
 
+def test_jpeg_check_accepts_what_libjpeg_only_warns_about():
+    """Stray bytes before a marker (libjpeg: "extraneous bytes before marker", a warning) and a damaged Huffman
+    table no scan uses (libjpeg builds only the tables its scans use) are decoded by Pillow: such a file is an
+    image, not a permanent failure. The same damage in a table a scan uses is still refused."""
+    body = _noise_jpeg()
+    at = _segment(body, 0xDB)
+    stray = body[:at] + b"\x00\x17" + body[at:]
+    # A DC table whose only code stands for symbol 16, which no DC coefficient can have: in slot 3, no scan uses it.
+    bad_table = lambda slot: b"\xff\xc4\x00\x14" + bytes([slot]) + b"\x01" + b"\x00" * 15 + b"\x10"  # noqa: E731
+    sos = _segment(body, 0xDA)
+    unused = body[:sos] + bad_table(3) + body[sos:]
+    for variant in (stray, unused):
+        Image.open(io.BytesIO(variant)).load()  # Pillow (libjpeg) decodes it
+        check_jpeg(variant)
+        assert sniff_image(variant) == ("image/jpeg", 160, 120)
+    used = body[:sos] + bad_table(0) + body[sos:]  # the same table in slot 0, which the scan decodes with
+    with pytest.raises(NotAnImage, match="Huffman table of the JPEG's scan"):
+        check_jpeg(used)
+
+
 def test_a_jpeg_is_checked_without_a_decode():
     """The budget of decodes is never asked for by a JPEG (a PNG neither); a GIF still is decoded."""
 
