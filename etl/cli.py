@@ -363,10 +363,9 @@ def _dispatch(args: argparse.Namespace, settings: Settings, out: IO[str]) -> int
         return cli_trust.verify_command(args, settings, out, stop)
     if command == "forget":
         return cli_trust.forget_command(args, settings, out)
-    from etl.run.services import open_services
-
     if command == "export":
         from etl.export import export, resolve_target
+        from etl.run.services import open_services
 
         target = resolve_target(settings, args.to)
         db, _ = open_services(settings, check_store=False)

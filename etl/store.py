@@ -17,7 +17,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Protocol
 
-from etl import __version__
 from etl.config import Settings
 from etl.errors import ConfigError, ServiceUnavailable, StoreError
 
@@ -456,9 +455,8 @@ class DirectPut:
             # The certificates boto3 trusts: AWS_CA_BUNDLE (or ca_bundle in the AWS config), else its default.
             kwargs.update(cert_reqs="CERT_REQUIRED", ca_certs=ca_bundle or get_cert_path(True))
         self.pool = urllib3.connection_from_url(
-            base, maxsize=pool_size, retries=False, timeout=urllib3.Timeout(connect=timeout[0], read=timeout[1]),
-            headers={"User-Agent": f"social-archiver/{__version__}"}, **kwargs,
-        )  # fmt: skip
+            base, maxsize=pool_size, retries=False, timeout=urllib3.Timeout(connect=timeout[0], read=timeout[1]), **kwargs
+        )  # the signed headers are the request's own: a pool's default headers would never be sent
 
     @classmethod
     def learned(

@@ -328,3 +328,15 @@ def test_sources_get_their_platform_state_when_they_are_built(db):
     assert not hasattr(youtube, "db")
     dry = build_sources(settings, RunRequest(sources=["youtube", "instagram"]))  # a dry run: no database
     assert [s.state for s in dry] == [None, None]
+
+
+@pytest.mark.badinput("a media object whose type is a list or an object: no crash, the other types' field is read")
+def test_url_by_type_takes_an_unhashable_type_for_another_type():
+    url_by_type = api.url_by_type
+    fields = {"image": "url", "video": "preview_url"}
+    assert url_by_type({"type": "image", "url": " https://x/a.png "}, fields) == "https://x/a.png"
+    for odd in (["image"], {"kind": "image"}):
+        assert url_by_type({"type": odd, "url": "https://x/a.png", "preview_url": "https://x/p.png"}, fields) is None
+        assert url_by_type({"type": odd, "preview_url": "https://x/p.png"}, fields, default="preview_url") == (
+            "https://x/p.png"
+        )

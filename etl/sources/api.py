@@ -583,7 +583,8 @@ def dig(body: Any, path: str | Sequence[str | int], kind: type | tuple[type, ...
 def url_by_type(media: Any, fields: Mapping[Any, str], type_field: str = "type", default: str = "") -> str | None:
     """The image URL of a media object, from the field its type keeps one in (`fields`: type -> field, `default`
     for other types; a video or GIF gives its still frame), stripped; None for a type without one, or a blank URL."""
-    field = fields.get(dig(media, type_field), default)
+    kind = dig(media, type_field, (str, int))  # a list or an object there is no type of ours: the default's field
+    field = fields.get(kind, default) if kind is not None else default
     url = dig(media, field, str) if field else None
     return url.strip() if url and url.strip() else None
 
