@@ -47,7 +47,8 @@ def test_decisions_made_ahead_equal_those_made_in_process():
     expected = enrich_all(SentimentEnricher(), iter(data))
     enricher = SentimentEnricher()
     assert enrich_all(enricher, score_ahead(enricher, iter(data), workers=1)) == expected
-    # The first batch is scored in-process (nothing is known of the stream yet), the others ahead.
+    # The first batch is scored in-process (nothing is known of the stream yet), the others ahead (sent to the
+    # worker; a chunk it has not begun when its batch is due is taken back and decided here, so this counts both).
     assert enricher.ahead_used == 400
     assert {p.sentiment_skipped for p in expected} >= {None, "language fr"}
 
@@ -100,7 +101,7 @@ def test_batches_scored_in_process_are_handed_on_as_soon_as_read():
         expected = expected[len(scored) :]
     # Batches 0 and 1 come out as they are read; batch 2 goes to the workers and waits for batch 3.
     assert out == [(1, "0-0"), (2, "1-0"), (4, "2-0"), (4, "3-0")]
-    assert enricher.ahead_used == 200  # batches 2 and 3, by the workers
+    assert enricher.ahead_used == 200  # batches 2 and 3, decided ahead (by the worker, or taken back)
 
 
 @pytest.mark.fault("the archiver fails while batches are scored ahead: the generator closes and its workers end")
@@ -113,7 +114,7 @@ def test_a_consumer_that_stops_early_closes_the_workers():
     for _ in range(3):
         batch = next(ahead)
         taken.append(enricher.enrich_all(batch, [None] * len(batch)))
-    assert enricher.ahead_used == 200 and multiprocessing.active_children()  # the second and third came from a worker
+    assert enricher.ahead_used == 200 and multiprocessing.active_children()  # the second and third were sent to a worker
     ahead.close()  # what a loop that raises (a load error, a stop) does to the generator it was reading
     assert multiprocessing.active_children() == []
     assert [len(b) for b in taken] == [100, 100, 100]
