@@ -13,6 +13,7 @@ import tempfile
 import threading
 import time
 import urllib.parse
+from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Protocol
@@ -273,28 +274,46 @@ class S3Store:
     def __init__(self, settings: Settings, client: object | None = None, credentials: object | None = None):
         self.bucket = settings.s3_bucket
         self.conditional = True  # If-None-Match on PUT; off for a store that answers 501 to it
-        if client is None:
-            import boto3
-
-            session = boto3.session.Session()
-            client = make_s3_client(settings, session=session)
-            credentials = session.get_credentials()
-        self.client = client
         self.settings = settings
         # The direct path (S3_DIRECT_PUT) learns the URL layout and signing region from boto3's first PUT.
         self.direct: DirectPut | None = None
-        self._credentials = credentials if settings.s3_direct_put else None
+        self._credentials: object | None = None
         self._sent = threading.local()
         self._learn_lock = threading.Lock()
+        self._client: object | None = None
+        self._client_lock = threading.Lock()
+        if client is not None:
+            self._adopt(client, credentials)
+
+    @property
+    def client(self) -> object:
+        """boto3's client, made on first use: a rerun with nothing to PUT never imports boto3 (issue 16)."""
+        if self._client is None:
+            with self._client_lock:
+                if self._client is None:
+                    import boto3
+
+                    session = boto3.session.Session()
+                    self._adopt(make_s3_client(self.settings, session=session), session.get_credentials())
+        return self._client
+
+    def _adopt(self, client: object, credentials: object | None) -> None:
+        self._credentials = credentials if self.settings.s3_direct_put else None
         if self._credentials is not None:
-            self.client.meta.events.register("before-send.s3.PutObject", self._note_sent)
+            client.meta.events.register("before-send.s3.PutObject", self._note_sent)
+        self._client = client
 
     def check(self) -> None:
-        """Fail before any work, naming S3_BUCKET, when the bucket is missing or not ours to use."""
+        """Fail before any work, naming S3_BUCKET, when the bucket is missing or not ours to use.
+
+        A HEAD signed here answered 200 settles it without boto3; any other outcome is boto3's to judge and word."""
+        if self._client is None and bucket_answers(self.settings):
+            return
+        client = self.client  # made outside the try below: a client that cannot be made fails as it always did
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
-            self.client.head_bucket(Bucket=self.bucket)
+            client.head_bucket(Bucket=self.bucket)
         except ClientError as exc:
             code = str(exc.response.get("Error", {}).get("Code", ""))
             if code in ("404", "NoSuchBucket", "NotFound"):
@@ -345,7 +364,13 @@ class S3Store:
         from botocore.exceptions import ClientError
 
         # No ACL: objects stay private to the bucket owner.
-        args = {"Bucket": self.bucket, "Key": key, "Body": body, "ContentType": content_type, "Metadata": {"sha256": sha256}}
+        args = {
+            "Bucket": self.bucket,
+            "Key": key,
+            "Body": body,
+            "ContentType": content_type,
+            "Metadata": {"sha256": sha256},
+        }
         if conditional:
             try:
                 self.client.put_object(**args, IfNoneMatch="*")
@@ -418,7 +443,62 @@ class S3Store:
         return f"s3://{self.bucket}/"
 
 
-class DirectPut:
+class SigV4:
+    """Requests to one S3 base URL signed here by AWS Signature Version 4, as botocore's S3 signer signs them."""
+
+    def __init__(self, base: str, region: str, credentials: object):
+        self.base = base  # scheme://host[/bucket] without the trailing slash: "/" and the encoded key follow
+        self.region = region
+        self.credentials = credentials
+        parts = urllib.parse.urlsplit(base)
+        # The Host header as botocore signs it (and as it is sent): the name, and the port unless the scheme's own.
+        self.host = f"[{parts.hostname}]" if ":" in (parts.hostname or "") else str(parts.hostname)
+        if parts.port is not None and parts.port != (443 if parts.scheme == "https" else 80):
+            self.host += f":{parts.port}"
+        self.path = parts.path  # "/bucket" (path style) or "" (virtual-hosted)
+        self._keys: dict[tuple[str, str], bytes] = {}  # (secret, day) -> signing key: four HMACs spared a PUT
+
+    def signed(self, path: str, headers: dict[str, str], sha256: str, method: str = "PUT") -> dict[str, str]:
+        """`headers` (lower-case names) with host, the date and the payload's hash added, signed for a `method` (PUT
+        or HEAD) of `path` by AWS Signature Version 4 as botocore's S3 signer signs it (the path as sent, every
+        header signed).
+
+        The payload's hash is the image's own SHA-256, so S3 refuses a body that is not the one hashed
+        (XAmzContentSHA256Mismatch): the integrity check a Content-MD5 made, with no second hash of the body.
+        (A bucket that insists on Content-MD5, one with an Object Lock retention period, answers 400: the run then
+        sends its PUTs through boto3, correct and slower.) botocore's signer took 0.1 ms a PUT (its request object,
+        header maps, four HMACs for the key); this one keeps the day's signing key."""
+        credentials = self.credentials.get_frozen_credentials()  # refreshed by botocore when they expire
+        now = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        headers = {**headers, "host": self.host, "x-amz-content-sha256": sha256, "x-amz-date": now}
+        if credentials.token:
+            headers["x-amz-security-token"] = credentials.token
+        names = sorted(headers)
+        signed_names = ";".join(names)
+        canonical = "\n".join((
+            method, path, "", *(f"{name}:{' '.join(headers[name].split())}" for name in names), "", signed_names, sha256,
+        ))  # fmt: skip
+        scope = f"{now[:8]}/{self.region}/s3/aws4_request"
+        text = f"AWS4-HMAC-SHA256\n{now}\n{scope}\n{hashlib.sha256(canonical.encode()).hexdigest()}"
+        signature = hmac.new(self._signing_key(credentials.secret_key, now[:8]), text.encode(), "sha256").hexdigest()
+        headers["authorization"] = (
+            f"AWS4-HMAC-SHA256 Credential={credentials.access_key}/{scope}, SignedHeaders={signed_names}, Signature={signature}"
+        )
+        return headers
+
+    def _signing_key(self, secret: str, day: str) -> bytes:
+        key = self._keys.get((secret, day))
+        if key is None:
+            key = f"AWS4{secret}".encode()
+            for part in (day, self.region, "s3", "aws4_request"):
+                key = hmac.new(key, part.encode(), "sha256").digest()
+            if len(self._keys) > 4:
+                self._keys.clear()  # yesterday's keys, or a rotated secret's
+            self._keys[(secret, day)] = key
+        return key
+
+
+class DirectPut(SigV4):
     """Conditional PUTs signed here (SigV4, as botocore's S3 signer signs them) and sent over one urllib3 pool.
 
     put_object spends about 1.1 ms of CPU per call on its machinery (parameter validation, event hooks,
@@ -434,20 +514,18 @@ class DirectPut:
     HANDED_OVER = frozenset({301, 307, 400, 403})  # after these, boto3 sends every PUT for the rest of the run
 
     def __init__(
-        self, base: str, region: str, credentials: object, *, pool_size: int, timeout: tuple[float, float], ca_bundle: str = ""
+        self,
+        base: str,
+        region: str,
+        credentials: object,
+        *,
+        pool_size: int,
+        timeout: tuple[float, float],
+        ca_bundle: str = "",
     ):
         import urllib3
 
-        self.base = base  # scheme://host[/bucket] without the trailing slash: "/" and the encoded key follow
-        self.region = region
-        self.credentials = credentials
-        parts = urllib.parse.urlsplit(base)
-        # The Host header as botocore signs it (and as it is sent): the name, and the port unless the scheme's own.
-        self.host = f"[{parts.hostname}]" if ":" in (parts.hostname or "") else str(parts.hostname)
-        if parts.port is not None and parts.port != (443 if parts.scheme == "https" else 80):
-            self.host += f":{parts.port}"
-        self.path = parts.path  # "/bucket" (path style) or "" (virtual-hosted)
-        self._keys: dict[tuple[str, str], bytes] = {}  # (secret, day) -> signing key: four HMACs spared a PUT
+        super().__init__(base, region, credentials)
         kwargs: dict[str, object] = {}
         if base.startswith("https:"):
             from botocore.httpsession import get_cert_path
@@ -455,7 +533,11 @@ class DirectPut:
             # The certificates boto3 trusts: AWS_CA_BUNDLE (or ca_bundle in the AWS config), else its default.
             kwargs.update(cert_reqs="CERT_REQUIRED", ca_certs=ca_bundle or get_cert_path(True))
         self.pool = urllib3.connection_from_url(
-            base, maxsize=pool_size, retries=False, timeout=urllib3.Timeout(connect=timeout[0], read=timeout[1]), **kwargs
+            base,
+            maxsize=pool_size,
+            retries=False,
+            timeout=urllib3.Timeout(connect=timeout[0], read=timeout[1]),
+            **kwargs,
         )  # the signed headers are the request's own: a pool's default headers would never be sent
 
     @classmethod
@@ -487,14 +569,18 @@ class DirectPut:
         ca_bundle = botocore.session.get_session().get_config_variable("ca_bundle") or ""
         timeout = (settings.connect_timeout, settings.read_timeout)
         log.debug("direct S3 PUTs to %s, signed for %s", base, scope[2])
-        return cls(base, scope[2], credentials, pool_size=settings.concurrency + 4, timeout=timeout, ca_bundle=ca_bundle)
+        return cls(
+            base, scope[2], credentials, pool_size=settings.concurrency + 4, timeout=timeout, ca_bundle=ca_bundle
+        )
 
     def put(self, key: str, body: bytes, content_type: str, sha256: str) -> int | None:
         import urllib3
 
         # The key is encoded as botocore encodes it ('/' and '~' kept), and signed as it is sent.
         path = self.path + "/" + urllib.parse.quote(key, safe="/~")
-        headers = self.signed(path, {"content-type": content_type, "if-none-match": "*", "x-amz-meta-sha256": sha256}, sha256)
+        headers = self.signed(
+            path, {"content-type": content_type, "if-none-match": "*", "x-amz-meta-sha256": sha256}, sha256
+        )
         try:
             response = self.pool.urlopen(
                 "PUT", path, body=body, headers=headers, retries=False, redirect=False, assert_same_host=False
@@ -504,43 +590,132 @@ class DirectPut:
             return None
         return response.status
 
-    def signed(self, path: str, headers: dict[str, str], sha256: str) -> dict[str, str]:
-        """`headers` (lower-case names) with host, the date and the payload's hash added, signed for a PUT of `path`
-        by AWS Signature Version 4 as botocore's S3 signer signs it (the path as sent, every header signed).
 
-        The payload's hash is the image's own SHA-256, so S3 refuses a body that is not the one hashed
-        (XAmzContentSHA256Mismatch): the integrity check a Content-MD5 made, with no second hash of the body.
-        (A bucket that insists on Content-MD5, one with an Object Lock retention period, answers 400: the run then
-        sends its PUTs through boto3, correct and slower.) botocore's signer took 0.1 ms a PUT (its request object, header maps, four HMACs for the key); this one
-        keeps the day's signing key."""
-        credentials = self.credentials.get_frozen_credentials()  # refreshed by botocore when they expire
-        now = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        headers = {**headers, "host": self.host, "x-amz-content-sha256": sha256, "x-amz-date": now}
-        if credentials.token:
-            headers["x-amz-security-token"] = credentials.token
-        names = sorted(headers)
-        signed_names = ";".join(names)
-        canonical = "\n".join((
-            "PUT", path, "", *(f"{name}:{' '.join(headers[name].split())}" for name in names), "", signed_names, sha256,
-        ))  # fmt: skip
-        scope = f"{now[:8]}/{self.region}/s3/aws4_request"
-        text = f"AWS4-HMAC-SHA256\n{now}\n{scope}\n{hashlib.sha256(canonical.encode()).hexdigest()}"
-        signature = hmac.new(self._signing_key(credentials.secret_key, now[:8]), text.encode(), "sha256").hexdigest()
-        headers["authorization"] = (
-            f"AWS4-HMAC-SHA256 Credential={credentials.access_key}/{scope}, SignedHeaders={signed_names}, Signature={signature}"
+EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+_BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")  # S3's rules; botocore refuses others before sending
+# The AWS_ variables a plain set-up has: none of them changes where boto3 sends a HEAD of the bucket, or how.
+_PLAIN_AWS = frozenset({
+    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION",
+    "AWS_ENDPOINT_URL", "AWS_CA_BUNDLE", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_EC2_METADATA_DISABLED",
+    "AWS_MAX_ATTEMPTS", "AWS_RETRY_MODE",
+})  # fmt: skip
+
+
+class _EnvCredentials:
+    """Keys from the environment, as botocore's first provider reads them (they never expire)."""
+
+    def __init__(self, access_key: str, secret_key: str, token: str | None):
+        self.access_key, self.secret_key, self.token = access_key, secret_key, token
+
+    def get_frozen_credentials(self) -> _EnvCredentials:
+        return self
+
+    def __repr__(self) -> str:
+        return "_EnvCredentials(...)"  # the secret stays out of any traceback or log
+
+
+def plain_bucket_url(
+    settings: Settings, environ: Mapping[str, str] | None = None
+) -> tuple[str, _EnvCredentials] | None:
+    """The URL boto3 would send a HEAD of the bucket to, and the keys it would sign with, when both can be known
+    without boto3: keys plainly in the environment (botocore's first provider), AWS_REGION, AWS_ENDPOINT_URL
+    (then boto3 addresses the bucket path-style), no other AWS_ variable, no proxy, and no config file that
+    says more than a region. None otherwise: profiles, SSO, instance roles and every other set-up are boto3's."""
+    env = os.environ if environ is None else environ
+    if any(name.startswith("AWS_") and env[name] and name not in _PLAIN_AWS for name in env):
+        return None
+    if any(name.lower().endswith("_proxy") and name.lower() != "no_proxy" and env[name] for name in env):
+        return None
+    access, secret, endpoint = (
+        env.get("AWS_ACCESS_KEY_ID"),
+        env.get("AWS_SECRET_ACCESS_KEY"),
+        env.get("AWS_ENDPOINT_URL"),
+    )
+    if not (access and secret and endpoint and settings.aws_region and _BUCKET_NAME.fullmatch(settings.s3_bucket)):
+        return None
+    try:
+        parts = urllib.parse.urlsplit(endpoint)
+        parts.port  # noqa: B018 (raises on a port that is not a number)
+    except ValueError:
+        return None
+    if parts.scheme not in ("http", "https") or not parts.hostname or "@" in parts.netloc:
+        return None
+    if parts.path not in ("", "/") or parts.query or parts.fragment or not _config_says_no_more(env):
+        return None
+    return f"{parts.scheme}://{parts.netloc}/{settings.s3_bucket}", _EnvCredentials(
+        access, secret, env.get("AWS_SESSION_TOKEN") or None
+    )
+
+
+def _config_says_no_more(env: Mapping[str, str]) -> bool:
+    """Whether the AWS config file is absent or gives the default profile nothing but a region and an output."""
+    import configparser
+
+    path = Path(env.get("AWS_CONFIG_FILE") or "~/.aws/config").expanduser()
+    if not path.exists():
+        return True
+    parser = configparser.RawConfigParser()
+    try:
+        parser.read(path, encoding="utf-8")
+    except (configparser.Error, OSError, UnicodeDecodeError):
+        return False  # boto3 reads it and words what is wrong
+    return all(
+        set(parser[name]) <= {"region", "output"} for name in ("default", "profile default") if parser.has_section(name)
+    )
+
+
+def bucket_answers(settings: Settings, environ: Mapping[str, str] | None = None) -> bool:
+    """Whether a HEAD of S3_BUCKET, signed here, got 200: the bucket is there and these keys may use it.
+
+    False for anything else, and when the set-up is not plain (plain_bucket_url): boto3 then asks again and words
+    the answer (missing bucket, denied, a redirect, an unreachable endpoint) as it always has."""
+    plain = plain_bucket_url(settings, environ)
+    if plain is None:
+        return False
+    import http.client
+
+    base, credentials = plain
+    signer = SigV4(base, settings.aws_region, credentials)
+    parts = urllib.parse.urlsplit(base)
+    if parts.scheme == "https":
+        context = _boto3_tls_context(environ)
+        if context is None:
+            return False
+        conn: http.client.HTTPConnection = http.client.HTTPSConnection(
+            parts.hostname, parts.port, timeout=settings.connect_timeout, context=context
         )
-        return headers
+    else:
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=settings.connect_timeout)
+    try:
+        conn.connect()
+        conn.sock.settimeout(settings.read_timeout)
+        conn.request("HEAD", signer.path, headers=signer.signed(signer.path, {}, EMPTY_SHA256, "HEAD"))
+        status = conn.getresponse().status
+    except (OSError, http.client.HTTPException) as exc:
+        log.debug("HEAD of the bucket signed here: %s; boto3 asks again", type(exc).__name__)
+        return False
+    finally:
+        conn.close()
+    if status != 200:
+        log.debug("HEAD of the bucket signed here: HTTP %s; boto3 asks again", status)
+    return status == 200
 
-    def _signing_key(self, secret: str, day: str) -> bytes:
-        key = self._keys.get((secret, day))
-        if key is None:
-            key = f"AWS4{secret}".encode()
-            for part in (day, self.region, "s3", "aws4_request"):
-                key = hmac.new(key, part.encode(), "sha256").digest()
-            if len(self._keys) > 4:
-                self._keys.clear()  # yesterday's keys, or a rotated secret's
-            self._keys[(secret, day)] = key
-        return key
+
+def _boto3_tls_context(environ: Mapping[str, str] | None) -> object | None:
+    """Certificates as boto3 trusts them: AWS_CA_BUNDLE, else certifi's (botocore's default); None if neither."""
+    import ssl
+
+    cafile = (os.environ if environ is None else environ).get("AWS_CA_BUNDLE")
+    if not cafile:
+        try:
+            import certifi
+        except ImportError:
+            return None
+        cafile = certifi.where()
+    try:
+        return ssl.create_default_context(cafile=cafile)
+    except (OSError, ssl.SSLError):
+        return None  # boto3 says what is wrong with the bundle
 
 
 def make_s3_client(settings: Settings, pool_size: int | None = None, session: object | None = None) -> object:
