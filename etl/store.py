@@ -364,13 +364,7 @@ class S3Store:
         from botocore.exceptions import ClientError
 
         # No ACL: objects stay private to the bucket owner.
-        args = {
-            "Bucket": self.bucket,
-            "Key": key,
-            "Body": body,
-            "ContentType": content_type,
-            "Metadata": {"sha256": sha256},
-        }
+        args = {"Bucket": self.bucket, "Key": key, "Body": body, "ContentType": content_type, "Metadata": {"sha256": sha256}}
         if conditional:
             try:
                 self.client.put_object(**args, IfNoneMatch="*")
@@ -514,14 +508,7 @@ class DirectPut(SigV4):
     HANDED_OVER = frozenset({301, 307, 400, 403})  # after these, boto3 sends every PUT for the rest of the run
 
     def __init__(
-        self,
-        base: str,
-        region: str,
-        credentials: object,
-        *,
-        pool_size: int,
-        timeout: tuple[float, float],
-        ca_bundle: str = "",
+        self, base: str, region: str, credentials: object, *, pool_size: int, timeout: tuple[float, float], ca_bundle: str = ""
     ):
         import urllib3
 
@@ -533,11 +520,7 @@ class DirectPut(SigV4):
             # The certificates boto3 trusts: AWS_CA_BUNDLE (or ca_bundle in the AWS config), else its default.
             kwargs.update(cert_reqs="CERT_REQUIRED", ca_certs=ca_bundle or get_cert_path(True))
         self.pool = urllib3.connection_from_url(
-            base,
-            maxsize=pool_size,
-            retries=False,
-            timeout=urllib3.Timeout(connect=timeout[0], read=timeout[1]),
-            **kwargs,
+            base, maxsize=pool_size, retries=False, timeout=urllib3.Timeout(connect=timeout[0], read=timeout[1]), **kwargs
         )  # the signed headers are the request's own: a pool's default headers would never be sent
 
     @classmethod
@@ -569,18 +552,14 @@ class DirectPut(SigV4):
         ca_bundle = botocore.session.get_session().get_config_variable("ca_bundle") or ""
         timeout = (settings.connect_timeout, settings.read_timeout)
         log.debug("direct S3 PUTs to %s, signed for %s", base, scope[2])
-        return cls(
-            base, scope[2], credentials, pool_size=settings.concurrency + 4, timeout=timeout, ca_bundle=ca_bundle
-        )
+        return cls(base, scope[2], credentials, pool_size=settings.concurrency + 4, timeout=timeout, ca_bundle=ca_bundle)
 
     def put(self, key: str, body: bytes, content_type: str, sha256: str) -> int | None:
         import urllib3
 
         # The key is encoded as botocore encodes it ('/' and '~' kept), and signed as it is sent.
         path = self.path + "/" + urllib.parse.quote(key, safe="/~")
-        headers = self.signed(
-            path, {"content-type": content_type, "if-none-match": "*", "x-amz-meta-sha256": sha256}, sha256
-        )
+        headers = self.signed(path, {"content-type": content_type, "if-none-match": "*", "x-amz-meta-sha256": sha256}, sha256)
         try:
             response = self.pool.urlopen(
                 "PUT", path, body=body, headers=headers, retries=False, redirect=False, assert_same_host=False
@@ -614,9 +593,7 @@ class _EnvCredentials:
         return "_EnvCredentials(...)"  # the secret stays out of any traceback or log
 
 
-def plain_bucket_url(
-    settings: Settings, environ: Mapping[str, str] | None = None
-) -> tuple[str, _EnvCredentials] | None:
+def plain_bucket_url(settings: Settings, environ: Mapping[str, str] | None = None) -> tuple[str, object] | None:
     """The URL boto3 would send a HEAD of the bucket to, and the keys it would sign with, when both can be known
     without boto3: keys plainly in the environment (botocore's first provider), AWS_REGION, AWS_ENDPOINT_URL
     (then boto3 addresses the bucket path-style), no other AWS_ variable, no proxy, and no config file that
@@ -626,11 +603,8 @@ def plain_bucket_url(
         return None
     if any(name.lower().endswith("_proxy") and name.lower() != "no_proxy" and env[name] for name in env):
         return None
-    access, secret, endpoint = (
-        env.get("AWS_ACCESS_KEY_ID"),
-        env.get("AWS_SECRET_ACCESS_KEY"),
-        env.get("AWS_ENDPOINT_URL"),
-    )
+    access, secret = env.get("AWS_ACCESS_KEY_ID"), env.get("AWS_SECRET_ACCESS_KEY")
+    endpoint = env.get("AWS_ENDPOINT_URL")
     if not (access and secret and endpoint and settings.aws_region and _BUCKET_NAME.fullmatch(settings.s3_bucket)):
         return None
     try:
