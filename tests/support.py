@@ -851,3 +851,37 @@ def process_env(tmp_path: _Path, dsn: str, **extra: str) -> dict[str, str]:
     }
     env.update(extra)
     return env
+
+
+# -- what a child process imported (issue 16: start-up cost) -------------------------------------------------
+
+# Runs etl.py as `python etl.py` would, then writes the names of every module it imported to stderr.
+MODULES_AT_EXIT = """
+import runpy, sys
+sys.argv = sys.argv[1:]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+finally:
+    print("modules-at-exit:", ",".join(sorted(sys.modules)), file=sys.stderr, flush=True)
+"""
+
+
+def imported(result) -> set[str]:
+    """The modules a child run with the MODULES_AT_EXIT wrapper had imported when it ended."""
+    line = next(line for line in result.stderr.splitlines() if line.startswith("modules-at-exit: "))
+    return set(line.removeprefix("modules-at-exit: ").split(","))
+
+
+def iam_user_key(moto_url: str) -> tuple[str, str]:
+    """(access key, secret) of a new IAM user of moto's that may do anything in S3: a key moto's signature checks
+    (moto.settings.INITIAL_NO_AUTH_ACTION_COUNT = 0) accept."""
+    import boto3
+
+    iam = boto3.client(
+        "iam", endpoint_url=moto_url, region_name="us-east-1", aws_access_key_id="testing", aws_secret_access_key="testing"
+    )
+    iam.create_user(UserName="archiver")
+    policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}
+    iam.put_user_policy(UserName="archiver", PolicyName="s3", PolicyDocument=json.dumps(policy))
+    key = iam.create_access_key(UserName="archiver")["AccessKey"]
+    return key["AccessKeyId"], key["SecretAccessKey"]

@@ -8,7 +8,6 @@ encoded differently from what was signed is refused.
 from __future__ import annotations
 
 import hashlib
-import json
 from datetime import datetime, timezone
 from urllib.parse import quote
 
@@ -17,7 +16,7 @@ import pytest
 from botocore.credentials import Credentials
 
 from etl.store import DirectPut, S3Store, object_key
-from tests.support import BUCKET, jpeg_bytes, png_bytes
+from tests.support import BUCKET, iam_user_key, jpeg_bytes, png_bytes
 
 WHEN = datetime(2026, 10, 3, 12, 0, tzinfo=timezone.utc)
 HOSTILE_IDS = ["plain", "a/b", "x y", "%2F", "~tilde", "é😀", "semi;colon&amp=1", "plus+sign"]
@@ -28,25 +27,19 @@ def endpoint(moto_s3, monkeypatch):  # noqa: F811
     """(proxy, admin client, make_store): stores reach moto through the proxy with an IAM user's key."""
     proxy, client = moto_s3
     moto_url = client.meta.endpoint_url
-    iam = boto3.client(
-        "iam", endpoint_url=moto_url, region_name="us-east-1", aws_access_key_id="testing", aws_secret_access_key="testing"
-    )
-    iam.create_user(UserName="archiver")
-    policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}
-    iam.put_user_policy(UserName="archiver", PolicyName="s3", PolicyDocument=json.dumps(policy))
-    key = iam.create_access_key(UserName="archiver")["AccessKey"]
+    access_key, secret = iam_user_key(moto_url)
     from moto import settings as moto_settings
 
     monkeypatch.setattr(moto_settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)  # from now on, every request is checked
     admin = boto3.client(
         "s3", endpoint_url=moto_url, region_name="us-east-1",
-        aws_access_key_id=key["AccessKeyId"], aws_secret_access_key=key["SecretAccessKey"],
+        aws_access_key_id=access_key, aws_secret_access_key=secret,
     )  # fmt: skip
     for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", key["AccessKeyId"])
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key["SecretAccessKey"])
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
 
     def make_store(make_settings, **env: str) -> tuple[S3Store, list[str]]:
         """A store and the list of URLs boto3 itself sent PUTs to (the rest went the direct way)."""

@@ -2,17 +2,7 @@
 
 from __future__ import annotations
 
-from tests.support import write_posts
-
-# Runs etl.py as `python etl.py` would, then writes the names of every module it imported to stderr.
-MODULES_AT_EXIT = """
-import runpy, sys
-sys.argv = sys.argv[1:]
-try:
-    runpy.run_path(sys.argv[0], run_name="__main__")
-finally:
-    print("modules-at-exit:", ",".join(sorted(sys.modules)), file=sys.stderr, flush=True)
-"""
+from tests.support import MODULES_AT_EXIT, imported, write_posts
 
 # What each one is for; a rerun of a file into the local store, with nothing new, needs none of them.
 HEAVY = {
@@ -26,11 +16,6 @@ HEAVY = {
     "requests": "an HTTP request (etl/lazy.py)", "urllib3": "an HTTP request (etl/lazy.py)",
     "http.client": "an HTTP request", "http.server": "the mock source's image server",
 }  # fmt: skip
-
-
-def imported(result) -> set[str]:
-    line = next(line for line in result.stderr.splitlines() if line.startswith("modules-at-exit: "))
-    return set(line.removeprefix("modules-at-exit: ").split(","))
 
 
 def heavy_in(modules: set[str]) -> dict[str, str]:

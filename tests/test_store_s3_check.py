@@ -1,0 +1,170 @@
+"""The S3 bucket check without boto3 (issue 16): a HEAD signed here, boto3 asked only when that is not a plain 200.
+
+moto's server runs over real HTTP behind the fault proxy, with its signature checks on (an IAM user's key), so a
+HEAD signed wrongly is refused rather than waved through.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import boto3
+import pytest
+
+from etl.errors import ConfigError
+from etl.store import S3Store, bucket_answers, plain_bucket_url
+from tests.support import MODULES_AT_EXIT, iam_user_key, imported, s3_env, stored_keys, write_posts
+
+BORROWED = ("boto3", "botocore", "s3transfer")
+
+
+@pytest.fixture
+def signed_moto(moto_s3, monkeypatch, tmp_path):
+    """(proxy, admin client, env): moto checking every signature; env reaches it through the proxy with a valid key."""
+    proxy, client = moto_s3
+    access_key, secret = iam_user_key(client.meta.endpoint_url)
+    from moto import settings as moto_settings
+
+    monkeypatch.setattr(moto_settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)  # from now on, every request is checked
+    admin = boto3.client(
+        "s3", endpoint_url=client.meta.endpoint_url, region_name="us-east-1",
+        aws_access_key_id=access_key, aws_secret_access_key=secret,
+    )  # fmt: skip
+    env = s3_env(proxy, AWS_ACCESS_KEY_ID=access_key, AWS_SECRET_ACCESS_KEY=secret)
+    env["AWS_CONFIG_FILE"] = str(tmp_path / "no-aws-config")  # not the developer's ~/.aws/config
+    return proxy, admin, env
+
+
+def settings_of(make_settings, env: dict[str, str]):
+    return make_settings(**{k: v for k, v in env.items() if not k.startswith("AWS_") or k == "AWS_REGION"})
+
+
+def test_the_head_signed_here_is_one_moto_accepts(signed_moto, make_settings):
+    proxy, _, env = signed_moto
+    settings = settings_of(make_settings, env)
+    assert bucket_answers(settings, env) is True
+    assert proxy.forwarded == {"HEAD": 1}  # moto itself answered: no injected reply, no boto3 call
+    assert bucket_answers(settings, {**env, "AWS_SECRET_ACCESS_KEY": "not-the-secret"}) is False  # the check can fail
+    assert bucket_answers(settings_of(make_settings, {**env, "S3_BUCKET": "no-such-bucket"}), env) is False
+
+
+def test_a_check_answered_200_makes_no_boto3_client(signed_moto, make_settings, monkeypatch):
+    proxy, _, env = signed_moto
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    store = S3Store(settings_of(make_settings, env))
+    store.check()
+    assert store._client is None and proxy.counts == {"HEAD": 1}
+
+
+@pytest.mark.fault("the HEAD signed here gets a 500, a 301 or a dropped connection: boto3 asks again and decides")
+@pytest.mark.parametrize("answer", [(500, "InternalError", b""), (301, "PermanentRedirect", b""), "drop"])
+def test_anything_but_200_hands_the_check_to_boto3(signed_moto, make_settings, monkeypatch, answer):
+    proxy, _, env = signed_moto
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    proxy.plan = lambda method, path, n: answer if (method, n) == ("HEAD", 1) else None
+    store = S3Store(settings_of(make_settings, env))
+    store.check()  # boto3's own HEAD (the second) reached moto and passed
+    assert store._client is not None and proxy.counts == {"HEAD": 2} and proxy.forwarded == {"HEAD": 1}
+
+
+@pytest.mark.badinput("a wrong secret key: the signed HEAD is refused, boto3 words it as before, the secret unseen")
+def test_wrong_credentials_give_todays_message(signed_moto, make_settings, monkeypatch, caplog):
+    proxy, _, env = signed_moto
+    env["AWS_SECRET_ACCESS_KEY"] = "wrong-secret-key-1234"
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(ConfigError, match=r"S3_BUCKET 'archive-test': access denied \(check the AWS credentials") as exc:
+        S3Store(settings_of(make_settings, env)).check()
+    assert proxy.counts == {"HEAD": 2}  # ours, then boto3's
+    assert "wrong-secret-key-1234" not in str(exc.value) + caplog.text
+
+
+def test_a_rerun_with_every_image_held_imports_no_boto3(signed_moto, run_etl, http_server, db, tmp_path):
+    proxy, client, env = signed_moto
+    posts = write_posts(tmp_path / "posts.jsonl", http_server, 4)
+    args = ("run", "--source", "jsonl", "--input", str(posts))
+    first = run_etl(*args, env=env, wrapper=("-c", MODULES_AT_EXIT))
+    assert first.returncode == 0, first.stderr
+    assert len(stored_keys(client)) == 4  # a first run stores every image (boto3 is imported for its first PUT)
+    assert {"boto3", "botocore"} <= imported(first)
+    puts, heads = proxy.counts.get("PUT", 0), proxy.counts.get("HEAD", 0)
+
+    rerun = run_etl(*args, env=env, wrapper=("-c", MODULES_AT_EXIT))
+    assert rerun.returncode == 0, rerun.stderr
+    assert not {m for m in imported(rerun) if m.partition(".")[0] in BORROWED}
+    assert proxy.counts.get("PUT", 0) == puts and proxy.counts["HEAD"] == heads + 1  # the bucket was checked, once
+
+
+@pytest.mark.fault("S3_BUCKET names a bucket that is not there: still exit 2 with today's message, boto3 asked")
+def test_a_wrong_bucket_still_exits_2_with_todays_message(signed_moto, run_etl, db):
+    proxy, _, env = signed_moto
+    result = run_etl("run", "--source", "mock", env={**env, "S3_BUCKET": "no-such-bucket"})
+    assert result.returncode == 2
+    assert "S3_BUCKET 'no-such-bucket' does not exist" in result.stderr
+    assert proxy.counts == {"HEAD": 2}  # the HEAD signed here found nothing; boto3 asked and worded it
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"AWS_PROFILE": "work"},  # a profile's keys: boto3's to find
+        {"AWS_ENDPOINT_URL_S3": "http://elsewhere:9000"},  # another endpoint for S3 only
+        {"AWS_USE_FIPS_ENDPOINT": "true"},
+        {"AWS_SECURITY_TOKEN": "old-name-token"},
+        {"HTTPS_PROXY": "http://proxy:3128"},  # boto3 would go through it
+        {"http_proxy": "http://proxy:3128"},
+        {"AWS_ACCESS_KEY_ID": ""},  # no keys in the environment: SSO, instance roles, ...
+        {"AWS_ENDPOINT_URL": ""},  # AWS itself: its URL rules are boto3's
+        {"AWS_ENDPOINT_URL": "http://host:9000/under/a/path"},
+        {"AWS_ENDPOINT_URL": "ftp://host"},
+        {"AWS_ENDPOINT_URL": "http://host:port"},
+        {"AWS_ENDPOINT_URL": "http://user:pw@host:9000"},
+        {"AWS_REGION": ""},  # the region would come from boto3's chain
+        {"S3_BUCKET": "Upper_Case"},  # not an S3 name: botocore refuses it before sending
+    ],
+)
+def test_anything_but_a_plain_setup_is_left_to_boto3(make_settings, tmp_path, extra):
+    env = {
+        "AWS_ACCESS_KEY_ID": "AKIDEXAMPLE", "AWS_SECRET_ACCESS_KEY": "secret", "AWS_REGION": "eu-west-1",
+        "AWS_ENDPOINT_URL": "http://127.0.0.1:9000", "AWS_CONFIG_FILE": str(tmp_path / "none"), "S3_BUCKET": "b-1",
+    }  # fmt: skip
+    assert plain_bucket_url(settings_of(make_settings, env), env)[0] == "http://127.0.0.1:9000/b-1"
+    env.update(extra)
+    assert plain_bucket_url(settings_of(make_settings, env), env) is None
+
+
+@pytest.mark.parametrize(
+    ("config", "plain"),
+    [
+        ("[default]\nregion = eu-west-1\noutput = json\n[profile other]\ns3 =\n  addressing_style = virtual\n", True),
+        ("[default]\nregion = eu-west-1\ns3 =\n  addressing_style = virtual\n", False),
+        ("[default]\nca_bundle = /etc/private-ca.pem\n", False),
+        ("[profile default]\nendpoint_url = http://other:9000\n", False),
+        ("[default\nregion = broken", False),
+    ],
+)
+def test_a_config_file_saying_more_than_a_region_is_left_to_boto3(make_settings, tmp_path, config, plain):
+    (tmp_path / "config").write_text(config)
+    env = {
+        "AWS_ACCESS_KEY_ID": "AKIDEXAMPLE", "AWS_SECRET_ACCESS_KEY": "secret", "AWS_REGION": "eu-west-1",
+        "AWS_ENDPOINT_URL": "https://s3.example:8443/", "AWS_CONFIG_FILE": str(tmp_path / "config"), "S3_BUCKET": "b.1",
+    }  # fmt: skip
+    found = plain_bucket_url(settings_of(make_settings, env), env)
+    assert (found[0] if found else None) == ("https://s3.example:8443/b.1" if plain else None)
+
+
+def test_the_keys_never_reach_a_log_line_or_a_repr(make_settings, caplog, tmp_path):
+    env = {
+        "AWS_ACCESS_KEY_ID": "AKIDEXAMPLE", "AWS_SECRET_ACCESS_KEY": "very-secret-value", "AWS_SESSION_TOKEN": "tok-secret",
+        "AWS_REGION": "eu-west-1", "AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_CONFIG_FILE": str(tmp_path / "none"),
+        "S3_BUCKET": "b-1", "ETL_CONNECT_TIMEOUT": "1",
+    }  # fmt: skip
+    caplog.set_level(logging.DEBUG)
+    assert bucket_answers(settings_of(make_settings, env), env) is False  # nothing listens on port 9
+    assert "HEAD of the bucket signed here" in caplog.text
+    url, credentials = plain_bucket_url(settings_of(make_settings, env), env)
+    shown = caplog.text + url + repr(credentials)
+    assert "very-secret-value" not in shown and "tok-secret" not in shown
