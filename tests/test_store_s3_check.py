@@ -92,8 +92,12 @@ def test_a_rerun_with_every_image_held_imports_no_boto3(signed_moto, run_etl, ht
     assert {"boto3", "botocore"} <= imported(first)
     puts, heads = proxy.counts.get("PUT", 0), proxy.counts.get("HEAD", 0)
 
+    # The keys from .env this time (python-dotenv hands them to boto3 through os.environ): still a plain set-up.
+    keys = {name: env.pop(name) for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    (tmp_path / ".env").write_text("".join(f"{name}={value}\n" for name, value in keys.items()))
     rerun = run_etl(*args, env=env, wrapper=("-c", MODULES_AT_EXIT))
     assert rerun.returncode == 0, rerun.stderr
+    assert keys["AWS_SECRET_ACCESS_KEY"] not in rerun.stderr + rerun.stdout
     assert not {m for m in imported(rerun) if m.partition(".")[0] in BORROWED}
     assert proxy.counts.get("PUT", 0) == puts and proxy.counts["HEAD"] == heads + 1  # the bucket was checked, once
 
