@@ -879,7 +879,7 @@ def iam_user_key(moto_url: str) -> tuple[str, str]:
 
     iam = boto3.client(
         "iam", endpoint_url=moto_url, region_name="us-east-1", aws_access_key_id="testing", aws_secret_access_key="testing"
-    )
+    )  # fmt: skip
     iam.create_user(UserName="archiver")
     policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}
     iam.put_user_policy(UserName="archiver", PolicyName="s3", PolicyDocument=json.dumps(policy))

@@ -76,7 +76,8 @@ def test_wrong_credentials_give_todays_message(signed_moto, make_settings, monke
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     caplog.set_level(logging.DEBUG)
-    with pytest.raises(ConfigError, match=r"S3_BUCKET 'archive-test': access denied \(check the AWS credentials") as exc:
+    denied = r"S3_BUCKET 'archive-test': access denied \(check the AWS credentials"
+    with pytest.raises(ConfigError, match=denied) as exc:
         S3Store(settings_of(make_settings, env)).check()
     assert proxy.counts == {"HEAD": 2}  # ours, then boto3's
     assert "wrong-secret-key-1234" not in str(exc.value) + caplog.text
@@ -172,3 +173,29 @@ def test_the_keys_never_reach_a_log_line_or_a_repr(make_settings, caplog, tmp_pa
     url, credentials = plain_bucket_url(settings_of(make_settings, env), env)
     shown = caplog.text + url + repr(credentials)
     assert "very-secret-value" not in shown and "tok-secret" not in shown
+
+
+@pytest.mark.parametrize("token", [None, "FwoGZXIvYXdzE//token+with/slashes=="])
+@pytest.mark.parametrize("base", ["http://127.0.0.1:9000/b-1", "https://s3.example:8443/b.1", "http://[::1]:9000/b"])
+def test_the_head_is_signed_as_botocore_signs_it(monkeypatch, base, token):
+    """The HEAD's SigV4 signature, byte for byte botocore's S3 signer's for the same request (the PUT's own test is
+    in test_s3_direct): the same signer, with the method in the canonical request."""
+    from datetime import datetime, timezone
+
+    import botocore.auth
+    from botocore.auth import S3SigV4Auth
+    from botocore.awsrequest import AWSRequest
+    from botocore.credentials import Credentials
+
+    from etl.store import EMPTY_SHA256, SigV4
+
+    frozen = datetime(2026, 11, 30, 23, 59, 58, tzinfo=timezone.utc)
+    monkeypatch.setattr(botocore.auth, "get_current_datetime", lambda: frozen)
+    monkeypatch.setattr("etl.store.time.gmtime", lambda: frozen.timetuple())
+    credentials = Credentials("AKIDEXAMPLE", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY", token)
+    signer = SigV4(base, "eu-west-1", credentials)
+    ours = signer.signed(signer.path, {}, EMPTY_SHA256, "HEAD")
+    theirs = AWSRequest(method="HEAD", url=base, headers={"X-Amz-Security-Token": token} if token else {})
+    S3SigV4Auth(credentials.get_frozen_credentials(), "s3", "eu-west-1").add_auth(theirs)
+    assert ours["authorization"] == theirs.headers["Authorization"]
+    assert ours["x-amz-content-sha256"] == theirs.headers["X-Amz-Content-SHA256"]
