@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -17,21 +18,88 @@ from etl.sources.base import FetchWindow, Source
 MAX_LINE_BYTES = 16 * 1024 * 1024
 
 
-def _bounded_lines(stream: IO[Any], limit: int) -> Iterator[bytes | str | None]:
-    """The stream's lines (bytes or str, as it gives them); None for a line longer than `limit`, skipped unread."""
+_CHUNK = 1 << 16  # bytes read at a time: a few hundred lines, split here rather than by readline() each
+
+
+def _lines(stream: IO[Any], limit: int) -> Iterator[str | RecordError]:
+    """The stream's lines, without their newline and the first one without a byte order mark: each as text,
+    or as the RecordError that refuses it (longer than `limit` bytes, skipped unread; not valid UTF-8)."""
+    read1 = getattr(stream, "read1", None)
+    lines = _text_lines(stream, limit) if read1 is None or isinstance(stream, io.TextIOBase) else _chunked(read1, limit)
+    first = next(lines, None)
+    if first is None:
+        return
+    yield first.lstrip("\ufeff") if type(first) is str else first  # a byte order mark some editors write
+    yield from lines
+
+
+def _chunked(read1: Callable[[int], bytes], limit: int) -> Iterator[str | RecordError]:
+    # A block of whole lines is decoded at once and split on b"\n" (never part of a multi-byte UTF-8 character);
+    # only a block that is not valid UTF-8 is decoded line by line, to refuse those lines alone. read1 returns
+    # what a pipe has ready, so lines fed slowly on stdin are handled as they come.
+    parts: list[bytes] = []  # the start of a line whose end is not read yet
+    held = 0  # their bytes
+    skipping = False  # inside a line longer than the limit, already refused: dropped up to its newline
+    while chunk := read1(_CHUNK):
+        if skipping:
+            end = chunk.find(b"\n")
+            if end < 0:
+                continue
+            chunk, skipping = chunk[end + 1 :], False
+        cut = chunk.rfind(b"\n")
+        if cut < 0:
+            if held + len(chunk) > limit:
+                yield _too_long()
+                parts, held, skipping = [], 0, True
+            else:
+                parts.append(chunk)
+                held += len(chunk)
+            continue
+        block = b"".join((*parts, chunk[:cut])) if parts else chunk[:cut]
+        rest = chunk[cut + 1 :]
+        parts, held = ([rest], len(rest)) if rest else ([], 0)
+        if len(block) <= limit:  # no line in it can be too long (the usual case: the limit is far above a chunk)
+            try:
+                yield from block.decode("utf-8").split("\n")
+                continue
+            except UnicodeDecodeError:
+                pass
+        for line in block.split(b"\n"):
+            yield _too_long() if len(line) > limit else _decoded(line)
+    if skipping:
+        return
+    if held > limit:
+        yield _too_long()
+    elif parts:
+        yield _decoded(b"".join(parts))  # the last line, without a newline
+
+
+def _text_lines(stream: IO[Any], limit: int) -> Iterator[str | RecordError]:
+    """_lines of a stream read with readline() (a text stream given in place of stdin)."""
     while True:
         line = stream.readline(limit + 1)
         if not line:
             return
         newline = b"\n" if isinstance(line, bytes) else "\n"
         if len(line) <= limit or line.endswith(newline):
-            yield line
+            yield _decoded(line.rstrip(newline))
             continue
         while True:
             rest = stream.readline(1 << 20)
             if not rest or rest.endswith(newline):
                 break
-        yield None
+        yield _too_long()
+
+
+def _too_long() -> RecordError:
+    return RecordError(f"the line is longer than {MAX_LINE_BYTES} bytes")
+
+
+def _decoded(line: bytes | str) -> str | RecordError:
+    try:
+        return _decode(line)
+    except RecordError as exc:
+        return exc
 
 
 def _decode(line: bytes | str) -> str:
@@ -45,6 +113,25 @@ def _decode(line: bytes | str) -> str:
         raise RecordError(
             f"the line is not valid UTF-8 (byte 0x{line[exc.start]:02x} at column {exc.start + 1})"
         ) from None
+
+
+_scan_once = json.JSONDecoder().scan_once  # what json.loads runs, without its checks of either end
+_BLANK = object()
+
+
+def _scan(text: str) -> Any:
+    """json.loads of a line (already without its newline), or _BLANK for a blank one. A line that starts its
+    value at the first character and ends it at the last (every usual line) is scanned directly; anything
+    else (whitespace at either end, an error) goes through json.loads, which gives the same value or the error."""
+    try:
+        data, end = _scan_once(text, 0)
+        if end == len(text):
+            return data
+    except Exception:  # json's own StopIteration, ValueError, RecursionError: _parse says which
+        pass
+    if not text.strip():
+        return _BLANK
+    return _parse(text)
 
 
 def _parse(text: str) -> Any:
@@ -94,29 +181,29 @@ class JsonlSource(Source):
     def config_key(self) -> str:
         return "-" if self.input == "-" else str(Path(self.input).resolve())
 
-    def _lines(self) -> Iterator[tuple[int, bytes | str | None]]:
-        # Bytes, decoded line by line: a line of invalid UTF-8 is rejected alone, not the whole input.
+    def _stream_lines(self) -> Iterator[str | RecordError]:
+        # Bytes, decoded block by block: a line of invalid UTF-8 is rejected alone, not the whole input.
         if self.input == "-":
             stream = self.stdin if self.stdin is not None else sys.stdin.buffer
-            yield from enumerate(_bounded_lines(stream, MAX_LINE_BYTES), start=1)
+            yield from _lines(stream, MAX_LINE_BYTES)
             return
         with Path(self.input).open("rb") as stream:
-            yield from enumerate(_bounded_lines(stream, MAX_LINE_BYTES), start=1)
+            yield from _lines(stream, MAX_LINE_BYTES)
 
     def fetch(self, window: FetchWindow) -> Iterator[Post]:
         where = "stdin" if self.input == "-" else self.input
-        for number, line in self._lines():
+        admits = window.admits if window.since is not None or window.until is not None else None
+        for number, text in enumerate(self._stream_lines(), start=1):
             data: Any = None
             try:
-                if line is None:
-                    raise RecordError(f"the line is longer than {MAX_LINE_BYTES} bytes")
-                text = _decode(line)
-                if number == 1:
-                    text = text.lstrip("\ufeff")  # a byte order mark some editors write
-                if not text.strip():
+                if type(text) is not str:
+                    raise text
+                if text.endswith("\r"):
+                    text = text.rstrip("\r")
+                data = _scan(text)
+                if data is _BLANK:
                     continue
-                data = _parse(text)
-                if isinstance(data, dict) and data.get("deleted") is True:
+                if type(data) is dict and data.get("deleted") is True:
                     # {"platform", "post_id", "deleted": true}: the platform says this post is gone.
                     gone_id, gone_platform = _gone_key(data)
                     self.report_gone(gone_id, "marked deleted in the input", platform=gone_platform)
@@ -129,5 +216,5 @@ class JsonlSource(Source):
                 )
                 self.reject(f"{where} line {number}{shown}", str(exc))
                 continue
-            if window.admits(post.created_at):
+            if admits is None or admits(post.created_at):
                 yield post
