@@ -290,7 +290,7 @@ def _post_from_dict(data: Any, now: datetime | None, origin: str) -> Post:
     if type(data) is not dict and not isinstance(data, Mapping):
         raise RecordError(f"expected a JSON object, got {type(data).__name__}")
     # Each field takes a short path for its usual value (plain ASCII text, a whole number in range, null) and the
-    # careful one for anything else; both give the same value or the same error (tests/test_records_fast.py).
+    # careful one for anything else; both give the same value or the same error (tests/test_fast_paths.py).
     get = data.get
     given = get("platform")
     platform = (type(given) is str and _PLATFORMS.get(given)) or _platform(given)
