@@ -269,3 +269,14 @@ def test_the_tracker_marks_what_stream_mark_add_would(posts, limit, resume_minut
             marks.setdefault(stream, StreamMark(post.created_at, {post.post_id})).add(post)
     assert tracker.streams == marks
     assert tracker.newest == max((p.created_at for p in passed), default=None)
+
+
+def test_with_fields_is_replace_and_refuses_a_name_that_is_no_field():
+    from dataclasses import replace
+
+    post = post_from_dict(record())
+    changes = {"sentiment": records.Sentiment(0.5, 0.5, "positive"), "language": "en", "language_source": "detected"}
+    assert records.with_fields(post, **changes) == replace(post, **changes)
+    assert vars(records.with_fields(post, **changes)).keys() == vars(post).keys()
+    with pytest.raises(TypeError, match="Post has no field 'lang'"):
+        records.with_fields(post, lang="en")
