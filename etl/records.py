@@ -136,10 +136,12 @@ _POST_DEFAULTS = {name: f.default for name, f in Post.__dataclass_fields__.items
 def with_fields(post: Post, **changes: Any) -> Post:
     """dataclasses.replace() for a Post, without running __init__ again: a tenth of the cost, on every post of
     a run. Only fields already validated may be given."""
-    if not changes.keys() <= _POST_FIELDS:
-        raise TypeError(f"Post has no field {sorted(changes.keys() - _POST_FIELDS)[0]!r}")
     new = object.__new__(Post)
-    new.__dict__.update(post.__dict__, **changes)
+    fields = new.__dict__
+    fields.update(post.__dict__)
+    fields.update(changes)
+    if len(fields) != len(_POST_FIELDS) and not changes.keys() <= _POST_FIELDS:  # checked when a key was added
+        raise TypeError(f"Post has no field {sorted(changes.keys() - _POST_FIELDS)[0]!r}")
     return new
 
 
@@ -162,6 +164,16 @@ def extract_hashtags(text: str | None) -> tuple[str, ...]:
 
 def parse_datetime(value: Any, *, now: datetime | None = None) -> datetime:
     """ISO 8601 (or a datetime) -> aware UTC datetime; naive means UTC. Refuses absurd dates."""
+    if type(value) is str and now is None and value[:1].isdigit() and value[-1:].isdigit():
+        # The usual form, "2024-05-01T12:00:00+00:00": nothing to strip or replace, already UTC, after 2000 and
+        # not past the clock's last reading. Anything else goes the careful way below, with the same result.
+        try:
+            parsed = _fromisoformat(value)
+        except ValueError:
+            pass
+        else:
+            if parsed.tzinfo is timezone.utc and MIN_CREATED_AT <= parsed <= _clock_read[0]:
+                return parsed
     if isinstance(value, datetime):
         parsed = value
     elif isinstance(value, str) and value.strip():
@@ -195,6 +207,7 @@ def parse_datetime(value: Any, *, now: datetime | None = None) -> datetime:
     return parsed
 
 
+_fromisoformat = datetime.fromisoformat
 _clock_read = [MIN_CREATED_AT]  # the latest created_at accepted by parse_datetime's last reading of the clock
 
 
@@ -278,18 +291,107 @@ def post_from_dict(data: Any, *, now: datetime | None = None, origin: str = "") 
 def _post_from_dict(data: Any, now: datetime | None, origin: str) -> Post:
     if type(data) is not dict and not isinstance(data, Mapping):
         raise RecordError(f"expected a JSON object, got {type(data).__name__}")
-    platform = data.get("platform")
-    if not isinstance(platform, str) or not platform.strip():
+    # Each field takes a short path for its usual value (plain ASCII text, a whole number in range, null) and the
+    # careful one for anything else; both give the same value or the same error (tests/test_fast_paths.py).
+    get = data.get
+    given = get("platform")
+    platform = (type(given) is str and _PLATFORMS.get(given)) or _platform(given)
+    post_id = get("post_id")
+    if type(post_id) is str and post_id.isascii() and "\x00" not in post_id:
+        post_id = post_id.strip()  # ASCII: its UTF-8 bytes are its characters, below both limits once these are
+        if not post_id:
+            raise RecordError("missing post_id")
+        if len(post_id) > MAX_POST_ID_CHARS:
+            post_id = _post_id(post_id)
+    else:
+        post_id = _post_id(post_id)
+    if "created_at" not in data or data["created_at"] in (None, ""):
+        raise RecordError("missing created_at")
+    caption = get("caption")
+    if caption is not None and (type(caption) is not str or not caption.isascii() or "\x00" in caption):
+        caption = _optional_str("caption", caption)
+    truncated = caption is not None and len(caption) > MAX_CAPTION_CHARS
+    if truncated:
+        caption = caption[:MAX_CAPTION_CHARS]  # the post is kept; the row says the caption was cut
+    raw = get("raw")
+    if raw is not None:
+        bad_number = non_finite_path(raw)
+        if bad_number:
+            raise RecordError(f"{bad_number}: NaN and Infinity are not JSON numbers (PostgreSQL refuses them)")
+    hashtags = get("hashtags")
+    if hashtags is None:
+        tags = extract_hashtags(caption)
+    elif isinstance(hashtags, (list, tuple)) and all(isinstance(t, str) for t in hashtags):
+        normalized = (_TAG_EDGES.sub("", clean_text(t).lower()) for t in hashtags)
+        tags = tuple(dict.fromkeys(t for t in normalized if t))
+    else:
+        raise RecordError("hashtags must be a list of strings")
+    created_at = parse_datetime(data["created_at"], now=now)
+    author = get("author_username")
+    if author is not None and (type(author) is not str or not author.isascii() or "\x00" in author):
+        author = _optional_str("author_username", author)
+    likes = get("like_count")
+    if type(likes) is not int or not 0 <= likes <= MAX_COUNT:
+        likes = _count("like_count", likes)
+    comments = get("comment_count")
+    if type(comments) is not int or not 0 <= comments <= MAX_COUNT:
+        comments = _count("comment_count", comments)
+    permalink = get("permalink")
+    if permalink is not None and (type(permalink) is not str or not permalink.isascii() or "\x00" in permalink):
+        permalink = _optional_str("permalink", permalink)
+    urls = get("image_urls")
+    image_urls = () if type(urls) is list and not urls else _image_urls(data)
+    if raw is not None:
+        raw = clean_json(raw)
+    language = get("lang")
+    if language is not None:
+        language = normalize_language(language)
+    # Built as with_fields() does: the frozen dataclass's __init__ (a guarded setattr per field) was a third of
+    # this function's cost, on every post of a run; every field is validated above.
+    post = object.__new__(Post)
+    post.__dict__.update(
+        _POST_DEFAULTS,
+        platform=platform,
+        post_id=post_id,
+        created_at=created_at,
+        author_username=author,
+        caption=caption,
+        like_count=likes,
+        comment_count=comments,
+        permalink=permalink,
+        image_urls=image_urls,
+        hashtags=tags,
+        raw=raw,
+        caption_truncated=truncated,
+        language=language,
+        language_source="platform" if language else None,
+        origin=origin,
+    )
+    return post
+
+
+# Platform names as given -> as stored, for names seen valid (a handful per run): one lookup instead of strip,
+# lower and a match on every post. Bounded, in case a file gives a new spelling on every line.
+_PLATFORMS: dict[str, str] = {}
+
+
+def _platform(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
         raise RecordError("missing platform")
-    platform = platform.strip().lower()
+    platform = value.strip().lower()
     if not PLATFORM_RE.match(platform):
         raise RecordError(f"platform {platform[:40]!r} must be lower-case letters, digits, '_' or '-' (at most 32)")
-    post_id = data.get("post_id")
-    if post_id is None or (isinstance(post_id, str) and not post_id.strip()):
+    if type(value) is str and len(_PLATFORMS) < 256:
+        _PLATFORMS[value] = platform
+    return platform
+
+
+def _post_id(value: Any) -> str:
+    if value is None or (isinstance(value, str) and not value.strip()):
         raise RecordError("missing post_id")
-    if isinstance(post_id, bool) or not isinstance(post_id, (str, int)):
-        raise RecordError(f"post_id must be text or a whole number, got {type(post_id).__name__}")
-    post_id = str(post_id).strip()
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise RecordError(f"post_id must be text or a whole number, got {type(value).__name__}")
+    post_id = str(value).strip()
     if clean_text(post_id) != post_id:
         # Cleaning would change the key itself, and two different ids could then become one.
         raise RecordError("post_id contains a NUL byte or a lone surrogate")
@@ -301,45 +403,7 @@ def _post_from_dict(data: Any, now: datetime | None, origin: str) -> Post:
             f"post_id is {size:,} bytes in UTF-8 (at most {MAX_POST_ID_BYTES:,}: the database's index on it "
             "takes about 2,700 bytes an entry)"
         )
-    if "created_at" not in data or data["created_at"] in (None, ""):
-        raise RecordError("missing created_at")
-    caption = _optional_str("caption", data.get("caption"))
-    truncated = caption is not None and len(caption) > MAX_CAPTION_CHARS
-    if truncated:
-        caption = caption[:MAX_CAPTION_CHARS]  # the post is kept; the row says the caption was cut
-    bad_number = non_finite_path(data.get("raw"))
-    if bad_number:
-        raise RecordError(f"{bad_number}: NaN and Infinity are not JSON numbers (PostgreSQL refuses them)")
-    hashtags = data.get("hashtags")
-    if hashtags is None:
-        tags = extract_hashtags(caption)
-    elif isinstance(hashtags, (list, tuple)) and all(isinstance(t, str) for t in hashtags):
-        normalized = (_TAG_EDGES.sub("", clean_text(t).lower()) for t in hashtags)
-        tags = tuple(dict.fromkeys(t for t in normalized if t))
-    else:
-        raise RecordError("hashtags must be a list of strings")
-    # Built as with_fields() does: the frozen dataclass's __init__ (a guarded setattr per field) was a third of
-    # this function's cost, on every post of a run; every field is validated above.
-    post = object.__new__(Post)
-    post.__dict__.update(
-        _POST_DEFAULTS,
-        platform=platform,
-        post_id=post_id,
-        created_at=parse_datetime(data["created_at"], now=now),
-        author_username=_optional_str("author_username", data.get("author_username")),
-        caption=caption,
-        like_count=_count("like_count", data.get("like_count")),
-        comment_count=_count("comment_count", data.get("comment_count")),
-        permalink=_optional_str("permalink", data.get("permalink")),
-        image_urls=_image_urls(data),
-        hashtags=tags,
-        raw=clean_json(data.get("raw")),
-        caption_truncated=truncated,
-        language=(language := normalize_language(data.get("lang"))),
-        language_source="platform" if language else None,
-        origin=origin,
-    )
-    return post
+    return post_id
 
 
 def post_to_dict(post: Post) -> dict[str, Any]:

@@ -61,7 +61,8 @@ class ResumePoint:
         return {
             "newest": self.newest.isoformat() if self.newest else None,
             "streams": {
-                name: {"oldest": mark.oldest.isoformat(), "ids": sorted(mark.ids)} for name, mark in self.streams.items()
+                name: {"oldest": mark.oldest.isoformat(), "ids": sorted(mark.ids)}
+                for name, mark in self.streams.items()
             },
         }
 
@@ -87,29 +88,32 @@ class ResumeTracker:
         if self.limit is not None and self.limit <= 0:
             self.limited = True
             return
+        # Once per post of every run: the lookups are bound here and what _remember does is written out inline.
+        stream_of = self.source.stream_of
+        done_marks = self.resume.streams if self.resume is not None else {}
+        marks = self.streams
+        limit = self.limit
         for post in posts:
-            stream = self.source.stream_of(post)
-            done = self.resume.streams.get(stream) if self.resume is not None and stream is not None else None
-            if done is not None and done.covers(post):
-                self.skipped += 1
-                continue
-            self._remember(stream, post)
+            stream = stream_of(post)
+            if done_marks and stream is not None:
+                done = done_marks.get(stream)
+                if done is not None and done.covers(post):
+                    self.skipped += 1
+                    continue
+            created = post.created_at
+            if self.newest is None or created > self.newest:
+                self.newest = created
+            if stream is not None:
+                mark = marks.get(stream)
+                if mark is None:
+                    marks[stream] = StreamMark(created, {post.post_id})
+                elif created <= mark.oldest:  # mark.add() changes nothing for a newer post
+                    mark.add(post)
             self.passed += 1
             yield post
-            if self.limit is not None and self.passed >= self.limit:
+            if limit is not None and self.passed >= limit:
                 self.limited = True
                 return
-
-    def _remember(self, stream: str | None, post: Post) -> None:
-        if self.newest is None or post.created_at > self.newest:
-            self.newest = post.created_at
-        if stream is None:
-            return
-        mark = self.streams.get(stream)
-        if mark is None:
-            self.streams[stream] = StreamMark(post.created_at, {post.post_id})
-        else:
-            mark.add(post)
 
     def cut_point(self) -> ResumePoint:
         """The resume point after this run stopped early: the earlier one extended by what this run loaded."""
