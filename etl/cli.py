@@ -19,7 +19,7 @@ from etl.config import Settings, load_settings, merged_environment, misspelled_s
 from etl.errors import ConfigError, ETLError, ExitCode, UsageError
 from etl.logs import RedactingFilter, setup_logging
 from etl.shards import Shard, format_plan, plan_shards
-from etl.sources import REGISTRY
+from etl.sources import source_names
 from etl.stopping import exit_now, leave_if_stalled
 
 # What a command needs beyond parsing its arguments is imported where the command runs (issue 16): a rerun
@@ -45,7 +45,7 @@ EXIT_CODES = """exit codes:
 def _epilog(*examples: str, sources: bool = False) -> str:
     parts = []
     if sources:
-        parts.append("sources: " + ", ".join(sorted(REGISTRY)) + " (ETL_SOURCES is the default set of a bare run)")
+        parts.append("sources: " + ", ".join(source_names()) + " (ETL_SOURCES is the default set of a bare run)")
     parts.append(EXIT_CODES)
     parts.append("examples:\n" + "\n".join(f"  {e}" for e in examples))
     return "\n\n".join(parts)
