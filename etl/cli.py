@@ -84,7 +84,19 @@ def _positive_int(value: str) -> int:
     return number
 
 
-def build_parser() -> argparse.ArgumentParser:
+class _Unbuilt:
+    """The parser of a command this invocation does not run (build_parser(only=...)): takes its arguments, keeps none."""
+
+    def add_argument(self, *args: object, **kwargs: object) -> None:
+        return None
+
+    def add_mutually_exclusive_group(self, **kwargs: object) -> _Unbuilt:
+        return self
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line; with `only`, the top level and that one command (what a run parses: the same
+    answers, without building the other 14 commands' parsers at every start)."""
     formatter = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(
         prog="etl.py",
@@ -113,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
 
     def command(name: str, help_text: str, *examples: str, sources: bool = False) -> argparse.ArgumentParser:
+        if only is not None and name != only:
+            return _Unbuilt()  # type: ignore[return-value]
         return sub.add_parser(
             name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".", parents=[common],
             formatter_class=formatter, epilog=_epilog(*examples, sources=sources),
@@ -181,7 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
         "copy-store", "copy images archived in another object store into the configured one (verified, resumable)",
         "python etl.py copy-store                  # after setting S3_BUCKET on an archive kept in the local store",
     )  # fmt: skip
-    cli_insights.add_parsers(command, parse_date)
+    if only is None or only in cli_insights.COMMANDS:
+        cli_insights.add_parsers(command, parse_date)
     cli_trust.add_parsers(command, parse_date)
 
     export = command(
@@ -207,13 +222,12 @@ def commands_of(parser: argparse.ArgumentParser) -> tuple[str, ...]:
 def main(argv: Sequence[str] | None = None, *, env: dict[str, str] | None = None, stdout: IO[str] | None = None) -> int:
     """Run the command line; returns the exit code. `env` replaces the environment (tests)."""
     out = stdout or sys.stdout
-    parser = build_parser()
     try:
-        args_list = with_default_command(list(sys.argv[1:] if argv is None else argv), commands_of(parser))
+        args_list = with_default_command(list(sys.argv[1:] if argv is None else argv))
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return int(exc.exit_code)
-    args = parser.parse_args(args_list)
+    args = build_parser(only=_command_word(args_list)).parse_args(args_list)
     command = args.command or "run"
     setup_logging("INFO", "text")  # until the settings are read (a bad .env line is reported on stderr)
     try:
@@ -271,14 +285,26 @@ def _on_sigterm(stop: threading.Event) -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
+def _command_at(args: list[str]) -> int:
+    """Where the command goes: after the global options (and their values) that come first."""
+    i = 0
+    while i < len(args) and args[i].split("=", 1)[0] in GLOBAL_OPTIONS:
+        i += 1 if "=" in args[i] else 2
+    return i
+
+
+def _command_word(args: list[str]) -> str | None:
+    """The command argparse will run, when it is certain (else None: the whole parser is built)."""
+    i = _command_at(args)
+    return args[i] if i < len(args) and args[i] in COMMANDS else None
+
+
 def with_default_command(args: list[str], commands: Sequence[str] = COMMANDS) -> list[str]:
     """`etl.py [global options] [run options]` means `etl.py [global options] run [run options]`.
 
     A word where the command goes that is not one is a UsageError listing the commands.
     """
-    i = 0
-    while i < len(args) and args[i].split("=", 1)[0] in GLOBAL_OPTIONS:
-        i += 1 if "=" in args[i] else 2
+    i = _command_at(args)
     if i >= len(args):
         return [*args, "run"]
     word = args[i]
