@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 import signal
 import sys
@@ -15,6 +14,7 @@ from typing import IO, TYPE_CHECKING
 from etl import __version__, cli_insights, cli_trust
 from etl.backfill_limits import checked_chunk
 from etl.check import path_errors
+from etl.cli_args import quick_run_args
 from etl.config import Settings, load_settings, merged_environment, misspelled_settings
 from etl.errors import ConfigError, ETLError, ExitCode, UsageError
 from etl.logs import RedactingFilter, setup_logging
@@ -26,6 +26,8 @@ from etl.stopping import exit_now, leave_if_stalled
 # with nothing new is mostly start-up, and `--help` or `status` should not load the archiver, its downloader,
 # the metrics writer or the re-enrichment's process pool.
 if TYPE_CHECKING:
+    import argparse
+
     from etl.run.runner import Runner, RunRequest
     from etl.run.stats import RunStats
 
@@ -57,6 +59,8 @@ def parse_date(value: str) -> datetime:
         text = value.strip().replace("Z", "+00:00")
         parsed = datetime.fromisoformat(text)
     except ValueError:
+        import argparse  # (a type= of argparse's: it is loaded)
+
         raise argparse.ArgumentTypeError(f"{value!r} is not a date (YYYY-MM-DD or ISO 8601)") from None
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
 
@@ -65,16 +69,22 @@ def _shard(value: str) -> Shard:
     try:
         return Shard.parse(value)
     except UsageError as exc:
+        import argparse
+
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _non_negative_int(value: str) -> int:
+    import argparse
+
     if not value.strip().isdigit():
         raise argparse.ArgumentTypeError(f"{value!r} is not a whole number of 0 or more")
     return int(value)
 
 
 def _positive_int(value: str) -> int:
+    import argparse
+
     try:
         number = int(value)
     except ValueError:
@@ -97,6 +107,8 @@ class _Unbuilt:
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The whole command line; with `only`, the top level and that one command (what a run parses: the same
     answers, without building the other 14 commands' parsers at every start)."""
+    import argparse  # here: a plain run's arguments are read without it (etl/cli_args.py)
+
     formatter = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(
         prog="etl.py",
@@ -213,6 +225,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
 def commands_of(parser: argparse.ArgumentParser) -> tuple[str, ...]:
     """The command names the parser knows (every subparser block registers itself)."""
+    import argparse
+
     for action in parser._subparsers._group_actions if parser._subparsers else ():
         if isinstance(action, argparse._SubParsersAction):
             return tuple(action.choices)
@@ -227,7 +241,9 @@ def main(argv: Sequence[str] | None = None, *, env: dict[str, str] | None = None
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return int(exc.exit_code)
-    args = build_parser(only=_command_word(args_list)).parse_args(args_list)
+    args = quick_run_args(args_list)
+    if args is None:
+        args = build_parser(only=_command_word(args_list)).parse_args(args_list)
     command = args.command or "run"
     setup_logging("INFO", "text")  # until the settings are read (a bad .env line is reported on stderr)
     try:
