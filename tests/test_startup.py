@@ -149,3 +149,15 @@ def test_psycopg2_without_ssl_at_start_still_connects_and_ssl_still_loads_later(
     )
     result = subprocess.run([sys.executable, "-c", code, db.dsn], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert result.returncode == 0 and result.stdout.split() == ["ok", "True"], result.stderr
+
+
+def test_package_names_are_normalized_as_importlib_metadata_does():
+    import random
+    import re
+
+    from etl.versions import _normalized
+
+    rng = random.Random(16)
+    for _ in range(5000):
+        name = "".join(rng.choice("aZ9-_.İ") for _ in range(rng.randint(0, 9)))
+        assert _normalized(name) == re.sub(r"[-_.]+", "-", name).lower().replace("-", "_"), name
