@@ -1,9 +1,18 @@
 #!/usr/bin/env python3
 """Entrypoint for cron and people: `python etl.py [run|backfill|reenrich|status|migrate] ...`."""
 
+import gc
 import sys
 
-from etl.cli import main
+# Start-up (issue 16): the ~150 modules a command loads make objects that live as long as the process. No
+# collection runs while they load, and gc.freeze() then sets them apart: no later collection (nor the one at
+# exit, nor one in a forked scoring worker) walks them again. A tenth of a rerun's CPU with nothing new.
+gc.disable()
+try:
+    from etl.cli import main
+finally:
+    gc.freeze()
+    gc.enable()
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 import signal
 import sys
@@ -15,17 +14,20 @@ from typing import IO, TYPE_CHECKING
 from etl import __version__, cli_insights, cli_trust
 from etl.backfill_limits import checked_chunk
 from etl.check import path_errors
+from etl.cli_args import quick_run_args
 from etl.config import Settings, load_settings, merged_environment, misspelled_settings
 from etl.errors import ConfigError, ETLError, ExitCode, UsageError
 from etl.logs import RedactingFilter, setup_logging
 from etl.shards import Shard, format_plan, plan_shards
-from etl.sources import REGISTRY
+from etl.sources import source_names
 from etl.stopping import exit_now, leave_if_stalled
 
 # What a command needs beyond parsing its arguments is imported where the command runs (issue 16): a rerun
 # with nothing new is mostly start-up, and `--help` or `status` should not load the archiver, its downloader,
 # the metrics writer or the re-enrichment's process pool.
 if TYPE_CHECKING:
+    import argparse
+
     from etl.run.runner import Runner, RunRequest
     from etl.run.stats import RunStats
 
@@ -45,7 +47,7 @@ EXIT_CODES = """exit codes:
 def _epilog(*examples: str, sources: bool = False) -> str:
     parts = []
     if sources:
-        parts.append("sources: " + ", ".join(sorted(REGISTRY)) + " (ETL_SOURCES is the default set of a bare run)")
+        parts.append("sources: " + ", ".join(source_names()) + " (ETL_SOURCES is the default set of a bare run)")
     parts.append(EXIT_CODES)
     parts.append("examples:\n" + "\n".join(f"  {e}" for e in examples))
     return "\n\n".join(parts)
@@ -57,6 +59,8 @@ def parse_date(value: str) -> datetime:
         text = value.strip().replace("Z", "+00:00")
         parsed = datetime.fromisoformat(text)
     except ValueError:
+        import argparse  # (a type= of argparse's: it is loaded)
+
         raise argparse.ArgumentTypeError(f"{value!r} is not a date (YYYY-MM-DD or ISO 8601)") from None
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
 
@@ -65,16 +69,22 @@ def _shard(value: str) -> Shard:
     try:
         return Shard.parse(value)
     except UsageError as exc:
+        import argparse
+
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _non_negative_int(value: str) -> int:
+    import argparse
+
     if not value.strip().isdigit():
         raise argparse.ArgumentTypeError(f"{value!r} is not a whole number of 0 or more")
     return int(value)
 
 
 def _positive_int(value: str) -> int:
+    import argparse
+
     try:
         number = int(value)
     except ValueError:
@@ -84,7 +94,21 @@ def _positive_int(value: str) -> int:
     return number
 
 
-def build_parser() -> argparse.ArgumentParser:
+class _Unbuilt:
+    """The parser of a command this invocation does not run (build_parser(only=...)): takes its arguments, keeps none."""
+
+    def add_argument(self, *args: object, **kwargs: object) -> None:
+        return None
+
+    def add_mutually_exclusive_group(self, **kwargs: object) -> _Unbuilt:
+        return self
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line; with `only`, the top level and that one command (what a run parses: the same
+    answers, without building the other 14 commands' parsers at every start)."""
+    import argparse  # here: a plain run's arguments are read without it (etl/cli_args.py)
+
     formatter = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(
         prog="etl.py",
@@ -113,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
 
     def command(name: str, help_text: str, *examples: str, sources: bool = False) -> argparse.ArgumentParser:
+        if only is not None and name != only:
+            return _Unbuilt()  # type: ignore[return-value]
         return sub.add_parser(
             name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".", parents=[common],
             formatter_class=formatter, epilog=_epilog(*examples, sources=sources),
@@ -181,7 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
         "copy-store", "copy images archived in another object store into the configured one (verified, resumable)",
         "python etl.py copy-store                  # after setting S3_BUCKET on an archive kept in the local store",
     )  # fmt: skip
-    cli_insights.add_parsers(command, parse_date)
+    if only is None or only in cli_insights.COMMANDS:
+        cli_insights.add_parsers(command, parse_date)
     cli_trust.add_parsers(command, parse_date)
 
     export = command(
@@ -198,6 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def commands_of(parser: argparse.ArgumentParser) -> tuple[str, ...]:
     """The command names the parser knows (every subparser block registers itself)."""
+    import argparse
+
     for action in parser._subparsers._group_actions if parser._subparsers else ():
         if isinstance(action, argparse._SubParsersAction):
             return tuple(action.choices)
@@ -207,13 +236,14 @@ def commands_of(parser: argparse.ArgumentParser) -> tuple[str, ...]:
 def main(argv: Sequence[str] | None = None, *, env: dict[str, str] | None = None, stdout: IO[str] | None = None) -> int:
     """Run the command line; returns the exit code. `env` replaces the environment (tests)."""
     out = stdout or sys.stdout
-    parser = build_parser()
     try:
-        args_list = with_default_command(list(sys.argv[1:] if argv is None else argv), commands_of(parser))
+        args_list = with_default_command(list(sys.argv[1:] if argv is None else argv))
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return int(exc.exit_code)
-    args = parser.parse_args(args_list)
+    args = quick_run_args(args_list)
+    if args is None:
+        args = build_parser(only=_command_word(args_list)).parse_args(args_list)
     command = args.command or "run"
     setup_logging("INFO", "text")  # until the settings are read (a bad .env line is reported on stderr)
     try:
@@ -271,14 +301,26 @@ def _on_sigterm(stop: threading.Event) -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
+def _command_at(args: list[str]) -> int:
+    """Where the command goes: after the global options (and their values) that come first."""
+    i = 0
+    while i < len(args) and args[i].split("=", 1)[0] in GLOBAL_OPTIONS:
+        i += 1 if "=" in args[i] else 2
+    return i
+
+
+def _command_word(args: list[str]) -> str | None:
+    """The command argparse will run, when it is certain (else None: the whole parser is built)."""
+    i = _command_at(args)
+    return args[i] if i < len(args) and args[i] in COMMANDS else None
+
+
 def with_default_command(args: list[str], commands: Sequence[str] = COMMANDS) -> list[str]:
     """`etl.py [global options] [run options]` means `etl.py [global options] run [run options]`.
 
     A word where the command goes that is not one is a UsageError listing the commands.
     """
-    i = 0
-    while i < len(args) and args[i].split("=", 1)[0] in GLOBAL_OPTIONS:
-        i += 1 if "=" in args[i] else 2
+    i = _command_at(args)
     if i >= len(args):
         return [*args, "run"]
     word = args[i]

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import threading
 from collections.abc import Callable
 from datetime import datetime
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from etl.config import Settings
 from etl.errors import ExitCode, UsageError
+
+if TYPE_CHECKING:
+    import argparse  # a plain run reads its arguments without it (etl/cli_args.py)
 
 COMMANDS = ("fingerprint", "similar", "trends", "report")
 
@@ -23,6 +25,8 @@ def add_parsers(command: Callable[..., Any], parse_date: Callable[[str], datetim
         try:
             return parse_duration(value)
         except ValueError as exc:
+            import argparse
+
             raise argparse.ArgumentTypeError(str(exc)) from None
 
     fingerprint = command(

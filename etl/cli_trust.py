@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 import threading
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from etl.config import Settings
 from etl.errors import ExitCode, UsageError
+
+if TYPE_CHECKING:
+    import argparse  # a plain run reads its arguments without it (etl/cli_args.py)
 
 log = logging.getLogger("etl")
 
 
 def _fraction(value: str) -> float:
+    import argparse  # (a type= of argparse's: it is loaded)
+
     try:
         number = float(value)
     except ValueError:

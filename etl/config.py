@@ -311,9 +311,9 @@ class Settings:
         when these Settings were built without it, or the source declares none)."""
         if name in self.per_source:
             return self.per_source[name]
-        from etl.sources import declared_settings
+        from etl.sources import declared_settings_of
 
-        return SourceSettings(name, declared_settings().get(name, ()))
+        return SourceSettings(name, declared_settings_of(name))
 
     @property
     def embedded_db(self) -> bool:
@@ -397,13 +397,16 @@ def load_settings(env: Mapping[str, str] | None = None, dotenv_path: str | Path 
 
 
 def _read_source_settings(settings: Settings, env: Mapping[str, str]) -> dict[str, SourceSettings]:
-    """Each registered source's declared settings, parsed (ETL_SOURCE_PATHS loaded first, so a plugin's count)."""
-    from etl.sources import declared_settings, load_source_modules
+    """Each registered source's declared settings, parsed (ETL_SOURCE_PATHS loaded first, so a plugin's count).
+
+    A built-in platform that `env` names no setting of is left out (and not imported): its settings are its
+    defaults, which Settings.source() gives it."""
+    from etl.sources import load_source_modules, settings_in_use
 
     load_source_modules(settings.source_paths)
     owner = {setting.env: "the core settings (etl/config.py)" for _, setting in _core_fields()}
     per_source = {}
-    for name, declared in sorted(declared_settings().items()):
+    for name, declared in sorted(settings_in_use(env).items()):
         for setting in declared:
             if owner.setdefault(setting.env, f"the {name} source") != f"the {name} source":
                 raise ConfigError(f"{setting.env} is declared by the {name} source and by {owner[setting.env]}")
@@ -462,6 +465,15 @@ _OTHER_KNOWN = ("ETL_PYTHON", "ETL_CRON_LOG")
 
 def misspelled_settings(env: Mapping[str, str]) -> list[tuple[str, str]]:
     """(variable, the setting it probably means) for each unknown variable with our prefixes close to a known one."""
+    from etl.sources import settings_in_use, source_names
+
+    # Known to the core and to the sources `env` names (the usual case: nothing unknown) needs no other platform
+    # imported; an unknown variable is compared with every source's settings.
+    prefixes = SETTING_PREFIXES + tuple(f"{name.upper()}_" for name in source_names())
+    known_here = {setting.env for _, setting in _core_fields()} | set(_OTHER_KNOWN)
+    known_here.update(s.env for declared in settings_in_use(env).values() for s in declared)
+    if not any(name not in known_here and name.upper().startswith(prefixes) for name in env):
+        return []
     import difflib
 
     from etl.sources import REGISTRY

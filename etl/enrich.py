@@ -6,13 +6,13 @@ import importlib.util
 import re
 from collections.abc import Callable, Sequence
 from functools import lru_cache, partial
-from importlib.metadata import version
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 from etl.language import LanguageDetector, english_or_unknown
 from etl.records import Post, Sentiment, clean_text, with_fields
+from etl.versions import version  # not importlib.metadata: start-up (etl/versions.py)
 
 # URLs and @mentions carry no sentiment and confuse the lexicon; '#' is dropped so #love counts as love.
 _NOISE = re.compile(r"https?://\S+|www\.\S+|@\w+")

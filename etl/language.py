@@ -22,9 +22,10 @@ import tempfile
 import threading
 from array import array
 from collections.abc import Sequence
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any
+
+from etl.versions import version  # not importlib.metadata: start-up (etl/versions.py)
 
 log = logging.getLogger(__name__)
 

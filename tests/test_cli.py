@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import subprocess
 import sys
 from urllib.parse import urlsplit, urlunsplit
@@ -9,8 +10,10 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg2
 import pytest
 
-from etl.cli import build_parser, with_default_command
+from etl.cli import COMMANDS, build_parser, commands_of, with_default_command
+from etl.cli_args import quick_run_args
 from etl.db import migration_files
+from etl.errors import UsageError
 from tests.conftest import ROOT
 
 
@@ -91,3 +94,68 @@ def test_migrate_reports_the_migrations_it_applied_then_none(pg_dsn, run_etl):
         with admin.cursor() as cur:
             cur.execute("DROP DATABASE IF EXISTS migrate_probe WITH (FORCE)")
         admin.close()
+
+
+# -- a plain run's arguments, read without argparse (etl/cli_args.py, issue 16) ----------------------
+
+QUICK = [
+    ["run"],
+    ["run", "--source", "jsonl", "--input", "posts.jsonl"],
+    ["run", "--source", "jsonl", "--input", "-"],
+    ["--log-format", "json", "run", "--dry-run", "--source", "mock", "--source=youtube"],
+    ["--log-level=DEBUG", "run", "--limit", "5", "--shard", "2/4", "--log-format", "text", "--log-level", "ERROR"],
+    ["run", "--limit=-3", "--input=--odd", "--source", "run"],
+]
+ARGPARSE_ONLY = [
+    ["run", "--help"], ["run", "-h"], ["--help"], ["--version"], ["status"], ["backfill", "--source", "mock", "--since", "2026-01-01"],
+    ["run", "--sou", "mock"], ["run", "--limit", "x"], ["run", "--limit", "-3"], ["run", "--shard", "5/4"], ["run", "--dry-run=1"],
+    ["run", "--source"], ["run", "--source", "--dry-run"], ["run", "--source="], ["run", "--", "x"], ["run", "stray"],
+    ["--log-format", "xml", "run"], ["run", "--input", "-5"], ["run", "run"],
+]  # fmt: skip
+
+
+def _argparse_answer(args):
+    try:
+        return list(vars(build_parser().parse_args(args)).items())
+    except SystemExit:
+        return "an error or help"
+
+
+@pytest.mark.parametrize("args", QUICK)
+def test_a_plain_run_is_read_without_argparse_as_argparse_reads_it(args):
+    quick = quick_run_args(args)
+    assert quick is not None, args
+    assert list(vars(quick).items()) == _argparse_answer(args)  # the same attributes, values and order
+
+
+@pytest.mark.badinput("a run option abbreviated, misspelled, without its value or with a bad one")
+@pytest.mark.parametrize("args", ARGPARSE_ONLY)
+def test_anything_but_a_certain_run_is_left_to_argparse(args):
+    assert quick_run_args(args) is None
+
+
+def test_the_quick_reading_agrees_with_argparse_on_many_command_lines(capsys):
+    """Random command lines from run words, tricky ones among them: each read quickly is read as argparse reads it."""
+    words = [
+        "run", "--source", "jsonl", "--source=mock", "--limit", "5", "--limit=-3", "x", "--dry-run", "--dry-run=1", "--input",
+        "-", "--input=p.jsonl", "--shard", "2/4", "--shard=9/4", " 1 / 2 ", "--log-format", "json", "--log-format=text",
+        "--log-level", "DEBUG", "--log-level=info", "--sou", "-h", "--", "", "--source=", "-5", "--limit= 7", "backfill", "--lim",
+    ]  # fmt: skip
+    rng = random.Random(16)
+    read = 0
+    for _ in range(3000):
+        try:
+            args = with_default_command([rng.choice(words) for _ in range(rng.randint(0, 7))], COMMANDS)
+        except UsageError:
+            continue  # not a command where one goes: main() answers before any parsing
+        quick = quick_run_args(args)
+        if quick is not None:
+            read += 1
+            assert list(vars(quick).items()) == _argparse_answer(args), args
+    assert read > 300  # the quick path was taken often enough to mean something
+    capsys.readouterr()
+
+
+def test_the_command_list_is_the_parsers_own():
+    """with_default_command and the one-command parser use COMMANDS: it must be what the full parser knows, in order."""
+    assert commands_of(build_parser()) == COMMANDS

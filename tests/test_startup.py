@@ -22,6 +22,17 @@ def heavy_in(modules: set[str]) -> dict[str, str]:
     return {m: why for m, why in HEAVY.items() if m in modules or any(n.startswith(m + ".") for n in modules)}
 
 
+# What a rerun of a file with nothing new used to import at start-up and must not again (issue 16, round two).
+NOT_AT_START = {
+    "argparse": "reading the command line (a plain run is read by etl/cli_args.py)", "gettext": "argparse's messages",
+    "ssl": "HTTPS (psycopg2 imports it only for OpenSSL before 1.1; etl/db/__init__.py)",
+    "importlib.metadata": "package versions (etl/versions.py reads them)", "email": "importlib.metadata's header parser",
+    "pgserver": "the embedded PostgreSQL (DATABASE_URL is set)", "difflib": "suggesting a misspelled setting",
+    "uuid": "check's test object", "etl.trends": "`trends`", "etl.sources.api": "the HTTP platforms' common layer",
+    **{f"etl.sources.{name}": "another platform" for name in ("bluesky", "instagram", "mastodon", "mock", "reddit", "twitter", "youtube")},
+}  # fmt: skip
+
+
 def test_a_rerun_with_nothing_new_imports_nothing_it_does_not_use(run_etl, http_server, db, tmp_path):
     posts = write_posts(tmp_path / "posts.jsonl", http_server, 3)
     env = {"ETL_ALLOW_PRIVATE_HOSTS": "true"}
@@ -36,6 +47,8 @@ def test_a_rerun_with_nothing_new_imports_nothing_it_does_not_use(run_etl, http_
     assert rerun.returncode == 0, rerun.stderr
     assert len(http_server.requests) == served  # nothing new: not one image request
     assert heavy_in(imported(rerun)) == {}
+    assert {m: why for m, why in NOT_AT_START.items() if m in imported(rerun)} == {}
+    assert "etl.sources.jsonl" in imported(rerun)  # (the rule above would hold of a run that did nothing)
 
 
 def test_help_and_status_import_neither_the_archiver_nor_its_downloader(run_etl):
@@ -50,3 +63,95 @@ def test_this_check_sees_an_import_when_there_is_one(run_etl):
     """The wrapper reports what the child imported (so the two tests above cannot pass by reporting nothing)."""
     result = run_etl("--version", wrapper=("-c", "import prometheus_client\n" + MODULES_AT_EXIT))
     assert "prometheus_client" in heavy_in(imported(result))
+
+
+def _one_post(tmp_path):
+    path = tmp_path / "one.jsonl"
+    path.write_text('{"platform": "fixture", "post_id": "1", "caption": "a fine day", "created_at": "2026-10-01T12:00:00Z"}\n')
+    return path
+
+
+def test_a_platform_is_imported_when_its_settings_are_set_and_their_errors_still_stop_a_run(run_etl, tmp_path):
+    """A run of one source imports another platform only when the environment holds that platform's variables
+    (YOUTUBE_...), so a bad value of any platform still stops every run before any work, as it always did."""
+    posts = _one_post(tmp_path)
+    args = ("run", "--source", "jsonl", "--input", str(posts))
+    named = run_etl(*args, env={"YOUTUBE_QUERY": "cats"}, wrapper=("-c", MODULES_AT_EXIT))
+    assert named.returncode == 0, named.stderr
+    platforms = {m for m in imported(named) if m.startswith("etl.sources.") and m not in ("etl.sources.base", "etl.sources.api")}
+    assert platforms == {"etl.sources.jsonl", "etl.sources.youtube"}
+
+    bad = run_etl(*args, env={"TWITTER_MAX_WAIT": "soon"})
+    assert bad.returncode == 2 and "TWITTER_MAX_WAIT='soon' is invalid" in bad.stderr
+
+
+def test_a_misspelled_platform_setting_is_still_named_on_a_run_of_another_source(run_etl, tmp_path):
+    posts = _one_post(tmp_path)
+    result = run_etl("run", "--source", "jsonl", "--input", str(posts), env={"ETL_MASTODON_INSTANCE": "x", "REDIT_SUBREDDITS": "y"})
+    assert result.returncode == 0, result.stderr
+    assert "ETL_MASTODON_INSTANCE is not a setting of ours (ignored); did you mean MASTODON_INSTANCE?" in result.stderr
+
+
+def test_every_platform_is_named_after_its_module_and_its_settings_after_it():
+    """What lets a run import only the platforms it needs: `youtube` lives in etl/sources/youtube.py and every
+    setting it declares starts with YOUTUBE_ (else a value of it could go unchecked, unimported)."""
+    from etl.sources import BUILT_IN, REGISTRY, declared_settings
+
+    # Listing the registry imports every platform (other tests may have registered sources of their own).
+    assert sorted(n for n, cls in REGISTRY.items() if cls.__module__.startswith("etl.sources.")) == list(BUILT_IN)
+    for name in BUILT_IN:
+        assert REGISTRY[name].__module__ == f"etl.sources.{name}"
+        assert all(s.env.startswith(f"{name.upper()}_") for s in declared_settings()[name]), name
+
+
+def test_package_versions_are_the_ones_importlib_metadata_gives():
+    import importlib.metadata
+
+    import pytest
+
+    from etl.versions import version
+
+    names = {dist.metadata["Name"] for dist in importlib.metadata.distributions()}
+    assert {"textblob", "py3langid", "psycopg2-binary"} <= names
+    assert {name: version(name) for name in names} == {name: importlib.metadata.version(name) for name in names}
+    with pytest.raises(importlib.metadata.PackageNotFoundError):
+        version("no-such-package-of-ours")
+
+
+def test_psycopg2_without_ssl_at_start_still_connects_and_ssl_still_loads_later(db):
+    """etl.db imports psycopg2 without Python's ssl module; a connection works, and so does ssl when HTTPS needs it."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    code = (
+        "import sys, etl.db\n"
+        "assert 'ssl' not in sys.modules, 'ssl was imported'\n"
+        "conn = etl.db.Database(sys.argv[1], display='test').connect()\n"
+        "import ssl, requests\n"
+        "ssl.create_default_context()\n"
+        "print('ok', conn.server_version > 0)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code, db.dsn], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert result.returncode == 0 and result.stdout.split() == ["ok", "True"], result.stderr
+
+
+def test_package_names_are_normalized_as_importlib_metadata_does():
+    import random
+    import re
+
+    from etl.versions import _normalized
+
+    rng = random.Random(16)
+    for _ in range(5000):
+        name = "".join(rng.choice("aZ9-_.İ") for _ in range(rng.randint(0, 9)))
+        assert _normalized(name) == re.sub(r"[-_.]+", "-", name).lower().replace("-", "_"), name
+
+
+def test_what_start_up_loads_is_kept_out_of_garbage_collections(run_etl):
+    """etl.py freezes the objects its modules made (gc.freeze): no collection walks them again."""
+    wrapper = MODULES_AT_EXIT.replace('print("modules-at-exit:"', 'import gc; print("frozen:", gc.get_freeze_count(), file=sys.stderr)\n    print("modules-at-exit:"')
+    result = run_etl("--version", wrapper=("-c", wrapper))
+    frozen = next(line for line in result.stderr.splitlines() if line.startswith("frozen: "))
+    assert int(frozen.split()[1]) > 10_000, frozen

@@ -18,7 +18,33 @@
 The names below are the ones callers take from `etl.db`; the rest are imported from their module.
 """
 
-from etl.db.archive import (
+import sys
+import threading
+
+
+def _import_psycopg2() -> None:
+    """Import psycopg2 without Python's ssl module when nothing has imported ssl yet (issue 16: a quarter of a
+    rerun's start-up).
+
+    psycopg2 imports `ssl` only so that Python, not libpq, sets up libcrypto's thread callbacks (OpenSSL before
+    1.1). psycopg2-binary's libpq carries its own OpenSSL 3, which sets itself up, so the import changes nothing
+    there and costs 15-30 ms (Python's _ssl loads and initializes a second OpenSSL). Connections, with or
+    without SSL, are libpq's either way; `ssl` is imported as usual by whatever needs it later (HTTPS).
+    Only while a single thread runs: another thread could be importing ssl at this moment.
+    """
+    if "psycopg2" in sys.modules or "ssl" in sys.modules or threading.active_count() > 1:
+        import psycopg2  # noqa: F401
+        return
+    sys.modules["ssl"] = None  # type: ignore[assignment]  # `import ssl` raises ImportError: psycopg2 goes on without
+    try:
+        import psycopg2  # noqa: F401
+    finally:
+        del sys.modules["ssl"]
+
+
+_import_psycopg2()
+
+from etl.db.archive import (  # noqa: E402
     Archive,
     Held,
     HeldRow,
@@ -28,9 +54,9 @@ from etl.db.archive import (
     upsert_media,
     upsert_posts,
 )
-from etl.db.connection import Database, DataRefused, migration_files
-from etl.db.ledger import Ledger
-from etl.db.state import StreamState
+from etl.db.connection import Database, DataRefused, migration_files  # noqa: E402
+from etl.db.ledger import Ledger  # noqa: E402
+from etl.db.state import StreamState  # noqa: E402
 
 __all__ = [
     "Archive", "DataRefused", "Database", "Held", "HeldRow", "Ledger", "StreamState", "UpsertCounts", "held", "known_media",
