@@ -3,6 +3,7 @@ connections and statements, counted by the server itself (pg_stat_database), and
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
@@ -79,3 +80,49 @@ def test_an_images_rerun_with_nothing_new_opens_two_connections_and_sends_nine_s
     assert sum(http_server.hits.values()) == hits  # no image fetched
     assert {p: p.stat().st_mtime_ns for p in objects.rglob("*") if p.is_file()} == files  # nothing written
     assert query(db.dsn, "SELECT count(*), min(status) FROM etl_runs") == [(runs_before + 1, "ok")]
+
+
+def test_an_up_to_date_archive_is_checked_without_waiting_for_the_migration_lock(migrated):
+    """Every run checks the migrations first: when none is missing, that is one read, and a migrator holding the
+    lock (another run upgrading, a long `etl.py migrate`) does not hold the run up."""
+    from etl.db import Database
+
+    holder = psycopg2.connect(migrated)
+    holder.autocommit = True
+    db = Database(migrated, display="test database")
+    result: list[list[str]] = []
+    try:
+        with holder.cursor() as cur:
+            cur.execute("SELECT pg_advisory_lock(72616001)")  # the migration lock (etl/db/connection.py)
+        checking = threading.Thread(target=lambda: result.append(db.migrate()), daemon=True)
+        checking.start()
+        checking.join(10)
+        assert not checking.is_alive(), "the check waited for the migration lock"
+        assert result == [[]]
+    finally:
+        holder.close()  # frees the lock: a check that waited for it ends now
+        checking.join(10)
+        db.close()
+
+
+def test_a_missing_migration_is_still_applied_under_the_lock(migrated, tmp_path):
+    """The quick check sees a migration missing: it is applied, under the lock, and recorded."""
+    from etl.db import Database
+    from etl.db.connection import migration_files
+
+    version = max(v for v, _ in migration_files()) + 900  # a version no real migration takes
+    sql_dir = tmp_path / "sql"
+    sql_dir.mkdir()
+    for _, path in migration_files():
+        (sql_dir / path.name).write_text(path.read_text(encoding="utf-8"), encoding="utf-8")
+    (sql_dir / f"{version}_probe.sql").write_text("CREATE TABLE rerun_cost_probe (n int);", encoding="utf-8")
+    db = Database(migrated, display="test database")
+    try:
+        assert db.migrate(sql_dir) == [f"{version}_probe.sql"]
+        assert db.migrate(sql_dir) == []
+        assert query(migrated, "SELECT count(*) FROM rerun_cost_probe") == [(0,)]
+    finally:
+        with db.transaction() as cur:
+            cur.execute("DROP TABLE IF EXISTS rerun_cost_probe")
+            cur.execute("DELETE FROM schema_migrations WHERE version = %s", (version,))
+        db.close()
