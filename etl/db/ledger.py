@@ -156,9 +156,10 @@ class Ledger:
         redact: Callable[[str], str] = str,
         abandon: Sequence[str] = (),
     ) -> Iterator[int]:
-        """The run's etl_runs row around the block (which gets its id): started before it, finished after it with
-        `outcome`'s status and counts, status `failed` when the block raised (`abandon`: see start_run). When recording the end fails too
-        (the database is gone), the error that stopped the run is the one that goes on."""
+        """The run's etl_runs row around the block (which gets its id): started before it (`abandon`: see
+        start_run), finished after it with `outcome`'s status and counts, status `failed` when the block raised.
+        When recording the end fails too (the database is gone), the error that stopped the run is the one that
+        goes on."""
         run_id = self.start_run(mode, sources, arguments, units, abandon=abandon)
         status = "failed"
         try:
