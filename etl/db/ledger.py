@@ -37,6 +37,9 @@ ABANDON_SQL = (
     " error_summary = COALESCE(error_summary, 'the process ended without finishing the run')"
     " WHERE status = 'running' AND COALESCE(units, sources) && %s::text[]"
 )
+# The dead runs' rows and the new run's in one statement, so one snapshot: the UPDATE cannot see (nor abandon)
+# the row the INSERT adds.
+START_RUN_ABANDONING_SQL = f"WITH dead AS ({ABANDON_SQL}) {START_RUN_SQL}"
 
 
 def release_locks(conn: psycopg2.extensions.connection) -> None:
@@ -119,13 +122,11 @@ class Ledger:
         values = (list(sources), list(sources if units is None else units), adapt_json(clean_json(arguments)),
                   socket.gethostname(), os.getpid())  # fmt: skip
 
-        # With `abandon`, one statement, so one snapshot: the UPDATE cannot see (nor abandon) the row it inserts.
-        sql, params = (f"WITH dead AS ({ABANDON_SQL}) {START_RUN_SQL}", (list(abandon), mode, *values)) if abandon else (
-            START_RUN_SQL, (mode, *values)
-        )  # fmt: skip
-
         def insert(cur: psycopg2.extensions.cursor) -> int:
-            cur.execute(sql, params)
+            if abandon:
+                cur.execute(START_RUN_ABANDONING_SQL, (list(abandon), mode, *values))
+            else:
+                cur.execute(START_RUN_SQL, (mode, *values))
             return cur.fetchone()[0]
 
         return self.db.alone(insert, what="recording the run")
