@@ -6,7 +6,7 @@ from __future__ import annotations
 import io
 import json
 import re
-from collections.abc import Callable, Container, Iterable, Mapping, Sequence
+from collections.abc import Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
@@ -277,31 +277,43 @@ def upsert_posts(
     `stored`: rows of these posts as held() found them. A post whose row the statement would leave as it is
     (_unchanged) is not sent at all, and counted unchanged, unless its key (as stored) is in `with_images`.
     A rerun with nothing new then costs no round trip."""
+    return send_posts(cur, *post_lines(posts, first_urls=first_image_urls, version=sentiment_version, stored=stored,
+                                       with_images=with_images))  # fmt: skip
+
+
+def post_lines(
+    posts: Sequence[Post], *, first_urls: dict[tuple[str, str], str] | None, version: str | None,
+    stored: Mapping[tuple[str, str], HeldRow] | None, with_images: Container[tuple[str, str]],
+) -> tuple[int, list[str]]:  # fmt: skip
+    """upsert_posts' first half, without the database: (posts after duplicates, the COPY lines of those to send)."""
     # Keyed on the id as stored (cleaned), so two ids that clean to the same text are one row too.
     latest: dict[tuple[str, str], Post] = {}
     for post in posts:
         key = (post.platform, clean_text(post.post_id))
         latest.pop(key, None)
         latest[key] = post
-    if not latest:
-        return UpsertCounts()
-    urls = first_image_urls or {}
+    urls = first_urls or {}
     stored = stored or {}
     lines = []
     for k, p in latest.items():
         url = (urls.get(k) or urls.get((p.platform, p.post_id))) if urls else None
         held_row = stored.get(k)
-        if held_row is None or k in with_images or not _unchanged(p, url, sentiment_version, held_row):
-            lines.append(_post_line(p, url, sentiment_version))
+        if held_row is None or k in with_images or not _unchanged(p, url, version, held_row):
+            lines.append(_post_line(p, url, version))
+    return len(latest), lines
+
+
+def send_posts(cur: psycopg2.extensions.cursor, count: int, lines: list[str]) -> UpsertCounts:
+    """upsert_posts' second half: `lines` of `count` posts (post_lines) written; no round trip when none."""
     if not lines:
-        return UpsertCounts(unchanged=len(latest))
+        return UpsertCounts(unchanged=count)
     # COPY into the staging table, then one INSERT ... ON CONFLICT from it. A row the database refuses
     # raises psycopg2's error (in the COPY or the INSERT); Database.run turns it into DataRefused.
     cur.execute(_STAGE_POSTS_PREPARE_SQL)
     cur.copy_expert(_STAGE_POSTS_COPY_SQL, io.StringIO("".join(lines)))
     cur.execute(_UPSERT_POSTS_COUNTED_SQL)
     inserted, written, snapshots = cur.fetchone()
-    return UpsertCounts(inserted, written - inserted, len(latest) - written, snapshots)
+    return UpsertCounts(inserted, written - inserted, count - written, snapshots)
 
 
 UPSERT_MEDIA_SQL = (
@@ -468,25 +480,6 @@ def held(cur: psycopg2.extensions.cursor, posts: Sequence[Post], version: str) -
     return Held(stored, hopeless, scores, tombstones, rows)
 
 
-def _each_statement_alone(fn: Callable[[psycopg2.extensions.cursor], Any]) -> Callable[[psycopg2.extensions.cursor], Any]:
-    """fn with each of its statements committed by itself (autocommit): a read then costs one round trip per
-    statement, without BEGIN and COMMIT. Under READ COMMITTED a statement sees what it would see inside a
-    transaction (each takes its own snapshot there too). The connection is given back as it was."""
-
-    def run(cur: psycopg2.extensions.cursor) -> Any:
-        conn = cur.connection
-        if conn.autocommit or conn.status != psycopg2.extensions.STATUS_READY:
-            return fn(cur)
-        conn.autocommit = True
-        try:
-            return fn(cur)
-        finally:
-            if not conn.closed:
-                conn.autocommit = False
-
-    return run
-
-
 class Archive:
     """The archive's tables as the archiver uses them: one transaction per call, reconnecting (Database.run)."""
 
@@ -495,8 +488,7 @@ class Archive:
 
     def held(self, posts: Sequence[Post], version: str) -> Held:
         """Stored and hopeless images, stored scores by enricher `version`, and tombstones of these posts."""
-        look = _each_statement_alone(partial(held, posts=posts, version=version))
-        return self.db.run(look, what="looking up stored images and scores")
+        return self.db.alone(partial(held, posts=posts, version=version), what="looking up stored images and scores")
 
     def load(
         self, posts: Sequence[Post], media: Sequence[Media], first_urls: dict[tuple[str, str], str], version: str,
@@ -505,11 +497,13 @@ class Archive:
         """Posts with their image rows and engagement snapshots, in one transaction (DataRefused: a row refused).
         `stored`: the posts' rows as held() found them; those the upsert would leave as they are are not sent."""
 
+        with_images = {(m.platform, clean_text(m.post_id)) for m in media}
+        count, lines = post_lines(posts, first_urls=first_urls, version=version, stored=stored, with_images=with_images)
+        if not lines and not media:
+            return UpsertCounts(unchanged=count)  # nothing to write: no connection taken, no round trip
+
         def load(cur: psycopg2.extensions.cursor) -> UpsertCounts:
-            counts = upsert_posts(
-                cur, posts, first_image_urls=first_urls, sentiment_version=version, stored=stored,
-                with_images={(m.platform, clean_text(m.post_id)) for m in media},
-            )  # fmt: skip
+            counts = send_posts(cur, count, lines)
             upsert_media(cur, media)
             return counts
 
@@ -518,7 +512,7 @@ class Archive:
     def failed_images(
         self, *, after: int, max_attempts: int, backoff_minutes: float, part: tuple[int, int], limit: int
     ) -> list[tuple]:
-        return self.db.run(
+        return self.db.alone(  # one read: no transaction around it
             partial(failed_images, after=after, max_attempts=max_attempts, backoff_minutes=backoff_minutes,
                     part=part, limit=limit),
             what="finding failed images",

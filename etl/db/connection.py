@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 SQL_DIR = Path(__file__).resolve().parents[2] / "sql"
 _MIGRATION_RE = re.compile(r"^(\d+)_[\w-]+\.sql$")
 _MIGRATION_LOCK = 72_616_001  # advisory lock key: one migrator at a time
+_UNDEFINED_TABLE = "42P01"
 RECONNECT_DELAYS = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0)  # waits between reconnects, cut short by ETL_DB_RECONNECT_SECONDS
 T = TypeVar("T")
 
@@ -75,6 +76,25 @@ def server_reason(exc: psycopg2.Error) -> str:
         detail = getattr(diag, "message_detail", None)
         return clean_text(f"{primary} ({detail})" if detail else primary)[:500]
     return clean_text((str(exc).strip().splitlines() or [type(exc).__name__])[0])[:500]
+
+
+def each_statement_alone(fn: Callable[[psycopg2.extensions.cursor], T]) -> Callable[[psycopg2.extensions.cursor], T]:
+    """fn with each of its statements committed by itself (autocommit): a read, or a single statement, then costs
+    one round trip, without BEGIN and COMMIT. Under READ COMMITTED a statement sees what it would see inside a
+    transaction (each takes its own snapshot there too). The connection is given back as it was."""
+
+    def run(cur: psycopg2.extensions.cursor) -> T:
+        conn = cur.connection
+        if conn.autocommit or conn.status != psycopg2.extensions.STATUS_READY:
+            return fn(cur)
+        conn.autocommit = True
+        try:
+            return fn(cur)
+        finally:
+            if not conn.closed:
+                conn.autocommit = False
+
+    return run
 
 
 class Database:
@@ -201,6 +221,11 @@ class Database:
                 # A connection attempt must not outlast the budget either (libpq's minimum is 2 s).
                 self._connect_timeout = max(2, min(10, math.ceil(started + self.reconnect_seconds - time.monotonic())))
 
+    def alone(self, fn: Callable[[psycopg2.extensions.cursor], T], *, what: str) -> T:
+        """run(), each statement of fn committed by itself: for a read or a single statement (one round trip
+        where a transaction takes three)."""
+        return self.run(each_statement_alone(fn), what=what)
+
     def close(self) -> None:
         if self._conn is not None and not self._conn.closed:
             try:
@@ -212,8 +237,13 @@ class Database:
     # -- migrations ------------------------------------------------------------------------------
 
     def migrate(self, sql_dir: Path = SQL_DIR) -> list[str]:
-        """Apply sql/NNN_name.sql files not yet recorded in schema_migrations, in order; return their names."""
+        """Apply sql/NNN_name.sql files not yet recorded in schema_migrations, in order; return their names.
+
+        An archive already up to date (every run but the first after an upgrade) costs one read, without the
+        lock; otherwise the migrations are applied under the advisory lock, schema_migrations read again there."""
         files = migration_files(sql_dir)
+        if self._up_to_date(files):
+            return []
         applied: list[str] = []
         with self.transaction() as cur:
             cur.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
@@ -232,3 +262,18 @@ class Database:
                 applied.append(path.name)
         return applied
 
+    def _up_to_date(self, files: list[tuple[int, Path]]) -> bool:
+        """Every migration is recorded as applied (committed): one statement on its own, no lock. A migrator at
+        work holds its rows uncommitted, so they are not seen here: the caller then waits for its lock."""
+
+        def read(cur: psycopg2.extensions.cursor) -> set[int] | None:
+            try:
+                cur.execute("SELECT version FROM schema_migrations")
+            except psycopg2.ProgrammingError as exc:
+                if exc.pgcode == _UNDEFINED_TABLE:  # a new database: nothing applied yet
+                    return None
+                raise
+            return {row[0] for row in cur.fetchall()}
+
+        done = self.alone(read, what="reading the applied migrations")
+        return done is not None and all(version in done for version, _ in files)

@@ -145,7 +145,8 @@ def images_elsewhere(db: Database, target: str) -> dict[str | None, int]:
         cur.execute(ELSEWHERE_SQL, (target,))
         return {name: n for name, n in cur.fetchall()}
 
-    return db.run(count, what="counting images in other object stores")
+    # Reads only: each statement on its own (a run asks this before any work; in place, that is one round trip).
+    return db.alone(count, what="counting images in other object stores")
 
 
 def images_to_copy(db: Database, target: str, after: int, limit: int) -> list[tuple]:

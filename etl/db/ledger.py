@@ -29,6 +29,18 @@ FINISH_RUN_SQL = (
     + ", sentiment = %s, per_source = %s, errors = %s, error_summary = %s WHERE id = %s"
 )
 
+START_RUN_SQL = (
+    "INSERT INTO etl_runs (mode, sources, units, arguments, host, pid) VALUES (%s, %s, %s, %s, %s, %s) RETURNING id"
+)
+ABANDON_SQL = (
+    "UPDATE etl_runs SET status = 'abandoned', finished_at = now(),"
+    " error_summary = COALESCE(error_summary, 'the process ended without finishing the run')"
+    " WHERE status = 'running' AND COALESCE(units, sources) && %s::text[]"
+)
+# The dead runs' rows and the new run's in one statement, so one snapshot: the UPDATE cannot see (nor abandon)
+# the row the INSERT adds.
+START_RUN_ABANDONING_SQL = f"WITH dead AS ({ABANDON_SQL}) {START_RUN_SQL}"
+
 
 def release_locks(conn: psycopg2.extensions.connection) -> None:
     """Free the advisory locks held on a lock connection (lock_units, lock_sources), then close it. Closing alone
@@ -72,12 +84,14 @@ class Ledger:
         another run holds). The locks taken live as long as the connection."""
         conn = self.db.connect()
         conn.autocommit = True
-        locked: list[str] = []
         with conn.cursor() as cur:
-            for name in names:
-                cur.execute("SELECT pg_try_advisory_lock(hashtext('social-archiver:source'), hashtext(%s))", (name,))
-                if not cur.fetchone()[0]:
-                    locked.append(name)
+            # Every lock tried in one round trip, in the order given; the names whose lock another session holds.
+            cur.execute(
+                "SELECT name FROM unnest(%s::text[]) WITH ORDINALITY AS u(name, n)"
+                " WHERE NOT pg_try_advisory_lock(hashtext('social-archiver:source'), hashtext(name)) ORDER BY n",
+                (list(names),),
+            )
+            locked = [row[0] for row in cur.fetchall()]
         return conn, locked
 
     @staticmethod
@@ -99,20 +113,23 @@ class Ledger:
     # -- the run ledger --------------------------------------------------------------------------
 
     def start_run(
-        self, mode: str, sources: Sequence[str], arguments: dict[str, Any], units: Sequence[str] | None = None
-    ) -> int:
-        """Record a run; `units` are the locks it holds (streams or stream-less sources), default its sources."""
+        self, mode: str, sources: Sequence[str], arguments: dict[str, Any], units: Sequence[str] | None = None,
+        *, abandon: Sequence[str] = (),
+    ) -> int:  # fmt: skip
+        """Record a run; `units` are the locks it holds (streams or stream-less sources), default its sources.
+        `abandon`: units whose locks the caller holds; runs still marked running on one of them died and are
+        marked abandoned by the same statement (abandon_dead_runs), in one round trip."""
+        values = (list(sources), list(sources if units is None else units), adapt_json(clean_json(arguments)),
+                  socket.gethostname(), os.getpid())  # fmt: skip
 
         def insert(cur: psycopg2.extensions.cursor) -> int:
-            cur.execute(
-                "INSERT INTO etl_runs (mode, sources, units, arguments, host, pid) VALUES (%s, %s, %s, %s, %s, %s)"
-                " RETURNING id",
-                (mode, list(sources), list(sources if units is None else units), adapt_json(clean_json(arguments)),
-                 socket.gethostname(), os.getpid()),
-            )  # fmt: skip
+            if abandon:
+                cur.execute(START_RUN_ABANDONING_SQL, (list(abandon), mode, *values))
+            else:
+                cur.execute(START_RUN_SQL, (mode, *values))
             return cur.fetchone()[0]
 
-        return self.db.run(insert, what="recording the run")
+        return self.db.alone(insert, what="recording the run")
 
     def finish_run(self, run_id: int, status: str, stats: dict[str, Any]) -> None:
         errors = [clean_text(e) for e in stats.get("errors", [])][:50]
@@ -126,7 +143,7 @@ class Ledger:
             summary,
             run_id,
         )
-        self.db.run(lambda cur: cur.execute(FINISH_RUN_SQL, values), what="finishing the run record")
+        self.db.alone(lambda cur: cur.execute(FINISH_RUN_SQL, values), what="finishing the run record")
 
     @contextmanager
     def recording(
@@ -138,11 +155,13 @@ class Ledger:
         *,
         units: Sequence[str] | None = None,
         redact: Callable[[str], str] = str,
+        abandon: Sequence[str] = (),
     ) -> Iterator[int]:
-        """The run's etl_runs row around the block (which gets its id): started before it, finished after it with
-        `outcome`'s status and counts, status `failed` when the block raised. When recording the end fails too
-        (the database is gone), the error that stopped the run is the one that goes on."""
-        run_id = self.start_run(mode, sources, arguments, units)
+        """The run's etl_runs row around the block (which gets its id): started before it (`abandon`: see
+        start_run), finished after it with `outcome`'s status and counts, status `failed` when the block raised.
+        When recording the end fails too (the database is gone), the error that stopped the run is the one that
+        goes on."""
+        run_id = self.start_run(mode, sources, arguments, units, abandon=abandon)
         status = "failed"
         try:
             yield run_id
@@ -157,18 +176,13 @@ class Ledger:
 
     def abandon_dead_runs(self, units: Sequence[str]) -> int:
         """Runs still marked running that hold one of these units died (a live run holds all of its units'
-        locks, and we hold these now): mark them abandoned."""
+        locks, and we hold these now): mark them abandoned. (start_run(abandon=) does it with the run's row.)"""
 
         def update(cur: psycopg2.extensions.cursor) -> int:
-            cur.execute(
-                "UPDATE etl_runs SET status = 'abandoned', finished_at = now(),"
-                " error_summary = COALESCE(error_summary, 'the process ended without finishing the run')"
-                " WHERE status = 'running' AND COALESCE(units, sources) && %s::text[]",
-                (list(units),),
-            )
+            cur.execute(ABANDON_SQL, (list(units),))
             return cur.rowcount
 
-        return self.db.run(update, what="closing the records of dead runs")
+        return self.db.alone(update, what="closing the records of dead runs")
 
     def orchestrator_totals(self, orchestrator_run_id: str) -> dict[str, Any]:
         """Totals over the runs an orchestrator's run recorded (arguments.orchestrator.run_id): its shards,

@@ -341,16 +341,16 @@ class Archiver:
         urls: dict[tuple[str, str, int], str] = {}
         if self.store is None:
             return futures, urls
+        stored, hopeless = held.stored, held.hopeless
         for post in posts:
             for position, url in enumerate(post.image_urls):
                 key = (post.platform, post.post_id, position)
-                if held.hopeless.get(key) == without_userinfo(url):
+                if key in stored or key in futures:
+                    continue  # archived already (a rerun: every image), or twice in the batch
+                if key in hopeless and hopeless[key] == without_userinfo(url):
                     continue  # failed for good at this URL (404, not an image...): not fetched again
-                if key not in held.stored and key not in futures:
-                    futures[key] = pool.submit(
-                        self.archive_image, post.platform, post.post_id, post.created_at, position, url
-                    )
-                    urls[key] = url
+                futures[key] = pool.submit(self.archive_image, post.platform, post.post_id, post.created_at, position, url)
+                urls[key] = url
         return futures, urls
 
     def load(self, batch: _Batch, stats: RunStats, source: str) -> datetime | None:

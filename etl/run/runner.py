@@ -171,14 +171,16 @@ class Runner:
         metrics file written). An interruption ends the block, recorded as such; any other error goes on."""
         assert self.ledger is not None
         held = [u.name for _, u in active]
-        # We hold the locks of these units: a run still marked running that held one of them is dead.
-        self.ledger.abandon_dead_runs(held)
         names = list(dict.fromkeys(s.name for s, _ in active))
         arguments = {**request.arguments, **({"locked": locked} if locked else {})}
         redact = RedactingFilter(self.settings.secrets()).redact
         completed = False
         try:
-            with self.ledger.recording(request.mode, names, arguments, stats, units=held, redact=redact) as run_id:
+            # We hold the locks of these units: a run still marked running that held one of them is dead (marked
+            # abandoned by the statement that records this run).
+            with self.ledger.recording(
+                request.mode, names, arguments, stats, units=held, redact=redact, abandon=held
+            ) as run_id:
                 self.run_id = run_id
                 log.info("run %d started: %s of %s", run_id, request.mode, ", ".join(names) or "failed images only")
                 try:
