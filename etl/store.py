@@ -571,6 +571,7 @@ class DirectPut(SigV4):
 
 
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+_REGION = re.compile(r"[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?")  # botocore's check of a region name
 _BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")  # S3's rules; botocore refuses others before sending
 # The AWS_ variables a plain set-up has: none of them changes where boto3 sends a HEAD of the bucket, or how.
 _PLAIN_AWS = frozenset({
@@ -599,14 +600,17 @@ def plain_bucket_url(settings: Settings, environ: Mapping[str, str] | None = Non
     (then boto3 addresses the bucket path-style), no other AWS_ variable, no proxy, and no config file that
     says more than a region. None otherwise: profiles, SSO, instance roles and every other set-up are boto3's."""
     env = os.environ if environ is None else environ
-    if any(name.startswith("AWS_") and env[name] and name not in _PLAIN_AWS for name in env):
+    # Any other AWS_ variable, even empty (boto3 refuses an empty AWS_PROFILE), and an empty or malformed plain one.
+    if any(name.startswith("AWS_") and (name not in _PLAIN_AWS or not _plain_value(name, env[name])) for name in env):
         return None
     if any(name.lower().endswith("_proxy") and name.lower() != "no_proxy" and env[name] for name in env):
         return None
     access, secret = env.get("AWS_ACCESS_KEY_ID"), env.get("AWS_SECRET_ACCESS_KEY")
     endpoint = env.get("AWS_ENDPOINT_URL")
-    if not (access and secret and endpoint and settings.aws_region and _BUCKET_NAME.fullmatch(settings.s3_bucket)):
+    if not (access and secret and endpoint and _BUCKET_NAME.fullmatch(settings.s3_bucket)):
         return None
+    if not _REGION.fullmatch(settings.aws_region) or not endpoint.isprintable() or " " in endpoint:
+        return None  # botocore refuses such a region, or such an endpoint (urlsplit would drop a newline)
     try:
         parts = urllib.parse.urlsplit(endpoint)
         parts.port  # noqa: B018 (raises on a port that is not a number)
@@ -621,11 +625,30 @@ def plain_bucket_url(settings: Settings, environ: Mapping[str, str] | None = Non
     )
 
 
+def _plain_value(name: str, value: str) -> bool:
+    """Whether a variable of _PLAIN_AWS holds a value boto3 takes as it is (an empty session token means none)."""
+    if name == "AWS_SESSION_TOKEN":
+        return True
+    if name == "AWS_MAX_ATTEMPTS":
+        return value.isdigit()
+    if name == "AWS_RETRY_MODE":
+        return value in ("legacy", "standard", "adaptive")
+    return bool(value)
+
+
 def _config_says_no_more(env: Mapping[str, str]) -> bool:
-    """Whether the AWS config file is absent or gives the default profile nothing but a region and an output."""
+    """Whether the AWS config file and the shared credentials file (botocore merges both into its profiles) are
+    absent or give the default profile nothing but a region, an output and, in the credentials file, keys."""
+    keys = {"aws_access_key_id", "aws_secret_access_key", "aws_session_token"}
+    return _default_profile_within(env.get("AWS_CONFIG_FILE") or "~/.aws/config", {"region", "output"}) and (
+        _default_profile_within(env.get("AWS_SHARED_CREDENTIALS_FILE") or "~/.aws/credentials", {"region", "output", *keys})
+    )
+
+
+def _default_profile_within(name: str, allowed: set[str]) -> bool:
     import configparser
 
-    path = Path(env.get("AWS_CONFIG_FILE") or "~/.aws/config").expanduser()
+    path = Path(name).expanduser()
     if not path.exists():
         return True
     parser = configparser.RawConfigParser()
@@ -633,9 +656,7 @@ def _config_says_no_more(env: Mapping[str, str]) -> bool:
         parser.read(path, encoding="utf-8")
     except (configparser.Error, OSError, UnicodeDecodeError):
         return False  # boto3 reads it and words what is wrong
-    return all(
-        set(parser[name]) <= {"region", "output"} for name in ("default", "profile default") if parser.has_section(name)
-    )
+    return all(set(parser[name]) <= allowed for name in ("default", "profile default") if parser.has_section(name))
 
 
 def bucket_answers(settings: Settings, environ: Mapping[str, str] | None = None) -> bool:

@@ -128,6 +128,12 @@ def test_a_wrong_bucket_still_exits_2_with_todays_message(signed_moto, run_etl, 
         {"AWS_ENDPOINT_URL": "http://host:port"},
         {"AWS_ENDPOINT_URL": "http://user:pw@host:9000"},
         {"AWS_REGION": ""},  # the region would come from boto3's chain
+        {"AWS_REGION": "eu_west_1"},  # botocore refuses the name (an endpoint like MinIO may accept any region)
+        {"AWS_ENDPOINT_URL": "http://127.0.0.1:9000\n"},  # urlsplit drops the newline, botocore refuses it
+        {"AWS_PROFILE": ""},  # empty, yet boto3 refuses it (ProfileNotFound): .env.example has "# AWS_PROFILE="
+        {"AWS_REQUEST_CHECKSUM_CALCULATION": ""},  # empty and invalid for boto3
+        {"AWS_MAX_ATTEMPTS": "many"},
+        {"AWS_RETRY_MODE": ""},
         {"S3_BUCKET": "Upper_Case"},  # not an S3 name: botocore refuses it before sending
     ],
 )
@@ -199,3 +205,22 @@ def test_the_head_is_signed_as_botocore_signs_it(monkeypatch, base, token):
     S3SigV4Auth(credentials.get_frozen_credentials(), "s3", "eu-west-1").add_auth(theirs)
     assert ours["authorization"] == theirs.headers["Authorization"]
     assert ours["x-amz-content-sha256"] == theirs.headers["X-Amz-Content-SHA256"]
+
+
+@pytest.mark.parametrize(
+    ("credentials", "plain"),
+    [
+        ("[default]\naws_access_key_id = AKIDOTHER\naws_secret_access_key = s\nregion = eu-west-1\n", True),
+        ("[default]\naws_access_key_id = AKIDOTHER\ns3 =\n  addressing_style = virtual\n", False),  # merged by botocore
+        ("[profile default]\nendpoint_url = http://other:9000\n", False),
+    ],
+)
+def test_a_credentials_file_saying_more_than_keys_is_left_to_boto3(make_settings, tmp_path, credentials, plain):
+    (tmp_path / "credentials").write_text(credentials)
+    env = {
+        "AWS_ACCESS_KEY_ID": "AKIDEXAMPLE", "AWS_SECRET_ACCESS_KEY": "secret", "AWS_REGION": "eu-west-1",
+        "AWS_ENDPOINT_URL": "http://127.0.0.1:9000", "AWS_CONFIG_FILE": str(tmp_path / "none"),
+        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "credentials"), "S3_BUCKET": "b-1",
+    }  # fmt: skip
+    found = plain_bucket_url(settings_of(make_settings, env), env)
+    assert (found[0] if found else None) == ("http://127.0.0.1:9000/b-1" if plain else None)
