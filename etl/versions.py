@@ -40,11 +40,13 @@ def _from_dist_info(wanted: str) -> str | None:
     for entry in sys.path:
         try:
             children = os.listdir(entry or ".")
-        except OSError:  # not a directory (a zip, a missing path): importlib.metadata knows those
+        except FileNotFoundError:  # a path that is not there holds nothing, for importlib.metadata too
             continue
+        except OSError:  # a zip, or anything else that is not a plain directory: importlib.metadata reads those
+            return None
         for child in children:
             low = child.lower()
-            if low.endswith(".egg-info") and _normalized(low.rpartition(".")[0].partition("-")[0]) == wanted:
+            if low.endswith((".egg-info", ".egg")) and _normalized(low.rpartition(".")[0].partition("-")[0]) == wanted:
                 return None
             if low.endswith(".dist-info") and _normalized(low.rpartition(".")[0].partition("-")[0]) == wanted:
                 return _metadata_version(os.path.join(entry or ".", child, "METADATA"))

@@ -104,6 +104,33 @@ def test_every_platform_is_named_after_its_module_and_its_settings_after_it():
         assert all(s.env.startswith(f"{name.upper()}_") for s in declared_settings()[name]), name
 
 
+def test_the_platforms_are_the_modules_pkgutil_finds(tmp_path):
+    """Listed as pkgutil.iter_modules lists them, a module kept as bytecode or compiled code included."""
+    import pkgutil
+
+    from etl.sources import BUILT_IN, _SHARED, _module_names, __path__ as folder
+
+    assert list(BUILT_IN) == sorted(m.name for m in pkgutil.iter_modules(folder) if m.name not in _SHARED)
+    for name in ("plain.py", "only_bytecode.pyc", "compiled.cpython-311-x86_64-linux-gnu.so", "notes.txt"):
+        (tmp_path / name).write_bytes(b"")
+    assert _module_names(str(tmp_path)) == {m.name for m in pkgutil.iter_modules([str(tmp_path)])}
+
+
+def test_a_package_in_a_zip_on_the_path_is_left_to_importlib_metadata(tmp_path, monkeypatch):
+    """A zip on sys.path before site-packages (a zipapp): importlib.metadata reads it, so its version wins."""
+    import importlib.metadata
+    import zipfile
+
+    from etl.versions import version
+
+    archive = tmp_path / "bundle.zip"
+    with zipfile.ZipFile(archive, "w") as bundle:
+        bundle.writestr("textblob-0.0.1.dist-info/METADATA", "Metadata-Version: 2.1\nName: textblob\nVersion: 0.0.1\n")
+    monkeypatch.syspath_prepend(str(archive))
+    assert importlib.metadata.version("textblob") == "0.0.1"
+    assert version("textblob") == "0.0.1"
+
+
 def test_package_versions_are_the_ones_importlib_metadata_gives():
     import importlib.metadata
 

@@ -10,6 +10,7 @@ declares its own settings (`SETTINGS`), which etl.config.load_settings collects 
 from __future__ import annotations
 
 import importlib
+import importlib.machinery
 import importlib.util
 import os
 import sys
@@ -23,14 +24,21 @@ from etl.sources.base import FetchWindow, Source
 
 # The layers the platforms stand on, and twitter's compliance client: modules of this package, not platforms.
 _SHARED = {"base", "api", "x_compliance"}
+
+
+def _module_names(folder: str) -> set[str]:
+    """The modules of a folder as pkgutil.iter_modules finds them: from source, from bytecode alone, or compiled."""
+    suffixes = sorted(importlib.machinery.all_suffixes(), key=len, reverse=True)  # ".cpython-311-...so" before ".so"
+    names = set()
+    for entry in os.scandir(folder):
+        suffix = next((s for s in suffixes if entry.name.endswith(s)), None)
+        if suffix is not None and entry.name[: -len(suffix)].isidentifier():
+            names.add(entry.name[: -len(suffix)])
+    return names
+
+
 # Every platform of this package, by module name (= source name), found by listing the package's directory.
-BUILT_IN = tuple(
-    sorted(
-        entry.name[:-3]
-        for entry in os.scandir(__path__[0])
-        if entry.name.endswith(".py") and not entry.name.startswith("_") and entry.name[:-3] not in _SHARED
-    )
-)
+BUILT_IN = tuple(sorted(name for name in _module_names(__path__[0]) if not name.startswith("_") and name not in _SHARED))
 
 
 class _Registry(dict):
