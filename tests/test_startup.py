@@ -108,7 +108,8 @@ def test_the_platforms_are_the_modules_pkgutil_finds(tmp_path):
     """Listed as pkgutil.iter_modules lists them, a module kept as bytecode or compiled code included."""
     import pkgutil
 
-    from etl.sources import BUILT_IN, _SHARED, _module_names, __path__ as folder
+    from etl.sources import _SHARED, BUILT_IN, _module_names
+    from etl.sources import __path__ as folder
 
     assert list(BUILT_IN) == sorted(m.name for m in pkgutil.iter_modules(folder) if m.name not in _SHARED)
     for name in ("plain.py", "only_bytecode.pyc", "compiled.cpython-311-x86_64-linux-gnu.so", "notes.txt"):
