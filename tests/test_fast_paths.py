@@ -84,6 +84,51 @@ def test_the_block_reader_gives_what_the_line_reader_gives(make_settings, data, 
     assert _fetched(make_settings, io.BytesIO(data), limit, chunk) == careful
 
 
+class _LineByLineJsonl(JsonlSource):
+    """The reading loop as it was before the block reader (e18b59f), kept here as the oracle of the whole of
+    fetch(): readline() a line at a time, each line decoded, its BOM, blank test, JSON and post taken in turn."""
+
+    def fetch(self, window):
+        limit = jsonl.MAX_LINE_BYTES
+        number = 0
+        while line := self.stdin.readline(limit + 1):
+            number += 1
+            data = None
+            try:
+                if len(line) > limit and not line.endswith(b"\n"):
+                    while (rest := self.stdin.readline(1 << 20)) and not rest.endswith(b"\n"):
+                        pass
+                    raise RecordError(f"the line is longer than {limit} bytes")
+                text = jsonl._decode(line)
+                if number == 1:
+                    text = text.lstrip("\ufeff")
+                if not text.strip():
+                    continue
+                data = jsonl._parse(text)
+                if isinstance(data, dict) and data.get("deleted") is True:
+                    gone_id, gone_platform = jsonl._gone_key(data)
+                    self.report_gone(gone_id, "marked deleted in the input", platform=gone_platform)
+                    continue
+                post = post_from_dict(data, origin=f"stdin line {number}")
+            except RecordError as exc:
+                self._reject_line(f"stdin line {number}", data, exc)
+                continue
+            if window.admits(post.created_at):
+                yield post
+
+
+@settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(data=files, limit=st.sampled_from([1, 3, 40, 71, 200, 1 << 20]), chunk=st.sampled_from([1, 7, 64, 1 << 16]))
+@example(data=b"\xef\xbb\xbf" + _good("1") + b"\r\n\r\n   \n" + _good("2"), limit=1 << 20, chunk=5)
+@example(data=b"x" * 41 + b"\n" + _good("after"), limit=40, chunk=7)
+def test_fetch_gives_what_the_line_by_line_loop_before_it_gave(make_settings, data, limit, chunk):
+    """The whole of fetch() (the block reader, the scanner, the loop) against the old loop on the same bytes."""
+    with mock.patch.object(jsonl, "MAX_LINE_BYTES", limit):
+        before = _LineByLineJsonl(make_settings(), input="-", stdin=io.BytesIO(data))
+        expected = ([(p.origin, p) for p in before.fetch(FetchWindow())], before.rejects, before.gone)
+    assert _fetched(make_settings, io.BytesIO(data), limit, chunk) == expected
+
+
 def test_the_block_reader_refuses_a_long_line_by_number_and_reads_on(make_settings):
     data = _good("1") + b"\n" + b'"' + b"y" * 500 + b'"\r\n' + _good("3") + b"\n\xff\xfe\n" + _good("5")
     posts, rejects, _ = _fetched(make_settings, io.BytesIO(data), 400, 16)
