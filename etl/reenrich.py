@@ -12,7 +12,7 @@ from concurrent.futures import BrokenExecutor, Executor, Future
 from datetime import datetime
 from typing import Any
 
-from etl.ahead import fork_scorers, worker_enricher
+from etl.ahead import FORKING, fork_scorers, worker_enricher
 from etl.db import Database
 from etl.db.reenrich import decision_lines, unscored_posts, write_decisions
 from etl.enrich import SentimentEnricher
@@ -189,7 +189,8 @@ class _Writer:
             if self.stopped:
                 continue  # dropped: the producer is told by self.stopped and puts at most one more
             try:
-                _write(self.db, self.enricher, self.stats, *item)
+                with FORKING:  # no scoring worker is forked while this thread is inside libpq (etl/ahead.py)
+                    _write(self.db, self.enricher, self.stats, *item)
                 if self.should_stop():
                     self.stats.interrupted = True
                     self.stopped = True

@@ -100,3 +100,27 @@ def test_the_readers_error_is_the_one_that_goes_on(db, monkeypatch, caplog):
     with pytest.raises(psycopg2.OperationalError):
         module.reenrich(db, SentimentEnricher(0.1), RunStats(), batch_size=100, workers=2)
     assert "writing the re-enriched rows failed too" in caplog.text
+
+
+def test_the_writer_writes_holding_the_fork_lock(db, monkeypatch):
+    """Batches only relabelled come first, so the workers are forked while the writer already writes: never while
+    it is inside libpq (etl/ahead.py FORKING), as for the archiver's loader thread."""
+    import threading
+
+    from etl.ahead import FORKING
+
+    _posts(db, 400)
+    enricher = SentimentEnricher(0.1)
+    module.reenrich(db, enricher, RunStats(), batch_size=100, workers=2)  # decided once: later runs relabel
+    with db.transaction() as cur:  # rows past the first 200 (in id order) need scoring again, the others only a label
+        cur.execute("UPDATE social_posts SET sentiment_version = 'older-scorer' WHERE id > (SELECT min(id) + 199 FROM social_posts)")
+    real = module.write_decisions
+    seen: list[tuple[str, bool]] = []
+
+    def watching(cur, parts, version):
+        seen.append((threading.current_thread().name, FORKING.locked()))
+        real(cur, parts, version)
+
+    monkeypatch.setattr(module, "write_decisions", watching)
+    module.reenrich(db, SentimentEnricher(0.2), RunStats(), batch_size=100, workers=2)
+    assert len(seen) == 4 and all(name == "reenrich-writer" and locked for name, locked in seen)
