@@ -388,6 +388,9 @@ def check_jpeg(body: bytes) -> None:
                 raise NotAnImage("not a valid image: JPEG cut short (no EOI)")
             continue
         marker = body[pos + 1]
+        if marker == 0x00:  # a stuffed zero among stray bytes: no marker, libjpeg skips it with them
+            pos += 2
+            continue
         if marker == 0xD9:
             if not scans:
                 raise NotAnImage("not a valid image: the JPEG ends before any image data")

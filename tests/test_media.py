@@ -349,11 +349,12 @@ def test_jpeg_check_accepts_what_libjpeg_only_warns_about():
     body = _noise_jpeg()
     at = _segment(body, 0xDB)
     stray = body[:at] + b"\x00\x17" + body[at:]
+    stray_zero = body[:at] + b"\x00\xff\x00\x17" + body[at:]  # among them 0xFF 0x00, no marker either
     # A DC table whose only code stands for symbol 16, which no DC coefficient can have: in slot 3, no scan uses it.
     bad_table = lambda slot: b"\xff\xc4\x00\x14" + bytes([slot]) + b"\x01" + b"\x00" * 15 + b"\x10"  # noqa: E731
     sos = _segment(body, 0xDA)
     unused = body[:sos] + bad_table(3) + body[sos:]
-    for variant in (stray, unused):
+    for variant in (stray, stray_zero, unused):
         Image.open(io.BytesIO(variant)).load()  # Pillow (libjpeg) decodes it
         check_jpeg(variant)
         assert sniff_image(variant) == ("image/jpeg", 160, 120)
