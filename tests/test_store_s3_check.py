@@ -7,6 +7,7 @@ HEAD signed wrongly is refused rather than waved through.
 from __future__ import annotations
 
 import logging
+import os
 
 import boto3
 import pytest
@@ -30,8 +31,12 @@ def signed_moto(moto_s3, monkeypatch, tmp_path):
         "s3", endpoint_url=client.meta.endpoint_url, region_name="us-east-1",
         aws_access_key_id=access_key, aws_secret_access_key=secret,
     )  # fmt: skip
+    for name in list(os.environ):  # the developer's own AWS set-up and proxies: not this test's
+        if name.startswith("AWS_") or name.lower().endswith("_proxy"):
+            monkeypatch.delenv(name)
     env = s3_env(proxy, AWS_ACCESS_KEY_ID=access_key, AWS_SECRET_ACCESS_KEY=secret)
     env["AWS_CONFIG_FILE"] = str(tmp_path / "no-aws-config")  # not the developer's ~/.aws/config
+    env["AWS_SHARED_CREDENTIALS_FILE"] = str(tmp_path / "no-aws-credentials")  # nor ~/.aws/credentials
     return proxy, admin, env
 
 
@@ -141,6 +146,7 @@ def test_anything_but_a_plain_setup_is_left_to_boto3(make_settings, tmp_path, ex
     env = {
         "AWS_ACCESS_KEY_ID": "AKIDEXAMPLE", "AWS_SECRET_ACCESS_KEY": "secret", "AWS_REGION": "eu-west-1",
         "AWS_ENDPOINT_URL": "http://127.0.0.1:9000", "AWS_CONFIG_FILE": str(tmp_path / "none"), "S3_BUCKET": "b-1",
+        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "no-credentials"),
     }  # fmt: skip
     assert plain_bucket_url(settings_of(make_settings, env), env)[0] == "http://127.0.0.1:9000/b-1"
     env.update(extra)
@@ -162,6 +168,7 @@ def test_a_config_file_saying_more_than_a_region_is_left_to_boto3(make_settings,
     env = {
         "AWS_ACCESS_KEY_ID": "AKIDEXAMPLE", "AWS_SECRET_ACCESS_KEY": "secret", "AWS_REGION": "eu-west-1",
         "AWS_ENDPOINT_URL": "https://s3.example:8443/", "AWS_CONFIG_FILE": str(tmp_path / "config"), "S3_BUCKET": "b.1",
+        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "no-credentials"),
     }  # fmt: skip
     found = plain_bucket_url(settings_of(make_settings, env), env)
     assert (found[0] if found else None) == ("https://s3.example:8443/b.1" if plain else None)
@@ -171,6 +178,7 @@ def test_the_keys_never_reach_a_log_line_or_a_repr(make_settings, caplog, tmp_pa
     env = {
         "AWS_ACCESS_KEY_ID": "AKIDEXAMPLE", "AWS_SECRET_ACCESS_KEY": "very-secret-value", "AWS_SESSION_TOKEN": "tok-secret",
         "AWS_REGION": "eu-west-1", "AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_CONFIG_FILE": str(tmp_path / "none"),
+        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "no-credentials"),
         "S3_BUCKET": "b-1", "ETL_CONNECT_TIMEOUT": "1",
     }  # fmt: skip
     caplog.set_level(logging.DEBUG)
