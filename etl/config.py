@@ -476,10 +476,7 @@ def misspelled_settings(env: Mapping[str, str]) -> list[tuple[str, str]]:
         return []
     import difflib
 
-    from etl.sources import REGISTRY
-
     known = [setting.env for _, setting in all_settings()] + [*_OTHER_KNOWN]
-    prefixes = SETTING_PREFIXES + tuple(f"{name.upper()}_" for name in REGISTRY)
     found = []
     for name in sorted(env):
         if name in known or not name.upper().startswith(prefixes):
