@@ -9,6 +9,7 @@ Anything else (an .egg-info, a zip, a header it does not expect) is left to impo
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 
@@ -37,20 +38,30 @@ def _from_dist_info(wanted: str) -> str | None:
 
     if any(hasattr(finder, "find_distributions") for finder in sys.meta_path if finder is not importlib.machinery.PathFinder):
         return None  # another finder may know distributions (importlib.metadata asks every one, in order)
-    for entry in sys.path:
+    metadata = _first_metadata(tuple(sys.path)).get(wanted)
+    return _metadata_version(metadata) if metadata else None
+
+
+@functools.lru_cache(maxsize=4)
+def _first_metadata(path: tuple[str, ...]) -> dict[str, str | None]:
+    """Normalized name -> the METADATA of its first .dist-info on `path` (sys.path), or None where the answer is
+    importlib.metadata's (an .egg-info or .egg first). Listed once for every package a run asks about; the listing
+    stops at a zip or anything else that is not a plain directory, which importlib.metadata reads."""
+    found: dict[str, str | None] = {}
+    for entry in path:
         try:
             children = os.listdir(entry or ".")
         except FileNotFoundError:  # a path that is not there holds nothing, for importlib.metadata too
             continue
-        except OSError:  # a zip, or anything else that is not a plain directory: importlib.metadata reads those
-            return None
+        except OSError:
+            break
         for child in children:
             low = child.lower()
-            if low.endswith((".egg-info", ".egg")) and _normalized(low.rpartition(".")[0].partition("-")[0]) == wanted:
-                return None
-            if low.endswith(".dist-info") and _normalized(low.rpartition(".")[0].partition("-")[0]) == wanted:
-                return _metadata_version(os.path.join(entry or ".", child, "METADATA"))
-    return None
+            if low.endswith((".dist-info", ".egg-info", ".egg")):
+                name = _normalized(low.rpartition(".")[0].partition("-")[0])
+                is_dist = low.endswith(".dist-info")
+                found.setdefault(name, os.path.join(entry or ".", child, "METADATA") if is_dist else None)
+    return found
 
 
 def _metadata_version(path: str) -> str | None:
