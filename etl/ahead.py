@@ -15,6 +15,7 @@ import os
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import BrokenExecutor, Future
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from etl.enrich import SentimentEnricher
@@ -37,9 +38,50 @@ def _init_worker(enricher: SentimentEnricher) -> None:
     _worker_enricher = enricher
 
 
-# Held while the scoring workers are forked. A thread that works inside a C library meanwhile (the archiver's
-# loader thread, in libpq) holds it while it works: a fork copies no lock that such a thread holds at that moment.
-FORKING = threading.Lock()
+class ForkGate:
+    """Keeps forks and C libraries apart: threads that work inside a C library (the archiver's loader threads and
+    reenrich's writer, in libpq) hold it shared, any number at a time; the scoring workers are forked holding it
+    alone. A fork copies no lock such a thread holds at that moment. A fork waiting for the gate keeps new work out
+    until it is done (the workers are forked once a run: the loads wait a few milliseconds at most)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._inside = 0  # threads working inside a C library
+        self._forks = 0  # forks waiting for the gate or forking
+
+    @contextmanager
+    def working(self) -> Iterator[None]:
+        with self._cond:
+            while self._forks:
+                self._cond.wait()
+            self._inside += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._inside -= 1
+                self._cond.notify_all()
+
+    @contextmanager
+    def forking(self) -> Iterator[None]:
+        with self._cond:
+            self._forks += 1
+            while self._inside:
+                self._cond.wait()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._forks -= 1
+                self._cond.notify_all()
+
+    def busy(self) -> bool:
+        """Whether a thread is working inside a C library now."""
+        with self._cond:
+            return self._inside > 0
+
+
+FORKING = ForkGate()
 
 
 def fork_scorers(enricher: SentimentEnricher, workers: int) -> ProcessPoolExecutor:
@@ -52,7 +94,7 @@ def fork_scorers(enricher: SentimentEnricher, workers: int) -> ProcessPoolExecut
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    with FORKING:
+    with FORKING.forking():
         pool = ProcessPoolExecutor(
             workers, mp_context=multiprocessing.get_context("fork"), initializer=_init_worker, initargs=(enricher,)
         )

@@ -189,7 +189,7 @@ class _Writer:
             if self.stopped:
                 continue  # dropped: the producer is told by self.stopped and puts at most one more
             try:
-                with FORKING:  # no scoring worker is forked while this thread is inside libpq (etl/ahead.py)
+                with FORKING.working():  # no scoring worker is forked while this thread is inside libpq (etl/ahead.py)
                     _write(self.db, self.enricher, self.stats, *item)
                 if self.should_stop():
                     self.stats.interrupted = True

@@ -26,16 +26,24 @@ def posts(n: int, *, start: int = 0, images: bool = False, caption: str = "a lov
 
 @pytest.fixture
 def loaded_batches(monkeypatch) -> list[int]:
-    """The size of every batch the archiver loads, on either thread."""
-    sizes: list[int] = []
+    """The size of every batch the archiver loads, on any thread, in the stream's order (two loads may run at once)."""
+    sizes: dict[int, int] = {}
     load = Archiver.load
 
     def counting(self, batch, stats, source):
-        sizes.append(len(batch.posts))
+        sizes[batch.number] = len(batch.posts)
         return load(self, batch, stats, source)
 
     monkeypatch.setattr(Archiver, "load", counting)
-    return sizes
+
+    class InOrder(list):
+        def __eq__(self, other: object) -> bool:
+            return [sizes[n] for n in sorted(sizes)] == other
+
+        def __len__(self) -> int:
+            return len(sizes)
+
+    return InOrder()
 
 
 def test_chunked_takes_each_batch_size_from_the_batch_before():
@@ -73,10 +81,15 @@ def test_a_post_seen_again_in_a_later_batch_ends_as_its_last_version(db, make_se
     assert query(db.dsn, "SELECT caption, like_count FROM social_posts WHERE post_id = 'p0'") == [("the very last word", 999)]
     assert query(db.dsn, "SELECT post_id FROM social_posts WHERE caption LIKE 'an awful day%%' ORDER BY 1") == [("p1",), ("p2",)]
     assert sum(stats.sentiment.values()) == 20
-    # The loader's own connection is closed when the stream is archived: only the archiver's stays.
-    assert query(
-        db.dsn, "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'social-archiver' AND datname = current_database()"
-    ) == [(1,)]
+    # The loader's own connections are closed when the stream is archived: only the archiver's stays (a closed
+    # connection's server process leaves pg_stat_activity a moment after the close).
+    import time
+
+    deadline = time.monotonic() + 5
+    sql = "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'social-archiver' AND datname = current_database()"
+    while query(db.dsn, sql) != [(1,)] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert query(db.dsn, sql) == [(1,)]
 
 
 @pytest.mark.fault("the loader thread's connection is cut mid-run: the run stops naming the batch, counts only what committed")
@@ -136,7 +149,7 @@ def test_the_loader_thread_loads_holding_the_fork_lock(db, make_settings, monkey
     load = Archiver.load
 
     def watching(self, batch, stats, source):
-        seen.append((threading.current_thread().name, FORKING.locked()))
+        seen.append((threading.current_thread().name, FORKING.busy()))
         return load(self, batch, stats, source)
 
     monkeypatch.setattr(Archiver, "load", watching)
@@ -145,3 +158,134 @@ def test_the_loader_thread_loads_holding_the_fork_lock(db, make_settings, monkey
     )
     on_loader = [locked for name, locked in seen if name.startswith("loader")]
     assert len(on_loader) == 3 and all(on_loader)
+
+
+def test_two_batches_sharing_no_post_load_at_once(db, make_settings, monkeypatch):
+    """The second batch's load starts while the first is still in flight (each on its own connection)."""
+    import threading
+
+    second_started = threading.Event()
+    load = Archiver.load
+    overlapped: list[bool] = []
+
+    def watching(self, batch, stats, source):
+        if batch.number == 2:
+            second_started.set()
+        elif batch.number == 1:  # held in flight until the second batch's load has begun (or 10 s)
+            overlapped.append(second_started.wait(10))
+        return load(self, batch, stats, source)
+
+    monkeypatch.setattr(Archiver, "load", watching)
+    stats = RunStats()
+    Archiver(make_settings(ETL_BATCH_SIZE="10", ETL_METADATA_BATCH_SIZE="10"), db, None).archive(
+        iter(posts(30)), stats, source="direct"
+    )
+    assert overlapped == [True]
+    assert (stats.fetched, stats.inserted) == (30, 30)
+    assert query(db.dsn, "SELECT count(*), count(DISTINCT post_id) FROM social_posts") == [(30, 30)]
+
+
+def test_a_batch_sharing_a_post_with_a_load_in_flight_waits_for_it(db, make_settings, monkeypatch):
+    """Batch 2 repeats a post of batch 1, whose load is slow: batch 2 is loaded only once batch 1 is committed
+    (a lane is free, but they share a post), so the last of the post's duplicates wins."""
+    import threading
+    import time
+
+    events: list[tuple[str, int]] = []
+    lock = threading.Lock()
+    load = Archiver.load
+
+    def slow_first(self, batch, stats, source):
+        with lock:
+            events.append(("start", batch.number))
+        if batch.number == 1:
+            time.sleep(0.5)  # long enough for batch 2 to be handed over, were it not held back
+        try:
+            return load(self, batch, stats, source)
+        finally:
+            with lock:
+                events.append(("end", batch.number))
+
+    monkeypatch.setattr(Archiver, "load", slow_first)
+    stream = [*posts(2), Post("direct", "p0", T0, caption="the last word", like_count=99), *posts(1, start=2)]
+    stats = RunStats()
+    Archiver(make_settings(ETL_BATCH_SIZE="2", ETL_METADATA_BATCH_SIZE="2"), db, None).archive(
+        iter(stream), stats, source="direct"
+    )
+    assert events == [("start", 1), ("end", 1), ("start", 2), ("end", 2)]
+    assert query(db.dsn, "SELECT caption, like_count FROM social_posts WHERE post_id = 'p0'") == [("the last word", 99)]
+    assert query(db.dsn, "SELECT like_count FROM post_engagement WHERE post_id = 'p0' ORDER BY observed_at") == [(0,), (99,)]
+    assert (stats.fetched, stats.inserted, stats.updated) == (4, 3, 1)
+
+
+def test_the_fork_gate_lets_loads_share_it_and_a_fork_wait_for_them():
+    import threading
+
+    from etl.ahead import ForkGate
+
+    gate = ForkGate()
+    inside = threading.Barrier(3, timeout=5)
+    leave = threading.Event()
+    forked = threading.Event()
+
+    def work():
+        with gate.working():
+            inside.wait()  # both threads are inside at once
+            assert leave.wait(5)
+
+    def fork():
+        with gate.forking():
+            assert not gate.busy()
+            forked.set()
+
+    workers = [threading.Thread(target=work) for _ in range(2)]
+    for t in workers:
+        t.start()
+    inside.wait()
+    assert gate.busy()
+    forking = threading.Thread(target=fork)
+    forking.start()
+    assert not forked.wait(0.2)  # the fork waits while a thread is inside
+    leave.set()
+    for t in [*workers, forking]:
+        t.join(5)
+    assert forked.is_set() and not gate.busy()
+
+
+def test_the_fork_gate_keeps_new_work_out_while_a_fork_waits():
+    import threading
+
+    from etl.ahead import ForkGate
+
+    gate = ForkGate()
+    order: list[str] = []
+    release = threading.Event()
+
+    def first():
+        with gate.working():
+            order.append("first in")
+            assert release.wait(5)
+
+    def fork():
+        with gate.forking():
+            order.append("fork")
+
+    def late():
+        with gate.working():
+            order.append("late in")
+
+    a = threading.Thread(target=first)
+    a.start()
+    while not order:
+        threading.Event().wait(0.01)
+    f = threading.Thread(target=fork)
+    f.start()
+    while not gate._forks:  # the fork is waiting
+        threading.Event().wait(0.01)
+    b = threading.Thread(target=late)
+    b.start()
+    threading.Event().wait(0.1)
+    release.set()
+    for t in (a, f, b):
+        t.join(5)
+    assert order == ["first in", "fork", "late in"]

@@ -72,8 +72,8 @@ class _Batch:
 
 def _not_loaded(exc: LoadError, batch: _Batch, source: str) -> LoadError:
     return LoadError(
-        f"{exc}. Not loaded: {batch.describe(source)} and any batch after it; the watermark did not move, so the "
-        "next run fetches them again"
+        f"{exc}. Not loaded: {batch.describe(source)} and any batch after it not yet loaded; the watermark did not "
+        "move, so the next run fetches them again"
     )
 
 
@@ -96,65 +96,103 @@ def _merge(into: RunStats, part: RunStats) -> None:
     into.error_count += part.error_count - len(part.errors)
 
 
-class _Loader:
-    """Loads batches without images in flight on a thread of its own, over a connection of its own, while the
-    main thread reads, looks up and scores the next batch (issue 16: loading mostly waits for PostgreSQL).
+_LANES = 2  # loads at a time, each on a thread and a connection of its own
 
-    One load at a time, in the stream's order: the next is handed over only once the one before it is committed
-    (the last of a post's duplicates wins, as in one thread). Each load counts into a RunStats of its own, added
-    to the run's by the main thread once it is committed; its error goes on from there."""
+
+class _Loader:
+    """Loads batches without images in flight on threads of their own, each over a connection of its own, while
+    the main thread reads, looks up and scores the next batch (issue 16: loading mostly waits for PostgreSQL).
+
+    Up to _LANES loads at a time, of batches that share no post: a batch with a post of a load in flight waits
+    for it (and for those before it), so the last of a post's duplicates still wins, as in one thread. Loads are
+    collected in the stream's order: each counts into a RunStats of its own, added to the run's by the main
+    thread once it is committed; the first error goes on from there."""
 
     def __init__(self, archiver: Archiver, db: Database):
-        # The archiver's own load(), run against the second connection (the archiver's stays the main thread's).
-        self.db = Database(db.dsn, display=db.display, reconnect_seconds=db.reconnect_seconds)
-        self.archiver = copy.copy(archiver)
-        self.archiver.archive_db = Archive(self.db)
-        self.thread = ThreadPoolExecutor(1, thread_name_prefix="loader")
-        self.in_flight: tuple[Future, RunStats, _Batch] | None = None
+        self.lanes: list[tuple[Database, Archiver, ThreadPoolExecutor]] = []
+        for n in range(_LANES):
+            # The archiver's own load(), run against this lane's connection (the archiver's stays the main thread's).
+            lane_db = Database(db.dsn, display=db.display, reconnect_seconds=db.reconnect_seconds)
+            lane = copy.copy(archiver)
+            lane.archive_db = Archive(lane_db)
+            self.lanes.append((lane_db, lane, ThreadPoolExecutor(1, thread_name_prefix=f"loader-{n}")))
+        self.clock = archiver.clock
+        self.in_flight: list[tuple[Future, RunStats, _Batch, int]] = []  # in the stream's order
+
+    def keys(self) -> list[frozenset[tuple[str, str]]]:
+        """The posts of each load in flight (counted until collected; its posts then merely go to the database)."""
+        return [batch.keys for _, _, batch, _ in self.in_flight]
+
+    def make_room(self, batch: _Batch, stats: RunStats) -> datetime | None:
+        """Collect loads in flight, oldest first, until `batch` may start: a lane is free and no load in flight
+        has one of its posts. The newest created_at of the loads collected; the first error goes on."""
+        newest = None
+        while self.in_flight and (
+            len(self.in_flight) == len(self.lanes) or any(not keys.isdisjoint(batch.keys) for keys in self.keys())
+        ):
+            newest = _later(newest, self._collect_oldest(stats))
+        return newest
 
     def submit(self, batch: _Batch, source: str) -> None:
-        assert self.in_flight is None
+        busy = {lane for *_, lane in self.in_flight}
+        lane = next(n for n in range(len(self.lanes)) if n not in busy)
         part = RunStats()
-        self.in_flight = (self.thread.submit(self._load, batch, part, source), part, batch)
+        _, archiver, thread = self.lanes[lane]
+        self.in_flight.append((thread.submit(_load, archiver, batch, part, source), part, batch, lane))
 
-    def _load(self, batch: _Batch, stats: RunStats, source: str) -> datetime | None:
-        with FORKING:  # no scoring worker is forked while this thread is inside libpq (etl/ahead.py)
-            return self.archiver.load(batch, stats, source)
-
-    def collect(self, stats: RunStats) -> datetime | None:
-        """Wait for the load in flight (if any): its counts join `stats`, its error goes on; its newest post."""
-        if self.in_flight is None:
-            return None
-        future, part, _ = self.in_flight
-        with self.archiver.clock("wait_load"):
+    def _collect_oldest(self, stats: RunStats) -> datetime | None:
+        future, part, _, _ = self.in_flight[0]
+        with self.clock("wait_load"):
             try:
                 newest = future.result()
             finally:
-                self.in_flight = None
+                del self.in_flight[0]
         _merge(stats, part)
         return newest
 
+    def collect(self, stats: RunStats) -> datetime | None:
+        """Wait for every load in flight, in the stream's order: their counts join `stats`, the first error goes on
+        (the loads after it are still collected by settle() or close()). Their newest post."""
+        newest = None
+        while self.in_flight:
+            newest = _later(newest, self._collect_oldest(stats))
+        return newest
+
+    def settle(self, stats: RunStats) -> datetime | None:
+        """After an error: every load in flight is let finish (what it committed is counted), their errors dropped
+        (the one already going on is the run's)."""
+        newest = None
+        while self.in_flight:
+            try:
+                newest = _later(newest, self._collect_oldest(stats))
+            except Exception:
+                log.debug("a load in flight failed too", exc_info=True)
+        return newest
+
     def close(self, stats: RunStats) -> None:
-        """After an error: the load in flight is let finish (what it committed is counted), its error dropped
-        (the one already going on is the run's); then the thread and the connection go."""
+        """settle(), then the threads and the connections go."""
         try:
-            self.collect(stats)
-        except Exception:
-            log.debug("the load in flight failed too", exc_info=True)
+            self.settle(stats)
         finally:
-            self.thread.shutdown(wait=True)
-            self.db.close()
+            for lane_db, _, thread in self.lanes:
+                thread.shutdown(wait=True)
+                lane_db.close()
+
+
+def _load(archiver: Archiver, batch: _Batch, stats: RunStats, source: str) -> datetime | None:
+    with FORKING.working():  # no scoring worker is forked while this thread is inside libpq (etl/ahead.py)
+        return archiver.load(batch, stats, source)
 
 
 def _keys_not_loaded(waiting: list[_Batch], loader: _Loader | None) -> frozenset[tuple[str, str]]:
-    """The keys of the batches started and not yet loaded: those waiting, and the one the loader may still be
-    loading (counted until collected; its posts then merely go to the database)."""
-    batches = [*waiting, loader.in_flight[2]] if loader is not None and loader.in_flight is not None else waiting
-    if not batches:
+    """The keys of the batches started and not yet loaded: those waiting, and those the loader may still be
+    loading."""
+    keys = [b.keys for b in waiting] + (loader.keys() if loader is not None else [])
+    if not keys:
         return frozenset()
-    if len(batches) == 1:
-        return batches[0].keys
-    return frozenset().union(*(b.keys for b in batches))
+    if len(keys) == 1:
+        return keys[0]
+    return frozenset().union(*keys)
 
 
 def _later(a: datetime | None, b: datetime | None) -> datetime | None:
@@ -236,11 +274,11 @@ class Archiver:
                 raise
             except LoadError:
                 if loader is not None:
-                    loader.collect(stats)  # the load in flight was of an earlier batch: its own failure goes first
+                    loader.collect(stats)  # the loads in flight are of earlier batches: their first failure goes first
                 raise
             except BaseException:
                 if loader is not None:
-                    newest = _later(newest, loader.collect(stats))
+                    newest = _later(newest, loader.settle(stats))
                 for batch in waiting:
                     self.load(batch, stats, source)
                 raise
@@ -254,14 +292,15 @@ class Archiver:
     def _load_next(
         self, waiting: list[_Batch], loader: _Loader | None, stats: RunStats, source: str
     ) -> datetime | None:
-        """Load the first of `waiting` once the load in flight has ended (its error goes on with the batch still
-        waiting): on the loader thread when none of its images is downloading (the main thread goes on at once),
-        else here. The newest created_at of the loads that finished."""
-        newest = loader.collect(stats) if loader is not None else None
-        batch = waiting.pop(0)
-        if loader is None or batch.futures:
-            return _later(newest, self.load(batch, stats, source))
-        loader.submit(batch, source)
+        """Load the first of `waiting`: on a loader thread when none of its images is downloading (the main thread
+        goes on at once), once a lane is free and no load in flight shares a post with it; else here, once every
+        load in flight has ended. An error of a load in flight goes on with the batch still waiting. The newest
+        created_at of the loads that finished."""
+        if loader is None or waiting[0].futures:
+            newest = loader.collect(stats) if loader is not None else None
+            return _later(newest, self.load(waiting.pop(0), stats, source))
+        newest = loader.make_room(waiting[0], stats)  # its error goes on with the batch still waiting
+        loader.submit(waiting.pop(0), source)
         return newest
 
     def _batch_size(self, previous: list[Post] | None) -> int:
