@@ -289,3 +289,30 @@ def test_the_fork_gate_keeps_new_work_out_while_a_fork_waits():
     for t in (a, f, b):
         t.join(5)
     assert order == ["first in", "fork", "late in"]
+
+
+def test_when_two_loads_in_flight_fail_the_earlier_batch_is_named(db, make_settings, monkeypatch):
+    """Batches 1 and 2 load at once and both fail (the database is gone), batch 2 first: the run's error is batch
+    1's, not the later batch's, and nothing is counted that was not committed."""
+    import threading
+
+    second_failed = threading.Event()
+    load = Archiver.load
+
+    def failing(self, batch, stats, source):
+        if batch.number == 1:
+            assert second_failed.wait(10)  # batch 2 fails first, while batch 1 is still in flight
+            raise LoadError("the first batch's load failed")
+        if batch.number == 2:
+            second_failed.set()
+            raise LoadError("the second batch's load failed")
+        return load(self, batch, stats, source)
+
+    monkeypatch.setattr(Archiver, "load", failing)
+    stats = RunStats()
+    with pytest.raises(LoadError, match="first batch"):
+        Archiver(make_settings(ETL_BATCH_SIZE="10", ETL_METADATA_BATCH_SIZE="10"), db, None).archive(
+            iter(posts(30)), stats, source="direct"
+        )
+    assert second_failed.is_set()
+    assert stats.inserted == 0

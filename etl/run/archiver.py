@@ -140,19 +140,23 @@ class _Loader:
         _, archiver, thread = self.lanes[lane]
         self.in_flight.append((thread.submit(_load, archiver, batch, part, source), part, batch, lane))
 
-    def _collect_oldest(self, stats: RunStats) -> datetime | None:
-        future, part, _, _ = self.in_flight[0]
-        with self.clock("wait_load"):
-            try:
+    def _collect_oldest(self, stats: RunStats, *, settle_after_error: bool = True) -> datetime | None:
+        """Wait for the oldest load in flight: its counts join `stats`; its error goes on, once the loads after it
+        are settled (theirs are of later batches: the oldest failure is the one to report)."""
+        future, part, _, _ = self.in_flight.pop(0)
+        try:
+            with self.clock("wait_load"):
                 newest = future.result()
-            finally:
-                del self.in_flight[0]
+        except BaseException:
+            if settle_after_error:
+                self.settle(stats)
+            raise
         _merge(stats, part)
         return newest
 
     def collect(self, stats: RunStats) -> datetime | None:
-        """Wait for every load in flight, in the stream's order: their counts join `stats`, the first error goes on
-        (the loads after it are still collected by settle() or close()). Their newest post."""
+        """Wait for every load in flight, in the stream's order: their counts join `stats`, the first error goes on.
+        Their newest post."""
         newest = None
         while self.in_flight:
             newest = _later(newest, self._collect_oldest(stats))
@@ -164,7 +168,7 @@ class _Loader:
         newest = None
         while self.in_flight:
             try:
-                newest = _later(newest, self._collect_oldest(stats))
+                newest = _later(newest, self._collect_oldest(stats, settle_after_error=False))
             except Exception:
                 log.debug("a load in flight failed too", exc_info=True)
         return newest
