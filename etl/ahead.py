@@ -41,33 +41,42 @@ def _init_worker(enricher: SentimentEnricher) -> None:
 class ForkGate:
     """Keeps forks and C libraries apart: threads that work inside a C library (the archiver's loader threads and
     reenrich's writer, in libpq) hold it shared, any number at a time; the scoring workers are forked holding it
-    alone. A fork copies no lock such a thread holds at that moment. A fork waiting for the gate keeps new work out
-    until it is done (the workers are forked once a run: the loads wait a few milliseconds at most)."""
+    alone. A fork copies no lock such a thread holds at that moment. A fork waits for the work under way (whole
+    loads) and keeps new work out until it is done; the workers are forked once a run."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
-        self._inside = 0  # threads working inside a C library
+        self._inside: dict[int, int] = {}  # threads working inside a C library (by thread id): how deep
         self._forks = 0  # forks waiting for the gate or forking
 
     @contextmanager
     def working(self) -> Iterator[None]:
+        me = threading.get_ident()
         with self._cond:
             while self._forks:
                 self._cond.wait()
-            self._inside += 1
+            self._inside[me] = self._inside.get(me, 0) + 1
         try:
             yield
         finally:
             with self._cond:
-                self._inside -= 1
+                if self._inside[me] == 1:
+                    del self._inside[me]
+                else:
+                    self._inside[me] -= 1
                 self._cond.notify_all()
 
     @contextmanager
     def forking(self) -> Iterator[None]:
         with self._cond:
             self._forks += 1
-            while self._inside:
-                self._cond.wait()
+            try:
+                while self._inside:
+                    self._cond.wait()
+            except BaseException:  # interrupted while waiting (Ctrl-C): the work kept out goes on
+                self._forks -= 1
+                self._cond.notify_all()
+                raise
         try:
             yield
         finally:
@@ -76,9 +85,14 @@ class ForkGate:
                 self._cond.notify_all()
 
     def busy(self) -> bool:
-        """Whether a thread is working inside a C library now."""
+        """Whether any thread is working inside a C library now."""
         with self._cond:
-            return self._inside > 0
+            return bool(self._inside)
+
+    def held_here(self) -> bool:
+        """Whether this thread is working inside a C library now (holds the gate shared)."""
+        with self._cond:
+            return threading.get_ident() in self._inside
 
 
 FORKING = ForkGate()

@@ -118,7 +118,7 @@ def test_the_writer_writes_holding_the_fork_lock(db, monkeypatch):
     seen: list[tuple[str, bool]] = []
 
     def watching(cur, parts, version):
-        seen.append((threading.current_thread().name, FORKING.busy()))
+        seen.append((threading.current_thread().name, FORKING.held_here()))
         real(cur, parts, version)
 
     monkeypatch.setattr(module, "write_decisions", watching)

@@ -142,11 +142,18 @@ class _Loader:
 
     def _collect_oldest(self, stats: RunStats, *, settle_after_error: bool = True) -> datetime | None:
         """Wait for the oldest load in flight: its counts join `stats`; its error goes on, once the loads after it
-        are settled (theirs are of later batches: the oldest failure is the one to report)."""
-        future, part, _, _ = self.in_flight.pop(0)
+        are settled (theirs are of later batches: the oldest failure is the one to report). Interrupted while
+        waiting (Ctrl-C), the load stays in flight, for close() to wait for and count."""
+        future, part, _, _ = self.in_flight[0]
         try:
             with self.clock("wait_load"):
-                newest = future.result()
+                future.result()
+        except BaseException:
+            if not future.done():
+                raise
+        del self.in_flight[0]
+        try:
+            newest = future.result()  # done: its value, or its own error
         except BaseException:
             if settle_after_error:
                 self.settle(stats)
@@ -169,8 +176,8 @@ class _Loader:
         while self.in_flight:
             try:
                 newest = _later(newest, self._collect_oldest(stats, settle_after_error=False))
-            except Exception:
-                log.debug("a load in flight failed too", exc_info=True)
+            except Exception as exc:
+                log.warning("a later load in flight failed too: %s", exc)
         return newest
 
     def close(self, stats: RunStats) -> None:
@@ -281,8 +288,8 @@ class Archiver:
                     loader.collect(stats)  # the loads in flight are of earlier batches: their first failure goes first
                 raise
             except BaseException:
-                if loader is not None:
-                    newest = _later(newest, loader.settle(stats))
+                if loader is not None:  # a load's own failure goes first (the stream's error is its context)
+                    newest = _later(newest, loader.collect(stats))
                 for batch in waiting:
                     self.load(batch, stats, source)
                 raise
