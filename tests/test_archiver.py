@@ -441,3 +441,43 @@ def test_a_load_waited_for_when_ctrl_c_comes_is_still_counted(db, make_settings,
     loader.close(stats)
     assert stats.inserted == 5
     assert query(db.dsn, "SELECT count(*) FROM social_posts") == [(5,)]
+
+
+def test_a_batch_with_images_is_loaded_after_the_loads_in_flight(db, make_settings, monkeypatch, http_server):
+    """Batch 2 has images (loaded on the main thread) and repeats a post of batch 1, whose load on a loader thread
+    is slow: batch 2 is loaded only once batch 1 is committed, so the post ends as batch 2 says."""
+    import threading
+    import time
+
+    from etl.store import LocalStore
+    from tests.support import Reply, png_bytes
+
+    http_server.routes["/a.png"] = Reply(body=png_bytes(8, 6), content_type="image/png")
+    events: list[tuple[str, int]] = []
+    lock = threading.Lock()
+    load = Archiver.load
+
+    def slow_first(self, batch, stats, source):
+        with lock:
+            events.append(("start", batch.number))
+        if batch.number == 1:
+            time.sleep(0.5)  # long enough for batch 2 to be loaded meanwhile, were it not held back
+        try:
+            return load(self, batch, stats, source)
+        finally:
+            with lock:
+                events.append(("end", batch.number))
+
+    monkeypatch.setattr(Archiver, "load", slow_first)
+    url = (f"{http_server.base}/a.png",)
+    stream = [
+        *posts(2),
+        Post("direct", "p0", T0, caption="the last word", like_count=99, image_urls=url),
+        Post("direct", "p2", T0, caption="another", like_count=2, image_urls=url),
+    ]
+    settings = make_settings(ETL_BATCH_SIZE="2", ETL_METADATA_BATCH_SIZE="2", ETL_ALLOW_PRIVATE_HOSTS="true")
+    stats = RunStats()
+    Archiver(settings, db, LocalStore(settings.objects_dir)).archive(iter(stream), stats, source="direct")
+    assert events == [("start", 1), ("end", 1), ("start", 2), ("end", 2)]
+    assert query(db.dsn, "SELECT caption, like_count FROM social_posts WHERE post_id = 'p0'") == [("the last word", 99)]
+    assert (stats.images_stored, stats.inserted, stats.updated) == (2, 3, 1)
