@@ -246,6 +246,8 @@ class Runner:
         except (LoadError, ConfigError):
             raise
         except Exception as exc:  # a bug in a source ends that source, not the run
+            if getattr(exc, "raised_by_archiver", False):
+                raise  # not the source's: no resume point may count a batch read as loaded (archiver._archiver_work)
             stats.source_failures += 1
             stats.error(f"{source.name}: failed unexpectedly: {type(exc).__name__}: {exc}")
             log.exception("source %s failed unexpectedly", source.name)
