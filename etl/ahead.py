@@ -27,9 +27,10 @@ if TYPE_CHECKING:  # multiprocessing is imported only when workers are forked (a
 log = logging.getLogger(__name__)
 
 MIN_BATCH = 64  # smaller batches are scored in-process: the round trip to a worker would cost more
-# Captions per task (fewer a task cost more: language detection walks its texts together); the chunks no worker has
-# begun when their batch is due are decided in-process.
-_CHUNK = 250
+# Captions per task (fewer a task cost more: language detection walks its texts together, grouped by length; 20,000
+# captions: 0.265 CPU s in chunks of 250, 0.224 in chunks of 1,000); the chunks no worker has begun when their batch
+# is due are decided in-process.
+_CHUNK = 1000
 _worker_enricher: SentimentEnricher | None = None
 
 

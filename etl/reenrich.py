@@ -21,7 +21,7 @@ from etl.run.stats import RunStats
 
 log = logging.getLogger(__name__)
 
-_SCORE_CHUNK = 500  # rows per task of a scoring worker (small: the workers finish a batch together)
+_SCORE_CHUNK = 1000  # rows per task of a scoring worker: a batch of 2,000 is one task per worker of two
 _AHEAD = 2  # batches read and handed to the workers beyond the one being written (the workers never wait for it)
 
 

@@ -118,3 +118,15 @@ def test_a_consumer_that_stops_early_closes_the_workers():
     ahead.close()  # what a loop that raises (a load error, a stop) does to the generator it was reading
     assert multiprocessing.active_children() == []
     assert [len(b) for b in taken] == [100, 100, 100]
+
+
+def test_decisions_of_a_batch_cut_into_many_chunks_equal_those_made_in_process(monkeypatch):
+    """Batches of several chunks (some decided by the worker, some taken back here) give the same decisions."""
+    import etl.ahead
+
+    monkeypatch.setattr(etl.ahead, "_CHUNK", 15)
+    data = batches(4, 100)
+    expected = enrich_all(SentimentEnricher(), iter(data))
+    enricher = SentimentEnricher()
+    assert enrich_all(enricher, score_ahead(enricher, iter(data), workers=1)) == expected
+    assert enricher.ahead_used == 300
