@@ -14,7 +14,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import BrokenExecutor, Future
+from concurrent.futures import Future
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
@@ -27,10 +27,20 @@ if TYPE_CHECKING:  # multiprocessing is imported only when workers are forked (a
 log = logging.getLogger(__name__)
 
 MIN_BATCH = 64  # smaller batches are scored in-process: the round trip to a worker would cost more
-# Captions per task (fewer a task cost more: language detection walks its texts together, grouped by length; 20,000
-# captions: 0.265 CPU s in chunks of 250, 0.224 in chunks of 1,000); the chunks no worker has begun when their batch
-# is due are decided in-process.
+# Captions per task: language detection walks a task's captions together, grouped by length, and longer groups cost
+# less (20,000 captions: 0.265 CPU s in tasks of 250, 0.224 in tasks of 1,000); fewer when a batch would then keep
+# some workers idle (task_size). The chunks no worker has begun when their batch is due are decided in-process.
 _CHUNK = 1000
+_MIN_CHUNK = 250
+
+
+def task_size(count: int, parts: int) -> int:
+    """Captions (or rows) per task for a batch of `count` that should give `parts` tasks or more: at most _CHUNK,
+    at least _MIN_CHUNK."""
+    return max(_MIN_CHUNK, min(_CHUNK, -(-count // max(parts, 1))))
+
+
+Held = tuple[list[Post], list[tuple], list[Future], int]  # a batch, its items, their tasks, and the task size
 _worker_enricher: SentimentEnricher | None = None
 
 
@@ -149,7 +159,7 @@ def score_ahead(
     image hosts answer, and the first downloads start without waiting for the workers' fork and model load."""
     workers = max(1, (os.cpu_count() or 1) - 1) if workers is None else workers
     pool: ProcessPoolExecutor | None = None
-    held: tuple[list[Post], list[tuple], list[Future]] | None = None
+    held: Held | None = None
     try:
         try:
             for number, batch in enumerate(batches):
@@ -161,15 +171,16 @@ def score_ahead(
                         yield earlier
                     yield batch
                     continue
-                sent: tuple[list[Post], list[tuple], list[Future]] = (batch, [], [])
+                sent: Held = (batch, [], [], 0)
                 if workers > 0 and len(batch) >= MIN_BATCH and enricher.mostly_new():
-                    if pool is None:
-                        pool = fork_scorers(enricher, workers)
-                    items = [enricher.item(cap_caption(p)) for p in batch]
                     try:
-                        futures = [pool.submit(_decide, items[k : k + _CHUNK]) for k in range(0, len(items), _CHUNK)]
-                        sent = (batch, items, futures)
-                    except (BrokenExecutor, RuntimeError) as exc:  # the pool is gone: scored in-process
+                        if pool is None:
+                            pool = fork_scorers(enricher, workers)
+                        items = [enricher.item(cap_caption(p)) for p in batch]
+                        size = task_size(len(items), workers + 1)  # the workers, and this process taking back
+                        futures = [pool.submit(_decide, items[k : k + size]) for k in range(0, len(items), size)]
+                        sent = (batch, items, futures, size)
+                    except Exception as exc:  # no fork, the pool gone, a post it cannot take: scored in-process
                         log.warning("scoring workers unavailable (%s); scoring in the main process", exc)
                         workers = 0
                 if held is not None:
@@ -188,24 +199,24 @@ def score_ahead(
             pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _hand_on(enricher: SentimentEnricher, held: tuple[list[Post], list[tuple], list[Future]]) -> list[Post]:
+def _hand_on(enricher: SentimentEnricher, held: Held) -> list[Post]:
     """The batch, its workers' decisions put where the enricher finds them (scored in-process if they failed).
 
     The chunks no worker has taken yet are taken back and decided here, while the workers finish theirs: the
     main thread reaches a batch when it has read the next one, and whatever the workers have not begun by then
     would otherwise keep it waiting (one worker on two cores decides more slowly than the main thread reads)."""
-    batch, items, futures = held
+    batch, items, futures, size = held
     enricher.ahead.clear()
     if futures:
         taken = [n for n in range(len(futures) - 1, -1, -1) if futures[n].cancel()]  # the last chunks first
         try:
-            own = {n: enricher.decide_captions(items[n * _CHUNK : (n + 1) * _CHUNK]) for n in sorted(taken)}
+            own = {n: enricher.decide_captions(items[n * size : (n + 1) * size]) for n in sorted(taken)}
             decisions = []
             for n, future in enumerate(futures):  # the workers' chunks, finished meanwhile or waited for
                 decisions += (
                     own[n] if n in own else [(Sentiment(*s) if s else None, *rest) for s, *rest in future.result()]
                 )
             enricher.ahead.update(zip(items, decisions, strict=True))
-        except (BrokenExecutor, OSError) as exc:  # a worker died (killed, out of memory): scored here
+        except Exception as exc:  # a worker died (killed, out of memory) or failed: the batch is scored here
             log.warning("scoring worker failed (%s); this batch is scored in the main process", exc)
     return batch

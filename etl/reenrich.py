@@ -12,7 +12,7 @@ from concurrent.futures import BrokenExecutor, Executor, Future
 from datetime import datetime
 from typing import Any
 
-from etl.ahead import FORKING, fork_scorers, worker_enricher
+from etl.ahead import FORKING, fork_scorers, task_size, worker_enricher
 from etl.db import Database
 from etl.db.reenrich import decision_lines, unscored_posts, write_decisions
 from etl.enrich import SentimentEnricher
@@ -21,7 +21,6 @@ from etl.run.stats import RunStats
 
 log = logging.getLogger(__name__)
 
-_SCORE_CHUNK = 1000  # rows per task of a scoring worker: a batch of 2,000 is one task per worker of two
 _AHEAD = 2  # batches read and handed to the workers beyond the one being written (the workers never wait for it)
 
 
@@ -81,9 +80,10 @@ class _Scorers:
             return [_decide_rows(self.enricher, rows)]
         if self.pool is None:
             self.pool = fork_scorers(self.enricher, self.workers)
+        size = task_size(len(rows), self.workers)  # a task per worker or more (the writer scores nothing)
         try:
             return [
-                self.pool.submit(_decide_in_worker, rows[k : k + _SCORE_CHUNK]) for k in range(0, len(rows), _SCORE_CHUNK)
+                self.pool.submit(_decide_in_worker, rows[k : k + size]) for k in range(0, len(rows), size)
             ]  # fmt: skip
         except (BrokenExecutor, RuntimeError) as exc:  # the pool is gone: the rest is scored here
             log.warning("scoring workers unavailable (%s); scoring in the main process", exc)

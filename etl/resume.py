@@ -71,7 +71,8 @@ class ResumeTracker:
     """Wraps a source's posts: skips what a cut run loaded, applies --limit, remembers what passed through.
 
     Every post it yields is loaded by the archiver before the state is saved (chunked() hands on the posts
-    of a failing stream first), so what it remembers is what was loaded.
+    of a failing stream first), so what it remembers is what was loaded; unless `broken` (the archiver itself
+    failed on posts it read: then no resume point is saved from it).
     """
 
     def __init__(self, source: Any, resume: ResumePoint | None, limit: int | None):
@@ -81,6 +82,7 @@ class ResumeTracker:
         self.passed = 0  # posts yielded (to be loaded)
         self.skipped = 0  # posts a cut run had loaded already
         self.limited = False  # the limit was reached: the window was not read to its end
+        self.broken = False  # the archiver failed on posts it yielded: what it remembers may not be loaded
         self.newest: datetime | None = None
         self.streams: dict[str, StreamMark] = {}
 

@@ -125,8 +125,18 @@ def test_decisions_of_a_batch_cut_into_many_chunks_equal_those_made_in_process(m
     import etl.ahead
 
     monkeypatch.setattr(etl.ahead, "_CHUNK", 15)
+    monkeypatch.setattr(etl.ahead, "_MIN_CHUNK", 15)
     data = batches(4, 100)
     expected = enrich_all(SentimentEnricher(), iter(data))
     enricher = SentimentEnricher()
     assert enrich_all(enricher, score_ahead(enricher, iter(data), workers=1)) == expected
     assert enricher.ahead_used == 300
+
+
+def test_tasks_are_long_unless_that_would_leave_workers_idle():
+    from etl.ahead import task_size
+
+    assert task_size(2000, 2) == 1000  # one worker and this process: two tasks of the longest size
+    assert task_size(2000, 8) == 250  # seven workers: eight tasks, each at the shortest size
+    assert task_size(4000, 8) == 500
+    assert task_size(100, 2) == 250 and task_size(0, 2) == 250 and task_size(5000, 0) == 1000

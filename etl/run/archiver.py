@@ -12,7 +12,6 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from datetime import datetime
 from typing import Any
@@ -196,21 +195,6 @@ def _load(archiver: Archiver, batch: _Batch, stats: RunStats, source: str) -> da
         return archiver.load(batch, stats, source)
 
 
-@contextmanager
-def _archiver_work() -> Iterator[None]:
-    """Marks an unexpected error raised by the archiver's own work on batches read (looking up, scoring, loading),
-    as against the source's: Runner.archive_window lets it end the run. Taken for the source's failure, it ended
-    only the source, whose resume point then counted the batch that was read but not loaded as loaded, and the
-    next run skipped its posts. (A LoadError, the database's, stops the run anyway.)"""
-    try:
-        yield
-    except LoadError:
-        raise
-    except Exception as exc:
-        exc.raised_by_archiver = True  # type: ignore[attr-defined]
-        raise
-
-
 def _keys_not_loaded(waiting: list[_Batch], loader: _Loader | None) -> frozenset[tuple[str, str]]:
     """The keys of the batches started and not yet loaded: those waiting, and those the loader may still be
     loading."""
@@ -286,19 +270,17 @@ class Archiver:
                 fetching = self.live.counting(self._allowed(posts, stats))
                 batches = self.clock.timed(chunked(fetching, self._batch_size), "fetch")
                 for posts_batch in score_ahead(self.enricher, batches, in_process=self._fetches_images):
-                    with _archiver_work():
-                        unloaded = _keys_not_loaded(waiting, loader)  # taken before the batch's lookup reads
-                        waiting.append(self._start(posts_batch, pool, stats, source, unloaded))
-                        # A batch whose images download waits for the next batch to start (their downloads
-                        # overlap); one without goes to the loader thread at once.
-                        keep = 1 if waiting[-1].futures or loader is None else 0
-                        while len(waiting) > keep:
-                            newest = _later(newest, self._load_next(waiting, loader, stats, source))
-                with _archiver_work():
-                    while waiting:
+                    unloaded = _keys_not_loaded(waiting, loader)  # taken before the batch's lookup reads
+                    waiting.append(self._start(posts_batch, pool, stats, source, unloaded))
+                    # A batch whose images download waits for the next batch to start (their downloads overlap);
+                    # one without goes to the loader thread at once.
+                    keep = 1 if waiting[-1].futures or loader is None else 0
+                    while len(waiting) > keep:
                         newest = _later(newest, self._load_next(waiting, loader, stats, source))
-                    if loader is not None:
-                        newest = _later(newest, loader.collect(stats))
+                while waiting:
+                    newest = _later(newest, self._load_next(waiting, loader, stats, source))
+                if loader is not None:
+                    newest = _later(newest, loader.collect(stats))
             except KeyboardInterrupt:
                 raise
             except LoadError:
@@ -306,11 +288,10 @@ class Archiver:
                     loader.collect(stats)  # the loads in flight are of earlier batches: their first failure goes first
                 raise
             except BaseException:
-                with _archiver_work():
-                    if loader is not None:  # a load's own failure goes first (the stream's error is its context)
-                        newest = _later(newest, loader.collect(stats))
-                    for batch in waiting:
-                        self.load(batch, stats, source)
+                if loader is not None:  # a load's own failure goes first (the stream's error is its context)
+                    newest = _later(newest, loader.collect(stats))
+                for batch in waiting:
+                    self.load(batch, stats, source)
                 raise
         finally:
             if loader is not None:

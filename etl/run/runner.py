@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -236,7 +236,7 @@ class Runner:
         """Archive what the source yields for a window; True when it was read to its end (the tracker skips
         what a cut run loaded and applies the limit). A source that fails ends itself, not the run."""
         try:
-            posts = self._stoppable(tracker(source.fetch(window)))
+            posts = self._stoppable(tracker(_from_source(source, window)))
             archiver.archive(posts, stats, source=source.name, trusted=source.trusted_hosts)
         except SourceError as exc:
             stats.source_failures += 1
@@ -245,12 +245,20 @@ class Runner:
             return False
         except (LoadError, ConfigError):
             raise
-        except Exception as exc:  # a bug in a source ends that source, not the run
-            if getattr(exc, "raised_by_archiver", False):
-                raise  # not the source's: no resume point may count a batch read as loaded (archiver._archiver_work)
+        except Exception as exc:  # a bug ends that source, not the run
             stats.source_failures += 1
-            stats.error(f"{source.name}: failed unexpectedly: {type(exc).__name__}: {exc}")
-            log.exception("source %s failed unexpectedly", source.name)
+            if getattr(exc, "raised_by_source", False):
+                stats.error(f"{source.name}: failed unexpectedly: {type(exc).__name__}: {exc}")
+                log.exception("source %s failed unexpectedly", source.name)
+                return False
+            # The archiver's own failure (looking up, scoring or loading posts it read): those posts may not be
+            # loaded, so no resume point may say they are (the tracker saw them); the next run reads them again.
+            tracker.broken = True
+            stats.error(
+                f"{source.name}: archiving its posts failed unexpectedly: {type(exc).__name__}: {exc}; the next run "
+                "reads this window again"
+            )
+            log.exception("archiving the posts of %s failed unexpectedly; no resume point saved", source.name)
             return False
         self.check_stop()
         return True
@@ -327,6 +335,17 @@ class DryRun(Strategy):
         return self.runner.archive_window(archiver, source, window, stats, tracker) and not tracker.limited
 
 
+def _from_source(source: Source, window: FetchWindow) -> Iterator[Post]:
+    """The source's posts for a window; an error the source raises is marked as its own, so that
+    Runner.archive_window can tell it from the archiver's (which leaves no resume point)."""
+    try:
+        yield from source.fetch(window)
+    except Exception as exc:
+        with suppress(Exception):  # an exception that takes no attribute stays unmarked: treated as the archiver's
+            exc.raised_by_source = True  # type: ignore[attr-defined]
+        raise
+
+
 class Incremental(Strategy):
     """Each stream from its watermark (minus ETL_OVERLAP_MINUTES), with its own state and resume point; the
     watermark moves only once a stream's window is loaded to its end. --limit is per source."""
@@ -383,7 +402,7 @@ class Incremental(Strategy):
         if incremental and completed:
             # Only now is every post of the window loaded; the watermark never moves back (StreamState.save_state).
             state.save_state(source.name, key, tracker.watermark(), source.cursor)
-        elif incremental:
+        elif incremental and not tracker.broken:
             self._save_cut(source, key, tracker, "cut short by --limit" if tracker.limited else "stopped early")
         return completed, tracker.passed
 
