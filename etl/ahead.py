@@ -160,6 +160,13 @@ def score_ahead(
     workers = max(1, (os.cpu_count() or 1) - 1) if workers is None else workers
     pool: ProcessPoolExecutor | None = None
     held: Held | None = None
+
+    def hand_on(sent: Held) -> list[Post]:
+        nonlocal workers
+        batch, decided = _hand_on(enricher, sent)
+        if not decided:
+            workers = 0  # the batches after it are scored here too (not sent, then scored again)
+        return batch
     try:
         try:
             for number, batch in enumerate(batches):
@@ -167,7 +174,7 @@ def score_ahead(
                 # with stored decisions) tells whether the next one is worth sending to the workers.
                 if number == 0 or (in_process is not None and in_process(batch)):
                     if held is not None:
-                        earlier, held = _hand_on(enricher, held), None
+                        earlier, held = hand_on(held), None
                         yield earlier
                     yield batch
                     continue
@@ -184,23 +191,24 @@ def score_ahead(
                         log.warning("scoring workers unavailable (%s); scoring in the main process", exc)
                         workers = 0
                 if held is not None:
-                    yield _hand_on(enricher, held)
+                    yield hand_on(held)
                 held = sent
         except Exception:  # not GeneratorExit: a consumer that stops early closes us, and the pool must go
             if held is not None:
-                batch, held = _hand_on(enricher, held), None
+                batch, held = hand_on(held), None
                 yield batch
             raise
         if held is not None:
-            batch, held = _hand_on(enricher, held), None
+            batch, held = hand_on(held), None
             yield batch
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _hand_on(enricher: SentimentEnricher, held: Held) -> list[Post]:
-    """The batch, its workers' decisions put where the enricher finds them (scored in-process if they failed).
+def _hand_on(enricher: SentimentEnricher, held: Held) -> tuple[list[Post], bool]:
+    """The batch, its workers' decisions put where the enricher finds them; and False when they failed (the
+    batch is then scored in-process, none of its decisions used).
 
     The chunks no worker has taken yet are taken back and decided here, while the workers finish theirs: the
     main thread reaches a batch when it has read the next one, and whatever the workers have not begun by then
@@ -216,7 +224,9 @@ def _hand_on(enricher: SentimentEnricher, held: Held) -> list[Post]:
                 decisions += (
                     own[n] if n in own else [(Sentiment(*s) if s else None, *rest) for s, *rest in future.result()]
                 )
-            enricher.ahead.update(zip(items, decisions, strict=True))
+            decided = dict(zip(items, decisions, strict=True))  # whole, or not used at all
         except Exception as exc:  # a worker died (killed, out of memory) or failed: the batch is scored here
-            log.warning("scoring worker failed (%s); this batch is scored in the main process", exc)
-    return batch
+            log.warning("scoring worker failed (%s); this batch and the rest are scored in the main process", exc)
+            return batch, False
+        enricher.ahead.update(decided)
+    return batch, True

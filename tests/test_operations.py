@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
@@ -616,25 +617,61 @@ def test_a_bug_in_archiving_a_batch_leaves_no_resume_point_over_it(listsrc, make
     assert query(db.dsn, "SELECT count(*) FROM social_posts") == [(30,)]
 
 
-def test_a_scoring_worker_that_fails_leaves_its_batch_to_the_main_process(listsrc, make_settings, db, tmp_path, monkeypatch):
-    """A worker's own failure (here: an error raised only in the worker process) costs nothing: its batches are
-    scored in the main process, and the run archives every post with the same decisions."""
-    import os
+_PARENT = os.getpid()
 
+
+def _decide_failing_in_workers(items):
+    """etl.ahead._decide, failing in a worker process (module level: tasks are pickled by name)."""
     import etl.ahead
 
-    parent = os.getpid()
-    decide = etl.ahead._decide
+    if os.getpid() != _PARENT:
+        raise MemoryError("a worker ran out of memory (injected)")
+    return etl.ahead.__dict__["_real_decide"](items)
 
-    def failing_in_workers(items):
-        if os.getpid() != parent:
-            raise MemoryError("a worker ran out of memory (injected)")
-        return decide(items)
 
-    monkeypatch.setattr(etl.ahead, "_decide", failing_in_workers)
-    listsrc.posts = [make_post(i, T0 + timedelta(minutes=i), caption=f"a lovely sunny day number {i}") for i in range(400)]
+def test_a_scoring_worker_that_fails_leaves_its_batch_to_the_main_process(listsrc, make_settings, db, tmp_path, monkeypatch, caplog):
+    """A worker's own failure (an error raised in the worker process) costs nothing: its batch, and those after
+    it, are scored in the main process, none of the failed task's decisions used, and every post is archived."""
+    import etl.ahead
+
+    monkeypatch.setitem(etl.ahead.__dict__, "_real_decide", etl.ahead._decide)
+    monkeypatch.setattr(etl.ahead, "_decide", _decide_failing_in_workers)
+    listsrc.posts = [make_post(i, T0 + timedelta(minutes=i), caption=f"a lovely sunny day number {i}") for i in range(800)]
     stats = runner(make_settings, db, tmp_path, ETL_BATCH_SIZE="100", ETL_METADATA_BATCH_SIZE="100").execute(
         RunRequest(sources=["listsrc"])
     )
-    assert stats.exit_code == 0 and stats.inserted == 400
-    assert query(db.dsn, "SELECT count(*) FROM social_posts WHERE sentiment = 'positive'") == [(400,)]
+    assert stats.exit_code == 0 and stats.inserted == 800
+    assert query(db.dsn, "SELECT count(*) FROM social_posts WHERE sentiment = 'positive'") == [(800,)]
+    failed = [r.getMessage() for r in caplog.records if "scoring worker failed" in r.getMessage()]
+    # Batches 1-7 would go to the workers: batch 2 is sent before batch 1's failure is seen, later ones no longer are.
+    assert len(failed) == 2 and all("ran out of memory (injected)" in m for m in failed)
+
+
+def _decide_short_in_workers(items):
+    """etl.ahead._decide, one decision short in a worker process."""
+    import etl.ahead
+
+    decided = etl.ahead.__dict__["_real_decide"](items)
+    return decided[:-1] if os.getpid() != _PARENT else decided
+
+
+def test_a_worker_that_answers_one_decision_short_has_none_of_them_used(listsrc, make_settings, db, tmp_path, monkeypatch):
+    """The decisions of a failed task are used whole or not at all: none is paired with another caption. (Found in
+    review: the pairs made before the mismatch was seen were kept, so the captions after a short task got
+    their neighbours' sentiments.)"""
+    import etl.ahead
+
+    monkeypatch.setitem(etl.ahead.__dict__, "_real_decide", etl.ahead._decide)
+    monkeypatch.setattr(etl.ahead, "_decide", _decide_short_in_workers)
+    captions = ("a lovely sunny day number {}", "an awful terrible day number {}")
+    listsrc.posts = [make_post(i, T0 + timedelta(minutes=i), caption=captions[i % 2].format(i)) for i in range(2100)]
+    # Batches of 1,000 after the first: two tasks each, the second one's decisions after the short first one's.
+    stats = runner(make_settings, db, tmp_path, ETL_BATCH_SIZE="100", ETL_METADATA_BATCH_SIZE="1000").execute(
+        RunRequest(sources=["listsrc"])
+    )
+    assert stats.exit_code == 0 and stats.inserted == 2100
+    wrong = query(
+        db.dsn,
+        "SELECT count(*) FROM social_posts WHERE sentiment <> CASE WHEN caption LIKE 'a lovely%%' THEN 'positive' ELSE 'negative' END",
+    )
+    assert wrong == [(0,)]
