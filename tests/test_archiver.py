@@ -55,6 +55,32 @@ def loaded_batches(monkeypatch) -> list[int]:
     return InOrder()
 
 
+@pytest.fixture
+def load_events(monkeypatch) -> list[tuple[str, int]]:
+    """("start" | "end", batch number) of every load, on any thread, in order; batch 1's load takes 0.5 s more:
+    long enough for a later batch to be loaded meanwhile, were it not held back."""
+    import threading
+    import time
+
+    events: list[tuple[str, int]] = []
+    lock = threading.Lock()
+    load = Archiver.load
+
+    def slow_first(self, batch, stats, source):
+        with lock:
+            events.append(("start", batch.number))
+        if batch.number == 1:
+            time.sleep(0.5)
+        try:
+            return load(self, batch, stats, source)
+        finally:
+            with lock:
+                events.append(("end", batch.number))
+
+    monkeypatch.setattr(Archiver, "load", slow_first)
+    return events
+
+
 def test_chunked_takes_each_batch_size_from_the_batch_before():
     sizes = lambda before: 2 if before is None else len(before) + 1  # noqa: E731
     assert list(chunked(iter(range(10)), sizes)) == [[0, 1], [2, 3, 4], [5, 6, 7, 8], [9]]
@@ -194,34 +220,15 @@ def test_two_batches_sharing_no_post_load_at_once(db, make_settings, monkeypatch
     assert query(db.dsn, "SELECT count(*), count(DISTINCT post_id) FROM social_posts") == [(30, 30)]
 
 
-def test_a_batch_sharing_a_post_with_a_load_in_flight_waits_for_it(db, make_settings, monkeypatch):
+def test_a_batch_sharing_a_post_with_a_load_in_flight_waits_for_it(db, make_settings, load_events):
     """Batch 2 repeats a post of batch 1, whose load is slow: batch 2 is loaded only once batch 1 is committed
     (a lane is free, but they share a post), so the last of the post's duplicates wins."""
-    import threading
-    import time
-
-    events: list[tuple[str, int]] = []
-    lock = threading.Lock()
-    load = Archiver.load
-
-    def slow_first(self, batch, stats, source):
-        with lock:
-            events.append(("start", batch.number))
-        if batch.number == 1:
-            time.sleep(0.5)  # long enough for batch 2 to be handed over, were it not held back
-        try:
-            return load(self, batch, stats, source)
-        finally:
-            with lock:
-                events.append(("end", batch.number))
-
-    monkeypatch.setattr(Archiver, "load", slow_first)
     stream = [*posts(2), Post("direct", "p0", T0, caption="the last word", like_count=99), *posts(1, start=2)]
     stats = RunStats()
     Archiver(make_settings(ETL_BATCH_SIZE="2", ETL_METADATA_BATCH_SIZE="2"), db, None).archive(
         iter(stream), stats, source="direct"
     )
-    assert events == [("start", 1), ("end", 1), ("start", 2), ("end", 2)]
+    assert load_events == [("start", 1), ("end", 1), ("start", 2), ("end", 2)]
     assert query(db.dsn, "SELECT caption, like_count FROM social_posts WHERE post_id = 'p0'") == [("the last word", 99)]
     assert query(db.dsn, "SELECT like_count FROM post_engagement WHERE post_id = 'p0' ORDER BY observed_at") == [(0,), (99,)]
     assert (stats.fetched, stats.inserted, stats.updated) == (4, 3, 1)
@@ -443,32 +450,13 @@ def test_a_load_waited_for_when_ctrl_c_comes_is_still_counted(db, make_settings,
     assert query(db.dsn, "SELECT count(*) FROM social_posts") == [(5,)]
 
 
-def test_a_batch_with_images_is_loaded_after_the_loads_in_flight(db, make_settings, monkeypatch, http_server):
+def test_a_batch_with_images_is_loaded_after_the_loads_in_flight(db, make_settings, load_events, http_server):
     """Batch 2 has images (loaded on the main thread) and repeats a post of batch 1, whose load on a loader thread
     is slow: batch 2 is loaded only once batch 1 is committed, so the post ends as batch 2 says."""
-    import threading
-    import time
-
     from etl.store import LocalStore
     from tests.support import Reply, png_bytes
 
     http_server.routes["/a.png"] = Reply(body=png_bytes(8, 6), content_type="image/png")
-    events: list[tuple[str, int]] = []
-    lock = threading.Lock()
-    load = Archiver.load
-
-    def slow_first(self, batch, stats, source):
-        with lock:
-            events.append(("start", batch.number))
-        if batch.number == 1:
-            time.sleep(0.5)  # long enough for batch 2 to be loaded meanwhile, were it not held back
-        try:
-            return load(self, batch, stats, source)
-        finally:
-            with lock:
-                events.append(("end", batch.number))
-
-    monkeypatch.setattr(Archiver, "load", slow_first)
     url = (f"{http_server.base}/a.png",)
     stream = [
         *posts(2),
@@ -478,6 +466,6 @@ def test_a_batch_with_images_is_loaded_after_the_loads_in_flight(db, make_settin
     settings = make_settings(ETL_BATCH_SIZE="2", ETL_METADATA_BATCH_SIZE="2", ETL_ALLOW_PRIVATE_HOSTS="true")
     stats = RunStats()
     Archiver(settings, db, LocalStore(settings.objects_dir)).archive(iter(stream), stats, source="direct")
-    assert events == [("start", 1), ("end", 1), ("start", 2), ("end", 2)]
+    assert load_events == [("start", 1), ("end", 1), ("start", 2), ("end", 2)]
     assert query(db.dsn, "SELECT caption, like_count FROM social_posts WHERE post_id = 'p0'") == [("the last word", 99)]
     assert (stats.images_stored, stats.inserted, stats.updated) == (2, 3, 1)
