@@ -315,7 +315,7 @@ def _command_word(args: list[str]) -> str | None:
     return args[i] if i < len(args) and args[i] in COMMANDS else None
 
 
-def with_default_command(args: list[str], commands: Sequence[str] = COMMANDS) -> list[str]:
+def with_default_command(args: list[str]) -> list[str]:
     """`etl.py [global options] [run options]` means `etl.py [global options] run [run options]`.
 
     A word where the command goes that is not one is a UsageError listing the commands.
@@ -324,11 +324,11 @@ def with_default_command(args: list[str], commands: Sequence[str] = COMMANDS) ->
     if i >= len(args):
         return [*args, "run"]
     word = args[i]
-    if word in commands or word in ("-h", "--help", "--version"):
+    if word in COMMANDS or word in ("-h", "--help", "--version"):
         return args
     if not word.startswith("-"):
         raise UsageError(
-            f"{word!r} is not a command. Commands: {', '.join(commands)} (without one: run). "
+            f"{word!r} is not a command. Commands: {', '.join(COMMANDS)} (without one: run). "
             "See `python etl.py --help`."
         )
     return [*args[:i], "run", *args[i:]]

@@ -145,7 +145,7 @@ def test_the_quick_reading_agrees_with_argparse_on_many_command_lines(capsys):
     read = 0
     for _ in range(3000):
         try:
-            args = with_default_command([rng.choice(words) for _ in range(rng.randint(0, 7))], COMMANDS)
+            args = with_default_command([rng.choice(words) for _ in range(rng.randint(0, 7))])
         except UsageError:
             continue  # not a command where one goes: main() answers before any parsing
         quick = quick_run_args(args)
