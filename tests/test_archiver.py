@@ -254,17 +254,18 @@ def test_the_fork_gate_lets_loads_share_it_and_a_fork_wait_for_them():
             assert not gate.busy()
             forked.set()
 
-    workers = [threading.Thread(target=work) for _ in range(2)]
+    workers = [threading.Thread(target=work, daemon=True) for _ in range(2)]
     for t in workers:
         t.start()
     inside.wait()
     assert gate.busy()
-    forking = threading.Thread(target=fork)
+    forking = threading.Thread(target=fork, daemon=True)
     forking.start()
     assert not forked.wait(0.2)  # the fork waits while a thread is inside
     leave.set()
     for t in [*workers, forking]:
         t.join(5)
+        assert not t.is_alive()
     assert forked.is_set() and not gate.busy()
 
 
@@ -292,22 +293,23 @@ def test_the_fork_gate_keeps_new_work_out_while_a_fork_waits():
 
     import time
 
-    a = threading.Thread(target=first)
+    a = threading.Thread(target=first, daemon=True)
     a.start()
     deadline = time.monotonic() + 5
     while not order and time.monotonic() < deadline:
         time.sleep(0.01)
-    f = threading.Thread(target=fork)
+    f = threading.Thread(target=fork, daemon=True)
     f.start()
     while not gate._forks and time.monotonic() < deadline:  # the fork is waiting
         time.sleep(0.01)
     assert order == ["first in"] and gate._forks == 1
-    b = threading.Thread(target=late)
+    b = threading.Thread(target=late, daemon=True)
     b.start()
     threading.Event().wait(0.1)
     release.set()
     for t in (a, f, b):
         t.join(5)
+        assert not t.is_alive()
     assert order == ["first in", "fork", "late in"]
 
 
@@ -376,6 +378,7 @@ def test_a_fork_interrupted_while_it_waits_lets_the_work_go_on():
     leave.set()
     for t in (worker, other):
         t.join(5)
+        assert not t.is_alive()
     assert not gate.busy()
 
 

@@ -643,8 +643,9 @@ def test_a_scoring_worker_that_fails_leaves_its_batch_to_the_main_process(listsr
     assert stats.exit_code == 0 and stats.inserted == 800
     assert query(db.dsn, "SELECT count(*) FROM social_posts WHERE sentiment = 'positive'") == [(800,)]
     failed = [r.getMessage() for r in caplog.records if "scoring worker failed" in r.getMessage()]
-    # Batches 1-7 would go to the workers: batch 2 is sent before batch 1's failure is seen, later ones no longer are.
-    assert len(failed) == 2 and all("ran out of memory (injected)" in m for m in failed)
+    # Batches 1-7 would go to the workers: batch 2 may be sent before batch 1's failure is seen, later ones no longer
+    # are (batch 2's task is taken back here when no worker has begun it).
+    assert 1 <= len(failed) <= 2 and all("ran out of memory (injected)" in m for m in failed)
 
 
 def _decide_short_in_workers(items):
@@ -655,7 +656,9 @@ def _decide_short_in_workers(items):
     return decided[:-1] if os.getpid() != _PARENT else decided
 
 
-def test_a_worker_that_answers_one_decision_short_has_none_of_them_used(listsrc, make_settings, db, tmp_path, monkeypatch):
+def test_a_worker_that_answers_one_decision_short_has_none_of_them_used(
+    listsrc, make_settings, db, tmp_path, monkeypatch, caplog
+):
     """The decisions of a failed task are used whole or not at all: none is paired with another caption. (Found in
     review: the pairs made before the mismatch was seen were kept, so the captions after a short task got
     their neighbours' sentiments.)"""
@@ -675,3 +678,4 @@ def test_a_worker_that_answers_one_decision_short_has_none_of_them_used(listsrc,
         "SELECT count(*) FROM social_posts WHERE sentiment <> CASE WHEN caption LIKE 'a lovely%%' THEN 'positive' ELSE 'negative' END",
     )
     assert wrong == [(0,)]
+    assert any("scoring worker failed (zip()" in r.getMessage() for r in caplog.records)  # a short answer was met
