@@ -47,6 +47,7 @@ _worker_enricher: SentimentEnricher | None = None
 def _init_worker(enricher: SentimentEnricher) -> None:
     global _worker_enricher
     _worker_enricher = enricher
+    enricher.warm()  # nothing to do when forked warm
 
 
 class ForkGate:
@@ -109,13 +110,13 @@ class ForkGate:
 FORKING = ForkGate()
 
 
-def fork_scorers(enricher: SentimentEnricher, workers: int) -> ProcessPoolExecutor:
-    """`workers` processes forked with the enricher itself (not pickled; worker_enricher() in them): its lexicon
-    and language model are loaded first and shared copy-on-write. A forked child never closes the parent's
+def fork_scorers(enricher: SentimentEnricher, workers: int, *, warm: bool = True) -> ProcessPoolExecutor:
+    """`workers` processes forked with the enricher itself (not pickled; worker_enricher() in them). `warm`: its
+    lexicon and language model are loaded first and shared copy-on-write; else each worker loads them as it
+    starts, while this process goes on (it need never load them). A forked child never closes the parent's
     connections (it ends with os._exit), and it is given no work that touches them."""
-    enricher.score("warm")
-    if enricher.detector is not None:
-        enricher.detector.warm()
+    if warm:
+        enricher.warm()
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
@@ -148,11 +149,17 @@ def score_ahead(
     *,
     workers: int | None = None,
     in_process: Callable[[list[Post]], bool] | None = None,
+    unscored: Callable[[list[Post]], bool] | None = None,
 ) -> Iterator[list[Post]]:
     """The batches, unchanged and in order, one behind the stream: a batch is sent to the scoring workers when
-    it is read and handed on when the next one has been read (or the stream ended); the first is handed on as
-    soon as it is read. When the stream fails, the batch held back is handed on first, then the error goes on
-    (nothing read is lost).
+    it is read and handed on when the next one has been read (or the stream ended). When the stream fails, the
+    batch held back is handed on first, then the error goes on (nothing read is lost).
+
+    The first batch is handed on as soon as it is read, scored in-process: what it holds (new captions, or
+    captions with stored decisions) tells whether the next one is worth sending to the workers. Unless
+    `unscored(first batch)` says most of its captions have no stored decision (a first load): then it is sent
+    too, to workers forked before this process loads the lexicon and the language model. Each worker loads
+    them as it starts, while this process reads on, and this process never needs them.
 
     A batch for which `in_process(batch)` is true is handed on as soon as it is read (after the one held back),
     never to the workers: on an images run the downloads keep the cores busy, the captions are scored while the
@@ -160,6 +167,7 @@ def score_ahead(
     workers = max(1, (os.cpu_count() or 1) - 1) if workers is None else workers
     pool: ProcessPoolExecutor | None = None
     held: Held | None = None
+    fresh = False  # the first batch was sent to the workers (most of its captions had no stored decision)
 
     def hand_on(sent: Held) -> list[Post]:
         nonlocal workers
@@ -170,21 +178,27 @@ def score_ahead(
     try:
         try:
             for number, batch in enumerate(batches):
-                # The first batch goes on at once, scored in-process: what it holds (new captions, or captions
-                # with stored decisions) tells whether the next one is worth sending to the workers.
-                if number == 0 or (in_process is not None and in_process(batch)):
+                if in_process is not None and in_process(batch):
                     if held is not None:
                         earlier, held = hand_on(held), None
                         yield earlier
                     yield batch
                     continue
+                worth = workers > 0 and len(batch) >= MIN_BATCH
+                if number == 0:
+                    fresh = worth and unscored is not None and unscored(batch)
+                    if not fresh:
+                        yield batch
+                        continue
                 sent: Held = (batch, [], [], 0)
-                if workers > 0 and len(batch) >= MIN_BATCH and enricher.mostly_new():
+                # Until the first batch has been handed on (and scored), what `unscored` found stands for it.
+                if worth and ((fresh and number <= 1) or enricher.mostly_new()):
                     try:
                         if pool is None:
-                            pool = fork_scorers(enricher, workers)
+                            pool = fork_scorers(enricher, workers, warm=not fresh)
                         items = [enricher.item(cap_caption(p)) for p in batch]
-                        size = task_size(len(items), workers + 1)  # the workers, and this process taking back
+                        # The workers, and this process taking back when it has the models loaded.
+                        size = task_size(len(items), workers + enricher.warmed())
                         futures = [pool.submit(_decide, items[k : k + size]) for k in range(0, len(items), size)]
                         sent = (batch, items, futures, size)
                     except Exception as exc:  # no fork, the pool gone, a post it cannot take: scored in-process
@@ -212,11 +226,13 @@ def _hand_on(enricher: SentimentEnricher, held: Held) -> tuple[list[Post], bool]
 
     The chunks no worker has taken yet are taken back and decided here, while the workers finish theirs: the
     main thread reaches a batch when it has read the next one, and whatever the workers have not begun by then
-    would otherwise keep it waiting (one worker on two cores decides more slowly than the main thread reads)."""
+    would otherwise keep it waiting (one worker on two cores decides more slowly than the main thread reads).
+    Only when this process has the models loaded: loading them here (0.1 CPU s) costs more than the wait."""
     batch, items, futures, size = held
     enricher.ahead.clear()
     if futures:
-        taken = [n for n in range(len(futures) - 1, -1, -1) if futures[n].cancel()]  # the last chunks first
+        back = range(len(futures) - 1, -1, -1) if enricher.warmed() else ()  # the last chunks first
+        taken = [n for n in back if futures[n].cancel()]
         try:
             own = {n: enricher.decide_captions(items[n * size : (n + 1) * size]) for n in sorted(taken)}
             decisions = []

@@ -97,6 +97,17 @@ class SentimentEnricher:
     def label(self, polarity: float) -> str:
         return _label(polarity, self.threshold)
 
+    def warm(self) -> None:
+        """Loads the lexicon and the language model now (a scoring worker as it starts; its parent before it forks
+        warm workers, which then share them)."""
+        self.score("warm")
+        if self.detector is not None:
+            self.detector.warm()
+
+    def warmed(self) -> bool:
+        """Whether the lexicon and the language model are loaded in this process."""
+        return fast_sentiment.cache_info().currsize > 0 and (self.detector is None or self.detector.loaded())
+
     def relabels(self, stored_version: str | None) -> bool:
         """Whether a row decided by enricher `stored_version` keeps its score and language under this one: the same
         scorer and language detector, only the threshold told apart (its label is then its polarity's)."""

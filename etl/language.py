@@ -267,6 +267,10 @@ class LanguageDetector:
         """Loads the model now (before worker processes fork, so that they share it)."""
         self._model()
 
+    def loaded(self) -> bool:
+        """Whether the model is loaded in this process."""
+        return self._model_ is not None
+
     @staticmethod
     def _worth_detecting(text: str | None) -> str | None:
         """The caption without links, mentions and tags, when enough letters are left to tell a language."""

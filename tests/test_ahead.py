@@ -53,6 +53,33 @@ def test_decisions_made_ahead_equal_those_made_in_process():
     assert {p.sentiment_skipped for p in expected} >= {None, "language fr"}
 
 
+def test_a_first_load_is_scored_by_workers_that_load_the_models_themselves():
+    """When the first batch is mostly unscored (`unscored`), it is sent to the workers too; they are forked before
+    this process loads the language model, and this process never loads it (nor takes a chunk back)."""
+    data = batches(5, 100)
+    expected = enrich_all(SentimentEnricher(), iter(data))
+    enricher = SentimentEnricher()
+    asked: list[str] = []
+
+    def unscored(batch: list[Post]) -> bool:
+        asked.append(batch[0].post_id)
+        return True
+
+    assert enrich_all(enricher, score_ahead(enricher, iter(data), workers=1, unscored=unscored)) == expected
+    assert asked == ["0-0"]  # the first batch only: the others are judged by what the enricher saw
+    assert enricher.ahead_used == 500
+    assert enricher.detector is not None and not enricher.detector.loaded() and not enricher.warmed()
+
+
+def test_a_first_batch_with_stored_decisions_is_scored_in_process():
+    data = batches(3, 100)
+    enricher = SentimentEnricher()
+    assert enrich_all(enricher, score_ahead(enricher, iter(data), workers=1, unscored=lambda batch: False)) == (
+        enrich_all(SentimentEnricher(), iter(data))
+    )
+    assert enricher.ahead_used == 200 and enricher.warmed()  # the first batch was decided here
+
+
 def test_a_rerun_is_not_scored_ahead():
     """Captions with a stored decision are reused, so sending them to workers would be wasted work."""
     data = batches(4, 100)

@@ -472,3 +472,33 @@ def test_a_batch_with_images_is_loaded_after_the_loads_in_flight(db, make_settin
     assert load_events == [("start", 1), ("end", 1), ("start", 2), ("end", 2)]
     assert query(db.dsn, "SELECT caption, like_count FROM social_posts WHERE post_id = 'p0'") == [("the last word", 99)]
     assert (stats.images_stored, stats.inserted, stats.updated) == (2, 3, 1)
+
+
+def test_a_first_load_is_scored_by_workers_and_each_batch_looked_up_once(db, make_settings, monkeypatch):
+    """A stream's first batch, none of it stored: its lookup (made once, ahead of plan()) says so, the scoring
+    workers decide every batch, and this process never loads the language model. The rerun after it finds the
+    first batch stored and scores it here, reusing every stored decision."""
+    from etl.db import Archive
+
+    lookups: list[str] = []
+    held = Archive.held
+
+    def counting(self, batch, version):
+        lookups.append(batch[0].post_id)
+        return held(self, batch, version)
+
+    monkeypatch.setattr(Archive, "held", counting)
+    settings = make_settings(ETL_BATCH_SIZE="100", ETL_METADATA_BATCH_SIZE="100")
+    first = Archiver(settings, db, None)
+    stats = RunStats()
+    first.archive(iter(posts(300)), stats, source="direct")
+    assert lookups == ["p0", "p100", "p200"]
+    assert first.enricher.ahead_used == 300 and not first.enricher.detector.loaded()
+    assert stats.inserted == 300 and query(db.dsn, "SELECT count(*) FROM social_posts WHERE sentiment IS NOT NULL") == [(300,)]
+
+    lookups.clear()
+    again = Archiver(settings, db, None)
+    stats = RunStats()
+    again.archive(iter(posts(300)), stats, source="direct")
+    assert lookups == ["p0", "p100", "p200"]
+    assert again.enricher.ahead_used == 0 and (stats.unchanged, stats.inserted) == (300, 0)

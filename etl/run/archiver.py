@@ -239,6 +239,7 @@ class Archiver:
         self.stop = stop or threading.Event()  # SIGTERM: no new downloads, a short grace for those in flight
         self._grace_ends: float | None = None
         self._batches = 0
+        self._looked_up: tuple[list[Post], Held] | None = None  # a batch looked up ahead of plan() (_unscored)
         self.live = LiveCounts()  # what is under way, for the progress display
         self._db = db
 
@@ -269,7 +270,8 @@ class Archiver:
                 # Timed a batch at a time (the clock per post cost more than a tenth of a metadata run's parsing).
                 fetching = self.live.counting(self._allowed(posts, stats))
                 batches = self.clock.timed(chunked(fetching, self._batch_size), "fetch")
-                for posts_batch in score_ahead(self.enricher, batches, in_process=self._fetches_images):
+                ahead = score_ahead(self.enricher, batches, in_process=self._fetches_images, unscored=self._unscored)
+                for posts_batch in ahead:
                     unloaded = _keys_not_loaded(waiting, loader)  # taken before the batch's lookup reads
                     waiting.append(self._start(posts_batch, pool, stats, source, unloaded))
                     # A batch whose images download waits for the next batch to start (their downloads overlap);
@@ -325,6 +327,18 @@ class Archiver:
         """A batch whose images keep the cores busy (one image per two posts or more): scored in-process."""
         return self.store is not None and sum(len(p.image_urls) for p in posts) * 2 >= len(posts)
 
+    def _unscored(self, posts: list[Post]) -> bool:
+        """Whether most of these posts have no decision stored by this enricher (a first load): asked of a stream's
+        first batch without images, so that the scoring workers start before it is scored (etl/ahead.py). Its
+        lookup is kept for plan(), which would make the same one."""
+        try:
+            with self.clock("lookup"):
+                held = self.archive_db.held(posts, self.enricher.version)
+        except LoadError:
+            return False  # plan() meets the same error, and tells it
+        self._looked_up = (posts, held)
+        return len(held.scores) * 2 < len({(p.platform, clean_text(p.post_id)) for p in posts})
+
     def _allowed(self, posts: Iterable[Post], stats: RunStats) -> Iterator[Post]:
         """Refuses posts of a platform named like ETL_EXPORT_PREFIX: their image keys would meet the export's."""
         reserved = self.settings.reserved_platform
@@ -364,7 +378,11 @@ class Archiver:
         then (the last in the stream wins)."""
         with self.clock("lookup"):
             try:
-                held = self.archive_db.held(posts, self.enricher.version)
+                looked_up, self._looked_up = self._looked_up, None
+                if looked_up is not None and looked_up[0] is posts and not unloaded:
+                    held = looked_up[1]
+                else:
+                    held = self.archive_db.held(posts, self.enricher.version)
             except LoadError as exc:
                 raise _not_loaded(exc, _Batch(posts, {}, {}, number=self._batches + 1), source) from None
             if unloaded and held.rows:

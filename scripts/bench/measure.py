@@ -27,10 +27,14 @@ sys.argv = sys.argv[1:]
 try:
     runpy.run_path(sys.argv[0], run_name="__main__")
 finally:
+    import resource
     hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
     print("bench-peak-rss-kb", hwm.split()[1], file=sys.stderr, flush=True)
+    # The largest of its scoring workers (reaped by then), each counted with what it shares with etl.py.
+    print("bench-workers-peak-rss-kb", resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr, flush=True)
 """
 _VMHWM_RE = re.compile(r"^bench-peak-rss-kb (\d+)$", re.MULTILINE)
+_WORKERS_HWM_RE = re.compile(r"^bench-workers-peak-rss-kb (\d+)$", re.MULTILINE)
 SUMMARY_RE = re.compile(r"summary: (.*)$", re.MULTILINE)
 
 
@@ -47,6 +51,7 @@ class EtlRun:
     summary: dict[str, float] = field(default_factory=dict)
     stages: dict[str, float] = field(default_factory=dict)  # per-stage seconds, if the pipeline logs them
     log_path: Path | None = None
+    workers_peak_rss_mb: float = 0.0  # the largest of its forked scoring workers (ru_maxrss of its reaped children)
     profile: profile_summary.Profile | None = None
 
     @property
@@ -114,6 +119,7 @@ class Runner:
         text = log_path.read_text(encoding="utf-8", errors="replace")
         counts, stages = parse_summary(text)
         hwm = _VMHWM_RE.findall(text)
+        workers_hwm = _WORKERS_HWM_RE.findall(text)
         run = EtlRun(
             label=label,
             returncode=proc.returncode,
@@ -124,6 +130,7 @@ class Runner:
             summary=counts,
             stages=stages,
             log_path=log_path,
+            workers_peak_rss_mb=int(workers_hwm[-1]) / 1024 if workers_hwm else 0.0,
         )
         if proc.returncode != 0:
             self.failed.append(f"{label} (exit {proc.returncode})")

@@ -450,7 +450,8 @@ def metadata(b: Bench) -> Result:
 
     figures = [
         Figure("ours: first run (sentiment included)", rate(n / first.wall, " posts/s"), first.wall, first.peak_rss_mb,
-               f"{rows[0]:,} rows, {rows[1]:,} distinct; exit {first.returncode}"),
+               f"{rows[0]:,} rows, {rows[1]:,} distinct; scoring worker {first.workers_peak_rss_mb:.0f} MB; "
+               f"exit {first.returncode}"),
         Figure("ours: rerun (nothing new)", rate(n / rerun.wall, " posts/s"), rerun.wall, rerun.peak_rss_mb,
                f"exit {rerun.returncode}"),
     ]  # fmt: skip
@@ -574,20 +575,30 @@ def size_figures(runs: list[tuple[int, EtlRun, tuple[int, int]]]) -> list[Figure
                    f"{rows[0]:,} rows, {rows[1]:,} distinct; exit {run.returncode}") for n, run, rows in runs]  # fmt: skip
 
 
+def _peak_rss(run: EtlRun) -> float:
+    """The larger peak RSS: etl.py's own, or its largest scoring worker's."""
+    return max(run.peak_rss_mb, run.workers_peak_rss_mb)
+
+
+def _rss_pair(run: EtlRun) -> str:
+    return f"{run.peak_rss_mb:.0f} MB, worker {run.workers_peak_rss_mb:.0f} MB"
+
+
 def memory(b: Bench) -> Result:
     small, large = b.args.memory_posts
     runs = two_sizes(b, "memory", (small, large))
     (_, r0, _), (_, r1, _) = runs
     valid = all(run.ok and rows == (n, n) for n, run, rows in runs)
-    growth_ratio = r1.peak_rss_mb / r0.peak_rss_mb
+    growth_ratio = _peak_rss(r1) / _peak_rss(r0)
     return Result(
-        "memory", f"memory: peak RSS of etl.py (its VmHWM), metadata only, {small:,} vs {large:,} posts; {b.machine}",
+        "memory", f"memory: peak RSS of etl.py (its VmHWM) and of its largest worker, metadata only, {small:,} vs "
+        f"{large:,} posts; {b.machine}",
         figures=size_figures(runs),
         targets=[
             Target(f"peak RSS {large:,} / {small:,} posts", f"{growth_ratio:.2f}x", f"<= {TARGET_MEMORY_RATIO}x",
                    growth_ratio <= TARGET_MEMORY_RATIO if valid else None),
-            Target(f"peak RSS at {large:,} posts", f"{r1.peak_rss_mb:.0f} MB", f"< {TARGET_MEMORY_MB:.0f} MB",
-                   r1.peak_rss_mb < TARGET_MEMORY_MB if valid else None),
+            Target(f"peak RSS at {large:,} posts", _rss_pair(r1), f"< {TARGET_MEMORY_MB:.0f} MB",
+                   _peak_rss(r1) < TARGET_MEMORY_MB if valid else None),
         ],
     )  # fmt: skip
 
@@ -605,11 +616,12 @@ def growth(b: Bench) -> Result:
             Target(f"rate at {n1:,} below the rate at {n0:,}", f"{slowdown * 100:.1f}%", "<= 15%",
                    slowdown <= TARGET_GROWTH_SLOWDOWN if valid else None,
                    peer=f"{rate(n1 / r1.wall)} vs {rate(n0 / r0.wall)}"),
-            Target(f"peak RSS at {n1:,}", f"{r1.peak_rss_mb:.0f} MB", f"< {TARGET_GROWTH_RSS_MB:.0f} MB",
-                   r1.peak_rss_mb < TARGET_GROWTH_RSS_MB if valid else None, peer=f"{r0.peak_rss_mb:.0f} MB at {n0:,}"),
+            Target(f"peak RSS at {n1:,}, etl.py and its largest worker", _rss_pair(r1), f"< {TARGET_GROWTH_RSS_MB:.0f} MB",
+                   _peak_rss(r1) < TARGET_GROWTH_RSS_MB if valid else None, peer=f"{_rss_pair(r0)} at {n0:,}"),
         ],
         notes=["peak RSS is VmHWM read by etl.py's own process as it exits (wait4's ru_maxrss would carry the "
-               "benchmark's own memory over the exec)."],
+               "benchmark's own memory over the exec); a scoring worker's is its ru_maxrss, read by etl.py's process "
+               "once the worker has ended (with what it shares with etl.py)."],
     )  # fmt: skip
 
 
