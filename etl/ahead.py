@@ -129,6 +129,41 @@ def fork_scorers(enricher: SentimentEnricher, workers: int, *, warm: bool = True
     return pool
 
 
+class EarlyScorers:
+    """Scoring workers forked before the archiver asks for them: a run that creates its archive (the database held
+    none) will score every caption it reads, so its workers are forked cold when that is known, and load the
+    lexicon and the language model while the schema is made. The first score_ahead() takes them; whatever no
+    archiving took ends with the block."""
+
+    def __init__(self, enricher: SentimentEnricher, workers: int | None = None):
+        self.enricher = enricher
+        self.workers = default_workers() if workers is None else workers
+        self._pool: ProcessPoolExecutor | None = None
+
+    def start(self) -> None:
+        if self._pool is None and self.workers > 0:
+            try:
+                self._pool = fork_scorers(self.enricher, self.workers, warm=False)
+            except Exception as exc:  # no fork: score_ahead() forks them as it would have, or scores in-process
+                log.warning("scoring workers not started early (%s)", exc)
+
+    def take(self) -> ProcessPoolExecutor | None:
+        pool, self._pool = self._pool, None
+        return pool
+
+    def __enter__(self) -> EarlyScorers:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        if (pool := self.take()) is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def default_workers() -> int:
+    """Scoring workers: one per core but the one the main process uses."""
+    return max(1, (os.cpu_count() or 1) - 1)
+
+
 def worker_enricher() -> SentimentEnricher:
     """The enricher of a process started by fork_scorers()."""
     assert _worker_enricher is not None
@@ -150,6 +185,7 @@ def score_ahead(
     workers: int | None = None,
     in_process: Callable[[list[Post]], bool] | None = None,
     unscored: Callable[[list[Post]], bool] | None = None,
+    pool: ProcessPoolExecutor | None = None,
 ) -> Iterator[list[Post]]:
     """The batches, unchanged and in order, one behind the stream: a batch is sent to the scoring workers when
     it is read and handed on when the next one has been read (or the stream ended). When the stream fails, the
@@ -163,9 +199,10 @@ def score_ahead(
 
     A batch for which `in_process(batch)` is true is handed on as soon as it is read (after the one held back),
     never to the workers: on an images run the downloads keep the cores busy, the captions are scored while the
-    image hosts answer, and the first downloads start without waiting for the workers' fork and model load."""
-    workers = max(1, (os.cpu_count() or 1) - 1) if workers is None else workers
-    pool: ProcessPoolExecutor | None = None
+    image hosts answer, and the first downloads start without waiting for the workers' fork and model load.
+
+    `pool`: workers forked already (EarlyScorers, `workers` of them), used and shut down as if forked here."""
+    workers = default_workers() if workers is None else workers
     held: Held | None = None
     fresh = False  # the first batch was sent to the workers (most of its captions had no stored decision)
 

@@ -502,3 +502,102 @@ def test_a_first_load_is_scored_by_workers_and_each_batch_looked_up_once(db, mak
     again.archive(iter(posts(300)), stats, source="direct")
     assert lookups == ["p0", "p100", "p200"]
     assert again.enricher.ahead_used == 0 and (stats.unchanged, stats.inserted) == (300, 0)
+
+
+@pytest.fixture
+def new_database(pg_dsn):
+    """A database holding no archive yet (dropped afterwards)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    import psycopg2
+
+    admin = psycopg2.connect(pg_dsn)
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        cur.execute("DROP DATABASE IF EXISTS archiver_new_archive")
+        cur.execute("CREATE DATABASE archiver_new_archive")
+    try:
+        yield urlunsplit(urlsplit(pg_dsn)._replace(path="/archiver_new_archive"))
+    finally:
+        with admin.cursor() as cur:
+            cur.execute("DROP DATABASE IF EXISTS archiver_new_archive WITH (FORCE)")
+        admin.close()
+
+
+def test_a_run_that_creates_its_archive_forks_its_scoring_workers_before_the_schema(
+    new_database, make_settings, tmp_path, monkeypatch
+):
+    """The database holds no archive: the run's scoring workers are forked cold before the migrations (they load
+    the models while the schema is made), and the first stream uses them: no second fork, every caption decided
+    ahead. The next run finds the archive: no early fork, and its rerun is scored in-process."""
+    import multiprocessing
+
+    import etl.ahead
+    from etl.enrich import SentimentEnricher
+    from etl.run.runner import Runner, RunRequest
+    from tests.support import write_jsonl
+
+    forks: list[tuple[bool, object]] = []
+    fork_scorers = etl.ahead.fork_scorers
+
+    def recording(enricher, workers, *, warm=True):
+        forks.append((warm, query(new_database, "SELECT to_regclass('social_posts')")[0][0]))
+        return fork_scorers(enricher, workers, warm=warm)
+
+    monkeypatch.setattr(etl.ahead, "fork_scorers", recording)
+    enrichers: list[SentimentEnricher] = []
+    enrich_all = SentimentEnricher.enrich_all
+
+    def watching(self, posts, stored):
+        if self not in enrichers:
+            enrichers.append(self)
+        return enrich_all(self, posts, stored)
+
+    monkeypatch.setattr(SentimentEnricher, "enrich_all", watching)
+    path = write_jsonl(tmp_path / "in.jsonl", [
+        {"platform": "direct", "post_id": f"p{i}", "created_at": "2026-09-01T12:00:00Z", "caption": f"a lovely day {i}"}
+        for i in range(300)
+    ])  # fmt: skip
+    settings = make_settings(DATABASE_URL=new_database, ETL_BATCH_SIZE="100", ETL_METADATA_BATCH_SIZE="100")
+    request = RunRequest(sources=["jsonl"], source_options={"jsonl": {"input": str(path)}})
+
+    first = Runner(settings)
+    try:
+        stats = first.execute(request)
+    finally:
+        first.close()
+    assert forks == [(False, None)]  # once, cold, while no table existed yet
+    assert (stats.exit_code, stats.inserted) == (0, 300)
+    assert enrichers[0].ahead_used == 300 and not enrichers[0].detector.loaded()
+    assert query(new_database, "SELECT count(*) FROM social_posts WHERE sentiment IS NOT NULL") == [(300,)]
+    assert multiprocessing.active_children() == []
+
+    again = Runner(settings)
+    try:
+        stats = again.execute(request)
+    finally:
+        again.close()
+    assert forks == [(False, None)]  # the archive exists: nothing forked early, and the rerun needs no worker
+    assert (stats.exit_code, stats.unchanged) == (0, 300) and enrichers[1].ahead_used == 0
+
+
+def test_early_scoring_workers_no_stream_takes_end_with_the_run(new_database, make_settings, tmp_path, monkeypatch):
+    """A run that creates its archive and then archives nothing that needs its workers (here: an empty input)
+    leaves no worker behind."""
+    import multiprocessing
+
+    import etl.ahead
+    from etl.run.runner import Runner, RunRequest
+
+    forks: list[bool] = []
+    fork_scorers = etl.ahead.fork_scorers
+    monkeypatch.setattr(etl.ahead, "fork_scorers", lambda e, w, *, warm=True: forks.append(warm) or fork_scorers(e, w, warm=warm))
+    path = tmp_path / "empty.jsonl"
+    path.write_text("", encoding="utf-8")
+    runner = Runner(make_settings(DATABASE_URL=new_database))
+    try:
+        stats = runner.execute(RunRequest(sources=["jsonl"], source_options={"jsonl": {"input": str(path)}}))
+    finally:
+        runner.close()
+    assert stats.exit_code == 0 and forks == [False]
+    assert multiprocessing.active_children() == []

@@ -236,14 +236,18 @@ class Database:
 
     # -- migrations ------------------------------------------------------------------------------
 
-    def migrate(self, sql_dir: Path = SQL_DIR) -> list[str]:
+    def migrate(self, sql_dir: Path = SQL_DIR, *, on_new: Callable[[], None] | None = None) -> list[str]:
         """Apply sql/NNN_name.sql files not yet recorded in schema_migrations, in order; return their names.
+        `on_new` is called first when the database holds no archive yet (no schema_migrations).
 
         An archive already up to date (every run but the first after an upgrade) costs one read, without the
         lock; otherwise the migrations are applied under the advisory lock, schema_migrations read again there."""
         files = migration_files(sql_dir)
-        if self._up_to_date(files):
+        done = self._applied()
+        if done is not None and all(version in done for version, _ in files):
             return []
+        if done is None and on_new is not None:
+            on_new()
         applied: list[str] = []
         with self.transaction() as cur:
             cur.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
@@ -262,9 +266,10 @@ class Database:
                 applied.append(path.name)
         return applied
 
-    def _up_to_date(self, files: list[tuple[int, Path]]) -> bool:
-        """Every migration is recorded as applied (committed): one statement on its own, no lock. A migrator at
-        work holds its rows uncommitted, so they are not seen here: the caller then waits for its lock."""
+    def _applied(self) -> set[int] | None:
+        """The migrations recorded as applied (committed), None in a database without an archive: one statement on
+        its own, no lock. A migrator at work holds its rows uncommitted, so they are not seen here: the caller then
+        waits for its lock."""
 
         def read(cur: psycopg2.extensions.cursor) -> set[int] | None:
             try:
@@ -275,5 +280,4 @@ class Database:
                 raise
             return {row[0] for row in cur.fetchall()}
 
-        done = self.alone(read, what="reading the applied migrations")
-        return done is not None and all(version in done for version, _ in files)
+        return self.alone(read, what="reading the applied migrations")

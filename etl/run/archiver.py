@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, fields
 from datetime import datetime
 from typing import Any
 
-from etl.ahead import FORKING, score_ahead
+from etl.ahead import FORKING, EarlyScorers, score_ahead
 from etl.config import Settings
 from etl.db import Archive, Database, DataRefused, Held, HeldRow, UpsertCounts
 from etl.enrich import SentimentEnricher
@@ -229,6 +229,7 @@ class Archiver:
         downloader: Downloader | None = None,
         enricher: SentimentEnricher | None = None,
         stop: threading.Event | None = None,
+        scorers: EarlyScorers | None = None,
     ):
         self.settings = settings
         self.archive_db: Archive | NothingWritten = Archive(db) if db is not None else NothingWritten()
@@ -240,6 +241,7 @@ class Archiver:
         self._grace_ends: float | None = None
         self._batches = 0
         self._looked_up: tuple[list[Post], Held] | None = None  # a batch looked up ahead of plan() (_unscored)
+        self._scorers = scorers  # scoring workers forked early (a new archive), for the first stream that scores
         self.live = LiveCounts()  # what is under way, for the progress display
         self._db = db
 
@@ -270,7 +272,10 @@ class Archiver:
                 # Timed a batch at a time (the clock per post cost more than a tenth of a metadata run's parsing).
                 fetching = self.live.counting(self._allowed(posts, stats))
                 batches = self.clock.timed(chunked(fetching, self._batch_size), "fetch")
-                ahead = score_ahead(self.enricher, batches, in_process=self._fetches_images, unscored=self._unscored)
+                early = self._scorers.take() if self._scorers is not None else None
+                ahead = score_ahead(
+                    self.enricher, batches, in_process=self._fetches_images, unscored=self._unscored, pool=early
+                )
                 for posts_batch in ahead:
                     unloaded = _keys_not_loaded(waiting, loader)  # taken before the batch's lookup reads
                     waiting.append(self._start(posts_batch, pool, stats, source, unloaded))

@@ -16,10 +16,12 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+from etl.ahead import EarlyScorers
 from etl.config import Settings
 from etl.copystore import refuse_if_elsewhere
 from etl.db import Database, Ledger, StreamState
 from etl.db.ledger import release_locks
+from etl.enrich import SentimentEnricher
 from etl.errors import ConfigError, ETLError, LoadError, LockedError, SourceError, StoreError, UsageError
 from etl.logs import RedactingFilter
 from etl.metrics import write_run_metrics
@@ -114,7 +116,17 @@ class Runner:
         # database; they are built for the run once the database is open.
         build_sources(self.settings, request)
         strategy = Backfill(self, request) if request.mode == "backfill" else Incremental(self, request)
-        self.db, self.store = open_services(self.settings, db=self.db, store=self.store)
+        enricher = SentimentEnricher(self.settings.sentiment_threshold, detect_language=self.settings.detect_language)
+        # A run that creates its archive scores every caption it reads: its scoring workers start with the schema.
+        with EarlyScorers(enricher) as early:
+            self.db, self.store = open_services(self.settings, db=self.db, store=self.store, on_new_archive=early.start)
+            self._archive(request, stats, strategy, Archiver(
+                self.settings, self.db, self.store, stop=self.stop, enricher=enricher, scorers=early,
+            ))  # fmt: skip
+        return stats
+
+    def _archive(self, request: RunRequest, stats: RunStats, strategy: Strategy, archiver: Archiver) -> None:
+        """The run's units, each under its lock and recorded in the ledger, archived one source after another."""
         self.ledger, self.state = Ledger(self.db), StreamState(self.db)
         refuse_if_elsewhere(self.db, self.store, self.settings)  # images in another store: copy-store first
         sources = build_sources(self.settings, request, db=self.db)
@@ -122,7 +134,6 @@ class Runner:
         with self._locked([u.name for _, u in units], stats) as locked:
             active = [(s, u) for s, u in units if u.name not in locked]
             with self._recorded(request, active, locked, stats):
-                archiver = Archiver(self.settings, self.db, self.store, stop=self.stop)
                 archiver.live = self.live
                 if request.mode == "run" and request.retry_images:
                     archiver.retry_failed_images(stats, part=request.shard)
@@ -131,7 +142,6 @@ class Runner:
                     if mine:
                         self.check_stop()
                         self._walk(strategy, archiver, source, mine, stats)
-        return stats
 
     def _dry_run(self, request: RunRequest, stats: RunStats) -> None:
         """The same archiver with no database and no store: sources are read and scored, nothing is written."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
 from etl.config import Settings
@@ -42,13 +42,15 @@ def build_sources(settings: Settings, request: RunRequest, *, db: Database | Non
 
 
 def open_services(
-    settings: Settings, *, db: Database | None = None, store: ObjectStore | None = None, check_store: bool = True
-) -> Services:
+    settings: Settings, *, db: Database | None = None, store: ObjectStore | None = None, check_store: bool = True,
+    on_new_archive: Callable[[], None] | None = None,
+) -> Services:  # fmt: skip
     """The object store (checked) and the database (migrated), each failing with a ConfigError that names the
-    setting (ServiceUnavailable when it cannot be reached): what every command opens before any work."""
+    setting (ServiceUnavailable when it cannot be reached): what every command opens before any work.
+    `on_new_archive`: called before the migrations that create the archive, when the database holds none."""
     if check_store:
         store = store or store_from_settings(settings)
         store.check()
     db = db or Database.from_settings(settings)
-    db.migrate()
+    db.migrate(on_new=on_new_archive)
     return Services(db, store)
