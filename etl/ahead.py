@@ -16,6 +16,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
+from functools import partial
 from typing import TYPE_CHECKING
 
 from etl.enrich import SentimentEnricher
@@ -197,12 +198,16 @@ def score_ahead(
     too, to workers forked before this process loads the lexicon and the language model. Each worker loads
     them as it starts, while this process reads on, and this process never needs them.
 
-    A batch for which `in_process(batch)` is true is handed on as soon as it is read (after the one held back),
-    never to the workers: on an images run the downloads keep the cores busy, the captions are scored while the
-    image hosts answer, and the first downloads start without waiting for the workers' fork and model load.
+    A batch for which `in_process(batch)` is true is handed on as soon as it is read (after the one held back):
+    on an images run the downloads keep the cores busy, the captions are scored while the image hosts answer,
+    and the first downloads start without waiting for the workers' fork and model load. It is scored here,
+    unless workers were forked early (`pool`, a new archive's: EarlyScorers): they decide it while its images
+    download, and the enricher collects their decisions when it needs them (SentimentEnricher.later), so this
+    process loads no model then either.
 
-    `pool`: workers forked already (EarlyScorers, `workers` of them), used and shut down as if forked here."""
+    `pool`: workers forked already (`workers` of them), used and shut down as if forked here."""
     workers = default_workers() if workers is None else workers
+    early = pool is not None
     held: Held | None = None
     fresh = False  # the first batch was sent to the workers (most of its captions had no stored decision)
 
@@ -212,16 +217,35 @@ def score_ahead(
         if not decided:
             workers = 0  # the batches after it are scored here too (not sent, then scored again)
         return batch
+
+    def send(batch: list[Post], warm: bool) -> Held:
+        """The batch's captions sent to the workers (forked now if need be); not sent when they cannot take it."""
+        nonlocal pool, workers
+        try:
+            if pool is None:
+                pool = fork_scorers(enricher, workers, warm=warm)
+            items = [enricher.item(cap_caption(p)) for p in batch]
+            # The workers, and this process taking back when it has the models loaded.
+            size = task_size(len(items), workers + enricher.warmed())
+            return batch, items, [pool.submit(_decide, items[k : k + size]) for k in range(0, len(items), size)], size
+        except Exception as exc:  # no fork, the pool gone, a post it cannot take: scored in-process
+            log.warning("scoring workers unavailable (%s); scoring in the main process", exc)
+            workers = 0
+            return batch, [], [], 0
+
     try:
         try:
             for number, batch in enumerate(batches):
+                enricher.later = None  # the batch before had its decisions collected, or needed none
+                worth = workers > 0 and len(batch) >= MIN_BATCH
                 if in_process is not None and in_process(batch):
                     if held is not None:
                         earlier, held = hand_on(held), None
                         yield earlier
+                    if early and worth:
+                        enricher.later = partial(hand_on, send(batch, warm=False))
                     yield batch
                     continue
-                worth = workers > 0 and len(batch) >= MIN_BATCH
                 if number == 0:
                     fresh = worth and unscored is not None and unscored(batch)
                     if not fresh:
@@ -230,17 +254,7 @@ def score_ahead(
                 sent: Held = (batch, [], [], 0)
                 # Until the first batch has been handed on (and scored), what `unscored` found stands for it.
                 if worth and ((fresh and number <= 1) or enricher.mostly_new()):
-                    try:
-                        if pool is None:
-                            pool = fork_scorers(enricher, workers, warm=not fresh)
-                        items = [enricher.item(cap_caption(p)) for p in batch]
-                        # The workers, and this process taking back when it has the models loaded.
-                        size = task_size(len(items), workers + enricher.warmed())
-                        futures = [pool.submit(_decide, items[k : k + size]) for k in range(0, len(items), size)]
-                        sent = (batch, items, futures, size)
-                    except Exception as exc:  # no fork, the pool gone, a post it cannot take: scored in-process
-                        log.warning("scoring workers unavailable (%s); scoring in the main process", exc)
-                        workers = 0
+                    sent = send(batch, warm=not fresh)
                 if held is not None:
                     yield hand_on(held)
                 held = sent
@@ -253,6 +267,7 @@ def score_ahead(
             batch, held = hand_on(held), None
             yield batch
     finally:
+        enricher.later = None
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
 

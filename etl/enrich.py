@@ -92,6 +92,9 @@ class SentimentEnricher:
         # Decisions made ahead by worker processes (etl/ahead.py), by (caption as stored, platform language).
         self.ahead: dict[tuple[str | None, str | None], tuple] = {}
         self.ahead_used = 0
+        # Decisions of the batch being enriched that workers are making: called once, when they are needed, it
+        # puts them in self.ahead (or nothing, when the workers failed: they are then made here).
+        self.later: Callable[[], object] | None = None
         self._new_share = 0.0  # of the last batch: captions decided, not reused from the stored row (none yet)
 
     def label(self, polarity: float) -> str:
@@ -136,6 +139,9 @@ class SentimentEnricher:
     ) -> list[tuple[Sentiment | None, str | None, str | None, str | None]]:
         """decide_caption() of each (caption, platform language); the captions without a platform language
         have their language detected together (etl/language.py: one batch, the same answers)."""
+        if self.later is not None:
+            later, self.later = self.later, None
+            later()
         if self.ahead:
             done = [self.ahead.get(item) for item in items]
             missing = [item for item, decision in zip(items, done, strict=True) if decision is None]

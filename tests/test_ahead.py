@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 from datetime import datetime, timezone
 
@@ -78,6 +79,59 @@ def test_a_first_batch_with_stored_decisions_is_scored_in_process():
         enrich_all(SentimentEnricher(), iter(data))
     )
     assert enricher.ahead_used == 200 and enricher.warmed()  # the first batch was decided here
+
+
+def test_workers_forked_early_decide_the_batches_scored_in_process_while_they_are_used():
+    """A new archive's images run: each batch is handed on as soon as it is read (its downloads start at once),
+    and the workers forked early decide its captions, collected when the enricher needs them."""
+    from etl.ahead import fork_scorers
+
+    data = batches(3, 100)
+    expected = enrich_all(SentimentEnricher(), iter(data))
+    read: list[int] = []
+
+    def stream():
+        for n, batch in enumerate(data):
+            read.append(n)
+            yield batch
+
+    enricher = SentimentEnricher()
+    pool = fork_scorers(enricher, 1, warm=False)
+    out = []
+    for batch in score_ahead(enricher, stream(), workers=1, in_process=lambda b: True, pool=pool):
+        out.append(len(read))
+        out.extend(enricher.enrich_all(batch, [None] * len(batch)))
+    assert out == [1, *expected[:100], 2, *expected[100:200], 3, *expected[200:]]
+    assert enricher.ahead_used == 300 and not enricher.detector.loaded() and enricher.later is None
+
+
+_PARENT = os.getpid()
+
+
+def _decide_failing_in_workers(items):
+    """etl.ahead._decide, failing in a worker process (module level: tasks are pickled by name)."""
+    import etl.ahead
+
+    if os.getpid() != _PARENT:
+        raise MemoryError("a worker ran out of memory (injected)")
+    return etl.ahead.__dict__["_real_decide"](items)
+
+
+@pytest.mark.fault("a worker forked early fails on a batch being archived with its images: it is scored here")
+def test_a_batch_whose_early_worker_fails_is_scored_here(monkeypatch, caplog):
+    import etl.ahead
+    from etl.ahead import fork_scorers
+
+    monkeypatch.setitem(etl.ahead.__dict__, "_real_decide", etl.ahead._decide)
+    monkeypatch.setattr(etl.ahead, "_decide", _decide_failing_in_workers)
+    data = batches(3, 100)
+    expected = enrich_all(SentimentEnricher(), iter(data))
+    enricher = SentimentEnricher()
+    pool = fork_scorers(enricher, 1, warm=False)
+    assert enrich_all(enricher, score_ahead(enricher, iter(data), workers=1, in_process=lambda b: True, pool=pool)) == expected
+    failed = [r.getMessage() for r in caplog.records if "scoring worker failed" in r.getMessage()]
+    assert len(failed) == 1 and "ran out of memory (injected)" in failed[0]  # the batches after it are not sent
+    assert enricher.ahead_used == 0
 
 
 def test_a_rerun_is_not_scored_ahead():
