@@ -237,7 +237,9 @@ def score_ahead(
         try:
             for number, batch in enumerate(batches):
                 enricher.later = None  # the batch before had its decisions collected, or needed none
-                worth = workers > 0 and len(batch) >= MIN_BATCH
+                # A small batch costs a worker more than it saves, unless the workers have the models loaded already
+                # and this process has not.
+                worth = workers > 0 and (len(batch) >= MIN_BATCH or (early and not enricher.warmed()))
                 if in_process is not None and in_process(batch):
                     if held is not None:
                         earlier, held = hand_on(held), None

@@ -105,6 +105,19 @@ def test_workers_forked_early_decide_the_batches_scored_in_process_while_they_ar
     assert enricher.ahead_used == 300 and not enricher.detector.loaded() and enricher.later is None
 
 
+def test_workers_forked_early_take_small_batches_too():
+    """Under MIN_BATCH a batch is scored here, unless workers forked early have the models and this process has not
+    (a small first run of a new archive: loading them here would cost more than the round trips)."""
+    from etl.ahead import fork_scorers
+
+    data = batches(3, 10)
+    enricher = SentimentEnricher()
+    pool = fork_scorers(enricher, 1, warm=False)
+    scored = enrich_all(enricher, score_ahead(enricher, iter(data), workers=1, unscored=lambda b: True, pool=pool))
+    assert scored == enrich_all(SentimentEnricher(), iter(data))
+    assert enricher.ahead_used == 30 and not enricher.detector.loaded()
+
+
 _PARENT = os.getpid()
 
 
