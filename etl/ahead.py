@@ -28,6 +28,9 @@ if TYPE_CHECKING:  # multiprocessing is imported only when workers are forked (a
 log = logging.getLogger(__name__)
 
 MIN_BATCH = 64  # smaller batches are scored in-process: the round trip to a worker would cost more
+# Workers forked cold each load their own lexicon and language model (about 40 MB not shared): no more than two, which
+# decide some 70,000 captions/s between them, faster than the main process reads, parses and loads posts.
+MAX_COLD_WORKERS = 2
 # Captions per task: language detection walks a task's captions together, grouped by length, and longer groups cost
 # less (20,000 captions: 0.265 CPU s in tasks of 250, 0.224 in tasks of 1,000); fewer when a batch would then keep
 # some workers idle (task_size). The chunks no worker has begun when their batch is due are decided in-process.
@@ -138,7 +141,7 @@ class EarlyScorers:
 
     def __init__(self, enricher: SentimentEnricher, workers: int | None = None):
         self.enricher = enricher
-        self.workers = default_workers() if workers is None else workers
+        self.workers = min(MAX_COLD_WORKERS, default_workers() if workers is None else workers)
         self._pool: ProcessPoolExecutor | None = None
 
     def start(self) -> None:
@@ -147,6 +150,10 @@ class EarlyScorers:
                 self._pool = fork_scorers(self.enricher, self.workers, warm=False)
             except Exception as exc:  # no fork: score_ahead() forks them as it would have, or scores in-process
                 log.warning("scoring workers not started early (%s)", exc)
+
+    def started(self) -> bool:
+        """Whether workers were forked early and no stream has taken them yet."""
+        return self._pool is not None
 
     def take(self) -> ProcessPoolExecutor | None:
         pool, self._pool = self._pool, None
@@ -186,7 +193,7 @@ def score_ahead(
     workers: int | None = None,
     in_process: Callable[[list[Post]], bool] | None = None,
     unscored: Callable[[list[Post]], bool] | None = None,
-    pool: ProcessPoolExecutor | None = None,
+    early: EarlyScorers | None = None,
 ) -> Iterator[list[Post]]:
     """The batches, unchanged and in order, one behind the stream: a batch is sent to the scoring workers when
     it is read and handed on when the next one has been read (or the stream ended). When the stream fails, the
@@ -201,13 +208,14 @@ def score_ahead(
     A batch for which `in_process(batch)` is true is handed on as soon as it is read (after the one held back):
     on an images run the downloads keep the cores busy, the captions are scored while the image hosts answer,
     and the first downloads start without waiting for the workers' fork and model load. It is scored here,
-    unless workers were forked early (`pool`, a new archive's: EarlyScorers): they decide it while its images
-    download, and the enricher collects their decisions when it needs them (SentimentEnricher.later), so this
-    process loads no model then either.
+    unless workers were forked `early` (a new archive's): they decide it while its images download, and the
+    enricher collects their decisions when it needs them (SentimentEnricher.later), so this process loads no
+    model then either. They are taken when the first batch is sent, used and shut down as if forked here.
 
-    `pool`: workers forked already (`workers` of them), used and shut down as if forked here."""
-    workers = default_workers() if workers is None else workers
-    early = pool is not None
+    Workers forked cold are MAX_COLD_WORKERS at most."""
+    cold = early is not None and early.started()  # workers forked early (cold) are at hand
+    workers = early.workers if cold and early is not None else default_workers() if workers is None else workers
+    pool: ProcessPoolExecutor | None = None
     held: Held | None = None
     fresh = False  # the first batch was sent to the workers (most of its captions had no stored decision)
 
@@ -218,11 +226,20 @@ def score_ahead(
             workers = 0  # the batches after it are scored here too (not sent, then scored again)
         return batch
 
+    def worth(batch: list[Post]) -> bool:
+        """Whether the workers should take the batch: there are workers (none after one failed), and the batch is
+        not so small that a worker costs more than it saves, unless they have the models and this process has not."""
+        return workers > 0 and (len(batch) >= MIN_BATCH or (cold and not enricher.warmed()))
+
     def send(batch: list[Post], warm: bool) -> Held:
         """The batch's captions sent to the workers (forked now if need be); not sent when they cannot take it."""
         nonlocal pool, workers
         try:
+            if pool is None and early is not None:
+                pool = early.take()
             if pool is None:
+                if not warm:
+                    workers = min(workers, MAX_COLD_WORKERS)
                 pool = fork_scorers(enricher, workers, warm=warm)
             items = [enricher.item(cap_caption(p)) for p in batch]
             # The workers, and this process taking back when it has the models loaded.
@@ -237,25 +254,22 @@ def score_ahead(
         try:
             for number, batch in enumerate(batches):
                 enricher.later = None  # the batch before had its decisions collected, or needed none
-                # A small batch costs a worker more than it saves, unless the workers have the models loaded already
-                # and this process has not.
-                worth = workers > 0 and (len(batch) >= MIN_BATCH or (early and not enricher.warmed()))
                 if in_process is not None and in_process(batch):
                     if held is not None:
                         earlier, held = hand_on(held), None
                         yield earlier
-                    if early and worth:
+                    if cold and worth(batch):
                         enricher.later = partial(hand_on, send(batch, warm=False))
                     yield batch
                     continue
                 if number == 0:
-                    fresh = worth and unscored is not None and unscored(batch)
+                    fresh = worth(batch) and unscored is not None and unscored(batch)
                     if not fresh:
                         yield batch
                         continue
                 sent: Held = (batch, [], [], 0)
                 # Until the first batch has been handed on (and scored), what `unscored` found stands for it.
-                if worth and ((fresh and number <= 1) or enricher.mostly_new()):
+                if worth(batch) and ((fresh and number <= 1) or enricher.mostly_new()):
                     sent = send(batch, warm=not fresh)
                 if held is not None:
                     yield hand_on(held)

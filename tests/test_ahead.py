@@ -84,7 +84,7 @@ def test_a_first_batch_with_stored_decisions_is_scored_in_process():
 def test_workers_forked_early_decide_the_batches_scored_in_process_while_they_are_used():
     """A new archive's images run: each batch is handed on as soon as it is read (its downloads start at once),
     and the workers forked early decide its captions, collected when the enricher needs them."""
-    from etl.ahead import fork_scorers
+    from etl.ahead import EarlyScorers
 
     data = batches(3, 100)
     expected = enrich_all(SentimentEnricher(), iter(data))
@@ -96,9 +96,10 @@ def test_workers_forked_early_decide_the_batches_scored_in_process_while_they_ar
             yield batch
 
     enricher = SentimentEnricher()
-    pool = fork_scorers(enricher, 1, warm=False)
+    early = EarlyScorers(enricher, workers=1)
+    early.start()
     out = []
-    for batch in score_ahead(enricher, stream(), workers=1, in_process=lambda b: True, pool=pool):
+    for batch in score_ahead(enricher, stream(), in_process=lambda b: True, early=early):
         out.append(len(read))
         out.extend(enricher.enrich_all(batch, [None] * len(batch)))
     assert out == [1, *expected[:100], 2, *expected[100:200], 3, *expected[200:]]
@@ -108,12 +109,13 @@ def test_workers_forked_early_decide_the_batches_scored_in_process_while_they_ar
 def test_workers_forked_early_take_small_batches_too():
     """Under MIN_BATCH a batch is scored here, unless workers forked early have the models and this process has not
     (a small first run of a new archive: loading them here would cost more than the round trips)."""
-    from etl.ahead import fork_scorers
+    from etl.ahead import EarlyScorers
 
     data = batches(3, 10)
     enricher = SentimentEnricher()
-    pool = fork_scorers(enricher, 1, warm=False)
-    scored = enrich_all(enricher, score_ahead(enricher, iter(data), workers=1, unscored=lambda b: True, pool=pool))
+    early = EarlyScorers(enricher, workers=1)
+    early.start()
+    scored = enrich_all(enricher, score_ahead(enricher, iter(data), unscored=lambda b: True, early=early))
     assert scored == enrich_all(SentimentEnricher(), iter(data))
     assert enricher.ahead_used == 30 and not enricher.detector.loaded()
 
@@ -133,15 +135,16 @@ def _decide_failing_in_workers(items):
 @pytest.mark.fault("a worker forked early fails on a batch being archived with its images: it is scored here")
 def test_a_batch_whose_early_worker_fails_is_scored_here(monkeypatch, caplog):
     import etl.ahead
-    from etl.ahead import fork_scorers
+    from etl.ahead import EarlyScorers
 
     monkeypatch.setitem(etl.ahead.__dict__, "_real_decide", etl.ahead._decide)
     monkeypatch.setattr(etl.ahead, "_decide", _decide_failing_in_workers)
     data = batches(3, 100)
     expected = enrich_all(SentimentEnricher(), iter(data))
     enricher = SentimentEnricher()
-    pool = fork_scorers(enricher, 1, warm=False)
-    assert enrich_all(enricher, score_ahead(enricher, iter(data), workers=1, in_process=lambda b: True, pool=pool)) == expected
+    early = EarlyScorers(enricher, workers=1)
+    early.start()
+    assert enrich_all(enricher, score_ahead(enricher, iter(data), in_process=lambda b: True, early=early)) == expected
     failed = [r.getMessage() for r in caplog.records if "scoring worker failed" in r.getMessage()]
     assert len(failed) == 1 and "ran out of memory (injected)" in failed[0]  # the batches after it are not sent
     assert enricher.ahead_used == 0

@@ -581,23 +581,69 @@ def test_a_run_that_creates_its_archive_forks_its_scoring_workers_before_the_sch
     assert (stats.exit_code, stats.unchanged) == (0, 300) and enrichers[1].ahead_used == 0
 
 
-def test_early_scoring_workers_no_stream_takes_end_with_the_run(new_database, make_settings, tmp_path, monkeypatch):
-    """A run that creates its archive and then archives nothing that needs its workers (here: an empty input)
-    leaves no worker behind."""
+@pytest.mark.parametrize("how", ["nothing to score", "the run fails before archiving"])
+def test_early_scoring_workers_no_stream_takes_end_with_the_run(how, new_database, make_settings, tmp_path, monkeypatch):
+    """A run that creates its archive, then either archives nothing that needs its workers (an empty input) or
+    fails before archiving: no worker is left, even while the error is still held."""
     import multiprocessing
 
     import etl.ahead
+    import etl.run.runner
+    from etl.errors import ConfigError
     from etl.run.runner import Runner, RunRequest
 
     forks: list[bool] = []
     fork_scorers = etl.ahead.fork_scorers
     monkeypatch.setattr(etl.ahead, "fork_scorers", lambda e, w, *, warm=True: forks.append(warm) or fork_scorers(e, w, warm=warm))
+    if how == "the run fails before archiving":
+
+        def refusing(*_):
+            raise ConfigError("the images are in another store (injected)")
+
+        monkeypatch.setattr(etl.run.runner, "refuse_if_elsewhere", refusing)
     path = tmp_path / "empty.jsonl"
     path.write_text("", encoding="utf-8")
     runner = Runner(make_settings(DATABASE_URL=new_database))
+    request = RunRequest(sources=["jsonl"], source_options={"jsonl": {"input": str(path)}})
     try:
-        stats = runner.execute(RunRequest(sources=["jsonl"], source_options={"jsonl": {"input": str(path)}}))
+        if how == "nothing to score":
+            assert runner.execute(request).exit_code == 0
+        else:
+            with pytest.raises(ConfigError) as caught:
+                runner.execute(request)
+            assert caught.value is not None  # the traceback (and the run's frames) still held here
+        assert forks == [False] and multiprocessing.active_children() == []
     finally:
         runner.close()
-    assert stats.exit_code == 0 and forks == [False]
+
+
+def test_an_archive_that_fails_ends_its_scoring_workers_at_once(db, make_settings, monkeypatch):
+    """A load error while batches are scored ahead: the workers have ended when the error comes out, not when its
+    traceback is let go (the generator that holds them is closed)."""
+    import multiprocessing
+
+    from etl.db import Archive
+
+    load = Archive.load
+
+    def failing(self, batch, *args, **kwargs):
+        if batch[0].post_id == "p200":
+            raise LoadError("the database went away (injected)")
+        return load(self, batch, *args, **kwargs)
+
+    monkeypatch.setattr(Archive, "load", failing)
+    archiver = Archiver(make_settings(ETL_BATCH_SIZE="100", ETL_METADATA_BATCH_SIZE="100"), db, None)
+    with pytest.raises(LoadError) as caught:
+        archiver.archive(iter(posts(500)), RunStats(), source="direct")
+    assert "went away" in str(caught.value) and archiver.enricher.ahead_used > 0
     assert multiprocessing.active_children() == []
+
+
+def test_a_lookup_made_ahead_is_used_only_for_its_own_batch(db, make_settings):
+    """The first batch's lookup, made ahead of plan(), is never taken for another batch's."""
+    archiver = Archiver(make_settings(), db, None)
+    stored = posts(5, start=100)
+    archiver.archive(iter(stored), RunStats(), source="direct")
+    archiver._unscored(posts(5))  # looked up ahead: none of them stored
+    _, held = archiver.plan(stored, RunStats(), "direct")
+    assert set(held.rows) == {("direct", f"p{i}") for i in range(100, 105)}

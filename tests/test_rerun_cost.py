@@ -139,8 +139,10 @@ def test_a_missing_migration_is_still_applied_under_the_lock(migrated, tmp_path)
         (sql_dir / path.name).write_text(path.read_text(encoding="utf-8"), encoding="utf-8")
     (sql_dir / f"{version}_probe.sql").write_text("CREATE TABLE rerun_cost_probe (n int);", encoding="utf-8")
     db = Database(migrated, display="test database")
+    new_archive: list[bool] = []
     try:
-        assert db.migrate(sql_dir) == [f"{version}_probe.sql"]
+        assert db.migrate(sql_dir, on_new=lambda: new_archive.append(True)) == [f"{version}_probe.sql"]
+        assert new_archive == []  # an archive behind by a migration is not a new one
         assert db.migrate(sql_dir) == []
         assert query(migrated, "SELECT count(*) FROM rerun_cost_probe") == [(0,)]
     finally:

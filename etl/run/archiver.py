@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
+from contextlib import closing
 from dataclasses import dataclass, field, fields
 from datetime import datetime
 from typing import Any
@@ -240,7 +241,7 @@ class Archiver:
         self.stop = stop or threading.Event()  # SIGTERM: no new downloads, a short grace for those in flight
         self._grace_ends: float | None = None
         self._batches = 0
-        self._looked_up: tuple[list[Post], Held] | None = None  # a batch looked up ahead of plan() (_unscored)
+        self._looked_up: tuple[list[Post], Held | LoadError] | None = None  # a batch looked up ahead of plan()
         self._scorers = scorers  # scoring workers forked early (a new archive), for the first stream that scores
         self.live = LiveCounts()  # what is under way, for the progress display
         self._db = db
@@ -272,18 +273,19 @@ class Archiver:
                 # Timed a batch at a time (the clock per post cost more than a tenth of a metadata run's parsing).
                 fetching = self.live.counting(self._allowed(posts, stats))
                 batches = self.clock.timed(chunked(fetching, self._batch_size), "fetch")
-                early = self._scorers.take() if self._scorers is not None else None
                 ahead = score_ahead(
-                    self.enricher, batches, in_process=self._fetches_images, unscored=self._unscored, pool=early
+                    self.enricher, batches, in_process=self._fetches_images, unscored=self._unscored, early=self._scorers
                 )
-                for posts_batch in ahead:
-                    unloaded = _keys_not_loaded(waiting, loader)  # taken before the batch's lookup reads
-                    waiting.append(self._start(posts_batch, pool, stats, source, unloaded))
-                    # A batch whose images download waits for the next batch to start (their downloads overlap);
-                    # one without goes to the loader thread at once.
-                    keep = 1 if waiting[-1].futures or loader is None else 0
-                    while len(waiting) > keep:
-                        newest = _later(newest, self._load_next(waiting, loader, stats, source))
+                # Closed at once when the loop fails: its workers end now, not when the traceback is let go.
+                with closing(ahead):
+                    for posts_batch in ahead:
+                        unloaded = _keys_not_loaded(waiting, loader)  # taken before the batch's lookup reads
+                        waiting.append(self._start(posts_batch, pool, stats, source, unloaded))
+                        # A batch whose images download waits for the next batch to start (their downloads
+                        # overlap); one without goes to the loader thread at once.
+                        keep = 1 if waiting[-1].futures or loader is None else 0
+                        while len(waiting) > keep:
+                            newest = _later(newest, self._load_next(waiting, loader, stats, source))
                 while waiting:
                     newest = _later(newest, self._load_next(waiting, loader, stats, source))
                 if loader is not None:
@@ -339,8 +341,9 @@ class Archiver:
         try:
             with self.clock("lookup"):
                 held = self.archive_db.held(posts, self.enricher.version)
-        except LoadError:
-            return False  # plan() meets the same error, and tells it
+        except LoadError as exc:
+            self._looked_up = (posts, exc)  # plan() tells it (without waiting for the database a second time)
+            return False
         self._looked_up = (posts, held)
         return len(held.scores) * 2 < len({(p.platform, clean_text(p.post_id)) for p in posts})
 
@@ -385,6 +388,8 @@ class Archiver:
             try:
                 looked_up, self._looked_up = self._looked_up, None
                 if looked_up is not None and looked_up[0] is posts and not unloaded:
+                    if isinstance(looked_up[1], LoadError):
+                        raise looked_up[1]
                     held = looked_up[1]
                 else:
                     held = self.archive_db.held(posts, self.enricher.version)
