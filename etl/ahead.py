@@ -28,8 +28,9 @@ if TYPE_CHECKING:  # multiprocessing is imported only when workers are forked (a
 log = logging.getLogger(__name__)
 
 MIN_BATCH = 64  # smaller batches are scored in-process: the round trip to a worker would cost more
-# Workers forked cold each load their own lexicon and language model (about 40 MB not shared): no more than two, which
-# decide some 70,000 captions/s between them, faster than the main process reads, parses and loads posts.
+# Workers forked cold each load their own lexicon and language model (shared with nobody: a worker's peak RSS was 82-85
+# MB in the benchmark): no more than two. Between them they decide about 65,000 captions/s (a first load's worker:
+# 20,000 in 0.6 CPU s), more than the main process reads, parses and loads (about 25,000 posts/s at 1,000,000).
 MAX_COLD_WORKERS = 2
 # Captions per task: language detection walks a task's captions together, grouped by length, and longer groups cost
 # less (20,000 captions: 0.265 CPU s in tasks of 250, 0.224 in tasks of 1,000); fewer when a batch would then keep
