@@ -8,6 +8,7 @@ import tempfile
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import psycopg2
 import pytest
@@ -56,6 +57,22 @@ def db(migrated: str) -> Iterator[Database]:
         cur.execute("TRUNCATE " + ", ".join(f'"{t}"' for t in tables) + " RESTART IDENTITY CASCADE")
     yield database
     database.close()
+
+
+@pytest.fixture
+def new_database(pg_dsn):
+    """A database holding no archive yet (dropped afterwards)."""
+    admin = psycopg2.connect(pg_dsn)
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        cur.execute("DROP DATABASE IF EXISTS new_archive_probe")
+        cur.execute("CREATE DATABASE new_archive_probe")
+    try:
+        yield urlunsplit(urlsplit(pg_dsn)._replace(path="/new_archive_probe"))
+    finally:
+        with admin.cursor() as cur:
+            cur.execute("DROP DATABASE IF EXISTS new_archive_probe WITH (FORCE)")
+        admin.close()
 
 
 @pytest.fixture

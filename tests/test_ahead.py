@@ -39,6 +39,13 @@ def batches(count: int, size: int, seed: int = 16) -> list[list[Post]]:
     return out
 
 
+def recorded(data: list[list[Post]], read: list[int]):
+    """The batches, each one's number put in `read` as it is read."""
+    for n, batch in enumerate(data):
+        read.append(n)
+        yield batch
+
+
 def enrich_all(enricher: SentimentEnricher, stream) -> list[Post]:
     return [p for batch in stream for p in enricher.enrich_all(batch, [None] * len(batch))]
 
@@ -89,17 +96,11 @@ def test_workers_forked_early_decide_the_batches_scored_in_process_while_they_ar
     data = batches(3, 100)
     expected = enrich_all(SentimentEnricher(), iter(data))
     read: list[int] = []
-
-    def stream():
-        for n, batch in enumerate(data):
-            read.append(n)
-            yield batch
-
     enricher = SentimentEnricher()
     early = EarlyScorers(enricher, workers=1)
     early.start()
     out = []
-    for batch in score_ahead(enricher, stream(), in_process=lambda b: True, early=early):
+    for batch in score_ahead(enricher, recorded(data, read), in_process=lambda b: True, early=early):
         out.append(len(read))
         out.extend(enricher.enrich_all(batch, [None] * len(batch)))
     assert out == [1, *expected[:100], 2, *expected[100:200], 3, *expected[200:]]
@@ -183,15 +184,10 @@ def test_batches_scored_in_process_are_handed_on_as_soon_as_read():
     data = batches(4, 100)
     expected = enrich_all(SentimentEnricher(), iter(data))
     read: list[int] = []
-
-    def stream():
-        for n, batch in enumerate(data):
-            read.append(n)
-            yield batch
-
     enricher = SentimentEnricher()
     out = []
-    for batch in score_ahead(enricher, stream(), workers=1, in_process=lambda b: b[0].post_id.startswith(("0-", "1-"))):
+    ahead = score_ahead(enricher, recorded(data, read), workers=1, in_process=lambda b: b[0].post_id.startswith(("0-", "1-")))
+    for batch in ahead:
         out.append((len(read), batch[0].post_id))
         scored = enricher.enrich_all(batch, [None] * len(batch))
         assert scored == expected[: len(scored)]

@@ -504,26 +504,6 @@ def test_a_first_load_is_scored_by_workers_and_each_batch_looked_up_once(db, mak
     assert again.enricher.ahead_used == 0 and (stats.unchanged, stats.inserted) == (300, 0)
 
 
-@pytest.fixture
-def new_database(pg_dsn):
-    """A database holding no archive yet (dropped afterwards)."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    import psycopg2
-
-    admin = psycopg2.connect(pg_dsn)
-    admin.autocommit = True
-    with admin.cursor() as cur:
-        cur.execute("DROP DATABASE IF EXISTS archiver_new_archive")
-        cur.execute("CREATE DATABASE archiver_new_archive")
-    try:
-        yield urlunsplit(urlsplit(pg_dsn)._replace(path="/archiver_new_archive"))
-    finally:
-        with admin.cursor() as cur:
-            cur.execute("DROP DATABASE IF EXISTS archiver_new_archive WITH (FORCE)")
-        admin.close()
-
-
 def test_a_run_that_creates_its_archive_forks_its_scoring_workers_before_the_schema(
     new_database, make_settings, tmp_path, monkeypatch
 ):

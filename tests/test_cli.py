@@ -5,9 +5,7 @@ from __future__ import annotations
 import random
 import subprocess
 import sys
-from urllib.parse import urlsplit, urlunsplit
 
-import psycopg2
 import pytest
 
 from etl.cli import COMMANDS, build_parser, commands_of, with_default_command
@@ -75,25 +73,15 @@ def test_bad_arguments_exit_2_before_any_work(tmp_path, args, message):
     assert not (tmp_path / "d").exists()  # no database was started
 
 
-def test_migrate_reports_the_migrations_it_applied_then_none(pg_dsn, run_etl):
-    admin = psycopg2.connect(pg_dsn)
-    admin.autocommit = True
-    with admin.cursor() as cur:
-        cur.execute("DROP DATABASE IF EXISTS migrate_probe")
-        cur.execute("CREATE DATABASE migrate_probe")
-    try:
-        fresh = {"DATABASE_URL": urlunsplit(urlsplit(pg_dsn)._replace(path="/migrate_probe"))}
-        first = run_etl("migrate", env=fresh)
-        assert first.returncode == 0, first.stderr
-        names = [path.name for _, path in migration_files()]
-        assert f"{len(names)} migration(s) applied: {', '.join(names)} (" in first.stdout
-        again = run_etl("migrate", env=fresh)
-        assert again.returncode == 0, again.stderr
-        assert again.stdout.startswith("0 migration(s) applied (")
-    finally:
-        with admin.cursor() as cur:
-            cur.execute("DROP DATABASE IF EXISTS migrate_probe WITH (FORCE)")
-        admin.close()
+def test_migrate_reports_the_migrations_it_applied_then_none(new_database, run_etl):
+    fresh = {"DATABASE_URL": new_database}
+    first = run_etl("migrate", env=fresh)
+    assert first.returncode == 0, first.stderr
+    names = [path.name for _, path in migration_files()]
+    assert f"{len(names)} migration(s) applied: {', '.join(names)} (" in first.stdout
+    again = run_etl("migrate", env=fresh)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.startswith("0 migration(s) applied (")
 
 
 # -- a plain run's arguments, read without argparse (etl/cli_args.py, issue 16) ----------------------
