@@ -282,6 +282,7 @@ class S3Store:
         self._learn_lock = threading.Lock()
         self._client: object | None = None
         self._client_lock = threading.Lock()
+        self._learned = False  # the direct path was set up from the bucket check (no boto3 PUT to learn it from)
         if client is not None:
             self._adopt(client, credentials)
 
@@ -298,7 +299,7 @@ class S3Store:
         return self._client
 
     def _adopt(self, client: object, credentials: object | None) -> None:
-        self._credentials = credentials if self.settings.s3_direct_put else None
+        self._credentials = credentials if self.settings.s3_direct_put and not self._learned else None
         if self._credentials is not None:
             client.meta.events.register("before-send.s3.PutObject", self._note_sent)
         self._client = client
@@ -306,9 +307,20 @@ class S3Store:
     def check(self) -> None:
         """Fail before any work, naming S3_BUCKET, when the bucket is missing or not ours to use.
 
-        A HEAD signed here answered 200 settles it without boto3; any other outcome is boto3's to judge and word."""
-        if self._client is None and bucket_answers(self.settings):
-            return
+        A HEAD signed here answered 200 settles it without boto3; any other outcome is boto3's to judge and word.
+        That HEAD's URL and signing are then the direct path's (S3_DIRECT_PUT) from the first PUT on: a run that
+        stores images imports boto3 only for what the direct path hands over to it."""
+        if self._client is None:
+            answered = answered_bucket(self.settings)
+            if answered is not None:
+                if self.settings.s3_direct_put and self.direct is None:
+                    base, credentials = answered
+                    self.direct = DirectPut(
+                        base, self.settings.aws_region, credentials, pool_size=self.settings.concurrency + 4,
+                        timeout=(self.settings.connect_timeout, self.settings.read_timeout), ca_bundle=_ca_file(None),
+                    )  # fmt: skip
+                    self._learned = True  # nothing to learn from boto3's first PUT, if it ever sends one
+                return
         client = self.client  # made outside the try below: a client that cannot be made fails as it always did
         from botocore.exceptions import BotoCoreError, ClientError
 
@@ -333,29 +345,23 @@ class S3Store:
 
         The direct path sends that PUT when it can; whatever it does not handle (errors, throttling, a lost
         connection) goes to boto3 for this object, with boto3's retries and error parsing."""
+        direct = self.direct
+        conditional = self.conditional and not replace  # replace: the stored object failed a fixity check
+        status = direct.put(key, body, content_type, sha256) if direct is not None and conditional else None
+        if status == 200:
+            return True  # the usual case, without boto3 (nor botocore: a first run may never import either)
         from botocore.exceptions import BotoCoreError, ClientError
 
-        if replace:  # the stored object failed a fixity check: its metadata cannot be trusted, overwrite it
-            try:
-                return self._boto3_put(key, body, content_type, sha256, conditional=False)
-            except (ClientError, BotoCoreError) as exc:
-                raise StoreError(f"S3 PUT {key} failed: {exc}") from exc
-        direct = self.direct
-        conditional = self.conditional
         try:
-            if direct is not None and conditional:
-                status = direct.put(key, body, content_type, sha256)
-                if status == 200:
-                    return True
-                if status == 412:  # the key exists: the same image (done), or other bytes to replace
-                    if self._holds(key, body, sha256):
-                        return False
-                    conditional = False
-                elif status in DirectPut.HANDED_OVER:
-                    # A redirect to another region, a signature or clock problem, a policy on headers: boto3
-                    # knows how to deal with these (or to word them), so it sends every PUT from now on.
-                    log.info("S3 answered HTTP %s to a directly signed PUT; boto3 sends every PUT from now on", status)
-                    self.direct = None
+            if status == 412:  # the key exists: the same image (done), or other bytes to replace
+                if self._holds(key, body, sha256):
+                    return False
+                conditional = False
+            elif status in DirectPut.HANDED_OVER:
+                # A redirect to another region, a signature or clock problem, a policy on headers: boto3 knows how
+                # to deal with these (or to word them), so it sends every PUT from now on.
+                log.info("S3 answered HTTP %s to a directly signed PUT; boto3 sends every PUT from now on", status)
+                self.direct = None
             return self._boto3_put(key, body, content_type, sha256, conditional=conditional)
         except (ClientError, BotoCoreError) as exc:
             raise StoreError(f"S3 PUT {key} failed: {exc}") from exc
@@ -515,10 +521,12 @@ class DirectPut(SigV4):
         super().__init__(base, region, credentials)
         kwargs: dict[str, object] = {}
         if base.startswith("https:"):
-            from botocore.httpsession import get_cert_path
+            if not ca_bundle:
+                from botocore.httpsession import get_cert_path
 
+                ca_bundle = get_cert_path(True)
             # The certificates boto3 trusts: AWS_CA_BUNDLE (or ca_bundle in the AWS config), else its default.
-            kwargs.update(cert_reqs="CERT_REQUIRED", ca_certs=ca_bundle or get_cert_path(True))
+            kwargs.update(cert_reqs="CERT_REQUIRED", ca_certs=ca_bundle)
         self.pool = urllib3.connection_from_url(
             base, maxsize=pool_size, retries=False, timeout=urllib3.Timeout(connect=timeout[0], read=timeout[1]), **kwargs
         )  # the signed headers are the request's own: a pool's default headers would never be sent
@@ -664,9 +672,14 @@ def bucket_answers(settings: Settings, environ: Mapping[str, str] | None = None)
 
     False for anything else, and when the set-up is not plain (plain_bucket_url): boto3 then asks again and words
     the answer (missing bucket, denied, a redirect, an unreachable endpoint) as it always has."""
+    return answered_bucket(settings, environ) is not None
+
+
+def answered_bucket(settings: Settings, environ: Mapping[str, str] | None = None) -> tuple[str, object] | None:
+    """bucket_answers(), with the bucket's URL and the keys that HEAD was signed with when it did."""
     plain = plain_bucket_url(settings, environ)
     if plain is None:
-        return False
+        return None
     import http.client
 
     base, credentials = plain
@@ -675,7 +688,7 @@ def bucket_answers(settings: Settings, environ: Mapping[str, str] | None = None)
     if parts.scheme == "https":
         context = _boto3_tls_context(environ)
         if context is None:
-            return False
+            return None
         conn: http.client.HTTPConnection = http.client.HTTPSConnection(
             parts.hostname, parts.port, timeout=settings.connect_timeout, context=context
         )
@@ -688,25 +701,34 @@ def bucket_answers(settings: Settings, environ: Mapping[str, str] | None = None)
         status = conn.getresponse().status
     except (OSError, http.client.HTTPException) as exc:
         log.debug("HEAD of the bucket signed here: %s; boto3 asks again", type(exc).__name__)
-        return False
+        return None
     finally:
         conn.close()
     if status != 200:
         log.debug("HEAD of the bucket signed here: HTTP %s; boto3 asks again", status)
-    return status == 200
+        return None
+    return plain
 
 
-def _boto3_tls_context(environ: Mapping[str, str] | None) -> object | None:
-    """Certificates as boto3 trusts them: AWS_CA_BUNDLE, else certifi's (botocore's default); None if neither."""
-    import ssl
-
+def _ca_file(environ: Mapping[str, str] | None) -> str:
+    """The certificates boto3 trusts: AWS_CA_BUNDLE, else certifi's (botocore's default); "" if neither."""
     cafile = (os.environ if environ is None else environ).get("AWS_CA_BUNDLE")
     if not cafile:
         try:
             import certifi
         except ImportError:
-            return None
+            return ""
         cafile = certifi.where()
+    return cafile
+
+
+def _boto3_tls_context(environ: Mapping[str, str] | None) -> object | None:
+    """An SSL context over _ca_file(); None when there is none or it cannot be read."""
+    import ssl
+
+    cafile = _ca_file(environ)
+    if not cafile:
+        return None
     try:
         return ssl.create_default_context(cafile=cafile)
     except (OSError, ssl.SSLError):

@@ -6,6 +6,7 @@ HEAD signed wrongly is refused rather than waved through.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 
@@ -62,6 +63,23 @@ def test_a_check_answered_200_makes_no_boto3_client(signed_moto, make_settings, 
     assert store._client is None and proxy.counts == {"HEAD": 1}
 
 
+@pytest.mark.fault("a PUT signed here after a plain check is refused (403): boto3 sends it, and every later one")
+def test_a_refused_put_after_a_plain_check_hands_the_rest_to_boto3(signed_moto, make_settings, monkeypatch):
+    proxy, client, env = signed_moto
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    store = S3Store(settings_of(make_settings, env))
+    store.check()
+    assert store.direct is not None and store._client is None  # the check's URL and keys: the direct path's
+    proxy.plan = lambda method, path, n: (403, "AccessDenied", b"") if (method, n) == ("PUT", 1) else None
+    for n in range(3):
+        body = f"image {n}".encode()
+        assert store.put(f"k/{n}.png", body, "image/png", hashlib.sha256(body).hexdigest()) is True
+    assert store.direct is None and store._client is not None  # boto3 from then on, nothing learned from it
+    assert proxy.counts == {"HEAD": 1, "PUT": 4}  # the refused PUT, then boto3's three
+    assert set(stored_keys(client)) == {"k/0.png", "k/1.png", "k/2.png"}
+
+
 @pytest.mark.fault("the HEAD signed here gets a 500, a 301 or a dropped connection: boto3 asks again and decides")
 @pytest.mark.parametrize("answer", [(500, "InternalError", b""), (301, "PermanentRedirect", b""), "drop"])
 def test_anything_but_200_hands_the_check_to_boto3(signed_moto, make_settings, monkeypatch, answer):
@@ -88,14 +106,21 @@ def test_wrong_credentials_give_todays_message(signed_moto, make_settings, monke
     assert "wrong-secret-key-1234" not in str(exc.value) + caplog.text
 
 
-def test_a_rerun_with_every_image_held_imports_no_boto3(signed_moto, run_etl, http_server, db, tmp_path):
+def test_neither_a_first_run_nor_a_rerun_imports_boto3_in_a_plain_setup(signed_moto, run_etl, http_server, db, tmp_path):
+    """The check's HEAD, signed here, answered 200: every PUT of a first run is signed the same way and accepted by
+    moto (its signature checks on), with the image's sha256 recorded; a rerun with every image held sends none."""
     proxy, client, env = signed_moto
     posts = write_posts(tmp_path / "posts.jsonl", http_server, 4)
     args = ("run", "--source", "jsonl", "--input", str(posts))
     first = run_etl(*args, env=env, wrapper=("-c", MODULES_AT_EXIT))
     assert first.returncode == 0, first.stderr
-    assert len(stored_keys(client)) == 4  # a first run stores every image (boto3 is imported for its first PUT)
-    assert {"boto3", "botocore"} <= imported(first)
+    keys = stored_keys(client)
+    assert len(keys) == 4 and proxy.counts == {"HEAD": 1, "PUT": 4}  # no PUT sent twice, no boto3 HEAD
+    for key in keys:
+        head = client.head_object(Bucket=env["S3_BUCKET"], Key=key)
+        body = client.get_object(Bucket=env["S3_BUCKET"], Key=key)["Body"].read()
+        assert head["Metadata"]["sha256"] == hashlib.sha256(body).hexdigest()
+    assert not {m for m in imported(first) if m.partition(".")[0] in BORROWED}
     puts, heads = proxy.counts.get("PUT", 0), proxy.counts.get("HEAD", 0)
 
     # The keys from .env this time (python-dotenv hands them to boto3 through os.environ): still a plain set-up.
