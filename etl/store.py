@@ -320,6 +320,7 @@ class S3Store:
                         timeout=(self.settings.connect_timeout, self.settings.read_timeout), ca_bundle=_ca_file(None),
                     )  # fmt: skip
                     self._learned = True  # nothing to learn from boto3's first PUT, if it ever sends one
+                    log.debug("direct S3 PUTs to %s, signed for %s (as the bucket check)", base, self.settings.aws_region)
                 return
         client = self.client  # made outside the try below: a client that cannot be made fails as it always did
         from botocore.exceptions import BotoCoreError, ClientError
