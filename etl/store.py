@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import stat
+import sys
 import tempfile
 import threading
 import time
@@ -348,7 +349,13 @@ class S3Store:
         connection) goes to boto3 for this object, with boto3's retries and error parsing."""
         direct = self.direct
         conditional = self.conditional and not replace  # replace: the stored object failed a fixity check
-        status = direct.put(key, body, content_type, sha256) if direct is not None and conditional else None
+        try:
+            status = direct.put(key, body, content_type, sha256) if direct is not None and conditional else None
+        except Exception as exc:  # keys from boto3's chain (SSO, a role) are refreshed as the PUT is signed
+            errors = sys.modules.get("botocore.exceptions")  # loaded already if it raised this
+            if errors is not None and isinstance(exc, (errors.BotoCoreError, errors.ClientError)):
+                raise StoreError(f"S3 PUT {key} failed: {exc}") from exc
+            raise
         if status == 200:
             return True  # the usual case, without boto3 (nor botocore: a first run may never import either)
         from botocore.exceptions import BotoCoreError, ClientError
@@ -614,6 +621,11 @@ def plain_bucket_url(settings: Settings, environ: Mapping[str, str] | None = Non
         return None
     if any(name.lower().endswith("_proxy") and name.lower() != "no_proxy" and env[name] for name in env):
         return None
+    if environ is None and sys.platform in ("darwin", "win32"):  # boto3 also takes the system's proxy settings
+        from urllib.request import getproxies
+
+        if any(scheme != "no" for scheme in getproxies()):
+            return None
     access, secret = env.get("AWS_ACCESS_KEY_ID"), env.get("AWS_SECRET_ACCESS_KEY")
     endpoint = env.get("AWS_ENDPOINT_URL")
     if not (access and secret and endpoint and _BUCKET_NAME.fullmatch(settings.s3_bucket)):

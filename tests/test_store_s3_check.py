@@ -80,6 +80,55 @@ def test_a_refused_put_after_a_plain_check_hands_the_rest_to_boto3(signed_moto, 
     assert set(stored_keys(client)) == {"k/0.png", "k/1.png", "k/2.png"}
 
 
+@pytest.mark.fault("a stored object failed its fixity check: put(replace=True) overwrites it, past the direct path")
+def test_a_replacing_put_after_a_plain_check_overwrites_the_object(signed_moto, make_settings, monkeypatch):
+    proxy, client, env = signed_moto
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    store = S3Store(settings_of(make_settings, env))
+    store.check()
+    good = b"the image as fetched"
+    digest = hashlib.sha256(good).hexdigest()
+    assert store.put("k/0.png", good, "image/png", digest) is True
+    # Damaged in the bucket, its metadata still naming the right SHA-256: a conditional PUT would keep it (412, HEAD).
+    client.put_object(Bucket=env["S3_BUCKET"], Key="k/0.png", Body=b"damaged", Metadata={"sha256": digest})
+    assert store.put("k/0.png", good, "image/png", digest, replace=True) is True
+    assert client.get_object(Bucket=env["S3_BUCKET"], Key="k/0.png")["Body"].read() == good
+
+
+@pytest.mark.fault("the keys of a direct PUT cannot be refreshed (an expired SSO token): a StoreError naming the key")
+def test_keys_that_cannot_be_refreshed_fail_the_put_as_a_store_error(signed_moto, make_settings, monkeypatch):
+    from botocore.exceptions import CredentialRetrievalError
+
+    from etl.errors import StoreError
+
+    proxy, client, env = signed_moto
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    store = S3Store(settings_of(make_settings, env))
+    store.check()
+
+    class Expired:
+        def get_frozen_credentials(self):
+            raise CredentialRetrievalError(provider="sso", error_msg="the token has expired")
+
+    store.direct.credentials = Expired()
+    with pytest.raises(StoreError, match="S3 PUT k/0.png failed: .*the token has expired"):
+        store.put("k/0.png", b"an image", "image/png", hashlib.sha256(b"an image").hexdigest())
+
+
+def test_s3_direct_put_false_leaves_every_put_to_boto3_after_a_plain_check(signed_moto, make_settings, monkeypatch):
+    proxy, client, env = signed_moto
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    store = S3Store(settings_of(make_settings, {**env, "S3_DIRECT_PUT": "false"}))
+    store.check()
+    assert store.direct is None and store._client is None  # the check still needs no boto3
+    body = b"an image"
+    assert store.put("k/0.png", body, "image/png", hashlib.sha256(body).hexdigest()) is True
+    assert store.direct is None and store._client is not None and proxy.counts == {"HEAD": 1, "PUT": 1}
+
+
 @pytest.mark.fault("the HEAD signed here gets a 500, a 301 or a dropped connection: boto3 asks again and decides")
 @pytest.mark.parametrize("answer", [(500, "InternalError", b""), (301, "PermanentRedirect", b""), "drop"])
 def test_anything_but_200_hands_the_check_to_boto3(signed_moto, make_settings, monkeypatch, answer):
