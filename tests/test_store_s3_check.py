@@ -90,8 +90,10 @@ def test_a_replacing_put_after_a_plain_check_overwrites_the_object(signed_moto, 
     good = b"the image as fetched"
     digest = hashlib.sha256(good).hexdigest()
     assert store.put("k/0.png", good, "image/png", digest) is True
-    # Damaged in the bucket, its metadata still naming the right SHA-256: a conditional PUT would keep it (412, HEAD).
-    client.put_object(Bucket=env["S3_BUCKET"], Key="k/0.png", Body=b"damaged", Metadata={"sha256": digest})
+    # Damaged in the bucket (same length), its metadata still naming the right SHA-256: a conditional PUT would keep
+    # it (412, then a HEAD that finds nothing wrong).
+    damaged = b"x" * len(good)
+    client.put_object(Bucket=env["S3_BUCKET"], Key="k/0.png", Body=damaged, Metadata={"sha256": digest})
     assert store.put("k/0.png", good, "image/png", digest, replace=True) is True
     assert client.get_object(Bucket=env["S3_BUCKET"], Key="k/0.png")["Body"].read() == good
 
