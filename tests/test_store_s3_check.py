@@ -45,6 +45,16 @@ def settings_of(make_settings, env: dict[str, str]):
     return make_settings(**{k: v for k, v in env.items() if not k.startswith("AWS_") or k == "AWS_REGION"})
 
 
+def checked_store(signed_moto, make_settings, monkeypatch, **extra: str) -> tuple:
+    """(proxy, admin client, env, store): the environment set as a run has it, and an S3Store whose check ran."""
+    proxy, client, env = signed_moto
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    store = S3Store(settings_of(make_settings, {**env, **extra}))
+    store.check()
+    return proxy, client, env, store
+
+
 def test_the_head_signed_here_is_one_moto_accepts(signed_moto, make_settings):
     proxy, _, env = signed_moto
     settings = settings_of(make_settings, env)
@@ -55,21 +65,13 @@ def test_the_head_signed_here_is_one_moto_accepts(signed_moto, make_settings):
 
 
 def test_a_check_answered_200_makes_no_boto3_client(signed_moto, make_settings, monkeypatch):
-    proxy, _, env = signed_moto
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    store = S3Store(settings_of(make_settings, env))
-    store.check()
+    proxy, _, env, store = checked_store(signed_moto, make_settings, monkeypatch)
     assert store._client is None and proxy.counts == {"HEAD": 1}
 
 
 @pytest.mark.fault("a PUT signed here after a plain check is refused (403): boto3 sends it, and every later one")
 def test_a_refused_put_after_a_plain_check_hands_the_rest_to_boto3(signed_moto, make_settings, monkeypatch):
-    proxy, client, env = signed_moto
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    store = S3Store(settings_of(make_settings, env))
-    store.check()
+    proxy, client, env, store = checked_store(signed_moto, make_settings, monkeypatch)
     assert store.direct is not None and store._client is None  # the check's URL and keys: the direct path's
     proxy.plan = lambda method, path, n: (403, "AccessDenied", b"") if (method, n) == ("PUT", 1) else None
     for n in range(3):
@@ -82,11 +84,7 @@ def test_a_refused_put_after_a_plain_check_hands_the_rest_to_boto3(signed_moto, 
 
 @pytest.mark.fault("a stored object failed its fixity check: put(replace=True) overwrites it, past the direct path")
 def test_a_replacing_put_after_a_plain_check_overwrites_the_object(signed_moto, make_settings, monkeypatch):
-    proxy, client, env = signed_moto
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    store = S3Store(settings_of(make_settings, env))
-    store.check()
+    proxy, client, env, store = checked_store(signed_moto, make_settings, monkeypatch)
     good = b"the image as fetched"
     digest = hashlib.sha256(good).hexdigest()
     assert store.put("k/0.png", good, "image/png", digest) is True
@@ -104,11 +102,7 @@ def test_keys_that_cannot_be_refreshed_fail_the_put_as_a_store_error(signed_moto
 
     from etl.errors import StoreError
 
-    proxy, client, env = signed_moto
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    store = S3Store(settings_of(make_settings, env))
-    store.check()
+    proxy, client, env, store = checked_store(signed_moto, make_settings, monkeypatch)
 
     class Expired:
         def get_frozen_credentials(self):
@@ -120,11 +114,7 @@ def test_keys_that_cannot_be_refreshed_fail_the_put_as_a_store_error(signed_moto
 
 
 def test_s3_direct_put_false_leaves_every_put_to_boto3_after_a_plain_check(signed_moto, make_settings, monkeypatch):
-    proxy, client, env = signed_moto
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    store = S3Store(settings_of(make_settings, {**env, "S3_DIRECT_PUT": "false"}))
-    store.check()
+    proxy, client, env, store = checked_store(signed_moto, make_settings, monkeypatch, S3_DIRECT_PUT="false")
     assert store.direct is None and store._client is None  # the check still needs no boto3
     body = b"an image"
     assert store.put("k/0.png", body, "image/png", hashlib.sha256(body).hexdigest()) is True
