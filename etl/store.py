@@ -316,12 +316,8 @@ class S3Store:
             if answered is not None:
                 if self.settings.s3_direct_put and self.direct is None:
                     base, credentials = answered
-                    self.direct = DirectPut(
-                        base, self.settings.aws_region, credentials, pool_size=self.settings.concurrency + 4,
-                        timeout=(self.settings.connect_timeout, self.settings.read_timeout), ca_bundle=_ca_file(None),
-                    )  # fmt: skip
+                    self.direct = DirectPut.to(base, self.settings.aws_region, credentials, self.settings, ca_bundle=_ca_file(None))
                     self._learned = True  # nothing to learn from boto3's first PUT, if it ever sends one
-                    log.debug("direct S3 PUTs to %s, signed for %s (as the bucket check)", base, self.settings.aws_region)
                 return
         client = self.client  # made outside the try below: a client that cannot be made fails as it always did
         from botocore.exceptions import BotoCoreError, ClientError
@@ -566,9 +562,16 @@ class DirectPut(SigV4):
             log.debug("no direct S3 PUTs: a proxy applies to %s", base)
             return None
         ca_bundle = botocore.session.get_session().get_config_variable("ca_bundle") or ""
-        timeout = (settings.connect_timeout, settings.read_timeout)
-        log.debug("direct S3 PUTs to %s, signed for %s", base, scope[2])
-        return cls(base, scope[2], credentials, pool_size=settings.concurrency + 4, timeout=timeout, ca_bundle=ca_bundle)
+        return cls.to(base, scope[2], credentials, settings, ca_bundle=ca_bundle)
+
+    @classmethod
+    def to(cls, base: str, region: str, credentials: object, settings: Settings, *, ca_bundle: str) -> DirectPut:
+        """The direct path to bucket URL `base`, signed for `region`, its pool and timeouts from the settings."""
+        log.debug("direct S3 PUTs to %s, signed for %s", base, region)
+        return cls(
+            base, region, credentials, pool_size=settings.concurrency + 4,
+            timeout=(settings.connect_timeout, settings.read_timeout), ca_bundle=ca_bundle,
+        )  # fmt: skip
 
     def put(self, key: str, body: bytes, content_type: str, sha256: str) -> int | None:
         import urllib3
@@ -680,16 +683,12 @@ def _default_profile_within(name: str, allowed: set[str]) -> bool:
     return all(set(parser[name]) <= allowed for name in ("default", "profile default") if parser.has_section(name))
 
 
-def bucket_answers(settings: Settings, environ: Mapping[str, str] | None = None) -> bool:
-    """Whether a HEAD of S3_BUCKET, signed here, got 200: the bucket is there and these keys may use it.
-
-    False for anything else, and when the set-up is not plain (plain_bucket_url): boto3 then asks again and words
-    the answer (missing bucket, denied, a redirect, an unreachable endpoint) as it always has."""
-    return answered_bucket(settings, environ) is not None
-
-
 def answered_bucket(settings: Settings, environ: Mapping[str, str] | None = None) -> tuple[str, object] | None:
-    """bucket_answers(), with the bucket's URL and the keys that HEAD was signed with when it did."""
+    """When a HEAD of S3_BUCKET, signed here, got 200 (the bucket is there and these keys may use it): the bucket's
+    URL and the keys it was signed with.
+
+    None for anything else, and when the set-up is not plain (plain_bucket_url): boto3 then asks again and words
+    the answer (missing bucket, denied, a redirect, an unreachable endpoint) as it always has."""
     plain = plain_bucket_url(settings, environ)
     if plain is None:
         return None

@@ -14,7 +14,7 @@ import boto3
 import pytest
 
 from etl.errors import ConfigError
-from etl.store import S3Store, bucket_answers, plain_bucket_url
+from etl.store import S3Store, answered_bucket, plain_bucket_url
 from tests.support import MODULES_AT_EXIT, iam_user_key, imported, s3_env, stored_keys, write_posts
 
 BORROWED = ("boto3", "botocore", "s3transfer")
@@ -58,10 +58,11 @@ def checked_store(signed_moto, make_settings, monkeypatch, **extra: str) -> tupl
 def test_the_head_signed_here_is_one_moto_accepts(signed_moto, make_settings):
     proxy, _, env = signed_moto
     settings = settings_of(make_settings, env)
-    assert bucket_answers(settings, env) is True
+    answered = answered_bucket(settings, env)
+    assert answered is not None and answered[0] == f"{env['AWS_ENDPOINT_URL'].rstrip('/')}/{env['S3_BUCKET']}"
     assert proxy.forwarded == {"HEAD": 1}  # moto itself answered: no injected reply, no boto3 call
-    assert bucket_answers(settings, {**env, "AWS_SECRET_ACCESS_KEY": "not-the-secret"}) is False  # the check can fail
-    assert bucket_answers(settings_of(make_settings, {**env, "S3_BUCKET": "no-such-bucket"}), env) is False
+    assert answered_bucket(settings, {**env, "AWS_SECRET_ACCESS_KEY": "not-the-secret"}) is None  # the check can fail
+    assert answered_bucket(settings_of(make_settings, {**env, "S3_BUCKET": "no-such-bucket"}), env) is None
 
 
 def test_a_check_answered_200_makes_no_boto3_client(signed_moto, make_settings, monkeypatch):
@@ -248,7 +249,7 @@ def test_the_keys_never_reach_a_log_line_or_a_repr(make_settings, caplog, tmp_pa
         "S3_BUCKET": "b-1", "ETL_CONNECT_TIMEOUT": "1",
     }  # fmt: skip
     caplog.set_level(logging.DEBUG)
-    assert bucket_answers(settings_of(make_settings, env), env) is False  # nothing listens on port 9
+    assert answered_bucket(settings_of(make_settings, env), env) is None  # nothing listens on port 9
     assert "HEAD of the bucket signed here" in caplog.text
     url, credentials = plain_bucket_url(settings_of(make_settings, env), env)
     shown = caplog.text + url + repr(credentials)
