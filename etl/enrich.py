@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
+import logging
 import re
+import shutil
 from collections.abc import Callable, Sequence
 from functools import lru_cache, partial
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from etl.cache import copy_folder, make_copy
 from etl.language import LanguageDetector, english_or_unknown
 from etl.records import Post, Sentiment, clean_text, with_fields
 from etl.versions import version  # not importlib.metadata: start-up (etl/versions.py)
+
+log = logging.getLogger(__name__)
 
 # URLs and @mentions carry no sentiment and confuse the lexicon; '#' is dropped so #love counts as love.
 _NOISE = re.compile(r"https?://\S+|www\.\S+|@\w+")
@@ -51,7 +58,10 @@ def english_sentiment() -> Callable[[str], Any]:
 
     class English(text.Sentiment):
         def load(self, path: str | None = None) -> None:
-            text.Sentiment.load(self, path)
+            if path or not _lexicon_from_copy(self):
+                text.Sentiment.load(self, path)
+                if not path:
+                    _keep_lexicon(self)
             if not path:  # as textblob.en.Sentiment: "terrible" also gives the adverb "terribly"
                 for word, tags in list(dict.items(self)):
                     if "JJ" in tags:
@@ -64,6 +74,62 @@ def english_sentiment() -> Callable[[str], Any]:
 
     lexicon = Path(text.__file__).with_name("en") / "en-sentiment.xml"
     return English(path=str(lexicon), synset="wordnet_id", language="en")
+
+
+_LEXICON = "lexicon.json"
+_LEXICON_SHA256 = "lexicon.sha256"
+
+
+def _lexicon_copy(analyzer: Any) -> Path:
+    return copy_folder("textblob-lexicon", version("textblob"), Path(analyzer.path))
+
+
+def _lexicon_from_copy(analyzer: Any) -> bool:
+    """Fill `analyzer` (TextBlob's Sentiment, not loaded) from the copy _keep_lexicon() made of its parsed XML
+    lexicon: 10 ms where parsing the XML and averaging its senses take 35, at the start of every process that
+    scores. False when there is no such copy; a damaged one (its checksum, kept beside it, differs) is removed, so
+    that the lexicon parsed again is kept anew."""
+    folder = None
+    try:
+        folder = _lexicon_copy(analyzer)
+        body = (folder / _LEXICON).read_bytes()
+        if hashlib.sha256(body).hexdigest() != (folder / _LEXICON_SHA256).read_text(encoding="ascii").strip():
+            raise ValueError("its checksum differs")
+        kept = json.loads(body)
+        words = {word: {pos: scores for pos, scores in senses} for word, senses in kept["words"].items()}
+        language, labels, synsets = kept["language"], kept["labels"], kept["synsets"]
+    except FileNotFoundError:  # not made yet (or no lexicon file to make it from)
+        return False
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        log.warning("the parsed lexicon kept in %s is damaged (%s): parsed again", folder, exc)
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+        return False
+    analyzer._language = language
+    dict.update(analyzer, words)
+    dict.update(analyzer.labeler, labels)
+    dict.update(analyzer._synsets, synsets)
+    return True
+
+
+def _keep_lexicon(analyzer: Any) -> None:
+    """Keep what TextBlob's Sentiment.load() parsed from its XML lexicon (its words, labels and synsets, before
+    anything is annotated) for _lexicon_from_copy(): JSON keeps each float exactly (repr) and each list a list."""
+    if not dict.__len__(analyzer):
+        return  # nothing was parsed (no lexicon file): nothing to keep
+    try:
+        words = {word: [[pos, scores] for pos, scores in senses.items()] for word, senses in dict.items(analyzer)}
+        kept = {"language": analyzer._language, "words": words, "labels": analyzer.labeler, "synsets": analyzer._synsets}
+        body = json.dumps(kept, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    except (TypeError, ValueError) as exc:  # what JSON cannot hold (not TextBlob's XML as we know it): not kept
+        log.debug("the parsed lexicon is not kept: %s", exc)
+        return
+
+    def fill(folder: Path) -> None:
+        (folder / _LEXICON).write_bytes(body)
+        (folder / _LEXICON_SHA256).write_text(hashlib.sha256(body).hexdigest(), encoding="ascii")
+
+    make_copy("textblob-lexicon", version("textblob"), Path(analyzer.path), fill)
 
 
 @lru_cache(maxsize=1)

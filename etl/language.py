@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import lzma
-import os
 import re
 import shutil
 import tempfile
@@ -25,6 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from etl.cache import copy_folder, make_copy
 from etl.versions import version  # not importlib.metadata: start-up (etl/versions.py)
 
 log = logging.getLogger(__name__)
@@ -46,12 +46,6 @@ _CACHE_LIMIT = 20_000  # distinct captions remembered (cleared when full: memory
 _ARRAYS = ("ptc", "pc", "classes", "nextmove", "nextmove_row", "out_feat")
 
 
-def cache_root() -> Path:
-    """Where the unpacked model is kept: $XDG_CACHE_HOME/social-archiver (default ~/.cache/social-archiver)."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "social-archiver"
-
-
 def _unpack(model_file: Path) -> dict[str, Any]:
     """py3langid's model file (an .npz inside LZMA) read into memory: its arrays by name."""
     import numpy as np
@@ -65,31 +59,25 @@ def _unpack(model_file: Path) -> dict[str, Any]:
 
 
 def _model_arrays(model_file: Path) -> dict[str, Any]:
-    """The model's arrays, memory-mapped from an unpacked copy in cache_root() (made on first use; refreshed
-    with py3langid): no LZMA to undo at each start (0.4 CPU-second), and only the pages a run's captions touch
-    are read into memory (a few MB of the 67, where loading takes them all). In memory when it cannot be kept."""
+    """The model's arrays, memory-mapped from an unpacked copy kept by etl/cache.py (made on first use; made again
+    for another install of py3langid): no LZMA to undo at each start (0.4 CPU-second), and only the pages a run's
+    captions touch are read into memory (a few MB of the 67, where loading takes them all). In memory when it cannot
+    be kept."""
     import numpy as np
 
-    stat = model_file.stat()
-    folder = cache_root() / f"py3langid-{LanguageDetector.version()}-{stat.st_size}-{stat.st_mtime_ns}"
+    version = LanguageDetector.version()
+    folder = copy_folder("py3langid", version, model_file)
     try:
         return {name: np.load(folder / f"{name}.npy", mmap_mode="r", allow_pickle=False) for name in _ARRAYS}
     except (OSError, ValueError):  # not made yet, or damaged (a disk error, a hand edit): made again
         shutil.rmtree(folder, ignore_errors=True)
     arrays = _unpack(model_file)
-    building = None
-    try:
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        building = Path(tempfile.mkdtemp(prefix=".building-", dir=folder.parent))
+
+    def fill(building: Path) -> None:
         for name, value in arrays.items():
             np.save(building / f"{name}.npy", value, allow_pickle=False)
-        building.rename(folder)  # whole or not at all
-        building = None
-    except OSError as exc:  # not writable, full, or another process was first
-        log.debug("language model not kept in %s: %s", folder, exc)
-    finally:
-        if building is not None:
-            shutil.rmtree(building, ignore_errors=True)
+
+    make_copy("py3langid", version, model_file, fill)
     return arrays
 
 
