@@ -3,10 +3,11 @@ model unpacked (etl/language.py) and TextBlob's lexicon parsed (etl/enrich.py), 
 
 A copy is a folder named after its family, the package's version and the file it was made from (size and
 modification time: a package installed again or changed gets a copy of its own). It is made whole or not at all,
-and records the path of that file. When a copy is made, the copies of its family whose file is gone or changed (a
-virtualenv made again, an upgrade) are removed, as are the half-made folders of builders killed over an hour ago:
-before, every fresh install left a copy of the model (66 MB) behind for good. The copies of an install that is still
-there are kept, whatever else uses the cache.
+and records the path of that file, and of every other file of the same size and time that it served (installs that
+share a file, hard-linked by uv, share its copy). When a copy is made, the copies of its family none of whose files
+is still there unchanged (a virtualenv made again, an upgrade) are removed, as are the half-made folders of builders
+killed over an hour ago: before, every fresh install left a copy of the model (66 MB) behind for good. The copies of
+an install that is still there are kept, whatever else uses the cache.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-SOURCE = "source.txt"  # in each copy: the path of the file it was made from
+SOURCE = "source.txt"  # in each copy: the paths of the files it serves, one a line
 _BUILDING = ".building-"
 _ABANDONED_AFTER = 3600.0  # seconds: a half-made copy this old was left by a builder that died
 
@@ -40,6 +41,19 @@ def _stamp(source: Path) -> str:
 def copy_folder(family: str, version: str, source: Path) -> Path:
     """Where the copy made from `source` (of `version` of the package) is kept, whether or not it is there yet."""
     return cache_root() / f"{family}-{version}-{_stamp(source)}"
+
+
+def used(folder: Path, source: Path) -> None:
+    """Record that the copy in `folder` serves `source` (read from it just now), unless it does already: a copy is
+    kept while any file it serves is there. Nothing is raised (a cache that cannot be written is only slower)."""
+    try:
+        line = os.fsencode(source.resolve())
+        with open(folder / SOURCE, "a+b") as record:
+            record.seek(0)
+            if line not in record.read().split(b"\n"):
+                record.write(b"\n" + line)
+    except OSError as exc:
+        log.debug("could not record %s as using %s: %s", source, folder, exc)
 
 
 def make_copy(family: str, version: str, source: Path, fill: Callable[[Path], None]) -> Path | None:
@@ -98,9 +112,15 @@ def _age(entry: os.DirEntry, now: float) -> float:
 
 
 def _source_there(folder: Path, name: str) -> bool:
-    """Whether the file `folder` was made from is still there, unchanged (its size and time end the name)."""
+    """Whether a file `folder` serves is still there, unchanged (its size and time end the name)."""
     try:
-        source = Path(os.fsdecode((folder / SOURCE).read_bytes()))
-        return name.endswith(f"-{_stamp(source)}")
-    except (OSError, ValueError):
+        recorded = (folder / SOURCE).read_bytes().split(b"\n")
+    except OSError:
         return False
+    for line in recorded:
+        try:
+            if line and name.endswith(f"-{_stamp(Path(os.fsdecode(line)))}"):
+                return True
+        except (OSError, ValueError):
+            continue
+    return False

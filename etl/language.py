@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from etl.cache import copy_folder, make_copy
+from etl.cache import copy_folder, make_copy, used
 from etl.versions import version  # not importlib.metadata: start-up (etl/versions.py)
 
 log = logging.getLogger(__name__)
@@ -68,9 +68,15 @@ def _model_arrays(model_file: Path) -> dict[str, Any]:
     version = LanguageDetector.version()
     folder = copy_folder("py3langid", version, model_file)
     try:
-        return {name: np.load(folder / f"{name}.npy", mmap_mode="r", allow_pickle=False) for name in _ARRAYS}
-    except (OSError, ValueError):  # not made yet, or damaged (a disk error, a hand edit): made again
+        arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r", allow_pickle=False) for name in _ARRAYS}
+    except FileNotFoundError:  # not made yet (left to whoever makes it), or a file of it lost: made again
+        if folder.is_dir():
+            shutil.rmtree(folder, ignore_errors=True)
+    except (OSError, ValueError):  # damaged (a disk error, a hand edit): made again
         shutil.rmtree(folder, ignore_errors=True)
+    else:
+        used(folder, model_file)
+        return arrays
     arrays = _unpack(model_file)
 
     def fill(building: Path) -> None:

@@ -205,6 +205,17 @@ def test_the_unpacked_model_is_kept_and_mapped(tmp_path, monkeypatch):
     assert again.classify_many(texts, 0.9)[:3] == ["en", "fr", "es"]
 
 
+@pytest.mark.fault("a file of the unpacked language model's copy is lost: the copy is made again, whole")
+def test_a_model_copy_missing_a_file_is_made_again(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    language.LanguageModel()
+    [kept] = list((tmp_path / "social-archiver").iterdir())
+    (kept / "ptc.npy").unlink()
+    again = language.LanguageModel()  # loads the model from py3langid's file, and keeps it anew
+    assert again.classify_many(PHRASES[:3], 0.9) == ["en", "fr", "es"]
+    assert {p.name for p in kept.iterdir()} == {f"{name}.npy" for name in language._ARRAYS} | {"source.txt"}
+
+
 @pytest.mark.fault("the cache folder for the unpacked language model cannot be written: the model is loaded in memory")
 def test_an_unwritable_cache_loads_the_model_in_memory(tmp_path, monkeypatch):
     blocked = tmp_path / "file"
