@@ -80,8 +80,8 @@ def make_copy(family: str, version: str, source: Path, fill: Callable[[Path], No
 
 
 def prune(family: str) -> list[str]:
-    """Remove the copies of `family` whose file is gone or changed (or that record none: made before copies did),
-    and half-made copies abandoned over an hour ago; return their names."""
+    """Remove the copies of `family` none of whose files is still there unchanged (or that record none: made before
+    copies did), and half-made copies abandoned over an hour ago; return their names."""
     removed = []
     try:
         entries = list(os.scandir(cache_root()))
