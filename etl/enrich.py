@@ -80,8 +80,9 @@ _LEXICON = "lexicon.json"
 _LEXICON_SHA256 = "lexicon.sha256"
 
 
-def _lexicon_copy(analyzer: Any) -> Path:
-    return copy_folder("textblob-lexicon", version("textblob"), Path(analyzer.path))
+def _lexicon_copy(analyzer: Any) -> tuple[str, str, Path]:
+    """What names the analyzer's lexicon copy (etl/cache.py): its family, TextBlob's version, the XML file."""
+    return "textblob-lexicon", version("textblob"), Path(analyzer.path)
 
 
 def _lexicon_from_copy(analyzer: Any) -> bool:
@@ -91,7 +92,7 @@ def _lexicon_from_copy(analyzer: Any) -> bool:
     differs) or one missing a file is removed, so that the lexicon parsed again is kept anew."""
     folder = None
     try:
-        folder = _lexicon_copy(analyzer)
+        folder = copy_folder(*_lexicon_copy(analyzer))
         body = (folder / _LEXICON).read_bytes()
         checksum = (folder / _LEXICON_SHA256).read_bytes().strip()
     except FileNotFoundError:  # not made yet (or no lexicon file to make it from); or made and a file since lost
@@ -137,7 +138,7 @@ def _keep_lexicon(analyzer: Any) -> None:
         (folder / _LEXICON).write_bytes(body)
         (folder / _LEXICON_SHA256).write_text(hashlib.sha256(body).hexdigest(), encoding="ascii")
 
-    make_copy("textblob-lexicon", version("textblob"), Path(analyzer.path), fill)
+    make_copy(*_lexicon_copy(analyzer), fill)
 
 
 @lru_cache(maxsize=1)
