@@ -87,6 +87,16 @@ def _model_arrays(model_file: Path) -> dict[str, Any]:
     return arrays
 
 
+def _distinct(np: Any, values: Any) -> Any:
+    """The distinct values, sorted (np.unique's answer): np.unique imports numpy.ma on its first call, 10-13 ms
+    in every forked worker before its first batch."""
+    values = np.sort(values, axis=None)
+    keep = np.empty(values.shape, dtype=bool)
+    keep[:1] = True
+    np.not_equal(values[1:], values[:-1], out=keep[1:])
+    return values[keep]
+
+
 class LanguageModel:
     """py3langid's model with its arrays as numpy arrays (memory-mapped where they can be), not as the Python
     lists and array copies py3langid's loader makes (about 100 MB, more at its peak); py3langid's own identifier
@@ -153,11 +163,11 @@ class LanguageModel:
         rows = self.row_of[feats]
         missing = rows < 0
         if missing.any():
-            new = np.unique(feats[missing])
+            new = _distinct(np, feats[missing])
             if self.rows_used + len(new) > len(self.rows):  # full: refilled with this batch's features
                 self.row_of[:] = -1
                 self.rows_used = 0
-                new = np.unique(feats)
+                new = _distinct(np, feats)
             place = np.arange(self.rows_used, self.rows_used + len(new), dtype=np.int32)
             self.rows[place] = self.ptc[new]
             self.row_of[new] = place

@@ -145,6 +145,18 @@ def test_the_float32_feature_rows_stay_bounded(reference, monkeypatch):
     assert max(used) <= 2048 and any(b < a for a, b in zip(used, used[1:], strict=False))  # refilled at least once
 
 
+def test_distinct_features_are_np_uniques_answer():
+    """_distinct (which spares a forked worker numpy.ma's import) gives np.unique's array, dtype and order."""
+    import numpy as np
+
+    rng = np.random.default_rng(16)
+    for shape in ((0,), (1,), (2,), (7,), (3, 9), (400, 130)):
+        for dtype in (np.int32, np.int64):
+            values = rng.integers(-1, 60, size=shape).astype(dtype)
+            got, want = language._distinct(np, values), np.unique(values)
+            assert got.dtype == want.dtype and got.tolist() == want.tolist()
+
+
 def test_threads_sharing_a_model_get_its_answers(reference, monkeypatch):
     """Detectors in several threads over one model: a refill of its rows by one never moves those another reads."""
     import threading
