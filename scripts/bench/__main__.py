@@ -47,6 +47,7 @@ SIZES: dict[str, tuple[Any, Any]] = {
     "writer_rows": (200_000, 5_000),
     "insights_posts": (1_000_000, 20_000),
     "lookups": (200, 20),
+    "repeat": (3, 1),
 }
 
 
@@ -70,6 +71,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--no-profile", dest="profile", action="store_false", help="skip the py-spy profiled runs")
     add("--profile-dir", type=Path, help="keep the raw py-spy profiles (collapsed stacks) here")
     add("--top", type=int, default=15, help="functions listed per profile (default 15)")
+    add("--repeat", type=int, metavar="N", help="runs of ours, of dlt and of the 16 gallery-dl processes for each "
+        "figure of images, metadata and reenrich; the figure is the run of median time (default 3)")
     images = parser.add_argument_group("images (vs gallery-dl)")
     images.add_argument("--images", type=int, help="images (default 1,000)")
     images.add_argument("--gallery-dl-processes", type=int, default=16, help="parallel gallery-dl (default 16)")
@@ -101,8 +104,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             setattr(args, name, quick if args.quick else full)
     if args.quick:
         args.profile = False
-    if args.posts < 1 or args.images_per_post < 1 or args.latency_ms < 0 or args.rounds < 1:
-        parser.error("--posts, --images-per-post and --rounds must be positive, --latency-ms not negative")
+    if args.posts < 1 or args.images_per_post < 1 or args.latency_ms < 0 or args.rounds < 1 or args.repeat < 1:
+        parser.error("--posts, --images-per-post, --rounds and --repeat must be positive, --latency-ms not negative")
     return args
 
 

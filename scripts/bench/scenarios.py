@@ -87,6 +87,24 @@ class Bench:
         return self.services.pg.create_database(name)
 
 
+def median_round(rounds: list[Any], key: Callable[[Any], float]) -> Any:
+    """The round of median `key` (the lower middle one of an even count): its figures stay one run's own."""
+    return sorted(rounds, key=key)[(len(rounds) - 1) // 2]
+
+
+def repeated(times: int) -> str:
+    return f", median of {times}" if times > 1 else ""
+
+
+def rates_of(n: int, runs: list[Any], unit: str) -> str:
+    """Every round's rate, in the order run (none for a single round)."""
+    return f"; rounds {', '.join(rate(n / run.wall, unit) for run in runs)}" if len(runs) > 1 else ""
+
+
+def shares_of(rounds: list[Any]) -> str:
+    return f"; rounds {', '.join(f'{x[1].wall / x[0].wall * 100:.1f}%' for x in rounds)}" if len(rounds) > 1 else ""
+
+
 def goal_at_least(name: str, ours: float, peer_label: str, theirs: float, goal: float, valid: bool) -> Target:
     """Ours against a peer's rate: met when ours / theirs >= goal (no verdict for an incomplete run)."""
     met = (theirs > 0 and ours / theirs >= goal) if valid else None
@@ -153,45 +171,62 @@ def images(b: Bench) -> Result:
     urls = [s.host.url(i) for i in range(n)]
 
     posts_path = write_posts(b.tmp / "images.jsonl", n, 1, s.host)
-    dsn, data_dir = b.database("images"), b.tmp / "data-images"
-    before = s.host.requests
-    ours = b.runner.etl("images-ours", posts_path, s.env(dsn, data_dir))
-    ours_good, ours_bad = check_stored(dsn, data_dir, expected)
-    ours_requests = s.host.requests - before
-    before, since = s.host.requests, time.time()
-    rerun = b.runner.etl("images-ours-rerun", posts_path, s.env(dsn, data_dir))
-    rerun_requests = s.host.requests - before
-    rerun_writes = files_written_since(data_dir / "objects", since)
+    rounds = []  # per round: (first run, rerun, sha256 ok, bad, image GETs of the first, of the rerun, files rewritten)
+    for r in range(args.repeat):  # each round into a database and a store of its own
+        dsn, data_dir = b.database(f"images_{r}"), b.tmp / f"data-images-{r}"
+        before = s.host.requests
+        first = b.runner.etl(f"images-ours-{r}", posts_path, s.env(dsn, data_dir))
+        good, bad = check_stored(dsn, data_dir, expected)
+        requests = s.host.requests - before
+        before, since = s.host.requests, time.time()
+        again = b.runner.etl(f"images-ours-rerun-{r}", posts_path, s.env(dsn, data_dir))
+        rounds.append((first, again, good, bad, requests, s.host.requests - before,
+                       files_written_since(data_dir / "objects", since)))  # fmt: skip
+    ours, _, ours_good, ours_bad, ours_requests, _, _ = median_round(rounds, lambda x: x[0].wall)
+    rerun_round = median_round(rounds, lambda x: x[1].wall / x[0].wall)
+    rerun_requests, rerun_writes = sum(x[5] for x in rounds), sum(x[6] for x in rounds)
 
     serial = peers.gallery_dl(urls, b.tmp / "gallery-dl-1", 1, b.tmp)
     serial_good, serial_bad = check_files(b.tmp / "gallery-dl-1", by_name)
     parts = args.gallery_dl_processes
-    parallel = peers.gallery_dl(urls, b.tmp / f"gallery-dl-{parts}", parts, b.tmp)
-    parallel_good, parallel_bad = check_files(b.tmp / f"gallery-dl-{parts}", by_name)
+    parallels = []
+    for r in range(args.repeat):
+        run = peers.gallery_dl(urls, b.tmp / f"gallery-dl-{parts}-{r}", parts, b.tmp)
+        parallels.append((run, *check_files(b.tmp / f"gallery-dl-{parts}-{r}", by_name)))
+    parallel, parallel_good, _ = median_round(parallels, lambda x: x[0].wall)
+    parallel_bad = max(x[2] for x in parallels)
 
     ours_rate = n / ours.wall
-    valid = ours.ok and ours_bad == 0
+    valid = all(x[0].ok and x[3] == 0 for x in rounds)
+    rerun = rerun_round[1]
     return Result(
         "images", title,
         figures=[
-            Figure("ours: etl.py run (local store)", rate(ours_rate, " img/s"), ours.wall, ours.peak_rss_mb,
-                   f"{ours_good:,} sha256 ok, {ours_bad} bad; {ours_requests:,} GETs; exit {ours.returncode}"),
-            Figure("ours: rerun, nothing new", f"{rerun.wall / ours.wall * 100:.1f}% of first", rerun.wall,
-                   rerun.peak_rss_mb, f"{rerun_requests} image GETs, {rerun_writes} files written; exit {rerun.returncode}"),
+            Figure(f"ours: etl.py run (local store){repeated(args.repeat)}", rate(ours_rate, " img/s"), ours.wall,
+                   ours.peak_rss_mb, f"{ours_good:,} sha256 ok, {ours_bad} bad; {ours_requests:,} GETs; exit "
+                   f"{ours.returncode}{rates_of(n, [x[0] for x in rounds], ' img/s')}"),
+            Figure(f"ours: rerun, nothing new{repeated(args.repeat)}", f"{rerun.wall / rerun_round[0].wall * 100:.1f}% of first",
+                   rerun.wall, rerun.peak_rss_mb, f"{rerun_requests} image GETs, {rerun_writes} files written in all; "
+                   f"exit {rerun.returncode}{shares_of(rounds)}"),
             Figure("gallery-dl, 1 process (as shipped)", rate(n / serial.wall, " img/s"), serial.wall, None,
                    f"{serial_good:,} sha256 ok, {serial_bad} bad; exit {serial.returncode}"),
-            Figure(f"gallery-dl, {parts} processes", rate(n / parallel.wall, " img/s"), parallel.wall, None,
-                   f"{parallel_good:,} sha256 ok, {parallel_bad} bad; exit {parallel.returncode}"),
+            Figure(f"gallery-dl, {parts} processes{repeated(args.repeat)}", rate(n / parallel.wall, " img/s"),
+                   parallel.wall, None, f"{parallel_good:,} sha256 ok, {parallel_bad} bad (worst); exit "
+                   f"{parallel.returncode}{rates_of(n, [x[0] for x in parallels], ' img/s')}"),
         ],
         targets=[
             goal_at_least("images/s vs gallery-dl as shipped", ours_rate, "gallery-dl", n / serial.wall,
                           TARGET_IMAGES_VS_GALLERY_DL, valid and serial_bad == 0),
             goal_at_least(f"images/s vs {parts} gallery-dl processes", ours_rate, f"gallery-dl x{parts}",
                           n / parallel.wall, TARGET_IMAGES_VS_GALLERY_DL_16, valid and parallel_bad == 0),
-            rerun_target("images rerun, nothing new", ours, rerun, rerun_requests, rerun_writes, "files", valid),
+            rerun_target("images rerun, nothing new", rerun_round[0], rerun, rerun_requests, rerun_writes, "files", valid),
         ],
         notes=[
             f"ours CPU {ours.cpu:.1f} s for {n:,} images; everything timed from process start.",
+            *([f"ours and the {parts} gallery-dl processes: the run of median time of {args.repeat} (each into an "
+               "empty database and store / directory), so that one run slowed by the machine does not decide; "
+               "gallery-dl as shipped runs once, its minute already spanning the machine's swings."]
+              if args.repeat > 1 else []),
             "unfair to gallery-dl: it writes no database rows and is not asked to; each of its processes pays its own "
             "interpreter start-up (~0.3 s) where ours pays one.",
             "unfair to us: ours also records every image in PostgreSQL (post_media: sha256, dimensions), checks each "
@@ -439,21 +474,25 @@ def metadata(b: Bench) -> Result:
     n = args.metadata_posts
     title = f"metadata: {n:,} posts, no images, first load and rerun into PostgreSQL; {b.machine}"
     posts_path = write_posts(b.tmp / "metadata.jsonl", n, 0, None)
-    dsn = b.database("metadata")
-    env = s.env(dsn, b.tmp / "data-metadata")
-    with cpu_meter(s) as cpu:
-        first = b.runner.etl("metadata-first", posts_path, env)
-    rerun = b.runner.etl("metadata-rerun", posts_path, env)
-    rows = count_rows(dsn)
-    b.shared["metadata"] = (dsn, env, n)
-    valid = first.ok and rows == (n, n)
+    rounds = []  # per round: (first run, rerun, (rows, distinct), CPU meanwhile), each into a database of its own
+    for r in range(args.repeat):
+        dsn = b.database(f"metadata_{r}")
+        env = s.env(dsn, b.tmp / f"data-metadata-{r}")
+        with cpu_meter(s) as cpu:
+            first = b.runner.etl(f"metadata-first-{r}", posts_path, env)
+        rerun = b.runner.etl(f"metadata-rerun-{r}", posts_path, env)
+        rounds.append((first, rerun, count_rows(dsn), cpu))
+    b.shared["metadata"] = (dsn, env, n)  # the last round's archive, re-scored by reenrich
+    first, _, rows, cpu = median_round(rounds, lambda x: x[0].wall)
+    rerun = median_round(rounds, lambda x: x[1].wall)[1]
+    valid = all(x[0].ok and x[2] == (n, n) for x in rounds)
 
     figures = [
-        Figure("ours: first run (sentiment included)", rate(n / first.wall, " posts/s"), first.wall, first.peak_rss_mb,
-               f"{rows[0]:,} rows, {rows[1]:,} distinct; scoring worker {first.workers_peak_rss_mb:.0f} MB; "
-               f"exit {first.returncode}"),
-        Figure("ours: rerun (nothing new)", rate(n / rerun.wall, " posts/s"), rerun.wall, rerun.peak_rss_mb,
-               f"exit {rerun.returncode}"),
+        Figure(f"ours: first run (sentiment included){repeated(args.repeat)}", rate(n / first.wall, " posts/s"),
+               first.wall, first.peak_rss_mb, f"{rows[0]:,} rows, {rows[1]:,} distinct; scoring worker "
+               f"{first.workers_peak_rss_mb:.0f} MB; exit {first.returncode}{rates_of(n, [x[0] for x in rounds], '/s')}"),
+        Figure(f"ours: rerun (nothing new){repeated(args.repeat)}", rate(n / rerun.wall, " posts/s"), rerun.wall,
+               rerun.peak_rss_mb, f"exit {rerun.returncode}{rates_of(n, [x[1] for x in rounds], '/s')}"),
     ]  # fmt: skip
     if sec := first.summary.get("seconds"):
         figures.insert(1, Figure("  same, pipeline's own seconds", rate(n / sec, " posts/s"), sec, None,
@@ -469,15 +508,22 @@ def metadata(b: Bench) -> Result:
     else:
         results = {}
         for fmt in args.dlt_formats:
-            ddsn = b.database(f"metadata_dlt_{fmt}")
-            first_peer = peers.dlt(posts_path, ddsn, fmt, f"dlt-{fmt}-first", b.tmp)
-            rerun_peer = peers.dlt(posts_path, ddsn, fmt, f"dlt-{fmt}-rerun", b.tmp)
-            peer_rows = count_rows(ddsn, peers.dlt_table(fmt))
-            results[fmt] = (first_peer, rerun_peer, peer_rows)
-            figures.append(Figure(f"dlt ({fmt}): first run", rate(n / first_peer.wall, " posts/s"), first_peer.wall,
-                                  None, f"{peer_rows[0]:,} rows, {peer_rows[1]:,} distinct; exit {first_peer.returncode}"))
-            figures.append(Figure(f"dlt ({fmt}): rerun", rate(n / rerun_peer.wall, " posts/s"), rerun_peer.wall, None,
-                                  f"exit {rerun_peer.returncode}"))  # fmt: skip
+            peer_rounds = []
+            for r in range(args.repeat):
+                ddsn = b.database(f"metadata_dlt_{fmt}_{r}")
+                first_peer = peers.dlt(posts_path, ddsn, fmt, f"dlt-{fmt}-first-{r}", b.tmp)
+                rerun_peer = peers.dlt(posts_path, ddsn, fmt, f"dlt-{fmt}-rerun-{r}", b.tmp)
+                peer_rounds.append((first_peer, rerun_peer, count_rows(ddsn, peers.dlt_table(fmt))))
+            first_peer, _, peer_rows = median_round(peer_rounds, lambda x: x[0].wall)
+            rerun_peer = median_round(peer_rounds, lambda x: x[1].wall)[1]
+            complete = all(x[0].returncode == 0 and x[2] == (n, n) for x in peer_rounds)
+            results[fmt] = (first_peer, rerun_peer, peer_rows if complete else (0, 0))
+            figures.append(Figure(f"dlt ({fmt}): first run{repeated(args.repeat)}", rate(n / first_peer.wall, " posts/s"),
+                                  first_peer.wall, None, f"{peer_rows[0]:,} rows, {peer_rows[1]:,} distinct; exit "
+                                  f"{first_peer.returncode}{rates_of(n, [x[0] for x in peer_rounds], '/s')}"))
+            figures.append(Figure(f"dlt ({fmt}): rerun{repeated(args.repeat)}", rate(n / rerun_peer.wall, " posts/s"),
+                                  rerun_peer.wall, None, f"exit {rerun_peer.returncode}"
+                                  f"{rates_of(n, [x[1] for x in peer_rounds], '/s')}"))  # fmt: skip
         done = {f: r for f, r in results.items() if r[0].returncode == 0 and r[2] == (n, n)}
         if done:
             best_first = min(done, key=lambda f: done[f][0].wall)
@@ -497,6 +543,9 @@ def metadata(b: Bench) -> Result:
         "dlt runs tuned by its own settings (peers.DLT_TUNING): no Airflow secrets lookups (Airflow shares this "
         "environment; without the setting dlt is 2-3x slower) and uncompressed intermediate files (its performance "
         "guide).",
+        *([f"each figure is the run of median time of {args.repeat}, ours and each of dlt's loaders alike (a first "
+           "run and its rerun per round, each round into a database of its own); dlt's best loader is then the "
+           "faster of the two medians."] if args.repeat > 1 else []),
     ]
     profiles = profiled(b, "metadata", posts_path)
     if "wall" in profiles:
@@ -521,8 +570,10 @@ def reenrich(b: Bench) -> Result:
         b.runner.etl("reenrich-load", write_posts(b.tmp / "reenrich.jsonl", n, 0, None), env)
     title = f"reenrich: {n:,} stored posts (etl.py reenrich); {b.machine}"
     figures, rates = [], {}
-    for label, prepare in (("another threshold (relabelled)", None),
-                           ("another scorer (every caption scored again)", "UPDATE social_posts SET sentiment_version = 'bench-older-scorer:t=0.1'")):  # fmt: skip
+    labels = (("another threshold (relabelled)", None),
+              ("another scorer (every caption scored again)", "UPDATE social_posts SET sentiment_version = 'bench-older-scorer:t=0.1'"))  # fmt: skip
+    runs: dict[str, list[tuple[Any, int, int]]] = {label: [] for label, _ in labels}
+    for k, (label, prepare) in enumerate(pair for _ in range(b.args.repeat) for pair in labels):  # the pair each round
         if prepare:  # stored decisions made by "another" scorer version: none can be reused
             import psycopg2
 
@@ -534,14 +585,16 @@ def reenrich(b: Bench) -> Result:
             with conn.cursor() as cur:
                 cur.execute("VACUUM ANALYZE social_posts")
             conn.close()
-        run = b.runner.etl("reenrich", None, {**env, "SENTIMENT_THRESHOLD": "0.0625" if not prepare else "0.07"},
+        run = b.runner.etl(f"reenrich-{k}", None, {**env, "SENTIMENT_THRESHOLD": "0.0625" if not prepare else "0.07"},
                            argv=("reenrich",))  # fmt: skip
         scored = re.search(r"re-enriched (\d+) posts, (\d+) changed", run.text())
-        rescored = int(scored.group(1)) if scored else 0
-        rates[label] = (rescored / run.wall, run.ok and rescored == n)
-        figures.append(Figure(f"ours: {label}", rate(rates[label][0], " posts/s"), run.wall, run.peak_rss_mb,
-                              f"{rescored:,} read, {int(scored.group(2)) if scored else 0:,} changed; CPU {run.cpu:.1f} s "
-                              f"(workers included); exit {run.returncode}"))  # fmt: skip
+        runs[label].append((run, int(scored.group(1)) if scored else 0, int(scored.group(2)) if scored else 0))
+    for label, done in runs.items():
+        run, rescored, changed = median_round(done, lambda x: x[0].wall)
+        rates[label] = (rescored / run.wall, all(x[0].ok and x[1] == n for x in done))
+        figures.append(Figure(f"ours: {label}{repeated(b.args.repeat)}", rate(rates[label][0], " posts/s"), run.wall,
+                              run.peak_rss_mb, f"{rescored:,} read, {changed:,} changed; CPU {run.cpu:.1f} s (workers "
+                              f"included); exit {run.returncode}{rates_of(n, [x[0] for x in done], '/s')}"))  # fmt: skip
     value, complete = rates["another scorer (every caption scored again)"]
     return Result(
         "reenrich", title, figures=figures,
@@ -552,7 +605,9 @@ def reenrich(b: Bench) -> Result:
                "polarity (no model loaded), so its rate is not the target's.",
                "before the full re-score, the stored versions are set by an UPDATE (it stands for an upgrade of the "
                "scorer), then VACUUM ANALYZE clears the dead rows it and the relabelling run left (autovacuum would, "
-               "within its minute): the re-score meets the archive as an upgrade leaves it."],
+               "within its minute): the re-score meets the archive as an upgrade leaves it.",
+               *([f"each figure is the run of median time of {b.args.repeat}: the relabelling and the re-score run "
+                  "again in turn, each re-score after its UPDATE and VACUUM ANALYZE."] if b.args.repeat > 1 else [])],
     )  # fmt: skip
 
 
