@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import logging
 import lzma
+import os
 import re
 import shutil
+import sys
 import tempfile
 import threading
 from array import array
@@ -44,11 +46,30 @@ _CACHE_LIMIT = 20_000  # distinct captions remembered (cleared when full: memory
 
 
 _ARRAYS = ("ptc", "pc", "classes", "nextmove", "nextmove_row", "out_feat")
+_BLAS_THREADS = "OPENBLAS_NUM_THREADS"
+
+
+def _numpy() -> Any:
+    """numpy, its OpenBLAS loaded with one thread unless the environment asks for more. By default OpenBLAS starts a
+    thread per core as it loads, which spins for about 0.1 s: on 2 cores, 60-100 ms of CPU taken from the scoring
+    workers and the database in every process that loads the model (a first load's cold workers each load it). Its
+    products here are a caption's small matrices, and the captions are already spread over processes. The setting
+    is read once, as the library loads: it is put back as it was right after."""
+    if "numpy" in sys.modules or _BLAS_THREADS in os.environ:
+        import numpy
+
+        return numpy
+    os.environ[_BLAS_THREADS] = "1"
+    try:
+        import numpy
+    finally:
+        os.environ.pop(_BLAS_THREADS, None)
+    return numpy
 
 
 def _unpack(model_file: Path) -> dict[str, Any]:
     """py3langid's model file (an .npz inside LZMA) read into memory: its arrays by name."""
-    import numpy as np
+    np = _numpy()
 
     with tempfile.TemporaryFile(suffix=".npz") as tmp:
         with lzma.open(model_file) as src:
@@ -63,7 +84,7 @@ def _model_arrays(model_file: Path) -> dict[str, Any]:
     for another install of py3langid): no LZMA to undo at each start (0.4 CPU-second), and only the pages a run's
     captions touch are read into memory (a few MB of the 67, where loading takes them all). In memory when it cannot
     be kept."""
-    import numpy as np
+    np = _numpy()
 
     version = LanguageDetector.version()
     folder = copy_folder("py3langid", version, model_file)
@@ -103,7 +124,7 @@ class LanguageModel:
     is built on the same arrays, for single captions and for the batch's close calls."""
 
     def __init__(self) -> None:
-        import numpy as np
+        np = _numpy()  # before py3langid, which imports it
         from py3langid.langid import MODEL_DIR, MODEL_FILE, LanguageIdentifier
 
         self.np = np

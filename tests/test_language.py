@@ -157,6 +157,27 @@ def test_distinct_features_are_np_uniques_answer():
             assert got.dtype == want.dtype and got.tolist() == want.tolist()
 
 
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads in /proc")
+@pytest.mark.parametrize(("given", "threads"), [(None, 1), ("2", 2)])
+def test_the_model_loads_blas_with_one_thread_unless_asked(given, threads):
+    """Loading the model starts no OpenBLAS thread (they spin on the cores the workers score on), unless the
+    environment asks for some; the setting is not left behind for the processes this one starts."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import os, etl.language as l; l.LanguageDetector().warm(); "
+        "print(len(os.listdir('/proc/self/task')), os.environ.get('OPENBLAS_NUM_THREADS'))"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS", "OMP_NUM_THREADS")}
+    if given:
+        env["OPENBLAS_NUM_THREADS"] = given
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1], timeout=120)  # fmt: skip
+    assert out.stdout.split() == [str(min(threads, os.cpu_count() or 1)), str(given)]  # OpenBLAS: at most a core each
+
+
 def test_threads_sharing_a_model_get_its_answers(reference, monkeypatch):
     """Detectors in several threads over one model: a refill of its rows by one never moves those another reads."""
     import threading
