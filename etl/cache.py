@@ -19,8 +19,10 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 SOURCE = "source.txt"  # in each copy: the paths of the files it serves, one a line
 _BUILDING = ".building-"
@@ -54,6 +56,37 @@ def used(folder: Path, source: Path) -> None:
                 record.write(b"\n" + line)
     except OSError as exc:
         log.debug("could not record %s as using %s: %s", source, folder, exc)
+
+
+def read_copy(
+    family: str, version: str, source: Path, read: Callable[[Path], T], damaged: tuple[type[Exception], ...]
+) -> T | None:
+    """read(folder) of the copy made from `source`, which is then recorded as used; None when there is none to read
+    (the caller makes it: make_copy). A copy missing a file (an rmtree killed half-way), one read() finds damaged
+    (raises one of `damaged`: a checksum, a hand edit) or one that cannot be read is removed first, so that it is
+    made anew; only a damaged one is warned of (a cache that cannot be read is only slower)."""
+    try:
+        folder = copy_folder(family, version, source)
+    except OSError as exc:  # the source is gone: nothing names a copy
+        log.debug("no copy of %s to read: %s", source, exc)
+        return None
+    try:
+        value = read(folder)
+    except FileNotFoundError:  # not made yet; or made, and a file of it lost since
+        if folder.is_dir():
+            log.debug("the copy in %s lacks a file: made again", folder)
+            shutil.rmtree(folder, ignore_errors=True)
+        return None
+    except damaged as exc:
+        log.warning("the copy kept in %s is damaged (%s): made again", folder, exc)
+        shutil.rmtree(folder, ignore_errors=True)
+        return None
+    except OSError as exc:  # not a folder, no permission, a disk error
+        log.debug("the copy in %s cannot be read: %s", folder, exc)
+        shutil.rmtree(folder, ignore_errors=True)
+        return None
+    used(folder, source)
+    return value
 
 
 def make_copy(family: str, version: str, source: Path, fill: Callable[[Path], None]) -> Path | None:

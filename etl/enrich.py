@@ -7,14 +7,13 @@ import importlib.util
 import json
 import logging
 import re
-import shutil
 from collections.abc import Callable, Sequence
 from functools import lru_cache, partial
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from etl.cache import copy_folder, make_copy, used
+from etl.cache import make_copy, read_copy
 from etl.language import LanguageDetector, english_or_unknown
 from etl.records import Post, Sentiment, clean_text, with_fields
 from etl.versions import version  # not importlib.metadata: start-up (etl/versions.py)
@@ -89,36 +88,26 @@ def _lexicon_from_copy(analyzer: Any) -> bool:
     """Fill `analyzer` (TextBlob's Sentiment, not loaded) from the copy _keep_lexicon() made of its parsed XML
     lexicon: 10 ms where parsing the XML and averaging its senses take 30, at the start of every process that
     scores. False when there is no such copy, or it cannot be read; a damaged one (its checksum, kept beside it,
-    differs) or one missing a file is removed, so that the lexicon parsed again is kept anew."""
-    folder = None
-    try:
-        folder = copy_folder(*_lexicon_copy(analyzer))
-        body = (folder / _LEXICON).read_bytes()
-        checksum = (folder / _LEXICON_SHA256).read_bytes().strip()
-    except FileNotFoundError:  # not made yet (or no lexicon file to make it from); or made and a file since lost
-        if folder is not None and folder.is_dir():
-            log.debug("the parsed lexicon kept in %s lacks a file: parsed again", folder)
-            shutil.rmtree(folder, ignore_errors=True)
+    differs) or one missing a file is removed (etl/cache.py read_copy), so that the lexicon parsed again is kept
+    anew."""
+    kept = read_copy(*_lexicon_copy(analyzer), _read_lexicon, damaged=(ValueError, KeyError, TypeError, AttributeError))
+    if kept is None:
         return False
-    except OSError as exc:  # the cache cannot be read (not a folder, no permission): parsed, as without one
-        log.debug("the parsed lexicon cannot be read from %s: %s", folder, exc)
-        return False
-    try:
-        if hashlib.sha256(body).hexdigest().encode("ascii") != checksum:
-            raise ValueError("its checksum differs")
-        kept = json.loads(body)
-        words = {word: {pos: scores for pos, scores in senses} for word, senses in kept["words"].items()}
-        language, labels, synsets = kept["language"], kept["labels"], kept["synsets"]
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        log.warning("the parsed lexicon kept in %s is damaged (%s): parsed again", folder, exc)
-        shutil.rmtree(folder, ignore_errors=True)
-        return False
-    used(folder, Path(analyzer.path))
-    analyzer._language = language
+    analyzer._language, words, labels, synsets = kept
     dict.update(analyzer, words)
     dict.update(analyzer.labeler, labels)
     dict.update(analyzer._synsets, synsets)
     return True
+
+
+def _read_lexicon(folder: Path) -> tuple[Any, dict, dict, dict]:
+    """The language, words, labels and synsets kept in `folder`, checked against the checksum kept beside them."""
+    body = (folder / _LEXICON).read_bytes()
+    if hashlib.sha256(body).hexdigest().encode("ascii") != (folder / _LEXICON_SHA256).read_bytes().strip():
+        raise ValueError("its checksum differs")
+    kept = json.loads(body)
+    words = {word: {pos: scores for pos, scores in senses} for word, senses in kept["words"].items()}
+    return kept["language"], words, kept["labels"], kept["synsets"]
 
 
 def _keep_lexicon(analyzer: Any) -> None:

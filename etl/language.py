@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from etl.cache import copy_folder, make_copy, used
+from etl.cache import make_copy, read_copy
 from etl.versions import version  # not importlib.metadata: start-up (etl/versions.py)
 
 log = logging.getLogger(__name__)
@@ -87,16 +87,12 @@ def _model_arrays(model_file: Path) -> dict[str, Any]:
     np = _numpy()
 
     version = LanguageDetector.version()
-    folder = copy_folder("py3langid", version, model_file)
-    try:
-        arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r", allow_pickle=False) for name in _ARRAYS}
-    except FileNotFoundError:  # not made yet (left to whoever makes it), or a file of it lost: made again
-        if folder.is_dir():
-            shutil.rmtree(folder, ignore_errors=True)
-    except (OSError, ValueError):  # damaged (a disk error, a hand edit): made again
-        shutil.rmtree(folder, ignore_errors=True)
-    else:
-        used(folder, model_file)
+
+    def mapped(folder: Path) -> dict[str, Any]:
+        return {name: np.load(folder / f"{name}.npy", mmap_mode="r", allow_pickle=False) for name in _ARRAYS}
+
+    arrays = read_copy("py3langid", version, model_file, mapped, damaged=(ValueError,))  # (a truncated array)
+    if arrays is not None:
         return arrays
     arrays = _unpack(model_file)
 

@@ -249,6 +249,21 @@ def test_a_model_copy_missing_a_file_is_made_again(tmp_path, monkeypatch):
     assert {p.name for p in kept.iterdir()} == {f"{name}.npy" for name in language._ARRAYS} | {"source.txt"}
 
 
+@pytest.mark.fault("an array of the unpacked language model's copy is cut short: refused with a warning, made again")
+def test_a_damaged_model_copy_is_refused_and_made_again(tmp_path, monkeypatch, caplog):
+    import numpy as np
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    language.LanguageModel()
+    [kept] = list((tmp_path / "social-archiver").iterdir())
+    whole = (kept / "pc.npy").read_bytes()
+    (kept / "pc.npy").write_bytes(whole[: len(whole) // 2])  # a disk that filled up, an edit
+    again = language.LanguageModel()  # the model from py3langid's own file (in memory), kept anew
+    assert "damaged" in caplog.text and not isinstance(again.identifier.nb_ptc, np.memmap)
+    assert again.classify_many(PHRASES[:3], 0.9) == ["en", "fr", "es"]
+    assert (kept / "pc.npy").read_bytes() == whole
+
+
 @pytest.mark.fault("the cache folder for the unpacked language model cannot be written: the model is loaded in memory")
 def test_an_unwritable_cache_loads_the_model_in_memory(tmp_path, monkeypatch):
     blocked = tmp_path / "file"
