@@ -22,7 +22,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from scripts import profile_summary
 from scripts.bench import peers
@@ -87,6 +87,19 @@ class Bench:
         return self.services.pg.create_database(name)
 
 
+class ImagesRound(NamedTuple):
+    """One round of ours in `images`: its first run and rerun, the images stored right and wrong, the image
+    GETs of each run, and the files the rerun wrote."""
+
+    first: EtlRun
+    rerun: EtlRun
+    good: int
+    bad: int
+    requests: int
+    rerun_requests: int
+    rerun_writes: int
+
+
 def median_round(rounds: list[Any], key: Callable[[Any], float]) -> Any:
     """The round of median `key` (the lower middle one of an even count): its figures stay one run's own."""
     return sorted(rounds, key=key)[(len(rounds) - 1) // 2]
@@ -101,8 +114,8 @@ def rates_of(n: int, runs: list[Any], unit: str) -> str:
     return f"; rounds {', '.join(rate(n / run.wall, unit) for run in runs)}" if len(runs) > 1 else ""
 
 
-def shares_of(rounds: list[Any]) -> str:
-    return f"; rounds {', '.join(f'{x[1].wall / x[0].wall * 100:.1f}%' for x in rounds)}" if len(rounds) > 1 else ""
+def shares_of(rounds: list[ImagesRound]) -> str:
+    return f"; rounds {', '.join(f'{x.rerun.wall / x.first.wall * 100:.1f}%' for x in rounds)}" if len(rounds) > 1 else ""
 
 
 def goal_at_least(name: str, ours: float, peer_label: str, theirs: float, goal: float, valid: bool) -> Target:
@@ -171,7 +184,7 @@ def images(b: Bench) -> Result:
     urls = [s.host.url(i) for i in range(n)]
 
     posts_path = write_posts(b.tmp / "images.jsonl", n, 1, s.host)
-    rounds = []  # per round: (first run, rerun, sha256 ok, bad, image GETs of the first, of the rerun, files rewritten)
+    rounds: list[ImagesRound] = []
     for r in range(args.repeat):  # each round into a database and a store of its own
         dsn, data_dir = b.database(f"images_{r}"), b.tmp / f"data-images-{r}"
         before = s.host.requests
@@ -180,11 +193,12 @@ def images(b: Bench) -> Result:
         requests = s.host.requests - before
         before, since = s.host.requests, time.time()
         again = b.runner.etl(f"images-ours-rerun-{r}", posts_path, s.env(dsn, data_dir))
-        rounds.append((first, again, good, bad, requests, s.host.requests - before,
-                       files_written_since(data_dir / "objects", since)))  # fmt: skip
-    ours, _, ours_good, ours_bad, ours_requests, _, _ = median_round(rounds, lambda x: x[0].wall)
-    rerun_round = median_round(rounds, lambda x: x[1].wall / x[0].wall)
-    rerun_requests, rerun_writes = sum(x[5] for x in rounds), sum(x[6] for x in rounds)
+        rounds.append(ImagesRound(first, again, good, bad, requests, s.host.requests - before,
+                                  files_written_since(data_dir / "objects", since)))  # fmt: skip
+    median = median_round(rounds, lambda x: x.first.wall)
+    ours, ours_good, ours_bad, ours_requests = median.first, median.good, median.bad, median.requests
+    rerun_round = median_round(rounds, lambda x: x.rerun.wall / x.first.wall)
+    rerun_requests, rerun_writes = sum(x.rerun_requests for x in rounds), sum(x.rerun_writes for x in rounds)
 
     serial = peers.gallery_dl(urls, b.tmp / "gallery-dl-1", 1, b.tmp)
     serial_good, serial_bad = check_files(b.tmp / "gallery-dl-1", by_name)
@@ -197,15 +211,15 @@ def images(b: Bench) -> Result:
     parallel_bad = max(x[2] for x in parallels)
 
     ours_rate = n / ours.wall
-    valid = all(x[0].ok and x[3] == 0 for x in rounds)
-    rerun = rerun_round[1]
+    valid = all(x.first.ok and x.bad == 0 for x in rounds)
+    rerun = rerun_round.rerun
     return Result(
         "images", title,
         figures=[
             Figure(f"ours: etl.py run (local store){repeated(args.repeat)}", rate(ours_rate, " img/s"), ours.wall,
                    ours.peak_rss_mb, f"{ours_good:,} sha256 ok, {ours_bad} bad; {ours_requests:,} GETs; exit "
-                   f"{ours.returncode}{rates_of(n, [x[0] for x in rounds], ' img/s')}"),
-            Figure(f"ours: rerun, nothing new{repeated(args.repeat)}", f"{rerun.wall / rerun_round[0].wall * 100:.1f}% of first",
+                   f"{ours.returncode}{rates_of(n, [x.first for x in rounds], ' img/s')}"),
+            Figure(f"ours: rerun, nothing new{repeated(args.repeat)}", f"{rerun.wall / rerun_round.first.wall * 100:.1f}% of first",
                    rerun.wall, rerun.peak_rss_mb, f"{rerun_requests} image GETs, {rerun_writes} files written in all; "
                    f"exit {rerun.returncode}{shares_of(rounds)}"),
             Figure("gallery-dl, 1 process (as shipped)", rate(n / serial.wall, " img/s"), serial.wall, None,
@@ -219,8 +233,8 @@ def images(b: Bench) -> Result:
                           TARGET_IMAGES_VS_GALLERY_DL, valid and serial_bad == 0),
             goal_at_least(f"images/s vs {parts} gallery-dl processes", ours_rate, f"gallery-dl x{parts}",
                           n / parallel.wall, TARGET_IMAGES_VS_GALLERY_DL_16, valid and parallel_bad == 0),
-            rerun_target("images rerun, nothing new", rerun_round[0], rerun, rerun_requests, rerun_writes, "files",
-                         valid and all(x[1].ok for x in rounds)),
+            rerun_target("images rerun, nothing new", rerun_round.first, rerun, rerun_requests, rerun_writes, "files",
+                         valid and all(x.rerun.ok for x in rounds)),
         ],
         notes=[
             f"ours CPU {ours.cpu:.1f} s for {n:,} images; everything timed from process start.",
