@@ -38,6 +38,7 @@ SIZES: dict[str, tuple[Any, Any]] = {
     "baseline_posts": (100, 20),
     "images": (1_000, 100),
     "metadata_posts": (20_000, 2_000),
+    "reenrich_posts": (200_000, 5_000),
     "memory_posts": ((10_000, 100_000), (1_000, 5_000)),
     "growth_posts": ((20_000, 1_000_000), (2_000, 10_000)),
     "scaleout_streams": (24, 4),
@@ -87,6 +88,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     meta = parser.add_argument_group("metadata (vs dlt), reenrich, memory, growth")
     meta.add_argument("--metadata-posts", type=int, help="posts (default 20,000)")
     meta.add_argument("--dlt-formats", nargs="+", default=["insert_values", "csv"], help="dlt loader file formats")
+    meta.add_argument("--reenrich-posts", type=int, metavar="N", help="the larger archive re-scored once after the "
+                      "metadata one, 0 = none (default 200,000)")
     meta.add_argument("--memory-posts", type=int, nargs=2, metavar=("SMALL", "LARGE"), help="default 10,000 100,000")
     meta.add_argument("--growth-posts", type=int, nargs=2, metavar=("SMALL", "LARGE"), help="default 20,000 1,000,000")
     other = parser.add_argument_group("scaleout, export, insights")
