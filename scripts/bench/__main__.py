@@ -139,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"bench: {name} ...", file=sys.stderr, flush=True)
                 result = SCENARIOS[name](bench)
                 results.append(result)
+                bench.tidy()
                 print(report.render(result), flush=True)
             print(report.summary(results, machine), flush=True)
     except KeyboardInterrupt:

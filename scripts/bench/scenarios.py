@@ -86,6 +86,11 @@ class Bench:
     def database(self, name: str) -> str:
         return self.services.pg.create_database(name)
 
+    def tidy(self) -> list[str]:
+        """After a scenario: drop its databases but those shared with later scenarios (their autovacuum would run
+        during the later ones' timed runs). The names dropped."""
+        return self.services.pg.drop_databases(keep={shared[0] for shared in self.shared.values()})
+
 
 class ImagesRound(NamedTuple):
     """One round of ours in `images`: its first run and rerun, the images stored right and wrong, the image
@@ -572,21 +577,31 @@ def metadata(b: Bench) -> Result:
     return Result("metadata", title, figures, targets, notes, details)
 
 
+def _vacuum_analyze(dsn: str, before: str | None = None) -> None:
+    """VACUUM ANALYZE of social_posts (after the statement `before`, if any): the archive settled, so that no
+    autovacuum of it runs during a timed run."""
+    import psycopg2
+
+    conn = psycopg2.connect(dsn)
+    try:
+        if before:
+            with conn, conn.cursor() as cur:
+                cur.execute(before)
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute("VACUUM ANALYZE social_posts")
+    finally:
+        conn.close()
+
+
 def _reenrich_run(b: Bench, label: str, dsn: str, env: dict[str, str], *, rescore: bool) -> tuple[EtlRun, int, int]:
     """One `etl.py reenrich` of the archive at `dsn`: its run, the posts it re-scored and how many changed.
     `rescore`: every stored decision is first marked as made by another scorer (none can be reused), else only
     the threshold differs (rows are relabelled from their stored polarity)."""
     if rescore:
-        import psycopg2
-
-        with psycopg2.connect(dsn) as conn, conn.cursor() as cur:
-            cur.execute("UPDATE social_posts SET sentiment_version = 'bench-older-scorer:t=0.1'")
         # The archive as an upgrade would leave it: without the dead row versions of this UPDATE and of the
         # relabelling run before it (40,000 for 20,000 posts), which autovacuum would clear within its minute.
-        conn.autocommit = True
-        with conn.cursor() as cur:
-            cur.execute("VACUUM ANALYZE social_posts")
-        conn.close()
+        _vacuum_analyze(dsn, "UPDATE social_posts SET sentiment_version = 'bench-older-scorer:t=0.1'")
     run = b.runner.etl(label, None, {**env, "SENTIMENT_THRESHOLD": "0.07" if rescore else "0.0625"}, argv=("reenrich",))
     scored = re.search(r"re-enriched (\d+) posts, (\d+) changed", run.text())
     return run, int(scored.group(1)) if scored else 0, int(scored.group(2)) if scored else 0
@@ -598,12 +613,13 @@ def reenrich(b: Bench) -> Result:
     the second: it is the work re-enrichment exists for."""
     s = b.services
     if "metadata" in b.shared:
-        dsn, env, n = b.shared["metadata"]
+        dsn, env, n = b.shared.pop("metadata")  # not used after this scenario: dropped with its databases
     else:
         n = b.args.metadata_posts
         dsn = b.database("reenrich")
         env = s.env(dsn, b.tmp / "data-reenrich")
         b.runner.etl("reenrich-load", write_posts(b.tmp / "reenrich.jsonl", n, 0, None), env)
+    _vacuum_analyze(dsn)  # freshly loaded: settled before the first timed run (the relabelling)
     title = f"reenrich: {n:,} stored posts, then {b.args.reenrich_posts:,} (etl.py reenrich); {b.machine}"
     figures, rates = [], {}
     labels = (("another threshold (relabelled)", False), ("another scorer (every caption scored again)", True))

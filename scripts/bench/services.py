@@ -25,6 +25,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Collection
 from contextlib import ExitStack
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -154,6 +155,7 @@ class Postgres:
 
         self.server = pgserver.get_server(pgdata, cleanup_mode="delete")
         self.pid = self.server.get_pid()
+        self.databases: dict[str, str] = {}  # name -> dsn of each database created and not dropped
 
     def create_database(self, name: str) -> str:
         import psycopg2
@@ -164,7 +166,26 @@ class Postgres:
             cur.execute(f'DROP DATABASE IF EXISTS "{name}"')
             cur.execute(f'CREATE DATABASE "{name}"')
         conn.close()
-        return self.server.get_uri(database=name)
+        self.databases[name] = self.server.get_uri(database=name)
+        return self.databases[name]
+
+    def drop_databases(self, keep: Collection[str] = ()) -> list[str]:
+        """Drop every database created here but those whose dsn is in `keep`: once its runs are measured, a database
+        left behind gets autovacuumed (its freshly loaded tables) while later scenarios are timed. The names
+        dropped."""
+        import psycopg2
+
+        names = [name for name, dsn in self.databases.items() if dsn not in keep]
+        if not names:
+            return []
+        conn = psycopg2.connect(self.server.get_uri())
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            for name in names:
+                cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')  # FORCE: ends an autovacuum on it
+                del self.databases[name]
+        conn.close()
+        return names
 
     def cpu_seconds(self) -> float:
         """CPU time of the postmaster, its live backends and those it has reaped (in its children times)."""
