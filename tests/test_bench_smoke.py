@@ -30,6 +30,27 @@ def test_bench_quick_runs_and_prints_the_table(tmp_path):
     assert "\nimages " not in summary
 
 
+@pytest.mark.slow
+def test_bench_quick_reenrich_scores_both_archives_and_drops_databases_after_use(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench"), "--quick", "--only", "metadata,reenrich"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = result.stdout.split("Summary: every target", 1)[1]
+    for line in ("reenrich of 2,000 (every caption scored again)", "reenrich of 5,000 (every caption scored again)",
+                 "peak RSS re-scoring 5,000 / 2,000"):  # fmt: skip
+        assert line in summary, line
+    assert "ours: another scorer, 5,000 stored posts" in result.stdout
+    assert "5,000 read" in result.stdout  # every post of the larger archive re-scored
+    # Each scenario's databases are dropped when it ends, but the archive reenrich re-scores, dropped after it.
+    prefix = "bench: databases dropped: "
+    dropped = [line.removeprefix(prefix).split(", ") for line in result.stderr.splitlines() if line.startswith(prefix)]
+    assert len(dropped) == 2, result.stderr[-3000:]
+    assert "metadata_dlt_csv_0" in dropped[0] and "metadata_0" not in dropped[0]
+    assert set(dropped[1]) == {"metadata_0", "reenrich_large"}
+
+
 @pytest.mark.badinput("make bench ARGS=\"--only\" with a mistyped scenario: exit 2 naming it and the valid names")
 def test_bench_refuses_an_unknown_scenario(tmp_path):
     result = subprocess.run(

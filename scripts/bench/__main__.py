@@ -139,7 +139,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"bench: {name} ...", file=sys.stderr, flush=True)
                 result = SCENARIOS[name](bench)
                 results.append(result)
-                bench.tidy()
+                dropped = bench.tidy()
+                if dropped:
+                    print(f"bench: databases dropped: {', '.join(dropped)}", file=sys.stderr, flush=True)
                 print(report.render(result), flush=True)
             print(report.summary(results, machine), flush=True)
     except KeyboardInterrupt:

@@ -179,12 +179,14 @@ class Postgres:
         if not names:
             return []
         conn = psycopg2.connect(self.server.get_uri())
-        conn.autocommit = True
-        with conn.cursor() as cur:
-            for name in names:
-                cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')  # FORCE: ends an autovacuum on it
-                del self.databases[name]
-        conn.close()
+        try:
+            conn.autocommit = True
+            with conn.cursor() as cur:
+                for name in names:
+                    cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')  # FORCE: ends an autovacuum on it
+                    del self.databases[name]
+        finally:
+            conn.close()
         return names
 
     def cpu_seconds(self) -> float:
