@@ -46,9 +46,9 @@ def test_bench_quick_reenrich_scores_both_archives_and_drops_databases_after_use
     # Each scenario's databases are dropped when it ends, but the archive reenrich re-scores, dropped after it.
     prefix = "bench: databases dropped: "
     dropped = [line.removeprefix(prefix).split(", ") for line in result.stderr.splitlines() if line.startswith(prefix)]
-    assert len(dropped) == 2, result.stderr[-3000:]
-    assert "metadata_dlt_csv_0" in dropped[0] and "metadata_0" not in dropped[0]
-    assert set(dropped[1]) == {"metadata_0", "reenrich_large"}
+    # (dlt's databases, when dlt is installed, are dropped after metadata: the shared archive is not among them.)
+    assert dropped and set(dropped[-1]) == {"metadata_0", "reenrich_large"}, result.stderr[-3000:]
+    assert all("metadata_0" not in names for names in dropped[:-1])
 
 
 @pytest.mark.badinput("make bench ARGS=\"--only\" with a mistyped scenario: exit 2 naming it and the valid names")
