@@ -10,13 +10,19 @@ import pytest
 from tests.conftest import ROOT
 
 
-@pytest.mark.slow
-def test_bench_quick_runs_and_prints_the_table(tmp_path):
+def quick_bench(tmp_path, scenarios: str) -> subprocess.CompletedProcess:
+    """`make bench ARGS="--quick --only SCENARIOS"`, which must succeed."""
     result = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "bench"), "--quick", "--only", "ceiling,growth"],
+        [sys.executable, str(ROOT / "scripts" / "bench"), "--quick", "--only", scenarios],
         cwd=tmp_path, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+@pytest.mark.slow
+def test_bench_quick_runs_and_prints_the_table(tmp_path):
+    result = quick_bench(tmp_path, "ceiling,growth")
     out = result.stdout
     for line in ("ours: etl.py run, median of 2", "S3 ceiling, median of 3", "serial baseline", "rerun, nothing new",
                  "ours / S3 ceiling (median of 2)", "what separates this from a benchmark", "ours: 10,000 posts",
@@ -32,11 +38,7 @@ def test_bench_quick_runs_and_prints_the_table(tmp_path):
 
 @pytest.mark.slow
 def test_bench_quick_reenrich_scores_both_archives_and_drops_databases_after_use(tmp_path):
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "bench"), "--quick", "--only", "metadata,reenrich"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    result = quick_bench(tmp_path, "metadata,reenrich")
     summary = result.stdout.split("Summary: every target", 1)[1]
     for line in ("reenrich of 2,000 (every caption scored again)", "reenrich of 5,000 (every caption scored again)",
                  "peak RSS re-scoring 5,000 / 2,000"):  # fmt: skip

@@ -621,19 +621,18 @@ def reenrich(b: Bench) -> Result:
         b.runner.etl("reenrich-load", write_posts(b.tmp / "reenrich.jsonl", n, 0, None), env)
     _vacuum_analyze(dsn)  # freshly loaded: settled before the first timed run (the relabelling)
     title = f"reenrich: {n:,} stored posts, then {b.args.reenrich_posts:,} (etl.py reenrich); {b.machine}"
-    figures, rates = [], {}
+    figures = []
     labels = (("another threshold (relabelled)", False), ("another scorer (every caption scored again)", True))
-    runs: dict[str, list[tuple[EtlRun, int, int]]] = {label: [] for label, _ in labels}
-    for k, (label, rescore) in enumerate(pair for _ in range(b.args.repeat) for pair in labels):  # the pair each round
-        runs[label].append(_reenrich_run(b, f"reenrich-{k}", dsn, env, rescore=rescore))
-    for label, done in runs.items():
-        run, rescored, changed = median_round(done, lambda x: x[0].wall)
-        rates[label] = (rescored / run.wall, all(x[0].ok and x[1] == n for x in done))
-        figures.append(Figure(f"ours: {label}{repeated(b.args.repeat)}", rate(rates[label][0], " posts/s"), run.wall,
-                              run.peak_rss_mb, f"{rescored:,} read, {changed:,} changed; CPU {run.cpu:.1f} s (workers "
-                              f"included); exit {run.returncode}{rates_of(n, [x[0] for x in done], '/s')}"))  # fmt: skip
-    value, complete = rates["another scorer (every caption scored again)"]
-    small = median_round(runs["another scorer (every caption scored again)"], lambda x: x[0].wall)[0]
+    runs: dict[bool, list[tuple[EtlRun, int, int]]] = {rescore: [] for _, rescore in labels}
+    for k, (_, rescore) in enumerate(pair for _ in range(b.args.repeat) for pair in labels):  # the pair each round
+        runs[rescore].append(_reenrich_run(b, f"reenrich-{k}", dsn, env, rescore=rescore))
+    for label, rescore in labels:  # the re-score last: its median run, rate and completeness are read below
+        done = runs[rescore]
+        small, rescored, changed = median_round(done, lambda x: x[0].wall)
+        value, complete = rescored / small.wall, all(x[0].ok and x[1] == n for x in done)
+        figures.append(Figure(f"ours: {label}{repeated(b.args.repeat)}", rate(value, " posts/s"), small.wall,
+                              small.peak_rss_mb, f"{rescored:,} read, {changed:,} changed; CPU {small.cpu:.1f} s "
+                              f"(workers included); exit {small.returncode}{rates_of(n, [x[0] for x in done], '/s')}"))  # fmt: skip
     targets = [Target(f"reenrich of {n:,} (every caption scored again)", rate(value),
                       f">= {TARGET_REENRICH_RATE:,.0f}/s", value >= TARGET_REENRICH_RATE if complete else None)]
     large = b.args.reenrich_posts
