@@ -577,21 +577,7 @@ def metadata(b: Bench) -> Result:
     return Result("metadata", title, figures, targets, notes, details)
 
 
-def _vacuum_analyze(dsn: str, before: str | None = None) -> None:
-    """VACUUM ANALYZE of social_posts (after the statement `before`, if any): the archive settled, so that no
-    autovacuum of it runs during a timed run."""
-    import psycopg2
-
-    conn = psycopg2.connect(dsn)
-    try:
-        if before:
-            with conn, conn.cursor() as cur:
-                cur.execute(before)
-        conn.autocommit = True
-        with conn.cursor() as cur:
-            cur.execute("VACUUM ANALYZE social_posts")
-    finally:
-        conn.close()
+_SETTLE = ("VACUUM ANALYZE social_posts", {})  # the archive settled: no autovacuum of it during a timed run
 
 
 def _reenrich_run(b: Bench, label: str, dsn: str, env: dict[str, str], *, rescore: bool) -> tuple[EtlRun, int, int]:
@@ -601,7 +587,7 @@ def _reenrich_run(b: Bench, label: str, dsn: str, env: dict[str, str], *, rescor
     if rescore:
         # The archive as an upgrade would leave it: without the dead row versions of this UPDATE and of the
         # relabelling run before it (40,000 for 20,000 posts), which autovacuum would clear within its minute.
-        _vacuum_analyze(dsn, "UPDATE social_posts SET sentiment_version = 'bench-older-scorer:t=0.1'")
+        generate(dsn, ("UPDATE social_posts SET sentiment_version = 'bench-older-scorer:t=0.1'", {}), _SETTLE)
     run = b.runner.etl(label, None, {**env, "SENTIMENT_THRESHOLD": "0.07" if rescore else "0.0625"}, argv=("reenrich",))
     scored = re.search(r"re-enriched (\d+) posts, (\d+) changed", run.text())
     return run, int(scored.group(1)) if scored else 0, int(scored.group(2)) if scored else 0
@@ -619,7 +605,7 @@ def reenrich(b: Bench) -> Result:
         dsn = b.database("reenrich")
         env = s.env(dsn, b.tmp / "data-reenrich")
         b.runner.etl("reenrich-load", write_posts(b.tmp / "reenrich.jsonl", n, 0, None), env)
-    _vacuum_analyze(dsn)  # freshly loaded: settled before the first timed run (the relabelling)
+    generate(dsn, _SETTLE)  # freshly loaded: settled before the first timed run (the relabelling)
     title = f"reenrich: {n:,} stored posts, then {b.args.reenrich_posts:,} (etl.py reenrich); {b.machine}"
     figures = []
     labels = (("another threshold (relabelled)", False), ("another scorer (every caption scored again)", True))
