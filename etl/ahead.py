@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
@@ -52,7 +53,26 @@ _worker_enricher: SentimentEnricher | None = None
 def _init_worker(enricher: SentimentEnricher) -> None:
     global _worker_enricher
     _worker_enricher = enricher
+    _end_with_parent()
     enricher.warm()  # nothing to do when forked warm
+
+
+PARENT_CHECK_SECONDS = 1.0
+
+
+def _end_with_parent() -> None:
+    """End this worker once the process that forked it is gone. A parent killed outright (SIGKILL, the OOM killer)
+    closes nothing: the worker, which holds a write end of its own task queue (inherited at the fork), would wait
+    for a task forever, with its memory and the model's mapped pages; a cron job killed every 6 hours would leave
+    two more each time. Orphaned, the worker is adopted by another process, so its parent pid changes."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_CHECK_SECONDS)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 class ForkGate:

@@ -233,3 +233,41 @@ def test_tasks_are_long_unless_that_would_leave_workers_idle():
     assert task_size(2000, 8) == 250  # seven workers: eight tasks, each at the shortest size
     assert task_size(4000, 8) == 500
     assert task_size(100, 2) == 250 and task_size(0, 2) == 250 and task_size(5000, 0) == 1000
+
+
+@pytest.mark.fault("the run is SIGKILLed (the OOM killer) while its scoring workers wait: they end within seconds, not never")
+def test_scoring_workers_end_when_their_parent_is_killed_outright(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import psutil
+
+    # A parent that forks its workers (cold, as a first load does), has them score once, prints their pids, then
+    # dies by SIGKILL: nothing of its own shutdown runs.
+    code = (
+        "import os, signal\n"
+        "from etl.ahead import fork_scorers\n"
+        "from etl.enrich import SentimentEnricher\n"
+        "pool = fork_scorers(SentimentEnricher(0.05), 2, warm=False)\n"
+        "assert pool.submit(sum, [1, 2]).result() == 3\n"
+        "print(*pool._processes, flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    # Into files, not pipes: the workers inherit them, and a pipe would stay open as long as they live.
+    with (tmp_path / "out").open("w") as out, (tmp_path / "err").open("w") as err:
+        done = subprocess.run([sys.executable, "-c", code], stdout=out, stderr=err, timeout=120,
+                              cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+    assert done.returncode == -signal.SIGKILL, (tmp_path / "err").read_text()[-2000:]
+    workers = [int(pid) for pid in (tmp_path / "out").read_text().split()]
+    assert len(workers) == 2
+    deadline = time.monotonic() + 30
+    alive = workers
+    while alive and time.monotonic() < deadline:
+        alive = [p for p in workers if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+        time.sleep(0.2)
+    for pid in alive:  # not left behind by the test either
+        os.kill(pid, signal.SIGKILL)
+    assert not alive, "scoring workers outlived their killed parent"
