@@ -9,6 +9,10 @@ import sys
 # exit, nor one in a forked scoring worker) walks them again. A tenth of a rerun's CPU with nothing new.
 gc.disable()
 try:
+    from etl import prefork
+
+    if prefork.wanted(sys.argv[1:]):  # reenrich: its scoring workers load the models while this process starts
+        prefork.start()
     from etl.cli import main
 finally:
     gc.freeze()

@@ -51,16 +51,21 @@ _worker_enricher: SentimentEnricher | None = None
 
 
 def _init_worker(enricher: SentimentEnricher) -> None:
+    adopt_enricher(enricher)
+    end_with_parent()
+    enricher.warm()  # nothing to do when forked warm
+
+
+def adopt_enricher(enricher: SentimentEnricher) -> None:
+    """Makes `enricher` this worker process's (worker_enricher())."""
     global _worker_enricher
     _worker_enricher = enricher
-    _end_with_parent()
-    enricher.warm()  # nothing to do when forked warm
 
 
 PARENT_CHECK_SECONDS = 1.0
 
 
-def _end_with_parent() -> None:
+def end_with_parent() -> None:
     """End this worker once the process that forked it is gone. A parent killed outright (SIGKILL, the OOM killer)
     closes nothing: the worker, which holds a write end of its own task queue (inherited at the fork), would wait
     for a task forever, with its memory and the model's mapped pages; a cron job killed every 6 hours would leave

@@ -18,6 +18,7 @@ from etl.cli_args import quick_run_args
 from etl.config import Settings, load_settings, merged_environment, misspelled_settings
 from etl.errors import ConfigError, ETLError, ExitCode, UsageError
 from etl.logs import RedactingFilter, setup_logging
+from etl.prefork import command_at
 from etl.shards import Shard, format_plan, plan_shards
 from etl.sources import source_names
 from etl.stopping import exit_now, leave_if_stalled
@@ -36,7 +37,6 @@ COMMANDS = (
     "run", "backfill", "reenrich", "status", "migrate", "check", "plan", "copy-store", "fingerprint", "similar", "trends",
     "report", "verify", "forget", "export",
 )
-GLOBAL_OPTIONS = ("--log-format", "--log-level")  # options taking a value, before or after the command
 EXIT_CODES = """exit codes:
   0   all archived (or: the command succeeded)
   1   the run finished but some items failed; they are recorded and retried by the next run
@@ -301,17 +301,9 @@ def _on_sigterm(stop: threading.Event) -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
-def _command_at(args: list[str]) -> int:
-    """Where the command goes: after the global options (and their values) that come first."""
-    i = 0
-    while i < len(args) and args[i].split("=", 1)[0] in GLOBAL_OPTIONS:
-        i += 1 if "=" in args[i] else 2
-    return i
-
-
 def _command_word(args: list[str]) -> str | None:
     """The command argparse will run, when it is certain (else None: the whole parser is built)."""
-    i = _command_at(args)
+    i = command_at(args)
     return args[i] if i < len(args) and args[i] in COMMANDS else None
 
 
@@ -320,7 +312,7 @@ def with_default_command(args: list[str]) -> list[str]:
 
     A word where the command goes that is not one is a UsageError listing the commands.
     """
-    i = _command_at(args)
+    i = command_at(args)
     if i >= len(args):
         return [*args, "run"]
     word = args[i]

@@ -14,7 +14,7 @@ from types import ModuleType
 from typing import Any
 
 from etl.cache import make_copy, read_copy
-from etl.language import LanguageDetector, english_or_unknown
+from etl.language import LanguageDetector, english_or_unknown, preload_model
 from etl.records import Post, Sentiment, clean_text, with_fields
 from etl.versions import version  # not importlib.metadata: start-up (etl/versions.py)
 
@@ -136,6 +136,12 @@ def fast_sentiment() -> Callable[[str], tuple[float, float]]:
     from etl.fastscore import FastSentiment
 
     return FastSentiment(english_sentiment(), textblob_text())
+
+
+def preload() -> None:
+    """Loads the lexicon and the language model before the enricher that uses them is made (etl/prefork.py)."""
+    fast_sentiment()
+    preload_model()
 
 
 class SentimentEnricher:

@@ -262,8 +262,18 @@ class LanguageModel:
         return answers
 
 
+_PRELOADED: list[LanguageModel] = []  # a model loaded before its detector was made (etl/prefork.py)
+
+
+def preload_model() -> None:
+    """Loads the model now, for the first LanguageDetector made in this process to take."""
+    if not _PRELOADED:
+        _PRELOADED.append(LanguageModel())
+
+
 class LanguageDetector:
-    """Guesses a caption's language; the model (0.5 s to load) is loaded on the first caption that needs it."""
+    """Guesses a caption's language; the model (0.5 s to load) is loaded on the first caption that needs it (or
+    taken from preload_model())."""
 
     def __init__(self, min_confidence: float = MIN_CONFIDENCE):
         self.min_confidence = min_confidence
@@ -281,7 +291,7 @@ class LanguageDetector:
     def _model(self) -> LanguageModel:
         with self._lock:
             if self._model_ is None:
-                self._model_ = LanguageModel()
+                self._model_ = _PRELOADED.pop() if _PRELOADED else LanguageModel()
             return self._model_
 
     def warm(self) -> None:

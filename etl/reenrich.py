@@ -12,6 +12,7 @@ from concurrent.futures import BrokenExecutor, Executor, Future
 from datetime import datetime
 from typing import Any
 
+from etl import prefork
 from etl.ahead import FORKING, fork_scorers, task_size, worker_enricher
 from etl.db import Database
 from etl.db.reenrich import decision_lines, unscored_posts, write_decisions
@@ -79,7 +80,9 @@ class _Scorers:
         if self.workers <= 1 or all(_kept(self.enricher, row) for row in rows):
             return [_decide_rows(self.enricher, rows)]
         if self.pool is None:
-            self.pool = fork_scorers(self.enricher, self.workers)
+            self.pool = prefork.take(self.enricher.threshold, self.enricher.detector is not None, self.workers)
+            if self.pool is None:
+                self.pool = fork_scorers(self.enricher, self.workers)
         size = task_size(len(rows), self.workers)  # a task per worker or more (the writer scores nothing)
         try:
             return [
@@ -93,6 +96,7 @@ class _Scorers:
     def close(self) -> None:
         if self.pool is not None:
             self.pool.shutdown(wait=True, cancel_futures=True)
+        prefork.release()  # the workers etl.py forked as it started, when no batch needed them
 
 
 def _collect(enricher: SentimentEnricher, rows: list[tuple], pending: list[Future] | list[tuple]) -> list[tuple]:

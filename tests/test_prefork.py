@@ -1,0 +1,194 @@
+"""Scoring workers forked as `etl.py reenrich` starts (etl/prefork.py): the same decisions, none left behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import psutil
+import pytest
+
+from etl import prefork
+from etl.ahead import PARENT_CHECK_SECONDS
+from etl.prefork import wanted
+from tests.conftest import query
+
+ROOT = Path(__file__).resolve().parents[1]
+DECIDED = (
+    "SELECT post_id, sentiment, sentiment_polarity, sentiment_subjectivity, language, language_source,"
+    " sentiment_skipped, sentiment_version FROM social_posts ORDER BY post_id"
+)
+CAPTIONS = (
+    "what a lovely sunny day at the beach with friends {n}",
+    "a terrible awful night, the worst concert ever {n}",
+    "Der Zug war heute wieder sehr spät und voll {n}",
+    "nous avons mangé une excellente soupe ce soir {n}",
+    "meh {n}",
+    "",
+)
+
+
+def _archive(db, count: int) -> None:
+    rows = [(f"p{n:05d}", CAPTIONS[n % len(CAPTIONS)].format(n=n) or None) for n in range(count)]
+    with db.transaction() as cur:
+        cur.executemany(
+            "INSERT INTO social_posts (platform, post_id, caption, created_at) VALUES ('x', %s, %s, now())", rows
+        )
+
+
+def _unscore(db) -> None:
+    with db.transaction() as cur:
+        cur.execute("UPDATE social_posts SET sentiment = NULL, sentiment_polarity = NULL, sentiment_subjectivity = NULL,"
+                    " language = NULL, language_source = NULL, sentiment_skipped = NULL, sentiment_version = NULL")  # fmt: skip
+
+
+def _marked(mark: str) -> list[int]:
+    """Processes (not zombies) whose environment holds the mark."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if mark.encode() in (proc / "environ").read_bytes():
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
+def _gone(pids: list[int], seconds: float) -> list[int]:
+    """The pids still alive (not zombies) after waiting up to `seconds` for them to end."""
+    deadline = time.monotonic() + seconds
+    while True:
+        alive = []
+        for pid in pids:
+            try:
+                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                    alive.append(pid)
+            except psutil.NoSuchProcess:
+                pass
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize(
+    ("args", "forks"),
+    [
+        (["reenrich"], True),
+        (["--log-level", "DEBUG", "reenrich", "--platform", "x"], True),
+        (["--log-level=INFO", "reenrich"], True),
+        (["reenrich", "--help"], False),
+        (["run", "--source", "mock"], False),
+        (["status"], False),
+        ([], False),
+        (["--log-level", "reenrich"], False),  # "reenrich" is the option's value here, not the command
+    ],
+)
+def test_only_a_reenrich_forks_its_workers_at_start(args, forks):
+    assert wanted(args) is (forks and (os.cpu_count() or 1) > 1)
+
+
+def test_etl_py_reenrich_decides_as_in_process_scoring_and_leaves_no_worker(run_etl, db):
+    from etl.enrich import SentimentEnricher
+    from etl.reenrich import reenrich
+    from etl.run.stats import RunStats
+
+    _archive(db, 2400)
+    mark = f"TEST_PREFORK_MARK={uuid.uuid4()}"
+    name, value = mark.split("=")
+    done = run_etl("reenrich", env={name: value, "ETL_LOG_LEVEL": "INFO", "SENTIMENT_THRESHOLD": "0.3"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "scored 2400," in done.stdout
+    preforked = "scoring with the" in done.stderr and "workers forked as etl.py started" in done.stderr
+    assert preforked is ((os.cpu_count() or 1) > 1), done.stderr[-3000:]
+    assert _marked(mark) == [], "a scoring worker outlived etl.py"
+    by_workers = query(db.dsn, DECIDED)
+    assert all(row[7] for row in by_workers) and {row[1] for row in by_workers} >= {"positive", "negative"}
+    assert {row[4] for row in by_workers} >= {"de", "fr"}  # the language model was used
+
+    _unscore(db)
+    reenrich(db, SentimentEnricher(0.3), RunStats(), workers=1)  # scored in this process alone
+    assert query(db.dsn, DECIDED) == by_workers
+
+
+@pytest.mark.parametrize("args", [["reenrich"], ["reenrich", "--since", "not a date"]])
+def test_a_reenrich_with_nothing_to_score_or_a_usage_error_leaves_no_worker(run_etl, db, args):
+    mark = f"TEST_PREFORK_MARK={uuid.uuid4()}"
+    name, value = mark.split("=")
+    done = run_etl(*args, env={name: value})
+    assert done.returncode == (0 if len(args) == 1 else 2), done.stderr[-3000:]
+    assert "workers forked as etl.py started" not in done.stderr
+    assert _marked(mark) == []
+
+
+def _die(rows) -> None:
+    """A scoring worker killed mid-task (picklable by name, as the pool sends its tasks)."""
+    os._exit(1)
+
+
+def _started_workers() -> list[int]:
+    """prefork.start(2) in this process; the pids of its workers once the first has forked the second."""
+    prefork.start(2)
+    assert prefork._started is not None
+    first = prefork._started.pid
+    deadline = time.monotonic() + 60  # the first worker loads the models, then forks the second
+    while not psutil.Process(first).children() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    workers = [first, *(child.pid for child in psutil.Process(first).children())]
+    assert len(workers) == 2
+    return workers
+
+
+def test_workers_nothing_took_are_killed_at_once():
+    workers = _started_workers()
+    prefork.release()
+    # At once: not when they notice that their parent is gone (each checks once a second).
+    assert _gone(workers, PARENT_CHECK_SECONDS / 2) == []
+
+
+@pytest.mark.fault("a scoring worker forked as etl.py reenrich started dies: its batch is scored in the main process")
+def test_a_preforked_worker_that_dies_leaves_its_batches_to_the_main_process(db, monkeypatch, caplog):
+    from etl import reenrich as module
+    from etl.enrich import SentimentEnricher
+    from etl.run.stats import RunStats
+
+    _archive(db, 1800)
+    monkeypatch.setattr(module, "_decide_in_worker", _die)  # every worker dies on its first task
+    workers = _started_workers()
+    stats = RunStats()
+    module.reenrich(db, SentimentEnricher(), stats, batch_size=500, workers=2)
+    assert stats.fetched == 1800 and not stats.interrupted
+    assert query(db.dsn, "SELECT count(*) FROM social_posts WHERE sentiment_version IS NULL") == [(0,)]
+    assert "scoring worker failed" in caplog.text and "ended unexpectedly" in caplog.text
+    assert prefork._started is None
+    assert _gone(workers, 10) == []
+
+
+def test_preforked_workers_end_when_etl_py_is_killed_outright(tmp_path):
+    # A process that forks its workers as etl.py does for a reenrich, prints their pids once both are there,
+    # then dies by SIGKILL: nothing of its own shutdown runs.
+    code = (
+        "import os, signal, time, psutil\n"
+        "from etl import prefork\n"
+        "prefork.start(2)\n"
+        "first = prefork._started.pid\n"
+        "while not psutil.Process(first).children(): time.sleep(0.05)\n"
+        "print(first, *(c.pid for c in psutil.Process(first).children()), flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    # Into files, not pipes: the workers inherit them, and a pipe would stay open as long as they live.
+    with (tmp_path / "out").open("w") as out, (tmp_path / "err").open("w") as err:
+        done = subprocess.run([sys.executable, "-c", code], stdout=out, stderr=err, timeout=120, cwd=ROOT)
+    assert done.returncode == -signal.SIGKILL, (tmp_path / "err").read_text()[-2000:]
+    workers = [int(pid) for pid in (tmp_path / "out").read_text().split()]
+    assert len(workers) == 2
+    alive = _gone(workers, 30)
+    for pid in alive:  # not left behind by the test either
+        os.kill(pid, signal.SIGKILL)
+    assert not alive, "preforked scoring workers outlived their killed parent"
