@@ -135,6 +135,10 @@ def _first_worker(tasks: Any, pipes: list[Any]) -> None:
         for child in children:  # reaped here: their CPU and peak RSS count in the main process's children
             os.waitpid(child, 0)
         code = 0
+    except BaseException:  # the main process scores in-process (and says so); why is told here
+        import traceback
+
+        traceback.print_exc()
     finally:
         os._exit(code)
 
@@ -186,11 +190,14 @@ class Preforked(Executor):
                 raise RuntimeError("cannot schedule new futures after shutdown")
             future: Future = Future()
             self._number += 1
-            self._futures[self._number] = future
             if self._receiver is None:
                 self._receiver = threading.Thread(target=self._receive, name="prefork-results", daemon=True)
                 self._receiver.start()
-            self.tasks.put((self._number, self.config, fn, args))
+            try:
+                self.tasks.put((self._number, self.config, fn, args))
+            except (ValueError, OSError) as exc:  # the queue closed: the pool broke meanwhile
+                raise BrokenExecutor(self.broken or str(exc)) from exc
+            self._futures[self._number] = future
         return future
 
     def _receive(self) -> None:
@@ -209,8 +216,12 @@ class Preforked(Executor):
                     continue
                 with self._lock:
                     future = self._futures.pop(number, None)
-                if future is not None and future.set_running_or_notify_cancel():
-                    future.set_result(value) if ok else future.set_exception(value)
+                if future is None or not future.set_running_or_notify_cancel():
+                    continue  # (cancelled)
+                if ok:
+                    future.set_result(value)
+                else:
+                    future.set_exception(value)
 
     def _break(self, why: str) -> None:
         from concurrent.futures.process import BrokenProcessPool
