@@ -52,7 +52,7 @@ _worker_enricher: SentimentEnricher | None = None
 
 def _init_worker(enricher: SentimentEnricher) -> None:
     adopt_enricher(enricher)
-    end_with_parent()
+    _end_with_parent()
     enricher.warm()  # nothing to do when forked warm
 
 
@@ -65,7 +65,7 @@ def adopt_enricher(enricher: SentimentEnricher) -> None:
 PARENT_CHECK_SECONDS = 1.0
 
 
-def end_with_parent() -> None:
+def _end_with_parent() -> None:
     """End this worker once the process that forked it is gone. A parent killed outright (SIGKILL, the OOM killer)
     closes nothing: the worker, which holds a write end of its own task queue (inherited at the fork), would wait
     for a task forever, with its memory and the model's mapped pages; a cron job killed every 6 hours would leave

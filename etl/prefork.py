@@ -3,29 +3,28 @@
 Re-scoring 20,000 posts takes under a second, and a third of it was start-up on one core while the other waited:
 the interpreter, the modules, the settings, the database and the first read, then the lexicon and the language
 model (numpy's import alone about 50 ms), and only then the fork of the scoring workers. Here etl.py forks one
-process as it starts (start()): it loads the lexicon and the language model while the main process imports its
-modules, reads the settings and opens the database, then forks the other workers from itself (sharing what it
-loaded, copy-on-write) and serves as the first of them. reenrich takes them (take()) when it has captions to
-score; when nothing took them (nothing to score, an error) they are killed (release(), at exit at the latest).
+process as it starts, before it imports anything else (start()): that process loads the lexicon and the language
+model while the main process imports its modules, reads the settings and opens the database; then it forks the
+other workers from itself (sharing what it loaded, copy-on-write) and serves as the first of them. reenrich takes
+them (take()) when it has captions to score; when nothing took them (nothing to score, an error) they are killed
+(release(), at exit at the latest).
 
-The workers take tasks (a function and its arguments, as a ProcessPoolExecutor's) from one queue and each sends
-its results back on a pipe of its own, which a thread of the main process reads into the tasks' futures. A
-worker that dies (killed, out of memory) closes its pipe: the pool is broken, the workers left are killed, and
-what they held is decided in the main process, as when a ProcessPoolExecutor breaks. A task carries the
-enricher's settings (threshold, language detection): the workers are forked before the settings are read, and
-each makes its enricher on its first task. They are a process group of their own, killed as one; each also
-leaves once its parent is gone (etl/ahead.py end_with_parent), so a main process killed outright leaves none.
+Each worker has two pipes of its own to the main process: tasks in (a function and its arguments, as a
+ProcessPoolExecutor's), results out. The main process gives a task to the worker with the fewest unfinished, sends
+it from a thread (its pickling and its wait for the worker never hold up the reading), and a thread reads the
+results into the tasks' futures. A worker that dies (killed, out of memory) closes its results pipe: the pool is
+broken, the workers left are killed, and what they held is decided in the main process, as when a
+ProcessPoolExecutor breaks. The main process closing a worker's tasks pipe (shut down, or killed outright) ends
+it. A task carries the enricher's settings (threshold, language detection): the workers are forked before the
+settings are read, and each makes its enricher on its first task. They are a process group of their own, killed
+as one.
 
-This module imports nothing of the archiver's at its top: etl.py imports it before anything else.
+Only `os` is imported before the fork: etl.py imports this module before anything else.
 """
 
 from __future__ import annotations
 
-import atexit
 import os
-import signal
-import threading
-from concurrent.futures import Executor, Future
 from typing import Any
 
 COMMAND = "reenrich"
@@ -55,24 +54,27 @@ def start(workers: int | None = None) -> None:
     workers = workers or os.cpu_count() or 1
     if _started is not None or workers < 2:
         return
+    tasks = [os.pipe() for _ in range(workers)]  # (read, write) ends: the main process to worker n
+    results = [os.pipe() for _ in range(workers)]  # worker n to the main process
     try:
-        import multiprocessing
-
-        context = multiprocessing.get_context("fork")
-        tasks = context.Queue()
-        pipes = [context.Pipe(duplex=False) for _ in range(workers)]  # (reader, writer): a worker's results
         pid = os.fork()
-    except Exception:  # (no fork here: reenrich forks its workers as it always could, or scores in-process)
+    except (OSError, AttributeError):  # (no fork here: reenrich forks its workers as it always could)
+        for fd in (fd for pipe in tasks + results for fd in pipe):
+            os.close(fd)
         return
     if pid == 0:
-        _first_worker(tasks, pipes)
+        _first_worker(tasks, results)
     try:
         os.setpgid(pid, pid)  # (the child does it too: whichever runs first)
     except OSError:
         pass
-    for _, writer in pipes:
-        writer.close()
-    _started = Preforked(pid, tasks, [reader for reader, _ in pipes])
+    for (task_end, _), (_, result_end) in zip(tasks, results, strict=True):
+        os.close(task_end)
+        os.close(result_end)
+    _started = Preforked(pid, [end for _, end in tasks], [end for end, _ in results])
+    import atexit
+    import multiprocessing.connection  # noqa: F401  # now, while the first worker loads the models
+
     atexit.register(release)
 
 
@@ -100,40 +102,41 @@ def release() -> None:
         pool.kill()
 
 
-def _first_worker(tasks: Any, pipes: list[Any]) -> None:
+def _first_worker(tasks: list[tuple[int, int]], results: list[tuple[int, int]]) -> None:
     """The process forked at start: loads the models, forks the other workers, and serves as the first."""
     code = 1
     try:
         os.setpgid(0, 0)
+        import signal
+
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's: it stops the run, then us
         signal.signal(signal.SIGTTOU, signal.SIG_IGN)  # a warning written to the terminal from our own group
-        for reader, _ in pipes:
-            reader.close()
+        for (_, main_end), (other_end, _) in zip(tasks, results, strict=True):
+            os.close(main_end)  # only the main process holds it: its end (or its death) is each worker's EOF
+            os.close(other_end)
         import gc
 
-        from etl.ahead import end_with_parent
         from etl.enrich import preload
 
-        end_with_parent()
         preload()
-        import etl.reenrich  # noqa: F401  # the module of the tasks' function
+        import multiprocessing.connection  # noqa: F401  # (once, before the fork: not in each worker)
+
+        import etl.rescore  # noqa: F401  # the module of the tasks' function (it needs no database)
 
         gc.freeze()  # (etl.py disabled the collector before the fork, as for its own imports)
         gc.enable()
         mine, children = 0, []
-        for n in range(1, len(pipes)):
+        for n in range(1, len(tasks)):
             child = os.fork()
             if child == 0:
-                end_with_parent()
                 mine, children = n, []
                 break
             children.append(child)
-        for n, (_, writer) in enumerate(pipes):
+        for n, ((task_end, _), (_, result_end)) in enumerate(zip(tasks, results, strict=True)):
             if n != mine:
-                writer.close()
-        _serve(tasks, pipes[mine][1])
-        for child in children:  # reaped here: their CPU and peak RSS count in the main process's children
-            os.waitpid(child, 0)
+                os.close(task_end)
+                os.close(result_end)
+        _serve(tasks[mine][0], results[mine][1], children)
         code = 0
     except BaseException:  # the main process scores in-process (and says so); why is told here
         import traceback
@@ -143,13 +146,24 @@ def _first_worker(tasks: Any, pipes: list[Any]) -> None:
         os._exit(code)
 
 
-def _serve(tasks: Any, results: Any) -> None:
+def _serve(task_end: int, result_end: int, children: list[int]) -> None:
+    """Runs the tasks that come in until the main process closes its end; then reaps `children`, while its results
+    pipe is still open (its end tells the main process that every worker is gone): their CPU and peak RSS then count
+    in the main process's children's."""
+    from multiprocessing.connection import Connection
+
     from etl.ahead import adopt_enricher
     from etl.enrich import SentimentEnricher
 
+    tasks, results = Connection(task_end, writable=False), Connection(result_end, readable=False)
     config = None
-    while (task := tasks.get()) is not None:
-        number, settings, fn, args = task
+    while True:
+        try:
+            number, settings, fn, args = tasks.recv()
+        except EOFError:
+            for child in children:
+                os.waitpid(child, 0)
+            return
         try:
             if settings != config:
                 threshold, detect_language = settings
@@ -164,71 +178,103 @@ def _serve(tasks: Any, results: Any) -> None:
             results.send((number, False, RuntimeError(f"{type(exc).__name__}: {exc}")))
 
 
-class Preforked(Executor):
+class Preforked:
     """The workers forked at start, as an executor (submit, shutdown) of the tasks reenrich gives them."""
 
-    def __init__(self, pid: int, tasks: Any, results: list[Any]):
-        self.pid, self.tasks, self.results = pid, tasks, results
-        self.workers = len(results)
+    def __init__(self, pid: int, task_ends: list[int], result_ends: list[int]):
+        import threading
+
+        self.pid, self.task_ends, self.result_ends = pid, task_ends, result_ends
+        self.workers = len(task_ends)
         self.config: tuple[float, bool] | None = None
         self.broken: str | None = None
-        self._futures: dict[int, Future] = {}
-        self._number = 0
         self._lock = threading.Lock()
+        self._futures: dict[int, tuple[Any, int]] = {}  # task number: (its future, its worker)
+        self._unfinished = [0] * self.workers
+        self._number = 0
+        self._queues: list[Any] = []  # a sender thread's tasks, per worker (once the first task is given)
+        self._threads: list[Any] = []
         self._closing = False
-        self._gone = False  # the group killed and its first worker reaped
-        self._receiver: threading.Thread | None = None
+        self._gone = False  # killed (or left) and reaped
 
-    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Future:
-        from concurrent.futures import BrokenExecutor
+    def submit(self, fn: Any, /, *args: Any) -> Any:
+        from concurrent.futures import BrokenExecutor, Future
 
-        assert not kwargs
         with self._lock:
             if self.broken:
                 raise BrokenExecutor(self.broken)
             if self._closing:
                 raise RuntimeError("cannot schedule new futures after shutdown")
-            future: Future = Future()
+            if not self._threads:
+                self._begin()
+            worker = min(range(self.workers), key=self._unfinished.__getitem__)
+            self._unfinished[worker] += 1
             self._number += 1
-            if self._receiver is None:
-                self._receiver = threading.Thread(target=self._receive, name="prefork-results", daemon=True)
-                self._receiver.start()
-            try:
-                self.tasks.put((self._number, self.config, fn, args))
-            except (ValueError, OSError) as exc:  # the queue closed: the pool broke meanwhile
-                raise BrokenExecutor(self.broken or str(exc)) from exc
-            self._futures[self._number] = future
+            future: Future = Future()
+            self._futures[self._number] = (future, worker)
+            self._queues[worker].put((self._number, self.config, fn, args))
         return future
 
-    def _receive(self) -> None:
-        from multiprocessing.connection import wait
+    def _begin(self) -> None:
+        import queue
+        import threading
 
-        open_pipes = list(self.results)
-        while open_pipes:
-            for pipe in wait(open_pipes):
-                try:
-                    number, ok, value = pipe.recv()
-                except (EOFError, OSError):  # its worker has left: at shutdown, or died
-                    open_pipes.remove(pipe)
-                    if not self._closing:
-                        self._break(f"a scoring worker ended unexpectedly ({len(open_pipes)} of {self.workers} left)")
-                        return
-                    continue
-                with self._lock:
-                    future = self._futures.pop(number, None)
-                if future is None or not future.set_running_or_notify_cancel():
-                    continue  # (cancelled)
-                if ok:
-                    future.set_result(value)
-                else:
-                    future.set_exception(value)
+        self._queues = [queue.SimpleQueue() for _ in range(self.workers)]
+        for n in range(self.workers):
+            self._threads.append(threading.Thread(target=self._send, args=(n,), name=f"prefork-send-{n}", daemon=True))
+        self._threads.append(threading.Thread(target=self._receive, name="prefork-results", daemon=True))
+        for thread in self._threads:
+            thread.start()
+
+    def _send(self, n: int) -> None:
+        """Sends worker n its tasks; closes its tasks pipe at the end (None), which ends it."""
+        from multiprocessing.connection import Connection
+
+        tasks = Connection(self.task_ends[n], readable=False)
+        try:
+            while (task := self._queues[n].get()) is not None:
+                tasks.send(task)
+        except OSError:  # it died: the receiver sees its results pipe close
+            pass
+        finally:
+            tasks.close()
+
+    def _receive(self) -> None:
+        from multiprocessing.connection import Connection, wait
+
+        pipes = {Connection(end, writable=False): n for n, end in enumerate(self.result_ends)}
+        try:
+            while pipes:
+                for pipe in wait(list(pipes)):
+                    try:
+                        number, ok, value = pipe.recv()
+                    except (EOFError, OSError):  # its worker has left: at shutdown, or died
+                        n = pipes.pop(pipe)
+                        pipe.close()
+                        if not self._closing:
+                            self._break(f"scoring worker {n + 1} of {self.workers} ended unexpectedly")
+                            return
+                        continue
+                    with self._lock:
+                        future, worker = self._futures.pop(number, (None, None))
+                        if worker is not None:
+                            self._unfinished[worker] -= 1
+                    if future is None or not future.set_running_or_notify_cancel():
+                        continue  # (cancelled; or the pool broke meanwhile)
+                    if ok:
+                        future.set_result(value)
+                    else:
+                        future.set_exception(value)
+        finally:
+            for pipe in pipes:
+                pipe.close()
 
     def _break(self, why: str) -> None:
         from concurrent.futures.process import BrokenProcessPool
 
         with self._lock:
             self.broken = why
-            futures, self._futures = list(self._futures.values()), {}
+            futures, self._futures = [future for future, _ in self._futures.values()], {}
         self.kill()
         for future in futures:
             if future.set_running_or_notify_cancel():
@@ -236,10 +282,13 @@ class Preforked(Executor):
 
     def kill(self) -> None:
         """Ends every worker at once (their process group) and reaps the first."""
+        import signal
+
         with self._lock:
             if self._gone:
                 return
             self._gone = True
+            self._closing = True
         for kill in (os.killpg, os.kill):  # the group; the first worker alone if it had no group yet
             try:
                 kill(self.pid, signal.SIGKILL)
@@ -249,25 +298,34 @@ class Preforked(Executor):
             os.waitpid(self.pid, 0)
         except ChildProcessError:
             pass
-        self.tasks.cancel_join_thread()  # (what is still queued for them is dropped)
-        self.tasks.close()
+        self._close_ends()
+
+    def _close_ends(self) -> None:
+        """The pipes' ends no thread has taken (none was started) closed; the senders told to close theirs."""
+        if not self._threads:
+            for fd in (*self.task_ends, *self.result_ends):
+                os.close(fd)
+            self.task_ends, self.result_ends = [], []
+        for tasks in self._queues:
+            tasks.put(None)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """The workers finish their tasks and leave (killed after LEAVE_SECONDS); with cancel_futures, the tasks
-        not begun are dropped and they are killed at once."""
+        not finished are dropped and the workers killed at once."""
         with self._lock:
             if self._closing:
                 return
             self._closing = True
-            pending = [future for future in self._futures.values() if not future.running()]
-        if cancel_futures and any(future.cancel() for future in pending):
+            pending = [future for future, _ in self._futures.values()]
+        if cancel_futures and any([future.cancel() for future in pending]):
             self.kill()
-        if not self._gone:
-            for _ in range(self.workers):
-                self.tasks.put(None)
-        if self._receiver is not None and wait:
-            self._receiver.join(LEAVE_SECONDS)
-        if wait or self._receiver is None:
-            self.kill()  # (they have left: this only reaps the first; or they are killed)
-        for pipe in self.results:
-            pipe.close()
+            return
+        if not self._threads:
+            self.kill()
+            return
+        for tasks in self._queues:
+            tasks.put(None)  # each sender closes its worker's tasks pipe: the worker leaves
+        if wait:
+            for thread in self._threads:
+                thread.join(LEAVE_SECONDS)
+            self.kill()  # (they have left: this reaps the first; or they are killed)

@@ -85,6 +85,20 @@ class Media:
     created_at: datetime | None = field(default=None, repr=False)
 
 
+# COPY's text format: a backslash, tab, newline and carriage return inside a value are escaped; \N is NULL.
+_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+_COPY_SPECIAL = ("\\", "\t", "\n", "\r")
+
+
+def copy_text(value: str) -> str:
+    """A text value as COPY's text format holds it (etl/db's loaders; etl/rescore.py's decisions)."""
+    # Most values hold none of the four characters: checking first is cheaper than translating every one.
+    for ch in _COPY_SPECIAL:
+        if ch in value:
+            return value.translate(_COPY_ESCAPES)
+    return value
+
+
 def clean_text(value: Any) -> str | None:
     """Text PostgreSQL accepts: no NUL bytes, no lone surrogates. None stays None."""
     if value is None:

@@ -6,65 +6,23 @@ import logging
 import os
 import queue
 import threading
-from collections import Counter, deque
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable
 from concurrent.futures import BrokenExecutor, Executor, Future
 from datetime import datetime
 from typing import Any
 
 from etl import prefork
-from etl.ahead import FORKING, fork_scorers, task_size, worker_enricher
+from etl.ahead import FORKING, fork_scorers, task_size
 from etl.db import Database
-from etl.db.reenrich import decision_lines, unscored_posts, write_decisions
+from etl.db.reenrich import unscored_posts, write_decisions
 from etl.enrich import SentimentEnricher
-from etl.records import Sentiment
+from etl.rescore import decide_in_worker, decide_rows, kept
 from etl.run.stats import RunStats
 
 log = logging.getLogger(__name__)
 
 _AHEAD = 2  # batches read and handed to the workers beyond the one being written (the workers never wait for it)
-
-
-def _decisions(enricher: SentimentEnricher, rows: Sequence[tuple]) -> list[tuple]:
-    """The decision of each stored row (id, caption, label, polarity, subjectivity, language, language_source,
-    skipped, version) under `enricher`. A row decided by the same scorer and language detector (only the threshold
-    changed) keeps its score and language and is labelled again from its polarity: nothing to detect or score."""
-    kept = [_kept(enricher, row) for row in rows]
-    todo = [row for row, keep in zip(rows, kept, strict=True) if not keep]
-    # The same rule as a run: the platform's language is kept, others are detected again.
-    decided = iter(enricher.decide_captions([(row[1], row[5] if row[6] == "platform" else None) for row in todo]))
-    return [
-        (Sentiment(row[3], row[4], enricher.label(row[3])) if row[3] is not None else None, *row[5:8])
-        if keep else next(decided)
-        for row, keep in zip(rows, kept, strict=True)
-    ]  # fmt: skip
-
-
-def _kept(enricher: SentimentEnricher, row: tuple) -> bool:
-    """Whether the row's stored decision holds under `enricher`: the same scorer and detector decided it, and it
-    is whole (a score with its label, or no score and the reason)."""
-    if not enricher.relabels(row[8]) or (row[2] is None) != (row[3] is None):
-        return False
-    return row[3] is not None or row[7] is not None
-
-
-def _decide_rows(enricher: SentimentEnricher, rows: Sequence[tuple]) -> tuple[str, int, Counter]:
-    """Decide stored rows (as _decisions() takes them): the decisions as COPY text for write_decisions, how many
-    changed, and the labels counted. Done where the scoring is (a worker), so that only a string travels back."""
-    written, changed, tally = [], 0, Counter()
-    for row, (s, lang, lang_source, why) in zip(rows, _decisions(enricher, rows), strict=True):
-        tally[s.label if s else "unscored"] += 1
-        new = (s.label, s.polarity, s.subjectivity) if s else (None, None, None)
-        # A row scored with the same result is only stamped with the version (not read again by the next
-        # reenrich, its score reused by runs); its updated_at stays (the data did not change).
-        same = row[2:8] == (*new, lang, lang_source, why)
-        changed += not same
-        written.append((row[0], not same, *new, lang, lang_source, why))
-    return decision_lines(written), changed, tally
-
-
-def _decide_in_worker(rows: Sequence[tuple]) -> tuple[str, int, Counter]:
-    return _decide_rows(worker_enricher(), rows)
 
 
 class _Scorers:
@@ -77,8 +35,8 @@ class _Scorers:
         self.pool: Executor | None = None
 
     def submit(self, rows: list[tuple]) -> list[Future] | list[tuple]:
-        if self.workers <= 1 or all(_kept(self.enricher, row) for row in rows):
-            return [_decide_rows(self.enricher, rows)]
+        if self.workers <= 1 or all(kept(self.enricher, row) for row in rows):
+            return [decide_rows(self.enricher, rows)]
         if self.pool is None:
             self.pool = prefork.take(self.enricher.threshold, self.enricher.detector is not None, self.workers)
             if self.pool is None:
@@ -86,12 +44,12 @@ class _Scorers:
         size = task_size(len(rows), self.workers)  # a task per worker or more (the writer scores nothing)
         try:
             return [
-                self.pool.submit(_decide_in_worker, rows[k : k + size]) for k in range(0, len(rows), size)
+                self.pool.submit(decide_in_worker, rows[k : k + size]) for k in range(0, len(rows), size)
             ]  # fmt: skip
         except (BrokenExecutor, RuntimeError) as exc:  # the pool is gone: the rest is scored here
             log.warning("scoring workers unavailable (%s); scoring in the main process", exc)
             self.workers = 0
-            return [_decide_rows(self.enricher, rows)]
+            return [decide_rows(self.enricher, rows)]
 
     def close(self) -> None:
         if self.pool is not None:
@@ -105,7 +63,7 @@ def _collect(enricher: SentimentEnricher, rows: list[tuple], pending: list[Futur
         return [part.result() if isinstance(part, Future) else part for part in pending]
     except (BrokenExecutor, OSError) as exc:
         log.warning("scoring worker failed (%s); this batch is scored in the main process", exc)
-        return [_decide_rows(enricher, rows)]
+        return [decide_rows(enricher, rows)]
 
 
 def reenrich(

@@ -578,7 +578,7 @@ def test_reenrich_scores_in_process_when_a_worker_dies(db, monkeypatch):
     rows = [(f"d{i}", f"what a lovely day number {i}" if i % 2 else f"a terrible night {i}") for i in range(1200)]
     with db.transaction() as cur:
         cur.executemany("INSERT INTO social_posts (platform, post_id, caption, created_at) VALUES ('x', %s, %s, now())", rows)
-    monkeypatch.setattr(module, "_decide_in_worker", _die)  # every worker dies on its first task
+    monkeypatch.setattr(module, "decide_in_worker", _die)  # every worker dies on its first task
     stats = RunStats()
     module.reenrich(db, SentimentEnricher(0.1), stats, batch_size=500, workers=2)
     assert stats.fetched == 1200 and not stats.interrupted

@@ -127,6 +127,33 @@ def test_a_reenrich_with_nothing_to_score_or_a_usage_error_leaves_no_worker(run_
     assert _marked(mark) == []
 
 
+def _burn(seconds: float) -> int:
+    """A task that takes `seconds` of CPU; the pid of the worker that ran it."""
+    end = time.process_time() + seconds
+    while time.process_time() < end:
+        pass
+    return os.getpid()
+
+
+def test_every_worker_is_reaped_so_that_its_cpu_counts_in_the_main_process():
+    import resource
+
+    def children_cpu() -> float:
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return usage.ru_utime + usage.ru_stime
+
+    before = children_cpu()
+    workers = _started_workers()
+    pool = prefork.take(0.05, True, 2)
+    assert pool is not None
+    ran = {future.result() for future in [pool.submit(_burn, 0.5), pool.submit(_burn, 0.5)]}
+    assert ran == set(workers)  # one task each
+    pool.shutdown()
+    assert _gone(workers, 1) == []
+    # The first worker reaps the second before it leaves (the bench's CPU and peak RSS of the workers read these).
+    assert children_cpu() - before >= 0.9
+
+
 def _die(rows) -> None:
     """A scoring worker killed mid-task (picklable by name, as the pool sends its tasks)."""
     os._exit(1)
@@ -159,7 +186,7 @@ def test_a_preforked_worker_that_dies_leaves_its_batches_to_the_main_process(db,
     from etl.run.stats import RunStats
 
     _archive(db, 1800)
-    monkeypatch.setattr(module, "_decide_in_worker", _die)  # every worker dies on its first task
+    monkeypatch.setattr(module, "decide_in_worker", _die)  # every worker dies on its first task
     workers = _started_workers()
     stats = RunStats()
     module.reenrich(db, SentimentEnricher(), stats, batch_size=500, workers=2)

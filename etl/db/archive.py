@@ -16,21 +16,9 @@ import psycopg2.extensions
 import psycopg2.extras
 
 from etl.db.connection import Database
-from etl.records import Media, Post, Sentiment, clean_json, clean_text
+from etl.records import Media, Post, Sentiment, clean_json, clean_text, copy_text
 
 # -- COPY into a per-connection temporary staging table: rows in PostgreSQL's text COPY format, one round trip --
-
-# COPY's text format: a backslash, tab, newline and carriage return inside a value are escaped; \N is NULL.
-_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
-_SPECIAL = ("\\", "\t", "\n", "\r")
-
-
-def _text(value: str) -> str:
-    # Most values hold none of the four characters: checking first is cheaper than translating every one.
-    for ch in _SPECIAL:
-        if ch in value:
-            return value.translate(_COPY_ESCAPES)
-    return value
 
 
 def _array_item(value: str) -> str:
@@ -42,7 +30,7 @@ def copy_value(value: Any) -> str:
     if value is None:
         return "\\N"
     if isinstance(value, str):
-        return _text(value)
+        return copy_text(value)
     if isinstance(value, bool):
         return "t" if value else "f"
     if isinstance(value, (int, float)):
@@ -50,10 +38,10 @@ def copy_value(value: Any) -> str:
     if isinstance(value, datetime):
         return value.isoformat()
     if isinstance(value, (list, tuple)):
-        return _text("{" + ",".join("NULL" if v is None else _array_item(str(v)) for v in value) + "}")
+        return copy_text("{" + ",".join("NULL" if v is None else _array_item(str(v)) for v in value) + "}")
     if isinstance(value, dict):
-        return _text(json.dumps(value, ensure_ascii=False, default=str))
-    return _text(str(value))
+        return copy_text(json.dumps(value, ensure_ascii=False, default=str))
+    return copy_text(str(value))
 
 
 def stage_sql(table: str, like: str, columns: Sequence[str]) -> tuple[str, str]:
@@ -154,7 +142,7 @@ _UPSERT_POSTS_COUNTED_SQL = (
 
 
 def _opt_text(value: Any) -> str:
-    return "\\N" if value is None else _text(clean_text(value))
+    return "\\N" if value is None else copy_text(clean_text(value))
 
 
 # What a value may not hold to go into a line as it is: what COPY escapes, and what clean_text() changes.
@@ -211,8 +199,8 @@ def _escaped_line(post: Post, first_image_url: str | None, sentiment_version: st
     tags = post.hashtags
     raw = post.raw
     return "\t".join((
-        _text(post.platform),
-        _text(clean_text(post.post_id)),
+        copy_text(post.platform),
+        copy_text(clean_text(post.post_id)),
         _opt_text(post.author_username),
         _opt_text(post.caption),
         s.label if s else "\\N",
@@ -223,8 +211,8 @@ def _escaped_line(post: Post, first_image_url: str | None, sentiment_version: st
         "\\N" if post.like_count is None else str(post.like_count),
         "\\N" if post.comment_count is None else str(post.comment_count),
         _opt_text(post.permalink),
-        _text("{" + ",".join([_array_item(clean_text(t)) for t in tags]) + "}") if tags else "{}",
-        "\\N" if raw is None else _text(json.dumps(clean_json(raw), ensure_ascii=False, default=str)),
+        copy_text("{" + ",".join([_array_item(clean_text(t)) for t in tags]) + "}") if tags else "{}",
+        "\\N" if raw is None else copy_text(json.dumps(clean_json(raw), ensure_ascii=False, default=str)),
         post.created_at.isoformat(),
         "t" if post.caption_truncated else "f",
         _opt_text(post.language),

@@ -4,14 +4,12 @@ written by one COPY and one UPDATE ... FROM, whatever its size)."""
 from __future__ import annotations
 
 import io
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
-from typing import Any
 
 import psycopg2.extensions
 
-from etl.db.archive import _text
 from etl.db.scans import named_cursor
 
 UNSCORED_SQL = (
@@ -60,29 +58,8 @@ _APPLY_DECISIONS = (
 )
 
 
-_NULL = "\\N"
-
-
-def _opt(value: Any) -> str:
-    return _NULL if value is None else _text(value)
-
-
-def _num(value: float | None) -> str:
-    return _NULL if value is None else repr(value)
-
-
-def decision_lines(decisions: Iterable[Sequence[Any]]) -> str:
-    """Re-enrichment decisions, each (id, changed, label, polarity, subjectivity, language, language_source,
-    skipped), as the text write_decisions() copies (each field's type known: no per-value dispatch)."""
-    return "".join([
-        f"{row_id}\t{'t' if changed else 'f'}\t{_opt(label)}\t{_num(polarity)}\t{_num(subjectivity)}\t"
-        f"{_opt(language)}\t{_opt(source)}\t{_opt(skipped)}\n"
-        for row_id, changed, label, polarity, subjectivity, language, source, skipped in decisions
-    ])  # fmt: skip
-
-
 def write_decisions(cur: psycopg2.extensions.cursor, parts: Sequence[str], version: str) -> None:
-    """Apply a batch of re-enrichment decisions (decision_lines() texts) and stamp every row with `version`:
+    """Apply a batch of re-enrichment decisions (etl/rescore.py decision_lines() texts) and stamp every row with `version`:
     three statements, whatever the batch size."""
     if not any(parts):
         return
