@@ -73,7 +73,6 @@ def start(workers: int | None = None) -> None:
         os.close(result_end)
     _started = Preforked(pid, [end for _, end in tasks], [end for end, _ in results])
     import atexit
-    import multiprocessing.connection  # noqa: F401  # now, while the first worker loads the models
 
     atexit.register(release)
 
@@ -216,6 +215,7 @@ class Preforked:
         return future
 
     def _begin(self) -> None:
+        import multiprocessing.connection  # noqa: F401  # here, not in the threads: they start at once
         import queue
         import threading
 
