@@ -26,13 +26,14 @@ _AHEAD = 2  # batches read and handed to the workers beyond the one being writte
 
 
 class _Scorers:
-    """Worker processes scoring captions (every core; etl/ahead.py's fork_scorers), forked for the first batch
-    that has captions to score: a batch that is only relabelled (_kept) is decided here, with no model loaded."""
+    """Worker processes scoring captions (every core), taken for the first batch that has captions to score: those
+    `etl.py reenrich` forked as it started (etl/prefork.py), else forked now (etl/ahead.py's fork_scorers). A batch
+    that is only relabelled (kept()) is decided here, with no model loaded."""
 
     def __init__(self, enricher: SentimentEnricher, workers: int):
         self.enricher = enricher
         self.workers = workers
-        self.pool: Executor | None = None
+        self.pool: Executor | prefork.Preforked | None = None
 
     def submit(self, rows: list[tuple]) -> list[Future] | list[tuple]:
         if self.workers <= 1 or all(kept(self.enricher, row) for row in rows):
@@ -84,12 +85,12 @@ def reenrich(
     of rows) and the changes are written and committed a batch at a time on the main connection, so an
     interrupted re-enrichment keeps what it did and the next one carries on from there.
 
-    Captions are scored by `workers` processes (default: one per core) while the earlier batches are written (by
-    _Writer's thread): up to _AHEAD + 1 batches are read and handed to them, one more waits for the writer and one
-    is being written, so at most _AHEAD + 3 batches are in memory at a time. Small batches keep the first write and
-    the last one (which nothing else overlaps) short.
+    Captions are scored by `workers` processes (default: one per core; forked as etl.py starts, etl/prefork.py)
+    while the earlier batches are written (by _Writer's thread): up to _AHEAD + 1 batches are read and handed to
+    them, one more waits for the writer and one is being written, so at most _AHEAD + 3 batches are in memory at a
+    time. Small batches keep the first write and the last one (which nothing else overlaps) short.
     Rows whose stored decision was made by the same scorer and language detector (SENTIMENT_THRESHOLD alone
-    changed) are only labelled again (_kept).
+    changed) are only labelled again (kept()).
     """
     workers = (os.cpu_count() or 1) if workers is None else workers
     reader = db.connect()

@@ -59,8 +59,8 @@ _APPLY_DECISIONS = (
 
 
 def write_decisions(cur: psycopg2.extensions.cursor, parts: Sequence[str], version: str) -> None:
-    """Apply a batch of re-enrichment decisions (etl/rescore.py decision_lines() texts) and stamp every row with `version`:
-    three statements, whatever the batch size."""
+    """Apply a batch of re-enrichment decisions (etl/rescore.py decision_lines() texts) and stamp every row with
+    `version`: three statements, whatever the batch size."""
     if not any(parts):
         return
     cur.execute(_PREPARE_DECISIONS)
