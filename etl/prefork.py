@@ -114,12 +114,13 @@ def _first_worker(tasks: list[tuple[int, int]], results: list[tuple[int, int]]) 
             os.close(main_end)  # only the main process holds it: its end (or its death) is each worker's EOF
             os.close(other_end)
         import gc
+        from multiprocessing.connection import Connection
 
+        sends = [Connection(end, readable=False) for _, end in results]  # each worker keeps its own (below)
+        forward = _forward_logs(sends[0])
         from etl.enrich import preload
 
         preload()
-        import multiprocessing.connection  # noqa: F401  # (once, before the fork: not in each worker)
-
         import etl.rescore  # noqa: F401  # the module of the tasks' function (it needs no database)
 
         gc.freeze()  # (etl.py disabled the collector before the fork, as for its own imports)
@@ -131,11 +132,12 @@ def _first_worker(tasks: list[tuple[int, int]], results: list[tuple[int, int]]) 
                 mine, children = n, []
                 break
             children.append(child)
-        for n, ((task_end, _), (_, result_end)) in enumerate(zip(tasks, results, strict=True)):
+        forward.results = sends[mine]
+        for n, ((task_end, _), send) in enumerate(zip(tasks, sends, strict=True)):
             if n != mine:
                 os.close(task_end)
-                os.close(result_end)
-        _serve(tasks[mine][0], results[mine][1], children)
+                send.close()
+        _serve(Connection(tasks[mine][0], writable=False), sends[mine], children)
         code = 0
     except BaseException:  # the main process scores in-process (and says so); why is told here
         import traceback
@@ -145,16 +147,13 @@ def _first_worker(tasks: list[tuple[int, int]], results: list[tuple[int, int]]) 
         os._exit(code)
 
 
-def _serve(task_end: int, result_end: int, children: list[int]) -> None:
+def _serve(tasks: Any, results: Any, children: list[int]) -> None:
     """Runs the tasks that come in until the main process closes its end; then reaps `children`, while its results
     pipe is still open (its end tells the main process that every worker is gone): their CPU and peak RSS then count
     in the main process's children's."""
-    from multiprocessing.connection import Connection
-
     from etl.ahead import adopt_enricher
     from etl.enrich import SentimentEnricher
 
-    tasks, results = Connection(task_end, writable=False), Connection(result_end, readable=False)
     config = None
     while True:
         try:
@@ -175,6 +174,35 @@ def _serve(task_end: int, result_end: int, children: list[int]) -> None:
             results.send(answer)
         except Exception as exc:  # (an exception that does not pickle)
             results.send((number, False, RuntimeError(f"{type(exc).__name__}: {exc}")))
+
+
+_LOG = 0  # the task number of a message that is a log record, not a result
+
+
+def _forward_logs(results: Any) -> Any:
+    """A handler sending this worker's log records (INFO and above) to the main process, which logs them as its own:
+    its settings (level, text or JSON, the log file, redaction) were not read when the workers were forked."""
+    import logging
+
+    class Forward(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            try:
+                self.results.send((_LOG, None, (record.levelno, record.name, record.getMessage())))
+            except Exception:  # (the main process is gone: nothing to tell)
+                pass
+
+    handler = Forward(logging.INFO)
+    handler.results = results  # type: ignore[attr-defined]  # (each worker points it at its own pipe)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    return handler
+
+
+def _log_record(level: int, name: str, message: str) -> None:
+    import logging
+
+    logging.getLogger(name).log(level, "%s (scoring worker)", message)
 
 
 class Preforked:
@@ -248,6 +276,9 @@ class Preforked:
                 for pipe in wait(list(pipes)):
                     try:
                         number, ok, value = pipe.recv()
+                        if number == _LOG:
+                            _log_record(*value)
+                            continue
                     except (EOFError, OSError):  # its worker has left: at shutdown, or died
                         n = pipes.pop(pipe)
                         pipe.close()

@@ -154,6 +154,25 @@ def test_every_worker_is_reaped_so_that_its_cpu_counts_in_the_main_process():
     assert children_cpu() - before >= 0.9
 
 
+def _warn(what: str) -> str:
+    import logging
+
+    logging.getLogger("etl.language").warning("a worker's warning about %s", what)
+    return what
+
+
+def test_a_workers_log_records_are_logged_by_the_main_process(caplog):
+    # Forked before etl.py reads its settings (level, JSON, the log file, redaction): the main process logs them.
+    workers = _started_workers()
+    pool = prefork.take(0.05, True, 2)
+    assert pool is not None
+    assert pool.submit(_warn, "its model").result() == "its model"
+    pool.shutdown()
+    assert "a worker's warning about its model (scoring worker)" in caplog.text
+    assert [r.name for r in caplog.records if "scoring worker" in r.getMessage()] == ["etl.language"]
+    assert _gone(workers, 1) == []
+
+
 def _die(rows) -> None:
     """A scoring worker killed mid-task (picklable by name, as the pool sends its tasks)."""
     os._exit(1)
