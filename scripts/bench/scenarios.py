@@ -650,8 +650,9 @@ def reenrich(b: Bench) -> Result:
                "two (main or worker). A threshold-only change relabels rows from their stored polarity (no model "
                "loaded), so its rate is not the target's.",
                "the larger archive is loaded by etl.py (not timed), then re-scored once: a run of seconds, where the "
-               "start-up (interpreter, imports, lexicon and language model, forking the workers: about 0.2 s) is a "
-               "small share; in the run of the metadata archive it is about a third.",
+               "start-up (the workers score from about 0.15 s: etl.py forks them as it starts, and they load the "
+               "lexicon and the language model while it imports, reads its settings and opens the database) is a "
+               "small share; in the run of the metadata archive it is about a fifth.",
                "before the full re-score, the stored versions are set by an UPDATE (it stands for an upgrade of the "
                "scorer), then VACUUM ANALYZE clears the dead rows it and the relabelling run left (autovacuum would, "
                "within its minute): the re-score meets the archive as an upgrade leaves it.",
