@@ -25,7 +25,10 @@ Only `os` is imported before the fork: etl.py imports this module before anythin
 from __future__ import annotations
 
 import os
-from typing import Any
+
+TYPE_CHECKING = False  # (typing itself is not imported before the fork)
+if TYPE_CHECKING:
+    from typing import Any
 
 COMMAND = "reenrich"
 GLOBAL_OPTIONS = ("--log-format", "--log-level")  # options taking a value, before or after the command
@@ -54,12 +57,14 @@ def start(workers: int | None = None) -> None:
     workers = workers or os.cpu_count() or 1
     if _started is not None or workers < 2:
         return
-    tasks = [os.pipe() for _ in range(workers)]  # (read, write) ends: the main process to worker n
-    results = [os.pipe() for _ in range(workers)]  # worker n to the main process
+    pipes: list[tuple[int, int]] = []
     try:
+        for _ in range(2 * workers):
+            pipes.append(os.pipe())
+        tasks, results = pipes[:workers], pipes[workers:]  # (read, write) ends: to worker n; from worker n
         pid = os.fork()
-    except (OSError, AttributeError):  # (no fork here: reenrich forks its workers as it always could)
-        for fd in (fd for pipe in tasks + results for fd in pipe):
+    except (OSError, AttributeError):  # (no fork, no pipes: reenrich forks its workers as it always could)
+        for fd in (fd for pipe in pipes for fd in pipe):
             os.close(fd)
         return
     if pid == 0:
@@ -261,9 +266,12 @@ class Preforked:
         tasks = Connection(self.task_ends[n], readable=False)
         try:
             while (task := self._queues[n].get()) is not None:
-                tasks.send(task)
-        except OSError:  # it died: the receiver sees its results pipe close
-            pass
+                try:
+                    tasks.send(task)
+                except OSError:  # it died: the receiver sees its results pipe close
+                    return
+                except Exception as exc:  # (a task that does not pickle: nothing was sent)
+                    self._finish(task[0], False, exc)
         finally:
             tasks.close()
 
@@ -276,9 +284,6 @@ class Preforked:
                 for pipe in wait(list(pipes)):
                     try:
                         number, ok, value = pipe.recv()
-                        if number == _LOG:
-                            _log_record(*value)
-                            continue
                     except (EOFError, OSError):  # its worker has left: at shutdown, or died
                         n = pipes.pop(pipe)
                         pipe.close()
@@ -286,40 +291,46 @@ class Preforked:
                             self._break(f"scoring worker {n + 1} of {self.workers} ended unexpectedly")
                             return
                         continue
-                    with self._lock:
-                        future, worker = self._futures.pop(number, (None, None))
-                        if worker is not None:
-                            self._unfinished[worker] -= 1
-                    if future is None or not future.set_running_or_notify_cancel():
-                        continue  # (cancelled; or the pool broke meanwhile)
-                    if ok:
-                        future.set_result(value)
+                    except Exception as exc:  # (a message that does not unpickle here: whose it was is lost)
+                        self._break(f"a scoring worker's answer could not be read: {type(exc).__name__}: {exc}")
+                        return
+                    if number == _LOG:
+                        _log_record(*value)
                     else:
-                        future.set_exception(value)
+                        self._finish(number, ok, value)
         finally:
             for pipe in pipes:
                 pipe.close()
 
-    def _break(self, why: str) -> None:
-        from concurrent.futures.process import BrokenProcessPool
+    def _finish(self, number: int, ok: bool, value: Any) -> None:
+        """Task `number`'s future gets its result (ok) or exception, unless it was cancelled."""
+        with self._lock:
+            future, worker = self._futures.pop(number, (None, None))
+            if worker is not None:
+                self._unfinished[worker] -= 1
+        if future is None or not future.set_running_or_notify_cancel():
+            return  # (cancelled; or the pool broke meanwhile)
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)
 
+    def _break(self, why: str) -> None:
         with self._lock:
             self.broken = why
-            futures, self._futures = [future for future, _ in self._futures.values()], {}
-        self.kill()
-        for future in futures:
-            if future.set_running_or_notify_cancel():
-                future.set_exception(BrokenProcessPool(why))
+        self.kill(why)
 
-    def kill(self) -> None:
-        """Ends every worker at once (their process group) and reaps the first."""
+    def kill(self, why: str = "the scoring workers were stopped") -> None:
+        """Ends every worker at once (their process group) and reaps the first; the tasks not finished fail."""
         import signal
+        from concurrent.futures.process import BrokenProcessPool
 
         with self._lock:
             if self._gone:
                 return
             self._gone = True
             self._closing = True
+            futures, self._futures = [future for future, _ in self._futures.values()], {}
         for kill in (os.killpg, os.kill):  # the group; the first worker alone if it had no group yet
             try:
                 kill(self.pid, signal.SIGKILL)
@@ -330,6 +341,9 @@ class Preforked:
         except ChildProcessError:
             pass
         self._close_ends()
+        for future in futures:
+            if future.set_running_or_notify_cancel():
+                future.set_exception(BrokenProcessPool(why))
 
     def _close_ends(self) -> None:
         """The pipes' ends no thread has taken (none was started) closed; the senders told to close theirs."""

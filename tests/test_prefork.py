@@ -173,6 +173,17 @@ def test_a_workers_log_records_are_logged_by_the_main_process(caplog):
     assert _gone(workers, 1) == []
 
 
+def test_a_task_that_cannot_be_sent_fails_alone():
+    workers = _started_workers()
+    pool = prefork.take(0.05, True, 2)
+    assert pool is not None
+    unsendable = pool.submit(_burn, lambda: 1)  # a lambda does not pickle
+    assert isinstance(unsendable.exception(timeout=60), Exception)
+    assert pool.submit(_burn, 0.01).result(timeout=60) in workers  # the pool goes on
+    pool.shutdown()
+    assert _gone(workers, 1) == []
+
+
 def _die(rows) -> None:
     """A scoring worker killed mid-task (picklable by name, as the pool sends its tasks)."""
     os._exit(1)
