@@ -33,6 +33,13 @@ CAPTIONS = (
 )
 
 
+@pytest.fixture(autouse=True)
+def _none_left():
+    """Workers a failed test started here are killed, and the next test starts its own."""
+    yield
+    prefork.release()
+
+
 def _archive(db, count: int) -> None:
     rows = [(f"p{n:05d}", CAPTIONS[n % len(CAPTIONS)].format(n=n) or None) for n in range(count)]
     with db.transaction() as cur:
