@@ -29,6 +29,7 @@ CAPTIONS = (
     "Der Zug war heute wieder sehr spät und voll {n}",
     "nous avons mangé une excellente soupe ce soir {n}",
     "meh {n}",
+    "the new cafe is somewhat interesting and a bit slow {n}",  # polarity 0.11: neutral at 0.3, positive at 0.05
     "",
 )
 
@@ -117,6 +118,7 @@ def test_etl_py_reenrich_decides_as_in_process_scoring_and_leaves_no_worker(run_
     assert _marked(mark) == [], "a scoring worker outlived etl.py"
     by_workers = query(db.dsn, DECIDED)
     assert all(row[7] for row in by_workers) and {row[1] for row in by_workers} >= {"positive", "negative"}
+    assert {row[1] for row in by_workers if row[2] == 0.112121} == {"neutral"}  # at 0.3 (positive at 0.05)
     assert {row[4] for row in by_workers} >= {"de", "fr"}  # the language model was used
 
     _unscore(db)
