@@ -221,8 +221,7 @@ class Preforked:
         self.config: tuple[float, bool] | None = None
         self.broken: str | None = None
         self._lock = threading.Lock()
-        self._futures: dict[int, tuple[Any, int]] = {}  # task number: (its future, its worker)
-        self._unfinished = [0] * self.workers
+        self._futures: dict[int, tuple[Any, int]] = {}  # the unfinished tasks by number: (its future, its worker)
         self._number = 0
         self._queues: list[Any] = []  # a sender thread's tasks, per worker (once the first task is given)
         self._threads: list[Any] = []
@@ -239,8 +238,10 @@ class Preforked:
                 raise RuntimeError("cannot schedule new futures after shutdown")
             if not self._threads:
                 self._begin()
-            worker = min(range(self.workers), key=self._unfinished.__getitem__)
-            self._unfinished[worker] += 1
+            unfinished = [0] * self.workers
+            for _, taken in self._futures.values():
+                unfinished[taken] += 1
+            worker = unfinished.index(min(unfinished))
             self._number += 1
             future: Future = Future()
             self._futures[self._number] = (future, worker)
@@ -305,9 +306,7 @@ class Preforked:
     def _finish(self, number: int, ok: bool, value: Any) -> None:
         """Task `number`'s future gets its result (ok) or exception, unless it was cancelled."""
         with self._lock:
-            future, worker = self._futures.pop(number, (None, None))
-            if worker is not None:
-                self._unfinished[worker] -= 1
+            future, _ = self._futures.pop(number, (None, None))
         if future is None or not future.set_running_or_notify_cancel():
             return  # (cancelled; or the pool broke meanwhile)
         if ok:

@@ -885,3 +885,49 @@ def iam_user_key(moto_url: str) -> tuple[str, str]:
     iam.put_user_policy(UserName="archiver", PolicyName="s3", PolicyDocument=json.dumps(policy))
     key = iam.create_access_key(UserName="archiver")["AccessKey"]
     return key["AccessKeyId"], key["SecretAccessKey"]
+
+
+def die_in_worker(rows: object) -> None:
+    """A scoring worker killed mid-task (picklable by name, as the pools send their tasks)."""
+    import os
+
+    os._exit(1)
+
+
+def still_alive(pids: list[int], seconds: float) -> list[int]:
+    """The pids still alive (not zombies) after waiting up to `seconds` for them to end."""
+    import psutil
+
+    deadline = time.monotonic() + seconds
+    while True:
+        alive = []
+        for pid in pids:
+            try:
+                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                    alive.append(pid)
+            except psutil.NoSuchProcess:
+                pass
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.1)
+
+
+def outliving_a_killed_parent(tmp_path: _Path, code: str, count: int) -> list[int]:
+    """Run `code` in a Python process that prints the pids of the `count` workers it started, then SIGKILLs itself
+    (nothing of its own shutdown runs); the workers still alive 30 s later, killed here so that no test leaves them."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    # Into files, not pipes: the workers inherit them, and a pipe would stay open as long as they live.
+    with (tmp_path / "out").open("w") as out, (tmp_path / "err").open("w") as err:
+        done = subprocess.run([sys.executable, "-c", code], stdout=out, stderr=err, timeout=120,
+                              cwd=_Path(__file__).resolve().parents[1])  # fmt: skip
+    assert done.returncode == -signal.SIGKILL, (tmp_path / "err").read_text()[-2000:]
+    workers = [int(pid) for pid in (tmp_path / "out").read_text().split()]
+    assert len(workers) == count
+    alive = still_alive(workers, 30)
+    for pid in alive:
+        os.kill(pid, signal.SIGKILL)
+    return alive

@@ -12,6 +12,7 @@ from etl.ahead import score_ahead
 from etl.enrich import SentimentEnricher
 from etl.errors import SourceError
 from etl.records import Post
+from tests.support import outliving_a_killed_parent
 
 WHEN = datetime(2024, 5, 1, 8, 0, tzinfo=timezone.utc)
 WORDS = "what a lovely awful great terrible day night coffee la plage est belle und der Tag war schön".split()
@@ -237,16 +238,8 @@ def test_tasks_are_long_unless_that_would_leave_workers_idle():
 
 @pytest.mark.fault("the run is SIGKILLed (the OOM killer) while its scoring workers wait: they end within seconds, not never")
 def test_scoring_workers_end_when_their_parent_is_killed_outright(tmp_path):
-    import signal
-    import subprocess
-    import sys
-    import time
-    from pathlib import Path
-
-    import psutil
-
     # A parent that forks its workers (cold, as a first load does), has them score once, prints their pids, then
-    # dies by SIGKILL: nothing of its own shutdown runs.
+    # dies by SIGKILL.
     code = (
         "import os, signal\n"
         "from etl.ahead import fork_scorers\n"
@@ -256,18 +249,4 @@ def test_scoring_workers_end_when_their_parent_is_killed_outright(tmp_path):
         "print(*pool._processes, flush=True)\n"
         "os.kill(os.getpid(), signal.SIGKILL)\n"
     )
-    # Into files, not pipes: the workers inherit them, and a pipe would stay open as long as they live.
-    with (tmp_path / "out").open("w") as out, (tmp_path / "err").open("w") as err:
-        done = subprocess.run([sys.executable, "-c", code], stdout=out, stderr=err, timeout=120,
-                              cwd=Path(__file__).resolve().parents[1])  # fmt: skip
-    assert done.returncode == -signal.SIGKILL, (tmp_path / "err").read_text()[-2000:]
-    workers = [int(pid) for pid in (tmp_path / "out").read_text().split()]
-    assert len(workers) == 2
-    deadline = time.monotonic() + 30
-    alive = workers
-    while alive and time.monotonic() < deadline:
-        alive = [p for p in workers if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
-        time.sleep(0.2)
-    for pid in alive:  # not left behind by the test either
-        os.kill(pid, signal.SIGKILL)
-    assert not alive, "scoring workers outlived their killed parent"
+    assert outliving_a_killed_parent(tmp_path, code, 2) == [], "scoring workers outlived their killed parent"

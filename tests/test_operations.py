@@ -22,7 +22,7 @@ from etl.sources.base import FetchWindow, Source
 from etl.status import collect_status, format_status
 from etl.store import LocalStore
 from tests.conftest import query
-from tests.support import Reply, png_bytes
+from tests.support import Reply, die_in_worker, png_bytes
 
 T0 = datetime(2026, 10, 1, tzinfo=timezone.utc)
 
@@ -562,13 +562,6 @@ def test_a_run_frees_its_locks_before_it_closes_their_connection(listsrc, make_s
     assert held == []  # and the next run takes it at once
 
 
-def _die(rows) -> None:
-    """A scoring worker killed mid-task (picklable by name, as the pool sends its tasks)."""
-    import os
-
-    os._exit(1)
-
-
 @pytest.mark.fault("a reenrich worker process dies (killed, out of memory): its batch is scored in the main process")
 def test_reenrich_scores_in_process_when_a_worker_dies(db, monkeypatch):
     from etl import reenrich as module
@@ -578,7 +571,7 @@ def test_reenrich_scores_in_process_when_a_worker_dies(db, monkeypatch):
     rows = [(f"d{i}", f"what a lovely day number {i}" if i % 2 else f"a terrible night {i}") for i in range(1200)]
     with db.transaction() as cur:
         cur.executemany("INSERT INTO social_posts (platform, post_id, caption, created_at) VALUES ('x', %s, %s, now())", rows)
-    monkeypatch.setattr(module, "decide_in_worker", _die)  # every worker dies on its first task
+    monkeypatch.setattr(module, "decide_in_worker", die_in_worker)  # every worker dies on its first task
     stats = RunStats()
     module.reenrich(db, SentimentEnricher(0.1), stats, batch_size=500, workers=2)
     assert stats.fetched == 1200 and not stats.interrupted

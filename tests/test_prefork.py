@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -17,8 +14,8 @@ from etl import prefork
 from etl.ahead import PARENT_CHECK_SECONDS
 from etl.prefork import wanted
 from tests.conftest import query
+from tests.support import die_in_worker, outliving_a_killed_parent, still_alive
 
-ROOT = Path(__file__).resolve().parents[1]
 DECIDED = (
     "SELECT post_id, sentiment, sentiment_polarity, sentiment_subjectivity, language, language_source,"
     " sentiment_skipped, sentiment_version FROM social_posts ORDER BY post_id"
@@ -67,22 +64,6 @@ def _marked(mark: str) -> list[int]:
         except OSError:
             continue
     return found
-
-
-def _gone(pids: list[int], seconds: float) -> list[int]:
-    """The pids still alive (not zombies) after waiting up to `seconds` for them to end."""
-    deadline = time.monotonic() + seconds
-    while True:
-        alive = []
-        for pid in pids:
-            try:
-                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                    alive.append(pid)
-            except psutil.NoSuchProcess:
-                pass
-        if not alive or time.monotonic() > deadline:
-            return alive
-        time.sleep(0.1)
 
 
 @pytest.mark.parametrize(
@@ -158,7 +139,7 @@ def test_every_worker_is_reaped_so_that_its_cpu_counts_in_the_main_process():
     ran = {future.result() for future in [pool.submit(_burn, 0.5), pool.submit(_burn, 0.5)]}
     assert ran == set(workers)  # one task each
     pool.shutdown()
-    assert _gone(workers, 1) == []
+    assert still_alive(workers, 1) == []
     # The first worker reaps the second before it leaves (the bench's CPU and peak RSS of the workers read these).
     assert children_cpu() - before >= 0.9
 
@@ -179,7 +160,7 @@ def test_a_workers_log_records_are_logged_by_the_main_process(caplog):
     pool.shutdown()
     assert "a worker's warning about its model (scoring worker)" in caplog.text
     assert [r.name for r in caplog.records if "scoring worker" in r.getMessage()] == ["etl.language"]
-    assert _gone(workers, 1) == []
+    assert still_alive(workers, 1) == []
 
 
 def test_a_task_that_cannot_be_sent_fails_alone():
@@ -190,12 +171,7 @@ def test_a_task_that_cannot_be_sent_fails_alone():
     assert isinstance(unsendable.exception(timeout=60), Exception)
     assert pool.submit(_burn, 0.01).result(timeout=60) in workers  # the pool goes on
     pool.shutdown()
-    assert _gone(workers, 1) == []
-
-
-def _die(rows) -> None:
-    """A scoring worker killed mid-task (picklable by name, as the pool sends its tasks)."""
-    os._exit(1)
+    assert still_alive(workers, 1) == []
 
 
 def _started_workers() -> list[int]:
@@ -215,7 +191,7 @@ def test_workers_nothing_took_are_killed_at_once():
     workers = _started_workers()
     prefork.release()
     # At once: not when they notice that their parent is gone (each checks once a second).
-    assert _gone(workers, PARENT_CHECK_SECONDS / 2) == []
+    assert still_alive(workers, PARENT_CHECK_SECONDS / 2) == []
 
 
 @pytest.mark.fault("a scoring worker forked as etl.py reenrich started dies: its batch is scored in the main process")
@@ -225,7 +201,7 @@ def test_a_preforked_worker_that_dies_leaves_its_batches_to_the_main_process(db,
     from etl.run.stats import RunStats
 
     _archive(db, 1800)
-    monkeypatch.setattr(module, "decide_in_worker", _die)  # every worker dies on its first task
+    monkeypatch.setattr(module, "decide_in_worker", die_in_worker)  # every worker dies on its first task
     workers = _started_workers()
     stats = RunStats()
     module.reenrich(db, SentimentEnricher(), stats, batch_size=500, workers=2)
@@ -233,12 +209,12 @@ def test_a_preforked_worker_that_dies_leaves_its_batches_to_the_main_process(db,
     assert query(db.dsn, "SELECT count(*) FROM social_posts WHERE sentiment_version IS NULL") == [(0,)]
     assert "scoring worker failed" in caplog.text and "ended unexpectedly" in caplog.text
     assert prefork._started is None
-    assert _gone(workers, 10) == []
+    assert still_alive(workers, 10) == []
 
 
 def test_preforked_workers_end_when_etl_py_is_killed_outright(tmp_path):
     # A process that forks its workers as etl.py does for a reenrich, prints their pids once both are there,
-    # then dies by SIGKILL: nothing of its own shutdown runs.
+    # then dies by SIGKILL.
     code = (
         "import os, signal, time, psutil\n"
         "from etl import prefork\n"
@@ -248,13 +224,4 @@ def test_preforked_workers_end_when_etl_py_is_killed_outright(tmp_path):
         "print(first, *(c.pid for c in psutil.Process(first).children()), flush=True)\n"
         "os.kill(os.getpid(), signal.SIGKILL)\n"
     )
-    # Into files, not pipes: the workers inherit them, and a pipe would stay open as long as they live.
-    with (tmp_path / "out").open("w") as out, (tmp_path / "err").open("w") as err:
-        done = subprocess.run([sys.executable, "-c", code], stdout=out, stderr=err, timeout=120, cwd=ROOT)
-    assert done.returncode == -signal.SIGKILL, (tmp_path / "err").read_text()[-2000:]
-    workers = [int(pid) for pid in (tmp_path / "out").read_text().split()]
-    assert len(workers) == 2
-    alive = _gone(workers, 30)
-    for pid in alive:  # not left behind by the test either
-        os.kill(pid, signal.SIGKILL)
-    assert not alive, "preforked scoring workers outlived their killed parent"
+    assert outliving_a_killed_parent(tmp_path, code, 2) == [], "preforked scoring workers outlived their killed parent"
