@@ -173,7 +173,7 @@ class _Writer:
 
 def _write(db: Database, enricher: SentimentEnricher, stats: RunStats, rows: list[tuple], parts: list[tuple]) -> None:
     with db.transaction() as cur:
-        write_decisions(cur, [text for text, _, _ in parts], enricher.version)
+        write_decisions(cur, [text for text, _, _ in parts], enricher.version, [row[0] for row in rows])
     changed = 0
     for _, part_changed, tally in parts:  # counted once committed
         changed += part_changed

@@ -24,11 +24,11 @@ def test_a_failed_write_stops_the_reenrich_with_its_error(db, monkeypatch):
     real = module.write_decisions
     calls = []
 
-    def refuse_the_third(cur, parts, version):
+    def refuse_the_third(cur, parts, version, ids):
         calls.append(len(parts))
         if len(calls) == 3:
             raise psycopg2.errors.DiskFull("could not extend file")
-        real(cur, parts, version)
+        real(cur, parts, version, ids)
 
     monkeypatch.setattr(module, "write_decisions", refuse_the_third)
     enricher = SentimentEnricher(0.1)
@@ -52,9 +52,10 @@ def test_batches_are_written_in_order_while_later_ones_are_decided(db, monkeypat
     written = []
     real = module.write_decisions
 
-    def record(cur, parts, version):
+    def record(cur, parts, version, ids):
         written.append([int(line.split("\t", 1)[0]) for part in parts for line in part.splitlines()])
-        real(cur, parts, version)
+        assert list(ids) == written[-1]  # the posts the UPDATE reads between (their first and last id)
+        real(cur, parts, version, ids)
 
     monkeypatch.setattr(module, "write_decisions", record)
     stats = RunStats()
@@ -73,7 +74,7 @@ def test_the_readers_error_is_the_one_that_goes_on(db, monkeypatch, caplog):
     _posts(db, 600)
     read_failed = threading.Event()
 
-    def refuse(cur, parts, version):  # the first write fails once the read has failed
+    def refuse(cur, parts, version, ids):  # the first write fails once the read has failed
         assert read_failed.wait(10)
         raise psycopg2.errors.DiskFull("could not extend file")
 
@@ -117,10 +118,53 @@ def test_the_writer_writes_holding_the_fork_lock(db, monkeypatch):
     real = module.write_decisions
     seen: list[tuple[str, bool]] = []
 
-    def watching(cur, parts, version):
+    def watching(cur, parts, version, ids):
         seen.append((threading.current_thread().name, FORKING.held_here()))
-        real(cur, parts, version)
+        real(cur, parts, version, ids)
 
     monkeypatch.setattr(module, "write_decisions", watching)
     module.reenrich(db, SentimentEnricher(0.2), RunStats(), batch_size=100, workers=2)
     assert len(seen) == 4 and all(name == "reenrich-writer" and locked for name, locked in seen)
+
+
+def _pages(db) -> dict[int, int]:
+    """Each post's page (the block of its row version's ctid)."""
+    return dict(query(db.dsn, "SELECT id, (ctid::text::point)[0]::int FROM social_posts"))
+
+
+def test_a_rescore_rewrites_each_post_on_its_own_page(db):
+    """sql/013's fillfactor: a page as a load leaves it has room for a new version of each of its rows, so a re-score
+    (which rewrites every row in the transaction of its batch) updates them in place, touching no index."""
+    enricher = SentimentEnricher(0.1)
+    older = enricher.version.replace("textblob", "an-older")  # another scorer, its version as long
+    rows = [(f"p{i}", f"what a lovely day number {i}" if i % 3 else f"a terrible night {i}", older) for i in range(1500)]
+    with db.transaction() as cur:  # as a run stores them: scored (each row as long once scored again)
+        cur.executemany("INSERT INTO social_posts (platform, post_id, caption, created_at, sentiment, sentiment_polarity,"
+                        " sentiment_subjectivity, language, language_source, sentiment_version) VALUES ('x', %s, %s,"
+                        " now(), 'negative', 0.0, 0.0, 'en', 'detected', %s)", rows)  # fmt: skip
+    before = _pages(db)
+    indexes = query(db.dsn, "SELECT pg_indexes_size('social_posts')")
+    assert len(set(before.values())) > 10  # many pages: a batch rewrites whole ones
+    stats = RunStats()
+    module.reenrich(db, enricher, stats, batch_size=500, workers=1)
+    assert stats.fetched == 1500 and stats.updated == 1500  # every row rewritten with a new decision
+    assert _pages(db) == before  # with pages full (fillfactor 100) every row moved to another one
+    assert query(db.dsn, "SELECT pg_indexes_size('social_posts')") == indexes
+
+
+def test_a_batch_update_reads_only_its_own_posts(db):
+    """The batch's UPDATE reads social_posts between its first and last id: the planner knows nothing of the
+    temporary table of decisions, and without the range it hashed the whole table for each batch."""
+    from etl.db.reenrich import _APPLY_DECISIONS, _PREPARE_DECISIONS
+
+    _posts(db, 5000)
+    with db.transaction() as cur:
+        cur.execute("ANALYZE social_posts")
+    with db.transaction() as cur:
+        cur.execute(_PREPARE_DECISIONS)
+        cur.execute("INSERT INTO reenrich_decisions (id, changed) SELECT id, false FROM social_posts ORDER BY id LIMIT 500")
+        cur.execute("SELECT min(id), max(id) FROM reenrich_decisions")
+        first, last = cur.fetchone()
+        cur.execute("EXPLAIN " + _APPLY_DECISIONS, {"version": "v", "first": first, "last": last})
+        plan = "\n".join(row[0] for row in cur.fetchall())
+    assert "Seq Scan on social_posts" not in plan, plan

@@ -54,15 +54,19 @@ _APPLY_DECISIONS = (
     " language_source = CASE WHEN v.changed THEN v.language_source ELSE p.language_source END,"
     " sentiment_skipped = CASE WHEN v.changed THEN v.skipped ELSE p.sentiment_skipped END,"
     " updated_at = CASE WHEN v.changed THEN now() ELSE p.updated_at END"
-    " FROM reenrich_decisions AS v WHERE p.id = v.id"
+    " FROM reenrich_decisions AS v WHERE p.id = v.id AND p.id BETWEEN %(first)s AND %(last)s"
 )
 
 
-def write_decisions(cur: psycopg2.extensions.cursor, parts: Sequence[str], version: str) -> None:
-    """Apply a batch of re-enrichment decisions (etl/rescore.py decision_lines() texts) and stamp every row with
-    `version`: three statements, whatever the batch size."""
+def write_decisions(cur: psycopg2.extensions.cursor, parts: Sequence[str], version: str, ids: Sequence[int]) -> None:
+    """Apply a batch of re-enrichment decisions (etl/rescore.py decision_lines() texts) for the posts `ids` and
+    stamp every row with `version`: three statements, whatever the batch size.
+
+    The UPDATE reads social_posts only between the batch's first and last id (a batch is a run of the scan's id
+    order): the planner knows nothing of the temporary table's rows, and without the range it hashed the whole
+    table for each batch on an archive whose pages are dense."""
     if not any(parts):
         return
     cur.execute(_PREPARE_DECISIONS)
     cur.copy_expert(_COPY_DECISIONS, io.StringIO("".join(parts)))
-    cur.execute(_APPLY_DECISIONS, {"version": version})
+    cur.execute(_APPLY_DECISIONS, {"version": version, "first": min(ids), "last": max(ids)})
