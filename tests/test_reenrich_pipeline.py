@@ -148,7 +148,7 @@ def test_a_rescore_rewrites_each_post_on_its_own_page(db):
     stats = RunStats()
     module.reenrich(db, enricher, stats, batch_size=500, workers=1)
     assert stats.fetched == 1500 and stats.updated == 1500  # every row rewritten with a new decision
-    assert _pages(db) == before  # with pages full (fillfactor 100) every row moved to another one
+    assert _pages(db) == before  # at fillfactor 100 (pages full), rows move to other pages
     assert query(db.dsn, "SELECT pg_indexes_size('social_posts')") == indexes
 
 
