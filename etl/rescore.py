@@ -66,11 +66,11 @@ def _num(value: float | None) -> str:
     return _NULL if value is None else repr(value)
 
 
-def decision_lines(decisions: Iterable[Sequence[Any]]) -> str:
+def decision_lines(written: Iterable[Sequence[Any]]) -> str:
     """Re-enrichment decisions, each (id, changed, label, polarity, subjectivity, language, language_source,
     skipped), as the text write_decisions() copies (each field's type known: no per-value dispatch)."""
     return "".join([
         f"{row_id}\t{'t' if changed else 'f'}\t{_opt(label)}\t{_num(polarity)}\t{_num(subjectivity)}\t"
         f"{_opt(language)}\t{_opt(source)}\t{_opt(skipped)}\n"
-        for row_id, changed, label, polarity, subjectivity, language, source, skipped in decisions
+        for row_id, changed, label, polarity, subjectivity, language, source, skipped in written
     ])  # fmt: skip
