@@ -26,7 +26,7 @@ if not __package__:  # run as `python scripts/bench`: make `scripts.bench` impor
 
 from scripts import profile_summary  # noqa: E402
 from scripts.bench import report  # noqa: E402
-from scripts.bench.measure import Runner, busy_before, code_version  # noqa: E402
+from scripts.bench.measure import SETTLE_TIMEOUT_S, Runner, busy_before, code_version  # noqa: E402
 from scripts.bench.scenarios import SCENARIOS, Bench  # noqa: E402
 from scripts.bench.services import ROOT, Services  # noqa: E402
 
@@ -49,6 +49,7 @@ SIZES: dict[str, tuple[Any, Any]] = {
     "insights_posts": (1_000_000, 20_000),
     "lookups": (200, 20),
     "repeat": (3, 1),
+    "settle_timeout": (SETTLE_TIMEOUT_S, 0.0),  # a smoke run does not wait (its note says when it would have)
 }
 
 
@@ -72,6 +73,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--no-profile", dest="profile", action="store_false", help="skip the py-spy profiled runs")
     add("--profile-dir", type=Path, help="keep the raw py-spy profiles (collapsed stacks) here")
     add("--top", type=int, default=15, help="functions listed per profile (default 15)")
+    add("--settle-timeout", type=float, metavar="S", help="on ext4 without a journal, the longest wait before a "
+        "scenario that creates files, for recent deletions to stop slowing it; 0 = no wait "
+        f"(default {SETTLE_TIMEOUT_S:g}, --quick 0)")  # fmt: skip
     add("--repeat", type=int, metavar="N", help="runs of ours, of dlt and of the 16 gallery-dl processes for each "
         "figure of images, metadata and reenrich; the figure is the run of median time (default 3)")
     images = parser.add_argument_group("images (vs gallery-dl)")
@@ -109,6 +113,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.profile = False
     if args.posts < 1 or args.images_per_post < 1 or args.latency_ms < 0 or args.rounds < 1 or args.repeat < 1:
         parser.error("--posts, --images-per-post, --rounds and --repeat must be positive, --latency-ms not negative")
+    if args.settle_timeout < 0:
+        parser.error("--settle-timeout must not be negative")
     return args
 
 

@@ -36,6 +36,7 @@ from scripts.bench.measure import (
     default_concurrency,
     files_written_since,
     load_note,
+    settle_files,
     sql_one,
     stored_images,
     timed,
@@ -85,6 +86,12 @@ class Bench:
 
     def database(self, name: str) -> str:
         return self.services.pg.create_database(name)
+
+    def settle_files(self) -> list[str]:
+        """Before a scenario that creates many files: wait for the file system to settle (measure.settle_files).
+        Its note, if it waited or could not."""
+        note = settle_files(self.tmp, timeout=self.args.settle_timeout)
+        return [note] if note else []
 
     def tidy(self) -> list[str]:
         """After a scenario: drop its databases but those shared with later scenarios (their autovacuum would run
@@ -189,6 +196,7 @@ def images(b: Bench) -> Result:
     urls = [s.host.url(i) for i in range(n)]
 
     posts_path = write_posts(b.tmp / "images.jsonl", n, 1, s.host)
+    settled = b.settle_files()
     rounds: list[ImagesRound] = []
     for r in range(args.repeat):  # each round into a database and a store of its own
         dsn, data_dir = b.database(f"images_{r}"), b.tmp / f"data-images-{r}"
@@ -242,6 +250,7 @@ def images(b: Bench) -> Result:
                          valid and all(x.rerun.ok for x in rounds)),
         ],
         notes=[
+            *settled,
             f"ours CPU {ours.cpu:.1f} s for {n:,} images; everything timed from process start.",
             *([f"ours and the {parts} gallery-dl processes: the run of median time of {args.repeat} (each into an "
                "empty database and store / directory), so that one run slowed by the machine does not decide; "
@@ -346,6 +355,7 @@ def ceiling(b: Bench) -> Result:
     n, k, rounds = args.posts, args.images_per_post, args.rounds
     image_count = n * k
     posts_path = write_posts(b.tmp / "ceiling.jsonl", n, k, s.host)
+    settled = [] if s3 else b.settle_files()  # S3: moto keeps its objects in memory
     store = "S3 (moto server, own process)" if s3 else "local store"
     title = (f"ceiling: {n:,} posts x {k} image(s) (~{s.images.mean_kb:.0f} KB, JPEG/PNG), image latency "
              f"{args.latency_ms:g} ms, {store}, ETL_CONCURRENCY={args.concurrency or default_concurrency()}, "
@@ -442,6 +452,7 @@ def ceiling(b: Bench) -> Result:
         Target("first run complete (every row, every image)", f"{sum(complete)} of {rounds} rounds", "all", valid),
     ]  # fmt: skip
     notes = [
+        *settled,
         "the method: the ceiling and ours alternate on one warmed-up endpoint; each round's share is ours (wall time "
         "of the whole etl.py process, from its start) against the mean of the ceilings just before and after it.",
     ]
@@ -742,7 +753,7 @@ def scaleout(b: Bench) -> Result:
     s.stack.callback(feeds.close)
     title = (f"scaleout: {streams} streams x {per} posts, 1 image each ({total:,} images), image latency "
              f"{args.latency_ms:g} ms, ETL_CONCURRENCY={args.worker_concurrency} per worker, local store; {b.machine}")  # fmt: skip
-    figures, first = [], None
+    figures, first, settled = [], None, b.settle_files()
     for n in args.shards:
         dsn = b.database(f"scaleout_{n}")
         env = s.env(dsn, b.tmp / f"data-scaleout-{n}", ETL_SOURCES="streamy", ETL_SOURCE_PATHS="tests.streamy",
@@ -759,6 +770,7 @@ def scaleout(b: Bench) -> Result:
                               f"speed-up {value / first:.2f}x; {posts:,} posts, {stored:,} images; worst exit {code}"
                               + ("" if complete else "; INCOMPLETE")))  # fmt: skip
     return Result("scaleout", title, figures, notes=[
+        *settled,
         "a simulation on one machine: the workers share its cores, one PostgreSQL and the loopback, so the speed-up "
         "stops where those do, not where a fleet of machines would. No target, no peer; tests/test_shards.py proves "
         "the shards' archive exact."])  # fmt: skip
