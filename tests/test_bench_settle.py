@@ -48,10 +48,12 @@ def test_other_file_systems_are_not_probed(monkeypatch, tmp_path):
     assert settle(monkeypatch, tmp_path, [], journal_less=False) == ("", [], [])
 
 
-def test_the_probe_creates_files_and_keeps_them(tmp_path):
-    cost = measure.create_cost_us(tmp_path, files=50)
-    (folder,) = tmp_path.iterdir()
-    assert cost > 0 and len(list(folder.iterdir())) == 50  # kept: deleting them would free inodes
+def test_the_probe_creates_a_folder_with_a_file_as_an_image_is_stored_and_keeps_them(tmp_path):
+    cost = measure.create_cost_us(tmp_path, folders=50)
+    (top,) = tmp_path.iterdir()
+    folders = list(top.iterdir())
+    assert cost > 0 and len(folders) == 50  # kept: deleting them would free inodes
+    assert all([f.name for f in folder.iterdir()] == ["f"] for folder in folders)
 
 
 def test_a_file_system_without_a_block_device_is_not_ext4():
