@@ -178,9 +178,10 @@ def extract_hashtags(text: str | None) -> tuple[str, ...]:
 
 def parse_datetime(value: Any, *, now: datetime | None = None) -> datetime:
     """ISO 8601 (or a datetime) -> aware UTC datetime; naive means UTC. Refuses absurd dates."""
-    if type(value) is str and now is None and value[:1].isdigit() and value[-1:].isdigit():
-        # The usual form, "2024-05-01T12:00:00+00:00": nothing to strip or replace, already UTC, after 2000 and
-        # not past the clock's last reading. Anything else goes the careful way below, with the same result.
+    if type(value) is str and now is None and value[:1].isdigit() and (value[-1:].isdigit() or value[-1:] == "Z"):
+        # The usual forms, "2024-05-01T12:00:00+00:00" and the APIs' "2024-05-01T12:00:00.000Z" (which Python
+        # reads as UTC from 3.11 on): nothing to strip or replace, already UTC, after 2000 and not past the clock's
+        # last reading. Anything else goes the careful way below, with the same result.
         try:
             parsed = _fromisoformat(value)
         except ValueError:
