@@ -28,9 +28,14 @@ def test_a_quiet_file_system_is_probed_twice_and_not_waited_for(monkeypatch, tmp
 def test_slow_creates_are_waited_out_until_two_quiet_probes_in_a_row(monkeypatch, tmp_path):
     note, made, slept = settle(monkeypatch, tmp_path, [110.0, 90.0, 30.0, 70.0, 25.0, 20.0])
     assert made == [110.0, 90.0, 30.0, 70.0, 25.0, 20.0]
-    assert slept == [10.0, 10.0, 10.0]  # after each slow probe; a quiet one is checked again at once
-    assert note.startswith("waited 30 s for the file system to settle")
+    assert slept == [10.0] * 5  # once waiting, each probe 10 s after the one before, quiet or not
+    assert note.startswith("waited 50 s for the file system to settle")
     assert "110, 90, 30, 70, 25, 20" in note
+
+
+def test_a_quiet_probe_then_a_slow_one_at_the_start_is_waited_out(monkeypatch, tmp_path):
+    note, made, slept = settle(monkeypatch, tmp_path, [30.0, 100.0, 40.0, 50.0])
+    assert (made, slept) == ([30.0, 100.0, 40.0, 50.0], [10.0, 10.0]) and note.startswith("waited 20 s")
 
 
 def test_a_file_system_that_never_settles_is_reported_not_waited_for_forever(monkeypatch, tmp_path):

@@ -221,7 +221,7 @@ def busy_before(seconds: float = 1.0) -> float:
 # (fs/ext4/ialloc.c, find_inode_bit -> recently_deleted). After thousands of deletions nearby (the previous
 # benchmark's clean-up, a test run), a folder with one file in it, as the archiver stores an image, took 75-435 us
 # to create here instead of 32-51.
-SETTLED_CREATE_US = 70.0  # microseconds per folder with its file, above which the file system has not settled
+SETTLED_CREATE_US = 60.0  # microseconds per folder with its file, above which the file system has not settled
 SETTLE_TIMEOUT_S = 360.0  # the kernel's longest window
 
 
@@ -253,7 +253,9 @@ def settle_files(
 ) -> str:
     """On ext4 without a journal, wait (at most `timeout` s) until two probes in a row create files at the cost
     of a quiet disk, so that the deletions before a scenario (the previous benchmark's clean-up, a test run) do
-    not slow the files it creates; the archiver itself deletes none. A note of the wait, or "" if none."""
+    not slow the files it creates; the archiver itself deletes none. Two quiet probes at once end it before any
+    wait; once waiting, probes are `every` s apart (a quiet one may be a block group the deletions missed). A
+    note of the wait, or "" if none."""
     if not ext4_without_journal(where):
         return ""
     waited, costs = 0.0, []
@@ -262,7 +264,7 @@ def settle_files(
         settled = len(costs) > 1 and max(costs[-2:]) < SETTLED_CREATE_US
         if settled or waited >= timeout:
             break
-        if costs[-1] >= SETTLED_CREATE_US:  # else probe again at once: a second quiet one settles it
+        if costs[-1] >= SETTLED_CREATE_US or waited:  # quiet at the start: probe again at once
             if not waited:
                 print(f"bench: a folder with a file takes {costs[-1]:.0f} us to create (recently deleted inodes "
                       f"nearby, ext4 without a journal): waiting up to {timeout:.0f} s for the file system to settle",
