@@ -219,8 +219,8 @@ def busy_before(seconds: float = 1.0) -> float:
 # ext4 without a journal (this project's machine) keeps a freed inode from reuse for 60 s, 360 s while its inode
 # table block is unwritten: creating a file or folder then checks those inodes of its block group one by one
 # (fs/ext4/ialloc.c, find_inode_bit -> recently_deleted). After thousands of deletions nearby (the previous
-# benchmark's clean-up, a test run), a folder with one file in it, as the archiver stores an image, took 75-435 us
-# to create here instead of 32-51.
+# benchmark's clean-up, a test run), a folder with one file in it, as the archiver stores an image, took up to
+# 435 us to create here (most probes 75-200) instead of 32-51.
 SETTLED_CREATE_US = 60.0  # microseconds per folder with its file, above which the file system has not settled
 SETTLE_TIMEOUT_S = 360.0  # the kernel's longest window
 
