@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from scripts.bench import measure
@@ -63,6 +65,21 @@ def test_the_probe_creates_a_folder_with_a_file_as_an_image_is_stored_and_keeps_
 
 def test_a_file_system_without_a_block_device_is_not_ext4():
     assert measure.ext4_without_journal("/proc") is False
+
+
+@pytest.mark.parametrize(("journal_task", "expected"), [("<none>\n", True), ("812\n", False), (None, False)])
+def test_the_journal_is_read_from_the_device_of_the_path(tmp_path, journal_task, expected):
+    """A sysfs of our own: dev/block/MAJ:MIN links to the device, fs/ext4/DEVICE/journal_task says its journal
+    (absent: not ext4)."""
+    st = os.stat(tmp_path)
+    sysfs = tmp_path / "sys"
+    (sysfs / "devices" / "block" / "vdz").mkdir(parents=True)
+    (sysfs / "dev" / "block").mkdir(parents=True)
+    (sysfs / "dev" / "block" / f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}").symlink_to(sysfs / "devices" / "block" / "vdz")
+    if journal_task is not None:
+        (sysfs / "fs" / "ext4" / "vdz").mkdir(parents=True)
+        (sysfs / "fs" / "ext4" / "vdz" / "journal_task").write_text(journal_task, encoding="ascii")
+    assert measure.ext4_without_journal(tmp_path, sysfs=sysfs) is expected
 
 
 def test_the_benchmark_refuses_a_negative_wait(capsys):

@@ -225,12 +225,13 @@ SETTLED_CREATE_US = 60.0  # microseconds per folder with its file, above which t
 SETTLE_TIMEOUT_S = 360.0  # the kernel's longest window
 
 
-def ext4_without_journal(path: Path | str) -> bool:
-    """Whether `path` lies on an ext4 file system without a journal (`/sys/fs/ext4/DEVICE/journal_task`)."""
+def ext4_without_journal(path: Path | str, sysfs: Path = Path("/sys")) -> bool:
+    """Whether `path` lies on an ext4 file system without a journal: its block device's
+    `fs/ext4/DEVICE/journal_task` reads `<none>` (else the journal thread's pid)."""
     st = os.stat(path)
     try:
-        device = Path(f"/sys/dev/block/{os.major(st.st_dev)}:{os.minor(st.st_dev)}").resolve().name
-        return Path(f"/sys/fs/ext4/{device}/journal_task").read_text(encoding="ascii").strip() == "<none>"
+        device = (sysfs / "dev" / "block" / f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}").resolve().name
+        return (sysfs / "fs" / "ext4" / device / "journal_task").read_text(encoding="ascii").strip() == "<none>"
     except OSError:
         return False
 
