@@ -234,6 +234,43 @@ def test_a_batch_sharing_a_post_with_a_load_in_flight_waits_for_it(db, make_sett
     assert (stats.fetched, stats.inserted, stats.updated) == (4, 3, 1)
 
 
+def test_a_batch_looked_up_in_turn_drops_the_row_a_load_in_flight_may_change(
+    db, make_settings, load_events, http_server, monkeypatch
+):
+    """Batch 2 has images to fetch, so it is looked up in turn (not ahead, as it is read), while batch 1's slow load,
+    which changes a post they share, is in flight: the post's stored row may be stale, so batch 2 sends it, and the
+    database, finding batch 1's write, takes batch 2's values back (the last wins)."""
+    import dataclasses
+
+    from etl.db import Archive
+    from etl.store import LocalStore
+    from tests.support import Reply, png_bytes
+
+    http_server.routes["/a.png"] = Reply(body=png_bytes(8, 6), content_type="image/png")
+    url = (f"{http_server.base}/a.png",)
+    settings = make_settings(ETL_BATCH_SIZE="2", ETL_METADATA_BATCH_SIZE="2", ETL_ALLOW_PRIVATE_HOSTS="true")
+    kept = Post("direct", "p0", T0, caption="as it was", like_count=1, image_urls=url)
+    Archiver(settings, db, LocalStore(settings.objects_dir)).archive(iter([kept]), RunStats(), source="direct")
+    load_events.clear()
+    looked_up: list[tuple[str, bool]] = []  # (first post, whether batch 1's load had ended)
+    held = Archive.held
+
+    def looking_up(self, posts, version):
+        looked_up.append((posts[0].post_id, ("end", 1) in load_events))
+        return held(self, posts, version)
+
+    monkeypatch.setattr(Archive, "held", looking_up)
+    stream = [dataclasses.replace(kept, like_count=5, image_urls=()), *posts(1, start=1), kept,
+              Post("direct", "p2", T0, caption="another", like_count=2, image_urls=url)]  # fmt: skip
+    stats = RunStats()
+    Archiver(settings, db, LocalStore(settings.objects_dir)).archive(iter(stream), stats, source="direct")
+    assert looked_up == [("p0", False), ("p0", False)]  # batch 2's, in turn, before batch 1's load had ended
+    assert load_events == [("start", 1), ("end", 1), ("start", 2), ("end", 2)]
+    assert query(db.dsn, "SELECT like_count FROM social_posts WHERE post_id = 'p0'") == [(1,)]
+    assert query(db.dsn, "SELECT like_count FROM post_engagement WHERE post_id = 'p0' ORDER BY observed_at") == [(1,), (5,), (1,)]
+    assert (stats.images_stored, stats.inserted, stats.updated) == (1, 2, 2)
+
+
 def test_the_fork_gate_lets_loads_share_it_and_a_fork_wait_for_them():
     import threading
 
@@ -620,10 +657,29 @@ def test_an_archive_that_fails_ends_its_scoring_workers_at_once(db, make_setting
 
 
 def test_a_lookup_made_ahead_is_used_only_for_its_own_batch(db, make_settings):
-    """The first batch's lookup, made ahead of plan(), is never taken for another batch's."""
+    """A batch's lookup, sent as the batch is read, is given for that very list only (an equal list read later
+    is not it), as often as asked until taken; with it, the posts it shares with batches read before it. A batch
+    not worth it is not sent: it is looked up in turn, with the posts it shares with batches started."""
+    from etl.run.archiver import _LookAhead
+
     archiver = Archiver(make_settings(), db, None)
-    stored = posts(5, start=100)
-    archiver.archive(iter(stored), RunStats(), source="direct")
-    archiver._unscored(posts(5))  # looked up ahead: none of them stored
-    _, held = archiver.plan(stored, RunStats(), "direct")
-    assert set(held.rows) == {("direct", f"p{i}") for i in range(100, 105)}
+    archiver.archive(iter(posts(5, start=100)), RunStats(), source="direct")
+    new, old, again, in_turn = posts(5), posts(5, start=100), posts(3, start=99), posts(2, start=104)
+    started = [frozenset({("direct", "p105")})]
+    ahead = _LookAhead(db, archiver.enricher.version, started=lambda: started, worth=lambda batch: batch is not in_turn)
+    try:
+        assert list(ahead.reading([new, old, again, in_turn])) == [new, old, again, in_turn]
+        assert ahead.result(in_turn, take=False) is None
+        assert ahead.unloaded(in_turn) == {("direct", "p105")}
+        assert ahead.result(posts(5, start=100), take=True) is None  # equal, but not the batch read
+        held, shared = ahead.result(old, take=False)
+        assert set(held.rows) == {("direct", f"p{i}") for i in range(100, 105)} and shared == frozenset()
+        assert ahead.result(old, take=True) == (held, shared)
+        assert ahead.result(old, take=True) is None  # taken
+        assert ahead.result(new, take=True)[0].rows == {}
+        held, shared = ahead.result(again, take=True)
+        assert set(held.rows) == {("direct", "p100"), ("direct", "p101")}
+        assert shared == {("direct", "p100"), ("direct", "p101")}  # read before it, in `old`: maybe not loaded yet
+    finally:
+        ahead.close()
+    assert ahead.db._conn is None and ahead.thread._shutdown

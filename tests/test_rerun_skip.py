@@ -274,6 +274,46 @@ def test_a_post_in_two_batches_in_flight_ends_as_the_last_one_says(db, make_sett
     assert (stats.inserted, stats.updated, stats.unchanged) == (3, 2, 0)
 
 
+def test_a_post_looked_up_as_it_is_read_before_the_batch_before_it_is_started(db, make_settings, monkeypatch):
+    """Each batch is looked up as it is read, on a thread of its own, while the batch read before it is still held
+    back (scoring ahead hands batches on one behind): batch 3's lookup predates batch 2's plan, and surely its load.
+    A post the two share is then stale in batch 3's lookup, so it goes to the database, which finds batch 2's write
+    and takes batch 3's values back (the last wins)."""
+    from etl.db import Archive
+
+    enricher = SentimentEnricher()
+    first = enricher.enrich(Post("mock", "a", WHEN, caption="Lovely", like_count=1, comment_count=0))
+    filler = [enricher.enrich(Post("mock", f"f{n}", WHEN, caption="fine", like_count=0)) for n in range(8)]
+    settings = make_settings(ETL_BATCH_SIZE="2", ETL_METADATA_BATCH_SIZE="4")
+    Archiver(settings, db, None, enricher=enricher).archive(iter([first]), RunStats(), source="mock")
+    # Batches of 2, 4, 4: the post is in batch 2 (changed) and in batch 3 (as stored).
+    stream = [*filler[:2], dataclasses.replace(first, like_count=5), *filler[2:5], first, *filler[5:8]]
+    third_looked_up, threads = threading.Event(), set()
+    held, load = Archive.held, Archiver.load
+
+    def looking_up(self, posts, version):
+        found = held(self, posts, version)
+        threads.add(threading.current_thread().name.rsplit("_", 1)[0])
+        if any(p.post_id == "f5" for p in posts):  # batch 3's
+            third_looked_up.set()
+        return found
+
+    def held_back(self, batch, stats, source):
+        if batch.number == 2:
+            assert third_looked_up.wait(10)
+        return load(self, batch, stats, source)
+
+    monkeypatch.setattr(Archive, "held", looking_up)
+    monkeypatch.setattr(Archiver, "load", held_back)
+    stats = RunStats()
+    Archiver(settings, db, None, enricher=enricher).archive(iter(stream), stats, source="mock")
+    assert threads == {"lookup"}
+    assert query(db.dsn, "SELECT like_count FROM social_posts WHERE post_id = 'a'") == [(1,)]
+    observed = query(db.dsn, "SELECT like_count FROM post_engagement WHERE post_id = 'a' ORDER BY observed_at")
+    assert observed == [(1,), (5,), (1,)]
+    assert (stats.inserted, stats.updated, stats.unchanged) == (8, 2, 0)
+
+
 def test_a_rerun_of_a_file_writes_nothing(run_etl, db, tmp_path):
     lines = [record(post_id=f"p{n}", like_count=n, caption=f"What a lovely day {n} #sun\tand\\more") for n in range(30)]
     lines.append(record(post_id="quiet", like_count=None, comment_count=None))

@@ -191,20 +191,78 @@ class _Loader:
                 lane_db.close()
 
 
+class _LookAhead:
+    """A batch without images to fetch is looked up as soon as it is read, on a thread and a connection of its own:
+    the database answers while the main thread reads and parses the next batch, and plan() takes the answer
+    (issue 16: the main thread waited on every lookup, a third of a rerun's time). A batch whose images download is
+    looked up in turn by plan(), on the archiver's connection: its downloads set its pace, and a run of such batches
+    never opens this connection.
+
+    A lookup sent ahead may predate the load of any batch read before it, started or not: the posts it shares with
+    those (read and not known to be loaded when it was sent) go with it, and plan() drops their rows, as it does
+    for a lookup made in turn with the batches started. One thread, so the lookups are made in the stream's order."""
+
+    def __init__(
+        self, db: Database, version: str, *, started: Callable[[], list[frozenset[tuple[str, str]]]],
+        worth: Callable[[list[Post]], bool],
+    ):  # fmt: skip
+        self.db = Database(db.dsn, display=db.display, reconnect_seconds=db.reconnect_seconds)  # opened on first use
+        self.archive = Archive(self.db)
+        self.version = version
+        self.started = started  # the posts of each batch started and not known to be loaded
+        self.worth = worth  # whether a batch is looked up ahead
+        self.thread = ThreadPoolExecutor(1, thread_name_prefix="lookup")
+        # By id(batch), until plan() takes it: the batch (kept alive, so the id is its own), its lookup, its posts'
+        # keys, and those of them that a batch read before it may still load.
+        self.sent: dict[int, tuple[list[Post], Future, frozenset[tuple[str, str]], frozenset[tuple[str, str]]]] = {}
+
+    def reading(self, batches: Iterable[list[Post]]) -> Iterator[list[Post]]:
+        """The batches, unchanged; the lookup of each one worth it sent as it is read."""
+        for batch in batches:
+            if self.worth(batch):
+                keys = _keys(batch)
+                shared = self._shared(keys, self.started() + [sent[2] for sent in self.sent.values()])
+                self.sent[id(batch)] = (batch, self.thread.submit(self._held, batch), keys, shared)
+            yield batch
+
+    def _held(self, batch: list[Post]) -> Held:
+        with FORKING.working():  # no scoring worker is forked while this thread is inside libpq (etl/ahead.py)
+            return self.archive.held(batch, self.version)
+
+    def result(self, posts: list[Post], *, take: bool) -> tuple[Held, frozenset[tuple[str, str]]] | None:
+        """The lookup of batch `posts` and the posts it shares with batches read before it (None: not sent);
+        `take`: forgotten here afterwards. Its error (LoadError: the database is gone) goes on, every time asked."""
+        sent = self.sent.pop(id(posts), None) if take else self.sent.get(id(posts))
+        if sent is None:
+            return None
+        return sent[1].result(), sent[3]
+
+    def unloaded(self, posts: list[Post]) -> frozenset[tuple[str, str]]:
+        """For a lookup made in turn, now: the posts it shares with batches started and not known to be loaded
+        (the batches read before it have all been started)."""
+        return self._shared(_keys(posts), self.started())
+
+    @staticmethod
+    def _shared(keys: frozenset[tuple[str, str]], others: list[frozenset[tuple[str, str]]]) -> frozenset[tuple[str, str]]:
+        return frozenset(k for k in keys if any(k in o for o in others)) if others else frozenset()
+
+    def close(self) -> None:
+        """Lookups not begun are dropped, the one under way is waited for; then the thread and connection go."""
+        for sent in self.sent.values():
+            sent[1].cancel()
+        self.sent.clear()
+        self.thread.shutdown(wait=True)
+        self.db.close()
+
+
+def _keys(posts: Iterable[Post]) -> frozenset[tuple[str, str]]:
+    """The posts' keys as stored."""
+    return frozenset((p.platform, clean_text(p.post_id)) for p in posts)
+
+
 def _load(archiver: Archiver, batch: _Batch, stats: RunStats, source: str) -> datetime | None:
     with FORKING.working():  # no scoring worker is forked while this thread is inside libpq (etl/ahead.py)
         return archiver.load(batch, stats, source)
-
-
-def _keys_not_loaded(waiting: list[_Batch], loader: _Loader | None) -> frozenset[tuple[str, str]]:
-    """The keys of the batches started and not yet loaded: those waiting, and those the loader may still be
-    loading."""
-    keys = [b.keys for b in waiting] + (loader.keys() if loader is not None else [])
-    if not keys:
-        return frozenset()
-    if len(keys) == 1:
-        return keys[0]
-    return frozenset().union(*keys)
 
 
 def _later(a: datetime | None, b: datetime | None) -> datetime | None:
@@ -241,7 +299,7 @@ class Archiver:
         self.stop = stop or threading.Event()  # SIGTERM: no new downloads, a short grace for those in flight
         self._grace_ends: float | None = None
         self._batches = 0
-        self._looked_up: tuple[list[Post], Held | LoadError] | None = None  # a batch looked up ahead of plan()
+        self._ahead: _LookAhead | None = None  # each batch looked up as it is read (while archive() runs)
         self._scorers = scorers  # scoring workers forked early (a new archive), for the first stream that scores
         self.live = LiveCounts()  # what is under way, for the progress display
         self._db = db
@@ -265,22 +323,31 @@ class Archiver:
         stats.stages = self.clock
         pool = ThreadPoolExecutor(self.settings.concurrency, thread_name_prefix="images")
         loader = _Loader(self, self._db) if self._db is not None else None
+        # Batches started (planned, their downloads begun, scored) and neither loaded nor handed to the loader, in
+        # the stream's order. Whatever goes wrong, the handler below loads them before the error goes on.
+        waiting: list[_Batch] = []
+
+        def started() -> list[frozenset[tuple[str, str]]]:  # not known to be loaded: waiting, or with the loader
+            return [b.keys for b in waiting] + (loader.keys() if loader is not None else [])
+
         try:
-            # Batches started (planned, their downloads begun, scored) and neither loaded nor handed to the loader, in
-            # the stream's order. Whatever goes wrong, the handler below loads them before the error goes on.
-            waiting: list[_Batch] = []
+            if self._db is not None:
+                self._ahead = _LookAhead(
+                    self._db, self.enricher.version, started=started, worth=lambda batch: not self._fetches_images(batch)
+                )
             try:
                 # Timed a batch at a time (the clock per post cost more than a tenth of a metadata run's parsing).
                 fetching = self.live.counting(self._allowed(posts, stats))
                 batches = self.clock.timed(chunked(fetching, self._batch_size), "fetch")
+                if self._ahead is not None:
+                    batches = self._ahead.reading(batches)
                 ahead = score_ahead(
                     self.enricher, batches, in_process=self._fetches_images, unscored=self._unscored, early=self._scorers
                 )
                 # Closed at once when the loop fails: its workers end now, not when the traceback is let go.
                 with closing(ahead):
                     for posts_batch in ahead:
-                        unloaded = _keys_not_loaded(waiting, loader)  # taken before the batch's lookup reads
-                        waiting.append(self._start(posts_batch, pool, stats, source, unloaded))
+                        waiting.append(self._start(posts_batch, pool, stats, source))
                         # A batch whose images download waits for the next batch to start (their downloads
                         # overlap); one without goes to the loader thread at once.
                         keep = 1 if waiting[-1].futures or loader is None else 0
@@ -303,6 +370,9 @@ class Archiver:
                     self.load(batch, stats, source)
                 raise
         finally:
+            if self._ahead is not None:
+                self._ahead.close()
+                self._ahead = None
             if loader is not None:
                 loader.close(stats)
             # After a stop, a download stalled past the grace is left behind (its image is recorded failed).
@@ -336,15 +406,13 @@ class Archiver:
 
     def _unscored(self, posts: list[Post]) -> bool:
         """Whether most of these posts have no decision stored by this enricher (a first load): asked of a stream's
-        first batch without images, so that the scoring workers start before it is scored (etl/ahead.py). Its
-        lookup is kept for plan(), which would make the same one."""
+        first batch without images, so that the scoring workers start before it is scored (etl/ahead.py). Asks
+        the lookup made as the batch was read, which plan() then takes."""
         try:
             with self.clock("lookup"):
-                held = self.archive_db.held(posts, self.enricher.version)
-        except LoadError as exc:
-            self._looked_up = (posts, exc)  # plan() tells it (without waiting for the database a second time)
-            return False
-        self._looked_up = (posts, held)
+                held, _ = self._look_up(posts, take=False)
+        except LoadError:
+            return False  # plan() tells it: the lookup keeps its error
         return len(held.scores) * 2 < len({(p.platform, clean_text(p.post_id)) for p in posts})
 
     def _allowed(self, posts: Iterable[Post], stats: RunStats) -> Iterator[Post]:
@@ -357,42 +425,30 @@ class Archiver:
                 continue
             yield post
 
-    def _start(
-        self, posts: list[Post], pool: ThreadPoolExecutor, stats: RunStats, source: str = "",
-        unloaded: frozenset[tuple[str, str]] = frozenset(),
-    ) -> _Batch:  # fmt: skip
+    def _start(self, posts: list[Post], pool: ThreadPoolExecutor, stats: RunStats, source: str = "") -> _Batch:
         """The first three stages of a batch; its images download while the batch before it is loaded.
 
         The downloads start before the captions are scored (they need only the post's key and URLs): scoring,
         and the first batch's loading of the language model, runs while the image hosts answer."""
-        posts, held = self.plan(posts, stats, source, unloaded=unloaded)
+        posts, held = self.plan(posts, stats, source)
         futures, urls = self.images(posts, held, pool)
         scored = self.enrich(posts, held)
         stats.fetched += len(scored)
         self._batches += 1
-        keys = frozenset((p.platform, clean_text(p.post_id)) for p in scored)
-        return _Batch(scored, futures, held.stored, urls, self._batches, held.rows, keys)
+        return _Batch(scored, futures, held.stored, urls, self._batches, held.rows, _keys(scored))
 
     # -- the stages ------------------------------------------------------------------------------
 
-    def plan(
-        self, posts: list[Post], stats: RunStats, source: str, *, unloaded: frozenset[tuple[str, str]] = frozenset()
-    ) -> tuple[list[Post], Held]:
+    def plan(self, posts: list[Post], stats: RunStats, source: str) -> tuple[list[Post], Held]:
         """What the archive holds of these posts already; posts forgotten on request are dropped here.
 
-        The stored rows tell the load which posts it need not send (upsert_posts' `stored`). A post in `unloaded`
-        (the keys of batches started and not known to be loaded when this lookup began) has its row dropped: that
-        load may write it after this lookup, so it goes to the database, which compares with what is stored by
-        then (the last in the stream wins)."""
+        The stored rows tell the load which posts it need not send (upsert_posts' `stored`). A post that a batch
+        read before this one shares with it (that batch not known to be loaded when this lookup was sent) has its
+        row dropped: that load may write it after this lookup, so it goes to the database, which compares with
+        what is stored by then (the last in the stream wins)."""
         with self.clock("lookup"):
             try:
-                looked_up, self._looked_up = self._looked_up, None
-                if looked_up is not None and looked_up[0] is posts and not unloaded:
-                    if isinstance(looked_up[1], LoadError):
-                        raise looked_up[1]
-                    held = looked_up[1]
-                else:
-                    held = self.archive_db.held(posts, self.enricher.version)
+                held, unloaded = self._look_up(posts, take=True)
             except LoadError as exc:
                 raise _not_loaded(exc, _Batch(posts, {}, {}, number=self._batches + 1), source) from None
             if unloaded and held.rows:
@@ -402,6 +458,16 @@ class Archiver:
             stats.forgotten_skipped += len(posts) - len(kept)
             posts = kept
         return posts, held
+
+    def _look_up(self, posts: list[Post], *, take: bool) -> tuple[Held, frozenset[tuple[str, str]]]:
+        """The lookup sent as the batch was read, or one made now; with the posts it shares with batches read before
+        it that may load after it began."""
+        ahead = self._ahead
+        made = ahead.result(posts, take=take) if ahead is not None else None
+        if made is not None:
+            return made
+        unloaded = ahead.unloaded(posts) if ahead is not None else frozenset()  # outside archive(): none in flight
+        return self.archive_db.held(posts, self.enricher.version), unloaded
 
     def enrich(self, posts: list[Post], held: Held) -> list[Post]:
         """Sentiment and language. A caption already scored by this enricher (a rerun, an overlap window) keeps
