@@ -194,7 +194,7 @@ class _Loader:
 class _LookAhead:
     """A batch without images to fetch is looked up as soon as it is read, on a thread and a connection of its own:
     the database answers while the main thread reads and parses the next batch, and plan() takes the answer
-    (issue 16: the main thread waited on every lookup, a third of a rerun's time). A batch whose images download is
+    (issue 16: the main thread waited on every lookup, about 40% of a rerun's time). A batch whose images download is
     looked up in turn by plan(), on the archiver's connection: its downloads set its pace, and a run of such batches
     never opens this connection.
 
