@@ -241,6 +241,7 @@ def test_a_batch_looked_up_in_turn_drops_the_row_a_load_in_flight_may_change(
     which changes a post they share, is in flight: the post's stored row may be stale, so batch 2 sends it, and the
     database, finding batch 1's write, takes batch 2's values back (the last wins)."""
     import dataclasses
+    import threading
 
     from etl.db import Archive
     from etl.store import LocalStore
@@ -252,11 +253,11 @@ def test_a_batch_looked_up_in_turn_drops_the_row_a_load_in_flight_may_change(
     kept = Post("direct", "p0", T0, caption="as it was", like_count=1, image_urls=url)
     Archiver(settings, db, LocalStore(settings.objects_dir)).archive(iter([kept]), RunStats(), source="direct")
     load_events.clear()
-    looked_up: list[tuple[str, bool]] = []  # (first post, whether batch 1's load had ended)
+    looked_up: list[tuple[str, str, bool]] = []  # (first post, thread, whether batch 1's load had ended)
     held = Archive.held
 
     def looking_up(self, posts, version):
-        looked_up.append((posts[0].post_id, ("end", 1) in load_events))
+        looked_up.append((posts[0].post_id, threading.current_thread().name.rsplit("_", 1)[0], ("end", 1) in load_events))
         return held(self, posts, version)
 
     monkeypatch.setattr(Archive, "held", looking_up)
@@ -264,7 +265,8 @@ def test_a_batch_looked_up_in_turn_drops_the_row_a_load_in_flight_may_change(
               Post("direct", "p2", T0, caption="another", like_count=2, image_urls=url)]  # fmt: skip
     stats = RunStats()
     Archiver(settings, db, LocalStore(settings.objects_dir)).archive(iter(stream), stats, source="direct")
-    assert looked_up == [("p0", False), ("p0", False)]  # batch 2's, in turn, before batch 1's load had ended
+    # Batch 1 ahead, batch 2 in turn: each before batch 1's load had ended.
+    assert looked_up == [("p0", "lookup", False), ("p0", "MainThread", False)]
     assert load_events == [("start", 1), ("end", 1), ("start", 2), ("end", 2)]
     assert query(db.dsn, "SELECT like_count FROM social_posts WHERE post_id = 'p0'") == [(1,)]
     assert query(db.dsn, "SELECT like_count FROM post_engagement WHERE post_id = 'p0' ORDER BY observed_at") == [(1,), (5,), (1,)]
