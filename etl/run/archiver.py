@@ -413,7 +413,7 @@ class Archiver:
                 held, _ = self._look_up(posts, take=False)
         except LoadError:
             return False  # plan() tells it: the lookup keeps its error
-        return len(held.scores) * 2 < len({(p.platform, clean_text(p.post_id)) for p in posts})
+        return len(held.scores) * 2 < len(_keys(posts))
 
     def _allowed(self, posts: Iterable[Post], stats: RunStats) -> Iterator[Post]:
         """Refuses posts of a platform named like ETL_EXPORT_PREFIX: their image keys would meet the export's."""
