@@ -244,7 +244,7 @@ class _LookAhead:
 
     @staticmethod
     def _shared(keys: frozenset[tuple[str, str]], others: list[frozenset[tuple[str, str]]]) -> frozenset[tuple[str, str]]:
-        return frozenset(k for k in keys if any(k in o for o in others)) if others else frozenset()
+        return frozenset().union(*(keys & o for o in others))  # each & walks the smaller set, in C
 
     def close(self) -> None:
         """Lookups not begun are dropped, the one under way is waited for; then the thread and connection go."""
