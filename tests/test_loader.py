@@ -290,6 +290,31 @@ def test_held_gives_stored_decisions_images_and_tombstones_of_a_batch(db):
     assert set(held.rows) == {("mock", "1"), ("mock", "2"), ("mock", "3")}  # what the upsert compares, of each
 
 
+@pytest.mark.parametrize(
+    "values",
+    [
+        [],
+        [""],
+        ["mock", "p1"],
+        ['say "hi"', "back\\slash", "\\", '"', "a,b", "{x}", "NULL", "  spaced  ", "café ✓", "tab\there"],
+    ],
+)
+def test_text_array_reads_back_as_the_same_values(db, values):
+    # held() sends its keys as one text[] literal (text_array), not as psycopg2's ARRAY[...] of constants: each
+    # value must arrive exactly as it was, whatever quotes, backslashes, commas or braces it holds.
+    with db.transaction() as cur:
+        cur.execute("SELECT %s::text[]", (dbm.archive.text_array(values),))
+        assert cur.fetchone()[0] == values
+
+
+def test_held_finds_a_post_whose_id_holds_quotes_and_backslashes(db):
+    odd = ['q"uote', "back\\slash", "comma,brace}"]
+    upsert(db, [post(i) for i in odd])
+    with db.transaction() as cur:
+        held = dbm.held(cur, [post(i) for i in [*odd, "new"]], ENRICHER.version)
+    assert set(held.rows) == {("mock", i) for i in odd}
+
+
 def test_held_probes_the_key_index_however_the_planner_guesses(db):
     # A join the planner may answer with a scan of the whole table, once per batch, slows every batch as the
     # archive grows: the lookup must stay an index probe per key (issue 16's growth target).
@@ -301,7 +326,11 @@ def test_held_probes_the_key_index_however_the_planner_guesses(db):
         cur.execute("ANALYZE social_posts")
         cur.execute(
             "EXPLAIN " + dbm.archive.HELD_SQL,
-            {"platforms": ["mock"] * 500, "post_ids": [f"p{n}" for n in range(500)], "version": ENRICHER.version},
+            {
+                "platforms": dbm.archive.text_array(["mock"] * 500),
+                "post_ids": dbm.archive.text_array([f"p{n}" for n in range(500)]),
+                "version": ENRICHER.version,
+            },
         )
         plan = "\n".join(r[0] for r in cur.fetchall())
     assert "social_posts_platform_post_id_key" in plan
