@@ -307,12 +307,15 @@ def test_text_array_reads_back_as_the_same_values(db, values):
         assert cur.fetchone()[0] == values
 
 
-def test_held_finds_a_post_whose_id_holds_quotes_and_backslashes(db):
+def test_held_finds_posts_and_images_whose_ids_hold_quotes_and_backslashes(db):
     odd = ['q"uote', "back\\slash", "comma,brace}"]
     upsert(db, [post(i) for i in odd])
+    write_media(db, [stored(i, 0, key=f"mock/odd/{n}/0.png") for n, i in enumerate(odd)])  # known_media()'s keys
+    batch = [post(i, image_urls=(f"https://cdn.example.com/{n}/0.png",)) for n, i in enumerate([*odd, "new"])]
     with db.transaction() as cur:
-        held = dbm.held(cur, [post(i) for i in [*odd, "new"]], ENRICHER.version)
+        held = dbm.held(cur, batch, ENRICHER.version)
     assert set(held.rows) == {("mock", i) for i in odd}
+    assert set(held.stored) == {("mock", i, 0) for i in odd}
 
 
 def test_held_probes_the_key_index_however_the_planner_guesses(db):
