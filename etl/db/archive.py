@@ -6,7 +6,7 @@ from __future__ import annotations
 import io
 import json
 import re
-from collections.abc import Container, Iterable, Mapping, Sequence
+from collections.abc import Collection, Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
@@ -99,9 +99,9 @@ KNOWN_MEDIA_SQL = (
 )
 
 
-def _key_arrays(keys: Sequence[tuple[str, str]]) -> tuple[str, str]:
-    """(platforms, post_ids as stored) for _KEYS_JOIN, as text[] literals."""
-    return text_array([k[0] for k in keys]), text_array([clean_text(k[1]) for k in keys])
+def _key_arrays(keys: Collection[tuple[str, str]]) -> tuple[str, str]:
+    """(platforms, post_ids) of keys as stored (ids cleaned), as text[] literals: _KEYS_JOIN's and HELD_SQL's."""
+    return text_array([k[0] for k in keys]), text_array([k[1] for k in keys])
 
 
 _POST_COLUMNS = (
@@ -360,7 +360,7 @@ def known_media(
     failed permanently -> the source_url that failed. Both are keyed (platform, post_id, position)."""
     if not keys:
         return {}, {}
-    cur.execute(KNOWN_MEDIA_SQL, _key_arrays(keys))
+    cur.execute(KNOWN_MEDIA_SQL, _key_arrays([(platform, clean_text(post_id)) for platform, post_id in keys]))
     stored, hopeless = {}, {}
     for platform, post_id, position, status, key, url, source_url in cur.fetchall():
         if status == "stored":
@@ -458,7 +458,7 @@ def held(cur: psycopg2.extensions.cursor, posts: Sequence[Post], version: str) -
     keys = {(p.platform, clean_text(p.post_id)) for p in posts}
     if not keys:
         return Held({}, {}, {}, set(), {})
-    platforms, post_ids = text_array([k[0] for k in keys]), text_array([k[1] for k in keys])
+    platforms, post_ids = _key_arrays(keys)
     cur.execute(HELD_SQL, {"platforms": platforms, "post_ids": post_ids, "version": version})
     scores: dict[tuple[str, str], tuple] = {}
     rows: dict[tuple[str, str], HeldRow] = {}
