@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -29,6 +30,12 @@ def test_bench_quick_runs_and_prints_the_table(tmp_path):
                  "peak RSS at 10,000", "Summary: every target"):  # fmt: skip
         assert line in out, line
     assert "0 image requests, 0 PUTs" in out
+    # The floor of a rerun (scripts/bench/floor.py) ran on the rerun's archive and found every post and image held.
+    floor = re.search(r"floor \(python, psycopg2, 2 lookups\) +[\d.]+% of first .*?(\d+) posts read, (\d+) held, "
+                      r"(\d+) images held; ours adds -?\d+ ms", out)  # fmt: skip
+    assert floor, out
+    read, held, images = map(int, floor.groups())
+    assert read == held > 0 and images >= held
     assert "every service stopped" in out + result.stderr
     # The summary repeats every target of each scenario that ran, and no other scenario.
     summary = out.split("Summary: every target", 1)[1]

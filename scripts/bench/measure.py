@@ -144,6 +144,17 @@ class Runner:
                 (self.profile_dir / raw_path.name).write_bytes(raw_path.read_bytes())
         return run
 
+    def floor(self, input_path: Path, env: dict[str, str]) -> tuple[float, str]:
+        """Wall seconds of scripts/bench/floor.py over `input_path` (the least a Python rerun does), started as
+        etl.py is (the same wrapper); and what it printed (how many posts and images it found held), or why it
+        failed."""
+        command = [PYTHON, "-c", _VMHWM_CHILD, str(ROOT / "scripts" / "bench" / "floor.py"), str(input_path)]
+        started = time.perf_counter()
+        done = subprocess.run(command, env=env, cwd=self.services.tmp, capture_output=True, text=True, check=False)
+        wall = time.perf_counter() - started
+        found = done.stdout.strip() if done.returncode == 0 else f"failed: {done.stderr.strip()[-300:]}"
+        return wall, found
+
     @staticmethod
     def command() -> list[str]:
         """`etl.py` as a plain child (no peak-RSS report), for runs that start several at once."""

@@ -146,6 +146,15 @@ def rerun_target(name: str, first: EtlRun, rerun: EtlRun, requests: int, writes:
     )  # fmt: skip
 
 
+def floor_figure(b: Bench, posts_path: Path, env: dict[str, str], first: EtlRun, rerun: EtlRun) -> Figure:
+    """The least a Python rerun does (scripts/bench/floor.py), on the rerun's archive, beside it: the share of the
+    first run that no Python client of the archive goes below, and what our own code adds to it."""
+    wall, found = b.runner.floor(posts_path, env)
+    return Figure("  floor (python, psycopg2, 2 lookups)", f"{wall / first.wall * 100:.1f}% of first", wall,
+                  None, f"{found}; ours adds {(rerun.wall - wall) * 1000:.0f} ms (scripts/bench/floor.py: no settings, "
+                  "lock, ledger, state, validation or log)")  # fmt: skip
+
+
 def stage_lines(run: EtlRun) -> list[str]:
     """Per-stage seconds: the pipeline's own, else a py-spy profile of the same workload."""
     if run.stages:
@@ -206,6 +215,7 @@ def images(b: Bench) -> Result:
         requests = s.host.requests - before
         before, since = s.host.requests, time.time()
         again = b.runner.etl(f"images-ours-rerun-{r}", posts_path, s.env(dsn, data_dir))
+        last_archive = (dsn, data_dir)
         rounds.append(ImagesRound(first, again, good, bad, requests, s.host.requests - before,
                                   files_written_since(data_dir / "objects", since)))  # fmt: skip
     median = median_round(rounds, lambda x: x.first.wall)
@@ -235,6 +245,7 @@ def images(b: Bench) -> Result:
             Figure(f"ours: rerun, nothing new{repeated(args.repeat)}", f"{rerun.wall / rerun_round.first.wall * 100:.1f}% of first",
                    rerun.wall, rerun.peak_rss_mb, f"{rerun_requests} image GETs, {rerun_writes} files written in all; "
                    f"exit {rerun.returncode}{shares_of(rounds)}"),
+            floor_figure(b, posts_path, s.env(*last_archive), rerun_round.first, rerun),
             Figure("gallery-dl, 1 process (as shipped)", rate(n / serial.wall, " img/s"), serial.wall, None,
                    f"{serial_good:,} sha256 ok, {serial_bad} bad; exit {serial.returncode}"),
             Figure(f"gallery-dl, {parts} processes{repeated(args.repeat)}", rate(n / parallel.wall, " img/s"),
@@ -440,6 +451,7 @@ def ceiling(b: Bench) -> Result:
                "download, put, TextBlob, connect, insert, commit"),
         Figure("rerun, nothing new", f"{rerun.wall / last.wall * 100:.1f}% of first", rerun.wall, rerun.peak_rss_mb,
                f"{rerun_requests} image requests, {rerun_puts} {'PUTs' if s3 else 'files written'}; exit {rerun.returncode}"),
+        floor_figure(b, posts_path, env, last, rerun),
     ]  # fmt: skip
     targets = [
         Target(f"ours / {what} (median of {rounds})", f"{share * 100:.0f}%", f">= {TARGET_CEILING_SHARE * 100:.0f}%",
