@@ -31,7 +31,7 @@ def test_bench_quick_runs_and_prints_the_table(tmp_path):
         assert line in out, line
     assert "0 image requests, 0 PUTs" in out
     # The floor of a rerun (scripts/bench/floor.py) ran on the rerun's archive and found every post and image held.
-    floor = re.search(r"floor \(python, psycopg2, 2 lookups\) +[\d.]+% of first .*?(\d+) posts read, (\d+) held, "
+    floor = re.search(r"floor \(python, psycopg2, 2 lookups\)(?:, median of \d+)? +[\d.]+% of first .*?(\d+) posts read, (\d+) held, "
                       r"(\d+) images held; ours adds -?\d+ ms", out)  # fmt: skip
     assert floor, out
     read, held, images = map(int, floor.groups())
