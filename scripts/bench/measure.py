@@ -170,20 +170,27 @@ class Runner:
         return time.perf_counter() - started
 
 
-def timed(commands: list[list[str]], env: dict[str, str], logs: list[Path], cwd: Path) -> tuple[float, int]:
-    """Start every command at once; (wall seconds from their start until the last ends, the worst exit code)."""
+def timed(commands: list[list[str]], env: dict[str, str], logs: list[Path], cwd: Path) -> tuple[float, int, float]:
+    """Start every command at once; (wall seconds from their start until the last ends, the worst exit code, the
+    CPU seconds of them all: user + system, each process's own and its reaped children's)."""
     started = time.perf_counter()
     outs = [log.open("wb") for log in logs]
+    wall, codes, cpu = 0.0, [], 0.0
     try:
         procs = [
             subprocess.Popen(c, stdout=o, stderr=subprocess.STDOUT, env=env, cwd=cwd)
             for c, o in zip(commands, outs, strict=True)
         ]
-        codes = [p.wait() for p in procs]
+        for proc in procs:  # the order they end in does not matter: each is waited for
+            _, status, usage = os.wait4(proc.pid, 0)
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            codes.append(proc.returncode)
+            cpu += usage.ru_utime + usage.ru_stime
+        wall = time.perf_counter() - started
     finally:
         for o in outs:
             o.close()
-    return time.perf_counter() - started, max(codes, default=0)
+    return wall, max(codes, default=0), cpu
 
 
 @contextmanager
@@ -334,6 +341,61 @@ def sql_one(dsn: str, sql: str) -> tuple:
         return ()
     finally:
         conn.close()
+
+
+# Every table of a database's own schemas (not PostgreSQL's), with its indexes and foreign keys.
+_TABLES_SQL = (
+    "SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname), n.nspname,"
+    " (SELECT count(*) FROM pg_index i WHERE i.indrelid = c.oid),"
+    " (SELECT count(*) FROM pg_constraint k WHERE k.conrelid = c.oid AND k.contype = 'f')"
+    " FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+    " WHERE c.relkind IN ('r', 'p') AND n.nspname NOT IN ('pg_catalog', 'information_schema')"
+    " AND n.nspname NOT LIKE 'pg_toast%' AND n.nspname NOT LIKE 'pg_temp%'"
+)
+
+
+@dataclass
+class TableHeld:
+    """A table a run left in its database: its rows (counted), indexes and foreign keys."""
+
+    name: str  # schema-qualified, but for public's tables
+    rows: int
+    indexes: int
+    foreign_keys: int
+
+
+def tables_held(dsn: str) -> list[TableHeld]:
+    """The tables of a database that hold rows, the most rows first: what a load wrote and keeps."""
+    import psycopg2
+
+    conn = psycopg2.connect(dsn)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(_TABLES_SQL)
+            tables = cur.fetchall()
+            held = []
+            for name, schema, indexes, fks in tables:
+                cur.execute(f"SELECT count(*) FROM {name}")  # (a name quoted by the server, above)
+                rows = cur.fetchone()[0]
+                if rows:
+                    shown = name.removeprefix("public.") if schema == "public" else name
+                    held.append(TableHeld(shown, rows, indexes, fks))
+    finally:
+        conn.close()
+    return sorted(held, key=lambda t: (-t.rows, t.name))
+
+
+def holdings(tables: list[TableHeld], shown: int = 2) -> str:
+    """`tables_held()` in words: the largest `shown`, each with its indexes and foreign keys, then the rest summed."""
+
+    def one(t: TableHeld) -> str:
+        keys = f", {t.foreign_keys} foreign key{'s' * (t.foreign_keys != 1)}" if t.foreign_keys else ""
+        return f"{t.name} {t.rows:,} ({t.indexes} index{'es' * (t.indexes != 1)}{keys})"
+
+    words = [one(t) for t in tables[:shown]]
+    if rest := tables[shown:]:
+        words.append(f"{sum(t.rows for t in rest):,} rows in {len(rest)} more")
+    return "; ".join(words)
 
 
 def count_rows(dsn: str, table: str = "social_posts") -> tuple[int, int]:

@@ -51,10 +51,11 @@ GALLERY_DL = [PYTHON, "-m", "gallery_dl", "--config-ignore", "--no-part", "--no-
 
 @dataclass
 class PeerRun:
-    """One peer's run: wall seconds from process start and its (worst) exit code."""
+    """One peer's run: wall seconds from process start, its (worst) exit code, and its processes' CPU seconds."""
 
     wall: float
     returncode: int
+    cpu: float = 0.0
 
 
 def missing() -> list[str]:
