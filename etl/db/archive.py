@@ -191,7 +191,7 @@ def _post_line(post: Post, first_image_url: str | None, sentiment_version: str |
             "\\N" if post.like_count is None else str(post.like_count),
             "\\N" if post.comment_count is None else str(post.comment_count),
             "\\N" if permalink is None else permalink,
-            '{"' + '","'.join(tags) + '"}' if tags else "{}",
+            '{"' + '","'.join(tags) + '"}' if tags else "{}",  # text_array()'s plain case (checked above), inline
             "\\N",
             post.created_at.isoformat(),
             "t" if post.caption_truncated else "f",
@@ -221,7 +221,7 @@ def _escaped_line(post: Post, first_image_url: str | None, sentiment_version: st
         "\\N" if post.like_count is None else str(post.like_count),
         "\\N" if post.comment_count is None else str(post.comment_count),
         _opt_text(post.permalink),
-        copy_text("{" + ",".join([_array_item(clean_text(t)) for t in tags]) + "}") if tags else "{}",
+        copy_text(text_array([clean_text(t) for t in tags])),
         "\\N" if raw is None else copy_text(json.dumps(clean_json(raw), ensure_ascii=False, default=str)),
         post.created_at.isoformat(),
         "t" if post.caption_truncated else "f",
