@@ -52,13 +52,15 @@ def test_bench_quick_reenrich_scores_both_archives_and_drops_databases_after_use
         assert line in summary, line
     assert "ours: another scorer, 5,000 stored posts" in result.stdout
     assert "5,000 read" in result.stdout  # every post of the larger archive re-scored
-    # The work of ours' first run: its CPU and PostgreSQL's, and the tables it keeps, counted (a snapshot per post).
+    # The work of ours' first run: its CPU and PostgreSQL's, and the tables it keeps, counted (first counts on the
+    # posts' rows: no history rows, sql/014).
     work = re.search(r"its work: CPU, and the tables it keeps +([\d.]+) CPU-s +etl\.py \(its scoring worker included\) "
-                     r"([\d.]+) s, PostgreSQL ([\d.]+) s; keeps post_engagement 2,000 \(1 index, 1 foreign key\); "
-                     r"social_posts 2,000 \(5 indexes\); (\d+) rows in \d+ more", result.stdout)  # fmt: skip
+                     r"([\d.]+) s, PostgreSQL ([\d.]+) s; keeps social_posts 2,000 \(5 indexes\); "
+                     r"(\w+) (\d+) \(.*?\); (\d+) rows in \d+ more", result.stdout)  # fmt: skip
     assert work, result.stdout
-    total, etl, postgres, rest = float(work[1]), float(work[2]), float(work[3]), int(work[4])
+    total, etl, postgres, rest = float(work[1]), float(work[2]), float(work[3]), int(work[6])
     assert etl > 0 and postgres > 0 and abs(total - etl - postgres) <= 0.011 and rest > 0
+    assert work[4] != "post_engagement_changes" and int(work[5]) < 2_000, work[0]
     if "dlt (csv): first run" in result.stdout:  # (dlt installed: requirements-bench.txt)
         assert re.search(r"dlt [\d.]+ s, PostgreSQL [\d.]+ s; keeps dlt_bench_csv\.posts 2,000 ", result.stdout)
     # Each scenario's databases are dropped when it ends, but the archive reenrich re-scores, dropped after it.

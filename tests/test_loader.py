@@ -267,6 +267,67 @@ def test_engagement_snapshots_follow_the_staged_batch(db):
     ]  # fmt: skip
 
 
+def test_a_posts_first_counts_go_on_its_row_and_only_later_changes_into_the_history_table(db):
+    """sql/014: a first sight writes no history row (the first load's work); the view post_engagement is the
+    whole history, each row at most once a moment, as the former table's key (platform, post_id, observed_at) kept it."""
+    counts = upsert(db, [post("1", like_count=3, comment_count=None), post("2", like_count=None, comment_count=None)])
+    assert (counts.inserted, counts.snapshots) == (2, 1)
+    assert rows(db, "SELECT count(*) FROM post_engagement_changes") == [(0,)]
+    assert rows(db, "SELECT post_id, first_like_count, first_comment_count FROM social_posts ORDER BY post_id") == [
+        ("1", 3, None), ("2", None, None)
+    ]  # fmt: skip
+    history = "SELECT post_id, like_count, comment_count, observed_at = (SELECT archived_at FROM social_posts s WHERE s.post_id = e.post_id) FROM post_engagement e ORDER BY post_id, observed_at"
+    assert rows(db, history) == [("1", 3, None, True)]
+    # Later counts: a row of the history table each, the first counts staying on the row.
+    assert upsert(db, [post("1", like_count=4, comment_count=None), post("2", like_count=0)]).snapshots == 2
+    assert rows(db, history) == [("1", 3, None, True), ("1", 4, None, False), ("2", 0, 0, False)]
+    assert rows(db, "SELECT post_id, first_like_count FROM social_posts ORDER BY post_id") == [("1", 3), ("2", None)]
+    # The same post twice in one transaction: its first counts stand for that moment (no second row at it).
+    with db.transaction() as cur:
+        first = dbm.upsert_posts(cur, [post("9", like_count=1)], sentiment_version=ENRICHER.version)
+        again = dbm.upsert_posts(cur, [post("9", like_count=2)], sentiment_version=ENRICHER.version)
+    assert (first.inserted, first.snapshots, again.updated, again.snapshots) == (1, 1, 1, 0)
+    assert rows(db, "SELECT like_count FROM post_engagement WHERE post_id = '9'") == [(1,)]
+
+
+def test_a_post_another_run_inserted_meanwhile_still_gets_its_snapshot(db):
+    """Two runs insert the same new post at once: the second waits for the first, then updates the row. The post was
+    not there when its statement began, so it finds no counts to compare with and records its own, as a history
+    row: both runs' counts are kept (as before sql/014, when each wrote a snapshot)."""
+    import threading
+
+    import psycopg2
+
+    first = psycopg2.connect(db.dsn)
+    second = psycopg2.connect(db.dsn)
+    try:
+        with first.cursor() as cur:
+            dbm.upsert_posts(cur, [post("r", like_count=1)], sentiment_version=ENRICHER.version)  # not committed
+        result: list[dbm.UpsertCounts] = []
+
+        def other_run() -> None:
+            with second.cursor() as cur:
+                result.append(dbm.upsert_posts(cur, [post("r", like_count=2)], sentiment_version=ENRICHER.version))
+            second.commit()
+
+        waiting = threading.Thread(target=other_run, daemon=True)
+        waiting.start()
+        pid = second.get_backend_pid()
+        for _ in range(500):  # until the second waits for the first's row
+            if rows(db, "SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s", (pid,)) == [("Lock",)]:
+                break
+            waiting.join(0.02)
+        else:
+            pytest.fail("the second run never waited for the first")
+        first.commit()
+        waiting.join(10)
+        assert not waiting.is_alive() and (result[0].updated, result[0].snapshots) == (1, 1)
+    finally:
+        first.close()
+        second.close()
+    assert rows(db, "SELECT like_count FROM post_engagement WHERE post_id = 'r' ORDER BY observed_at") == [(1,), (2,)]
+
+
 def test_held_gives_stored_decisions_images_and_tombstones_of_a_batch(db):
     upsert(db, [post("1"), post("2", caption=None), post("3")])
     write_media(db, [stored("1", 0)])

@@ -35,6 +35,8 @@ POSTS_SQL = (
     "SELECT to_jsonb(p) - 'id' - 'archived_at' - 'updated_at', updated_at = now() FROM social_posts p"
     " ORDER BY platform, post_id"
 )
+# A post stored before engagement snapshots existed: no first counts on its row, no changes.
+NO_SNAPSHOTS = ("UPDATE social_posts SET first_like_count = NULL, first_comment_count = NULL", "DELETE FROM post_engagement_changes")
 SNAPSHOTS_SQL = (
     "SELECT platform, post_id, like_count, comment_count, observed_at = now() FROM post_engagement"
     " ORDER BY platform, post_id, observed_at"
@@ -52,8 +54,9 @@ def both_ways(db, before, after, *, version=V, first_urls=None, setup=()):
     try:
         with conn.cursor() as cur:
             archive.upsert_posts(cur, before, sentiment_version=V, first_image_urls={("mock", "p1"): STORED_URL})
-            cur.execute("UPDATE social_posts SET updated_at = now() - interval '1 day'")
-            cur.execute("UPDATE post_engagement SET observed_at = observed_at - interval '1 day'")
+            # A day ago, the post and its history (its first counts are observed at archived_at, sql/014).
+            cur.execute("UPDATE social_posts SET updated_at = now() - interval '1 day', archived_at = archived_at - interval '1 day'")
+            cur.execute("UPDATE post_engagement_changes SET observed_at = observed_at - interval '1 day'")
             for sql in setup:
                 cur.execute(sql)
             cur.execute("SAVEPOINT stored")
@@ -173,7 +176,7 @@ def test_only_the_changed_posts_of_a_batch_are_sent_and_each_is_counted(db):
 
 @pytest.mark.fault("a post stored before engagement snapshots existed has none: its rerun still takes its first")
 def test_a_post_without_a_snapshot_is_sent_for_one(db):
-    sql, skip, nothing_sent = both_ways(db, [BASE], [BASE], setup=["DELETE FROM post_engagement"])
+    sql, skip, nothing_sent = both_ways(db, [BASE], [BASE], setup=NO_SNAPSHOTS)
     counts, _, snapshots = sql
     assert (counts.unchanged, counts.snapshots) == (1, 1)
     assert snapshots == [("mock", "p1", 1, 2, True)]
@@ -182,7 +185,7 @@ def test_a_post_without_a_snapshot_is_sent_for_one(db):
 
 @pytest.mark.fault("a post whose latest snapshot is not its counts (a race of two runs) is sent: the snapshot follows")
 def test_a_post_whose_latest_snapshot_differs_from_its_row_is_sent(db):
-    later = "INSERT INTO post_engagement (platform, post_id, like_count, comment_count, observed_at) VALUES ('mock', 'p1', 7, 2, now() - interval '1 hour')"
+    later = "INSERT INTO post_engagement_changes (platform, post_id, like_count, comment_count, observed_at) VALUES ('mock', 'p1', 7, 2, now() - interval '1 hour')"
     sql, skip, nothing_sent = both_ways(db, [BASE], [BASE], setup=[later])
     assert (sql[0].unchanged, sql[0].snapshots) == (1, 1)
     assert skip == sql and not nothing_sent
@@ -229,7 +232,7 @@ def test_any_rerun_ends_as_the_upsert_alone_would_leave_it(db, data):
     rerun = dataclasses.replace(stored, **{name: data.draw(_fields[name], label=f"rerun {name}") for name in again})
     url = data.draw(st.sampled_from([None, STORED_URL, STORED_URL + "?v=2"]), label="first image URL")
     version = data.draw(st.sampled_from([V, "enricher-2"]), label="enricher version")
-    setup = data.draw(st.sampled_from([(), ("DELETE FROM post_engagement",)]), label="snapshots")
+    setup = data.draw(st.sampled_from([(), NO_SNAPSHOTS]), label="snapshots")
     sql, skip, _ = both_ways(
         db, [stored], [rerun], version=version, first_urls={("mock", "p1"): url} if url else None, setup=setup
     )

@@ -363,6 +363,7 @@ def test_engagement_snapshots_only_on_change_and_the_fastest_growing_view(db, ru
 
     run({"slow": (1, 0), "fast": (1, 0), "still": (5, 5)})
     assert query(db.dsn, "SELECT count(*) FROM post_engagement") == [(3,)]  # the first counts of each
+    assert query(db.dsn, "SELECT count(*) FROM post_engagement_changes") == [(0,)]  # kept on the posts' rows
     since = query(db.dsn, "SELECT now()")[0][0]
     run({"slow": (1, 0), "fast": (1, 0), "still": (5, 5)})
     assert query(db.dsn, "SELECT count(*) FROM post_engagement") == [(3,)]  # nothing changed, nothing written
@@ -374,6 +375,51 @@ def test_engagement_snapshots_only_on_change_and_the_fastest_growing_view(db, ru
     assert top == [("fast", 39, 9), ("slow", 2, 0)]
     growth = dict(query(db.dsn, "SELECT post_id, likes_gained FROM post_engagement_growth"))
     assert growth == {"fast": 39, "slow": 2, "still": 0}
+
+
+def test_an_archive_migrated_to_first_counts_keeps_its_engagement_history_row_for_row(new_database, tmp_path):
+    """sql/014 moves each snapshot taken as its post was inserted onto the post's row: the view post_engagement then
+    gives the same rows as the table did, and the growth view and fastest_growing_posts() the same answers."""
+    from etl.db import Database
+    from etl.db.connection import migration_files
+
+    before_014 = tmp_path / "sql"
+    before_014.mkdir()
+    for version, path in migration_files():
+        if version < 14:
+            (before_014 / path.name).write_text(path.read_text(encoding="utf-8"), encoding="utf-8")
+    db = Database(new_database, display="test database")
+    try:
+        db.migrate(before_014)
+        with db.transaction() as cur:
+            cur.execute(
+                "INSERT INTO social_posts (platform, post_id, like_count, comment_count, created_at, archived_at) VALUES"
+                " ('x', 'grew', 9, 3, '2024-01-01', '2024-02-01'), ('x', 'still', 5, NULL, '2024-01-01', '2024-02-01'),"
+                " ('x', 'older', 7, 1, '2023-01-01', '2023-06-01'), ('x', 'uncounted', NULL, NULL, '2024-01-01', '2024-02-01'),"
+                " ('y', 'grew', 4, 0, '2024-01-01', '2024-02-03')"
+            )  # 'older' was archived before snapshots existed: its first one came later
+            cur.execute(
+                "INSERT INTO post_engagement (platform, post_id, observed_at, like_count, comment_count) VALUES"
+                " ('x', 'grew', '2024-02-01', 1, 0), ('x', 'grew', '2024-02-02', 4, 1), ('x', 'grew', '2024-02-05', 9, 3),"
+                " ('x', 'still', '2024-02-01', 5, NULL), ('x', 'older', '2024-01-10', 6, 1), ('x', 'older', '2024-02-04', 7, 1),"
+                " ('y', 'grew', '2024-02-03', 2, 0), ('y', 'grew', '2024-02-04', 4, 0)"
+            )
+        reads = (
+            "SELECT * FROM post_engagement ORDER BY platform, post_id, observed_at",
+            "SELECT * FROM post_engagement_growth ORDER BY platform, post_id",
+            "SELECT * FROM fastest_growing_posts('2024-02-02', 10)",
+        )
+        before = [query(new_database, sql) for sql in reads]
+        assert len(before[0]) == 8 and len(before[1]) == 4 and len(before[2]) == 3
+        assert db.migrate() == ["014_engagement_first_counts.sql"]
+        assert [query(new_database, sql) for sql in reads] == before
+        assert query(new_database, "SELECT platform, post_id, first_like_count, first_comment_count FROM social_posts ORDER BY 1, 2") == [
+            ("x", "grew", 1, 0), ("x", "older", None, None), ("x", "still", 5, None), ("x", "uncounted", None, None),
+            ("y", "grew", 2, 0),
+        ]  # fmt: skip
+        assert query(new_database, "SELECT count(*) FROM post_engagement_changes") == [(5,)]  # the later ones
+    finally:
+        db.close()
 
 
 def test_ledger_and_stdout_never_hold_a_secret_in_verify(db, run_etl, tmp_path):

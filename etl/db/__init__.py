@@ -7,7 +7,7 @@
 - state.py       `StreamState(db)`: etl_state per stream: watermark and cursor (adopting a source's state of
                  before state was kept per stream), the resume point a cut run left
 - archive.py     the loader, each function taking the transaction's cursor: COPY staging, upserts of posts and
-                 images, stored images and scores, tombstones, engagement snapshots, the failed-image queue;
+                 images, stored images and scores, tombstones, the engagement history, the failed-image queue;
                  `Archive(db)`, the archiver's view of them
 - platform.py    platform state handed to a source at construction (Instagram's hashtag searches, YouTube's quota)
 - scans.py       server-side cursors for long reads in flat memory

@@ -84,7 +84,7 @@ class UpsertCounts:
     inserted: int = 0
     updated: int = 0
     unchanged: int = 0
-    snapshots: int = 0  # engagement snapshots written (post_engagement)
+    snapshots: int = 0  # engagement snapshots taken (rows of the view post_engagement: first counts and changes)
 
 
 # -- the loader: batched upserts, each taking the transaction's cursor ------------------------------
@@ -123,31 +123,44 @@ _POST_STAGE = "social_posts_stage"  # a temporary table, see stage_sql()
 _STAGE_POSTS_SQLS = stage_sql(_POST_STAGE, "social_posts", _POST_COLUMNS)
 _STAGE_POSTS_PREPARE_SQL = _STAGE_POSTS_SQLS[0]  # create the table if need be, and empty it
 _STAGE_POSTS_COPY_SQL = _STAGE_POSTS_SQLS[1]
+# A post's first counts go on its row as it is inserted (sql/014): the start of its engagement history.
 UPSERT_POSTS_SQL = (
-    f"INSERT INTO social_posts AS p ({', '.join(_POST_COLUMNS)}) SELECT {', '.join(_POST_COLUMNS)} FROM {_POST_STAGE}"
+    f"INSERT INTO social_posts AS p ({', '.join(_POST_COLUMNS)}, first_like_count, first_comment_count)"
+    f" SELECT {', '.join(_POST_COLUMNS)}, like_count, comment_count FROM {_POST_STAGE}"
     " ON CONFLICT (platform, post_id) DO UPDATE SET "
     + ", ".join(f"{c} = EXCLUDED.{c}" for c in _POST_MUTABLE)
     + ", raw = EXCLUDED.raw, image_s3_url = COALESCE(EXCLUDED.image_s3_url, p.image_s3_url), updated_at = now()"
     + f" WHERE ({', '.join('p.' + c for c in _POST_MUTABLE)}, p.image_s3_url)"
     + f" IS DISTINCT FROM ({', '.join('EXCLUDED.' + c for c in _POST_MUTABLE)},"
     + " COALESCE(EXCLUDED.image_s3_url, p.image_s3_url))"
-    + " RETURNING (xmax = 0) AS inserted"
+    + " RETURNING p.platform, p.post_id, (xmax = 0) AS inserted,"
+    + " (xmax = 0 AND (p.like_count IS NOT NULL OR p.comment_count IS NOT NULL)) AS first_counts"
 )
-# Snapshots of the staged counts where they differ from each post's latest snapshot, or it has none.
+# The staged counts of posts stored before this statement, where they differ from the latest of the post's history
+# (its latest change, else its first counts): a row of post_engagement_changes each. A post's first counts taken by
+# this transaction stand for its moment (as the history's key (platform, post_id, observed_at) did before sql/014).
+# A post another run inserted meanwhile (not seen here, not inserted by this statement) is snapshotted, as before.
 STAGED_ENGAGEMENT_SQL = (
-    "INSERT INTO post_engagement (platform, post_id, like_count, comment_count)"
+    "INSERT INTO post_engagement_changes (platform, post_id, like_count, comment_count)"
     f" SELECT v.platform, v.post_id, v.like_count, v.comment_count FROM {_POST_STAGE} v"
-    " LEFT JOIN LATERAL (SELECT e.like_count, e.comment_count FROM post_engagement e"
-    "  WHERE e.platform = v.platform AND e.post_id = v.post_id ORDER BY e.observed_at DESC LIMIT 1) prev ON true"
+    " LEFT JOIN LATERAL (SELECT s.archived_at, s.first_like_count, s.first_comment_count FROM social_posts s"
+    "  WHERE s.platform = v.platform AND s.post_id = v.post_id LIMIT 1) s ON true"  # the index, however large
+    " LEFT JOIN LATERAL (SELECT e.like_count, e.comment_count FROM post_engagement_changes e"
+    "  WHERE e.platform = v.platform AND e.post_id = v.post_id ORDER BY e.observed_at DESC LIMIT 1) c ON true"
     " WHERE (v.like_count IS NOT NULL OR v.comment_count IS NOT NULL)"
-    " AND (prev.like_count, prev.comment_count) IS DISTINCT FROM (v.like_count, v.comment_count)"
+    " AND NOT EXISTS (SELECT FROM up WHERE up.inserted AND up.platform = v.platform AND up.post_id = v.post_id)"
+    " AND CASE WHEN c.like_count IS NOT NULL OR c.comment_count IS NOT NULL"
+    "  THEN (c.like_count, c.comment_count) IS DISTINCT FROM (v.like_count, v.comment_count)"
+    "  WHEN s.archived_at = now() AND (s.first_like_count IS NOT NULL OR s.first_comment_count IS NOT NULL) THEN false"
+    "  ELSE (s.first_like_count, s.first_comment_count) IS DISTINCT FROM (v.like_count, v.comment_count) END"
     " ON CONFLICT DO NOTHING RETURNING 1"
 )
-# The upsert and the snapshots in one statement, counted in the server: one row back per batch. (A snapshot of a
-# post inserted by the same statement passes its foreign key: constraints are checked at the statement's end.)
+# The upsert and the snapshots in one statement, counted in the server: one row back per batch. (Both parts see
+# the tables as they were before the statement; a change's foreign key is checked at its end.)
 _UPSERT_POSTS_COUNTED_SQL = (
     f"WITH up AS ({UPSERT_POSTS_SQL}), snap AS ({STAGED_ENGAGEMENT_SQL})"
-    " SELECT (SELECT count(*) FILTER (WHERE inserted) FROM up), (SELECT count(*) FROM up), (SELECT count(*) FROM snap)"
+    " SELECT (SELECT count(*) FILTER (WHERE inserted) FROM up), (SELECT count(*) FROM up),"
+    " (SELECT count(*) FILTER (WHERE first_counts) FROM up) + (SELECT count(*) FROM snap)"
 )
 
 
@@ -441,9 +454,12 @@ HELD_SQL = (
     " p.image_s3_url, p.snapshot_current FROM k"
     f" CROSS JOIN LATERAL (SELECT {', '.join(_POST_MUTABLE)}, image_s3_url,"
     "  p.sentiment_version = %(version)s AND p.caption IS NOT NULL AS current,"
-    "  (SELECT (e.like_count, e.comment_count) IS NOT DISTINCT FROM (p.like_count, p.comment_count)"
-    "   FROM post_engagement e WHERE e.platform = p.platform AND e.post_id = p.post_id"
-    "   ORDER BY e.observed_at DESC LIMIT 1) IS TRUE AS snapshot_current"
+    "  COALESCE((SELECT (e.like_count, e.comment_count) IS NOT DISTINCT FROM (p.like_count, p.comment_count)"
+    "   FROM post_engagement_changes e WHERE e.platform = p.platform AND e.post_id = p.post_id"
+    "   ORDER BY e.observed_at DESC LIMIT 1),"
+    "   (p.first_like_count IS NOT NULL OR p.first_comment_count IS NOT NULL)"
+    "   AND (p.first_like_count, p.first_comment_count) IS NOT DISTINCT FROM (p.like_count, p.comment_count))"
+    "  AS snapshot_current"
     "  FROM social_posts p WHERE p.platform = k.platform AND p.post_id = k.post_id LIMIT 1) p"
     f" UNION ALL SELECT true, f.platform, f.post_id{', NULL' * (len(_POST_MUTABLE) + 3)}"
     " FROM k JOIN forgotten_posts f USING (platform, post_id)"

@@ -589,11 +589,11 @@ def metadata(b: Bench) -> Result:
             notes.append("dlt did not load every row once: no ratio (see its logs)")  # fmt: skip
     notes += [
         "unfair to dlt: it scores no sentiment and detects no language (ours does both per caption); it keeps the "
-        "JSON as columns, ours also keeps raw JSONB and engagement snapshots.",
+        "JSON as columns, ours also keeps raw JSONB and the engagement history.",
         "the work each does, under its first run: the CPU of its own processes and of PostgreSQL meanwhile, and the "
-        "tables it keeps after its rerun (rows counted). Ours writes an engagement snapshot per post (its foreign key "
-        "checked row by row) and keeps the indexes archive queries use; dlt keeps its rows a second time, in the "
-        "staging table it merges from.",
+        "tables it keeps after its rerun (rows counted). Ours keeps each post's first counts on its row (the start of "
+        "its engagement history; later changes are rows of their own) and the indexes archive queries use; dlt keeps "
+        "its rows a second time, in the staging table it merges from.",
         "unfair to us: dlt normalizes and stages to files first (its design) and pays its own import and schema "
         "inference; its first run creates its tables, ours migrates the schema. Both read the same jsonl file, "
         "each into a database of its own on the same PostgreSQL.",
