@@ -29,9 +29,22 @@ FROM social_posts WHERE first_like_count IS NOT NULL OR first_comment_count IS N
 UNION ALL
 SELECT platform, post_id, observed_at, like_count, comment_count FROM post_engagement_changes;
 
--- The growth view and fastest_growing_posts() read the two parts directly (through the view, each post's row would
--- be found again and each answer sorted in a merge: twice the time on 300,000 posts). Same answers as before 014:
--- a post's first and latest snapshot, and its baseline at a moment, are chosen among the candidates of each part.
+-- One post's whole history, from its row's first counts and its changes: what the growth view and
+-- fastest_growing_posts() read for each post (the planner inlines it). Through the view post_engagement, each
+-- post's row would be found again and each answer sorted in a merge: twice the time on 300,000 posts.
+CREATE FUNCTION post_engagement_of(p_platform TEXT, p_post_id TEXT, p_archived_at TIMESTAMPTZ,
+                                   p_first_like_count BIGINT, p_first_comment_count BIGINT)
+RETURNS TABLE (observed_at TIMESTAMPTZ, like_count BIGINT, comment_count BIGINT)
+LANGUAGE sql STABLE AS $$
+    SELECT p_archived_at, p_first_like_count, p_first_comment_count
+    WHERE p_first_like_count IS NOT NULL OR p_first_comment_count IS NOT NULL
+    UNION ALL
+    SELECT e.observed_at, e.like_count, e.comment_count FROM post_engagement_changes e
+    WHERE e.platform = p_platform AND e.post_id = p_post_id
+$$;
+
+-- The growth view and fastest_growing_posts() as sql/008 made them, each post's snapshots read from
+-- post_engagement_of() (the queries are 008's but for that): the same answers.
 CREATE OR REPLACE VIEW post_engagement_growth AS
 SELECT p.platform, p.post_id, p.author_username, p.permalink, p.created_at,
        f.observed_at AS first_observed_at, l.observed_at AS last_observed_at,
@@ -42,20 +55,12 @@ SELECT p.platform, p.post_id, p.author_username, p.permalink, p.created_at,
        (COALESCE(l.like_count, 0) + COALESCE(l.comment_count, 0) - COALESCE(f.like_count, 0) - COALESCE(f.comment_count, 0))
          / GREATEST(EXTRACT(EPOCH FROM (l.observed_at - f.observed_at)) / 86400.0, 1.0 / 24) AS engagement_per_day
 FROM social_posts p
-CROSS JOIN LATERAL (
-    SELECT p.archived_at AS observed_at, p.first_like_count AS like_count, p.first_comment_count AS comment_count
-    WHERE p.first_like_count IS NOT NULL OR p.first_comment_count IS NOT NULL
-    UNION ALL
-    (SELECT e.observed_at, e.like_count, e.comment_count FROM post_engagement_changes e
-     WHERE e.platform = p.platform AND e.post_id = p.post_id ORDER BY e.observed_at LIMIT 1)
-    ORDER BY 1 LIMIT 1) f
-CROSS JOIN LATERAL (
-    SELECT p.archived_at AS observed_at, p.first_like_count AS like_count, p.first_comment_count AS comment_count
-    WHERE p.first_like_count IS NOT NULL OR p.first_comment_count IS NOT NULL
-    UNION ALL
-    (SELECT e.observed_at, e.like_count, e.comment_count FROM post_engagement_changes e
-     WHERE e.platform = p.platform AND e.post_id = p.post_id ORDER BY e.observed_at DESC LIMIT 1)
-    ORDER BY 1 DESC LIMIT 1) l;
+CROSS JOIN LATERAL (SELECT e.observed_at, e.like_count, e.comment_count
+                    FROM post_engagement_of(p.platform, p.post_id, p.archived_at, p.first_like_count, p.first_comment_count) e
+                    ORDER BY e.observed_at LIMIT 1) f
+CROSS JOIN LATERAL (SELECT e.observed_at, e.like_count, e.comment_count
+                    FROM post_engagement_of(p.platform, p.post_id, p.archived_at, p.first_like_count, p.first_comment_count) e
+                    ORDER BY e.observed_at DESC LIMIT 1) l;
 
 CREATE OR REPLACE FUNCTION fastest_growing_posts(p_since TIMESTAMPTZ, p_limit INTEGER DEFAULT 20)
 RETURNS TABLE (platform TEXT, post_id TEXT, author_username TEXT, permalink TEXT, like_count BIGINT,
@@ -67,30 +72,19 @@ LANGUAGE sql STABLE AS $$
            COALESCE(l.comment_count, 0) - COALESCE(b.comment_count, 0),
            b.observed_at, l.observed_at
     FROM social_posts p
+    CROSS JOIN LATERAL (SELECT e.observed_at, e.like_count, e.comment_count
+                        FROM post_engagement_of(p.platform, p.post_id, p.archived_at, p.first_like_count, p.first_comment_count) e
+                        ORDER BY e.observed_at DESC LIMIT 1) l
     CROSS JOIN LATERAL (
-        SELECT p.archived_at AS observed_at, p.first_like_count AS like_count, p.first_comment_count AS comment_count
-        WHERE p.first_like_count IS NOT NULL OR p.first_comment_count IS NOT NULL
-        UNION ALL
-        (SELECT e.observed_at, e.like_count, e.comment_count FROM post_engagement_changes e
-         WHERE e.platform = p.platform AND e.post_id = p.post_id ORDER BY e.observed_at DESC LIMIT 1)
-        ORDER BY 1 DESC LIMIT 1) l
-    CROSS JOIN LATERAL (
-        -- the last snapshot at or before p_since, else the first one after it
         SELECT * FROM (
-            SELECT p.archived_at AS observed_at, p.first_like_count AS like_count, p.first_comment_count AS comment_count
-            WHERE p.first_like_count IS NOT NULL OR p.first_comment_count IS NOT NULL
+            (SELECT e.observed_at, e.like_count, e.comment_count
+              FROM post_engagement_of(p.platform, p.post_id, p.archived_at, p.first_like_count, p.first_comment_count) e
+              WHERE e.observed_at <= p_since ORDER BY e.observed_at DESC LIMIT 1)
             UNION ALL
-            (SELECT e.observed_at, e.like_count, e.comment_count FROM post_engagement_changes e
-              WHERE e.platform = p.platform AND e.post_id = p.post_id AND e.observed_at <= p_since
-              ORDER BY e.observed_at DESC LIMIT 1)
-            UNION ALL
-            (SELECT e.observed_at, e.like_count, e.comment_count FROM post_engagement_changes e
-              WHERE e.platform = p.platform AND e.post_id = p.post_id AND e.observed_at > p_since
-              ORDER BY e.observed_at LIMIT 1)
-        ) c
-        ORDER BY c.observed_at <= p_since DESC, CASE WHEN c.observed_at <= p_since THEN c.observed_at END DESC,
-                 c.observed_at
-        LIMIT 1
+            (SELECT e.observed_at, e.like_count, e.comment_count
+              FROM post_engagement_of(p.platform, p.post_id, p.archived_at, p.first_like_count, p.first_comment_count) e
+              WHERE e.observed_at > p_since ORDER BY e.observed_at LIMIT 1)
+        ) c ORDER BY c.observed_at <= p_since DESC, c.observed_at LIMIT 1
     ) b
     WHERE l.observed_at > p_since
     ORDER BY (COALESCE(l.like_count, 0) + COALESCE(l.comment_count, 0)
