@@ -322,7 +322,6 @@ class Preforked:
     def kill(self, why: str = "the scoring workers were stopped") -> None:
         """Ends every worker at once (their process group) and reaps the first; the tasks not finished fail."""
         import signal
-        from concurrent.futures.process import BrokenProcessPool
 
         with self._lock:
             if self._gone:
@@ -340,9 +339,14 @@ class Preforked:
         except ChildProcessError:
             pass
         self._close_ends()
-        for future in futures:
-            if future.set_running_or_notify_cancel():
-                future.set_exception(BrokenProcessPool(why))
+        if futures:
+            # Imported only here: release() kills the workers nothing took at exit, where this import would fail
+            # (it registers an exit hook of its own), leave them running and print a traceback.
+            from concurrent.futures.process import BrokenProcessPool
+
+            for future in futures:
+                if future.set_running_or_notify_cancel():
+                    future.set_exception(BrokenProcessPool(why))
 
     def _close_ends(self) -> None:
         """The pipes' ends no thread has taken (none was started) closed; the senders told to close theirs."""

@@ -107,13 +107,23 @@ def test_etl_py_reenrich_decides_as_in_process_scoring_and_leaves_no_worker(run_
     assert query(db.dsn, DECIDED) == by_workers
 
 
-@pytest.mark.parametrize("args", [["reenrich"], ["reenrich", "--since", "not a date"]])
-def test_a_reenrich_with_nothing_to_score_or_a_usage_error_leaves_no_worker(run_etl, db, args):
+@pytest.mark.parametrize(
+    ("args", "env", "code"),
+    [
+        (["reenrich"], {}, 0),
+        (["reenrich", "--since", "not a date"], {}, 2),
+        (["reenrich"], {"DATABASE_URL": "postgresql://nobody@127.0.0.1:9/none?connect_timeout=2"}, 2),
+    ],
+    ids=["nothing to score", "usage error", "database unreachable"],
+)
+def test_a_reenrich_with_nothing_to_score_or_an_error_leaves_no_worker_and_no_traceback(run_etl, db, args, env, code):
     mark = f"TEST_PREFORK_MARK={uuid.uuid4()}"
     name, value = mark.split("=")
-    done = run_etl(*args, env={name: value})
-    assert done.returncode == (0 if len(args) == 1 else 2), done.stderr[-3000:]
+    done = run_etl(*args, env={name: value, **env})
+    assert done.returncode == code, done.stderr[-3000:]
     assert "workers forked as etl.py started" not in done.stderr
+    # The workers nothing took are killed as the process leaves, quietly: no "Exception ignored in atexit".
+    assert "Traceback" not in done.stderr and "Exception ignored" not in done.stderr, done.stderr[-3000:]
     assert _marked(mark) == []
 
 
