@@ -175,7 +175,7 @@ def timed(commands: list[list[str]], env: dict[str, str], logs: list[Path], cwd:
     CPU seconds of them all: user + system, each process's own and its reaped children's)."""
     started = time.perf_counter()
     outs = [log.open("wb") for log in logs]
-    wall, codes, cpu = 0.0, [], 0.0
+    codes, cpu = [], 0.0
     try:
         procs = [
             subprocess.Popen(c, stdout=o, stderr=subprocess.STDOUT, env=env, cwd=cwd)
