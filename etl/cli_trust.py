@@ -52,6 +52,7 @@ def add_parsers(command: Any, parse_date: Any) -> None:
 
 def verify_command(args: argparse.Namespace, settings: Settings, out: IO[str], stop: threading.Event) -> int:
     # Imported here, not at the top: every command builds the parser, only `verify` needs these (and the metrics).
+    from etl.copystore import refuse_if_elsewhere
     from etl.db import Ledger
     from etl.logs import RedactingFilter
     from etl.run.services import open_services
@@ -59,6 +60,9 @@ def verify_command(args: argparse.Namespace, settings: Settings, out: IO[str], s
 
     scope = Scope(platform=args.platform, since=args.since, sample=args.sample)
     services = open_services(settings)
+    # Images still in another store would all read as missing here, and be marked failed (copy-store then skips them).
+    why = "a verify would look for them in the configured store, find none, and mark them failed"
+    refuse_if_elsewhere(services.db, services.store, settings, why=why)
     stats = VerifyStats()
     recording = Ledger(services.db).recording(
         "verify", [args.platform or "*"], {"scope": scope.arguments()}, stats, redact=RedactingFilter(settings.secrets()).redact
@@ -91,6 +95,7 @@ def verify_command(args: argparse.Namespace, settings: Settings, out: IO[str], s
 
 
 def forget_command(args: argparse.Namespace, settings: Settings, out: IO[str]) -> int:
+    from etl.copystore import refuse_if_elsewhere
     from etl.forget import find_posts, forget_posts, parse_target
     from etl.run.services import open_services
 
@@ -99,6 +104,9 @@ def forget_command(args: argparse.Namespace, settings: Settings, out: IO[str]) -
     if author is not None and author[1].startswith("@"):
         author = (author[0], author[1][1:])
     services = open_services(settings)
+    # forget deletes objects from the configured store: a post's images elsewhere would stay, and no row name them.
+    why = "a forget would delete a post's images from the configured store only, and leave them where they are"
+    refuse_if_elsewhere(services.db, services.store, settings, why=why)
     posts = find_posts(services.db, post=post, author=author)
     if author is not None and not posts:
         raise UsageError(f"no archived post by {author[0]}:{author[1]}")

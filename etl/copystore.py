@@ -62,8 +62,11 @@ def _where(counts: dict[str | None, int], settings: Settings) -> str:
     return "; ".join(f"{n} in {describe(name, settings)}" for name, n in counts.items())
 
 
-def refuse_if_elsewhere(db: Database, store: ObjectStore | None, settings: Settings) -> None:
-    """ConfigError (exit 2) when archived images live in another store than the configured one."""
+def refuse_if_elsewhere(
+    db: Database, store: ObjectStore | None, settings: Settings, *, why: str = "a run would not archive them there"
+) -> None:
+    """ConfigError (exit 2) when archived images live in another store than the configured one (`why`: what the
+    command would do wrong with them: a run, a verify, a forget)."""
     target = store_name(store)
     if target is None:
         return
@@ -73,7 +76,7 @@ def refuse_if_elsewhere(db: Database, store: ObjectStore | None, settings: Setti
     setting = f"S3_BUCKET={settings.s3_bucket!r}" if target != LOCAL else "S3_BUCKET is not set"
     raise ConfigError(
         f"{setting}, so images go to {describe(target, settings)}, but {sum(counts.values())} archived image(s) "
-        f"live in another store ({_where(counts, settings)}); a run would not archive them there. "
+        f"live in another store ({_where(counts, settings)}); {why}. "
         f"Run `python etl.py copy-store` to copy them (each verified by sha256; resumable), then run again."
     )
 

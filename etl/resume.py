@@ -6,8 +6,14 @@ window and newer than that one is loaded. The next run reads the same window aga
 without counting them against --limit, and loads the gap below them. Only a run that reads its whole window
 moves the watermark (to the newest post any of these runs loaded) and clears the resume point.
 
+A stream is marked in its listing's own order where the source knows it (Source.place_of: Bluesky's indexedAt,
+a Mastodon status id, a Reddit or X id), else by created_at. The two differ for a repost or a boost: it sits in
+the listing at the time it was reposted, while its post keeps the original's created_at; a mark by created_at
+would then fall to the original's date and the next run would skip every post between the two as loaded.
+
 Streams whose order is unknown (Source.stream_of returns None, e.g. Instagram's hashtag listings) are never
-skipped: they are read again in full, which costs requests but loses nothing.
+skipped: they are read again in full, which costs requests but loses nothing. Nor is a mark of the other kind
+(one an earlier version saved by created_at, for a stream now marked by its order) used to skip anything.
 """
 
 from __future__ import annotations
@@ -24,20 +30,40 @@ MAX_BOUNDARY_IDS = 1000  # post ids kept at a stream's oldest timestamp (ties of
 
 @dataclass
 class StreamMark:
-    """The oldest post loaded of one stream: its created_at, and the ids loaded at exactly that time."""
+    """The oldest place loaded of one stream, and the ids loaded at exactly that place.
 
-    oldest: datetime
+    `by` says what a place is: "created" (a post's created_at) or "order" (its place in the listing's own order,
+    Source.place_of: a time or an integer)."""
+
+    oldest: Any
     ids: set[str] = field(default_factory=set)
+    by: str = "created"
 
-    def covers(self, post: Post) -> bool:
+    def covers(self, by: str, place: Any, post_id: str) -> bool:
         """True when a cut run already loaded this post (newer than the mark, or one of the ids at it)."""
-        return post.created_at > self.oldest or (post.created_at == self.oldest and post.post_id in self.ids)
+        if by != self.by or type(place) is not type(self.oldest):
+            return False  # a mark of another kind says nothing of this place: the post is read again
+        return place > self.oldest or (place == self.oldest and post_id in self.ids)
 
-    def add(self, post: Post) -> None:
-        if post.created_at < self.oldest:
-            self.oldest, self.ids = post.created_at, {post.post_id}
-        elif post.created_at == self.oldest and len(self.ids) < MAX_BOUNDARY_IDS:
-            self.ids.add(post.post_id)
+    def add(self, place: Any, post_id: str) -> None:
+        if place < self.oldest:
+            self.oldest, self.ids = place, {post_id}
+        elif place == self.oldest and len(self.ids) < MAX_BOUNDARY_IDS:
+            self.ids.add(post_id)
+
+    @classmethod
+    def from_json(cls, mark: Mapping[str, Any]) -> StreamMark:
+        by, oldest = str(mark.get("by") or "created"), mark["oldest"]
+        if not isinstance(oldest, int) or isinstance(oldest, bool):
+            oldest = datetime.fromisoformat(str(oldest))
+        return cls(oldest, set(mark.get("ids") or ()), by)
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"oldest": self.oldest.isoformat() if isinstance(self.oldest, datetime) else self.oldest}
+        if self.by != "created":  # a mark by created_at keeps the format earlier versions wrote
+            data["by"] = self.by
+        data["ids"] = sorted(self.ids)
+        return data
 
 
 @dataclass
@@ -54,16 +80,13 @@ class ResumePoint:
         newest = data.get("newest")
         point = cls(newest=datetime.fromisoformat(newest) if newest else None)
         for name, mark in (data.get("streams") or {}).items():
-            point.streams[name] = StreamMark(datetime.fromisoformat(mark["oldest"]), set(mark.get("ids") or ()))
+            point.streams[name] = StreamMark.from_json(mark)
         return point
 
     def to_json(self) -> dict[str, Any]:
         return {
             "newest": self.newest.isoformat() if self.newest else None,
-            "streams": {
-                name: {"oldest": mark.oldest.isoformat(), "ids": sorted(mark.ids)}
-                for name, mark in self.streams.items()
-            },
+            "streams": {name: mark.to_json() for name, mark in self.streams.items()},
         }
 
 
@@ -92,25 +115,30 @@ class ResumeTracker:
             return
         # Once per post of every run: the lookups are bound here and what _remember does is written out inline.
         stream_of = self.source.stream_of
+        place_of = getattr(self.source, "place_of", None)  # None: every place is a created_at (Source.place_of)
         done_marks = self.resume.streams if self.resume is not None else {}
         marks = self.streams
         limit = self.limit
         for post in posts:
             stream = stream_of(post)
-            if done_marks and stream is not None:
-                done = done_marks.get(stream)
-                if done is not None and done.covers(post):
-                    self.skipped += 1
-                    continue
             created = post.created_at
-            if self.newest is None or created > self.newest:
-                self.newest = created
             if stream is not None:
+                place = place_of(post) if place_of is not None else None
+                by = "created" if place is None else "order"
+                if place is None:
+                    place = created
+                if done_marks:
+                    done = done_marks.get(stream)
+                    if done is not None and done.covers(by, place, post.post_id):
+                        self.skipped += 1
+                        continue
                 mark = marks.get(stream)
                 if mark is None:
-                    marks[stream] = StreamMark(created, {post.post_id})
-                elif created <= mark.oldest:  # mark.add() changes nothing for a newer post
-                    mark.add(post)
+                    marks[stream] = StreamMark(place, {post.post_id}, by)
+                elif place <= mark.oldest:  # mark.add() changes nothing for a newer place
+                    mark.add(place, post.post_id)
+            if self.newest is None or created > self.newest:
+                self.newest = created
             self.passed += 1
             yield post
             if limit is not None and self.passed >= limit:
@@ -121,13 +149,13 @@ class ResumeTracker:
         """The resume point after this run stopped early: the earlier one extended by what this run loaded."""
         point = ResumePoint(newest=self.resume.newest if self.resume else None)
         if self.resume is not None:
-            point.streams = {name: StreamMark(m.oldest, set(m.ids)) for name, m in self.resume.streams.items()}
+            point.streams = {name: StreamMark(m.oldest, set(m.ids), m.by) for name, m in self.resume.streams.items()}
         if self.newest is not None and (point.newest is None or self.newest > point.newest):
             point.newest = self.newest
         for name, mark in self.streams.items():
             earlier = point.streams.get(name)
-            if earlier is None:
-                point.streams[name] = mark
+            if earlier is None or earlier.by != mark.by:
+                point.streams[name] = mark  # (a mark of another kind was not used: this run read the stream again)
             elif mark.oldest < earlier.oldest:
                 # Read newest first below the earlier mark: everything between the two is loaded now.
                 point.streams[name] = mark

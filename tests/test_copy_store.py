@@ -117,8 +117,18 @@ def test_local_archive_switched_to_s3(db, run_etl, moto_endpoint, tmp_path):
     assert "S3_BUCKET='archive'" in refused.stderr and "Traceback" not in refused.stderr
     backfill = run_etl("backfill", "--source", "mock", "--since", "2026-10-01", env=env)
     assert backfill.returncode == ExitCode.CONFIG and "copy-store" in backfill.stderr
+    # verify would read the empty bucket and mark every intact image failed (then copy-store would copy none);
+    # forget would delete a post's images from the bucket only and leave them where they live: both refuse too.
+    verify = run_etl("verify", env=env)
+    assert verify.returncode == ExitCode.CONFIG and "a verify would look for them in the configured store" in verify.stderr, verify.stderr
+    platform, post_id = query(db.dsn, "SELECT platform, post_id FROM post_media ORDER BY id LIMIT 1")[0]
+    forget = run_etl("forget", "--post", f"{platform}:{post_id}", env=env)
+    assert forget.returncode == ExitCode.CONFIG and "a forget would delete a post's images from the configured store only" in forget.stderr, forget.stderr
+    assert "Traceback" not in verify.stderr + forget.stderr
     assert bucket_objects(client, "archive") == {}
     assert query(db.dsn, "SELECT count(*) FROM etl_runs") == [(1,)]  # nothing recorded, nothing done
+    assert query(db.dsn, "SELECT count(*) FROM post_media WHERE status = 'stored'") == [(total,)]
+    assert query(db.dsn, "SELECT count(*) FROM forgotten_posts") == [(0,)]
 
     # One local object damaged: copy-store refuses it, copies the rest, each verified.
     damaged_id, damaged_key = rows[3][0], rows[3][1]

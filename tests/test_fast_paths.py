@@ -283,6 +283,15 @@ class _Streams:
     def stream_of(self, post: Post) -> str | None:
         return None if post.post_id.startswith("n") else post.post_id[0]
 
+    def place_of(self, post: Post) -> int | None:
+        """Stream b is marked by its listing's order (here a number in its id), a by created_at."""
+        return int(post.post_id[1:]) if post.post_id.startswith("b") else None
+
+
+def _place(post: Post) -> tuple[str, object]:
+    place = _Streams().place_of(post)
+    return ("created", post.created_at) if place is None else ("order", place)
+
 
 posts_in = st.lists(
     st.builds(lambda s, n, m: Post(platform="t", post_id=f"{s}{n}", created_at=T0 - timedelta(minutes=m)),
@@ -296,12 +305,16 @@ posts_in = st.lists(
 def test_the_tracker_marks_what_stream_mark_add_would(posts, limit, resume_minutes):
     resume = None
     if resume_minutes is not None:
-        resume = ResumePoint(newest=T0, streams={"a": StreamMark(T0 - timedelta(minutes=resume_minutes), {"a1"})})
+        resume = ResumePoint(newest=T0, streams={
+            "a": StreamMark(T0 - timedelta(minutes=resume_minutes), {"a1"}),
+            "b": StreamMark(resume_minutes, {"b1"}, "order"),
+        })  # fmt: skip
     tracker = ResumeTracker(_Streams(), resume, limit)
     passed = list(tracker(posts))
     expected, skipped = [], 0  # what the tracker does, written plainly
     for post in posts if limit is None or limit > 0 else ():
-        if resume is not None and _Streams().stream_of(post) == "a" and resume.streams["a"].covers(post):
+        stream = _Streams().stream_of(post)
+        if resume is not None and stream is not None and resume.streams[stream].covers(*_place(post), post.post_id):
             skipped += 1
             continue
         expected.append(post)
@@ -313,7 +326,8 @@ def test_the_tracker_marks_what_stream_mark_add_would(posts, limit, resume_minut
     for post in passed:  # what the careful _remember did: StreamMark.add for every post
         stream = _Streams().stream_of(post)
         if stream is not None:
-            marks.setdefault(stream, StreamMark(post.created_at, {post.post_id})).add(post)
+            by, place = _place(post)
+            marks.setdefault(stream, StreamMark(place, {post.post_id}, by)).add(place, post.post_id)
     assert tracker.streams == marks
     assert tracker.newest == max((p.created_at for p in passed), default=None)
 

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from datetime import datetime, timedelta, timezone
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
 from etl.records import Post
 from etl.resume import ResumePoint, ResumeTracker, StreamMark
 from tests.conftest import query
+from tests.support import Reply
 
 T0 = datetime(2026, 10, 1, 12, 0, tzinfo=timezone.utc)
 
@@ -71,10 +74,58 @@ def test_resume_point_is_kept_per_stream():
     assert third.watermark() == T0 - timedelta(minutes=0)
 
 
+def _covers(mark: StreamMark, post: Post) -> bool:
+    return mark.covers("created", post.created_at, post.post_id)
+
+
 def test_posts_sharing_the_oldest_timestamp_are_not_skipped_unless_loaded():
     mark = StreamMark(T0, {"x"})
-    assert mark.covers(_post("x", 0)) and not mark.covers(_post("y", 0))
-    assert mark.covers(_post("z", -1)) and not mark.covers(_post("w", 1))
+    assert _covers(mark, _post("x", 0)) and not _covers(mark, _post("y", 0))
+    assert _covers(mark, _post("z", -1)) and not _covers(mark, _post("w", 1))
+
+
+class _Feed:
+    """One stream in its listing's own order (place_of), where a repost sits at the time it was reposted."""
+
+    def __init__(self, places: dict[str, int]):
+        self.places = places
+
+    def stream_of(self, post: Post) -> str:
+        return "feed"
+
+    def place_of(self, post: Post) -> int:
+        return self.places[post.post_id]
+
+
+def test_a_repost_of_an_old_post_does_not_mark_the_posts_below_it_as_loaded():
+    # The feed, newest first: a repost of a post from a year ago, then three posts of the last hours. By created_at
+    # the repost is the oldest, so a mark by created_at would call the three loaded after a cut at the second post.
+    feed = [_post("old", 525_600), _post("p1", 120), _post("p2", 180), _post("p3", 240)]
+    source = _Feed({"old": 1000, "p1": 900, "p2": 800, "p3": 700})
+    first = ResumeTracker(source, None, 2)
+    assert [p.post_id for p in first(feed)] == ["old", "p1"] and first.limited
+    point = ResumePoint.from_json(first.cut_point().to_json())
+    assert point.streams["feed"] == StreamMark(900, {"p1"}, "order")
+    second = ResumeTracker(source, point, None)
+    assert [p.post_id for p in second(feed)] == ["p2", "p3"] and second.skipped == 2
+
+
+def test_marks_keep_their_kind_and_a_mark_of_another_kind_skips_nothing():
+    by_order = StreamMark(T0, {"x"}, "order")  # Bluesky's order is a time (indexedAt)
+    ids = StreamMark(1_868_000_000_000_000_000, {"y"}, "order")  # an X or Mastodon id
+    older = ResumePoint.from_json({"newest": None, "streams": {"s": {"oldest": T0.isoformat(), "ids": ["x"]}}})
+    assert older is not None and older.streams["s"] == StreamMark(T0, {"x"}, "created")  # as earlier versions saved
+    point = ResumePoint(newest=T0, streams={"t": by_order, "i": ids, "s": older.streams["s"]})
+    again = ResumePoint.from_json(point.to_json())
+    assert again == point and isinstance(again.streams["i"].oldest, int)
+    # A mark by created_at (an earlier version's) is no guide to a stream now marked by its order, nor the reverse.
+    assert not older.streams["s"].covers("order", T0 + timedelta(days=1), "z")
+    assert not by_order.covers("created", T0 + timedelta(days=1), "z") and by_order.covers("order", T0 + timedelta(days=1), "z")
+    assert not ids.covers("order", T0, "z")  # a place of another type: read again, never a TypeError
+    # The next cut point replaces such a mark with this run's (it read the stream again from the top).
+    tracker = ResumeTracker(_Feed({"a": 5, "b": 4}), ResumePoint(newest=T0, streams={"feed": StreamMark(T0, {"q"})}), 1)
+    assert [p.post_id for p in tracker([_post("a", 1), _post("b", 2)])] == ["a"]
+    assert tracker.cut_point().streams["feed"] == StreamMark(5, {"a"}, "order")
 
 
 def test_streams_of_unknown_order_are_never_skipped():
@@ -88,3 +139,98 @@ def test_streams_of_unknown_order_are_never_skipped():
     second = ResumeTracker(Unordered(), first.cut_point(), None)
     assert [p.post_id for p in second(feed)] == ["h0", "h1", "h2"]
 
+
+# -- a repost at the top of a feed, end to end (Bluesky's feed and Mastodon's statuses) ----------------------
+
+ACTOR = "harbourlights.bsky.social"
+DID = "did:plc:ewvi7nxzyoun6zhxrhs64oiz"
+FEED = "/xrpc/app.bsky.feed.getAuthorFeed"
+
+
+def _iso(t: datetime) -> str:
+    return t.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _post_view(rkey: str, created: datetime, indexed: datetime, did: str = DID, handle: str = ACTOR) -> dict:
+    return {
+        "uri": f"at://{did}/app.bsky.feed.post/{rkey}", "cid": "bafy" + rkey,
+        "author": {"did": did, "handle": handle},
+        "record": {"$type": "app.bsky.feed.post", "createdAt": _iso(created), "text": f"post {rkey}"},
+        "replyCount": 0, "repostCount": 0, "likeCount": 1, "indexedAt": _iso(indexed),
+    }
+
+
+@pytest.mark.fault("Bluesky run --limit 2 cut after a repost of a 2024 post: the next run archives the posts below it")
+def test_bluesky_a_run_cut_after_a_repost_of_an_old_post_leaves_nothing_behind(run_etl, db, http_server):
+    now = datetime.now(timezone.utc).replace(microsecond=0)
+    old = datetime(2024, 1, 1, tzinfo=timezone.utc)
+    other = "did:plc:z72i7hdynmk6r22z27h6tvur"
+    feed = [
+        # a repost, just now, of someone's post from 2024 (feedViewPost with reason#reasonRepost)
+        {"post": _post_view("3oldpost0001", old, old, other, "lena.bsky.social"),
+         "reason": {"$type": "app.bsky.feed.defs#reasonRepost", "by": {"did": DID, "handle": ACTOR},
+                    "indexedAt": _iso(now - timedelta(minutes=1))}},
+        {"post": _post_view("3newpost000a", now - timedelta(hours=2), now - timedelta(hours=2))},
+        {"post": _post_view("3newpost000b", now - timedelta(hours=3), now - timedelta(hours=3))},
+        {"post": _post_view("3newpost000c", now - timedelta(hours=4), now - timedelta(hours=4))},
+    ]
+
+    def route(handler) -> Reply:
+        return Reply(body=json.dumps({"feed": feed}).encode(), content_type="application/json")
+
+    http_server.routes[FEED] = route
+    http_server.routes["/xrpc/app.bsky.feed.getPosts"] = lambda h: Reply(
+        body=json.dumps({"posts": [{"uri": u} for u in parse_qs(urlsplit(h.path).query).get("uris", [])]}).encode(),
+        content_type="application/json")
+    env = {"ETL_SOURCES": "bluesky", "BLUESKY_ACTORS": ACTOR, "BLUESKY_API_BASE": http_server.base,
+           "ETL_ALLOW_PRIVATE_HOSTS": "true", "ETL_RETRY_MAX_WAIT": "0.05"}
+
+    first = run_etl("run", "--limit", "2", env=env)
+    assert first.returncode == 0 and _archived(db.dsn) == 2, first.stdout + first.stderr
+    second = run_etl("run", env=env)
+    assert second.returncode == 0, second.stdout + second.stderr
+    stored = {r[0].rsplit("/", 1)[-1] for r in query(db.dsn, "SELECT post_id FROM social_posts WHERE platform = 'bluesky'")}
+    assert stored == {"3oldpost0001", "3newpost000a", "3newpost000b", "3newpost000c"}, second.stdout + second.stderr
+
+
+def _snowflake(t: datetime, seq: int = 0) -> str:
+    return str((int(t.timestamp() * 1000) << 16) + seq)
+
+
+def _status(sid: str, created: datetime, uri: str, reblog: dict | None = None) -> dict:
+    return {"id": sid, "uri": uri, "url": uri, "created_at": _iso(created), "content": f"<p>{sid}</p>",
+            "spoiler_text": "", "account": {"acct": "ana", "url": "https://remote.example/@ana"},
+            "favourites_count": 0, "replies_count": 0, "media_attachments": [], "tags": [], "reblog": reblog}
+
+
+@pytest.mark.fault("Mastodon run --limit 2 cut after a boost of a 2024 status: the next run archives the rest")
+def test_mastodon_a_run_cut_after_a_boost_of_an_old_status_leaves_nothing_behind(run_etl, db, http_server):
+    now = datetime.now(timezone.utc).replace(microsecond=0)
+    old = datetime(2024, 1, 1, tzinfo=timezone.utc)
+    u = "https://remote.example/users/ana/statuses/"
+    original = _status(_snowflake(old), old, "https://other.example/users/tom/statuses/1")
+    statuses = [
+        _status(_snowflake(now - timedelta(minutes=1)), now - timedelta(minutes=1), u + "boost", reblog=original),
+        _status(_snowflake(now - timedelta(hours=2)), now - timedelta(hours=2), u + "a"),
+        _status(_snowflake(now - timedelta(hours=3)), now - timedelta(hours=3), u + "b"),
+        _status(_snowflake(now - timedelta(hours=4)), now - timedelta(hours=4), u + "c"),
+    ]
+
+    def route(handler) -> Reply:
+        params = {k: v[0] for k, v in parse_qs(urlsplit(handler.path).query).items()}
+        if urlsplit(handler.path).path.endswith("/lookup"):
+            return Reply(body=json.dumps({"id": "109302", "acct": "ana"}).encode(), content_type="application/json")
+        page = [s for s in statuses if ("since_id" not in params or int(s["id"]) > int(params["since_id"]))
+                and ("max_id" not in params or int(s["id"]) < int(params["max_id"]))]
+        return Reply(body=json.dumps(page).encode(), content_type="application/json")
+
+    http_server.routes["/api/v1/accounts/lookup"] = route
+    http_server.routes["/api/v1/accounts/109302/statuses"] = route
+    env = {"ETL_SOURCES": "mastodon", "MASTODON_INSTANCE": http_server.base, "MASTODON_ACCOUNTS": "@ana@remote.example",
+           "ETL_ALLOW_PRIVATE_HOSTS": "true", "ETL_RETRY_MAX_WAIT": "0.05"}
+    first = run_etl("run", "--limit", "2", env=env)
+    assert first.returncode == 0 and _archived(db.dsn) == 2, first.stdout + first.stderr
+    second = run_etl("run", env=env)
+    assert second.returncode == 0, second.stdout + second.stderr
+    stored = {r[0] for r in query(db.dsn, "SELECT post_id FROM social_posts WHERE platform = 'mastodon'")}
+    assert stored == {original["uri"], u + "a", u + "b", u + "c"}, (stored, second.stdout + second.stderr)

@@ -155,3 +155,23 @@ def test_server_errors_end_one_stream(make_settings, http_server, tmp_path):
     assert "HTTP 503" in source.rejects[0]
     assert http_server.hits  # sanity: the fake was asked
     assert CREATE in {p for p, _ in http_server.posted}
+
+
+@pytest.mark.fault("Bluesky search fails on its second page: the next run asks back to that read's floor and archives it")
+def test_a_search_that_failed_mid_listing_is_read_back_to_its_floor(run_etl, db, http_server, tmp_path):
+    # The unit completes (the error ends that stream only), so its watermark moves to the newest post of page 1;
+    # the stream keeps the floor of the read that failed, and the next search must ask from there, not from the
+    # watermark, or the server leaves out the post on page 2 for good.
+    fake = FakeBluesky(http_server)
+    page1 = json.loads(fake.text("search_page1.json"))
+    fake.overrides[SEARCH] = [fake.reply(page1)] + [Reply(status=503, body=b"unavailable", content_type="text/plain")] * 20
+    env = {**bluesky_env(http_server, tmp_path), "BLUESKY_ACTORS": "", "ETL_SOURCES": "bluesky"}
+    first = run_etl("run", env=env)
+    assert "HTTP 503" in first.stdout + first.stderr
+    assert {r[0] for r in query(db.dsn, "SELECT post_id FROM social_posts")} < set(SEARCH_URIS)
+    fake.overrides[SEARCH] = []  # the AppView answers again
+    second = run_etl("run", env=env)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert {r[0] for r in query(db.dsn, "SELECT post_id FROM social_posts")} == set(SEARCH_URIS)
+    asked = [q.get("since") for p, q, _ in fake.api_calls("/xrpc/") if p == SEARCH]
+    assert asked[-1] is None, asked  # the first run had no watermark: its floor is none, so the search asks it all

@@ -31,6 +31,27 @@ def test_gallery_in_its_order_direct_image_and_preview():
     assert link.like_count == 0 and link.raw["score"] == -2  # a negative score is no like count
 
 
+def test_a_crosspost_of_a_gallery_keeps_the_galleries_images():
+    # A crosspost's own data has no gallery_data, media_metadata or preview: its url is the shared post's gallery
+    # page, and the media are in crosspost_parent_list[0] (the shape gallery-dl and redlib had to learn).
+    children = json.loads((FIXTURES / "new_page1.json").read_text())["data"]["children"]
+    parent = children[0]["data"]
+    crosspost = {
+        "id": "1h9zq7c", "title": "x-post: " + parent["title"], "author": "someone_else", "created_utc": parent["created_utc"] + 600,
+        "permalink": "/r/analog/comments/1h9zq7c/xpost/", "url": f"https://www.reddit.com/gallery/{parent['id']}",
+        "url_overridden_by_dest": f"https://www.reddit.com/gallery/{parent['id']}", "is_gallery": True,
+        "crosspost_parent": parent["name"], "crosspost_parent_list": [parent], "score": 3, "num_comments": 0,
+    }  # fmt: skip
+    shared = thing_to_post({"kind": "t3", "data": crosspost})
+    assert shared.image_urls == thing_to_post(children[0]).image_urls and len(shared.image_urls) == 3
+    # A crosspost with an image of its own keeps its own; one of a text post has none.
+    own = {**crosspost, "preview": {"images": [{"source": {"url": "https://preview.redd.it/own.jpg?s=1"}}]}}
+    assert thing_to_post({"kind": "t3", "data": own}).image_urls == ("https://preview.redd.it/own.jpg?s=1",)
+    text = {**crosspost, "url": "https://www.reddit.com/r/analog/comments/1/t/", "crosspost_parent_list": [{"id": "1", "selftext": "words"}]}
+    del text["url_overridden_by_dest"]
+    assert thing_to_post({"kind": "t3", "data": text}).image_urls == ()
+
+
 @pytest.mark.e2e
 def test_reddit_run_archives_the_listing_then_rerun_fetches_nothing_twice(run_etl, db, http_server, tmp_path):
     fake = FakeReddit(http_server)

@@ -9,7 +9,7 @@ import logging
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from types import MappingProxyType
 from typing import Any, ClassVar
@@ -181,6 +181,9 @@ class Stream:
 
     warn_when_short: ClassVar[str] = ""  # warn if the listing ends before the saved position (Reddit's reach)
     in_order: ClassVar[bool] = True  # False: a listing in no known order (resume points never skip its posts)
+    # True: its entries carry their place in the listing (Entry.order), and a resume point marks the stream by it
+    # (an entry without one, a pinned post, is then never skipped); False: marked by the posts' created_at.
+    ordered: ClassVar[bool] = True
 
     def __init__(self, key: str, label: str, slot: str | None = None):
         # `slot` names the stream in the source's cursor and resume points where an older format fixed other
@@ -232,6 +235,7 @@ class APISource(Source):
     def __init__(self, settings: Any, *, now: Callable[[], datetime] | None = None, **kwargs: Any):
         super().__init__(settings, **kwargs)
         self.now = now or (lambda: datetime.now(timezone.utc))  # the clock for a platform's reach (tests set it)
+        self.place: Any = None  # the place in its listing of the post just yielded (place_of)
 
     @classmethod
     def check_settings(cls, settings: Any) -> None:
@@ -426,6 +430,10 @@ class APISource(Source):
     def streams(self) -> list[str]:
         return [stream.key for stream in self.stream_objects()]
 
+    def place_of(self, post: Post) -> Any:
+        """The just-yielded post's Entry.order in a stream marked by its order (Stream.ordered), else None."""
+        return self.place
+
     def to_post(self, item: Any, stream: Stream) -> Post | None:
         """The platform's JSON -> Post (RecordError names what is wrong); None for an item that is no post."""
         raise NotImplementedError
@@ -497,10 +505,15 @@ class APISource(Source):
             since = None  # the saved position is the lower bound, not the run's watermark
         elif "floor" in state:
             since = _parse_floor(state.get("floor"))
+            # A failed read's floor: the listing is asked and paged down to it, not to the run's watermark, which
+            # the other posts of this unit may have moved past what that read never reached.
+            window = replace(window, since=since)
         newest: Any = None
         posts = 0
         ended = "listing"
-        self.stream = (stream.slot or "") if stream.in_order else None  # the resume point's mark (etl/resume.py)
+        slot = (stream.slot or "") if stream.in_order else None  # the resume point's mark (etl/resume.py)
+        self.stream, self.place = slot, None
+        by_order = slot is not None and stream.ordered
         for entry in stream.entries(after, window):
             if entry.order is not None:
                 if after is not None and entry.order <= after:
@@ -523,6 +536,8 @@ class APISource(Source):
                 continue
             seen.add(post.post_id)
             posts += 1
+            if by_order:  # a repost sits in the listing at its own place, its post keeps the original's created_at
+                self.stream, self.place = (slot, entry.order) if entry.order is not None else (None, None)
             yield post
             if budget[0] is not None:
                 budget[0] -= 1

@@ -116,6 +116,10 @@ class Source:
         for a stream of unknown order. A run cut short keeps a resume point per stream (etl/resume.py)."""
         return self.stream
 
+    # place_of(post) -> the just-yielded post's place in its stream's own order (comparable within the stream), or
+    # None for its created_at. Sources whose listings are in created_at order define none (etl/resume.py).
+    place_of: Callable[[Post], Any] | None = None
+
     def probe(self) -> str | None:
         """For `etl.py check`: one cheap authenticated call; returns what it cost, in words, or None when the
         platform has no such call (or needs no credentials). Raises SourceError when the platform refuses."""

@@ -178,6 +178,8 @@ class GraphPaginator(Paginator):
 class Media(Stream):
     """An edge of media: the account's own (newest first) or a hashtag's recent_media (in no known order)."""
 
+    ordered = False  # its entries carry no order: a resume point marks the account's own media by their timestamp
+
     def __init__(self, source: InstagramSource, key: str, label: str, hashtag: str | None = None):
         super().__init__(key, label, slot=label)
         self.source, self.hashtag = source, hashtag

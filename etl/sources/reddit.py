@@ -88,7 +88,16 @@ class Subreddit(Stream):
 
 
 def _images(post: Mapping[str, Any]) -> list[str]:
-    """A gallery in its order, a direct image, else the preview's source image."""
+    """A gallery in its order, a direct image, else the preview's source image; a crosspost's, of the post it
+    shares (a crosspost of a gallery holds no media of its own: only crosspost_parent_list[0] has them)."""
+    own = _own_images(post)
+    parents = post.get("crosspost_parent_list")
+    if not own and isinstance(parents, list) and parents and isinstance(parents[0], Mapping):
+        return _own_images(parents[0])
+    return own
+
+
+def _own_images(post: Mapping[str, Any]) -> list[str]:
     gallery = api.dig(post, "gallery_data.items", list)
     if gallery is not None:
         ids = [api.dig(item, "media_id", str) or "" for item in gallery]

@@ -133,6 +133,8 @@ class Videos(Stream):
     """A newest-first listing of videos (a channel's uploads playlist, or the query's search results), read in
     batches of videos.list so that every video comes with its statistics and full snippet."""
 
+    ordered = False  # its entries carry no order: a resume point marks it by the videos' publishedAt
+
     def __init__(self, source: YouTubeSource, key: str, slot: str, channel: str | None = None):
         super().__init__(key, f"channel {channel}" if channel else "search", slot=slot)
         self.source, self.channel = source, channel
