@@ -11,6 +11,7 @@ and found again through eight expression indexes on its 8-bit bands (sql/006_ins
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import threading
@@ -105,7 +106,7 @@ class FingerprintStats:
     errors: list[str] | None = None
 
 
-def pending_batches(db: Database, batch_size: int) -> Iterator[list[tuple[int, str]]]:
+def pending_batches(db: Database, batch_size: int) -> Iterator[list[tuple[int, str, str | None]]]:
     """Stored images without a hash, in id order, a batch at a time (keyset paging: flat memory)."""
     last = 0
     while True:
@@ -116,12 +117,13 @@ def pending_batches(db: Database, batch_size: int) -> Iterator[list[tuple[int, s
         yield rows
 
 
-def save_hashes(db: Database, hashes: list[tuple[int, int]]) -> None:
+def save_hashes(db: Database, hashes: list[tuple[int, int, str | None]]) -> None:
+    """(id, hash, the sha256 of the bytes hashed) of each image."""
     if not hashes:
         return
-    ids = [media_id for media_id, _ in hashes]
-    values = [to_signed(h) for _, h in hashes]
-    save_fingerprints(db, ids, values, ALGORITHM, VERSION)
+    ids = [media_id for media_id, _, _ in hashes]
+    values = [to_signed(h) for _, h, _ in hashes]
+    save_fingerprints(db, ids, values, [sha for _, _, sha in hashes], ALGORITHM, VERSION)
 
 
 def fingerprint_stored(
@@ -134,16 +136,21 @@ def fingerprint_stored(
 ) -> FingerprintStats:
     """Hash every stored image without a fingerprint; each batch is committed, so a rerun resumes.
 
-    An object that cannot be read or decoded is counted and left without a hash (the next pass tries again).
+    An object that cannot be read or decoded, or whose bytes do not match the row's sha256, is counted and left
+    without a hash (the next pass tries again).
     """
     stats = FingerprintStats(errors=[])
     started = time.monotonic()
     lock = threading.Lock()
 
-    def one(row: tuple[int, str]) -> tuple[int, int] | None:
-        media_id, key = row
+    def one(row: tuple[int, str, str | None]) -> tuple[int, int, str | None] | None:
+        media_id, key, sha256 = row
         try:
-            return media_id, dhash_bytes(read_object(store, key))
+            data = read_object(store, key)
+            if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+                # A damaged object would be hashed as another picture, and that hash kept: left for `verify`.
+                raise ValueError("its bytes do not match the archived sha256 (damaged: `etl.py verify` marks it for repair)")
+            return media_id, dhash_bytes(data), sha256
         except Exception as exc:  # one unreadable object must not stop the pass
             with lock:
                 stats.failed += 1

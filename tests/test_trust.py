@@ -103,6 +103,13 @@ def test_verify_on_the_local_store_finds_damage_and_the_next_run_repairs_it(db, 
     assert rows == {"p0": "stored:false", "p1": "stored:false", "p2": "failed:true", "p3": "stored:false"}
     third = run_etl("verify", "--platform", "jsonl", env=env)
     assert "checked 3, ok 3, missing 0, changed 0" in third.stdout, third.stdout + third.stderr
+    # The failed repair of p2 kept what the row knew of the damaged object: where it is, what it should hash to.
+    # (It wrote NULLs over them: every later full verify then listed the object as unexpected, for ever.)
+    assert query(db.dsn, "SELECT storage_key, sha256 FROM post_media WHERE post_id = 'p2'") == [
+        (keys["p2"], hashlib.sha256(IMAGES["/c.png"]).hexdigest())
+    ]
+    whole = run_etl("verify", env=env)
+    assert "unexpected objects 1" in whole.stdout and keys["p2"] not in whole.stdout, whole.stdout  # the ghost only
 
 
 @pytest.fixture

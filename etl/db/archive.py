@@ -327,16 +327,19 @@ def send_posts(cur: psycopg2.extensions.cursor, count: int, lines: list[str]) ->
     return UpsertCounts(inserted, written - inserted, count - written, snapshots)
 
 
+# A failed retry keeps what the row knew of an object stored before (one `verify` found damaged and marked failed):
+# the damaged object stays where it is, and its key and checksum stay known (to verify and forget). A row stored
+# again is neither fixity-checked nor fingerprinted yet: its hash was of the bytes replaced, damaged perhaps.
+_KEPT_UNLESS_STORED = ("storage_key", "storage_url", "sha256", "bytes", "content_type", "width", "height")
+_CLEARED_WHEN_STORED = ("fixity", "phash", "phash_algorithm", "phash_version")
 UPSERT_MEDIA_SQL = (
     "INSERT INTO post_media AS m (platform, post_id, position, source_url, storage_key, storage_url, sha256,"
     " bytes, content_type, width, height, status, permanent, attempts, last_error, stored_at) VALUES %s"
-    " ON CONFLICT (platform, post_id, position) DO UPDATE SET"
-    " source_url = EXCLUDED.source_url, storage_key = EXCLUDED.storage_key, storage_url = EXCLUDED.storage_url,"
-    " sha256 = EXCLUDED.sha256, bytes = EXCLUDED.bytes, content_type = EXCLUDED.content_type,"
-    " width = EXCLUDED.width, height = EXCLUDED.height, status = EXCLUDED.status,"
-    " permanent = EXCLUDED.permanent, attempts = m.attempts + 1, last_error = EXCLUDED.last_error,"
-    " stored_at = EXCLUDED.stored_at, updated_at = now(),"
-    " fixity = CASE WHEN EXCLUDED.status = 'stored' THEN NULL ELSE m.fixity END"  # a repaired image: not yet checked
+    " ON CONFLICT (platform, post_id, position) DO UPDATE SET source_url = EXCLUDED.source_url, "
+    + "".join(f"{c} = CASE WHEN EXCLUDED.status = 'stored' THEN EXCLUDED.{c} ELSE m.{c} END, " for c in _KEPT_UNLESS_STORED)
+    + "".join(f"{c} = CASE WHEN EXCLUDED.status = 'stored' THEN NULL ELSE m.{c} END, " for c in _CLEARED_WHEN_STORED)
+    + "status = EXCLUDED.status, permanent = EXCLUDED.permanent, attempts = m.attempts + 1,"
+    " last_error = EXCLUDED.last_error, stored_at = EXCLUDED.stored_at, updated_at = now()"
     " WHERE m.status <> 'stored'"  # an archived image is never downgraded
 )
 _MEDIA_TEMPLATE = "(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, 1, %s, CASE WHEN %s THEN now() END)"

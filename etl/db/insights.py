@@ -32,12 +32,14 @@ REPORT_GROWING_SQL = (
 REPORT_FAILED_SQL = "SELECT * FROM report_failed_images(%s, %s, %s)"
 REPORT_RUNS_SQL = "SELECT * FROM report_runs ORDER BY id DESC LIMIT %s"
 UNHASHED_SQL = (
-    "SELECT id, storage_key FROM post_media WHERE status = 'stored' AND phash IS NULL AND storage_key IS NOT NULL"
-    " AND id > %s ORDER BY id LIMIT %s"
+    "SELECT id, storage_key, sha256 FROM post_media WHERE status = 'stored' AND phash IS NULL"
+    " AND storage_key IS NOT NULL AND id > %s ORDER BY id LIMIT %s"
 )
+# Only a row still holding the object that was hashed (the same sha256: not repaired meanwhile) takes its hash.
 SAVE_HASHES_SQL = (
     "UPDATE post_media m SET phash = v.phash, phash_algorithm = %s, phash_version = %s"
-    " FROM (SELECT unnest(%s::bigint[]) AS id, unnest(%s::bigint[]) AS phash) v WHERE m.id = v.id AND m.phash IS NULL"
+    " FROM unnest(%s::bigint[], %s::bigint[], %s::text[]) AS v(id, phash, sha256)"
+    " WHERE m.id = v.id AND m.phash IS NULL AND m.sha256 IS NOT DISTINCT FROM v.sha256"
 )
 
 
@@ -118,16 +120,20 @@ def report_aggregates(
     return db.run(read, what="reading the report's aggregates")
 
 
-def images_without_fingerprint(db: Database, after: int, limit: int) -> list[tuple[int, str]]:
-    """Up to `limit` stored images without a perceptual hash, (id, storage_key), ids above `after` in order."""
+def images_without_fingerprint(db: Database, after: int, limit: int) -> list[tuple[int, str, str | None]]:
+    """Up to `limit` stored images without a perceptual hash, (id, storage_key, sha256), ids above `after` in order."""
 
-    def read(cur: psycopg2.extensions.cursor) -> list[tuple[int, str]]:
+    def read(cur: psycopg2.extensions.cursor) -> list[tuple[int, str, str | None]]:
         cur.execute(UNHASHED_SQL, (after, limit))
         return cur.fetchall()
 
     return db.run(read, what="finding images without a fingerprint")
 
 
-def save_fingerprints(db: Database, ids: list[int], hashes: list[int], algorithm: str, version: int) -> None:
-    """Record each image's hash (signed 64-bit) with its algorithm; an image hashed meanwhile keeps its own."""
-    db.run(lambda cur: cur.execute(SAVE_HASHES_SQL, (algorithm, version, ids, hashes)), what="saving fingerprints")
+def save_fingerprints(
+    db: Database, ids: list[int], hashes: list[int], checksums: list[str | None], algorithm: str, version: int
+) -> None:
+    """Record each image's hash (signed 64-bit) with its algorithm, where the row still has the sha256 of the bytes
+    hashed; an image hashed meanwhile keeps its own, and one stored again meanwhile is hashed by the next pass."""
+    values = (algorithm, version, ids, hashes, checksums)
+    db.run(lambda cur: cur.execute(SAVE_HASHES_SQL, values), what="saving fingerprints")
