@@ -7,8 +7,10 @@ import pytest
 
 from etl import reenrich as module
 from etl.enrich import SentimentEnricher
+from etl.run.runner import Runner, RunRequest
 from etl.run.stats import RunStats
 from tests.conftest import query
+from tests.support import record, write_jsonl
 
 
 def _posts(db, count: int) -> None:
@@ -168,3 +170,34 @@ def test_a_batch_update_reads_only_its_own_posts(db):
         cur.execute("EXPLAIN " + _APPLY_DECISIONS, {"version": "v", "first": first, "last": last})
         plan = "\n".join(row[0] for row in cur.fetchall())
     assert "Seq Scan on social_posts" not in plan, plan
+
+
+HAPPY = "What a wonderful, lovely, beautiful day at the beach with my best friends"
+ANGRY = "This is the worst, most horrible and disgusting service I have ever had, awful"
+
+
+def _run(settings, path):
+    runner = Runner(settings)
+    try:
+        return runner.execute(RunRequest(sources=["jsonl"], source_options={"jsonl": {"input": str(path)}}))
+    finally:
+        runner.close()
+
+
+def test_a_caption_a_run_changed_while_reenrich_scored_it_keeps_the_runs_score(db, make_settings, tmp_path, monkeypatch):
+    settings = make_settings(DATABASE_URL=db.dsn, ETL_RECHECK_POSTS="0")
+    assert _run(settings, write_jsonl(tmp_path / "a.jsonl", [record(post_id="p1", caption=HAPPY)])).exit_code == 0
+    with db.transaction() as cur:  # scored by an older enricher: reenrich reads this row
+        cur.execute("UPDATE social_posts SET sentiment_version = 'textblob-old', sentiment = 'neutral', sentiment_polarity = 0")
+    write = module._write
+
+    def write_after_a_run(*args):
+        # The cron run lands between reenrich's read and its write: the author edited the caption.
+        assert _run(settings, write_jsonl(tmp_path / "b.jsonl", [record(post_id="p1", caption=ANGRY)])).exit_code == 0
+        assert query(db.dsn, "SELECT caption, sentiment FROM social_posts") == [(ANGRY, "negative")]
+        return write(*args)
+
+    monkeypatch.setattr(module, "_write", write_after_a_run)
+    module.reenrich(db, SentimentEnricher(settings.sentiment_threshold, detect_language=settings.detect_language), RunStats(), workers=1)
+    # The happy caption's decision is not written over the angry caption's score (stamped current, it would stay).
+    assert query(db.dsn, "SELECT caption, sentiment FROM social_posts") == [(ANGRY, "negative")]

@@ -55,6 +55,9 @@ _APPLY_DECISIONS = (
     " sentiment_skipped = CASE WHEN v.changed THEN v.skipped ELSE p.sentiment_skipped END,"
     " updated_at = CASE WHEN v.changed THEN now() ELSE p.updated_at END"
     " FROM reenrich_decisions AS v WHERE p.id = v.id AND p.id BETWEEN %(first)s AND %(last)s"
+    # A run that changed the post since the scan read it scored its new caption and stamped this same version: the
+    # decision, made from the caption the scan read, is not for that row any more.
+    " AND p.sentiment_version IS DISTINCT FROM %(version)s"
 )
 
 
