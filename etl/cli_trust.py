@@ -27,6 +27,18 @@ def _fraction(value: str) -> float:
     return number
 
 
+def _minutes(value: str) -> float:
+    import argparse
+
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of minutes") from None
+    if not 0 <= number <= 24 * 60:
+        raise argparse.ArgumentTypeError("--wait must be between 0 and 1440 minutes")
+    return number
+
+
 def add_parsers(command: Any, parse_date: Any) -> None:
     """verify and forget, through the CLI's `command(name, help, *examples)`."""
     verify = command(
@@ -48,6 +60,10 @@ def add_parsers(command: Any, parse_date: Any) -> None:
     target.add_argument("--author", metavar="PLATFORM:USERNAME", help="every post of an author (lists them unless --yes)")
     forget.add_argument("--reason", metavar="TEXT", help="recorded in the tombstone (no content of the post)")
     forget.add_argument("--yes", action="store_true", help="execute (needed with --author)")
+    forget.add_argument(
+        "--wait", type=_minutes, default=30.0, metavar="MINUTES",
+        help="wait this long for runs in progress to finish (default 30; 0: do not wait)",
+    )  # fmt: skip
 
 
 def verify_command(args: argparse.Namespace, settings: Settings, out: IO[str], stop: threading.Event) -> int:
@@ -96,6 +112,8 @@ def verify_command(args: argparse.Namespace, settings: Settings, out: IO[str], s
 
 def forget_command(args: argparse.Namespace, settings: Settings, out: IO[str]) -> int:
     from etl.copystore import refuse_if_elsewhere
+    from etl.db import Ledger
+    from etl.db.ledger import release_locks
     from etl.forget import find_posts, forget_posts, parse_target
     from etl.run.services import open_services
 
@@ -107,17 +125,30 @@ def forget_command(args: argparse.Namespace, settings: Settings, out: IO[str]) -
     # forget deletes objects from the configured store: a post's images elsewhere would stay, and no row name them.
     why = "a forget would delete a post's images from the configured store only, and leave them where they are"
     refuse_if_elsewhere(services.db, services.store, settings, why=why)
-    posts = find_posts(services.db, post=post, author=author)
-    if author is not None and not posts:
-        raise UsageError(f"no archived post by {author[0]}:{author[1]}")
     if author is not None and not args.yes:
+        posts = find_posts(services.db, post=post, author=author)
+        if not posts:
+            raise UsageError(f"no archived post by {author[0]}:{author[1]}")
         print(f"\nWould forget {len(posts)} post(s) by {author[0]}:{author[1]} (run again with --yes to do it):", file=out)
         for platform, post_id, created_at in posts[:200]:
             print(f"  {platform}:{post_id}  {created_at:%Y-%m-%d %H:%M}", file=out)
         if len(posts) > 200:
             print(f"  ... and {len(posts) - 200} more", file=out)
         return int(ExitCode.OK)
-    result = forget_posts(services.db, services.store, settings, posts, args.reason)
+
+    def waiting(runs: str) -> None:
+        print(f"waiting for {runs} to finish (at most {args.wait:g} min; --wait) ...", file=out, flush=True)
+
+    # Runs, backfills, copy-store and export hold the archive's lock shared while they work: a post one of them
+    # looked up before its tombstone would be loaded again (its images stored again) after the forget.
+    lock = Ledger(services.db).forget_lock(args.wait * 60, waiting)
+    try:
+        posts = find_posts(services.db, post=post, author=author)
+        if author is not None and not posts:
+            raise UsageError(f"no archived post by {author[0]}:{author[1]}")
+        result = forget_posts(services.db, services.store, settings, posts, args.reason)
+    finally:
+        release_locks(lock)
     held = sum(1 for p in posts if p[2] is not None)
     rows = ", ".join(f"{table} {n}" for table, n in sorted(result.rows.items()) if n) or "none"
     print(

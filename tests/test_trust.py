@@ -12,6 +12,7 @@ import pytest
 from moto.server import ThreadedMotoServer
 
 from etl.db import Ledger
+from etl.db.ledger import release_locks
 from etl.errors import ExitCode
 from tests.conftest import query
 from tests.support import Reply, jpeg_bytes, png_bytes, record, write_jsonl
@@ -244,6 +245,55 @@ def test_forget_a_post_removes_rows_objects_and_keeps_it_out_of_later_runs(db, r
     assert not (root / key).exists()
     assert "1 forgotten post(s) not archived again" in again.stdout
     assert query(db.dsn, "SELECT count(*) FROM social_posts") == [(3,)]
+
+
+@pytest.mark.fault("forget lands while a run is between its lookup and its load: it waits for the run, and nothing comes back")
+def test_a_forget_during_a_run_waits_for_it_and_nothing_comes_back(db, run_etl, make_settings, http_server, tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    from etl.run.archiver import Archiver
+    from etl.run.runner import Runner, RunRequest
+
+    serve_images(http_server)
+    settings = make_settings(DATABASE_URL=db.dsn, ETL_ALLOW_PRIVATE_HOSTS="true", ETL_RECHECK_POSTS="0")
+    posts = four_posts(http_server, tmp_path)
+    forget: list[subprocess.Popen] = []
+    plan = Archiver.plan
+
+    def plan_then_forget(self, batch, stats, source):
+        planned = plan(self, batch, stats, source)  # the lookup: no tombstone yet
+        if not forget:  # `etl.py forget --post jsonl:p1` from another shell, now
+            env = {"PATH": "/usr/bin:/bin", "DATABASE_URL": db.dsn, "ETL_DATA_DIR": str(tmp_path / "data"),
+                   "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}  # fmt: skip
+            forget.append(subprocess.Popen(
+                [sys.executable, str(Path(__file__).resolve().parent.parent / "etl.py"), "forget", "--post", "jsonl:p1"],
+                env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            ))  # fmt: skip
+            assert "waiting for run 1 (run, on" in forget[0].stdout.readline()  # it waits for this run
+        return planned
+
+    monkeypatch.setattr(Archiver, "plan", plan_then_forget)
+    runner = Runner(settings)
+    try:
+        assert runner.execute(RunRequest(sources=["jsonl"], source_options={"jsonl": {"input": str(posts)}})).exit_code == 0
+    finally:
+        runner.close()
+    out, err = forget[0].communicate(timeout=120)
+    assert forget[0].returncode == 0 and "Forgot 1 post(s) (1 archived): 1 object(s) deleted" in out, out + err
+    for table in ("social_posts", "post_media"):
+        assert query(db.dsn, f"SELECT post_id FROM {table} ORDER BY 1") == [("p0",), ("p2",), ("p3",)], table
+    assert not list((tmp_path / "data" / "objects").rglob("p1"))  # its images were stored by the run, then deleted
+
+    # Nothing running: forget does not wait. With --wait 0 and a run holding the archive, it says who, exit 75.
+    assert "waiting" not in run_etl("forget", "--post", "jsonl:p2").stdout
+    lock, _ = Ledger(db).lock_units(["jsonl"])  # as a run holds it
+    try:
+        busy = run_etl("forget", "--post", "jsonl:p3", "--wait", "0")
+    finally:
+        release_locks(lock)
+    assert busy.returncode == ExitCode.LOCKED and "the archive is in use by" in busy.stderr, busy.stdout + busy.stderr
+    assert query(db.dsn, "SELECT count(*) FROM social_posts WHERE post_id = 'p3'") == [(1,)]
 
 
 def test_forget_an_author_is_a_dry_run_until_yes(db, run_etl, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
@@ -19,6 +20,9 @@ from etl.records import clean_json, clean_text
 
 log = logging.getLogger(__name__)
 
+# The archive's lock (two int4 keys): every run, backfill, copy-store and export holds it shared while it works
+# (lock_units), `forget` exclusive (forget_lock); so a forget never falls between a run's lookup and its load.
+ARCHIVE_LOCK = "hashtext('social-archiver:archive'), 0"
 _RUN_COUNTS = (
     "posts_fetched", "posts_inserted", "posts_updated", "posts_unchanged", "posts_rejected",
     "images_stored", "images_failed", "images_skipped", "quota_used",
@@ -86,13 +90,45 @@ class Ledger:
         conn.autocommit = True
         with conn.cursor() as cur:
             # Every lock tried in one round trip, in the order given; the names whose lock another session holds.
+            # With them, the archive's lock shared (waiting while a `forget` holds it: see forget_lock).
             cur.execute(
-                "SELECT name FROM unnest(%s::text[]) WITH ORDINALITY AS u(name, n)"
+                f"SELECT pg_advisory_lock_shared({ARCHIVE_LOCK});"
+                " SELECT name FROM unnest(%s::text[]) WITH ORDINALITY AS u(name, n)"
                 " WHERE NOT pg_try_advisory_lock(hashtext('social-archiver:source'), hashtext(name)) ORDER BY n",
                 (list(names),),
             )
             locked = [row[0] for row in cur.fetchall()]
         return conn, locked
+
+    def forget_lock(self, wait: float, waiting: Callable[[str], None]) -> psycopg2.extensions.connection:
+        """The archive's lock, exclusive, on a connection of its own (release_locks frees it): taken once no run,
+        backfill, copy-store or export holds it shared, tried every second for `wait` seconds (`waiting` told once,
+        with the runs in progress); LockedError after that. A run that looked a post up before its tombstone would
+        otherwise load it again, and store its images, after the forget."""
+        conn = self.db.connect()
+        conn.autocommit = True
+        deadline, told = time.monotonic() + wait, False
+        try:
+            with conn.cursor() as cur:
+                while True:
+                    cur.execute(f"SELECT pg_try_advisory_lock({ARCHIVE_LOCK})")
+                    if cur.fetchone()[0]:
+                        return conn
+                    if time.monotonic() >= deadline or not told:
+                        cur.execute(
+                            "SELECT string_agg(format('run %s (%s, on %s, pid %s, started %s)', id, mode, host, pid,"
+                            " to_char(started_at, 'YYYY-MM-DD HH24:MI:SS')), '; ' ORDER BY id) FROM etl_runs"
+                            " WHERE status = 'running'"
+                        )
+                        runs = cur.fetchone()[0] or "a run that has not recorded itself yet"
+                        if time.monotonic() >= deadline:
+                            raise LockedError(f"the archive is in use by {runs}; waited {wait:.0f} s; nothing done")
+                        waiting(runs)
+                        told = True
+                    time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+        except BaseException:
+            release_locks(conn)
+            raise
 
     @staticmethod
     def running_run_for(cur: psycopg2.extensions.cursor, name: str) -> str:
