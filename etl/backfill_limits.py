@@ -17,6 +17,8 @@ def checked_chunk(since: datetime, until: datetime, chunk_days: float) -> timede
         raise UsageError(f"--chunk-days must be a positive number of days (got {chunk_days!r})")
     if chunk_days * 86_400 < MIN_CHUNK.total_seconds():
         raise UsageError(f"--chunk-days {chunk_days:g} is shorter than the smallest chunk, one minute ({1 / 1440:.6f} days)")
+    if until > since and chunk_days * 86_400 >= (until - since).total_seconds():
+        return until - since  # one chunk (a longer one, 1e300 days, is no timedelta, and ended past the year 9999)
     chunk = timedelta(days=chunk_days)
     chunks = math.ceil((until - since) / chunk)
     if chunks > MAX_CHUNKS:

@@ -89,8 +89,8 @@ def _positive_int(value: str) -> int:
         number = int(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
-    if number <= 0:
-        raise argparse.ArgumentTypeError(f"{value!r} must be a positive whole number")
+    if not 0 < number <= 1_000_000:  # (a larger one reached PostgreSQL as a bigint out of range: a traceback)
+        raise argparse.ArgumentTypeError(f"{value!r} must be a whole number from 1 to 1,000,000")
     return number
 
 
@@ -249,7 +249,7 @@ def main(argv: Sequence[str] | None = None, *, env: dict[str, str] | None = None
     try:
         environment = merged_environment(".env") if env is None else dict(env)
         settings = load_settings(environment, dotenv_path=None)
-        writes = ("log_file", "metrics_path") if command in ("run", "backfill") else ("log_file",)
+        writes = ("log_file", "metrics_path") if command in ("run", "backfill", "verify") else ("log_file",)
         unwritable = path_errors(settings, writes)
         if unwritable and command != "check":  # `check` reports them in its table
             raise unwritable[0]

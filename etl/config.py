@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit
 
 from etl.errors import ConfigError
 
@@ -27,16 +27,39 @@ class Secret(str):
         return str.__str__(self)
 
 
+def _userinfo(url: str) -> tuple[str, str, str | None, str] | None:
+    """(scheme, user, password or None, the rest after the "@") of a URL with a user, split as libpq splits it: the
+    user ends at the first "@" before any "/", whatever comes before it ("#" and "?" too, which urlsplit takes
+    for the end of the host: a password holding one was not found, and so shown)."""
+    scheme, sep, rest = url.partition("://")
+    authority = rest.split("/", 1)[0]
+    if not sep or "@" not in authority:
+        return None
+    userinfo = authority.split("@", 1)[0]
+    user, colon, password = userinfo.partition(":")
+    after = rest[len(userinfo) + 1 :]
+    return scheme, user, password if colon else None, after
+
+
+_QUERY_PASSWORD = re.compile(r"([?&]password=)([^&]*)")  # libpq also takes a password as a URI parameter
+
+
 def mask_url_password(url: str) -> str:
-    """postgresql://user:pw@host/db -> postgresql://user:***@host/db (for messages and logs)."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparseable URL>"
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)
-    return urlunsplit(parts._replace(netloc=netloc[0].split(":", 1)[0] + ":***@" + netloc[1]))
+    """postgresql://user:pw@host/db -> postgresql://user:***@host/db, and ?password=pw -> ?password=*** (for
+    messages and logs)."""
+    parts = _userinfo(url)
+    if parts is not None and parts[2] is not None:
+        scheme, user, _, after = parts
+        url = f"{scheme}://{user}:***@{after}"
+    return _QUERY_PASSWORD.sub(lambda m: m.group(1) + "***", url)
+
+
+def url_password(url: str) -> list[str]:
+    """The passwords inside a URL, as written and percent-decoded (either may reach a message); [] if none."""
+    parts = _userinfo(url)
+    found = [parts[2]] if parts is not None and parts[2] else []
+    found += [m.group(2) for m in _QUERY_PASSWORD.finditer(url) if m.group(2)]
+    return list(dict.fromkeys(v for raw in found for v in (raw, unquote(raw))))
 
 
 def _str(raw: str) -> str:
@@ -266,7 +289,10 @@ class Settings:
     sentiment_threshold: float = _setting(
         "SENTIMENT_THRESHOLD", _threshold, 0.05, "polarity >= t is positive, <= -t negative, else neutral"
     )
-    overlap_minutes: int = _setting("ETL_OVERLAP_MINUTES", _non_negative_int, 60, "incremental runs re-read this much before the watermark")
+    overlap_minutes: int = _setting(
+        "ETL_OVERLAP_MINUTES", _checked(int, lambda v: 0 <= v <= 5_256_000, "must be between 0 and 5,256,000 (ten years)"), 60,
+        "incremental runs re-read this much before the watermark",
+    )  # fmt: skip
     log_format: str = _setting("ETL_LOG_FORMAT", _log_format, "text", "text or json (one object a line)")
     log_level: str = _setting("ETL_LOG_LEVEL", _log_level, "INFO", "DEBUG, INFO, WARNING or ERROR")
     log_file: str = _setting("ETL_LOG_FILE", _str, "", "also append logs to this file")
@@ -333,12 +359,7 @@ class Settings:
         values = [getattr(self, f.name).reveal() for f, setting in _core_fields() if setting.secret]
         values += [value for own in self.per_source.values() for value in own.secrets()]
         if self.database_url:
-            try:
-                password = urlsplit(self.database_url.reveal()).password
-            except ValueError:
-                password = None
-            if password:
-                values.append(password)
+            values += url_password(self.database_url.reveal())
         return [value for value in values if value]
 
     def require(self, *names: str) -> None:
@@ -445,7 +466,12 @@ def read_dotenv(path: Path) -> dict[str, str]:
     collect = _Collect()
     dotenv_log.addFilter(collect)
     try:
-        values = {k: v for k, v in dotenv_values(path).items() if v is not None}
+        values = {k: v for k, v in dotenv_values(path, encoding="utf-8").items() if v is not None}
+    except UnicodeDecodeError as exc:  # saved by an editor in Latin-1, say
+        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path}, line {line}: not UTF-8 (byte 0x{exc.object[exc.start]:02x}); save the file as UTF-8") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot be read: {exc.strerror or exc}") from None
     finally:
         dotenv_log.removeFilter(collect)
     for message in unparsed:

@@ -55,3 +55,14 @@ def test_too_many_chunks_name_the_size_that_fits(tmp_path, db):
 
     since, until = datetime(2000, 1, 1, tzinfo=timezone.utc), datetime(2026, 1, 1, tzinfo=timezone.utc)
     assert (until - since) / checked_chunk(since, until, 0.9497) <= 10_000
+
+
+@pytest.mark.parametrize("chunk_days", [1e300, 3_000_000, 400])
+def test_a_chunk_longer_than_the_backfill_is_the_whole_backfill(chunk_days):
+    # 1e300 days is no timedelta, and 3,000,000 days from 2026 ended past the year 9999: both were tracebacks.
+    from datetime import datetime, timezone
+
+    from etl.backfill_limits import checked_chunk
+
+    since, until = datetime(2026, 1, 1, tzinfo=timezone.utc), datetime(2026, 11, 1, tzinfo=timezone.utc)
+    assert checked_chunk(since, until, chunk_days) == until - since

@@ -122,15 +122,43 @@ def test_a_bad_dotenv_line_names_the_file_and_line(tmp_path):
     assert "fetched 2" in result.stdout  # the good lines still apply
 
 
+@pytest.mark.badinput("a .env not saved as UTF-8 (Latin-1): exit 2 naming the file and line, no traceback")
+def test_a_dotenv_not_in_utf8_names_the_file_and_line(tmp_path):
+    (tmp_path / ".env").write_bytes("MOCK_POSTS=2\nS3_PREFIX=caf\xe9/\n".encode("latin-1"))
+    result = etl("run", "--dry-run", "--source", "mock", cwd=tmp_path)
+    assert result.returncode == ExitCode.CONFIG and "Traceback" not in result.stderr, result.stderr
+    assert ".env, line 2: not UTF-8 (byte 0xe9)" in result.stderr
+
+
 @pytest.mark.badinput("unwritable ETL_METRICS_PATH or ETL_LOG_FILE: exit 2 naming it before any work, no traceback")
 @pytest.mark.parametrize("name", ["ETL_METRICS_PATH", "ETL_LOG_FILE"])
-def test_unwritable_output_paths_are_refused_at_start(run_etl, db, tmp_path, name):
+@pytest.mark.parametrize("command", ["run", "verify"])
+def test_unwritable_output_paths_are_refused_at_start(run_etl, db, tmp_path, name, command):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    result = run_etl("run", "--source", "mock", env={name: str(blocker / "out.txt"), "MOCK_POSTS": "2"})
+    args = ("run", "--source", "mock") if command == "run" else ("verify",)
+    result = run_etl(*args, env={name: str(blocker / "out.txt"), "MOCK_POSTS": "2"})
     assert result.returncode == ExitCode.CONFIG, result.stderr
     assert name in result.stderr and "Traceback" not in result.stderr
     assert query(db.dsn, "SELECT count(*) FROM etl_runs") == [(0,)]  # refused before the run started
+
+
+@pytest.mark.badinput("a DATABASE_URL libpq cannot read (?sslmod=require): exit 2 naming DATABASE_URL, no traceback")
+@pytest.mark.parametrize("command", [("run", "--source", "mock"), ("status",), ("migrate",)])
+def test_a_database_url_libpq_cannot_read_names_the_setting(run_etl, db, command):
+    bad = db.dsn + ("&" if "?" in db.dsn else "?") + "sslmod=require"
+    result = run_etl(*command, env={"DATABASE_URL": bad})
+    assert result.returncode == ExitCode.CONFIG and "Traceback" not in result.stderr, result.stderr
+    assert "DATABASE_URL: PostgreSQL's client cannot read" in result.stderr and "sslmod" in result.stderr
+
+
+@pytest.mark.badinput("numbers too large to use (ETL_OVERLAP_MINUTES 2e9, status --runs 1e20): exit 2 naming them")
+def test_numbers_too_large_are_refused_by_name(run_etl, db):
+    overlap = run_etl("run", "--source", "mock", env={"MOCK_POSTS": "2", "ETL_OVERLAP_MINUTES": "2000000000"})
+    assert overlap.returncode == ExitCode.CONFIG and "ETL_OVERLAP_MINUTES" in overlap.stderr, overlap.stderr
+    runs = run_etl("status", "--runs", "99999999999999999999")
+    assert runs.returncode == ExitCode.CONFIG and "from 1 to 1,000,000" in runs.stderr, runs.stderr
+    assert "Traceback" not in overlap.stderr + runs.stderr
 
 
 # -- summaries -----------------------------------------------------------------------------------

@@ -92,3 +92,29 @@ def test_no_secret_reaches_output_ledger_or_status(db, run_etl, moto_s3):
         for text in (*outputs, ledger):
             assert secret not in text
     assert len(list(client.list_objects_v2(Bucket="archive-test").get("Contents", []))) > 0
+
+
+@pytest.mark.fault("a DATABASE_URL password holding '#' or '?' (urlsplit ends the host there, libpq does not): never shown")
+@pytest.mark.parametrize("password", ["pg#pass-Zq81x", "pg?pass-Zq81x"])
+def test_a_database_password_with_a_hash_or_question_mark_is_never_shown(db, run_etl, password):
+    with db.transaction() as cur:
+        cur.execute("DROP ROLE IF EXISTS archiver_odd")
+        cur.execute("CREATE ROLE archiver_odd LOGIN SUPERUSER PASSWORD %s", (password,))
+    dsn = db.dsn.replace("postgres:@", f"archiver_odd:{password}@")
+    assert dsn != db.dsn
+    env = {"DATABASE_URL": dsn, "MOCK_POSTS": "4", "ETL_SOURCES": "mock"}
+    shown = {}
+    for args in (("run", "--source", "mock"), ("migrate",), ("status",), ("status", "--json"), ("check",)):
+        result = run_etl(*args, env=env)
+        assert result.returncode in (0, 1), result.stdout + result.stderr  # it connects: libpq reads it rightly
+        shown[" ".join(args)] = result.stdout + result.stderr
+    assert "archiver_odd:***@" in shown["migrate"]
+    assert not [command for command, text in shown.items() if password in text], shown
+    assert password not in json.dumps(query(db.dsn, "SELECT * FROM etl_runs"), default=str)
+    # A URL of the wrong scheme (SQLAlchemy's, pasted) is named with its password masked too; and one given as a
+    # URI parameter is masked in any message.
+    wrong = run_etl("run", "--source", "mock", env={"DATABASE_URL": f"postgresql+psycopg2://u:{password}@localhost/db"})
+    assert wrong.returncode == 2 and password not in wrong.stderr and "u:***@localhost" in wrong.stderr, wrong.stderr
+    from etl.config import mask_url_password
+
+    assert mask_url_password(f"postgresql://h/db?user=u&password={password}&x=1") == "postgresql://h/db?user=u&password=***&x=1"

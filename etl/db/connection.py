@@ -17,7 +17,7 @@ import psycopg2
 import psycopg2.extensions
 import psycopg2.extras
 
-from etl.config import Settings, mask_url_password
+from etl.config import Settings, mask_url_password, url_password
 from etl.errors import ConfigError, LoadError, ServiceUnavailable
 from etl.records import clean_text
 
@@ -147,10 +147,14 @@ class Database:
         """Fail early, naming DATABASE_URL (never its password), when the server cannot be reached."""
         try:
             self.connection()
+        except psycopg2.ProgrammingError as exc:  # libpq refused the string itself (a mistyped parameter, say)
+            reason = clean_text(str(exc)).strip().splitlines()[0] if str(exc).strip() else "invalid"
+            for password in url_password(self.dsn):
+                reason = reason.replace(password, "***")
+            raise ConfigError(f"DATABASE_URL: PostgreSQL's client cannot read {self.display}: {reason}") from None
         except psycopg2.OperationalError as exc:
             reason = clean_text(str(exc)).strip().splitlines()[0] if str(exc).strip() else "connection failed"
-            password = psycopg2.extensions.parse_dsn(self.dsn).get("password") if "://" in self.dsn else None
-            if password:
+            for password in url_password(self.dsn):
                 reason = reason.replace(password, "***")
             # Refused credentials or a missing database are configuration; anything else (refused, timed out,
             # starting up, unknown host) may pass: an orchestrator retries those.

@@ -23,6 +23,18 @@ log = logging.getLogger(__name__)
 # The archive's lock (two int4 keys): every run, backfill, copy-store and export holds it shared while it works
 # (lock_units), `forget` exclusive (forget_lock); so a forget never falls between a run's lookup and its load.
 ARCHIVE_LOCK = "hashtext('social-archiver:archive'), 0"
+# Every unit's lock tried in one round trip, in the order given; the names whose lock another session holds. With
+# them, the archive's lock shared (waiting while a `forget` holds it).
+LOCK_UNITS_SQL = (
+    "SELECT pg_advisory_lock_shared(" + ARCHIVE_LOCK + ");"
+    " SELECT name FROM unnest(%s::text[]) WITH ORDINALITY AS u(name, n)"
+    " WHERE NOT pg_try_advisory_lock(hashtext('social-archiver:source'), hashtext(name)) ORDER BY n"
+)
+FORGET_LOCK_SQL = "SELECT pg_try_advisory_lock(" + ARCHIVE_LOCK + ")"
+RUNNING_RUNS_SQL = (
+    "SELECT string_agg(format('run %s (%s, on %s, pid %s, started %s)', id, mode, host, pid,"
+    " to_char(started_at, 'YYYY-MM-DD HH24:MI:SS')), '; ' ORDER BY id) FROM etl_runs WHERE status = 'running'"
+)
 _RUN_COUNTS = (
     "posts_fetched", "posts_inserted", "posts_updated", "posts_unchanged", "posts_rejected",
     "images_stored", "images_failed", "images_skipped", "quota_used",
@@ -89,14 +101,7 @@ class Ledger:
         conn = self.db.connect()
         conn.autocommit = True
         with conn.cursor() as cur:
-            # Every lock tried in one round trip, in the order given; the names whose lock another session holds.
-            # With them, the archive's lock shared (waiting while a `forget` holds it: see forget_lock).
-            cur.execute(
-                f"SELECT pg_advisory_lock_shared({ARCHIVE_LOCK});"
-                " SELECT name FROM unnest(%s::text[]) WITH ORDINALITY AS u(name, n)"
-                " WHERE NOT pg_try_advisory_lock(hashtext('social-archiver:source'), hashtext(name)) ORDER BY n",
-                (list(names),),
-            )
+            cur.execute(LOCK_UNITS_SQL, (list(names),))  # (see forget_lock for the archive's lock)
             locked = [row[0] for row in cur.fetchall()]
         return conn, locked
 
@@ -111,15 +116,11 @@ class Ledger:
         try:
             with conn.cursor() as cur:
                 while True:
-                    cur.execute(f"SELECT pg_try_advisory_lock({ARCHIVE_LOCK})")
+                    cur.execute(FORGET_LOCK_SQL)
                     if cur.fetchone()[0]:
                         return conn
                     if time.monotonic() >= deadline or not told:
-                        cur.execute(
-                            "SELECT string_agg(format('run %s (%s, on %s, pid %s, started %s)', id, mode, host, pid,"
-                            " to_char(started_at, 'YYYY-MM-DD HH24:MI:SS')), '; ' ORDER BY id) FROM etl_runs"
-                            " WHERE status = 'running'"
-                        )
+                        cur.execute(RUNNING_RUNS_SQL)
                         runs = cur.fetchone()[0] or "a run that has not recorded itself yet"
                         if time.monotonic() >= deadline:
                             raise LockedError(f"the archive is in use by {runs}; waited {wait:.0f} s; nothing done")
