@@ -426,7 +426,8 @@ def _reenrich(args: argparse.Namespace, settings: Settings, out: IO[str], stop: 
     db, _ = open_services(settings, check_store=False)
     enricher = SentimentEnricher(settings.sentiment_threshold, detect_language=settings.detect_language)
     stats = RunStats()
-    with Ledger(db).recording("reenrich", [args.platform or "*"], _recorded(args), stats):
+    unit = f"reenrich {args.platform or '*'}"
+    with Ledger(db).locked_recording("reenrich", unit, [args.platform or "*"], _recorded(args), stats, busy=f"{unit} is running"):
         reenrich(db, enricher, stats, platform=args.platform, since=args.since, should_stop=stop.is_set)
     stats.seconds = time.monotonic() - stats.started
     log.info("summary: re-enriched %d posts, %d changed, %d unchanged in %.1fs", stats.fetched, stats.updated, stats.unchanged, stats.seconds)

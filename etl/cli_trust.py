@@ -80,9 +80,11 @@ def verify_command(args: argparse.Namespace, settings: Settings, out: IO[str], s
     why = "a verify would look for them in the configured store, find none, and mark them failed"
     refuse_if_elsewhere(services.db, services.store, settings, why=why)
     stats = VerifyStats()
-    recording = Ledger(services.db).recording(
-        "verify", [args.platform or "*"], {"scope": scope.arguments()}, stats, redact=RedactingFilter(settings.secrets()).redact
-    )
+    unit = f"verify {args.platform or '*'}"
+    recording = Ledger(services.db).locked_recording(
+        "verify", unit, [args.platform or "*"], {"scope": scope.arguments()}, stats,
+        busy=f"{unit} is running", redact=RedactingFilter(settings.secrets()).redact,
+    )  # fmt: skip
     try:
         with recording:
             Verifier(settings, services.db, services.store, should_stop=stop.is_set).run(scope, stats)

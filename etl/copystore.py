@@ -28,7 +28,6 @@ from typing import IO, Any
 from etl.config import Settings
 from etl.db import Database, Ledger
 from etl.db.fixity import images_elsewhere, images_to_copy, record_copies
-from etl.db.ledger import release_locks
 from etl.errors import ConfigError, ETLError, Outcome
 from etl.logs import RedactingFilter
 from etl.store import LocalStore, ObjectStore, S3Store, make_s3_client, object_key
@@ -334,17 +333,15 @@ class StoreCopier:
         target = self.open_target()
         result = CopyResult(target.name)
         started = time.monotonic()
-        ledger = Ledger(self.db)
-        lock = ledger.lock_sources([LOCK_NAME], busy="copy-store is running")
+        redact = RedactingFilter(self.settings.secrets()).redact
         try:
-            ledger.abandon_dead_runs([LOCK_NAME])
-            redact = RedactingFilter(self.settings.secrets()).redact
-            with ledger.recording(LOCK_NAME, [LOCK_NAME], arguments, result, redact=redact):
+            with Ledger(self.db).locked_recording(
+                LOCK_NAME, LOCK_NAME, [LOCK_NAME], arguments, result, busy="copy-store is running", redact=redact
+            ):
                 self._copy_all(target, result)
                 result.remaining = images_elsewhere(self.db, target.name)
         finally:
             result.seconds = time.monotonic() - started
-            release_locks(lock)
         log.info(
             "summary: copy-store into %s: copied=%d present=%d failed=%d corrupt=%d remaining=%d %.1fs",
             target.name, result.copied, result.present, result.failed, result.corrupt,

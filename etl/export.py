@@ -36,7 +36,6 @@ from etl.db.export import (  # the datasets are declared beside the SQL that rea
     platform_posts,
     record_partitions,
 )
-from etl.db.ledger import release_locks
 from etl.errors import ConfigError, Outcome, StoreError, UsageError
 from etl.store import LocalStore, ObjectStore, S3Store, store_from_settings
 
@@ -382,13 +381,9 @@ def export(
     `options` are the Exporter's (full, since, should_stop)."""
     target.store.check()
     exporter = Exporter(settings, db, target, **options)
-    ledger = Ledger(db)
-    lock = ledger.lock_sources([f"export {target.name}"])
-    try:
-        with ledger.recording("export", [f"export {target.name}"], arguments or {}, exporter.stats):
-            exporter.run()
-    finally:
-        release_locks(lock)
+    unit = f"export {target.name}"
+    with Ledger(db).locked_recording("export", unit, [unit], arguments or {}, exporter.stats, busy=f"{unit} is running"):
+        exporter.run()
     stats = exporter.stats
     log.info("summary: %s", " ".join(f"{d}={n}" for d, n in stats.written.items()) + f" bytes={stats.bytes} status={stats.status}")
     return stats

@@ -379,6 +379,50 @@ def test_status_reports_runs_live_and_abandoned(db, listsrc, make_settings, tmp_
     assert query(db.dsn, "SELECT status FROM etl_runs WHERE id = %s", (live,)) == [("abandoned",)]
 
 
+@pytest.mark.parametrize("command", [("reenrich",), ("reenrich", "--platform", "mock"), ("verify",), ("verify", "--platform", "mock")])
+def test_a_live_reenrich_or_verify_is_live_to_status_and_to_a_run_of_its_platform(run_etl, db, make_settings, monkeypatch, command):
+    # Both record an etl_runs row; they held no lock, so `status` called them abandoned while they worked, and a
+    # run of the platform they were given marked them abandoned in the ledger. Now each holds a lock of its own.
+    from etl import cli, reenrich, verify
+
+    assert run_etl("run", "--source", "mock", env={"MOCK_POSTS": "3"}).returncode == 0
+    seen: dict[str, object] = {}
+
+    def meanwhile(*args, **kwargs):
+        report = run_etl("status", "--json")
+        seen["live"] = [(r["id"], r["live"]) for r in json.loads(report.stdout)["in_progress"]]
+        seen["run"] = run_etl("run", "--source", "mock", env={"MOCK_POSTS": "3"}).returncode
+        seen["status"] = query(db.dsn, "SELECT status FROM etl_runs WHERE mode = %s", (command[0],))
+        seen["second"] = run_etl(*command)
+
+    if command[0] == "reenrich":
+        monkeypatch.setattr(reenrich, "reenrich", meanwhile)
+    else:
+        monkeypatch.setattr(verify.Verifier, "run", meanwhile)
+    env = {"DATABASE_URL": db.dsn, "ETL_DATA_DIR": str(make_settings().data_dir), "PATH": os.environ.get("PATH", "")}
+    assert cli.main(list(command), env=env) == 0
+    [(run_id, live)] = seen["live"]
+    assert live is True and seen["run"] == 0 and seen["status"] == [("running",)]
+    second = seen["second"]
+    assert second.returncode == 75 and f"{command[0]} {command[2] if len(command) > 2 else '*'} is running" in second.stderr
+    assert query(db.dsn, "SELECT status FROM etl_runs WHERE id = %s", (run_id,)) == [("ok",)]
+
+
+def test_status_reads_the_locks_of_its_own_database_only(db, run_etl, new_database):
+    import psycopg2
+
+    dead = Ledger(db).start_run("run", ["mock"], {})  # a run of this archive that died (SIGKILL)
+    other = psycopg2.connect(new_database)  # another archive on the same server, running its mock source now
+    other.autocommit = True
+    with other.cursor() as cur:
+        cur.execute("SELECT pg_advisory_lock(hashtext('social-archiver:source'), hashtext('mock'))")
+    try:
+        report = collect_status(db)
+    finally:
+        other.close()
+    assert [(r["id"], r["live"]) for r in report["in_progress"]] == [(dead, False)]
+
+
 def test_status_command_json(run_etl):
     assert run_etl("run", "--source", "mock", env={"MOCK_POSTS": "3"}).returncode == 0
     result = run_etl("status", "--json")

@@ -211,6 +211,22 @@ class Ledger:
                     raise
                 log.error("could not record the end of run %s either: %s", run_id, exc)
 
+    @contextmanager
+    def locked_recording(
+        self, mode: str, unit: str, sources: Sequence[str], arguments: dict[str, Any], outcome: Outcome, *,
+        busy: str, redact: Callable[[str], str] = str,
+    ) -> Iterator[int]:  # fmt: skip
+        """recording() of a command that is not a run (reenrich, verify, export, copy-store) under a lock of its own
+        `unit`, held for the block: `status` tells it live by that lock, a run never takes it for one of its own
+        (and so never marks it abandoned), a second one at once is refused (LockedError, `busy`), and the record
+        of one that died holding it is closed as abandoned."""
+        lock = self.lock_sources([unit], busy=busy)
+        try:
+            with self.recording(mode, sources, arguments, outcome, units=[unit], redact=redact, abandon=[unit]) as run_id:
+                yield run_id
+        finally:
+            release_locks(lock)
+
     def abandon_dead_runs(self, units: Sequence[str]) -> int:
         """Runs still marked running that hold one of these units died (a live run holds all of its units'
         locks, and we hold these now): mark them abandoned. (start_run(abandon=) does it with the run's row.)"""

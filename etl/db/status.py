@@ -27,6 +27,7 @@ RUNNING_SQL = "SELECT id, COALESCE(units, sources), host, pid, started_at FROM e
 # the two int4 keys as unsigned oids.
 LOCK_HELD_SQL = (
     "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 2"
+    " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"  # another archive's are not ours
     " AND classid::bigint = (hashtext('social-archiver:source')::bigint & 4294967295)"
     " AND objid::bigint = (hashtext(%s)::bigint & 4294967295))"
 )
