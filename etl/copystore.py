@@ -181,7 +181,8 @@ class S3Side(Side):
             raise CopyError(f"cannot be read from bucket {self.bucket!r}: {exc}") from None
 
     def write(self, key: str, body: IO[bytes], size: int, content_type: str, sha256: str) -> bool:
-        """A conditional PUT (If-None-Match: *); on 412 the object there is compared, and replaced if it differs."""
+        """A conditional PUT (If-None-Match: *); on 412 the object there is compared, and replaced if it differs:
+        its metadata first, then its bytes (a damaged object keeps the x-amz-meta-sha256 it was written with)."""
         from botocore.exceptions import ClientError
 
         args = {
@@ -196,7 +197,8 @@ class S3Side(Side):
             if code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
                 head = self.client.head_object(Bucket=self.bucket, Key=key)
                 if head.get("Metadata", {}).get("sha256") == sha256 and head.get("ContentLength") == size:
-                    return False
+                    if self.digest(key) == (sha256, size):
+                        return False
             elif code not in ("NotImplemented", "501"):
                 raise
         body.seek(0)

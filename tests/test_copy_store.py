@@ -410,3 +410,22 @@ def test_a_second_copy_store_exits_75_saying_copy_store_is_running(db, run_etl):
     assert second.returncode == ExitCode.LOCKED, second.stdout + second.stderr
     assert f"copy-store is running by another run (run {run_id} on " in second.stderr
     assert "source 'copy-store'" not in second.stderr
+
+
+@pytest.mark.fault("copy-store into a bucket already holding a damaged copy whose metadata claims the right sha256: replaced")
+def test_a_damaged_object_already_in_the_target_is_replaced(db, run_etl, moto_endpoint, tmp_path):
+    assert run_etl("run", "--source", "mock").returncode == ExitCode.OK
+    total = len(media(db.dsn))
+    key, sha, ctype, size = query(
+        db.dsn, "SELECT storage_key, sha256, content_type, bytes FROM post_media WHERE status = 'stored' ORDER BY id LIMIT 1"
+    )[0]
+    client = s3_client(moto_endpoint)
+    client.create_bucket(Bucket="archive")
+    # Left by an earlier copy of the archive and damaged since: the same length, its x-amz-meta-sha256 unchanged.
+    # The conditional PUT meets it (412), and its metadata alone said "already there": it was never replaced,
+    # the read-back failed on every copy-store, and runs refused for ever.
+    client.put_object(Bucket="archive", Key=key, Body=b"\0" * size, ContentType=ctype, Metadata={"sha256": sha})
+    copied = run_etl("copy-store", env=s3_env(moto_endpoint, "archive"))
+    assert copied.returncode == ExitCode.OK, copied.stdout + copied.stderr
+    assert f"copied {total}, already there 0, failed 0" in copied.stdout
+    assert_all_in_bucket(db.dsn, client, "archive")
