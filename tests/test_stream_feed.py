@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -78,3 +80,34 @@ def test_a_slow_stream_with_a_partial_last_line_then_a_rerun(db, tmp_path, http_
     assert query(db.dsn, "SELECT count(*), count(DISTINCT post_id) FROM social_posts") == [(10, 10)]
     assert query(db.dsn, "SELECT count(*) FROM post_media WHERE status = 'stored'") == [(10,)]
     assert sum(hits for path, hits in http_server.hits.items() if path.endswith(".png")) == 10  # each image fetched once
+
+
+@pytest.mark.fault("SIGTERM while the producer on stdin is quiet (its pipe open): the lines read are loaded, exit 1 at once")
+def test_sigterm_stops_a_stream_whose_producer_is_quiet(db, tmp_path):
+    # A read blocked on the quiet pipe heard no SIGTERM: the run went on until the next line or the pipe's end
+    # (beyond a container's grace period, then SIGKILL).
+    lines = "".join(json.dumps(record(post_id=f"q{n}", caption="a quiet day")) + "\n" for n in range(3))
+    quiet = f"import sys, time\nsys.stdout.write({lines!r}); sys.stdout.flush(); time.sleep(120)\n"
+    env = {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path), "PYTHONPATH": str(ROOT), "DATABASE_URL": db.dsn,
+           "ETL_DATA_DIR": str(tmp_path / "data")}  # fmt: skip
+    consumer = subprocess.Popen([sys.executable, "-c", quiet], stdout=subprocess.PIPE)
+    assert consumer.stdout is not None
+    run = subprocess.Popen(
+        [sys.executable, str(ROOT / "etl.py"), "run", "--source", "jsonl", "--input", "-"],
+        stdin=consumer.stdout, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not query(db.dsn, "SELECT 1 FROM etl_runs WHERE status = 'running'") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(1.0)  # the three lines are read; nothing more comes
+        run.send_signal(signal.SIGTERM)
+        out, err = run.communicate(timeout=20)
+    finally:
+        consumer.kill()
+        consumer.wait(30)
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode == ExitCode.PARTIAL, err[-1500:]
+    assert query(db.dsn, "SELECT count(*) FROM social_posts") == [(3,)]  # what was read is loaded
+    assert query(db.dsn, "SELECT status FROM etl_runs") == [("interrupted",)]

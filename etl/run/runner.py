@@ -130,6 +130,8 @@ class Runner:
         self.ledger, self.state = Ledger(self.db), StreamState(self.db)
         refuse_if_elsewhere(self.db, self.store, self.settings)  # images in another store: copy-store first
         sources = build_sources(self.settings, request, db=self.db)
+        for source in sources:
+            source.should_stop = self.stop.is_set
         units = [(s, u) for s in sources for u in units_of(s) if request.shard is None or request.shard.owns(u.name)]
         with self._locked([u.name for _, u in units], stats) as locked:
             active = [(s, u) for s, u in units if u.name not in locked]

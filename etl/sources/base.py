@@ -73,6 +73,8 @@ class Source:
         self.trusted_hosts: set[str] = set()  # host:port the source itself serves (the mock's image server)
         self.only_stream: str | None = None  # set by `restrict`: this instance reads that one stream only
         self.stream: str | None = ""  # the stream being read (see stream_of); None: one of unknown order
+        # Whether the run was asked to stop (SIGTERM; set by the runner): for a source that can wait on its input.
+        self.should_stop: Callable[[], bool] = lambda: False
         self.gone: list[tuple[str, str, str]] = []  # (platform, post_id, why): the platform says these are gone
         self.recheck_state: dict[str, Any] = {}  # a re-check's work left for a later run (etl/recheck.py)
         self.rechecked = 0  # held posts this run asked the platform about

@@ -21,11 +21,14 @@ MAX_LINE_BYTES = 16 * 1024 * 1024
 _CHUNK = 1 << 16  # bytes read at a time: a few hundred lines, split here rather than by readline() each
 
 
-def _batches(stream: IO[Any], limit: int) -> Iterator[list[str | RecordError]]:
+def _batches(
+    stream: IO[Any], limit: int, read1: Callable[[int], bytes] | None = None
+) -> Iterator[list[str | RecordError]]:
     """The stream's lines, a list at a time, without their newline and the first one without a byte order mark:
     each as text, or as the RecordError that refuses it (longer than `limit` bytes, skipped unread; not valid
-    UTF-8). Lists rather than lines: a generator's step per line was a tenth of reading a post."""
-    read1 = getattr(stream, "read1", None)
+    UTF-8). Lists rather than lines: a generator's step per line was a tenth of reading a post. `read1`: how to
+    read the stream's bytes, if not its own read1 (standard input, read so that a stop is heard: _stoppable_read1)."""
+    read1 = read1 or getattr(stream, "read1", None)
     batches = (
         _text_lines(stream, limit) if read1 is None or isinstance(stream, io.TextIOBase) else _chunked(read1, limit)
     )
@@ -36,6 +39,22 @@ def _batches(stream: IO[Any], limit: int) -> Iterator[list[str | RecordError]]:
             yield batch
             break
     yield from batches
+
+
+def _stoppable_read1(fd: int, should_stop: Callable[[], bool]) -> Callable[[int], bytes]:
+    """read1 of a file descriptor that waits for input at most half a second at a time and, once a stop was asked
+    for (SIGTERM), reads as the end of the input: a quiet producer on a pipe kept a blocked read, and the run, going
+    past SIGTERM (and a container's grace period) until its next line or its end."""
+    import os
+    import select
+
+    def read1(size: int) -> bytes:
+        while not should_stop():
+            if select.select([fd], [], [], 0.5)[0]:
+                return os.read(fd, size)
+        return b""
+
+    return read1
 
 
 def _chunked(read1: Callable[[int], bytes], limit: int) -> Iterator[list[str | RecordError]]:
@@ -188,8 +207,11 @@ class JsonlSource(Source):
     def _stream_batches(self) -> Iterator[list[str | RecordError]]:
         # Bytes, decoded block by block: a line of invalid UTF-8 is rejected alone, not the whole input.
         if self.input == "-":
-            stream = self.stdin if self.stdin is not None else sys.stdin.buffer
-            yield from _batches(stream, MAX_LINE_BYTES)
+            if self.stdin is not None:
+                yield from _batches(self.stdin, MAX_LINE_BYTES)
+            else:  # read from its descriptor (nothing read it before: its buffer is empty), hearing a stop
+                fd = sys.stdin.fileno()
+                yield from _batches(sys.stdin.buffer, MAX_LINE_BYTES, _stoppable_read1(fd, self.should_stop))
             return
         with Path(self.input).open("rb") as stream:
             yield from _batches(stream, MAX_LINE_BYTES)
