@@ -399,6 +399,9 @@ def test_a_live_reenrich_or_verify_is_live_to_status_and_to_a_run_of_its_platfor
         monkeypatch.setattr(reenrich, "reenrich", meanwhile)
     else:
         monkeypatch.setattr(verify.Verifier, "run", meanwhile)
+    # In this process: its logging set-up and SIGTERM handler would outlast the test (and change what later tests see).
+    monkeypatch.setattr(cli, "setup_logging", lambda *args, **kwargs: None)
+    monkeypatch.setattr(cli, "_on_sigterm", lambda stop: None)
     env = {"DATABASE_URL": db.dsn, "ETL_DATA_DIR": str(make_settings().data_dir), "PATH": os.environ.get("PATH", "")}
     assert cli.main(list(command), env=env) == 0
     [(run_id, live)] = seen["live"]

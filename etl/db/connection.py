@@ -145,17 +145,18 @@ class Database:
 
     def check(self) -> None:
         """Fail early, naming DATABASE_URL (never its password), when the server cannot be reached."""
+        def said(exc: psycopg2.Error, otherwise: str) -> str:
+            reason = clean_text(str(exc)).strip().splitlines()[0] if str(exc).strip() else otherwise
+            for password in url_password(self.dsn):
+                reason = reason.replace(password, "***")
+            return reason
+
         try:
             self.connection()
         except psycopg2.ProgrammingError as exc:  # libpq refused the string itself (a mistyped parameter, say)
-            reason = clean_text(str(exc)).strip().splitlines()[0] if str(exc).strip() else "invalid"
-            for password in url_password(self.dsn):
-                reason = reason.replace(password, "***")
-            raise ConfigError(f"DATABASE_URL: PostgreSQL's client cannot read {self.display}: {reason}") from None
+            raise ConfigError(f"DATABASE_URL: PostgreSQL's client cannot read {self.display}: {said(exc, 'invalid')}") from None
         except psycopg2.OperationalError as exc:
-            reason = clean_text(str(exc)).strip().splitlines()[0] if str(exc).strip() else "connection failed"
-            for password in url_password(self.dsn):
-                reason = reason.replace(password, "***")
+            reason = said(exc, "connection failed")
             # Refused credentials or a missing database are configuration; anything else (refused, timed out,
             # starting up, unknown host) may pass: an orchestrator retries those.
             settled = any(s in reason for s in ("authentication failed", "does not exist", "no pg_hba.conf entry"))
