@@ -31,6 +31,7 @@ from etl.db.export import (  # the datasets are declared beside the SQL that rea
     Key,
     exported_partitions,
     forget_partition,
+    forgotten_before,
     partition_fingerprints,
     partition_rows,
     platform_posts,
@@ -141,6 +142,7 @@ class ExportStats(Outcome):
     errors: list[str] = field(default_factory=list)
     interrupted: bool = False
     seconds: float = 0.0
+    checked_from: date | None = None  # the first day whose partitions were checked; None: every partition
 
     @property
     def partial(self) -> bool:
@@ -150,6 +152,7 @@ class ExportStats(Outcome):
         counts = {
             "target": self.target, "written": self.written, "rows": self.rows, "unchanged": self.unchanged,
             "deleted": self.deleted, "bytes": self.bytes,
+            "checked_from": self.checked_from.isoformat() if self.checked_from else None,
         }  # fmt: skip
         return {"errors": [redact(e) for e in self.errors], "per_source": {"export": counts}}
 
@@ -198,6 +201,12 @@ class Exporter:
             reader.set_session(isolation_level="REPEATABLE READ", readonly=True)
             if self.target.default:
                 self._refuse_reserved_platform(reader)
+            if self.since_day is not None and forgotten_before(reader, self.target.name, self.since_day):
+                log.info("posts were forgotten since every partition of %s was last checked: all are checked now,"
+                         " not only those from %s, so that they leave the lake (only what changed is written)",
+                         self.target.name, self.since_day)  # fmt: skip
+                self.since_day = None
+            self.stats.checked_from = self.since_day
             for dataset in DATASETS:
                 if self.stats.interrupted:
                     break

@@ -101,7 +101,12 @@ MEDIA = Dataset(
 )
 
 DATASETS = (POSTS, MEDIA)
-_SINCE = f"(%(since)s::date IS NULL OR {_DAY} >= %(since)s::date)"
+# The partitions in scope, without tombstoned posts: a forget that stopped between its tombstone and the deletion
+# of the rows (they go in another transaction) must not leave the post to every export until it is run again.
+_SINCE = (
+    f"(%(since)s::date IS NULL OR {_DAY} >= %(since)s::date)"
+    " AND NOT EXISTS (SELECT 1 FROM forgotten_posts f WHERE f.platform = p.platform AND f.post_id = p.post_id)"
+)
 _SELECTED = f"(p.platform, {_DAY}) IN (SELECT * FROM unnest(%(platforms)s::text[], %(days)s::date[]))"
 
 
@@ -131,6 +136,26 @@ Key = tuple[str, date]  # (platform, dt)
 PLATFORM_POSTS_SQL = "SELECT count(*) FROM social_posts WHERE lower(platform) = %s"
 RECORDED_SQL = "SELECT platform, dt, fingerprint FROM export_partitions WHERE target = %s AND dataset = %s"
 DELETE_RECORD_SQL = "DELETE FROM export_partitions WHERE target = %s AND dataset = %s AND platform = %s AND dt = %s"
+
+
+# Whether an export --since must check every partition of the target: a post was forgotten since its last export
+# that checked them all (status ok, its per_source.export.checked_from null), and partitions before `since` are on
+# record (one may hold it; an export --since never looks at them). The forget cannot fall inside that export:
+# it waits for exports to finish (etl/db/ledger.py forget_lock).
+FORGOTTEN_BEFORE_SQL = (
+    "SELECT EXISTS (SELECT 1 FROM export_partitions WHERE target = %(target)s AND dt < %(since)s)"
+    " AND EXISTS (SELECT 1 FROM forgotten_posts WHERE forgotten_at > COALESCE((SELECT max(started_at) FROM etl_runs"
+    " WHERE mode = 'export' AND status = 'ok' AND sources = ARRAY['export ' || %(target)s]"
+    " AND per_source -> 'export' ? 'checked_from' AND per_source -> 'export' ->> 'checked_from' IS NULL), '-infinity'))"
+)
+
+
+def forgotten_before(reader: psycopg2.extensions.connection, target: str, since: date) -> bool:
+    """Whether posts were forgotten since every partition of `target` was last checked, and some before day
+    `since` are on record (FORGOTTEN_BEFORE_SQL)."""
+    with reader.cursor() as cur:
+        cur.execute(FORGOTTEN_BEFORE_SQL, {"target": target, "since": since})
+        return bool(cur.fetchone()[0])
 
 
 def platform_posts(reader: psycopg2.extensions.connection, platform: str) -> int:
