@@ -426,13 +426,18 @@ def test_status_reads_the_locks_of_its_own_database_only(db, run_etl, new_databa
     assert [(r["id"], r["live"]) for r in report["in_progress"]] == [(dead, False)]
 
 
-def test_status_command_json(run_etl):
+def test_status_command_json(run_etl, tmp_path):
     assert run_etl("run", "--source", "mock", env={"MOCK_POSTS": "3"}).returncode == 0
+    lines = tmp_path / "text.jsonl"  # a platform without images: its image fields are 0, not missing
+    lines.write_text(json.dumps({"platform": "feed", "post_id": "t1", "created_at": "2026-11-01T10:00:00Z"}) + "\n")
+    assert run_etl("run", "--source", "jsonl", "--input", str(lines)).returncode == 0
     result = run_etl("status", "--json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
-    assert report["runs"][0]["fetched"] == 3 and report["runs"][0]["status"] == "ok"
+    assert report["runs"][0]["fetched"] == 1 and report["runs"][1]["fetched"] == 3 and report["runs"][1]["status"] == "ok"
     assert report["platforms"]["mock"]["posts"] == 3
+    assert sorted(report["platforms"]["feed"]) == sorted(report["platforms"]["mock"])
+    assert report["platforms"]["feed"]["images_stored"] == 0 and report["platforms"]["feed"]["bytes_stored"] == 0
 
 
 class BreakingSource(ListSource):

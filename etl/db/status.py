@@ -84,13 +84,16 @@ def archive_status(db: Database, runs: int) -> dict[str, Any]:
         last_runs = [dict(zip(_LAST_RUN_NAMES, row, strict=True)) for row in cur.fetchall()]
         in_progress = _runs_in_progress(cur)
         cur.execute(POSTS_PER_PLATFORM_SQL)
+        # Every platform with the same fields (a platform without images has them at 0, not missing in --json).
+        none: dict[str, Any] = {"images_stored": 0, "images_failed": 0, "bytes_stored": 0}
         platforms = {
-            row[0]: {"posts": row[1], "oldest": row[2], "newest": row[3], "positive": row[4], "neutral": row[5], "negative": row[6]}
+            row[0]: {"posts": row[1], "oldest": row[2], "newest": row[3], "positive": row[4], "neutral": row[5],
+                     "negative": row[6], **none}
             for row in cur.fetchall()
-        }
+        }  # fmt: skip
         cur.execute(IMAGES_PER_PLATFORM_SQL)
         for platform, stored, failed, size in cur.fetchall():
-            platforms.setdefault(platform, {"posts": 0})
+            platforms.setdefault(platform, {"posts": 0, "oldest": None, "newest": None, "positive": 0, "neutral": 0, "negative": 0})
             platforms[platform].update({"images_stored": stored, "images_failed": failed, "bytes_stored": int(size)})
         cur.execute(FAILURES_SQL)
         failures = [
