@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from datetime import datetime, timezone
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -164,6 +165,32 @@ def test_report_lists_the_fastest_growing_posts_from_the_snapshots(db, run_etl, 
     assert [k for k, *_ in got] == ["alpha:p4", "beta:p3", "beta:p6"]
     first = next(iter(page.tables["growing_posts"]))
     assert first == "beta:p3"  # the most grown first (+42)
+
+
+def test_the_fastest_growing_posts_are_those_of_the_reports_period(db):
+    # Every table covers the posts created in [--since, --until); this one took every post of the platform, so a
+    # report of November 2026 listed a 2025 post that grew.
+    from etl.report import Scope, collect
+
+    with db.transaction() as cur:
+        cur.execute(
+            "INSERT INTO social_posts (platform, post_id, caption, created_at, like_count, comment_count,"
+            " first_like_count, first_comment_count, archived_at) VALUES"
+            " ('jsonl', 'old', 'from 2025', '2025-06-01T12:00Z', 10, 0, 10, 0, now() - interval '10 days'),"
+            " ('jsonl', 'nov', 'from november', '2026-11-15T12:00Z', 5, 0, 5, 0, now() - interval '10 days'),"
+            " ('jsonl', 'nov2', 'also november', '2026-11-16T12:00Z', 5, 0, 5, 0, now() - interval '10 days')"
+        )
+        cur.execute(
+            "INSERT INTO post_engagement_changes (platform, post_id, observed_at, like_count, comment_count) VALUES"
+            " ('jsonl', 'old', now() - interval '1 day', 5000, 0), ('jsonl', 'nov', now() - interval '1 day', 50, 0),"
+            " ('jsonl', 'nov2', now() - interval '1 day', 500, 0)"
+        )
+    november = Scope(since=datetime(2026, 11, 1, tzinfo=timezone.utc), until=datetime(2026, 12, 1, tzinfo=timezone.utc))
+    data = collect(db, november, max_distance=5, min_count=5)
+    assert data["totals"]["posts"] == 2
+    assert [(r["post_id"], r["likes_gained"]) for r in data["growing"]] == [("nov2", 495), ("nov", 45)]
+    everything = collect(db, Scope(), max_distance=5, min_count=5)
+    assert [r["post_id"] for r in everything["growing"]] == ["old", "nov2", "nov"]
 
 
 def test_report_near_duplicates_of_top_groups_and_thumbnails(db, run_etl, archive):

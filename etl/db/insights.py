@@ -25,9 +25,13 @@ REPORT_VOICE_SQL = "SELECT * FROM report_share_of_voice(%s, %s, %s)"
 REPORT_HASHTAGS_SQL = "SELECT * FROM report_top_hashtags(%s, %s, %s, %s)"
 REPORT_TOP_POSTS_SQL = "SELECT * FROM report_top_posts(%s, %s, %s, %s)"
 REPORT_IMAGES_SQL = "SELECT * FROM report_image_spread(%s, %s, %s, %s, %s)"
+# The posts of the report's scope (created in [since, until), the platform) that gained most since `grown_since`.
 REPORT_GROWING_SQL = (
-    "SELECT * FROM fastest_growing_posts(%s, 2147483647) WHERE likes_gained + comments_gained > 0"
-    " AND (%s::text IS NULL OR platform = %s) LIMIT %s"
+    "SELECT g.* FROM fastest_growing_posts(%(grown_since)s, 2147483647) g JOIN social_posts p USING (platform, post_id)"
+    " WHERE g.likes_gained + g.comments_gained > 0 AND (%(platform)s::text IS NULL OR g.platform = %(platform)s)"
+    " AND (%(since)s::timestamptz IS NULL OR p.created_at >= %(since)s)"
+    " AND (%(until)s::timestamptz IS NULL OR p.created_at < %(until)s)"
+    " ORDER BY g.likes_gained + g.comments_gained DESC, g.platform, g.post_id LIMIT %(top)s"
 )
 REPORT_FAILED_SQL = "SELECT * FROM report_failed_images(%s, %s, %s)"
 REPORT_RUNS_SQL = "SELECT * FROM report_runs ORDER BY id DESC LIMIT %s"
@@ -108,8 +112,9 @@ def report_aggregates(
         data["top_posts"] = _rows(cur)
         cur.execute(REPORT_IMAGES_SQL, (*a, top, max_distance))
         data["images"] = _rows(cur)
-        # Engagement grown over the last 7 days of snapshots (observed by the runs, sql/008), in this scope.
-        cur.execute(REPORT_GROWING_SQL, (now - timedelta(days=7), platform, platform, top))
+        # Engagement grown over the last 7 days of snapshots (observed by the runs, sql/008), by the posts in scope.
+        growing = {"grown_since": now - timedelta(days=7), "platform": platform, "since": since, "until": until, "top": top}
+        cur.execute(REPORT_GROWING_SQL, growing)
         data["growing"] = _rows(cur)
         cur.execute(REPORT_FAILED_SQL, a)
         data["failed"] = _rows(cur)
