@@ -193,6 +193,34 @@ def test_the_fastest_growing_posts_are_those_of_the_reports_period(db):
     assert [r["post_id"] for r in everything["growing"]] == ["old", "nov2", "nov"]
 
 
+def test_more_posts_with_a_near_duplicate_leaves_out_the_groups_own_posts(db):
+    # Posts a and b hold the same bytes; a also holds a near copy (a crop in its carousel). No other post holds
+    # one: "more posts, near duplicates" is 0 (it was 1, post a counted again).
+    h = 0x0123456789ABCDEF
+    with db.transaction() as cur:
+        cur.execute(
+            "INSERT INTO social_posts (platform, post_id, author_username, created_at) VALUES"
+            " ('jsonl', 'a', 'ann', '2026-11-10T10:00Z'), ('jsonl', 'b', 'bob', '2026-11-11T10:00Z'),"
+            " ('jsonl', 'c', 'cat', '2026-11-12T10:00Z')"
+        )
+        cur.execute(
+            "INSERT INTO post_media (platform, post_id, position, source_url, status, storage_key, sha256, bytes, phash)"
+            " VALUES ('jsonl', 'a', 0, 'u0', 'stored', 'k/a0', repeat('a', 64), 10, %(h)s),"
+            "        ('jsonl', 'b', 0, 'u1', 'stored', 'k/b0', repeat('a', 64), 10, %(h)s),"
+            "        ('jsonl', 'a', 1, 'u2', 'stored', 'k/a1', repeat('b', 64), 9, %(h1)s)",
+            {"h": h, "h1": h ^ 1},
+        )
+    spread = "SELECT sha256, posts, near_posts FROM report_image_spread(NULL, NULL, NULL, 10, 5)"
+    assert query(db.dsn, spread) == [("a" * 64, 2, 0)]
+    with db.transaction() as cur:  # a post outside the group with a near copy: that one counts
+        cur.execute(
+            "INSERT INTO post_media (platform, post_id, position, source_url, status, storage_key, sha256, bytes, phash)"
+            " VALUES ('jsonl', 'c', 0, 'u3', 'stored', 'k/c0', repeat('c', 64), 9, %s)",
+            (h ^ 3,),
+        )
+    assert query(db.dsn, spread) == [("a" * 64, 2, 1)]
+
+
 def test_report_near_duplicates_of_top_groups_and_thumbnails(db, run_etl, archive):
     out = archive / "all.html"
     assert run_etl("report", "--out", str(out)).returncode == 0

@@ -86,3 +86,26 @@ def test_trends_refuses_bad_durations_by_name(db, run_etl):
     assert bad.returncode == 2 and "'soon' is not a duration" in bad.stderr
     inverted = run_etl("trends", "--window", "28d", "--baseline", "1d")
     assert inverted.returncode == 2 and "--baseline" in inverted.stderr
+
+
+def test_a_post_at_a_windows_start_counts_in_that_window(db):
+    # Windows are [as_of - (k+1)w, as_of - kw). The window number was floor((as_of - created_at) / w): a post at
+    # exactly as_of - w counted in the baseline, and one at the baseline's very start in a 29th window the mean
+    # counted too. A feed of dates only (midnight UTC) and a report --until midnight hit it every day.
+    as_of = datetime(2026, 12, 1, tzinfo=timezone.utc)
+    day = timedelta(hours=24)
+    at = [as_of - day] * 6  # the last window's first instant: 6 posts in it
+    at += [as_of - 29 * day] * 3  # the baseline's first instant: in its oldest window
+    at += [as_of - 29 * day - timedelta(microseconds=1)] * 50  # before the baseline: not counted at all
+    at += [as_of - 2 * day - timedelta(hours=1)]  # well inside window 1
+    rows = [("jsonl", f"e{i}", "#edge", ["edge"], t) for i, t in enumerate(at)]
+    with db.transaction() as cur:
+        psycopg2.extras.execute_values(cur, "INSERT INTO social_posts (platform, post_id, caption, hashtags, created_at) VALUES %s", rows)
+    [(x, mu)] = query(db.dsn, "SELECT window_posts, baseline_mean FROM hashtag_trends('24 hours', '28 days', NULL, 1, %s)", (as_of,))
+    assert (x, mu) == (6, (3 + 1) / 28)
+
+    from etl.report import Scope, collect
+
+    november = Scope(since=datetime(2026, 11, 1, tzinfo=timezone.utc), until=as_of)
+    rising = collect(db, november, max_distance=5, min_count=5)["rising"]
+    assert [(r["hashtag"], r["window_posts"]) for r in rising] == [("edge", 6)]  # the report ranks as of --until
