@@ -471,6 +471,10 @@ class APISource(Source):
             except StreamError as exc:
                 if exc.reported:
                     continue
+                if not incremental:
+                    # A backfill records a chunk done once its window is read: this error must end the fetch (the
+                    # posts read before it are loaded), so that the chunk is not, and the next backfill reads it again.
+                    raise
                 self.stream_failed(stream, exc, [s.label for s in streams[n + 1 :]] if exc.whole_source else [])
                 if incremental and state is None:
                     # Remember where this never-finished stream must read back to, whatever the watermark becomes.
