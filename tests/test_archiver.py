@@ -513,6 +513,35 @@ def test_a_batch_with_images_is_loaded_after_the_loads_in_flight(db, make_settin
     assert (stats.images_stored, stats.inserted, stats.updated) == (2, 3, 1)
 
 
+@pytest.mark.parametrize("second_batch_waits", [True, False])
+def test_a_post_in_two_batches_is_fetched_once_and_its_object_is_what_its_row_says(
+    db, make_settings, http_server, second_batch_waits
+):
+    # The post again in the next batch with another image at position 0: that batch was planned while the first one's
+    # download was in flight, fetched it again and overwrote the object, whose row (stored, never updated) kept the
+    # first image's sha256. The first version is the one kept (an image stored is never replaced), object and row.
+    import hashlib
+
+    from etl.store import LocalStore
+    from tests.support import Reply, png_bytes
+
+    red, blue = png_bytes(8, 6, (200, 0, 0)), png_bytes(8, 6, (0, 0, 200))
+    http_server.routes["/red.png"] = Reply(body=red, delay=0.5 if second_batch_waits else 0)
+    http_server.routes["/blue.png"] = Reply(body=blue)
+    stream = [
+        Post("direct", "p1", T0, caption="first version", image_urls=(http_server.url("/red.png"),)),
+        Post("direct", "p1", T0, caption="edited version", image_urls=(http_server.url("/blue.png"),)),
+    ]
+    settings = make_settings(ETL_BATCH_SIZE="1", ETL_ALLOW_PRIVATE_HOSTS="true")
+    store = LocalStore(settings.objects_dir)
+    store.check()
+    Archiver(settings, db, store).archive(iter(stream), RunStats(), source="direct")
+    [(key, sha, source_url)] = query(db.dsn, "SELECT storage_key, sha256, source_url FROM post_media")
+    assert hashlib.sha256(store.path(key).read_bytes()).hexdigest() == sha == hashlib.sha256(red).hexdigest()
+    assert source_url == http_server.url("/red.png") and http_server.hits.get("/blue.png", 0) == 0
+    assert query(db.dsn, "SELECT caption FROM social_posts") == [("edited version",)]  # the post: its last version
+
+
 def test_a_first_load_is_scored_by_workers_and_each_batch_looked_up_once(db, make_settings, monkeypatch):
     """A stream's first batch, none of it stored: its lookup (made once, ahead of plan()) says so, the scoring
     workers decide every batch, and this process never loads the language model. The rerun after it finds the

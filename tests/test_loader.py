@@ -339,7 +339,7 @@ def test_held_gives_stored_decisions_images_and_tombstones_of_a_batch(db):
     ]  # fmt: skip
     with db.transaction() as cur:
         held = dbm.held(cur, batch, ENRICHER.version)
-        assert dbm.held(cur, [], ENRICHER.version) == ({}, {}, {}, set(), {})
+        assert dbm.held(cur, [], ENRICHER.version) == ({}, {}, {}, set(), {}, frozenset())
     first = post("1")
     # Only post 1 keeps its decision: 2 has no caption stored, 3 was decided by another enricher.
     assert held.scores == {

@@ -444,6 +444,7 @@ class Held(NamedTuple):
     scores: dict[tuple[str, str], tuple]  # captions decided by this enricher: (caption, score, language, source, skipped)
     forgotten: set[tuple[str, str]]  # posts with a tombstone
     rows: dict[tuple[str, str], HeldRow] = {}  # stored posts (upsert_posts' `stored`); read-only
+    busy: frozenset[tuple[str, str, int]] = frozenset()  # images an earlier batch of the run is fetching (Archiver)
 
 
 # Where each of _POST_MUTABLE's values sits in a row of HELD_SQL (after tomb, platform, post_id, current).
@@ -507,6 +508,11 @@ class Archive:
     def held(self, posts: Sequence[Post], version: str) -> Held:
         """Stored and hopeless images, stored scores by enricher `version`, and tombstones of these posts."""
         return self.db.alone(partial(held, posts=posts, version=version), what="looking up stored images and scores")
+
+    def stored_images(self, posts: Sequence[Post]) -> dict[tuple[str, str, int], tuple[str, str]]:
+        """The images of these posts stored now: (storage_key, storage_url) by (platform, post_id, position)."""
+        keys = list(dict.fromkeys((p.platform, clean_text(p.post_id)) for p in posts))
+        return self.db.alone(lambda cur: known_media(cur, keys)[0], what="looking up stored images")
 
     def load(
         self, posts: Sequence[Post], media: Sequence[Media], first_urls: dict[tuple[str, str], str], version: str,

@@ -300,6 +300,9 @@ class Archiver:
         self._grace_ends: float | None = None
         self._batches = 0
         self._ahead: _LookAhead | None = None  # each batch looked up as it is read (while archive() runs)
+        # The images being fetched by batches not loaded yet (a key leaves once its batch is committed): a post in two
+        # batches is fetched once, or the later download would overwrite the object the earlier batch recorded.
+        self._fetching: dict[tuple[str, str, int], Future] = {}
         self._scorers = scorers  # scoring workers forked early (a new archive), for the first stream that scores
         self.live = LiveCounts()  # what is under way, for the progress display
         self._db = db
@@ -453,11 +456,23 @@ class Archiver:
                 raise _not_loaded(exc, _Batch(posts, {}, {}, number=self._batches + 1), source) from None
             if unloaded and held.rows:
                 held = held._replace(rows={k: r for k, r in held.rows.items() if k not in unloaded})
+            if unloaded and self.store is not None:
+                held = self._shared_images(posts, held, unloaded)
         if held.forgotten:  # forgotten on request: never archived again (etl/forget.py)
             kept = [p for p in posts if (p.platform, p.post_id) not in held.forgotten]
             stats.forgotten_skipped += len(posts) - len(kept)
             posts = kept
         return posts, held
+
+    def _shared_images(self, posts: list[Post], held: Held, unloaded: frozenset[tuple[str, str]]) -> Held:
+        """Of the posts a batch read before this one may still load: the images it is fetching (`busy`: not fetched
+        again), and those stored since this batch's lookup (a key leaves `_fetching` only once its batch committed,
+        so, taken before this look, the two miss none)."""
+        busy = frozenset(self._fetching)
+        shared = [p for p in posts if p.image_urls and (p.platform, clean_text(p.post_id)) in unloaded]
+        if not shared:
+            return held
+        return held._replace(stored={**held.stored, **self.archive_db.stored_images(shared)}, busy=busy)
 
     def _look_up(self, posts: list[Post], *, take: bool) -> tuple[Held, frozenset[tuple[str, str]]]:
         """The lookup sent as the batch was read, or one made now; with the posts it shares with batches read before
@@ -485,16 +500,17 @@ class Archiver:
         urls: dict[tuple[str, str, int], str] = {}
         if self.store is None:
             return futures, urls
-        stored, hopeless = held.stored, held.hopeless
+        stored, hopeless, busy = held.stored, held.hopeless, held.busy
         for post in posts:
             for position, url in enumerate(post.image_urls):
                 key = (post.platform, post.post_id, position)
-                if key in stored or key in futures:
-                    continue  # archived already (a rerun: every image), or twice in the batch
+                if key in stored or key in futures or key in busy:
+                    continue  # archived already (a rerun: every image), twice in the batch, or an earlier batch's
                 if key in hopeless and hopeless[key] == without_userinfo(url):
                     continue  # failed for good at this URL (404, not an image...): not fetched again
                 futures[key] = pool.submit(self.archive_image, post.platform, post.post_id, post.created_at, position, url)
                 urls[key] = url
+        self._fetching.update(futures)
         return futures, urls
 
     def load(self, batch: _Batch, stats: RunStats, source: str) -> datetime | None:
@@ -516,6 +532,9 @@ class Archiver:
                 raise
             except LoadError as exc:
                 raise _not_loaded(exc, batch, source) from None
+            finally:
+                for key in batch.futures:  # committed (or never to be): a later batch's lookup sees what it stored
+                    self._fetching.pop(key, None)
         log.debug(
             "loaded %d posts (%d new, %d updated, %d unchanged) and %d image rows",
             len(loaded), counts.inserted, counts.updated, counts.unchanged, len(media),
