@@ -12,6 +12,7 @@ from etl.records import Post, chunked
 from etl.run.archiver import Archiver
 from etl.run.stats import RunStats
 from tests.conftest import query
+from tests.support import Reply, png_bytes
 
 T0 = datetime(2026, 9, 1, 12, 0, tzinfo=timezone.utc)
 
@@ -245,7 +246,6 @@ def test_a_batch_looked_up_in_turn_drops_the_row_a_load_in_flight_may_change(
 
     from etl.db import Archive
     from etl.store import LocalStore
-    from tests.support import Reply, png_bytes
 
     http_server.routes["/a.png"] = Reply(body=png_bytes(8, 6), content_type="image/png")
     url = (f"{http_server.base}/a.png",)
@@ -496,7 +496,6 @@ def test_a_batch_with_images_is_loaded_after_the_loads_in_flight(db, make_settin
     """Batch 2 has images (loaded on the main thread) and repeats a post of batch 1, whose load on a loader thread
     is slow: batch 2 is loaded only once batch 1 is committed, so the post ends as batch 2 says."""
     from etl.store import LocalStore
-    from tests.support import Reply, png_bytes
 
     http_server.routes["/a.png"] = Reply(body=png_bytes(8, 6), content_type="image/png")
     url = (f"{http_server.base}/a.png",)
@@ -523,7 +522,6 @@ def test_a_post_in_two_batches_is_fetched_once_and_its_object_is_what_its_row_sa
     import hashlib
 
     from etl.store import LocalStore
-    from tests.support import Reply, png_bytes
 
     red, blue = png_bytes(8, 6, (200, 0, 0)), png_bytes(8, 6, (0, 0, 200))
     http_server.routes["/red.png"] = Reply(body=red, delay=0.5 if second_batch_waits else 0)
@@ -540,6 +538,33 @@ def test_a_post_in_two_batches_is_fetched_once_and_its_object_is_what_its_row_sa
     assert hashlib.sha256(store.path(key).read_bytes()).hexdigest() == sha == hashlib.sha256(red).hexdigest()
     assert source_url == http_server.url("/red.png") and http_server.hits.get("/blue.png", 0) == 0
     assert query(db.dsn, "SELECT caption FROM social_posts") == [("edited version",)]  # the post: its last version
+
+
+@pytest.mark.fault("a post read again (an overlap, a replay) has its failed image retried as the retry queue would, no more")
+def test_a_post_read_again_retries_its_failed_image_within_the_attempts_and_backoff(db, make_settings, http_server):
+    # The attempts and the backoff bounded only the retry queue: every run reading the post again fetched its
+    # failed image again, past ETL_IMAGE_MAX_ATTEMPTS and inside the backoff (a host answering 429, every run).
+    from etl.store import LocalStore
+
+    http_server.routes["/broken.png"] = Reply(status=500, body=b"oops", content_type="text/plain")
+    post = Post("direct", "p1", T0, caption="hello", image_urls=(http_server.url("/broken.png"),))
+
+    def runs(n: int, backoff: str) -> None:
+        settings = make_settings(ETL_ALLOW_PRIVATE_HOSTS="true", ETL_HTTP_RETRIES="1", ETL_IMAGE_MAX_ATTEMPTS="2",
+                                 ETL_IMAGE_RETRY_BACKOFF_MINUTES=backoff)  # fmt: skip
+        store = LocalStore(settings.objects_dir)
+        store.check()
+        for _ in range(n):
+            Archiver(settings, db, store).archive(iter([post]), RunStats(), source="direct")
+
+    runs(3, "60")  # inside the backoff after the first failure: fetched once
+    assert http_server.hits["/broken.png"] == 1 and query(db.dsn, "SELECT attempts FROM post_media") == [(1,)]
+    runs(3, "0")  # no backoff: up to ETL_IMAGE_MAX_ATTEMPTS, then no more
+    assert http_server.hits["/broken.png"] == 2 and query(db.dsn, "SELECT attempts FROM post_media") == [(2,)]
+    http_server.routes["/fixed.png"] = Reply(body=png_bytes(8, 6))
+    post = Post("direct", "p1", T0, caption="hello", image_urls=(http_server.url("/fixed.png"),))
+    runs(1, "60")  # another URL at that position is a new chance, whatever the attempts
+    assert query(db.dsn, "SELECT status, source_url FROM post_media") == [("stored", http_server.url("/fixed.png"))]
 
 
 def test_a_first_load_is_scored_by_workers_and_each_batch_looked_up_once(db, make_settings, monkeypatch):
@@ -697,7 +722,7 @@ def test_a_lookup_made_ahead_is_used_only_for_its_own_batch(db, make_settings):
     archiver.archive(iter(posts(5, start=100)), RunStats(), source="direct")
     new, old, again, in_turn = posts(5), posts(5, start=100), posts(3, start=99), posts(2, start=104)
     started = [frozenset({("direct", "p105")})]
-    ahead = _LookAhead(db, archiver.enricher.version, started=lambda: started, worth=lambda batch: batch is not in_turn)
+    ahead = _LookAhead(db, archiver.enricher.version, started=lambda: started, worth=lambda batch: batch is not in_turn, retry=(8, 0.0))
     try:
         assert list(ahead.reading([new, old, again, in_turn])) == [new, old, again, in_turn]
         assert ahead.result(in_turn, take=False) is None

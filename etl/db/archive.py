@@ -93,10 +93,15 @@ class UpsertCounts:
 _KEYS_JOIN = " JOIN (SELECT * FROM unnest(%s::text[], %s::text[]) AS k(platform, post_id)) k USING (platform, post_id)"
 
 
+# Stored images, and failed ones not to fetch now: for good (permanent), out of attempts, or inside their backoff (as
+# the retry queue, FAILED_IMAGES_SQL, would have them): a post read again must not retry them more often than that.
 KNOWN_MEDIA_SQL = (
     "SELECT m.platform, m.post_id, m.position, m.status, m.storage_key, m.storage_url, m.source_url"
-    " FROM post_media m" + _KEYS_JOIN + " WHERE m.status = 'stored' OR m.permanent"
+    " FROM post_media m" + _KEYS_JOIN + " WHERE m.status = 'stored' OR m.permanent OR m.attempts >= %s"
+    " OR NOT (m.fixity IS NOT NULL AND m.attempts = 0)"
+    " AND m.updated_at > now() - %s * LEAST(power(2, m.attempts - 1), 48) * interval '1 minute'"
 )
+NO_RETRY_LIMITS = (2_147_483_647, 0.0)  # (max attempts, backoff minutes): every failed image may be fetched again
 
 
 def _key_arrays(keys: Collection[tuple[str, str]]) -> tuple[str, str]:
@@ -370,13 +375,14 @@ def upsert_media(cur: psycopg2.extensions.cursor, media: Sequence[Media]) -> Non
 
 
 def known_media(
-    cur: psycopg2.extensions.cursor, keys: Sequence[tuple[str, str]]
+    cur: psycopg2.extensions.cursor, keys: Sequence[tuple[str, str]], retry: tuple[int, float] = NO_RETRY_LIMITS
 ) -> tuple[dict[tuple[str, str, int], tuple[str, str]], dict[tuple[str, str, int], str]]:
     """For the images of these posts: those already stored -> (storage_key, storage_url), and those that
-    failed permanently -> the source_url that failed. Both are keyed (platform, post_id, position)."""
+    failed and are not to be fetched now (for good, or by `retry`: (ETL_IMAGE_MAX_ATTEMPTS,
+    ETL_IMAGE_RETRY_BACKOFF_MINUTES)) -> the source_url that failed. Both are keyed (platform, post_id, position)."""
     if not keys:
         return {}, {}
-    cur.execute(KNOWN_MEDIA_SQL, _key_arrays([(platform, clean_text(post_id)) for platform, post_id in keys]))
+    cur.execute(KNOWN_MEDIA_SQL, (*_key_arrays([(platform, clean_text(post_id)) for platform, post_id in keys]), *retry))
     stored, hopeless = {}, {}
     for platform, post_id, position, status, key, url, source_url in cur.fetchall():
         if status == "stored":
@@ -470,7 +476,9 @@ HELD_SQL = (
 )
 
 
-def held(cur: psycopg2.extensions.cursor, posts: Sequence[Post], version: str) -> Held:
+def held(
+    cur: psycopg2.extensions.cursor, posts: Sequence[Post], version: str, retry: tuple[int, float] = NO_RETRY_LIMITS
+) -> Held:
     """What the archive holds of these posts: one query when none of them is stored (a first load), a second for
     the images of those that are. Scores are those decided by enricher `version` (a score, or none for a
     language TextBlob cannot score): a caption seen again unchanged need not be scored (nor its language
@@ -495,19 +503,21 @@ def held(cur: psycopg2.extensions.cursor, posts: Sequence[Post], version: str) -
             scores[(r[1], r[2])] = (r[caption], sentiment, r[language], r[source], r[skipped])
     # Image rows exist only for stored posts (a foreign key): the others need no look.
     with_images = [k for p in posts if p.image_urls and (k := (p.platform, clean_text(p.post_id))) in rows]
-    stored, hopeless = known_media(cur, list(dict.fromkeys(with_images))) if with_images else ({}, {})
+    stored, hopeless = known_media(cur, list(dict.fromkeys(with_images)), retry) if with_images else ({}, {})
     return Held(stored, hopeless, scores, tombstones, rows)
 
 
 class Archive:
     """The archive's tables as the archiver uses them: one transaction per call, reconnecting (Database.run)."""
 
-    def __init__(self, db: Database):
+    def __init__(self, db: Database, *, retry: tuple[int, float] = NO_RETRY_LIMITS):
         self.db = db
+        self.retry = retry  # (ETL_IMAGE_MAX_ATTEMPTS, ETL_IMAGE_RETRY_BACKOFF_MINUTES): failed images not due are held
 
     def held(self, posts: Sequence[Post], version: str) -> Held:
         """Stored and hopeless images, stored scores by enricher `version`, and tombstones of these posts."""
-        return self.db.alone(partial(held, posts=posts, version=version), what="looking up stored images and scores")
+        look = partial(held, posts=posts, version=version, retry=self.retry)
+        return self.db.alone(look, what="looking up stored images and scores")
 
     def stored_images(self, posts: Sequence[Post]) -> dict[tuple[str, str, int], tuple[str, str]]:
         """The images of these posts stored now: (storage_key, storage_url) by (platform, post_id, position)."""

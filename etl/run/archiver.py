@@ -204,10 +204,10 @@ class _LookAhead:
 
     def __init__(
         self, db: Database, version: str, *, started: Callable[[], list[frozenset[tuple[str, str]]]],
-        worth: Callable[[list[Post]], bool],
+        worth: Callable[[list[Post]], bool], retry: tuple[int, float],
     ):  # fmt: skip
         self.db = Database(db.dsn, display=db.display, reconnect_seconds=db.reconnect_seconds)  # opened on first use
-        self.archive = Archive(self.db)
+        self.archive = Archive(self.db, retry=retry)
         self.version = version
         self.started = started  # the posts of each batch started and not known to be loaded
         self.worth = worth  # whether a batch is looked up ahead
@@ -291,7 +291,8 @@ class Archiver:
         scorers: EarlyScorers | None = None,
     ):
         self.settings = settings
-        self.archive_db: Archive | NothingWritten = Archive(db) if db is not None else NothingWritten()
+        retry = (settings.image_max_attempts, settings.image_retry_backoff_minutes)
+        self.archive_db: Archive | NothingWritten = Archive(db, retry=retry) if db is not None else NothingWritten()
         self.store = store
         self.downloader = downloader or Downloader(settings)
         self.enricher = enricher or SentimentEnricher(settings.sentiment_threshold, detect_language=settings.detect_language)
@@ -336,8 +337,9 @@ class Archiver:
         try:
             if self._db is not None:
                 self._ahead = _LookAhead(
-                    self._db, self.enricher.version, started=started, worth=lambda batch: not self._fetches_images(batch)
-                )
+                    self._db, self.enricher.version, started=started, worth=lambda batch: not self._fetches_images(batch),
+                    retry=(self.settings.image_max_attempts, self.settings.image_retry_backoff_minutes),
+                )  # fmt: skip
             try:
                 # Timed a batch at a time (the clock per post cost more than a tenth of a metadata run's parsing).
                 fetching = self.live.counting(self._allowed(posts, stats))
