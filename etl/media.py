@@ -286,6 +286,8 @@ def sniff_image(body: bytes, budget: DecodeBudget | None = None) -> tuple[str, i
             elif fmt == "JPEG":
                 check_jpeg(body)  # its segments and scan data walked to the end: a tenth of a 1/8-scale decode
             else:
+                if fmt == "GIF":
+                    check_gif(body)  # its blocks walked to the trailer: the decode below reads the first frame only
                 progressive = bool(img.info.get("progressive") or img.info.get("progression"))
                 need = decode_bytes(fmt, img.mode, width, height, progressive=progressive)
                 if fmt == "WEBP" and need > budget.total:
@@ -324,6 +326,37 @@ def _decode(Image: object, body: bytes, fmt: str) -> None:  # noqa: N803 - PIL.I
     finally:
         img.close()
         del img  # even while an exception's traceback keeps this frame
+
+
+def check_gif(body: bytes) -> None:
+    """NotAnImage unless the GIF is whole: its blocks (extensions, image descriptors with their colour tables and
+    data sub-blocks) lie inside the file and end with the trailer (0x3B), after one image at least. Pillow's
+    load() decodes the first frame only: an animated GIF cut after it passed as a whole image."""
+    size = len(body)
+    if size < 13 or body[:6] not in (b"GIF87a", b"GIF89a"):
+        raise NotAnImage("not a valid image: no GIF header")
+    pos = 13 + (3 << ((body[10] & 7) + 1) if body[10] & 0x80 else 0)  # the global colour table
+    images = 0
+    while pos < size:
+        block = body[pos]
+        if block == 0x3B:
+            if not images:
+                raise NotAnImage("not a valid image: the GIF ends before any image")
+            return
+        if block == 0x21:  # an extension: its label, then data sub-blocks
+            pos += 2
+        elif block == 0x2C:  # an image: its descriptor, local colour table, LZW code size, then data sub-blocks
+            if pos + 10 > size:
+                break
+            flags = body[pos + 9]
+            pos += 10 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0) + 1
+            images += 1
+        else:
+            raise NotAnImage(f"not a valid image: the GIF's blocks are damaged at byte {pos}")
+        while pos < size and body[pos]:  # sub-blocks, each its length then its bytes, until a zero length
+            pos += 1 + body[pos]
+        pos += 1
+    raise NotAnImage(f"not a valid image: GIF cut short (no trailer; {size} bytes)")
 
 
 def check_webp(body: bytes, width: int, height: int) -> None:

@@ -254,6 +254,34 @@ def test_sniff_supported_formats(fmt, ctype):
     assert sniff_image(image_bytes(fmt)) == (ctype, 10, 8)
 
 
+def _animated_gif(local_palettes: bool) -> bytes:
+    import random
+
+    rng = random.Random(1)
+    frames = []
+    for _ in range(3):
+        frame = Image.new("RGB", (64, 48))
+        frame.putdata([(rng.randrange(256), rng.randrange(256), rng.randrange(256)) for _ in range(64 * 48)])
+        frames.append(frame.quantize(64) if local_palettes else frame)
+    buf = io.BytesIO()
+    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:], duration=100, loop=0, comment=b"hi")
+    return buf.getvalue()
+
+
+@pytest.mark.badinput("an animated GIF cut short after its first frame: refused (the decode reads the first frame only)")
+@pytest.mark.parametrize("local_palettes", [False, True])
+def test_an_animated_gif_is_whole_only_to_its_trailer(local_palettes):
+    gif = _animated_gif(local_palettes)
+    assert sniff_image(gif) == ("image/gif", 64, 48)
+    assert sniff_image(gif + b"junk after the trailer") == ("image/gif", 64, 48)  # as decoders ignore it
+    first_frame_ends = len(gif) // 3  # past the first frame: what Pillow's load() checked was all there
+    for cut in range(first_frame_ends, len(gif), 97):
+        with pytest.raises(MediaError, match="not a valid image"):
+            sniff_image(gif[:cut])
+    with pytest.raises(MediaError, match="not a valid image"):
+        sniff_image(gif[:-1])  # only the trailer missing
+
+
 @pytest.mark.parametrize(
     ("body", "message"),
     [
