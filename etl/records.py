@@ -83,6 +83,7 @@ class Media:
     error: str | None = None
     permanent: bool = False  # a failure that retrying will not heal
     created_at: datetime | None = field(default=None, repr=False)
+    tried: bool = True  # False: never requested (a stop came first): no attempt is counted, no backoff starts
 
 
 # COPY's text format: a backslash, tab, newline and carriage return inside a value are escaped; \N is NULL.

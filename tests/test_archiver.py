@@ -567,6 +567,46 @@ def test_a_post_read_again_retries_its_failed_image_within_the_attempts_and_back
     assert query(db.dsn, "SELECT status, source_url FROM post_media") == [("stored", http_server.url("/fixed.png"))]
 
 
+@pytest.mark.fault("SIGTERM before an image was requested: it counts no attempt, and the next run fetches it")
+def test_an_image_a_stop_kept_from_being_requested_keeps_its_attempts(db, make_settings, http_server, monkeypatch):
+    # Each one counted as a failed attempt: a few stopped runs (a timeout firing every time) used up
+    # ETL_IMAGE_MAX_ATTEMPTS of images never once requested, and no later run retried them.
+    import threading
+
+    from etl.media import Downloader
+    from etl.store import LocalStore
+
+    http_server.routes["/first.png"] = Reply(body=png_bytes(8, 6, (1, 2, 3)))
+    http_server.routes["/second.png"] = Reply(body=png_bytes(8, 6, (4, 5, 6)))
+    settings = make_settings(ETL_ALLOW_PRIVATE_HOSTS="true", ETL_IMAGE_MAX_ATTEMPTS="2", ETL_IMAGE_RETRY_BACKOFF_MINUTES="60",
+                             ETL_CONCURRENCY="1", ETL_STOP_GRACE="1")  # fmt: skip
+    store = LocalStore(settings.objects_dir)
+    store.check()
+    posts = [
+        Post("direct", "a", T0, caption="one", image_urls=(http_server.url("/first.png"),)),
+        Post("direct", "b", T0, caption="two", image_urls=(http_server.url("/second.png"),)),
+    ]
+    stopped = threading.Event()
+    stopped.set()  # SIGTERM before any download began: the posts are loaded, their images recorded failed
+    Archiver(settings, db, store, stop=stopped).archive(iter(posts), RunStats(), source="direct")
+    assert http_server.hits == {}
+    assert query(db.dsn, "SELECT post_id, status, attempts FROM post_media ORDER BY 1") == [("a", "failed", 0), ("b", "failed", 0)]
+
+    stop, fetch = threading.Event(), Downloader.fetch
+
+    def fetch_then_stop(self, url):  # the next run's SIGTERM comes as its first retry downloads
+        stop.set()
+        return fetch(self, url)
+
+    monkeypatch.setattr(Downloader, "fetch", fetch_then_stop)
+    Archiver(settings, db, store, stop=stop).retry_failed_images(RunStats())  # not due to a backoff: never tried
+    monkeypatch.setattr(Downloader, "fetch", fetch)
+    assert sum(http_server.hits.values()) == 1
+    assert query(db.dsn, "SELECT post_id, attempts FROM post_media WHERE status = 'failed'") in ([("a", 0)], [("b", 0)])
+    Archiver(settings, db, store).retry_failed_images(RunStats())  # a clean run: the one never requested is fetched
+    assert query(db.dsn, "SELECT post_id, status FROM post_media ORDER BY 1") == [("a", "stored"), ("b", "stored")]
+
+
 def test_a_first_load_is_scored_by_workers_and_each_batch_looked_up_once(db, make_settings, monkeypatch):
     """A stream's first batch, none of it stored: its lookup (made once, ahead of plan()) says so, the scoring
     workers decide every batch, and this process never loads the language model. The rerun after it finds the

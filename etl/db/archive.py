@@ -98,8 +98,7 @@ _KEYS_JOIN = " JOIN (SELECT * FROM unnest(%s::text[], %s::text[]) AS k(platform,
 KNOWN_MEDIA_SQL = (
     "SELECT m.platform, m.post_id, m.position, m.status, m.storage_key, m.storage_url, m.source_url"
     " FROM post_media m" + _KEYS_JOIN + " WHERE m.status = 'stored' OR m.permanent OR m.attempts >= %s"
-    " OR NOT (m.fixity IS NOT NULL AND m.attempts = 0)"
-    " AND m.updated_at > now() - %s * LEAST(power(2, m.attempts - 1), 48) * interval '1 minute'"
+    " OR m.attempts > 0 AND m.updated_at > now() - %s * LEAST(power(2, m.attempts - 1), 48) * interval '1 minute'"
 )
 NO_RETRY_LIMITS = (2_147_483_647, 0.0)  # (max attempts, backoff minutes): every failed image may be fetched again
 
@@ -343,11 +342,13 @@ UPSERT_MEDIA_SQL = (
     " ON CONFLICT (platform, post_id, position) DO UPDATE SET source_url = EXCLUDED.source_url, "
     + "".join(f"{c} = CASE WHEN EXCLUDED.status = 'stored' THEN EXCLUDED.{c} ELSE m.{c} END, " for c in _KEPT_UNLESS_STORED)
     + "".join(f"{c} = CASE WHEN EXCLUDED.status = 'stored' THEN NULL ELSE m.{c} END, " for c in _CLEARED_WHEN_STORED)
-    + "status = EXCLUDED.status, permanent = EXCLUDED.permanent, attempts = m.attempts + 1,"
-    " last_error = EXCLUDED.last_error, stored_at = EXCLUDED.stored_at, updated_at = now()"
+    + "status = EXCLUDED.status, permanent = EXCLUDED.permanent, attempts = m.attempts + EXCLUDED.attempts,"
+    " last_error = EXCLUDED.last_error, stored_at = EXCLUDED.stored_at,"
+    # An image a stop kept from being requested (attempts 0: Media.tried) counts no attempt and starts no backoff.
+    " updated_at = CASE WHEN EXCLUDED.attempts = 0 THEN m.updated_at ELSE now() END"
     " WHERE m.status <> 'stored'"  # an archived image is never downgraded
 )
-_MEDIA_TEMPLATE = "(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, 1, %s, CASE WHEN %s THEN now() END)"
+_MEDIA_TEMPLATE = "(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, CASE WHEN %s THEN now() END)"
 # Each image row's foreign key is checked by a query on social_posts (platform = $1 AND post_id = $2). On a table
 # never analysed (a first load into a new database: autovacuum has not come by) every index looks alike to the
 # planner, and it took the narrower social_posts_created_at_idx, probing on platform alone and filtering post_id: each
@@ -364,7 +365,7 @@ def upsert_media(cur: psycopg2.extensions.cursor, media: Sequence[Media]) -> Non
         if m.status in ("stored", "failed"):
             rows[(m.platform, clean_text(m.post_id), m.position)] = (
                 m.platform, clean_text(m.post_id), m.position, clean_text(m.source_url), m.key, m.url, m.sha256,
-                m.bytes, m.content_type, m.width, m.height, m.status, m.permanent,
+                m.bytes, m.content_type, m.width, m.height, m.status, m.permanent, 1 if m.tried else 0,
                 clean_text(m.error)[:2000] if m.error else None, m.status == "stored",
             )  # fmt: skip
     if rows:
@@ -410,7 +411,7 @@ FAILED_IMAGES_SQL = (
     "SELECT m.id, m.platform, m.post_id, m.position, m.source_url, p.created_at, m.fixity IS NOT NULL"
     " FROM post_media m JOIN social_posts p USING (platform, post_id)"
     " WHERE m.status = 'failed' AND NOT m.permanent AND m.attempts < %s AND m.id > %s"
-    " AND (m.fixity IS NOT NULL AND m.attempts = 0"
+    " AND (m.attempts = 0"  # never tried: a stop came first, or verify marked it for repair
     " OR m.updated_at <= now() - %s * LEAST(power(2, m.attempts - 1), 48) * interval '1 minute')"
     " AND m.id %% %s = %s ORDER BY m.id LIMIT %s"
 )

@@ -599,9 +599,10 @@ class Archiver:
         `replace`: the stored object failed a fixity check (etl.py verify), so it is overwritten unconditionally."""
         media = Media(platform, post_id, position, without_userinfo(url))  # never stored or logged with credentials
         if self.stop.is_set():
-            media.status, media.error = (
+            media.status, media.error, media.tried = (
                 "failed",
                 "not downloaded: the run was stopped (SIGTERM); retried by the next run",
+                False,
             )
             return media
         self.live.image_started()
@@ -651,8 +652,9 @@ class Archiver:
             if future.done() and not future.cancelled():
                 results[key] = future.result()
             else:
-                future.cancel()
+                never_started = future.cancel()
                 results[key] = unfinished(key)
+                results[key].tried = not never_started  # one cancelled before it began was never requested
         return results
 
     def _unfinished(self, platform: str, post_id: str, position: int, url: str) -> Media:
