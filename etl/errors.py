@@ -86,9 +86,10 @@ class RecordError(ETLError):
 class MediaError(ETLError):
     """One image could not be archived."""
 
-    def __init__(self, message: str, *, permanent: bool = False):
+    def __init__(self, message: str, *, permanent: bool = False, requested: bool = True):
         super().__init__(message)
         self.permanent = permanent  # 404/410, not an image, over the cap: retrying will not help
+        self.requested = requested  # False: refused before any request (this configuration's): no attempt counted
 
 
 class StoreError(ETLError):

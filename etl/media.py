@@ -138,7 +138,8 @@ class URLGuard:
                 # ETL_ALLOW_PRIVATE_HOSTS=true (or a DNS fix) may fetch it. A refusal costs no request.
                 raise MediaError(
                     f"refused host {host!r}: it resolves to the non-public address {ip}"
-                    " (set ETL_ALLOW_PRIVATE_HOSTS=true for on-premises mirrors)"
+                    " (set ETL_ALLOW_PRIVATE_HOSTS=true for on-premises mirrors)",
+                    requested=False,
                 )
         return addresses
 

@@ -614,7 +614,7 @@ class Archiver:
             with self.clock("store"):
                 self.store.put(key, fetched.body, fetched.content_type, fetched.sha256, replace=replace)
         except MediaError as exc:
-            media.status, media.error, media.permanent = "failed", str(exc), exc.permanent
+            media.status, media.error, media.permanent, media.tried = "failed", str(exc), exc.permanent, exc.requested
         except StoreError as exc:
             media.status, media.error = "failed", str(exc)
         except Exception as exc:  # one image must never stop the run
