@@ -97,7 +97,8 @@ def test_the_shards_together_archive_exactly_what_one_run_does(settings, streamy
     assert archive(db.dsn, objects) == expected  # same rows, same objects, same keys
     # Each shard's run recorded the units it held; together every unit once.
     units = [u for (us,) in query(db.dsn, "SELECT units FROM etl_runs ORDER BY id") for u in us]
-    assert sorted(units) == sorted([f"streamy:feed:{n}" for n in NAMES] + ["mock"])
+    retries = [f"failed images {k}/3" for k in (1, 2, 3)]  # each shard's part of the failed-image retries
+    assert sorted(units) == sorted([f"streamy:feed:{n}" for n in NAMES] + ["mock"] + retries)
     # State is per stream: one row for each stream, and mock's own.
     keys = {k for (k,) in query(db.dsn, "SELECT config_key FROM etl_state WHERE source = 'streamy'")}
     assert keys == {f"stream:feed:{n}" for n in NAMES}
@@ -201,3 +202,55 @@ def test_plan_command_lists_the_shards(run_etl, streamy):
     assert text.returncode == 0 and "shard 1/2:" in text.stdout and "streamy:feed:s4" in text.stdout
     bad = run_etl("run", "--shard", "4/3", env=env)
     assert bad.returncode == 2 and "K must be between 1 and N" in bad.stderr
+
+
+def test_backfill_chunks_of_one_source_run_at_once_each_under_its_own_lock(settings, streamy, db):
+    # Each chunk task (the DAG's, --chunk-index) locked every stream of the source: chunks started together found
+    # them all held, and were skipped ("being archived by another run") while the DAG run reported success.
+    from datetime import datetime, timezone
+
+    from etl import orchestrate
+    from etl.orchestrate import COMPLETE, LOCKED
+
+    since, until = datetime(2026, 9, 1, tzinfo=timezone.utc), datetime(2026, 9, 3, tzinfo=timezone.utc)
+    narrow = replace(settings, sources=("streamy",))
+    streams = [f"streamy:feed:{n}" for n in NAMES]
+    lock, _ = Ledger(db).lock_units(streams)  # another chunk, or the cron run, archiving these streams now
+    try:
+        outcome = orchestrate.archive_chunk("streamy", since, until, 1, 1, settings=narrow)
+    finally:
+        lock.close()
+    assert outcome.state == COMPLETE, outcome.message
+    (units,) = query(db.dsn, "SELECT units FROM etl_runs WHERE mode = 'backfill'")[0]
+    assert units == [f"{s} backfill 2026-09-02T00:00:00+00:00..2026-09-03T00:00:00+00:00" for s in streams]
+    # The same chunk twice at once is still one at a time.
+    lock, _ = Ledger(db).lock_units(units)
+    try:
+        assert orchestrate.archive_chunk("streamy", since, until, 1, 1, settings=narrow).state == LOCKED
+    finally:
+        lock.close()
+
+
+def test_a_run_of_failed_image_retries_only_is_live_and_closed_when_it_died(settings, streamy, db, monkeypatch):
+    # Recorded with no unit, it held no lock: `status` called it abandoned while it worked, and once dead no run
+    # ever closed its record (still "running"). Its part of the retries now has a lock of its own.
+    from etl import orchestrate
+    from etl.run.archiver import Archiver
+    from etl.status import collect_status
+
+    dead = Ledger(db).start_run("run", [], {}, units=["failed images 1/2"])  # a retry part SIGKILLed earlier
+    seen = {}
+
+    def retry(self, stats, part=None):
+        seen["live"] = [(r["id"], r["live"]) for r in collect_status(db)["in_progress"]]
+
+    monkeypatch.setattr(Archiver, "retry_failed_images", retry)
+    outcome = orchestrate.retry_images("1/2", settings=settings)
+    assert outcome.state == orchestrate.COMPLETE, outcome.message
+    assert seen["live"] == [(outcome.run_id, True)]  # the dead one was closed as this one started
+    assert query(db.dsn, "SELECT status FROM etl_runs WHERE id = %s", (dead,)) == [("abandoned",)]
+    lock, _ = Ledger(db).lock_units(["failed images 2/2"])
+    try:
+        assert orchestrate.retry_images("2/2", settings=settings).state == orchestrate.LOCKED
+    finally:
+        lock.close()

@@ -133,11 +133,17 @@ class Runner:
         for source in sources:
             source.should_stop = self.stop.is_set
         units = [(s, u) for s in sources for u in units_of(s) if request.shard is None or request.shard.owns(u.name)]
-        with self._locked([u.name for _, u in units], stats) as locked:
-            active = [(s, u) for s, u in units if u.name not in locked]
-            with self._recorded(request, active, locked, stats):
+        locks = {u.name: strategy.lock_name(u) for _, u in units}
+        # The failed images of earlier runs (this shard's part of them) have a lock of their own: two runs never
+        # retry the same ones at once, and a run that retries only them (a retry part) is live to `status`.
+        retry = f"failed images {request.shard or 'all'}" if request.mode == "run" and request.retry_images else None
+        with self._locked(list(locks.values()), stats, retry) as locked:
+            active = [(s, u) for s, u in units if locks[u.name] not in locked]
+            retrying = retry is not None and retry not in locked
+            held = [locks[u.name] for _, u in active] + ([retry] if retrying else [])
+            with self._recorded(request, active, held, locked, stats):
                 archiver.live = self.live
-                if request.mode == "run" and request.retry_images:
+                if retrying:
                     archiver.retry_failed_images(stats, part=request.shard)
                 for source in sources:
                     mine = [u for s, u in active if s is source]
@@ -159,30 +165,34 @@ class Runner:
         stats.seconds = time.monotonic() - stats.started
 
     @contextmanager
-    def _locked(self, names: list[str], stats: RunStats) -> Iterator[list[str]]:
-        """Hold the lock of every unit no other run holds, for the block; yields the units another run holds
-        (skipped: that run archives them). LockedError when another run holds all of them."""
+    def _locked(self, names: list[str], stats: RunStats, retry: str | None = None) -> Iterator[list[str]]:
+        """Hold the lock of every unit no other run holds, and of the failed-image retries (`retry`), for the
+        block; yields the locks another run holds (skipped: that run does them). LockedError when another run holds
+        all the units (or, for a run of retries only, the retries')."""
         assert self.ledger is not None
-        lock, locked = self.ledger.lock_units(names)
+        lock, locked = self.ledger.lock_units([*names, *([retry] if retry else [])])
         try:
-            if locked and len(locked) == len(names):
+            units_locked = [name for name in locked if name != retry]
+            if (units_locked and len(units_locked) == len(names)) or (not names and locked):
                 holder = self.ledger.holder(locked[0])
                 raise LockedError(f"{', '.join(locked)}: being archived by another run{holder}; nothing done")
-            stats.locked_streams = locked
-            for name in locked:
+            stats.locked_streams = units_locked
+            for name in units_locked:
                 log.warning("%s is being archived by another run: skipped (that run archives it)", name)
+            if retry in locked:
+                log.info("%s: retried by another run now, not by this one", retry)
             yield locked
         finally:
             release_locks(lock)
 
     @contextmanager
     def _recorded(
-        self, request: RunRequest, active: list[tuple[Source, Unit]], locked: list[str], stats: RunStats
+        self, request: RunRequest, active: list[tuple[Source, Unit]], held: list[str], locked: list[str], stats: RunStats
     ) -> Iterator[None]:
-        """The run's etl_runs row around the block: started, then finished with its status and counts (and the
-        metrics file written). An interruption ends the block, recorded as such; any other error goes on."""
+        """The run's etl_runs row around the block (`held`: the locks it holds, its units): started, then finished
+        with its status and counts (and the metrics file written). An interruption ends the block, recorded as
+        such; any other error goes on."""
         assert self.ledger is not None
-        held = [u.name for _, u in active]
         names = list(dict.fromkeys(s.name for s, _ in active))
         arguments = {**request.arguments, **({"locked": locked} if locked else {})}
         redact = RedactingFilter(self.settings.secrets()).redact
@@ -336,6 +346,10 @@ class Strategy:
     def after(self, source: Source, stats: RunStats) -> None:
         """What follows the walk while the source is still open."""
 
+    def lock_name(self, unit: Unit) -> str:
+        """The advisory lock (and etl_runs unit) under which this run archives `unit`."""
+        return unit.name
+
 
 class DryRun(Strategy):
     """What the sources offer now (or in --since/--until), read and scored by the same archiver; no state."""
@@ -447,6 +461,15 @@ class Backfill(Strategy):
                     f"--chunk-index {request.chunk_index}: this backfill has chunks 0 to {len(self.chunks) - 1}"
                 )
             self.picked = [self.picked[request.chunk_index]]
+
+    def lock_name(self, unit: Unit) -> str:
+        """One chunk (a worker's share, --chunk-index) locks its unit for that chunk only: chunks of a backfill run
+        at once on several workers (they were refused as "being archived", and the DAG skipped them). A backfill
+        of every chunk locks the unit, as a run does."""
+        if self.request.chunk_index is None:
+            return unit.name
+        start, end = self.picked[0][1]
+        return f"{unit.name} backfill {start.isoformat()}..{end.isoformat()}"
 
     def walk(self, archiver: Archiver, source: Source, units: list[Unit], stats: RunStats) -> bool:
         runner, request = self.runner, self.request
