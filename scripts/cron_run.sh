@@ -24,6 +24,14 @@ LOCKED_OUT=200  # flock's own code for "held by another"; the archiver never exi
   fi
   # Perceptual hashes are a stage after loading (README, "Image fingerprints"): new images get theirs here.
   case "${1:-run}" in run | backfill | -*) fingerprint=yes ;; *) fingerprint=no ;; esac
+  # On N hosts (`run --shard K/N`) the host of shard 1 does it: the pass covers the whole archive, and N of them
+  # would each read and hash every new image.
+  previous=""
+  for arg in "$@"; do
+    case "$previous/$arg" in --shard/[0-9]*/* | */--shard=[0-9]*/*) shard="${arg#--shard=}" ;; esac
+    case "${shard:-1/}" in 1/*) ;; *) fingerprint=no ;; esac
+    previous="$arg"
+  done
   if [ "$code" -le 1 ] && [ "$fingerprint" = yes ]; then "$PY" etl.py fingerprint || true; fi
   echo "=== $(date -u +%Y-%m-%dT%H:%M:%SZ) exit $code"
 } >>"$LOG_FILE" 2>&1

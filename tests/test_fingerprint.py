@@ -218,6 +218,12 @@ def test_cron_wrapper_runs_the_fingerprint_stage_after_a_run_and_keeps_its_exit_
     log.unlink()
     subprocess.run([str(ROOT / "scripts" / "cron_run.sh"), "status"], env=env)
     assert "fingerprint" not in log.read_text()  # only after runs and backfills
+    # On N hosts, the host of shard 1 only: the pass covers the whole archive.
+    for args, hashes in ((["run", "--shard", "2/3"], False), (["run", "--shard=3/3"], False), (["run", "--shard", "1/3"], True),
+                         (["run", "--shard=1/3", "--limit", "5"], True), (["backfill", "--source", "mock"], True)):  # fmt: skip
+        log.unlink()
+        subprocess.run([str(ROOT / "scripts" / "cron_run.sh"), *args], env=env)
+        assert ("args: etl.py fingerprint" in log.read_text()) is hashes, (args, log.read_text())
 
 
 def test_exact_copies_come_before_a_near_duplicate_at_distance_zero(db):
