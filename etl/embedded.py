@@ -18,14 +18,22 @@ SYSTEM_USER = "pgserver"  # the user pgserver runs PostgreSQL as when we are roo
 
 def start_server(pgdata: Path) -> Any:
     """pgserver.get_server(pgdata, cleanup_mode="stop"), after dropping the handles of dead processes."""
+    import fasteners
     import pgserver
     from pgserver import postgres_server
 
     pgdata.mkdir(exist_ok=True)
-    with postgres_server.PostgresServer._lock:  # the lock pgserver itself takes around its handle list
+    # pgserver serialises starts, its handle list and the last user's stop with a lock under $XDG_RUNTIME_DIR,
+    # which cron has not (/tmp/runtime-UID) and a login shell has (/run/user/UID): a command typed by hand while
+    # cron's last run stopped the server joined it and lost it. The lock is taken beside the data instead.
+    lock = fasteners.InterProcessLock(str(pgdata.parent / ".pgserver.lock"))
+    postgres_server.PostgresServer._lock = lock
+    with lock:
         drop_stale_handles(pgdata)
     if os.geteuid() != 0:
-        return pgserver.get_server(pgdata, cleanup_mode="stop")
+        server = pgserver.get_server(pgdata, cleanup_mode="stop")
+        server._lock = lock  # its stop at exit: the same lock, whatever another server of this process set
+        return server
     user_existed = _user_exists(SYSTEM_USER)
     opened: list[Path] = []
     widen = postgres_server.ensure_prefix_permissions
@@ -35,6 +43,7 @@ def start_server(pgdata: Path) -> Any:
     postgres_server.ensure_prefix_permissions = lambda path: opened.extend(make_traversable(path, SYSTEM_USER))
     try:
         server = pgserver.get_server(pgdata, cleanup_mode="stop")
+        server._lock = lock
     finally:
         postgres_server.ensure_prefix_permissions = widen
     if not user_existed:

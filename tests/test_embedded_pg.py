@@ -131,3 +131,61 @@ def test_as_root_folders_above_the_data_are_opened_only_as_needed(base: Path):
     again = _etl(data_dir, "migrate")  # nothing left to change: no warning
     assert again.returncode == 0, again.stderr[-3000:]
     assert "added search (x) permission" not in again.stderr
+
+
+_STOPPING = """
+import sys, time
+from pathlib import Path
+from pgserver import postgres_server
+real = postgres_server.pg_ctl
+def slow(args, **kw):
+    if "stop" in args:
+        print("stopping", flush=True)
+        time.sleep(4)
+    return real(args, **kw)
+postgres_server.pg_ctl = slow
+from etl.db.connection import Database
+db = Database.embedded(Path(sys.argv[1]))
+print("up", flush=True)
+db.close()
+"""  # ends: at exit pgserver's cleanup, the last user, stops the server (slowly, to widen the window)
+
+_JOINING = """
+import sys, time
+from pathlib import Path
+import psycopg2
+from etl.db.connection import Database
+db = Database.embedded(Path(sys.argv[1]))
+time.sleep(6)
+conn = psycopg2.connect(db.dsn, connect_timeout=3)
+with conn.cursor() as cur:
+    cur.execute("SELECT 1")
+print("joined", flush=True)
+"""
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+@pytest.mark.fault("a command typed in a login shell while cron's last run stops the embedded server: it keeps a server")
+def test_a_command_started_while_the_last_run_stops_the_server_keeps_its_server(base: Path, tmp_path: Path):
+    # pgserver's lock lived under $XDG_RUNTIME_DIR: cron has none (/tmp/runtime-UID), a login shell has one
+    # (/run/user/UID), so the two did not exclude each other and the second joined a server being stopped.
+    pgdata = base / "postgres"
+
+    def env(runtime: Path | None) -> dict[str, str]:
+        found = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/root"), "PYTHONPATH": str(ROOT),
+                 "PYTHONWARNINGS": "ignore"}  # fmt: skip
+        return {**found, "XDG_RUNTIME_DIR": str(runtime)} if runtime is not None else found
+
+    stopping = subprocess.Popen([sys.executable, "-c", _STOPPING, str(pgdata)], env=env(None), stdout=subprocess.PIPE, text=True)
+    assert stopping.stdout is not None
+    try:
+        assert stopping.stdout.readline().strip() == "up"
+        assert stopping.stdout.readline().strip() == "stopping"  # the last user, stopping the server
+        time.sleep(0.5)
+        joining = subprocess.run([sys.executable, "-c", _JOINING, str(pgdata)], env=env(tmp_path),
+                                 capture_output=True, text=True, timeout=120)  # fmt: skip
+    finally:
+        stopping.wait(60)
+        _stop(pgdata)
+    assert "joined" in joining.stdout, joining.stderr[-1500:]
