@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import datetime
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 from etl.records import Post
+from etl.sources.api import parse_time
 from etl.sources.bluesky import BlueskySource
 from tests.support import FixtureAPI, HTTPServerFixture, Reply, fetch_over_fake
 
@@ -84,8 +86,8 @@ class FakeBluesky(FixtureAPI):
             if self.access_uses <= 0:
                 self.valid_access.discard(bearer)
         page = self.json("search_page2.json" if params.get("cursor") else "search_page1.json")
-        if params.get("since"):
-            page["posts"] = [p for p in page["posts"] if p["indexedAt"] >= params["since"]]
+        if params.get("since"):  # on sortAt, as the lexicon says: the earlier of createdAt and indexedAt
+            page["posts"] = [p for p in page["posts"] if sort_at(p) >= parse_time(params["since"])]
             if not page["posts"]:
                 page.pop("cursor", None)
         return self.reply(page, headers=self.headers())
@@ -95,6 +97,13 @@ class FakeBluesky(FixtureAPI):
         self.valid_access.add(body["accessJwt"])
         self.valid_refresh.add(body["refreshJwt"])
         return self.reply(body)
+
+
+def sort_at(post: dict) -> datetime:
+    """The AppView's sortAt of a postView: the earlier of its record's createdAt and its indexedAt."""
+    indexed = parse_time(post["indexedAt"])
+    created = parse_time((post.get("record") or {}).get("createdAt")) or indexed
+    return min(created, indexed)
 
 
 def bluesky_env(server: HTTPServerFixture, tmp_path: Path, **extra: str) -> dict[str, str]:

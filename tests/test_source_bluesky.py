@@ -74,12 +74,15 @@ def test_bluesky_run_archives_feed_and_search_then_rerun_fetches_nothing_twice(r
     again = run_etl("run", env=env)
     assert again.returncode == 0, again.stdout + again.stderr
     calls = fake.api_calls("/xrpc/")
-    # The feed stops on its first page at the saved place; the search asks only since it; no new login.
-    assert [path for path, _, _ in calls if not path.endswith("getPosts")] == [FEED, SEARCH]  # (getPosts: the re-check)
-    assert calls[1][1]["since"] == "2026-03-10T08:12:31.204000Z"
+    # The feed stops on its first page at the saved place; the search asks since ETL_OVERLAP_MINUTES (60) before it
+    # (searchPosts filters on sortAt, which a post indexed late has below the saved indexedAt); no new login.
+    paths = [path for path, _, _ in calls if not path.endswith("getPosts")]  # (getPosts: the re-check)
+    assert paths[0] == FEED and set(paths[1:]) == {SEARCH}
+    assert calls[1][1]["since"] == "2026-03-10T07:12:31.204000Z"
     assert fake.logins == 1
-    assert len([r for r in http_server.requests if "getPosts" not in r[1]]) == 2  # no image downloaded again
+    assert all(r[1].startswith("/xrpc/") for r in http_server.requests)  # no image downloaded again
     assert query(db.dsn, "SELECT count(*) FROM post_media WHERE platform = 'bluesky'")[0][0] == 6
+    assert stream_states(db.dsn, "bluesky")["streams"][query_stream("#sunset")] == {"after": "2026-03-10T08:12:31.204000+00:00"}
 
 
 @pytest.mark.fault("Bluesky access token expired between runs: refreshSession renews it, no new login")
@@ -175,3 +178,41 @@ def test_a_search_that_failed_mid_listing_is_read_back_to_its_floor(run_etl, db,
     assert {r[0] for r in query(db.dsn, "SELECT post_id FROM social_posts")} == set(SEARCH_URIS)
     asked = [q.get("since") for p, q, _ in fake.api_calls("/xrpc/") if p == SEARCH]
     assert asked[-1] is None, asked  # the first run had no watermark: its floor is none, so the search asks it all
+
+
+@pytest.mark.fault("a Bluesky post indexed late (createdAt before the last search's newest indexedAt): archived next run")
+def test_a_post_indexed_late_is_found_by_the_next_search(run_etl, db, http_server, tmp_path):
+    # searchPosts' `since` filters on sortAt (the lexicon: "which may not match createdAt"), the earlier of createdAt
+    # and indexedAt. The search asked since the saved indexedAt: a post created just before it and indexed just
+    # after the last read was below it, and never archived.
+    from datetime import datetime, timedelta, timezone
+    from urllib.parse import parse_qs, urlsplit
+
+    from tests.platform_bluesky import sort_at
+
+    FakeBluesky(http_server)  # its sessions; the search is served here
+    t = datetime(2026, 3, 10, 8, 0, tzinfo=timezone.utc)
+
+    def post(rkey: str, created: datetime, indexed: datetime) -> dict:
+        iso = lambda d: d.isoformat(timespec="milliseconds").replace("+00:00", "Z")  # noqa: E731
+        return {"uri": f"at://did:plc:ewvi7nxzyoun6zhxrhs64oiz/app.bsky.feed.post/{rkey}", "cid": "bafy" + rkey,
+                "author": {"did": "did:plc:ewvi7nxzyoun6zhxrhs64oiz", "handle": "harbourlights.bsky.social"},
+                "record": {"$type": "app.bsky.feed.post", "createdAt": iso(created), "text": f"#sunset {rkey}"},
+                "indexedAt": iso(indexed), "likeCount": 0, "replyCount": 0}  # fmt: skip
+
+    posts = [post("3seen00001", t, t)]
+
+    def search(handler) -> Reply:
+        since = parse_qs(urlsplit(handler.path).query).get("since")
+        shown = [p for p in posts if since is None or sort_at(p) >= datetime.fromisoformat(since[0].replace("Z", "+00:00"))]
+        shown.sort(key=sort_at, reverse=True)
+        return Reply(body=json.dumps({"posts": shown}).encode(), content_type="application/json")
+
+    http_server.routes[SEARCH] = search
+    env = {**bluesky_env(http_server, tmp_path), "BLUESKY_ACTORS": "", "ETL_SOURCES": "bluesky"}
+    assert run_etl("run", env=env).returncode == 0
+    # Created a second before the post already read, indexed two minutes after it (a slow relay, say).
+    posts.append(post("3late00002", t - timedelta(seconds=1), t + timedelta(minutes=2)))
+    assert run_etl("run", env=env).returncode == 0
+    held = {r[0].rsplit("/", 1)[-1] for r in query(db.dsn, "SELECT post_id FROM social_posts")}
+    assert held == {"3seen00001", "3late00002"}

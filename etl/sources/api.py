@@ -205,6 +205,11 @@ class Stream:
         """A saved position back; None if it is unusable (the stream then starts as new)."""
         return value
 
+    def rewind(self, after: Any, minutes: int) -> Any:
+        """Where a read from the saved position `after` starts: `after` itself, unless the listing can show a post
+        below a position already read (then ETL_OVERLAP_MINUTES before it: the posts read again are unchanged)."""
+        return after
+
 
 @dataclass
 class StreamOutcome:
@@ -503,7 +508,8 @@ class APISource(Source):
     def _read_stream(
         self, stream: Stream, state: Mapping[str, Any], window: FetchWindow, seen: set[str], budget: list[int | None]
     ) -> Iterator[Post]:
-        after = stream.decode(state.get("after")) if state.get("after") is not None else None
+        saved = stream.decode(state.get("after")) if state.get("after") is not None else None
+        after = stream.rewind(saved, self.settings.overlap_minutes) if saved is not None else None
         since = window.since
         if after is not None:
             since = None  # the saved position is the lower bound, not the run's watermark
@@ -551,6 +557,8 @@ class APISource(Source):
         if ended == "listing" and stream.warn_when_short and (after is not None or since is not None):
             log.warning("%s: %s: %s", self.name, stream.label, stream.warn_when_short)
         log.info("%s: %s: %d posts (read to the %s)", self.name, stream.label, posts, ended)
+        if saved is not None and (newest is None or newest < saved):
+            newest = saved  # a read rewound below its saved position never moves it back
         return StreamOutcome(True, newest, posts, since)
 
 

@@ -110,6 +110,12 @@ class Search(AuthorFeed):
         Stream.__init__(self, query_stream(query), f"Bluesky search {query!r}")
         self.source, self.query = source, query
 
+    def rewind(self, after: Any, minutes: int) -> Any:
+        # searchPosts' `since` filters on sortAt (its lexicon: "which may not match createdAt"), the earlier of a
+        # post's createdAt and indexedAt: a post indexed after the last read with an earlier createdAt sits below
+        # the saved indexedAt, and a search from there never shows it.
+        return after - timedelta(minutes=minutes)
+
     def entries(self, after: Any, window: FetchWindow) -> Iterator[Entry]:
         url = self.source.config.pds_base + SEARCH_POSTS
         params: dict[str, Any] = {"q": self.query, "sort": "latest", "limit": PAGE_SIZE}
