@@ -296,6 +296,45 @@ def test_a_forget_during_a_run_waits_for_it_and_nothing_comes_back(db, run_etl, 
     assert query(db.dsn, "SELECT count(*) FROM social_posts WHERE post_id = 'p3'") == [(1,)]
 
 
+@pytest.mark.fault("a post forgotten (deleted at source, by another run) while its failed image is retried: the run goes on")
+def test_a_post_forgotten_while_its_image_is_retried_costs_nothing_else(db, make_settings, http_server, tmp_path, monkeypatch):
+    # The retried image's row broke the foreign key of its gone post: the whole run failed before any source, and
+    # the object it had stored stayed with no row. (`etl.py forget` waits for runs; a forget by ETL_DELETED_AT_SOURCE
+    # in another run does not.)
+    from etl.forget import find_posts, forget_posts
+    from etl.run.runner import Runner, RunRequest
+    from etl.store import LocalStore, store_from_settings
+
+    http_server.routes["/a.png"] = Reply(status=503, body=b"busy", content_type="text/plain")
+    settings = make_settings(DATABASE_URL=db.dsn, ETL_ALLOW_PRIVATE_HOSTS="true", ETL_RECHECK_POSTS="0",
+                             ETL_IMAGE_RETRY_BACKOFF_MINUTES="0")  # fmt: skip
+    store = store_from_settings(settings)
+
+    def run(path: Path):
+        runner = Runner(settings)
+        try:
+            return runner.execute(RunRequest(sources=["jsonl"], source_options={"jsonl": {"input": str(path)}}))
+        finally:
+            runner.close()
+
+    run(write_jsonl(tmp_path / "first.jsonl", [record(post_id="p1", image_urls=[http_server.url("/a.png")])]))
+    assert query(db.dsn, "SELECT status FROM post_media") == [("failed",)]
+    http_server.routes["/a.png"] = Reply(body=png_bytes(20, 10), content_type="image/png")
+    put, done = LocalStore.put, []
+
+    def forget_then_put(self, key, *args, **kwargs):  # the forget lands while the retry downloads
+        if not done:
+            done.append(forget_posts(db, store, settings, find_posts(db, post=("jsonl", "p1")), "deleted at source"))
+        return put(self, key, *args, **kwargs)
+
+    monkeypatch.setattr(LocalStore, "put", forget_then_put)
+    stats = run(write_jsonl(tmp_path / "other.jsonl", [record(post_id="p2", caption="another post")]))
+    monkeypatch.undo()
+    assert done and stats.exit_code == ExitCode.OK and stats.images_retried == 0
+    assert query(db.dsn, "SELECT post_id FROM social_posts") == [("p2",)] and query(db.dsn, "SELECT count(*) FROM post_media") == [(0,)]
+    assert not list((tmp_path / "data" / "objects" / "jsonl").rglob("*.png"))  # what the retry stored: deleted
+
+
 def test_forget_an_author_is_a_dry_run_until_yes(db, run_etl, tmp_path):
     lines = [record(post_id=f"a{i}", author_username="ana") for i in range(3)] + [record(post_id="b1", author_username="bo")]
     path = write_jsonl(tmp_path / "posts.jsonl", lines)

@@ -431,10 +431,20 @@ def failed_images(
     return cur.fetchall()
 
 
-def record_retries(cur: psycopg2.extensions.cursor, media: Sequence[Media]) -> None:
-    """What became of retried images; a first image stored now becomes its post's image_s3_url."""
-    upsert_media(cur, media)
-    set_first_image_urls(cur, [m for m in media if m.status == "stored" and m.position == 0])
+# The posts of retried images that are still there, each held (FOR KEY SHARE) until the rows are written: a post
+# forgotten meanwhile (deleted at source, by another run) is not, and its image rows would break the foreign key.
+LIVE_POSTS_SQL = "SELECT p.platform, p.post_id FROM social_posts p" + _KEYS_JOIN + " FOR KEY SHARE OF p"
+
+
+def record_retries(cur: psycopg2.extensions.cursor, media: Sequence[Media]) -> list[Media]:
+    """What became of retried images; a first image stored now becomes its post's image_s3_url. Returns the images
+    of posts gone meanwhile (not recorded: their objects are the caller's to delete)."""
+    cur.execute(LIVE_POSTS_SQL, _key_arrays({(m.platform, clean_text(m.post_id)) for m in media}))
+    live = set(cur.fetchall())
+    kept = [m for m in media if (m.platform, clean_text(m.post_id)) in live]
+    upsert_media(cur, kept)
+    set_first_image_urls(cur, [m for m in kept if m.status == "stored" and m.position == 0])
+    return [m for m in media if (m.platform, clean_text(m.post_id)) not in live]
 
 
 # A stored post's row as the upsert compares it (held() -> upsert_posts' `stored`): _POST_MUTABLE's values, then
@@ -553,5 +563,5 @@ class Archive:
             what="finding failed images",
         )  # fmt: skip
 
-    def record_retries(self, media: Sequence[Media]) -> None:
-        self.db.run(partial(record_retries, media=media), what="recording retried images")
+    def record_retries(self, media: Sequence[Media]) -> list[Media]:
+        return self.db.run(partial(record_retries, media=media), what="recording retried images")

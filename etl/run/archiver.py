@@ -47,8 +47,8 @@ class NothingWritten:
     def failed_images(self, **_: Any) -> list[tuple]:
         return []
 
-    def record_retries(self, media: Sequence[Media]) -> None:
-        pass
+    def record_retries(self, media: Sequence[Media]) -> list[Media]:
+        return []
 
 
 @dataclass
@@ -681,11 +681,28 @@ class Archiver:
                     r: pool.submit(self.archive_image, r[1], r[2], r[5], r[3], r[4], replace=r[6]) for r in rows
                 }
                 media = list(self._results(futures, lambda r: self._unfinished(r[1], r[2], r[3], r[4])).values())
-                self.archive_db.record_retries(media)
+                gone = self.archive_db.record_retries(media)
+                self._drop_objects_of_gone_posts(gone)
+                media = [m for m in media if not any(m is g for g in gone)]
                 stats.images_retried += len(media)
                 stats.count_images(media, "retry")
         finally:
             pool.shutdown(wait=not self.stop.is_set(), cancel_futures=True)
+
+    def _drop_objects_of_gone_posts(self, gone: list[Media]) -> None:
+        """Images retried for posts forgotten meanwhile: not recorded, and what was stored of them is deleted (no row
+        would name it, and the forget that removed the post could not have seen it)."""
+        if not gone:
+            return
+        from etl.store_ops import delete_object
+
+        for m in gone:
+            if m.status == "stored" and m.key and self.store is not None:
+                try:
+                    delete_object(self.store, m.key)
+                except StoreError as exc:
+                    log.warning("could not delete %s, the image of a post forgotten meanwhile: %s", m.key, exc)
+        log.info("%d retried image(s) of post(s) forgotten meanwhile: not recorded, their objects deleted", len(gone))
 
     def _failed_images(self, after: int, part: Shard | None) -> list[tuple]:
         return self.archive_db.failed_images(
