@@ -124,9 +124,7 @@ class ResumeTracker:
             created = post.created_at
             if stream is not None:
                 place = place_of(post) if place_of is not None else None
-                by = "created" if place is None else "order"
-                if place is None:
-                    place = created
+                by, place = ("created", created) if place is None else ("order", place)
                 if done_marks:
                     done = done_marks.get(stream)
                     if done is not None and done.covers(by, place, post.post_id):

@@ -291,8 +291,9 @@ class Archiver:
         scorers: EarlyScorers | None = None,
     ):
         self.settings = settings
-        retry = (settings.image_max_attempts, settings.image_retry_backoff_minutes)
-        self.archive_db: Archive | NothingWritten = Archive(db, retry=retry) if db is not None else NothingWritten()
+        # Failed images a lookup holds back as the retry queue would (etl/db/archive.py KNOWN_MEDIA_SQL).
+        self._retry_limits = (settings.image_max_attempts, settings.image_retry_backoff_minutes)
+        self.archive_db: Archive | NothingWritten = Archive(db, retry=self._retry_limits) if db is not None else NothingWritten()
         self.store = store
         self.downloader = downloader or Downloader(settings)
         self.enricher = enricher or SentimentEnricher(settings.sentiment_threshold, detect_language=settings.detect_language)
@@ -338,7 +339,7 @@ class Archiver:
             if self._db is not None:
                 self._ahead = _LookAhead(
                     self._db, self.enricher.version, started=started, worth=lambda batch: not self._fetches_images(batch),
-                    retry=(self.settings.image_max_attempts, self.settings.image_retry_backoff_minutes),
+                    retry=self._retry_limits,
                 )  # fmt: skip
             try:
                 # Timed a batch at a time (the clock per post cost more than a tenth of a metadata run's parsing).
