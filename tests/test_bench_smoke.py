@@ -36,6 +36,12 @@ def test_bench_quick_runs_and_prints_the_table(tmp_path):
     assert floor, out
     read, held, images = map(int, floor.groups())
     assert read == held > 0 and images >= held
+    # The same floor after loading the modules not ours that a rerun of ours loaded (listed by that rerun).
+    loaded = re.search(r"floor \+ (\d+) modules not ours(?:, median of \d+)? +[\d.]+% of first .*?"
+                       r"(\d+) posts read, (\d+) held, \d+ images held, (\d+) modules loaded first; ours adds", out)  # fmt: skip
+    assert loaded, out
+    listed, read_again, held_again, imported = map(int, loaded.groups())
+    assert listed == imported > 50 and read_again == held_again == read
     assert "every service stopped" in out + result.stderr
     # The summary repeats every target of each scenario that ran, and no other scenario.
     summary = out.split("Summary: every target", 1)[1]

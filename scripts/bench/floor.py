@@ -1,9 +1,13 @@
-"""The least a Python rerun with nothing new can do (issue 16), timed beside ours: `python floor.py POSTS.jsonl`.
+"""The least a Python rerun with nothing new can do (issue 16), timed beside ours: `python floor.py POSTS.jsonl
+[--import MODULE,MODULE...]`.
 
 The interpreter, psycopg2, one connection (DATABASE_URL), the schema's version read, every post of the file read,
 and the posts and their images looked up in two queries, as a rerun must before it can tell that nothing is new.
 Nothing else: no settings, lock, ledger, stream state, validation, log or summary. What ours spends beyond this is
 what our own code costs; this much any Python client of the same archive spends. Prints what it found.
+
+`--import` loads these modules first (the benchmark passes the standard-library and third-party modules a rerun
+of ours loaded, none of our own): the floor of a client built from the same parts, before any code of ours runs.
 """
 
 from __future__ import annotations
@@ -18,9 +22,15 @@ def _literal(values: list[str]) -> str:
     return "{" + ",".join('"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"' for v in values) + "}"
 
 
-def main(path: str) -> int:
-    sys.modules["ssl"] = None  # type: ignore[assignment]  # as etl/db does: a Unix socket needs no TLS
+def main(path: str, imports: list[str]) -> int:
+    if "ssl" not in imports:  # as etl/db does: a Unix socket needs no TLS (a rerun that loaded it, for S3, did not)
+        sys.modules["ssl"] = None  # type: ignore[assignment]
+    import importlib
+
     import psycopg2
+
+    for name in imports:
+        importlib.import_module(name)
 
     platforms, post_ids = [], []
     with open(path, encoding="utf-8") as lines:
@@ -49,9 +59,12 @@ def main(path: str) -> int:
             images = cur.fetchall()
     finally:
         conn.close()
-    print(f"{len(post_ids)} posts read, {len(posts)} held, {len(images)} images held")
+    loaded = f", {len(imports)} modules loaded first" if imports else ""
+    print(f"{len(post_ids)} posts read, {len(posts)} held, {len(images)} images held{loaded}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    args = sys.argv[1:]
+    modules = args[args.index("--import") + 1].split(",") if "--import" in args else []
+    sys.exit(main(args[0], [m for m in modules if m]))

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +33,11 @@ finally:
     print("bench-peak-rss-kb", hwm.split()[1], file=sys.stderr, flush=True)
     # The largest of its scoring workers (reaped by then), each counted with what it shares with etl.py.
     print("bench-workers-peak-rss-kb", resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr, flush=True)
+    import os
+    if os.environ.get("BENCH_MODULES_TO"):  # the modules it loaded that are not ours (the floor loads them too)
+        with open(os.environ["BENCH_MODULES_TO"], "w") as out:
+            out.write("\\n".join(sorted(n for n, m in list(sys.modules.items())
+                                         if m is not None and n != "__main__" and n.partition(".")[0] != "etl")))
 """
 _VMHWM_RE = re.compile(r"^bench-peak-rss-kb (\d+)$", re.MULTILINE)
 _WORKERS_HWM_RE = re.compile(r"^bench-workers-peak-rss-kb (\d+)$", re.MULTILINE)
@@ -144,11 +149,13 @@ class Runner:
                 (self.profile_dir / raw_path.name).write_bytes(raw_path.read_bytes())
         return run
 
-    def floor(self, input_path: Path, env: dict[str, str]) -> tuple[float, str]:
+    def floor(self, input_path: Path, env: dict[str, str], imports: Sequence[str] = ()) -> tuple[float, str]:
         """Wall seconds of scripts/bench/floor.py over `input_path` (the least a Python rerun does), started as
-        etl.py is (the same wrapper); and what it printed (how many posts and images it found held), or why it
-        failed."""
+        etl.py is (the same wrapper), after loading `imports`; and what it printed (how many posts and images it
+        found held), or why it failed."""
         command = [PYTHON, "-c", _VMHWM_CHILD, str(ROOT / "scripts" / "bench" / "floor.py"), str(input_path)]
+        if imports:
+            command += ["--import", ",".join(imports)]
         started = time.perf_counter()
         done = subprocess.run(command, env=env, cwd=self.services.tmp, capture_output=True, text=True, check=False)
         wall = time.perf_counter() - started
