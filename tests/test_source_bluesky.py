@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import stat
 import time
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
@@ -186,7 +187,6 @@ def test_a_post_indexed_late_is_found_by_the_next_search(run_etl, db, http_serve
     # and indexedAt. The search asked since the saved indexedAt: a post created just before it and indexed just
     # after the last read was below it, and never archived.
     from datetime import datetime, timedelta, timezone
-    from urllib.parse import parse_qs, urlsplit
 
     from tests.platform_bluesky import sort_at
 
@@ -216,3 +216,52 @@ def test_a_post_indexed_late_is_found_by_the_next_search(run_etl, db, http_serve
     assert run_etl("run", env=env).returncode == 0
     held = {r[0].rsplit("/", 1)[-1] for r in query(db.dsn, "SELECT post_id FROM social_posts")}
     assert held == {"3seen00001", "3late00002"}
+
+
+# getAuthorFeed is ordered by feed_item.sortAt, not by indexedAt: the AppView pages it by a TimeCidKeyset on sortAt
+# (bluesky-social/atproto, packages/bsky/src/data-plane/server/routes/feeds.ts), and a post's feed item gets
+# `sortAt: post.indexedAt < post.createdAt ? post.indexedAt : post.createdAt` (.../indexing/plugins/post.ts). A post
+# whose author's clock ran behind sits below posts indexed before it; a read that stopped at the saved indexedAt
+# lost it, and the saved place then moved past it.
+
+SKEW_ACTOR = "harbourlights.bsky.social"
+SKEW_DID = "did:plc:ewvi7nxzyoun6zhxrhs64oiz"
+
+
+def skewed_view(rkey: str, created: str, indexed: str, text: str) -> dict:
+    # app.bsky.feed.defs#feedViewPost {post: postView} (lexicons/app/bsky/feed/defs.json)
+    return {
+        "post": {
+            "uri": f"at://{SKEW_DID}/app.bsky.feed.post/{rkey}",
+            "cid": f"bafyrei{rkey}",
+            "author": {"did": SKEW_DID, "handle": SKEW_ACTOR, "displayName": "Harbour Lights", "labels": []},
+            "record": {"$type": "app.bsky.feed.post", "createdAt": created, "langs": ["en"], "text": text},
+            "replyCount": 0, "repostCount": 0, "likeCount": 1, "quoteCount": 0,
+            "indexedAt": indexed, "labels": [],
+        }
+    }  # fmt: skip
+
+
+# In real feed order: sortAt = min(createdAt, indexedAt), newest first.
+SKEW_NEW = skewed_view("3lknew0000001", "2026-03-10T12:10:00.000Z", "2026-03-10T12:10:01.000Z", "new post")
+SKEW_LAST = skewed_view("3lklast000001", "2026-03-10T12:00:00.000Z", "2026-03-10T12:00:01.000Z", "newest post of the last run")
+# Written on a phone whose clock is 3.5 minutes slow; indexed at 12:01:30, after the last run (12:00:30).
+SKEW_LATE = skewed_view("3lkskew000001", "2026-03-10T11:58:00.000Z", "2026-03-10T12:01:30.000Z", "posted just after the last run")
+SKEW_OLD = skewed_view("3lkold0000001", "2026-03-10T11:50:00.000Z", "2026-03-10T11:50:01.000Z", "older post")
+
+
+def test_an_author_feed_reads_back_past_its_saved_place_for_a_post_sorted_below_it_by_its_createdAt(make_settings, http_server, tmp_path):
+    feed = [SKEW_NEW, SKEW_LAST, SKEW_LATE, SKEW_OLD]
+
+    def route(handler) -> Reply:
+        params = parse_qs(urlsplit(handler.path).query)
+        assert params.get("actor") == [SKEW_ACTOR]
+        body = {"feed": [] if params.get("cursor") else feed}
+        return Reply(body=json.dumps(body).encode(), content_type="application/json")
+
+    http_server.routes["/xrpc/app.bsky.feed.getAuthorFeed"] = route
+    settings = make_settings(BLUESKY_ACTORS=SKEW_ACTOR, BLUESKY_API_BASE=http_server.base, ETL_RETRY_MAX_WAIT="0.05")
+    saved = {"streams": {f"actor:{SKEW_ACTOR}": {"after": "2026-03-10T12:00:01+00:00"}}}  # LAST's indexedAt
+    with BlueskySource(settings) as source:
+        ids = [p.post_id for p in source.fetch(FetchWindow(cursor=saved))]
+    assert SKEW_LATE["post"]["uri"] in ids, f"the post indexed after the last run was lost: got {ids}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime, timedelta, timezone
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
@@ -49,10 +50,14 @@ def test_mastodon_run_archives_hashtag_and_account_then_rerun_fetches_nothing_tw
     again = run_etl("run", env=env)
     assert again.returncode == 0, again.stdout + again.stderr
     calls = fake.api_calls("/api/")
-    assert [(p, q.get("since_id")) for p, q, _ in calls] == [
-        (TAG, "113920000000000003"), (LOOKUP, None), (STATUSES, "113920500000000004"),
+    # Each listing is read again from the id minted ETL_OVERLAP_MINUTES (60) before its saved one (a status from
+    # another server that arrived late has the id of its published time), then down its next page to that id.
+    hour_before = lambda sid: str(((int(sid) >> 16) - 3_600_000) << 16)  # noqa: E731
+    assert [(p, q.get("since_id"), q.get("max_id")) for p, q, _ in calls] == [
+        (TAG, hour_before("113920000000000003"), None), (TAG, None, "113920000000000003"), (LOOKUP, None, None),
+        (STATUSES, hour_before("113920500000000004"), None), (STATUSES, None, "113920500000000004"),
     ]  # fmt: skip
-    assert len(http_server.requests) == 3  # nothing else: no image again
+    assert len(http_server.requests) == 5  # nothing else: no image again
 
 
 @pytest.mark.fault("Mastodon access token refused (401): the source stops with a message naming MASTODON_ACCESS_TOKEN")
@@ -137,3 +142,63 @@ def test_a_backfill_chunk_cut_by_a_stream_error_is_not_recorded_done(run_etl, db
     assert again.returncode == 0, again.stdout + again.stderr
     assert set(TAG_URIS) <= {r[0] for r in query(db.dsn, "SELECT post_id FROM social_posts")}
     assert query(db.dsn, "SELECT count(*) FROM etl_backfill_chunks") == [(1,)]
+
+
+# A status from another server gets the id of its published time (`around_create Mastodon::Snowflake::Callbacks`:
+# Mastodon::Snowflake.id_at(created_at) when created_at is in the past; mastodon/mastodon lib/mastodon/snowflake.rb,
+# app/models/status.rb), so one that federates in late sits below ids already read. The fake pages as Mastodon's
+# paginate_by_id does (since_id/max_id exclusive, newest first, Link rel="next" with max_id and without since_id).
+
+def id_at(moment: str, tail: int) -> str:
+    """Mastodon::Snowflake.id_at: milliseconds since the epoch shifted 16 bits, plus a low sequence part."""
+    at = datetime.fromisoformat(moment.replace("Z", "+00:00")).astimezone(timezone.utc)
+    return str((int(at.timestamp() * 1000) << 16) + tail)
+
+
+def federated_status(sid: str, created: str, uri: str, text: str) -> dict:
+    host = urlsplit(uri).hostname
+    user = uri.split("/users/")[1].split("/")[0]
+    return {
+        "id": sid, "created_at": created, "in_reply_to_id": None, "in_reply_to_account_id": None,
+        "sensitive": False, "spoiler_text": "", "visibility": "public", "language": "en",
+        "uri": uri, "url": f"https://{host}/@{user}/{uri.rsplit('/', 1)[1]}",
+        "replies_count": 0, "reblogs_count": 0, "favourites_count": 1, "edited_at": None,
+        "content": f"<p>{text} <a href=\"https://mastodon.example/tags/sunset\" class=\"mention hashtag\" "
+                   "rel=\"tag\">#<span>sunset</span></a></p>",
+        "reblog": None, "application": None,
+        "account": {"id": "1", "username": user, "acct": user if host == "mastodon.example" else f"{user}@{host}",
+                    "display_name": user, "url": f"https://{host}/@{user}"},
+        "media_attachments": [], "mentions": [], "tags": [{"name": "sunset", "url": "https://mastodon.example/tags/sunset"}],
+        "emojis": [], "card": None, "poll": None,
+    }  # fmt: skip
+
+
+FED_SEEN = federated_status(id_at("2026-03-10T12:00:00.000Z", 7), "2026-03-10T12:00:00.000Z",
+              "https://mastodon.example/users/ana/statuses/900001", "archived by the last run (12:00:30)")  # fmt: skip
+# Published on photo.social at 11:52, delivered to this instance at 12:04 (after the last run): id_at(11:52).
+FED_LATE = federated_status(id_at("2026-03-10T11:52:00.000Z", 3), "2026-03-10T11:52:00.000Z",
+              "https://photo.social/users/tom/statuses/551", "federated in late")  # fmt: skip
+FED_NEW = federated_status(id_at("2026-03-10T12:10:00.000Z", 9), "2026-03-10T12:10:00.000Z",
+             "https://mastodon.example/users/ana/statuses/900002", "posted after the last run")  # fmt: skip
+FED_OLD = federated_status(id_at("2026-03-10T11:40:00.000Z", 1), "2026-03-10T11:40:00.000Z",
+             "https://mastodon.example/users/ana/statuses/900000", "old")  # fmt: skip
+FED_TIMELINE = sorted([FED_SEEN, FED_LATE, FED_NEW, FED_OLD], key=lambda s: int(s["id"]), reverse=True)  # as the instance holds it now
+
+
+def test_a_status_that_federated_in_late_below_the_saved_id_is_archived(make_settings, http_server):
+    def route(handler) -> Reply:
+        params = {k: v[0] for k, v in parse_qs(urlsplit(handler.path).query).items()}
+        page = [s for s in FED_TIMELINE
+                if ("since_id" not in params or int(s["id"]) > int(params["since_id"]))
+                and ("max_id" not in params or int(s["id"]) < int(params["max_id"]))][: int(params.get("limit", 20))]  # fmt: skip
+        headers = {}
+        if page:
+            headers["Link"] = f'<{http_server.base}{TAG}?max_id={page[-1]["id"]}>; rel="next"'
+        return Reply(body=json.dumps(page).encode(), content_type="application/json", headers=headers)
+
+    http_server.routes[TAG] = route
+    settings = make_settings(MASTODON_INSTANCE=http_server.base, MASTODON_HASHTAGS="sunset", ETL_RETRY_MAX_WAIT="0.05")
+    saved = {"streams": {"tag:sunset": {"after": FED_SEEN["id"]}}}  # the last run (12:00:30) read down to FED_SEEN
+    with MastodonSource(settings) as source:
+        ids = [p.post_id for p in source.fetch(FetchWindow(cursor=saved))]
+    assert FED_LATE["uri"] in ids, f"the status that federated in after the last run was lost: got {ids}"

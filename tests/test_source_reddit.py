@@ -126,3 +126,43 @@ def test_malformed_listing(make_settings, http_server, tmp_path):
     with source_for(make_settings, http_server, tmp_path) as source:
         assert list(source.fetch(FetchWindow())) == []
     assert "not a Listing" in source.rejects[0] and "r/analog" in source.rejects[0]
+
+
+# When a moderator approves a spam-filtered post, Reddit lists it at the top of /new "with the current time (moving
+# it to the front)" (r/changelog, "[reddit change] Approved links move to the top of the new listing", 2012-04-18),
+# with its old id. A read that ended at the first id at or below the saved one lost every post below it.
+
+def approved_t3(pid: str, created: float, title: str) -> dict:
+    return {
+        "kind": "t3",
+        "data": {
+            "approved_at_utc": None, "subreddit": "analog", "selftext": "", "title": title, "name": f"t3_{pid}",
+            "id": pid, "author": "filmfan", "ups": 5, "score": 5, "num_comments": 0, "created": created,
+            "created_utc": created, "is_self": False, "post_hint": "image", "domain": "i.redd.it",
+            "url": f"https://i.redd.it/{pid}.jpg", "url_overridden_by_dest": f"https://i.redd.it/{pid}.jpg",
+            "permalink": f"/r/analog/comments/{pid}/x/", "stickied": False,
+        },
+    }  # fmt: skip
+
+
+APPROVED_SAVED = "1j8c111"  # the newest post the last run read (2026-03-10 08:00 UTC)
+AFTER_1 = approved_t3("1j8c112", 1773133200.0, "submitted an hour after the last run")
+AFTER_2 = approved_t3("1j8c113", 1773136800.0, "submitted two hours after the last run")
+# Submitted five hours before the last run, caught by the spam filter, approved three hours after the last run:
+LIFTED = approved_t3("1j8bz00", 1773111600.0, "approved out of the spam filter")
+AFTER_3 = approved_t3("1j8c115", 1773144000.0, "submitted after the approval")
+HELD = approved_t3(APPROVED_SAVED, 1773129600.0, "archived by the last run")
+
+
+def test_a_post_approved_out_of_the_spam_filter_on_top_of_new_hides_no_post_below_it(make_settings, http_server, tmp_path, caplog):
+    fake = FakeReddit(http_server)
+    listing = {"kind": "Listing", "data": {"after": None, "before": None, "dist": 5, "modhash": "",
+                                           "children": [AFTER_3, LIFTED, AFTER_2, AFTER_1, HELD]}}  # fmt: skip
+    fake.overrides[NEW] = [fake.reply(listing)]
+    with source_for(make_settings, http_server, tmp_path) as source:
+        ids = [p.post_id for p in source.fetch(FetchWindow(cursor={"streams": {"r:analog": {"after": APPROVED_SAVED}}}))]
+    # Every post of the listing, the approved one too, down to the held one (read again: fewer than three in a row
+    # at or below the saved id do not end a read); the listing reached the saved place, so no warning of its reach.
+    assert ids == ["1j8c115", "1j8bz00", "1j8c113", "1j8c112", "1j8c111"], ids
+    assert "ended before the last run's newest post" not in caplog.text
+    assert source.cursor == {"streams": {"r:analog": {"after": "1j8c115"}}}

@@ -184,6 +184,10 @@ class Stream:
     # True: its entries carry their place in the listing (Entry.order), and a resume point marks the stream by it
     # (an entry without one, a pinned post, is then never skipped); False: marked by the posts' created_at.
     ordered: ClassVar[bool] = True
+    # How many entries in a row at or below the saved position end a read. 1: the listing never lifts an old entry
+    # above newer ones. More where it does (Reddit's /new shows a post a moderator approved out of the spam filter at
+    # the top, with its old id): a lone old entry is archived and the read goes on below it.
+    ends_after_below: ClassVar[int] = 1
 
     def __init__(self, key: str, label: str, slot: str | None = None):
         # `slot` names the stream in the source's cursor and resume points where an older format fixed other
@@ -524,16 +528,21 @@ class APISource(Source):
         slot = (stream.slot or "") if stream.in_order else None  # the resume point's mark (etl/resume.py)
         self.stream, self.place = slot, None
         by_order = slot is not None and stream.ordered
+        below = 0  # entries in a row at or below the saved position
         for entry in stream.entries(after, window):
             if entry.order is not None:
                 if after is not None and entry.order <= after:
-                    ended = "saved place"
-                    break
-                if since is not None and entry.at is not None and entry.at < since:
-                    ended = "window start"
-                    break
-                if newest is None or entry.order > newest:
-                    newest = entry.order
+                    below += 1
+                    if below >= stream.ends_after_below:
+                        ended = "saved place"
+                        break
+                else:
+                    below = 0
+                    if since is not None and entry.at is not None and entry.at < since:
+                        ended = "window start"
+                        break
+                    if newest is None or entry.order > newest:
+                        newest = entry.order
             try:
                 post = self.to_post(entry.item, stream)
             except RecordError as exc:
@@ -554,6 +563,8 @@ class APISource(Source):
                 if budget[0] <= 0:
                     log.info("%s: %s: stopped at the limit after %d posts", self.name, stream.label, posts)
                     return StreamOutcome(False, newest, posts, since)
+        if ended == "listing" and below:  # it ended on entries at or below the saved position: it got there
+            ended = "saved place"
         if ended == "listing" and stream.warn_when_short and (after is not None or since is not None):
             log.warning("%s: %s: %s", self.name, stream.label, stream.warn_when_short)
         log.info("%s: %s: %d posts (read to the %s)", self.name, stream.label, posts, ended)

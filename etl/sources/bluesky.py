@@ -84,11 +84,18 @@ class SessionFile:
 
 
 class AuthorFeed(Stream):
-    """An actor's author feed (posts and reposts), newest first by the feed's indexedAt."""
+    """An actor's author feed (posts and reposts), newest first by sortAt (about the feed's indexedAt)."""
 
     def __init__(self, source: BlueskySource, actor: str):
         super().__init__(f"actor:{actor.lower()}", f"Bluesky actor {actor}")
         self.source, self.actor = source, actor
+
+    def rewind(self, after: Any, minutes: int) -> Any:
+        # The AppView lists an author feed and a search by sortAt, the earlier of a post's createdAt and indexedAt
+        # (searchPosts' lexicon: "which may not match createdAt"; getAuthorFeed pages by feed_item.sortAt): a post
+        # indexed after the last read whose createdAt is earlier (a phone's clock behind) sits below the saved
+        # indexedAt, and a read that stops there never shows it.
+        return after - timedelta(minutes=minutes)
 
     def entries(self, after: Any, window: FetchWindow) -> Iterator[Entry]:
         url = self.source.config.api_base + AUTHOR_FEED
@@ -109,12 +116,6 @@ class Search(AuthorFeed):
     def __init__(self, source: BlueskySource, query: str):
         Stream.__init__(self, query_stream(query), f"Bluesky search {query!r}")
         self.source, self.query = source, query
-
-    def rewind(self, after: Any, minutes: int) -> Any:
-        # searchPosts' `since` filters on sortAt (its lexicon: "which may not match createdAt"), the earlier of a
-        # post's createdAt and indexedAt: a post indexed after the last read with an earlier createdAt sits below
-        # the saved indexedAt, and a search from there never shows it.
-        return after - timedelta(minutes=minutes)
 
     def entries(self, after: Any, window: FetchWindow) -> Iterator[Entry]:
         url = self.source.config.pds_base + SEARCH_POSTS
