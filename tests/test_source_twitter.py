@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import logging
 import time
 from datetime import datetime, timezone
@@ -22,6 +23,10 @@ API = "https://api.x.com"
 SEARCH = f"{API}/2/tweets/search/recent"
 LOOKUP = f"{API}/2/users/by/username/harbourlights"
 TIMELINE = f"{API}/2/users/{USER_ID}/tweets"
+EXPANSIONS = (
+    "attachments.media_keys,author_id,referenced_tweets.id,referenced_tweets.id.author_id,"
+    "referenced_tweets.id.attachments.media_keys"
+)
 TOKEN = "AAAAAAAAAAAAAAAAAAAAAsecret%2Btoken%3Dvalue"
 NOW = datetime(2026, 3, 11, 6, 0, tzinfo=timezone.utc)  # a few hours after the fixtures' newest post
 
@@ -57,7 +62,9 @@ def build(make_settings, sleeps):
 
 
 def params_of(call) -> dict[str, str]:
-    return {k: v[0] for k, v in parse_qs(urlsplit(call.request.url).query).items()}
+    """The query parameters of a recorded call (or of a request, in a callback)."""
+    request = getattr(call, "request", call)
+    return {k: v[0] for k, v in parse_qs(urlsplit(request.url).query).items()}
 
 
 def serve(rsps, url: str, *bodies, status: int = 200, headers: dict[str, str] | None = None) -> None:
@@ -84,7 +91,7 @@ def test_search_follows_next_token_over_two_pages(build, rsps):
     assert len(rsps.calls) == 2
     first, second = (params_of(c) for c in rsps.calls)
     assert first["query"] == "#sunset has:images -is:retweet"
-    assert first["expansions"] == "attachments.media_keys,author_id"
+    assert first["expansions"] == EXPANSIONS
     assert first["media.fields"] == "url,preview_image_url,type"
     assert first["tweet.fields"] == "created_at,public_metrics,entities,lang,note_tweet"
     assert first["user.fields"] == "username"
@@ -184,7 +191,7 @@ def test_username_is_resolved_once_then_its_timeline_paged(build, rsps):
     urls = [c.request.url.split("?")[0] for c in rsps.calls]
     assert urls == [LOOKUP, TIMELINE, TIMELINE]
     first, second = params_of(rsps.calls[1]), params_of(rsps.calls[2])
-    assert first["expansions"] == "attachments.media_keys,author_id" and first["max_results"] == "100"
+    assert first["expansions"] == EXPANSIONS and first["max_results"] == "100"
     assert "pagination_token" not in first
     assert second["pagination_token"] == "7140dibdnow9c7btw3w29grvxfcgvpb9n9coehpk7xz5i"
     assert "next_token" not in second
@@ -245,6 +252,176 @@ def test_a_suspended_timeline_is_rejected_and_keeps_its_since_id(build, rsps):
     assert [p.post_id for p in posts] == PAGE1_IDS
     assert source.rejects == ["twitter: @harbourlights timeline: User has been suspended: [harbourlights]."]
     assert source.cursor == {"since_id": {"user:harbourlights": "2029512243409846593", "search": PAGE1_IDS[0]}}
+
+
+# -- retweets, quotes and replies ---------------------------------------------------------------------
+#
+# Shapes as X sends them (docs.x.com/x-api/fundamentals/expansions; the Post object's `referenced_tweets` in
+# docs.x.com/x-api/fundamentals/data-dictionary): a retweet's own `text` is "RT @author: " plus the original cut
+# to the old 140-character budget and ended with "…", and it carries `referenced_tweets: [{"type": "retweeted",
+# "id"}]`. The original comes in includes.tweets only with the referenced_tweets.id expansion, its author in
+# includes.users with referenced_tweets.id.author_id, its media in includes.media with
+# referenced_tweets.id.attachments.media_keys; `timeline_with_references` below honours each of them as X does.
+
+RETWEET_ID = "2031439945528246999"
+ORIGINAL_ID = "2031300000000000001"
+ORIGINAL_AUTHOR = {"id": "99887766", "name": "Lena", "username": "lena_shoots"}
+ORIGINAL_TEXT = (
+    "Spent the whole night on the breakwater waiting for the fog to lift over the lighthouse, and at 4:50 it "
+    "finally did: the beam swept across the water and lit every droplet. Worth every cold minute. #nightphotography"
+)
+RT_TEXT = "RT @lena_shoots: " + ORIGINAL_TEXT[:123] + "…"
+
+
+def retweet_of(original_id: str, retweet_id: str = RETWEET_ID, text: str = RT_TEXT) -> dict:
+    """A retweet in a timeline or search page: its own id, the timeline owner as author, X's cut-short text."""
+    return {
+        "id": retweet_id,
+        "edit_history_tweet_ids": [retweet_id],
+        "text": text,
+        "created_at": "2026-03-10T18:40:00.000Z",
+        "author_id": USER_ID,
+        "referenced_tweets": [{"type": "retweeted", "id": original_id}],
+        # A retweet's retweet_count is the original's; it has no likes or replies of its own.
+        "public_metrics": {"retweet_count": 12, "reply_count": 0, "like_count": 0, "quote_count": 0},
+        "entities": {"mentions": [{"start": 3, "end": 15, "username": "lena_shoots", "id": "99887766"}]},
+    }
+
+
+ORIGINAL = {
+    "id": ORIGINAL_ID,
+    "edit_history_tweet_ids": [ORIGINAL_ID],
+    "text": ORIGINAL_TEXT,
+    "created_at": "2026-03-10T05:02:11.000Z",
+    "author_id": "99887766",
+    "attachments": {"media_keys": ["3_2031299999999999999"]},
+    "public_metrics": {"retweet_count": 12, "reply_count": 4, "like_count": 230, "quote_count": 1},
+    "entities": {"hashtags": [{"start": 196, "end": 213, "tag": "nightphotography"}]},
+    "lang": "en",
+}
+ORIGINAL_MEDIA = {
+    "media_key": "3_2031299999999999999",
+    "type": "photo",
+    "url": "https://pbs.twimg.com/media/GlzLena01.jpg",
+}
+
+
+def timeline_with_references(tweets: list[dict], referenced: list[dict], media: list[dict], authors: list[dict],
+                             errors: list[dict] | None = None):  # fmt: skip
+    """A `responses` callback for one page: includes.tweets/users/media of the referenced posts only for the
+    expansions the request names, as X answers."""
+
+    def reply(request):
+        expansions = params_of(request)["expansions"].split(",")
+        includes: dict = {"users": [fixture("user_by_username.json")["data"]]}
+        if "referenced_tweets.id" in expansions:
+            includes["tweets"] = referenced
+        if "referenced_tweets.id.author_id" in expansions:
+            includes["users"] += authors
+        if "referenced_tweets.id.attachments.media_keys" in expansions:
+            includes["media"] = media
+        ids = [t["id"] for t in tweets]
+        body = {"data": tweets, "includes": includes,
+                "meta": {"result_count": len(tweets), "newest_id": max(ids), "oldest_id": min(ids)}}  # fmt: skip
+        if errors:
+            body["errors"] = errors
+        return 200, {"content-type": "application/json"}, json.dumps(body)
+
+    return reply
+
+
+def test_a_retweet_is_archived_as_the_original_post_not_its_cut_short_rt_text(build, rsps):
+    serve(rsps, LOOKUP, "user_by_username.json")
+    page = timeline_with_references([retweet_of(ORIGINAL_ID)], [ORIGINAL], [ORIGINAL_MEDIA], [ORIGINAL_AUTHOR])
+    rsps.add_callback(responses.GET, TIMELINE, callback=page)
+    source = build(TWITTER_USERNAMES="harbourlights")
+
+    posts = list(source.fetch(FetchWindow()))
+
+    [post] = posts
+    assert post.caption == ORIGINAL_TEXT  # whole, not "RT @lena_shoots: … …"
+    assert post.post_id == ORIGINAL_ID
+    assert post.author_username == "lena_shoots"  # the original's author, not the timeline's owner
+    assert post.created_at == datetime(2026, 3, 10, 5, 2, 11, tzinfo=timezone.utc)
+    assert (post.like_count, post.comment_count) == (230, 4)
+    assert post.image_urls == ("https://pbs.twimg.com/media/GlzLena01.jpg",)
+    assert post.hashtags == ("nightphotography",)
+    assert post.permalink == f"https://x.com/lena_shoots/status/{ORIGINAL_ID}"
+    assert post.raw["retweet"]["id"] == RETWEET_ID  # provenance: the listing's item that brought it in
+    expansions = params_of(rsps.calls[1])["expansions"].split(",")
+    assert {
+        "referenced_tweets.id",
+        "referenced_tweets.id.author_id",
+        "referenced_tweets.id.attachments.media_keys",
+    } <= set(expansions)
+    # The timeline resumes from the retweet's own id: its place in the listing, not the original's.
+    assert source.cursor == {"since_id": {"user:harbourlights": RETWEET_ID}}
+    assert source.quota_used == 3  # the user lookup, the retweet and the original X returned with it
+
+
+@pytest.mark.badinput("a retweet whose original X did not send (deleted, protected) is rejected, not cut short")
+def test_a_retweet_whose_original_x_did_not_send_is_rejected_and_the_rest_load(build, rsps):
+    serve(rsps, LOOKUP, "user_by_username.json")
+    own = copy.deepcopy(fixture("user_tweets_page1.json")["data"][1])  # a post of the timeline's owner
+    gone = "2031200000000000002"
+    # X's partial error beside the data for a referenced post it cannot return (here: deleted), in the shape X
+    # answers (title/detail/resource_type/parameter/resource_id/value/type, the same as client libraries record).
+    error = {"value": gone, "detail": f"Could not find tweet with referenced_tweets.id: [{gone}].",
+             "title": "Not Found Error", "resource_type": "tweet", "parameter": "referenced_tweets.id",
+             "resource_id": gone, "type": "https://api.twitter.com/2/problems/resource-not-found"}  # fmt: skip
+    page = timeline_with_references([retweet_of(gone), own], [], [], [], errors=[error])
+    rsps.add_callback(responses.GET, TIMELINE, callback=page)
+    source = build(TWITTER_USERNAMES="harbourlights")
+
+    posts = list(source.fetch(FetchWindow()))
+
+    assert [p.post_id for p in posts] == [own["id"]]
+    assert RT_TEXT not in [p.caption for p in posts]
+    [reject] = source.rejects
+    assert RETWEET_ID in reject and gone in reject and "Could not find tweet with referenced_tweets.id" in reject
+    assert source.cursor == {"since_id": {"user:harbourlights": RETWEET_ID}}  # read past, like any rejected item
+
+
+def test_quotes_and_replies_keep_their_own_text_and_id(build, rsps):
+    serve(rsps, LOOKUP, "user_by_username.json")
+    quote = {**retweet_of(ORIGINAL_ID, "2031439945528246998", "The best lighthouse shot this winter 👇 https://t.co/q1"),
+             "referenced_tweets": [{"type": "quoted", "id": ORIGINAL_ID}]}  # fmt: skip
+    reply = {**retweet_of(ORIGINAL_ID, "2031439945528246997", "@lena_shoots Worth it, what a frame"),
+             "referenced_tweets": [{"type": "replied_to", "id": ORIGINAL_ID}]}  # fmt: skip
+    page = timeline_with_references([quote, reply], [ORIGINAL], [ORIGINAL_MEDIA], [ORIGINAL_AUTHOR])
+    rsps.add_callback(responses.GET, TIMELINE, callback=page)
+
+    posts = list(build(TWITTER_USERNAMES="harbourlights").fetch(FetchWindow()))
+
+    assert [(p.post_id, p.author_username, p.caption) for p in posts] == [
+        (quote["id"], "harbourlights", quote["text"]),
+        (reply["id"], "harbourlights", reply["text"]),
+    ]
+    assert all(p.image_urls == () for p in posts)  # the quoted post's photo is not theirs
+
+
+def test_search_yields_an_original_once_however_many_retweets_of_it_match(build, rsps):
+    second = retweet_of(ORIGINAL_ID, "2031439945528246990")
+    page = timeline_with_references([retweet_of(ORIGINAL_ID), second, ORIGINAL], [ORIGINAL], [ORIGINAL_MEDIA],
+                                    [ORIGINAL_AUTHOR])  # fmt: skip
+    rsps.add_callback(responses.GET, SEARCH, callback=page)
+    source = build(TWITTER_QUERY="lighthouse")
+
+    posts = list(source.fetch(FetchWindow()))
+
+    assert [(p.post_id, p.caption) for p in posts] == [(ORIGINAL_ID, ORIGINAL_TEXT)]
+    assert source.cursor == {"since_id": {"search": RETWEET_ID}}  # the newest id the search listed
+
+
+def test_a_retweet_of_a_long_post_takes_the_original_whole_from_its_note_tweet():
+    from etl.sources.twitter import tweet_to_post
+
+    whole = "A long walk along the pier &amp; the harbour. " * 8 + "#longread"
+    original = {**ORIGINAL, "text": whole[:270] + "… https://t.co/abc", "note_tweet": {"text": whole}}
+    post = tweet_to_post(retweet_of(ORIGINAL_ID), {}, {"99887766": ORIGINAL_AUTHOR}, username="harbourlights",
+                         tweets_by_id={ORIGINAL_ID: original})  # fmt: skip
+    assert post.caption == whole.replace("&amp;", "&") and len(post.caption) > 280
+    assert (post.post_id, post.author_username) == (ORIGINAL_ID, "lena_shoots")
 
 
 # -- incremental runs, backfills, limits --------------------------------------------------------------

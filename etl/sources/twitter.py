@@ -32,9 +32,13 @@ SEARCH_PATH = "/2/tweets/search/recent"
 USER_BY_NAME_PATH = "/2/users/by/username/{username}"
 TIMELINE_PATH = "/2/users/{id}/tweets"
 
-# The same expansions and fields on every tweet request: media and author come back in `includes`.
+# The same expansions and fields on every tweet request: media and author come back in `includes`. A retweet's own
+# `text` is "RT @author: " and the original cut short; the original itself (its whole text, its author, its media)
+# comes only in includes.tweets/users/media, through the referenced_tweets.id expansions (docs.x.com/x-api/
+# fundamentals/expansions). tweet.fields apply to those included posts too (note_tweet, created_at, ...).
 TWEET_PARAMS = {
-    "expansions": "attachments.media_keys,author_id",
+    "expansions": "attachments.media_keys,author_id,referenced_tweets.id,referenced_tweets.id.author_id,"
+    "referenced_tweets.id.attachments.media_keys",
     "media.fields": "url,preview_image_url,type",
     # note_tweet: a post longer than 280 characters comes whole only there (`text` is cut short).
     "tweet.fields": "created_at,public_metrics,entities,lang,note_tweet",
@@ -86,15 +90,67 @@ def _errors_text(body: Any, *keys: str) -> list[str]:
     return [str(t) for t in (next((e[k] for k in keys if e.get(k)), None) for e in errors) if t]
 
 
-def tweet_to_post(
-    tweet: Any, media_by_key: Mapping[str, Any], users_by_id: Mapping[str, Any], *, username: str | None = None
-) -> Post:
-    """One tweet of a v2 page (with the page's includes) -> Post; RecordError names what is wrong with it."""
+def _tweet_id(tweet: Any) -> str:
     if not isinstance(tweet, Mapping):
         raise RecordError(f"expected a tweet object, got {type(tweet).__name__}")
     post_id = tweet.get("id")
     if not isinstance(post_id, str) or not post_id.isdigit():
         raise RecordError("missing id" if post_id in (None, "") else f"id {post_id!r} is not a tweet id")
+    return post_id
+
+
+def retweeted_id(tweet: Mapping[str, Any]) -> str | None:
+    """The id of the post a retweet reposts (its referenced_tweets entry of type "retweeted"); None for any other
+    tweet (a quote or a reply keeps its own text: it is a post of its own)."""
+    for ref in api.dig(tweet, "referenced_tweets", list) or ():
+        if api.dig(ref, "type") == "retweeted":
+            return str(api.dig(ref, "id") or "")
+    return None
+
+
+_NOTHING: Mapping[str, Any] = MappingProxyType({})
+
+
+def tweet_to_post(
+    tweet: Any,
+    media_by_key: Mapping[str, Any],
+    users_by_id: Mapping[str, Any],
+    *,
+    username: str | None = None,
+    tweets_by_id: Mapping[str, Any] = _NOTHING,
+    unavailable: Mapping[str, str] = _NOTHING,
+) -> Post:
+    """One tweet of a v2 page (with the page's includes) -> Post; RecordError names what is wrong with it.
+
+    A retweet is the original post (from includes.tweets: its id, author, text, media, date and counts), as a
+    Bluesky repost or a Mastodon reblog is; `unavailable` holds X's reason for an included post it did not send."""
+    _tweet_id(tweet)
+    original_id = retweeted_id(tweet)
+    if original_id is None:
+        return _post(tweet, media_by_key, users_by_id, username=username)
+    original = tweets_by_id.get(original_id)
+    if not isinstance(original, Mapping):
+        # Deleted, protected or withheld: X sends an error beside the page instead. The retweet's own text is the
+        # original cut short behind "RT @author: ", not a post of its own: nothing is archived for it.
+        why = unavailable.get(original_id) or "not among the page's included posts"
+        raise RecordError(f"a retweet of {original_id or '(no id)'}, which X did not send ({why}); not archived "
+                          "with its own cut-short text")  # fmt: skip
+    try:
+        # username=None: the original's author is its own (includes.users), never the timeline's owner.
+        return _post(original, media_by_key, users_by_id, retweet=tweet)
+    except RecordError as exc:
+        raise RecordError(f"the retweeted post {original_id}: {exc}") from None
+
+
+def _post(
+    tweet: Mapping[str, Any],
+    media_by_key: Mapping[str, Any],
+    users_by_id: Mapping[str, Any],
+    *,
+    username: str | None = None,
+    retweet: Mapping[str, Any] | None = None,
+) -> Post:
+    post_id = _tweet_id(tweet)
     if not tweet.get("created_at"):
         raise RecordError("missing created_at")
     author = users_by_id.get(str(tweet.get("author_id")))
@@ -108,6 +164,9 @@ def tweet_to_post(
     hashtags = tuple(dict.fromkeys(t.lower() for t in tags if t)) if tags else extract_hashtags(text)
     # x.com/i/web/status/{id} resolves to the post whoever wrote it, for the rare tweet without its author.
     permalink = f"https://x.com/{author_name or 'i/web'}/status/{post_id}"
+    raw = {**tweet, "author": author, "media": media}
+    if retweet is not None:
+        raw["retweet"] = dict(retweet)  # provenance: the listing's item that brought the original in
     # The shared validator, as for every source: dates, counts, text and sizes checked one way.
     return post_from_dict(
         {
@@ -121,11 +180,23 @@ def tweet_to_post(
             "permalink": permalink,
             "image_urls": urls[:MAX_IMAGES],
             "hashtags": list(hashtags),
-            "raw": {**tweet, "author": author, "media": media},
+            "raw": raw,
             # X's BCP 47 guess ("und" and the q* codes when it cannot tell: left unknown).
             "lang": api.dig(tweet, "lang", str),
         }
     )
+
+
+def _unavailable(page: Any) -> dict[str, str]:
+    """X's reason for each included post it could not send (a partial error naming a tweet: deleted, protected)."""
+    reasons: dict[str, str] = {}
+    for error in api.dig(page, "errors", list) or ():
+        if isinstance(error, Mapping) and error.get("resource_type") == "tweet":
+            key = error.get("resource_id") or error.get("value")
+            text = error.get("detail") or error.get("title")
+            if key is not None and text:
+                reasons.setdefault(str(key), clean_text(str(text)))
+    return reasons
 
 
 class Tweets(Stream):
@@ -154,6 +225,10 @@ class Tweets(Stream):
         for number, page in enumerate(pages, start=1):
             media = {m["media_key"]: m for m in api.dig(page, "includes.media", list) or [] if api.dig(m, "media_key")}
             users = {str(u["id"]): u for u in api.dig(page, "includes.users", list) or [] if api.dig(u, "id")}
+            # The posts the page's tweets refer to (a retweet's original, a quoted or replied-to post).
+            included = {str(t["id"]): t for t in api.dig(page, "includes.tweets", list) or [] if api.dig(t, "id")}
+            source.quota_used += len(included)  # X bills each post a response returns, the included ones too
+            unavailable = _unavailable(page)
             tweets = api.dig(page, "data", list) or []
             if page.get("errors"):
                 problem = "; ".join(dict.fromkeys(_errors_text(page, "detail", "title", "message")))
@@ -170,7 +245,9 @@ class Tweets(Stream):
                 minted = snowflake_time(tid) if tid else None
                 if floor is not None and minted is not None and minted < floor:
                     continue  # start_time bounds the listing; a tweet older than the window is not taken
-                yield Entry((tweet, media, users), order=tid and int(tid), label=f"{tid or '(no id)'} on page {number}")
+                # A retweet sits here at its own id (since_id and the resume point), its post is the original.
+                item = (tweet, media, users, included, unavailable)
+                yield Entry(item, order=tid and int(tid), label=f"{tid or '(no id)'} on page {number}")
 
     def encode(self, order: Any) -> Any:
         return str(order)
@@ -277,8 +354,9 @@ class TwitterSource(APISource):
         return x_compliance.recheck(self, client, post_ids)
 
     def to_post(self, item: Any, stream: Stream) -> Post | None:
-        tweet, media, users = item
-        return tweet_to_post(tweet, media, users, username=getattr(stream, "username", None))
+        tweet, media, users, included, unavailable = item
+        username = getattr(stream, "username", None)
+        return tweet_to_post(tweet, media, users, username=username, tweets_by_id=included, unavailable=unavailable)
 
     def classify(self, response: requests.Response) -> Verdict:
         if response.status_code == 429 and str(api.dig(api.json_of(response), "type")).endswith("/usage-capped"):
