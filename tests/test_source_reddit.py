@@ -52,6 +52,30 @@ def test_a_crosspost_of_a_gallery_keeps_the_galleries_images():
     assert thing_to_post({"kind": "t3", "data": text}).image_urls == ()
 
 
+def self_post() -> dict:
+    # A text post with images uploaded into it (Reddit's rich editor) as /r/{sub}/new?raw_json=1 lists it: the
+    # captured t3 of r/comics in github.com/josephrcox/easy-reddit-downloader/issues/95, media_metadata as in
+    # github.com/mikf/gallery-dl/issues/2815 (fixtures/reddit/SOURCES).
+    return json.loads((FIXTURES / "self_post.json").read_text())
+
+
+def test_images_uploaded_into_a_text_post_are_archived_in_text_order():
+    # No gallery_data, post_hint or preview: the images are only in media_metadata, whose keys come sorted.
+    thing = self_post()
+    metadata = thing["data"]["media_metadata"]
+    first, second = "md10q7a3tzxc1", "2vawyar9tzxc1"  # in the order the text shows them
+    assert list(metadata) == [second, first]
+    assert thing_to_post(thing).image_urls == (metadata[first]["s"]["u"], metadata[second]["s"]["u"])
+    # An id the text does not name goes last; an inline video or a failed upload is no image.
+    thing["data"]["media_metadata"] = {
+        "0unnamed": {**metadata[first], "s": {"u": "https://preview.redd.it/0unnamed.png?s=u"}},
+        "0video": {"status": "valid", "e": "RedditVideo", "dashUrl": "https://v.redd.it/0video/DASHPlaylist.mpd"},
+        "1failed": {"status": "failed"},
+        **metadata,
+    }
+    assert thing_to_post(thing).image_urls[2:] == ("https://preview.redd.it/0unnamed.png?s=u",)
+
+
 @pytest.mark.e2e
 def test_reddit_run_archives_the_listing_then_rerun_fetches_nothing_twice(run_etl, db, http_server, tmp_path):
     fake = FakeReddit(http_server)

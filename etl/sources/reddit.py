@@ -41,6 +41,7 @@ SUBREDDIT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_]{1,20}$")
 ID_RE = re.compile(r"^[0-9a-z]{1,13}$")
 IMAGE_HOSTS = ("i.redd.it", "i.imgur.com")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".webp")
+MEDIA_IMAGE_KINDS = ("Image", "AnimatedImage")  # media_metadata's "e" of a picture (not "RedditVideo")
 TOKEN_MARGIN = 60.0  # seconds before expiry at which the token is renewed
 
 
@@ -91,8 +92,9 @@ class Subreddit(Stream):
 
 
 def _images(post: Mapping[str, Any]) -> list[str]:
-    """A gallery in its order, a direct image, else the preview's source image; a crosspost's, of the post it
-    shares (a crosspost of a gallery holds no media of its own: only crosspost_parent_list[0] has them)."""
+    """A gallery in its order, images uploaded into a text post in the text's order, a direct image, else the
+    preview's source image; a crosspost's, of the post it shares (a crosspost of a gallery holds no media of its
+    own: only crosspost_parent_list[0] has them)."""
     own = _own_images(post)
     parents = post.get("crosspost_parent_list")
     if not own and isinstance(parents, list) and parents and isinstance(parents[0], Mapping):
@@ -103,11 +105,10 @@ def _images(post: Mapping[str, Any]) -> list[str]:
 def _own_images(post: Mapping[str, Any]) -> list[str]:
     gallery = api.dig(post, "gallery_data.items", list)
     if gallery is not None:
-        ids = [api.dig(item, "media_id", str) or "" for item in gallery]
-        metadata = [api.dig(post, ("media_metadata", media_id), Mapping) for media_id in ids]
-        valid = [meta for meta in metadata if meta and meta.get("status") in (None, "valid")]  # not failed or removed
-        urls = [api.dig(meta, "s.u") or api.dig(meta, "s.gif") for meta in valid]
-        return [url for url in urls if isinstance(url, str) and url]
+        return _media_urls(post, [api.dig(item, "media_id", str) or "" for item in gallery])
+    inline = _media_urls(post, _in_text_order(post))
+    if inline:
+        return inline
     url = post.get("url_overridden_by_dest") or post.get("url")
     if isinstance(url, str) and (
         post.get("post_hint") == "image"
@@ -116,6 +117,30 @@ def _own_images(post: Mapping[str, Any]) -> list[str]:
         return [url]
     url = api.dig(post, "preview.images.0.source.url", str)
     return [url] if url else []
+
+
+def _media_urls(post: Mapping[str, Any], media_ids: list[str]) -> list[str]:
+    """The source images of these media_metadata entries, in this order: images and GIFs only (not an inline
+    video, which has no still of its own there), and not one Reddit reports failed or removed."""
+    metadata = [api.dig(post, ("media_metadata", media_id), Mapping) for media_id in media_ids]
+    valid = [
+        meta for meta in metadata
+        if meta and meta.get("e") in MEDIA_IMAGE_KINDS and meta.get("status") in (None, "valid")
+    ]  # fmt: skip
+    urls = [api.dig(meta, "s.u") or api.dig(meta, "s.gif") for meta in valid]
+    return [url for url in urls if isinstance(url, str) and url]
+
+
+def _in_text_order(post: Mapping[str, Any]) -> list[str]:
+    """media_metadata's ids of a post without gallery_data (images uploaded into a text post), in the order the
+    reader sees them: where each first appears in the self text (its keys come sorted, not in that order); an id
+    the text does not name goes last, in media_metadata's order."""
+    metadata = api.dig(post, "media_metadata", Mapping)
+    if not metadata:
+        return []
+    body = api.dig(post, "selftext", str) or ""
+    at = {media_id: body.find(media_id) for media_id in metadata if isinstance(media_id, str) and media_id}
+    return sorted(at, key=lambda media_id: (at[media_id] < 0, at[media_id]))  # stable: unnamed ids keep their order
 
 
 def thing_to_post(thing: Any) -> Post:
