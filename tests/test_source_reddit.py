@@ -76,6 +76,17 @@ def test_images_uploaded_into_a_text_post_are_archived_in_text_order():
     assert thing_to_post(thing).image_urls[2:] == ("https://preview.redd.it/0unnamed.png?s=u",)
 
 
+def test_a_text_posts_caption_keeps_no_character_reference_or_zero_width_paragraph():
+    # The rich editor writes an empty paragraph as "&#x200B;"; with raw_json=1 the selftext carries those 8 characters.
+    thing = self_post()
+    links = [meta["s"]["u"] for meta in thing["data"]["media_metadata"].values()][::-1]  # the text's order
+    story = "Day twelve. To my displeasure, they did reveal themselves finally, their swarm appearing behind the hill."
+    assert thing_to_post(thing).caption == "\n\n".join(["Baytyrki 1)", links[0], story, links[1]])
+    # Numeric references are decoded; a named entity is what the author typed (raw_json=1 unescapes Reddit's own).
+    thing["data"]["selftext"] = "Tom &amp; Jerry &#8212; &#X1F44D;\n\n&#x200b;\n\n&#8203;\n\n\n\n  code\n&#0;"
+    assert thing_to_post(thing).caption == "Baytyrki 1)\n\nTom &amp; Jerry \u2014 \U0001f44d\n\n  code\n\ufffd"
+
+
 @pytest.mark.e2e
 def test_reddit_run_archives_the_listing_then_rerun_fetches_nothing_twice(run_etl, db, http_server, tmp_path):
     fake = FakeReddit(http_server)

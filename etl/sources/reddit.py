@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import logging
 import re
 import time
@@ -43,6 +44,10 @@ IMAGE_HOSTS = ("i.redd.it", "i.imgur.com")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".webp")
 MEDIA_IMAGE_KINDS = ("Image", "AnimatedImage")  # media_metadata's "e" of a picture (not "RedditVideo")
 TOKEN_MARGIN = 60.0  # seconds before expiry at which the token is renewed
+CHAR_REF_RE = re.compile(r"&#(?:[0-9]+|[xX][0-9a-fA-F]+);")  # numeric only: &#8203; &#x200B;
+ZERO_WIDTH_SPACE = "\u200b"
+BLANK_LINES_RE = re.compile(r"\n(?:[ \t]*\n){2,}")  # more than one empty line in a row
+LEADING_BLANK_RE = re.compile(r"^\s*\n")  # the empty lines before the first with text (not its indent)
 
 
 def _subreddit(value: str) -> str:
@@ -143,6 +148,22 @@ def _in_text_order(post: Mapping[str, Any]) -> list[str]:
     return sorted(at, key=lambda media_id: (at[media_id] < 0, at[media_id]))  # stable: unnamed ids keep their order
 
 
+def _self_text(post: Mapping[str, Any]) -> str:
+    """The self text as Reddit shows it. raw_json=1 gives the markdown unescaped, but the rich editor writes an empty
+    paragraph as "&#x200B;" (a zero-width space as a numeric character reference, which markdown renders), and the
+    caption must not keep those 8 characters: numeric references are decoded (html.unescape's rules: an invalid one
+    becomes U+FFFD), zero-width spaces dropped and the blank lines they leave collapsed to one. A named entity
+    stays as it is: with raw_json=1 an "&amp;" is what the author typed. NUL and lone surrogates are
+    records.clean_text's business."""
+    body = api.dig(post, "selftext", str) or ""
+    if "&#" in body:
+        body = CHAR_REF_RE.sub(lambda ref: html.unescape(ref.group()), body)
+    if ZERO_WIDTH_SPACE in body:
+        body = body.replace(ZERO_WIDTH_SPACE, "")
+        body = LEADING_BLANK_RE.sub("", BLANK_LINES_RE.sub("\n\n", body)).rstrip()
+    return body
+
+
 def thing_to_post(thing: Any) -> Post:
     """A t3 thing of a listing -> Post (post_id = the id without t3_)."""
     if not isinstance(thing, Mapping) or thing.get("kind") != "t3" or not isinstance(thing.get("data"), Mapping):
@@ -154,7 +175,7 @@ def thing_to_post(thing: Any) -> Post:
     created = post.get("created_utc")
     if not isinstance(created, (int, float)) or isinstance(created, bool):
         raise RecordError("missing created_utc")
-    title, body = api.dig(post, "title", str) or "", api.dig(post, "selftext", str) or ""
+    title, body = api.dig(post, "title", str) or "", _self_text(post)
     score = post.get("score")
     permalink = post.get("permalink")
     return post_from_dict(
