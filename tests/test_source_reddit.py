@@ -114,6 +114,45 @@ def test_reddit_run_archives_the_listing_then_rerun_fetches_nothing_twice(run_et
     assert "1,000" not in again.stdout + again.stderr
 
 
+def listing_with_a_deleted_post(fake) -> dict:
+    # A post its author deleted stays in the listing as Reddit's placeholders: author and selftext "[deleted]",
+    # removed_by_category "deleted" (the shape the re-check reads as gone; the t3 fields of the listing captures in
+    # fixtures/reddit/SOURCES). Envelope: new_page1.json (GET /r/{sub}/new?raw_json=1), its newest post deleted.
+    page = fake.json("new_page1.json")
+    page["data"]["after"] = None
+    deleted = page["data"]["children"][0]["data"]
+    deleted.update(author="[deleted]", author_fullname=None, selftext="[deleted]", removed_by_category="deleted")
+    return page
+
+
+def test_a_post_deleted_by_its_author_is_reported_gone_not_archived_with_placeholders(make_settings, http_server, tmp_path):
+    fake = FakeReddit(http_server)
+    fake.overrides[NEW] = [fake.reply(listing_with_a_deleted_post(fake))]
+    with source_for(make_settings, http_server, tmp_path) as source:
+        ids = [p.post_id for p in source.fetch(FetchWindow())]
+    assert ids == IDS[1:3]
+    assert source.gone == [("reddit", IDS[0], "removed on Reddit (deleted)")]
+    assert source.rejected == 0 and not source.rejects
+    assert source.cursor == {"streams": {"r:analog": {"after": IDS[0]}}}  # read past, like any post
+
+
+@pytest.mark.e2e
+def test_a_backfill_meeting_a_deleted_post_keeps_the_archived_one_and_marks_it(run_etl, db, http_server, tmp_path):
+    fake = FakeReddit(http_server)
+    env = {**reddit_env(http_server, tmp_path), "ETL_SOURCES": "reddit"}
+    assert run_etl("run", env=env).returncode == 0
+    columns = "SELECT author_username, caption FROM social_posts WHERE platform = 'reddit' AND post_id = %s"
+    archived = query(db.dsn, columns, (IDS[0],))
+    fake.overrides[NEW] = [fake.reply(listing_with_a_deleted_post(fake))]
+    window = ("--since", "2026-03-10", "--until", "2026-03-11")  # one chunk: the day of IDS[0]
+    result = run_etl("backfill", "--source", "reddit", *window, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert query(db.dsn, columns, (IDS[0],)) == archived == [("filmfan", "Harbour triptych on Portra 400")]
+    assert query(db.dsn, "SELECT post_id FROM social_posts WHERE deleted_at_source IS NOT NULL") == [(IDS[0],)]
+    (per_source,) = query(db.dsn, "SELECT per_source FROM etl_runs ORDER BY id DESC LIMIT 1")[0]
+    assert per_source["reddit"]["rejected"] == 0
+
+
 def test_listing_ending_before_the_saved_place_warns_of_the_1000_post_reach(make_settings, http_server, tmp_path, caplog):
     FakeReddit(http_server)
     with source_for(make_settings, http_server, tmp_path) as source:

@@ -195,6 +195,18 @@ def thing_to_post(thing: Any) -> Post:
     )
 
 
+def _gone_why(post: Mapping[str, Any]) -> str | None:
+    """Why Reddit shows this post (a t3's data) as gone, or None: removed_by_category set (by its author,
+    "deleted"; by moderators, Reddit, a takedown) unless it only means held for review (NOT_GONE), or the author
+    "[deleted]" (deleted by its author, or the account is gone). One rule for the listing and the re-check."""
+    removed = post.get("removed_by_category")
+    if removed and removed not in NOT_GONE:
+        return f"removed on Reddit ({removed})"
+    if post.get("author") == "[deleted]":
+        return "deleted by its author on Reddit"
+    return None
+
+
 @register
 class RedditSource(APISource):
     """Posts of REDDIT_SUBREDDITS' /new listings, with app-only OAuth (client_credentials)."""
@@ -215,16 +227,24 @@ class RedditSource(APISource):
         return [Subreddit(self, n) for n in dict.fromkeys(map(_subreddit, self.config.subreddits))]
 
     def to_post(self, item: Any, stream: Stream) -> Post | None:
-        return thing_to_post(item)
+        """A post the listing shows as gone (`_gone_why`) is reported gone, not stored: its author and text are
+        Reddit's placeholders ("[deleted]"), which would overwrite those of the post archived before (a backfill
+        reads it again). The run applies ETL_DELETED_AT_SOURCE to it if the archive holds it; it is no reject."""
+        post = thing_to_post(item)
+        why = _gone_why(item["data"])
+        if why:
+            self.report_gone(post.post_id, why)
+            return None
+        return post
 
     # -- re-checking held posts (etl/recheck.py) ------------------------------------------------------------
 
     can_recheck = True
 
     def recheck(self, post_ids: list[str]) -> Iterator[str]:
-        """/api/info, 100 fullnames a call: a post whose author is "[deleted]" (deleted by its author) or with
-        removed_by_category set (removed by moderators, Reddit, a takedown) is gone. A post missing from the
-        answer (an id Reddit does not know) is recorded as checked, not as gone."""
+        """/api/info, 100 fullnames a call: a post `_gone_why` names (its author "[deleted]", removed_by_category
+        set) is gone. A post missing from the answer (an id Reddit does not know) is recorded as checked, not as
+        gone."""
         url = self.config.api_base + INFO_PATH
         for batch in api.batches(post_ids, PAGE_SIZE):
             names = ",".join(f"t3_{p}" for p in batch if ID_RE.match(p))
@@ -237,13 +257,10 @@ class RedditSource(APISource):
                         found[pid] = child["data"]
             for pid in batch:
                 post = found.get(pid)
-                removed = post.get("removed_by_category") if post else None
-                if removed and removed not in NOT_GONE:
-                    self.report_gone(pid, f"removed on Reddit ({removed})")
-                elif post and post.get("author") == "[deleted]":
-                    self.report_gone(pid, "deleted by its author on Reddit")
-                elif post is None:
+                if post is None:
                     log.info("reddit: %s is not in /api/info's answer; not taken as gone", pid)
+                elif why := _gone_why(post):
+                    self.report_gone(pid, why)
                 yield pid
 
     def credentials(self, renew: bool) -> dict[str, str]:
