@@ -72,16 +72,47 @@ class NotAnImage(MediaError):
         super().__init__(message, permanent=True)
 
 
-def without_userinfo(url: str) -> str:
-    """The URL with any `user:password@` removed from its authority (for storing and logging)."""
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        return url
+def _userinfo_end(rest: str) -> int:
+    """Where the user-info of a URL's text after "//" ends (the index of its "@"), or -1 when it has none.
+
+    RFC 3986 ends the authority at the first "/", "?" or "#", and the user-info at its last "@". People paste
+    passwords with those characters unescaped (`user:hunter2#pw@host/x.png`): urlsplit then takes
+    `user:hunter2` for a host with a port that is no number, and the password for the fragment. So when the
+    authority so ended is no valid host[:port] and an "@" follows, the "@" that ends the user-info is the last
+    one before the first "/" after the first "@" (the path starts there). A valid host[:port] keeps any later
+    "@" in its path, query or fragment (`https://host/@user/1.png`). Not etl.config's _userinfo: libpq ends a
+    user at the first "@" and the authority at the first "/", which misses a password holding "/".
+    """
     end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
-    authority = rest[:end]
-    if "@" not in authority:
+    at = rest.rfind("@", 0, end)
+    if at >= 0 or "@" not in rest[end:] or _is_host_and_port(rest[:end]):
+        return at
+    slash = rest.find("/", rest.index("@", end))
+    return rest.rfind("@", 0, slash if slash >= 0 else len(rest))
+
+
+def _is_host_and_port(authority: str) -> bool:
+    try:
+        urlsplit(f"//{authority}").port  # noqa: B018 - read for the ValueError it raises
+    except ValueError:  # a port that is no number (or out of range), an unclosed "["
+        return False
+    return True
+
+
+def has_userinfo(url: str) -> bool:
+    """Whether the URL carries `user[:password]@` (see _userinfo_end), even with a password urlsplit misreads."""
+    scheme, sep, rest = url.partition("://")
+    return bool(sep) and _userinfo_end(rest) >= 0
+
+
+def without_userinfo(url: str) -> str:
+    """The URL with any `user:password@` removed from its authority (for storing and logging), a password
+    holding an unescaped "/", "?" or "#" too."""
+    scheme, sep, rest = url.partition("://")
+    at = _userinfo_end(rest) if sep else -1
+    if at < 0:
         return url
-    return f"{scheme}://{authority.rpartition('@')[2]}{rest[end:]}"
+    return f"{scheme}://{rest[at + 1 :]}"
 
 
 def is_public_address(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
@@ -113,15 +144,16 @@ class URLGuard:
 
     def check(self, url: str) -> list[str]:
         """The addresses `url` may be fetched from, in the resolver's order; MediaError when it must not be."""
+        if has_userinfo(url):
+            # user:password@host would be sent (as Basic auth) to whoever serves the image: refused before
+            # any request, and for good (the URL will not change by itself). Before urlsplit, which takes a
+            # password holding "#", "?" or "/" for a malformed port and would have the message echo it.
+            raise MediaError("refused URL with credentials (user-info) in it: nothing was sent", permanent=True)
         try:
             parts = urlsplit(url)
             port = parts.port
         except ValueError:
             raise MediaError(f"malformed URL {without_userinfo(url)[:200]!r}", permanent=True) from None
-        if "@" in parts.netloc:
-            # user:password@host would be sent (as Basic auth) to whoever serves the image: refused before
-            # any request, and for good (the URL will not change by itself).
-            raise MediaError("refused URL with credentials (user-info) in it: nothing was sent", permanent=True)
         if parts.scheme not in ("http", "https"):
             raise MediaError(f"refused URL scheme {parts.scheme or '(none)'!r}: only http and https", permanent=True)
         host = parts.hostname

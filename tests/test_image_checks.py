@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from etl.errors import MediaError
-from etl.media import DecodeBudget, check_webp, sniff_image
+from etl.media import DecodeBudget, check_webp, has_userinfo, sniff_image, without_userinfo
 from tests.conftest import ROOT, query
 from tests.support import PEAK_RSS_WRAPPER, Reply, peak_rss_mb, record, webp_declaring, write_jsonl
 
@@ -268,3 +268,41 @@ def test_credentials_in_an_image_url_are_never_sent_stored_or_logged(run_etl, ht
     stored = query(db.dsn, "SELECT row_to_json(t)::text FROM (SELECT * FROM post_media) t")
     stored += query(db.dsn, "SELECT row_to_json(t)::text FROM (SELECT * FROM etl_runs) t")
     assert not any("hunter2-pw" in row[0] for row in stored)
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("password", ["hunter2#pw", "hunter2?pw", "hunter2/pw"])
+@pytest.mark.badinput("an image URL whose password holds an unescaped #, ? or /: refused as credentials, never shown")
+def test_a_password_with_a_url_delimiter_in_an_image_url_is_never_stored_or_logged(
+    run_etl, http_server, db, tmp_path, password
+):
+    http_server.routes["/x.png"] = Reply(body=b"never served")
+    url = http_server.url("/x.png").replace("http://", f"http://archivist:{password}@")
+    jsonl = write_jsonl(tmp_path / "in.jsonl", _posts([url]))
+    env = {"ETL_ALLOW_PRIVATE_HOSTS": "true", "ETL_LOG_FILE": str(tmp_path / "etl.log")}
+    result = run_etl("--log-level", "DEBUG", "run", "--source", "jsonl", "--input", str(jsonl), env=env)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert http_server.requests == []
+    rows = _media(db.dsn)  # refused as credentials (urlsplit took the password for a malformed port)
+    assert rows == [("p0", "failed", True, "refused URL with credentials (user-info) in it: nothing was sent", http_server.url("/x.png"))]
+    stored = query(db.dsn, "SELECT row_to_json(t)::text FROM (SELECT * FROM post_media) t")
+    stored += query(db.dsn, "SELECT row_to_json(t)::text FROM (SELECT * FROM etl_runs) t")
+    logs = result.stdout + result.stderr + (tmp_path / "etl.log").read_text()
+    assert "hunter2" not in logs and "archivist" not in logs
+    assert not any("hunter2" in row[0] for row in stored)
+
+
+@pytest.mark.parametrize(
+    ("url", "shown", "credentials"),
+    [
+        ("http://a:hunter2#pw@h:81/x.png", "http://h:81/x.png", True),
+        ("http://a:hunter2?pw@h/x.png?q=1", "http://h/x.png?q=1", True),
+        ("http://a:hunter2/pw@h/x@y.png", "http://h/x@y.png", True),
+        ("http://a:p@h/x@y.png", "http://h/x@y.png", True),
+        ("https://h/@user/1.png", "https://h/@user/1.png", False),  # an "@" in a valid host's path is its path
+        ("http://h:8080/a@b.png?to=c@d", "http://h:8080/a@b.png?to=c@d", False),
+        ("http://h", "http://h", False),
+    ],
+)
+def test_user_info_is_found_whatever_its_password_holds(url, shown, credentials):
+    assert (without_userinfo(url), has_userinfo(url)) == (shown, credentials)

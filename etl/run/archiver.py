@@ -659,6 +659,7 @@ class Archiver:
         return results
 
     def _unfinished(self, platform: str, post_id: str, position: int, url: str) -> Media:
+        url = without_userinfo(url)  # as archive_image stores and logs it: never with credentials
         media = Media(platform, post_id, position, url)
         media.status = "failed"
         media.error = (
