@@ -737,8 +737,11 @@ class Downloader:
             raise Retriable(f"HTTP {status}", retry_after=retry_after_seconds(response))
         if status != 200:
             raise MediaError(f"HTTP {status}", permanent=status in PERMANENT_STATUSES)
+        chunked = "chunked" in response.headers.get("Transfer-Encoding", "").lower()
         declared = response.headers.get("Content-Length")
-        expected = int(declared) if declared and declared.strip().isdigit() else None
+        # A chunked body ends where its chunks say; a Content-Length beside them must be ignored (RFC 9112 6.3),
+        # as http.client ignores it when it reads the body. Compared with it, every such image was "truncated".
+        expected = int(declared) if declared and declared.strip().isdigit() and not chunked else None
         if expected is not None and expected > self.max_bytes:
             raise MediaError(f"image of {expected} bytes is over the {self.max_bytes}-byte cap", permanent=True)
         body = self._body(response)
@@ -747,7 +750,6 @@ class Downloader:
         try:
             content_type, width, height = sniff_image(body, self.budget)
         except NotAnImage as exc:
-            chunked = "chunked" in response.headers.get("Transfer-Encoding", "").lower()
             if expected is None and not chunked:
                 # The body ended when the connection closed, so a cut-off image looks just like a corrupt one.
                 raise Retriable(f"{exc} (the body had no length and may have been cut short)") from None

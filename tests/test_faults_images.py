@@ -249,6 +249,29 @@ def test_chunked_body(harness, raw_server):
     assert fetched.body == JPEG and fetched.content_type == "image/jpeg"
 
 
+def chunked_with_a_length(body: bytes, declared: int):
+    """A script that answers 200 with `body` chunked and a Content-Length of `declared` beside the chunks."""
+
+    def script(sock) -> None:
+        head = "HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nConnection: close\r\n"
+        sock.sendall(f"{head}Content-Length: {declared}\r\nTransfer-Encoding: chunked\r\n\r\n".encode())
+        for i in range(0, len(body), 7):
+            piece = body[i : i + 7]
+            sock.sendall(f"{len(piece):x}\r\n".encode() + piece + b"\r\n")
+        sock.sendall(b"0\r\n\r\n")
+        sock.close()
+
+    return script
+
+
+@pytest.mark.parametrize("declared", [10, len(PNG) + 500, 10**9])
+@pytest.mark.fault("image served chunked with a Content-Length beside the chunks (ignored, RFC 9112 6.3)")
+def test_a_chunked_body_is_read_whole_whatever_its_content_length_says(harness, raw_server, declared):
+    server = raw_server(chunked_with_a_length(PNG, declared))
+    fetched = harness(attempts=1).fetch(server.url())  # was "truncated body: 1009 of 10 bytes", or over the cap
+    assert fetched.body == PNG
+
+
 @pytest.mark.fault("image far larger than the cap, announced by Content-Length")
 def test_oversize_with_content_length_is_refused_before_reading(harness, http_server):
     big = png_bytes(600, 600) + b"\0" * 200_000
