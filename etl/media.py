@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 
 # Pillow format -> the content type we store (and the key's extension through store.EXTENSIONS).
 FORMATS = {"JPEG": "image/jpeg", "PNG": "image/png", "GIF": "image/gif", "WEBP": "image/webp"}
+# Pillow formats that are one of those: a JPEG carrying a Multi-Picture index (MPF: phone cameras' depth maps,
+# HDR gain maps, stereo pairs) opens as "MPO", and every viewer shows its first picture, a baseline JPEG.
+_SAME_AS = {"MPO": "JPEG"}
 MAX_PIXELS = 100_000_000  # refuse decompression bombs
 PERMANENT_STATUSES = {404, 410}
 REDIRECT_STATUSES = {301, 302, 303, 307, 308}
@@ -307,7 +310,7 @@ def sniff_image(body: bytes, budget: DecodeBudget | None = None) -> tuple[str, i
     width = height = 0
     try:
         with Image.open(io.BytesIO(body)) as img:
-            fmt = img.format
+            fmt = _SAME_AS.get(img.format, img.format)
             width, height = img.size
             if fmt not in FORMATS:
                 raise MediaError(f"unsupported image format {fmt}", permanent=True)

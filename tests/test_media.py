@@ -254,6 +254,26 @@ def test_sniff_supported_formats(fmt, ctype):
     assert sniff_image(image_bytes(fmt)) == (ctype, 10, 8)
 
 
+def _multi_picture_jpeg() -> bytes:
+    """A JPEG with a Multi-Picture index of two pictures, as phone cameras write them (Pillow opens it as "MPO")."""
+    buf = io.BytesIO()
+    first, second = Image.new("RGB", (64, 48), (10, 200, 30)), Image.new("RGB", (64, 48), (200, 10, 30))
+    first.save(buf, format="MPO", save_all=True, append_images=[second])
+    return buf.getvalue()
+
+
+def test_a_multi_picture_jpeg_is_fetched_and_stored_as_a_jpeg(make_settings, http_server):
+    body = _multi_picture_jpeg()
+    assert body[:2] == b"\xff\xd8" and Image.open(io.BytesIO(body)).format == "MPO"
+    http_server.routes["/photo.jpg"] = Reply(body=body, content_type="image/jpeg")
+    settings = make_settings(ETL_ALLOW_PRIVATE_HOSTS="true")
+    downloader = Downloader(settings, policy=RetryPolicy(attempts=1, base=0.01, sleep=lambda s: None))
+    fetched = downloader.fetch(http_server.url("/photo.jpg"))  # was "unsupported image format MPO", permanent
+    assert (fetched.content_type, fetched.width, fetched.height, fetched.body) == ("image/jpeg", 64, 48, body)
+    with pytest.raises(NotAnImage):  # checked as a JPEG: its first picture cut short is refused
+        sniff_image(body[: len(body) // 4])
+
+
 def _animated_gif(local_palettes: bool) -> bytes:
     import random
 
