@@ -55,14 +55,29 @@ def is_retriable_status(status: int) -> bool:
     return status == 429 or 500 <= status <= 599
 
 
+_ASCII_DIGITS = re.compile(r"[0-9]+", re.ASCII)
+
+
+def header_number(value: str | None) -> int | None:
+    """A header's value as a whole number when it is ASCII digits (spaces around allowed); None for anything else.
+
+    Not str.isdigit: it is true for "²" (byte 0xB2, as http.client decodes headers in Latin-1) and for other
+    scripts' digits, which int() and float() then refuse (a ValueError out of the downloader and the retry policy
+    for a 429 the next attempt would have healed) or read as numbers no HTTP header carries.
+    """
+    value = value.strip() if value else ""
+    return int(value) if _ASCII_DIGITS.fullmatch(value) else None
+
+
 def retry_after_seconds(response: requests.Response, *, now: float | None = None) -> float | None:
     """Seconds the server asked us to wait: Retry-After (seconds or HTTP date), else x-rate-limit-reset (epoch)."""
     now = time.time() if now is None else now
     value = response.headers.get("Retry-After")
     if value:
         value = value.strip()
-        if value.isdigit():
-            return float(value)
+        seconds = header_number(value)
+        if seconds is not None:
+            return float(seconds)
         import email.utils
 
         try:
@@ -71,9 +86,9 @@ def retry_after_seconds(response: requests.Response, *, now: float | None = None
             when = None
         if when is not None:
             return max(0.0, when.timestamp() - now)
-    reset = response.headers.get("x-rate-limit-reset")
-    if reset and reset.strip().isdigit() and response.status_code == 429:
-        return max(0.0, float(reset) - now)
+    reset = header_number(response.headers.get("x-rate-limit-reset"))
+    if reset is not None and response.status_code == 429:
+        return max(0.0, reset - now)
     return None
 
 

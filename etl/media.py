@@ -25,6 +25,7 @@ from etl.http import (
     RetryPolicy,
     WaitTooLong,
     direct_get,
+    header_number,
     is_retriable_status,
     make_session,
     retry_after_seconds,
@@ -744,7 +745,7 @@ class Downloader:
         declared = response.headers.get("Content-Length")
         # A chunked body ends where its chunks say; a Content-Length beside them must be ignored (RFC 9112 6.3),
         # as http.client ignores it when it reads the body. Compared with it, every such image was "truncated".
-        expected = int(declared) if declared and declared.strip().isdigit() and not chunked else None
+        expected = None if chunked else header_number(declared)
         if expected is not None and expected > self.max_bytes:
             raise MediaError(f"image of {expected} bytes is over the {self.max_bytes}-byte cap", permanent=True)
         body = self._body(response)

@@ -178,6 +178,15 @@ def test_429_retry_after_as_a_date(harness, http_server):
     assert len(h.sleeps) == 1 and 1.0 <= h.sleeps[0] <= 3.0
 
 
+@pytest.mark.parametrize("header", ["Retry-After", "x-rate-limit-reset"])
+@pytest.mark.fault("image host rate limits with 429 and a Retry-After of digits that are not ASCII ('²'): no wait asked")
+def test_429_with_a_retry_after_of_odd_digits_is_retried(harness, http_server, header):
+    http_server.routes["/a.png"] = [Reply(429, b"", headers={header: "\u00b2"}), Reply(body=PNG)]  # str.isdigit('²')
+    h = harness(max_wait=5)
+    assert h.fetch(http_server.url("/a.png")).body == PNG  # was a ValueError out of float('²')
+    assert http_server.hits["/a.png"] == 2 and len(h.sleeps) == 1 and h.sleeps[0] <= 5
+
+
 @pytest.mark.fault("image host rate limits with 429 and no Retry-After")
 def test_429_without_retry_after_backs_off(harness, http_server):
     http_server.routes["/a.png"] = [Reply(429, b""), Reply(429, b""), Reply(body=PNG)]
@@ -240,6 +249,12 @@ def test_cut_short_without_length_is_retried(harness, http_server):
     http_server.routes["/a.png"] = [Reply(body=PNG, send_length=False, send_bytes=len(PNG) - 30), Reply(body=PNG)]
     assert harness().fetch(http_server.url("/a.png")).body == PNG
     assert http_server.hits["/a.png"] == 2
+
+
+@pytest.mark.fault("image with a Content-Length of digits that are not ASCII ('²'): read as one without a length")
+def test_a_content_length_of_odd_digits_is_no_length(harness, http_server):
+    http_server.routes["/a.png"] = Reply(body=PNG, headers={"Content-Length": "\u00b2"}, send_length=False)
+    assert harness(attempts=1).fetch(http_server.url("/a.png")).body == PNG  # was a ValueError out of int('²')
 
 
 @pytest.mark.fault("image served with chunked transfer encoding")

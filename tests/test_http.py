@@ -7,7 +7,7 @@ import logging
 import pytest
 import requests
 
-from etl.http import Retriable, RetryPolicy, WaitTooLong
+from etl.http import Retriable, RetryPolicy, WaitTooLong, header_number
 
 
 class Flaky:
@@ -70,6 +70,16 @@ def test_other_errors_are_not_retried_and_a_long_wait_is_refused():
     honoured = Flaky(Retriable("HTTP 429", retry_after=2))
     assert policy(3, sleeps).call(honoured) == "done"
     assert sleeps == [2]
+
+
+@pytest.mark.parametrize(
+    ("value", "number"),
+    [("120", 120), (" 7 ", 7), ("0", 0), (None, None), ("", None), ("\u00b2", None), ("\u0663", None),
+     ("1_000", None), ("-1", None), ("+5", None), ("1.5", None)],
+)  # fmt: skip
+def test_a_header_number_is_ascii_digits_only(value, number):
+    """str.isdigit() is true for '²' (float() refuses it) and for '٣' (int() reads it): neither is a number here."""
+    assert header_number(value) == number
 
 
 # -- the image GET straight to urllib3 (direct_get) -----------------------------------------------
