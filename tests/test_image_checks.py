@@ -144,6 +144,37 @@ def test_a_decode_frees_its_memory_before_it_returns_its_reservation(tmp_path):
     assert len(kept_kb) == 3 and all(kb < 4096 for kb in kept_kb), f"kB still resident at release: {kept_kb}"
 
 
+def _one_pixel_png_inflating_to(megabytes: int) -> bytes:
+    """A 1x1 greyscale PNG whose one IDAT inflates to `megabytes` MB of zeros (built without compressing them)."""
+    import zlib
+
+    mb = 1 << 20
+    deflate = zlib.compressobj(9, zlib.DEFLATED, -15)
+    deflate.compress(b"\0" * mb)
+    deflate.flush(zlib.Z_FULL_FLUSH)
+    block = deflate.compress(b"\0" * mb) + deflate.flush(zlib.Z_FULL_FLUSH)  # 1 MB of zeros, byte-aligned, no history
+    adler = (((megabytes * mb) % 65521) << 16) | 1  # adler32 of that many zero bytes
+    stream = b"\x78\xda" + block * megabytes + b"\x03\x00" + adler.to_bytes(4, "big")  # + an empty final block
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(data, zlib.crc32(kind)).to_bytes(4, "big")
+
+    ihdr = (1).to_bytes(4, "big") * 2 + bytes([8, 0, 0, 0, 0])
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", stream) + chunk(b"IEND", b"")
+
+
+@pytest.mark.fault("a 1x1 PNG whose image data inflates to 8 GB (8 MB on the wire): inflated no further than its one row")
+def test_a_png_is_not_inflated_past_the_rows_its_header_declares():
+    import time
+
+    body = _one_pixel_png_inflating_to(8000)
+    assert len(body) < 20 << 20  # under ETL_MAX_IMAGE_BYTES' default
+    started = time.monotonic()
+    assert sniff_image(body) == ("image/png", 1, 1)  # its one row is there; Pillow ignores the rest too
+    elapsed = time.monotonic() - started
+    assert elapsed < 2.0, f"checking a 1x1 PNG of {len(body) >> 20} MB took {elapsed:.1f}s (8 GB inflated)"
+
+
 # -- 6: the pixel cap decides, the same way every time ------------------------------------------------------
 
 

@@ -469,6 +469,52 @@ def test_png_check_refuses_every_cut_and_every_altered_byte():
             check_png(bytes(altered))
 
 
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    import zlib
+
+    return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(data, zlib.crc32(kind)).to_bytes(4, "big")
+
+
+def _built_png(width: int, height: int, depth: int, colour: int, interlace: int, extra: int = 0) -> bytes:
+    """A PNG built by hand (Pillow writes no interlaced ones): its rows, pass by pass for Adam7, found by walking
+    the pixels each holds; `extra` bytes more (or fewer, if negative) than they need."""
+    import random
+    import zlib
+
+    channels = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}[colour]
+    passes = [(0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2)]
+    rng, raw = random.Random(width * height), bytearray()
+    for x0, y0, dx, dy in passes if interlace else [(0, 0, 1, 1)]:
+        columns = len(range(x0, width, dx))
+        for _ in range(y0, height, dy) if columns else ():
+            raw += b"\0" + rng.randbytes((columns * depth * channels + 7) // 8)  # filter "none", then the pixels
+    raw = bytes(raw) + bytes(max(0, extra)) if extra >= 0 else bytes(raw[:extra])
+    plte = _png_chunk(b"PLTE", bytes(range(256)) * 3) if colour == 3 else b""
+    ihdr = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([depth, colour, 0, 0, interlace])
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + plte + _png_chunk(b"IDAT", zlib.compress(raw)) + _png_chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("interlace", [0, 1])
+@pytest.mark.parametrize(
+    ("width", "height", "depth", "colour"),
+    [(1, 1, 8, 0), (3, 5, 1, 0), (9, 9, 2, 3), (33, 21, 4, 0), (7, 2, 16, 2), (5, 11, 8, 6), (10, 3, 16, 4)],
+)
+def test_png_check_inflates_as_many_bytes_as_the_header_declares(width, height, depth, colour, interlace):
+    """Interlaced or not, at every depth: the whole image data passes, as Pillow decodes it; a byte short is refused,
+    as Pillow refuses it; data past the last row is not inflated and, as Pillow ignores it, accepted."""
+    whole = _built_png(width, height, depth, colour, interlace)
+    Image.open(io.BytesIO(whole)).load()
+    check_png(whole)
+    short = _built_png(width, height, depth, colour, interlace, extra=-1)
+    with pytest.raises(OSError):
+        Image.open(io.BytesIO(short)).load()
+    with pytest.raises(NotAnImage, match="bytes its header declares"):
+        check_png(short)
+    longer = _built_png(width, height, depth, colour, interlace, extra=1000)
+    Image.open(io.BytesIO(longer)).load()
+    check_png(longer)
+
+
 def test_png_check_refuses_image_data_that_does_not_inflate_to_its_end():
     """Chunks whose CRCs hold (recomputed, as a faulty encoder would) around a zlib stream cut short."""
     import zlib
