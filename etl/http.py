@@ -164,6 +164,51 @@ class RetryPolicy:
         return retrying
 
 
+MAX_INFORMATIONAL = 8  # informational (1xx) answers skipped before a request's final one; past it, one is the answer
+
+
+@functools.cache
+def final_answer_pools() -> dict[str, type]:
+    """urllib3's pool classes by scheme, with connections that skip informational answers (1xx but 101).
+
+    A host may answer `103 Early Hints` (RFC 8297), or any other 1xx, before its final answer on the same
+    connection; http.client skips only `100 Continue` and took the 103 for the answer (its image failed with
+    "HTTP 103" on every attempt). Its response class is the only hook: _read_status, which begin() calls for
+    each status line, reads past such answers (their headers read with the public parse_headers).
+    """
+    import http.client  # with the pools: a run that sends no request never needs it
+
+    class FinalResponse(http.client.HTTPResponse):
+        def _read_status(self) -> tuple[str, int, str]:
+            for _ in range(MAX_INFORMATIONAL):
+                version, status, reason = super()._read_status()
+                if not 100 <= status < 200 or status == 101:  # 101: the connection changes protocol; not ours
+                    return version, status, reason
+                http.client.parse_headers(self.fp)  # the informational answer's headers, skipped
+            return super()._read_status()
+
+    class HTTPConnection(urllib3.connection.HTTPConnection):
+        response_class = FinalResponse
+
+    class HTTPSConnection(urllib3.connection.HTTPSConnection):
+        response_class = FinalResponse
+
+    class HTTPConnectionPool(urllib3.HTTPConnectionPool):
+        ConnectionCls = HTTPConnection
+
+    class HTTPSConnectionPool(urllib3.HTTPSConnectionPool):
+        ConnectionCls = HTTPSConnection
+
+    return {"http": HTTPConnectionPool, "https": HTTPSConnectionPool}
+
+
+def _skipping_informational(manager: Any) -> Any:
+    """The pool manager, its pools made by final_answer_pools when it uses urllib3's own (a SOCKS proxy's not)."""
+    if manager.pool_classes_by_scheme is urllib3.poolmanager.pool_classes_by_scheme:
+        manager.pool_classes_by_scheme = final_answer_pools()
+    return manager
+
+
 @functools.cache
 def pinned_host_adapter() -> type:
     """PinnedHostAdapter, defined on first use: its base class is requests' (see etl/lazy.py)."""
@@ -173,8 +218,16 @@ def pinned_host_adapter() -> type:
 
         The image downloader connects to the address its URL guard checked (no second DNS lookup an attacker
         could answer differently) and names the host in `Host`; for https this adapter also gives that name to
-        TLS, as SNI and for the certificate check, and keeps one connection pool per name.
+        TLS, as SNI and for the certificate check, and keeps one connection pool per name. Its pools skip
+        informational answers (final_answer_pools).
         """
+
+        def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+            super().init_poolmanager(*args, **kwargs)
+            _skipping_informational(self.poolmanager)
+
+        def proxy_manager_for(self, proxy: str, **proxy_kwargs: Any) -> Any:
+            return _skipping_informational(super().proxy_manager_for(proxy, **proxy_kwargs))
 
         def build_connection_pool_key_attributes(self, request: Any, verify: Any, cert: Any = None) -> tuple[dict, dict]:
             host_params, pool_kwargs = super().build_connection_pool_key_attributes(request, verify, cert)

@@ -347,6 +347,33 @@ def test_gzip_encoded_body_is_decoded_and_checksummed(harness, http_server):
     assert fetched.sha256 == hashlib.sha256(PNG).hexdigest()
 
 
+def informational_first(*statuses: bytes):
+    """A script that answers each informational status line in turn (with a header), then 200 with the PNG."""
+
+    def script(sock) -> None:
+        for status in statuses:
+            sock.sendall(b"HTTP/1.1 " + status + b"\r\nLink: </style.css>; rel=preload; as=style\r\n\r\n")
+        sock.sendall(f"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: {len(PNG)}\r\n\r\n".encode() + PNG)
+        sock.close()
+
+    return script
+
+
+@pytest.mark.parametrize("statuses", [[b"103 Early Hints"], [b"100 Continue", b"102 Processing", b"103 Early Hints"]])
+@pytest.mark.fault("image host sends 103 Early Hints (or other 1xx) before its 200: the final answer is read")
+def test_an_image_after_informational_answers_is_fetched(harness, raw_server, statuses):
+    server = raw_server(informational_first(*statuses))
+    assert harness(attempts=1).fetch(server.url()).body == PNG  # was "HTTP 103": http.client skips only 100
+    assert server.connections == 1
+
+
+@pytest.mark.fault("image host sends informational answers without end: the ninth is taken for the answer")
+def test_endless_informational_answers_are_bounded(harness, raw_server):
+    server = raw_server(informational_first(*[b"103 Early Hints"] * 50))
+    with pytest.raises(MediaError, match="HTTP 103"):
+        harness(attempts=1).fetch(server.url())
+
+
 # -- redirects -------------------------------------------------------------------------------------------
 
 
