@@ -668,6 +668,26 @@ def _host_header(parts: SplitResult) -> str:
     return host + (f":{parts.port}" if parts.port else "")
 
 
+def _redirect_target(current: str, location: str) -> str:
+    """The URL a redirect's Location leads to from `current`, as requests' redirects find it.
+
+    Many servers send a Location's non-ASCII path as raw UTF-8 bytes, which http.client decodes as Latin-1:
+    joined as it was, `/bild-ä.png` became `/bild-%C3%83%C2%A4.png` and the image a 404, failed for good. So
+    the text is read as UTF-8 when it is, and its path, query and fragment percent-quoted where unsafe (the
+    host is left to IDNA, as for any image URL).
+    """
+    try:
+        location = location.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        pass  # not UTF-8: kept as it came
+    try:
+        parts = urlsplit(urljoin(current, location))
+    except ValueError:  # an unclosed "[" and the like
+        raise MediaError(f"malformed redirect Location {without_userinfo(location)[:200]!r}", permanent=True) from None
+    quote = requests.utils.requote_uri
+    return urlunsplit(parts._replace(path=quote(parts.path), query=quote(parts.query), fragment=quote(parts.fragment)))
+
+
 class Downloader:
     """Fetches images over one pooled session; thread-safe for use from the pipeline's pool.
 
@@ -743,7 +763,7 @@ class Downloader:
                     location = response.headers.get("Location")
                     if not location:
                         raise MediaError(f"HTTP {response.status_code} redirect without a Location", permanent=True)
-                    current = urljoin(current, location)
+                    current = _redirect_target(current, location)
                     continue
                 return self._read(current, response)
         raise MediaError(f"more than {self.max_redirects} redirects", permanent=True)

@@ -392,6 +392,31 @@ def test_redirects_are_followed(harness, http_server):
     assert fetched.final_url == http_server.url("/final.png")
 
 
+@pytest.mark.parametrize(
+    ("location", "reached"),
+    [("/bild-ä.png", "/bild-%C3%A4.png"), ("/bild ä.png?größe=2", "/bild%20%C3%A4.png?gr%C3%B6%C3%9Fe=2"),
+     ("/bild-%C3%A4.png", "/bild-%C3%A4.png")],
+)  # fmt: skip
+@pytest.mark.fault("image host redirects to a Location of raw UTF-8 bytes: followed as requests follows it")
+def test_a_redirect_to_a_raw_utf8_location_reaches_the_image(harness, http_server, location, reached):
+    import requests
+
+    http_server.routes[reached] = Reply(body=PNG)
+    raw = location.encode("utf-8").decode("latin-1")  # the bytes on the wire are UTF-8; http.client reads Latin-1
+    http_server.routes["/r"] = redirect(raw)
+    assert requests.get(http_server.url("/r"), timeout=5).content == PNG  # requests gets there
+    fetched = harness(attempts=1).fetch(http_server.url("/r"))  # was HTTP 404 (/bild-%C3%83%C2%A4.png), for good
+    assert fetched.body == PNG and fetched.final_url == http_server.url(reached)
+
+
+@pytest.mark.fault("image host redirects to a Location urlsplit cannot read (an unclosed '['): refused, no ValueError")
+def test_a_redirect_to_a_malformed_location_is_refused(harness, http_server):
+    http_server.routes["/r"] = redirect("http://[::1/x.png")
+    with pytest.raises(MediaError, match="malformed redirect Location") as info:
+        harness(attempts=1).fetch(http_server.url("/r"))
+    assert info.value.permanent
+
+
 @pytest.mark.fault("image behind more redirects than ETL_MAX_REDIRECTS")
 def test_too_many_redirects(harness, http_server):
     for n in range(5):
