@@ -335,6 +335,77 @@ def test_a_post_forgotten_while_its_image_is_retried_costs_nothing_else(db, make
     assert not list((tmp_path / "data" / "objects" / "jsonl").rglob("*.png"))  # what the retry stored: deleted
 
 
+def _forget_stopped_after_its_tombstone(db, store, settings, post_id: str, monkeypatch) -> None:
+    """A forget that wrote its tombstone and stopped (connection lost) before deleting the post's rows."""
+    import etl.forget as forget
+
+    def lost(*args, **kwargs):
+        raise RuntimeError("server closed the connection unexpectedly")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(forget, "delete_post_rows", lost)
+        with pytest.raises(RuntimeError):
+            forget.forget_posts(db, store, settings, forget.find_posts(db, post=("jsonl", post_id)), "request")
+
+
+@pytest.mark.fault("a forget stopped after its tombstone, before the rows: later runs do not fetch the post's failed image again")
+def test_a_tombstoned_posts_failed_image_is_not_retried(db, run_etl, http_server, make_settings, tmp_path, monkeypatch):
+    # The retry queue did not look at tombstones: the next run downloaded the forgotten post's image and stored it.
+    from etl.store import store_from_settings
+
+    env = {"ETL_ALLOW_PRIVATE_HOSTS": "true", "ETL_IMAGE_RETRY_BACKOFF_MINUTES": "0"}
+    http_server.routes["/img.png"] = Reply(status=503, body=b"busy", content_type="text/plain")
+    posts = write_jsonl(tmp_path / "p.jsonl", [record(post_id="gone", image_urls=[http_server.url("/img.png")])])
+    first = run_etl("run", "--source", "jsonl", "--input", str(posts), env=env)
+    assert query(db.dsn, "SELECT status FROM post_media") == [("failed",)], first.stdout + first.stderr
+    settings = make_settings()
+    _forget_stopped_after_its_tombstone(db, store_from_settings(settings), settings, "gone", monkeypatch)
+    assert query(db.dsn, "SELECT count(*) FROM forgotten_posts") == [(1,)]
+
+    http_server.routes["/img.png"] = Reply(body=png_bytes(12, 9), content_type="image/png")
+    hits_before = http_server.hits.get("/img.png", 0)
+    run_etl("run", "--source", "jsonl", "--input", str(write_jsonl(tmp_path / "empty.jsonl", [])), env=env)
+    stored = [p for p in (tmp_path / "data" / "objects").rglob("*") if p.is_file() and "/jsonl/" in str(p)]
+    requested = http_server.hits.get("/img.png", 0) - hits_before
+    rows = query(db.dsn, "SELECT count(*) FROM post_media WHERE status = 'stored'")[0][0]
+    assert (requested, stored, rows) == (0, [], 0), f"requested {requested} time(s), objects {stored}, stored rows {rows}"
+
+
+@pytest.mark.fault("a forget stops after its tombstone while the post's failed image is retried: the image is not recorded")
+def test_an_image_retried_while_its_post_is_tombstoned_is_dropped(db, make_settings, http_server, tmp_path, monkeypatch):
+    # The retry saw the post's row (the forget had not deleted it) and recorded the image of a forgotten post.
+    from etl.run.runner import Runner, RunRequest
+    from etl.store import LocalStore, store_from_settings
+
+    http_server.routes["/a.png"] = Reply(status=503, body=b"busy", content_type="text/plain")
+    settings = make_settings(DATABASE_URL=db.dsn, ETL_ALLOW_PRIVATE_HOSTS="true", ETL_RECHECK_POSTS="0",
+                             ETL_IMAGE_RETRY_BACKOFF_MINUTES="0")  # fmt: skip
+    store = store_from_settings(settings)
+
+    def run(path: Path):
+        runner = Runner(settings)
+        try:
+            return runner.execute(RunRequest(sources=["jsonl"], source_options={"jsonl": {"input": str(path)}}))
+        finally:
+            runner.close()
+
+    run(write_jsonl(tmp_path / "first.jsonl", [record(post_id="p1", image_urls=[http_server.url("/a.png")])]))
+    http_server.routes["/a.png"] = Reply(body=png_bytes(20, 10), content_type="image/png")
+    put, done = LocalStore.put, []
+
+    def tombstone_then_put(self, key, *args, **kwargs):  # the forget lands, and stops, while the retry downloads
+        if not done:
+            done.append(_forget_stopped_after_its_tombstone(db, store, settings, "p1", monkeypatch))
+        return put(self, key, *args, **kwargs)
+
+    monkeypatch.setattr(LocalStore, "put", tombstone_then_put)
+    stats = run(write_jsonl(tmp_path / "other.jsonl", [record(post_id="p2", caption="another post")]))
+    monkeypatch.undo()
+    assert done and stats.exit_code == ExitCode.OK and stats.images_retried == 0
+    assert query(db.dsn, "SELECT status FROM post_media") == [("failed",)]  # the forget, run again, deletes it
+    assert not list((tmp_path / "data" / "objects" / "jsonl").rglob("*.png"))  # what the retry stored: deleted
+
+
 def test_forget_an_author_is_a_dry_run_until_yes(db, run_etl, tmp_path):
     lines = [record(post_id=f"a{i}", author_username="ana") for i in range(3)] + [record(post_id="b1", author_username="bo")]
     path = write_jsonl(tmp_path / "posts.jsonl", lines)

@@ -411,6 +411,7 @@ FAILED_IMAGES_SQL = (
     "SELECT m.id, m.platform, m.post_id, m.position, m.source_url, p.created_at, m.fixity IS NOT NULL"
     " FROM post_media m JOIN social_posts p USING (platform, post_id)"
     " WHERE m.status = 'failed' AND NOT m.permanent AND m.attempts < %s AND m.id > %s"
+    " AND NOT EXISTS (SELECT 1 FROM forgotten_posts f WHERE f.platform = m.platform AND f.post_id = m.post_id)"
     " AND (m.attempts = 0"  # never tried: a stop came first, or verify marked it for repair
     " OR m.updated_at <= now() - %s * LEAST(power(2, m.attempts - 1), 48) * interval '1 minute')"
     " AND m.id %% %s = %s ORDER BY m.id LIMIT %s"
@@ -424,7 +425,8 @@ def failed_images(
     """Images to retry, after id `after`: (id, platform, post_id, position, source_url, created_at, replace).
 
     Not permanent, under `max_attempts`, past their backoff: the base wait doubles with each attempt, up to 48
-    times the base. An object that failed a fixity check (etl.py verify) is refetched at once, and overwritten
+    times the base. Not those of a tombstoned post (a forget that stopped before deleting its rows): no run may
+    archive it again. An object that failed a fixity check (etl.py verify) is refetched at once, and overwritten
     (`replace`). `part` (K, N): only ids that are K-1 modulo N, so that N workers never take the same image."""
     index, count = part
     cur.execute(FAILED_IMAGES_SQL, (max_attempts, after, backoff_minutes, count, index - 1, limit))
@@ -433,7 +435,12 @@ def failed_images(
 
 # The posts of retried images that are still there, each held (FOR KEY SHARE) until the rows are written: a post
 # forgotten meanwhile (deleted at source, by another run) is not, and its image rows would break the foreign key.
-LIVE_POSTS_SQL = "SELECT p.platform, p.post_id FROM social_posts p" + _KEYS_JOIN + " FOR KEY SHARE OF p"
+# A tombstoned post is gone too, though a forget that stopped early left its row: no run may store its image again.
+LIVE_POSTS_SQL = (
+    "SELECT p.platform, p.post_id FROM social_posts p" + _KEYS_JOIN
+    + " WHERE NOT EXISTS (SELECT 1 FROM forgotten_posts f WHERE f.platform = p.platform AND f.post_id = p.post_id)"
+    " FOR KEY SHARE OF p"
+)
 
 
 def record_retries(cur: psycopg2.extensions.cursor, media: Sequence[Media]) -> list[Media]:
