@@ -109,3 +109,28 @@ def test_a_post_at_a_windows_start_counts_in_that_window(db):
     november = Scope(since=datetime(2026, 11, 1, tzinfo=timezone.utc), until=as_of)
     rising = collect(db, november, max_distance=5, min_count=5)["rising"]
     assert [(r["hashtag"], r["window_posts"]) for r in rising] == [("edge", 6)]  # the report ranks as of --until
+
+
+def test_the_baseline_starts_n_windows_back_in_a_zone_with_daylight_saving(db):
+    # The baseline's start was as_of - 29 * '1 day' in calendar days of the session's zone: across the end of
+    # summer time (Berlin, 2026-10-25) an hour before the 29 x 24 h the windows are cut into, so the posts of that
+    # hour fell into a 30th window that the baseline's mean counted. A client whose zone is not UTC (psql, a
+    # dashboard, a server whose initdb took the OS's zone) got another answer than the archiver.
+    import psycopg2
+
+    from etl.db.insights import rising_hashtags
+
+    as_of = datetime(2026, 11, 10, tzinfo=timezone.utc)
+    day = timedelta(hours=24)
+    at = [as_of - timedelta(hours=2)] * 5  # the last window
+    at += [as_of - 29 * day - timedelta(minutes=30)] * 28  # before the 28-day baseline: not counted
+    rows = [("jsonl", f"d{i}", "#dst", ["dst"], t) for i, t in enumerate(at)]
+    with db.transaction() as cur:
+        psycopg2.extras.execute_values(cur, "INSERT INTO social_posts (platform, post_id, caption, hashtags, created_at) VALUES %s", rows)
+    berlin = psycopg2.connect(db.dsn, options="-c TimeZone=Europe/Berlin")
+    try:
+        with berlin.cursor() as cur:
+            got = rising_hashtags(cur, day, timedelta(days=28), None, 1, as_of, 10)  # the report's call
+    finally:
+        berlin.close()
+    assert [(r["hashtag"], r["window_posts"], r["baseline_mean"]) for r in got] == [("dst", 5, 0)], got
