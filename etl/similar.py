@@ -33,12 +33,18 @@ def find_similar(db: Database, platform: str, post_id: str, max_distance: int) -
         times = [s["created_at"] for s in seen] + [result["created_at"]]
         image["summary"] = {
             "other_posts": len(others),
-            "accounts": len({(s["platform"], s["author_username"]) for s in seen if (s["platform"], s["post_id"]) in others}),
+            "accounts": _accounts([s for s in seen if (s["platform"], s["post_id"]) in others]),
             "platforms": sorted({p for p, _ in others}),
             "first_seen": min(times),
             "last_seen": max(times),
         }
     return result
+
+
+def _accounts(sightings: list[dict[str, Any]]) -> int:
+    """Distinct (platform, author) of these sightings. A post whose author the platform did not give is no
+    account, as in the report's totals and share of voice (sql/016): None is not one more author."""
+    return len({(s["platform"], s["author_username"]) for s in sightings if s["author_username"] is not None})
 
 
 def format_similar(result: dict[str, Any]) -> str:

@@ -244,6 +244,24 @@ def test_exact_copies_come_before_a_near_duplicate_at_distance_zero(db):
     assert [(s["match"], s["distance"], s["post_id"]) for s in sightings] == [("exact", 0, "copy"), ("near", 0, "older")]
 
 
+def test_similar_counts_no_account_for_posts_without_an_author(db):
+    """A sighting whose author the platform did not give is no account, as in the report (sql/016)."""
+    from etl.similar import find_similar
+
+    with db.transaction() as cur:
+        cur.execute(
+            "INSERT INTO social_posts (platform, post_id, author_username, created_at) VALUES"
+            " ('alpha', 'orig', 'ana', '2024-03-01'), ('alpha', 'c1', 'bo', '2024-03-02'),"
+            " ('alpha', 'c2', NULL, '2024-03-03'), ('alpha', 'c3', NULL, '2024-03-04')"
+        )
+        cur.execute(
+            "INSERT INTO post_media (platform, post_id, position, source_url, status, sha256, phash)"
+            " SELECT platform, post_id, 0, 'u', 'stored', 'aaa', 42 FROM social_posts"
+        )
+    summary = find_similar(db, "alpha", "orig", DEFAULT)["images"][0]["summary"]
+    assert (summary["other_posts"], summary["accounts"]) == (3, 1)
+
+
 def test_photo_like_is_the_same_picture_whatever_ran_before():
     """The tests' near-duplicate distances hold only if a seed always gives the same scene, in any test order."""
     from PIL import Image

@@ -221,6 +221,26 @@ def test_more_posts_with_a_near_duplicate_leaves_out_the_groups_own_posts(db):
     assert query(db.dsn, spread) == [("a" * 64, 2, 1)]
 
 
+def test_posts_without_an_author_add_no_account_to_the_totals_or_an_image_group(db):
+    # count(DISTINCT (platform, author_username)) counts a row value, and one with a NULL field is not NULL: the
+    # posts whose author the platform did not give made one more author in the totals (and one more account of
+    # an image group) than the share of voice of the same report.
+    with db.transaction() as cur:
+        cur.execute(
+            "INSERT INTO social_posts (platform, post_id, author_username, created_at) VALUES"
+            " ('jsonl', 'a1', 'ana', '2024-03-01T12:00Z'), ('jsonl', 'a2', 'ana', '2024-03-01T12:00Z'),"
+            " ('jsonl', 'n1', NULL, '2024-03-01T12:00Z'), ('jsonl', 'n2', NULL, '2024-03-01T12:00Z')"
+        )
+        cur.execute(
+            "INSERT INTO post_media (platform, post_id, position, source_url, status, storage_key, sha256, bytes)"
+            " SELECT 'jsonl', post_id, 0, 'u', 'stored', 'k/' || post_id, repeat('a', 64), 10 FROM social_posts"
+        )
+    [(authors,)] = query(db.dsn, "SELECT authors FROM report_totals(NULL, NULL, NULL)")
+    [(voice,)] = query(db.dsn, "SELECT authors FROM report_share_of_voice(NULL, NULL, NULL)")
+    [(accounts,)] = query(db.dsn, "SELECT accounts FROM report_image_spread(NULL, NULL, NULL, 10, 5)")
+    assert (authors, voice, accounts) == (1, 1, 1), f"totals {authors}, share of voice {voice}, image group {accounts}"
+
+
 def test_report_near_duplicates_of_top_groups_and_thumbnails(db, run_etl, archive):
     out = archive / "all.html"
     assert run_etl("report", "--out", str(out)).returncode == 0
