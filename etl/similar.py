@@ -7,7 +7,7 @@ from typing import Any
 from etl.db import Database
 from etl.db.insights import post_images_with_sightings
 from etl.errors import UsageError
-from etl.status import table
+from etl.status import table, utc_minute
 
 
 def parse_post_ref(value: str) -> tuple[str, str]:
@@ -50,7 +50,7 @@ def _accounts(sightings: list[dict[str, Any]]) -> int:
 def format_similar(result: dict[str, Any]) -> str:
     out = [
         f"Post {result['platform']}:{result['post_id']} by {result['author_username'] or '?'}, "
-        f"{result['created_at']:%Y-%m-%d %H:%M} UTC (near duplicates: Hamming distance <= {result['max_distance']})"
+        f"{utc_minute(result['created_at'])} UTC (near duplicates: Hamming distance <= {result['max_distance']})"
     ]
     if not result["images"]:
         out.append("  this post has no images")
@@ -64,7 +64,7 @@ def format_similar(result: dict[str, Any]) -> str:
         out.append(
             f"Image #{image['position']} (sha256 {image['sha256'][:12]}…){note}: seen in {s['other_posts']} other post(s), "
             f"{s['accounts']} account(s), platforms {', '.join(s['platforms']) or '-'}; "
-            f"first seen {s['first_seen']:%Y-%m-%d %H:%M}, last seen {s['last_seen']:%Y-%m-%d %H:%M}"
+            f"first seen {utc_minute(s['first_seen'])}, last seen {utc_minute(s['last_seen'])}"
         )
         if image["sightings"]:
             out.append(

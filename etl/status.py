@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any
 
 from etl.config import Settings
@@ -36,11 +36,17 @@ def collect_status(db: Database, runs: int = 10) -> dict[str, Any]:
     return {"database": db.display, **archive_status(db, runs)}
 
 
+def utc_minute(value: datetime) -> str:
+    """YYYY-MM-DD HH:MM in UTC, as every table and line of ours labels its times. PostgreSQL hands a TIMESTAMPTZ
+    over in the session's zone (the server's `timezone`, which initdb takes from the OS), not in UTC."""
+    return (value.astimezone(timezone.utc) if value.tzinfo else value).strftime("%Y-%m-%d %H:%M")
+
+
 def _cell(value: Any) -> str:
     if value is None:
         return "-"
     if isinstance(value, datetime):
-        return value.strftime("%Y-%m-%d %H:%M")
+        return utc_minute(value)
     if isinstance(value, float):
         return f"{value:.1f}"
     if isinstance(value, (list, tuple)):

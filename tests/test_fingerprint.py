@@ -11,7 +11,7 @@ from etl.config import Settings
 from etl.errors import ExitCode
 from etl.fingerprint import MAX_DISTANCE, dhash_bytes, distance, to_signed
 from tests.conftest import query
-from tests.support import Reply, encode, photo_like, record, write_jsonl
+from tests.support import Reply, encode, photo_like, png_bytes, record, write_jsonl
 
 DEFAULT = Settings().similar_max_distance
 
@@ -260,6 +260,40 @@ def test_similar_counts_no_account_for_posts_without_an_author(db):
         )
     summary = find_similar(db, "alpha", "orig", DEFAULT)["images"][0]["summary"]
     assert (summary["other_posts"], summary["accounts"]) == (3, 1)
+
+
+def test_similar_prints_utc_times_whatever_the_servers_zone(new_database, run_etl, http_server, tmp_path):
+    # `similar` labels its times UTC but printed them in the session's zone: on a server whose `timezone` is not
+    # UTC (initdb takes the OS's), every time was off by the offset.
+    import psycopg2
+
+    admin = psycopg2.connect(new_database)
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        cur.execute("ALTER DATABASE new_archive_probe SET timezone TO 'Asia/Tokyo'")  # UTC+9
+    admin.close()
+    env = {"ETL_ALLOW_PRIVATE_HOSTS": "true", "DATABASE_URL": new_database}
+    http_server.routes["/same.png"] = Reply(body=png_bytes(20, 10), content_type="image/png")
+    lines = [
+        record(post_id="orig", created_at="2024-03-01T12:00:00Z", image_urls=[http_server.url("/same.png")]),
+        record(post_id="copy", created_at="2024-03-05T08:30:00Z", image_urls=[http_server.url("/same.png")]),
+    ]
+    run = run_etl("run", "--source", "jsonl", "--input", str(write_jsonl(tmp_path / "p.jsonl", lines)), env=env)
+    assert run.returncode == 0, run.stdout + run.stderr
+    out = run_etl("similar", "--post", "jsonl:orig", env=env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "2024-03-01 12:00 UTC" in out.stdout, out.stdout  # the post
+    assert "last seen 2024-03-05 08:30" in out.stdout and "17:30" not in out.stdout, out.stdout  # its sighting
+
+
+def test_status_tables_print_aware_times_in_utc():
+    from datetime import datetime
+    from zoneinfo import ZoneInfo
+
+    from etl.status import table
+
+    tokyo = datetime(2024, 3, 1, 21, 0, tzinfo=ZoneInfo("Asia/Tokyo"))
+    assert table(["started (UTC)"], [[tokyo]]).splitlines()[-1] == "2024-03-01 12:00"
 
 
 def test_photo_like_is_the_same_picture_whatever_ran_before():
