@@ -286,11 +286,14 @@ def _platform_language(post: Post) -> str | None:
 
 
 def _reused(post: Post, caption: str | None, stored: tuple[Any, ...]) -> Post | None:
-    """The post with its stored decision, when it still holds (the same caption, no new platform language)."""
+    """The post with its stored decision, when it still holds (the same caption, no new platform language). A
+    language the platform now gives is new even when it equals the one detected: the decision is made again, so
+    the row says the platform's word (language_source 'platform') as a first sight of the post would, and a later
+    reenrich after a detector change keeps it rather than detecting it again."""
     if not caption or stored[0] != caption:
         return None
     language, source, skipped = (tuple(stored[2:5]) + (None, None, None))[:3]
-    if post.language_source == "platform" and post.language != language:
+    if post.language_source == "platform" and (post.language, source) != (language, "platform"):
         return None
     if len(stored) < 3:  # a score alone: the caller did not keep the language
         return with_fields(post, sentiment=stored[1])

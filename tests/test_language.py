@@ -214,6 +214,22 @@ def test_a_platforms_language_is_not_detected_again(monkeypatch):
     assert decisions[1][0].label == "positive"
 
 
+def test_the_platforms_language_replaces_the_same_language_detected(db, run_etl, tmp_path):
+    # The stored decision was reused because the languages were equal, though its source was not: the row kept
+    # language_source 'detected', and a reenrich after a detector change would detect the platform's word again.
+    from tests.conftest import query
+    from tests.support import record, write_jsonl
+
+    caption = "Quelle journée magnifique à la plage avec des amis"
+    first = run_etl("run", "--source", "jsonl", "--input", str(write_jsonl(tmp_path / "a.jsonl", [record(post_id="p", caption=caption)])))
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert query(db.dsn, "SELECT language, language_source FROM social_posts") == [("fr", "detected")]
+    again = write_jsonl(tmp_path / "b.jsonl", [record(post_id="p", caption=caption, lang="fr")])
+    second = run_etl("run", "--source", "jsonl", "--input", str(again))
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert query(db.dsn, "SELECT language, language_source FROM social_posts") == [("fr", "platform")]  # as a first sight
+
+
 def test_the_cache_stays_bounded(monkeypatch):
     monkeypatch.setattr(language, "_CACHE_LIMIT", 50)
     detector = LanguageDetector()
