@@ -197,7 +197,7 @@ def parse_datetime(value: Any, *, now: datetime | None = None) -> datetime:
         if text.endswith(("Z", "z")):
             text = text[:-1] + "+00:00"
         try:
-            parsed = datetime.fromisoformat(text)
+            parsed = _from_iso_text(text)
         except ValueError:
             raise RecordError(f"created_at {value!r:.100} is not an ISO 8601 date") from None
     else:
@@ -224,6 +224,20 @@ def parse_datetime(value: Any, *, now: datetime | None = None) -> datetime:
 
 
 _fromisoformat = datetime.fromisoformat
+_LEAP_SECOND = re.compile(r"(?<=[T ][0-9]{2}:[0-9]{2}):60(?=[.,][0-9]|[+-]|$)")
+
+
+def _from_iso_text(text: str) -> datetime:
+    """datetime.fromisoformat, and a leap second too: RFC 3339 allows 23:59:60 (2016-12-31) and PostgreSQL takes
+    it, but Python refuses it, which lost the post. It is read as :59 plus one second (the next day's 00:00:00,
+    as PostgreSQL stores it)."""
+    try:
+        return datetime.fromisoformat(text)
+    except ValueError:
+        leap = _LEAP_SECOND.search(text)
+        if leap is None:
+            raise
+        return datetime.fromisoformat(text[: leap.start()] + ":59" + text[leap.end() :]) + timedelta(seconds=1)
 _clock_read = [MIN_CREATED_AT]  # the latest created_at accepted by parse_datetime's last reading of the clock
 
 

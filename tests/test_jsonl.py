@@ -144,3 +144,12 @@ def test_cli_jsonl_without_input_is_a_usage_error(run_etl):
     assert result.returncode == ExitCode.CONFIG
     assert "--input" in result.stderr
     assert issubclass(UsageError, ConfigError)
+
+
+def test_a_post_made_in_a_leap_second_is_archived(db, run_etl, tmp_path):
+    # 23:59:60 (RFC 3339, 2016-12-31; PostgreSQL takes it) was refused as "not an ISO 8601 date": the post was lost.
+    lines = [record(post_id="leap", created_at="2016-12-31T23:59:60Z"), record(post_id="next", created_at="2017-01-01T00:00:01Z")]
+    result = run_etl("run", "--source", "jsonl", "--input", str(write_jsonl(tmp_path / "p.jsonl", lines)))
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = query(db.dsn, "SELECT post_id, to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS') FROM social_posts ORDER BY created_at")
+    assert rows == [("leap", "2017-01-01 00:00:00"), ("next", "2017-01-01 00:00:01")]

@@ -53,6 +53,9 @@ def test_unknown_fields_are_ignored():
         ("2024-03-01T23:30:00-05:00", datetime(2024, 3, 2, 4, 30, tzinfo=timezone.utc)),
         ("2024-03-01T12:00:00.123456+02:00", datetime(2024, 3, 1, 10, 0, 0, 123456, tzinfo=timezone.utc)),
         ("2024-03-01", datetime(2024, 3, 1, tzinfo=timezone.utc)),
+        # A leap second (RFC 3339; PostgreSQL takes it): the next second, as PostgreSQL stores it. It was refused.
+        ("2016-12-31T23:59:60Z", datetime(2017, 1, 1, tzinfo=timezone.utc)),
+        ("2016-12-31T18:59:60.5-05:00", datetime(2017, 1, 1, 0, 0, 0, 500000, tzinfo=timezone.utc)),
     ],
 )
 def test_dates_become_aware_utc(value, expected):
@@ -66,6 +69,8 @@ def test_dates_become_aware_utc(value, expected):
     [
         ("yesterday", "not an ISO 8601 date"),
         ("2024-13-01", "not an ISO 8601 date"),
+        ("2016-12-31T23:60:00Z", "not an ISO 8601 date"),  # a leap second is :60 seconds, not minutes
+        ("2016-12-31T23:59:61Z", "not an ISO 8601 date"),
         ("", "not an ISO 8601 date"),
         (1709294400, "not an ISO 8601 date"),
         ("1999-12-31T23:59:59Z", "before 2000"),
