@@ -408,7 +408,7 @@ def set_first_image_urls(cur: psycopg2.extensions.cursor, media: Sequence[Media]
 # -- the failed-image queue: images later runs retry until stored ------------------------------------
 
 FAILED_IMAGES_SQL = (
-    "SELECT m.id, m.platform, m.post_id, m.position, m.source_url, p.created_at, m.fixity IS NOT NULL"
+    "SELECT m.id, m.platform, m.post_id, m.position, m.source_url, p.created_at, m.fixity IS NOT NULL, m.storage_key"
     " FROM post_media m JOIN social_posts p USING (platform, post_id)"
     " WHERE m.status = 'failed' AND NOT m.permanent AND m.attempts < %s AND m.id > %s"
     " AND NOT EXISTS (SELECT 1 FROM forgotten_posts f WHERE f.platform = m.platform AND f.post_id = m.post_id)"
@@ -422,7 +422,8 @@ def failed_images(
     cur: psycopg2.extensions.cursor, *, after: int, max_attempts: int, backoff_minutes: float, part: tuple[int, int],
     limit: int,
 ) -> list[tuple]:  # fmt: skip
-    """Images to retry, after id `after`: (id, platform, post_id, position, source_url, created_at, replace).
+    """Images to retry, after id `after`: (id, platform, post_id, position, source_url, created_at, replace,
+    storage_key: the object a repair replaces, or None).
 
     Not permanent, under `max_attempts`, past their backoff: the base wait doubles with each attempt, up to 48
     times the base. Not those of a tombstoned post (a forget that stopped before deleting its rows): no run may
@@ -452,6 +453,15 @@ def record_retries(cur: psycopg2.extensions.cursor, media: Sequence[Media]) -> l
     upsert_media(cur, kept)
     set_first_image_urls(cur, [m for m in kept if m.status == "stored" and m.position == 0])
     return [m for m in media if (m.platform, clean_text(m.post_id)) not in live]
+
+
+KEYS_IN_USE_SQL = "SELECT storage_key FROM post_media WHERE storage_key = ANY(%s)"
+
+
+def keys_in_use(cur: psycopg2.extensions.cursor, keys: Sequence[str]) -> set[str]:
+    """Which of these object keys a post_media row names (an object no row names is no image of the archive)."""
+    cur.execute(KEYS_IN_USE_SQL, (list(keys),))
+    return {row[0] for row in cur.fetchall()}
 
 
 # A stored post's row as the upsert compares it (held() -> upsert_posts' `stored`): _POST_MUTABLE's values, then
@@ -572,3 +582,7 @@ class Archive:
 
     def record_retries(self, media: Sequence[Media]) -> list[Media]:
         return self.db.run(partial(record_retries, media=media), what="recording retried images")
+
+    def keys_in_use(self, keys: Sequence[str]) -> set[str]:
+        """Which of these object keys an image row names."""
+        return self.db.alone(partial(keys_in_use, keys=keys), what="looking up object keys")

@@ -50,6 +50,9 @@ class NothingWritten:
     def record_retries(self, media: Sequence[Media]) -> list[Media]:
         return []
 
+    def keys_in_use(self, keys: Sequence[str]) -> set[str]:
+        return set(keys)
+
 
 @dataclass
 class _Batch:
@@ -682,9 +685,11 @@ class Archiver:
                 futures = {
                     r: pool.submit(self.archive_image, r[1], r[2], r[5], r[3], r[4], replace=r[6]) for r in rows
                 }
-                media = list(self._results(futures, lambda r: self._unfinished(r[1], r[2], r[3], r[4])).values())
+                results = self._results(futures, lambda r: self._unfinished(r[1], r[2], r[3], r[4]))
+                media = list(results.values())
                 gone = self.archive_db.record_retries(media)
                 self._drop_objects_of_gone_posts(gone)
+                self._drop_replaced_objects([(r[7], m) for r, m in results.items() if not any(m is g for g in gone)])
                 media = [m for m in media if not any(m is g for g in gone)]
                 stats.images_retried += len(media)
                 stats.count_images(media, "retry")
@@ -705,6 +710,24 @@ class Archiver:
                 except StoreError as exc:
                     log.warning("could not delete %s, the image of a post forgotten meanwhile: %s", m.key, exc)
         log.info("%d retried image(s) of post(s) forgotten meanwhile: not recorded, their objects deleted", len(gone))
+
+    def _drop_replaced_objects(self, retried: list[tuple[str | None, Media]]) -> None:
+        """Repairs stored under another key than the damaged object's (the platform now serves another type: .png
+        where the key said .jpg), now recorded: the old object is deleted, unless a row still names it. Left there,
+        no row would know it and every later full verify would report it as unexpected. A failure to delete is
+        logged: the repair stands, and verify names the object."""
+        old = {key for key, m in retried if key and m.status == "stored" and m.key and m.key != key}
+        if not old or self.store is None:
+            return
+        from etl.store_ops import delete_object
+
+        for key in sorted(old - self.archive_db.keys_in_use(sorted(old))):
+            try:
+                delete_object(self.store, key)
+            except StoreError as exc:
+                log.warning("could not delete %s, the damaged object a repair replaced under another key: %s", key, exc)
+            else:
+                log.info("deleted %s: its repair was stored under another key", key)
 
     def _failed_images(self, after: int, part: Shard | None) -> list[tuple]:
         return self.archive_db.failed_images(
