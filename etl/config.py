@@ -485,8 +485,9 @@ def read_dotenv(path: Path) -> dict[str, str]:
 # and "_" in front (YOUTUBE_, TINY_), is probably a misspelling.
 # AWS_ is left out: boto3 and the AWS CLI read dozens of AWS_ variables (AWS_ENDPOINT_URL_S3 is not a typo).
 SETTING_PREFIXES = ("ETL_", "S3_", "DATABASE_", "SENTIMENT_")
-# Read under those prefixes by our own scripts (scripts/cron_run.sh), not by Settings.
-_OTHER_KNOWN = ("ETL_PYTHON", "ETL_CRON_LOG")
+# Read under those prefixes by scripts/cron_run.sh, not by Settings: the variables that script reads, all of
+# them (tests/test_config.py compares this list with the script's text, so a new one cannot be taken for a typo).
+CRON_SCRIPT_VARIABLES = ("ETL_PYTHON", "ETL_CRON_LOG", "ETL_CRON_LOCK")
 
 
 def misspelled_settings(env: Mapping[str, str]) -> list[tuple[str, str]]:
@@ -496,13 +497,13 @@ def misspelled_settings(env: Mapping[str, str]) -> list[tuple[str, str]]:
     # Known to the core and to the sources `env` names (the usual case: nothing unknown) needs no other platform
     # imported; an unknown variable is compared with every source's settings.
     prefixes = SETTING_PREFIXES + tuple(f"{name.upper()}_" for name in source_names())
-    known_here = {setting.env for _, setting in _core_fields()} | set(_OTHER_KNOWN)
+    known_here = {setting.env for _, setting in _core_fields()} | set(CRON_SCRIPT_VARIABLES)
     known_here.update(s.env for declared in settings_in_use(env).values() for s in declared)
     if not any(name not in known_here and name.upper().startswith(prefixes) for name in env):
         return []
     import difflib
 
-    known = [setting.env for _, setting in all_settings()] + [*_OTHER_KNOWN]
+    known = [setting.env for _, setting in all_settings()] + [*CRON_SCRIPT_VARIABLES]
     found = []
     for name in sorted(env):
         if name in known or not name.upper().startswith(prefixes):

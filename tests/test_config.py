@@ -160,6 +160,26 @@ def test_misspellings_of_our_settings_and_nothing_else():
     ]  # fmt: skip
 
 
+def test_the_variables_the_cron_wrapper_reads_are_known_and_listed_in_one_place():
+    """scripts/cron_run.sh reads ETL_PYTHON, ETL_CRON_LOG and ETL_CRON_LOCK (README, "Scheduling with cron"); each is
+    known, not a misspelling of another (ETL_CRON_LOCK was once taken for ETL_CRON_LOG), and the list is the script's."""
+    import re
+
+    from etl.config import CRON_SCRIPT_VARIABLES, SETTING_PREFIXES, misspelled_settings
+    from tests.conftest import ROOT
+
+    script = (ROOT / "scripts" / "cron_run.sh").read_text()
+    read = {name for name in re.findall(r"\$\{?([A-Z][A-Z0-9_]*)", script) if name.startswith(SETTING_PREFIXES)}
+    assert read == set(CRON_SCRIPT_VARIABLES)
+    assert misspelled_settings({name: "/var/lock/archiver.lock" for name in CRON_SCRIPT_VARIABLES}) == []
+
+
+def test_check_passes_with_the_documented_etl_cron_lock(run_etl, tmp_path):
+    result = run_etl("check", env={"ETL_SOURCES": "mock", "ETL_CRON_LOCK": str(tmp_path / "cron.lock")})
+    assert "ETL_CRON_LOCK" not in result.stdout + result.stderr, result.stdout
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 @pytest.mark.parametrize(
     ("env", "sources"),
     [({}, ("mock",)), ({"DATABASE_URL": "postgresql://h/db"}, ()), ({"DATABASE_URL": "postgresql://h/db", "ETL_SOURCES": "jsonl"}, ("jsonl",))],
