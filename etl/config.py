@@ -6,6 +6,7 @@ and load_settings collects those from every registered source, ETL_SOURCE_PATHS 
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -106,8 +107,25 @@ def _one_of(*allowed: str, case: Callable[[str], str] = str.lower) -> Callable[[
 
 _positive_int = _checked(int, lambda v: v > 0, "must be a positive whole number")
 _non_negative_int = _checked(int, lambda v: v >= 0, "must be zero or more")
-_positive_float = _checked(float, lambda v: v > 0, "must be a positive number")
-_non_negative_float = _checked(float, lambda v: v >= 0, "must be zero or more")
+# Finite only: inf (or 1e400) passed a comparison with 0, and then broke a timeout, a sleep or an SQL interval.
+_positive_float = _checked(float, lambda v: 0 < v < math.inf, "must be a positive number (finite)")
+_non_negative_float = _checked(float, lambda v: 0 <= v < math.inf, "must be zero or more (finite)")
+
+
+def _float_up_to(most: float, shown: str, *, positive: bool) -> Callable[[str], float]:
+    """A parser of a number from 0 (or above 0) to `most`: a larger one overflows what it ends up in."""
+    if positive:
+        return _checked(float, lambda v: 0 < v <= most, f"must be a positive number, at most {shown}")
+    return _checked(float, lambda v: 0 <= v <= most, f"must be zero or more, at most {shown}")
+
+
+# Seconds: a socket timeout, a sleep or an Event.wait past about 9.2e9 s raises OverflowError (and math.ceil of
+# inf in the reconnect wait); a day is longer than any of these should ever be.
+_seconds = _float_up_to(86_400, "86,400 (one day)", positive=True)
+_seconds_or_zero = _float_up_to(86_400, "86,400 (one day)", positive=False)
+# Minutes of an SQL interval, times up to 48 (the doubling's cap, etl/db/archive.py), taken from now(): far below
+# PostgreSQL's interval and timestamp ranges at ten years (x 48 = 480 years).
+_backoff_minutes = _float_up_to(5_256_000, "5,256,000 (ten years)", positive=False)
 _threshold = _checked(float, lambda v: 0 <= v < 1, "must be between 0 and 1")
 _hamming = _checked(
     int, lambda v: 0 <= v <= 7, "must be a whole number from 0 to 7 (the band index finds every match up to 7)"
@@ -249,10 +267,10 @@ class Settings:
 
     # Images: limits, timeouts, concurrency.
     max_image_bytes: int = _setting("ETL_MAX_IMAGE_BYTES", _positive_int, 20 * 1024 * 1024, "largest image accepted")
-    connect_timeout: float = _setting("ETL_CONNECT_TIMEOUT", _positive_float, 5.0, "seconds to connect")
-    read_timeout: float = _setting("ETL_READ_TIMEOUT", _positive_float, 20.0, "seconds between bytes")
+    connect_timeout: float = _setting("ETL_CONNECT_TIMEOUT", _seconds, 5.0, "seconds to connect (at most 86,400)")
+    read_timeout: float = _setting("ETL_READ_TIMEOUT", _seconds, 20.0, "seconds between bytes (at most 86,400)")
     http_retries: int = _setting("ETL_HTTP_RETRIES", _positive_int, 4, "attempts per request (429, 5xx, connection errors)")
-    retry_max_wait: float = _setting("ETL_RETRY_MAX_WAIT", _non_negative_float, 30.0, "longest wait between attempts (s)")
+    retry_max_wait: float = _setting("ETL_RETRY_MAX_WAIT", _seconds_or_zero, 30.0, "longest wait between attempts (s, at most 86,400)")
     # 64: a worker waits out the host's latency per image (at 50 ms, 20 images/s at most), so 32 capped a run at
     # about 620 images/s however little CPU an image costs; the connection pools follow (concurrency + 4).
     concurrency: int = _setting("ETL_CONCURRENCY", _positive_int, 64, "images downloaded and stored at once")
@@ -265,7 +283,8 @@ class Settings:
     )
     image_max_attempts: int = _setting("ETL_IMAGE_MAX_ATTEMPTS", _positive_int, 8, "runs that retry a failed image")
     image_retry_backoff_minutes: float = _setting(
-        "ETL_IMAGE_RETRY_BACKOFF_MINUTES", _non_negative_float, 30.0, "wait before retrying a failed image; doubles each attempt"
+        "ETL_IMAGE_RETRY_BACKOFF_MINUTES", _backoff_minutes, 30.0,
+        "wait (minutes, at most 5,256,000) before retrying a failed image; doubles each attempt",
     )
 
     # Loading, enrichment, runs.
@@ -279,12 +298,12 @@ class Settings:
     )
     shards: int = _setting("ETL_SHARDS", _positive_int, 1, "shards of the Airflow DAG's run by default (its param `shards`)")
     db_reconnect_seconds: float = _setting(
-        "ETL_DB_RECONNECT_SECONDS", _non_negative_float, 15.0,
-        "longest total wait (s) for a lost database to come back; past it the run stops, naming the batch not loaded",
+        "ETL_DB_RECONNECT_SECONDS", _seconds_or_zero, 15.0,
+        "longest total wait (s, at most 86,400) for a lost database to come back; past it the run stops, naming the batch not loaded",
     )  # fmt: skip
     stop_grace: float = _setting(
-        "ETL_STOP_GRACE", _non_negative_float, 5.0,
-        "on SIGTERM, seconds the downloads in flight may take to finish (the rest are marked failed, retried next run)",
+        "ETL_STOP_GRACE", _seconds_or_zero, 5.0,
+        "on SIGTERM, seconds (at most 86,400) the downloads in flight may take to finish (the rest are marked failed, retried next run)",
     )  # fmt: skip
     sentiment_threshold: float = _setting(
         "SENTIMENT_THRESHOLD", _threshold, 0.05, "polarity >= t is positive, <= -t negative, else neutral"
@@ -303,7 +322,8 @@ class Settings:
     trends_min_count: int = _setting("ETL_TRENDS_MIN_COUNT", _positive_int, 5, "posts a hashtag needs in the window to rank in trends")
     metrics_path: str = _setting("ETL_METRICS_PATH", _str, "", "Prometheus textfile written after each run")
     progress_seconds: float = _setting(
-        "ETL_PROGRESS_SECONDS", _non_negative_float, 30.0, "without a terminal (cron): a progress log line this often (s); 0 = none"
+        "ETL_PROGRESS_SECONDS", _seconds_or_zero, 30.0,
+        "without a terminal (cron): a progress log line this often (s, at most 86,400); 0 = none",
     )
 
     # Trust over years: language, deletions (README: Language, Deletions).

@@ -82,6 +82,51 @@ def test_a_refused_value_is_told_what_is_accepted(make_settings, name, value, me
     assert str(info.value).startswith(f"{name}={value!r} is invalid: {message}")
 
 
+SECONDS = ("ETL_CONNECT_TIMEOUT", "ETL_READ_TIMEOUT", "ETL_RETRY_MAX_WAIT", "ETL_DB_RECONNECT_SECONDS", "ETL_STOP_GRACE",
+           "ETL_PROGRESS_SECONDS")  # fmt: skip
+
+
+@pytest.mark.badinput("a float setting infinite or past its bound (it overflowed a timeout, a sleep or an SQL interval)")
+@pytest.mark.parametrize("value", ["inf", "1e400", "-inf", "86400.5"])
+@pytest.mark.parametrize("name", SECONDS)
+def test_a_setting_in_seconds_is_finite_and_at_most_a_day(make_settings, name, value):
+    with pytest.raises(ConfigError) as info:
+        make_settings(**{name: value})
+    assert str(info.value).startswith(f"{name}={value!r} is invalid: must be ")
+    assert str(info.value).endswith("at most 86,400 (one day)")
+
+
+@pytest.mark.badinput("ETL_IMAGE_RETRY_BACKOFF_MINUTES or TWITTER_MAX_WAIT infinite, or the backoff past ten years")
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("ETL_IMAGE_RETRY_BACKOFF_MINUTES", "inf", "must be zero or more, at most 5,256,000 (ten years)"),
+        ("ETL_IMAGE_RETRY_BACKOFF_MINUTES", "1e400", "must be zero or more, at most 5,256,000 (ten years)"),
+        ("ETL_IMAGE_RETRY_BACKOFF_MINUTES", "5256001", "must be zero or more, at most 5,256,000 (ten years)"),
+        ("TWITTER_MAX_WAIT", "inf", "must be zero or more (finite)"),
+    ],
+)
+def test_an_infinite_or_too_long_wait_is_refused_naming_its_range(make_settings, name, value, message):
+    with pytest.raises(ConfigError) as info:
+        make_settings(**{name: value})
+    assert str(info.value) == f"{name}={value!r} is invalid: {message}"
+
+
+def test_the_float_bounds_accept_their_edges(make_settings):
+    edges = make_settings(**{name: "86400" for name in SECONDS}, ETL_IMAGE_RETRY_BACKOFF_MINUTES="5256000")
+    assert [getattr(edges, f) for f in ("connect_timeout", "read_timeout", "progress_seconds")] == [86400.0] * 3
+    assert edges.image_retry_backoff_minutes == 5_256_000.0
+    zeros = make_settings(ETL_RETRY_MAX_WAIT="0", ETL_STOP_GRACE="0", ETL_PROGRESS_SECONDS="0", ETL_IMAGE_RETRY_BACKOFF_MINUTES="0")
+    assert (zeros.retry_max_wait, zeros.stop_grace, zeros.progress_seconds, zeros.image_retry_backoff_minutes) == (0, 0, 0, 0)
+
+
+@pytest.mark.badinput("ETL_READ_TIMEOUT=inf: the run exits 2 naming it (every image failed with an OverflowError)")
+def test_a_run_with_an_infinite_read_timeout_exits_2_naming_it(run_etl):
+    result = run_etl("run", env={"ETL_SOURCES": "mock", "ETL_READ_TIMEOUT": "inf"})
+    assert result.returncode == ExitCode.CONFIG, result.stdout + result.stderr[-2000:]
+    assert "ETL_READ_TIMEOUT='inf' is invalid: must be a positive number, at most 86,400 (one day)" in result.stderr
+
+
 def test_choices_and_bounds_accept_their_edges_and_fold_case(make_settings):
     settings = make_settings(
         ETL_LOG_LEVEL=" warning ", ETL_LOG_FORMAT="JSON", ETL_DELETED_AT_SOURCE="Forget", ETL_MAX_REDIRECTS="0",
