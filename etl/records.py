@@ -20,7 +20,10 @@ MAX_POST_ID_CHARS = 1_000
 # PostgreSQL's btree index on (platform, post_id) takes entries of at most about 2,700 bytes.
 MAX_POST_ID_BYTES = 2_000
 MAX_IMAGES = 20
-PLATFORM_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+# A platform: lower-case letters, digits, '_', '-', beginning with a letter or a digit (9gag, 4chan); at most 32.
+# The first segment of its image keys (etl/store_ops.py builds its key pattern from this one).
+PLATFORM_PATTERN = r"[a-z0-9][a-z0-9_-]{0,31}"
+PLATFORM_RE = re.compile(rf"^{PLATFORM_PATTERN}$")
 LANGUAGE_RE = re.compile(r"^[a-z]{2,3}(-[a-z0-9]{1,8})*$")
 # Codes platforms give when they could not tell: X's und, zxx and q* (qme: media links only, qht: hashtags
 # only...), ISO 639's mul and mis.
@@ -410,7 +413,7 @@ def _platform(value: Any) -> str:
         raise RecordError("missing platform")
     platform = value.strip().lower()
     if not PLATFORM_RE.match(platform):
-        raise RecordError(f"platform {platform[:40]!r} must be lower-case letters, digits, '_' or '-' (at most 32)")
+        raise RecordError(f"platform {platform[:40]!r} must be lower-case letters, digits, '_' or '-', beginning with a letter or a digit (at most 32)")
     if type(value) is str and len(_PLATFORMS) < 256:
         _PLATFORMS[value] = platform
     return platform

@@ -11,12 +11,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from etl.errors import StoreError
+from etl.records import PLATFORM_PATTERN
 from etl.store import EXTENSIONS, LocalStore, ObjectStore, S3Store, safe_segment
 
 CHUNK = 1 << 20  # objects are hashed a megabyte at a time: memory stays flat whatever their size
 # A key of the storage contract, after the prefix: platform/YYYY/MM/DD/post_id/n.ext
 _KEY_RE = re.compile(
-    r"^(?P<platform>[a-z][a-z0-9_-]{0,31})/(?P<y>\d{4})/(?P<m>\d{2})/(?P<d>\d{2})/[A-Za-z0-9_%~-]+/\d+\.(?:"
+    rf"^(?P<platform>{PLATFORM_PATTERN})"
+    + r"/(?P<y>\d{4})/(?P<m>\d{2})/(?P<d>\d{2})/[A-Za-z0-9_%~-]+/\d+\.(?:"
     + "|".join(EXTENSIONS.values())
     + r")$"
 )

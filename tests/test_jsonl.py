@@ -139,6 +139,14 @@ def test_cli_stdin(db, run_etl):
     assert query(db.dsn, "SELECT count(*) FROM social_posts WHERE caption = 'Great fun 😀'") == [(3,)]
 
 
+def test_cli_loads_a_post_of_a_platform_beginning_with_a_digit(db, run_etl):
+    line = json.dumps(record(platform="9gag", post_id="a1", caption="hi"))
+    result = run_etl("run", "--source", "jsonl", "--input", "-", input=line + "\n")
+    assert result.returncode == ExitCode.OK, result.stdout + result.stderr[-1500:]
+    assert "inserted 1" in result.stdout
+    assert query(db.dsn, "SELECT platform, post_id FROM social_posts") == [("9gag", "a1")]
+
+
 def test_cli_jsonl_without_input_is_a_usage_error(run_etl):
     result = run_etl("run", "--source", "jsonl")
     assert result.returncode == ExitCode.CONFIG

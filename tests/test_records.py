@@ -41,6 +41,22 @@ def test_integer_post_id_becomes_text_and_platform_is_lowered():
     assert post.platform == "twitter"
 
 
+@pytest.mark.parametrize("platform", ["9gag", "4chan", "123", "a", "x" * 32])
+def test_a_platform_may_begin_with_a_digit(platform):
+    """README, "The normalized record": lower-case letters, digits, `_`, `-` (a leading letter was once demanded)."""
+    assert parse(platform=platform).platform == platform
+
+
+def test_an_image_key_of_a_platform_beginning_with_a_digit_is_an_archive_key():
+    """verify judges the objects of such a platform as it does every other's (the key pattern is the record's)."""
+    from etl.store_ops import is_archive_key, key_date
+
+    key = "social/9gag/2026/11/01/a1/0.jpg"
+    assert is_archive_key("social/", key)
+    assert key_date("social/", key) == datetime(2026, 11, 1, tzinfo=timezone.utc)
+    assert not is_archive_key("social/", "social/.etl-check/0123.txt")
+
+
 def test_unknown_fields_are_ignored():
     assert parse(colour="blue", nested={"a": [1]}).post_id == "p1"
 
@@ -107,6 +123,9 @@ def test_the_clock_read_once_still_refuses_what_is_in_the_future():
         ({"platform": None}, "missing platform"),
         ({"platform": "  "}, "missing platform"),
         ({"platform": "Not Valid!"}, "platform"),
+        ({"platform": "_hidden"}, "platform '_hidden' must be .* beginning with a letter or a digit"),
+        ({"platform": "-x"}, "beginning with a letter or a digit"),
+        ({"platform": "x" * 33}, r"at most 32"),
         ({"post_id": None}, "missing post_id"),
         ({"post_id": ""}, "missing post_id"),
         ({"post_id": 1.5}, "post_id must be text or a whole number"),
