@@ -71,6 +71,9 @@ def test_images_uploaded_into_a_text_post_are_archived_in_text_order():
         "0unnamed": {**metadata[first], "s": {"u": "https://preview.redd.it/0unnamed.png?s=u"}},
         "0video": {"status": "valid", "e": "RedditVideo", "dashUrl": "https://v.redd.it/0video/DASHPlaylist.mpd"},
         "1failed": {"status": "failed"},
+        # An emote in the text (Reddit's own sticker, e "Image" all the same) is no image of the post.
+        "emote|t5_2th52|4511": {"status": "valid", "e": "Image", "m": "image/png", "t": "sticker",
+                                "s": {"x": 60, "y": 60, "u": "https://reddit-econ-prod-assets-permanent.s3.amazonaws.com/4511.png"}},
         **metadata,
     }
     assert thing_to_post(thing).image_urls[2:] == ("https://preview.redd.it/0unnamed.png?s=u",)

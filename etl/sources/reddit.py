@@ -139,12 +139,14 @@ def _media_urls(post: Mapping[str, Any], media_ids: list[str]) -> list[str]:
 def _in_text_order(post: Mapping[str, Any]) -> list[str]:
     """media_metadata's ids of a post without gallery_data (images uploaded into a text post), in the order the
     reader sees them: where each first appears in the self text (its keys come sorted, not in that order); an id
-    the text does not name goes last, in media_metadata's order."""
+    the text does not name goes last, in media_metadata's order. Not an emote or a GIF picker's sticker
+    (`emote|t5_…|…`, `giphy|…`: Reddit's, not the author's upload, though its "e" says Image)."""
     metadata = api.dig(post, "media_metadata", Mapping)
     if not metadata:
         return []
     body = api.dig(post, "selftext", str) or ""
-    at = {media_id: body.find(media_id) for media_id in metadata if isinstance(media_id, str) and media_id}
+    uploads = [media_id for media_id in metadata if isinstance(media_id, str) and media_id and "|" not in media_id]
+    at = {media_id: body.find(media_id) for media_id in uploads}
     return sorted(at, key=lambda media_id: (at[media_id] < 0, at[media_id]))  # stable: unnamed ids keep their order
 
 
