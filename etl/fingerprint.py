@@ -23,7 +23,7 @@ from typing import Any
 
 from etl.db import Database
 from etl.db.insights import images_without_fingerprint, save_fingerprints
-from etl.store import LocalStore, ObjectStore
+from etl.store import ObjectStore
 
 log = logging.getLogger(__name__)
 
@@ -82,15 +82,7 @@ def distance(a: int, b: int) -> int:
 
 def read_object(store: ObjectStore, key: str) -> bytes:
     """The bytes of one stored object (one at a time: memory stays at one image per worker)."""
-    if isinstance(store, LocalStore):
-        return store.path(key).read_bytes()
-    client = getattr(store, "client", None)
-    bucket = getattr(store, "bucket", None)
-    if client is None or bucket is None:
-        raise TypeError(f"cannot read objects from {store.describe()}")
-    response = client.get_object(Bucket=bucket, Key=key)
-    with response["Body"] as body:
-        return body.read()
+    return store.read(key)
 
 
 # -- `etl.py fingerprint`: hashes for stored images that have none ------------------------------------------

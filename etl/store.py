@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import hmac
 import itertools
@@ -69,12 +70,24 @@ def object_key(prefix: str, platform: str, created_at: datetime, post_id: str, p
     )
 
 
+class KeyHeld(Exception):
+    """put() without `replace` found its key holding other bytes (another run stored this image first, perhaps a
+    different version of it): those are left as they are. Not a StoreError: nothing failed."""
+
+    def __init__(self, key: str):
+        super().__init__(f"{key} holds other bytes")
+        self.key = key
+
+
 class ObjectStore(Protocol):
-    """Where images go. `put` writes atomically and skips an object already there with the same sha256."""
+    """Where images go. `put` writes atomically, skips an object already there with the same sha256, and never
+    replaces one with other bytes unless told to (`replace`: it failed a fixity check); it raises KeyHeld instead."""
 
     def check(self) -> None: ...
 
     def put(self, key: str, body: bytes, content_type: str, sha256: str, *, replace: bool = False) -> bool: ...
+
+    def read(self, key: str) -> bytes: ...
 
     def url(self, key: str) -> str: ...
 
@@ -135,13 +148,12 @@ class LocalStore:
         return path
 
     def put(self, key: str, body: bytes, content_type: str, sha256: str, *, replace: bool = False) -> bool:
-        # `replace` needs nothing more here: the file's own bytes are compared, not a recorded checksum.
         try:
-            return self._put_quickly(key, body, sha256)
+            return self._put_quickly(key, body, sha256, replace)
         except (_Unusual, OSError, ValueError):
-            return self._put_carefully(key, body, sha256)  # anything unusual: the general way, its own errors
+            return self._put_carefully(key, body, sha256, replace)  # anything unusual: the general way, its own errors
 
-    def _put_quickly(self, key: str, body: bytes, sha256: str) -> bool:
+    def _put_quickly(self, key: str, body: bytes, sha256: str, replace: bool) -> bool:
         """put() in a few system calls (issue 16: the general way cost half a millisecond of CPU an image): the
         key's folder comes from _folder(), the file's state from one lstat, the temporary file from a counter.
         Raises _Unusual (or OSError) for anything else: a symlink, a missing .incoming, a name already taken."""
@@ -161,10 +173,13 @@ class LocalStore:
                 if st.st_size == len(body) and _file_sha256(Path(path)) == sha256:
                     self._written.last = (key, path)
                     return False
+                if not replace:
+                    raise KeyHeld(key)
         tmp = f"{self.incoming}/{os.getpid()}-q{next(_TEMP_NUMBERS)}.part"
-        _write_renamed(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600), tmp, path, body)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        wrote = _write_renamed(fd, tmp, path, body, replace=replace) or not _holds_file(Path(path), body, sha256, key)
         self._written.last = (key, path)  # for url(key), which the archiver asks next: no lstat to ask again
-        return True
+        return wrote  # False: another run wrote the same bytes since the lstat
 
     def _folder(self, folder_key: str) -> tuple[str, bool]:
         """The real directory of a key's folder, made when missing and remembered: one mkdir per new folder
@@ -187,18 +202,28 @@ class LocalStore:
         self._folders[folder_key] = path
         return path, made
 
-    def _put_carefully(self, key: str, body: bytes, sha256: str) -> bool:
+    def _put_carefully(self, key: str, body: bytes, sha256: str, replace: bool) -> bool:
         path = self.path(key)
         try:
-            if path.is_file() and path.stat().st_size == len(body) and _file_sha256(path) == sha256:
-                return False
+            if path.is_file():
+                if _same_file(path, body, sha256):
+                    return False
+                if not replace:
+                    raise KeyHeld(key)
             path.parent.mkdir(parents=True, exist_ok=True)
             self.incoming.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self.incoming, prefix=f"{os.getpid()}-", suffix=".part")
-            _write_renamed(fd, tmp, path, body)
+            if not _write_renamed(fd, tmp, path, body, replace=replace):
+                return not _holds_file(path, body, sha256, key)
         except OSError as exc:
             raise StoreError(f"cannot write {path}: {exc}") from exc
         return True
+
+    def read(self, key: str) -> bytes:
+        try:
+            return self.path(key).read_bytes()
+        except OSError as exc:
+            raise StoreError(f"cannot read {key}: {exc}") from exc
 
     def url(self, key: str) -> str:
         written = getattr(self._written, "last", None)
@@ -240,15 +265,44 @@ class LocalStore:
         return f"local object store {self.root}"
 
 
-def _write_renamed(fd: int, tmp: str, path: str | Path, body: bytes) -> None:
-    """`body` written to the temporary file (fd, named tmp), which is then renamed to `path`; never left behind."""
+def _write_renamed(fd: int, tmp: str, path: str | Path, body: bytes, *, replace: bool) -> bool:
+    """`body` written to the temporary file (fd, named tmp), which then becomes `path`; never left behind. Without
+    `replace` a file already at `path` is kept (a hard link, which fails when the name is taken, where rename
+    would replace it): returns False then. A file system without hard links gets the rename."""
+    renamed = False
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(body)
+        if not replace:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                return False
+            except OSError as exc:
+                if exc.errno not in _NO_HARD_LINKS:
+                    raise
+            else:
+                return True
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        renamed = True
+        return True
+    finally:
+        if not renamed:  # linked (both names now), or failed: the temporary name goes
+            Path(tmp).unlink(missing_ok=True)
+
+
+_NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS}
+
+
+def _same_file(path: Path, body: bytes, sha256: str) -> bool:
+    return path.stat().st_size == len(body) and _file_sha256(path) == sha256
+
+
+def _holds_file(path: Path, body: bytes, sha256: str, key: str) -> bool:
+    """True when the file at `path` holds `body`; KeyHeld when it holds other bytes."""
+    if _same_file(path, body, sha256):
+        return True
+    raise KeyHeld(key)
 
 
 def _alive(pid: int) -> bool:
@@ -357,38 +411,39 @@ class S3Store:
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
-            if status == 412:  # the key exists: the same image (done), or other bytes to replace
-                if self._holds(key, body, sha256):
-                    return False
-                conditional = False
-            elif status in DirectPut.HANDED_OVER:
+            if status == 412:  # the key exists: the same image (done), or other bytes, kept (KeyHeld)
+                return self._held(key, body, sha256)
+            if status in DirectPut.HANDED_OVER:
                 # A redirect to another region, a signature or clock problem, a policy on headers: boto3 knows how
                 # to deal with these (or to word them), so it sends every PUT from now on.
                 log.info("S3 answered HTTP %s to a directly signed PUT; boto3 sends every PUT from now on", status)
                 self.direct = None
-            return self._boto3_put(key, body, content_type, sha256, conditional=conditional)
+            return self._boto3_put(key, body, content_type, sha256, replace=replace)
         except (ClientError, BotoCoreError) as exc:
             raise StoreError(f"S3 PUT {key} failed: {exc}") from exc
 
-    def _boto3_put(self, key: str, body: bytes, content_type: str, sha256: str, *, conditional: bool) -> bool:
+    def _boto3_put(self, key: str, body: bytes, content_type: str, sha256: str, *, replace: bool) -> bool:
         from botocore.exceptions import ClientError
 
         # No ACL: objects stay private to the bucket owner.
         args = {"Bucket": self.bucket, "Key": key, "Body": body, "ContentType": content_type, "Metadata": {"sha256": sha256}}
-        if conditional:
+        if self.conditional and not replace:
             try:
                 self.client.put_object(**args, IfNoneMatch="*")
                 self._learn(key)
                 return True
             except ClientError as exc:
                 code = str(exc.response.get("Error", {}).get("Code", ""))
-                if code in ("NotImplemented", "501"):
-                    log.info("the S3 endpoint does not support conditional writes; writing unconditionally")
-                    self.conditional = False
-                elif code not in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
-                    raise
-                elif self._holds(key, body, sha256):
-                    return False
+                if code not in ("NotImplemented", "501"):
+                    if code not in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
+                        raise
+                    return self._held(key, body, sha256)
+                log.info("the S3 endpoint does not support conditional writes; writing unconditionally")
+                self.conditional = False
+        if not replace and self._head(key) is not None:
+            # An endpoint without conditional writes: a HEAD first keeps another run's object (a race remains
+            # between the two requests, which only If-None-Match closes).
+            return self._held(key, body, sha256)
         self.client.put_object(**args)
         return True
 
@@ -408,9 +463,33 @@ class S3Store:
             self._credentials = None  # learned or not, once is enough
             self.client.meta.events.unregister("before-send.s3.PutObject", self._note_sent)
 
-    def _holds(self, key: str, body: bytes, sha256: str) -> bool:
-        head = self.client.head_object(Bucket=self.bucket, Key=key)
-        return head.get("Metadata", {}).get("sha256") == sha256 and head.get("ContentLength") == len(body)
+    def _head(self, key: str) -> dict | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            return self.client.head_object(Bucket=self.bucket, Key=key)
+        except ClientError as exc:
+            if str(exc.response.get("Error", {}).get("Code", "")) in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise
+
+    def _held(self, key: str, body: bytes, sha256: str) -> bool:
+        """False when the object at `key` holds `body` (by its recorded checksum); KeyHeld when it holds others."""
+        head = self._head(key) or {}  # gone since (a forget): other bytes no longer, but not ours to write either
+        if head.get("Metadata", {}).get("sha256") == sha256 and head.get("ContentLength") == len(body):
+            return False
+        raise KeyHeld(key)
+
+    def read(self, key: str) -> bytes:
+        """The bytes of one object (one at a time: memory stays at one image per worker)."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            response = self.client.get_object(Bucket=self.bucket, Key=key)
+            with response["Body"] as body:
+                return body.read()
+        except (ClientError, BotoCoreError) as exc:
+            raise StoreError(f"S3 GET {key} failed: {exc}") from exc
 
     def url(self, key: str) -> str:
         return f"s3://{self.bucket}/{key}"

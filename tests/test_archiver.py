@@ -3,6 +3,7 @@ sizes, and the guarantees that hold across the hand-over (order, counts once com
 
 from __future__ import annotations
 
+import time
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -538,6 +539,63 @@ def test_a_post_in_two_batches_is_fetched_once_and_its_object_is_what_its_row_sa
     assert hashlib.sha256(store.path(key).read_bytes()).hexdigest() == sha == hashlib.sha256(red).hexdigest()
     assert source_url == http_server.url("/red.png") and http_server.hits.get("/blue.png", 0) == 0
     assert query(db.dsn, "SELECT caption FROM social_posts") == [("edited version",)]  # the post: its last version
+
+
+@pytest.mark.fault("two runs at once fetch the same new image, the platform serving each another version: one object, its row agrees")
+def test_two_runs_storing_one_image_at_once_keep_the_object_the_row_records(db, make_settings, http_server):
+    # Run B looked the post up (nothing stored), then its download was slow; run A stored and recorded the red version
+    # meanwhile. B's put replaced the object with blue, and B's row write changed nothing (a stored row is never
+    # downgraded): the row said red, the object was blue, and `verify` called the archive damaged.
+    import hashlib
+    import threading
+
+    from etl.store import LocalStore
+
+    red, blue = png_bytes(8, 6, (200, 0, 0)), png_bytes(8, 6, (0, 0, 200))
+    http_server.routes["/red.png"] = Reply(body=red)
+    http_server.routes["/blue.png"] = Reply(body=blue, delay=1.0)
+    settings = make_settings(ETL_ALLOW_PRIVATE_HOSTS="true")
+
+    def run(name: str) -> None:
+        store = LocalStore(settings.objects_dir)
+        store.check()
+        post = Post("direct", "p1", T0, caption="hello", image_urls=(http_server.url(f"/{name}.png"),))
+        Archiver(settings, db, store).archive(iter([post]), RunStats(), source="direct")
+
+    slow = threading.Thread(target=run, args=("blue",))
+    slow.start()
+    while not http_server.hits.get("/blue.png"):
+        time.sleep(0.01)
+    run("red")
+    slow.join()
+    [(key, sha, size)] = query(db.dsn, "SELECT storage_key, sha256, bytes FROM post_media")
+    body = (settings.objects_dir / key).read_bytes()
+    assert hashlib.sha256(body).hexdigest() == sha == hashlib.sha256(red).hexdigest() and len(body) == size
+
+
+@pytest.mark.parametrize("left", ["image", "not an image"])
+def test_an_object_a_killed_run_stored_but_never_recorded_is_what_the_row_records(db, make_settings, http_server, left):
+    # A run killed between its put and its commit left an object no row names; the platform serves another version
+    # now. The object is kept and recorded (an image stored is never replaced), unless it is no image of its key.
+    import hashlib
+
+    from etl.store import LocalStore, object_key
+
+    red, blue = png_bytes(8, 6, (200, 0, 0)), png_bytes(9, 7, (0, 0, 200))
+    http_server.routes["/red.png"] = Reply(body=red)
+    settings = make_settings(ETL_ALLOW_PRIVATE_HOSTS="true")
+    store = LocalStore(settings.objects_dir)
+    store.check()
+    key = object_key(settings.s3_prefix, "direct", T0, "p1", 0, "image/png")
+    earlier = blue if left == "image" else b"<html>not found</html>"
+    store.put(key, earlier, "image/png", hashlib.sha256(earlier).hexdigest())
+    post = Post("direct", "p1", T0, caption="hello", image_urls=(http_server.url("/red.png"),))
+    Archiver(settings, db, store).archive(iter([post]), RunStats(), source="direct")
+    kept = blue if left == "image" else red
+    assert store.path(key).read_bytes() == kept
+    assert query(db.dsn, "SELECT status, sha256, bytes, width, height FROM post_media") == [
+        ("stored", hashlib.sha256(kept).hexdigest(), len(kept), *((9, 7) if left == "image" else (8, 6)))
+    ]
 
 
 @pytest.mark.fault("a post read again (an overlap, a replay) has its failed image retried as the retry queue would, no more")

@@ -15,7 +15,7 @@ import boto3
 import pytest
 from botocore.credentials import Credentials
 
-from etl.store import DirectPut, S3Store, object_key
+from etl.store import DirectPut, KeyHeld, S3Store, object_key
 from tests.support import BUCKET, iam_user_key, jpeg_bytes, png_bytes
 
 WHEN = datetime(2026, 10, 3, 12, 0, tzinfo=timezone.utc)
@@ -173,7 +173,7 @@ def test_a_refusal_hands_every_later_put_to_boto3(endpoint, make_settings, statu
     assert store.direct is None and len(by_boto3) == 5  # the first, the refused one again, and the rest
 
 
-def test_an_existing_key_costs_a_head_and_is_replaced_only_when_different(endpoint, make_settings):
+def test_an_existing_key_costs_a_head_and_is_replaced_only_by_a_repair(endpoint, make_settings):
     proxy, admin, make_store = endpoint
     admin.put_bucket_versioning(Bucket=BUCKET, VersioningConfiguration={"Status": "Enabled"})
     store, by_boto3 = make_store(make_settings)
@@ -185,7 +185,10 @@ def test_an_existing_key_costs_a_head_and_is_replaced_only_when_different(endpoi
     assert store.put("k/0.png", body, "image/png", sha) is False  # 412 from If-None-Match, then one HEAD
     assert proxy.counts["HEAD"] == heads + 1
     other = png_bytes(color=(1, 2, 3))
-    assert store.put("k/0.png", other, "image/png", hashlib.sha256(other).hexdigest()) is True
+    with pytest.raises(KeyHeld):  # other bytes: another run's, kept
+        store.put("k/0.png", other, "image/png", hashlib.sha256(other).hexdigest())
+    assert admin.get_object(Bucket=BUCKET, Key="k/0.png")["Body"].read() == body
+    assert store.put("k/0.png", other, "image/png", hashlib.sha256(other).hexdigest(), replace=True) is True
     versions = admin.list_object_versions(Bucket=BUCKET, Prefix="k/0.png")["Versions"]
     assert len(versions) == 2 and admin.get_object(Bucket=BUCKET, Key="k/0.png")["Body"].read() == other
     assert len(by_boto3) == 2  # the first PUT, and the replacement (an unconditional PUT is boto3's)

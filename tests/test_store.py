@@ -12,7 +12,7 @@ import pytest
 from moto import mock_aws
 
 from etl.errors import ConfigError, StoreError
-from etl.store import KEY_FORMAT, LocalStore, S3Store, object_key, safe_segment, store_from_settings
+from etl.store import KEY_FORMAT, KeyHeld, LocalStore, S3Store, object_key, safe_segment, store_from_settings
 from tests.support import png_bytes
 
 WHEN = datetime(2024, 3, 9, 23, 30, tzinfo=timezone(timedelta(hours=-5)))  # 2024-03-10 04:30 UTC
@@ -101,7 +101,10 @@ def test_local_put_is_atomic_and_skips_same_content(tmp_path: Path):
     assert store.put(key, body, "image/png", sha) is False  # same content: not written again
     assert path.stat().st_mtime_ns == mtime
     other = png_bytes(color=(1, 2, 3))
-    assert store.put(key, other, "image/png", hashlib.sha256(other).hexdigest()) is True
+    with pytest.raises(KeyHeld):  # other bytes: kept (another run stored them first), unless a repair replaces them
+        store.put(key, other, "image/png", hashlib.sha256(other).hexdigest())
+    assert path.read_bytes() == body
+    assert store.put(key, other, "image/png", hashlib.sha256(other).hexdigest(), replace=True) is True
     assert path.read_bytes() == other
     assert not list(path.parent.glob("*.part")) and not list(store.incoming.iterdir())
     assert store.url(key) == path.resolve().as_uri()
@@ -255,8 +258,11 @@ def test_s3_same_content_is_not_uploaded_again(aws, make_settings):
     assert store.put("k/0.png", body, "image/png", sha) is True and versions() == 1
     assert store.put("k/0.png", body, "image/png", sha) is False and versions() == 1  # refused by If-None-Match
     other = png_bytes(color=(9, 9, 9))
-    assert store.put("k/0.png", other, "image/png", hashlib.sha256(other).hexdigest()) is True and versions() == 2
-    assert aws.get_object(Bucket="archive", Key="k/0.png")["Body"].read() == other
+    with pytest.raises(KeyHeld):  # other bytes: kept (another run stored them first)
+        store.put("k/0.png", other, "image/png", hashlib.sha256(other).hexdigest())
+    assert versions() == 1 and store.read("k/0.png") == body
+    assert store.put("k/0.png", other, "image/png", hashlib.sha256(other).hexdigest(), replace=True) is True
+    assert versions() == 2 and store.read("k/0.png") == other
 
 
 def test_s3_store_without_conditional_writes_falls_back_to_plain_puts(aws, make_settings):
@@ -273,6 +279,12 @@ def test_s3_store_without_conditional_writes_falls_back_to_plain_puts(aws, make_
     body = png_bytes()
     assert store.put("k/0.png", body, "image/png", hashlib.sha256(body).hexdigest()) is True
     assert store.conditional is False
+    assert aws.get_object(Bucket="archive", Key="k/0.png")["Body"].read() == body
+    # Without If-None-Match a HEAD first still keeps what is there: the same bytes, or another run's.
+    assert store.put("k/0.png", body, "image/png", hashlib.sha256(body).hexdigest()) is False
+    other = png_bytes(color=(9, 9, 9))
+    with pytest.raises(KeyHeld):
+        store.put("k/0.png", other, "image/png", hashlib.sha256(other).hexdigest())
     assert aws.get_object(Bucket="archive", Key="k/0.png")["Body"].read() == body
 
 

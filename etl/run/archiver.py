@@ -7,6 +7,7 @@ load writes nothing (`NothingWritten`), so the two can never drift apart.
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import threading
 import time
@@ -22,12 +23,12 @@ from etl.config import Settings
 from etl.db import Archive, Database, DataRefused, Held, HeldRow, UpsertCounts
 from etl.enrich import SentimentEnricher
 from etl.errors import LoadError, MediaError, StoreError
-from etl.media import Downloader, without_userinfo
+from etl.media import Downloader, Fetched, sniff_image, without_userinfo
 from etl.progress import LiveCounts
 from etl.records import Media, Post, cap_caption, chunked, clean_text
 from etl.run.stats import RunStats, StageClock
 from etl.shards import Shard
-from etl.store import ObjectStore, object_key
+from etl.store import EXTENSIONS, KeyHeld, ObjectStore, object_key
 
 log = logging.getLogger(__name__)
 
@@ -616,7 +617,10 @@ class Archiver:
             key = object_key(self.settings.s3_prefix, platform, created_at, post_id, position, fetched.content_type)
             assert self.store is not None
             with self.clock("store"):
-                self.store.put(key, fetched.body, fetched.content_type, fetched.sha256, replace=replace)
+                try:
+                    self.store.put(key, fetched.body, fetched.content_type, fetched.sha256, replace=replace)
+                except KeyHeld:
+                    fetched = self._held_image(key, fetched)
         except MediaError as exc:
             media.status, media.error, media.permanent, media.tried = "failed", str(exc), exc.permanent, exc.requested
         except StoreError as exc:
@@ -638,6 +642,29 @@ class Archiver:
                 "image failed: %s/%s #%d %s: %s", platform, post_id, position, media.source_url[:200], media.error
             )
         return media
+
+    def _held_image(self, key: str, fetched: Fetched) -> Fetched:
+        """The image under `key` when another run stored other bytes there first (a run at the same time, or one
+        killed before it recorded them; the platform served another version of the image). Those bytes stay, and
+        are what this image's row records: the row and the object agree, whichever run records it (a post's
+        first image version is kept, as within one run). Bytes that are not an image of the key's type are replaced."""
+        assert self.store is not None
+        body = self.store.read(key)
+        try:
+            content_type, width, height = sniff_image(body, self.downloader.budget)
+        except MediaError as exc:
+            content_type, width, height, why = "", 0, 0, str(exc)
+        else:
+            why = f"it is {content_type}"
+        if key.endswith("." + EXTENSIONS.get(content_type, "?")):
+            log.info(
+                "%s: another run stored this image first (%d bytes; this download had %d): that one is kept",
+                key, len(body), len(fetched.body),
+            )  # fmt: skip
+            return Fetched(body, content_type, hashlib.sha256(body).hexdigest(), width, height, fetched.final_url)
+        log.warning("%s held bytes that are no image of its key (%s): replaced", key, why)
+        self.store.put(key, fetched.body, fetched.content_type, fetched.sha256, replace=True)
+        return fetched
 
     def _results(self, futures: dict[Any, Future], unfinished: Callable[[Any], Media]) -> dict[Any, Media]:
         """The Media of every future; once a stop is requested, those not done within ETL_STOP_GRACE seconds
