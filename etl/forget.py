@@ -21,7 +21,7 @@ from etl.db.deletions import delete_post_rows, held_posts, mark_deleted_at_sourc
 from etl.errors import UsageError
 from etl.records import clean_text
 from etl.store import ObjectStore
-from etl.store_ops import delete_object, iter_keys, post_prefix
+from etl.store_ops import delete_object, iter_keys, keys_of_post_any_day, post_prefix
 
 log = logging.getLogger(__name__)
 BATCH = 500
@@ -68,8 +68,13 @@ def forget_posts(
         if store is not None:
             doomed = set(stored_keys)
             for platform, post_id, created_at in batch:
-                if created_at is not None:  # and whatever else lies in the post's folder (an unrecorded upload)
-                    doomed.update(iter_keys(store, post_prefix(settings.s3_prefix, platform, created_at, post_id)))
+                # and whatever else lies in the post's folder (an unrecorded upload); a post the archive does not
+                # hold (a killed run stored its images, never its row) has no date: its folder is looked for by day
+                doomed.update(
+                    iter_keys(store, post_prefix(settings.s3_prefix, platform, created_at, post_id))
+                    if created_at is not None
+                    else keys_of_post_any_day(store, settings.s3_prefix, platform, post_id)
+                )
             for key in sorted(doomed):
                 if delete_object(store, key):
                     result.objects += 1

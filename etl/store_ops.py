@@ -128,6 +128,45 @@ def iter_keys(store: ObjectStore, prefix: str) -> Iterator[str]:
     raise StoreError(f"cannot list {store.describe()}")
 
 
+def keys_of_post_any_day(store: ObjectStore, prefix: str, platform: str, post_id: str) -> Iterator[str]:
+    """Every key of one post whose date is not known (a post the archive does not hold: a killed run stored its
+    images and never recorded it): its folder is looked for under every day the store holds for its platform.
+    Local: one directory walk of the year/month/day folders. S3: the year, month and day prefixes listed with a
+    delimiter, then one listing of the post's folder per day (a few hundred requests per archived year)."""
+    base = f"{prefix}{safe_segment(platform)}/"
+    folder = safe_segment(post_id) + "/"
+    days = [base]
+    for _ in range(3):  # years, months, days
+        days = [sub for parent in days for sub in _subfolders(store, parent)]
+    for day in days:
+        yield from iter_keys(store, day + folder)
+
+
+def _subfolders(store: ObjectStore, parent: str) -> Iterator[str]:
+    """The folder-like prefixes right under `parent` ('2026/' under 'mock/'), sorted."""
+    if isinstance(store, LocalStore):
+        try:
+            names = sorted(e.name for e in os.scandir(store.path(parent.rstrip("/"))) if e.is_dir(follow_symlinks=False))
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        except OSError as exc:
+            raise StoreError(f"cannot list {parent}: {exc}") from exc
+        yield from (f"{parent}{name}/" for name in names)
+        return
+    if isinstance(store, S3Store):
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            pages = store.client.get_paginator("list_objects_v2").paginate(Bucket=store.bucket, Prefix=parent, Delimiter="/")
+            for page in pages:
+                for item in page.get("CommonPrefixes") or []:
+                    yield item["Prefix"]
+        except (ClientError, BotoCoreError) as exc:
+            raise StoreError(f"S3 listing of {parent} failed: {exc}") from exc
+        return
+    raise StoreError(f"cannot list {store.describe()}")
+
+
 def delete_object(store: ObjectStore, key: str) -> bool:
     """Delete one object; True if it was there (local store: and remove the folders it leaves empty)."""
     if isinstance(store, LocalStore):

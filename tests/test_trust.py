@@ -431,6 +431,46 @@ def test_an_image_retried_while_its_post_is_tombstoned_is_dropped(db, make_setti
     assert not list((tmp_path / "data" / "objects" / "jsonl").rglob("*.png"))  # what the retry stored: deleted
 
 
+@pytest.mark.fault("forget --post of a post a killed run stored images of but never recorded: its objects go, whatever their day")
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_forget_of_a_post_never_recorded_deletes_what_a_killed_run_stored(db, run_etl, tmp_path, where, request):
+    # The post has no row, so no date, so no folder was looked in: the objects stayed after "forgot 1 post(s)".
+    env = {**BASE_ENV}
+    if where == "s3":
+        env = s3_env(request.getfixturevalue("moto_endpoint"))
+        s3 = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1",
+                          aws_access_key_id="testing", aws_secret_access_key="testing")  # fmt: skip
+        s3.create_bucket(Bucket="trust")
+
+        def put(key: str) -> None:
+            s3.put_object(Bucket="trust", Key=key, Body=png_bytes())
+
+        def held() -> list[str]:
+            return sorted(o["Key"] for o in s3.list_objects_v2(Bucket="trust").get("Contents", []))
+
+        prefix = "arch/"
+    else:
+        root = tmp_path / "data" / "objects"
+
+        def put(key: str) -> None:
+            (root / key).parent.mkdir(parents=True, exist_ok=True)
+            (root / key).write_bytes(png_bytes())
+
+        def held() -> list[str]:
+            return sorted(p.relative_to(root).as_posix() for p in root.rglob("*.png"))
+
+        prefix = ""
+    orphans = [f"{prefix}jsonl/2024/02/29/p9/0.png", f"{prefix}jsonl/2026/11/30/p9/1.png"]
+    others = [f"{prefix}jsonl/2024/02/29/p10/0.png", f"{prefix}mastodon/2026/11/30/p9/0.png"]
+    for key in orphans + others:
+        put(key)
+    done = run_etl("forget", "--post", "jsonl:p9", env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "2 object(s) deleted" in done.stdout, done.stdout
+    assert held() == sorted(others)
+    assert query(db.dsn, "SELECT platform, post_id FROM forgotten_posts") == [("jsonl", "p9")]
+
+
 def test_forget_an_author_is_a_dry_run_until_yes(db, run_etl, tmp_path):
     lines = [record(post_id=f"a{i}", author_username="ana") for i in range(3)] + [record(post_id="b1", author_username="bo")]
     path = write_jsonl(tmp_path / "posts.jsonl", lines)
