@@ -15,7 +15,7 @@ from etl.records import Sentiment, copy_text
 
 def decisions(enricher: SentimentEnricher, rows: Sequence[tuple]) -> list[tuple]:
     """The decision of each stored row (id, caption, label, polarity, subjectivity, language, language_source,
-    skipped, version) under `enricher`. A row decided by the same scorer and language detector (only the threshold
+    skipped, version, seen) under `enricher`. A row decided by the same scorer and language detector (only the threshold
     changed) keeps its score and language and is labelled again from its polarity: nothing to detect or score."""
     keeps = [kept(enricher, row) for row in rows]
     todo = [row for row, keep in zip(rows, keeps, strict=True) if not keep]
@@ -47,7 +47,7 @@ def decide_rows(enricher: SentimentEnricher, rows: Sequence[tuple]) -> tuple[str
         # reenrich, its score reused by runs); its updated_at stays (the data did not change).
         same = row[2:8] == (*new, lang, lang_source, why)
         changed += not same
-        written.append((row[0], not same, *new, lang, lang_source, why))
+        written.append((row[0], not same, *new, lang, lang_source, why, row[9]))
     return decision_lines(written), changed, tally
 
 
@@ -68,9 +68,9 @@ def _num(value: float | None) -> str:
 
 def decision_lines(written: Iterable[Sequence[Any]]) -> str:
     """Re-enrichment decisions, each (id, changed, label, polarity, subjectivity, language, language_source,
-    skipped), as the text write_decisions() copies (each field's type known: no per-value dispatch)."""
+    skipped, seen), as the text write_decisions() copies (each field's type known: no per-value dispatch)."""
     return "".join([
         f"{row_id}\t{'t' if changed else 'f'}\t{_opt(label)}\t{_num(polarity)}\t{_num(subjectivity)}\t"
-        f"{_opt(language)}\t{_opt(source)}\t{_opt(skipped)}\n"
-        for row_id, changed, label, polarity, subjectivity, language, source, skipped in written
+        f"{_opt(language)}\t{_opt(source)}\t{_opt(skipped)}\t{seen}\n"
+        for row_id, changed, label, polarity, subjectivity, language, source, skipped, seen in written
     ])  # fmt: skip

@@ -201,3 +201,30 @@ def test_a_caption_a_run_changed_while_reenrich_scored_it_keeps_the_runs_score(d
     module.reenrich(db, SentimentEnricher(settings.sentiment_threshold, detect_language=settings.detect_language), RunStats(), workers=1)
     # The happy caption's decision is not written over the angry caption's score (stamped current, it would stay).
     assert query(db.dsn, "SELECT caption, sentiment FROM social_posts") == [(ANGRY, "negative")]
+
+
+@pytest.mark.fault("a run with another threshold edits a caption while reenrich scores it: the old caption's score is not written")
+def test_a_caption_a_run_with_another_version_changed_while_reenrich_scored_it_keeps_the_runs_score(
+    db, make_settings, tmp_path, monkeypatch
+):
+    # The guard looked only at the version stamp: a run configured otherwise (the cron host's .env with another
+    # SENTIMENT_THRESHOLD) stamps another version, so the happy caption's decision went over the angry caption.
+    settings = make_settings(DATABASE_URL=db.dsn, ETL_RECHECK_POSTS="0")
+    other = make_settings(DATABASE_URL=db.dsn, ETL_RECHECK_POSTS="0", SENTIMENT_THRESHOLD="0.2")
+    assert _run(other, write_jsonl(tmp_path / "a.jsonl", [record(post_id="p1", caption=HAPPY)])).exit_code == 0
+    write = module._write
+
+    def write_after_a_run(*args):
+        assert _run(other, write_jsonl(tmp_path / "b.jsonl", [record(post_id="p1", caption=ANGRY)])).exit_code == 0
+        return write(*args)
+
+    monkeypatch.setattr(module, "_write", write_after_a_run)
+    enricher = SentimentEnricher(settings.sentiment_threshold, detect_language=settings.detect_language)
+    module.reenrich(db, enricher, RunStats(), workers=1)
+    [(caption, sentiment, version)] = query(db.dsn, "SELECT caption, sentiment, sentiment_version FROM social_posts")
+    assert (caption, sentiment) == (ANGRY, "negative") and version != enricher.version  # read again next time
+    monkeypatch.undo()
+    module.reenrich(db, enricher, RunStats(), workers=1)
+    assert query(db.dsn, "SELECT caption, sentiment, sentiment_version FROM social_posts") == [
+        (ANGRY, "negative", enricher.version)
+    ]

@@ -14,7 +14,7 @@ from etl.db.scans import named_cursor
 
 UNSCORED_SQL = (
     "SELECT id, caption, sentiment, sentiment_polarity, sentiment_subjectivity, language, language_source,"
-    " sentiment_skipped, sentiment_version FROM social_posts"
+    " sentiment_skipped, sentiment_version, " + "md5(ROW(caption, language, language_source)::text) FROM social_posts"
     " WHERE (%(platform)s::text IS NULL OR platform = %(platform)s)"
     " AND (%(since)s::timestamptz IS NULL OR created_at >= %(since)s)"
     " AND sentiment_version IS DISTINCT FROM %(version)s ORDER BY id"
@@ -24,7 +24,8 @@ def unscored_posts(
     reader: psycopg2.extensions.connection, platform: str | None, since: datetime | None, version: str, batch_size: int
 ) -> Iterator[psycopg2.extensions.cursor]:
     """A server-side cursor on `reader` over the posts not scored by enricher `version`, in id order: (id, caption,
-    sentiment, polarity, subjectivity, language, language_source, sentiment_skipped, sentiment_version)."""
+    sentiment, polarity, subjectivity, language, language_source, sentiment_skipped, sentiment_version, seen: what
+    the decision is made from, hashed, for write_decisions to find the rows a run changed since)."""
     with named_cursor(reader, "reenrich_scan", batch_size) as scan:
         scan.execute(UNSCORED_SQL, {"platform": platform, "since": since, "version": version})
         yield scan
@@ -38,11 +39,12 @@ def unscored_posts(
 _PREPARE_DECISIONS = (
     "SET LOCAL synchronous_commit = off;"
     " CREATE TEMP TABLE IF NOT EXISTS reenrich_decisions (id BIGINT, changed BOOLEAN, label TEXT,"
-    " polarity DOUBLE PRECISION, subjectivity DOUBLE PRECISION, language TEXT, language_source TEXT, skipped TEXT)"
+    " polarity DOUBLE PRECISION, subjectivity DOUBLE PRECISION, language TEXT, language_source TEXT, skipped TEXT,"
+    " seen TEXT)"
     " ON COMMIT DELETE ROWS; DELETE FROM reenrich_decisions"
 )
 _COPY_DECISIONS = (
-    "COPY reenrich_decisions (id, changed, label, polarity, subjectivity, language, language_source, skipped)"
+    "COPY reenrich_decisions (id, changed, label, polarity, subjectivity, language, language_source, skipped, seen)"
     " FROM STDIN"
 )
 _APPLY_DECISIONS = (
@@ -55,9 +57,12 @@ _APPLY_DECISIONS = (
     " sentiment_skipped = CASE WHEN v.changed THEN v.skipped ELSE p.sentiment_skipped END,"
     " updated_at = CASE WHEN v.changed THEN now() ELSE p.updated_at END"
     " FROM reenrich_decisions AS v WHERE p.id = v.id AND p.id BETWEEN %(first)s AND %(last)s"
-    # A run that changed the post since the scan read it scored its new caption and stamped this same version: the
-    # decision, made from the caption the scan read, is not for that row any more.
+    # A run that changed the post since the scan read it scored its new caption: the decision, made from the caption
+    # (and platform language) the scan read, is not for that row any more, whatever version the run stamped (a run
+    # configured with another threshold stamps another). The row keeps the run's decision; if its version is not
+    # this one, the next reenrich reads it again.
     " AND p.sentiment_version IS DISTINCT FROM %(version)s"
+    " AND md5(ROW(p.caption, p.language, p.language_source)::text) = v.seen"
 )
 
 
