@@ -103,6 +103,8 @@ def verify_command(args: argparse.Namespace, settings: Settings, out: IO[str], s
         "  unexpected objects "
         + (str(stats.unexpected) if stats.listed else "not looked for (a sampled check, or the listing failed)"),
     ]
+    if stats.changed_meanwhile:
+        lines.append(f"  {stats.changed_meanwhile} image(s) forgotten or stored again by a run while read: not judged")
     if stats.resumed_from:
         lines.append(f"  continued the check interrupted at {stats.resumed_from:%Y-%m-%d %H:%M:%S %Z}")
     if stats.missing or stats.changed:

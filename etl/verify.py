@@ -48,6 +48,7 @@ class VerifyStats(Outcome):
     changed: int = 0
     unreadable: int = 0  # a read that failed for another reason (network, permissions): not marked, retried
     unexpected: int = 0  # objects under our keys that no row knows
+    changed_meanwhile: int = 0  # rows forgotten or stored again by a run while verify read them: not judged
     bytes_read: int = 0
     resumed_from: datetime | None = None
     listed: bool = False  # whether the store was listed for unexpected objects
@@ -71,7 +72,8 @@ class VerifyStats(Outcome):
     def counts(self) -> dict[str, Any]:
         return {
             "checked": self.checked, "ok": self.ok, "missing": self.missing, "changed": self.changed,
-            "unreadable": self.unreadable, "unexpected": self.unexpected, "bytes_read": self.bytes_read,
+            "unreadable": self.unreadable, "unexpected": self.unexpected, "changed_meanwhile": self.changed_meanwhile,
+            "bytes_read": self.bytes_read,
             "listed": self.listed, "resumed_from": self.resumed_from.isoformat() if self.resumed_from else None,
         }  # fmt: skip
 
@@ -174,17 +176,26 @@ class Verifier:
         for row, (fixity, problem, read) in zip(rows, results, strict=True):
             stats.checked += 1
             stats.bytes_read += read
-            row_id, key, _, _, platform, post_id, position = row
+            row_id, key, sha256 = row[:3]
             if fixity == "ok":
                 stats.ok += 1
-                ok.append((row_id,))
+                ok.append((row_id, key, sha256))
+            elif fixity != "unreadable":
+                bad.append((row_id, key, sha256, fixity, f"fixity check: {problem}"[:2000]))
+        marked = record_fixity(self.db, ok, bad)  # the bad ones failed, to be refetched by the next run
+        for row, (fixity, problem, _) in zip(rows, results, strict=True):
+            row_id, key, _, _, platform, post_id, position = row
+            if fixity == "ok":
+                continue
+            if fixity != "unreadable" and row_id not in marked:
+                # Forgotten (ETL_DELETED_AT_SOURCE=forget in a run), or stored again by a run's repair, since the
+                # scan read the row: not a damage of the archive.
+                stats.changed_meanwhile += 1
+                log.info("%s/%s image %d (%s) changed while verify read it: not judged", platform, post_id, position, key)
                 continue
             setattr(stats, fixity, getattr(stats, fixity) + 1)
             stats.problem(f"{fixity}: {platform}/{post_id} image {position} ({key}): {problem}")
             log.warning("fixity %s: %s/%s image %d at %s: %s", fixity, platform, post_id, position, key, problem)
-            if fixity != "unreadable":
-                bad.append((row_id, fixity, f"fixity check: {problem}"[:2000]))
-        record_fixity(self.db, ok, bad)  # the bad ones failed, to be refetched by the next run
 
     # -- objects no row knows --------------------------------------------------------------------
 

@@ -242,6 +242,53 @@ def test_a_sample_rotates_and_an_interrupted_verify_is_continued(db, make_settin
     assert verify_once(full).checked == 6  # a finished check: the next one starts again from the start
 
 
+@pytest.mark.fault("a run forgets a post (deleted at source) and repairs another while verify reads them: neither is judged")
+def test_verify_does_not_judge_rows_a_run_forgot_or_stored_again_while_it_read_them(db, make_settings, monkeypatch):
+    # verify read the rows, then a run forgot p0 (its object deleted) and stored p1 again (another object, another
+    # sha256): verify reported p0 missing and p1 changed, and marked the freshly repaired p1 failed.
+    from etl import verify as verify_module
+    from etl.forget import forget_posts
+    from etl.store import LocalStore
+
+    settings = make_settings(ETL_CONCURRENCY="1")  # the objects read one after another: the run lands before all
+    store = LocalStore(settings.objects_dir)
+    store.check()
+    with db.transaction() as cur:
+        for i in range(3):
+            body = png_bytes(8, 6, (i, 0, 0))
+            key = f"jsonl/2024/03/01/p{i}/0.png"
+            store.put(key, body, "image/png", hashlib.sha256(body).hexdigest())
+            cur.execute("INSERT INTO social_posts (platform, post_id, created_at) VALUES ('jsonl', %s, '2024-03-01')", (f"p{i}",))
+            cur.execute(
+                "INSERT INTO post_media (platform, post_id, position, source_url, storage_key, sha256, bytes, status)"
+                " VALUES ('jsonl', %s, 0, 'http://x/', %s, %s, %s, 'stored')",
+                (f"p{i}", key, hashlib.sha256(body).hexdigest(), len(body)),
+            )
+    verifier = verify_module.Verifier(settings, db, store)
+    check = verifier._check
+    done = []
+
+    def check_after_a_run(row):
+        if not done:  # the run lands after the scan read the batch, before the objects are read
+            done.append(True)
+            forget_posts(db, store, settings, [("jsonl", "p0", None)], "deleted at source: test")
+            repaired = png_bytes(9, 9, (0, 9, 0))
+            key = "jsonl/2024/03/01/p1/0.png"
+            store.put(key, repaired, "image/png", hashlib.sha256(repaired).hexdigest(), replace=True)
+            with db.transaction() as cur:
+                cur.execute("UPDATE post_media SET sha256 = %s, bytes = %s WHERE post_id = 'p1'",
+                            (hashlib.sha256(repaired).hexdigest(), len(repaired)))  # fmt: skip
+        return check(row)
+
+    monkeypatch.setattr(verifier, "_check", check_after_a_run)
+    stats = verifier.run(verify_module.Scope())
+    assert (stats.missing, stats.changed, stats.ok, stats.changed_meanwhile) == (0, 0, 1, 2), stats.problems
+    assert query(db.dsn, "SELECT post_id, status, fixity FROM post_media ORDER BY post_id") == [
+        ("p1", "stored", None), ("p2", "stored", "ok")
+    ]
+    assert not stats.partial
+
+
 # -- deletions --------------------------------------------------------------------------------------
 
 
@@ -467,7 +514,7 @@ def test_forget_of_a_post_never_recorded_deletes_what_a_killed_run_stored(db, ru
     done = run_etl("forget", "--post", "jsonl:p9", env=env)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "2 object(s) deleted" in done.stdout, done.stdout
-    assert held() == sorted(others)
+    assert [k for k in held() if k in orphans + others] == sorted(others)  # (moto's buckets outlive a test)
     assert query(db.dsn, "SELECT platform, post_id FROM forgotten_posts") == [("jsonl", "p9")]
 
 

@@ -33,13 +33,21 @@ SCAN_SQL = (
     " ORDER BY m.verified_at NULLS FIRST, m.id"
 )
 SCAN_SAMPLE_SQL = SCAN_SQL + " LIMIT %(limit)s"
-FIXITY_OK_SQL = "UPDATE post_media m SET fixity = 'ok', verified_at = now() FROM (VALUES %s) AS v(id) WHERE m.id = v.id"
+# A result is for the row as the scan read it: a row a run stored again meanwhile (a repair: another object, another
+# sha256), or whose post was forgotten (tombstone first, then its objects deleted: "missing"), is not judged by it.
+_AS_READ = (
+    " WHERE m.id = v.id AND m.status = 'stored' AND m.storage_key = v.key AND m.sha256 IS NOT DISTINCT FROM v.sha256"
+    " AND NOT EXISTS (SELECT 1 FROM forgotten_posts f WHERE f.platform = m.platform AND f.post_id = m.post_id)"
+)
+FIXITY_OK_SQL = (
+    "UPDATE post_media m SET fixity = 'ok', verified_at = now() FROM (VALUES %s) AS v(id, key, sha256)" + _AS_READ
+)
 # Failed, with its attempts reset: the next run refetches it from its source URL and overwrites the object
 # (Archiver.retry_failed_images, etl/run/archiver.py); a 404 there marks it failed for good.
 FIXITY_BAD_SQL = (
     "UPDATE post_media m SET status = 'failed', fixity = v.fixity, verified_at = now(), attempts = 0,"
     " permanent = false, last_error = v.error, updated_at = now()"
-    " FROM (VALUES %s) AS v(id, fixity, error) WHERE m.id = v.id"
+    " FROM (VALUES %s) AS v(id, key, sha256, fixity, error)" + _AS_READ + " RETURNING m.id"
 )
 KNOWN_KEYS_SQL = "SELECT storage_key FROM post_media WHERE storage_key = ANY(%s)"
 
@@ -79,16 +87,20 @@ def images_to_verify(
         yield scan
 
 
-def record_fixity(db: Database, ok: Sequence[tuple[int]], bad: Sequence[tuple[int, str, str]]) -> None:
-    """Images found intact (id,) and damaged or missing (id, fixity, error), the latter failed to be refetched."""
+def record_fixity(
+    db: Database, ok: Sequence[tuple[int, str, str]], bad: Sequence[tuple[int, str, str, str, str]]
+) -> set[int]:
+    """Images found intact (id, key, sha256) and damaged or missing (id, key, sha256, fixity, error), the latter
+    failed to be refetched; each only where its row is still as the scan read it. Returns the ids marked failed."""
 
-    def write(cur: psycopg2.extensions.cursor) -> None:
+    def write(cur: psycopg2.extensions.cursor) -> set[int]:
         if ok:
             psycopg2.extras.execute_values(cur, FIXITY_OK_SQL, ok)
-        if bad:
-            psycopg2.extras.execute_values(cur, FIXITY_BAD_SQL, bad)
+        if not bad:
+            return set()
+        return {row[0] for row in psycopg2.extras.execute_values(cur, FIXITY_BAD_SQL, bad, fetch=True)}
 
-    db.run(write, what="recording fixity results")
+    return db.run(write, what="recording fixity results")
 
 
 def recorded_keys(db: Database, keys: list[str]) -> set[str]:
