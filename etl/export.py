@@ -115,7 +115,7 @@ def resolve_target(settings: Settings, to: str | None) -> Target:
             prefix = _s3_prefix(raw_prefix)
         except ValueError as exc:
             raise UsageError(f"--to {to!r}: the prefix {exc}") from None
-        store = S3Store(replace(settings, s3_bucket=bucket))
+        store = S3Store(replace(settings, s3_bucket=bucket), named=f"--to s3://{bucket}")
         return Target(store, prefix, f"s3://{bucket}/{prefix}")
     if "://" in to:
         raise UsageError(f"--to {to!r}: expected a directory or s3://BUCKET/PREFIX")

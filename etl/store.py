@@ -326,8 +326,12 @@ def _file_sha256(path: Path) -> str:
 class S3Store:
     """An S3 (or S3-compatible) bucket through one shared, thread-safe boto3 client, and a direct PUT path."""
 
-    def __init__(self, settings: Settings, client: object | None = None, credentials: object | None = None):
+    def __init__(
+        self, settings: Settings, client: object | None = None, credentials: object | None = None, *, named: str = ""
+    ):
         self.bucket = settings.s3_bucket
+        # What the user gave the bucket as, in every error about it: S3_BUCKET, or a command's --to s3://...
+        self.named = named or f"S3_BUCKET {self.bucket!r}"
         self.conditional = True  # If-None-Match on PUT; off for a store that answers 501 to it
         self.settings = settings
         # The direct path (S3_DIRECT_PUT) learns the URL layout and signing region from boto3's first PUT.
@@ -360,7 +364,7 @@ class S3Store:
         self._client = client
 
     def check(self) -> None:
-        """Fail before any work, naming S3_BUCKET, when the bucket is missing or not ours to use.
+        """Fail before any work, naming S3_BUCKET (or what `named` says), when the bucket is missing or not ours to use.
 
         A HEAD signed here answered 200 settles it without boto3; any other outcome is boto3's to judge and word.
         That HEAD's URL and signing are then the direct path's (S3_DIRECT_PUT) from the first PUT on: a run that
@@ -381,14 +385,14 @@ class S3Store:
         except ClientError as exc:
             code = str(exc.response.get("Error", {}).get("Code", ""))
             if code in ("404", "NoSuchBucket", "NotFound"):
-                raise ConfigError(f"S3_BUCKET {self.bucket!r} does not exist") from None
+                raise ConfigError(f"{self.named} does not exist") from None
             if code in ("403", "AccessDenied", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
                 raise ConfigError(
-                    f"S3_BUCKET {self.bucket!r}: access denied (check the AWS credentials and the bucket policy)"
+                    f"{self.named}: access denied (check the AWS credentials and the bucket policy)"
                 ) from None
-            raise ConfigError(f"S3_BUCKET {self.bucket!r} cannot be used: {code or exc}") from None
+            raise ConfigError(f"{self.named} cannot be used: {code or exc}") from None
         except BotoCoreError as exc:
-            raise ServiceUnavailable(f"S3_BUCKET {self.bucket!r} cannot be reached: {exc}") from None
+            raise ServiceUnavailable(f"{self.named} cannot be reached: {exc}") from None
 
     def put(self, key: str, body: bytes, content_type: str, sha256: str, *, replace: bool = False) -> bool:
         """One conditional PUT (If-None-Match: *): the normal case costs a single request, and an object an

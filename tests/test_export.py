@@ -346,6 +346,10 @@ def test_export_to_moto_s3_equals_postgres_and_a_rerun_puts_nothing(db, make_set
         other = resolve_target(settings, "s3://lake/elsewhere/")
         assert export(settings, db, other).written == {"posts": n, "media": n}
 
+        # A --to bucket that does not exist is named as given: S3_BUCKET ("lake") is fine.
+        with pytest.raises(ConfigError, match=r"^--to s3://no-such-lake does not exist$"):
+            export(settings, db, resolve_target(settings, "s3://no-such-lake/x/"))
+
 
 @pytest.mark.fault("an export raising after some partitions leaves each partition old or new; the next one finishes")
 def test_an_exception_mid_export_leaves_partitions_old_or_new_and_the_next_export_finishes(db, lake):
