@@ -82,6 +82,17 @@ def _non_negative_int(value: str) -> int:
     return int(value)
 
 
+def _shard_count(value: str) -> int:
+    import argparse
+
+    from etl.config import MAX_SHARDS
+
+    number = _positive_int(value)
+    if number > MAX_SHARDS:
+        raise argparse.ArgumentTypeError(f"{value!r} must be a whole number from 1 to {MAX_SHARDS} (Airflow's max_map_length)")
+    return number
+
+
 def _positive_int(value: str) -> int:
     import argparse
 
@@ -200,7 +211,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         "python etl.py plan --shards 4", "python etl.py plan --shards 4 --json",
         "python etl.py run --shard 2/4                      # what host 2 of 4 runs",
     )  # fmt: skip
-    plan.add_argument("--shards", type=_positive_int, default=None, metavar="N", help="how many shards (default: ETL_SHARDS)")
+    plan.add_argument("--shards", type=_shard_count, default=None, metavar="N", help="how many shards (default: ETL_SHARDS)")
     plan.add_argument("--json", action="store_true", help="machine-readable output")
 
     command(

@@ -106,6 +106,10 @@ def _one_of(*allowed: str, case: Callable[[str], str] = str.lower) -> Callable[[
 
 
 _positive_int = _checked(int, lambda v: v > 0, "must be a positive whole number")
+MAX_SHARDS = 1024  # as many as an Airflow mapped task takes by default (its max_map_length)
+_shard_count = _checked(
+    int, lambda v: 0 < v <= MAX_SHARDS, f"must be a whole number from 1 to {MAX_SHARDS} (Airflow's max_map_length)"
+)
 _non_negative_int = _checked(int, lambda v: v >= 0, "must be zero or more")
 # Finite only: inf (or 1e400) passed a comparison with 0, and then broke a timeout, a sleep or an SQL interval.
 _positive_float = _checked(float, lambda v: 0 < v < math.inf, "must be a positive number (finite)")
@@ -296,7 +300,7 @@ class Settings:
     source_paths: tuple[str, ...] = _setting(
         "ETL_SOURCE_PATHS", _list, (), "extra sources: comma list of .py files or module names, each registering a Source"
     )
-    shards: int = _setting("ETL_SHARDS", _positive_int, 1, "shards of the Airflow DAG's run by default (its param `shards`)")
+    shards: int = _setting("ETL_SHARDS", _shard_count, 1, "shards of the Airflow DAG's run by default (its param `shards`)")
     db_reconnect_seconds: float = _setting(
         "ETL_DB_RECONNECT_SECONDS", _seconds_or_zero, 15.0,
         "longest total wait (s, at most 86,400) for a lost database to come back; past it the run stops, naming the batch not loaded",

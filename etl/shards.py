@@ -9,13 +9,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from etl.config import MAX_SHARDS
 from etl.errors import UsageError
 
 if TYPE_CHECKING:
     from etl.sources.base import Source
 
 _SHARD = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
-MAX_SHARDS = 1024  # as many as an Airflow mapped task takes by default
 
 
 def bucket(name: str, count: int) -> int:

@@ -112,6 +112,18 @@ def test_an_infinite_or_too_long_wait_is_refused_naming_its_range(make_settings,
     assert str(info.value) == f"{name}={value!r} is invalid: {message}"
 
 
+@pytest.mark.badinput("ETL_SHARDS past 1,024 (Airflow's max_map_length): refused naming it, not as --shards")
+@pytest.mark.parametrize("value", ["1025", "0", "1000000"])
+def test_etl_shards_past_airflows_map_length_is_refused_naming_it(make_settings, run_etl, value):
+    with pytest.raises(ConfigError) as info:
+        make_settings(ETL_SHARDS=value)
+    assert str(info.value) == f"ETL_SHARDS={value!r} is invalid: must be a whole number from 1 to 1024 (Airflow's max_map_length)"
+    assert make_settings(ETL_SHARDS="1024").shards == 1024
+    if value == "1025":
+        planned = run_etl("plan", "--shards", value)
+        assert planned.returncode == ExitCode.CONFIG and "'1025' must be a whole number from 1 to 1024" in planned.stderr
+
+
 def test_the_float_bounds_accept_their_edges(make_settings):
     edges = make_settings(**{name: "86400" for name in SECONDS}, ETL_IMAGE_RETRY_BACKOFF_MINUTES="5256000")
     assert [getattr(edges, f) for f in ("connect_timeout", "read_timeout", "progress_seconds")] == [86400.0] * 3
