@@ -16,16 +16,24 @@ def checked_chunk(since: datetime, until: datetime, chunk_days: float) -> timede
     if not math.isfinite(chunk_days) or chunk_days <= 0:
         raise UsageError(f"--chunk-days must be a positive number of days (got {chunk_days!r})")
     if chunk_days * 86_400 < MIN_CHUNK.total_seconds():
-        raise UsageError(f"--chunk-days {chunk_days:g} is shorter than the smallest chunk, one minute ({1 / 1440:.6f} days)")
+        raise UsageError(
+            f"--chunk-days {chunk_days:g} is shorter than the smallest chunk, one minute "
+            f"(--chunk-days {_up_to_6_decimals(MIN_CHUNK / timedelta(days=1)):g} or more)"
+        )
     if until > since and chunk_days * 86_400 >= (until - since).total_seconds():
         return until - since  # one chunk (a longer one, 1e300 days, is no timedelta, and ended past the year 9999)
     chunk = timedelta(days=chunk_days)
     chunks = math.ceil((until - since) / chunk)
     if chunks > MAX_CHUNKS:
         # The smallest chunk that fits, rounded up to 6 decimals so that it really does.
-        fits = math.ceil((until - since) / timedelta(days=1) / MAX_CHUNKS * 1e6) / 1e6
+        fits = _up_to_6_decimals((until - since) / timedelta(days=1) / MAX_CHUNKS)
         raise UsageError(
             f"--chunk-days {chunk_days:g} cuts {since:%Y-%m-%d}..{until:%Y-%m-%d} into {chunks:,} chunks, more than "
             f"the {MAX_CHUNKS:,} one backfill may have; use --chunk-days {fits:g} or more"
         )
     return chunk
+
+
+def _up_to_6_decimals(days: float) -> float:
+    """`days` rounded up to 6 decimals: a size named as the least that fits must fit when typed back."""
+    return math.ceil(days * 1e6) / 1e6

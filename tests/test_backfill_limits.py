@@ -5,9 +5,11 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from datetime import timedelta
 
 import pytest
 
+from etl.errors import UsageError
 from tests.conftest import ROOT, query
 
 
@@ -25,7 +27,7 @@ def _backfill(tmp_path, dsn: str, *args: str) -> tuple[subprocess.CompletedProce
 @pytest.mark.parametrize(
     ("chunk", "message"),
     [
-        ("0.00001", "shorter than the smallest chunk, one minute"),
+        ("0.00001", "shorter than the smallest chunk, one minute (--chunk-days 0.000695 or more)"),
         ("0", "must be a positive number of days"),
         ("-1", "must be a positive number of days"),
         ("nan", "must be a positive number of days"),
@@ -55,6 +57,18 @@ def test_too_many_chunks_name_the_size_that_fits(tmp_path, db):
 
     since, until = datetime(2000, 1, 1, tzinfo=timezone.utc), datetime(2026, 1, 1, tzinfo=timezone.utc)
     assert (until - since) / checked_chunk(since, until, 0.9497) <= 10_000
+
+
+def test_the_smallest_chunk_named_is_accepted_when_typed_back():
+    # It was printed rounded down, 0.000694 days, which is under a minute and was refused again.
+    from datetime import datetime, timezone
+
+    from etl.backfill_limits import checked_chunk
+
+    since, until = datetime(2026, 1, 1, tzinfo=timezone.utc), datetime(2026, 1, 2, tzinfo=timezone.utc)
+    assert checked_chunk(since, until, 0.000695) >= timedelta(minutes=1)
+    with pytest.raises(UsageError, match=r"one minute \(--chunk-days 0\.000695 or more\)"):
+        checked_chunk(since, until, 0.000694)
 
 
 @pytest.mark.parametrize("chunk_days", [1e300, 3_000_000, 400])
