@@ -15,7 +15,7 @@ import pytest
 
 from etl.errors import ConfigError
 from etl.store import S3Store, answered_bucket, plain_bucket_url
-from tests.support import MODULES_AT_EXIT, iam_user_key, imported, s3_env, stored_keys, write_posts
+from tests.support import BUCKET, MODULES_AT_EXIT, iam_user_key, imported, s3_env, stored_keys, write_posts
 
 BORROWED = ("boto3", "botocore", "s3transfer")
 
@@ -299,3 +299,60 @@ def test_a_credentials_file_saying_more_than_keys_is_left_to_boto3(make_settings
     }  # fmt: skip
     found = plain_bucket_url(settings_of(make_settings, env), env)
     assert (found[0] if found else None) == ("http://127.0.0.1:9000/b-1" if plain else None)
+
+
+def _readme_policy(bucket: str, prefix: str) -> dict:
+    """The least-privilege IAM policy README's Security section gives, for `bucket` and `prefix` (it says
+    my-archive and social/)."""
+    import json
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    after = text[text.index("A least-privilege IAM policy for the archiver") :]
+    block = re.search(r"```json\n(.*?)```", after, re.S).group(1)
+    return json.loads(block.replace("my-archive", bucket).replace("social/", prefix))
+
+
+def test_the_readme_policy_allows_every_command(moto_s3, run_etl, http_server, db, tmp_path, monkeypatch):
+    """A moto IAM user holding exactly README's policy runs check, a run with images, verify, forget and export.
+    moto checks each request's action and resource (not conditions). The policy as it was (DeleteObject under
+    export/ only) refused forget; this test refuses it too."""
+    import json
+
+    from moto import settings as moto_settings
+
+    proxy, admin = moto_s3
+    iam = boto3.client("iam", endpoint_url=admin.meta.endpoint_url, region_name="us-east-1",
+                       aws_access_key_id="testing", aws_secret_access_key="testing")  # fmt: skip
+    iam.create_user(UserName="archiver")
+    policy = _readme_policy(BUCKET, "archive/")
+    # moto authorises a HEAD of the bucket as "s3:HeadBucket", which is no IAM action; AWS asks s3:ListBucket for it
+    moto_only = {"Effect": "Allow", "Action": "s3:HeadBucket", "Resource": f"arn:aws:s3:::{BUCKET}"}
+    policy["Statement"].append(moto_only)
+    iam.put_user_policy(UserName="archiver", PolicyName="readme", PolicyDocument=json.dumps(policy))
+    key = iam.create_access_key(UserName="archiver")["AccessKey"]
+    monkeypatch.setattr(moto_settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)  # every request checked from now on
+    for name in list(os.environ):
+        if name.startswith("AWS_") or name.lower().endswith("_proxy"):
+            monkeypatch.delenv(name)
+    env = s3_env(proxy, AWS_ACCESS_KEY_ID=key["AccessKeyId"], AWS_SECRET_ACCESS_KEY=key["SecretAccessKey"], ETL_SOURCES="mock",
+                 AWS_CONFIG_FILE=str(tmp_path / "none"), AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"))  # fmt: skip
+    posts = write_posts(tmp_path / "posts.jsonl", http_server, 3)
+    for args in (("check",), ("run", "--source", "jsonl", "--input", str(posts)), ("verify",),
+                 ("forget", "--post", "fixture:p0"), ("export",)):  # fmt: skip
+        done = run_etl(*args, env=env)
+        assert done.returncode == 0, (args, done.stdout + done.stderr[-3000:])
+    archiver = boto3.client("s3", endpoint_url=admin.meta.endpoint_url, region_name="us-east-1",
+                            aws_access_key_id=key["AccessKeyId"], aws_secret_access_key=key["SecretAccessKey"])  # fmt: skip
+    images = [k for k in stored_keys(archiver) if not k.startswith("archive/export/")]
+    assert sorted(k.rsplit("/", 2)[-2] for k in images) == ["p1", "p2"]  # p0 forgotten, its image deleted
+
+    old = json.loads(json.dumps(policy))  # the policy before: DeleteObject under export/ only
+    old["Statement"][0]["Action"] = ["s3:PutObject", "s3:GetObject"]
+    old["Statement"].append({"Effect": "Allow", "Action": ["s3:DeleteObject"], "Resource": f"arn:aws:s3:::{BUCKET}/archive/export/*"})
+    monkeypatch.setattr(moto_settings, "INITIAL_NO_AUTH_ACTION_COUNT", float("inf"))  # the admin's change
+    iam.put_user_policy(UserName="archiver", PolicyName="readme", PolicyDocument=json.dumps(old))
+    monkeypatch.setattr(moto_settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)
+    refused = run_etl("forget", "--post", "fixture:p1", env=env)
+    assert refused.returncode != 0 and "AccessDenied" in refused.stdout + refused.stderr
