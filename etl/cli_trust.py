@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from datetime import timezone
 from typing import IO, TYPE_CHECKING, Any
 
 from etl.config import Settings
@@ -135,7 +136,7 @@ def forget_command(args: argparse.Namespace, settings: Settings, out: IO[str]) -
             raise UsageError(f"no archived post by {author[0]}:{author[1]}")
         print(f"\nWould forget {len(posts)} post(s) by {author[0]}:{author[1]} (run again with --yes to do it):", file=out)
         for platform, post_id, created_at in posts[:200]:
-            print(f"  {platform}:{post_id}  {created_at:%Y-%m-%d %H:%M}", file=out)
+            print(f"  {platform}:{post_id}  {created_at.astimezone(timezone.utc):%Y-%m-%d %H:%M} UTC", file=out)
         if len(posts) > 200:
             print(f"  ... and {len(posts) - 200} more", file=out)
         return int(ExitCode.OK)

@@ -523,8 +523,10 @@ def test_forget_an_author_is_a_dry_run_until_yes(db, run_etl, tmp_path):
     path = write_jsonl(tmp_path / "posts.jsonl", lines)
     assert run_etl("run", "--source", "jsonl", "--input", str(path)).returncode == 0
 
-    dry = run_etl("forget", "--author", "jsonl:@ana")
+    dry = run_etl("forget", "--author", "jsonl:@ana", env={"PGTZ": "America/New_York"})  # a session in another zone
     assert dry.returncode == 0 and "Would forget 3 post(s)" in dry.stdout and "jsonl:a2" in dry.stdout
+    created = query(db.dsn, "SELECT to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI') FROM social_posts WHERE post_id = 'a2'")
+    assert f"jsonl:a2  {created[0][0]} UTC" in dry.stdout, dry.stdout  # was printed in the session's zone, unlabelled
     assert query(db.dsn, "SELECT count(*) FROM social_posts") == [(4,)]
     assert query(db.dsn, "SELECT count(*) FROM forgotten_posts") == [(0,)]
 
