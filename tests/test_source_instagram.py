@@ -477,3 +477,30 @@ def test_contract_posts_fetches_the_fixtures(tmp_path):
     assert len(posts) == 7  # 4 own media + 3 from #coffee
     assert all(p.platform == "instagram" and p.created_at.tzinfo is not None for p in posts)
     assert len({p.post_id for p in posts}) == len(posts)
+
+
+@pytest.mark.parametrize("shift", ["spring forward", "fall back"])
+def test_the_hashtag_window_is_seven_times_24_hours_whatever_the_sessions_time_zone(db, monkeypatch, shift):
+    # "now() - 7 * interval '1 day'" counts calendar days of the session's zone: across a DST change 167 or 169 hours,
+    # so a hashtag was freed an hour early (a 31st search Meta refuses) or held an hour late.
+    from datetime import datetime, timedelta, timezone
+
+    from etl.db import Database
+
+    day = (datetime.now(timezone.utc) - timedelta(days=3)).timetuple().tm_yday  # a change of offset 3 days ago
+    if not 2 <= day <= 362:
+        pytest.skip("the made-up zone's rule needs a change inside the year")
+    rule = f"AAA0BBB,J{day},J365" if shift == "spring forward" else f"AAA0BBB,J1,J{day}"
+    monkeypatch.setenv("PGTZ", rule)  # libpq sends it as the session's TimeZone
+    searches = HashtagSearches(Database(db.dsn, display="test"))
+    inside, outside = "167.5", "168.5"
+    with db.transaction() as cur:
+        for tag, hours in (("inside", inside), ("outside", outside)):
+            cur.execute(
+                "INSERT INTO instagram_hashtags (user_id, hashtag, hashtag_id, first_searched_at)"
+                " VALUES (%s, %s, '1784', now() - %s * interval '1 hour')",
+                (USER_ID, tag, hours),
+            )
+    assert searches.known(USER_ID, "inside", 7) == ("1784", True)
+    assert searches.known(USER_ID, "outside", 7) == ("1784", False)
+    assert searches.in_window(USER_ID, 7) == {"inside"}

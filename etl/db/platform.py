@@ -10,18 +10,20 @@ from datetime import datetime
 
 from etl.db.connection import Database
 
+# The window is 7 x 24 hours: "1 day" in timestamptz arithmetic is a calendar day of the session's time zone, 23 or
+# 25 hours across a DST change (a server whose TimeZone is Europe/Berlin, say).
 _HASHTAG_KNOWN_SQL = (
-    "SELECT hashtag_id, first_searched_at > now() - %s * interval '1 day' FROM instagram_hashtags"
+    "SELECT hashtag_id, first_searched_at > now() - %s * interval '24 hours' FROM instagram_hashtags"
     " WHERE user_id = %s AND hashtag = %s"
 )
 _HASHTAGS_IN_WINDOW_SQL = (
-    "SELECT hashtag FROM instagram_hashtags WHERE user_id = %s AND first_searched_at > now() - %s * interval '1 day'"
+    "SELECT hashtag FROM instagram_hashtags WHERE user_id = %s AND first_searched_at > now() - %s * interval '24 hours'"
 )
 # A query inside the window neither counts again nor restarts the clock; one after it starts a new one.
 _HASHTAG_SEARCHED_SQL = (
     "INSERT INTO instagram_hashtags AS h (user_id, hashtag, hashtag_id) VALUES (%s, %s, %s)"
     " ON CONFLICT (user_id, hashtag) DO UPDATE SET hashtag_id = EXCLUDED.hashtag_id,"
-    " first_searched_at = CASE WHEN h.first_searched_at > now() - %s * interval '1 day'"
+    " first_searched_at = CASE WHEN h.first_searched_at > now() - %s * interval '24 hours'"
     " THEN h.first_searched_at ELSE now() END, last_queried_at = now()"
 )
 _QUOTA_SPENT_SQL = (
