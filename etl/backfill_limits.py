@@ -18,7 +18,7 @@ def checked_chunk(since: datetime, until: datetime, chunk_days: float) -> timede
     if chunk_days * 86_400 < MIN_CHUNK.total_seconds():
         raise UsageError(
             f"--chunk-days {chunk_days:g} is shorter than the smallest chunk, one minute "
-            f"(--chunk-days {_up_to_6_decimals(MIN_CHUNK / timedelta(days=1)):g} or more)"
+            f"(--chunk-days {_up_to_6_decimals(MIN_CHUNK / timedelta(days=1))} or more)"
         )
     if until > since and chunk_days * 86_400 >= (until - since).total_seconds():
         return until - since  # one chunk (a longer one, 1e300 days, is no timedelta, and ended past the year 9999)
@@ -29,11 +29,12 @@ def checked_chunk(since: datetime, until: datetime, chunk_days: float) -> timede
         fits = _up_to_6_decimals((until - since) / timedelta(days=1) / MAX_CHUNKS)
         raise UsageError(
             f"--chunk-days {chunk_days:g} cuts {since:%Y-%m-%d}..{until:%Y-%m-%d} into {chunks:,} chunks, more than "
-            f"the {MAX_CHUNKS:,} one backfill may have; use --chunk-days {fits:g} or more"
+            f"the {MAX_CHUNKS:,} one backfill may have; use --chunk-days {fits} or more"
         )
     return chunk
 
 
-def _up_to_6_decimals(days: float) -> float:
-    """`days` rounded up to 6 decimals: a size named as the least that fits must fit when typed back."""
-    return math.ceil(days * 1e6) / 1e6
+def _up_to_6_decimals(days: float) -> str:
+    """`days` rounded up to 6 decimals, as text with every one of them kept (`:g` kept 6 significant digits, and
+    rounded 1.000121 down to 1.00012): a size named as the least that fits must fit when typed back."""
+    return f"{math.ceil(days * 1e6) / 1e6:.6f}".rstrip("0").rstrip(".")

@@ -173,12 +173,16 @@ class _Writer:
 
 def _write(db: Database, enricher: SentimentEnricher, stats: RunStats, rows: list[tuple], parts: list[tuple]) -> None:
     with db.transaction() as cur:
-        write_decisions(cur, [text for text, _, _ in parts], enricher.version, [row[0] for row in rows])
-    changed = 0
-    for _, part_changed, tally in parts:  # counted once committed
-        changed += part_changed
-        stats.sentiment.update(tally)
+        applied = write_decisions(cur, [text for text, _, _ in parts], enricher.version, [row[0] for row in rows])
+    # Counted once committed, from what was written: a decision dropped because a run changed the post meanwhile
+    # is neither changed nor unchanged (the next reenrich reads the row again if its version is not this one).
+    written = 0
+    for changed, label, count in applied:
+        written += count
+        stats.updated += count if changed else 0
+        stats.sentiment[label or "unscored"] += count
     stats.fetched += len(rows)
-    stats.updated += changed
-    stats.unchanged += len(rows) - changed
+    stats.unchanged += written - sum(count for changed, _, count in applied if changed)
+    if written < len(rows):
+        log.info("%d post(s) changed by a run while reenrich scored them: left as the run wrote them", len(rows) - written)
     log.info("re-enriched %d posts so far, %d changed", stats.fetched, stats.updated)

@@ -268,7 +268,9 @@ class LocalStore:
 def _write_renamed(fd: int, tmp: str, path: str | Path, body: bytes, *, replace: bool) -> bool:
     """`body` written to the temporary file (fd, named tmp), which then becomes `path`; never left behind. Without
     `replace` a file already at `path` is kept (a hard link, which fails when the name is taken, where rename
-    would replace it): returns False then. A file system without hard links gets the rename."""
+    would replace it): returns False then. A file system without hard links (vfat, some FUSE and SMB mounts) gets
+    the file created exclusively at `path` instead: still never another's replaced, though a reader may see it
+    half-written, and a crash can leave it so (the next put finds no image there and replaces it)."""
     renamed = False
     try:
         with os.fdopen(fd, "wb") as f:
@@ -281,6 +283,7 @@ def _write_renamed(fd: int, tmp: str, path: str | Path, body: bytes, *, replace:
             except OSError as exc:
                 if exc.errno not in _NO_HARD_LINKS:
                     raise
+                return _write_exclusively(path, body)
             else:
                 return True
         os.replace(tmp, path)
@@ -289,6 +292,21 @@ def _write_renamed(fd: int, tmp: str, path: str | Path, body: bytes, *, replace:
     finally:
         if not renamed:  # linked (both names now), or failed: the temporary name goes
             Path(tmp).unlink(missing_ok=True)
+
+
+def _write_exclusively(path: str | Path, body: bytes) -> bool:
+    """`body` written into a file created at `path`, which must not exist (False if it does)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        return False
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(body)
+    except BaseException:
+        Path(path).unlink(missing_ok=True)
+        raise
+    return True
 
 
 _NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS}

@@ -178,20 +178,20 @@ class Verifier:
             stats.bytes_read += read
             row_id, key, sha256 = row[:3]
             if fixity == "ok":
-                stats.ok += 1
                 ok.append((row_id, key, sha256))
             elif fixity != "unreadable":
                 bad.append((row_id, key, sha256, fixity, f"fixity check: {problem}"[:2000]))
-        marked = record_fixity(self.db, ok, bad)  # the bad ones failed, to be refetched by the next run
+        judged = record_fixity(self.db, ok, bad)  # the bad ones failed, to be refetched by the next run
         for row, (fixity, problem, _) in zip(rows, results, strict=True):
             row_id, key, _, _, platform, post_id, position = row
-            if fixity == "ok":
-                continue
-            if fixity != "unreadable" and row_id not in marked:
+            if fixity != "unreadable" and row_id not in judged:
                 # Forgotten (ETL_DELETED_AT_SOURCE=forget in a run), or stored again by a run's repair, since the
                 # scan read the row: not a damage of the archive.
                 stats.changed_meanwhile += 1
                 log.info("%s/%s image %d (%s) changed while verify read it: not judged", platform, post_id, position, key)
+                continue
+            if fixity == "ok":
+                stats.ok += 1
                 continue
             setattr(stats, fixity, getattr(stats, fixity) + 1)
             stats.problem(f"{fixity}: {platform}/{post_id} image {position} ({key}): {problem}")

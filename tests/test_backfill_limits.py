@@ -80,3 +80,19 @@ def test_a_chunk_longer_than_the_backfill_is_the_whole_backfill(chunk_days):
 
     since, until = datetime(2026, 1, 1, tzinfo=timezone.utc), datetime(2026, 11, 1, tzinfo=timezone.utc)
     assert checked_chunk(since, until, chunk_days) == until - since
+
+
+def test_the_chunk_size_named_for_a_backfill_of_over_10000_days_is_accepted_when_typed_back():
+    # (Found by a hostile review.) Printed with :g, 6 significant digits: 1.000121 became "1.00012", refused again.
+    import re
+    from datetime import datetime, timezone
+
+    from etl.backfill_limits import checked_chunk
+
+    until = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    since = until - timedelta(days=10001, hours=5)
+    with pytest.raises(UsageError) as refused:
+        checked_chunk(since, until, 0.5)
+    named = re.search(r"use --chunk-days (\S+) or more", str(refused.value)).group(1)
+    assert named == "1.000121"
+    assert (until - since) / checked_chunk(since, until, float(named)) <= 10_000

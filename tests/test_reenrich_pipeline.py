@@ -30,7 +30,7 @@ def test_a_failed_write_stops_the_reenrich_with_its_error(db, monkeypatch):
         calls.append(len(parts))
         if len(calls) == 3:
             raise psycopg2.errors.DiskFull("could not extend file")
-        real(cur, parts, version, ids)
+        return real(cur, parts, version, ids)
 
     monkeypatch.setattr(module, "write_decisions", refuse_the_third)
     enricher = SentimentEnricher(0.1)
@@ -57,7 +57,7 @@ def test_batches_are_written_in_order_while_later_ones_are_decided(db, monkeypat
     def record(cur, parts, version, ids):
         written.append([int(line.split("\t", 1)[0]) for part in parts for line in part.splitlines()])
         assert list(ids) == written[-1]  # the posts the UPDATE reads between (their first and last id)
-        real(cur, parts, version, ids)
+        return real(cur, parts, version, ids)
 
     monkeypatch.setattr(module, "write_decisions", record)
     stats = RunStats()
@@ -122,7 +122,7 @@ def test_the_writer_writes_holding_the_fork_lock(db, monkeypatch):
 
     def watching(cur, parts, version, ids):
         seen.append((threading.current_thread().name, FORKING.held_here()))
-        real(cur, parts, version, ids)
+        return real(cur, parts, version, ids)
 
     monkeypatch.setattr(module, "write_decisions", watching)
     module.reenrich(db, SentimentEnricher(0.2), RunStats(), batch_size=100, workers=2)
@@ -228,3 +228,25 @@ def test_a_caption_a_run_with_another_version_changed_while_reenrich_scored_it_k
     assert query(db.dsn, "SELECT caption, sentiment, sentiment_version FROM social_posts") == [
         (ANGRY, "negative", enricher.version)
     ]
+
+
+def test_a_decision_the_write_skips_is_not_counted_changed(db, make_settings, tmp_path, monkeypatch):
+    # (Found by a hostile review.) The md5 guard (a caption a run with another SENTIMENT_THRESHOLD changed meanwhile) drops the decision in SQL,
+    # but _write counts it from the decider's tally: the summary says "changed 1 ... positive 1" for a row that
+    # reenrich did not touch and that now holds the run's negative score (and it is read, and counted, again next time).
+    settings = make_settings(DATABASE_URL=db.dsn, ETL_RECHECK_POSTS="0")
+    other = make_settings(DATABASE_URL=db.dsn, ETL_RECHECK_POSTS="0", SENTIMENT_THRESHOLD="0.2")
+    assert _run(settings, write_jsonl(tmp_path / "a.jsonl", [record(post_id="p1", caption=HAPPY)])).exit_code == 0
+    with db.transaction() as cur:  # scored by an older enricher: reenrich reads this row, and its decision changes it
+        cur.execute("UPDATE social_posts SET sentiment_version = 'textblob-old', sentiment = 'neutral', sentiment_polarity = 0")
+    write = module._write
+
+    def write_after_a_run(*args):
+        assert _run(other, write_jsonl(tmp_path / "b.jsonl", [record(post_id="p1", caption=ANGRY)])).exit_code == 0
+        return write(*args)
+
+    monkeypatch.setattr(module, "_write", write_after_a_run)
+    stats = RunStats()
+    module.reenrich(db, SentimentEnricher(settings.sentiment_threshold, detect_language=settings.detect_language), stats, workers=1)
+    assert query(db.dsn, "SELECT caption, sentiment FROM social_posts") == [(ANGRY, "negative")]  # not written: right
+    assert (stats.updated, stats.sentiment["positive"]) == (0, 0), (stats.updated, dict(stats.sentiment))

@@ -321,3 +321,37 @@ def test_partial_files_of_dead_writers_are_swept_and_live_ones_kept(tmp_path):
     assert not leftover.exists() and ours.exists()
     assert store.put("mock/2024/01/01/1/0.png", b"abc", "image/png", hashlib.sha256(b"abc").hexdigest())
     assert sorted(p.name for p in store.incoming.iterdir()) == [ours.name]  # a put leaves nothing behind
+
+
+def test_a_store_without_hard_links_still_never_replaces_another_runs_object(tmp_path: Path, monkeypatch):
+    # (Found by a hostile review.) On a file system without hard links (vfat/exFAT answer EPERM, a FUSE store ENOSYS, SMB EOPNOTSUPP) put()
+    # falls back to os.replace, which is exactly the clobbering the change removed: another run's object, written
+    # after this put's lstat and before its rename, is replaced by other bytes, and put() says True (no KeyHeld),
+    # so the row records this download while the other run's row records what was there: row and object disagree.
+    import errno
+    import os as os_module
+
+    import etl.store as store_module
+
+    def no_links(src, dst, *args, **kwargs):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(store_module.os, "link", no_links)
+    red, blue = png_bytes(color=(200, 0, 0)), png_bytes(color=(0, 0, 200))
+    key = object_key("", "mock", WHEN, "p1", 0, "image/png")
+    a, b = LocalStore(tmp_path / "objects"), LocalStore(tmp_path / "objects")
+    a.check()
+    os_module.makedirs(a.path(key).parent)  # the post's folder exists (both runs look into it)
+    real = store_module._write_renamed
+    landed = []
+
+    def other_run_lands_first(fd, tmp, path, body, **kwargs):
+        if body == blue and not landed:  # run A stores red between B's lstat and B's write
+            landed.append(a.put(key, red, "image/png", hashlib.sha256(red).hexdigest()))
+        return real(fd, tmp, path, body, **kwargs)
+
+    monkeypatch.setattr(store_module, "_write_renamed", other_run_lands_first)
+    with pytest.raises(KeyHeld):  # B finds A's object: kept, and B records its bytes
+        b.put(key, blue, "image/png", hashlib.sha256(blue).hexdigest())
+    assert landed == [True]
+    assert a.path(key).read_bytes() == red, "run A's object was replaced by other bytes"

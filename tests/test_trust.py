@@ -708,3 +708,124 @@ def test_ledger_and_stdout_never_hold_a_secret_in_verify(db, run_etl, tmp_path):
     result = run_etl("verify", env={"TWITTER_BEARER_TOKEN": secret})
     assert result.returncode == 0 and secret not in result.stdout + result.stderr
     assert secret not in json.dumps(query(db.dsn, "SELECT row_to_json(r)::text FROM etl_runs r"))
+
+
+@pytest.mark.fault("a damaged object verify marked for repair is read again by a shard run (no retries): it is repaired")
+def test_a_damaged_object_read_again_by_a_shard_run_is_repaired_not_recorded(db, make_settings, http_server, tmp_path):
+    # (Found by a hostile review.) verify found the object damaged (still a decodable PNG: bit rot in pixel data, or tampering) and marked the row
+    # failed for repair. The next thing to fetch the image is an Airflow shard (archive_shard: retry_images=False,
+    # the retry parts are separate tasks) or a backfill re-reading the post: archive_image with replace=False.
+    # The store raises KeyHeld, _held_image reads the damaged bytes back and the row records them as 'stored' with
+    # their sha256 and fixity cleared: the damage becomes the archive's truth, and no repair will ever come.
+    from etl import verify as verify_module
+    from etl.run.runner import Runner, RunRequest
+    from etl.shards import Shard
+    from etl.store import LocalStore
+
+    good = png_bytes(20, 10, (255, 0, 0))
+    http_server.routes["/a.png"] = Reply(body=good, content_type="image/png")
+    settings = make_settings(DATABASE_URL=db.dsn, ETL_ALLOW_PRIVATE_HOSTS="true", ETL_RECHECK_POSTS="0",
+                             ETL_IMAGE_RETRY_BACKOFF_MINUTES="0")  # fmt: skip
+    posts = write_jsonl(tmp_path / "p.jsonl", [record(post_id="p0", image_urls=[http_server.url("/a.png")])])
+
+    def run(**request):
+        runner = Runner(settings)
+        try:
+            return runner.execute(RunRequest(sources=["jsonl"], source_options={"jsonl": {"input": str(posts)}}, **request))
+        finally:
+            runner.close()
+
+    run()
+    (key,) = [k for (k,) in query(db.dsn, "SELECT storage_key FROM post_media WHERE status = 'stored'")]
+    damaged = png_bytes(20, 10, (0, 0, 0))  # a valid PNG of the key's type: other bytes
+    (settings.objects_dir / key).write_bytes(damaged)
+    store = LocalStore(settings.objects_dir)
+    stats = verify_module.Verifier(settings, db, store).run(verify_module.Scope())
+    assert stats.changed == 1
+    assert query(db.dsn, "SELECT status, fixity FROM post_media") == [("failed", "changed")]
+
+    run(shard=Shard.parse("1/1"), retry_images=False)  # as orchestrate.archive_shard runs it
+    assert (settings.objects_dir / key).read_bytes() == good, "the damaged object was kept"
+    assert query(db.dsn, "SELECT sha256 FROM post_media") == [(hashlib.sha256(good).hexdigest(),)]
+
+
+def test_verify_counts_an_intact_image_forgotten_meanwhile_as_changed_meanwhile_not_ok(db, make_settings, monkeypatch):
+    # The object was read intact, then a run forgot the post (ETL_DELETED_AT_SOURCE=forget) before verify recorded
+    # its results: FIXITY_OK_SQL matches no row (nothing recorded), yet the summary counts it `ok` and not
+    # `changed_meanwhile`, though README says a row changed meanwhile "is not judged by it, counted changed_meanwhile".
+    # checked = ok + missing + changed + unreadable + changed_meanwhile no longer holds for what was recorded.
+    from etl import verify as verify_module
+    from etl.forget import forget_posts
+    from etl.store import LocalStore
+
+    settings = make_settings()
+    store = LocalStore(settings.objects_dir)
+    store.check()
+    body = png_bytes(8, 6, (1, 0, 0))
+    key = "jsonl/2024/03/01/p0/0.png"
+    store.put(key, body, "image/png", hashlib.sha256(body).hexdigest())
+    with db.transaction() as cur:
+        cur.execute("INSERT INTO social_posts (platform, post_id, created_at) VALUES ('jsonl', 'p0', '2024-03-01')")
+        cur.execute(
+            "INSERT INTO post_media (platform, post_id, position, source_url, storage_key, sha256, bytes, status)"
+            " VALUES ('jsonl', 'p0', 0, 'http://x/', %s, %s, %s, 'stored')",
+            (key, hashlib.sha256(body).hexdigest(), len(body)),
+        )
+    record = verify_module.record_fixity
+
+    def forgotten_then_recorded(db_, ok, bad):
+        forget_posts(db, store, settings, [("jsonl", "p0", None)], "deleted at source: test")
+        return record(db_, ok, bad)
+
+    monkeypatch.setattr(verify_module, "record_fixity", forgotten_then_recorded)
+    stats = verify_module.Verifier(settings, db, store).run(verify_module.Scope())
+    assert query(db.dsn, "SELECT count(*) FROM post_media") == [(0,)]
+    assert (stats.checked, stats.ok, stats.changed_meanwhile) == (1, 0, 1)
+
+
+@pytest.mark.fault("the reply to verify's COMMIT is lost and its record is run again: the damage is still reported")
+def test_verify_reports_damage_when_its_record_is_run_again_after_a_lost_commit_reply(db, make_settings, monkeypatch):
+    # Database.run runs fn again when the connection is lost, and requires fn to be idempotent. record_fixity's
+    # writes are, but its result (the ids FIXITY_BAD_SQL's RETURNING marked) is not: when the COMMIT went through and
+    # its reply was lost, the second run finds the rows already failed (status <> 'stored'), returns no id, and
+    # verify counts the damaged image `changed_meanwhile`: "changed 0", exit 0, no problem reported.
+    import contextlib
+
+    import psycopg2
+
+    from etl import verify as verify_module
+    from etl.store import LocalStore
+
+    settings = make_settings()
+    store = LocalStore(settings.objects_dir)
+    store.check()
+    body = png_bytes(8, 6, (1, 0, 0))
+    key = "jsonl/2024/03/01/p0/0.png"
+    store.put(key, b"rotten", "image/png", hashlib.sha256(b"rotten").hexdigest())  # damaged
+    with db.transaction() as cur:
+        cur.execute("INSERT INTO social_posts (platform, post_id, created_at) VALUES ('jsonl', 'p0', '2024-03-01')")
+        cur.execute(
+            "INSERT INTO post_media (platform, post_id, position, source_url, storage_key, sha256, bytes, status)"
+            " VALUES ('jsonl', 'p0', 0, 'http://x/', %s, %s, %s, 'stored')",
+            (key, hashlib.sha256(body).hexdigest(), len(body)),
+        )
+    real_transaction, real_record = db.transaction, verify_module.record_fixity
+    armed = []
+
+    @contextlib.contextmanager
+    def reply_lost_once():
+        with real_transaction() as cur:
+            yield cur
+        if armed:  # committed; the reply never came
+            armed.clear()
+            raise psycopg2.OperationalError("server closed the connection unexpectedly")
+
+    def record(db_, ok, bad):
+        armed.append(True)
+        return real_record(db_, ok, bad)
+
+    monkeypatch.setattr(db, "transaction", reply_lost_once)
+    monkeypatch.setattr(verify_module, "record_fixity", record)
+    stats = verify_module.Verifier(settings, db, store).run(verify_module.Scope())
+    assert query(db.dsn, "SELECT status, fixity FROM post_media") == [("failed", "changed")]
+    assert (stats.changed, stats.changed_meanwhile) == (1, 0) and stats.partial

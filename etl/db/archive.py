@@ -95,10 +95,14 @@ _KEYS_JOIN = " JOIN (SELECT * FROM unnest(%s::text[], %s::text[]) AS k(platform,
 
 # Stored images, and failed ones not to fetch now: for good (permanent), out of attempts, or inside their backoff (as
 # the retry queue, FAILED_IMAGES_SQL, would have them): a post read again must not retry them more often than that.
+# Also those `verify` found damaged (failed, fixity set) and not waiting: a post read again fetches them as a repair,
+# overwriting the damaged object (otherwise its bytes, read back as another run's, would be recorded as the image).
 KNOWN_MEDIA_SQL = (
-    "SELECT m.platform, m.post_id, m.position, m.status, m.storage_key, m.storage_url, m.source_url"
-    " FROM post_media m" + _KEYS_JOIN + " WHERE m.status = 'stored' OR m.permanent OR m.attempts >= %s"
-    " OR m.attempts > 0 AND m.updated_at > now() - %s * LEAST(power(2, m.attempts - 1), 48) * interval '1 minute'"
+    "SELECT platform, post_id, position, status, storage_key, storage_url, source_url, fixity IS NOT NULL AND NOT waits"
+    " FROM (SELECT m.platform, m.post_id, m.position, m.status, m.storage_key, m.storage_url, m.source_url, m.fixity,"
+    " m.permanent OR m.attempts >= %s"
+    " OR m.attempts > 0 AND m.updated_at > now() - %s * LEAST(power(2, m.attempts - 1), 48) * interval '1 minute' AS waits"
+    " FROM post_media m" + _KEYS_JOIN + ") m WHERE status = 'stored' OR waits OR fixity IS NOT NULL"
 )
 NO_RETRY_LIMITS = (2_147_483_647, 0.0)  # (max attempts, backoff minutes): every failed image may be fetched again
 
@@ -377,20 +381,23 @@ def upsert_media(cur: psycopg2.extensions.cursor, media: Sequence[Media]) -> Non
 
 def known_media(
     cur: psycopg2.extensions.cursor, keys: Sequence[tuple[str, str]], retry: tuple[int, float] = NO_RETRY_LIMITS
-) -> tuple[dict[tuple[str, str, int], tuple[str, str]], dict[tuple[str, str, int], str]]:
-    """For the images of these posts: those already stored -> (storage_key, storage_url), and those that
-    failed and are not to be fetched now (for good, or by `retry`: (ETL_IMAGE_MAX_ATTEMPTS,
-    ETL_IMAGE_RETRY_BACKOFF_MINUTES)) -> the source_url that failed. Both are keyed (platform, post_id, position)."""
+) -> tuple[dict[tuple[str, str, int], tuple[str, str]], dict[tuple[str, str, int], str], set[tuple[str, str, int]]]:
+    """For the images of these posts: those already stored -> (storage_key, storage_url); those that failed and
+    are not to be fetched now (for good, or by `retry`: (ETL_IMAGE_MAX_ATTEMPTS, ETL_IMAGE_RETRY_BACKOFF_MINUTES))
+    -> the source_url that failed; and those `verify` found damaged, due now: repairs, whose object is overwritten.
+    All keyed (platform, post_id, position)."""
     if not keys:
-        return {}, {}
-    cur.execute(KNOWN_MEDIA_SQL, (*_key_arrays([(platform, clean_text(post_id)) for platform, post_id in keys]), *retry))
-    stored, hopeless = {}, {}
-    for platform, post_id, position, status, key, url, source_url in cur.fetchall():
+        return {}, {}, set()
+    cur.execute(KNOWN_MEDIA_SQL, (*retry, *_key_arrays([(platform, clean_text(post_id)) for platform, post_id in keys])))
+    stored, hopeless, repairs = {}, {}, set()
+    for platform, post_id, position, status, key, url, source_url, repair in cur.fetchall():
         if status == "stored":
             stored[(platform, post_id, position)] = (key, url)
+        elif repair:
+            repairs.add((platform, post_id, position))
         else:
             hopeless[(platform, post_id, position)] = source_url
-    return stored, hopeless
+    return stored, hopeless, repairs
 
 
 def set_first_image_urls(cur: psycopg2.extensions.cursor, media: Sequence[Media]) -> None:
@@ -479,6 +486,7 @@ class Held(NamedTuple):
     forgotten: set[tuple[str, str]]  # posts with a tombstone
     rows: dict[tuple[str, str], HeldRow] = {}  # stored posts (upsert_posts' `stored`); read-only
     busy: frozenset[tuple[str, str, int]] = frozenset()  # images an earlier batch of the run is fetching (Archiver)
+    repairs: frozenset[tuple[str, str, int]] = frozenset()  # images verify found damaged: fetched with replace
 
 
 # Where each of _POST_MUTABLE's values sits in a row of HELD_SQL (after tomb, platform, post_id, current).
@@ -531,8 +539,8 @@ def held(
             scores[(r[1], r[2])] = (r[caption], sentiment, r[language], r[source], r[skipped])
     # Image rows exist only for stored posts (a foreign key): the others need no look.
     with_images = [k for p in posts if p.image_urls and (k := (p.platform, clean_text(p.post_id))) in rows]
-    stored, hopeless = known_media(cur, list(dict.fromkeys(with_images)), retry) if with_images else ({}, {})
-    return Held(stored, hopeless, scores, tombstones, rows)
+    stored, hopeless, repairs = known_media(cur, list(dict.fromkeys(with_images)), retry) if with_images else ({}, {}, set())
+    return Held(stored, hopeless, scores, tombstones, rows, repairs=frozenset(repairs))
 
 
 class Archive:

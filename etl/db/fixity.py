@@ -35,19 +35,23 @@ SCAN_SQL = (
 SCAN_SAMPLE_SQL = SCAN_SQL + " LIMIT %(limit)s"
 # A result is for the row as the scan read it: a row a run stored again meanwhile (a repair: another object, another
 # sha256), or whose post was forgotten (tombstone first, then its objects deleted: "missing"), is not judged by it.
+# Each statement returns the rows it judged: Database.run may run the transaction again after a lost COMMIT reply,
+# so a row this verify marked failed already (status failed, fixity set, the same key and sha256) is one it judged.
 _AS_READ = (
-    " WHERE m.id = v.id AND m.status = 'stored' AND m.storage_key = v.key AND m.sha256 IS NOT DISTINCT FROM v.sha256"
+    " WHERE m.id = v.id AND m.storage_key = v.key AND m.sha256 IS NOT DISTINCT FROM v.sha256"
     " AND NOT EXISTS (SELECT 1 FROM forgotten_posts f WHERE f.platform = m.platform AND f.post_id = m.post_id)"
 )
 FIXITY_OK_SQL = (
-    "UPDATE post_media m SET fixity = 'ok', verified_at = now() FROM (VALUES %s) AS v(id, key, sha256)" + _AS_READ
+    "UPDATE post_media m SET fixity = 'ok', verified_at = now() FROM (VALUES %s) AS v(id, key, sha256)"
+    + _AS_READ + " AND m.status = 'stored' RETURNING m.id"
 )
 # Failed, with its attempts reset: the next run refetches it from its source URL and overwrites the object
 # (Archiver.retry_failed_images, etl/run/archiver.py); a 404 there marks it failed for good.
 FIXITY_BAD_SQL = (
     "UPDATE post_media m SET status = 'failed', fixity = v.fixity, verified_at = now(), attempts = 0,"
     " permanent = false, last_error = v.error, updated_at = now()"
-    " FROM (VALUES %s) AS v(id, key, sha256, fixity, error)" + _AS_READ + " RETURNING m.id"
+    " FROM (VALUES %s) AS v(id, key, sha256, fixity, error)"
+    + _AS_READ + " AND (m.status = 'stored' OR m.status = 'failed' AND m.fixity = v.fixity) RETURNING m.id"
 )
 KNOWN_KEYS_SQL = "SELECT storage_key FROM post_media WHERE storage_key = ANY(%s)"
 
@@ -91,14 +95,14 @@ def record_fixity(
     db: Database, ok: Sequence[tuple[int, str, str]], bad: Sequence[tuple[int, str, str, str, str]]
 ) -> set[int]:
     """Images found intact (id, key, sha256) and damaged or missing (id, key, sha256, fixity, error), the latter
-    failed to be refetched; each only where its row is still as the scan read it. Returns the ids marked failed."""
+    failed to be refetched; each only where its row is still as the scan read it. Returns the ids judged."""
 
     def write(cur: psycopg2.extensions.cursor) -> set[int]:
-        if ok:
-            psycopg2.extras.execute_values(cur, FIXITY_OK_SQL, ok)
-        if not bad:
-            return set()
-        return {row[0] for row in psycopg2.extras.execute_values(cur, FIXITY_BAD_SQL, bad, fetch=True)}
+        judged: set[int] = set()
+        for sql, rows in ((FIXITY_OK_SQL, ok), (FIXITY_BAD_SQL, bad)):
+            if rows:
+                judged.update(row[0] for row in psycopg2.extras.execute_values(cur, sql, rows, fetch=True, page_size=len(rows)))
+        return judged
 
     return db.run(write, what="recording fixity results")
 

@@ -48,7 +48,7 @@ _COPY_DECISIONS = (
     " FROM STDIN"
 )
 _APPLY_DECISIONS = (
-    "UPDATE social_posts AS p SET sentiment_version = %(version)s,"
+    "WITH applied AS (UPDATE social_posts AS p SET sentiment_version = %(version)s,"
     " sentiment = CASE WHEN v.changed THEN v.label ELSE p.sentiment END,"
     " sentiment_polarity = CASE WHEN v.changed THEN v.polarity ELSE p.sentiment_polarity END,"
     " sentiment_subjectivity = CASE WHEN v.changed THEN v.subjectivity ELSE p.sentiment_subjectivity END,"
@@ -63,18 +63,24 @@ _APPLY_DECISIONS = (
     # this one, the next reenrich reads it again.
     " AND p.sentiment_version IS DISTINCT FROM %(version)s"
     " AND md5(ROW(p.caption, p.language, p.language_source)::text) = v.seen"
+    # What was applied, counted (a decision the guards dropped is neither changed nor unchanged: not written).
+    " RETURNING v.changed, v.label) SELECT changed, label, count(*) FROM applied GROUP BY changed, label"
 )
 
 
-def write_decisions(cur: psycopg2.extensions.cursor, parts: Sequence[str], version: str, ids: Sequence[int]) -> None:
+def write_decisions(
+    cur: psycopg2.extensions.cursor, parts: Sequence[str], version: str, ids: Sequence[int]
+) -> list[tuple[bool, str | None, int]]:
     """Apply a batch of re-enrichment decisions (etl/rescore.py decision_lines() texts) for the posts `ids` and
-    stamp every row with `version`: three statements, whatever the batch size.
+    stamp every row with `version`: three statements, whatever the batch size. Returns what was applied: (changed,
+    label, how many rows); rows a run changed since the scan are not written, and not in it.
 
     The UPDATE reads social_posts only between the batch's first and last id (a batch is a run of the scan's id
     order): the planner knows nothing of the temporary table's rows, and without the range it hashed the whole
     table for each batch on an archive whose pages are dense."""
     if not any(parts):
-        return
+        return []
     cur.execute(_PREPARE_DECISIONS)
     cur.copy_expert(_COPY_DECISIONS, io.StringIO("".join(parts)))
     cur.execute(_APPLY_DECISIONS, {"version": version, "first": min(ids), "last": max(ids)})
+    return cur.fetchall()

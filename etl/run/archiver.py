@@ -515,7 +515,10 @@ class Archiver:
                     continue  # archived already (a rerun: every image), twice in the batch, or an earlier batch's
                 if key in hopeless and hopeless[key] == without_userinfo(url):
                     continue  # failed for good at this URL (404, not an image...): not fetched again
-                futures[key] = pool.submit(self.archive_image, post.platform, post.post_id, post.created_at, position, url)
+                futures[key] = pool.submit(
+                    self.archive_image, post.platform, post.post_id, post.created_at, position, url,
+                    replace=key in held.repairs,
+                )  # fmt: skip
                 urls[key] = url
         self._fetching.update(futures)
         return futures, urls
