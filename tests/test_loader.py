@@ -196,7 +196,7 @@ def test_known_media_lists_stored_and_permanently_failed_images_of_the_asked_pos
     write_media(db, [stored("1", 0), failed("1", 1), gone, stored("2", 0, key="k2")])
     with db.transaction() as cur:
         known, hopeless, _ = dbm.known_media(cur, [("mock", "1"), ("mock", "9")])
-        assert dbm.known_media(cur, []) == ({}, {}, set())
+        assert dbm.known_media(cur, []) == ({}, {}, {})
     assert known == {("mock", "1", 0): ("mock/2024/05/01/1/0.png", "file:///objects/mock/2024/05/01/1/0.png")}
     assert hopeless == {("mock", "1", 2): "https://e.com/gone.png"}
 
@@ -339,7 +339,7 @@ def test_held_gives_stored_decisions_images_and_tombstones_of_a_batch(db):
     ]  # fmt: skip
     with db.transaction() as cur:
         held = dbm.held(cur, batch, ENRICHER.version)
-        assert dbm.held(cur, [], ENRICHER.version) == ({}, {}, {}, set(), {}, frozenset(), frozenset())
+        assert dbm.held(cur, [], ENRICHER.version) == ({}, {}, {}, set(), {}, frozenset(), {})
     first = post("1")
     # Only post 1 keeps its decision: 2 has no caption stored, 3 was decided by another enricher.
     assert held.scores == {

@@ -829,3 +829,32 @@ def test_verify_reports_damage_when_its_record_is_run_again_after_a_lost_commit_
     stats = verify_module.Verifier(settings, db, store).run(verify_module.Scope())
     assert query(db.dsn, "SELECT status, fixity FROM post_media") == [("failed", "changed")]
     assert (stats.changed, stats.changed_meanwhile) == (1, 0) and stats.partial
+
+
+def test_a_repair_by_a_shard_run_under_a_new_extension_deletes_the_damaged_object(db, make_settings, http_server, tmp_path):
+    # The same as the retries' repair, on the path of a post read again (a shard: no failed-image retries).
+    from etl import verify as verify_module
+    from etl.run.runner import Runner, RunRequest
+    from etl.shards import Shard
+    from etl.store import LocalStore
+
+    http_server.routes["/img"] = Reply(body=jpeg_bytes(30, 20), content_type="image/jpeg")
+    settings = make_settings(DATABASE_URL=db.dsn, ETL_ALLOW_PRIVATE_HOSTS="true", ETL_RECHECK_POSTS="0")
+    posts = write_jsonl(tmp_path / "p.jsonl", [record(post_id="p0", image_urls=[http_server.url("/img")])])
+
+    def run(**request):
+        runner = Runner(settings)
+        try:
+            return runner.execute(RunRequest(sources=["jsonl"], source_options={"jsonl": {"input": str(posts)}}, **request))
+        finally:
+            runner.close()
+
+    run()
+    (old_key,) = [k for (k,) in query(db.dsn, "SELECT storage_key FROM post_media")]
+    (settings.objects_dir / old_key).write_bytes(b"rotten bytes")
+    assert verify_module.Verifier(settings, db, LocalStore(settings.objects_dir)).run(verify_module.Scope()).changed == 1
+    http_server.routes["/img"] = Reply(body=png_bytes(30, 20), content_type="image/png")
+    assert run(shard=Shard.parse("1/1"), retry_images=False).exit_code == 0
+    (new_key,) = [k for (k,) in query(db.dsn, "SELECT storage_key FROM post_media WHERE status = 'stored'")]
+    assert new_key.endswith(".png") and (settings.objects_dir / new_key).is_file()
+    assert not (settings.objects_dir / old_key).exists()

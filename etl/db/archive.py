@@ -381,20 +381,20 @@ def upsert_media(cur: psycopg2.extensions.cursor, media: Sequence[Media]) -> Non
 
 def known_media(
     cur: psycopg2.extensions.cursor, keys: Sequence[tuple[str, str]], retry: tuple[int, float] = NO_RETRY_LIMITS
-) -> tuple[dict[tuple[str, str, int], tuple[str, str]], dict[tuple[str, str, int], str], set[tuple[str, str, int]]]:
+) -> tuple[dict[tuple[str, str, int], tuple[str, str]], dict[tuple[str, str, int], str], dict[tuple[str, str, int], str]]:
     """For the images of these posts: those already stored -> (storage_key, storage_url); those that failed and
     are not to be fetched now (for good, or by `retry`: (ETL_IMAGE_MAX_ATTEMPTS, ETL_IMAGE_RETRY_BACKOFF_MINUTES))
-    -> the source_url that failed; and those `verify` found damaged, due now: repairs, whose object is overwritten.
+    -> the source_url that failed; and those `verify` found damaged, due now: repairs -> the damaged object's key.
     All keyed (platform, post_id, position)."""
     if not keys:
-        return {}, {}, set()
+        return {}, {}, {}
     cur.execute(KNOWN_MEDIA_SQL, (*retry, *_key_arrays([(platform, clean_text(post_id)) for platform, post_id in keys])))
-    stored, hopeless, repairs = {}, {}, set()
+    stored, hopeless, repairs = {}, {}, {}
     for platform, post_id, position, status, key, url, source_url, repair in cur.fetchall():
         if status == "stored":
             stored[(platform, post_id, position)] = (key, url)
         elif repair:
-            repairs.add((platform, post_id, position))
+            repairs[(platform, post_id, position)] = key
         else:
             hopeless[(platform, post_id, position)] = source_url
     return stored, hopeless, repairs
@@ -486,7 +486,7 @@ class Held(NamedTuple):
     forgotten: set[tuple[str, str]]  # posts with a tombstone
     rows: dict[tuple[str, str], HeldRow] = {}  # stored posts (upsert_posts' `stored`); read-only
     busy: frozenset[tuple[str, str, int]] = frozenset()  # images an earlier batch of the run is fetching (Archiver)
-    repairs: frozenset[tuple[str, str, int]] = frozenset()  # images verify found damaged: fetched with replace
+    repairs: dict[tuple[str, str, int], str] = {}  # images verify found damaged (fetched with replace): their key
 
 
 # Where each of _POST_MUTABLE's values sits in a row of HELD_SQL (after tomb, platform, post_id, current).
@@ -539,8 +539,8 @@ def held(
             scores[(r[1], r[2])] = (r[caption], sentiment, r[language], r[source], r[skipped])
     # Image rows exist only for stored posts (a foreign key): the others need no look.
     with_images = [k for p in posts if p.image_urls and (k := (p.platform, clean_text(p.post_id))) in rows]
-    stored, hopeless, repairs = known_media(cur, list(dict.fromkeys(with_images)), retry) if with_images else ({}, {}, set())
-    return Held(stored, hopeless, scores, tombstones, rows, repairs=frozenset(repairs))
+    stored, hopeless, repairs = known_media(cur, list(dict.fromkeys(with_images)), retry) if with_images else ({}, {}, {})
+    return Held(stored, hopeless, scores, tombstones, rows, repairs=repairs)
 
 
 class Archive:

@@ -64,6 +64,7 @@ class _Batch:
     number: int = 0  # the batch's place in the run of its source, for messages
     rows: dict[tuple[str, str], HeldRow] = field(default_factory=dict)  # stored rows (Held.rows), for the load
     keys: frozenset[tuple[str, str]] = frozenset()  # of its posts, as stored: a later lookup may predate its load
+    repairs: dict[tuple[str, str, int], str] = field(default_factory=dict)  # images repaired: the damaged key
 
     def describe(self, source: str) -> str:
         first, last = self.posts[0], self.posts[-1]
@@ -445,7 +446,8 @@ class Archiver:
         scored = self.enrich(posts, held)
         stats.fetched += len(scored)
         self._batches += 1
-        return _Batch(scored, futures, held.stored, urls, self._batches, held.rows, _keys(scored))
+        repairs = {k: held.repairs[k] for k in futures if k in held.repairs}
+        return _Batch(scored, futures, held.stored, urls, self._batches, held.rows, _keys(scored), repairs)
 
     # -- the stages ------------------------------------------------------------------------------
 
@@ -549,6 +551,10 @@ class Archiver:
             "loaded %d posts (%d new, %d updated, %d unchanged) and %d image rows",
             len(loaded), counts.inserted, counts.updated, counts.unchanged, len(media),
         )  # fmt: skip
+        if batch.repairs:  # a repair stored under another key than the damaged object's: that one goes
+            self._drop_replaced_objects(
+                [(batch.repairs[k], m) for m in media if (k := (m.platform, m.post_id, m.position)) in batch.repairs]
+            )
         stats.inserted += counts.inserted
         stats.updated += counts.updated
         stats.unchanged += counts.unchanged
