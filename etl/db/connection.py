@@ -168,9 +168,11 @@ class Database:
             self._conn = self.connect()
         return self._conn
 
-    def connect(self) -> psycopg2.extensions.connection:
-        """A new connection (for locks and for threads that need their own)."""
-        conn = psycopg2.connect(self.dsn, connect_timeout=self._connect_timeout, application_name="social-archiver")
+    def connect(self, **options: Any) -> psycopg2.extensions.connection:
+        """A new connection (for locks and for threads that need their own); `options`: more libpq parameters."""
+        conn = psycopg2.connect(
+            self.dsn, connect_timeout=self._connect_timeout, application_name="social-archiver", **options
+        )
         conn.set_client_encoding("UTF8")
         return conn
 

@@ -31,6 +31,11 @@ LOCK_UNITS_SQL = (
     " WHERE NOT pg_try_advisory_lock(hashtext('social-archiver:source'), hashtext(name)) ORDER BY n"
 )
 FORGET_LOCK_SQL = "SELECT pg_try_advisory_lock(" + ARCHIVE_LOCK + ")"
+# A lock connection lies idle for the whole run: TCP keepalives and a send timeout make a network cut an error on
+# the next check (LockWatch) within seconds, where the kernel's retransmissions would take some 15 minutes. libpq
+# ignores them on a Unix socket (the embedded PostgreSQL), where a cut cannot happen.
+LOCK_CONNECTION = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3,
+                   "tcp_user_timeout": 15_000}  # fmt: skip
 RUNNING_RUNS_SQL = (
     "SELECT string_agg(format('run %s (%s, on %s, pid %s, started %s)', id, mode, host, pid,"
     " to_char(started_at, 'YYYY-MM-DD HH24:MI:SS')), '; ' ORDER BY id) FROM etl_runs WHERE status = 'running'"
@@ -98,7 +103,7 @@ class Ledger:
     def lock_units(self, names: Sequence[str]) -> tuple[psycopg2.extensions.connection, list[str]]:
         """Try a session advisory lock per unit (a stream, or a stream-less source); (connection, the names
         another run holds). The locks taken live as long as the connection."""
-        conn = self.db.connect()
+        conn = self.db.connect(**LOCK_CONNECTION)
         conn.autocommit = True
         with conn.cursor() as cur:
             cur.execute(LOCK_UNITS_SQL, (list(names),))  # (see forget_lock for the archive's lock)
