@@ -75,6 +75,11 @@ class LockedError(ETLError):
     exit_code = ExitCode.LOCKED
 
 
+class LocksLost(ETLError):
+    """The connection holding a run's advisory locks was lost and they could not all be taken again (another run
+    took a unit, a forget took the archive): the run stops as after a SIGTERM, writing nothing more (exit 1)."""
+
+
 class SourceError(ETLError):
     """A source cannot go on for this run (quota, rate limit, token); what it yielded is kept."""
 

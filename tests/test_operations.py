@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -586,6 +587,9 @@ class _WatchedLock:
     def cursor(self, *args, **kwargs):
         return self.conn.cursor(*args, **kwargs)
 
+    def __getattr__(self, name: str):
+        return getattr(self.conn, name)
+
     def close(self) -> None:
         pid = self.conn.get_backend_pid()
         self.held_at_close = query(self.dsn, f"SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = {pid}")[0][0]
@@ -612,6 +616,127 @@ def test_a_run_frees_its_locks_before_it_closes_their_connection(listsrc, make_s
     lock, held = take(Ledger(db), ["listsrc"])
     release_locks(lock)
     assert held == []  # and the next run takes it at once
+
+
+ADVISORY = (
+    "SELECT pid, classid, objid, mode FROM pg_locks WHERE locktype = 'advisory' AND granted"
+    " AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) AND pid <> pg_backend_pid()"
+)
+
+
+def lose_the_lock_connection_mid_run(listsrc, db, monkeypatch, meanwhile) -> None:
+    """listsrc yields p0..p3, waits until the first batch (p0, p1) is loaded, then `meanwhile(pid of the run's lock
+    connection)` (which ends that connection's backend), then p4..p9."""
+    from etl.db import ledger
+
+    monkeypatch.setattr(ledger, "LOCK_CHECK_SECONDS", 0.2, raising=False)
+    posts = [make_post(i, T0 - timedelta(minutes=i)) for i in range(10)]
+
+    def fetch(self, window):
+        yield from posts[:4]
+        deadline = time.monotonic() + 10
+        while query(db.dsn, "SELECT count(*) FROM social_posts")[0][0] < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)  # batches of two, loaded by the loader threads
+        [(pid,)] = {(row[0],) for row in query(db.dsn, ADVISORY)}  # the run's lock connection alone holds any
+        meanwhile(pid)
+        yield from posts[4:]
+
+    monkeypatch.setattr(listsrc, "fetch", fetch)
+
+
+def wait_for(condition, seconds: float = 10) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return condition()
+
+
+@pytest.mark.fault("a run's lock connection is lost mid-run (backend terminated), its locks still free: taken again, the run goes on")
+def test_a_run_whose_lock_connection_is_lost_takes_its_locks_again(listsrc, make_settings, db, tmp_path, monkeypatch, caplog):
+    """The server frees a session's advisory locks when it ends (a restart, pg_terminate_backend, a network cut); the
+    run went on as if it held them, so a second run could take its units and a forget could run under it. Now it
+    notices within seconds, takes every lock again on a new connection when all are still free, and goes on."""
+    seen: dict[str, object] = {}
+
+    def meanwhile(pid: int) -> None:
+        seen["before"] = sorted(row[1:] for row in query(db.dsn, ADVISORY))
+        query(db.dsn, "SELECT pg_terminate_backend(%s, 5000)", (pid,))
+        wait_for(lambda: len([row for row in query(db.dsn, ADVISORY) if row[0] != pid]) == 3)
+        seen["after"] = query(db.dsn, ADVISORY)
+        seen["alive"] = query(db.dsn, "SELECT pid FROM pg_stat_activity WHERE application_name = 'social-archiver'")
+        seen["pid"] = pid
+
+    lose_the_lock_connection_mid_run(listsrc, db, monkeypatch, meanwhile)
+    stats = runner(make_settings, db, tmp_path, ETL_BATCH_SIZE="2", ETL_METADATA_BATCH_SIZE="2").execute(
+        RunRequest(sources=["listsrc"])
+    )
+    # Held again, all three (the archive's lock shared, listsrc, the failed-image retries), by one new live backend.
+    assert len(seen["before"]) == 3, seen
+    pids = {row[0] for row in seen["after"]}
+    assert len(pids) == 1 and seen["pid"] not in pids and pids <= {row[0] for row in seen["alive"]}, seen
+    assert sorted(row[1:] for row in seen["after"]) == seen["before"]
+    assert stats.status == "ok" and stats.exit_code == 0 and stats.inserted == 10, stats.errors
+    assert query(db.dsn, "SELECT status FROM etl_runs") == [("ok",)]
+    warned = [r.getMessage() for r in caplog.records if "lock connection" in r.getMessage()]
+    assert any(f"backend pid {seen['pid']}) was lost" in m and "held again on a new connection" in m for m in warned), warned
+    assert query(db.dsn, ADVISORY) == []  # and freed at the end
+
+
+ARCHIVE_LOCK = "hashtext('social-archiver:archive'), 0"
+MEANWHILE = {  # what another session does the moment the server frees the lost connection's locks
+    "unit": (
+        "SELECT pg_advisory_lock(hashtext('social-archiver:source'), hashtext('listsrc'))",
+        "listsrc is now held by another run",
+    ),
+    "forget": (f"SELECT pg_advisory_lock({ARCHIVE_LOCK})", "a forget holds the archive now"),
+    "forgotten": (  # a forget that came and went while the run held nothing
+        f"SELECT pg_advisory_lock({ARCHIVE_LOCK}); INSERT INTO forgotten_posts (platform, post_id, forgotten_at)"
+        f" VALUES ('listsrc', 'p9', clock_timestamp()); SELECT pg_advisory_unlock({ARCHIVE_LOCK})",
+        "posts were forgotten while it held no lock",
+    ),
+}
+
+
+@pytest.mark.fault("a run's lock connection is lost mid-run and another run takes its unit or a forget the archive: it stops as on SIGTERM, loads nothing more")
+@pytest.mark.parametrize("taken", list(MEANWHILE))
+def test_a_run_whose_lock_connection_is_lost_and_its_locks_taken_stops(listsrc, make_settings, db, tmp_path, monkeypatch, taken):
+    """Another run took the unit while this run held no lock (two runs must never archive one stream at once), or a
+    forget took the archive, or came and went (a post this run looked up before its tombstone would come back). The
+    run stops as a SIGTERM stops it (recorded interrupted, exit 1, saying why) and loads nothing after the loss: no
+    post, no watermark. (Before, it went on as if it held its locks.)"""
+    import psycopg2
+
+    other = psycopg2.connect(db.dsn)  # the other run, or the forget
+    other.autocommit = True
+    other_pid = other.get_backend_pid()
+    seen: dict[str, object] = {}
+    run = runner(make_settings, db, tmp_path, ETL_BATCH_SIZE="2", ETL_METADATA_BATCH_SIZE="2")
+    meanwhile_sql, said = MEANWHILE[taken]
+
+    def meanwhile(pid: int) -> None:
+        seen["loaded"] = query(db.dsn, "SELECT post_id FROM social_posts ORDER BY 1")
+        with other.cursor() as cur:  # one round trip: queued for the lock before the dying backend lets it go
+            cur.execute("SELECT pg_terminate_backend(%s); " + meanwhile_sql, (pid,))
+        seen["noticed"] = wait_for(run.stop.is_set)
+        seen["pid"] = pid
+
+    lose_the_lock_connection_mid_run(listsrc, db, monkeypatch, meanwhile)
+    try:
+        stats = run.execute(RunRequest(sources=["listsrc"]))
+        held = query(db.dsn, ADVISORY)
+    finally:
+        other.close()
+    assert seen["noticed"], "the run did not notice that its lock connection was lost"
+    assert stats.status == "interrupted" and stats.exit_code == 1
+    why = f"the lock connection (backend pid {seen['pid']}) was lost"
+    assert any(why in e and said in e for e in stats.errors), stats.errors
+    (status, summary) = query(db.dsn, "SELECT status, error_summary FROM etl_runs")[0]
+    assert status == "interrupted" and why in summary and said in summary, summary
+    # Nothing loaded after the loss: what was loaded before it (p0 and p1 at least), no state for the stream.
+    assert seen["loaded"][:2] == [("p0",), ("p1",)]
+    assert query(db.dsn, "SELECT post_id FROM social_posts ORDER BY 1") == seen["loaded"]
+    assert query(db.dsn, "SELECT count(*) FROM etl_state WHERE source = 'listsrc'") == [(0,)]
+    assert {row[0] for row in held} <= {other_pid}  # the run holds nothing now (what it took again, it let go)
 
 
 @pytest.mark.fault("a reenrich worker process dies (killed, out of memory): its batch is scored in the main process")

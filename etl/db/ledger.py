@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -14,8 +15,9 @@ from typing import Any
 import psycopg2
 import psycopg2.extensions
 
-from etl.db.connection import Database, adapt_json
-from etl.errors import LoadError, LockedError, Outcome
+from etl.config import url_password
+from etl.db.connection import RECONNECT_DELAYS, Database, adapt_json, connection_lost, server_reason
+from etl.errors import LoadError, LockedError, LocksLost, Outcome
 from etl.records import clean_json, clean_text
 
 log = logging.getLogger(__name__)
@@ -36,6 +38,22 @@ FORGET_LOCK_SQL = "SELECT pg_try_advisory_lock(" + ARCHIVE_LOCK + ")"
 # ignores them on a Unix socket (the embedded PostgreSQL), where a cut cannot happen.
 LOCK_CONNECTION = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3,
                    "tcp_user_timeout": 15_000}  # fmt: skip
+LOCK_CHECK_SECONDS = 3.0  # how often a run's lock connection is asked whether it is still there (LockWatch)
+# A run's locks again, on a new connection, after the one holding them was lost; none waited for: whether the
+# archive's lock is free for us (a forget holds it otherwise), the names another session took meanwhile, and whether
+# a post was forgotten since a moment the locks were held (a forget that came and went while we held nothing: a post
+# this run looked up before its tombstone would be loaded back). That moment: when the lost connection last answered,
+# else when this process's run was recorded (it held its locks then), else any time (stopping is the safe side).
+# A forget holds the archive exclusive from before its tombstone to its end, so no tombstone of one that ran before
+# the run took its locks is that recent.
+RETAKE_SQL = (
+    "SELECT pg_try_advisory_lock_shared(" + ARCHIVE_LOCK + "),"
+    " ARRAY(SELECT name FROM unnest(%s::text[]) WITH ORDINALITY AS u(name, n)"
+    "       WHERE NOT pg_try_advisory_lock(hashtext('social-archiver:source'), hashtext(name)) ORDER BY n),"
+    " EXISTS (SELECT 1 FROM forgotten_posts WHERE forgotten_at >= COALESCE(%s::timestamptz,"
+    "   (SELECT max(started_at) FROM etl_runs WHERE status = 'running' AND host = %s AND pid = %s), '-infinity')),"
+    " pg_backend_pid()"
+)
 RUNNING_RUNS_SQL = (
     "SELECT string_agg(format('run %s (%s, on %s, pid %s, started %s)', id, mode, host, pid,"
     " to_char(started_at, 'YYYY-MM-DD HH24:MI:SS')), '; ' ORDER BY id) FROM etl_runs WHERE status = 'running'"
@@ -137,11 +155,12 @@ class Ledger:
             raise
 
     @staticmethod
-    def running_run_for(cur: psycopg2.extensions.cursor, name: str) -> str:
+    def running_run_for(cur: psycopg2.extensions.cursor, name: str, *, others: bool = False) -> str:
+        """`holder()` on a cursor; `others`: not a run of this process."""
         cur.execute(
             "SELECT id, host, pid, started_at FROM etl_runs WHERE status = 'running' AND %s = ANY(COALESCE(units, sources))"
-            " ORDER BY started_at DESC LIMIT 1",
-            (name,),
+            " AND NOT (%s AND host = %s AND pid = %s) ORDER BY started_at DESC LIMIT 1",
+            (name, others, socket.gethostname(), os.getpid()),
         )
         row = cur.fetchone()
         if not row:
@@ -288,3 +307,133 @@ class Ledger:
             ),
             what="recording backfill progress",
         )
+
+
+class LockWatch:
+    """A run's advisory locks (lock_units: its units, and the archive's lock shared), watched while it works.
+
+    The server frees every lock of a session that ends: PostgreSQL restarted, the backend terminated, the network
+    cut. A thread asks the lock connection every LOCK_CHECK_SECONDS whether it is still there (a check at each batch
+    would wait behind a batch's downloads, a slow page or a quiet source, and a run of failed-image retries has other
+    batches; the thread hears of a loss within seconds whatever the run is doing). Lost, the locks are taken again on
+    a new connection when every one is still free and no post was forgotten meanwhile, and the run goes on (a
+    warning names the lost connection); otherwise `lost` says why, `on_lost` is called (the run's stop, as a SIGTERM
+    sets it) and fence() refuses every write after. While the locks are being taken again, fence() waits.
+    """
+
+    def __init__(
+        self, ledger: Ledger, conn: psycopg2.extensions.connection, names: Sequence[str], *,
+        on_lost: Callable[[str], None],
+    ) -> None:  # fmt: skip
+        self.ledger, self.conn, self.names, self.on_lost = ledger, conn, list(names), on_lost
+        self.every = LOCK_CHECK_SECONDS
+        self.lost: str | None = None  # why the run may not go on (its locks are gone); None while it holds them
+        self._held = threading.Event()  # clear while the locks are being taken again
+        self._held.set()
+        self._done = threading.Event()  # the run is releasing its locks: the watch ends
+        self._swap = threading.Lock()  # a new connection replaces the lost one, or release() closes it: not both
+        self._since: datetime | None = None  # when the connection last answered (the server's clock)
+        self._pid = conn.get_backend_pid()  # (libpq knows it: no round trip)
+        self._thread = threading.Thread(target=self._watch, name="lock-watch", daemon=True)
+        self._thread.start()
+
+    def fence(self) -> None:
+        """Before each write of the run (a batch's load, a watermark, a finished chunk): LocksLost once the locks are
+        gone; while they are being taken again, waits for the outcome (bounded by the reconnect wait)."""
+        if not self._held.is_set():
+            wait = self.ledger.db.reconnect_seconds + 30  # (and a connection's own timeouts)
+            if not self._held.wait(wait):
+                self._give_up(f"the lock connection (backend pid {self._pid}) was lost, and taking its locks again "
+                              f"did not end within {wait:.0f} s")  # fmt: skip
+        if self.lost:
+            raise LocksLost(self.lost)
+
+    def release(self) -> None:
+        """End the watch, then free the locks and close their connection (release_locks)."""
+        with self._swap:
+            self._done.set()
+        self._thread.join(timeout=30)  # a check or a retake under way: both end soon once _done is set
+        release_locks(self.conn)
+
+    # -- the watch thread ------------------------------------------------------------------------
+
+    def _watch(self) -> None:
+        while not self._done.wait(self.every):
+            try:
+                with self.conn.cursor() as cur:
+                    cur.execute("SELECT statement_timestamp()")
+                    self._since = cur.fetchone()[0]
+            except psycopg2.Error as exc:
+                if self._done.is_set():
+                    return  # closed by release() meanwhile
+                if not self.conn.closed and not connection_lost(exc):
+                    log.warning("checking the lock connection: %s", self._reason(exc))  # (a cancel): still held
+                    continue
+                self._held.clear()
+                try:
+                    self._take_again(f"the lock connection (backend pid {self._pid}) was lost: {self._reason(exc)}")
+                except Exception as bug:  # noqa: BLE001 - the run must hear of it, not hang
+                    self._give_up(f"the lock connection (backend pid {self._pid}) was lost, and taking its locks "
+                                  f"again failed: {type(bug).__name__}: {self._reason(bug)}")  # fmt: skip
+                finally:
+                    self._held.set()
+                if self.lost:
+                    return
+
+    def _take_again(self, lost: str) -> None:
+        db = self.ledger.db
+        log.warning("%s; taking its %d unit lock(s) and the archive's again on a new connection", lost, len(self.names))
+        deadline, delays = time.monotonic() + db.reconnect_seconds, iter(RECONNECT_DELAYS)
+        while True:  # the server may be restarting: waited for as the run's own connection waits for it
+            try:
+                conn = db.connect(**LOCK_CONNECTION)
+                break
+            except psycopg2.Error as exc:
+                delay = next(delays, RECONNECT_DELAYS[-1])
+                if self._done.is_set():
+                    return  # the run is over
+                if time.monotonic() + delay > deadline:
+                    return self._give_up(f"{lost}, and no new connection was made within ETL_DB_RECONNECT_SECONDS "
+                                         f"({db.reconnect_seconds:g} s): {self._reason(exc)}")  # fmt: skip
+                self._done.wait(delay)
+        why = None
+        try:
+            conn.autocommit = True
+            with conn.cursor() as cur:
+                cur.execute(RETAKE_SQL, (self.names, self._since, socket.gethostname(), os.getpid()))
+                archive_free, taken, forgotten, pid = cur.fetchone()
+                if taken:
+                    holder = self.ledger.running_run_for(cur, taken[0], others=True)
+                    why = f"{taken[0]} is now held by another run{holder}"
+                elif not archive_free:
+                    why = "a forget holds the archive now"
+                elif forgotten:
+                    why = "posts were forgotten while it held no lock (a post this run looked up could come back)"
+        except psycopg2.Error as exc:
+            why = f"its locks could not be taken again: {self._reason(exc)}"
+        with self._swap:
+            keep = why is None and not self._done.is_set()
+            if keep:
+                conn, self.conn, self._pid = self.conn, conn, pid
+        release_locks(conn)  # the lost connection; or the new one, with whatever it took
+        if keep:
+            log.warning(
+                "%s; its %d unit lock(s) and the archive's are held again on a new connection (backend pid %s): "
+                "the run goes on", lost, len(self.names), pid,
+            )  # fmt: skip
+        elif why is not None:
+            self._give_up(f"{lost}, and {why}")
+
+    def _give_up(self, why: str) -> None:
+        if self.lost:
+            return
+        self.lost = f"{why}: stopped, nothing more loaded; the next run archives the rest"
+        log.error("%s", self.lost)
+        self.on_lost(self.lost)
+
+    def _reason(self, exc: BaseException) -> str:
+        """The error's first line, any password of DATABASE_URL masked (it never reaches a log line or the ledger)."""
+        reason = server_reason(exc) if isinstance(exc, psycopg2.Error) else str(exc).splitlines()[0] if str(exc) else ""
+        for password in url_password(self.ledger.db.dsn):
+            reason = reason.replace(password, "***")
+        return reason or type(exc).__name__

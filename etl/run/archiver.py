@@ -312,6 +312,7 @@ class Archiver:
         self._fetching: dict[tuple[str, str, int], Future] = {}
         self._scorers = scorers  # scoring workers forked early (a new archive), for the first stream that scores
         self.live = LiveCounts()  # what is under way, for the progress display
+        self.fence: Callable[[], None] = lambda: None  # before each write: raises when the run may not write now
         self._db = db
 
     # -- the stream ------------------------------------------------------------------------------
@@ -539,6 +540,7 @@ class Archiver:
                 first_urls[(m.platform, m.post_id)] = m.url
         with self.clock("load"):
             try:
+                self.fence()  # the run's locks lost (Runner.fence): not loaded
                 counts, loaded, media = self._load(batch.posts, _by_post(media), first_urls, stats, source, batch.rows)
             except DataRefused:
                 raise
@@ -723,6 +725,7 @@ class Archiver:
                 }
                 results = self._results(futures, lambda r: self._unfinished(r[1], r[2], r[3], r[4]))
                 media = list(results.values())
+                self.fence()
                 gone = self.archive_db.record_retries(media)
                 self._drop_objects_of_gone_posts(gone)
                 self._drop_replaced_objects([(r[7], m) for r, m in results.items() if not any(m is g for g in gone)])

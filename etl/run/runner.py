@@ -20,9 +20,9 @@ from etl.ahead import EarlyScorers
 from etl.config import Settings
 from etl.copystore import refuse_if_elsewhere
 from etl.db import Database, Ledger, StreamState
-from etl.db.ledger import release_locks
+from etl.db.ledger import LockWatch, release_locks
 from etl.enrich import SentimentEnricher
-from etl.errors import ConfigError, ETLError, LoadError, LockedError, SourceError, StoreError, UsageError
+from etl.errors import ConfigError, ETLError, LoadError, LockedError, LocksLost, SourceError, StoreError, UsageError
 from etl.logs import RedactingFilter
 from etl.metrics import write_run_metrics
 from etl.progress import LiveCounts
@@ -101,6 +101,7 @@ class Runner:
         self.run_id: int | None = None
         self.ledger: Ledger | None = None
         self.state: StreamState | None = None
+        self.watch: LockWatch | None = None  # the run's locks, while it holds them
 
     def close(self) -> None:
         """Close the database connection this runner opened (an orchestrator's worker runs many tasks)."""
@@ -142,7 +143,7 @@ class Runner:
             retrying = retry is not None and retry not in locked
             held = [locks[u.name] for _, u in active] + ([retry] if retrying else [])
             with self._recorded(request, active, held, locked, stats):
-                archiver.live = self.live
+                archiver.live, archiver.fence = self.live, self.fence
                 if retrying:
                     archiver.retry_failed_images(stats, part=request.shard)
                 for source in sources:
@@ -170,7 +171,9 @@ class Runner:
         block; yields the locks another run holds (skipped: that run does them). LockedError when another run holds
         all the units (or, for a run of retries only, the retries')."""
         assert self.ledger is not None
-        lock, locked = self.ledger.lock_units([*names, *([retry] if retry else [])])
+        wanted = [*names, *([retry] if retry else [])]
+        lock, locked = self.ledger.lock_units(wanted)
+        watch = None
         try:
             units_locked = [name for name in locked if name != retry]
             if (units_locked and len(units_locked) == len(names)) or (not names and locked):
@@ -181,9 +184,17 @@ class Runner:
                 log.warning("%s is being archived by another run: skipped (that run archives it)", name)
             if retry in locked:
                 log.info("%s: retried by another run now, not by this one", retry)
+            # Their connection watched: lost, the locks are taken again, or the run stops (as on SIGTERM).
+            watch = self.watch = LockWatch(
+                self.ledger, lock, [n for n in wanted if n not in locked], on_lost=lambda why: self.stop.set()
+            )
             yield locked
         finally:
-            release_locks(lock)
+            self.watch = None
+            if watch is not None:
+                watch.release()
+            else:
+                release_locks(lock)
 
     @contextmanager
     def _recorded(
@@ -210,6 +221,9 @@ class Runner:
                 except (Interrupted, KeyboardInterrupt):
                     stats.interrupted = True
                     stats.error("interrupted: the run was asked to stop; the rest is archived by the next run")
+                except LocksLost as exc:  # stopped as on SIGTERM, nothing written after it was noticed
+                    stats.interrupted = True
+                    stats.error(f"interrupted: {exc}")
                 except LoadError as exc:
                     stats.error(str(exc))
                     raise
@@ -241,9 +255,15 @@ class Runner:
             self._account(source, stats, before, completed)
 
     def check_stop(self) -> None:
-        """Interrupted when a stop was requested (SIGTERM)."""
+        """Interrupted when a stop was requested (SIGTERM); LocksLost when the run's locks are gone."""
+        self.fence()
         if self.stop.is_set():
             raise Interrupted("stop requested")
+
+    def fence(self) -> None:
+        """Before a write: LocksLost once the run's locks are gone (LockWatch), waiting while they are taken again."""
+        if self.watch is not None:
+            self.watch.fence()
 
     def _stoppable(self, posts: Iterable[Post]) -> Iterator[Post]:
         """Ends the stream when a stop is requested; the batches already fetched are still loaded."""
@@ -265,7 +285,7 @@ class Runner:
             stats.error(f"{source.name}: {exc}")
             log.error("source %s stopped: %s", source.name, exc)
             return False
-        except (LoadError, ConfigError):
+        except (LoadError, ConfigError, LocksLost):
             raise
         except Exception as exc:  # a bug ends that source, not the run
             stats.source_failures += 1
@@ -304,8 +324,8 @@ class Runner:
 
     def _apply_gone(self, source: Source, stats: RunStats) -> None:
         """Posts the platform said are gone: marked or forgotten (ETL_DELETED_AT_SOURCE), those we hold only."""
-        if not source.gone or self.db is None:
-            return
+        if not source.gone or self.db is None or (self.watch is not None and self.watch.lost):
+            return  # (the run's locks lost: the next run is told of them again)
         from etl.forget import apply_gone
 
         try:
@@ -427,6 +447,7 @@ class Incremental(Strategy):
             raise
         if incremental and completed:
             # Only now is every post of the window loaded; the watermark never moves back (StreamState.save_state).
+            self.runner.fence()
             state.save_state(source.name, key, tracker.watermark(), source.cursor)
         elif incremental and not tracker.broken:
             self._save_cut(source, key, tracker, "cut short by --limit" if tracker.limited else "stopped early")
@@ -435,6 +456,7 @@ class Incremental(Strategy):
     def _save_cut(self, source: Source, key: str, tracker: ResumeTracker, why: str) -> None:
         """A window not read to its end: the watermark stays, the resume point records what was loaded."""
         assert self.runner.state is not None
+        self.runner.fence()
         self.runner.state.save_resume(source.name, key, tracker.cut_point().to_json())
         log.info(
             "%s: run %s after %d post(s); the watermark stays, the next run goes on below them",
@@ -488,6 +510,7 @@ class Backfill(Strategy):
                 tracker = ResumeTracker(source, None, request.limit)
                 if not runner.archive_window(archiver, source, window, stats, tracker) or tracker.limited:
                     return False  # quota or rate limit: the next backfill resumes from this chunk
+                runner.fence()
                 runner.ledger.finish_chunk(
                     source.name, state_key(source, unit), start, end, stats.fetched - fetched, runner.run_id
                 )
