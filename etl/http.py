@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
 import logging
 import re
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -165,6 +168,89 @@ class RetryPolicy:
 
 
 MAX_INFORMATIONAL = 8  # informational (1xx) answers skipped before a request's final one; past it, one is the answer
+_attempt = threading.local()  # .deadline: the time.monotonic() by which this thread's requests must be answered
+
+
+def set_deadline(deadline: float | None) -> float | None:
+    """Bound this thread's requests through the session's pools by `deadline` (a time.monotonic() value): their
+    connecting (TLS handshake too), sending and every read of the status line, headers and body; None lifts the
+    bound. Returns the deadline it replaces (for the caller to put back).
+
+    Socket timeouts alone bound each wait for a byte, not an answer: a host that sends its headers a byte at a
+    time, each just inside the read timeout, held a download thread for hours. Each socket operation's timeout
+    is cut to the time left instead (no watchdog thread, nothing to clean up); past the deadline the operation
+    raises a timeout, as if the read timeout had run out, and urllib3 closes the connection, so it is never
+    pooled for reuse."""
+    previous = getattr(_attempt, "deadline", None)
+    _attempt.deadline = deadline
+    return previous
+
+
+def _time_left() -> float | None:
+    """Seconds until this thread's deadline (0 or less once past it), or None when it has none."""
+    deadline = getattr(_attempt, "deadline", None)
+    return None if deadline is None else deadline - time.monotonic()
+
+
+class _DeadlineReader(io.RawIOBase):
+    """A socket's reads, as http.client's file over it makes them, each under the read timeout as before and
+    none past the deadline: when less time is left than the read timeout, the socket's timeout is cut to it."""
+
+    def __init__(self, sock: Any, deadline: float):
+        super().__init__()
+        self._file = sock.makefile("rb", buffering=0)  # counted by the socket, as http.client's own file is
+        self._sock = sock
+        self._deadline = deadline
+        self._timeout = sock.gettimeout()  # the read timeout, which urllib3 has just set
+        self._cut = False
+
+    def readable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self._file.fileno()
+
+    def readinto(self, buffer: Any) -> int | None:
+        left = self._deadline - time.monotonic()
+        if self._timeout is None or left < self._timeout:
+            if left <= 0:
+                raise TimeoutError("past the attempt's deadline")
+            self._sock.settimeout(left)
+            self._cut = True
+        return self._file.readinto(buffer)
+
+    def close(self) -> None:
+        if not self.closed:
+            self._file.close()
+            if self._cut:  # a connection read to its end in time goes back to the pool with its read timeout
+                with contextlib.suppress(OSError):  # closed already
+                    self._sock.settimeout(self._timeout)
+        super().close()
+
+
+class _Bounded:
+    """For urllib3's connection classes: connecting and sending end by this thread's deadline (set_deadline)."""
+
+    timeout: Any
+    sock: Any
+
+    def _new_conn(self) -> Any:
+        left = _time_left()
+        if left is not None and (self.timeout is None or left < self.timeout):
+            if left <= 0:
+                raise urllib3.exceptions.ConnectTimeoutError(self, "past the attempt's deadline before connecting")
+            self.timeout = left  # urllib3 sets it again for each request
+        return super()._new_conn()  # type: ignore[misc]
+
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        left = _time_left()
+        if left is not None and self.sock is not None:  # a pooled connection (a new one was bounded above)
+            if left <= 0:
+                raise TimeoutError("past the attempt's deadline before sending")
+            timeout = self.sock.gettimeout()
+            if timeout is None or left < timeout:
+                self.sock.settimeout(left)  # set to the read timeout again before the answer is read
+        super().request(*args, **kwargs)  # type: ignore[misc]
 
 
 @functools.cache
@@ -175,10 +261,19 @@ def final_answer_pools() -> dict[str, type]:
     connection; http.client skips only `100 Continue` and took the 103 for the answer (its image failed with
     "HTTP 103" on every attempt). Its response class is the only hook: _read_status, which begin() calls for
     each status line, reads past such answers (their headers read with the public parse_headers).
+
+    Their connections and responses also keep the deadline of the thread's attempt, if it has one (set_deadline).
     """
     import http.client  # with the pools: a run that sends no request never needs it
 
     class FinalResponse(http.client.HTTPResponse):
+        def __init__(self, sock: Any, *args: Any, **kwargs: Any):
+            super().__init__(sock, *args, **kwargs)
+            deadline = getattr(_attempt, "deadline", None)
+            if deadline is not None:
+                self.fp.close()  # http.client's file over the socket, not read yet: replaced by one that keeps time
+                self.fp = io.BufferedReader(_DeadlineReader(sock, deadline))
+
         def _read_status(self) -> tuple[str, int, str]:
             for _ in range(MAX_INFORMATIONAL):
                 version, status, reason = super()._read_status()
@@ -187,10 +282,10 @@ def final_answer_pools() -> dict[str, type]:
                 http.client.parse_headers(self.fp)  # the informational answer's headers, skipped
             return super()._read_status()
 
-    class HTTPConnection(urllib3.connection.HTTPConnection):
+    class HTTPConnection(_Bounded, urllib3.connection.HTTPConnection):
         response_class = FinalResponse
 
-    class HTTPSConnection(urllib3.connection.HTTPSConnection):
+    class HTTPSConnection(_Bounded, urllib3.connection.HTTPSConnection):
         response_class = FinalResponse
 
     class HTTPConnectionPool(urllib3.HTTPConnectionPool):
