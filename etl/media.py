@@ -29,6 +29,7 @@ from etl.http import (
     is_retriable_status,
     make_session,
     retry_after_seconds,
+    set_deadline,
 )
 from etl.lazy import requests, urllib3  # imported on first use: a run without HTTP never loads them
 
@@ -692,9 +693,10 @@ class Downloader:
     """Fetches images over one pooled session; thread-safe for use from the pipeline's pool.
 
     Each attempt checks every hop with the guard and connects to the address it vetted, reads the body in
-    chunks under the size cap and a total time limit (the read timeout alone lets a host trickle a byte a
-    second forever), then checks the bytes are a whole image. 429, 5xx, network errors and bodies cut
-    short are retried by the policy; 404/410, markup, oversize and corrupt images are permanent.
+    chunks under the size cap, all of it (connecting, every hop's status line and headers, the body) under a
+    total time limit (the read timeout alone lets a host trickle a byte a second forever), then checks the
+    bytes are a whole image. 429, 5xx, network errors, answers past the time limit and bodies cut short are
+    retried by the policy; 404/410, markup, oversize and corrupt images are permanent.
     """
 
     def __init__(
@@ -715,7 +717,8 @@ class Downloader:
         self.policy = policy or RetryPolicy.from_settings(settings)
         self.budget = DecodeBudget(settings.decode_memory_mb * 1024 * 1024)
         self.guard = guard or URLGuard(allow_private=settings.allow_private_hosts)
-        # Time for one attempt's body; generous enough for the largest image at a slow link's pace.
+        # Time for one attempt, from connecting to the body's last byte, every redirect hop included; generous
+        # enough for the largest image at a slow link's pace.
         self.total_timeout = total_timeout or settings.connect_timeout + 10 * settings.read_timeout
 
     @property
@@ -755,18 +758,35 @@ class Downloader:
             raise MediaError(f"network error after {attempts} attempts: {type(exc).__name__}: {exc}") from None
 
     def _attempt(self, url: str) -> Fetched:
-        current = url
-        for _ in range(self.max_redirects + 1):
-            response = self._get(current)  # the guard checks every hop
-            with response:
-                if response.status_code in REDIRECT_STATUSES:
-                    location = response.headers.get("Location")
-                    if not location:
-                        raise MediaError(f"HTTP {response.status_code} redirect without a Location", permanent=True)
-                    current = _redirect_target(current, location)
-                    continue
-                return self._read(current, response)
-        raise MediaError(f"more than {self.max_redirects} redirects", permanent=True)
+        # Every socket operation of the attempt ends by its deadline (etl.http.set_deadline): past it, the one
+        # waiting raises a timeout, whether a host drips its headers or its body, or connecting is slow.
+        deadline = time.monotonic() + self.total_timeout
+        previous = set_deadline(deadline)
+        try:
+            current = url
+            for _ in range(self.max_redirects + 1):
+                response = self._get(current)  # the guard checks every hop
+                with response:
+                    if response.status_code in REDIRECT_STATUSES:
+                        location = response.headers.get("Location")
+                        if not location:
+                            raise MediaError(f"HTTP {response.status_code} redirect without a Location", permanent=True)
+                        current = _redirect_target(current, location)
+                        continue
+                    return self._read(current, response, deadline)
+            raise MediaError(f"more than {self.max_redirects} redirects", permanent=True)
+        except requests.RequestException:
+            if time.monotonic() < deadline:
+                raise
+            raise Retriable(self._too_slow()) from None
+        finally:
+            set_deadline(previous)
+
+    def _too_slow(self, detail: str = "") -> str:
+        return (
+            f"no complete answer within {self.total_timeout:g}s, the time limit of one attempt"
+            f" (ETL_CONNECT_TIMEOUT + 10 x ETL_READ_TIMEOUT){detail}"
+        )
 
     def _get(self, url: str) -> requests.Response | RawResponse:
         addresses = self.guard.check(url)
@@ -807,7 +827,7 @@ class Downloader:
             return True
         return self.session.trust_env and bool(requests.utils.get_environ_proxies(url, no_proxy=None))
 
-    def _read(self, url: str, response: requests.Response | RawResponse) -> Fetched:
+    def _read(self, url: str, response: requests.Response | RawResponse, deadline: float) -> Fetched:
         status = response.status_code
         if is_retriable_status(status):
             raise Retriable(f"HTTP {status}", retry_after=retry_after_seconds(response))
@@ -820,7 +840,7 @@ class Downloader:
         expected = None if chunked else header_number(declared)
         if expected is not None and expected > self.max_bytes:
             raise MediaError(f"image of {expected} bytes is over the {self.max_bytes}-byte cap", permanent=True)
-        body = self._body(response)
+        body = self._body(response, deadline)
         if expected is not None and len(body) != expected and not response.headers.get("Content-Encoding"):
             raise Retriable(f"truncated body: {len(body)} of {expected} bytes")
         try:
@@ -832,9 +852,8 @@ class Downloader:
             raise
         return Fetched(body, content_type, hashlib.sha256(body).hexdigest(), width, height, url)
 
-    def _body(self, response: requests.Response | RawResponse) -> bytes:
+    def _body(self, response: requests.Response | RawResponse, deadline: float) -> bytes:
         """The (decoded) body, read as it arrives, under the byte cap and the attempt's total time limit."""
-        deadline = time.monotonic() + self.total_timeout
         chunks: list[bytes] = []
         size = 0
         try:
@@ -847,9 +866,11 @@ class Downloader:
                 if size > self.max_bytes:
                     raise MediaError(f"image is over the {self.max_bytes}-byte cap", permanent=True)
                 chunks.append(chunk)
-                if time.monotonic() > deadline:
-                    raise Retriable(f"the body took longer than {self.total_timeout:g}s ({size} bytes so far)")
-        except urllib3.exceptions.ReadTimeoutError:
-            raise Retriable(f"timed out reading the body after {size} bytes") from None
-        except urllib3.exceptions.HTTPError as exc:  # connection reset, IncompleteRead, bad gzip
+                if time.monotonic() > deadline:  # the reads keep the deadline too, but not through every adapter
+                    raise Retriable(self._too_slow(f"; {size} bytes of the body so far"))
+        except urllib3.exceptions.HTTPError as exc:  # timed out, connection reset, IncompleteRead, bad gzip
+            if time.monotonic() >= deadline:
+                raise Retriable(self._too_slow(f"; {size} bytes of the body so far")) from None
+            if isinstance(exc, urllib3.exceptions.ReadTimeoutError):
+                raise Retriable(f"timed out reading the body after {size} bytes") from None
             raise Retriable(f"the body broke off after {size} bytes: {exc}") from None

@@ -6,7 +6,10 @@ instead of sleeping, so the suite stays fast while the waits it would take are s
 
 from __future__ import annotations
 
+import socket
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pytest
@@ -92,9 +95,109 @@ def test_trickling_body_hits_the_total_time_limit(harness, raw_server):
     h = harness(attempts=1)
     h.downloader.total_timeout = 0.6
     started = time.monotonic()
-    with pytest.raises(MediaError, match="took longer than 0.6s"):
+    with pytest.raises(MediaError, match="no complete answer within 0.6s"):
         h.fetch(server.url())
     assert time.monotonic() - started < 2
+
+
+def drip(head: bytes, every: float, body: bytes = b"") -> Callable:
+    """A script that sends `head` (the status line and headers) one byte every `every` seconds, then `body`."""
+
+    def script(sock: socket.socket) -> None:
+        for byte in head:
+            sock.sendall(bytes([byte]))
+            time.sleep(every)
+        sock.sendall(body)
+        sock.close()
+
+    return script
+
+
+def png_head(status: str = "200 OK", **headers: str) -> bytes:
+    fields = [f"{name.replace('_', '-')}: {value}" for name, value in headers.items()]
+    lines = [f"HTTP/1.1 {status}", "Content-Type: image/png", *fields]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def fetch_within(h: Harness, url: str, seconds: float) -> tuple[BaseException | object, float]:
+    """What fetch returned or raised, and how long it took; fails the test when it is still busy after `seconds`
+    (the fetch goes on in a daemon thread until the host stops dripping: the test itself ends)."""
+    outcome: list[object] = []
+
+    def run() -> None:
+        try:
+            outcome.append(h.fetch(url))
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            outcome.append(exc)
+
+    started = time.monotonic()
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(seconds)
+    assert not worker.is_alive(), f"the download was still busy after {seconds}s: the limit does not bound it"
+    return outcome[0], time.monotonic() - started
+
+
+def live_connections(downloader: Downloader) -> list:
+    """Connections waiting in the session's pools with a socket still open (ready to be reused)."""
+    pools = downloader.session.get_adapter("http://x").poolmanager.pools
+    return [conn for key in pools.keys() for conn in pools[key].pool.queue if conn and conn.sock]
+
+
+@pytest.mark.fault(
+    "image host drips its status line and headers a byte at a time, inside the read timeout, past the total limit"
+)
+@pytest.mark.parametrize("path", ["direct", "session", "adapter"])
+def test_dripping_headers_hit_the_total_time_limit(harness, raw_server, monkeypatch, path):
+    """The total limit bounds the whole attempt, headers too: a host that sends its head a byte every 0.2 s
+    (under the 0.5 s read timeout, about 20 s for the whole head) fails each attempt at the 1 s limit.
+
+    Each of the downloader's three ways to send: straight to urllib3 (direct_get, the usual one), requests'
+    Session.get (taken when the environment applies: trust_env), and the adapter's own send (a URL requests
+    would rewrite, here one with a percent escape)."""
+    import etl.media
+
+    server = raw_server(drip(png_head(Content_Length=str(len(PNG)), X_Padding="x" * 40), 0.2, PNG))
+    h = harness(attempts=2)
+    h.downloader.total_timeout = 1.0
+    taken: list[str] = []
+    direct_get = etl.media.direct_get
+
+    def recorded(*args: object) -> object:
+        taken.append("direct")  # sent here, unless the URL is one requests would rewrite
+        response = direct_get(*args)
+        if response is None:
+            taken[-1] = "adapter"
+        return response
+
+    monkeypatch.setattr(etl.media, "direct_get", recorded)
+    h.downloader.session.trust_env = path == "session"  # no proxy in the environment (the autouse fixture) all the same
+    if path == "session":
+        get = h.downloader.session.get
+        monkeypatch.setattr(h.downloader.session, "get", lambda *a, **k: taken.append("session") or get(*a, **k))
+    error, elapsed = fetch_within(h, server.url("/img%2D1.png" if path == "adapter" else "/img.png"), 8)
+    assert isinstance(error, MediaError), error
+    assert "gave up after 2 attempts: no complete answer within 1s" in str(error)
+    assert not error.permanent  # retried by the policy now, and by a later run
+    assert len(h.sleeps) == 1 and server.connections == 2
+    assert elapsed < 4  # two attempts of about 1 s, not two of 20 s
+    assert taken == [path, path]
+    assert live_connections(h.downloader) == []  # the cut keep-alive connections were closed, not pooled for reuse
+
+
+@pytest.mark.fault("image host answers a redirect and its target each within the limit, the two together past it")
+def test_the_total_time_limit_covers_every_hop_of_an_attempt(harness, raw_server):
+    target_head = png_head(Content_Length=str(len(PNG)), Connection="close")
+    target = raw_server(drip(target_head, 0.9 / len(target_head), PNG))
+    hop_head = png_head("302 Found", Location=target.url(), Content_Length="0", Connection="close")
+    hop = raw_server(drip(hop_head, 0.9 / len(hop_head)))
+    h = harness(attempts=1)
+    h.downloader.total_timeout = 1.5  # each head takes about 0.9 s: the redirect comes in time, its target not
+    error, elapsed = fetch_within(h, hop.url(), 8)
+    assert isinstance(error, MediaError), error
+    assert "no complete answer within 1.5s" in str(error)
+    assert hop.connections == 1 and target.connections == 1
+    assert elapsed < 2.5
 
 
 # -- connection faults ---------------------------------------------------------------------------------
