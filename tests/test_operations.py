@@ -739,6 +739,202 @@ def test_a_run_whose_lock_connection_is_lost_and_its_locks_taken_stops(listsrc, 
     assert {row[0] for row in held} <= {other_pid}  # the run holds nothing now (what it took again, it let go)
 
 
+# -- a lost lock connection: found by a hostile review of LockWatch -------------------------------------
+
+
+def _slow_retake(monkeypatch, seconds: float) -> None:
+    """The watch takes its locks again only `seconds` after it noticed the loss (what the gap looks like when the
+    check interval, a reconnect or a busy server delays it): what another session does meanwhile is done by then."""
+    from etl.db.ledger import LockWatch
+
+    take_again = LockWatch._take_again
+
+    def slow(self, lost):
+        time.sleep(seconds)
+        return take_again(self, lost)
+
+    monkeypatch.setattr(LockWatch, "_take_again", slow)
+
+
+@pytest.mark.fault("the lock connection is lost and another run archives the unit in the gap, then lets it go: the run stops")
+def test_a_run_whose_unit_another_run_archived_in_the_gap_does_not_go_on(listsrc, make_settings, db, tmp_path, monkeypatch):
+    """The lock connection is lost; in the gap another run takes listsrc, records itself (marking this run
+    abandoned, as START_RUN_ABANDONING_SQL does), archives, finishes and lets the lock go. RETAKE_SQL only asks whether
+    the locks are free *now*: they are, so the run takes them again and goes on as if it had held them throughout
+    (two runs archived one stream at once), and its final 'ok' overwrites the 'abandoned' the other run wrote."""
+    import psycopg2
+
+    other = psycopg2.connect(db.dsn)
+    other.autocommit = True
+    run = runner(make_settings, db, tmp_path, ETL_BATCH_SIZE="2", ETL_METADATA_BATCH_SIZE="2")
+    seen: dict[str, object] = {}
+    unit = "hashtext('social-archiver:source'), hashtext('listsrc')"
+
+    def meanwhile(pid: int) -> None:
+        with other.cursor() as cur:  # one round trip: queued for the lock before the dying backend lets it go
+            cur.execute(
+                "SELECT pg_terminate_backend(%s);"
+                f" SELECT pg_advisory_lock({unit});"
+                " UPDATE etl_runs SET status = 'abandoned', finished_at = now()"
+                "  WHERE status = 'running' AND COALESCE(units, sources) && ARRAY['listsrc'];"
+                " INSERT INTO etl_runs (mode, sources, units, host, pid, status, finished_at)"
+                "  VALUES ('run', ARRAY['listsrc'], ARRAY['listsrc'], 'other-host', 1, 'ok', now());"
+                f" SELECT pg_advisory_unlock({unit})",
+                (pid,),
+            )
+        seen["statuses"] = query(db.dsn, "SELECT host, status FROM etl_runs ORDER BY id")
+
+    _slow_retake(monkeypatch, 0.5)
+    lose_the_lock_connection_mid_run(listsrc, db, monkeypatch, meanwhile)
+    try:
+        stats = run.execute(RunRequest(sources=["listsrc"]))
+    finally:
+        other.close()
+    assert [s for _, s in seen["statuses"]] == ["abandoned", "ok"], seen  # the other run ran in the gap
+    assert stats.status == "interrupted", (stats.status, query(db.dsn, "SELECT host, status FROM etl_runs ORDER BY id"))
+
+
+@pytest.mark.fault("a network cut: the server keeps the lost lock session; it is ended and the locks taken again")
+def test_a_network_cut_ends_the_lost_session_and_takes_the_locks_again(listsrc, make_settings, db, tmp_path, monkeypatch):
+    """A network cut as the client sees it: keepalives/tcp_user_timeout make the watch's check fail ("server closed
+    the connection unexpectedly", no SQLSTATE) within seconds, but the server never hears of it and keeps the session,
+    and its advisory locks, until its own TCP keepalive gives up (tcp_keepalives_idle: the OS's 2 hours by default).
+    RETAKE_SQL then finds every unit "taken" by the run's own old backend (whose pid it knows): the run stops saying
+    listsrc "is now held by another run", and the zombie session still holds the locks after the run, locking
+    the next runs out."""
+    import psycopg2
+
+    from etl.db import ledger as ledger_module
+
+    cut = {"now": False}
+    real: list = []
+
+    class CutConnection:  # the client's side of a cut connection; the server's side lives on
+        def __init__(self, conn):
+            self.conn = conn
+
+        def cursor(self, *args, **kwargs):
+            if cut["now"]:
+                raise psycopg2.OperationalError("server closed the connection unexpectedly")
+            return self.conn.cursor(*args, **kwargs)
+
+        @property
+        def closed(self):
+            return 2 if cut["now"] else self.conn.closed
+
+        def close(self):
+            if not cut["now"]:
+                self.conn.close()  # (after the cut the FIN is lost: the server keeps the session)
+
+        def __getattr__(self, name):
+            return getattr(self.conn, name)
+
+    take = ledger_module.Ledger.lock_units
+
+    def lock_units(self, names):
+        conn, locked = take(self, names)
+        real.append(conn)
+        return CutConnection(conn), locked
+
+    monkeypatch.setattr(ledger_module.Ledger, "lock_units", lock_units)
+    run = runner(make_settings, db, tmp_path, ETL_BATCH_SIZE="2", ETL_METADATA_BATCH_SIZE="2")
+
+    def meanwhile(pid: int) -> None:
+        cut["now"] = True
+        wait_for(run.stop.is_set, 3)  # the watch (every 0.2 s) notices, and takes the locks again or stops the run
+
+    lose_the_lock_connection_mid_run(listsrc, db, monkeypatch, meanwhile)
+    try:
+        stats = run.execute(RunRequest(sources=["listsrc"]))
+        held_after = query(db.dsn, ADVISORY)
+    finally:
+        for conn in real:
+            conn.close()
+    assert not any("held by another run" in e for e in stats.errors), (stats.status, stats.errors)
+    assert stats.status == "ok", (stats.status, stats.errors)
+    assert held_after == [], "the lost session still holds the run's locks after it ended: the next runs are locked out"
+
+
+@pytest.mark.fault("deletions at source wait while the locks are taken again, and are not applied when that fails")
+def test_deletions_at_source_are_not_applied_while_the_locks_are_being_taken_again(listsrc, make_settings, db, tmp_path, monkeypatch):
+    """Writes wait while the locks are being taken again (README, LockWatch.fence), but _apply_gone only looks at
+    `watch.lost`: with a retake under way (its new connection slow to come: a restarting or full server) the
+    platform's deletions are applied by a run that holds no lock, and then the retake fails (listsrc is held by
+    another run) and the run stops. The write should have waited at the fence and been refused."""
+    import psycopg2
+
+    from etl.db import ledger as ledger_module
+
+    monkeypatch.setattr(ledger_module, "LOCK_CHECK_SECONDS", 0.2, raising=False)
+    _slow_retake(monkeypatch, 1.0)
+    other = psycopg2.connect(db.dsn)  # the other run, which takes listsrc in the gap
+    other.autocommit = True
+    listsrc.posts = [make_post(i, T0 - timedelta(minutes=i)) for i in range(4)]
+    fetch = ListSource.fetch
+
+    def fetch_reporting_gone(self, window):
+        yield from fetch(self, window)
+        self.report_gone("p0", "deleted by its author")
+
+    monkeypatch.setattr(listsrc, "fetch", fetch_reporting_gone)
+    run = runner(make_settings, db, tmp_path, ETL_DELETED_AT_SOURCE="mark")
+    apply_gone = Runner._apply_gone
+    seen: dict[str, object] = {}
+
+    def lose_then_apply(self, source, stats):
+        [(pid,)] = {(row[0],) for row in query(db.dsn, ADVISORY)}
+        with other.cursor() as cur:
+            cur.execute(
+                "SELECT pg_terminate_backend(%s); SELECT pg_advisory_lock(hashtext('social-archiver:source'), hashtext('listsrc'))",
+                (pid,),
+            )
+        seen["retaking"] = wait_for(lambda: self.watch is not None and not self.watch._held.is_set(), 5)
+        apply_gone(self, source, stats)
+        seen["stopped"] = wait_for(run.stop.is_set, 5)
+
+    monkeypatch.setattr(Runner, "_apply_gone", lose_then_apply)
+    try:
+        run.execute(RunRequest(sources=["listsrc"]))
+        marked = query(db.dsn, "SELECT post_id FROM social_posts WHERE deleted_at_source IS NOT NULL")
+    finally:
+        other.close()
+    assert seen == {"retaking": True, "stopped": True}, seen  # the retake was under way, then failed
+    assert marked == [], "p0 marked deleted at source by a run holding no lock, while its locks were being taken again"
+
+
+@pytest.mark.fault("the locks are lost in the run's last seconds, before the watch looked: the run is recorded interrupted")
+def test_a_run_whose_locks_are_lost_in_its_last_seconds_is_not_recorded_ok(listsrc, make_settings, db, tmp_path, monkeypatch):
+    """The watch first checks LOCK_CHECK_SECONDS (3 s) after the locks are taken and release() never checks: a loss
+    in a run's last 3 s (any loss in a run shorter than that: most cron reruns) is never noticed, and a loss noticed
+    after the run's last fence is never raised. Here the lock connection dies and another session takes listsrc while
+    the run still has 6 posts and the watermark to write: it writes them all beside the other holder and records
+    'ok', exit 0, no error."""
+    import psycopg2
+
+    from etl.db import ledger as ledger_module
+
+    other = psycopg2.connect(db.dsn)  # another run, holding listsrc from the moment the lost session let it go
+    other.autocommit = True
+
+    def meanwhile(pid: int) -> None:
+        with other.cursor() as cur:
+            cur.execute(
+                "SELECT pg_terminate_backend(%s); SELECT pg_advisory_lock(hashtext('social-archiver:source'), hashtext('listsrc'))",
+                (pid,),
+            )
+
+    lose_the_lock_connection_mid_run(listsrc, db, monkeypatch, meanwhile)
+    monkeypatch.setattr(ledger_module, "LOCK_CHECK_SECONDS", 3.0)  # as in production
+    try:
+        stats = runner(make_settings, db, tmp_path, ETL_BATCH_SIZE="2", ETL_METADATA_BATCH_SIZE="2").execute(
+            RunRequest(sources=["listsrc"])
+        )
+    finally:
+        other.close()
+    assert stats.inserted == 10 and query(db.dsn, "SELECT count(*) FROM etl_state WHERE source = 'listsrc'") == [(1,)]
+    assert (stats.status, stats.exit_code) != ("ok", 0), "the run wrote 6 posts and its watermark without its locks, and says ok"
+
+
 @pytest.mark.fault("a reenrich worker process dies (killed, out of memory): its batch is scored in the main process")
 def test_reenrich_scores_in_process_when_a_worker_dies(db, monkeypatch):
     from etl import reenrich as module

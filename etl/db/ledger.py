@@ -52,8 +52,24 @@ RETAKE_SQL = (
     "       WHERE NOT pg_try_advisory_lock(hashtext('social-archiver:source'), hashtext(name)) ORDER BY n),"
     " EXISTS (SELECT 1 FROM forgotten_posts WHERE forgotten_at >= COALESCE(%s::timestamptz,"
     "   (SELECT max(started_at) FROM etl_runs WHERE status = 'running' AND host = %s AND pid = %s), '-infinity')),"
-    " pg_backend_pid()"
+    " pg_backend_pid(),"
+    # Whether another run held a unit in the gap and let it go again (the locks free now prove nothing): this run's
+    # row no longer running (a run that took a unit marked it abandoned), or another run of one of its units
+    # recorded since the lost connection last answered.
+    " EXISTS (SELECT 1 FROM etl_runs r WHERE r.id = %s AND r.status <> 'running'"
+    "   OR r.id IS DISTINCT FROM %s AND COALESCE(r.units, r.sources) && %s::text[] AND r.started_at >= %s::timestamptz)"
 )
+# The lost session itself, when the server has not noticed (a network cut: its keepalives give up after hours) and
+# it still holds the run's locks: ended, so that they can be taken again. Known by its pid, and by having started
+# before this run was recorded (it took the run's locks first): never another session that got its pid since.
+_LOST_SESSION = (
+    " FROM pg_stat_activity WHERE pid = %s AND application_name = 'social-archiver'"
+    " AND backend_start <= (SELECT started_at FROM etl_runs WHERE id = %s)"
+)
+END_LOST_SESSION_SQL = "SELECT pg_terminate_backend(pid)" + _LOST_SESSION
+LOST_SESSION_LIVES_SQL = "SELECT EXISTS (SELECT 1" + _LOST_SESSION + ")"
+CHECK_SQL = "SELECT statement_timestamp()"
+
 RUNNING_RUNS_SQL = (
     "SELECT string_agg(format('run %s (%s, on %s, pid %s, started %s)', id, mode, host, pid,"
     " to_char(started_at, 'YYYY-MM-DD HH24:MI:SS')), '; ' ORDER BY id) FROM etl_runs WHERE status = 'running'"
@@ -323,9 +339,9 @@ class LockWatch:
 
     def __init__(
         self, ledger: Ledger, conn: psycopg2.extensions.connection, names: Sequence[str], *,
-        on_lost: Callable[[str], None],
+        on_lost: Callable[[str], None], run_id: Callable[[], int | None] = lambda: None,
     ) -> None:  # fmt: skip
-        self.ledger, self.conn, self.names, self.on_lost = ledger, conn, list(names), on_lost
+        self.ledger, self.conn, self.names, self.on_lost, self.run_id = ledger, conn, list(names), on_lost, run_id
         self.every = LOCK_CHECK_SECONDS
         self.lost: str | None = None  # why the run may not go on (its locks are gone); None while it holds them
         self._held = threading.Event()  # clear while the locks are being taken again
@@ -348,6 +364,26 @@ class LockWatch:
         if self.lost:
             raise LocksLost(self.lost)
 
+    def confirm(self) -> None:
+        """As the run ends, before it is recorded finished: LocksLost if its locks were lost, noticed by the watch or
+        by one check now (a run shorter than the watch's interval is never checked otherwise). The watch ends."""
+        with self._swap:
+            self._done.set()
+        self._thread.join(timeout=30)
+        if not self.lost:
+            try:
+                with self.conn.cursor() as cur:
+                    cur.execute(CHECK_SQL)
+            except psycopg2.Error as exc:  # taken again if nothing could have come in meanwhile, as the watch does
+                self._done.clear()
+                try:
+                    self._take_again(f"the lock connection (backend pid {self._pid}) was found lost as the run ended: "
+                                     f"{self._reason(exc)}")  # fmt: skip
+                finally:
+                    self._done.set()
+        if self.lost:
+            raise LocksLost(self.lost)
+
     def release(self) -> None:
         """End the watch, then free the locks and close their connection (release_locks)."""
         with self._swap:
@@ -361,7 +397,7 @@ class LockWatch:
         while not self._done.wait(self.every):
             try:
                 with self.conn.cursor() as cur:
-                    cur.execute("SELECT statement_timestamp()")
+                    cur.execute(CHECK_SQL)
                     self._since = cur.fetchone()[0]
             except psycopg2.Error as exc:
                 if self._done.is_set():
@@ -400,9 +436,16 @@ class LockWatch:
         try:
             conn.autocommit = True
             with conn.cursor() as cur:
-                cur.execute(RETAKE_SQL, (self.names, self._since, socket.gethostname(), os.getpid()))
-                archive_free, taken, forgotten, pid = cur.fetchone()
-                if taken:
+                run_id = self.run_id()
+                self._end_lost_session(cur, run_id)
+                cur.execute(RETAKE_SQL, (
+                    self.names, self._since, socket.gethostname(), os.getpid(),
+                    run_id, run_id, self.names, self._since,
+                ))  # fmt: skip
+                archive_free, taken, forgotten, pid, others = cur.fetchone()
+                if others:
+                    why = "another run archived one of its units while it held no lock"
+                elif taken:
                     holder = self.ledger.running_run_for(cur, taken[0], others=True)
                     why = f"{taken[0]} is now held by another run{holder}"
                 elif not archive_free:
@@ -423,6 +466,21 @@ class LockWatch:
             )  # fmt: skip
         elif why is not None:
             self._give_up(f"{lost}, and {why}")
+
+    def _end_lost_session(self, cur: psycopg2.extensions.cursor, run_id: int | None) -> None:
+        """The lost session, if the server still keeps it (its side never heard of a network cut), ended: it holds
+        the locks to take again. Waited for a few seconds (its locks go as it exits)."""
+        if run_id is None:
+            return  # not recorded yet: the session cannot be told from another that got its pid
+        cur.execute(END_LOST_SESSION_SQL, (self._pid, run_id))
+        if not cur.fetchall():
+            return
+        log.warning("the lost lock session (backend pid %s) was still open on the server: ended", self._pid)
+        for _ in range(50):
+            cur.execute(LOST_SESSION_LIVES_SQL, (self._pid, run_id))
+            if not cur.fetchone()[0]:
+                return
+            time.sleep(0.1)
 
     def _give_up(self, why: str) -> None:
         if self.lost:

@@ -186,7 +186,8 @@ class Runner:
                 log.info("%s: retried by another run now, not by this one", retry)
             # Their connection watched: lost, the locks are taken again, or the run stops (as on SIGTERM).
             watch = self.watch = LockWatch(
-                self.ledger, lock, [n for n in wanted if n not in locked], on_lost=lambda why: self.stop.set()
+                self.ledger, lock, [n for n in wanted if n not in locked], on_lost=lambda why: self.stop.set(),
+                run_id=lambda: self.run_id,
             )
             yield locked
         finally:
@@ -218,6 +219,8 @@ class Runner:
                 log.info("run %d started: %s of %s", run_id, request.mode, ", ".join(names) or "failed images only")
                 try:
                     yield
+                    if self.watch is not None:
+                        self.watch.confirm()  # its locks held to the end, or LocksLost
                 except (Interrupted, KeyboardInterrupt):
                     stats.interrupted = True
                     stats.error("interrupted: the run was asked to stop; the rest is archived by the next run")
@@ -314,6 +317,10 @@ class Runner:
             return
         from etl.recheck import recheck_source
 
+        try:
+            self.fence()  # the re-check writes (deletions at source): not without the run's locks
+        except LocksLost:
+            return
         source.only_stream = None  # the re-check is the source's, not one stream's
         asked, error = recheck_source(self.db, source, self.settings.recheck_posts)
         stats.rechecked += asked
@@ -324,7 +331,11 @@ class Runner:
 
     def _apply_gone(self, source: Source, stats: RunStats) -> None:
         """Posts the platform said are gone: marked or forgotten (ETL_DELETED_AT_SOURCE), those we hold only."""
-        if not source.gone or self.db is None or (self.watch is not None and self.watch.lost):
+        if not source.gone or self.db is None:
+            return
+        try:
+            self.fence()  # waits while the locks are being taken again
+        except LocksLost:
             return  # (the run's locks lost: the next run is told of them again)
         from etl.forget import apply_gone
 
