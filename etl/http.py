@@ -247,9 +247,10 @@ class _Bounded:
         if left is not None and self.sock is not None:  # a pooled connection (a new one was bounded above)
             if left <= 0:
                 raise TimeoutError("past the attempt's deadline before sending")
-            timeout = self.sock.gettimeout()
-            if timeout is None or left < timeout:
-                self.sock.settimeout(left)  # set to the read timeout again before the answer is read
+            if self.timeout is None or left < self.timeout:
+                # urllib3's request() sets the reused socket's timeout to self.timeout as it sends (a cut of the
+                # socket's own would be undone), and the read timeout again before the answer is read.
+                self.timeout = left
         super().request(*args, **kwargs)  # type: ignore[misc]
 
 
