@@ -99,9 +99,10 @@ def record_fixity(
 
     def write(cur: psycopg2.extensions.cursor) -> set[int]:
         judged: set[int] = set()
-        for sql, rows in ((FIXITY_OK_SQL, ok), (FIXITY_BAD_SQL, bad)):
-            if rows:
-                judged.update(row[0] for row in psycopg2.extras.execute_values(cur, sql, rows, fetch=True, page_size=len(rows)))
+        if ok:
+            judged.update(r[0] for r in psycopg2.extras.execute_values(cur, FIXITY_OK_SQL, ok, fetch=True, page_size=len(ok)))
+        if bad:
+            judged.update(r[0] for r in psycopg2.extras.execute_values(cur, FIXITY_BAD_SQL, bad, fetch=True, page_size=len(bad)))
         return judged
 
     return db.run(write, what="recording fixity results")
