@@ -115,17 +115,20 @@ def iter_keys(store: ObjectStore, prefix: str) -> Iterator[str]:
                     yield key
         return
     if isinstance(store, S3Store):
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        try:
-            pages = store.client.get_paginator("list_objects_v2").paginate(Bucket=store.bucket, Prefix=prefix)
-            for page in pages:
-                for item in page.get("Contents") or []:
-                    yield item["Key"]
-        except (ClientError, BotoCoreError) as exc:
-            raise StoreError(f"S3 listing of {prefix or '/'} failed: {exc}") from exc
+        yield from (item["Key"] for item in _s3_listing(store, prefix, "Contents"))
         return
     raise StoreError(f"cannot list {store.describe()}")
+
+
+def _s3_listing(store: S3Store, prefix: str, part: str, **more: str) -> Iterator[dict]:
+    """The items of one part ("Contents", or "CommonPrefixes" with a Delimiter) of each page listing `prefix`."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        for page in store.client.get_paginator("list_objects_v2").paginate(Bucket=store.bucket, Prefix=prefix, **more):
+            yield from page.get(part) or []
+    except (ClientError, BotoCoreError) as exc:
+        raise StoreError(f"S3 listing of {prefix or '/'} failed: {exc}") from exc
 
 
 def keys_of_post_any_day(store: ObjectStore, prefix: str, platform: str, post_id: str) -> Iterator[str]:
@@ -154,15 +157,7 @@ def _subfolders(store: ObjectStore, parent: str) -> Iterator[str]:
         yield from (f"{parent}{name}/" for name in names)
         return
     if isinstance(store, S3Store):
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        try:
-            pages = store.client.get_paginator("list_objects_v2").paginate(Bucket=store.bucket, Prefix=parent, Delimiter="/")
-            for page in pages:
-                for item in page.get("CommonPrefixes") or []:
-                    yield item["Prefix"]
-        except (ClientError, BotoCoreError) as exc:
-            raise StoreError(f"S3 listing of {parent} failed: {exc}") from exc
+        yield from (item["Prefix"] for item in _s3_listing(store, parent, "CommonPrefixes", Delimiter="/"))
         return
     raise StoreError(f"cannot list {store.describe()}")
 

@@ -242,6 +242,17 @@ def test_a_sample_rotates_and_an_interrupted_verify_is_continued(db, make_settin
     assert verify_once(full).checked == 6  # a finished check: the next one starts again from the start
 
 
+def _record_stored_image(db, post_id: str, key: str, body: bytes) -> None:
+    """A post of 2024-03-01 and its image 0, recorded stored under `key` as `body` (whatever the object holds)."""
+    with db.transaction() as cur:
+        cur.execute("INSERT INTO social_posts (platform, post_id, created_at) VALUES ('jsonl', %s, '2024-03-01')", (post_id,))
+        cur.execute(
+            "INSERT INTO post_media (platform, post_id, position, source_url, storage_key, sha256, bytes, status)"
+            " VALUES ('jsonl', %s, 0, 'http://x/', %s, %s, %s, 'stored')",
+            (post_id, key, hashlib.sha256(body).hexdigest(), len(body)),
+        )
+
+
 @pytest.mark.fault("a run forgets a post (deleted at source) and repairs another while verify reads them: neither is judged")
 def test_verify_does_not_judge_rows_a_run_forgot_or_stored_again_while_it_read_them(db, make_settings, monkeypatch):
     # verify read the rows, then a run forgot p0 (its object deleted) and stored p1 again (another object, another
@@ -253,17 +264,11 @@ def test_verify_does_not_judge_rows_a_run_forgot_or_stored_again_while_it_read_t
     settings = make_settings(ETL_CONCURRENCY="1")  # the objects read one after another: the run lands before all
     store = LocalStore(settings.objects_dir)
     store.check()
-    with db.transaction() as cur:
-        for i in range(3):
-            body = png_bytes(8, 6, (i, 0, 0))
-            key = f"jsonl/2024/03/01/p{i}/0.png"
-            store.put(key, body, "image/png", hashlib.sha256(body).hexdigest())
-            cur.execute("INSERT INTO social_posts (platform, post_id, created_at) VALUES ('jsonl', %s, '2024-03-01')", (f"p{i}",))
-            cur.execute(
-                "INSERT INTO post_media (platform, post_id, position, source_url, storage_key, sha256, bytes, status)"
-                " VALUES ('jsonl', %s, 0, 'http://x/', %s, %s, %s, 'stored')",
-                (f"p{i}", key, hashlib.sha256(body).hexdigest(), len(body)),
-            )
+    for i in range(3):
+        body = png_bytes(8, 6, (i, 0, 0))
+        key = f"jsonl/2024/03/01/p{i}/0.png"
+        store.put(key, body, "image/png", hashlib.sha256(body).hexdigest())
+        _record_stored_image(db, f"p{i}", key, body)
     verifier = verify_module.Verifier(settings, db, store)
     check = verifier._check
     done = []
@@ -764,13 +769,7 @@ def test_verify_counts_an_intact_image_forgotten_meanwhile_as_changed_meanwhile_
     body = png_bytes(8, 6, (1, 0, 0))
     key = "jsonl/2024/03/01/p0/0.png"
     store.put(key, body, "image/png", hashlib.sha256(body).hexdigest())
-    with db.transaction() as cur:
-        cur.execute("INSERT INTO social_posts (platform, post_id, created_at) VALUES ('jsonl', 'p0', '2024-03-01')")
-        cur.execute(
-            "INSERT INTO post_media (platform, post_id, position, source_url, storage_key, sha256, bytes, status)"
-            " VALUES ('jsonl', 'p0', 0, 'http://x/', %s, %s, %s, 'stored')",
-            (key, hashlib.sha256(body).hexdigest(), len(body)),
-        )
+    _record_stored_image(db, "p0", key, body)
     record = verify_module.record_fixity
 
     def forgotten_then_recorded(db_, ok, bad):
@@ -802,13 +801,7 @@ def test_verify_reports_damage_when_its_record_is_run_again_after_a_lost_commit_
     body = png_bytes(8, 6, (1, 0, 0))
     key = "jsonl/2024/03/01/p0/0.png"
     store.put(key, b"rotten", "image/png", hashlib.sha256(b"rotten").hexdigest())  # damaged
-    with db.transaction() as cur:
-        cur.execute("INSERT INTO social_posts (platform, post_id, created_at) VALUES ('jsonl', 'p0', '2024-03-01')")
-        cur.execute(
-            "INSERT INTO post_media (platform, post_id, position, source_url, storage_key, sha256, bytes, status)"
-            " VALUES ('jsonl', 'p0', 0, 'http://x/', %s, %s, %s, 'stored')",
-            (key, hashlib.sha256(body).hexdigest(), len(body)),
-        )
+    _record_stored_image(db, "p0", key, body)
     real_transaction, real_record = db.transaction, verify_module.record_fixity
     armed = []
 
