@@ -80,11 +80,6 @@ def distance(a: int, b: int) -> int:
     return bin(to_unsigned(a) ^ to_unsigned(b)).count("1")
 
 
-def read_object(store: ObjectStore, key: str) -> bytes:
-    """The bytes of one stored object (one at a time: memory stays at one image per worker)."""
-    return store.read(key)
-
-
 # -- `etl.py fingerprint`: hashes for stored images that have none ------------------------------------------
 
 
@@ -138,7 +133,7 @@ def fingerprint_stored(
     def one(row: tuple[int, str, str | None]) -> tuple[int, int, str | None] | None:
         media_id, key, sha256 = row
         try:
-            data = read_object(store, key)
+            data = store.read(key)
             if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
                 # A damaged object would be hashed as another picture, and that hash kept: left for `verify`.
                 raise ValueError("its bytes do not match the archived sha256 (damaged: `etl.py verify` marks it for repair)")

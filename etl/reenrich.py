@@ -35,7 +35,7 @@ class _Scorers:
         self.workers = workers
         self.pool: Executor | prefork.Preforked | None = None
 
-    def submit(self, rows: list[tuple]) -> list[Future] | list[tuple]:
+    def submit(self, rows: list[tuple]) -> list[Future] | list[str]:
         if self.workers <= 1 or all(kept(self.enricher, row) for row in rows):
             return [decide_rows(self.enricher, rows)]
         if self.pool is None:
@@ -58,7 +58,7 @@ class _Scorers:
         prefork.release()  # the workers etl.py forked as it started, when no batch needed them
 
 
-def _collect(enricher: SentimentEnricher, rows: list[tuple], pending: list[Future] | list[tuple]) -> list[tuple]:
+def _collect(enricher: SentimentEnricher, rows: list[tuple], pending: list[Future] | list[str]) -> list[str]:
     """The decided parts of a batch; scored here when a worker died (killed, out of memory), as ahead.py does."""
     try:
         return [part.result() if isinstance(part, Future) else part for part in pending]
@@ -111,7 +111,7 @@ def _reenrich(
     writer = _Writer(db, enricher, stats, should_stop)
     try:
         with unscored_posts(reader, platform, since, enricher.version, batch_size) as scan:
-            ahead: deque[tuple[list[tuple], list[Future] | list[tuple]]] = deque()
+            ahead: deque[tuple[list[tuple], list[Future] | list[str]]] = deque()
             reading = True
             while (reading or ahead) and not writer.stopped:
                 if reading:
@@ -136,12 +136,12 @@ class _Writer:
 
     def __init__(self, db: Database, enricher: SentimentEnricher, stats: RunStats, should_stop: Callable[[], bool]):
         self.db, self.enricher, self.stats, self.should_stop = db, enricher, stats, should_stop
-        self.queue: queue.Queue[tuple[list[tuple], list[tuple]] | None] = queue.Queue(maxsize=1)
+        self.queue: queue.Queue[tuple[list[tuple], list[str]] | None] = queue.Queue(maxsize=1)
         self.stopped = False
         self.error: BaseException | None = None
         self.thread: threading.Thread | None = None
 
-    def put(self, rows: list[tuple], parts: list[tuple]) -> None:
+    def put(self, rows: list[tuple], parts: list[str]) -> None:
         if self.thread is None:  # started with the first batch decided: after the workers' fork, as a rule
             self.thread = threading.Thread(target=self._run, name="reenrich-writer", daemon=True)
             self.thread.start()
@@ -171,18 +171,20 @@ class _Writer:
             log.warning("writing the re-enriched rows failed too: %s", self.error)
 
 
-def _write(db: Database, enricher: SentimentEnricher, stats: RunStats, rows: list[tuple], parts: list[tuple]) -> None:
+def _write(db: Database, enricher: SentimentEnricher, stats: RunStats, rows: list[tuple], parts: list[str]) -> None:
     with db.transaction() as cur:
-        applied = write_decisions(cur, [text for text, _, _ in parts], enricher.version, [row[0] for row in rows])
+        applied = write_decisions(cur, parts, enricher.version, [row[0] for row in rows])
     # Counted once committed, from what was written: a decision dropped because a run changed the post meanwhile
     # is neither changed nor unchanged (the next reenrich reads the row again if its version is not this one).
     written = 0
     for changed, label, count in applied:
         written += count
-        stats.updated += count if changed else 0
+        if changed:
+            stats.updated += count
+        else:
+            stats.unchanged += count
         stats.sentiment[label or "unscored"] += count
     stats.fetched += len(rows)
-    stats.unchanged += written - sum(count for changed, _, count in applied if changed)
     if written < len(rows):
         log.info("%d post(s) changed by a run while reenrich scored them: left as the run wrote them", len(rows) - written)
     log.info("re-enriched %d posts so far, %d changed", stats.fetched, stats.updated)

@@ -18,7 +18,6 @@ from typing import Any
 
 from etl.db import Database
 from etl.db.insights import report_aggregates
-from etl.fingerprint import read_object
 from etl.store import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -208,7 +207,7 @@ def thumbnail(store: ObjectStore | None, key: str | None) -> str:
     from PIL import Image
 
     try:
-        with Image.open(io.BytesIO(read_object(store, key))) as img:
+        with Image.open(io.BytesIO(store.read(key))) as img:
             if img.format == "JPEG":
                 img.draft("RGB", (THUMB_PX * 2, THUMB_PX * 2))
             img.thumbnail((THUMB_PX, THUMB_PX))

@@ -4,7 +4,6 @@ etl.py starts (etl/prefork.py) is ready to score without loading psycopg2 (20-25
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -36,22 +35,20 @@ def kept(enricher: SentimentEnricher, row: tuple) -> bool:
     return row[3] is not None or row[7] is not None
 
 
-def decide_rows(enricher: SentimentEnricher, rows: Sequence[tuple]) -> tuple[str, int, Counter]:
-    """Decide stored rows (as decisions() takes them): the decisions as COPY text for write_decisions, how many
-    changed, and the labels counted. Done where the scoring is (a worker), so that only a string travels back."""
-    written, changed, tally = [], 0, Counter()
+def decide_rows(enricher: SentimentEnricher, rows: Sequence[tuple]) -> str:
+    """Decide stored rows (as decisions() takes them): the decisions as COPY text for write_decisions. Done where
+    the scoring is (a worker), so that only a string travels back; what was written is counted by the write."""
+    written = []
     for row, (s, lang, lang_source, why) in zip(rows, decisions(enricher, rows), strict=True):
-        tally[s.label if s else "unscored"] += 1
         new = (s.label, s.polarity, s.subjectivity) if s else (None, None, None)
         # A row scored with the same result is only stamped with the version (not read again by the next
         # reenrich, its score reused by runs); its updated_at stays (the data did not change).
         same = row[2:8] == (*new, lang, lang_source, why)
-        changed += not same
         written.append((row[0], not same, *new, lang, lang_source, why, row[9]))
-    return decision_lines(written), changed, tally
+    return decision_lines(written)
 
 
-def decide_in_worker(rows: Sequence[tuple]) -> tuple[str, int, Counter]:
+def decide_in_worker(rows: Sequence[tuple]) -> str:
     return decide_rows(worker_enricher(), rows)
 
 

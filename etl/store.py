@@ -177,9 +177,11 @@ class LocalStore:
                     raise KeyHeld(key)
         tmp = f"{self.incoming}/{os.getpid()}-q{next(_TEMP_NUMBERS)}.part"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        wrote = _write_renamed(fd, tmp, path, body, replace=replace) or not _holds_file(Path(path), body, sha256, key)
+        wrote = _write_renamed(fd, tmp, path, body, replace=replace)
+        if not wrote:  # another run wrote this key since the lstat: the same bytes, or KeyHeld
+            _same_or_held(Path(path), body, sha256, key)
         self._written.last = (key, path)  # for url(key), which the archiver asks next: no lstat to ask again
-        return wrote  # False: another run wrote the same bytes since the lstat
+        return wrote
 
     def _folder(self, folder_key: str) -> tuple[str, bool]:
         """The real directory of a key's folder, made when missing and remembered: one mkdir per new folder
@@ -214,7 +216,8 @@ class LocalStore:
             self.incoming.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self.incoming, prefix=f"{os.getpid()}-", suffix=".part")
             if not _write_renamed(fd, tmp, path, body, replace=replace):
-                return not _holds_file(path, body, sha256, key)
+                _same_or_held(path, body, sha256, key)
+                return False
         except OSError as exc:
             raise StoreError(f"cannot write {path}: {exc}") from exc
         return True
@@ -316,11 +319,10 @@ def _same_file(path: Path, body: bytes, sha256: str) -> bool:
     return path.stat().st_size == len(body) and _file_sha256(path) == sha256
 
 
-def _holds_file(path: Path, body: bytes, sha256: str, key: str) -> bool:
-    """True when the file at `path` holds `body`; KeyHeld when it holds other bytes."""
-    if _same_file(path, body, sha256):
-        return True
-    raise KeyHeld(key)
+def _same_or_held(path: Path, body: bytes, sha256: str, key: str) -> None:
+    """Nothing when the file at `path` holds `body`; KeyHeld when it holds other bytes."""
+    if not _same_file(path, body, sha256):
+        raise KeyHeld(key)
 
 
 def _alive(pid: int) -> bool:

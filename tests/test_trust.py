@@ -242,6 +242,30 @@ def test_a_sample_rotates_and_an_interrupted_verify_is_continued(db, make_settin
     assert verify_once(full).checked == 6  # a finished check: the next one starts again from the start
 
 
+def _run_jsonl(settings, posts: Path, **request):
+    """One run of the jsonl file `posts`, in process (RunRequest's other fields in `request`)."""
+    from etl.run.runner import Runner, RunRequest
+
+    runner = Runner(settings)
+    try:
+        return runner.execute(RunRequest(sources=["jsonl"], source_options={"jsonl": {"input": str(posts)}}, **request))
+    finally:
+        runner.close()
+
+
+def _one_stored_image(db, make_settings, *, stored: bytes, recorded: bytes) -> tuple:
+    """(settings, local store, key) of post p0's image 0: the object holds `stored`, its row says `recorded`."""
+    from etl.store import LocalStore
+
+    settings = make_settings()
+    store = LocalStore(settings.objects_dir)
+    store.check()
+    key = "jsonl/2024/03/01/p0/0.png"
+    store.put(key, stored, "image/png", hashlib.sha256(stored).hexdigest())
+    _record_stored_image(db, "p0", key, recorded)
+    return settings, store, key
+
+
 def _record_stored_image(db, post_id: str, key: str, body: bytes) -> None:
     """A post of 2024-03-01 and its image 0, recorded stored under `key` as `body` (whatever the object holds)."""
     with db.transaction() as cur:
@@ -723,7 +747,6 @@ def test_a_damaged_object_read_again_by_a_shard_run_is_repaired_not_recorded(db,
     # The store raises KeyHeld, _held_image reads the damaged bytes back and the row records them as 'stored' with
     # their sha256 and fixity cleared: the damage becomes the archive's truth, and no repair will ever come.
     from etl import verify as verify_module
-    from etl.run.runner import Runner, RunRequest
     from etl.shards import Shard
     from etl.store import LocalStore
 
@@ -734,11 +757,7 @@ def test_a_damaged_object_read_again_by_a_shard_run_is_repaired_not_recorded(db,
     posts = write_jsonl(tmp_path / "p.jsonl", [record(post_id="p0", image_urls=[http_server.url("/a.png")])])
 
     def run(**request):
-        runner = Runner(settings)
-        try:
-            return runner.execute(RunRequest(sources=["jsonl"], source_options={"jsonl": {"input": str(posts)}}, **request))
-        finally:
-            runner.close()
+        return _run_jsonl(settings, posts, **request)
 
     run()
     (key,) = [k for (k,) in query(db.dsn, "SELECT storage_key FROM post_media WHERE status = 'stored'")]
@@ -761,15 +780,9 @@ def test_verify_counts_an_intact_image_forgotten_meanwhile_as_changed_meanwhile_
     # checked = ok + missing + changed + unreadable + changed_meanwhile no longer holds for what was recorded.
     from etl import verify as verify_module
     from etl.forget import forget_posts
-    from etl.store import LocalStore
 
-    settings = make_settings()
-    store = LocalStore(settings.objects_dir)
-    store.check()
     body = png_bytes(8, 6, (1, 0, 0))
-    key = "jsonl/2024/03/01/p0/0.png"
-    store.put(key, body, "image/png", hashlib.sha256(body).hexdigest())
-    _record_stored_image(db, "p0", key, body)
+    settings, store, key = _one_stored_image(db, make_settings, stored=body, recorded=body)
     record = verify_module.record_fixity
 
     def forgotten_then_recorded(db_, ok, bad):
@@ -793,15 +806,8 @@ def test_verify_reports_damage_when_its_record_is_run_again_after_a_lost_commit_
     import psycopg2
 
     from etl import verify as verify_module
-    from etl.store import LocalStore
 
-    settings = make_settings()
-    store = LocalStore(settings.objects_dir)
-    store.check()
-    body = png_bytes(8, 6, (1, 0, 0))
-    key = "jsonl/2024/03/01/p0/0.png"
-    store.put(key, b"rotten", "image/png", hashlib.sha256(b"rotten").hexdigest())  # damaged
-    _record_stored_image(db, "p0", key, body)
+    settings, store, key = _one_stored_image(db, make_settings, stored=b"rotten", recorded=png_bytes(8, 6, (1, 0, 0)))
     real_transaction, real_record = db.transaction, verify_module.record_fixity
     armed = []
 
@@ -827,7 +833,6 @@ def test_verify_reports_damage_when_its_record_is_run_again_after_a_lost_commit_
 def test_a_repair_by_a_shard_run_under_a_new_extension_deletes_the_damaged_object(db, make_settings, http_server, tmp_path):
     # The same as the retries' repair, on the path of a post read again (a shard: no failed-image retries).
     from etl import verify as verify_module
-    from etl.run.runner import Runner, RunRequest
     from etl.shards import Shard
     from etl.store import LocalStore
 
@@ -836,11 +841,7 @@ def test_a_repair_by_a_shard_run_under_a_new_extension_deletes_the_damaged_objec
     posts = write_jsonl(tmp_path / "p.jsonl", [record(post_id="p0", image_urls=[http_server.url("/img")])])
 
     def run(**request):
-        runner = Runner(settings)
-        try:
-            return runner.execute(RunRequest(sources=["jsonl"], source_options={"jsonl": {"input": str(posts)}}, **request))
-        finally:
-            runner.close()
+        return _run_jsonl(settings, posts, **request)
 
     run()
     (old_key,) = [k for (k,) in query(db.dsn, "SELECT storage_key FROM post_media")]

@@ -447,7 +447,7 @@ class Archiver:
         scored = self.enrich(posts, held)
         stats.fetched += len(scored)
         self._batches += 1
-        repairs = {k: held.repairs[k] for k in futures if k in held.repairs}
+        repairs = {k: held.repairs[k] for k in futures if k in held.repairs} if held.repairs else {}
         return _Batch(scored, futures, held.stored, urls, self._batches, held.rows, _keys(scored), repairs)
 
     # -- the stages ------------------------------------------------------------------------------
