@@ -414,7 +414,7 @@ def _dispatch(args: argparse.Namespace, settings: Settings, out: IO[str]) -> int
 
         target = resolve_target(settings, args.to)
         db, _ = open_services(settings, check_store=False)
-        stats = export(settings, db, target, full=args.full, since=args.since, should_stop=stop.is_set, arguments=_recorded(args))
+        stats = export(settings, db, target, full=args.full, since=args.since, stop=stop, arguments=_recorded(args))
         print(stats.summary(), file=out)
         return int(stats.exit_code)
     if command == "migrate":
@@ -438,7 +438,7 @@ def _reenrich(args: argparse.Namespace, settings: Settings, out: IO[str], stop: 
     enricher = SentimentEnricher(settings.sentiment_threshold, detect_language=settings.detect_language)
     stats = RunStats()
     unit = f"reenrich {args.platform or '*'}"
-    with Ledger(db).locked_recording("reenrich", unit, [args.platform or "*"], _recorded(args), stats, busy=f"{unit} is running"):
+    with Ledger(db).locked_recording("reenrich", unit, [args.platform or "*"], _recorded(args), stats, busy=f"{unit} is running", stop=stop):
         reenrich(db, enricher, stats, platform=args.platform, since=args.since, should_stop=stop.is_set)
     stats.seconds = time.monotonic() - stats.started
     log.info("summary: re-enriched %d posts, %d changed, %d unchanged in %.1fs", stats.fetched, stats.updated, stats.unchanged, stats.seconds)

@@ -84,7 +84,7 @@ def verify_command(args: argparse.Namespace, settings: Settings, out: IO[str], s
     unit = f"verify {args.platform or '*'}"
     recording = Ledger(services.db).locked_recording(
         "verify", unit, [args.platform or "*"], {"scope": scope.arguments()}, stats,
-        busy=f"{unit} is running", redact=RedactingFilter(settings.secrets()).redact,
+        busy=f"{unit} is running", stop=stop, redact=RedactingFilter(settings.secrets()).redact,
     )  # fmt: skip
     try:
         with recording:

@@ -258,6 +258,9 @@ class CopyResult(Outcome):
     def partial(self) -> bool:
         return bool(self.failed or self.remaining)
 
+    def add_error(self, message: str) -> None:
+        self.errors.append(message)
+
     def ledger(self, redact: Callable[[str], str] = str) -> dict[str, Any]:
         return {
             "images_stored": self.copied, "images_skipped": self.present, "images_failed": self.failed,
@@ -338,7 +341,7 @@ class StoreCopier:
         redact = RedactingFilter(self.settings.secrets()).redact
         try:
             with Ledger(self.db).locked_recording(
-                LOCK_NAME, LOCK_NAME, [LOCK_NAME], arguments, result, busy="copy-store is running", redact=redact
+                LOCK_NAME, LOCK_NAME, [LOCK_NAME], arguments, result, busy="copy-store is running", stop=self.stop, redact=redact
             ):
                 self._copy_all(target, result)
                 result.remaining = images_elsewhere(self.db, target.name)

@@ -40,6 +40,15 @@ class Outcome:
         """What etl_runs records of the run; `redact` is applied to every error message."""
         raise NotImplementedError
 
+    def add_error(self, message: str) -> None:
+        """One more problem, among those the summary and etl_runs report."""
+        raise NotImplementedError
+
+    def locks_lost(self, why: str) -> None:
+        """Its locks were lost and could not be taken again (LockWatch): stopped as on SIGTERM, saying `why`."""
+        self.interrupted = True
+        self.add_error(why)
+
     @staticmethod
     def problem_lines(problems: list[str], shown: int = 10) -> list[str]:
         """The summary's list of problems: how many, then the first `shown` (none when there are none)."""

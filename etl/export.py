@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -147,6 +148,9 @@ class ExportStats(Outcome):
     @property
     def partial(self) -> bool:
         return bool(self.errors)
+
+    def add_error(self, message: str) -> None:
+        self.errors.append(message)
 
     def ledger(self, redact: Callable[[str], str] = str) -> dict[str, Any]:
         counts = {
@@ -384,14 +388,18 @@ class PartitionWriter:
 
 
 def export(
-    settings: Settings, db: Database, target: Target, *, arguments: dict[str, Any] | None = None, **options: Any
-) -> ExportStats:
+    settings: Settings, db: Database, target: Target, *, arguments: dict[str, Any] | None = None,
+    stop: threading.Event | None = None, **options: Any,
+) -> ExportStats:  # fmt: skip
     """Check the target, lock it (one export at a time per target), record the run in etl_runs, export.
-    `options` are the Exporter's (full, since, should_stop)."""
+    `stop`: set to stop it (SIGTERM; or its locks lost); `options` are the Exporter's (full, since)."""
     target.store.check()
-    exporter = Exporter(settings, db, target, **options)
+    stop = stop or threading.Event()
+    exporter = Exporter(settings, db, target, should_stop=stop.is_set, **options)
     unit = f"export {target.name}"
-    with Ledger(db).locked_recording("export", unit, [unit], arguments or {}, exporter.stats, busy=f"{unit} is running"):
+    with Ledger(db).locked_recording(
+        "export", unit, [unit], arguments or {}, exporter.stats, busy=f"{unit} is running", stop=stop
+    ):
         exporter.run()
     stats = exporter.stats
     log.info("summary: %s", " ".join(f"{d}={n}" for d, n in stats.written.items()) + f" bytes={stats.bytes} status={stats.status}")

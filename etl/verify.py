@@ -61,6 +61,8 @@ class VerifyStats(Outcome):
         if len(self.problems) < MAX_PROBLEMS_KEPT:
             self.problems.append(message)
 
+    add_error = problem
+
     @property
     def failed(self) -> int:
         return self.missing + self.changed + self.unreadable + self.unexpected

@@ -8,7 +8,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import datetime
 from typing import Any
 
@@ -254,18 +254,29 @@ class Ledger:
     @contextmanager
     def locked_recording(
         self, mode: str, unit: str, sources: Sequence[str], arguments: dict[str, Any], outcome: Outcome, *,
-        busy: str, redact: Callable[[str], str] = str,
+        busy: str, stop: threading.Event, redact: Callable[[str], str] = str,
     ) -> Iterator[int]:  # fmt: skip
         """recording() of a command that is not a run (reenrich, verify, export, copy-store) under a lock of its own
         `unit`, held for the block: `status` tells it live by that lock, a run never takes it for one of its own
         (and so never marks it abandoned), a second one at once is refused (LockedError, `busy`), and the record
-        of one that died holding it is closed as abandoned."""
+        of one that died holding it is closed as abandoned.
+
+        Its locks (`unit`, and the archive's shared: a forget waits) are watched as a run's are (LockWatch): a lost
+        lock connection is replaced when nothing could have come in meanwhile; otherwise `stop` is set, as SIGTERM
+        sets it (the command stops at its next item), and it is recorded interrupted with the reason."""
         lock = self.lock_sources([unit], busy=busy)
+        run_id: int | None = None
+        watch = LockWatch(self, lock, [unit], on_lost=lambda why: stop.set(), run_id=lambda: run_id,
+                          then=f"the next {mode} carries on from there")  # fmt: skip
         try:
             with self.recording(mode, sources, arguments, outcome, units=[unit], redact=redact, abandon=[unit]) as run_id:
                 yield run_id
+                with suppress(LocksLost):
+                    watch.confirm()  # held to the end (a command shorter than the watch's interval is checked here)
+                if watch.lost:
+                    outcome.locks_lost(watch.lost)
         finally:
-            release_locks(lock)
+            watch.release()
 
     def abandon_dead_runs(self, units: Sequence[str]) -> int:
         """Runs still marked running that hold one of these units died (a live run holds all of its units'
@@ -340,8 +351,10 @@ class LockWatch:
     def __init__(
         self, ledger: Ledger, conn: psycopg2.extensions.connection, names: Sequence[str], *,
         on_lost: Callable[[str], None], run_id: Callable[[], int | None] = lambda: None,
+        then: str = "nothing more loaded; the next run archives the rest",
     ) -> None:  # fmt: skip
         self.ledger, self.conn, self.names, self.on_lost, self.run_id = ledger, conn, list(names), on_lost, run_id
+        self.then = then  # what the stop means, said after "stopped, "
         self.every = LOCK_CHECK_SECONDS
         self.lost: str | None = None  # why the run may not go on (its locks are gone); None while it holds them
         self._held = threading.Event()  # clear while the locks are being taken again
@@ -485,7 +498,7 @@ class LockWatch:
     def _give_up(self, why: str) -> None:
         if self.lost:
             return
-        self.lost = f"{why}: stopped, nothing more loaded; the next run archives the rest"
+        self.lost = f"{why}: stopped, {self.then}"
         log.error("%s", self.lost)
         self.on_lost(self.lost)
 

@@ -92,6 +92,8 @@ class RunStats(Outcome):
         if len(self.errors) < MAX_ERRORS_KEPT:
             self.errors.append(message)
 
+    add_error = error
+
     def take_rejects(self, source: Source) -> None:
         """Count a source's bad items; its kept messages become errors (it keeps the first 200 only)."""
         for message in source.rejects:
