@@ -146,3 +146,20 @@ def test_a_copy_store_whose_lock_is_taken_while_lost_copies_nothing_more(db, run
     assert any(f"backend pid {seen['pid']}) was lost" in e and "copy-store is now held by another run" in e for e in result.errors)
     [(status, summary)] = query(db.dsn, "SELECT status, error_summary FROM etl_runs WHERE mode = 'copy-store'")
     assert status == "interrupted" and "copy-store is now held by another run" in summary
+
+
+def test_the_watch_is_never_inside_libpq_while_scoring_workers_are_forked(db, quick_watch, monkeypatch):
+    """reenrich forks its scoring workers once it has work when etl.py could not fork them as it started
+    (etl/ahead.py's fork_scorers): a fork must copy no lock a thread holds inside a C library at that moment, so every
+    thread in libpq holds the fork gate (FORKING) meanwhile. The watch's check does too: a fork waits for it."""
+    from etl.ahead import FORKING
+
+    monkeypatch.setattr(ledger_module, "CHECK_SQL", "SELECT statement_timestamp() FROM pg_sleep(0.3)")
+    stop = threading.Event()
+    with Ledger(db).locked_recording("reenrich", "reenrich *", ["*"], {}, RunStats(), busy="busy", stop=stop):
+        assert wait_for(FORKING.busy, 5), "the watch's check runs outside the fork gate"
+        with FORKING.forking():  # a fork now: the check under way has ended, and none starts until it is done
+            assert not FORKING.busy()
+            time.sleep(0.4)
+            assert not FORKING.busy()
+    assert not stop.is_set()

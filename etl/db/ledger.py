@@ -407,9 +407,11 @@ class LockWatch:
     # -- the watch thread ------------------------------------------------------------------------
 
     def _watch(self) -> None:
+        from etl.ahead import FORKING  # no scoring worker is forked while this thread is inside libpq (etl/ahead.py)
+
         while not self._done.wait(self.every):
             try:
-                with self.conn.cursor() as cur:
+                with FORKING.working(), self.conn.cursor() as cur:
                     cur.execute(CHECK_SQL)
                     self._since = cur.fetchone()[0]
             except psycopg2.Error as exc:
@@ -420,7 +422,8 @@ class LockWatch:
                     continue
                 self._held.clear()
                 try:
-                    self._take_again(f"the lock connection (backend pid {self._pid}) was lost: {self._reason(exc)}")
+                    with FORKING.working():
+                        self._take_again(f"the lock connection (backend pid {self._pid}) was lost: {self._reason(exc)}")
                 except Exception as bug:  # noqa: BLE001 - the run must hear of it, not hang
                     self._give_up(f"the lock connection (backend pid {self._pid}) was lost, and taking its locks "
                                   f"again failed: {type(bug).__name__}: {self._reason(bug)}")  # fmt: skip
