@@ -19,7 +19,7 @@ skipped: they are read again in full, which costs requests but loses nothing. No
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -30,40 +30,88 @@ MAX_BOUNDARY_IDS = 1000  # post ids kept at a stream's oldest timestamp (ties of
 
 @dataclass
 class StreamMark:
-    """The oldest place loaded of one stream, and the ids loaded at exactly that place.
+    """The places of one stream cut runs loaded, oldest to newest (`top`), and the ids loaded at exactly each end.
 
     `by` says what a place is: "created" (a post's created_at) or "order" (its place in the listing's own order,
-    Source.place_of: a time or an integer)."""
+    Source.place_of: a time or an integer). Between `oldest` and `top` every post of the stream was loaded (it was
+    read newest first); above `top` come posts published since, which no run loaded. A mark an earlier version
+    saved has no `top` (None): it covers every place above its oldest, as it did then."""
 
     oldest: Any
     ids: set[str] = field(default_factory=set)
     by: str = "created"
+    top: Any = None
+    top_ids: set[str] = field(default_factory=set)
+
+    @classmethod
+    def first(cls, place: Any, post_id: str, by: str) -> StreamMark:
+        """The mark of a stream's first post loaded."""
+        return cls(place, {post_id}, by, place, {post_id})
 
     def covers(self, by: str, place: Any, post_id: str) -> bool:
-        """True when a cut run already loaded this post (newer than the mark, or one of the ids at it)."""
+        """True when a cut run already loaded this post (between the mark's ends, or one of the ids at either)."""
         if by != self.by or type(place) is not type(self.oldest):
             return False  # a mark of another kind says nothing of this place: the post is read again
-        return place > self.oldest or (place == self.oldest and post_id in self.ids)
+        if place == self.oldest:
+            return post_id in self.ids
+        if self.top is None:
+            return place > self.oldest
+        return self.oldest < place < self.top or (place == self.top and post_id in self.top_ids)
 
     def add(self, place: Any, post_id: str) -> None:
         if place < self.oldest:
             self.oldest, self.ids = place, {post_id}
         elif place == self.oldest and len(self.ids) < MAX_BOUNDARY_IDS:
             self.ids.add(post_id)
+        if self.top is None:
+            return
+        if place > self.top:
+            self.top, self.top_ids = place, {post_id}
+        elif place == self.top and len(self.top_ids) < MAX_BOUNDARY_IDS:
+            self.top_ids.add(post_id)
+
+    def joined(self, newer: StreamMark) -> StreamMark:
+        """This mark and `newer` (the next cut run's, which read the stream from its top again), when what both
+        loaded is one run of places: the mark of them all; else this one (what lies between is read again)."""
+        top, top_ids = self.top, set(self.top_ids)
+        if newer.top is not None and (top is None or newer.top > top):
+            top, top_ids = newer.top, set(newer.top_ids)
+        elif newer.top is not None and newer.top == top:
+            top_ids |= newer.top_ids
+        if newer.oldest < self.oldest:  # read on below this mark: everything from its top down is loaded now
+            return StreamMark(newer.oldest, set(newer.ids), self.by, top, top_ids)
+        if newer.oldest == self.oldest:
+            return StreamMark(self.oldest, self.ids | newer.ids, self.by, top, top_ids)
+        if self.top is None or newer.oldest <= self.top:  # it reached this mark's top: one run of places
+            return StreamMark(self.oldest, set(self.ids), self.by, top, top_ids)
+        return StreamMark(self.oldest, set(self.ids), self.by, self.top, set(self.top_ids))  # cut above it
 
     @classmethod
     def from_json(cls, mark: Mapping[str, Any]) -> StreamMark:
-        by, oldest = str(mark.get("by") or "created"), mark["oldest"]
-        if not isinstance(oldest, int) or isinstance(oldest, bool):
-            oldest = datetime.fromisoformat(str(oldest))
-        return cls(oldest, set(mark.get("ids") or ()), by)
+        by = str(mark.get("by") or "created")
+        top = mark.get("top")
+        return cls(_place(mark["oldest"]), set(mark.get("ids") or ()), by,
+                   None if top is None else _place(top), set(mark.get("top_ids") or ()))  # fmt: skip
 
     def to_json(self) -> dict[str, Any]:
-        data: dict[str, Any] = {"oldest": self.oldest.isoformat() if isinstance(self.oldest, datetime) else self.oldest}
+        data: dict[str, Any] = {"oldest": _json_place(self.oldest)}
         if self.by != "created":  # a mark by created_at keeps the format earlier versions wrote
             data["by"] = self.by
         data["ids"] = sorted(self.ids)
+        if self.top is not None:
+            data["top"], data["top_ids"] = _json_place(self.top), sorted(self.top_ids)
         return data
+
+
+def _place(value: Any) -> Any:
+    """A place as JSON keeps it: an integer, or a time in ISO 8601."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    return datetime.fromisoformat(str(value))
+
+
+def _json_place(place: Any) -> Any:
+    return place.isoformat() if isinstance(place, datetime) else place
 
 
 @dataclass
@@ -132,8 +180,8 @@ class ResumeTracker:
                         continue
                 mark = marks.get(stream)
                 if mark is None:
-                    marks[stream] = StreamMark(place, {post.post_id}, by)
-                elif place <= mark.oldest:  # mark.add() changes nothing for a newer place
+                    marks[stream] = StreamMark.first(place, post.post_id, by)
+                elif place <= mark.oldest or place >= mark.top:  # mark.add() changes nothing for a place between
                     mark.add(place, post.post_id)
             if self.newest is None or created > self.newest:
                 self.newest = created
@@ -147,18 +195,15 @@ class ResumeTracker:
         """The resume point after this run stopped early: the earlier one extended by what this run loaded."""
         point = ResumePoint(newest=self.resume.newest if self.resume else None)
         if self.resume is not None:
-            point.streams = {name: StreamMark(m.oldest, set(m.ids), m.by) for name, m in self.resume.streams.items()}
+            point.streams = {name: replace(m, ids=set(m.ids), top_ids=set(m.top_ids)) for name, m in self.resume.streams.items()}
         if self.newest is not None and (point.newest is None or self.newest > point.newest):
             point.newest = self.newest
         for name, mark in self.streams.items():
             earlier = point.streams.get(name)
-            if earlier is None or earlier.by != mark.by:
+            if earlier is None or earlier.by != mark.by or type(earlier.oldest) is not type(mark.oldest):
                 point.streams[name] = mark  # (a mark of another kind was not used: this run read the stream again)
-            elif mark.oldest < earlier.oldest:
-                # Read newest first below the earlier mark: everything between the two is loaded now.
-                point.streams[name] = mark
-            elif mark.oldest == earlier.oldest:
-                earlier.ids |= mark.ids
+            else:
+                point.streams[name] = earlier.joined(mark)
         return point
 
     def watermark(self) -> datetime | None:

@@ -327,7 +327,7 @@ def test_the_tracker_marks_what_stream_mark_add_would(posts, limit, resume_minut
         stream = _Streams().stream_of(post)
         if stream is not None:
             by, place = _place(post)
-            marks.setdefault(stream, StreamMark(place, {post.post_id}, by)).add(place, post.post_id)
+            marks.setdefault(stream, StreamMark.first(place, post.post_id, by)).add(place, post.post_id)
     assert tracker.streams == marks
     assert tracker.newest == max((p.created_at for p in passed), default=None)
 
