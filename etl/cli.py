@@ -301,11 +301,13 @@ def _on_sigterm(stop: threading.Event) -> None:
     """
     if threading.current_thread() is not threading.main_thread():
         return
+    received = threading.Event()  # not `stop`: a run or command whose locks were lost sets that too (LockWatch)
 
     def handler(signum: int, frame: object) -> None:
-        if stop.is_set():
+        if received.is_set():
             log.error("second SIGTERM: stopping at once; the next run completes what this one did not")
             exit_now(int(ExitCode.PARTIAL))
+        received.set()
         log.warning("SIGTERM received: no new downloads, loading what was fetched, then stopping")
         stop.set()
 

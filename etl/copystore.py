@@ -258,8 +258,8 @@ class CopyResult(Outcome):
     def partial(self) -> bool:
         return bool(self.failed or self.remaining)
 
-    def add_error(self, message: str) -> None:
-        self.errors.append(message)
+    def add_error(self, message: str, *, first: bool = False) -> None:
+        self._into(self.errors, message, first, len(self.errors) + 1)
 
     def ledger(self, redact: Callable[[str], str] = str) -> dict[str, Any]:
         return {

@@ -40,14 +40,25 @@ class Outcome:
         """What etl_runs records of the run; `redact` is applied to every error message."""
         raise NotImplementedError
 
-    def add_error(self, message: str) -> None:
-        """One more problem, among those the summary and etl_runs report."""
+    def add_error(self, message: str, *, first: bool = False) -> None:
+        """One more problem, among those the summary and etl_runs report; `first`: it leads them, kept whatever
+        number came before (etl_runs keeps the first 50 and names the first)."""
         raise NotImplementedError
 
     def locks_lost(self, why: str) -> None:
-        """Its locks were lost and could not be taken again (LockWatch): stopped as on SIGTERM, saying `why`."""
+        """Its locks were lost and could not be taken again (LockWatch): stopped as on SIGTERM, saying `why` first."""
         self.interrupted = True
-        self.add_error(why)
+        self.add_error(why, first=True)
+
+    @staticmethod
+    def _into(messages: list[str], message: str, first: bool, kept: int) -> None:
+        """add_error()'s list: `message` appended while fewer than `kept` are, or put first (the last one then
+        dropped when `kept` are)."""
+        if first:
+            messages.insert(0, message)
+            del messages[kept:]
+        elif len(messages) < kept:
+            messages.append(message)
 
     @staticmethod
     def problem_lines(problems: list[str], shown: int = 10) -> list[str]:

@@ -54,14 +54,18 @@ class VerifyStats(Outcome):
     listed: bool = False  # whether the store was listed for unexpected objects
     interrupted: bool = False
     problems: list[str] = field(default_factory=list)
+    other_errors: int = 0  # problems that are no object's (add_error)
     started: float = field(default_factory=time.monotonic)
     seconds: float = 0.0
 
     def problem(self, message: str) -> None:
-        if len(self.problems) < MAX_PROBLEMS_KEPT:
-            self.problems.append(message)
+        """An object's problem (it is counted in `failed`)."""
+        self._into(self.problems, message, False, MAX_PROBLEMS_KEPT)
 
-    add_error = problem
+    def add_error(self, message: str, *, first: bool = False) -> None:
+        """A problem that is no object's (its locks lost): counted on its own."""
+        self.other_errors += 1
+        self._into(self.problems, message, first, MAX_PROBLEMS_KEPT)
 
     @property
     def failed(self) -> int:
@@ -86,7 +90,7 @@ class VerifyStats(Outcome):
             "images_skipped": self.unexpected,
             "per_source": {"verify": self.counts()},
             "errors": [redact(p) for p in self.problems],
-            "error_count": self.failed,
+            "error_count": self.failed + self.other_errors,
         }
 
 

@@ -6,6 +6,8 @@ meanwhile, else the command stops as on SIGTERM and is recorded interrupted, say
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 
@@ -17,6 +19,7 @@ from etl.db import Ledger
 from etl.db import ledger as ledger_module
 from etl.errors import ExitCode
 from etl.run.stats import RunStats
+from etl.verify import MAX_PROBLEMS_KEPT, VerifyStats
 from tests.conftest import query
 from tests.test_copy_store import media, s3_client, s3_env
 
@@ -53,12 +56,14 @@ def other(db):
 
 
 def lose_locks(other, meanwhile: str = "") -> int:
-    """End the backend of the one session holding advisory locks, and in the same round trip (queued before the
-    dying backend lets them go) do `meanwhile`; the pid ended."""
+    """End the backend of the one session holding advisory locks, and in the same round trip do `meanwhile`; the
+    pid ended. pg_terminate_backend without a timeout returns once the signal is sent, so a lock `meanwhile` asks
+    for is queued while the backend dies and granted before the watch can take it again (waiting for the end, the
+    watch could win that race, and a blocking pg_advisory_lock would then wait for the command: a hang)."""
     with other.cursor() as cur:
         cur.execute(ADVISORY)
         [pid] = {row[0] for row in cur.fetchall()}
-        cur.execute(f"SELECT pg_terminate_backend(%s, 5000); {meanwhile}", (pid,))
+        cur.execute(f"SELECT pg_terminate_backend(%s); {meanwhile}", (pid,))
     return pid
 
 
@@ -163,3 +168,120 @@ def test_the_watch_is_never_inside_libpq_while_scoring_workers_are_forked(db, qu
             time.sleep(0.4)
             assert not FORKING.busy()
     assert not stop.is_set()
+
+
+# -- found by a hostile review of the above ---------------------------------------------------------------
+
+
+@pytest.mark.fault("a lost lock stopped the command, then cron's one SIGTERM comes: taken as the first, not the second")
+def test_one_sigterm_after_a_lost_lock_is_the_first_not_the_second(db, other, quick_watch, monkeypatch):
+    """The watch sets the command's stop, the event the SIGTERM handler read as "a SIGTERM came already": cron's
+    single SIGTERM then ended the process at once (os._exit), its etl_runs row left running, no reason, no summary."""
+    from etl import cli
+
+    exits: list[int] = []
+    monkeypatch.setattr(cli, "exit_now", exits.append)  # os._exit would end pytest
+    stop, stats = threading.Event(), RunStats()
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        cli._on_sigterm(stop)  # as _dispatch does, before the command
+        with Ledger(db).locked_recording("reenrich", "reenrich *", ["*"], {}, stats, busy="busy", stop=stop):
+            lose_locks(other, unit_lock("reenrich *"))
+            assert wait_for(stop.is_set), "setup: the watch did not notice the loss"
+            os.kill(os.getpid(), signal.SIGTERM)  # the only SIGTERM the process gets
+            time.sleep(0.3)
+        assert exits == []
+        os.kill(os.getpid(), signal.SIGTERM)  # a second one does end it at once
+        time.sleep(0.3)
+        assert exits == [ExitCode.PARTIAL]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert query(db.dsn, "SELECT status FROM etl_runs") == [("interrupted",)]
+
+
+@pytest.mark.fault("a command with 60 errors of its own loses its locks: etl_runs still says why it stopped, first")
+def test_why_a_command_stopped_leads_its_errors_whatever_came_before(db, other, quick_watch):
+    """etl_runs keeps the first 50 errors and its error_summary names the first: the reason, appended last, was lost."""
+    stats, stop = RunStats(), threading.Event()
+    with Ledger(db).locked_recording("reenrich", "reenrich *", ["*"], {}, stats, busy="busy", stop=stop):
+        for i in range(60):
+            stats.error(f"post {i}: could not be scored")
+        pid = lose_locks(other, unit_lock("reenrich *"))
+        assert wait_for(stop.is_set)
+    [(status, errors, summary)] = query(db.dsn, "SELECT status, errors, error_summary FROM etl_runs")
+    assert status == "interrupted" and f"backend pid {pid}) was lost" in summary, summary
+    assert summary.startswith("61 error(s); first: the lock connection") and len(errors) == 50, summary
+    assert errors[1] == "post 0: could not be scored"
+
+
+@pytest.mark.fault("a verify with 200 problems kept loses its locks: the reason is kept, first, and counted in etl_runs")
+@pytest.mark.parametrize("problems", [0, MAX_PROBLEMS_KEPT])
+def test_a_verify_stopped_by_a_lost_lock_says_why_and_counts_it(db, other, quick_watch, problems):
+    """VerifyStats counted only failed objects (error_summary "0 error(s); first: ...") and dropped any message past
+    the 200 it keeps, the reason of the stop with them."""
+    stats, stop = VerifyStats(), threading.Event()
+    with Ledger(db).locked_recording("verify", "verify *", ["*"], {}, stats, busy="busy", stop=stop):
+        for i in range(problems):
+            stats.missing += 1
+            stats.problem(f"missing: mock/{i} image 0: the object is missing")
+        lose_locks(other, unit_lock("verify *"))
+        assert wait_for(stop.is_set)
+    assert stats.status == "interrupted" and "was lost" in stats.problems[0]
+    assert len(stats.problems) == min(problems + 1, MAX_PROBLEMS_KEPT)
+    [(summary,)] = query(db.dsn, "SELECT error_summary FROM etl_runs")
+    assert summary.startswith(f"{problems + 1} error(s); first: the lock connection"), summary
+
+
+@pytest.mark.fault("the lock connection is lost as a loader waits at the fence and scoring workers are forked: no deadlock")
+def test_a_fork_while_a_loader_waits_at_the_fence_does_not_stop_the_run(db, other, quick_watch):
+    """A loader holds the fork gate for a whole load and waits at the fence while the locks are taken again; a fork
+    waits for the loader; the retake took the gate too and waited for the fork: nothing moved until the fence gave
+    up (ETL_DB_RECONNECT_SECONDS + 30 s) and the run stopped for nothing. The retake holds no gate now."""
+    from etl.ahead import FORKING
+    from etl.db.ledger import LockWatch
+    from etl.errors import LocksLost
+
+    db.reconnect_seconds = 0.5  # the fence then waits 30.5 s at most
+    ledger = Ledger(db)
+    conn, locked = ledger.lock_units(["listsrc"])
+    assert locked == []
+    lost: list[str] = []
+    watch = LockWatch(ledger, conn, ["listsrc"], on_lost=lost.append)
+
+    def fork() -> None:
+        with FORKING.forking():  # score_ahead -> fork_scorers
+            pass
+
+    class Noticed(threading.Event):
+        def clear(self) -> None:  # the watch has just noticed the loss: the scoring workers are forked now
+            super().clear()
+            threading.Thread(target=fork, daemon=True).start()
+            assert wait_for(lambda: FORKING._forks > 0, 5)
+
+    noticed = Noticed()
+    noticed.set()
+    watch._held = noticed
+    inside, outcome = threading.Event(), []
+
+    def loader() -> None:  # etl/run/archiver.py: FORKING.working() around a load, which calls fence()
+        with FORKING.working():
+            inside.set()
+            assert wait_for(lambda: not noticed.is_set(), 15)
+            try:
+                watch.fence()
+                outcome.append("loaded")
+            except LocksLost as exc:
+                outcome.append(f"LocksLost: {exc}")
+
+    thread = threading.Thread(target=loader, daemon=True)
+    thread.start()
+    assert inside.wait(5)
+    try:
+        lose_locks(other)  # nothing comes in meanwhile: the locks are free to take again
+        thread.join(10)
+        stuck = thread.is_alive()
+        thread.join(40)
+    finally:
+        watch.release()
+    assert not stuck, f"the loader, the fork and the watch waited for one another: {outcome}"
+    assert outcome == ["loaded"] and lost == [], (outcome, lost)

@@ -421,9 +421,8 @@ class LockWatch:
                     log.warning("checking the lock connection: %s", self._reason(exc))  # (a cancel): still held
                     continue
                 self._held.clear()
-                try:
-                    with FORKING.working():
-                        self._take_again(f"the lock connection (backend pid {self._pid}) was lost: {self._reason(exc)}")
+                try:  # (outside the fork gate: a loader waits at the fence holding it, and a fork waits for that loader)
+                    self._take_again(f"the lock connection (backend pid {self._pid}) was lost: {self._reason(exc)}")
                 except Exception as bug:  # noqa: BLE001 - the run must hear of it, not hang
                     self._give_up(f"the lock connection (backend pid {self._pid}) was lost, and taking its locks "
                                   f"again failed: {type(bug).__name__}: {self._reason(bug)}")  # fmt: skip

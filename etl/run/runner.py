@@ -225,8 +225,7 @@ class Runner:
                     stats.interrupted = True
                     stats.error("interrupted: the run was asked to stop; the rest is archived by the next run")
                 except LocksLost as exc:  # stopped as on SIGTERM, nothing written after it was noticed
-                    stats.interrupted = True
-                    stats.error(f"interrupted: {exc}")
+                    stats.locks_lost(f"interrupted: {exc}")
                 except LoadError as exc:
                     stats.error(str(exc))
                     raise

@@ -88,11 +88,11 @@ class RunStats(Outcome):
     seconds: float = 0.0
 
     def error(self, message: str) -> None:
-        self.error_count += 1
-        if len(self.errors) < MAX_ERRORS_KEPT:
-            self.errors.append(message)
+        self.add_error(message)
 
-    add_error = error
+    def add_error(self, message: str, *, first: bool = False) -> None:
+        self.error_count += 1
+        self._into(self.errors, message, first, MAX_ERRORS_KEPT)
 
     def take_rejects(self, source: Source) -> None:
         """Count a source's bad items; its kept messages become errors (it keeps the first 200 only)."""
