@@ -259,7 +259,7 @@ class CopyResult(Outcome):
         return bool(self.failed or self.remaining)
 
     def add_error(self, message: str, *, first: bool = False) -> None:
-        self._into(self.errors, message, first, len(self.errors) + 1)
+        self._into(self.errors, message, first)
 
     def ledger(self, redact: Callable[[str], str] = str) -> dict[str, Any]:
         return {

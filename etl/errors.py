@@ -51,13 +51,14 @@ class Outcome:
         self.add_error(why, first=True)
 
     @staticmethod
-    def _into(messages: list[str], message: str, first: bool, kept: int) -> None:
-        """add_error()'s list: `message` appended while fewer than `kept` are, or put first (the last one then
-        dropped when `kept` are)."""
+    def _into(messages: list[str], message: str, first: bool, kept: int | None = None) -> None:
+        """add_error()'s list: `message` appended while fewer than `kept` are (None: no bound), or put first (the
+        last one then dropped when `kept` are)."""
         if first:
             messages.insert(0, message)
-            del messages[kept:]
-        elif len(messages) < kept:
+            if kept is not None:
+                del messages[kept:]
+        elif kept is None or len(messages) < kept:
             messages.append(message)
 
     @staticmethod

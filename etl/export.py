@@ -150,7 +150,7 @@ class ExportStats(Outcome):
         return bool(self.errors)
 
     def add_error(self, message: str, *, first: bool = False) -> None:
-        self._into(self.errors, message, first, len(self.errors) + 1)
+        self._into(self.errors, message, first)
 
     def ledger(self, redact: Callable[[str], str] = str) -> dict[str, Any]:
         counts = {
