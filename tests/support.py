@@ -931,3 +931,38 @@ def outliving_a_killed_parent(tmp_path: _Path, code: str, count: int) -> list[in
     for pid in alive:
         os.kill(pid, signal.SIGKILL)
     return alive
+
+
+# -- S3 over moto's server, and the media rows: shared by the copy-store, lock and end-to-end S3 tests ----------
+
+
+def s3_client(endpoint: str):
+    """A boto3 S3 client of moto's server at `endpoint` (its fixed test credentials)."""
+    import boto3
+
+    return boto3.client(
+        "s3", endpoint_url=endpoint, region_name="us-east-1",
+        aws_access_key_id="testing", aws_secret_access_key="testing",
+    )  # fmt: skip
+
+
+def bucket_env(endpoint: str, bucket: str, **extra: str) -> dict[str, str]:
+    """The settings of an archive kept in `bucket` of moto's server at `endpoint` (no fault proxy: see s3_env)."""
+    env = {
+        "S3_BUCKET": bucket,
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_REGION": "us-east-1",
+    }
+    env.update(extra)
+    return env
+
+
+def media_rows(dsn: str) -> list[tuple]:
+    """post_media as (id, storage_key, storage_url, sha256, platform, post_id, position), by id."""
+    from tests.conftest import query
+
+    return query(
+        dsn, "SELECT id, storage_key, storage_url, sha256, platform, post_id, position FROM post_media ORDER BY id"
+    )

@@ -21,7 +21,7 @@ from etl.errors import ExitCode
 from etl.run.stats import RunStats
 from etl.verify import MAX_PROBLEMS_KEPT, VerifyStats
 from tests.conftest import query
-from tests.test_copy_store import media, s3_client, s3_env
+from tests.support import bucket_env, media_rows, s3_client
 
 ADVISORY = (
     "SELECT pid, classid, objid FROM pg_locks WHERE locktype = 'advisory' AND granted"
@@ -127,10 +127,10 @@ def test_a_command_shorter_than_the_watch_is_checked_as_it_ends(db, other, monke
 @pytest.mark.fault("copy-store's lock connection is lost mid-copy and a second copy-store takes its lock: it copies nothing more")
 def test_a_copy_store_whose_lock_is_taken_while_lost_copies_nothing_more(db, run_etl, moto_endpoint, make_settings, other, quick_watch, monkeypatch):
     assert run_etl("run", "--source", "mock").returncode == ExitCode.OK
-    total = len(media(db.dsn))
+    total = len(media_rows(db.dsn))
     client = s3_client(moto_endpoint)
     client.create_bucket(Bucket="lost-lock-archive")
-    env = s3_env(moto_endpoint, "lost-lock-archive")
+    env = bucket_env(moto_endpoint, "lost-lock-archive")
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_REGION"):  # boto3 reads these
         monkeypatch.setenv(name, env[name])
     settings = make_settings(DATABASE_URL=db.dsn, ETL_BATCH_SIZE="5", **env)

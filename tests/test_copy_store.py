@@ -14,7 +14,6 @@ import urllib.request
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-import boto3
 import pytest
 from moto.server import ThreadedMotoServer
 
@@ -23,6 +22,7 @@ from etl.db import Ledger
 from etl.db.fixity import STORE_BOUNDS_SQL
 from etl.errors import ExitCode
 from tests.conftest import ROOT, query
+from tests.support import bucket_env, media_rows, s3_client
 
 pytestmark = pytest.mark.e2e
 ACCOUNT = "123456789012"  # moto's default account
@@ -40,25 +40,6 @@ def moto_endpoint():
     server.stop()
 
 
-def s3_client(endpoint: str):
-    return boto3.client(
-        "s3", endpoint_url=endpoint, region_name="us-east-1",
-        aws_access_key_id="testing", aws_secret_access_key="testing",
-    )  # fmt: skip
-
-
-def s3_env(endpoint: str, bucket: str, **extra: str) -> dict[str, str]:
-    env = {
-        "S3_BUCKET": bucket,
-        "AWS_ENDPOINT_URL": endpoint,
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_REGION": "us-east-1",
-    }
-    env.update(extra)
-    return env
-
-
 def bucket_objects(client, bucket: str) -> dict[str, str]:
     """Key -> sha256 of the body, for every object in the bucket."""
     pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket)
@@ -74,15 +55,9 @@ def object_versions(bucket: str) -> dict[str, int]:
     return {name: id(keys[name]) for name in keys}
 
 
-def media(dsn: str) -> list[tuple]:
-    return query(
-        dsn, "SELECT id, storage_key, storage_url, sha256, platform, post_id, position FROM post_media ORDER BY id"
-    )
-
-
 def assert_all_in_bucket(dsn: str, client, bucket: str) -> None:
     """Every stored row points into the bucket, at an object whose bytes match the row's sha256."""
-    rows = media(dsn)
+    rows = media_rows(dsn)
     objects = bucket_objects(client, bucket)
     assert {r[1] for r in rows} == set(objects)
     for _, key, url, sha, *_ in rows:
@@ -102,12 +77,12 @@ def assert_all_in_bucket(dsn: str, client, bucket: str) -> None:
 def test_local_archive_switched_to_s3(db, run_etl, moto_endpoint, tmp_path):
     first = run_etl("run", "--source", "mock")
     assert first.returncode == ExitCode.OK, first.stdout + first.stderr
-    rows = media(db.dsn)
+    rows = media_rows(db.dsn)
     total = len(rows)
     assert total > 20 and all(r[2].startswith("file:") for r in rows)
     client = s3_client(moto_endpoint)
     client.create_bucket(Bucket="archive")
-    env = s3_env(moto_endpoint, "archive")
+    env = bucket_env(moto_endpoint, "archive")
 
     # The run refuses before any work: the count, where they are, what to run.
     refused = run_etl("run", "--source", "mock", env=env)
@@ -139,7 +114,7 @@ def test_local_archive_switched_to_s3(db, run_etl, moto_endpoint, tmp_path):
     assert copied.returncode == ExitCode.PARTIAL, copied.stdout + copied.stderr
     assert f"copied {total - 1}, already there 0, failed 1" in copied.stdout
     assert "did not match their sha256" in copied.stdout and damaged_key in copied.stdout
-    after = {r[0]: r for r in media(db.dsn)}
+    after = {r[0]: r for r in media_rows(db.dsn)}
     assert after[damaged_id][2].startswith("file:")  # not marked copied
     objects = bucket_objects(client, "archive")
     assert len(objects) == total - 1
@@ -181,11 +156,11 @@ def test_bucket_to_bucket_and_back_to_local(db, run_etl, moto_endpoint, tmp_path
     client = s3_client(moto_endpoint)
     client.create_bucket(Bucket="old-bucket")
     client.create_bucket(Bucket="new-bucket")
-    first = run_etl("run", "--source", "mock", env=s3_env(moto_endpoint, "old-bucket", S3_PREFIX="v1"))
+    first = run_etl("run", "--source", "mock", env=bucket_env(moto_endpoint, "old-bucket", S3_PREFIX="v1"))
     assert first.returncode == ExitCode.OK, first.stdout + first.stderr
-    total = len(media(db.dsn))
+    total = len(media_rows(db.dsn))
 
-    env_b = s3_env(moto_endpoint, "new-bucket", S3_PREFIX="v2")
+    env_b = bucket_env(moto_endpoint, "new-bucket", S3_PREFIX="v2")
     refused = run_etl("run", "--source", "mock", env=env_b)
     assert refused.returncode == ExitCode.CONFIG
     assert f"{total} in bucket 'old-bucket' (s3://old-bucket/)" in refused.stderr
@@ -193,7 +168,7 @@ def test_bucket_to_bucket_and_back_to_local(db, run_etl, moto_endpoint, tmp_path
     assert moved.returncode == ExitCode.OK, moved.stdout + moved.stderr
     assert f"copied {total}," in moved.stdout
     assert_all_in_bucket(db.dsn, client, "new-bucket")
-    assert all(r[1].startswith("v2/mock/") for r in media(db.dsn))  # the configured prefix, the contract's layout
+    assert all(r[1].startswith("v2/mock/") for r in media_rows(db.dsn))  # the configured prefix, the contract's layout
     assert len(bucket_objects(client, "old-bucket")) == total  # the source is left as it was
 
     # Back to the local store (S3_BUCKET unset): the objects come down from the bucket, verified.
@@ -204,7 +179,7 @@ def test_bucket_to_bucket_and_back_to_local(db, run_etl, moto_endpoint, tmp_path
     down = run_etl("copy-store", env=local)
     assert down.returncode == ExitCode.OK, down.stdout + down.stderr
     root = tmp_path / "data" / "objects"
-    for _, key, url, sha, *_ in media(db.dsn):
+    for _, key, url, sha, *_ in media_rows(db.dsn):
         assert not key.startswith("v2/")  # no S3_PREFIX configured now
         assert url == (root / key).resolve().as_uri()
         assert hashlib.sha256((root / key).read_bytes()).hexdigest() == sha
@@ -216,16 +191,16 @@ def test_a_source_bucket_that_is_gone_is_reported_per_image(db, run_etl, moto_en
     client = s3_client(moto_endpoint)
     client.create_bucket(Bucket="gone")
     client.create_bucket(Bucket="target")
-    assert run_etl("run", "--source", "mock", env=s3_env(moto_endpoint, "gone")).returncode == ExitCode.OK
-    total = len(media(db.dsn))
+    assert run_etl("run", "--source", "mock", env=bucket_env(moto_endpoint, "gone")).returncode == ExitCode.OK
+    total = len(media_rows(db.dsn))
     for key in bucket_objects(client, "gone"):
         client.delete_object(Bucket="gone", Key=key)
     client.delete_bucket(Bucket="gone")
-    result = run_etl("copy-store", env=s3_env(moto_endpoint, "target"))
+    result = run_etl("copy-store", env=bucket_env(moto_endpoint, "target"))
     assert result.returncode == ExitCode.PARTIAL, result.stdout + result.stderr
     assert f"copied 0, already there 0, failed {total}" in result.stdout
     assert "bucket 'gone' cannot be used" in result.stdout and "Traceback" not in result.stderr
-    assert all(r[2].startswith("s3://gone/") for r in media(db.dsn))
+    assert all(r[2].startswith("s3://gone/") for r in media_rows(db.dsn))
 
 
 def copy_store_until(db, tmp_path: Path, env: dict[str, str], moved_at_least: int, sig: int) -> tuple[int, str]:
@@ -254,10 +229,10 @@ def moved_to_s3(dsn: str) -> int:
 def test_copy_store_stopped_and_killed_mid_way_resumes(db, run_etl, moto_endpoint, tmp_path):
     env_local = {"MOCK_POSTS": "80"}
     assert run_etl("run", "--source", "mock", env=env_local).returncode == ExitCode.OK
-    total = len(media(db.dsn))
+    total = len(media_rows(db.dsn))
     client = s3_client(moto_endpoint)
     client.create_bucket(Bucket="archive")
-    env = s3_env(moto_endpoint, "archive", ETL_BATCH_SIZE="4", ETL_CONCURRENCY="1", **env_local)
+    env = bucket_env(moto_endpoint, "archive", ETL_BATCH_SIZE="4", ETL_CONCURRENCY="1", **env_local)
 
     # SIGTERM: the page in flight is finished and recorded, then it stops (exit 1, interrupted).
     code, out = copy_store_until(db, tmp_path, env, 4, signal.SIGTERM)
@@ -415,7 +390,7 @@ def test_a_second_copy_store_exits_75_saying_copy_store_is_running(db, run_etl):
 @pytest.mark.fault("copy-store into a bucket already holding a damaged copy whose metadata claims the right sha256: replaced")
 def test_a_damaged_object_already_in_the_target_is_replaced(db, run_etl, moto_endpoint, tmp_path):
     assert run_etl("run", "--source", "mock").returncode == ExitCode.OK
-    total = len(media(db.dsn))
+    total = len(media_rows(db.dsn))
     key, sha, ctype, size = query(
         db.dsn, "SELECT storage_key, sha256, content_type, bytes FROM post_media WHERE status = 'stored' ORDER BY id LIMIT 1"
     )[0]
@@ -425,7 +400,7 @@ def test_a_damaged_object_already_in_the_target_is_replaced(db, run_etl, moto_en
     # The conditional PUT meets it (412), and its metadata alone said "already there": it was never replaced,
     # the read-back failed on every copy-store, and runs refused for ever.
     client.put_object(Bucket="archive", Key=key, Body=b"\0" * size, ContentType=ctype, Metadata={"sha256": sha})
-    copied = run_etl("copy-store", env=s3_env(moto_endpoint, "archive"))
+    copied = run_etl("copy-store", env=bucket_env(moto_endpoint, "archive"))
     assert copied.returncode == ExitCode.OK, copied.stdout + copied.stderr
     assert f"copied {total}, already there 0, failed 0" in copied.stdout
     assert_all_in_bucket(db.dsn, client, "archive")

@@ -5,26 +5,15 @@ from __future__ import annotations
 
 import hashlib
 
-import boto3
 import pytest
 
 from etl.errors import ExitCode
 from tests.conftest import query
-from tests.support import Reply, jpeg_bytes, png_bytes, record, write_jsonl
+from tests.support import Reply, jpeg_bytes, png_bytes, record, s3_client, write_jsonl
 
 pytestmark = pytest.mark.e2e
 BUCKET = "e2e-archive"
 ACCOUNT = "123456789012"  # moto's default account
-
-
-def s3_client(endpoint: str):
-    return boto3.client(
-        "s3",
-        endpoint_url=endpoint,
-        region_name="us-east-1",
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
 
 
 def stored_versions(bucket: str) -> dict[str, tuple[int, object]]:
