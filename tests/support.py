@@ -689,6 +689,18 @@ def stream_states(dsn: str, source: str) -> dict:
     return {"streams": merged}
 
 
+# -- the advisory locks of runs, as the lock tests read them -----------------------------------------------
+
+# The advisory locks other sessions hold in this database, as runs and commands hold them: pid, classid, objid, mode
+# (not the one a load takes for its transaction alone: etl/db/archive.py, LOADS_LOCK).
+ADVISORY = (
+    "SELECT pid, classid, objid, mode FROM pg_locks WHERE locktype = 'advisory' AND granted"
+    " AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) AND pid <> pg_backend_pid()"
+    " AND classid::bigint <> (hashtext('social-archiver:loads')::bigint & 4294967295)"
+)
+ARCHIVE_LOCK = "hashtext('social-archiver:archive'), 0"  # its two keys (etl/db/ledger.py)
+
+
 # -- shared by the S3 fault tests, the direct-PUT tests and the security tests -----------------------------
 
 BUCKET = "archive-test"

@@ -21,13 +21,7 @@ from etl.errors import ExitCode
 from etl.run.stats import RunStats
 from etl.verify import MAX_PROBLEMS_KEPT, VerifyStats
 from tests.conftest import query
-from tests.support import bucket_env, media_rows, s3_client
-
-ADVISORY = (
-    "SELECT pid, classid, objid FROM pg_locks WHERE locktype = 'advisory' AND granted"
-    " AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) AND pid <> pg_backend_pid()"
-)
-ARCHIVE_LOCK = "hashtext('social-archiver:archive'), 0"
+from tests.support import ADVISORY, ARCHIVE_LOCK, bucket_env, media_rows, s3_client
 
 
 def unit_lock(unit: str) -> str:

@@ -23,7 +23,7 @@ from etl.sources.base import FetchWindow, Source
 from etl.status import collect_status, format_status
 from etl.store import LocalStore
 from tests.conftest import query
-from tests.support import Reply, die_in_worker, png_bytes
+from tests.support import ADVISORY, ARCHIVE_LOCK, Reply, die_in_worker, png_bytes
 
 T0 = datetime(2026, 10, 1, tzinfo=timezone.utc)
 
@@ -618,10 +618,6 @@ def test_a_run_frees_its_locks_before_it_closes_their_connection(listsrc, make_s
     assert held == []  # and the next run takes it at once
 
 
-ADVISORY = (
-    "SELECT pid, classid, objid, mode FROM pg_locks WHERE locktype = 'advisory' AND granted"
-    " AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) AND pid <> pg_backend_pid()"
-)
 
 
 def lose_the_lock_connection_mid_run(listsrc, db, monkeypatch, meanwhile) -> None:
@@ -682,7 +678,6 @@ def test_a_run_whose_lock_connection_is_lost_takes_its_locks_again(listsrc, make
     assert query(db.dsn, ADVISORY) == []  # and freed at the end
 
 
-ARCHIVE_LOCK = "hashtext('social-archiver:archive'), 0"
 MEANWHILE = {  # what another session does the moment the server frees the lost connection's locks
     "unit": (
         "SELECT pg_advisory_lock(hashtext('social-archiver:source'), hashtext('listsrc'))",
@@ -900,6 +895,48 @@ def test_deletions_at_source_are_not_applied_while_the_locks_are_being_taken_aga
         other.close()
     assert seen == {"retaking": True, "stopped": True}, seen  # the retake was under way, then failed
     assert marked == [], "p0 marked deleted at source by a run holding no lock, while its locks were being taken again"
+
+
+@pytest.mark.fault("the lock connection is lost and a forget runs before the watch looks: the post it forgot does not come back")
+def test_a_post_forgotten_in_the_gap_before_the_watch_looks_is_not_loaded_back(listsrc, make_settings, db, tmp_path, monkeypatch):
+    """The watch asks the lock connection every 3 s. In between, a lost connection frees the archive's lock, and
+    `etl.py forget` may come in: it forgot p3 after the run had looked it up, and the run's load then wrote p3 back
+    (the watch, noticing later, stopped the run, too late). The load now drops a post tombstoned since its lookup."""
+    import psycopg2
+
+    from etl.db import Database
+    from etl.db import ledger as ledger_module
+    from etl.forget import find_posts, forget_posts
+    from etl.run.archiver import Archiver
+
+    monkeypatch.setattr(ledger_module, "LOCK_CHECK_SECONDS", 60.0)  # the watch does not look before the run ends
+    listsrc.posts = [make_post(i, T0 - timedelta(minutes=i)) for i in range(6)]
+    run = runner(make_settings, db, tmp_path, ETL_BATCH_SIZE="2", ETL_METADATA_BATCH_SIZE="2")
+    plan, forgot = Archiver.plan, []
+
+    def plan_then_lose_the_locks_and_forget(self, batch, stats, source):
+        planned = plan(self, batch, stats, source)  # the lookup of this batch: no tombstone
+        if not forgot and any(p.post_id == "p3" for p in batch):
+            [(pid,)] = {(row[0],) for row in query(db.dsn, ADVISORY)}  # the run's lock connection
+            query(db.dsn, "SELECT pg_terminate_backend(%s, 5000)", (pid,))
+            other, forget_db = psycopg2.connect(db.dsn), Database(db.dsn, display="forget")
+            try:  # `etl.py forget --post listsrc:p3`: the archive's lock is free now
+                other.autocommit = True
+                with other.cursor() as cur:
+                    cur.execute(f"SELECT pg_try_advisory_lock({ARCHIVE_LOCK})")
+                    assert cur.fetchone()[0], "the forget could not take the archive"
+                forgot.append(forget_posts(forget_db, None, self.settings, find_posts(forget_db, post=("listsrc", "p3")), None))
+            finally:
+                other.close()
+                forget_db.close()
+        return planned
+
+    monkeypatch.setattr(Archiver, "plan", plan_then_lose_the_locks_and_forget)
+    stats = run.execute(RunRequest(sources=["listsrc"]))
+    assert forgot, "the batch of p3 was never planned"
+    assert query(db.dsn, "SELECT post_id FROM forgotten_posts") == [("p3",)]
+    assert ("listsrc", "p3") not in {tuple(r) for r in query(db.dsn, "SELECT platform, post_id FROM social_posts")}
+    assert stats.status == "interrupted" and any("posts were forgotten while it held no lock" in e for e in stats.errors), stats.errors
 
 
 @pytest.mark.fault("the locks are lost in the run's last seconds, before the watch looked: the run is recorded interrupted")

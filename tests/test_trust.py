@@ -436,6 +436,82 @@ def test_a_post_forgotten_while_its_image_is_retried_costs_nothing_else(db, make
     assert not list((tmp_path / "data" / "objects" / "jsonl").rglob("*.png"))  # what the retry stored: deleted
 
 
+def _run_settings(db, make_settings):
+    return make_settings(DATABASE_URL=db.dsn, ETL_ALLOW_PRIVATE_HOSTS="true", ETL_RECHECK_POSTS="0")
+
+
+@pytest.mark.fault("a post forgotten between a batch's lookup and its load (another run's deletions at source) stays gone")
+def test_a_post_forgotten_after_its_lookup_is_not_loaded_back_nor_its_images_kept(db, make_settings, http_server, tmp_path, monkeypatch):
+    # The load wrote every post of its batch: one looked up before the tombstone came back, row and images, though
+    # the forget had reported it gone. The same befell a run whose lock connection was lost, when `etl.py forget`
+    # came in before the watch noticed.
+    from etl.forget import find_posts, forget_posts
+    from etl.run.archiver import Archiver
+    from etl.store import store_from_settings
+
+    serve_images(http_server)
+    settings = _run_settings(db, make_settings)
+    plan, forgot = Archiver.plan, []
+
+    def plan_then_forget(self, batch, stats, source):
+        planned = plan(self, batch, stats, source)  # the lookup: no tombstone yet
+        if not forgot:  # then another run is told p1 is gone, and forgets it, while this one fetches its image
+            forgot.append(forget_posts(db, store_from_settings(settings), settings,
+                                       find_posts(db, post=("jsonl", "p1")), "deleted at source"))  # fmt: skip
+        return planned
+
+    monkeypatch.setattr(Archiver, "plan", plan_then_forget)
+    stats = _run_jsonl(settings, four_posts(http_server, tmp_path))
+    assert forgot and stats.exit_code == ExitCode.OK, stats.errors
+    assert (stats.inserted, stats.forgotten_skipped, stats.images_stored) == (3, 1, 3)
+    for table in ("social_posts", "post_media"):
+        assert query(db.dsn, f"SELECT post_id FROM {table} ORDER BY 1") == [("p0",), ("p2",), ("p3",)], table
+    objects = sorted(p.parent.name for p in (tmp_path / "data" / "objects").rglob("*") if p.is_file())
+    assert objects == ["p0", "p2", "p3"]  # the image this run stored for p1: deleted
+    assert query(db.dsn, "SELECT post_id FROM forgotten_posts") == [("p1",)]
+
+
+@pytest.mark.fault("a forget whose tombstone comes while a load of the same post is under way waits for it, then deletes it all")
+def test_a_tombstone_waits_for_a_load_under_way_and_its_post_does_not_come_back(db, make_settings, http_server, tmp_path, monkeypatch):
+    # The tombstone was recorded at once and the forget deleted the rows it could see; the load, committing after,
+    # brought the post back with its image row (the object, stored before the load, it had deleted).
+    import threading
+
+    import etl.db.archive as archive
+    from etl.db import Database
+    from etl.forget import find_posts, forget_posts
+    from etl.store import store_from_settings
+
+    serve_images(http_server)
+    settings = _run_settings(db, make_settings)
+    upsert_media, forget, finished_while_loading = archive.upsert_media, [], []
+
+    def forget_p1() -> None:
+        other = Database(db.dsn, display="another run")
+        try:
+            forget_posts(other, store_from_settings(settings), settings, find_posts(other, post=("jsonl", "p1")), "gone")
+        finally:
+            other.close()
+
+    def forget_during_the_load(cur, media):  # the batch's posts are written, not committed
+        if not forget:
+            forget.append(threading.Thread(target=forget_p1))
+            forget[0].start()
+            forget[0].join(1.5)
+            finished_while_loading.append(not forget[0].is_alive())
+        return upsert_media(cur, media)
+
+    monkeypatch.setattr(archive, "upsert_media", forget_during_the_load)
+    stats = _run_jsonl(settings, four_posts(http_server, tmp_path))
+    forget[0].join(60)
+    assert stats.exit_code == ExitCode.OK and stats.inserted == 4, stats.errors
+    assert finished_while_loading == [False]  # it waited for the load to commit
+    for table in ("social_posts", "post_media"):
+        assert query(db.dsn, f"SELECT post_id FROM {table} ORDER BY 1") == [("p0",), ("p2",), ("p3",)], table
+    objects = sorted(p.parent.name for p in (tmp_path / "data" / "objects").rglob("*") if p.is_file())
+    assert objects == ["p0", "p2", "p3"]
+
+
 def _forget_stopped_after_its_tombstone(db, store, settings, post_id: str, monkeypatch) -> None:
     """A forget that wrote its tombstone and stopped (connection lost) before deleting the post's rows."""
     import etl.forget as forget

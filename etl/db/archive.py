@@ -85,6 +85,19 @@ class UpsertCounts:
     updated: int = 0
     unchanged: int = 0
     snapshots: int = 0  # engagement snapshots taken (rows of the view post_engagement: first counts and changes)
+    forgotten: frozenset[tuple[str, str]] = frozenset()  # posts tombstoned since their lookup: not written
+
+
+# Loads and tombstones are ordered by a lock of their own, taken for a transaction. Each transaction that writes a
+# batch's posts or retried images holds it shared; a tombstone is recorded holding it exclusive (etl/db/deletions.py):
+# it waits for the loads under way, which a forget then deletes with the rest, and every later load sees it and
+# drops the post (_UPSERT_POSTS_COUNTED_SQL, LIVE_POSTS_SQL). Without it, a load whose post was looked up before
+# a tombstone and written after the forget had deleted its rows brought the post back: a run whose lock connection
+# was lost (the archive's lock gone, a forget came in before the watch noticed), or a run's own deletions at source
+# beside another run loading the same post.
+LOADS_LOCK = "hashtext('social-archiver:loads'), 0"
+LOAD_LOCK_SQL = "SELECT pg_advisory_xact_lock_shared(" + LOADS_LOCK + ")"
+TOMBSTONE_LOCK_SQL = "SELECT pg_advisory_xact_lock(" + LOADS_LOCK + ")"
 
 
 # -- the loader: batched upserts, each taking the transaction's cursor ------------------------------
@@ -129,12 +142,14 @@ _POST_MUTABLE = (
 _POST_STAGE = "social_posts_stage"  # a temporary table, see stage_sql()
 # Each statement a module constant of its own (tests/test_security.py checks every cursor call takes one).
 _STAGE_POSTS_SQLS = stage_sql(_POST_STAGE, "social_posts", _POST_COLUMNS)
-_STAGE_POSTS_PREPARE_SQL = _STAGE_POSTS_SQLS[0]  # create the table if need be, and empty it
+# The loads' lock (LOAD_LOCK_SQL), then create the table if need be, and empty it: one round trip.
+_STAGE_POSTS_PREPARE_SQL = LOAD_LOCK_SQL + "; " + _STAGE_POSTS_SQLS[0]
 _STAGE_POSTS_COPY_SQL = _STAGE_POSTS_SQLS[1]
 # A post's first counts go on its row as it is inserted (sql/014): the start of its engagement history.
 UPSERT_POSTS_SQL = (
     f"INSERT INTO social_posts AS p ({', '.join(_POST_COLUMNS)}, first_like_count, first_comment_count)"
-    f" SELECT {', '.join(_POST_COLUMNS)}, like_count, comment_count FROM {_POST_STAGE}"
+    f" SELECT {', '.join(_POST_COLUMNS)}, like_count, comment_count FROM {_POST_STAGE} v"
+    " WHERE NOT EXISTS (SELECT FROM gone g WHERE g.platform = v.platform AND g.post_id = v.post_id)"
     " ON CONFLICT (platform, post_id) DO UPDATE SET "
     + ", ".join(f"{c} = EXCLUDED.{c}" for c in _POST_MUTABLE)
     + ", raw = EXCLUDED.raw, image_s3_url = COALESCE(EXCLUDED.image_s3_url, p.image_s3_url), updated_at = now()"
@@ -156,6 +171,7 @@ STAGED_ENGAGEMENT_SQL = (
     " LEFT JOIN LATERAL (SELECT e.like_count, e.comment_count FROM post_engagement_changes e"
     "  WHERE e.platform = v.platform AND e.post_id = v.post_id ORDER BY e.observed_at DESC LIMIT 1) c ON true"
     " WHERE (v.like_count IS NOT NULL OR v.comment_count IS NOT NULL)"
+    " AND NOT EXISTS (SELECT FROM gone g WHERE g.platform = v.platform AND g.post_id = v.post_id)"
     " AND NOT EXISTS (SELECT FROM up WHERE up.inserted AND up.platform = v.platform AND up.post_id = v.post_id)"
     " AND CASE WHEN c.like_count IS NOT NULL OR c.comment_count IS NOT NULL"
     "  THEN (c.like_count, c.comment_count) IS DISTINCT FROM (v.like_count, v.comment_count)"
@@ -163,12 +179,16 @@ STAGED_ENGAGEMENT_SQL = (
     "  ELSE (s.first_like_count, s.first_comment_count) IS DISTINCT FROM (v.like_count, v.comment_count) END"
     " ON CONFLICT DO NOTHING RETURNING 1"
 )
-# The upsert and the snapshots in one statement, counted in the server: one row back per batch. (Both parts see
-# the tables as they were before the statement; a change's foreign key is checked at its end.)
+# The staged posts with a tombstone (`gone`: forgotten since their lookup), which neither part writes; then the
+# upsert and the snapshots, in one statement counted in the server: one row back per batch, with the tombstoned
+# keys. (Every part sees the tables as they were before the statement; a change's foreign key is checked at its end.)
 _UPSERT_POSTS_COUNTED_SQL = (
-    f"WITH up AS ({UPSERT_POSTS_SQL}), snap AS ({STAGED_ENGAGEMENT_SQL})"
+    f"WITH gone AS (SELECT v.platform, v.post_id FROM {_POST_STAGE} v"
+    "  JOIN forgotten_posts f ON f.platform = v.platform AND f.post_id = v.post_id),"
+    f" up AS ({UPSERT_POSTS_SQL}), snap AS ({STAGED_ENGAGEMENT_SQL})"
     " SELECT (SELECT count(*) FILTER (WHERE inserted) FROM up), (SELECT count(*) FROM up),"
-    " (SELECT count(*) FILTER (WHERE first_counts) FROM up) + (SELECT count(*) FROM snap)"
+    " (SELECT count(*) FILTER (WHERE first_counts) FROM up) + (SELECT count(*) FROM snap),"
+    " (SELECT array_agg(ARRAY[g.platform, g.post_id]) FROM gone g)"
 )
 
 
@@ -331,8 +351,9 @@ def send_posts(cur: psycopg2.extensions.cursor, count: int, lines: list[str]) ->
     cur.execute(_STAGE_POSTS_PREPARE_SQL)
     cur.copy_expert(_STAGE_POSTS_COPY_SQL, io.StringIO("".join(lines)))
     cur.execute(_UPSERT_POSTS_COUNTED_SQL)
-    inserted, written, snapshots = cur.fetchone()
-    return UpsertCounts(inserted, written - inserted, count - written, snapshots)
+    inserted, written, snapshots, gone = cur.fetchone()
+    forgotten = frozenset((k[0], k[1]) for k in gone) if gone else frozenset()
+    return UpsertCounts(inserted, written - inserted, count - written - len(forgotten), snapshots, forgotten)
 
 
 # A failed retry keeps what the row knew of an object stored before (one `verify` found damaged and marked failed):
@@ -445,7 +466,7 @@ def failed_images(
 # forgotten meanwhile (deleted at source, by another run) is not, and its image rows would break the foreign key.
 # A tombstoned post is gone too, though a forget that stopped early left its row: no run may store its image again.
 LIVE_POSTS_SQL = (
-    "SELECT p.platform, p.post_id FROM social_posts p" + _KEYS_JOIN
+    LOAD_LOCK_SQL + "; SELECT p.platform, p.post_id FROM social_posts p" + _KEYS_JOIN
     + " WHERE NOT EXISTS (SELECT 1 FROM forgotten_posts f WHERE f.platform = p.platform AND f.post_id = p.post_id)"
     " FOR KEY SHARE OF p"
 )
@@ -565,7 +586,8 @@ class Archive:
         *, what: str, stored: Mapping[tuple[str, str], HeldRow] | None = None,
     ) -> UpsertCounts:  # fmt: skip
         """Posts with their image rows and engagement snapshots, in one transaction (DataRefused: a row refused).
-        `stored`: the posts' rows as held() found them; those the upsert would leave as they are are not sent."""
+        `stored`: the posts' rows as held() found them; those the upsert would leave as they are are not sent.
+        A post tombstoned since its lookup is not written, nor are its image rows (counts.forgotten)."""
 
         with_images = {(m.platform, clean_text(m.post_id)) for m in media}
         count, lines = post_lines(posts, first_urls=first_urls, version=version, stored=stored, with_images=with_images)
@@ -573,8 +595,9 @@ class Archive:
             return UpsertCounts(unchanged=count)  # nothing to write: no connection taken, no round trip
 
         def load(cur: psycopg2.extensions.cursor) -> UpsertCounts:
-            counts = send_posts(cur, count, lines)
-            upsert_media(cur, media)
+            counts = send_posts(cur, count, lines)  # (every post with an image row is sent: with_images)
+            gone = counts.forgotten
+            upsert_media(cur, [m for m in media if (m.platform, clean_text(m.post_id)) not in gone] if gone else media)
             return counts
 
         return self.db.run(load, what=what)

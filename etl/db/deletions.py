@@ -15,14 +15,17 @@ import psycopg2.extensions
 import psycopg2.extras
 
 from etl.db import Database
+from etl.db.archive import TOMBSTONE_LOCK_SQL
 
 POST_SQL = "SELECT platform, post_id, created_at FROM social_posts WHERE platform = %s AND post_id = %s"
 AUTHOR_POSTS_SQL = (
     "SELECT platform, post_id, created_at FROM social_posts WHERE platform = %s AND author_username = %s"
     " ORDER BY created_at, post_id"
 )
+# The loads' lock exclusive first (etl/db/archive.py, LOADS_LOCK): the tombstone waits for the loads under way, and
+# every load after it drops the post.
 TOMBSTONE_SQL = (
-    "INSERT INTO forgotten_posts (platform, post_id, reason) VALUES %s ON CONFLICT (platform, post_id)"
+    TOMBSTONE_LOCK_SQL + "; INSERT INTO forgotten_posts (platform, post_id, reason) VALUES %s ON CONFLICT (platform, post_id)"
     " DO UPDATE SET reason = COALESCE(EXCLUDED.reason, forgotten_posts.reason)"
 )
 STORED_KEYS_SQL = (
@@ -82,7 +85,8 @@ def posts_named(db: Database, *, post: Key | None = None, author: Key | None = N
 
 
 def tombstone(db: Database, keys: Sequence[Key], reason: str | None) -> list[str]:
-    """Record a tombstone for each post (its reason kept when none is given now); the storage keys of their images."""
+    """Record a tombstone for each post (its reason kept when none is given now), once the loads under way have
+    committed; the storage keys of their images (those loads' included)."""
 
     def write(cur: psycopg2.extensions.cursor) -> list[str]:
         psycopg2.extras.execute_values(cur, TOMBSTONE_SQL, [(k[0], k[1], reason) for k in keys])

@@ -585,6 +585,12 @@ class Archiver:
         what = f"{len(posts)} post(s) of {source}"
         try:
             counts = self.archive_db.load(posts, rows, first_urls, self.enricher.version, what=what, stored=stored)
+            if counts.forgotten:  # tombstoned since the lookup (a forget, another run's deletions at source)
+                gone = counts.forgotten
+                stats.forgotten_skipped += len(gone)
+                self._drop_objects_of_gone_posts([m for m in rows if (m.platform, clean_text(m.post_id)) in gone])
+                posts = [p for p in posts if (p.platform, clean_text(p.post_id)) not in gone]
+                rows = [m for m in rows if (m.platform, clean_text(m.post_id)) not in gone]
             return counts, posts, rows
         except DataRefused as exc:
             if len(posts) == 1:
@@ -736,8 +742,8 @@ class Archiver:
             pool.shutdown(wait=not self.stop.is_set(), cancel_futures=True)
 
     def _drop_objects_of_gone_posts(self, gone: list[Media]) -> None:
-        """Images retried for posts forgotten meanwhile: not recorded, and what was stored of them is deleted (no row
-        would name it, and the forget that removed the post could not have seen it)."""
+        """Images of posts forgotten since their lookup (fetched for a batch, or retried): not recorded, and what was
+        stored of them is deleted (no row would name it, and the forget that removed the post may not have seen it)."""
         if not gone:
             return
         from etl.store_ops import delete_object
@@ -748,7 +754,7 @@ class Archiver:
                     delete_object(self.store, m.key)
                 except StoreError as exc:
                     log.warning("could not delete %s, the image of a post forgotten meanwhile: %s", m.key, exc)
-        log.info("%d retried image(s) of post(s) forgotten meanwhile: not recorded, their objects deleted", len(gone))
+        log.info("%d image(s) of post(s) forgotten meanwhile: not recorded, their objects deleted", len(gone))
 
     def _drop_replaced_objects(self, retried: list[tuple[str | None, Media]]) -> None:
         """Repairs stored under another key than the damaged object's (the platform now serves another type: .png
