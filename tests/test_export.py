@@ -272,6 +272,54 @@ def test_an_export_since_a_day_still_takes_out_a_post_forgotten_before_it(db, la
     assert again.written == {"posts": 0, "media": 0} and again.unchanged["posts"] == 6  # the partitions from the 12th
 
 
+def test_a_post_forgotten_while_its_tombstone_waited_for_a_load_leaves_the_next_export_since(db, lake):
+    # A tombstone waits for the loads under way (etl/db/archive.py, LOADS_LOCK). Its time was taken as its transaction
+    # began, before the wait: an export that started during the wait (and exported the post) looked newer than the
+    # tombstone, and no later `export --since` took the post out of its partition.
+    import threading
+    import time
+
+    from etl.db.archive import LOAD_LOCK_SQL
+    from etl.forget import find_posts, forget_posts
+    from etl.store import store_from_settings
+
+    settings, target, root = lake
+    posts = make_posts(days=4)
+    load(db, posts, make_media(posts))
+    gone = next(p for p in posts if p.created_at.date().isoformat() == "2026-11-10")
+    loading = psycopg2.connect(db.dsn)  # another run's load, under way
+    with loading.cursor() as cur:
+        cur.execute(LOAD_LOCK_SQL)
+
+    def forget_at_source() -> None:  # as a run's ETL_DELETED_AT_SOURCE=forget does: it does not wait for runs
+        other = Database(db.dsn, display="another run")
+        try:
+            forget_posts(other, store_from_settings(settings), settings,
+                         find_posts(other, post=(gone.platform, gone.post_id)), "deleted at source")  # fmt: skip
+        finally:
+            other.close()
+
+    forgetting = threading.Thread(target=forget_at_source)
+    forgetting.start()
+    try:
+        waits = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+        deadline = time.monotonic() + 10
+        while not query(db.dsn, waits)[0][0] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert query(db.dsn, waits)[0][0], "the tombstone did not wait for the load"
+        time.sleep(0.2)
+        export(settings, db, target)  # the full export, while the tombstone waits: the post is still there
+        assert any(r["post_id"] == gone.post_id for r in lake_rows(root, "posts"))
+    finally:
+        loading.commit()  # the load commits: the tombstone goes in, the forget deletes the rows
+        loading.close()
+        forgetting.join(30)
+    assert query(db.dsn, "SELECT count(*) FROM social_posts WHERE post_id = %s", (gone.post_id,)) == [(0,)]
+    export(settings, db, target, since=datetime(2026, 11, 12, tzinfo=timezone.utc))
+    assert not any(r["post_id"] == gone.post_id for r in lake_rows(root, "posts") + lake_rows(root, "media"))
+    assert_lake_equals_postgres(root, db.dsn)
+
+
 def test_since_full_deleted_partitions_and_an_emptied_target(db, lake):
     settings, target, root = lake
     posts = make_posts(days=4)

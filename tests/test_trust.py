@@ -512,6 +512,98 @@ def test_a_tombstone_waits_for_a_load_under_way_and_its_post_does_not_come_back(
     assert objects == ["p0", "p2", "p3"]
 
 
+@pytest.mark.fault("SIGTERM while the image of a post forgotten meanwhile downloads: what the download stores after the stop is deleted")
+def test_a_download_the_stop_left_behind_keeps_no_image_of_a_post_forgotten_meanwhile(db, make_settings, http_server, tmp_path, monkeypatch):
+    # The download outlived ETL_STOP_GRACE and was recorded failed; the load left out its post (forgotten since its
+    # lookup) but had no key to delete; the download then stored the image, which nothing would ever delete.
+    import threading
+    import time
+
+    from etl.forget import find_posts, forget_posts
+    from etl.run.archiver import Archiver
+    from etl.store import store_from_settings
+
+    serve_images(http_server)
+    http_server.routes["/b.jpg"] = Reply(body=IMAGES["/b.jpg"], content_type="image/jpeg", delay=2.0)  # p1's: slow
+    settings = make_settings(DATABASE_URL=db.dsn, ETL_ALLOW_PRIVATE_HOSTS="true", ETL_RECHECK_POSTS="0", ETL_STOP_GRACE="0.3")
+    plan, forgot = Archiver.plan, []
+
+    def plan_then_forget_and_stop(self, batch, stats, source):
+        planned = plan(self, batch, stats, source)
+        if not forgot:
+            forgot.append(forget_posts(db, store_from_settings(settings), settings,
+                                       find_posts(db, post=("jsonl", "p1")), "deleted at source"))  # fmt: skip
+            threading.Timer(0.5, self.stop.set).start()  # SIGTERM while p1's image downloads
+        return planned
+
+    monkeypatch.setattr(Archiver, "plan", plan_then_forget_and_stop)
+    stats = _run_jsonl(settings, four_posts(http_server, tmp_path))
+    assert stats.interrupted and query(db.dsn, "SELECT count(*) FROM social_posts WHERE post_id = 'p1'") == [(0,)]
+    deadline = time.monotonic() + 10  # the download left behind ends (in a worker process that lives on)
+    while any(t.name.startswith("images") for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    objects = sorted(p.parent.name for p in (tmp_path / "data" / "objects").rglob("*") if p.is_file())
+    assert "p1" not in objects, f"an image of the forgotten post p1 is in the store: {objects}"
+
+
+@pytest.mark.fault("a tombstone's session stalls inside its transaction (process stopped, network cut): the server ends it, loads go on")
+def test_a_stalled_tombstone_holds_up_the_loads_only_until_the_server_ends_its_session(db, make_settings, tmp_path):
+    # A tombstone holds the loads' lock exclusive for its transaction: stalled there, it held up every load of every
+    # run for as long as the server kept the session (hours, after a network cut).
+    import threading
+
+    import psycopg2
+    import psycopg2.extras
+
+    from etl.db import archive, deletions
+
+    short = deletions.TOMBSTONE_SQL.replace(f"'{archive.LOADS_IDLE_LIMIT}'", "'1s'")
+    assert short != deletions.TOMBSTONE_SQL
+    stalled = psycopg2.connect(db.dsn)
+    with stalled.cursor() as cur:  # the tombstone's statement, then its client stops before COMMIT
+        psycopg2.extras.execute_values(cur, short, [("jsonl", "elsewhere", None)], template=deletions._TOMBSTONE_ROW)
+    posts = write_jsonl(tmp_path / "in.jsonl", [record(post_id=f"q{i}") for i in range(5)])
+    settings = _run_settings(db, make_settings)
+    ran = []
+    run = threading.Thread(target=lambda: ran.append(_run_jsonl(settings, posts)), daemon=True)
+    run.start()
+    run.join(20)
+    try:
+        assert ran and ran[0].exit_code == ExitCode.OK and ran[0].inserted == 5, "the run's load still waits"
+        with pytest.raises(psycopg2.OperationalError):  # the server ended the stalled session: its tombstone undone
+            stalled.cursor().execute("SELECT 1")
+        assert query(db.dsn, "SELECT count(*) FROM forgotten_posts") == [(0,)]
+    finally:
+        stalled.close()
+
+
+@pytest.mark.fault("a load's session stalls inside its transaction: the server ends it, a forget waiting for it goes on")
+def test_a_stalled_load_holds_up_a_forget_only_until_the_server_ends_its_session(db, run_etl, make_settings, tmp_path):
+    import threading
+
+    import psycopg2
+
+    from etl.db import archive
+    from etl.forget import find_posts, forget_posts
+
+    run_etl("run", "--source", "jsonl", "--input", str(write_jsonl(tmp_path / "in.jsonl", [record(post_id="p1")])))
+    short = archive.LOAD_LOCK_SQL.replace(f"'{archive.LOADS_IDLE_LIMIT}'", "'1s'")
+    assert short != archive.LOAD_LOCK_SQL
+    stalled = psycopg2.connect(db.dsn)
+    stalled.cursor().execute(short)  # a load's first statement, then its client stops before COMMIT
+    forgot = []
+    settings = make_settings()
+    forget = threading.Thread(target=lambda: forgot.append(
+        forget_posts(db, None, settings, find_posts(db, post=("jsonl", "p1")), "deleted at source")), daemon=True)
+    forget.start()
+    forget.join(20)
+    try:
+        assert forgot and forgot[0].tombstones == 1, "the forget still waits for the stalled load"
+        assert query(db.dsn, "SELECT count(*) FROM social_posts") == [(0,)]
+    finally:
+        stalled.close()
+
+
 def _forget_stopped_after_its_tombstone(db, store, settings, post_id: str, monkeypatch) -> None:
     """A forget that wrote its tombstone and stopped (connection lost) before deleting the post's rows."""
     import etl.forget as forget

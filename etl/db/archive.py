@@ -95,9 +95,15 @@ class UpsertCounts:
 # a tombstone and written after the forget had deleted its rows brought the post back: a run whose lock connection
 # was lost (the archive's lock gone, a forget came in before the watch noticed), or a run's own deletions at source
 # beside another run loading the same post.
+# A transaction holding it that stalls (its process stopped, its network cut) would hold up every load and tombstone
+# of the archive: the server ends such a session once it has waited LOADS_IDLE_LIMIT for its client in the middle
+# of the transaction (a load's client is busy for milliseconds between statements), and its work is undone; a load's
+# Database.run then reconnects and writes the batch again.
 LOADS_LOCK = "hashtext('social-archiver:loads'), 0"
-LOAD_LOCK_SQL = "SELECT pg_advisory_xact_lock_shared(" + LOADS_LOCK + ")"
-TOMBSTONE_LOCK_SQL = "SELECT pg_advisory_xact_lock(" + LOADS_LOCK + ")"
+LOADS_IDLE_LIMIT = "60s"
+_IDLE_LIMITED = f"set_config('idle_in_transaction_session_timeout', '{LOADS_IDLE_LIMIT}', true)"
+LOAD_LOCK_SQL = f"SELECT {_IDLE_LIMITED}, pg_advisory_xact_lock_shared({LOADS_LOCK})"
+TOMBSTONE_LOCK_SQL = f"SELECT {_IDLE_LIMITED}, pg_advisory_xact_lock({LOADS_LOCK})"
 
 
 # -- the loader: batched upserts, each taking the transaction's cursor ------------------------------

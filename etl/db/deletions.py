@@ -23,11 +23,14 @@ AUTHOR_POSTS_SQL = (
     " ORDER BY created_at, post_id"
 )
 # The loads' lock exclusive first (etl/db/archive.py, LOADS_LOCK): the tombstone waits for the loads under way, and
-# every load after it drops the post.
+# every load after it drops the post. Its time is taken once the wait is over (_TOMBSTONE_ROW), not as the transaction
+# began: an export that started meanwhile (and saw the post) is older than it, so the next export rewrites that
+# partition (etl/db/export.py: tombstones after the last export).
 TOMBSTONE_SQL = (
-    TOMBSTONE_LOCK_SQL + "; INSERT INTO forgotten_posts (platform, post_id, reason) VALUES %s ON CONFLICT (platform, post_id)"
-    " DO UPDATE SET reason = COALESCE(EXCLUDED.reason, forgotten_posts.reason)"
+    TOMBSTONE_LOCK_SQL + "; INSERT INTO forgotten_posts (platform, post_id, reason, forgotten_at) VALUES %s"
+    " ON CONFLICT (platform, post_id) DO UPDATE SET reason = COALESCE(EXCLUDED.reason, forgotten_posts.reason)"
 )
+_TOMBSTONE_ROW = "(%s, %s, %s, clock_timestamp())"
 STORED_KEYS_SQL = (
     "SELECT m.storage_key FROM post_media m JOIN unnest(%s::text[], %s::text[]) AS k(platform, post_id)"
     " USING (platform, post_id) WHERE m.storage_key IS NOT NULL"
@@ -89,7 +92,7 @@ def tombstone(db: Database, keys: Sequence[Key], reason: str | None) -> list[str
     committed; the storage keys of their images (those loads' included)."""
 
     def write(cur: psycopg2.extensions.cursor) -> list[str]:
-        psycopg2.extras.execute_values(cur, TOMBSTONE_SQL, [(k[0], k[1], reason) for k in keys])
+        psycopg2.extras.execute_values(cur, TOMBSTONE_SQL, [(k[0], k[1], reason) for k in keys], template=_TOMBSTONE_ROW)
         cur.execute(STORED_KEYS_SQL, _columns(keys))
         return [row[0] for row in cur.fetchall()]
 

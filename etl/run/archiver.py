@@ -310,6 +310,9 @@ class Archiver:
         # The images being fetched by batches not loaded yet (a key leaves once its batch is committed): a post in two
         # batches is fetched once, or the later download would overwrite the object the earlier batch recorded.
         self._fetching: dict[tuple[str, str, int], Future] = {}
+        # Downloads left behind by a stop (not done within ETL_STOP_GRACE; recorded failed): what they store later is
+        # deleted (no row names it, and a forget of the post meanwhile could not have seen it).
+        self._left_behind: set[tuple[str, str, int]] = set()
         self._scorers = scorers  # scoring workers forked early (a new archive), for the first stream that scores
         self.live = LiveCounts()  # what is under way, for the progress display
         self.fence: Callable[[], None] = lambda: None  # before each write: raises when the run may not write now
@@ -638,6 +641,9 @@ class Archiver:
                     self.store.put(key, fetched.body, fetched.content_type, fetched.sha256, replace=replace)
                 except KeyHeld:
                     fetched = self._held_image(key, fetched)
+                else:
+                    if (platform, post_id, position) in self._left_behind and not replace:
+                        self._drop_left_behind(key)
         except MediaError as exc:
             media.status, media.error, media.permanent, media.tried = "failed", str(exc), exc.permanent, exc.requested
         except StoreError as exc:
@@ -705,7 +711,22 @@ class Archiver:
                 results[key].tried = not never_started  # one cancelled before it began was never requested
         return results
 
+    def _drop_left_behind(self, key: str) -> None:
+        """An object a download stored after the run had given up on it (recorded failed): deleted. Left, no row would
+        name it, and if its post was forgotten meanwhile, nothing would ever delete it. (A repair's object is kept:
+        its row names the key.) The next run fetches the image again."""
+        from etl.store_ops import delete_object
+
+        assert self.store is not None
+        try:
+            delete_object(self.store, key)
+        except StoreError as exc:
+            log.warning("could not delete %s, stored by a download the stop had left behind: %s", key, exc)
+        else:
+            log.info("deleted %s: stored by a download the stop had left behind (recorded failed)", key)
+
     def _unfinished(self, platform: str, post_id: str, position: int, url: str) -> Media:
+        self._left_behind.add((platform, post_id, position))
         url = without_userinfo(url)  # as archive_image stores and logs it: never with credentials
         media = Media(platform, post_id, position, url)
         media.status = "failed"
