@@ -100,7 +100,12 @@ def apply_gone(db: Database, store: ObjectStore | None, settings: Settings, gone
             if marked:
                 log.info("%d post(s) marked deleted at source", marked)
             continue
+        # Forgotten together where the platform gave the same reason: a tombstone waits for the loads under way in
+        # every run (etl/db/archive.py, LOADS_LOCK), once per call rather than once per post.
+        by_reason: dict[str, list] = {}
         for row in held_posts(db, list(why)):
-            forget_posts(db, store, settings, [row], f"deleted at source: {why[(row[0], row[1])]}")
-            held += 1
+            by_reason.setdefault(f"deleted at source: {why[(row[0], row[1])]}", []).append(row)
+        for reason, rows in by_reason.items():
+            forget_posts(db, store, settings, rows, reason)
+            held += len(rows)
     return held

@@ -768,6 +768,30 @@ def test_a_post_deleted_at_source_is_marked_or_forgotten(db, run_etl, http_serve
     assert query(db.dsn, "SELECT count(*) FROM social_posts") == [(4 if policy == "mark" else 3,)]
 
 
+def test_posts_gone_at_source_for_one_reason_are_forgotten_by_one_tombstone(db, run_etl, make_settings, tmp_path, monkeypatch):
+    # Each held post gone at source was forgotten on its own: a tombstone each, and each waits for the loads under way
+    # in every run (etl/db/archive.py, LOADS_LOCK), holding up the loads that come after it meanwhile.
+    import etl.forget as forget
+
+    run_etl("run", "--source", "jsonl", "--input", str(write_jsonl(tmp_path / "in.jsonl", [record(post_id=f"p{i}") for i in range(5)])))
+    tombstone, batches = forget.tombstone, []
+
+    def counted(db_, keys, reason):
+        batches.append((sorted(k[1] for k in keys), reason))
+        return tombstone(db_, keys, reason)
+
+    monkeypatch.setattr(forget, "tombstone", counted)
+    gone = [("jsonl", "p0", "404"), ("jsonl", "p1", "404"), ("jsonl", "p2", "suspended"), ("jsonl", "p3", "404"),
+            ("jsonl", "never-held", "404")]  # fmt: skip
+    assert forget.apply_gone(db, None, make_settings(ETL_DELETED_AT_SOURCE="forget"), gone) == 4
+    assert sorted(batches) == [(["p0", "p1", "p3"], "deleted at source: 404"), (["p2"], "deleted at source: suspended")]
+    assert query(db.dsn, "SELECT post_id FROM social_posts") == [("p4",)]
+    assert query(db.dsn, "SELECT post_id, reason FROM forgotten_posts ORDER BY 1") == [
+        ("p0", "deleted at source: 404"), ("p1", "deleted at source: 404"), ("p2", "deleted at source: suspended"),
+        ("p3", "deleted at source: 404"),
+    ]  # fmt: skip
+
+
 # -- language ---------------------------------------------------------------------------------------
 
 
