@@ -715,15 +715,20 @@ class Archiver:
         """An object a download stored after the run had given up on it (recorded failed): deleted. Left, no row would
         name it, and if its post was forgotten meanwhile, nothing would ever delete it. (A repair's object is kept:
         its row names the key.) The next run fetches the image again."""
+        if self._delete_object(key, "stored by a download the stop had left behind"):
+            log.info("deleted %s: stored by a download the stop had left behind (recorded failed)", key)
+
+    def _delete_object(self, key: str, what: str) -> bool:
+        """Delete one object of the store; a failure is logged (`what` says which object it was), not raised."""
         from etl.store_ops import delete_object
 
         assert self.store is not None
         try:
             delete_object(self.store, key)
         except StoreError as exc:
-            log.warning("could not delete %s, stored by a download the stop had left behind: %s", key, exc)
-        else:
-            log.info("deleted %s: stored by a download the stop had left behind (recorded failed)", key)
+            log.warning("could not delete %s, %s: %s", key, what, exc)
+            return False
+        return True
 
     def _unfinished(self, platform: str, post_id: str, position: int, url: str) -> Media:
         self._left_behind.add((platform, post_id, position))
@@ -767,14 +772,9 @@ class Archiver:
         stored of them is deleted (no row would name it, and the forget that removed the post may not have seen it)."""
         if not gone:
             return
-        from etl.store_ops import delete_object
-
         for m in gone:
             if m.status == "stored" and m.key and self.store is not None:
-                try:
-                    delete_object(self.store, m.key)
-                except StoreError as exc:
-                    log.warning("could not delete %s, the image of a post forgotten meanwhile: %s", m.key, exc)
+                self._delete_object(m.key, "the image of a post forgotten meanwhile")
         log.info("%d image(s) of post(s) forgotten meanwhile: not recorded, their objects deleted", len(gone))
 
     def _drop_replaced_objects(self, retried: list[tuple[str | None, Media]]) -> None:
@@ -785,14 +785,8 @@ class Archiver:
         old = {key for key, m in retried if key and m.status == "stored" and m.key and m.key != key}
         if not old or self.store is None:
             return
-        from etl.store_ops import delete_object
-
         for key in sorted(old - self.archive_db.keys_in_use(sorted(old))):
-            try:
-                delete_object(self.store, key)
-            except StoreError as exc:
-                log.warning("could not delete %s, the damaged object a repair replaced under another key: %s", key, exc)
-            else:
+            if self._delete_object(key, "the damaged object a repair replaced under another key"):
                 log.info("deleted %s: its repair was stored under another key", key)
 
     def _failed_images(self, after: int, part: Shard | None) -> list[tuple]:
