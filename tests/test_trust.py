@@ -512,12 +512,35 @@ def test_a_tombstone_waits_for_a_load_under_way_and_its_post_does_not_come_back(
     assert objects == ["p0", "p2", "p3"]
 
 
-@pytest.mark.fault("SIGTERM while the image of a post forgotten meanwhile downloads: what the download stores after the stop is deleted")
+def _gated(body: bytes, content_type: str):
+    """A route answering only once `release` is set; `arrived` is set when a request came."""
+    import threading
+
+    arrived, release = threading.Event(), threading.Event()
+
+    def route(handler):
+        arrived.set()
+        release.wait(30)
+        return Reply(body=body, content_type=content_type)
+
+    return route, arrived, release
+
+
+def _downloads_ended(prefix: str) -> None:
+    """Wait (at most 15 s) for the image threads a stop left behind to end, as they do in a process that lives on."""
+    import threading
+    import time
+
+    deadline = time.monotonic() + 15
+    while any(t.name.startswith(prefix) for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+@pytest.mark.fault("SIGTERM while the image of a post forgotten meanwhile downloads: the download the stop left behind stores nothing")
 def test_a_download_the_stop_left_behind_keeps_no_image_of_a_post_forgotten_meanwhile(db, make_settings, http_server, tmp_path, monkeypatch):
     # The download outlived ETL_STOP_GRACE and was recorded failed; the load left out its post (forgotten since its
     # lookup) but had no key to delete; the download then stored the image, which nothing would ever delete.
     import threading
-    import time
 
     from etl.forget import find_posts, forget_posts
     from etl.run.archiver import Archiver
@@ -539,11 +562,89 @@ def test_a_download_the_stop_left_behind_keeps_no_image_of_a_post_forgotten_mean
     monkeypatch.setattr(Archiver, "plan", plan_then_forget_and_stop)
     stats = _run_jsonl(settings, four_posts(http_server, tmp_path))
     assert stats.interrupted and query(db.dsn, "SELECT count(*) FROM social_posts WHERE post_id = 'p1'") == [(0,)]
-    deadline = time.monotonic() + 10  # the download left behind ends (in a worker process that lives on)
-    while any(t.name.startswith("images") for t in threading.enumerate()) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    _downloads_ended("images")
     objects = sorted(p.parent.name for p in (tmp_path / "data" / "objects").rglob("*") if p.is_file())
     assert "p1" not in objects, f"an image of the forgotten post p1 is in the store: {objects}"
+
+
+@pytest.mark.fault("a verify repair a stop left behind, of a post forgotten meanwhile: it stores nothing")
+def test_a_repair_the_stop_left_behind_keeps_no_image_of_a_post_forgotten_meanwhile(db, make_settings, http_server, tmp_path):
+    # verify found p1's image damaged; a retry fetches it again (replace); the post is forgotten meanwhile (its object
+    # and rows deleted); the stop leaves the download behind, which then wrote the object again, for good.
+    import threading
+
+    from etl.db import Database
+    from etl.forget import find_posts, forget_posts
+    from etl.run.archiver import Archiver
+    from etl.run.stats import RunStats
+    from etl.store import store_from_settings
+
+    body = png_bytes(20, 10, (255, 0, 0))
+    http_server.routes["/a.png"] = Reply(body=body, content_type="image/png")
+    settings = make_settings(DATABASE_URL=db.dsn, ETL_ALLOW_PRIVATE_HOSTS="true", ETL_RECHECK_POSTS="0",
+                             ETL_STOP_GRACE="0.2", ETL_IMAGE_RETRY_BACKOFF_MINUTES="0")  # fmt: skip
+    assert _run_jsonl(settings, write_jsonl(tmp_path / "in.jsonl", [record(post_id="p1", image_urls=[http_server.url("/a.png")])])).images_stored == 1
+    [(key,)] = query(db.dsn, "SELECT storage_key FROM post_media")
+    root = tmp_path / "data" / "objects"
+    (root / key).write_bytes(body[:40])  # damaged, and recorded so as verify does
+    with db.transaction() as cur:
+        cur.execute("UPDATE post_media SET status = 'failed', fixity = 'changed', attempts = 0, permanent = false")
+    route, arrived, release = _gated(body, "image/png")
+    http_server.routes["/a.png"] = route
+    run_db = Database(db.dsn, display="the run")
+    archiver = Archiver(settings, run_db, store_from_settings(settings), stop=threading.Event())
+    retry = threading.Thread(target=archiver.retry_failed_images, args=(RunStats(),))
+    try:
+        retry.start()
+        assert arrived.wait(10), "the repair was not requested"
+        forgot = forget_posts(db, store_from_settings(settings), settings, find_posts(db, post=("jsonl", "p1")), "gone")
+        assert forgot.tombstones == 1 and not (root / key).exists()
+        archiver.stop.set()  # SIGTERM while the repair downloads: it is left behind
+        retry.join(20)
+        assert not retry.is_alive()
+    finally:
+        release.set()
+        _downloads_ended("retry")
+        run_db.close()
+    left = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and ".incoming" not in p.parts)
+    assert left == [], f"an image of the forgotten post p1 is in the store for good: {left}"
+
+
+@pytest.mark.fault("a download a stop left behind ends after another run stored the same image: that run's object stays")
+def test_a_download_the_stop_left_behind_leaves_another_runs_image_alone(db, make_settings, http_server, tmp_path, monkeypatch):
+    # Run A is stopped while p1's image downloads (left behind, recorded failed); run B stores the same image under the
+    # same key and records it; then A's download ends. It must neither delete nor replace what B recorded.
+    import threading
+
+    from etl.run.archiver import Archiver
+
+    body = jpeg_bytes(30, 20)
+    route, arrived, release = _gated(body, "image/jpeg")
+    http_server.routes["/slow.jpg"] = route
+    http_server.routes["/fast.jpg"] = Reply(body=body, content_type="image/jpeg")
+    settings = make_settings(DATABASE_URL=db.dsn, ETL_ALLOW_PRIVATE_HOSTS="true", ETL_RECHECK_POSTS="0",
+                             ETL_STOP_GRACE="0.2", ETL_IMAGE_RETRY_BACKOFF_MINUTES="60")  # fmt: skip
+    plan, armed = Archiver.plan, [True]
+
+    def plan_then_stop(self, batch, stats, source):
+        planned = plan(self, batch, stats, source)
+        if armed:  # run A only: SIGTERM while its image downloads
+            armed.clear()
+            threading.Thread(target=lambda: (arrived.wait(10), self.stop.set()), daemon=True).start()
+        return planned
+
+    monkeypatch.setattr(Archiver, "plan", plan_then_stop)
+    try:
+        a = _run_jsonl(settings, write_jsonl(tmp_path / "a.jsonl", [record(post_id="p1", image_urls=[http_server.url("/slow.jpg")])]))
+        assert a.interrupted and query(db.dsn, "SELECT status FROM post_media") == [("failed",)]
+        b = _run_jsonl(settings, write_jsonl(tmp_path / "b.jsonl", [record(post_id="p1", image_urls=[http_server.url("/fast.jpg")])]))
+        assert b.images_stored == 1
+    finally:
+        release.set()  # run A's download, left behind, ends now
+        _downloads_ended("images")
+    [(status, key, sha256)] = query(db.dsn, "SELECT status, storage_key, sha256 FROM post_media")
+    stored = tmp_path / "data" / "objects" / key
+    assert status == "stored" and stored.is_file() and hashlib.sha256(stored.read_bytes()).hexdigest() == sha256
 
 
 @pytest.mark.fault("a tombstone's session stalls inside its transaction (process stopped, network cut): the server ends it, loads go on")
@@ -602,6 +703,45 @@ def test_a_stalled_load_holds_up_a_forget_only_until_the_server_ends_its_session
         assert query(db.dsn, "SELECT count(*) FROM social_posts") == [(0,)]
     finally:
         stalled.close()
+
+
+@pytest.mark.fault("a load stalls inside its transaction past the idle limit: the server ends its session, the batch is written again, once")
+def test_a_load_whose_session_the_server_ended_is_written_again_once(db, monkeypatch):
+    # Database.run counted its reconnect budget (ETL_DB_RECONNECT_SECONDS) from the start of the transaction: a load
+    # the server ended after LOADS_IDLE_LIMIT (60 s, more than the default budget of 15 s) had spent it, and the run
+    # stopped (LoadError) instead of writing the batch again. Here: a limit of 1 s, a stall of 2.5 s, a budget of 1 s.
+    import time
+    from datetime import datetime, timezone
+
+    from etl.db import Database, archive
+    from etl.records import Media, Post
+
+    def post(likes: int) -> Post:
+        return Post("jsonl", "p1", datetime(2024, 3, 1, 12, tzinfo=timezone.utc), caption="hello", like_count=likes)
+
+    loads = Database(db.dsn, display="the run", reconnect_seconds=1)
+    try:
+        archive.Archive(loads).load([post(3)], [], {}, "v1", what="the first batch")
+        short = archive._STAGE_POSTS_PREPARE_SQL.replace(f"'{archive.LOADS_IDLE_LIMIT}'", "'1s'")
+        assert short != archive._STAGE_POSTS_PREPARE_SQL
+        monkeypatch.setattr(archive, "_STAGE_POSTS_PREPARE_SQL", short)
+        real, stalls = archive.upsert_media, []
+
+        def stalled(cur, media):  # inside the transaction, after the posts' statement: the process stops a while
+            if not stalls:
+                time.sleep(2.5)
+                stalls.append(2.5)
+            return real(cur, media)
+
+        monkeypatch.setattr(archive, "upsert_media", stalled)
+        failed = Media("jsonl", "p1", 0, "https://example.com/a.png", status="failed", error="boom")
+        counts = archive.Archive(loads).load([post(5)], [failed], {}, "v1", what="the second batch")
+    finally:
+        loads.close()
+    assert stalls and (counts.inserted, counts.updated, counts.unchanged, counts.snapshots) == (0, 1, 0, 1)
+    assert query(db.dsn, "SELECT like_count FROM social_posts") == [(5,)]
+    assert query(db.dsn, "SELECT count(*) FROM post_engagement_changes") == [(1,)]
+    assert query(db.dsn, "SELECT count(*) FROM post_media") == [(1,)]
 
 
 def _forget_stopped_after_its_tombstone(db, store, settings, post_id: str, monkeypatch) -> None:

@@ -196,11 +196,13 @@ class Database:
         """Run fn in one transaction; when the connection is lost (a server restart, a network cut), reconnect
         and run it again. fn must be idempotent (every write here is an upsert).
 
-        The reconnect wait is bounded by ETL_DB_RECONNECT_SECONDS: past it, LoadError (the caller stops, and
-        what fn would have written is done by the next run); after that, later calls try once without waiting.
-        A row the server refuses (bad data, a value over a limit) is DataRefused at once: never a lost connection.
+        The reconnect wait is bounded by ETL_DB_RECONNECT_SECONDS, counted from the first loss (not from the start
+        of the transaction: one the server ended after a long stall, LOADS_IDLE_LIMIT, is still run again): past it,
+        LoadError (the caller stops, and what fn would have written is done by the next run); after that, later
+        calls try once without waiting. A row the server refuses (bad data, a value over a limit) is DataRefused at
+        once: never a lost connection.
         """
-        started = time.monotonic()
+        started: float | None = None  # when the connection was first found lost
         delays = iter(RECONNECT_DELAYS)
         while True:
             try:
@@ -216,6 +218,8 @@ class Database:
                     raise
                 reason = server_reason(exc)
                 self.close()
+                if started is None:
+                    started = time.monotonic()
                 remaining = started + self.reconnect_seconds - time.monotonic()
                 if self._gave_up or remaining <= 0:
                     self._gave_up = True

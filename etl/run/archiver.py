@@ -310,8 +310,8 @@ class Archiver:
         # The images being fetched by batches not loaded yet (a key leaves once its batch is committed): a post in two
         # batches is fetched once, or the later download would overwrite the object the earlier batch recorded.
         self._fetching: dict[tuple[str, str, int], Future] = {}
-        # Downloads left behind by a stop (not done within ETL_STOP_GRACE; recorded failed): what they store later is
-        # deleted (no row names it, and a forget of the post meanwhile could not have seen it).
+        # Downloads left behind by a stop (not done within ETL_STOP_GRACE; recorded failed): they store nothing (no
+        # row would name it, and a forget of the post meanwhile could not have seen it).
         self._left_behind: set[tuple[str, str, int]] = set()
         self._scorers = scorers  # scoring workers forked early (a new archive), for the first stream that scores
         self.live = LiveCounts()  # what is under way, for the progress display
@@ -634,6 +634,8 @@ class Archiver:
         try:
             with self.clock("download"):
                 fetched = self.downloader.fetch(url)
+            if (platform, post_id, position) in self._left_behind:
+                raise MediaError("not stored: the stop had left this download behind (recorded failed)")
             key = object_key(self.settings.s3_prefix, platform, created_at, post_id, position, fetched.content_type)
             assert self.store is not None
             with self.clock("store"):
@@ -641,9 +643,6 @@ class Archiver:
                     self.store.put(key, fetched.body, fetched.content_type, fetched.sha256, replace=replace)
                 except KeyHeld:
                     fetched = self._held_image(key, fetched)
-                else:
-                    if (platform, post_id, position) in self._left_behind and not replace:
-                        self._drop_left_behind(key)
         except MediaError as exc:
             media.status, media.error, media.permanent, media.tried = "failed", str(exc), exc.permanent, exc.requested
         except StoreError as exc:
@@ -710,13 +709,6 @@ class Archiver:
                 results[key] = unfinished(key)
                 results[key].tried = not never_started  # one cancelled before it began was never requested
         return results
-
-    def _drop_left_behind(self, key: str) -> None:
-        """An object a download stored after the run had given up on it (recorded failed): deleted. Left, no row would
-        name it, and if its post was forgotten meanwhile, nothing would ever delete it. (A repair's object is kept:
-        its row names the key.) The next run fetches the image again."""
-        if self._delete_object(key, "stored by a download the stop had left behind"):
-            log.info("deleted %s: stored by a download the stop had left behind (recorded failed)", key)
 
     def _delete_object(self, key: str, what: str) -> bool:
         """Delete one object of the store; a failure is logged (`what` says which object it was), not raised."""
