@@ -618,8 +618,6 @@ def test_a_run_frees_its_locks_before_it_closes_their_connection(listsrc, make_s
     assert held == []  # and the next run takes it at once
 
 
-
-
 def lose_the_lock_connection_mid_run(listsrc, db, monkeypatch, meanwhile) -> None:
     """listsrc yields p0..p3, waits until the first batch (p0, p1) is loaded, then `meanwhile(pid of the run's lock
     connection)` (which ends that connection's backend), then p4..p9."""
