@@ -47,6 +47,11 @@ def keys_by_post(dsn: str) -> dict[str, str]:
 BASE_ENV = {"ETL_ALLOW_PRIVATE_HOSTS": "true", "ETL_IMAGE_RETRY_BACKOFF_MINUTES": "0"}
 
 
+def _run_settings(db, make_settings, **extra: str):
+    """The settings of an in-process run of these tests (_run_jsonl): this database, local image hosts, no re-check."""
+    return make_settings(DATABASE_URL=db.dsn, ETL_ALLOW_PRIVATE_HOSTS="true", ETL_RECHECK_POSTS="0", **extra)
+
+
 # -- fixity -----------------------------------------------------------------------------------------
 
 
@@ -357,7 +362,7 @@ def test_a_forget_during_a_run_waits_for_it_and_nothing_comes_back(db, run_etl, 
     from etl.run.runner import Runner, RunRequest
 
     serve_images(http_server)
-    settings = make_settings(DATABASE_URL=db.dsn, ETL_ALLOW_PRIVATE_HOSTS="true", ETL_RECHECK_POSTS="0")
+    settings = _run_settings(db, make_settings)
     posts = four_posts(http_server, tmp_path)
     forget: list[subprocess.Popen] = []
     plan = Archiver.plan
@@ -407,8 +412,7 @@ def test_a_post_forgotten_while_its_image_is_retried_costs_nothing_else(db, make
     from etl.store import LocalStore, store_from_settings
 
     http_server.routes["/a.png"] = Reply(status=503, body=b"busy", content_type="text/plain")
-    settings = make_settings(DATABASE_URL=db.dsn, ETL_ALLOW_PRIVATE_HOSTS="true", ETL_RECHECK_POSTS="0",
-                             ETL_IMAGE_RETRY_BACKOFF_MINUTES="0")  # fmt: skip
+    settings = _run_settings(db, make_settings, ETL_IMAGE_RETRY_BACKOFF_MINUTES="0")
     store = store_from_settings(settings)
 
     def run(path: Path):
@@ -434,10 +438,6 @@ def test_a_post_forgotten_while_its_image_is_retried_costs_nothing_else(db, make
     assert done and stats.exit_code == ExitCode.OK and stats.images_retried == 0
     assert query(db.dsn, "SELECT post_id FROM social_posts") == [("p2",)] and query(db.dsn, "SELECT count(*) FROM post_media") == [(0,)]
     assert not list((tmp_path / "data" / "objects" / "jsonl").rglob("*.png"))  # what the retry stored: deleted
-
-
-def _run_settings(db, make_settings):
-    return make_settings(DATABASE_URL=db.dsn, ETL_ALLOW_PRIVATE_HOSTS="true", ETL_RECHECK_POSTS="0")
 
 
 @pytest.mark.fault("a post forgotten between a batch's lookup and its load (another run's deletions at source) stays gone")
@@ -548,7 +548,7 @@ def test_a_download_the_stop_left_behind_keeps_no_image_of_a_post_forgotten_mean
 
     serve_images(http_server)
     http_server.routes["/b.jpg"] = Reply(body=IMAGES["/b.jpg"], content_type="image/jpeg", delay=2.0)  # p1's: slow
-    settings = make_settings(DATABASE_URL=db.dsn, ETL_ALLOW_PRIVATE_HOSTS="true", ETL_RECHECK_POSTS="0", ETL_STOP_GRACE="0.3")
+    settings = _run_settings(db, make_settings, ETL_STOP_GRACE="0.3")
     plan, forgot = Archiver.plan, []
 
     def plan_then_forget_and_stop(self, batch, stats, source):
@@ -581,8 +581,7 @@ def test_a_repair_the_stop_left_behind_keeps_no_image_of_a_post_forgotten_meanwh
 
     body = png_bytes(20, 10, (255, 0, 0))
     http_server.routes["/a.png"] = Reply(body=body, content_type="image/png")
-    settings = make_settings(DATABASE_URL=db.dsn, ETL_ALLOW_PRIVATE_HOSTS="true", ETL_RECHECK_POSTS="0",
-                             ETL_STOP_GRACE="0.2", ETL_IMAGE_RETRY_BACKOFF_MINUTES="0")  # fmt: skip
+    settings = _run_settings(db, make_settings, ETL_STOP_GRACE="0.2", ETL_IMAGE_RETRY_BACKOFF_MINUTES="0")
     assert _run_jsonl(settings, write_jsonl(tmp_path / "in.jsonl", [record(post_id="p1", image_urls=[http_server.url("/a.png")])])).images_stored == 1
     [(key,)] = query(db.dsn, "SELECT storage_key FROM post_media")
     root = tmp_path / "data" / "objects"
@@ -622,8 +621,7 @@ def test_a_download_the_stop_left_behind_leaves_another_runs_image_alone(db, mak
     route, arrived, release = _gated(body, "image/jpeg")
     http_server.routes["/slow.jpg"] = route
     http_server.routes["/fast.jpg"] = Reply(body=body, content_type="image/jpeg")
-    settings = make_settings(DATABASE_URL=db.dsn, ETL_ALLOW_PRIVATE_HOSTS="true", ETL_RECHECK_POSTS="0",
-                             ETL_STOP_GRACE="0.2", ETL_IMAGE_RETRY_BACKOFF_MINUTES="60")  # fmt: skip
+    settings = _run_settings(db, make_settings, ETL_STOP_GRACE="0.2", ETL_IMAGE_RETRY_BACKOFF_MINUTES="60")
     plan, armed = Archiver.plan, [True]
 
     def plan_then_stop(self, batch, stats, source):
@@ -787,8 +785,7 @@ def test_an_image_retried_while_its_post_is_tombstoned_is_dropped(db, make_setti
     from etl.store import LocalStore, store_from_settings
 
     http_server.routes["/a.png"] = Reply(status=503, body=b"busy", content_type="text/plain")
-    settings = make_settings(DATABASE_URL=db.dsn, ETL_ALLOW_PRIVATE_HOSTS="true", ETL_RECHECK_POSTS="0",
-                             ETL_IMAGE_RETRY_BACKOFF_MINUTES="0")  # fmt: skip
+    settings = _run_settings(db, make_settings, ETL_IMAGE_RETRY_BACKOFF_MINUTES="0")
     store = store_from_settings(settings)
 
     def run(path: Path):
@@ -1084,8 +1081,7 @@ def test_a_damaged_object_read_again_by_a_shard_run_is_repaired_not_recorded(db,
 
     good = png_bytes(20, 10, (255, 0, 0))
     http_server.routes["/a.png"] = Reply(body=good, content_type="image/png")
-    settings = make_settings(DATABASE_URL=db.dsn, ETL_ALLOW_PRIVATE_HOSTS="true", ETL_RECHECK_POSTS="0",
-                             ETL_IMAGE_RETRY_BACKOFF_MINUTES="0")  # fmt: skip
+    settings = _run_settings(db, make_settings, ETL_IMAGE_RETRY_BACKOFF_MINUTES="0")
     posts = write_jsonl(tmp_path / "p.jsonl", [record(post_id="p0", image_urls=[http_server.url("/a.png")])])
 
     def run(**request):
@@ -1169,7 +1165,7 @@ def test_a_repair_by_a_shard_run_under_a_new_extension_deletes_the_damaged_objec
     from etl.store import LocalStore
 
     http_server.routes["/img"] = Reply(body=jpeg_bytes(30, 20), content_type="image/jpeg")
-    settings = make_settings(DATABASE_URL=db.dsn, ETL_ALLOW_PRIVATE_HOSTS="true", ETL_RECHECK_POSTS="0")
+    settings = _run_settings(db, make_settings)
     posts = write_jsonl(tmp_path / "p.jsonl", [record(post_id="p0", image_urls=[http_server.url("/img")])])
 
     def run(**request):
